@@ -1,0 +1,592 @@
+//! Per-kind behaviour that upstream keeps in "strategies": name rules, defaulting, status and
+//! generation handling, validation, and the fields each kind can be selected by. Pure code over
+//! JSON objects; the HTTP layer calls these in upstream's order (decode, default, prepare,
+//! validate, store).
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use crate::error::Cause;
+use crate::registry::ResourceInfo;
+use crate::validation::{self, Causes, NameRule};
+
+/// `group/resource`, the handle every per-kind switch below uses.
+fn id(info: &ResourceInfo) -> (&str, &str) {
+    (info.group.as_str(), info.resource.as_str())
+}
+
+pub fn name_rule(info: &ResourceInfo) -> NameRule {
+    match id(info) {
+        ("", "namespaces") => NameRule::Label,
+        ("", "services") => NameRule::Dns1035,
+        ("rbac.authorization.k8s.io", _) | ("", "events") | ("events.k8s.io", _) => {
+            NameRule::PathSegment
+        }
+        _ => NameRule::Subdomain,
+    }
+}
+
+/// Whether `metadata.generation` is kept (set to 1 on create, bumped on spec changes).
+pub fn tracks_generation(info: &ResourceInfo) -> bool {
+    matches!(
+        id(info),
+        ("apps", _)
+            | ("batch", _)
+            | ("policy", "poddisruptionbudgets")
+            | ("apiextensions.k8s.io", _)
+    ) && info.resource != "controllerrevisions"
+        || info.typed.is_none()
+}
+
+fn obj(value: &mut Value) -> &mut serde_json::Map<String, Value> {
+    if !value.is_object() {
+        *value = json!({});
+    }
+    value.as_object_mut().expect("just made an object")
+}
+
+fn default(map: &mut serde_json::Map<String, Value>, key: &str, value: Value) {
+    if map.get(key).is_none_or(Value::is_null) {
+        map.insert(key.to_string(), value);
+    }
+}
+
+fn image_pull_policy(image: &str) -> &'static str {
+    let name = image.rsplit('/').next().unwrap_or(image);
+    if image.contains('@') {
+        return "IfNotPresent";
+    }
+    match name.split_once(':') {
+        None => "Always",
+        Some((_, "latest")) => "Always",
+        Some(_) => "IfNotPresent",
+    }
+}
+
+fn default_container(c: &mut Value) {
+    let c = obj(c);
+    let image = c.get("image").and_then(Value::as_str).unwrap_or("").to_string();
+    default(c, "terminationMessagePath", json!("/dev/termination-log"));
+    default(c, "terminationMessagePolicy", json!("File"));
+    default(c, "imagePullPolicy", json!(image_pull_policy(&image)));
+    default(c, "resources", json!({}));
+    if let Some(ports) = c.get_mut("ports").and_then(Value::as_array_mut) {
+        for p in ports {
+            default(obj(p), "protocol", json!("TCP"));
+        }
+    }
+    for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        if let Some(p) = c.get_mut(probe).filter(|p| p.is_object()) {
+            let p = obj(p);
+            default(p, "timeoutSeconds", json!(1));
+            default(p, "periodSeconds", json!(10));
+            default(p, "successThreshold", json!(1));
+            default(p, "failureThreshold", json!(3));
+            if let Some(h) = p.get_mut("httpGet").filter(|h| h.is_object()) {
+                let h = obj(h);
+                default(h, "path", json!("/"));
+                default(h, "scheme", json!("HTTP"));
+            }
+        }
+    }
+}
+
+/// SetDefaults for a PodSpec (pods and every template).
+pub fn default_pod_spec(spec: &mut Value) {
+    let s = obj(spec);
+    default(s, "restartPolicy", json!("Always"));
+    default(s, "terminationGracePeriodSeconds", json!(30));
+    default(s, "dnsPolicy", json!("ClusterFirst"));
+    default(s, "securityContext", json!({}));
+    default(s, "schedulerName", json!("default-scheduler"));
+    default(s, "enableServiceLinks", json!(true));
+    for list in ["initContainers", "containers"] {
+        if let Some(cs) = s.get_mut(list).and_then(Value::as_array_mut) {
+            for c in cs {
+                default_container(c);
+            }
+        }
+    }
+    if let Some(vols) = s.get_mut("volumes").and_then(Value::as_array_mut) {
+        for v in vols {
+            let v = obj(v);
+            for source in ["configMap", "secret"] {
+                if let Some(src) = v.get_mut(source).filter(|x| x.is_object()) {
+                    default(obj(src), "defaultMode", json!(420));
+                }
+            }
+        }
+    }
+}
+
+fn default_template(spec: &mut serde_json::Map<String, Value>) {
+    if let Some(t) = spec.get_mut("template").filter(|t| t.is_object()) {
+        let t = obj(t);
+        if let Some(ps) = t.get_mut("spec") {
+            default_pod_spec(ps);
+        }
+    }
+}
+
+/// Upstream's SetDefaults_* for the built-in kinds.
+pub fn apply_defaults(info: &ResourceInfo, object: &mut Value) {
+    let o = obj(object);
+    match id(info) {
+        ("", "pods") => {
+            if let Some(spec) = o.get_mut("spec") {
+                default_pod_spec(spec);
+                let s = obj(spec);
+                default(s, "serviceAccountName", json!("default"));
+                default(s, "priority", json!(0));
+                default(s, "preemptionPolicy", json!("PreemptLowerPriority"));
+                if s.get("tolerations").is_none_or(Value::is_null) {
+                    s.insert("tolerations".into(), json!([]));
+                }
+                // The DefaultTolerationSeconds admission plugin.
+                let tolerations = s["tolerations"].as_array_mut().expect("just set");
+                for key in ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"] {
+                    if !tolerations.iter().any(|t| t["key"] == key) {
+                        tolerations.push(json!({"key": key, "operator": "Exists",
+                            "effect": "NoExecute", "tolerationSeconds": 300}));
+                    }
+                }
+            }
+        }
+        ("", "services") => {
+            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+            default(spec, "type", json!("ClusterIP"));
+            default(spec, "sessionAffinity", json!("None"));
+            if spec["type"] != "ExternalName" {
+                default(spec, "internalTrafficPolicy", json!("Cluster"));
+            }
+            if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
+                for p in ports {
+                    let p = obj(p);
+                    default(p, "protocol", json!("TCP"));
+                    if let Some(port) = p.get("port").cloned() {
+                        default(p, "targetPort", port);
+                    }
+                }
+            }
+        }
+        ("", "secrets") => {
+            default(o, "type", json!("Opaque"));
+            if let Some(Value::Object(string_data)) = o.remove("stringData") {
+                let data = obj(o.entry("data").or_insert_with(|| json!({})));
+                for (k, v) in string_data {
+                    use base64::Engine;
+                    let text = v.as_str().unwrap_or_default();
+                    data.insert(
+                        k,
+                        json!(base64::engine::general_purpose::STANDARD.encode(text)),
+                    );
+                }
+            }
+        }
+        ("", "persistentvolumeclaims") => {
+            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+            default(spec, "volumeMode", json!("Filesystem"));
+        }
+        ("", "persistentvolumes") => {
+            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+            default(spec, "persistentVolumeReclaimPolicy", json!("Retain"));
+            default(spec, "volumeMode", json!("Filesystem"));
+        }
+        ("apps", "deployments") => {
+            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+            default(spec, "replicas", json!(1));
+            default(spec, "revisionHistoryLimit", json!(10));
+            default(spec, "progressDeadlineSeconds", json!(600));
+            default(
+                spec,
+                "strategy",
+                json!({"type": "RollingUpdate"}),
+            );
+            let strategy = obj(spec.get_mut("strategy").expect("just set"));
+            if strategy.get("type").and_then(Value::as_str).unwrap_or("RollingUpdate") == "RollingUpdate" {
+                default(strategy, "type", json!("RollingUpdate"));
+                default(strategy, "rollingUpdate", json!({}));
+                let ru = obj(strategy.get_mut("rollingUpdate").expect("just set"));
+                default(ru, "maxUnavailable", json!("25%"));
+                default(ru, "maxSurge", json!("25%"));
+            }
+            default_template(spec);
+        }
+        ("apps", "replicasets") => {
+            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+            default(spec, "replicas", json!(1));
+            default_template(spec);
+        }
+        ("apps", "daemonsets") => {
+            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+            default(spec, "revisionHistoryLimit", json!(10));
+            default(spec, "updateStrategy", json!({"type": "RollingUpdate"}));
+            let us = obj(spec.get_mut("updateStrategy").expect("just set"));
+            if us.get("type").and_then(Value::as_str) == Some("RollingUpdate") {
+                default(us, "rollingUpdate", json!({}));
+                let ru = obj(us.get_mut("rollingUpdate").expect("just set"));
+                default(ru, "maxUnavailable", json!(1));
+                default(ru, "maxSurge", json!(0));
+            }
+            default_template(spec);
+        }
+        ("apps", "statefulsets") => {
+            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+            default(spec, "replicas", json!(1));
+            default(spec, "podManagementPolicy", json!("OrderedReady"));
+            default(spec, "revisionHistoryLimit", json!(10));
+            default(
+                spec,
+                "updateStrategy",
+                json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}),
+            );
+            default(
+                spec,
+                "persistentVolumeClaimRetentionPolicy",
+                json!({"whenDeleted": "Retain", "whenScaled": "Retain"}),
+            );
+            default_template(spec);
+        }
+        ("batch", "jobs") => {
+            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+            default_job_spec(spec);
+        }
+        ("batch", "cronjobs") => {
+            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+            default(spec, "concurrencyPolicy", json!("Allow"));
+            default(spec, "suspend", json!(false));
+            default(spec, "successfulJobsHistoryLimit", json!(3));
+            default(spec, "failedJobsHistoryLimit", json!(1));
+            if let Some(jt) = spec.get_mut("jobTemplate").filter(|j| j.is_object())
+                && let Some(js) = obj(jt).get_mut("spec").filter(|j| j.is_object())
+            {
+                default_job_spec(obj(js));
+            }
+        }
+        _ => {}
+    }
+}
+
+fn default_job_spec(spec: &mut serde_json::Map<String, Value>) {
+    let completions = spec.get("completions").filter(|v| !v.is_null()).cloned();
+    let parallelism = spec.get("parallelism").filter(|v| !v.is_null()).cloned();
+    if completions.is_none() && parallelism.is_none() {
+        spec.insert("completions".into(), json!(1));
+        spec.insert("parallelism".into(), json!(1));
+    } else if parallelism.is_none() {
+        spec.insert("parallelism".into(), json!(1));
+    }
+    default(spec, "backoffLimit", json!(6));
+    default(spec, "completionMode", json!("NonIndexed"));
+    default(spec, "suspend", json!(false));
+    default(spec, "podReplacementPolicy", json!("TerminatingOrFailed"));
+    default_template(spec);
+}
+
+/// Pod QoS class from requests and limits, as upstream computes it at creation.
+fn qos_class(spec: &Value) -> &'static str {
+    let containers: Vec<&Value> = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|l| spec.get(*l).and_then(Value::as_array).into_iter().flatten())
+        .collect();
+    let mut any = false;
+    let mut guaranteed = true;
+    for c in containers {
+        let requests = c.pointer("/resources/requests").and_then(Value::as_object);
+        let limits = c.pointer("/resources/limits").and_then(Value::as_object);
+        if requests.is_some_and(|r| !r.is_empty()) || limits.is_some_and(|l| !l.is_empty()) {
+            any = true;
+        }
+        for res in ["cpu", "memory"] {
+            let limit = limits.and_then(|l| l.get(res));
+            let request = requests.and_then(|r| r.get(res)).or(limit);
+            if limit.is_none() || request != limit {
+                guaranteed = false;
+            }
+        }
+    }
+    match (any, guaranteed) {
+        (false, _) => "BestEffort",
+        (true, true) => "Guaranteed",
+        (true, false) => "Burstable",
+    }
+}
+
+/// Upstream's PrepareForCreate: status starts empty (or at its initial phase), jobs get their
+/// generated selector, namespaces their finalizer and name label.
+pub fn prepare_for_create(info: &ResourceInfo, object: &mut Value, uid: &str) {
+    let name = object
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let o = obj(object);
+    match id(info) {
+        ("", "pods") => {
+            let qos = qos_class(o.get("spec").unwrap_or(&Value::Null));
+            o.insert("status".into(), json!({"phase": "Pending", "qosClass": qos}));
+        }
+        ("", "namespaces") => {
+            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+            default(spec, "finalizers", json!(["kubernetes"]));
+            o.insert("status".into(), json!({"phase": "Active"}));
+            let meta = obj(o.entry("metadata").or_insert_with(|| json!({})));
+            let labels = obj(meta.entry("labels").or_insert_with(|| json!({})));
+            labels.insert("kubernetes.io/metadata.name".into(), json!(name));
+        }
+        ("", "nodes") => {}
+        ("", "persistentvolumeclaims") => {
+            o.insert("status".into(), json!({"phase": "Pending"}));
+        }
+        ("", "persistentvolumes") => {
+            o.insert("status".into(), json!({"phase": "Pending"}));
+        }
+        ("batch", "jobs") => {
+            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+            let manual = spec.get("manualSelector").and_then(Value::as_bool) == Some(true);
+            if !manual {
+                spec.insert(
+                    "selector".into(),
+                    json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}),
+                );
+                let template = obj(spec.entry("template").or_insert_with(|| json!({})));
+                let meta = obj(template.entry("metadata").or_insert_with(|| json!({})));
+                let labels = obj(meta.entry("labels").or_insert_with(|| json!({})));
+                labels.insert("batch.kubernetes.io/controller-uid".into(), json!(uid));
+                labels.insert("batch.kubernetes.io/job-name".into(), json!(name));
+                labels.insert("controller-uid".into(), json!(uid));
+                labels.insert("job-name".into(), json!(name));
+            }
+            o.insert("status".into(), json!({}));
+        }
+        _ if info.has_status() => {
+            o.remove("status");
+        }
+        _ => {}
+    }
+}
+
+/// Validation on create and update (`old` is the stored object on update).
+pub fn validate(info: &ResourceInfo, object: &Value, old: Option<&Value>) -> Vec<Cause> {
+    let mut causes = Causes::default();
+    let meta = object.get("metadata").cloned().unwrap_or(json!({}));
+    validation::validate_metadata(&meta, info.namespaced, name_rule(info), &mut causes);
+    let spec = object.get("spec");
+    match id(info) {
+        ("", "pods") => {
+            validation::validate_pod_spec(spec, "spec", &mut causes);
+            if let (Some(old), Some(spec)) = (old, spec) {
+                validate_pod_update(old.get("spec").unwrap_or(&Value::Null), spec, &mut causes);
+            }
+        }
+        ("", "services") => validation::validate_service(spec, &mut causes),
+        ("", "configmaps") | ("", "secrets") => validation::validate_config_keys(object, &mut causes),
+        ("apps", "deployments") | ("apps", "replicasets") | ("apps", "daemonsets") => {
+            validation::validate_workload(spec.unwrap_or(&Value::Null), &["Always"], true, &mut causes);
+            if let Some(old) = old
+                && old.pointer("/spec/selector") != object.pointer("/spec/selector")
+            {
+                causes.push(Cause::invalid(
+                    "spec.selector",
+                    object.pointer("/spec/selector").unwrap_or(&Value::Null),
+                    "field is immutable",
+                ));
+            }
+        }
+        ("apps", "statefulsets") => {
+            validation::validate_workload(spec.unwrap_or(&Value::Null), &["Always"], true, &mut causes);
+        }
+        ("batch", "jobs") => {
+            validation::validate_workload(
+                spec.unwrap_or(&Value::Null),
+                &["OnFailure", "Never"],
+                true,
+                &mut causes,
+            );
+            if spec.and_then(|s| s.pointer("/template/spec/restartPolicy")).is_none() {
+                causes.push(Cause::unsupported(
+                    "spec.template.spec.restartPolicy",
+                    &json!("Always"),
+                    &["OnFailure", "Never"],
+                ));
+            }
+        }
+        ("batch", "cronjobs") => {
+            match spec.and_then(|s| s.get("schedule")).and_then(Value::as_str) {
+                None | Some("") => causes.push(Cause::required("spec.schedule")),
+                Some(_) => {}
+            }
+            let template = spec.and_then(|s| s.pointer("/jobTemplate/spec/template/spec"));
+            validation::validate_pod_spec(template, "spec.jobTemplate.spec.template.spec", &mut causes);
+        }
+        ("rbac.authorization.k8s.io", "rolebindings")
+        | ("rbac.authorization.k8s.io", "clusterrolebindings") => {
+            if object.pointer("/roleRef/name").and_then(Value::as_str).unwrap_or("").is_empty() {
+                causes.push(Cause::required("roleRef.name"));
+            }
+        }
+        _ => {}
+    }
+    causes.0
+}
+
+/// Pods are mostly immutable once created.
+fn validate_pod_update(old: &Value, new: &Value, causes: &mut Causes) {
+    let mutable_stripped = |spec: &Value| {
+        let mut s = spec.clone();
+        if let Some(m) = s.as_object_mut() {
+            m.remove("activeDeadlineSeconds");
+            m.remove("tolerations");
+            m.remove("terminationGracePeriodSeconds");
+            m.remove("schedulingGates");
+            for list in ["containers", "initContainers"] {
+                if let Some(cs) = m.get_mut(list).and_then(Value::as_array_mut) {
+                    for c in cs {
+                        if let Some(c) = c.as_object_mut() {
+                            c.remove("image");
+                            c.remove("resources");
+                        }
+                    }
+                }
+            }
+        }
+        s
+    };
+    if mutable_stripped(old) != mutable_stripped(new) {
+        causes.push(Cause::forbidden(
+            "spec",
+            "pod updates may not change fields other than `spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to existing tolerations),`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)",
+        ));
+    }
+}
+
+fn field_str(object: &Value, pointer: &str) -> String {
+    match object.pointer(pointer) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// The field selector labels each kind supports, besides `metadata.name` and `metadata.namespace`.
+pub fn field_labels(info: &ResourceInfo) -> &'static [(&'static str, &'static str)] {
+    match id(info) {
+        ("", "pods") => &[
+            ("spec.nodeName", "/spec/nodeName"),
+            ("spec.restartPolicy", "/spec/restartPolicy"),
+            ("spec.schedulerName", "/spec/schedulerName"),
+            ("spec.serviceAccountName", "/spec/serviceAccountName"),
+            ("spec.hostNetwork", "/spec/hostNetwork"),
+            ("status.phase", "/status/phase"),
+            ("status.podIP", "/status/podIP"),
+            ("status.nominatedNodeName", "/status/nominatedNodeName"),
+        ],
+        ("", "events") => &[
+            ("involvedObject.kind", "/involvedObject/kind"),
+            ("involvedObject.namespace", "/involvedObject/namespace"),
+            ("involvedObject.name", "/involvedObject/name"),
+            ("involvedObject.uid", "/involvedObject/uid"),
+            ("involvedObject.apiVersion", "/involvedObject/apiVersion"),
+            ("involvedObject.resourceVersion", "/involvedObject/resourceVersion"),
+            ("involvedObject.fieldPath", "/involvedObject/fieldPath"),
+            ("reason", "/reason"),
+            ("reportingComponent", "/reportingComponent"),
+            ("source", "/source/component"),
+            ("type", "/type"),
+        ],
+        ("events.k8s.io", "events") => &[
+            ("regarding.kind", "/regarding/kind"),
+            ("regarding.namespace", "/regarding/namespace"),
+            ("regarding.name", "/regarding/name"),
+            ("regarding.uid", "/regarding/uid"),
+            ("reason", "/reason"),
+            ("reportingController", "/reportingController"),
+            ("type", "/type"),
+        ],
+        ("", "nodes") => &[("spec.unschedulable", "/spec/unschedulable")],
+        ("", "namespaces") => &[("status.phase", "/status/phase")],
+        ("", "secrets") => &[("type", "/type")],
+        ("", "services") => &[("spec.clusterIP", "/spec/clusterIP"), ("spec.type", "/spec/type")],
+        ("", "persistentvolumeclaims") => &[("spec.volumeName", "/spec/volumeName")],
+        ("apps", "replicasets") => &[("status.replicas", "/status/replicas")],
+        ("batch", "jobs") => &[("status.successful", "/status/succeeded")],
+        _ => &[],
+    }
+}
+
+/// The values a field selector compares against.
+pub fn selectable_fields(info: &ResourceInfo, object: &Value) -> BTreeMap<String, String> {
+    let mut fields = BTreeMap::new();
+    fields.insert("metadata.name".into(), field_str(object, "/metadata/name"));
+    if info.namespaced {
+        fields.insert("metadata.namespace".into(), field_str(object, "/metadata/namespace"));
+    }
+    for (label, pointer) in field_labels(info) {
+        let mut value = field_str(object, pointer);
+        if *label == "spec.unschedulable" || *label == "spec.hostNetwork" {
+            if value.is_empty() {
+                value = "false".into();
+            }
+        }
+        fields.insert((*label).to_string(), value);
+    }
+    fields
+}
+
+/// Checks a field selector's labels against what the kind supports.
+pub fn check_field_labels(info: &ResourceInfo, labels: impl Iterator<Item = String>) -> Result<(), String> {
+    for label in labels {
+        let known = label == "metadata.name"
+            || (label == "metadata.namespace" && info.namespaced)
+            || field_labels(info).iter().any(|(l, _)| *l == label);
+        if !known {
+            return Err(format!("field label not supported: {label}"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Registry;
+
+    #[test]
+    fn deployment_defaults_match_upstream() {
+        let registry = Registry::new();
+        let info = registry.get("apps", "v1", "deployments").unwrap();
+        let mut d = json!({"spec": {"template": {"spec": {"containers": [{"name": "nginx", "image": "nginx:1.14.2", "ports": [{"containerPort": 80}]}]}}}});
+        apply_defaults(&info, &mut d);
+        assert_eq!(d["spec"]["replicas"], 1);
+        assert_eq!(d["spec"]["strategy"]["rollingUpdate"]["maxSurge"], "25%");
+        let c = &d["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["imagePullPolicy"], "IfNotPresent");
+        assert_eq!(c["ports"][0]["protocol"], "TCP");
+        assert_eq!(d["spec"]["template"]["spec"]["restartPolicy"], "Always");
+    }
+
+    #[test]
+    fn qos() {
+        assert_eq!(qos_class(&json!({"containers": [{"name": "a"}]})), "BestEffort");
+        assert_eq!(
+            qos_class(&json!({"containers": [{"resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}]})),
+            "Guaranteed"
+        );
+        assert_eq!(
+            qos_class(&json!({"containers": [{"resources": {"requests": {"cpu": "1"}}}]})),
+            "Burstable"
+        );
+    }
+
+    #[test]
+    fn pod_fields() {
+        let registry = Registry::new();
+        let info = registry.get("", "v1", "pods").unwrap();
+        let f = selectable_fields(&info, &json!({"metadata": {"name": "p", "namespace": "d"}, "spec": {"nodeName": "n1"}}));
+        assert_eq!(f["spec.nodeName"], "n1");
+        assert_eq!(f["status.phase"], "");
+        assert!(check_field_labels(&info, ["spec.nodeName".to_string()].into_iter()).is_ok());
+        assert!(check_field_labels(&info, ["spec.bogus".to_string()].into_iter()).is_err());
+    }
+}

@@ -1,0 +1,203 @@
+//! The built-in resources, with upstream's names, short names, categories, verbs and subresources.
+
+use std::borrow::Cow;
+
+use k8s_openapi::api::{apps, batch, coordination, core, discovery, events, policy, rbac, storage};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::{ResourceInfo, SubresourceInfo, TypedKind};
+
+const ALL_VERBS: &[&str] = &[
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
+const NO_COLLECTION_DELETE: &[&str] = &["create", "delete", "get", "list", "patch", "update", "watch"];
+
+fn normalize<T: DeserializeOwned + Serialize>(value: &Value) -> Result<Value, String> {
+    let typed: T = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+    serde_json::to_value(typed).map_err(|e| e.to_string())
+}
+
+fn schema_name<T: schemars::JsonSchema>() -> Cow<'static, str> {
+    T::schema_name()
+}
+
+fn schema<T: schemars::JsonSchema>(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    T::json_schema(generator)
+}
+
+fn typed<T: DeserializeOwned + Serialize + schemars::JsonSchema>() -> Option<TypedKind> {
+    Some(TypedKind {
+        normalize: normalize::<T>,
+        schema_name: schema_name::<T>,
+        schema: schema::<T>,
+    })
+}
+
+/// Decodes a subresource body (Scale, Binding, Eviction) the way upstream would.
+pub fn normalize_as<T: DeserializeOwned + Serialize>(value: &Value) -> Result<Value, String> {
+    normalize::<T>(value)
+}
+
+const STATUS: SubresourceInfo = SubresourceInfo {
+    name: "status",
+    group: "",
+    version: "",
+    kind: "",
+    verbs: &["get", "patch", "update"],
+};
+
+fn status() -> SubresourceInfo {
+    STATUS.clone()
+}
+
+fn scale() -> SubresourceInfo {
+    SubresourceInfo {
+        name: "scale",
+        group: "autoscaling",
+        version: "v1",
+        kind: "Scale",
+        verbs: &["get", "patch", "update"],
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn resource(
+    group: &str,
+    version: &str,
+    plural: &str,
+    kind: &str,
+    namespaced: bool,
+    short_names: &[&str],
+    categories: &[&str],
+    verbs: &[&'static str],
+    subresources: Vec<SubresourceInfo>,
+    typed: Option<TypedKind>,
+) -> ResourceInfo {
+    ResourceInfo {
+        group: group.to_string(),
+        version: version.to_string(),
+        resource: plural.to_string(),
+        singular: kind.to_lowercase(),
+        kind: kind.to_string(),
+        namespaced,
+        short_names: short_names.iter().map(|s| s.to_string()).collect(),
+        categories: categories.iter().map(|s| s.to_string()).collect(),
+        verbs: verbs.to_vec(),
+        subresources,
+        typed,
+    }
+}
+
+pub fn resources() -> Vec<ResourceInfo> {
+    use apps::v1 as apps_v1;
+    use batch::v1 as batch_v1;
+    use core::v1 as core_v1;
+    let all = &["all"][..];
+    let none: &[&str] = &[];
+    vec![
+        // core/v1
+        resource("", "v1", "configmaps", "ConfigMap", true, &["cm"], none, ALL_VERBS, vec![], typed::<core_v1::ConfigMap>()),
+        resource("", "v1", "endpoints", "Endpoints", true, &["ep"], none, ALL_VERBS, vec![], typed::<core_v1::Endpoints>()),
+        resource("", "v1", "events", "Event", true, &["ev"], none, ALL_VERBS, vec![], typed::<core_v1::Event>()),
+        resource("", "v1", "limitranges", "LimitRange", true, &["limits"], none, ALL_VERBS, vec![], typed::<core_v1::LimitRange>()),
+        resource(
+            "", "v1", "namespaces", "Namespace", false, &["ns"], none,
+            &["create", "delete", "get", "list", "patch", "update", "watch"],
+            vec![
+                SubresourceInfo { name: "finalize", group: "", version: "", kind: "", verbs: &["update"] },
+                status(),
+            ],
+            typed::<core_v1::Namespace>(),
+        ),
+        resource(
+            "", "v1", "nodes", "Node", false, &["no"], none, ALL_VERBS,
+            vec![
+                SubresourceInfo { name: "proxy", group: "", version: "", kind: "NodeProxyOptions", verbs: &["create", "delete", "get", "patch", "update"] },
+                status(),
+            ],
+            typed::<core_v1::Node>(),
+        ),
+        resource("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", true, &["pvc"], none, ALL_VERBS, vec![status()], typed::<core_v1::PersistentVolumeClaim>()),
+        resource("", "v1", "persistentvolumes", "PersistentVolume", false, &["pv"], none, ALL_VERBS, vec![status()], typed::<core_v1::PersistentVolume>()),
+        resource(
+            "", "v1", "pods", "Pod", true, &["po"], all, ALL_VERBS,
+            vec![
+                SubresourceInfo { name: "attach", group: "", version: "", kind: "PodAttachOptions", verbs: &["create", "get"] },
+                SubresourceInfo { name: "binding", group: "", version: "", kind: "Binding", verbs: &["create"] },
+                SubresourceInfo { name: "eviction", group: "policy", version: "v1", kind: "Eviction", verbs: &["create"] },
+                SubresourceInfo { name: "exec", group: "", version: "", kind: "PodExecOptions", verbs: &["create", "get"] },
+                SubresourceInfo { name: "log", group: "", version: "", kind: "Pod", verbs: &["get"] },
+                SubresourceInfo { name: "portforward", group: "", version: "", kind: "PodPortForwardOptions", verbs: &["create", "get"] },
+                status(),
+            ],
+            typed::<core_v1::Pod>(),
+        ),
+        resource("", "v1", "resourcequotas", "ResourceQuota", true, &["quota"], none, ALL_VERBS, vec![status()], typed::<core_v1::ResourceQuota>()),
+        resource("", "v1", "secrets", "Secret", true, none, none, ALL_VERBS, vec![], typed::<core_v1::Secret>()),
+        resource("", "v1", "serviceaccounts", "ServiceAccount", true, &["sa"], none, ALL_VERBS, vec![], typed::<core_v1::ServiceAccount>()),
+        resource("", "v1", "services", "Service", true, &["svc"], all, ALL_VERBS, vec![status()], typed::<core_v1::Service>()),
+        // apps/v1
+        resource("apps", "v1", "controllerrevisions", "ControllerRevision", true, none, none, ALL_VERBS, vec![], typed::<apps_v1::ControllerRevision>()),
+        resource("apps", "v1", "daemonsets", "DaemonSet", true, &["ds"], all, ALL_VERBS, vec![status()], typed::<apps_v1::DaemonSet>()),
+        resource("apps", "v1", "deployments", "Deployment", true, &["deploy"], all, ALL_VERBS, vec![scale(), status()], typed::<apps_v1::Deployment>()),
+        resource("apps", "v1", "replicasets", "ReplicaSet", true, &["rs"], all, ALL_VERBS, vec![scale(), status()], typed::<apps_v1::ReplicaSet>()),
+        resource("apps", "v1", "statefulsets", "StatefulSet", true, &["sts"], all, ALL_VERBS, vec![scale(), status()], typed::<apps_v1::StatefulSet>()),
+        // batch/v1
+        resource("batch", "v1", "cronjobs", "CronJob", true, &["cj"], all, ALL_VERBS, vec![status()], typed::<batch_v1::CronJob>()),
+        resource("batch", "v1", "jobs", "Job", true, none, all, ALL_VERBS, vec![status()], typed::<batch_v1::Job>()),
+        // coordination, discovery, events, policy
+        resource("coordination.k8s.io", "v1", "leases", "Lease", true, none, none, ALL_VERBS, vec![], typed::<coordination::v1::Lease>()),
+        resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", true, none, none, ALL_VERBS, vec![], typed::<discovery::v1::EndpointSlice>()),
+        resource("events.k8s.io", "v1", "events", "Event", true, &["ev"], none, ALL_VERBS, vec![], typed::<events::v1::Event>()),
+        resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", true, &["pdb"], none, ALL_VERBS, vec![status()], typed::<policy::v1::PodDisruptionBudget>()),
+        // rbac
+        resource("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", false, none, none, ALL_VERBS, vec![], typed::<rbac::v1::ClusterRoleBinding>()),
+        resource("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", false, none, none, ALL_VERBS, vec![], typed::<rbac::v1::ClusterRole>()),
+        resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", true, none, none, ALL_VERBS, vec![], typed::<rbac::v1::RoleBinding>()),
+        resource("rbac.authorization.k8s.io", "v1", "roles", "Role", true, none, none, ALL_VERBS, vec![], typed::<rbac::v1::Role>()),
+        // storage
+        resource("storage.k8s.io", "v1", "storageclasses", "StorageClass", false, &["sc"], none, ALL_VERBS, vec![], typed::<storage::v1::StorageClass>()),
+        // apiextensions
+        resource(
+            "apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", false,
+            &["crd", "crds"], &["api-extensions"], ALL_VERBS, vec![status()],
+            typed::<apiextensions::v1::CustomResourceDefinition>(),
+        ),
+    ]
+    .into_iter()
+    .map(|mut r| {
+        if r.resource == "services" {
+            r.verbs = NO_COLLECTION_DELETE.to_vec();
+        }
+        r
+    })
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn normalize_drops_unknown_fields_and_rejects_bad_types() {
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "c", "image": "busybox", "bogus": 1}]}});
+        let r = resources().into_iter().find(|r| r.resource == "pods").unwrap();
+        let out = (r.typed.as_ref().unwrap().normalize)(&pod).unwrap();
+        assert!(out["spec"]["containers"][0].get("bogus").is_none());
+        assert_eq!(out["spec"]["containers"][0]["image"], "busybox");
+        let bad = json!({"spec": {"containers": "nope"}});
+        assert!((r.typed.as_ref().unwrap().normalize)(&bad).is_err());
+    }
+}

@@ -1,0 +1,207 @@
+//! What the server serves: one [`ResourceInfo`] per REST resource.
+//!
+//! Built-in kinds are listed in [`builtin`], each tied to its `k8s-openapi` type, which gives the
+//! server upstream's decoding (unknown fields dropped, wrong types rejected) and the schema behind
+//! OpenAPI and `kubectl explain`. Per-kind behaviour that upstream keeps in "strategies" (defaults,
+//! validation, status handling, field selectors, table columns) lives beside it in
+//! [`crate::kinds`].
+
+pub mod builtin;
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use serde_json::Value;
+
+/// A subresource as discovery shows it (`pods/status`, `deployments/scale`, ...).
+#[derive(Debug, Clone)]
+pub struct SubresourceInfo {
+    pub name: &'static str,
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    pub verbs: &'static [&'static str],
+}
+
+/// Typed operations of a kind that `k8s-openapi` knows.
+pub struct TypedKind {
+    /// Decodes into the typed struct and encodes back: upstream's decoding in one step.
+    pub normalize: fn(&Value) -> Result<Value, String>,
+    pub schema_name: fn() -> Cow<'static, str>,
+    pub schema: fn(&mut schemars::SchemaGenerator) -> schemars::Schema,
+}
+
+/// One REST resource.
+pub struct ResourceInfo {
+    pub group: String,
+    pub version: String,
+    /// Plural, lower case: `pods`.
+    pub resource: String,
+    pub singular: String,
+    pub kind: String,
+    pub namespaced: bool,
+    pub short_names: Vec<String>,
+    pub categories: Vec<String>,
+    pub verbs: Vec<&'static str>,
+    pub subresources: Vec<SubresourceInfo>,
+    pub typed: Option<TypedKind>,
+}
+
+impl ResourceInfo {
+    /// `v1` or `apps/v1`.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    pub fn list_kind(&self) -> String {
+        format!("{}List", self.kind)
+    }
+
+    pub fn has_subresource(&self, name: &str) -> bool {
+        self.subresources.iter().any(|s| s.name == name)
+    }
+
+    pub fn has_status(&self) -> bool {
+        self.has_subresource("status")
+    }
+
+    /// The path of a collection, for `selfLink`-like messages and OpenAPI.
+    pub fn collection_path(&self, namespace: Option<&str>) -> String {
+        let root = if self.group.is_empty() {
+            format!("/api/{}", self.version)
+        } else {
+            format!("/apis/{}/{}", self.group, self.version)
+        };
+        match namespace {
+            Some(ns) if self.namespaced => format!("{root}/namespaces/{ns}/{}", self.resource),
+            _ => format!("{root}/{}", self.resource),
+        }
+    }
+}
+
+/// The set of served resources. Built-ins are fixed; custom resources come and go with CRDs.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<RwLock<BTreeMap<(String, String, String), Arc<ResourceInfo>>>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        let mut map = BTreeMap::new();
+        for info in builtin::resources() {
+            map.insert(
+                (
+                    info.group.clone(),
+                    info.version.clone(),
+                    info.resource.clone(),
+                ),
+                Arc::new(info),
+            );
+        }
+        Registry {
+            inner: Arc::new(RwLock::new(map)),
+        }
+    }
+
+    pub fn get(&self, group: &str, version: &str, resource: &str) -> Option<Arc<ResourceInfo>> {
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(group.to_string(), version.to_string(), resource.to_string()))
+            .cloned()
+    }
+
+    /// All resources, ordered by group, version and resource.
+    pub fn all(&self) -> Vec<Arc<ResourceInfo>> {
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The served versions of each group, groups in discovery order (core first, then as upstream
+    /// orders its built-in groups, custom groups last).
+    pub fn groups(&self) -> Vec<(String, Vec<String>)> {
+        let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+        for info in self.all() {
+            match groups.iter_mut().find(|(g, _)| *g == info.group) {
+                Some((_, versions)) => {
+                    if !versions.contains(&info.version) {
+                        versions.push(info.version.clone());
+                    }
+                }
+                None => groups.push((info.group.clone(), vec![info.version.clone()])),
+            }
+        }
+        groups.sort_by_key(|(g, _)| group_rank(g));
+        groups
+    }
+
+    pub fn add(&self, info: ResourceInfo) {
+        self.inner.write().unwrap_or_else(|e| e.into_inner()).insert(
+            (
+                info.group.clone(),
+                info.version.clone(),
+                info.resource.clone(),
+            ),
+            Arc::new(info),
+        );
+    }
+
+    pub fn remove(&self, group: &str, version: &str, resource: &str) {
+        self.inner
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(group.to_string(), version.to_string(), resource.to_string()));
+    }
+
+    /// Finds a resource by kind, for bodies whose kind must match the URL and for owner lookups.
+    pub fn by_kind(&self, api_version: &str, kind: &str) -> Option<Arc<ResourceInfo>> {
+        self.all()
+            .into_iter()
+            .find(|r| r.kind == kind && r.api_version() == api_version)
+    }
+}
+
+fn group_rank(group: &str) -> (usize, String) {
+    const ORDER: &[&str] = &[
+        "",
+        "apiregistration.k8s.io",
+        "apps",
+        "events.k8s.io",
+        "authentication.k8s.io",
+        "authorization.k8s.io",
+        "autoscaling",
+        "batch",
+        "certificates.k8s.io",
+        "networking.k8s.io",
+        "policy",
+        "rbac.authorization.k8s.io",
+        "storage.k8s.io",
+        "admissionregistration.k8s.io",
+        "apiextensions.k8s.io",
+        "scheduling.k8s.io",
+        "coordination.k8s.io",
+        "node.k8s.io",
+        "discovery.k8s.io",
+        "flowcontrol.apiserver.k8s.io",
+        "metrics.k8s.io",
+    ];
+    match ORDER.iter().position(|g| *g == group) {
+        Some(i) => (i, String::new()),
+        None => (ORDER.len(), group.to_string()),
+    }
+}

@@ -1,0 +1,584 @@
+//! The SQLite backend: current state in one table, WAL mode, one writer thread with group commit.
+//!
+//! Writers send operations over a bounded channel to a dedicated thread. The thread takes every
+//! operation that is already waiting (up to [`MAX_BATCH`]), applies them in one transaction, commits
+//! with `synchronous=FULL` (so an acknowledged write survives `kill -9` and power loss), publishes
+//! the events, and only then answers each caller. Concurrent writers therefore share one fsync
+//! instead of queueing for one each, and SQLite never sees two writers ("database is locked").
+//!
+//! Reads use a small pool of read-only connections on blocking threads; WAL lets them run beside
+//! the writer and gives each list a consistent snapshot.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde_json::Value;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::watch::{EventType, WatchEvent, WatchHub};
+use super::{Listing, Storage, StorageError, Stored, stamp_revision};
+
+/// The most operations one transaction takes.
+const MAX_BATCH: usize = 512;
+/// Writers waiting for the writer thread; callers beyond it wait for a place (backpressure).
+const QUEUE: usize = 4096;
+/// Read connections open at once.
+const READERS: usize = 4;
+
+enum Op {
+    Create,
+    Update(Option<u64>),
+    Delete(Option<u64>),
+}
+
+struct WriteRequest {
+    key: String,
+    op: Op,
+    object: Option<Value>,
+    reply: oneshot::Sender<Result<Stored, StorageError>>,
+}
+
+pub struct SqliteStorage {
+    path: PathBuf,
+    writer: mpsc::Sender<WriteRequest>,
+    revision: Arc<AtomicU64>,
+    hub: Arc<WatchHub>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    reader_slots: Arc<Semaphore>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StorageError {
+    StorageError::Backend(e.to_string())
+}
+
+fn open_writer(path: &Path) -> Result<Connection, StorageError> {
+    let conn = Connection::open(path).map_err(backend)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode=WAL;
+         PRAGMA synchronous=FULL;
+         PRAGMA busy_timeout=10000;
+         CREATE TABLE IF NOT EXISTS objects (
+             key TEXT PRIMARY KEY NOT NULL,
+             revision INTEGER NOT NULL,
+             value TEXT NOT NULL
+         ) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS meta (
+             name TEXT PRIMARY KEY NOT NULL,
+             value INTEGER NOT NULL
+         );
+         INSERT OR IGNORE INTO meta (name, value) VALUES ('revision', 0);",
+    )
+    .map_err(backend)?;
+    Ok(conn)
+}
+
+fn open_reader(path: &Path) -> Result<Connection, StorageError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(backend)?;
+    conn.execute_batch("PRAGMA busy_timeout=10000;")
+        .map_err(backend)?;
+    Ok(conn)
+}
+
+fn parse(text: &str) -> Result<Value, StorageError> {
+    serde_json::from_str(text).map_err(|e| StorageError::Backend(format!("corrupt object: {e}")))
+}
+
+impl SqliteStorage {
+    /// Opens (creating if needed) the database at `path` and starts the writer thread.
+    pub fn open(path: &Path, watch_window: usize) -> Result<Self, StorageError> {
+        let conn = open_writer(path)?;
+        let current: u64 = conn
+            .query_row("SELECT value FROM meta WHERE name = 'revision'", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(backend)? as u64;
+        let revision = Arc::new(AtomicU64::new(current));
+        let hub = Arc::new(WatchHub::new(current, watch_window));
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let writer_revision = revision.clone();
+        let writer_hub = hub.clone();
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx, writer_revision, writer_hub))
+            .map_err(backend)?;
+        Ok(SqliteStorage {
+            path: path.to_path_buf(),
+            writer: tx,
+            revision,
+            hub,
+            readers: Arc::new(Mutex::new(Vec::new())),
+            reader_slots: Arc::new(Semaphore::new(READERS)),
+        })
+    }
+
+    async fn write(
+        &self,
+        key: &str,
+        op: Op,
+        object: Option<Value>,
+    ) -> Result<Stored, StorageError> {
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(WriteRequest {
+                key: key.to_string(),
+                op,
+                object,
+                reply,
+            })
+            .await
+            .map_err(|_| StorageError::Closed)?;
+        answer.await.map_err(|_| StorageError::Closed)?
+    }
+
+    /// Runs `f` on a pooled read connection on a blocking thread.
+    async fn read<T, F>(&self, f: F) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StorageError> + Send + 'static,
+    {
+        let _slot = self
+            .reader_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StorageError::Closed)?;
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let conn = match pooled {
+                Some(c) => c,
+                None => open_reader(&path)?,
+            };
+            let result = f(&conn);
+            readers.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+            result
+        })
+        .await
+        .map_err(backend)?
+    }
+}
+
+#[async_trait::async_trait]
+impl Storage for SqliteStorage {
+    async fn get(&self, key: &str) -> Result<Option<Stored>, StorageError> {
+        let key = key.to_string();
+        self.read(move |conn| {
+            let row: Option<(i64, String)> = conn
+                .prepare_cached("SELECT revision, value FROM objects WHERE key = ?1")
+                .map_err(backend)?
+                .query_row(params![key], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+                .map_err(backend)?;
+            match row {
+                None => Ok(None),
+                Some((revision, text)) => Ok(Some(Stored {
+                    revision: revision as u64,
+                    object: Arc::new(parse(&text)?),
+                })),
+            }
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<Listing, StorageError> {
+        let prefix = prefix.to_string();
+        let start_after = start_after.map(str::to_string);
+        self.read(move |conn| {
+            // Keys are ASCII and prefixes end in '/', so '0' (the next byte) bounds the range.
+            let upper = format!("{}0", &prefix[..prefix.len() - 1]);
+            let lower = start_after.unwrap_or_else(|| prefix.clone());
+            let fetch = limit.map(|l| l as i64 + 1).unwrap_or(-1);
+            let tx = conn.unchecked_transaction().map_err(backend)?;
+            let revision: i64 = tx
+                .query_row("SELECT value FROM meta WHERE name = 'revision'", [], |r| {
+                    r.get(0)
+                })
+                .map_err(backend)?;
+            let mut items = Vec::new();
+            let mut last_key = None;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "SELECT key, revision, value FROM objects
+                         WHERE key > ?1 AND key < ?2 ORDER BY key LIMIT ?3",
+                    )
+                    .map_err(backend)?;
+                let mut rows = stmt
+                    .query(params![lower, upper, fetch])
+                    .map_err(backend)?;
+                let mut more = false;
+                while let Some(row) = rows.next().map_err(backend)? {
+                    if let Some(l) = limit
+                        && items.len() == l
+                    {
+                        more = true;
+                        break;
+                    }
+                    let key: String = row.get(0).map_err(backend)?;
+                    let rev: i64 = row.get(1).map_err(backend)?;
+                    let text: String = row.get(2).map_err(backend)?;
+                    items.push(Stored {
+                        revision: rev as u64,
+                        object: Arc::new(parse(&text)?),
+                    });
+                    last_key = Some(key);
+                }
+                if !more {
+                    last_key = None;
+                }
+            }
+            tx.finish().map_err(backend)?;
+            Ok(Listing {
+                revision: revision as u64,
+                items,
+                continue_after: last_key,
+            })
+        })
+        .await
+    }
+
+    async fn create(&self, key: &str, object: Value) -> Result<Stored, StorageError> {
+        self.write(key, Op::Create, Some(object)).await
+    }
+
+    async fn update(
+        &self,
+        key: &str,
+        object: Value,
+        expected: Option<u64>,
+    ) -> Result<Stored, StorageError> {
+        self.write(key, Op::Update(expected), Some(object)).await
+    }
+
+    async fn delete(&self, key: &str, expected: Option<u64>) -> Result<Stored, StorageError> {
+        self.write(key, Op::Delete(expected), None).await
+    }
+
+    fn revision(&self) -> u64 {
+        self.revision.load(Ordering::Acquire)
+    }
+
+    fn hub(&self) -> &WatchHub {
+        &self.hub
+    }
+}
+
+/// The outcome of one operation inside a batch, before the commit decides its fate.
+struct Applied {
+    reply: oneshot::Sender<Result<Stored, StorageError>>,
+    result: Result<(Stored, WatchEvent), StorageError>,
+}
+
+fn writer_loop(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<WriteRequest>,
+    revision: Arc<AtomicU64>,
+    hub: Arc<WatchHub>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let start = revision.load(Ordering::Acquire);
+        let (applied, end) = match apply_batch(&mut conn, batch.drain(..), start) {
+            Ok(done) => done,
+            Err((requests, e)) => {
+                tracing::error!(error = %e, "storage transaction failed");
+                for reply in requests {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                continue;
+            }
+        };
+        revision.store(end, Ordering::Release);
+        let mut events = Vec::with_capacity(applied.len());
+        let mut replies = Vec::with_capacity(applied.len());
+        for a in applied {
+            match a.result {
+                Ok((stored, event)) => {
+                    events.push(event);
+                    replies.push((a.reply, Ok(stored)));
+                }
+                Err(e) => replies.push((a.reply, Err(e))),
+            }
+        }
+        hub.publish(events);
+        for (reply, result) in replies {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+type BatchFailure = (Vec<oneshot::Sender<Result<Stored, StorageError>>>, StorageError);
+
+fn apply_batch(
+    conn: &mut Connection,
+    requests: impl Iterator<Item = WriteRequest>,
+    start: u64,
+) -> Result<(Vec<Applied>, u64), BatchFailure> {
+    let requests: Vec<WriteRequest> = requests.collect();
+    let tx = match conn.transaction() {
+        Ok(tx) => tx,
+        Err(e) => return Err((requests.into_iter().map(|r| r.reply).collect(), backend(e))),
+    };
+    let mut next = start;
+    let mut applied = Vec::with_capacity(requests.len());
+    let mut failure = None;
+    for request in requests {
+        if failure.is_some() {
+            applied.push(Applied {
+                reply: request.reply,
+                result: Err(StorageError::Closed),
+            });
+            continue;
+        }
+        match apply_one(&tx, &request.key, request.op, request.object, next + 1) {
+            Ok(Ok(done)) => {
+                next += 1;
+                applied.push(Applied {
+                    reply: request.reply,
+                    result: Ok(done),
+                });
+            }
+            Ok(Err(refused)) => applied.push(Applied {
+                reply: request.reply,
+                result: Err(refused),
+            }),
+            Err(e) => {
+                failure = Some(e);
+                applied.push(Applied {
+                    reply: request.reply,
+                    result: Err(StorageError::Closed),
+                });
+            }
+        }
+    }
+    let commit = match failure {
+        Some(e) => Err(e),
+        None => tx
+            .execute(
+                "UPDATE meta SET value = ?1 WHERE name = 'revision'",
+                params![next as i64],
+            )
+            .and_then(|_| tx.commit())
+            .map_err(backend),
+    };
+    match commit {
+        Ok(()) => Ok((applied, next)),
+        Err(e) => Err((applied.into_iter().map(|a| a.reply).collect(), e)),
+    }
+}
+
+/// Applies one operation inside the open transaction. The outer error aborts the batch; the inner
+/// one refuses only this operation (a failed precondition).
+#[allow(clippy::type_complexity)]
+fn apply_one(
+    tx: &rusqlite::Transaction<'_>,
+    key: &str,
+    op: Op,
+    object: Option<Value>,
+    revision: u64,
+) -> Result<Result<(Stored, WatchEvent), StorageError>, StorageError> {
+    let current: Option<(i64, String)> = tx
+        .prepare_cached("SELECT revision, value FROM objects WHERE key = ?1")
+        .map_err(backend)?
+        .query_row(params![key], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .map_err(backend)?;
+    let check = |expected: Option<u64>, found: u64| match expected {
+        Some(expected) if expected != found => Err(StorageError::Conflict {
+            key: key.to_string(),
+            expected,
+            found,
+        }),
+        _ => Ok(()),
+    };
+    match op {
+        Op::Create => {
+            if current.is_some() {
+                return Ok(Err(StorageError::AlreadyExists(key.to_string())));
+            }
+            let mut object = object.unwrap_or(Value::Null);
+            stamp_revision(&mut object, revision);
+            let text = serde_json::to_string(&object).map_err(backend)?;
+            tx.prepare_cached("INSERT INTO objects (key, revision, value) VALUES (?1, ?2, ?3)")
+                .map_err(backend)?
+                .execute(params![key, revision as i64, text])
+                .map_err(backend)?;
+            let object = Arc::new(object);
+            Ok(Ok((
+                Stored {
+                    revision,
+                    object: object.clone(),
+                },
+                WatchEvent {
+                    revision,
+                    event_type: EventType::Added,
+                    key: key.to_string(),
+                    object,
+                    previous: None,
+                },
+            )))
+        }
+        Op::Update(expected) => {
+            let Some((found, old)) = current else {
+                return Ok(Err(StorageError::NotFound(key.to_string())));
+            };
+            if let Err(e) = check(expected, found as u64) {
+                return Ok(Err(e));
+            }
+            let mut object = object.unwrap_or(Value::Null);
+            stamp_revision(&mut object, revision);
+            let text = serde_json::to_string(&object).map_err(backend)?;
+            tx.prepare_cached("UPDATE objects SET revision = ?2, value = ?3 WHERE key = ?1")
+                .map_err(backend)?
+                .execute(params![key, revision as i64, text])
+                .map_err(backend)?;
+            let object = Arc::new(object);
+            Ok(Ok((
+                Stored {
+                    revision,
+                    object: object.clone(),
+                },
+                WatchEvent {
+                    revision,
+                    event_type: EventType::Modified,
+                    key: key.to_string(),
+                    object,
+                    previous: Some(Arc::new(parse(&old)?)),
+                },
+            )))
+        }
+        Op::Delete(expected) => {
+            let Some((found, old)) = current else {
+                return Ok(Err(StorageError::NotFound(key.to_string())));
+            };
+            if let Err(e) = check(expected, found as u64) {
+                return Ok(Err(e));
+            }
+            tx.prepare_cached("DELETE FROM objects WHERE key = ?1")
+                .map_err(backend)?
+                .execute(params![key])
+                .map_err(backend)?;
+            let previous = Arc::new(parse(&old)?);
+            let mut last = (*previous).clone();
+            stamp_revision(&mut last, revision);
+            let object = Arc::new(last);
+            Ok(Ok((
+                Stored {
+                    revision,
+                    object: object.clone(),
+                },
+                WatchEvent {
+                    revision,
+                    event_type: EventType::Deleted,
+                    key: key.to_string(),
+                    object,
+                    previous: Some(previous),
+                },
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cm(name: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": "default"}})
+    }
+
+    #[tokio::test]
+    async fn create_update_delete_with_revisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStorage::open(&dir.path().join("state.db"), 100).unwrap();
+        let a = store.create("/core/configmaps/default/a", cm("a")).await.unwrap();
+        assert_eq!(a.revision, 1);
+        assert_eq!(a.object["metadata"]["resourceVersion"], "1");
+        let dup = store.create("/core/configmaps/default/a", cm("a")).await;
+        assert!(matches!(dup, Err(StorageError::AlreadyExists(_))));
+        let stale = store
+            .update("/core/configmaps/default/a", cm("a"), Some(7))
+            .await;
+        assert!(matches!(stale, Err(StorageError::Conflict { found: 1, .. })));
+        let b = store
+            .update("/core/configmaps/default/a", cm("a"), Some(1))
+            .await
+            .unwrap();
+        assert_eq!(b.revision, 2);
+        store.create("/core/configmaps/other/z", cm("z")).await.unwrap();
+        let list = store.list("/core/configmaps/default/", None, None).await.unwrap();
+        assert_eq!(list.items.len(), 1);
+        assert_eq!(list.revision, 3);
+        let gone = store.delete("/core/configmaps/default/a", None).await.unwrap();
+        assert_eq!(gone.revision, 4);
+        assert!(store.get("/core/configmaps/default/a").await.unwrap().is_none());
+        drop(store);
+        let reopened = SqliteStorage::open(&dir.path().join("state.db"), 100).unwrap();
+        assert_eq!(reopened.revision(), 4);
+        let next = reopened.create("/core/configmaps/default/n", cm("n")).await.unwrap();
+        assert_eq!(next.revision, 5);
+    }
+
+    #[tokio::test]
+    async fn list_pages_with_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStorage::open(&dir.path().join("state.db"), 100).unwrap();
+        for i in 0..5 {
+            store
+                .create(&format!("/core/configmaps/default/c{i}"), cm(&format!("c{i}")))
+                .await
+                .unwrap();
+        }
+        let page = store.list("/core/configmaps/", None, Some(2)).await.unwrap();
+        assert_eq!(page.items.len(), 2);
+        let after = page.continue_after.unwrap();
+        let page2 = store.list("/core/configmaps/", Some(&after), Some(3)).await.unwrap();
+        assert_eq!(page2.items.len(), 3);
+        assert!(page2.continue_after.is_none());
+    }
+
+    #[tokio::test]
+    async fn concurrent_writers_share_transactions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStorage::open(&dir.path().join("state.db"), 100).unwrap());
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store
+                    .create(&format!("/core/configmaps/default/c{i}"), cm(&format!("c{i}")))
+                    .await
+                    .unwrap()
+                    .revision
+            }));
+        }
+        let mut revisions = Vec::new();
+        for t in tasks {
+            revisions.push(t.await.unwrap());
+        }
+        revisions.sort();
+        revisions.dedup();
+        assert_eq!(revisions.len(), 200);
+        assert_eq!(store.revision(), 200);
+    }
+}

@@ -1,0 +1,1079 @@
+//! Server-side printing: `meta.k8s.io/v1` Tables with upstream's columns for every built-in kind.
+//!
+//! `kubectl get` asks for a Table and prints exactly the columns and cells the server sends, so
+//! these functions decide what users see. Each kind has a column list and a row function over the
+//! JSON object; ages are rendered with upstream's `HumanDuration` rules.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+
+use crate::registry::ResourceInfo;
+
+/// A column: name as upstream spells it (kubectl upper-cases it), type, and priority (1 = wide).
+pub struct Column {
+    pub name: &'static str,
+    pub kind: &'static str,
+    pub priority: u8,
+    pub description: &'static str,
+}
+
+const fn col(name: &'static str, kind: &'static str, priority: u8, description: &'static str) -> Column {
+    Column {
+        name,
+        kind,
+        priority,
+        description,
+    }
+}
+
+const NAME: Column = col("Name", "string", 0, "Name must be unique within a namespace.");
+const AGE: Column = col("Age", "string", 0, "CreationTimestamp is a timestamp representing the server time when this object was created.");
+const CREATED_AT: Column = col("Created At", "date", 0, "CreationTimestamp is a timestamp representing the server time when this object was created.");
+const CONTAINERS: Column = col("Containers", "string", 1, "Names of each container in the template.");
+const IMAGES: Column = col("Images", "string", 1, "Images referenced by each container in the template.");
+const SELECTOR: Column = col("Selector", "string", 1, "Label selector.");
+
+/// upstream's `duration.HumanDuration`.
+pub fn human_duration(seconds: i64) -> String {
+    if seconds < -1 {
+        return "<invalid>".into();
+    }
+    if seconds < 0 {
+        return "0s".into();
+    }
+    if seconds < 120 {
+        return format!("{seconds}s");
+    }
+    let minutes = seconds / 60;
+    if minutes < 10 {
+        let s = seconds % 60;
+        return if s == 0 {
+            format!("{minutes}m")
+        } else {
+            format!("{minutes}m{s}s")
+        };
+    }
+    if minutes < 180 {
+        return format!("{minutes}m");
+    }
+    let hours = minutes / 60;
+    if hours < 8 {
+        let m = minutes % 60;
+        return if m == 0 {
+            format!("{hours}h")
+        } else {
+            format!("{hours}h{m}m")
+        };
+    }
+    if hours < 48 {
+        return format!("{hours}h");
+    }
+    if hours < 24 * 8 {
+        let h = hours % 24;
+        return if h == 0 {
+            format!("{}d", hours / 24)
+        } else {
+            format!("{}d{h}h", hours / 24)
+        };
+    }
+    if hours < 24 * 365 * 2 {
+        return format!("{}d", hours / 24);
+    }
+    if hours < 24 * 365 * 8 {
+        let days = (hours / 24) % 365;
+        return if days == 0 {
+            format!("{}y", hours / 24 / 365)
+        } else {
+            format!("{}y{days}d", hours / 24 / 365)
+        };
+    }
+    format!("{}y", hours / 24 / 365)
+}
+
+fn since(object: &Value, pointer: &str, now: DateTime<Utc>) -> String {
+    match object
+        .pointer(pointer)
+        .and_then(Value::as_str)
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+    {
+        Some(t) => human_duration((now - t.with_timezone(&Utc)).num_seconds()),
+        None => "<unknown>".into(),
+    }
+}
+
+fn s<'a>(object: &'a Value, pointer: &str) -> &'a str {
+    object.pointer(pointer).and_then(Value::as_str).unwrap_or("")
+}
+
+fn n(object: &Value, pointer: &str) -> i64 {
+    object.pointer(pointer).and_then(Value::as_i64).unwrap_or(0)
+}
+
+fn or_none(text: String) -> String {
+    if text.is_empty() { "<none>".into() } else { text }
+}
+
+fn arr<'a>(object: &'a Value, pointer: &str) -> &'a [Value] {
+    object
+        .pointer(pointer)
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
+fn containers_and_images(object: &Value, pointer: &str) -> (String, String) {
+    let cs = arr(object, pointer);
+    let names: Vec<&str> = cs.iter().map(|c| s(c, "/name")).collect();
+    let images: Vec<&str> = cs.iter().map(|c| s(c, "/image")).collect();
+    (names.join(","), images.join(","))
+}
+
+/// `metav1.FormatLabelSelector`.
+pub fn format_selector(selector: Option<&Value>) -> String {
+    let Some(selector) = selector else {
+        return "<none>".into();
+    };
+    let mut parts = Vec::new();
+    if let Some(m) = selector.get("matchLabels").and_then(Value::as_object) {
+        for (k, v) in m {
+            parts.push(format!("{k}={}", v.as_str().unwrap_or_default()));
+        }
+    }
+    for e in arr(selector, "/matchExpressions") {
+        let key = s(e, "/key");
+        let values: Vec<&str> = arr(e, "/values").iter().filter_map(Value::as_str).collect();
+        match s(e, "/operator") {
+            "In" => parts.push(format!("{key} in ({})", values.join(","))),
+            "NotIn" => parts.push(format!("{key} notin ({})", values.join(","))),
+            "Exists" => parts.push(key.to_string()),
+            "DoesNotExist" => parts.push(format!("!{key}")),
+            _ => {}
+        }
+    }
+    if parts.is_empty() {
+        return "<none>".into();
+    }
+    parts.join(",")
+}
+
+fn format_map(map: Option<&Value>) -> String {
+    let parts: Vec<String> = map
+        .and_then(Value::as_object)
+        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect())
+        .unwrap_or_default();
+    or_none(parts.join(","))
+}
+
+fn pod_row(pod: &Value, now: DateTime<Utc>) -> Vec<Value> {
+    let statuses = arr(pod, "/status/containerStatuses");
+    let total = arr(pod, "/spec/containers").len();
+    let ready = statuses.iter().filter(|c| c["ready"] == true).count();
+    let mut restarts = 0;
+    let mut last_restart: Option<DateTime<Utc>> = None;
+    let mut reason = s(pod, "/status/phase").to_string();
+    if !s(pod, "/status/reason").is_empty() {
+        reason = s(pod, "/status/reason").to_string();
+    }
+    let mut initializing = false;
+    let init_total = arr(pod, "/spec/initContainers").len();
+    for (i, c) in arr(pod, "/status/initContainerStatuses").iter().enumerate() {
+        restarts += n(c, "/restartCount");
+        let terminated = c.pointer("/state/terminated");
+        if terminated.is_some_and(|t| n(t, "/exitCode") == 0) {
+            continue;
+        }
+        initializing = true;
+        reason = if let Some(t) = terminated {
+            if !s(t, "/reason").is_empty() {
+                format!("Init:{}", s(t, "/reason"))
+            } else if n(t, "/signal") != 0 {
+                format!("Init:Signal:{}", n(t, "/signal"))
+            } else {
+                format!("Init:ExitCode:{}", n(t, "/exitCode"))
+            }
+        } else if !s(c, "/state/waiting/reason").is_empty() && s(c, "/state/waiting/reason") != "PodInitializing" {
+            format!("Init:{}", s(c, "/state/waiting/reason"))
+        } else {
+            format!("Init:{i}/{init_total}")
+        };
+        break;
+    }
+    if !initializing {
+        let mut has_running = false;
+        for c in statuses.iter().rev() {
+            restarts += n(c, "/restartCount");
+            if let Some(t) = c
+                .pointer("/lastState/terminated/finishedAt")
+                .and_then(Value::as_str)
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            {
+                let t = t.with_timezone(&Utc);
+                if last_restart.is_none_or(|l| t > l) {
+                    last_restart = Some(t);
+                }
+            }
+            if !s(c, "/state/waiting/reason").is_empty() {
+                reason = s(c, "/state/waiting/reason").to_string();
+            } else if let Some(t) = c.pointer("/state/terminated") {
+                reason = if !s(t, "/reason").is_empty() {
+                    s(t, "/reason").to_string()
+                } else if n(t, "/signal") != 0 {
+                    format!("Signal:{}", n(t, "/signal"))
+                } else {
+                    format!("ExitCode:{}", n(t, "/exitCode"))
+                };
+            } else if c["ready"] == true && c.pointer("/state/running").is_some() {
+                has_running = true;
+            }
+        }
+        if reason == "Completed" && has_running {
+            reason = "Running".into();
+        }
+    }
+    if pod.pointer("/metadata/deletionTimestamp").is_some() {
+        reason = if s(pod, "/status/reason") == "NodeLost" {
+            "Unknown".into()
+        } else {
+            "Terminating".into()
+        };
+    }
+    let restarts_cell = match last_restart {
+        Some(t) if restarts > 0 => format!(
+            "{restarts} ({} ago)",
+            human_duration((now - t).num_seconds())
+        ),
+        _ => restarts.to_string(),
+    };
+    let gates = arr(pod, "/spec/readinessGates");
+    let gates_cell = if gates.is_empty() {
+        "<none>".to_string()
+    } else {
+        let conditions = arr(pod, "/status/conditions");
+        let true_count = gates
+            .iter()
+            .filter(|g| {
+                conditions
+                    .iter()
+                    .any(|c| c["type"] == g["conditionType"] && c["status"] == "True")
+            })
+            .count();
+        format!("{true_count}/{}", gates.len())
+    };
+    vec![
+        json!(s(pod, "/metadata/name")),
+        json!(format!("{ready}/{total}")),
+        json!(reason),
+        json!(restarts_cell),
+        json!(since(pod, "/metadata/creationTimestamp", now)),
+        json!(or_none(s(pod, "/status/podIP").to_string())),
+        json!(or_none(s(pod, "/spec/nodeName").to_string())),
+        json!(or_none(s(pod, "/status/nominatedNodeName").to_string())),
+        json!(gates_cell),
+    ]
+}
+
+fn node_row(node: &Value, now: DateTime<Utc>) -> Vec<Value> {
+    let mut status = match arr(node, "/status/conditions")
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .map(|c| s(c, "/status"))
+    {
+        Some("True") => "Ready".to_string(),
+        Some("False") => "NotReady".to_string(),
+        _ => "Unknown".to_string(),
+    };
+    if node.pointer("/spec/unschedulable") == Some(&json!(true)) {
+        status.push_str(",SchedulingDisabled");
+    }
+    let mut roles: Vec<String> = Vec::new();
+    if let Some(labels) = node.pointer("/metadata/labels").and_then(Value::as_object) {
+        for (k, v) in labels {
+            if let Some(role) = k.strip_prefix("node-role.kubernetes.io/") {
+                if !role.is_empty() {
+                    roles.push(role.to_string());
+                }
+            } else if k == "kubernetes.io/role" {
+                roles.push(v.as_str().unwrap_or_default().to_string());
+            }
+        }
+    }
+    roles.sort();
+    roles.dedup();
+    let address = |kind: &str| {
+        or_none(
+            arr(node, "/status/addresses")
+                .iter()
+                .find(|a| a["type"] == kind)
+                .map(|a| s(a, "/address").to_string())
+                .unwrap_or_default(),
+        )
+    };
+    vec![
+        json!(s(node, "/metadata/name")),
+        json!(status),
+        json!(or_none(roles.join(","))),
+        json!(since(node, "/metadata/creationTimestamp", now)),
+        json!(s(node, "/status/nodeInfo/kubeletVersion")),
+        json!(address("InternalIP")),
+        json!(address("ExternalIP")),
+        json!(or_none(s(node, "/status/nodeInfo/osImage").to_string())),
+        json!(or_none(s(node, "/status/nodeInfo/kernelVersion").to_string())),
+        json!(or_none(s(node, "/status/nodeInfo/containerRuntimeVersion").to_string())),
+    ]
+}
+
+fn service_row(svc: &Value, now: DateTime<Utc>) -> Vec<Value> {
+    let kind = s(svc, "/spec/type");
+    let kind = if kind.is_empty() { "ClusterIP" } else { kind };
+    let cluster_ip = arr(svc, "/spec/clusterIPs")
+        .first()
+        .and_then(Value::as_str)
+        .or(svc.pointer("/spec/clusterIP").and_then(Value::as_str))
+        .unwrap_or("")
+        .to_string();
+    let ingress: Vec<String> = arr(svc, "/status/loadBalancer/ingress")
+        .iter()
+        .map(|i| {
+            let ip = s(i, "/ip");
+            if ip.is_empty() { s(i, "/hostname").to_string() } else { ip.to_string() }
+        })
+        .collect();
+    let external_ips: Vec<&str> = arr(svc, "/spec/externalIPs").iter().filter_map(Value::as_str).collect();
+    let external = match kind {
+        "ClusterIP" | "NodePort" => or_none(external_ips.join(",")),
+        "LoadBalancer" => {
+            let mut all: Vec<String> = ingress;
+            all.extend(external_ips.iter().map(|s| s.to_string()));
+            if all.is_empty() { "<pending>".into() } else { all.join(",") }
+        }
+        "ExternalName" => s(svc, "/spec/externalName").to_string(),
+        _ => "<unknown>".into(),
+    };
+    let ports: Vec<String> = arr(svc, "/spec/ports")
+        .iter()
+        .map(|p| {
+            let proto = s(p, "/protocol");
+            let proto = if proto.is_empty() { "TCP" } else { proto };
+            match p.get("nodePort").and_then(Value::as_i64) {
+                Some(np) if np != 0 => format!("{}:{np}/{proto}", n(p, "/port")),
+                _ => format!("{}/{proto}", n(p, "/port")),
+            }
+        })
+        .collect();
+    vec![
+        json!(s(svc, "/metadata/name")),
+        json!(kind),
+        json!(or_none(cluster_ip)),
+        json!(external),
+        json!(or_none(ports.join(","))),
+        json!(since(svc, "/metadata/creationTimestamp", now)),
+        json!(format_map(svc.pointer("/spec/selector"))),
+    ]
+}
+
+fn job_status(job: &Value) -> &'static str {
+    let conditions = arr(job, "/status/conditions");
+    let has = |t: &str| conditions.iter().any(|c| c["type"] == t && c["status"] == "True");
+    if has("Complete") {
+        "Complete"
+    } else if has("Failed") {
+        "Failed"
+    } else if job.pointer("/metadata/deletionTimestamp").is_some() {
+        "Terminating"
+    } else if has("FailureTarget") {
+        "FailureTarget"
+    } else if has("SuccessCriteriaMet") {
+        "SuccessCriteriaMet"
+    } else if has("Suspended") {
+        "Suspended"
+    } else {
+        "Running"
+    }
+}
+
+fn event_object(e: &Value, prefix: &str) -> String {
+    format!(
+        "{}/{}",
+        s(e, &format!("{prefix}/kind")).to_lowercase(),
+        s(e, &format!("{prefix}/name"))
+    )
+}
+
+fn access_modes(modes: &[Value]) -> String {
+    let short: Vec<&str> = modes
+        .iter()
+        .filter_map(Value::as_str)
+        .map(|m| match m {
+            "ReadWriteOnce" => "RWO",
+            "ReadOnlyMany" => "ROX",
+            "ReadWriteMany" => "RWX",
+            "ReadWriteOncePod" => "RWOP",
+            other => other,
+        })
+        .collect();
+    short.join(",")
+}
+
+fn created_at(object: &Value) -> Value {
+    json!(s(object, "/metadata/creationTimestamp"))
+}
+
+/// Columns and the row printer of a kind.
+pub fn columns(info: &ResourceInfo) -> Vec<Column> {
+    match (info.group.as_str(), info.resource.as_str()) {
+        ("", "pods") => vec![
+            NAME,
+            col("Ready", "string", 0, "The aggregate readiness state of this pod for accepting traffic."),
+            col("Status", "string", 0, "The aggregate status of the containers in this pod."),
+            col("Restarts", "string", 0, "The number of times the containers in this pod have been restarted and when the last container in this pod has restarted."),
+            AGE,
+            col("IP", "string", 1, "IP address allocated to the pod. Routable at least within the cluster. Empty if not yet allocated."),
+            col("Node", "string", 1, "NodeName is a request to schedule this pod onto a specific node."),
+            col("Nominated Node", "string", 1, "nominatedNodeName is set only when this pod preempts other pods on the node."),
+            col("Readiness Gates", "string", 1, "If specified, all readiness gates will be evaluated for pod readiness."),
+        ],
+        ("", "nodes") => vec![
+            NAME,
+            col("Status", "string", 0, "The status of the node"),
+            col("Roles", "string", 0, "The roles of the node"),
+            AGE,
+            col("Version", "string", 0, "Kubelet Version reported by the node."),
+            col("Internal-IP", "string", 1, "List of addresses reachable to the node. Queried from cloud provider, if available."),
+            col("External-IP", "string", 1, "List of addresses reachable to the node. Queried from cloud provider, if available."),
+            col("OS-Image", "string", 1, "OS Image reported by the node from /etc/os-release (e.g. Debian GNU/Linux 7 (wheezy))."),
+            col("Kernel-Version", "string", 1, "Kernel Version reported by the node from 'uname -r' (e.g. 3.16.0-0.bpo.4-amd64)."),
+            col("Container-Runtime", "string", 1, "ContainerRuntime Version reported by the node through runtime remote API (e.g. containerd://1.4.2)."),
+        ],
+        ("", "namespaces") => vec![NAME, col("Status", "string", 0, "The status of the namespace"), AGE],
+        ("", "services") => vec![
+            NAME,
+            col("Type", "string", 0, "type determines how the Service is exposed."),
+            col("Cluster-IP", "string", 0, "clusterIP is the IP address of the service and is usually assigned randomly."),
+            col("External-IP", "string", 0, "externalIPs is a list of IP addresses for which nodes in the cluster will also accept traffic for this service."),
+            col("Port(s)", "string", 0, "The list of ports that are exposed by this service."),
+            AGE,
+            SELECTOR,
+        ],
+        ("", "configmaps") => vec![NAME, col("Data", "integer", 0, "Data contains the configuration data."), AGE],
+        ("", "secrets") => vec![
+            NAME,
+            col("Type", "string", 0, "The type of the secret"),
+            col("Data", "integer", 0, "The number of entries in the data map"),
+            AGE,
+        ],
+        ("", "serviceaccounts") => vec![NAME, col("Secrets", "string", 0, "Secrets is a list of the secrets in the same namespace that pods running using this ServiceAccount are allowed to use."), AGE],
+        ("", "endpoints") => vec![NAME, col("Endpoints", "string", 0, "Endpoints is the list of endpoints."), AGE],
+        ("", "events") | ("events.k8s.io", "events") => vec![
+            col("Last Seen", "string", 0, "Time when last event occurred."),
+            col("Type", "string", 0, "Type of this event (Normal, Warning), new types could be added in the future."),
+            col("Reason", "string", 0, "This should be a short, machine understandable string that gives the reason for the transition into the object's current status."),
+            col("Object", "string", 0, "The object that this event is about."),
+            col("Subobject", "string", 1, "The subobject that this event is about."),
+            col("Source", "string", 1, "The component reporting this event."),
+            col("Message", "string", 0, "A human-readable description of the status of this operation."),
+            col("First Seen", "string", 1, "The time at which the event was first recorded."),
+            col("Count", "string", 1, "The number of times this event has occurred."),
+            col("Name", "string", 1, "Name must be unique within a namespace."),
+        ],
+        ("", "persistentvolumeclaims") => vec![
+            NAME,
+            col("Status", "string", 0, "Status of the claim."),
+            col("Volume", "string", 0, "VolumeName is the binding reference to the PersistentVolume backing this claim."),
+            col("Capacity", "string", 0, "Capacity of the volume."),
+            col("Access Modes", "string", 0, "AccessModes contains the desired access modes the volume should have."),
+            col("StorageClass", "string", 0, "StorageClassName of the claim."),
+            col("VolumeAttributesClass", "string", 0, "VolumeAttributesClassName of the claim."),
+            AGE,
+            col("VolumeMode", "string", 1, "VolumeMode defines what type of volume is required by the claim."),
+        ],
+        ("", "persistentvolumes") => vec![
+            NAME,
+            col("Capacity", "string", 0, "Capacity of the volume."),
+            col("Access Modes", "string", 0, "AccessModes contains all ways the volume can be mounted."),
+            col("Reclaim Policy", "string", 0, "What happens to a persistent volume when released from its claim."),
+            col("Status", "string", 0, "Phase indicates if a volume is available, bound to a claim, or released by a claim."),
+            col("Claim", "string", 0, "ClaimRef is part of a bi-directional binding between PersistentVolume and PersistentVolumeClaim."),
+            col("StorageClass", "string", 0, "StorageClassName of the volume."),
+            col("VolumeAttributesClass", "string", 0, "VolumeAttributesClassName of the volume."),
+            col("Reason", "string", 0, "Reason is a brief CamelCase string that describes any failure."),
+            AGE,
+            col("VolumeMode", "string", 1, "VolumeMode defines what type of volume is required."),
+        ],
+        ("", "limitranges") => vec![NAME, CREATED_AT],
+        ("", "resourcequotas") => vec![
+            NAME,
+            AGE,
+            col("Request", "string", 0, "Request represents a minimum amount of cpu/memory that a container may consume."),
+            col("Limit", "string", 0, "Limits control the maximum amount of cpu/memory that a container may use independent of contention on the node."),
+        ],
+        ("apps", "deployments") => vec![
+            NAME,
+            col("Ready", "string", 0, "Number of the pod with ready state"),
+            col("Up-to-date", "integer", 0, "Total number of non-terminated pods targeted by this deployment that have the desired template spec."),
+            col("Available", "integer", 0, "Total number of available pods (ready for at least minReadySeconds) targeted by this deployment."),
+            AGE,
+            CONTAINERS,
+            IMAGES,
+            SELECTOR,
+        ],
+        ("apps", "replicasets") => vec![
+            NAME,
+            col("Desired", "integer", 0, "Replicas is the number of desired replicas."),
+            col("Current", "integer", 0, "Replicas is the most recently observed number of replicas."),
+            col("Ready", "integer", 0, "The number of ready replicas for this replica set."),
+            AGE,
+            CONTAINERS,
+            IMAGES,
+            SELECTOR,
+        ],
+        ("apps", "daemonsets") => vec![
+            NAME,
+            col("Desired", "integer", 0, "The total number of nodes that should be running the daemon pod."),
+            col("Current", "integer", 0, "The number of nodes that are running at least 1 daemon pod and are supposed to run the daemon pod."),
+            col("Ready", "integer", 0, "The number of nodes that should be running the daemon pod and have one or more of the daemon pod running and ready."),
+            col("Up-to-date", "integer", 0, "The total number of nodes that are running updated daemon pod"),
+            col("Available", "integer", 0, "The number of nodes that should be running the daemon pod and have one or more of the daemon pod running and available."),
+            col("Node Selector", "string", 0, "NodeSelector is a selector which must be true for the pod to fit on a node."),
+            AGE,
+            CONTAINERS,
+            IMAGES,
+            SELECTOR,
+        ],
+        ("apps", "statefulsets") => vec![
+            NAME,
+            col("Ready", "string", 0, "Number of the pod with ready state"),
+            AGE,
+            CONTAINERS,
+            IMAGES,
+        ],
+        ("apps", "controllerrevisions") => vec![
+            NAME,
+            col("Controller", "string", 0, "Controller of the object"),
+            col("Revision", "integer", 0, "Revision indicates the revision of the state represented by Data."),
+            AGE,
+        ],
+        ("batch", "jobs") => vec![
+            NAME,
+            col("Status", "string", 0, "Status of the job."),
+            col("Completions", "string", 0, "The completion status of the job."),
+            col("Duration", "string", 0, "Time required to complete the job."),
+            AGE,
+            CONTAINERS,
+            IMAGES,
+            SELECTOR,
+        ],
+        ("batch", "cronjobs") => vec![
+            NAME,
+            col("Schedule", "string", 0, "The schedule in Cron format."),
+            col("Timezone", "string", 0, "The time zone for the given schedule."),
+            col("Suspend", "boolean", 0, "This flag tells the controller to suspend subsequent executions."),
+            col("Active", "integer", 0, "A list of pointers to currently running jobs."),
+            col("Last Schedule", "string", 0, "Information when was the last time the job was successfully scheduled."),
+            AGE,
+            CONTAINERS,
+            IMAGES,
+            SELECTOR,
+        ],
+        ("coordination.k8s.io", "leases") => vec![NAME, col("Holder", "string", 0, "holderIdentity contains the identity of the holder of a current lease."), AGE],
+        ("discovery.k8s.io", "endpointslices") => vec![
+            NAME,
+            col("AddressType", "string", 0, "The IP protocol for this slice"),
+            col("Ports", "string", 0, "The ports for this slice"),
+            col("Endpoints", "string", 0, "The endpoints for this slice"),
+            AGE,
+        ],
+        ("policy", "poddisruptionbudgets") => vec![
+            NAME,
+            col("Min Available", "string", 0, "The minimum number of pods that must be available."),
+            col("Max Unavailable", "string", 0, "The maximum number of pods that may be unavailable."),
+            col("Allowed Disruptions", "integer", 0, "Calculated number of pods that may be disrupted at this time."),
+            AGE,
+        ],
+        ("rbac.authorization.k8s.io", "roles") | ("rbac.authorization.k8s.io", "clusterroles") => vec![NAME, CREATED_AT],
+        ("rbac.authorization.k8s.io", "rolebindings") | ("rbac.authorization.k8s.io", "clusterrolebindings") => vec![
+            NAME,
+            col("Role", "string", 0, "RoleRef references the role."),
+            AGE,
+            col("Users", "string", 1, "Users in the binding."),
+            col("Groups", "string", 1, "Groups in the binding."),
+            col("ServiceAccounts", "string", 1, "ServiceAccounts in the binding."),
+        ],
+        ("storage.k8s.io", "storageclasses") => vec![
+            NAME,
+            col("Provisioner", "string", 0, "Indicates the type of the provisioner."),
+            col("ReclaimPolicy", "string", 0, "Indicates the type of the reclaim policy."),
+            col("VolumeBindingMode", "string", 0, "Indicates the type of the volume binding mode."),
+            col("AllowVolumeExpansion", "string", 0, "Indicates whether the storage class allow volume expand."),
+            AGE,
+        ],
+        ("apiextensions.k8s.io", "customresourcedefinitions") => vec![NAME, CREATED_AT],
+        _ => vec![NAME, AGE],
+    }
+}
+
+/// The cells of one row, in the order of [`columns`].
+pub fn row(info: &ResourceInfo, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+    let name = json!(s(o, "/metadata/name"));
+    let age = json!(since(o, "/metadata/creationTimestamp", now));
+    let template_ci = |pointer: &str| containers_and_images(o, pointer);
+    match (info.group.as_str(), info.resource.as_str()) {
+        ("", "pods") => pod_row(o, now),
+        ("", "nodes") => node_row(o, now),
+        ("", "namespaces") => vec![name, json!(s(o, "/status/phase")), age],
+        ("", "services") => service_row(o, now),
+        ("", "configmaps") => {
+            let count = ["data", "binaryData"]
+                .iter()
+                .filter_map(|k| o.get(*k).and_then(Value::as_object))
+                .map(|m| m.len())
+                .sum::<usize>();
+            vec![name, json!(count), age]
+        }
+        ("", "secrets") => {
+            let count = o.get("data").and_then(Value::as_object).map(|m| m.len()).unwrap_or(0);
+            vec![name, json!(s(o, "/type")), json!(count), age]
+        }
+        ("", "serviceaccounts") => vec![name, json!(arr(o, "/secrets").len().to_string()), age],
+        ("", "endpoints") => {
+            let mut list = Vec::new();
+            for subset in arr(o, "/subsets") {
+                for a in arr(subset, "/addresses") {
+                    let ports = arr(subset, "/ports");
+                    if ports.is_empty() {
+                        list.push(s(a, "/ip").to_string());
+                    }
+                    for p in ports {
+                        list.push(format!("{}:{}", s(a, "/ip"), n(p, "/port")));
+                    }
+                }
+            }
+            let text = if list.len() > 3 {
+                format!("{} + {} more...", list[..3].join(","), list.len() - 3)
+            } else {
+                list.join(",")
+            };
+            vec![name, json!(or_none(text)), age]
+        }
+        ("", "events") => {
+            let last = if !s(o, "/lastTimestamp").is_empty() {
+                since(o, "/lastTimestamp", now)
+            } else if !s(o, "/eventTime").is_empty() {
+                since(o, "/eventTime", now)
+            } else {
+                since(o, "/metadata/creationTimestamp", now)
+            };
+            let first = if !s(o, "/firstTimestamp").is_empty() {
+                since(o, "/firstTimestamp", now)
+            } else {
+                last.clone()
+            };
+            let source = {
+                let c = s(o, "/source/component");
+                let c = if c.is_empty() { s(o, "/reportingComponent") } else { c };
+                let host = s(o, "/source/host");
+                if host.is_empty() { c.to_string() } else { format!("{c}, {host}") }
+            };
+            vec![
+                json!(last),
+                json!(s(o, "/type")),
+                json!(s(o, "/reason")),
+                json!(event_object(o, "/involvedObject")),
+                json!(s(o, "/involvedObject/fieldPath")),
+                json!(source),
+                json!(s(o, "/message").trim()),
+                json!(first),
+                json!(o.get("count").and_then(Value::as_i64).unwrap_or(1)),
+                name,
+            ]
+        }
+        ("events.k8s.io", "events") => {
+            let last = if !s(o, "/deprecatedLastTimestamp").is_empty() {
+                since(o, "/deprecatedLastTimestamp", now)
+            } else if !s(o, "/eventTime").is_empty() {
+                since(o, "/eventTime", now)
+            } else {
+                since(o, "/metadata/creationTimestamp", now)
+            };
+            vec![
+                json!(last.clone()),
+                json!(s(o, "/type")),
+                json!(s(o, "/reason")),
+                json!(event_object(o, "/regarding")),
+                json!(s(o, "/regarding/fieldPath")),
+                json!(s(o, "/reportingController")),
+                json!(s(o, "/note").trim()),
+                json!(last),
+                json!(o.pointer("/series/count").and_then(Value::as_i64).unwrap_or(1)),
+                name,
+            ]
+        }
+        ("", "persistentvolumeclaims") => {
+            let capacity = s(o, "/status/capacity/storage").to_string();
+            vec![
+                name,
+                json!(s(o, "/status/phase")),
+                json!(s(o, "/spec/volumeName")),
+                json!(capacity),
+                json!(access_modes(arr(o, "/status/accessModes"))),
+                json!(s(o, "/spec/storageClassName")),
+                json!(or_none(s(o, "/spec/volumeAttributesClassName").to_string())),
+                age,
+                json!(s(o, "/spec/volumeMode")),
+            ]
+        }
+        ("", "persistentvolumes") => {
+            let claim = if s(o, "/spec/claimRef/name").is_empty() {
+                String::new()
+            } else {
+                format!("{}/{}", s(o, "/spec/claimRef/namespace"), s(o, "/spec/claimRef/name"))
+            };
+            vec![
+                name,
+                json!(s(o, "/spec/capacity/storage")),
+                json!(access_modes(arr(o, "/spec/accessModes"))),
+                json!(s(o, "/spec/persistentVolumeReclaimPolicy")),
+                json!(s(o, "/status/phase")),
+                json!(claim),
+                json!(s(o, "/spec/storageClassName")),
+                json!(or_none(s(o, "/spec/volumeAttributesClassName").to_string())),
+                json!(s(o, "/status/reason")),
+                age,
+                json!(s(o, "/spec/volumeMode")),
+            ]
+        }
+        ("", "limitranges") | ("rbac.authorization.k8s.io", "roles")
+        | ("rbac.authorization.k8s.io", "clusterroles")
+        | ("apiextensions.k8s.io", "customresourcedefinitions") => vec![name, created_at(o)],
+        ("", "resourcequotas") => {
+            let mut requests = Vec::new();
+            let mut limits = Vec::new();
+            if let Some(hard) = o.pointer("/status/hard").and_then(Value::as_object) {
+                for (k, v) in hard {
+                    let used = o
+                        .pointer(&format!("/status/used/{}", k.replace('/', "~1")))
+                        .and_then(Value::as_str)
+                        .unwrap_or("0");
+                    let text = format!("{k}: {used}/{}", v.as_str().unwrap_or_default());
+                    if k.starts_with("limits.") {
+                        limits.push(text);
+                    } else {
+                        requests.push(text);
+                    }
+                }
+            }
+            vec![name, age, json!(requests.join(", ")), json!(limits.join(", "))]
+        }
+        ("apps", "deployments") => {
+            let (c, i) = template_ci("/spec/template/spec/containers");
+            vec![
+                name,
+                json!(format!("{}/{}", n(o, "/status/readyReplicas"), n(o, "/spec/replicas"))),
+                json!(n(o, "/status/updatedReplicas")),
+                json!(n(o, "/status/availableReplicas")),
+                age,
+                json!(c),
+                json!(i),
+                json!(format_selector(o.pointer("/spec/selector"))),
+            ]
+        }
+        ("apps", "replicasets") => {
+            let (c, i) = template_ci("/spec/template/spec/containers");
+            vec![
+                name,
+                json!(n(o, "/spec/replicas")),
+                json!(n(o, "/status/replicas")),
+                json!(n(o, "/status/readyReplicas")),
+                age,
+                json!(c),
+                json!(i),
+                json!(format_selector(o.pointer("/spec/selector"))),
+            ]
+        }
+        ("apps", "daemonsets") => {
+            let (c, i) = template_ci("/spec/template/spec/containers");
+            vec![
+                name,
+                json!(n(o, "/status/desiredNumberScheduled")),
+                json!(n(o, "/status/currentNumberScheduled")),
+                json!(n(o, "/status/numberReady")),
+                json!(n(o, "/status/updatedNumberScheduled")),
+                json!(n(o, "/status/numberAvailable")),
+                json!(format_map(o.pointer("/spec/template/spec/nodeSelector"))),
+                age,
+                json!(c),
+                json!(i),
+                json!(format_selector(o.pointer("/spec/selector"))),
+            ]
+        }
+        ("apps", "statefulsets") => {
+            let (c, i) = template_ci("/spec/template/spec/containers");
+            vec![
+                name,
+                json!(format!("{}/{}", n(o, "/status/readyReplicas"), n(o, "/spec/replicas"))),
+                age,
+                json!(c),
+                json!(i),
+            ]
+        }
+        ("apps", "controllerrevisions") => {
+            let owner = arr(o, "/metadata/ownerReferences")
+                .iter()
+                .find(|r| r["controller"] == true)
+                .map(|r| format!("{}/{}", s(r, "/kind").to_lowercase(), s(r, "/name")))
+                .unwrap_or_else(|| "<none>".into());
+            vec![name, json!(owner), json!(n(o, "/revision")), age]
+        }
+        ("batch", "jobs") => {
+            let (c, i) = template_ci("/spec/template/spec/containers");
+            let completions = match o.pointer("/spec/completions").and_then(Value::as_i64) {
+                Some(total) => format!("{}/{total}", n(o, "/status/succeeded")),
+                None => {
+                    let parallelism = n(o, "/spec/parallelism").max(1);
+                    if parallelism > 1 {
+                        format!("{}/1 of {parallelism}", n(o, "/status/succeeded"))
+                    } else {
+                        format!("{}/1", n(o, "/status/succeeded"))
+                    }
+                }
+            };
+            let start = o
+                .pointer("/status/startTime")
+                .and_then(Value::as_str)
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok());
+            let end = o
+                .pointer("/status/completionTime")
+                .and_then(Value::as_str)
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&Utc))
+                .unwrap_or(now);
+            let duration = start
+                .map(|s| human_duration((end - s.with_timezone(&Utc)).num_seconds()))
+                .unwrap_or_default();
+            vec![
+                name,
+                json!(job_status(o)),
+                json!(completions),
+                json!(duration),
+                age,
+                json!(c),
+                json!(i),
+                json!(format_selector(o.pointer("/spec/selector"))),
+            ]
+        }
+        ("batch", "cronjobs") => {
+            let (c, i) = template_ci("/spec/jobTemplate/spec/template/spec/containers");
+            let last = if s(o, "/status/lastScheduleTime").is_empty() {
+                "<none>".to_string()
+            } else {
+                since(o, "/status/lastScheduleTime", now)
+            };
+            vec![
+                name,
+                json!(s(o, "/spec/schedule")),
+                json!(or_none(s(o, "/spec/timeZone").to_string())),
+                json!(o.pointer("/spec/suspend").and_then(Value::as_bool).unwrap_or(false)),
+                json!(arr(o, "/status/active").len()),
+                json!(last),
+                age,
+                json!(c),
+                json!(i),
+                json!(format_selector(o.pointer("/spec/jobTemplate/spec/selector"))),
+            ]
+        }
+        ("coordination.k8s.io", "leases") => vec![name, json!(s(o, "/spec/holderIdentity")), age],
+        ("discovery.k8s.io", "endpointslices") => {
+            let ports: Vec<String> = arr(o, "/ports").iter().map(|p| n(p, "/port").to_string()).collect();
+            let addresses: Vec<String> = arr(o, "/endpoints")
+                .iter()
+                .flat_map(|e| arr(e, "/addresses").iter().filter_map(Value::as_str).map(String::from))
+                .collect();
+            let eps = if addresses.len() > 3 {
+                format!("{} + {} more...", addresses[..3].join(","), addresses.len() - 3)
+            } else {
+                addresses.join(",")
+            };
+            vec![
+                name,
+                json!(s(o, "/addressType")),
+                json!(if ports.is_empty() { "<unset>".to_string() } else { ports.join(",") }),
+                json!(if eps.is_empty() { "<unset>".to_string() } else { eps }),
+                age,
+            ]
+        }
+        ("policy", "poddisruptionbudgets") => {
+            let show = |p: &str| match o.pointer(p) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Number(n)) => n.to_string(),
+                _ => "N/A".into(),
+            };
+            vec![
+                name,
+                json!(show("/spec/minAvailable")),
+                json!(show("/spec/maxUnavailable")),
+                json!(n(o, "/status/disruptionsAllowed")),
+                age,
+            ]
+        }
+        ("rbac.authorization.k8s.io", "rolebindings")
+        | ("rbac.authorization.k8s.io", "clusterrolebindings") => {
+            let subjects = arr(o, "/subjects");
+            let of = |kind: &str| {
+                subjects
+                    .iter()
+                    .filter(|x| x["kind"] == kind)
+                    .map(|x| {
+                        if kind == "ServiceAccount" {
+                            format!("{}/{}", s(x, "/namespace"), s(x, "/name"))
+                        } else {
+                            s(x, "/name").to_string()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            vec![
+                name,
+                json!(format!("{}/{}", s(o, "/roleRef/kind"), s(o, "/roleRef/name"))),
+                age,
+                json!(of("User")),
+                json!(of("Group")),
+                json!(of("ServiceAccount")),
+            ]
+        }
+        ("storage.k8s.io", "storageclasses") => {
+            let default = o
+                .pointer("/metadata/annotations")
+                .and_then(Value::as_object)
+                .is_some_and(|a| {
+                    a.get("storageclass.kubernetes.io/is-default-class") == Some(&json!("true"))
+                        || a.get("storageclass.beta.kubernetes.io/is-default-class") == Some(&json!("true"))
+                });
+            let shown = if default {
+                format!("{} (default)", s(o, "/metadata/name"))
+            } else {
+                s(o, "/metadata/name").to_string()
+            };
+            let reclaim = s(o, "/reclaimPolicy");
+            let binding = s(o, "/volumeBindingMode");
+            vec![
+                json!(shown),
+                json!(s(o, "/provisioner")),
+                json!(if reclaim.is_empty() { "Delete" } else { reclaim }),
+                json!(if binding.is_empty() { "Immediate" } else { binding }),
+                json!(o.get("allowVolumeExpansion").and_then(Value::as_bool).unwrap_or(false)),
+                age,
+            ]
+        }
+        _ => vec![name, age],
+    }
+}
+
+/// `PartialObjectMetadata` of an object, the default `object` of a Table row.
+pub fn partial_metadata(object: &Value) -> Value {
+    json!({
+        "kind": "PartialObjectMetadata",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": object.get("metadata").cloned().unwrap_or(json!({})),
+    })
+}
+
+/// Which object a row carries: `includeObject=None|Metadata|Object`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum IncludeObject {
+    None,
+    Metadata,
+    Object,
+}
+
+/// A full Table for a list of objects.
+pub fn table(
+    info: &ResourceInfo,
+    objects: &[&Value],
+    include: IncludeObject,
+    resource_version: &str,
+    continue_token: Option<&str>,
+    now: DateTime<Utc>,
+) -> Value {
+    let column_definitions: Vec<Value> = columns(info)
+        .iter()
+        .map(|c| {
+            json!({
+                "name": c.name,
+                "type": c.kind,
+                "format": if c.name == "Name" { "name" } else { "" },
+                "description": c.description,
+                "priority": c.priority,
+            })
+        })
+        .collect();
+    let rows: Vec<Value> = objects
+        .iter()
+        .map(|o| {
+            let mut r = json!({"cells": row(info, o, now)});
+            match include {
+                IncludeObject::None => {}
+                IncludeObject::Metadata => r["object"] = partial_metadata(o),
+                IncludeObject::Object => r["object"] = (*o).clone(),
+            }
+            r
+        })
+        .collect();
+    let mut metadata = json!({"resourceVersion": resource_version});
+    if let Some(token) = continue_token {
+        metadata["continue"] = json!(token);
+    }
+    json!({
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": metadata,
+        "columnDefinitions": column_definitions,
+        "rows": rows,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Registry;
+
+    #[test]
+    fn durations_like_upstream() {
+        assert_eq!(human_duration(5), "5s");
+        assert_eq!(human_duration(119), "119s");
+        assert_eq!(human_duration(150), "2m30s");
+        assert_eq!(human_duration(600), "10m");
+        assert_eq!(human_duration(3 * 3600 + 60), "3h1m");
+        assert_eq!(human_duration(30 * 3600), "30h");
+        assert_eq!(human_duration(3 * 86400 + 3600), "3d1h");
+        assert_eq!(human_duration(400 * 86400), "400d");
+        assert_eq!(human_duration(3 * 365 * 86400 + 86400), "3y1d");
+    }
+
+    #[test]
+    fn every_row_matches_its_columns() {
+        let registry = Registry::new();
+        let sample = json!({"metadata": {"name": "x", "creationTimestamp": "2024-01-01T00:00:00Z"},
+            "spec": {"containers": [{"name": "c", "image": "i"}], "ports": [{"port": 80, "protocol": "TCP"}]}});
+        for info in registry.all() {
+            assert_eq!(
+                columns(&info).len(),
+                row(&info, &sample, Utc::now()).len(),
+                "{}",
+                info.resource
+            );
+        }
+    }
+
+    #[test]
+    fn pod_status_column() {
+        let registry = Registry::new();
+        let pods = registry.get("", "v1", "pods").unwrap();
+        let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a"}]},
+            "status": {"phase": "Pending", "containerStatuses": [{"name": "a", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "ImagePullBackOff"}}}]}});
+        let cells = row(&pods, &pod, Utc::now());
+        assert_eq!(cells[1], "0/1");
+        assert_eq!(cells[2], "ImagePullBackOff");
+        assert_eq!(cells[5], "<none>");
+    }
+}

@@ -1,0 +1,559 @@
+//! Upstream's validation rules and messages: names, labels, annotations, and the required fields of
+//! built-in kinds. Pure code; the result is a list of [`Cause`]s that becomes a 422 `Invalid`.
+
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+
+use crate::error::Cause;
+
+const DNS1123_LABEL_MSG: &str = "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')";
+const DNS1123_SUBDOMAIN_MSG: &str = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')";
+const DNS1035_LABEL_MSG: &str = "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character (e.g. 'my-name',  or 'abc-123', regex used for validation is '[a-z]([-a-z0-9]*[a-z0-9])?')";
+const QUALIFIED_NAME_MSG: &str = "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')";
+const LABEL_VALUE_MSG: &str = "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')";
+const CONFIG_KEY_MSG: &str = "a valid config key must consist of alphanumeric characters, '-', '_' or '.' (e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')";
+
+fn alnum_lower(c: char) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit()
+}
+
+fn dns_label_shape(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars().all(|c| alnum_lower(c) || c == '-')
+        && s.starts_with(alnum_lower)
+        && s.ends_with(alnum_lower)
+}
+
+pub fn is_dns1123_label(s: &str) -> Result<(), String> {
+    if s.len() > 63 {
+        return Err("must be no more than 63 characters".into());
+    }
+    if !dns_label_shape(s) {
+        return Err(DNS1123_LABEL_MSG.into());
+    }
+    Ok(())
+}
+
+pub fn is_dns1123_subdomain(s: &str) -> Result<(), String> {
+    if s.len() > 253 {
+        return Err("must be no more than 253 characters".into());
+    }
+    if s.is_empty() || !s.split('.').all(dns_label_shape) {
+        return Err(DNS1123_SUBDOMAIN_MSG.into());
+    }
+    Ok(())
+}
+
+pub fn is_dns1035_label(s: &str) -> Result<(), String> {
+    if s.len() > 63 {
+        return Err("must be no more than 63 characters".into());
+    }
+    if !dns_label_shape(s) || !s.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return Err(DNS1035_LABEL_MSG.into());
+    }
+    Ok(())
+}
+
+fn name_part_ok(s: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_alphanumeric();
+    !s.is_empty()
+        && s.chars()
+            .all(|c| alnum(c) || c == '-' || c == '_' || c == '.')
+        && s.starts_with(alnum)
+        && s.ends_with(alnum)
+}
+
+/// Label keys and annotation keys: `[prefix/]name`.
+pub fn is_qualified_name(s: &str) -> Result<(), String> {
+    let (prefix, name) = match s.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    if let Some(prefix) = prefix {
+        if prefix.is_empty() {
+            return Err("prefix part must be non-empty".into());
+        }
+        if let Err(e) = is_dns1123_subdomain(prefix) {
+            return Err(format!("prefix part {e}"));
+        }
+    }
+    if name.is_empty() {
+        return Err("name part must be non-empty".into());
+    }
+    if name.len() > 63 {
+        return Err("name part must be no more than 63 characters".into());
+    }
+    if !name_part_ok(name) {
+        return Err(QUALIFIED_NAME_MSG.into());
+    }
+    Ok(())
+}
+
+pub fn is_label_value(s: &str) -> Result<(), String> {
+    if s.len() > 63 {
+        return Err("must be no more than 63 characters".into());
+    }
+    if !s.is_empty() && !name_part_ok(s) {
+        return Err(LABEL_VALUE_MSG.into());
+    }
+    Ok(())
+}
+
+/// RBAC and a few other kinds only forbid what cannot be a path segment.
+pub fn is_path_segment_name(s: &str) -> Result<(), String> {
+    if s == "." || s == ".." {
+        return Err(format!("may not be '{s}'"));
+    }
+    if s.contains('/') {
+        return Err("may not contain '/'".into());
+    }
+    if s.contains('%') {
+        return Err("may not contain '%'".into());
+    }
+    Ok(())
+}
+
+/// How a kind's names are checked.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NameRule {
+    Subdomain,
+    Label,
+    Dns1035,
+    PathSegment,
+}
+
+impl NameRule {
+    pub fn check(self, s: &str) -> Result<(), String> {
+        match self {
+            NameRule::Subdomain => is_dns1123_subdomain(s),
+            NameRule::Label => is_dns1123_label(s),
+            NameRule::Dns1035 => is_dns1035_label(s),
+            NameRule::PathSegment => is_path_segment_name(s),
+        }
+    }
+}
+
+/// Collects causes while walking an object.
+#[derive(Default)]
+pub struct Causes(pub Vec<Cause>);
+
+impl Causes {
+    pub fn push(&mut self, cause: Cause) {
+        self.0.push(cause);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn required_str<'a>(&mut self, object: &'a Value, key: &str, path: &str) -> Option<&'a str> {
+        match object.get(key).and_then(Value::as_str) {
+            Some(s) if !s.is_empty() => Some(s),
+            _ => {
+                self.push(Cause::required(path));
+                None
+            }
+        }
+    }
+}
+
+/// `metadata`: name, generateName, labels and annotations.
+pub fn validate_metadata(meta: &Value, namespaced: bool, rule: NameRule, causes: &mut Causes) {
+    let name = meta.get("name").and_then(Value::as_str).unwrap_or("");
+    if name.is_empty() {
+        causes.push(Cause::new(
+            "FieldValueRequired",
+            "metadata.name",
+            "Required value: name or generateName is required".into(),
+        ));
+    } else if let Err(why) = rule.check(name) {
+        causes.push(Cause::invalid("metadata.name", &Value::from(name), &why));
+    }
+    let namespace = meta.get("namespace").and_then(Value::as_str).unwrap_or("");
+    if namespaced && namespace.is_empty() {
+        causes.push(Cause::required("metadata.namespace"));
+    }
+    if !namespaced && !namespace.is_empty() {
+        causes.push(Cause::forbidden(
+            "metadata.namespace",
+            "not allowed on this type",
+        ));
+    }
+    validate_labels(meta.get("labels"), "metadata.labels", causes);
+    if let Some(annotations) = meta.get("annotations").and_then(Value::as_object) {
+        let mut total = 0;
+        for (k, v) in annotations {
+            if let Err(why) = is_qualified_name(&k.to_lowercase()) {
+                causes.push(Cause::invalid("metadata.annotations", &Value::from(k.as_str()), &why));
+            }
+            total += k.len() + v.as_str().map(str::len).unwrap_or(0);
+        }
+        if total > 256 * 1024 {
+            causes.push(Cause::too_long("metadata.annotations", 256 * 1024));
+        }
+    }
+}
+
+pub fn validate_labels(labels: Option<&Value>, path: &str, causes: &mut Causes) {
+    let Some(labels) = labels.and_then(Value::as_object) else {
+        return;
+    };
+    for (k, v) in labels {
+        if let Err(why) = is_qualified_name(k) {
+            causes.push(Cause::invalid(path, &Value::from(k.as_str()), &why));
+        }
+        let value = v.as_str().unwrap_or_default();
+        if let Err(why) = is_label_value(value) {
+            causes.push(Cause::invalid(path, &Value::from(value), &why));
+        }
+    }
+}
+
+fn items<'a>(object: &'a Value, key: &str) -> &'a [Value] {
+    object
+        .get(key)
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
+fn check_port(causes: &mut Causes, value: Option<&Value>, path: &str, required: bool) {
+    match value.and_then(Value::as_i64) {
+        None if required => causes.push(Cause::required(path)),
+        None => {}
+        Some(p) if !(1..=65535).contains(&p) => causes.push(Cause::invalid(
+            path,
+            &Value::from(p),
+            "must be between 1 and 65535, inclusive",
+        )),
+        Some(_) => {}
+    }
+}
+
+fn check_enum(causes: &mut Causes, object: &Value, key: &str, path: &str, allowed: &[&str]) {
+    if let Some(v) = object.get(key).and_then(Value::as_str)
+        && !allowed.contains(&v)
+    {
+        causes.push(Cause::unsupported(path, &Value::from(v), allowed));
+    }
+}
+
+fn validate_container(
+    c: &Value,
+    path: &str,
+    volumes: &BTreeSet<String>,
+    causes: &mut Causes,
+) {
+    if let Some(name) = causes.required_str(c, "name", &format!("{path}.name"))
+        && let Err(why) = is_dns1123_label(name)
+    {
+        causes.push(Cause::invalid(format!("{path}.name"), &Value::from(name), &why));
+    }
+    causes.required_str(c, "image", &format!("{path}.image"));
+    check_enum(
+        causes,
+        c,
+        "imagePullPolicy",
+        &format!("{path}.imagePullPolicy"),
+        &["Always", "IfNotPresent", "Never"],
+    );
+    let mut port_names = BTreeSet::new();
+    for (i, p) in items(c, "ports").iter().enumerate() {
+        let pp = format!("{path}.ports[{i}]");
+        check_port(causes, p.get("containerPort"), &format!("{pp}.containerPort"), true);
+        check_port(causes, p.get("hostPort"), &format!("{pp}.hostPort"), false);
+        check_enum(causes, p, "protocol", &format!("{pp}.protocol"), &["TCP", "UDP", "SCTP"]);
+        if let Some(n) = p.get("name").and_then(Value::as_str)
+            && !port_names.insert(n.to_string())
+        {
+            causes.push(Cause::duplicate(format!("{pp}.name"), &Value::from(n)));
+        }
+    }
+    for (i, e) in items(c, "env").iter().enumerate() {
+        causes.required_str(e, "name", &format!("{path}.env[{i}].name"));
+    }
+    for (i, m) in items(c, "volumeMounts").iter().enumerate() {
+        let mp = format!("{path}.volumeMounts[{i}]");
+        if let Some(name) = causes.required_str(m, "name", &format!("{mp}.name"))
+            && !volumes.contains(name)
+        {
+            causes.push(Cause::new(
+                "FieldValueNotFound",
+                format!("{mp}.name"),
+                format!("Not found: {name:?}"),
+            ));
+        }
+        causes.required_str(m, "mountPath", &format!("{mp}.mountPath"));
+    }
+}
+
+/// A PodSpec at `path` (`spec` for pods, `spec.template.spec` for workloads).
+pub fn validate_pod_spec(spec: Option<&Value>, path: &str, causes: &mut Causes) {
+    let Some(spec) = spec.filter(|s| s.is_object()) else {
+        causes.push(Cause::required(format!("{path}.containers")));
+        return;
+    };
+    let mut volumes = BTreeSet::new();
+    for (i, v) in items(spec, "volumes").iter().enumerate() {
+        let vp = format!("{path}.volumes[{i}].name");
+        if let Some(name) = causes.required_str(v, "name", &vp) {
+            if let Err(why) = is_dns1123_label(name) {
+                causes.push(Cause::invalid(&vp, &Value::from(name), &why));
+            }
+            if !volumes.insert(name.to_string()) {
+                causes.push(Cause::duplicate(&vp, &Value::from(name)));
+            }
+        }
+    }
+    let containers = items(spec, "containers");
+    if containers.is_empty() {
+        causes.push(Cause::required(format!("{path}.containers")));
+    }
+    let mut names = BTreeSet::new();
+    for (list, items) in [
+        ("initContainers", items(spec, "initContainers")),
+        ("containers", containers),
+    ] {
+        for (i, c) in items.iter().enumerate() {
+            let cp = format!("{path}.{list}[{i}]");
+            validate_container(c, &cp, &volumes, causes);
+            if let Some(name) = c.get("name").and_then(Value::as_str)
+                && !name.is_empty()
+                && !names.insert(name.to_string())
+            {
+                causes.push(Cause::duplicate(format!("{cp}.name"), &Value::from(name)));
+            }
+        }
+    }
+    check_enum(
+        causes,
+        spec,
+        "restartPolicy",
+        &format!("{path}.restartPolicy"),
+        &["Always", "OnFailure", "Never"],
+    );
+    check_enum(
+        causes,
+        spec,
+        "dnsPolicy",
+        &format!("{path}.dnsPolicy"),
+        &["ClusterFirstWithHostNet", "ClusterFirst", "Default", "None"],
+    );
+    if let Some(n) = spec.get("nodeName").and_then(Value::as_str)
+        && !n.is_empty()
+        && let Err(why) = is_dns1123_subdomain(n)
+    {
+        causes.push(Cause::invalid(format!("{path}.nodeName"), &Value::from(n), &why));
+    }
+    validate_labels(spec.get("nodeSelector"), &format!("{path}.nodeSelector"), causes);
+    for (i, t) in items(spec, "tolerations").iter().enumerate() {
+        check_enum(
+            causes,
+            t,
+            "operator",
+            &format!("{path}.tolerations[{i}].operator"),
+            &["Equal", "Exists"],
+        );
+        check_enum(
+            causes,
+            t,
+            "effect",
+            &format!("{path}.tolerations[{i}].effect"),
+            &["NoSchedule", "PreferNoSchedule", "NoExecute"],
+        );
+    }
+}
+
+/// A workload's selector and template (Deployment, ReplicaSet, DaemonSet, StatefulSet, Job).
+pub fn validate_workload(spec: &Value, restart_policies: &[&str], selector_required: bool, causes: &mut Causes) {
+    let selector = spec.get("selector");
+    let has_selector = selector.is_some_and(|s| {
+        s.get("matchLabels").and_then(Value::as_object).is_some_and(|m| !m.is_empty())
+            || s.get("matchExpressions").and_then(Value::as_array).is_some_and(|a| !a.is_empty())
+    });
+    if selector_required && !has_selector {
+        if selector.is_none() {
+            causes.push(Cause::required("spec.selector"));
+        } else {
+            causes.push(Cause::invalid(
+                "spec.selector",
+                selector.unwrap_or(&Value::Null),
+                "empty selector is invalid for deployment",
+            ));
+        }
+    }
+    if let Some(r) = spec.get("replicas").and_then(Value::as_i64)
+        && r < 0
+    {
+        causes.push(Cause::invalid(
+            "spec.replicas",
+            &Value::from(r),
+            "must be greater than or equal to 0",
+        ));
+    }
+    let template = spec.get("template");
+    let labels = template.and_then(|t| t.pointer("/metadata/labels"));
+    validate_labels(labels, "spec.template.metadata.labels", causes);
+    if has_selector && let Some(selector) = selector {
+        match crate::selectors::LabelSelector::from_object(selector) {
+            Ok(sel) => {
+                let map = labels
+                    .and_then(Value::as_object)
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if !sel.matches(&map) {
+                    causes.push(Cause::invalid(
+                        "spec.template.metadata.labels",
+                        &labels.cloned().unwrap_or(Value::Null),
+                        "`selector` does not match template `labels`",
+                    ));
+                }
+            }
+            Err(why) => causes.push(Cause::invalid("spec.selector", selector, &why)),
+        }
+    }
+    let pod_spec = template.and_then(|t| t.get("spec"));
+    validate_pod_spec(pod_spec, "spec.template.spec", causes);
+    if let Some(p) = pod_spec.and_then(|s| s.get("restartPolicy")).and_then(Value::as_str)
+        && !restart_policies.contains(&p)
+    {
+        causes.push(Cause::unsupported(
+            "spec.template.spec.restartPolicy",
+            &Value::from(p),
+            restart_policies,
+        ));
+    }
+}
+
+pub fn validate_service(spec: Option<&Value>, causes: &mut Causes) {
+    let Some(spec) = spec else {
+        causes.push(Cause::required("spec.ports"));
+        return;
+    };
+    let kind = spec.get("type").and_then(Value::as_str).unwrap_or("ClusterIP");
+    check_enum(
+        causes,
+        spec,
+        "type",
+        "spec.type",
+        &["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"],
+    );
+    let ports = items(spec, "ports");
+    let headless = spec.get("clusterIP").and_then(Value::as_str) == Some("None");
+    if ports.is_empty() && kind != "ExternalName" && !headless {
+        causes.push(Cause::required("spec.ports"));
+    }
+    if kind == "ExternalName" && spec.get("externalName").and_then(Value::as_str).unwrap_or("").is_empty() {
+        causes.push(Cause::required("spec.externalName"));
+    }
+    let mut names = BTreeSet::new();
+    for (i, p) in ports.iter().enumerate() {
+        let pp = format!("spec.ports[{i}]");
+        let name = p.get("name").and_then(Value::as_str).unwrap_or("");
+        if ports.len() > 1 && name.is_empty() {
+            causes.push(Cause::required(format!("{pp}.name")));
+        }
+        if !name.is_empty() && !names.insert(name.to_string()) {
+            causes.push(Cause::duplicate(format!("{pp}.name"), &Value::from(name)));
+        }
+        check_port(causes, p.get("port"), &format!("{pp}.port"), true);
+        check_port(causes, p.get("nodePort"), &format!("{pp}.nodePort"), false);
+        check_enum(causes, p, "protocol", &format!("{pp}.protocol"), &["TCP", "UDP", "SCTP"]);
+        if let Some(t) = p.get("targetPort").and_then(Value::as_i64)
+            && !(1..=65535).contains(&t)
+        {
+            causes.push(Cause::invalid(
+                format!("{pp}.targetPort"),
+                &Value::from(t),
+                "must be between 1 and 65535, inclusive",
+            ));
+        }
+    }
+    check_enum(causes, spec, "sessionAffinity", "spec.sessionAffinity", &["ClientIP", "None"]);
+}
+
+/// ConfigMap and Secret keys.
+pub fn validate_config_keys(object: &Value, causes: &mut Causes) {
+    let mut seen = BTreeSet::new();
+    for field in ["data", "binaryData", "stringData"] {
+        if let Some(map) = object.get(field).and_then(Value::as_object) {
+            for k in map.keys() {
+                let ok = !k.is_empty()
+                    && k.len() <= 253
+                    && k.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+                    && k != "."
+                    && k != "..";
+                if !ok {
+                    causes.push(Cause::invalid(format!("{field}[{k}]"), &Value::from(k.as_str()), CONFIG_KEY_MSG));
+                }
+                if field == "binaryData" && !seen.insert(k.clone()) {
+                    causes.push(Cause::invalid(
+                        format!("data[{k}]"),
+                        &Value::from(k.as_str()),
+                        "duplicate of key present in binaryData",
+                    ));
+                } else {
+                    seen.insert(k.clone());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn names() {
+        assert!(is_dns1123_subdomain("web.example-1").is_ok());
+        assert!(is_dns1123_subdomain("Web").is_err());
+        assert!(is_dns1123_label("a.b").is_err());
+        assert!(is_dns1035_label("1abc").is_err());
+        assert!(is_qualified_name("example.com/app").is_ok());
+        assert!(is_qualified_name("-app").is_err());
+        assert!(is_label_value("").is_ok());
+        assert!(is_label_value("a b").is_err());
+    }
+
+    #[test]
+    fn pod_spec_rules() {
+        let mut causes = Causes::default();
+        validate_pod_spec(
+            Some(&json!({"containers": [{"name": "c"}, {"name": "c", "image": "x",
+                "ports": [{"containerPort": 70000}], "volumeMounts": [{"name": "v", "mountPath": "/v"}]}]})),
+            "spec",
+            &mut causes,
+        );
+        let got: Vec<String> = causes.0.iter().map(Cause::display).collect();
+        assert_eq!(
+            got,
+            vec![
+                "spec.containers[0].image: Required value",
+                "spec.containers[1].ports[0].containerPort: Invalid value: 70000: must be between 1 and 65535, inclusive",
+                "spec.containers[1].volumeMounts[0].name: Not found: \"v\"",
+                "spec.containers[1].name: Duplicate value: \"c\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn deployment_selector_must_match() {
+        let mut causes = Causes::default();
+        validate_workload(
+            &json!({"selector": {"matchLabels": {"app": "a"}},
+                "template": {"metadata": {"labels": {"app": "b"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}),
+            &["Always"],
+            true,
+            &mut causes,
+        );
+        assert_eq!(causes.0.len(), 1);
+        assert!(causes.0[0].message.contains("`selector` does not match template `labels`"));
+    }
+}
