@@ -1,14 +1,21 @@
 //! apiserver-lite: the Kubernetes API server of an EdgeSite site.
 //!
-//! It is the only owner of cluster state. Start reading at [`http`] (the routes and the request
-//! life cycle), then [`storage`] (the SQLite store and the watch hub) and [`kinds`] (per-kind
-//! defaults, validation and status handling). Pure pieces with no I/O: [`selectors`],
-//! [`validation`], [`tables`], [`patch`].
+//! It is the only owner of cluster state. Start reading at [`server`] (start-up), then [`http`]
+//! (routes and the request life cycle), [`storage`] (the SQLite store and the watch hub) and
+//! [`kinds`] (per-kind defaults, validation and status handling). Pure pieces with no I/O:
+//! [`selectors`], [`validation`], [`tables`], [`patch`].
 
+pub mod auth;
 pub mod error;
+pub mod http;
 pub mod kinds;
+pub mod openapi;
+pub mod patch;
 pub mod registry;
 pub mod selectors;
+pub mod server;
 pub mod storage;
 pub mod tables;
 pub mod validation;
+
+pub use server::{Config, ServerError, run};

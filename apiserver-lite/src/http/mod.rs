@@ -1,0 +1,297 @@
+//! The HTTP face of the API server: routing, authentication, content negotiation, TLS serving.
+//!
+//! Every request goes through [`dispatch`]: it parses the path into a [`request::Route`],
+//! authenticates (public endpoints excepted), and hands resource requests to [`resources`] (reads
+//! and writes), [`watch`] (streams) or [`discovery`]. Errors become a `v1 Status` in one place,
+//! [`error_response`]. [`serve`] runs the router behind rustls with client-certificate identities;
+//! [`router`] is also usable in-process as a tower service.
+
+pub mod discovery;
+pub mod request;
+pub mod resources;
+pub mod watch;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{Identity, TokenAuthenticator, identity_from_certificate};
+use crate::error::ApiError;
+use crate::openapi::OpenApi;
+use crate::registry::Registry;
+use crate::storage::Storage;
+use request::{Output, Route};
+
+/// Request bodies above this are refused with 413, as upstream does.
+pub const MAX_BODY: usize = 3 * 1024 * 1024;
+
+/// The Kubernetes version this server speaks.
+pub const KUBE_MAJOR: &str = "1";
+pub const KUBE_MINOR: &str = "33";
+pub const KUBE_GIT_VERSION: &str = "v1.33.0+edgesite";
+
+/// Shared state of one API server.
+pub struct ApiServer {
+    pub registry: Registry,
+    pub storage: Arc<dyn Storage>,
+    pub tokens: TokenAuthenticator,
+    pub openapi: OpenApi,
+    pub shutdown: CancellationToken,
+    /// Set once start-up work (default namespaces) is done; `/readyz` answers 200 after it.
+    pub ready: std::sync::atomic::AtomicBool,
+}
+
+impl ApiServer {
+    pub fn new(storage: Arc<dyn Storage>, tokens: TokenAuthenticator, shutdown: CancellationToken) -> Self {
+        let registry = Registry::new();
+        let openapi = OpenApi::new(&registry);
+        ApiServer {
+            registry,
+            storage,
+            tokens,
+            openapi,
+            shutdown,
+            ready: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+/// The router: one fallback handler that does its own path parsing, like upstream's mux.
+pub fn router(server: Arc<ApiServer>) -> Router {
+    Router::new().fallback(dispatch).with_state(server)
+}
+
+pub fn json_response(code: StatusCode, value: &Value) -> Response {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    (
+        code,
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        body,
+    )
+        .into_response()
+}
+
+pub fn error_response(e: &ApiError) -> Response {
+    let code = StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = json_response(code, &e.status());
+    if e.code == 429
+        && let Some(after) = e.details.as_ref().and_then(|d| d.retry_after_seconds)
+        && let Ok(v) = HeaderValue::from_str(&after.to_string())
+    {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    response
+}
+
+/// Encodes a response object in the negotiated form (JSON or YAML; tables are built by callers).
+pub fn encode(code: StatusCode, value: &Value, output: Output) -> Response {
+    match output {
+        Output::Yaml => match serde_yaml::to_string(value) {
+            Ok(text) => (
+                code,
+                [(header::CONTENT_TYPE, HeaderValue::from_static("application/yaml"))],
+                text,
+            )
+                .into_response(),
+            Err(e) => error_response(&ApiError::internal(e.to_string())),
+        },
+        _ => json_response(code, value),
+    }
+}
+
+fn health(server: &ApiServer, route: &Route) -> Response {
+    let ready = server.ready.load(std::sync::atomic::Ordering::Acquire);
+    match route {
+        Route::Health(_) if !ready => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "[-]startup not finished\nhealthz check failed\n").into_response()
+        }
+        _ => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"))],
+            "ok",
+        )
+            .into_response(),
+    }
+}
+
+fn version() -> Value {
+    json!({
+        "major": KUBE_MAJOR,
+        "minor": KUBE_MINOR,
+        "gitVersion": KUBE_GIT_VERSION,
+        "gitCommit": env!("CARGO_PKG_VERSION"),
+        "gitTreeState": "clean",
+        "buildDate": "1970-01-01T00:00:00Z",
+        "goVersion": "rust",
+        "compiler": "rustc",
+        "platform": format!("{}/{}", std::env::consts::OS, go_arch()),
+    })
+}
+
+/// Go's name for this machine's architecture, as Kubernetes reports it.
+pub fn go_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        "riscv64" => "riscv64",
+        "powerpc64" => "ppc64le",
+        "s390x" => "s390x",
+        other => other,
+    }
+}
+
+fn authenticate(server: &ApiServer, request: &Request) -> Option<Identity> {
+    if let Some(identity) = request.extensions().get::<Identity>() {
+        return Some(identity.clone());
+    }
+    let authorization = request.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    server.tokens.authenticate(authorization)
+}
+
+async fn dispatch(State(server): State<Arc<ApiServer>>, request: Request) -> Response {
+    let route = request::parse_route(request.uri().path());
+    if matches!(route, Route::Health(_)) {
+        return health(&server, &route);
+    }
+    if route == Route::Version {
+        return json_response(StatusCode::OK, &version());
+    }
+    let Some(identity) = authenticate(&server, &request) else {
+        return error_response(&ApiError::unauthorized());
+    };
+    let accept = request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .map(str::to_string);
+    let Some(output) = request::negotiate(accept.as_deref()) else {
+        return error_response(&ApiError::not_acceptable(accept.as_deref().unwrap_or("")));
+    };
+    let result = match route {
+        Route::CoreGroup => Ok(discovery::core_group(&server, output)),
+        Route::Groups => Ok(discovery::groups(&server, output)),
+        Route::Group(group) => discovery::group(&server, &group),
+        Route::ResourceList(group, version) => discovery::resource_list(&server, &group, &version),
+        Route::OpenApiV2 => Err(ApiError::new(
+            404,
+            "NotFound",
+            "the server serves OpenAPI v3 only: /openapi/v3",
+        )),
+        Route::OpenApiV3Index => Ok(json_response(StatusCode::OK, &server.openapi.index())),
+        Route::OpenApiV3(group, version) => match server.openapi.document(&group, &version) {
+            Some(doc) => Ok((
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+                doc,
+            )
+                .into_response()),
+            None => Err(ApiError::no_route()),
+        },
+        Route::Resource(path) => resources::handle(server.clone(), identity, path, output, request).await,
+        Route::Unknown | Route::Version | Route::Health(_) => Err(ApiError::no_route()),
+    };
+    match result {
+        Ok(response) => response,
+        Err(e) => error_response(&e),
+    }
+}
+
+/// Adds `Warning` headers (`299 - "text"`) to a response.
+pub fn with_warnings(mut response: Response, warnings: &[String]) -> Response {
+    let headers: &mut HeaderMap = response.headers_mut();
+    for w in warnings {
+        let text = format!("299 - {:?}", w);
+        if let Ok(v) = HeaderValue::from_str(&text) {
+            headers.append(header::WARNING, v);
+        }
+    }
+    response
+}
+
+/// Serves the router over TLS on `listener` until `shutdown` fires. Verified client certificates
+/// become the request's [`Identity`].
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    // Bound concurrent connections (invariant: bound everything).
+    let slots = Arc::new(tokio::sync::Semaphore::new(4096));
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            p = slots.clone().acquire_owned() => p.map_err(std::io::Error::other)?,
+        };
+        let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let tls_stream = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let identity = tls_stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(|cert| identity_from_certificate(cert.as_ref()));
+            let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                if let Some(identity) = &identity {
+                    req.extensions_mut().insert(identity.clone());
+                }
+                let mut app = app.clone();
+                async move {
+                    use tower::Service;
+                    app.call(req.map(Body::new)).await
+                }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), connection).await;
+                }
+            }
+        });
+    }
+}

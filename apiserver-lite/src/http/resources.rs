@@ -1,0 +1,1509 @@
+//! Resource requests: get, list, create, update, patch, delete and the subresources.
+//!
+//! Writes follow upstream's order: decode (typed round trip, unknown-field policy) -> admission
+//! (namespace exists and is not terminating) -> defaults -> prepare (status and generation rules)
+//! -> validate -> field management -> storage commit. Updates and patches are optimistic: read,
+//! compute, write with the read revision as precondition, retry on a lost race unless the client
+//! pinned a resourceVersion itself.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::Response;
+use chrono::{SecondsFormat, Utc};
+use http::{Method, StatusCode, header};
+use serde_json::{Value, json};
+
+use super::request::{Output, Query, ResourcePath};
+use super::{ApiServer, MAX_BODY, encode, json_response, with_warnings};
+use crate::auth::Identity;
+use crate::error::{ApiError, Cause, Details};
+use crate::kinds;
+use crate::patch::{self, PatchType, fields};
+use crate::registry::{ResourceInfo, builtin};
+use crate::selectors::{FieldSelector, LabelSelector};
+use crate::storage::{StorageError, Stored, list_prefix, object_key};
+use crate::tables::{self, IncludeObject};
+
+/// How many times an unconditional update or patch retries after losing a race.
+const MAX_RETRIES: usize = 8;
+
+pub fn now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn storage_error(info: &ResourceInfo, name: &str, e: StorageError) -> ApiError {
+    match e {
+        StorageError::AlreadyExists(_) => ApiError::already_exists(&info.resource, &info.group, name),
+        StorageError::NotFound(_) => ApiError::not_found(&info.resource, &info.group, name),
+        StorageError::Conflict { .. } => ApiError::modified(&info.resource, &info.group, name),
+        StorageError::Expired { requested, oldest } => ApiError::expired(format!(
+            "too old resource version: {requested} ({oldest})"
+        )),
+        StorageError::Closed => ApiError::service_unavailable("the server is shutting down"),
+        StorageError::Backend(msg) => ApiError::internal(msg),
+    }
+}
+
+/// What one write request asked for besides its body.
+struct WriteOptions {
+    dry_run: bool,
+    manager: String,
+    validation: FieldValidation,
+    warnings: Vec<String>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum FieldValidation {
+    Strict,
+    Warn,
+    Ignore,
+}
+
+fn write_options(query: &Query, request: &Request) -> Result<WriteOptions, ApiError> {
+    let dry_run = match query.get("dryRun") {
+        None | Some("") => false,
+        Some("All") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "dryRun: Unsupported value: {other:?}: supported values: \"All\""
+            )));
+        }
+    };
+    let validation = match query.get("fieldValidation") {
+        None | Some("") | Some("Warn") => FieldValidation::Warn,
+        Some("Strict") => FieldValidation::Strict,
+        Some("Ignore") => FieldValidation::Ignore,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "fieldValidation: Unsupported value: {other:?}: supported values: \"Ignore\", \"Strict\", \"Warn\""
+            )));
+        }
+    };
+    let manager = match query.get("fieldManager") {
+        Some(m) if !m.is_empty() => {
+            if m.len() > 128 {
+                return Err(ApiError::invalid(
+                    "PatchOptions",
+                    "meta.k8s.io",
+                    "",
+                    vec![Cause::too_long("fieldManager", 128)],
+                ));
+            }
+            m.to_string()
+        }
+        _ => request
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|u| u.to_str().ok())
+            .map(|u| u.split('/').next().unwrap_or(u).to_string())
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "unknown".into()),
+    };
+    Ok(WriteOptions {
+        dry_run,
+        manager,
+        validation,
+        warnings: Vec::new(),
+    })
+}
+
+/// Reads the body, refusing more than [`MAX_BODY`] with 413.
+async fn read_body(request: Request) -> Result<(http::request::Parts, bytes::Bytes), ApiError> {
+    let (parts, body) = request.into_parts();
+    if let Some(len) = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|l| l.to_str().ok())
+        .and_then(|l| l.parse::<usize>().ok())
+        && len > MAX_BODY
+    {
+        return Err(ApiError::too_large());
+    }
+    let bytes = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .map_err(|_| ApiError::too_large())?;
+    Ok((parts, bytes))
+}
+
+fn content_type(parts: &http::request::Parts) -> String {
+    parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|c| c.to_str().ok())
+        .unwrap_or("application/json")
+        .to_string()
+}
+
+/// Decodes a create/update body as JSON or YAML.
+fn decode_document(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    let value: Value = match essence {
+        "application/json" | "" | "*/*" => serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_request(format!("error decoding request body: {e}"))
+        })?,
+        "application/yaml" | "application/x-yaml" | "text/yaml" => serde_yaml::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding request body as YAML: {e}")))?,
+        other => return Err(ApiError::unsupported_media_type(other)),
+    };
+    if !value.is_object() {
+        return Err(ApiError::bad_request(
+            "error decoding request body: expected a JSON object",
+        ));
+    }
+    Ok(value)
+}
+
+/// Fields present in `input` that the typed round trip dropped: upstream's "unknown fields".
+fn unknown_fields(input: &Value, output: &Value, path: &str, found: &mut Vec<String>) {
+    match (input, output) {
+        (Value::Object(i), Value::Object(o)) => {
+            for (k, v) in i {
+                if v.is_null() {
+                    continue;
+                }
+                let child = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                match o.get(k) {
+                    None => found.push(child),
+                    Some(ov) => unknown_fields(v, ov, &child, found),
+                }
+            }
+        }
+        (Value::Array(i), Value::Array(o)) => {
+            for (n, (iv, ov)) in i.iter().zip(o.iter()).enumerate() {
+                unknown_fields(iv, ov, &format!("{path}[{n}]"), found);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Checks apiVersion/kind against the URL, decodes through the typed struct (dropping and
+/// reporting unknown fields per `fieldValidation`).
+fn decode_object(info: &ResourceInfo, mut value: Value, opts: &mut WriteOptions) -> Result<Value, ApiError> {
+    let api_version = info.api_version();
+    match value.get("apiVersion").and_then(Value::as_str) {
+        Some(v) if v != api_version => {
+            return Err(ApiError::bad_request(format!(
+                "the API version in the data ({v}) does not match the expected API version ({api_version})"
+            )));
+        }
+        _ => {}
+    }
+    match value.get("kind").and_then(Value::as_str) {
+        Some(k) if k != info.kind => {
+            return Err(ApiError::bad_request(format!(
+                "the kind in the data ({k}) does not match the expected kind ({})",
+                info.kind
+            )));
+        }
+        _ => {}
+    }
+    value["apiVersion"] = json!(api_version);
+    value["kind"] = json!(info.kind);
+    if value.get("metadata").is_some_and(|m| !m.is_object() && !m.is_null()) {
+        return Err(ApiError::bad_request(format!(
+            "{} in version {:?} cannot be handled as a {}: metadata must be an object",
+            info.kind, info.version, info.kind
+        )));
+    }
+    let Some(typed) = &info.typed else {
+        return Ok(value);
+    };
+    let normalized = (typed.normalize)(&value).map_err(|e| {
+        ApiError::bad_request(format!(
+            "{} in version {:?} cannot be handled as a {}: {e}",
+            info.kind, info.version, info.kind
+        ))
+    })?;
+    let mut unknown = Vec::new();
+    unknown_fields(&value, &normalized, "", &mut unknown);
+    if !unknown.is_empty() {
+        match opts.validation {
+            FieldValidation::Strict => {
+                let list: Vec<String> = unknown.iter().map(|f| format!("unknown field {f:?}")).collect();
+                return Err(ApiError::bad_request(format!(
+                    "strict decoding error: {}",
+                    list.join(", ")
+                )));
+            }
+            FieldValidation::Warn => {
+                opts.warnings
+                    .extend(unknown.iter().map(|f| format!("unknown field {f:?}")));
+            }
+            FieldValidation::Ignore => {}
+        }
+    }
+    Ok(normalized)
+}
+
+fn meta_str<'a>(object: &'a Value, key: &str) -> &'a str {
+    object
+        .get("metadata")
+        .and_then(|m| m.get(key))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+}
+
+fn meta_mut(object: &mut Value) -> &mut serde_json::Map<String, Value> {
+    if !object.get("metadata").is_some_and(Value::is_object) {
+        object["metadata"] = json!({});
+    }
+    object["metadata"].as_object_mut().expect("just made an object")
+}
+
+fn generate_suffix() -> String {
+    // upstream's alphabet: no vowels, no confusable characters.
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let bytes = uuid::Uuid::new_v4().into_bytes();
+    bytes[..5]
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect()
+}
+
+fn key_of(info: &ResourceInfo, namespace: &str, name: &str) -> String {
+    object_key(
+        &info.group,
+        &info.resource,
+        if info.namespaced { namespace } else { "" },
+        name,
+    )
+}
+
+/// Everything except metadata and status: what a generation bump looks at.
+fn spec_part(object: &Value) -> Value {
+    let mut o = object.clone();
+    if let Some(m) = o.as_object_mut() {
+        m.remove("metadata");
+        m.remove("status");
+    }
+    o
+}
+
+/// The object minus what changes on every write, to tell a no-op update.
+fn comparable(object: &Value) -> Value {
+    let mut o = object.clone();
+    if let Some(meta) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+        meta.remove("managedFields");
+    }
+    o
+}
+
+pub async fn handle(
+    server: Arc<ApiServer>,
+    identity: Identity,
+    path: ResourcePath,
+    output: Output,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let _ = &identity;
+    let Some(info) = server.registry.get(&path.group, &path.version, &path.resource) else {
+        return Err(ApiError::no_route());
+    };
+    if path.namespace.is_some() && !info.namespaced {
+        return Err(ApiError::no_route());
+    }
+    if info.namespaced && path.name.is_some() && path.namespace.is_none() {
+        return Err(ApiError::no_route());
+    }
+    if let Some(sub) = &path.subresource
+        && !info.has_subresource(sub)
+    {
+        return Err(ApiError::no_route());
+    }
+    let query = Query::parse(request.uri().query());
+    let method = request.method().clone();
+    let namespace = path.namespace.clone().unwrap_or_default();
+    let ctx = Ctx {
+        server: server.clone(),
+        info: info.clone(),
+        namespace,
+        output,
+    };
+    let verb_allowed = |verb: &str| -> Result<(), ApiError> {
+        if info.verbs.contains(&verb) {
+            Ok(())
+        } else {
+            Err(ApiError::method_not_allowed(verb, &info.resource, &info.group))
+        }
+    };
+    match (&method, path.name.as_deref(), path.subresource.as_deref()) {
+        (&Method::GET, None, None) => {
+            if query.flag("watch")? {
+                verb_allowed("watch")?;
+                super::watch::watch(ctx, &query).await
+            } else {
+                verb_allowed("list")?;
+                ctx.list(&query).await
+            }
+        }
+        (&Method::GET, Some(name), None | Some("status")) => ctx.get(name).await,
+        (&Method::GET, Some(name), Some("scale")) => ctx.get_scale(name).await,
+        (_, Some(name), Some(sub @ ("log" | "exec" | "attach" | "portforward" | "proxy"))) => {
+            ctx.node_streaming(name, sub).await
+        }
+        (&Method::POST, None, None) => {
+            verb_allowed("create")?;
+            if info.namespaced && path.namespace.is_none() {
+                return Err(ApiError::method_not_allowed("create", &info.resource, &info.group));
+            }
+            let mut opts = write_options(&query, &request)?;
+            let (parts, body) = read_body(request).await?;
+            let value = decode_document(&content_type(&parts), &body)?;
+            let created = ctx.create(value, &mut opts).await?;
+            Ok(with_warnings(encode(StatusCode::CREATED, &created, output), &opts.warnings))
+        }
+        (&Method::POST, Some(name), Some("binding")) => {
+            let (parts, body) = read_body(request).await?;
+            let value = decode_document(&content_type(&parts), &body)?;
+            ctx.bind(name, value).await
+        }
+        (&Method::POST, Some(name), Some("eviction")) => {
+            let (parts, body) = read_body(request).await?;
+            let value = decode_document(&content_type(&parts), &body)?;
+            ctx.evict(name, value).await
+        }
+        (&Method::PUT, Some(name), sub @ (None | Some("status") | Some("finalize") | Some("scale"))) => {
+            verb_allowed("update")?;
+            let mut opts = write_options(&query, &request)?;
+            let (parts, body) = read_body(request).await?;
+            let value = decode_document(&content_type(&parts), &body)?;
+            let (code, updated) = ctx.replace(name, sub, value, &mut opts).await?;
+            Ok(with_warnings(encode(code, &updated, output), &opts.warnings))
+        }
+        (&Method::PATCH, Some(name), sub @ (None | Some("status") | Some("scale"))) => {
+            verb_allowed("patch")?;
+            let mut opts = write_options(&query, &request)?;
+            let force = query.flag("force")?;
+            let (parts, body) = read_body(request).await?;
+            let ctype = content_type(&parts);
+            let Some(kind) = PatchType::from_content_type(&ctype) else {
+                return Err(ApiError::new(
+                    415,
+                    "UnsupportedMediaType",
+                    format!(
+                        "the body of the request was in an unknown format - accepted media types include: {}",
+                        PatchType::media_types().join(", ")
+                    ),
+                ));
+            };
+            let (code, patched) = ctx.patch(name, sub, kind, &body, force, &mut opts).await?;
+            Ok(with_warnings(encode(code, &patched, output), &opts.warnings))
+        }
+        (&Method::DELETE, Some(name), None) => {
+            verb_allowed("delete")?;
+            let (parts, body) = read_body(request).await?;
+            let _ = parts;
+            let options = delete_options(&query, &body)?;
+            let (code, object) = ctx.delete(name, &options).await?;
+            Ok(encode(code, &object, output))
+        }
+        (&Method::DELETE, None, None) => {
+            verb_allowed("deletecollection")?;
+            let (_, body) = read_body(request).await?;
+            let options = delete_options(&query, &body)?;
+            ctx.delete_collection(&query, &options).await
+        }
+        _ => Err(ApiError::method_not_allowed(
+            &method.as_str().to_lowercase(),
+            &info.resource,
+            &info.group,
+        )),
+    }
+}
+
+/// The request's target resource and namespace.
+pub struct Ctx {
+    pub server: Arc<ApiServer>,
+    pub info: Arc<ResourceInfo>,
+    pub namespace: String,
+    pub output: Output,
+}
+
+/// Parsed list options shared by list and watch.
+pub struct ListOptions {
+    pub labels: LabelSelector,
+    pub fields: FieldSelector,
+}
+
+pub fn list_options(info: &ResourceInfo, query: &Query) -> Result<ListOptions, ApiError> {
+    let labels = LabelSelector::parse(query.get("labelSelector").unwrap_or(""))
+        .map_err(ApiError::bad_request)?;
+    let fields = FieldSelector::parse(query.get("fieldSelector").unwrap_or(""))
+        .map_err(ApiError::bad_request)?;
+    kinds::check_field_labels(info, fields.requirements.iter().map(|r| r.field.clone()))
+        .map_err(ApiError::bad_request)?;
+    Ok(ListOptions { labels, fields })
+}
+
+impl ListOptions {
+    pub fn matches(&self, info: &ResourceInfo, object: &Value) -> bool {
+        self.labels.matches_object(object)
+            && (self.fields.is_empty() || self.fields.matches(&kinds::selectable_fields(info, object)))
+    }
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ContinueToken {
+    rv: u64,
+    start: String,
+}
+
+fn decode_continue(token: &str) -> Result<ContinueToken, ApiError> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .or_else(|_| base64::engine::general_purpose::STANDARD.decode(token))
+        .map_err(|_| ApiError::bad_request("continue key is not valid: illegal base64 data"))?;
+    serde_json::from_slice(&bytes).map_err(|_| ApiError::bad_request("continue key is not valid"))
+}
+
+fn encode_continue(rv: u64, start: &str) -> String {
+    use base64::Engine;
+    let token = ContinueToken {
+        rv,
+        start: start.to_string(),
+    };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(&token).unwrap_or_default())
+}
+
+/// DeleteOptions from the body (kubectl) or the query (the Python client).
+#[derive(Debug)]
+pub struct DeleteOptions {
+    grace_period: Option<i64>,
+    propagation: Option<String>,
+    precondition_uid: Option<String>,
+    precondition_rv: Option<String>,
+    dry_run: bool,
+}
+
+fn delete_options(query: &Query, body: &[u8]) -> Result<DeleteOptions, ApiError> {
+    let from_body: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding DeleteOptions: {e}")))?
+    };
+    let grace_period = match from_body.get("gracePeriodSeconds").and_then(Value::as_i64) {
+        Some(g) => Some(g),
+        None => query.number("gracePeriodSeconds")?,
+    };
+    let mut propagation = from_body
+        .get("propagationPolicy")
+        .and_then(Value::as_str)
+        .map(String::from)
+        .or_else(|| query.get("propagationPolicy").filter(|p| !p.is_empty()).map(String::from));
+    let orphan = from_body
+        .get("orphanDependents")
+        .and_then(Value::as_bool)
+        .or(if query.get("orphanDependents").is_some() { Some(query.flag("orphanDependents")?) } else { None });
+    if let Some(orphan) = orphan {
+        if propagation.is_some() {
+            return Err(ApiError::invalid(
+                "DeleteOptions",
+                "meta.k8s.io",
+                "",
+                vec![Cause::invalid("propagationPolicy", &json!(propagation), "orphanDependents and deletionPropagation cannot be both set")],
+            ));
+        }
+        propagation = Some(if orphan { "Orphan" } else { "Background" }.into());
+    }
+    if let Some(p) = &propagation
+        && !["Orphan", "Background", "Foreground"].contains(&p.as_str())
+    {
+        return Err(ApiError::invalid(
+            "DeleteOptions",
+            "meta.k8s.io",
+            "",
+            vec![Cause::unsupported("propagationPolicy", &json!(p), &["Foreground", "Background", "Orphan", "nil"])],
+        ));
+    }
+    if let Some(g) = grace_period
+        && g < 0
+    {
+        return Err(ApiError::invalid(
+            "DeleteOptions",
+            "meta.k8s.io",
+            "",
+            vec![Cause::invalid("gracePeriodSeconds", &json!(g), "must be greater than or equal to 0")],
+        ));
+    }
+    let dry_run = match from_body.get("dryRun").and_then(Value::as_array) {
+        Some(list) => list.iter().any(|v| v == "All"),
+        None => query.get("dryRun") == Some("All"),
+    };
+    Ok(DeleteOptions {
+        grace_period,
+        propagation,
+        precondition_uid: from_body
+            .pointer("/preconditions/uid")
+            .and_then(Value::as_str)
+            .map(String::from),
+        precondition_rv: from_body
+            .pointer("/preconditions/resourceVersion")
+            .and_then(Value::as_str)
+            .map(String::from),
+        dry_run,
+    })
+}
+
+fn success_status(code: u16, details: Option<Value>) -> Value {
+    let mut status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": code});
+    if let Some(d) = details {
+        status["details"] = d;
+    }
+    status
+}
+
+impl Ctx {
+    fn key(&self, name: &str) -> String {
+        key_of(&self.info, &self.namespace, name)
+    }
+
+    fn not_found(&self, name: &str) -> ApiError {
+        ApiError::not_found(&self.info.resource, &self.info.group, name)
+    }
+
+    async fn load(&self, name: &str) -> Result<Stored, ApiError> {
+        self.server
+            .storage
+            .get(&self.key(name))
+            .await
+            .map_err(|e| storage_error(&self.info, name, e))?
+            .ok_or_else(|| self.not_found(name))
+    }
+
+    /// Renders one object in the negotiated form.
+    fn render(&self, code: StatusCode, object: &Value) -> Response {
+        match self.output {
+            Output::Table => {
+                let rv = meta_str(object, "resourceVersion").to_string();
+                json_response(
+                    code,
+                    &tables::table(&self.info, &[object], IncludeObject::Metadata, &rv, None, Utc::now()),
+                )
+            }
+            Output::PartialMetadata => json_response(code, &tables::partial_metadata(object)),
+            other => encode(code, object, other),
+        }
+    }
+
+    async fn get(&self, name: &str) -> Result<Response, ApiError> {
+        let stored = self.load(name).await?;
+        Ok(self.render(StatusCode::OK, &stored.object))
+    }
+
+    async fn list(&self, query: &Query) -> Result<Response, ApiError> {
+        let opts = list_options(&self.info, query)?;
+        let limit = query.number("limit")?.filter(|l| *l > 0).map(|l| l as usize);
+        let current = self.server.storage.revision();
+        let mut start_after: Option<String> = None;
+        let mut list_rv: Option<u64> = None;
+        if let Some(token) = query.get("continue").filter(|t| !t.is_empty()) {
+            let token = decode_continue(token)?;
+            if token.rv < self.server.storage.hub().oldest() {
+                return Err(ApiError::expired(
+                    "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list.",
+                ));
+            }
+            start_after = Some(token.start);
+            list_rv = Some(token.rv);
+        }
+        if let Some(rv) = query.get("resourceVersion").filter(|r| !r.is_empty() && *r != "0") {
+            let wanted: u64 = rv.parse().map_err(|_| {
+                ApiError::bad_request(format!("invalid resource version: {rv:?}"))
+            })?;
+            match query.get("resourceVersionMatch") {
+                Some("Exact") if wanted != current => {
+                    return Err(ApiError::expired(format!("too old resource version: {wanted} ({current})")));
+                }
+                _ if wanted > current => {
+                    return Err(ApiError::new(
+                        504,
+                        "Timeout",
+                        format!("Too large resource version: {wanted}, current: {current}"),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        let prefix = list_prefix(&self.info.group, &self.info.resource, &self.namespace);
+        // Narrow by name when the field selector pins it.
+        let mut items: Vec<Arc<Value>> = Vec::new();
+        let mut revision = current;
+        let mut continue_after = None;
+        if let (Some(name), None) = (opts.fields.pinned("metadata.name"), limit) {
+            if !self.namespace.is_empty() || !self.info.namespaced {
+                if let Some(s) = self.server.storage.get(&self.key(name)).await.map_err(|e| storage_error(&self.info, name, e))? {
+                    if opts.matches(&self.info, &s.object) {
+                        items.push(s.object);
+                    }
+                }
+            } else {
+                let listing = self.server.storage.list(&prefix, None, None).await.map_err(|e| storage_error(&self.info, "", e))?;
+                revision = listing.revision;
+                items = listing.items.into_iter().map(|s| s.object).filter(|o| opts.matches(&self.info, o)).collect();
+            }
+        } else {
+            let mut cursor = start_after.clone();
+            loop {
+                let want = limit.map(|l| (l - items.len()).max(1) * 2).map(|w| w.max(64));
+                let listing = self
+                    .server
+                    .storage
+                    .list(&prefix, cursor.as_deref(), want)
+                    .await
+                    .map_err(|e| storage_error(&self.info, "", e))?;
+                revision = listing.revision;
+                let more = listing.continue_after.is_some();
+                let mut last_key = None;
+                for s in listing.items {
+                    let key = key_of(&self.info, meta_str(&s.object, "namespace"), meta_str(&s.object, "name"));
+                    if opts.matches(&self.info, &s.object) {
+                        items.push(s.object);
+                    }
+                    last_key = Some(key.clone());
+                    if let Some(l) = limit
+                        && items.len() == l
+                    {
+                        break;
+                    }
+                }
+                match limit {
+                    Some(l) if items.len() == l => {
+                        // Anything after the last returned key?
+                        if let Some(k) = &last_key {
+                            let probe = self.server.storage.list(&prefix, Some(k), Some(1)).await.map_err(|e| storage_error(&self.info, "", e))?;
+                            if !probe.items.is_empty() {
+                                continue_after = Some(k.clone());
+                            }
+                        }
+                        break;
+                    }
+                    _ if more => cursor = last_key,
+                    _ => break,
+                }
+            }
+        }
+        let rv = list_rv.unwrap_or(revision);
+        let token = continue_after.map(|k| encode_continue(rv, &k));
+        let refs: Vec<&Value> = items.iter().map(|o| o.as_ref()).collect();
+        match self.output {
+            Output::Table => {
+                let include = match query.get("includeObject") {
+                    Some("None") => IncludeObject::None,
+                    Some("Object") => IncludeObject::Object,
+                    _ => IncludeObject::Metadata,
+                };
+                Ok(json_response(
+                    StatusCode::OK,
+                    &tables::table(&self.info, &refs, include, &rv.to_string(), token.as_deref(), Utc::now()),
+                ))
+            }
+            output => {
+                let (kind, api_version, items): (String, String, Vec<Value>) = if output == Output::PartialMetadata {
+                    (
+                        "PartialObjectMetadataList".into(),
+                        "meta.k8s.io/v1".into(),
+                        refs.iter().map(|o| tables::partial_metadata(o)).collect(),
+                    )
+                } else {
+                    (self.info.list_kind(), self.info.api_version(), refs.iter().map(|o| (*o).clone()).collect())
+                };
+                let mut metadata = json!({"resourceVersion": rv.to_string()});
+                if let Some(t) = token {
+                    metadata["continue"] = json!(t);
+                }
+                let list = json!({
+                    "kind": kind,
+                    "apiVersion": api_version,
+                    "metadata": metadata,
+                    "items": items,
+                });
+                Ok(encode(StatusCode::OK, &list, output))
+            }
+        }
+    }
+
+    /// Admission: the namespace must exist and must not be terminating.
+    async fn check_namespace(&self) -> Result<(), ApiError> {
+        if !self.info.namespaced {
+            return Ok(());
+        }
+        let key = object_key("", "namespaces", "", &self.namespace);
+        match self.server.storage.get(&key).await.map_err(|e| storage_error(&self.info, "", e))? {
+            None => Err(ApiError::not_found("namespaces", "", &self.namespace)),
+            Some(ns) if ns.object.pointer("/metadata/deletionTimestamp").is_some() => {
+                Err(ApiError::forbidden(format!(
+                    "{} {:?} is forbidden: unable to create new content in namespace {} because it is being terminated",
+                    crate::error::qualified(&self.info.resource, &self.info.group),
+                    "",
+                    self.namespace
+                ))
+                .with_details(Details {
+                    kind: self.info.resource.clone(),
+                    group: self.info.group.clone(),
+                    ..Details::default()
+                }))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn check_namespace_field(&self, object: &mut Value) -> Result<(), ApiError> {
+        let body_ns = meta_str(object, "namespace").to_string();
+        if self.info.namespaced {
+            if !body_ns.is_empty() && body_ns != self.namespace {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
+            }
+            meta_mut(object).insert("namespace".into(), json!(self.namespace));
+        } else if !body_ns.is_empty() {
+            meta_mut(object).remove("namespace");
+        }
+        Ok(())
+    }
+
+    fn invalid(&self, object: &Value, causes: Vec<Cause>) -> ApiError {
+        ApiError::invalid(&self.info.kind, &self.info.group, meta_str(object, "name"), causes)
+    }
+
+    fn writer<'a>(&'a self, opts: &'a WriteOptions, time: &'a str, subresource: &'a str, api_version: &'a str) -> fields::Writer<'a> {
+        fields::Writer {
+            manager: &opts.manager,
+            api_version,
+            time,
+            subresource,
+        }
+    }
+
+    /// Create: the decoded body becomes a stored object.
+    async fn create(&self, value: Value, opts: &mut WriteOptions) -> Result<Value, ApiError> {
+        let object = decode_object(&self.info, value, opts)?;
+        self.create_decoded(object, opts, true).await
+    }
+
+    async fn create_decoded(&self, mut object: Value, opts: &mut WriteOptions, track: bool) -> Result<Value, ApiError> {
+        self.check_namespace_field(&mut object)?;
+        let name = meta_str(&object, "name").to_string();
+        let generate = meta_str(&object, "generateName").to_string();
+        if name.is_empty() && !generate.is_empty() {
+            let generated = format!("{generate}{}", generate_suffix());
+            meta_mut(&mut object).insert("name".into(), json!(generated));
+        }
+        if !meta_str(&object, "resourceVersion").is_empty() {
+            return Err(ApiError::bad_request(
+                "resourceVersion should not be set on objects to be created",
+            ));
+        }
+        self.check_namespace().await?;
+        let uid = uuid::Uuid::new_v4().to_string();
+        let time = now();
+        {
+            let meta = meta_mut(&mut object);
+            meta.insert("uid".into(), json!(uid));
+            meta.insert("creationTimestamp".into(), json!(time));
+            meta.remove("deletionTimestamp");
+            meta.remove("deletionGracePeriodSeconds");
+            meta.remove("selfLink");
+            if kinds::tracks_generation(&self.info) {
+                meta.insert("generation".into(), json!(1));
+            } else {
+                meta.remove("generation");
+            }
+            if meta.get("managedFields").is_some_and(|m| m.as_array().is_some_and(|a| !a.is_empty())) && track {
+                // Clients may not set managedFields on create beyond what they own; upstream resets
+                // invalid ones. We keep what a client sent only when it parses.
+            }
+        }
+        kinds::apply_defaults(&self.info, &mut object);
+        kinds::prepare_for_create(&self.info, &mut object, &uid);
+        let causes = kinds::validate(&self.info, &object, None);
+        if !causes.is_empty() {
+            return Err(self.invalid(&object, causes));
+        }
+        if track {
+            let api_version = self.info.api_version();
+            let writer = self.writer(opts, &time, "", &api_version);
+            fields::track_update(None, &mut object, &writer);
+        }
+        if opts.dry_run {
+            return Ok(object);
+        }
+        let name = meta_str(&object, "name").to_string();
+        let stored = self
+            .server
+            .storage
+            .create(&self.key(&name), object)
+            .await
+            .map_err(|e| storage_error(&self.info, &name, e))?;
+        Ok((*stored.object).clone())
+    }
+
+    /// The shared update path. `new` is a full decoded object; `old` is what it replaces.
+    /// Returns the stored object, or the deleted one when the update removed the last finalizer.
+    async fn update_decoded(
+        &self,
+        old: &Stored,
+        mut new: Value,
+        subresource: Option<&str>,
+        opts: &mut WriteOptions,
+        track: bool,
+    ) -> Result<Value, ApiError> {
+        let name = meta_str(&old.object, "name").to_string();
+        self.check_namespace_field(&mut new)?;
+        let body_name = meta_str(&new, "name").to_string();
+        if !body_name.is_empty() && body_name != name {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({body_name}) does not match the name on the URL ({name})"
+            )));
+        }
+        let old_object: &Value = &old.object;
+        // System metadata always comes from the stored object.
+        {
+            let old_meta = old_object.get("metadata").cloned().unwrap_or(json!({}));
+            let meta = meta_mut(&mut new);
+            meta.insert("name".into(), json!(name));
+            for key in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation"] {
+                match old_meta.get(key) {
+                    Some(v) => meta.insert(key.into(), v.clone()),
+                    None => meta.remove(key),
+                };
+            }
+            meta.remove("resourceVersion");
+            meta.remove("selfLink");
+            if meta.get("managedFields").is_none() && track
+                && let Some(m) = old_meta.get("managedFields")
+            {
+                meta.insert("managedFields".into(), m.clone());
+            }
+        }
+        match subresource {
+            Some("status") => {
+                // Only status changes through /status.
+                let mut merged = old_object.clone();
+                merged["status"] = new.get("status").cloned().unwrap_or(Value::Null);
+                if merged["status"].is_null() {
+                    merged.as_object_mut().expect("object").remove("status");
+                }
+                if let Some(m) = new.pointer("/metadata/managedFields") {
+                    meta_mut(&mut merged).insert("managedFields".into(), m.clone());
+                }
+                new = merged;
+            }
+            Some("finalize") => {
+                let mut merged = old_object.clone();
+                merged["spec"]["finalizers"] = new.pointer("/spec/finalizers").cloned().unwrap_or(json!([]));
+                new = merged;
+            }
+            _ => {
+                if self.info.has_status() {
+                    match old_object.get("status") {
+                        Some(s) => new["status"] = s.clone(),
+                        None => {
+                            if let Some(m) = new.as_object_mut() {
+                                m.remove("status");
+                            }
+                        }
+                    }
+                }
+                kinds::apply_defaults(&self.info, &mut new);
+                if self.info.resource == "namespaces" {
+                    // Namespace spec.finalizers change only through /finalize.
+                    if let Some(f) = old_object.pointer("/spec/finalizers") {
+                        new["spec"]["finalizers"] = f.clone();
+                    }
+                    if let Some(l) = old_object.pointer("/metadata/labels/kubernetes.io~1metadata.name") {
+                        let labels = meta_mut(&mut new).entry("labels").or_insert_with(|| json!({}));
+                        labels["kubernetes.io/metadata.name"] = l.clone();
+                    }
+                }
+                if kinds::tracks_generation(&self.info) && spec_part(old_object) != spec_part(&new) {
+                    let generation = old_object.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0);
+                    meta_mut(&mut new).insert("generation".into(), json!(generation + 1));
+                }
+            }
+        }
+        let causes = kinds::validate(&self.info, &new, Some(old_object));
+        if !causes.is_empty() {
+            return Err(self.invalid(&new, causes));
+        }
+        if track {
+            let time = now();
+            let api_version = self.info.api_version();
+            let writer = self.writer(opts, &time, subresource.filter(|s| *s == "status").unwrap_or(""), &api_version);
+            fields::track_update(Some(old_object), &mut new, &writer);
+        }
+        if comparable(&new) == comparable(old_object) {
+            // A no-op: upstream does not write (and the resourceVersion stays).
+            return Ok((*old.object).clone());
+        }
+        // Removing the last finalizer of an object being deleted completes the deletion.
+        let deleting = new.pointer("/metadata/deletionTimestamp").is_some();
+        let finalizers_left = new
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .is_some_and(|f| !f.is_empty());
+        let grace_left = new.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64).unwrap_or(0) > 0;
+        let namespace_finalizers = self.info.resource == "namespaces"
+            && new.pointer("/spec/finalizers").and_then(Value::as_array).is_some_and(|f| !f.is_empty());
+        if opts.dry_run {
+            return Ok(new);
+        }
+        if deleting && !finalizers_left && !grace_left && !namespace_finalizers {
+            let gone = self
+                .server
+                .storage
+                .delete(&self.key(&name), Some(old.revision))
+                .await
+                .map_err(|e| storage_error(&self.info, &name, e))?;
+            return Ok((*gone.object).clone());
+        }
+        let stored = self
+            .server
+            .storage
+            .update(&self.key(&name), new, Some(old.revision))
+            .await
+            .map_err(|e| storage_error(&self.info, &name, e))?;
+        Ok((*stored.object).clone())
+    }
+
+    /// PUT.
+    async fn replace(
+        &self,
+        name: &str,
+        subresource: Option<&str>,
+        value: Value,
+        opts: &mut WriteOptions,
+    ) -> Result<(StatusCode, Value), ApiError> {
+        if subresource == Some("scale") {
+            return self.replace_scale(name, value, opts).await;
+        }
+        let object = decode_object(&self.info, value, opts)?;
+        let precondition: Option<u64> = match meta_str(&object, "resourceVersion") {
+            "" => None,
+            rv => Some(rv.parse().map_err(|_| {
+                ApiError::bad_request(format!("invalid resourceVersion {rv:?}"))
+            })?),
+        };
+        for _ in 0..MAX_RETRIES {
+            let old = self.load(name).await?;
+            if let Some(expected) = precondition
+                && expected != old.revision
+            {
+                return Err(ApiError::modified(&self.info.resource, &self.info.group, name));
+            }
+            match self.update_decoded(&old, object.clone(), subresource, opts, true).await {
+                Err(e) if e.code == 409 && e.reason == "Conflict" && precondition.is_none() => continue,
+                Err(e) => return Err(e),
+                Ok(v) => return Ok((StatusCode::OK, v)),
+            }
+        }
+        Err(ApiError::modified(&self.info.resource, &self.info.group, name))
+    }
+
+    /// PATCH: JSON, merge, strategic or apply.
+    async fn patch(
+        &self,
+        name: &str,
+        subresource: Option<&str>,
+        kind: PatchType,
+        body: &[u8],
+        force: bool,
+        opts: &mut WriteOptions,
+    ) -> Result<(StatusCode, Value), ApiError> {
+        if subresource == Some("scale") {
+            return self.patch_scale(name, kind, body, opts).await;
+        }
+        if kind == PatchType::Apply {
+            return self.apply(name, subresource, body, force, opts).await;
+        }
+        for _ in 0..MAX_RETRIES {
+            let old = self.load(name).await?;
+            let patched = patch::apply_patch(kind, &old.object, body, self.info.typed.is_some())?;
+            // A resourceVersion inside the patch is a precondition.
+            let pinned = meta_str(&patched, "resourceVersion").to_string();
+            let pinned_changed = !pinned.is_empty() && pinned != old.revision.to_string();
+            if pinned_changed {
+                return Err(ApiError::modified(&self.info.resource, &self.info.group, name));
+            }
+            let object = decode_object(&self.info, patched, opts)?;
+            match self.update_decoded(&old, object, subresource, opts, true).await {
+                Err(e) if e.code == 409 && e.reason == "Conflict" && pinned.is_empty() => continue,
+                Err(e) => return Err(e),
+                Ok(v) => return Ok((StatusCode::OK, v)),
+            }
+        }
+        Err(ApiError::modified(&self.info.resource, &self.info.group, name))
+    }
+
+    /// Server-side apply.
+    async fn apply(
+        &self,
+        name: &str,
+        subresource: Option<&str>,
+        body: &[u8],
+        force: bool,
+        opts: &mut WriteOptions,
+    ) -> Result<(StatusCode, Value), ApiError> {
+        if opts.manager.is_empty() || opts.manager == "unknown" {
+            return Err(ApiError::invalid(
+                "PatchOptions",
+                "meta.k8s.io",
+                "",
+                vec![Cause::new("FieldValueRequired", "fieldManager", "Required value: is required for apply patch".into())],
+            ));
+        }
+        let applied: Value = serde_yaml::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?;
+        if !applied.is_object() {
+            return Err(ApiError::bad_request("apply patch must be an object"));
+        }
+        let mut applied = decode_object(&self.info, applied, opts)?;
+        if let Some(meta) = applied.get_mut("metadata").and_then(Value::as_object_mut) {
+            if meta.get("managedFields").is_some_and(|m| !m.is_null()) {
+                return Err(ApiError::bad_request("metadata.managedFields must be nil"));
+            }
+            let body_name = meta.get("name").and_then(Value::as_str).unwrap_or("");
+            if body_name.is_empty() {
+                meta.insert("name".into(), json!(name));
+            } else if body_name != name {
+                return Err(ApiError::bad_request(format!(
+                    "the name of the object ({body_name}) does not match the name on the URL ({name})"
+                )));
+            }
+        }
+        let time = now();
+        let api_version = self.info.api_version();
+        let sub = subresource.filter(|s| *s == "status").unwrap_or("");
+        for _ in 0..MAX_RETRIES {
+            let current = self.server.storage.get(&self.key(name)).await.map_err(|e| storage_error(&self.info, name, e))?;
+            let writer = self.writer(opts, &time, sub, &api_version);
+            let merged = fields::apply(current.as_ref().map(|c| c.object.as_ref()), &applied, &writer, force)
+                .map_err(|conflicts| {
+                    let causes = conflicts
+                        .iter()
+                        .map(|c| Cause::new("FieldManagerConflict", c.path.clone(), format!("conflict with {:?} using {}", c.manager, c.api_version)))
+                        .collect();
+                    ApiError::new(409, "Conflict", fields::conflict_message(&conflicts)).with_details(Details {
+                        name: name.to_string(),
+                        group: self.info.group.clone(),
+                        kind: self.info.resource.clone(),
+                        causes,
+                        ..Details::default()
+                    })
+                })?;
+            let result = match &current {
+                None => {
+                    if subresource.is_some() {
+                        return Err(self.not_found(name));
+                    }
+                    self.create_decoded(merged, opts, false).await.map(|v| (StatusCode::CREATED, v))
+                }
+                Some(old) => self.update_decoded(old, merged, subresource, opts, false).await.map(|v| (StatusCode::OK, v)),
+            };
+            match result {
+                Err(e) if e.code == 409 && (e.reason == "Conflict" || e.reason == "AlreadyExists") && !e.message.starts_with("Apply failed") => continue,
+                other => return other,
+            }
+        }
+        Err(ApiError::modified(&self.info.resource, &self.info.group, name))
+    }
+
+    fn scale_of(&self, object: &Value) -> Value {
+        let meta = object.get("metadata").cloned().unwrap_or(json!({}));
+        json!({
+            "kind": "Scale",
+            "apiVersion": "autoscaling/v1",
+            "metadata": {
+                "name": meta.get("name"),
+                "namespace": meta.get("namespace"),
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+                "creationTimestamp": meta.get("creationTimestamp"),
+            },
+            "spec": {"replicas": object.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(0)},
+            "status": {
+                "replicas": object.pointer("/status/replicas").and_then(Value::as_i64).unwrap_or(0),
+                "selector": crate::tables::format_selector(object.pointer("/spec/selector")).replace("<none>", ""),
+            },
+        })
+    }
+
+    async fn get_scale(&self, name: &str) -> Result<Response, ApiError> {
+        let stored = self.load(name).await?;
+        Ok(json_response(StatusCode::OK, &self.scale_of(&stored.object)))
+    }
+
+    async fn set_replicas(&self, old: &Stored, scale: &Value, opts: &mut WriteOptions) -> Result<Value, ApiError> {
+        let scale = builtin::normalize_as::<k8s_openapi::api::autoscaling::v1::Scale>(scale)
+            .map_err(|e| ApiError::bad_request(format!("Scale in version \"v1\" cannot be handled as a Scale: {e}")))?;
+        let replicas = scale.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(0);
+        if replicas < 0 {
+            return Err(ApiError::invalid(
+                "Scale",
+                "autoscaling",
+                meta_str(&old.object, "name"),
+                vec![Cause::invalid("spec.replicas", &json!(replicas), "must be greater than or equal to 0")],
+            ));
+        }
+        let rv = meta_str(&scale, "resourceVersion");
+        if !rv.is_empty() && rv != old.revision.to_string() {
+            return Err(ApiError::modified(&self.info.resource, &self.info.group, meta_str(&old.object, "name")));
+        }
+        let mut new = (*old.object).clone();
+        new["spec"]["replicas"] = json!(replicas);
+        let updated = self.update_decoded(old, new, None, opts, true).await?;
+        Ok(self.scale_of(&updated))
+    }
+
+    async fn replace_scale(&self, name: &str, value: Value, opts: &mut WriteOptions) -> Result<(StatusCode, Value), ApiError> {
+        let old = self.load(name).await?;
+        Ok((StatusCode::OK, self.set_replicas(&old, &value, opts).await?))
+    }
+
+    async fn patch_scale(&self, name: &str, kind: PatchType, body: &[u8], opts: &mut WriteOptions) -> Result<(StatusCode, Value), ApiError> {
+        for _ in 0..MAX_RETRIES {
+            let old = self.load(name).await?;
+            let scale = self.scale_of(&old.object);
+            let patched = match kind {
+                PatchType::Apply => {
+                    let applied: Value = serde_yaml::from_slice(body)
+                        .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?;
+                    let mut s = scale.clone();
+                    json_patch::merge(&mut s, &applied);
+                    s
+                }
+                other => patch::apply_patch(other, &scale, body, true)?,
+            };
+            match self.set_replicas(&old, &patched, opts).await {
+                Err(e) if e.code == 409 && meta_str(&patched, "resourceVersion") == old.revision.to_string() => continue,
+                Err(e) => return Err(e),
+                Ok(v) => return Ok((StatusCode::OK, v)),
+            }
+        }
+        Err(ApiError::modified(&self.info.resource, &self.info.group, name))
+    }
+
+    /// DELETE of one object, with graceful deletion, finalizers and propagation.
+    async fn delete(&self, name: &str, options: &DeleteOptions) -> Result<(StatusCode, Value), ApiError> {
+        for _ in 0..MAX_RETRIES {
+            let old = self.load(name).await?;
+            match self.delete_once(&old, name, options).await {
+                Err(e) if e.code == 409 && e.reason == "Conflict" && options.precondition_rv.is_none() && !e.message.contains("Precondition") => continue,
+                other => return other,
+            }
+        }
+        Err(ApiError::modified(&self.info.resource, &self.info.group, name))
+    }
+
+    async fn delete_once(&self, old: &Stored, name: &str, options: &DeleteOptions) -> Result<(StatusCode, Value), ApiError> {
+        let object: &Value = &old.object;
+        if let Some(uid) = &options.precondition_uid
+            && uid != meta_str(object, "uid")
+        {
+            return Err(ApiError::conflict(
+                &self.info.resource,
+                &self.info.group,
+                name,
+                &format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {}", meta_str(object, "uid")),
+            ));
+        }
+        if let Some(rv) = &options.precondition_rv
+            && *rv != old.revision.to_string()
+        {
+            return Err(ApiError::conflict(
+                &self.info.resource,
+                &self.info.group,
+                name,
+                &format!("Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}", old.revision),
+            ));
+        }
+        let mut new = object.clone();
+        let mut finalizers: Vec<Value> = object
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let has_owner_dependents_policy = matches!(options.propagation.as_deref(), Some("Orphan") | Some("Foreground"));
+        if has_owner_dependents_policy {
+            let (add, drop) = match options.propagation.as_deref() {
+                Some("Orphan") => ("orphan", "foregroundDeletion"),
+                _ => ("foregroundDeletion", "orphan"),
+            };
+            finalizers.retain(|f| f != drop);
+            if !finalizers.iter().any(|f| f == add) {
+                finalizers.push(json!(add));
+            }
+        }
+        let already = object.pointer("/metadata/deletionTimestamp").is_some();
+        // Graceful deletion of pods that a node runs.
+        let graceful_pod = self.info.resource == "pods" && self.info.group.is_empty() && !meta_str(object, "name").is_empty()
+            && object.pointer("/spec/nodeName").and_then(Value::as_str).is_some_and(|n| !n.is_empty())
+            && !matches!(object.pointer("/status/phase").and_then(Value::as_str), Some("Succeeded") | Some("Failed"));
+        let grace = if graceful_pod {
+            options
+                .grace_period
+                .or_else(|| object.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64))
+                .unwrap_or(30)
+        } else {
+            0
+        };
+        let namespace = self.info.resource == "namespaces" && self.info.group.is_empty();
+        let pending = !finalizers.is_empty() || grace > 0 || namespace;
+        if !pending {
+            if options.dry_run {
+                return Ok((StatusCode::OK, new));
+            }
+            let gone = self
+                .server
+                .storage
+                .delete(&self.key(name), Some(old.revision))
+                .await
+                .map_err(|e| storage_error(&self.info, name, e))?;
+            return Ok((StatusCode::OK, (*gone.object).clone()));
+        }
+        if already {
+            // Shorten a pending graceful deletion if asked; otherwise nothing changes.
+            let current_grace = object.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64).unwrap_or(0);
+            if !(graceful_pod && grace < current_grace) && finalizers == object.pointer("/metadata/finalizers").and_then(Value::as_array).cloned().unwrap_or_default() {
+                return Ok((StatusCode::ACCEPTED, new));
+            }
+        }
+        {
+            let meta = meta_mut(&mut new);
+            if !finalizers.is_empty() {
+                meta.insert("finalizers".into(), Value::Array(finalizers.clone()));
+            }
+            let when = Utc::now() + chrono::Duration::seconds(grace);
+            meta.insert("deletionTimestamp".into(), json!(when.to_rfc3339_opts(SecondsFormat::Secs, true)));
+            meta.insert("deletionGracePeriodSeconds".into(), json!(grace));
+        }
+        if namespace {
+            new["status"]["phase"] = json!("Terminating");
+        }
+        if options.dry_run {
+            return Ok((StatusCode::ACCEPTED, new));
+        }
+        let stored = self
+            .server
+            .storage
+            .update(&self.key(name), new, Some(old.revision))
+            .await
+            .map_err(|e| storage_error(&self.info, name, e))?;
+        Ok((StatusCode::ACCEPTED, (*stored.object).clone()))
+    }
+
+    async fn delete_collection(&self, query: &Query, options: &DeleteOptions) -> Result<Response, ApiError> {
+        let opts = list_options(&self.info, query)?;
+        let prefix = list_prefix(&self.info.group, &self.info.resource, &self.namespace);
+        let listing = self.server.storage.list(&prefix, None, None).await.map_err(|e| storage_error(&self.info, "", e))?;
+        let mut deleted = Vec::new();
+        for s in listing.items {
+            if !opts.matches(&self.info, &s.object) {
+                continue;
+            }
+            let name = meta_str(&s.object, "name").to_string();
+            let ctx = Ctx {
+                server: self.server.clone(),
+                info: self.info.clone(),
+                namespace: meta_str(&s.object, "namespace").to_string(),
+                output: self.output,
+            };
+            match ctx.delete(&name, options).await {
+                Ok((_, object)) => deleted.push(object),
+                Err(e) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let list = json!({
+            "kind": self.info.list_kind(),
+            "apiVersion": self.info.api_version(),
+            "metadata": {"resourceVersion": self.server.storage.revision().to_string()},
+            "items": deleted,
+        });
+        Ok(json_response(StatusCode::OK, &list))
+    }
+
+    /// POST pods/x/binding: assigns a node, once.
+    async fn bind(&self, name: &str, value: Value) -> Result<Response, ApiError> {
+        let binding = builtin::normalize_as::<k8s_openapi::api::core::v1::Binding>(&value)
+            .map_err(|e| ApiError::bad_request(format!("Binding in version \"v1\" cannot be handled as a Binding: {e}")))?;
+        let node = binding.pointer("/target/name").and_then(Value::as_str).unwrap_or("");
+        if node.is_empty() {
+            return Err(ApiError::invalid("Binding", "", name, vec![Cause::required("target.name")]));
+        }
+        for _ in 0..MAX_RETRIES {
+            let old = self.load(name).await?;
+            if let Some(current) = old.object.pointer("/spec/nodeName").and_then(Value::as_str).filter(|n| !n.is_empty()) {
+                return Err(ApiError::conflict("pods", "", name, &format!("pod {name} is already assigned to node {current:?}")));
+            }
+            if old.object.pointer("/metadata/deletionTimestamp").is_some() {
+                return Err(ApiError::conflict("pods", "", name, &format!("pod {name} is being deleted, cannot be assigned to a host")));
+            }
+            let mut new = (*old.object).clone();
+            new["spec"]["nodeName"] = json!(node);
+            if let Some(annotations) = binding.pointer("/metadata/annotations").and_then(Value::as_object) {
+                let meta = meta_mut(&mut new);
+                let target = meta.entry("annotations").or_insert_with(|| json!({}));
+                for (k, v) in annotations {
+                    target[k] = v.clone();
+                }
+            }
+            match self.server.storage.update(&self.key(name), new, Some(old.revision)).await {
+                Err(StorageError::Conflict { .. }) => continue,
+                Err(e) => return Err(storage_error(&self.info, name, e)),
+                Ok(_) => return Ok(json_response(StatusCode::CREATED, &success_status(201, None))),
+            }
+        }
+        Err(ApiError::modified("pods", "", name))
+    }
+
+    /// POST pods/x/eviction: a delete that respects PodDisruptionBudgets.
+    async fn evict(&self, name: &str, value: Value) -> Result<Response, ApiError> {
+        let eviction = match value.get("apiVersion").and_then(Value::as_str) {
+            Some("policy/v1beta1") | Some("policy/v1") | None => value.clone(),
+            Some(other) => return Err(ApiError::bad_request(format!("unsupported eviction version {other:?}"))),
+        };
+        let pod = self.load(name).await?;
+        let pdbs = self
+            .server
+            .storage
+            .list(&list_prefix("policy", "poddisruptionbudgets", &self.namespace), None, None)
+            .await
+            .map_err(|e| storage_error(&self.info, name, e))?;
+        let terminal = matches!(pod.object.pointer("/status/phase").and_then(Value::as_str), Some("Succeeded") | Some("Failed"));
+        if !terminal {
+            for pdb in pdbs.items {
+                let Some(selector) = pdb.object.pointer("/spec/selector") else { continue };
+                let Ok(sel) = LabelSelector::from_object(selector) else { continue };
+                if sel.is_empty() || !sel.matches_object(&pod.object) {
+                    continue;
+                }
+                let allowed = pdb.object.pointer("/status/disruptionsAllowed").and_then(Value::as_i64).unwrap_or(0);
+                if allowed <= 0 {
+                    let pdb_name = meta_str(&pdb.object, "name");
+                    let healthy = pdb.object.pointer("/status/currentHealthy").and_then(Value::as_i64).unwrap_or(0);
+                    let desired = pdb.object.pointer("/status/desiredHealthy").and_then(Value::as_i64).unwrap_or(0);
+                    let mut e = ApiError::too_many_requests("Cannot evict pod as it would violate the pod's disruption budget.");
+                    e = e.with_details(Details {
+                        causes: vec![Cause::new(
+                            "DisruptionBudget",
+                            "",
+                            format!("The disruption budget {pdb_name} needs {desired} healthy pods and has {healthy} currently"),
+                        )],
+                        retry_after_seconds: Some(10),
+                        ..Details::default()
+                    });
+                    return Err(e);
+                }
+                let mut updated = (*pdb.object).clone();
+                updated["status"]["disruptionsAllowed"] = json!(allowed - 1);
+                let key = object_key("policy", "poddisruptionbudgets", &self.namespace, meta_str(&pdb.object, "name"));
+                self.server
+                    .storage
+                    .update(&key, updated, Some(pdb.revision))
+                    .await
+                    .map_err(|e| match e {
+                        StorageError::Conflict { .. } => ApiError::too_many_requests("the disruption budget changed, please retry"),
+                        other => storage_error(&self.info, name, other),
+                    })?;
+            }
+        }
+        let options_body = eviction.get("deleteOptions").cloned().unwrap_or(json!({}));
+        let options = delete_options(&Query::default(), &serde_json::to_vec(&options_body).unwrap_or_default())?;
+        self.delete(name, &options).await?;
+        Ok(json_response(StatusCode::CREATED, &success_status(201, None)))
+    }
+
+    /// Logs, exec, attach, port-forward and proxy are served by the node agent.
+    async fn node_streaming(&self, name: &str, sub: &str) -> Result<Response, ApiError> {
+        let object = self.load(name).await?;
+        if self.info.resource == "pods" {
+            let node = object.object.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or("");
+            if node.is_empty() {
+                return Err(ApiError::bad_request(format!("pod {name} does not have a host assigned")));
+            }
+        }
+        Err(ApiError::service_unavailable(format!(
+            "{}/{sub} needs the node agent's streaming endpoint, which this EdgeSite server does not provide yet (it comes with the node agent: edged)",
+            self.info.resource
+        )))
+    }
+}
+
+/// Builds a [`Response`] with a JSON body; kept here for the watch module.
+pub fn body_response(code: StatusCode, content_type: &'static str, body: Body) -> Response {
+    Response::builder()
+        .status(code)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(body)
+        .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_field_paths() {
+        let input = json!({"spec": {"containers": [{"name": "a", "bogus": 1}], "nope": true, "ok": null}});
+        let output = json!({"spec": {"containers": [{"name": "a"}]}});
+        let mut found = Vec::new();
+        unknown_fields(&input, &output, "", &mut found);
+        assert_eq!(found, vec!["spec.containers[0].bogus", "spec.nope"]);
+    }
+
+    #[test]
+    fn continue_tokens_round_trip() {
+        let t = encode_continue(42, "/core/pods/default/web");
+        let back = decode_continue(&t).unwrap();
+        assert_eq!((back.rv, back.start.as_str()), (42, "/core/pods/default/web"));
+        assert_eq!(decode_continue("!!!").unwrap_err().code, 400);
+    }
+
+    #[test]
+    fn delete_options_from_body_and_query() {
+        let q = Query::parse(Some("gracePeriodSeconds=5&propagationPolicy=Foreground"));
+        let o = delete_options(&q, b"").unwrap();
+        assert_eq!(o.grace_period, Some(5));
+        assert_eq!(o.propagation.as_deref(), Some("Foreground"));
+        let o = delete_options(&Query::default(), br#"{"propagationPolicy":"Orphan","preconditions":{"uid":"u"}}"#).unwrap();
+        assert_eq!(o.propagation.as_deref(), Some("Orphan"));
+        assert_eq!(o.precondition_uid.as_deref(), Some("u"));
+        assert_eq!(delete_options(&Query::default(), br#"{"propagationPolicy":"Sideways"}"#).unwrap_err().code, 422);
+        assert_eq!(delete_options(&Query::default(), b"{").unwrap_err().code, 400);
+    }
+}
+
+/// Creates an object from inside the server (start-up defaults), through the normal write path.
+pub async fn create_internal(
+    server: &Arc<ApiServer>,
+    group: &str,
+    version: &str,
+    resource: &str,
+    namespace: &str,
+    object: Value,
+) -> Result<Value, ApiError> {
+    let info = server
+        .registry
+        .get(group, version, resource)
+        .ok_or_else(ApiError::no_route)?;
+    let ctx = Ctx {
+        server: server.clone(),
+        info,
+        namespace: namespace.to_string(),
+        output: Output::Json,
+    };
+    let mut opts = WriteOptions {
+        dry_run: false,
+        manager: "edgesite".into(),
+        validation: FieldValidation::Strict,
+        warnings: Vec::new(),
+    };
+    ctx.create(object, &mut opts).await
+}

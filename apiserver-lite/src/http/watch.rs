@@ -1,0 +1,236 @@
+//! Watch streams: `?watch=true` answers 200 and then one JSON event per line, flushed per event.
+//!
+//! A watch from "now" (`resourceVersion` unset, `""` or `"0"`) subscribes to the hub first and then
+//! lists, so that no change falls between the list and the stream; synthetic ADDED events carry the
+//! listed state. A watch from revision N replays the hub's window after N, or answers an ERROR event
+//! with a 410 `Expired` Status when N is older than the window. Selectors are applied per event,
+//! turning objects that enter or leave the selection into ADDED and DELETED, as upstream does.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use chrono::Utc;
+use http::StatusCode;
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc};
+
+use super::request::{Output, Query};
+use super::resources::{Ctx, ListOptions, body_response, list_options};
+use crate::error::ApiError;
+use crate::storage::{EventType, StorageError, WatchEvent, list_prefix};
+use crate::tables::{self, IncludeObject};
+
+/// Events buffered per watcher between the hub and the socket.
+const BUFFER: usize = 256;
+/// How often a watcher that allows bookmarks gets one.
+const BOOKMARK_EVERY: Duration = Duration::from_secs(30);
+
+struct Encoder {
+    ctx_output: Output,
+    info: Arc<crate::registry::ResourceInfo>,
+    first_table: bool,
+}
+
+impl Encoder {
+    fn object(&mut self, object: &Value) -> Value {
+        match self.ctx_output {
+            Output::Table => {
+                let rv = object
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                let mut table = tables::table(&self.info, &[object], IncludeObject::Metadata, &rv, None, Utc::now());
+                if !self.first_table {
+                    table["columnDefinitions"] = Value::Null;
+                }
+                self.first_table = false;
+                table
+            }
+            Output::PartialMetadata => tables::partial_metadata(object),
+            _ => object.clone(),
+        }
+    }
+
+    fn line(&mut self, kind: &str, object: &Value) -> Bytes {
+        let event = json!({"type": kind, "object": self.object(object)});
+        let mut bytes = serde_json::to_vec(&event).unwrap_or_default();
+        bytes.push(b'\n');
+        Bytes::from(bytes)
+    }
+
+    fn raw(kind: &str, object: &Value) -> Bytes {
+        let mut bytes = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
+        bytes.push(b'\n');
+        Bytes::from(bytes)
+    }
+
+    fn bookmark(&self, revision: u64, initial_end: bool) -> Bytes {
+        let mut metadata = json!({"resourceVersion": revision.to_string()});
+        if initial_end {
+            metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+        }
+        let object = json!({"kind": self.info.kind, "apiVersion": self.info.api_version(), "metadata": metadata});
+        Self::raw("BOOKMARK", &object)
+    }
+}
+
+/// The event a watcher with these selectors sees for a committed change, if any.
+fn translate<'a>(opts: &ListOptions, info: &crate::registry::ResourceInfo, event: &'a WatchEvent) -> Option<(&'static str, &'a Value)> {
+    let now_matches = |o: &Value| opts.matches(info, o);
+    match event.event_type {
+        EventType::Added => now_matches(&event.object).then_some(("ADDED", event.object.as_ref())),
+        EventType::Modified => {
+            let was = event.previous.as_ref().is_some_and(|p| now_matches(p));
+            let is = now_matches(&event.object);
+            match (was, is) {
+                (true, true) => Some(("MODIFIED", event.object.as_ref())),
+                (false, true) => Some(("ADDED", event.object.as_ref())),
+                (true, false) => Some(("DELETED", event.object.as_ref())),
+                (false, false) => None,
+            }
+        }
+        EventType::Deleted => {
+            let was = event.previous.as_ref().map(|p| now_matches(p)).unwrap_or_else(|| now_matches(&event.object));
+            was.then_some(("DELETED", event.object.as_ref()))
+        }
+    }
+}
+
+pub async fn watch(ctx: Ctx, query: &Query) -> Result<Response, ApiError> {
+    let opts = list_options(&ctx.info, query)?;
+    let bookmarks = query.flag("allowWatchBookmarks")?;
+    let send_initial = match query.get("sendInitialEvents") {
+        None | Some("") => None,
+        Some(_) => Some(query.flag("sendInitialEvents")?),
+    };
+    if send_initial == Some(true) && query.get("resourceVersionMatch") != Some("NotOlderThan") {
+        return Err(ApiError::invalid(
+            "ListOptions",
+            "meta.k8s.io",
+            "",
+            vec![crate::error::Cause::forbidden(
+                "resourceVersionMatch",
+                "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+            )],
+        ));
+    }
+    let timeout = match query.number("timeoutSeconds")? {
+        Some(t) if t > 0 => Duration::from_secs(t as u64),
+        _ => Duration::from_secs(1800 + (uuid::Uuid::new_v4().as_u128() % 1800) as u64),
+    };
+    let rv = query.get("resourceVersion").unwrap_or("");
+    let from_now = rv.is_empty() || rv == "0";
+    let start: Option<u64> = if from_now {
+        None
+    } else {
+        Some(rv.parse().map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv:?}")))?)
+    };
+    let initial = match send_initial {
+        Some(v) => v,
+        None => from_now,
+    };
+    let prefix = list_prefix(&ctx.info.group, &ctx.info.resource, &ctx.namespace);
+    let hub_storage = ctx.server.storage.clone();
+    let (tx, rx) = mpsc::channel::<Bytes>(BUFFER);
+    let mut encoder = Encoder {
+        ctx_output: ctx.output,
+        info: ctx.info.clone(),
+        first_table: true,
+    };
+    let info = ctx.info.clone();
+    let shutdown = ctx.server.shutdown.clone();
+
+    // Subscribe before listing so nothing is lost between the two.
+    let subscription = match start {
+        Some(n) => hub_storage.hub().subscribe(n),
+        None => hub_storage.hub().subscribe(u64::MAX),
+    };
+    let mut subscription = match subscription {
+        Ok(s) => s,
+        Err(StorageError::Expired { requested, oldest }) => {
+            // Upstream answers 200 and an ERROR event; clients relist.
+            let status = ApiError::expired(format!("too old resource version: {requested} ({oldest})")).status();
+            let line = Encoder::raw("ERROR", &status);
+            return Ok(body_response(StatusCode::OK, "application/json", Body::from(line)));
+        }
+        Err(e) => return Err(ApiError::internal(e.to_string())),
+    };
+    let mut last_sent = start.unwrap_or(0);
+    let mut preamble: Vec<Bytes> = Vec::new();
+    if initial {
+        let listing = hub_storage
+            .list(&prefix, None, None)
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        for item in &listing.items {
+            if opts.matches(&info, &item.object) {
+                preamble.push(encoder.line("ADDED", &item.object));
+            }
+        }
+        last_sent = last_sent.max(listing.revision);
+        if send_initial == Some(true) {
+            preamble.push(encoder.bookmark(listing.revision, true));
+        }
+    } else if from_now {
+        last_sent = hub_storage.revision();
+    }
+    let backlog = std::mem::take(&mut subscription.backlog);
+
+    tokio::spawn(async move {
+        for line in preamble {
+            if tx.send(line).await.is_err() {
+                return;
+            }
+        }
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut bookmark_timer = tokio::time::interval(BOOKMARK_EVERY);
+        bookmark_timer.tick().await;
+        let mut backlog = backlog.into_iter();
+        loop {
+            let event = if let Some(e) = backlog.next() {
+                e
+            } else {
+                tokio::select! {
+                    _ = &mut deadline => return,
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    _ = bookmark_timer.tick(), if bookmarks => {
+                        if tx.send(encoder.bookmark(last_sent, false)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    received = subscription.live.recv() => match received {
+                        Ok(e) => e,
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            let status = ApiError::expired("the watcher fell too far behind; relist and watch again").status();
+                            let _ = tx.send(Encoder::raw("ERROR", &status)).await;
+                            return;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+            };
+            if event.revision <= last_sent || !event.key.starts_with(&prefix) {
+                continue;
+            }
+            last_sent = event.revision;
+            if let Some((kind, object)) = translate(&opts, &info, &event) {
+                let line = encoder.line(kind, object);
+                if tx.send(line).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<Bytes, Infallible>(b), rx))
+    });
+    Ok(body_response(StatusCode::OK, "application/json", Body::from_stream(stream)))
+}
