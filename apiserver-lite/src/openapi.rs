@@ -15,6 +15,70 @@ use sha2::{Digest, Sha256};
 
 use crate::registry::{Registry, ResourceInfo};
 
+/// upstream's `patchStrategy`/`patchMergeKey` tags (and list types) for the types we serve:
+/// kubectl computes strategic merge patches from these. `None` marks a set of strings.
+const PATCH_META: &[(&str, &str, Option<&str>)] = &[
+    ("io.k8s.api.core.v1.PodSpec", "containers", Some("name")),
+    ("io.k8s.api.core.v1.PodSpec", "initContainers", Some("name")),
+    ("io.k8s.api.core.v1.PodSpec", "ephemeralContainers", Some("name")),
+    ("io.k8s.api.core.v1.PodSpec", "volumes", Some("name")),
+    ("io.k8s.api.core.v1.PodSpec", "imagePullSecrets", Some("name")),
+    ("io.k8s.api.core.v1.PodSpec", "hostAliases", Some("ip")),
+    ("io.k8s.api.core.v1.PodSpec", "topologySpreadConstraints", Some("topologyKey")),
+    ("io.k8s.api.core.v1.PodSpec", "resourceClaims", Some("name")),
+    ("io.k8s.api.core.v1.PodSpec", "schedulingGates", Some("name")),
+    ("io.k8s.api.core.v1.Container", "env", Some("name")),
+    ("io.k8s.api.core.v1.Container", "ports", Some("containerPort")),
+    ("io.k8s.api.core.v1.Container", "volumeMounts", Some("mountPath")),
+    ("io.k8s.api.core.v1.Container", "volumeDevices", Some("devicePath")),
+    ("io.k8s.api.core.v1.EphemeralContainer", "env", Some("name")),
+    ("io.k8s.api.core.v1.EphemeralContainer", "ports", Some("containerPort")),
+    ("io.k8s.api.core.v1.EphemeralContainer", "volumeMounts", Some("mountPath")),
+    ("io.k8s.api.core.v1.EphemeralContainer", "volumeDevices", Some("devicePath")),
+    ("io.k8s.api.core.v1.PodStatus", "conditions", Some("type")),
+    ("io.k8s.api.core.v1.PodStatus", "podIPs", Some("ip")),
+    ("io.k8s.api.core.v1.PodStatus", "hostIPs", Some("ip")),
+    ("io.k8s.api.core.v1.NodeStatus", "addresses", Some("type")),
+    ("io.k8s.api.core.v1.NodeStatus", "conditions", Some("type")),
+    ("io.k8s.api.core.v1.NamespaceStatus", "conditions", Some("type")),
+    ("io.k8s.api.core.v1.PersistentVolumeClaimStatus", "conditions", Some("type")),
+    ("io.k8s.api.core.v1.ServiceSpec", "ports", Some("port")),
+    ("io.k8s.api.core.v1.ServiceAccount", "secrets", Some("name")),
+    ("io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta", "finalizers", None),
+    ("io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta", "ownerReferences", Some("uid")),
+    ("io.k8s.api.apps.v1.DeploymentStatus", "conditions", Some("type")),
+    ("io.k8s.api.apps.v1.ReplicaSetStatus", "conditions", Some("type")),
+    ("io.k8s.api.apps.v1.StatefulSetStatus", "conditions", Some("type")),
+    ("io.k8s.api.apps.v1.DaemonSetStatus", "conditions", Some("type")),
+    ("io.k8s.api.batch.v1.JobStatus", "conditions", Some("type")),
+    ("io.k8s.api.policy.v1.PodDisruptionBudgetStatus", "conditions", Some("type")),
+];
+
+fn add_patch_meta(schemas: &mut Map<String, Value>) {
+    for (type_name, field, key) in PATCH_META {
+        let Some(Value::Object(property)) = schemas
+            .get_mut(*type_name)
+            .and_then(|s| s.get_mut("properties"))
+            .and_then(|p| p.get_mut(*field))
+        else {
+            continue;
+        };
+        match key {
+            Some(key) => {
+                let strategy = if *field == "volumes" { "merge,retainKeys" } else { "merge" };
+                property.insert("x-kubernetes-patch-strategy".into(), json!(strategy));
+                property.insert("x-kubernetes-patch-merge-key".into(), json!(key));
+                property.insert("x-kubernetes-list-type".into(), json!("map"));
+                property.insert("x-kubernetes-list-map-keys".into(), json!([key]));
+            }
+            None => {
+                property.insert("x-kubernetes-patch-strategy".into(), json!("merge"));
+                property.insert("x-kubernetes-list-type".into(), json!("set"));
+            }
+        }
+    }
+}
+
 pub struct OpenApi {
     registry: Registry,
     cache: Mutex<HashMap<(String, String, String), Bytes>>,
@@ -290,6 +354,7 @@ impl OpenApi {
             let _ = (name, schema);
         }
         let mut schemas = generator.take_definitions(true);
+        add_patch_meta(&mut schemas);
         for (name, gvk) in kinds {
             if let Some(Value::Object(s)) = schemas.get_mut(&name) {
                 s.insert("x-kubernetes-group-version-kind".into(), gvk);
@@ -320,6 +385,8 @@ mod tests {
         assert_eq!(pod["x-kubernetes-group-version-kind"][0]["kind"], "Pod");
         let container = &doc["components"]["schemas"]["io.k8s.api.core.v1.Container"];
         assert!(container["properties"]["image"]["description"].is_string());
+        let containers = &doc["components"]["schemas"]["io.k8s.api.core.v1.PodSpec"]["properties"]["containers"];
+        assert_eq!(containers["x-kubernetes-patch-merge-key"], "name");
         let patch = &doc["paths"]["/api/v1/namespaces/{namespace}/pods/{name}"]["patch"];
         assert!(patch["parameters"].as_array().unwrap().iter().any(|p| p["name"] == "fieldValidation"));
         assert!(doc["components"]["schemas"]["io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"].is_object());

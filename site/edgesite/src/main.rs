@@ -1,1 +1,110 @@
-fn main() {}
+//! `edgesite`: the single binary of an EdgeSite site.
+//!
+//! This file parses flags (and the config file), sets up logging and signals, and starts the
+//! components; the components themselves live in their crates and take typed configuration.
+
+mod config;
+mod pki;
+mod server;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "edgesite",
+    version,
+    about = "EdgeSite: a single-binary, Kubernetes-compatible edge cluster",
+    long_about = "EdgeSite runs a small Kubernetes-compatible cluster at an edge site from one binary.\n\n\
+                  Start a site with `edgesite server`, then point kubectl at the kubeconfig it writes\n\
+                  (default /etc/edgesite/edgesite.yaml)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the site's control plane: the Kubernetes API server on embedded SQLite.
+    Server(ServerArgs),
+}
+
+/// Flags of `edgesite server`; names follow K3s where K3s has the same flag.
+#[derive(Args, Clone, Debug)]
+pub struct ServerArgs {
+    /// Config file whose keys are these flag names (without --); command-line flags win.
+    #[arg(long, short = 'c', default_value = config::DEFAULT_CONFIG, env = "EDGESITE_CONFIG_FILE")]
+    pub config: PathBuf,
+    /// Folder that holds the datastore, certificates and tokens.
+    #[arg(long, short = 'd', default_value = "/var/lib/edgesite")]
+    pub data_dir: PathBuf,
+    /// Address the API server listens on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind_address: IpAddr,
+    /// HTTPS port of the API server.
+    #[arg(long, default_value_t = 6443)]
+    pub https_listen_port: u16,
+    /// Extra host name or IP for the serving certificate (repeat for several).
+    #[arg(long = "tls-san", value_name = "NAME")]
+    pub tls_san: Vec<String>,
+    /// Where to write the admin kubeconfig.
+    #[arg(long, default_value = "/etc/edgesite/edgesite.yaml", env = "EDGESITE_KUBECONFIG_OUTPUT")]
+    pub write_kubeconfig: PathBuf,
+    /// File mode of the kubeconfig, in octal (for example 0644 to let other users read it).
+    #[arg(long, default_value = "0600", env = "EDGESITE_KUBECONFIG_MODE")]
+    pub write_kubeconfig_mode: String,
+    /// Do not run the node agent on this machine (the agent comes with the node issue; accepted now).
+    #[arg(long)]
+    pub disable_agent: bool,
+    /// Shared secret that agents will use to join this site (generated when absent).
+    #[arg(long, env = "EDGESITE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}
+
+/// Names of the server flags, for the config file's keys.
+fn server_flag_names() -> Vec<String> {
+    let cmd = Cli::command();
+    cmd.find_subcommand("server")
+        .map(|s| s.get_arguments().filter_map(|a| a.get_long().map(String::from)).collect())
+        .unwrap_or_default()
+}
+
+fn parse() -> Result<Cli> {
+    let mut args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("server") {
+        let (path, explicit) = config::config_path(&args);
+        let extra = config::file_args(&path, explicit, &server_flag_names())?;
+        args.splice(2..2, extra);
+    }
+    let matches = Cli::command().args_override_self(true).get_matches_from(args);
+    Ok(Cli::from_arg_matches(&matches)?)
+}
+
+fn main() {
+    let cli = match parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("edgesite: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    init_logging();
+    let result: Result<()> = match cli.command {
+        Command::Server(args) => server::run(args),
+    };
+    if let Err(e) = result {
+        tracing::error!("{e:#}");
+        eprintln!("edgesite: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,224 @@
+//! The site's PKI: a cluster CA, the API server's serving certificate and the admin client
+//! certificate, created on first start under `<data-dir>/server/tls` and reused afterwards. The
+//! serving certificate is re-issued (same CA) when the wanted SANs change, as K3s does.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+/// Where the PKI files live.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+/// PEM text of a certificate and its key.
+pub struct CertAndKey {
+    pub cert: String,
+    pub key: String,
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("create {}", tmp.display()))?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))?;
+    Ok(())
+}
+
+fn validity(params: &mut CertificateParams, years: i32) {
+    let now = time_now();
+    params.not_before = now - rcgen_duration_days(1);
+    params.not_after = now + rcgen_duration_days(365 * years as i64);
+}
+
+fn time_now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}
+
+fn rcgen_duration_days(days: i64) -> time::Duration {
+    time::Duration::days(days)
+}
+
+impl Pki {
+    pub fn new(data_dir: &Path) -> Self {
+        Pki {
+            dir: data_dir.join("server").join("tls"),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn read_pair(&self, name: &str) -> Option<CertAndKey> {
+        let cert = std::fs::read_to_string(self.path(&format!("{name}.crt"))).ok()?;
+        let key = std::fs::read_to_string(self.path(&format!("{name}.key"))).ok()?;
+        Some(CertAndKey { cert, key })
+    }
+
+    fn write_pair(&self, name: &str, pair: &CertAndKey) -> Result<()> {
+        write_private(&self.path(&format!("{name}.key")), &pair.key)?;
+        write_private(&self.path(&format!("{name}.crt")), &pair.cert)?;
+        Ok(())
+    }
+
+    /// The CA, created when absent.
+    pub fn ca(&self) -> Result<CertAndKey> {
+        std::fs::create_dir_all(&self.dir).with_context(|| format!("create {}", self.dir.display()))?;
+        if let Some(pair) = self.read_pair("ca") {
+            return Ok(pair);
+        }
+        let key = KeyPair::generate().context("generate CA key")?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("edgesite-ca@{}", time_now().unix_timestamp()));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        validity(&mut params, 10);
+        let cert = params.self_signed(&key).context("self-sign the CA")?;
+        let pair = CertAndKey {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        };
+        self.write_pair("ca", &pair)?;
+        Ok(pair)
+    }
+
+    fn issue(&self, ca: &CertAndKey, mut params: CertificateParams) -> Result<CertAndKey> {
+        let ca_key = KeyPair::from_pem(&ca.key).context("read the CA key")?;
+        let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key).context("read the CA certificate")?;
+        let key = KeyPair::generate()?;
+        validity(&mut params, 1);
+        let cert = params.signed_by(&key, &issuer).context("sign certificate")?;
+        Ok(CertAndKey {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        })
+    }
+
+    /// The serving certificate for the given names and addresses, re-issued when they change.
+    pub fn serving(&self, ca: &CertAndKey, sans: &[String]) -> Result<CertAndKey> {
+        let record = sans.join("\n");
+        let record_path = self.path("serving.sans");
+        if let (Some(pair), Ok(previous)) = (self.read_pair("serving"), std::fs::read_to_string(&record_path))
+            && previous == record
+        {
+            return Ok(pair);
+        }
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "edgesite");
+        params.distinguished_name = dn;
+        for san in sans {
+            match san.parse::<IpAddr>() {
+                Ok(ip) => params.subject_alt_names.push(SanType::IpAddress(ip)),
+                Err(_) if !san.chars().all(|c| c.is_ascii_alphanumeric() || "-.*".contains(c)) || san.is_empty() => {
+                    bail!("--tls-san {san:?} is not a valid DNS name or IP address")
+                }
+                Err(_) => params.subject_alt_names.push(SanType::DnsName(
+                    san.as_str().try_into().with_context(|| format!("--tls-san {san:?} is not a valid DNS name or IP address"))?,
+                )),
+            }
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let pair = self.issue(ca, params)?;
+        self.write_pair("serving", &pair)?;
+        write_private(&record_path, &record)?;
+        Ok(pair)
+    }
+
+    /// A client certificate (CN = user, O = groups).
+    pub fn client(&self, ca: &CertAndKey, name: &str, user: &str, groups: &[&str]) -> Result<CertAndKey> {
+        if let Some(pair) = self.read_pair(name) {
+            return Ok(pair);
+        }
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, user);
+        for g in groups {
+            dn.push(DnType::OrganizationName, *g);
+        }
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let pair = self.issue(ca, params)?;
+        self.write_pair(name, &pair)?;
+        Ok(pair)
+    }
+}
+
+fn certs(pem: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    let list: Result<Vec<_>, _> = rustls_pemfile::certs(&mut pem.as_bytes()).collect();
+    let list = list.context("parse certificate PEM")?;
+    if list.is_empty() {
+        bail!("no certificate in PEM");
+    }
+    Ok(list)
+}
+
+/// rustls server configuration: the serving certificate, client certificates from the CA
+/// accepted (but optional, so bearer tokens work), ALPN h2 and http/1.1.
+pub fn server_tls(ca: &CertAndKey, serving: &CertAndKey) -> Result<Arc<rustls::ServerConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(&ca.cert)? {
+        roots.add(c).context("add the CA to the trust store")?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .context("build the client certificate verifier")?;
+    let key = rustls_pemfile::private_key(&mut serving.key.as_bytes())
+        .context("parse the serving key")?
+        .context("no key in the serving key file")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(&serving.cert)?, key)
+        .context("load the serving certificate")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pki_is_created_once_and_reissued_on_new_sans() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(dir.path());
+        let ca = pki.ca().unwrap();
+        assert_eq!(pki.ca().unwrap().cert, ca.cert);
+        let a = pki.serving(&ca, &["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let same = pki.serving(&ca, &["localhost".into(), "127.0.0.1".into()]).unwrap();
+        assert_eq!(a.cert, same.cert);
+        let b = pki.serving(&ca, &["localhost".into(), "127.0.0.1".into(), "site.example".into()]).unwrap();
+        assert_ne!(a.cert, b.cert);
+        let admin = pki.client(&ca, "admin", "admin", &["system:masters"]).unwrap();
+        let der = certs(&admin.cert).unwrap();
+        let id = apiserver_lite::auth::identity_from_certificate(der[0].as_ref()).unwrap();
+        assert_eq!(id.user, "admin");
+        assert!(id.groups.contains(&"system:masters".to_string()));
+        assert!(server_tls(&ca, &b).is_ok());
+        assert!(pki.serving(&ca, &["not a name!".into()]).is_err());
+    }
+}

@@ -1,0 +1,181 @@
+//! `edgesite server`: prepares the data dir, PKI, tokens and kubeconfig, then runs the API server
+//! until SIGINT or SIGTERM.
+
+use std::fs::File;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use base64::Engine;
+use tokio_util::sync::CancellationToken;
+
+use crate::ServerArgs;
+use crate::pki::{CertAndKey, Pki};
+
+/// How long in-flight requests get after a shutdown signal.
+const DRAIN: Duration = Duration::from_secs(10);
+
+fn hostname() -> String {
+    hostname::get()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+        .to_lowercase()
+}
+
+/// Names and addresses the serving certificate must cover.
+fn sans(args: &ServerArgs) -> Vec<String> {
+    let mut sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into(), "kubernetes".into(), "kubernetes.default".into(), "kubernetes.default.svc".into(), "kubernetes.default.svc.cluster.local".into()];
+    let host = hostname();
+    if !host.is_empty() {
+        sans.push(host);
+    }
+    if !args.bind_address.is_unspecified() {
+        sans.push(args.bind_address.to_string());
+    }
+    for s in &args.tls_san {
+        if !sans.contains(s) {
+            sans.push(s.clone());
+        }
+    }
+    sans
+}
+
+fn write_kubeconfig(path: &Path, mode: u32, server: &str, ca: &CertAndKey, admin: &CertAndKey) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- cluster:\n    certificate-authority-data: {}\n    server: {server}\n  name: default\ncontexts:\n- context:\n    cluster: default\n    user: default\n  name: default\ncurrent-context: default\npreferences: {{}}\nusers:\n- name: default\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\n",
+        b64(&ca.cert),
+        b64(&admin.cert),
+        b64(&admin.key)
+    );
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("write kubeconfig {}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("write kubeconfig {}", path.display()))?;
+    Ok(())
+}
+
+/// The join token: `--token`, else the one kept in the data dir, else a new random one.
+fn cluster_token(args: &ServerArgs, server_dir: &Path) -> Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = server_dir.join("token");
+    if let Some(t) = &args.token {
+        if t.trim().is_empty() {
+            bail!("--token must not be empty");
+        }
+        std::fs::write(&path, t).with_context(|| format!("write {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        return Ok(t.clone());
+    }
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        return Ok(existing.trim().to_string());
+    }
+    let bytes: [u8; 24] = rand::random();
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&path, &token).with_context(|| format!("write {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(token)
+}
+
+pub fn run(args: ServerArgs) -> Result<()> {
+    let mode = u32::from_str_radix(args.write_kubeconfig_mode.trim_start_matches("0o"), 8).with_context(|| {
+        format!("--write-kubeconfig-mode {:?} is not an octal file mode such as 0600 or 0644", args.write_kubeconfig_mode)
+    })?;
+    let server_dir = args.data_dir.join("server");
+    std::fs::create_dir_all(&server_dir).with_context(|| format!("create data dir {}", server_dir.display()))?;
+    // One server per data dir: a second one would share the datastore.
+    let lock_path = server_dir.join("edgesite.lock");
+    let lock = File::create(&lock_path).with_context(|| format!("create {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        bail!(
+            "another edgesite server is already using data dir {}; stop it first or choose another --data-dir",
+            args.data_dir.display()
+        );
+    }
+    let pki = Pki::new(&args.data_dir);
+    let ca = pki.ca()?;
+    let serving = pki.serving(&ca, &sans(&args))?;
+    let admin = pki.client(&ca, "admin", "admin", &["system:masters"])?;
+    let tls = crate::pki::server_tls(&ca, &serving)?;
+    let _token = cluster_token(&args, &server_dir)?;
+    let token_file = server_dir.join("token-auth.csv");
+    let tokens = if token_file.exists() {
+        apiserver_lite::auth::TokenAuthenticator::from_file(&token_file)?
+    } else {
+        apiserver_lite::auth::TokenAuthenticator::default()
+    };
+    let host = match args.bind_address {
+        a if a.is_unspecified() => "127.0.0.1".to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
+        a => a.to_string(),
+    };
+    let url = format!("https://{host}:{}", args.https_listen_port);
+    write_kubeconfig(&args.write_kubeconfig, mode, &url, &ca, &admin)?;
+    // The data dir's own copy, so tools on the machine find it whatever --write-kubeconfig says.
+    write_kubeconfig(&server_dir.join("cred").join("admin.kubeconfig"), 0o600, &url, &ca, &admin)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("edgesite")
+        .build()
+        .context("start the async runtime")?;
+    runtime.block_on(async move {
+        let addr = SocketAddr::new(args.bind_address, args.https_listen_port);
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("listen on {addr}: is another edgesite or kube-apiserver running? Stop it or pass --https-listen-port")
+        })?;
+        let shutdown = CancellationToken::new();
+        let config = apiserver_lite::Config {
+            database: server_dir.join("state.db"),
+            tls,
+            tokens,
+            watch_window: 8192,
+        };
+        if args.disable_agent {
+            tracing::info!("--disable-agent given: this machine runs the control plane only");
+        }
+        let mut server = tokio::spawn(apiserver_lite::run(config, listener, shutdown.clone()));
+        tracing::info!(
+            kubeconfig = %args.write_kubeconfig.display(),
+            "EdgeSite API server listening on {addr}; try: KUBECONFIG={} kubectl get ns",
+            args.write_kubeconfig.display()
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received, shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+            finished = &mut server => {
+                // The server only ends by itself on a start-up or serving error.
+                return match finished {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("API server")),
+                    Err(e) => Err(anyhow::anyhow!("API server task failed: {e}")),
+                };
+            }
+        }
+        shutdown.cancel();
+        match tokio::time::timeout(DRAIN, server).await {
+            Ok(Ok(result)) => result.context("API server"),
+            Ok(Err(e)) => Err(anyhow::anyhow!("API server task failed: {e}")),
+            Err(_) => {
+                tracing::warn!("requests still running after {DRAIN:?}; exiting");
+                Ok(())
+            }
+        }
+    })
+}
