@@ -1,1 +1,243 @@
-//! x
+//! End-to-end harness: start real `edgesite server` processes in temporary data dirs on free
+//! loopback ports, and drive them with the real `kubectl` and the `kube` client.
+//!
+//! Every test starts its own site, so tests run in parallel. The binary is found through
+//! `EDGESITE_BIN`, else next to the test executable (`target/<profile>/edgesite`).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+pub fn edgesite_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("EDGESITE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/edgesite
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    dir.join("edgesite")
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// One running site.
+pub struct Site {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Site {
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig.yaml")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    /// Starts a site in a new temporary folder and waits until it is ready.
+    pub fn start() -> Result<Site> {
+        let bin = edgesite_bin();
+        if !bin.exists() {
+            bail!(
+                "the edgesite binary is missing at {} (build it with `cargo build --bins`, or set EDGESITE_BIN)",
+                bin.display()
+            );
+        }
+        let mut site = Site {
+            dir: tempfile::Builder::new().prefix("edgesite-test").tempdir()?,
+            port: free_port(),
+            child: None,
+        };
+        site.launch()?;
+        Ok(site)
+    }
+
+    /// Starts (again) on the same data dir and port.
+    pub fn launch(&mut self) -> Result<()> {
+        // An explicit, empty config file: a site installed on this machine must not leak its
+        // /etc/edgesite/config.yaml into the test.
+        std::fs::write(self.dir.path().join("no-config.yaml"), "")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let child = Command::new(edgesite_bin())
+            .arg("server")
+            .arg("--config")
+            .arg(self.dir.path().join("no-config.yaml"))
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--bind-address")
+            .arg("127.0.0.1")
+            .arg("--https-listen-port")
+            .arg(self.port.to_string())
+            .arg("--write-kubeconfig")
+            .arg(self.kubeconfig())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("spawn edgesite server")?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(30))
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "edgesite server exited with {status} during start-up; log:\n{}",
+                    std::fs::read_to_string(self.log_path()).unwrap_or_default()
+                );
+            }
+            if self.kubeconfig().exists() && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                let out = self.kubectl(&["get", "--raw", "/readyz"])?;
+                if out.status.success() {
+                    return Ok(());
+                }
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "edgesite server not ready after {timeout:?}; log:\n{}",
+                    std::fs::read_to_string(self.log_path()).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, as a power cut or OOM kill would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait, as systemd would.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Runs kubectl against this site with its own discovery cache.
+    pub fn kubectl(&self, args: &[&str]) -> Result<Output> {
+        self.kubectl_stdin(args, None)
+    }
+
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Result<Output> {
+        let mut cmd = Command::new(kubectl_bin());
+        cmd.arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .arg("--cache-dir")
+            .arg(self.dir.path().join("kube-cache"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if stdin.is_some() {
+            cmd.stdin(Stdio::piped());
+        } else {
+            cmd.stdin(Stdio::null());
+        }
+        let mut child = cmd.spawn().context("run kubectl (is it installed? tests/run.sh installs it)")?;
+        if let Some(input) = stdin {
+            use std::io::Write;
+            child.stdin.take().expect("piped").write_all(input.as_bytes())?;
+        }
+        Ok(child.wait_with_output()?)
+    }
+
+    /// kubectl that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        self.ok_stdin(args, None)
+    }
+
+    pub fn ok_stdin(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.kubectl_stdin(args, stdin).expect("run kubectl");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "kubectl {args:?} failed: {stderr}\nstdout: {stdout}");
+        stdout
+    }
+
+    /// kubectl that must fail; returns stderr.
+    pub fn fails(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.kubectl_stdin(args, stdin).expect("run kubectl");
+        assert!(!out.status.success(), "kubectl {args:?} should have failed; stdout: {}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// A `kube` client for this site.
+    pub async fn client(&self) -> Result<kube::Client> {
+        let kubeconfig = kube::config::Kubeconfig::read_from(self.kubeconfig())?;
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn kubectl_bin() -> String {
+    std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into())
+}
+
+/// kubectl's minor version (kubectl 1.20 from Debian validates only with OpenAPI v2).
+pub fn kubectl_minor() -> u32 {
+    let out = Command::new(kubectl_bin())
+        .args(["version", "--client", "-o", "json"])
+        .output()
+        .expect("kubectl must be installed: tests/run.sh installs it");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.pointer("/clientVersion/minor")
+        .and_then(|m| m.as_str())
+        .and_then(|m| m.trim_end_matches('+').parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until `f` returns true or the time is up.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}

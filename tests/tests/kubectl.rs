@@ -1,0 +1,342 @@
+//! The real kubectl against a real `edgesite server`: everyday commands and their exact output.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tests::{Site, eventually, kubectl_bin, kubectl_minor};
+
+/// kubectl older than 1.27 validates client-side with OpenAPI v2, which we do not serve.
+fn validate() -> &'static str {
+    if kubectl_minor() < 27 { "--validate=false" } else { "--validate=true" }
+}
+
+const DEPLOYMENT: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: nginx-deployment
+  labels:
+    app: nginx
+spec:
+  replicas: 3
+  selector:
+    matchLabels:
+      app: nginx
+  template:
+    metadata:
+      labels:
+        app: nginx
+    spec:
+      containers:
+      - name: nginx
+        image: nginx:1.14.2
+        env:
+        - name: MODE
+          value: fast
+        - name: DEBUG
+          value: \"1\"
+        ports:
+        - containerPort: 80
+";
+
+fn lines(text: &str) -> Vec<Vec<String>> {
+    text.lines()
+        .map(|l| l.split_whitespace().map(String::from).collect())
+        .collect()
+}
+
+#[test]
+fn default_namespaces_discovery_and_version() {
+    let site = Site::start().unwrap();
+    let out = site.ok(&["get", "ns"]);
+    let rows = lines(&out);
+    assert_eq!(rows[0], vec!["NAME", "STATUS", "AGE"]);
+    let names: Vec<&str> = rows[1..].iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(names, vec!["default", "kube-node-lease", "kube-public", "kube-system"]);
+    assert!(rows[1..].iter().all(|r| r[1] == "Active"));
+    let resources = site.ok(&["api-resources"]);
+    assert!(resources.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["deployments", "deploy", "apps/v1", "true", "Deployment"]));
+    assert!(resources.lines().any(|l| l.starts_with("customresourcedefinitions") && l.contains("crd,crds")));
+    let version = site.ok(&["get", "--raw", "/version"]);
+    assert!(version.contains("\"gitVersion\""));
+    // Unauthenticated requests are refused, health is public.
+    let raw = site.ok(&["get", "--raw", "/readyz"]);
+    assert_eq!(raw.trim(), "ok");
+}
+
+#[test]
+fn apply_edit_and_reapply_a_deployment_like_upstream() {
+    let site = Site::start().unwrap();
+    let v = validate();
+    let out = site.ok_stdin(&["apply", v, "-f", "-"], Some(DEPLOYMENT));
+    assert_eq!(out.trim(), "deployment.apps/nginx-deployment created");
+    let out = site.ok(&["get", "deployments"]);
+    let rows = lines(&out);
+    assert_eq!(rows[0], vec!["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"]);
+    assert_eq!(&rows[1][..4], &["nginx-deployment", "0/3", "0", "0"]);
+    let wide = site.ok(&["get", "deploy", "-o", "wide"]);
+    assert!(wide.lines().next().unwrap().ends_with("CONTAINERS   IMAGES         SELECTOR"), "{wide}");
+    assert!(wide.contains("nginx:1.14.2") && wide.contains("app=nginx"));
+    let out = site.ok_stdin(&["apply", v, "-f", "-"], Some(DEPLOYMENT));
+    assert_eq!(out.trim(), "deployment.apps/nginx-deployment unchanged");
+    // Edit: new image, one env var removed, one port added.
+    let edited = DEPLOYMENT
+        .replace("nginx:1.14.2", "nginx:1.16.1")
+        .replace("        - name: DEBUG\n          value: \"1\"\n", "")
+        .replace("        - containerPort: 80\n", "        - containerPort: 80\n        - containerPort: 443\n");
+    let out = site.ok_stdin(&["apply", v, "-f", "-"], Some(&edited));
+    assert_eq!(out.trim(), "deployment.apps/nginx-deployment configured");
+    let json: serde_json::Value = serde_json::from_str(&site.ok(&["get", "deploy", "nginx-deployment", "-o", "json"])).unwrap();
+    let c = &json["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["image"], "nginx:1.16.1");
+    assert_eq!(c["env"], serde_json::json!([{"name": "MODE", "value": "fast"}]));
+    assert_eq!(
+        c["ports"],
+        serde_json::json!([{"containerPort": 80, "protocol": "TCP"}, {"containerPort": 443, "protocol": "TCP"}])
+    );
+    assert_eq!(json["metadata"]["generation"], 2);
+    assert_eq!(json["spec"]["strategy"]["rollingUpdate"]["maxSurge"], "25%");
+    let out = site.ok_stdin(&["apply", v, "-f", "-"], Some(&edited));
+    assert_eq!(out.trim(), "deployment.apps/nginx-deployment unchanged");
+    // describe works and shows the pod template.
+    let describe = site.ok(&["describe", "deployment", "nginx-deployment"]);
+    assert!(describe.contains("Name:") && describe.contains("nginx:1.16.1"), "{describe}");
+}
+
+#[test]
+fn server_side_apply_conflicts_and_force() {
+    let site = Site::start().unwrap();
+    let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ssa\ndata:\n  a: \"1\"\n";
+    let out = site.ok_stdin(&["apply", "--server-side", "-f", "-"], Some(cm));
+    assert_eq!(out.trim(), "configmap/ssa serverside-applied");
+    let changed = cm.replace("\"1\"", "\"2\"");
+    let err = site.fails(&["apply", "--server-side", "--field-manager=other", "-f", "-"], Some(&changed));
+    assert!(
+        err.contains("Apply failed with 1 conflict: conflict with \"kubectl\" using v1: .data.a"),
+        "{err}"
+    );
+    let out = site.ok_stdin(&["apply", "--server-side", "--field-manager=other", "--force-conflicts", "-f", "-"], Some(&changed));
+    assert_eq!(out.trim(), "configmap/ssa serverside-applied");
+    assert_eq!(site.ok(&["get", "cm", "ssa", "-o", "jsonpath={.data.a}"]), "2");
+    let managed = site.ok(&["get", "cm", "ssa", "-o", "json", "--show-managed-fields"]);
+    assert!(managed.contains("\"manager\": \"other\"") && managed.contains("\"operation\": \"Apply\""), "{managed}");
+}
+
+#[test]
+fn patches_labels_annotations_and_scale() {
+    let site = Site::start().unwrap();
+    site.ok_stdin(&["apply", validate(), "-f", "-"], Some(DEPLOYMENT));
+    let d = "deployment/nginx-deployment";
+    site.ok(&["patch", d, "--type=json", "-p", r#"[{"op":"replace","path":"/spec/replicas","value":2}]"#]);
+    assert_eq!(site.ok(&["get", d, "-o", "jsonpath={.spec.replicas}"]), "2");
+    site.ok(&["patch", d, "--type=merge", "-p", r#"{"spec":{"replicas":4}}"#]);
+    assert_eq!(site.ok(&["get", d, "-o", "jsonpath={.spec.replicas}"]), "4");
+    site.ok(&["patch", d, "-p", r#"{"spec":{"template":{"spec":{"containers":[{"name":"nginx","image":"nginx:1.25"}]}}}}"#]);
+    assert_eq!(site.ok(&["get", d, "-o", "jsonpath={.spec.template.spec.containers[*].image}"]), "nginx:1.25");
+    assert_eq!(site.ok(&["get", d, "-o", "jsonpath={.spec.template.spec.containers[0].env[0].name}"]), "MODE");
+    site.ok(&["scale", d, "--replicas=7"]);
+    assert_eq!(site.ok(&["get", d, "-o", "jsonpath={.spec.replicas}"]), "7");
+    site.ok(&["label", d, "tier=web"]);
+    site.ok(&["annotate", d, "owner=ops"]);
+    let out = site.ok(&["get", "deploy", "--show-labels"]);
+    assert!(out.contains("app=nginx,tier=web"), "{out}");
+    assert_eq!(site.ok(&["get", d, "-o", "jsonpath={.metadata.annotations.owner}"]), "ops");
+    let err = site.fails(&["label", d, "tier=db"], None);
+    assert!(err.contains("'tier' already has a value (web), and --overwrite is false"), "{err}");
+    site.ok(&["label", d, "tier-"]);
+    assert!(!site.ok(&["get", "deploy", "--show-labels"]).contains("tier="));
+    // Patches of the wrong shape are clear errors.
+    let err = site.fails(&["patch", d, "--type=json", "-p", r#"[{"op":"remove","path":"/spec/nope"}]"#], None);
+    assert!(err.contains("The request is invalid"), "{err}");
+}
+
+fn pod(name: &str, labels: &str, node: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{{labels}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    image: busybox:1.36\n"
+    )
+}
+
+#[test]
+fn get_outputs_selectors_and_sorting() {
+    let site = Site::start().unwrap();
+    let v = validate();
+    site.ok(&["create", "namespace", "other"]);
+    site.ok_stdin(&["create", v, "-f", "-"], Some(&pod("b", "app: web, tier: front", "n1")));
+    site.ok_stdin(&["create", v, "-f", "-"], Some(&pod("a", "app: db", "n2")));
+    site.ok_stdin(&["create", v, "-n", "other", "-f", "-"], Some(&pod("c", "app: web", "n1")));
+    let out = site.ok(&["get", "pods"]);
+    let rows = lines(&out);
+    assert_eq!(rows[0], vec!["NAME", "READY", "STATUS", "RESTARTS", "AGE"]);
+    assert_eq!(&rows[1][..4], &["a", "0/1", "Pending", "0"]);
+    let wide = site.ok(&["get", "pods", "-o", "wide"]);
+    assert!(wide.lines().next().unwrap().contains("IP       NODE   NOMINATED NODE   READINESS GATES"), "{wide}");
+    assert_eq!(site.ok(&["get", "pods", "-o", "name"]), "pod/a\npod/b\n");
+    assert_eq!(site.ok(&["get", "pods", "-l", "app=web", "-o", "name"]), "pod/b\n");
+    assert_eq!(site.ok(&["get", "pods", "-l", "app in (web,db),tier!=front", "-o", "name"]), "pod/a\n");
+    assert_eq!(site.ok(&["get", "pods", "-A", "--field-selector", "spec.nodeName=n1", "-o", "name"]), "pod/b\npod/c\n");
+    assert_eq!(site.ok(&["get", "pods", "--field-selector", "metadata.name!=a", "-o", "name"]), "pod/b\n");
+    let all = site.ok(&["get", "pods", "-A"]);
+    assert_eq!(lines(&all)[0][0], "NAMESPACE");
+    assert_eq!(lines(&all).len(), 4);
+    let sorted = site.ok(&["get", "pods", "-A", "--sort-by=.spec.nodeName", "-o", "custom-columns=N:.metadata.name,NODE:.spec.nodeName", "--no-headers"]);
+    let order: Vec<String> = lines(&sorted).iter().map(|r| r[1].clone()).collect();
+    assert_eq!(order, vec!["n1", "n1", "n2"]);
+    let labels = site.ok(&["get", "pods", "--show-labels"]);
+    assert!(labels.contains("app=web,tier=front"));
+    let yaml = site.ok(&["get", "pod", "a", "-o", "yaml"]);
+    assert!(yaml.contains("kind: Pod") && yaml.contains("resourceVersion:") && yaml.contains("uid:"));
+    let json: serde_json::Value = serde_json::from_str(&site.ok(&["get", "pod", "a", "-o", "json"])).unwrap();
+    assert_eq!(json["status"]["phase"], "Pending");
+    assert_eq!(json["spec"]["containers"][0]["imagePullPolicy"], "IfNotPresent");
+    // limit/continue round-trips through kubectl's chunking.
+    let chunked = site.ok(&["get", "pods", "-A", "--chunk-size=1", "-o", "name"]);
+    assert_eq!(chunked.lines().count(), 3);
+}
+
+#[test]
+fn errors_are_printed_as_upstream_prints_them() {
+    let site = Site::start().unwrap();
+    let v = validate();
+    assert_eq!(
+        site.fails(&["get", "pod", "nope"], None).trim(),
+        "Error from server (NotFound): pods \"nope\" not found"
+    );
+    let bad = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: bad\nspec:\n  containers:\n  - name: c\n";
+    assert_eq!(
+        site.fails(&["create", v, "-f", "-"], Some(bad)).trim(),
+        "The Pod \"bad\" is invalid: spec.containers[0].image: Required value"
+    );
+    let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: dup\n";
+    site.ok_stdin(&["create", v, "-f", "-"], Some(cm));
+    assert_eq!(
+        site.fails(&["create", v, "-f", "-"], Some(cm)).trim(),
+        "Error from server (AlreadyExists): error when creating \"STDIN\": configmaps \"dup\" already exists"
+    );
+    if kubectl_minor() >= 27 {
+        let unknown = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\nbogus: 1\n";
+        assert_eq!(
+            site.fails(&["create", "-f", "-"], Some(unknown)).trim(),
+            "Error from server (BadRequest): error when creating \"STDIN\": strict decoding error: unknown field \"bogus\""
+        );
+    }
+    let err = site.fails(&["get", "pods", "-l", "a in ("], None);
+    assert!(err.contains("Error from server (BadRequest)") && err.contains("unable to parse requirement"), "{err}");
+    let err = site.fails(&["get", "pods", "--field-selector", "spec.bogus=1"], None);
+    assert!(err.contains("field label not supported: spec.bogus"), "{err}");
+    let err = site.fails(&["create", "namespace", "Bad_Name"], None);
+    assert!(err.contains("The Namespace \"Bad_Name\" is invalid: metadata.name: Invalid value: \"Bad_Name\": a lowercase RFC 1123 label"), "{err}");
+    let err = site.fails(&["get", "widgets"], None);
+    assert!(err.contains("the server doesn't have a resource type \"widgets\""), "{err}");
+    let err = site.fails(&["create", v, "-n", "missing", "-f", "-"], Some(cm));
+    assert!(err.contains("namespaces \"missing\" not found"), "{err}");
+}
+
+#[test]
+fn watch_sees_changes() {
+    let site = Site::start().unwrap();
+    site.ok(&["create", "configmap", "w1", "--from-literal=a=1", "--dry-run=client", "-o", "yaml"]);
+    let mut child = Command::new(kubectl_bin())
+        .arg("--kubeconfig")
+        .arg(site.kubeconfig())
+        .args(["get", "configmaps", "-w", "--output-watch-events"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: w1\ndata:\n  a: \"1\"\n";
+    site.ok_stdin(&["create", validate(), "-f", "-"], Some(cm));
+    site.ok(&["patch", "configmap", "w1", "--type=merge", "-p", r#"{"data":{"b":"2"}}"#]);
+    site.ok(&["delete", "configmap", "w1"]);
+    let mut seen = Vec::new();
+    let got_all = eventually(Duration::from_secs(15), || {
+        while let Ok(line) = rx.try_recv() {
+            seen.push(line);
+        }
+        seen.iter().any(|l| l.starts_with("DELETED"))
+    });
+    let _ = child.kill();
+    assert!(got_all, "watch output: {seen:?}");
+    let events: Vec<(String, String)> = seen
+        .iter()
+        .filter(|l| !l.starts_with("EVENT"))
+        .map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols[0].to_string(), cols[1].to_string())
+        })
+        .collect();
+    let w1: Vec<&str> = events.iter().filter(|(_, n)| n == "w1").map(|(e, _)| e.as_str()).collect();
+    assert_eq!(w1, vec!["ADDED", "MODIFIED", "DELETED"], "{seen:?}");
+}
+
+#[test]
+fn wait_for_delete_and_cascade_modes() {
+    let site = Site::start().unwrap();
+    let v = validate();
+    for name in ["bg", "orphan", "fg", "gone"] {
+        site.ok_stdin(&["create", v, "-f", "-"], Some(&format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n")));
+    }
+    let waiter = Command::new(kubectl_bin())
+        .arg("--kubeconfig")
+        .arg(site.kubeconfig())
+        .args(["wait", "--for=delete", "configmap/gone", "--timeout=30s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    site.ok(&["delete", "configmap", "gone"]);
+    let out = waiter.wait_with_output().unwrap();
+    assert!(out.status.success(), "wait failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configmap/gone condition met"));
+
+    assert_eq!(site.ok(&["delete", "configmap", "bg", "--cascade=background"]).trim(), "configmap \"bg\" deleted");
+    assert!(site.kubectl(&["get", "configmap", "bg"]).unwrap().status.code() != Some(0));
+    // Orphan and foreground leave the object with a finalizer for the garbage collector.
+    site.ok(&["delete", "configmap", "orphan", "--cascade=orphan", "--wait=false"]);
+    let json: serde_json::Value = serde_json::from_str(&site.ok(&["get", "cm", "orphan", "-o", "json"])).unwrap();
+    assert_eq!(json["metadata"]["finalizers"], serde_json::json!(["orphan"]));
+    assert!(json["metadata"]["deletionTimestamp"].is_string());
+    site.ok(&["delete", "configmap", "fg", "--cascade=foreground", "--wait=false"]);
+    let json: serde_json::Value = serde_json::from_str(&site.ok(&["get", "cm", "fg", "-o", "json"])).unwrap();
+    assert_eq!(json["metadata"]["finalizers"], serde_json::json!(["foregroundDeletion"]));
+    // Removing the finalizer completes the deletion.
+    site.ok(&["patch", "cm", "fg", "--type=json", "-p", r#"[{"op":"remove","path":"/metadata/finalizers"}]"#]);
+    assert!(site.kubectl(&["get", "configmap", "fg"]).unwrap().status.code() != Some(0));
+}
+
+#[test]
+fn graceful_pod_deletion_waits_for_the_node() {
+    let site = Site::start().unwrap();
+    site.ok_stdin(&["create", validate(), "-f", "-"], Some(&pod("p", "app: x", "node-a")));
+    site.ok(&["delete", "pod", "p", "--wait=false"]);
+    let json: serde_json::Value = serde_json::from_str(&site.ok(&["get", "pod", "p", "-o", "json"])).unwrap();
+    assert!(json["metadata"]["deletionTimestamp"].is_string());
+    assert_eq!(json["metadata"]["deletionGracePeriodSeconds"], 30);
+    let out = site.ok(&["get", "pods"]);
+    assert!(out.contains("Terminating"), "{out}");
+    site.ok(&["delete", "pod", "p", "--grace-period=0", "--force"]);
+    assert!(site.kubectl(&["get", "pod", "p"]).unwrap().status.code() != Some(0));
+}
+
+#[test]
+fn explain_uses_real_schemas() {
+    let site = Site::start().unwrap();
+    if kubectl_minor() < 27 {
+        return;
+    }
+    let out = site.ok(&["explain", "pod.spec.containers"]);
+    assert!(out.contains("FIELD: containers <[]Container>"), "{out}");
+    assert!(out.contains("image\t<string>"), "{out}");
+    let out = site.ok(&["explain", "deployment.spec.strategy"]);
+    assert!(out.contains("rollingUpdate"), "{out}");
+}
