@@ -27,7 +27,10 @@ impl Identity {
 
     /// The identity in-process components use (they run inside the server).
     pub fn loopback() -> Self {
-        Identity::new("system:apiserver", &["system:masters", "system:authenticated"])
+        Identity::new(
+            "system:apiserver",
+            &["system:masters", "system:authenticated"],
+        )
     }
 }
 
@@ -94,7 +97,13 @@ impl TokenAuthenticator {
             }
             let mut groups: Vec<String> = fields
                 .get(3)
-                .map(|g| g.split(',').map(str::trim).filter(|g| !g.is_empty()).map(String::from).collect())
+                .map(|g| {
+                    g.split(',')
+                        .map(str::trim)
+                        .filter(|g| !g.is_empty())
+                        .map(String::from)
+                        .collect()
+                })
                 .unwrap_or_default();
             groups.push("system:authenticated".into());
             auth.add(
@@ -146,7 +155,11 @@ mod tests {
     fn token_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens.csv");
-        std::fs::write(&path, "# comment\nsecret1,alice,1,\"dev,ops\"\nsecret2,bob,2\n").unwrap();
+        std::fs::write(
+            &path,
+            "# comment\nsecret1,alice,1,\"dev,ops\"\nsecret2,bob,2\n",
+        )
+        .unwrap();
         let auth = TokenAuthenticator::from_file(&path).unwrap();
         let alice = auth.authenticate("Bearer secret1").unwrap();
         assert_eq!(alice.user, "alice");

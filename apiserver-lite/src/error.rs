@@ -39,7 +39,11 @@ impl Cause {
             Value::String(s) => format!("{s:?}"),
             other => other.to_string(),
         };
-        Self::new("FieldValueDuplicate", field, format!("Duplicate value: {shown}"))
+        Self::new(
+            "FieldValueDuplicate",
+            field,
+            format!("Duplicate value: {shown}"),
+        )
     }
 
     pub fn unsupported(field: impl Into<String>, value: &Value, supported: &[&str]) -> Self {
@@ -51,12 +55,19 @@ impl Cause {
         Self::new(
             "FieldValueNotSupported",
             field,
-            format!("Unsupported value: {shown}: supported values: {}", list.join(", ")),
+            format!(
+                "Unsupported value: {shown}: supported values: {}",
+                list.join(", ")
+            ),
         )
     }
 
     pub fn forbidden(field: impl Into<String>, detail: impl Into<String>) -> Self {
-        Self::new("FieldValueForbidden", field, format!("Forbidden: {}", detail.into()))
+        Self::new(
+            "FieldValueForbidden",
+            field,
+            format!("Forbidden: {}", detail.into()),
+        )
     }
 
     pub fn too_long(field: impl Into<String>, max: usize) -> Self {
@@ -104,7 +115,7 @@ pub struct ApiError {
     pub code: u16,
     pub reason: &'static str,
     pub message: String,
-    pub details: Option<Details>,
+    pub details: Option<Box<Details>>,
 }
 
 /// `pods "x"` or `deployments.apps "x"`: upstream's qualified resource name in messages.
@@ -127,7 +138,7 @@ impl ApiError {
     }
 
     pub fn with_details(mut self, details: Details) -> Self {
-        self.details = Some(details);
+        self.details = Some(Box::new(details));
         self
     }
 
@@ -253,7 +264,9 @@ impl ApiError {
         Self::new(
             415,
             "UnsupportedMediaType",
-            format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, application/vnd.kubernetes.protobuf (got {content_type:?})"),
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, application/vnd.kubernetes.protobuf (got {content_type:?})"
+            ),
         )
     }
 
@@ -261,7 +274,9 @@ impl ApiError {
         Self::new(
             406,
             "NotAcceptable",
-            format!("only the following media types are accepted: application/json, application/yaml (got {accept:?})"),
+            format!(
+                "only the following media types are accepted: application/json, application/yaml (got {accept:?})"
+            ),
         )
     }
 
@@ -390,7 +405,10 @@ mod tests {
             two.message,
             "Deployment.apps \"d\" is invalid: [spec.selector: Required value, spec.template.metadata.labels: Required value]"
         );
-        assert_eq!(two.status()["details"]["causes"][1]["reason"], "FieldValueRequired");
+        assert_eq!(
+            two.status()["details"]["causes"][1]["reason"],
+            "FieldValueRequired"
+        );
     }
 
     #[test]

@@ -66,7 +66,11 @@ fn image_pull_policy(image: &str) -> &'static str {
 
 fn default_container(c: &mut Value) {
     let c = obj(c);
-    let image = c.get("image").and_then(Value::as_str).unwrap_or("").to_string();
+    let image = c
+        .get("image")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     default(c, "terminationMessagePath", json!("/dev/termination-log"));
     default(c, "terminationMessagePolicy", json!("File"));
     default(c, "imagePullPolicy", json!(image_pull_policy(&image)));
@@ -145,7 +149,10 @@ pub fn apply_defaults(info: &ResourceInfo, object: &mut Value) {
                 }
                 // The DefaultTolerationSeconds admission plugin.
                 let tolerations = s["tolerations"].as_array_mut().expect("just set");
-                for key in ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"] {
+                for key in [
+                    "node.kubernetes.io/not-ready",
+                    "node.kubernetes.io/unreachable",
+                ] {
                     if !tolerations.iter().any(|t| t["key"] == key) {
                         tolerations.push(json!({"key": key, "operator": "Exists",
                             "effect": "NoExecute", "tolerationSeconds": 300}));
@@ -198,13 +205,14 @@ pub fn apply_defaults(info: &ResourceInfo, object: &mut Value) {
             default(spec, "replicas", json!(1));
             default(spec, "revisionHistoryLimit", json!(10));
             default(spec, "progressDeadlineSeconds", json!(600));
-            default(
-                spec,
-                "strategy",
-                json!({"type": "RollingUpdate"}),
-            );
+            default(spec, "strategy", json!({"type": "RollingUpdate"}));
             let strategy = obj(spec.get_mut("strategy").expect("just set"));
-            if strategy.get("type").and_then(Value::as_str).unwrap_or("RollingUpdate") == "RollingUpdate" {
+            if strategy
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("RollingUpdate")
+                == "RollingUpdate"
+            {
                 default(strategy, "type", json!("RollingUpdate"));
                 default(strategy, "rollingUpdate", json!({}));
                 let ru = obj(strategy.get_mut("rollingUpdate").expect("just set"));
@@ -325,7 +333,10 @@ pub fn prepare_for_create(info: &ResourceInfo, object: &mut Value, uid: &str) {
     match id(info) {
         ("", "pods") => {
             let qos = qos_class(o.get("spec").unwrap_or(&Value::Null));
-            o.insert("status".into(), json!({"phase": "Pending", "qosClass": qos}));
+            o.insert(
+                "status".into(),
+                json!({"phase": "Pending", "qosClass": qos}),
+            );
         }
         ("", "namespaces") => {
             let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
@@ -381,9 +392,16 @@ pub fn validate(info: &ResourceInfo, object: &Value, old: Option<&Value>) -> Vec
             }
         }
         ("", "services") => validation::validate_service(spec, &mut causes),
-        ("", "configmaps") | ("", "secrets") => validation::validate_config_keys(object, &mut causes),
+        ("", "configmaps") | ("", "secrets") => {
+            validation::validate_config_keys(object, &mut causes)
+        }
         ("apps", "deployments") | ("apps", "replicasets") | ("apps", "daemonsets") => {
-            validation::validate_workload(spec.unwrap_or(&Value::Null), &["Always"], true, &mut causes);
+            validation::validate_workload(
+                spec.unwrap_or(&Value::Null),
+                &["Always"],
+                true,
+                &mut causes,
+            );
             if let Some(old) = old
                 && old.pointer("/spec/selector") != object.pointer("/spec/selector")
             {
@@ -395,7 +413,12 @@ pub fn validate(info: &ResourceInfo, object: &Value, old: Option<&Value>) -> Vec
             }
         }
         ("apps", "statefulsets") => {
-            validation::validate_workload(spec.unwrap_or(&Value::Null), &["Always"], true, &mut causes);
+            validation::validate_workload(
+                spec.unwrap_or(&Value::Null),
+                &["Always"],
+                true,
+                &mut causes,
+            );
         }
         ("batch", "jobs") => {
             validation::validate_workload(
@@ -404,7 +427,10 @@ pub fn validate(info: &ResourceInfo, object: &Value, old: Option<&Value>) -> Vec
                 true,
                 &mut causes,
             );
-            if spec.and_then(|s| s.pointer("/template/spec/restartPolicy")).is_none() {
+            if spec
+                .and_then(|s| s.pointer("/template/spec/restartPolicy"))
+                .is_none()
+            {
                 causes.push(Cause::unsupported(
                     "spec.template.spec.restartPolicy",
                     &json!("Always"),
@@ -418,13 +444,20 @@ pub fn validate(info: &ResourceInfo, object: &Value, old: Option<&Value>) -> Vec
                 Some(_) => {}
             }
             let template = spec.and_then(|s| s.pointer("/jobTemplate/spec/template/spec"));
-            validation::validate_pod_spec(template, "spec.jobTemplate.spec.template.spec", &mut causes);
+            validation::validate_pod_spec(
+                template,
+                "spec.jobTemplate.spec.template.spec",
+                &mut causes,
+            );
         }
-        ("rbac.authorization.k8s.io", "rolebindings")
-        | ("rbac.authorization.k8s.io", "clusterrolebindings") => {
-            if object.pointer("/roleRef/name").and_then(Value::as_str).unwrap_or("").is_empty() {
-                causes.push(Cause::required("roleRef.name"));
-            }
+        ("rbac.authorization.k8s.io", "rolebindings" | "clusterrolebindings")
+            if object
+                .pointer("/roleRef/name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .is_empty() =>
+        {
+            causes.push(Cause::required("roleRef.name"));
         }
         _ => {}
     }
@@ -488,7 +521,10 @@ pub fn field_labels(info: &ResourceInfo) -> &'static [(&'static str, &'static st
             ("involvedObject.name", "/involvedObject/name"),
             ("involvedObject.uid", "/involvedObject/uid"),
             ("involvedObject.apiVersion", "/involvedObject/apiVersion"),
-            ("involvedObject.resourceVersion", "/involvedObject/resourceVersion"),
+            (
+                "involvedObject.resourceVersion",
+                "/involvedObject/resourceVersion",
+            ),
             ("involvedObject.fieldPath", "/involvedObject/fieldPath"),
             ("reason", "/reason"),
             ("reportingComponent", "/reportingComponent"),
@@ -507,7 +543,10 @@ pub fn field_labels(info: &ResourceInfo) -> &'static [(&'static str, &'static st
         ("", "nodes") => &[("spec.unschedulable", "/spec/unschedulable")],
         ("", "namespaces") => &[("status.phase", "/status/phase")],
         ("", "secrets") => &[("type", "/type")],
-        ("", "services") => &[("spec.clusterIP", "/spec/clusterIP"), ("spec.type", "/spec/type")],
+        ("", "services") => &[
+            ("spec.clusterIP", "/spec/clusterIP"),
+            ("spec.type", "/spec/type"),
+        ],
         ("", "persistentvolumeclaims") => &[("spec.volumeName", "/spec/volumeName")],
         ("apps", "replicasets") => &[("status.replicas", "/status/replicas")],
         ("batch", "jobs") => &[("status.successful", "/status/succeeded")],
@@ -520,14 +559,15 @@ pub fn selectable_fields(info: &ResourceInfo, object: &Value) -> BTreeMap<String
     let mut fields = BTreeMap::new();
     fields.insert("metadata.name".into(), field_str(object, "/metadata/name"));
     if info.namespaced {
-        fields.insert("metadata.namespace".into(), field_str(object, "/metadata/namespace"));
+        fields.insert(
+            "metadata.namespace".into(),
+            field_str(object, "/metadata/namespace"),
+        );
     }
     for (label, pointer) in field_labels(info) {
         let mut value = field_str(object, pointer);
-        if *label == "spec.unschedulable" || *label == "spec.hostNetwork" {
-            if value.is_empty() {
-                value = "false".into();
-            }
+        if (*label == "spec.unschedulable" || *label == "spec.hostNetwork") && value.is_empty() {
+            value = "false".into();
         }
         fields.insert((*label).to_string(), value);
     }
@@ -535,7 +575,10 @@ pub fn selectable_fields(info: &ResourceInfo, object: &Value) -> BTreeMap<String
 }
 
 /// Checks a field selector's labels against what the kind supports.
-pub fn check_field_labels(info: &ResourceInfo, labels: impl Iterator<Item = String>) -> Result<(), String> {
+pub fn check_field_labels(
+    info: &ResourceInfo,
+    labels: impl Iterator<Item = String>,
+) -> Result<(), String> {
     for label in labels {
         let known = label == "metadata.name"
             || (label == "metadata.namespace" && info.namespaced)
@@ -568,9 +611,14 @@ mod tests {
 
     #[test]
     fn qos() {
-        assert_eq!(qos_class(&json!({"containers": [{"name": "a"}]})), "BestEffort");
         assert_eq!(
-            qos_class(&json!({"containers": [{"resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}]})),
+            qos_class(&json!({"containers": [{"name": "a"}]})),
+            "BestEffort"
+        );
+        assert_eq!(
+            qos_class(
+                &json!({"containers": [{"resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}]})
+            ),
             "Guaranteed"
         );
         assert_eq!(
@@ -583,7 +631,10 @@ mod tests {
     fn pod_fields() {
         let registry = Registry::new();
         let info = registry.get("", "v1", "pods").unwrap();
-        let f = selectable_fields(&info, &json!({"metadata": {"name": "p", "namespace": "d"}, "spec": {"nodeName": "n1"}}));
+        let f = selectable_fields(
+            &info,
+            &json!({"metadata": {"name": "p", "namespace": "d"}, "spec": {"nodeName": "n1"}}),
+        );
         assert_eq!(f["spec.nodeName"], "n1");
         assert_eq!(f["status.phase"], "");
         assert!(check_field_labels(&info, ["spec.nodeName".to_string()].into_iter()).is_ok());

@@ -20,38 +20,114 @@ use crate::registry::{Registry, ResourceInfo};
 const PATCH_META: &[(&str, &str, Option<&str>)] = &[
     ("io.k8s.api.core.v1.PodSpec", "containers", Some("name")),
     ("io.k8s.api.core.v1.PodSpec", "initContainers", Some("name")),
-    ("io.k8s.api.core.v1.PodSpec", "ephemeralContainers", Some("name")),
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "ephemeralContainers",
+        Some("name"),
+    ),
     ("io.k8s.api.core.v1.PodSpec", "volumes", Some("name")),
-    ("io.k8s.api.core.v1.PodSpec", "imagePullSecrets", Some("name")),
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "imagePullSecrets",
+        Some("name"),
+    ),
     ("io.k8s.api.core.v1.PodSpec", "hostAliases", Some("ip")),
-    ("io.k8s.api.core.v1.PodSpec", "topologySpreadConstraints", Some("topologyKey")),
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "topologySpreadConstraints",
+        Some("topologyKey"),
+    ),
     ("io.k8s.api.core.v1.PodSpec", "resourceClaims", Some("name")),
-    ("io.k8s.api.core.v1.PodSpec", "schedulingGates", Some("name")),
+    (
+        "io.k8s.api.core.v1.PodSpec",
+        "schedulingGates",
+        Some("name"),
+    ),
     ("io.k8s.api.core.v1.Container", "env", Some("name")),
-    ("io.k8s.api.core.v1.Container", "ports", Some("containerPort")),
-    ("io.k8s.api.core.v1.Container", "volumeMounts", Some("mountPath")),
-    ("io.k8s.api.core.v1.Container", "volumeDevices", Some("devicePath")),
+    (
+        "io.k8s.api.core.v1.Container",
+        "ports",
+        Some("containerPort"),
+    ),
+    (
+        "io.k8s.api.core.v1.Container",
+        "volumeMounts",
+        Some("mountPath"),
+    ),
+    (
+        "io.k8s.api.core.v1.Container",
+        "volumeDevices",
+        Some("devicePath"),
+    ),
     ("io.k8s.api.core.v1.EphemeralContainer", "env", Some("name")),
-    ("io.k8s.api.core.v1.EphemeralContainer", "ports", Some("containerPort")),
-    ("io.k8s.api.core.v1.EphemeralContainer", "volumeMounts", Some("mountPath")),
-    ("io.k8s.api.core.v1.EphemeralContainer", "volumeDevices", Some("devicePath")),
+    (
+        "io.k8s.api.core.v1.EphemeralContainer",
+        "ports",
+        Some("containerPort"),
+    ),
+    (
+        "io.k8s.api.core.v1.EphemeralContainer",
+        "volumeMounts",
+        Some("mountPath"),
+    ),
+    (
+        "io.k8s.api.core.v1.EphemeralContainer",
+        "volumeDevices",
+        Some("devicePath"),
+    ),
     ("io.k8s.api.core.v1.PodStatus", "conditions", Some("type")),
     ("io.k8s.api.core.v1.PodStatus", "podIPs", Some("ip")),
     ("io.k8s.api.core.v1.PodStatus", "hostIPs", Some("ip")),
     ("io.k8s.api.core.v1.NodeStatus", "addresses", Some("type")),
     ("io.k8s.api.core.v1.NodeStatus", "conditions", Some("type")),
-    ("io.k8s.api.core.v1.NamespaceStatus", "conditions", Some("type")),
-    ("io.k8s.api.core.v1.PersistentVolumeClaimStatus", "conditions", Some("type")),
+    (
+        "io.k8s.api.core.v1.NamespaceStatus",
+        "conditions",
+        Some("type"),
+    ),
+    (
+        "io.k8s.api.core.v1.PersistentVolumeClaimStatus",
+        "conditions",
+        Some("type"),
+    ),
     ("io.k8s.api.core.v1.ServiceSpec", "ports", Some("port")),
     ("io.k8s.api.core.v1.ServiceAccount", "secrets", Some("name")),
-    ("io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta", "finalizers", None),
-    ("io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta", "ownerReferences", Some("uid")),
-    ("io.k8s.api.apps.v1.DeploymentStatus", "conditions", Some("type")),
-    ("io.k8s.api.apps.v1.ReplicaSetStatus", "conditions", Some("type")),
-    ("io.k8s.api.apps.v1.StatefulSetStatus", "conditions", Some("type")),
-    ("io.k8s.api.apps.v1.DaemonSetStatus", "conditions", Some("type")),
+    (
+        "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta",
+        "finalizers",
+        None,
+    ),
+    (
+        "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta",
+        "ownerReferences",
+        Some("uid"),
+    ),
+    (
+        "io.k8s.api.apps.v1.DeploymentStatus",
+        "conditions",
+        Some("type"),
+    ),
+    (
+        "io.k8s.api.apps.v1.ReplicaSetStatus",
+        "conditions",
+        Some("type"),
+    ),
+    (
+        "io.k8s.api.apps.v1.StatefulSetStatus",
+        "conditions",
+        Some("type"),
+    ),
+    (
+        "io.k8s.api.apps.v1.DaemonSetStatus",
+        "conditions",
+        Some("type"),
+    ),
     ("io.k8s.api.batch.v1.JobStatus", "conditions", Some("type")),
-    ("io.k8s.api.policy.v1.PodDisruptionBudgetStatus", "conditions", Some("type")),
+    (
+        "io.k8s.api.policy.v1.PodDisruptionBudgetStatus",
+        "conditions",
+        Some("type"),
+    ),
 ];
 
 fn add_patch_meta(schemas: &mut Map<String, Value>) {
@@ -65,7 +141,11 @@ fn add_patch_meta(schemas: &mut Map<String, Value>) {
         };
         match key {
             Some(key) => {
-                let strategy = if *field == "volumes" { "merge,retainKeys" } else { "merge" };
+                let strategy = if *field == "volumes" {
+                    "merge,retainKeys"
+                } else {
+                    "merge"
+                };
                 property.insert("x-kubernetes-patch-strategy".into(), json!(strategy));
                 property.insert("x-kubernetes-patch-merge-key".into(), json!(key));
                 property.insert("x-kubernetes-list-type".into(), json!("map"));
@@ -111,24 +191,76 @@ fn query_param(name: &str, description: &str, kind: &str) -> Value {
 
 fn write_params() -> Vec<Value> {
     vec![
-        query_param("dryRun", "When present, indicates that modifications should not be persisted. Valid values are: - All: all dry run stages will be processed", "string"),
-        query_param("fieldManager", "fieldManager is a name associated with the actor or entity that is making these changes.", "string"),
-        query_param("fieldValidation", "fieldValidation instructs the server on how to handle objects in the request (POST/PUT/PATCH) containing unknown or duplicate fields. Valid values are: - Ignore - Warn - Strict", "string"),
+        query_param(
+            "dryRun",
+            "When present, indicates that modifications should not be persisted. Valid values are: - All: all dry run stages will be processed",
+            "string",
+        ),
+        query_param(
+            "fieldManager",
+            "fieldManager is a name associated with the actor or entity that is making these changes.",
+            "string",
+        ),
+        query_param(
+            "fieldValidation",
+            "fieldValidation instructs the server on how to handle objects in the request (POST/PUT/PATCH) containing unknown or duplicate fields. Valid values are: - Ignore - Warn - Strict",
+            "string",
+        ),
     ]
 }
 
 fn list_params() -> Vec<Value> {
     vec![
-        query_param("allowWatchBookmarks", "allowWatchBookmarks requests watch events with type \"BOOKMARK\".", "boolean"),
-        query_param("continue", "The continue option should be set when retrieving more results from the server.", "string"),
-        query_param("fieldSelector", "A selector to restrict the list of returned objects by their fields. Defaults to everything.", "string"),
-        query_param("labelSelector", "A selector to restrict the list of returned objects by their labels. Defaults to everything.", "string"),
-        query_param("limit", "limit is a maximum number of responses to return for a list call.", "integer"),
-        query_param("resourceVersion", "resourceVersion sets a constraint on what resource versions a request may be served from.", "string"),
-        query_param("resourceVersionMatch", "resourceVersionMatch determines how resourceVersion is applied to list calls.", "string"),
-        query_param("sendInitialEvents", "`sendInitialEvents=true` may be set together with `watch=true`.", "boolean"),
-        query_param("timeoutSeconds", "Timeout for the list/watch call.", "integer"),
-        query_param("watch", "Watch for changes to the described resources and return them as a stream of add, update, and remove notifications.", "boolean"),
+        query_param(
+            "allowWatchBookmarks",
+            "allowWatchBookmarks requests watch events with type \"BOOKMARK\".",
+            "boolean",
+        ),
+        query_param(
+            "continue",
+            "The continue option should be set when retrieving more results from the server.",
+            "string",
+        ),
+        query_param(
+            "fieldSelector",
+            "A selector to restrict the list of returned objects by their fields. Defaults to everything.",
+            "string",
+        ),
+        query_param(
+            "labelSelector",
+            "A selector to restrict the list of returned objects by their labels. Defaults to everything.",
+            "string",
+        ),
+        query_param(
+            "limit",
+            "limit is a maximum number of responses to return for a list call.",
+            "integer",
+        ),
+        query_param(
+            "resourceVersion",
+            "resourceVersion sets a constraint on what resource versions a request may be served from.",
+            "string",
+        ),
+        query_param(
+            "resourceVersionMatch",
+            "resourceVersionMatch determines how resourceVersion is applied to list calls.",
+            "string",
+        ),
+        query_param(
+            "sendInitialEvents",
+            "`sendInitialEvents=true` may be set together with `watch=true`.",
+            "boolean",
+        ),
+        query_param(
+            "timeoutSeconds",
+            "Timeout for the list/watch call.",
+            "integer",
+        ),
+        query_param(
+            "watch",
+            "Watch for changes to the described resources and return them as a stream of add, update, and remove notifications.",
+            "boolean",
+        ),
     ]
 }
 
@@ -139,7 +271,10 @@ fn path_param(name: &str) -> Value {
 fn body(schema: &str, media: &[&str]) -> Value {
     let mut content = Map::new();
     for m in media {
-        content.insert(m.to_string(), json!({"schema": {"$ref": format!("#/components/schemas/{schema}")}}));
+        content.insert(
+            m.to_string(),
+            json!({"schema": {"$ref": format!("#/components/schemas/{schema}")}}),
+        );
     }
     json!({"content": content, "required": true})
 }
@@ -156,7 +291,14 @@ fn response(schema: &str, codes: &[&str]) -> Value {
     Value::Object(responses)
 }
 
-fn operation(action: &str, id: String, gvk: &Value, params: Vec<Value>, request: Option<Value>, responses: Value) -> Value {
+fn operation(
+    action: &str,
+    id: String,
+    gvk: &Value,
+    params: Vec<Value>,
+    request: Option<Value>,
+    responses: Value,
+) -> Value {
     let mut op = json!({
         "operationId": id,
         "parameters": params,
@@ -170,13 +312,22 @@ fn operation(action: &str, id: String, gvk: &Value, params: Vec<Value>, request:
     op
 }
 
-fn resource_paths(info: &ResourceInfo, schema: &str, list_schema: &str, paths: &mut Map<String, Value>) {
+fn resource_paths(
+    info: &ResourceInfo,
+    schema: &str,
+    list_schema: &str,
+    paths: &mut Map<String, Value>,
+) {
     let gvk = json!({"group": info.group, "version": info.version, "kind": info.kind});
     let prefix = format!("/{}", gv_path(&info.group, &info.version));
     let scope = if info.namespaced { "Namespaced" } else { "" };
     let base = format!(
         "{}{}{}",
-        camel(if info.group.is_empty() { "core" } else { &info.group }),
+        camel(if info.group.is_empty() {
+            "core"
+        } else {
+            &info.group
+        }),
         camel(&info.version),
         scope
     );
@@ -197,18 +348,39 @@ fn resource_paths(info: &ResourceInfo, schema: &str, list_schema: &str, paths: &
     let mut collection_ops = Map::new();
     collection_ops.insert(
         "get".into(),
-        operation("list", format!("list{base}{}", info.kind), &gvk, list_params(), None, response(list_schema, &["200"])),
+        operation(
+            "list",
+            format!("list{base}{}", info.kind),
+            &gvk,
+            list_params(),
+            None,
+            response(list_schema, &["200"]),
+        ),
     );
     if info.verbs.contains(&"create") {
         collection_ops.insert(
             "post".into(),
-            operation("post", format!("create{base}{}", info.kind), &gvk, write_params(), Some(body(schema, &["application/json", "application/yaml"])), response(schema, &["200", "201", "202"])),
+            operation(
+                "post",
+                format!("create{base}{}", info.kind),
+                &gvk,
+                write_params(),
+                Some(body(schema, &["application/json", "application/yaml"])),
+                response(schema, &["200", "201", "202"]),
+            ),
         );
     }
     if info.verbs.contains(&"deletecollection") {
         collection_ops.insert(
             "delete".into(),
-            operation("deletecollection", format!("deleteCollection{base}{}", info.kind), &gvk, list_params(), None, response("io.k8s.apimachinery.pkg.apis.meta.v1.Status", &["200"])),
+            operation(
+                "deletecollection",
+                format!("deleteCollection{base}{}", info.kind),
+                &gvk,
+                list_params(),
+                None,
+                response("io.k8s.apimachinery.pkg.apis.meta.v1.Status", &["200"]),
+            ),
         );
     }
     collection_ops.insert("parameters".into(), Value::Array(shared.clone()));
@@ -222,12 +394,76 @@ fn resource_paths(info: &ResourceInfo, schema: &str, list_schema: &str, paths: &
     shared.push(path_param("name"));
     let item = format!("{collection}/{{name}}");
     let mut item_ops = Map::new();
-    item_ops.insert("get".into(), operation("get", format!("read{base}{}", info.kind), &gvk, vec![], None, response(schema, &["200"])));
-    item_ops.insert("put".into(), operation("put", format!("replace{base}{}", info.kind), &gvk, write_params(), Some(body(schema, &["application/json", "application/yaml"])), response(schema, &["200", "201"])));
+    item_ops.insert(
+        "get".into(),
+        operation(
+            "get",
+            format!("read{base}{}", info.kind),
+            &gvk,
+            vec![],
+            None,
+            response(schema, &["200"]),
+        ),
+    );
+    item_ops.insert(
+        "put".into(),
+        operation(
+            "put",
+            format!("replace{base}{}", info.kind),
+            &gvk,
+            write_params(),
+            Some(body(schema, &["application/json", "application/yaml"])),
+            response(schema, &["200", "201"]),
+        ),
+    );
     let mut patch_params = write_params();
-    patch_params.push(query_param("force", "Force is going to \"force\" Apply requests.", "boolean"));
-    item_ops.insert("patch".into(), operation("patch", format!("patch{base}{}", info.kind), &gvk, patch_params.clone(), Some(body("io.k8s.apimachinery.pkg.apis.meta.v1.Patch", &patch_types)), response(schema, &["200", "201"])));
-    item_ops.insert("delete".into(), operation("delete", format!("delete{base}{}", info.kind), &gvk, vec![query_param("gracePeriodSeconds", "The duration in seconds before the object should be deleted.", "integer"), query_param("propagationPolicy", "Whether and how garbage collection will be performed.", "string")], Some(body("io.k8s.apimachinery.pkg.apis.meta.v1.DeleteOptions", &["application/json"])), response("io.k8s.apimachinery.pkg.apis.meta.v1.Status", &["200", "202"])));
+    patch_params.push(query_param(
+        "force",
+        "Force is going to \"force\" Apply requests.",
+        "boolean",
+    ));
+    item_ops.insert(
+        "patch".into(),
+        operation(
+            "patch",
+            format!("patch{base}{}", info.kind),
+            &gvk,
+            patch_params.clone(),
+            Some(body(
+                "io.k8s.apimachinery.pkg.apis.meta.v1.Patch",
+                &patch_types,
+            )),
+            response(schema, &["200", "201"]),
+        ),
+    );
+    item_ops.insert(
+        "delete".into(),
+        operation(
+            "delete",
+            format!("delete{base}{}", info.kind),
+            &gvk,
+            vec![
+                query_param(
+                    "gracePeriodSeconds",
+                    "The duration in seconds before the object should be deleted.",
+                    "integer",
+                ),
+                query_param(
+                    "propagationPolicy",
+                    "Whether and how garbage collection will be performed.",
+                    "string",
+                ),
+            ],
+            Some(body(
+                "io.k8s.apimachinery.pkg.apis.meta.v1.DeleteOptions",
+                &["application/json"],
+            )),
+            response(
+                "io.k8s.apimachinery.pkg.apis.meta.v1.Status",
+                &["200", "202"],
+            ),
+        ),
+    );
     item_ops.insert("parameters".into(), Value::Array(shared.clone()));
     paths.insert(item.clone(), Value::Object(item_ops));
     for sub in &info.subresources {
@@ -243,9 +479,42 @@ fn resource_paths(info: &ResourceInfo, schema: &str, list_schema: &str, paths: &
         };
         let suffix = camel(sub.name);
         let mut ops = Map::new();
-        ops.insert("get".into(), operation("get", format!("read{base}{}{suffix}", info.kind), &sub_gvk, vec![], None, response(&sub_schema, &["200"])));
-        ops.insert("put".into(), operation("put", format!("replace{base}{}{suffix}", info.kind), &sub_gvk, write_params(), Some(body(&sub_schema, &["application/json"])), response(&sub_schema, &["200", "201"])));
-        ops.insert("patch".into(), operation("patch", format!("patch{base}{}{suffix}", info.kind), &sub_gvk, patch_params.clone(), Some(body("io.k8s.apimachinery.pkg.apis.meta.v1.Patch", &patch_types)), response(&sub_schema, &["200", "201"])));
+        ops.insert(
+            "get".into(),
+            operation(
+                "get",
+                format!("read{base}{}{suffix}", info.kind),
+                &sub_gvk,
+                vec![],
+                None,
+                response(&sub_schema, &["200"]),
+            ),
+        );
+        ops.insert(
+            "put".into(),
+            operation(
+                "put",
+                format!("replace{base}{}{suffix}", info.kind),
+                &sub_gvk,
+                write_params(),
+                Some(body(&sub_schema, &["application/json"])),
+                response(&sub_schema, &["200", "201"]),
+            ),
+        );
+        ops.insert(
+            "patch".into(),
+            operation(
+                "patch",
+                format!("patch{base}{}{suffix}", info.kind),
+                &sub_gvk,
+                patch_params.clone(),
+                Some(body(
+                    "io.k8s.apimachinery.pkg.apis.meta.v1.Patch",
+                    &patch_types,
+                )),
+                response(&sub_schema, &["200", "201"]),
+            ),
+        );
         ops.insert("parameters".into(), Value::Array(shared.clone()));
         paths.insert(format!("{item}/{}", sub.name), Value::Object(ops));
     }
@@ -276,7 +545,10 @@ impl OpenApi {
             h.update(&r.kind);
             h.update(r.subresources.len().to_le_bytes());
         }
-        h.finalize()[..16].iter().map(|b| format!("{b:02X}")).collect()
+        h.finalize()[..16]
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect()
     }
 
     pub fn index(&self) -> Value {
@@ -296,7 +568,12 @@ impl OpenApi {
     pub fn document(&self, group: &str, version: &str) -> Option<Bytes> {
         let hash = self.hash(group, version);
         let key = (group.to_string(), version.to_string(), hash);
-        if let Some(doc) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        if let Some(doc) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
             return Some(doc.clone());
         }
         let resources = self.resources(group, version);
@@ -320,7 +597,9 @@ impl OpenApi {
                 Some(t) => {
                     let name = (t.schema_name)().into_owned();
                     let schema = (t.schema)(&mut generator);
-                    generator.definitions_mut().insert(name.clone(), schema.to_value());
+                    generator
+                        .definitions_mut()
+                        .insert(name.clone(), schema.to_value());
                     let list_name = format!("{name}List");
                     (name, list_name)
                 }
@@ -341,15 +620,32 @@ impl OpenApi {
                 },
                 "x-kubernetes-group-version-kind": [{"group": r.group, "version": r.version, "kind": r.list_kind()}],
             });
-            generator.definitions_mut().insert(list_name.clone(), list_schema);
+            generator
+                .definitions_mut()
+                .insert(list_name.clone(), list_schema);
             resource_paths(r, &schema_name, &list_name, &mut paths);
         }
         for (name, schema) in [
-            ("io.k8s.apimachinery.pkg.apis.meta.v1.ListMeta", generator.subschema_for::<meta::ListMeta>()),
-            ("io.k8s.apimachinery.pkg.apis.meta.v1.Status", generator.subschema_for::<meta::Status>()),
-            ("io.k8s.apimachinery.pkg.apis.meta.v1.DeleteOptions", generator.subschema_for::<meta::DeleteOptions>()),
-            ("io.k8s.apimachinery.pkg.apis.meta.v1.Patch", generator.subschema_for::<meta::Patch>()),
-            ("io.k8s.api.autoscaling.v1.Scale", generator.subschema_for::<k8s_openapi::api::autoscaling::v1::Scale>()),
+            (
+                "io.k8s.apimachinery.pkg.apis.meta.v1.ListMeta",
+                generator.subschema_for::<meta::ListMeta>(),
+            ),
+            (
+                "io.k8s.apimachinery.pkg.apis.meta.v1.Status",
+                generator.subschema_for::<meta::Status>(),
+            ),
+            (
+                "io.k8s.apimachinery.pkg.apis.meta.v1.DeleteOptions",
+                generator.subschema_for::<meta::DeleteOptions>(),
+            ),
+            (
+                "io.k8s.apimachinery.pkg.apis.meta.v1.Patch",
+                generator.subschema_for::<meta::Patch>(),
+            ),
+            (
+                "io.k8s.api.autoscaling.v1.Scale",
+                generator.subschema_for::<k8s_openapi::api::autoscaling::v1::Scale>(),
+            ),
         ] {
             let _ = (name, schema);
         }
@@ -361,7 +657,10 @@ impl OpenApi {
             }
         }
         if let Some(Value::Object(s)) = schemas.get_mut("io.k8s.api.autoscaling.v1.Scale") {
-            s.insert("x-kubernetes-group-version-kind".into(), json!([{"group": "autoscaling", "version": "v1", "kind": "Scale"}]));
+            s.insert(
+                "x-kubernetes-group-version-kind".into(),
+                json!([{"group": "autoscaling", "version": "v1", "kind": "Scale"}]),
+            );
         }
         json!({
             "openapi": "3.0.0",
@@ -385,12 +684,27 @@ mod tests {
         assert_eq!(pod["x-kubernetes-group-version-kind"][0]["kind"], "Pod");
         let container = &doc["components"]["schemas"]["io.k8s.api.core.v1.Container"];
         assert!(container["properties"]["image"]["description"].is_string());
-        let containers = &doc["components"]["schemas"]["io.k8s.api.core.v1.PodSpec"]["properties"]["containers"];
+        let containers =
+            &doc["components"]["schemas"]["io.k8s.api.core.v1.PodSpec"]["properties"]["containers"];
         assert_eq!(containers["x-kubernetes-patch-merge-key"], "name");
         let patch = &doc["paths"]["/api/v1/namespaces/{namespace}/pods/{name}"]["patch"];
-        assert!(patch["parameters"].as_array().unwrap().iter().any(|p| p["name"] == "fieldValidation"));
-        assert!(doc["components"]["schemas"]["io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"].is_object());
+        assert!(
+            patch["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "fieldValidation")
+        );
+        assert!(
+            doc["components"]["schemas"]["io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"]
+                .is_object()
+        );
         let index = api.index();
-        assert!(index["paths"]["apis/apps/v1"]["serverRelativeURL"].as_str().unwrap().starts_with("/openapi/v3/apis/apps/v1?hash="));
+        assert!(
+            index["paths"]["apis/apps/v1"]["serverRelativeURL"]
+                .as_str()
+                .unwrap()
+                .starts_with("/openapi/v3/apis/apps/v1?hash=")
+        );
     }
 }

@@ -99,7 +99,9 @@ fn tokenize(text: &str) -> Result<Vec<Token>, String> {
 
 fn check_key(key: &str) -> Result<(), String> {
     if let Err(why) = is_qualified_name(key) {
-        return Err(requirement_error(format!("key: Invalid value: {key:?}: {why}")));
+        return Err(requirement_error(format!(
+            "key: Invalid value: {key:?}: {why}"
+        )));
     }
     Ok(())
 }
@@ -124,15 +126,17 @@ impl LabelSelector {
         };
         while i < tokens.len() {
             if tokens[i] == Token::Op("!") {
-                let key = word(i + 1).ok_or_else(|| {
-                    requirement_error("found '!' with no key after it")
-                })?;
+                let key = word(i + 1)
+                    .ok_or_else(|| requirement_error("found '!' with no key after it"))?;
                 check_key(&key)?;
                 requirements.push(LabelRequirement::DoesNotExist(key));
                 i += 2;
             } else {
                 let key = word(i).ok_or_else(|| {
-                    requirement_error(format!("found {:?}, expected: identifier", describe(tokens.get(i))))
+                    requirement_error(format!(
+                        "found {:?}, expected: identifier",
+                        describe(tokens.get(i))
+                    ))
                 })?;
                 check_key(&key)?;
                 i += 1;
@@ -165,9 +169,8 @@ impl LabelSelector {
                     }
                     Some(Token::Op(op @ (">" | "<"))) => {
                         let op = *op;
-                        let value = word(i + 1).ok_or_else(|| {
-                            requirement_error("expected an integer after > or <")
-                        })?;
+                        let value = word(i + 1)
+                            .ok_or_else(|| requirement_error("expected an integer after > or <"))?;
                         let n: i64 = value.parse().map_err(|_| {
                             requirement_error(format!(
                                 "for 'Gt', 'Lt' operators, the value must be an integer: {value:?}"
@@ -235,7 +238,9 @@ impl LabelSelector {
                 Some(Token::Comma) => {
                     i += 1;
                     if i == tokens.len() {
-                        return Err(requirement_error("found '', expected: identifier after ','"));
+                        return Err(requirement_error(
+                            "found '', expected: identifier after ','",
+                        ));
                     }
                 }
                 other => {
@@ -265,14 +270,20 @@ impl LabelSelector {
                 let key = e["key"].as_str().unwrap_or_default().to_string();
                 let values: Vec<String> = e["values"]
                     .as_array()
-                    .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(String::from))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 requirements.push(match e["operator"].as_str() {
                     Some("In") => LabelRequirement::In(key, values),
                     Some("NotIn") => LabelRequirement::NotIn(key, values),
                     Some("Exists") => LabelRequirement::Exists(key),
                     Some("DoesNotExist") => LabelRequirement::DoesNotExist(key),
-                    other => return Err(format!("{other:?} is not a valid label selector operator")),
+                    other => {
+                        return Err(format!("{other:?} is not a valid label selector operator"));
+                    }
                 });
             }
         }
@@ -378,7 +389,11 @@ fn unescape(value: &str) -> Result<String, String> {
         if c == '\\' {
             match chars.next() {
                 Some(e @ ('\\' | ',' | '=')) => out.push(e),
-                Some(other) => return Err(format!("invalid field selector: invalid escape sequence: \\{other}")),
+                Some(other) => {
+                    return Err(format!(
+                        "invalid field selector: invalid escape sequence: \\{other}"
+                    ));
+                }
                 None => return Err("invalid field selector: invalid escape sequence at end".into()),
             }
         } else {
@@ -402,7 +417,9 @@ impl FieldSelector {
             } else if let Some(i) = find_unescaped(&part, "=") {
                 (&part[..i], &part[i + 1..], false)
             } else {
-                return Err(format!("invalid selector: '{text}'; can't understand '{part}'"));
+                return Err(format!(
+                    "invalid selector: '{text}'; can't understand '{part}'"
+                ));
             };
             requirements.push(FieldRequirement {
                 field: field.trim().to_string(),
@@ -455,7 +472,10 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -484,7 +504,9 @@ mod tests {
 
     #[test]
     fn absurd_label_selectors_are_errors() {
-        for bad in ["a=(", "in (a)", "a in ()", "a in b", "=x", "a,", "a b", "-bad-=x", "a=b c", "!"] {
+        for bad in [
+            "a=(", "in (a)", "a in ()", "a in b", "=x", "a,", "a b", "-bad-=x", "a=b c", "!",
+        ] {
             assert!(LabelSelector::parse(bad).is_err(), "{bad} should not parse");
         }
     }

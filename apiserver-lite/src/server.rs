@@ -14,7 +14,8 @@ use crate::storage::sqlite::SqliteStorage;
 use crate::storage::{Storage, StorageError};
 
 /// Namespaces every cluster has after start.
-pub const DEFAULT_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "kube-node-lease"];
+pub const DEFAULT_NAMESPACES: &[&str] =
+    &["default", "kube-system", "kube-public", "kube-node-lease"];
 
 /// Typed configuration of the API server; the binary builds it from flags and files.
 pub struct Config {
@@ -37,8 +38,12 @@ pub enum ServerError {
 }
 
 /// Opens the store and prepares the server state (default namespaces included).
-pub async fn prepare(config: &Config, shutdown: CancellationToken) -> Result<Arc<ApiServer>, ServerError> {
-    let storage: Arc<dyn Storage> = Arc::new(SqliteStorage::open(&config.database, config.watch_window)?);
+pub async fn prepare(
+    config: &Config,
+    shutdown: CancellationToken,
+) -> Result<Arc<ApiServer>, ServerError> {
+    let storage: Arc<dyn Storage> =
+        Arc::new(SqliteStorage::open(&config.database, config.watch_window)?);
     let server = Arc::new(ApiServer::new(storage, config.tokens.clone(), shutdown));
     for name in DEFAULT_NAMESPACES {
         let object = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
@@ -58,7 +63,11 @@ pub async fn prepare(config: &Config, shutdown: CancellationToken) -> Result<Arc
 }
 
 /// Runs the API server on `listener` until `shutdown` is cancelled.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
     let server = prepare(&config, shutdown.clone()).await?;
     let app = http::router(server);
     http::serve(listener, config.tls.clone(), app, shutdown).await?;

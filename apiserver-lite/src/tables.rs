@@ -17,7 +17,12 @@ pub struct Column {
     pub description: &'static str,
 }
 
-const fn col(name: &'static str, kind: &'static str, priority: u8, description: &'static str) -> Column {
+const fn col(
+    name: &'static str,
+    kind: &'static str,
+    priority: u8,
+    description: &'static str,
+) -> Column {
     Column {
         name,
         kind,
@@ -26,11 +31,36 @@ const fn col(name: &'static str, kind: &'static str, priority: u8, description: 
     }
 }
 
-const NAME: Column = col("Name", "string", 0, "Name must be unique within a namespace.");
-const AGE: Column = col("Age", "string", 0, "CreationTimestamp is a timestamp representing the server time when this object was created.");
-const CREATED_AT: Column = col("Created At", "date", 0, "CreationTimestamp is a timestamp representing the server time when this object was created.");
-const CONTAINERS: Column = col("Containers", "string", 1, "Names of each container in the template.");
-const IMAGES: Column = col("Images", "string", 1, "Images referenced by each container in the template.");
+const NAME: Column = col(
+    "Name",
+    "string",
+    0,
+    "Name must be unique within a namespace.",
+);
+const AGE: Column = col(
+    "Age",
+    "string",
+    0,
+    "CreationTimestamp is a timestamp representing the server time when this object was created.",
+);
+const CREATED_AT: Column = col(
+    "Created At",
+    "date",
+    0,
+    "CreationTimestamp is a timestamp representing the server time when this object was created.",
+);
+const CONTAINERS: Column = col(
+    "Containers",
+    "string",
+    1,
+    "Names of each container in the template.",
+);
+const IMAGES: Column = col(
+    "Images",
+    "string",
+    1,
+    "Images referenced by each container in the template.",
+);
 const SELECTOR: Column = col("Selector", "string", 1, "Label selector.");
 
 /// upstream's `duration.HumanDuration`.
@@ -102,7 +132,10 @@ fn since(object: &Value, pointer: &str, now: DateTime<Utc>) -> String {
 }
 
 fn s<'a>(object: &'a Value, pointer: &str) -> &'a str {
-    object.pointer(pointer).and_then(Value::as_str).unwrap_or("")
+    object
+        .pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or("")
 }
 
 fn n(object: &Value, pointer: &str) -> i64 {
@@ -110,7 +143,11 @@ fn n(object: &Value, pointer: &str) -> i64 {
 }
 
 fn or_none(text: String) -> String {
-    if text.is_empty() { "<none>".into() } else { text }
+    if text.is_empty() {
+        "<none>".into()
+    } else {
+        text
+    }
 }
 
 fn arr<'a>(object: &'a Value, pointer: &str) -> &'a [Value] {
@@ -159,7 +196,11 @@ pub fn format_selector(selector: Option<&Value>) -> String {
 fn format_map(map: Option<&Value>) -> String {
     let parts: Vec<String> = map
         .and_then(Value::as_object)
-        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect())
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect()
+        })
         .unwrap_or_default();
     or_none(parts.join(","))
 }
@@ -191,7 +232,9 @@ fn pod_row(pod: &Value, now: DateTime<Utc>) -> Vec<Value> {
             } else {
                 format!("Init:ExitCode:{}", n(t, "/exitCode"))
             }
-        } else if !s(c, "/state/waiting/reason").is_empty() && s(c, "/state/waiting/reason") != "PodInitializing" {
+        } else if !s(c, "/state/waiting/reason").is_empty()
+            && s(c, "/state/waiting/reason") != "PodInitializing"
+        {
             format!("Init:{}", s(c, "/state/waiting/reason"))
         } else {
             format!("Init:{i}/{init_total}")
@@ -317,8 +360,12 @@ fn node_row(node: &Value, now: DateTime<Utc>) -> Vec<Value> {
         json!(address("InternalIP")),
         json!(address("ExternalIP")),
         json!(or_none(s(node, "/status/nodeInfo/osImage").to_string())),
-        json!(or_none(s(node, "/status/nodeInfo/kernelVersion").to_string())),
-        json!(or_none(s(node, "/status/nodeInfo/containerRuntimeVersion").to_string())),
+        json!(or_none(
+            s(node, "/status/nodeInfo/kernelVersion").to_string()
+        )),
+        json!(or_none(
+            s(node, "/status/nodeInfo/containerRuntimeVersion").to_string()
+        )),
     ]
 }
 
@@ -335,16 +382,27 @@ fn service_row(svc: &Value, now: DateTime<Utc>) -> Vec<Value> {
         .iter()
         .map(|i| {
             let ip = s(i, "/ip");
-            if ip.is_empty() { s(i, "/hostname").to_string() } else { ip.to_string() }
+            if ip.is_empty() {
+                s(i, "/hostname").to_string()
+            } else {
+                ip.to_string()
+            }
         })
         .collect();
-    let external_ips: Vec<&str> = arr(svc, "/spec/externalIPs").iter().filter_map(Value::as_str).collect();
+    let external_ips: Vec<&str> = arr(svc, "/spec/externalIPs")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
     let external = match kind {
         "ClusterIP" | "NodePort" => or_none(external_ips.join(",")),
         "LoadBalancer" => {
             let mut all: Vec<String> = ingress;
             all.extend(external_ips.iter().map(|s| s.to_string()));
-            if all.is_empty() { "<pending>".into() } else { all.join(",") }
+            if all.is_empty() {
+                "<pending>".into()
+            } else {
+                all.join(",")
+            }
         }
         "ExternalName" => s(svc, "/spec/externalName").to_string(),
         _ => "<unknown>".into(),
@@ -373,7 +431,11 @@ fn service_row(svc: &Value, now: DateTime<Utc>) -> Vec<Value> {
 
 fn job_status(job: &Value) -> &'static str {
     let conditions = arr(job, "/status/conditions");
-    let has = |t: &str| conditions.iter().any(|c| c["type"] == t && c["status"] == "True");
+    let has = |t: &str| {
+        conditions
+            .iter()
+            .any(|c| c["type"] == t && c["status"] == "True")
+    };
     if has("Complete") {
         "Complete"
     } else if has("Failed") {
@@ -423,94 +485,340 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
     match (info.group.as_str(), info.resource.as_str()) {
         ("", "pods") => vec![
             NAME,
-            col("Ready", "string", 0, "The aggregate readiness state of this pod for accepting traffic."),
-            col("Status", "string", 0, "The aggregate status of the containers in this pod."),
-            col("Restarts", "string", 0, "The number of times the containers in this pod have been restarted and when the last container in this pod has restarted."),
+            col(
+                "Ready",
+                "string",
+                0,
+                "The aggregate readiness state of this pod for accepting traffic.",
+            ),
+            col(
+                "Status",
+                "string",
+                0,
+                "The aggregate status of the containers in this pod.",
+            ),
+            col(
+                "Restarts",
+                "string",
+                0,
+                "The number of times the containers in this pod have been restarted and when the last container in this pod has restarted.",
+            ),
             AGE,
-            col("IP", "string", 1, "IP address allocated to the pod. Routable at least within the cluster. Empty if not yet allocated."),
-            col("Node", "string", 1, "NodeName is a request to schedule this pod onto a specific node."),
-            col("Nominated Node", "string", 1, "nominatedNodeName is set only when this pod preempts other pods on the node."),
-            col("Readiness Gates", "string", 1, "If specified, all readiness gates will be evaluated for pod readiness."),
+            col(
+                "IP",
+                "string",
+                1,
+                "IP address allocated to the pod. Routable at least within the cluster. Empty if not yet allocated.",
+            ),
+            col(
+                "Node",
+                "string",
+                1,
+                "NodeName is a request to schedule this pod onto a specific node.",
+            ),
+            col(
+                "Nominated Node",
+                "string",
+                1,
+                "nominatedNodeName is set only when this pod preempts other pods on the node.",
+            ),
+            col(
+                "Readiness Gates",
+                "string",
+                1,
+                "If specified, all readiness gates will be evaluated for pod readiness.",
+            ),
         ],
         ("", "nodes") => vec![
             NAME,
             col("Status", "string", 0, "The status of the node"),
             col("Roles", "string", 0, "The roles of the node"),
             AGE,
-            col("Version", "string", 0, "Kubelet Version reported by the node."),
-            col("Internal-IP", "string", 1, "List of addresses reachable to the node. Queried from cloud provider, if available."),
-            col("External-IP", "string", 1, "List of addresses reachable to the node. Queried from cloud provider, if available."),
-            col("OS-Image", "string", 1, "OS Image reported by the node from /etc/os-release (e.g. Debian GNU/Linux 7 (wheezy))."),
-            col("Kernel-Version", "string", 1, "Kernel Version reported by the node from 'uname -r' (e.g. 3.16.0-0.bpo.4-amd64)."),
-            col("Container-Runtime", "string", 1, "ContainerRuntime Version reported by the node through runtime remote API (e.g. containerd://1.4.2)."),
+            col(
+                "Version",
+                "string",
+                0,
+                "Kubelet Version reported by the node.",
+            ),
+            col(
+                "Internal-IP",
+                "string",
+                1,
+                "List of addresses reachable to the node. Queried from cloud provider, if available.",
+            ),
+            col(
+                "External-IP",
+                "string",
+                1,
+                "List of addresses reachable to the node. Queried from cloud provider, if available.",
+            ),
+            col(
+                "OS-Image",
+                "string",
+                1,
+                "OS Image reported by the node from /etc/os-release (e.g. Debian GNU/Linux 7 (wheezy)).",
+            ),
+            col(
+                "Kernel-Version",
+                "string",
+                1,
+                "Kernel Version reported by the node from 'uname -r' (e.g. 3.16.0-0.bpo.4-amd64).",
+            ),
+            col(
+                "Container-Runtime",
+                "string",
+                1,
+                "ContainerRuntime Version reported by the node through runtime remote API (e.g. containerd://1.4.2).",
+            ),
         ],
-        ("", "namespaces") => vec![NAME, col("Status", "string", 0, "The status of the namespace"), AGE],
+        ("", "namespaces") => vec![
+            NAME,
+            col("Status", "string", 0, "The status of the namespace"),
+            AGE,
+        ],
         ("", "services") => vec![
             NAME,
-            col("Type", "string", 0, "type determines how the Service is exposed."),
-            col("Cluster-IP", "string", 0, "clusterIP is the IP address of the service and is usually assigned randomly."),
-            col("External-IP", "string", 0, "externalIPs is a list of IP addresses for which nodes in the cluster will also accept traffic for this service."),
-            col("Port(s)", "string", 0, "The list of ports that are exposed by this service."),
+            col(
+                "Type",
+                "string",
+                0,
+                "type determines how the Service is exposed.",
+            ),
+            col(
+                "Cluster-IP",
+                "string",
+                0,
+                "clusterIP is the IP address of the service and is usually assigned randomly.",
+            ),
+            col(
+                "External-IP",
+                "string",
+                0,
+                "externalIPs is a list of IP addresses for which nodes in the cluster will also accept traffic for this service.",
+            ),
+            col(
+                "Port(s)",
+                "string",
+                0,
+                "The list of ports that are exposed by this service.",
+            ),
             AGE,
             SELECTOR,
         ],
-        ("", "configmaps") => vec![NAME, col("Data", "integer", 0, "Data contains the configuration data."), AGE],
+        ("", "configmaps") => vec![
+            NAME,
+            col(
+                "Data",
+                "integer",
+                0,
+                "Data contains the configuration data.",
+            ),
+            AGE,
+        ],
         ("", "secrets") => vec![
             NAME,
             col("Type", "string", 0, "The type of the secret"),
-            col("Data", "integer", 0, "The number of entries in the data map"),
+            col(
+                "Data",
+                "integer",
+                0,
+                "The number of entries in the data map",
+            ),
             AGE,
         ],
-        ("", "serviceaccounts") => vec![NAME, col("Secrets", "string", 0, "Secrets is a list of the secrets in the same namespace that pods running using this ServiceAccount are allowed to use."), AGE],
-        ("", "endpoints") => vec![NAME, col("Endpoints", "string", 0, "Endpoints is the list of endpoints."), AGE],
+        ("", "serviceaccounts") => vec![
+            NAME,
+            col(
+                "Secrets",
+                "string",
+                0,
+                "Secrets is a list of the secrets in the same namespace that pods running using this ServiceAccount are allowed to use.",
+            ),
+            AGE,
+        ],
+        ("", "endpoints") => vec![
+            NAME,
+            col(
+                "Endpoints",
+                "string",
+                0,
+                "Endpoints is the list of endpoints.",
+            ),
+            AGE,
+        ],
         ("", "events") | ("events.k8s.io", "events") => vec![
             col("Last Seen", "string", 0, "Time when last event occurred."),
-            col("Type", "string", 0, "Type of this event (Normal, Warning), new types could be added in the future."),
-            col("Reason", "string", 0, "This should be a short, machine understandable string that gives the reason for the transition into the object's current status."),
-            col("Object", "string", 0, "The object that this event is about."),
-            col("Subobject", "string", 1, "The subobject that this event is about."),
+            col(
+                "Type",
+                "string",
+                0,
+                "Type of this event (Normal, Warning), new types could be added in the future.",
+            ),
+            col(
+                "Reason",
+                "string",
+                0,
+                "This should be a short, machine understandable string that gives the reason for the transition into the object's current status.",
+            ),
+            col(
+                "Object",
+                "string",
+                0,
+                "The object that this event is about.",
+            ),
+            col(
+                "Subobject",
+                "string",
+                1,
+                "The subobject that this event is about.",
+            ),
             col("Source", "string", 1, "The component reporting this event."),
-            col("Message", "string", 0, "A human-readable description of the status of this operation."),
-            col("First Seen", "string", 1, "The time at which the event was first recorded."),
-            col("Count", "string", 1, "The number of times this event has occurred."),
-            col("Name", "string", 1, "Name must be unique within a namespace."),
+            col(
+                "Message",
+                "string",
+                0,
+                "A human-readable description of the status of this operation.",
+            ),
+            col(
+                "First Seen",
+                "string",
+                1,
+                "The time at which the event was first recorded.",
+            ),
+            col(
+                "Count",
+                "string",
+                1,
+                "The number of times this event has occurred.",
+            ),
+            col(
+                "Name",
+                "string",
+                1,
+                "Name must be unique within a namespace.",
+            ),
         ],
         ("", "persistentvolumeclaims") => vec![
             NAME,
             col("Status", "string", 0, "Status of the claim."),
-            col("Volume", "string", 0, "VolumeName is the binding reference to the PersistentVolume backing this claim."),
+            col(
+                "Volume",
+                "string",
+                0,
+                "VolumeName is the binding reference to the PersistentVolume backing this claim.",
+            ),
             col("Capacity", "string", 0, "Capacity of the volume."),
-            col("Access Modes", "string", 0, "AccessModes contains the desired access modes the volume should have."),
-            col("StorageClass", "string", 0, "StorageClassName of the claim."),
-            col("VolumeAttributesClass", "string", 0, "VolumeAttributesClassName of the claim."),
+            col(
+                "Access Modes",
+                "string",
+                0,
+                "AccessModes contains the desired access modes the volume should have.",
+            ),
+            col(
+                "StorageClass",
+                "string",
+                0,
+                "StorageClassName of the claim.",
+            ),
+            col(
+                "VolumeAttributesClass",
+                "string",
+                0,
+                "VolumeAttributesClassName of the claim.",
+            ),
             AGE,
-            col("VolumeMode", "string", 1, "VolumeMode defines what type of volume is required by the claim."),
+            col(
+                "VolumeMode",
+                "string",
+                1,
+                "VolumeMode defines what type of volume is required by the claim.",
+            ),
         ],
         ("", "persistentvolumes") => vec![
             NAME,
             col("Capacity", "string", 0, "Capacity of the volume."),
-            col("Access Modes", "string", 0, "AccessModes contains all ways the volume can be mounted."),
-            col("Reclaim Policy", "string", 0, "What happens to a persistent volume when released from its claim."),
-            col("Status", "string", 0, "Phase indicates if a volume is available, bound to a claim, or released by a claim."),
-            col("Claim", "string", 0, "ClaimRef is part of a bi-directional binding between PersistentVolume and PersistentVolumeClaim."),
-            col("StorageClass", "string", 0, "StorageClassName of the volume."),
-            col("VolumeAttributesClass", "string", 0, "VolumeAttributesClassName of the volume."),
-            col("Reason", "string", 0, "Reason is a brief CamelCase string that describes any failure."),
+            col(
+                "Access Modes",
+                "string",
+                0,
+                "AccessModes contains all ways the volume can be mounted.",
+            ),
+            col(
+                "Reclaim Policy",
+                "string",
+                0,
+                "What happens to a persistent volume when released from its claim.",
+            ),
+            col(
+                "Status",
+                "string",
+                0,
+                "Phase indicates if a volume is available, bound to a claim, or released by a claim.",
+            ),
+            col(
+                "Claim",
+                "string",
+                0,
+                "ClaimRef is part of a bi-directional binding between PersistentVolume and PersistentVolumeClaim.",
+            ),
+            col(
+                "StorageClass",
+                "string",
+                0,
+                "StorageClassName of the volume.",
+            ),
+            col(
+                "VolumeAttributesClass",
+                "string",
+                0,
+                "VolumeAttributesClassName of the volume.",
+            ),
+            col(
+                "Reason",
+                "string",
+                0,
+                "Reason is a brief CamelCase string that describes any failure.",
+            ),
             AGE,
-            col("VolumeMode", "string", 1, "VolumeMode defines what type of volume is required."),
+            col(
+                "VolumeMode",
+                "string",
+                1,
+                "VolumeMode defines what type of volume is required.",
+            ),
         ],
         ("", "limitranges") => vec![NAME, CREATED_AT],
         ("", "resourcequotas") => vec![
             NAME,
             AGE,
-            col("Request", "string", 0, "Request represents a minimum amount of cpu/memory that a container may consume."),
-            col("Limit", "string", 0, "Limits control the maximum amount of cpu/memory that a container may use independent of contention on the node."),
+            col(
+                "Request",
+                "string",
+                0,
+                "Request represents a minimum amount of cpu/memory that a container may consume.",
+            ),
+            col(
+                "Limit",
+                "string",
+                0,
+                "Limits control the maximum amount of cpu/memory that a container may use independent of contention on the node.",
+            ),
         ],
         ("apps", "deployments") => vec![
             NAME,
             col("Ready", "string", 0, "Number of the pod with ready state"),
-            col("Up-to-date", "integer", 0, "Total number of non-terminated pods targeted by this deployment that have the desired template spec."),
-            col("Available", "integer", 0, "Total number of available pods (ready for at least minReadySeconds) targeted by this deployment."),
+            col(
+                "Up-to-date",
+                "integer",
+                0,
+                "Total number of non-terminated pods targeted by this deployment that have the desired template spec.",
+            ),
+            col(
+                "Available",
+                "integer",
+                0,
+                "Total number of available pods (ready for at least minReadySeconds) targeted by this deployment.",
+            ),
             AGE,
             CONTAINERS,
             IMAGES,
@@ -518,9 +826,24 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
         ],
         ("apps", "replicasets") => vec![
             NAME,
-            col("Desired", "integer", 0, "Replicas is the number of desired replicas."),
-            col("Current", "integer", 0, "Replicas is the most recently observed number of replicas."),
-            col("Ready", "integer", 0, "The number of ready replicas for this replica set."),
+            col(
+                "Desired",
+                "integer",
+                0,
+                "Replicas is the number of desired replicas.",
+            ),
+            col(
+                "Current",
+                "integer",
+                0,
+                "Replicas is the most recently observed number of replicas.",
+            ),
+            col(
+                "Ready",
+                "integer",
+                0,
+                "The number of ready replicas for this replica set.",
+            ),
             AGE,
             CONTAINERS,
             IMAGES,
@@ -528,12 +851,42 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
         ],
         ("apps", "daemonsets") => vec![
             NAME,
-            col("Desired", "integer", 0, "The total number of nodes that should be running the daemon pod."),
-            col("Current", "integer", 0, "The number of nodes that are running at least 1 daemon pod and are supposed to run the daemon pod."),
-            col("Ready", "integer", 0, "The number of nodes that should be running the daemon pod and have one or more of the daemon pod running and ready."),
-            col("Up-to-date", "integer", 0, "The total number of nodes that are running updated daemon pod"),
-            col("Available", "integer", 0, "The number of nodes that should be running the daemon pod and have one or more of the daemon pod running and available."),
-            col("Node Selector", "string", 0, "NodeSelector is a selector which must be true for the pod to fit on a node."),
+            col(
+                "Desired",
+                "integer",
+                0,
+                "The total number of nodes that should be running the daemon pod.",
+            ),
+            col(
+                "Current",
+                "integer",
+                0,
+                "The number of nodes that are running at least 1 daemon pod and are supposed to run the daemon pod.",
+            ),
+            col(
+                "Ready",
+                "integer",
+                0,
+                "The number of nodes that should be running the daemon pod and have one or more of the daemon pod running and ready.",
+            ),
+            col(
+                "Up-to-date",
+                "integer",
+                0,
+                "The total number of nodes that are running updated daemon pod",
+            ),
+            col(
+                "Available",
+                "integer",
+                0,
+                "The number of nodes that should be running the daemon pod and have one or more of the daemon pod running and available.",
+            ),
+            col(
+                "Node Selector",
+                "string",
+                0,
+                "NodeSelector is a selector which must be true for the pod to fit on a node.",
+            ),
             AGE,
             CONTAINERS,
             IMAGES,
@@ -549,14 +902,29 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
         ("apps", "controllerrevisions") => vec![
             NAME,
             col("Controller", "string", 0, "Controller of the object"),
-            col("Revision", "integer", 0, "Revision indicates the revision of the state represented by Data."),
+            col(
+                "Revision",
+                "integer",
+                0,
+                "Revision indicates the revision of the state represented by Data.",
+            ),
             AGE,
         ],
         ("batch", "jobs") => vec![
             NAME,
             col("Status", "string", 0, "Status of the job."),
-            col("Completions", "string", 0, "The completion status of the job."),
-            col("Duration", "string", 0, "Time required to complete the job."),
+            col(
+                "Completions",
+                "string",
+                0,
+                "The completion status of the job.",
+            ),
+            col(
+                "Duration",
+                "string",
+                0,
+                "Time required to complete the job.",
+            ),
             AGE,
             CONTAINERS,
             IMAGES,
@@ -565,16 +933,45 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
         ("batch", "cronjobs") => vec![
             NAME,
             col("Schedule", "string", 0, "The schedule in Cron format."),
-            col("Timezone", "string", 0, "The time zone for the given schedule."),
-            col("Suspend", "boolean", 0, "This flag tells the controller to suspend subsequent executions."),
-            col("Active", "integer", 0, "A list of pointers to currently running jobs."),
-            col("Last Schedule", "string", 0, "Information when was the last time the job was successfully scheduled."),
+            col(
+                "Timezone",
+                "string",
+                0,
+                "The time zone for the given schedule.",
+            ),
+            col(
+                "Suspend",
+                "boolean",
+                0,
+                "This flag tells the controller to suspend subsequent executions.",
+            ),
+            col(
+                "Active",
+                "integer",
+                0,
+                "A list of pointers to currently running jobs.",
+            ),
+            col(
+                "Last Schedule",
+                "string",
+                0,
+                "Information when was the last time the job was successfully scheduled.",
+            ),
             AGE,
             CONTAINERS,
             IMAGES,
             SELECTOR,
         ],
-        ("coordination.k8s.io", "leases") => vec![NAME, col("Holder", "string", 0, "holderIdentity contains the identity of the holder of a current lease."), AGE],
+        ("coordination.k8s.io", "leases") => vec![
+            NAME,
+            col(
+                "Holder",
+                "string",
+                0,
+                "holderIdentity contains the identity of the holder of a current lease.",
+            ),
+            AGE,
+        ],
         ("discovery.k8s.io", "endpointslices") => vec![
             NAME,
             col("AddressType", "string", 0, "The IP protocol for this slice"),
@@ -584,26 +981,69 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
         ],
         ("policy", "poddisruptionbudgets") => vec![
             NAME,
-            col("Min Available", "string", 0, "The minimum number of pods that must be available."),
-            col("Max Unavailable", "string", 0, "The maximum number of pods that may be unavailable."),
-            col("Allowed Disruptions", "integer", 0, "Calculated number of pods that may be disrupted at this time."),
+            col(
+                "Min Available",
+                "string",
+                0,
+                "The minimum number of pods that must be available.",
+            ),
+            col(
+                "Max Unavailable",
+                "string",
+                0,
+                "The maximum number of pods that may be unavailable.",
+            ),
+            col(
+                "Allowed Disruptions",
+                "integer",
+                0,
+                "Calculated number of pods that may be disrupted at this time.",
+            ),
             AGE,
         ],
-        ("rbac.authorization.k8s.io", "roles") | ("rbac.authorization.k8s.io", "clusterroles") => vec![NAME, CREATED_AT],
-        ("rbac.authorization.k8s.io", "rolebindings") | ("rbac.authorization.k8s.io", "clusterrolebindings") => vec![
+        ("rbac.authorization.k8s.io", "roles") | ("rbac.authorization.k8s.io", "clusterroles") => {
+            vec![NAME, CREATED_AT]
+        }
+        ("rbac.authorization.k8s.io", "rolebindings")
+        | ("rbac.authorization.k8s.io", "clusterrolebindings") => vec![
             NAME,
             col("Role", "string", 0, "RoleRef references the role."),
             AGE,
             col("Users", "string", 1, "Users in the binding."),
             col("Groups", "string", 1, "Groups in the binding."),
-            col("ServiceAccounts", "string", 1, "ServiceAccounts in the binding."),
+            col(
+                "ServiceAccounts",
+                "string",
+                1,
+                "ServiceAccounts in the binding.",
+            ),
         ],
         ("storage.k8s.io", "storageclasses") => vec![
             NAME,
-            col("Provisioner", "string", 0, "Indicates the type of the provisioner."),
-            col("ReclaimPolicy", "string", 0, "Indicates the type of the reclaim policy."),
-            col("VolumeBindingMode", "string", 0, "Indicates the type of the volume binding mode."),
-            col("AllowVolumeExpansion", "string", 0, "Indicates whether the storage class allow volume expand."),
+            col(
+                "Provisioner",
+                "string",
+                0,
+                "Indicates the type of the provisioner.",
+            ),
+            col(
+                "ReclaimPolicy",
+                "string",
+                0,
+                "Indicates the type of the reclaim policy.",
+            ),
+            col(
+                "VolumeBindingMode",
+                "string",
+                0,
+                "Indicates the type of the volume binding mode.",
+            ),
+            col(
+                "AllowVolumeExpansion",
+                "string",
+                0,
+                "Indicates whether the storage class allow volume expand.",
+            ),
             AGE,
         ],
         ("apiextensions.k8s.io", "customresourcedefinitions") => vec![NAME, CREATED_AT],
@@ -630,7 +1070,11 @@ pub fn row(info: &ResourceInfo, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
             vec![name, json!(count), age]
         }
         ("", "secrets") => {
-            let count = o.get("data").and_then(Value::as_object).map(|m| m.len()).unwrap_or(0);
+            let count = o
+                .get("data")
+                .and_then(Value::as_object)
+                .map(|m| m.len())
+                .unwrap_or(0);
             vec![name, json!(s(o, "/type")), json!(count), age]
         }
         ("", "serviceaccounts") => vec![name, json!(arr(o, "/secrets").len().to_string()), age],
@@ -669,9 +1113,17 @@ pub fn row(info: &ResourceInfo, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
             };
             let source = {
                 let c = s(o, "/source/component");
-                let c = if c.is_empty() { s(o, "/reportingComponent") } else { c };
+                let c = if c.is_empty() {
+                    s(o, "/reportingComponent")
+                } else {
+                    c
+                };
                 let host = s(o, "/source/host");
-                if host.is_empty() { c.to_string() } else { format!("{c}, {host}") }
+                if host.is_empty() {
+                    c.to_string()
+                } else {
+                    format!("{c}, {host}")
+                }
             };
             vec![
                 json!(last),
@@ -703,7 +1155,11 @@ pub fn row(info: &ResourceInfo, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
                 json!(s(o, "/reportingController")),
                 json!(s(o, "/note").trim()),
                 json!(last),
-                json!(o.pointer("/series/count").and_then(Value::as_i64).unwrap_or(1)),
+                json!(
+                    o.pointer("/series/count")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(1)
+                ),
                 name,
             ]
         }
@@ -725,7 +1181,11 @@ pub fn row(info: &ResourceInfo, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
             let claim = if s(o, "/spec/claimRef/name").is_empty() {
                 String::new()
             } else {
-                format!("{}/{}", s(o, "/spec/claimRef/namespace"), s(o, "/spec/claimRef/name"))
+                format!(
+                    "{}/{}",
+                    s(o, "/spec/claimRef/namespace"),
+                    s(o, "/spec/claimRef/name")
+                )
             };
             vec![
                 name,
@@ -741,7 +1201,8 @@ pub fn row(info: &ResourceInfo, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
                 json!(s(o, "/spec/volumeMode")),
             ]
         }
-        ("", "limitranges") | ("rbac.authorization.k8s.io", "roles")
+        ("", "limitranges")
+        | ("rbac.authorization.k8s.io", "roles")
         | ("rbac.authorization.k8s.io", "clusterroles")
         | ("apiextensions.k8s.io", "customresourcedefinitions") => vec![name, created_at(o)],
         ("", "resourcequotas") => {
@@ -761,13 +1222,22 @@ pub fn row(info: &ResourceInfo, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
                     }
                 }
             }
-            vec![name, age, json!(requests.join(", ")), json!(limits.join(", "))]
+            vec![
+                name,
+                age,
+                json!(requests.join(", ")),
+                json!(limits.join(", ")),
+            ]
         }
         ("apps", "deployments") => {
             let (c, i) = template_ci("/spec/template/spec/containers");
             vec![
                 name,
-                json!(format!("{}/{}", n(o, "/status/readyReplicas"), n(o, "/spec/replicas"))),
+                json!(format!(
+                    "{}/{}",
+                    n(o, "/status/readyReplicas"),
+                    n(o, "/spec/replicas")
+                )),
                 json!(n(o, "/status/updatedReplicas")),
                 json!(n(o, "/status/availableReplicas")),
                 age,
@@ -809,7 +1279,11 @@ pub fn row(info: &ResourceInfo, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
             let (c, i) = template_ci("/spec/template/spec/containers");
             vec![
                 name,
-                json!(format!("{}/{}", n(o, "/status/readyReplicas"), n(o, "/spec/replicas"))),
+                json!(format!(
+                    "{}/{}",
+                    n(o, "/status/readyReplicas"),
+                    n(o, "/spec/replicas")
+                )),
                 age,
                 json!(c),
                 json!(i),
@@ -871,32 +1345,58 @@ pub fn row(info: &ResourceInfo, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
                 name,
                 json!(s(o, "/spec/schedule")),
                 json!(or_none(s(o, "/spec/timeZone").to_string())),
-                json!(o.pointer("/spec/suspend").and_then(Value::as_bool).unwrap_or(false)),
+                json!(
+                    o.pointer("/spec/suspend")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false)
+                ),
                 json!(arr(o, "/status/active").len()),
                 json!(last),
                 age,
                 json!(c),
                 json!(i),
-                json!(format_selector(o.pointer("/spec/jobTemplate/spec/selector"))),
+                json!(format_selector(
+                    o.pointer("/spec/jobTemplate/spec/selector")
+                )),
             ]
         }
         ("coordination.k8s.io", "leases") => vec![name, json!(s(o, "/spec/holderIdentity")), age],
         ("discovery.k8s.io", "endpointslices") => {
-            let ports: Vec<String> = arr(o, "/ports").iter().map(|p| n(p, "/port").to_string()).collect();
+            let ports: Vec<String> = arr(o, "/ports")
+                .iter()
+                .map(|p| n(p, "/port").to_string())
+                .collect();
             let addresses: Vec<String> = arr(o, "/endpoints")
                 .iter()
-                .flat_map(|e| arr(e, "/addresses").iter().filter_map(Value::as_str).map(String::from))
+                .flat_map(|e| {
+                    arr(e, "/addresses")
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .map(String::from)
+                })
                 .collect();
             let eps = if addresses.len() > 3 {
-                format!("{} + {} more...", addresses[..3].join(","), addresses.len() - 3)
+                format!(
+                    "{} + {} more...",
+                    addresses[..3].join(","),
+                    addresses.len() - 3
+                )
             } else {
                 addresses.join(",")
             };
             vec![
                 name,
                 json!(s(o, "/addressType")),
-                json!(if ports.is_empty() { "<unset>".to_string() } else { ports.join(",") }),
-                json!(if eps.is_empty() { "<unset>".to_string() } else { eps }),
+                json!(if ports.is_empty() {
+                    "<unset>".to_string()
+                } else {
+                    ports.join(",")
+                }),
+                json!(if eps.is_empty() {
+                    "<unset>".to_string()
+                } else {
+                    eps
+                }),
                 age,
             ]
         }
@@ -933,7 +1433,11 @@ pub fn row(info: &ResourceInfo, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
             };
             vec![
                 name,
-                json!(format!("{}/{}", s(o, "/roleRef/kind"), s(o, "/roleRef/name"))),
+                json!(format!(
+                    "{}/{}",
+                    s(o, "/roleRef/kind"),
+                    s(o, "/roleRef/name")
+                )),
                 age,
                 json!(of("User")),
                 json!(of("Group")),
@@ -946,7 +1450,8 @@ pub fn row(info: &ResourceInfo, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
                 .and_then(Value::as_object)
                 .is_some_and(|a| {
                     a.get("storageclass.kubernetes.io/is-default-class") == Some(&json!("true"))
-                        || a.get("storageclass.beta.kubernetes.io/is-default-class") == Some(&json!("true"))
+                        || a.get("storageclass.beta.kubernetes.io/is-default-class")
+                            == Some(&json!("true"))
                 });
             let shown = if default {
                 format!("{} (default)", s(o, "/metadata/name"))
@@ -958,9 +1463,21 @@ pub fn row(info: &ResourceInfo, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
             vec![
                 json!(shown),
                 json!(s(o, "/provisioner")),
-                json!(if reclaim.is_empty() { "Delete" } else { reclaim }),
-                json!(if binding.is_empty() { "Immediate" } else { binding }),
-                json!(o.get("allowVolumeExpansion").and_then(Value::as_bool).unwrap_or(false)),
+                json!(if reclaim.is_empty() {
+                    "Delete"
+                } else {
+                    reclaim
+                }),
+                json!(if binding.is_empty() {
+                    "Immediate"
+                } else {
+                    binding
+                }),
+                json!(
+                    o.get("allowVolumeExpansion")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false)
+                ),
                 age,
             ]
         }

@@ -185,7 +185,11 @@ pub fn validate_metadata(meta: &Value, namespaced: bool, rule: NameRule, causes:
         let mut total = 0;
         for (k, v) in annotations {
             if let Err(why) = is_qualified_name(&k.to_lowercase()) {
-                causes.push(Cause::invalid("metadata.annotations", &Value::from(k.as_str()), &why));
+                causes.push(Cause::invalid(
+                    "metadata.annotations",
+                    &Value::from(k.as_str()),
+                    &why,
+                ));
             }
             total += k.len() + v.as_str().map(str::len).unwrap_or(0);
         }
@@ -239,16 +243,15 @@ fn check_enum(causes: &mut Causes, object: &Value, key: &str, path: &str, allowe
     }
 }
 
-fn validate_container(
-    c: &Value,
-    path: &str,
-    volumes: &BTreeSet<String>,
-    causes: &mut Causes,
-) {
+fn validate_container(c: &Value, path: &str, volumes: &BTreeSet<String>, causes: &mut Causes) {
     if let Some(name) = causes.required_str(c, "name", &format!("{path}.name"))
         && let Err(why) = is_dns1123_label(name)
     {
-        causes.push(Cause::invalid(format!("{path}.name"), &Value::from(name), &why));
+        causes.push(Cause::invalid(
+            format!("{path}.name"),
+            &Value::from(name),
+            &why,
+        ));
     }
     causes.required_str(c, "image", &format!("{path}.image"));
     check_enum(
@@ -261,9 +264,20 @@ fn validate_container(
     let mut port_names = BTreeSet::new();
     for (i, p) in items(c, "ports").iter().enumerate() {
         let pp = format!("{path}.ports[{i}]");
-        check_port(causes, p.get("containerPort"), &format!("{pp}.containerPort"), true);
+        check_port(
+            causes,
+            p.get("containerPort"),
+            &format!("{pp}.containerPort"),
+            true,
+        );
         check_port(causes, p.get("hostPort"), &format!("{pp}.hostPort"), false);
-        check_enum(causes, p, "protocol", &format!("{pp}.protocol"), &["TCP", "UDP", "SCTP"]);
+        check_enum(
+            causes,
+            p,
+            "protocol",
+            &format!("{pp}.protocol"),
+            &["TCP", "UDP", "SCTP"],
+        );
         if let Some(n) = p.get("name").and_then(Value::as_str)
             && !port_names.insert(n.to_string())
         {
@@ -344,9 +358,17 @@ pub fn validate_pod_spec(spec: Option<&Value>, path: &str, causes: &mut Causes) 
         && !n.is_empty()
         && let Err(why) = is_dns1123_subdomain(n)
     {
-        causes.push(Cause::invalid(format!("{path}.nodeName"), &Value::from(n), &why));
+        causes.push(Cause::invalid(
+            format!("{path}.nodeName"),
+            &Value::from(n),
+            &why,
+        ));
     }
-    validate_labels(spec.get("nodeSelector"), &format!("{path}.nodeSelector"), causes);
+    validate_labels(
+        spec.get("nodeSelector"),
+        &format!("{path}.nodeSelector"),
+        causes,
+    );
     for (i, t) in items(spec, "tolerations").iter().enumerate() {
         check_enum(
             causes,
@@ -366,11 +388,20 @@ pub fn validate_pod_spec(spec: Option<&Value>, path: &str, causes: &mut Causes) 
 }
 
 /// A workload's selector and template (Deployment, ReplicaSet, DaemonSet, StatefulSet, Job).
-pub fn validate_workload(spec: &Value, restart_policies: &[&str], selector_required: bool, causes: &mut Causes) {
+pub fn validate_workload(
+    spec: &Value,
+    restart_policies: &[&str],
+    selector_required: bool,
+    causes: &mut Causes,
+) {
     let selector = spec.get("selector");
     let has_selector = selector.is_some_and(|s| {
-        s.get("matchLabels").and_then(Value::as_object).is_some_and(|m| !m.is_empty())
-            || s.get("matchExpressions").and_then(Value::as_array).is_some_and(|a| !a.is_empty())
+        s.get("matchLabels")
+            .and_then(Value::as_object)
+            .is_some_and(|m| !m.is_empty())
+            || s.get("matchExpressions")
+                .and_then(Value::as_array)
+                .is_some_and(|a| !a.is_empty())
     });
     if selector_required && !has_selector {
         if selector.is_none() {
@@ -419,7 +450,9 @@ pub fn validate_workload(spec: &Value, restart_policies: &[&str], selector_requi
     }
     let pod_spec = template.and_then(|t| t.get("spec"));
     validate_pod_spec(pod_spec, "spec.template.spec", causes);
-    if let Some(p) = pod_spec.and_then(|s| s.get("restartPolicy")).and_then(Value::as_str)
+    if let Some(p) = pod_spec
+        .and_then(|s| s.get("restartPolicy"))
+        .and_then(Value::as_str)
         && !restart_policies.contains(&p)
     {
         causes.push(Cause::unsupported(
@@ -435,7 +468,10 @@ pub fn validate_service(spec: Option<&Value>, causes: &mut Causes) {
         causes.push(Cause::required("spec.ports"));
         return;
     };
-    let kind = spec.get("type").and_then(Value::as_str).unwrap_or("ClusterIP");
+    let kind = spec
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("ClusterIP");
     check_enum(
         causes,
         spec,
@@ -448,7 +484,13 @@ pub fn validate_service(spec: Option<&Value>, causes: &mut Causes) {
     if ports.is_empty() && kind != "ExternalName" && !headless {
         causes.push(Cause::required("spec.ports"));
     }
-    if kind == "ExternalName" && spec.get("externalName").and_then(Value::as_str).unwrap_or("").is_empty() {
+    if kind == "ExternalName"
+        && spec
+            .get("externalName")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .is_empty()
+    {
         causes.push(Cause::required("spec.externalName"));
     }
     let mut names = BTreeSet::new();
@@ -463,7 +505,13 @@ pub fn validate_service(spec: Option<&Value>, causes: &mut Causes) {
         }
         check_port(causes, p.get("port"), &format!("{pp}.port"), true);
         check_port(causes, p.get("nodePort"), &format!("{pp}.nodePort"), false);
-        check_enum(causes, p, "protocol", &format!("{pp}.protocol"), &["TCP", "UDP", "SCTP"]);
+        check_enum(
+            causes,
+            p,
+            "protocol",
+            &format!("{pp}.protocol"),
+            &["TCP", "UDP", "SCTP"],
+        );
         if let Some(t) = p.get("targetPort").and_then(Value::as_i64)
             && !(1..=65535).contains(&t)
         {
@@ -474,7 +522,13 @@ pub fn validate_service(spec: Option<&Value>, causes: &mut Causes) {
             ));
         }
     }
-    check_enum(causes, spec, "sessionAffinity", "spec.sessionAffinity", &["ClientIP", "None"]);
+    check_enum(
+        causes,
+        spec,
+        "sessionAffinity",
+        "spec.sessionAffinity",
+        &["ClientIP", "None"],
+    );
 }
 
 /// ConfigMap and Secret keys.
@@ -485,11 +539,16 @@ pub fn validate_config_keys(object: &Value, causes: &mut Causes) {
             for k in map.keys() {
                 let ok = !k.is_empty()
                     && k.len() <= 253
-                    && k.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+                    && k.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
                     && k != "."
                     && k != "..";
                 if !ok {
-                    causes.push(Cause::invalid(format!("{field}[{k}]"), &Value::from(k.as_str()), CONFIG_KEY_MSG));
+                    causes.push(Cause::invalid(
+                        format!("{field}[{k}]"),
+                        &Value::from(k.as_str()),
+                        CONFIG_KEY_MSG,
+                    ));
                 }
                 if field == "binaryData" && !seen.insert(k.clone()) {
                     causes.push(Cause::invalid(
@@ -526,8 +585,10 @@ mod tests {
     fn pod_spec_rules() {
         let mut causes = Causes::default();
         validate_pod_spec(
-            Some(&json!({"containers": [{"name": "c"}, {"name": "c", "image": "x",
-                "ports": [{"containerPort": 70000}], "volumeMounts": [{"name": "v", "mountPath": "/v"}]}]})),
+            Some(
+                &json!({"containers": [{"name": "c"}, {"name": "c", "image": "x",
+                "ports": [{"containerPort": 70000}], "volumeMounts": [{"name": "v", "mountPath": "/v"}]}]}),
+            ),
             "spec",
             &mut causes,
         );
@@ -554,6 +615,10 @@ mod tests {
             &mut causes,
         );
         assert_eq!(causes.0.len(), 1);
-        assert!(causes.0[0].message.contains("`selector` does not match template `labels`"));
+        assert!(
+            causes.0[0]
+                .message
+                .contains("`selector` does not match template `labels`")
+        );
     }
 }

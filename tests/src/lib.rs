@@ -108,7 +108,9 @@ impl Site {
                     std::fs::read_to_string(self.log_path()).unwrap_or_default()
                 );
             }
-            if self.kubeconfig().exists() && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if self.kubeconfig().exists()
+                && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            {
                 let out = self.kubectl(&["get", "--raw", "/readyz"])?;
                 if out.status.success() {
                     return Ok(());
@@ -139,7 +141,10 @@ impl Site {
     /// SIGTERM and wait, as systemd would.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
             let deadline = Instant::now() + Duration::from_secs(15);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -171,10 +176,16 @@ impl Site {
         } else {
             cmd.stdin(Stdio::null());
         }
-        let mut child = cmd.spawn().context("run kubectl (is it installed? tests/run.sh installs it)")?;
+        let mut child = cmd
+            .spawn()
+            .context("run kubectl (is it installed? tests/run.sh installs it)")?;
         if let Some(input) = stdin {
             use std::io::Write;
-            child.stdin.take().expect("piped").write_all(input.as_bytes())?;
+            child
+                .stdin
+                .take()
+                .expect("piped")
+                .write_all(input.as_bytes())?;
         }
         Ok(child.wait_with_output()?)
     }
@@ -188,21 +199,32 @@ impl Site {
         let out = self.kubectl_stdin(args, stdin).expect("run kubectl");
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "kubectl {args:?} failed: {stderr}\nstdout: {stdout}");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {stderr}\nstdout: {stdout}"
+        );
         stdout
     }
 
     /// kubectl that must fail; returns stderr.
     pub fn fails(&self, args: &[&str], stdin: Option<&str>) -> String {
         let out = self.kubectl_stdin(args, stdin).expect("run kubectl");
-        assert!(!out.status.success(), "kubectl {args:?} should have failed; stdout: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            !out.status.success(),
+            "kubectl {args:?} should have failed; stdout: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
     /// A `kube` client for this site.
     pub async fn client(&self) -> Result<kube::Client> {
         let kubeconfig = kube::config::Kubeconfig::read_from(self.kubeconfig())?;
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await?;
+        let config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await?;
         Ok(kube::Client::try_from(config)?)
     }
 }

@@ -8,7 +8,11 @@ use tests::{Site, eventually, kubectl_bin, kubectl_minor};
 
 /// kubectl older than 1.27 validates client-side with OpenAPI v2, which we do not serve.
 fn validate() -> &'static str {
-    if kubectl_minor() < 27 { "--validate=false" } else { "--validate=true" }
+    if kubectl_minor() < 27 {
+        "--validate=false"
+    } else {
+        "--validate=true"
+    }
 }
 
 const DEPLOYMENT: &str = "apiVersion: apps/v1
@@ -52,11 +56,23 @@ fn default_namespaces_discovery_and_version() {
     let rows = lines(&out);
     assert_eq!(rows[0], vec!["NAME", "STATUS", "AGE"]);
     let names: Vec<&str> = rows[1..].iter().map(|r| r[0].as_str()).collect();
-    assert_eq!(names, vec!["default", "kube-node-lease", "kube-public", "kube-system"]);
+    assert_eq!(
+        names,
+        vec!["default", "kube-node-lease", "kube-public", "kube-system"]
+    );
     assert!(rows[1..].iter().all(|r| r[1] == "Active"));
     let resources = site.ok(&["api-resources"]);
-    assert!(resources.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["deployments", "deploy", "apps/v1", "true", "Deployment"]));
-    assert!(resources.lines().any(|l| l.starts_with("customresourcedefinitions") && l.contains("crd,crds")));
+    assert!(
+        resources
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == ["deployments", "deploy", "apps/v1", "true", "Deployment"])
+    );
+    assert!(
+        resources
+            .lines()
+            .any(|l| l.starts_with("customresourcedefinitions") && l.contains("crd,crds"))
+    );
     let version = site.ok(&["get", "--raw", "/version"]);
     assert!(version.contains("\"gitVersion\""));
     // Unauthenticated requests are refused, health is public.
@@ -72,10 +88,19 @@ fn apply_edit_and_reapply_a_deployment_like_upstream() {
     assert_eq!(out.trim(), "deployment.apps/nginx-deployment created");
     let out = site.ok(&["get", "deployments"]);
     let rows = lines(&out);
-    assert_eq!(rows[0], vec!["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"]);
+    assert_eq!(
+        rows[0],
+        vec!["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"]
+    );
     assert_eq!(&rows[1][..4], &["nginx-deployment", "0/3", "0", "0"]);
     let wide = site.ok(&["get", "deploy", "-o", "wide"]);
-    assert!(wide.lines().next().unwrap().ends_with("CONTAINERS   IMAGES         SELECTOR"), "{wide}");
+    assert!(
+        wide.lines()
+            .next()
+            .unwrap()
+            .ends_with("CONTAINERS   IMAGES         SELECTOR"),
+        "{wide}"
+    );
     assert!(wide.contains("nginx:1.14.2") && wide.contains("app=nginx"));
     let out = site.ok_stdin(&["apply", v, "-f", "-"], Some(DEPLOYMENT));
     assert_eq!(out.trim(), "deployment.apps/nginx-deployment unchanged");
@@ -83,13 +108,21 @@ fn apply_edit_and_reapply_a_deployment_like_upstream() {
     let edited = DEPLOYMENT
         .replace("nginx:1.14.2", "nginx:1.16.1")
         .replace("        - name: DEBUG\n          value: \"1\"\n", "")
-        .replace("        - containerPort: 80\n", "        - containerPort: 80\n        - containerPort: 443\n");
+        .replace(
+            "        - containerPort: 80\n",
+            "        - containerPort: 80\n        - containerPort: 443\n",
+        );
     let out = site.ok_stdin(&["apply", v, "-f", "-"], Some(&edited));
     assert_eq!(out.trim(), "deployment.apps/nginx-deployment configured");
-    let json: serde_json::Value = serde_json::from_str(&site.ok(&["get", "deploy", "nginx-deployment", "-o", "json"])).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&site.ok(&["get", "deploy", "nginx-deployment", "-o", "json"]))
+            .unwrap();
     let c = &json["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(c["image"], "nginx:1.16.1");
-    assert_eq!(c["env"], serde_json::json!([{"name": "MODE", "value": "fast"}]));
+    assert_eq!(
+        c["env"],
+        serde_json::json!([{"name": "MODE", "value": "fast"}])
+    );
     assert_eq!(
         c["ports"],
         serde_json::json!([{"containerPort": 80, "protocol": "TCP"}, {"containerPort": 443, "protocol": "TCP"}])
@@ -100,7 +133,10 @@ fn apply_edit_and_reapply_a_deployment_like_upstream() {
     assert_eq!(out.trim(), "deployment.apps/nginx-deployment unchanged");
     // describe works and shows the pod template.
     let describe = site.ok(&["describe", "deployment", "nginx-deployment"]);
-    assert!(describe.contains("Name:") && describe.contains("nginx:1.16.1"), "{describe}");
+    assert!(
+        describe.contains("Name:") && describe.contains("nginx:1.16.1"),
+        "{describe}"
+    );
 }
 
 #[test]
@@ -110,16 +146,35 @@ fn server_side_apply_conflicts_and_force() {
     let out = site.ok_stdin(&["apply", "--server-side", "-f", "-"], Some(cm));
     assert_eq!(out.trim(), "configmap/ssa serverside-applied");
     let changed = cm.replace("\"1\"", "\"2\"");
-    let err = site.fails(&["apply", "--server-side", "--field-manager=other", "-f", "-"], Some(&changed));
+    let err = site.fails(
+        &["apply", "--server-side", "--field-manager=other", "-f", "-"],
+        Some(&changed),
+    );
     assert!(
         err.contains("Apply failed with 1 conflict: conflict with \"kubectl\" using v1: .data.a"),
         "{err}"
     );
-    let out = site.ok_stdin(&["apply", "--server-side", "--field-manager=other", "--force-conflicts", "-f", "-"], Some(&changed));
+    let out = site.ok_stdin(
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=other",
+            "--force-conflicts",
+            "-f",
+            "-",
+        ],
+        Some(&changed),
+    );
     assert_eq!(out.trim(), "configmap/ssa serverside-applied");
-    assert_eq!(site.ok(&["get", "cm", "ssa", "-o", "jsonpath={.data.a}"]), "2");
+    assert_eq!(
+        site.ok(&["get", "cm", "ssa", "-o", "jsonpath={.data.a}"]),
+        "2"
+    );
     let managed = site.ok(&["get", "cm", "ssa", "-o", "json", "--show-managed-fields"]);
-    assert!(managed.contains("\"manager\": \"other\"") && managed.contains("\"operation\": \"Apply\""), "{managed}");
+    assert!(
+        managed.contains("\"manager\": \"other\"") && managed.contains("\"operation\": \"Apply\""),
+        "{managed}"
+    );
 }
 
 #[test]
@@ -127,26 +182,78 @@ fn patches_labels_annotations_and_scale() {
     let site = Site::start().unwrap();
     site.ok_stdin(&["apply", validate(), "-f", "-"], Some(DEPLOYMENT));
     let d = "deployment/nginx-deployment";
-    site.ok(&["patch", d, "--type=json", "-p", r#"[{"op":"replace","path":"/spec/replicas","value":2}]"#]);
+    site.ok(&[
+        "patch",
+        d,
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/replicas","value":2}]"#,
+    ]);
     assert_eq!(site.ok(&["get", d, "-o", "jsonpath={.spec.replicas}"]), "2");
-    site.ok(&["patch", d, "--type=merge", "-p", r#"{"spec":{"replicas":4}}"#]);
+    site.ok(&[
+        "patch",
+        d,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"replicas":4}}"#,
+    ]);
     assert_eq!(site.ok(&["get", d, "-o", "jsonpath={.spec.replicas}"]), "4");
-    site.ok(&["patch", d, "-p", r#"{"spec":{"template":{"spec":{"containers":[{"name":"nginx","image":"nginx:1.25"}]}}}}"#]);
-    assert_eq!(site.ok(&["get", d, "-o", "jsonpath={.spec.template.spec.containers[*].image}"]), "nginx:1.25");
-    assert_eq!(site.ok(&["get", d, "-o", "jsonpath={.spec.template.spec.containers[0].env[0].name}"]), "MODE");
+    site.ok(&[
+        "patch",
+        d,
+        "-p",
+        r#"{"spec":{"template":{"spec":{"containers":[{"name":"nginx","image":"nginx:1.25"}]}}}}"#,
+    ]);
+    assert_eq!(
+        site.ok(&[
+            "get",
+            d,
+            "-o",
+            "jsonpath={.spec.template.spec.containers[*].image}"
+        ]),
+        "nginx:1.25"
+    );
+    assert_eq!(
+        site.ok(&[
+            "get",
+            d,
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].env[0].name}"
+        ]),
+        "MODE"
+    );
     site.ok(&["scale", d, "--replicas=7"]);
     assert_eq!(site.ok(&["get", d, "-o", "jsonpath={.spec.replicas}"]), "7");
     site.ok(&["label", d, "tier=web"]);
     site.ok(&["annotate", d, "owner=ops"]);
     let out = site.ok(&["get", "deploy", "--show-labels"]);
     assert!(out.contains("app=nginx,tier=web"), "{out}");
-    assert_eq!(site.ok(&["get", d, "-o", "jsonpath={.metadata.annotations.owner}"]), "ops");
+    assert_eq!(
+        site.ok(&["get", d, "-o", "jsonpath={.metadata.annotations.owner}"]),
+        "ops"
+    );
     let err = site.fails(&["label", d, "tier=db"], None);
-    assert!(err.contains("'tier' already has a value (web), and --overwrite is false"), "{err}");
+    assert!(
+        err.contains("'tier' already has a value (web), and --overwrite is false"),
+        "{err}"
+    );
     site.ok(&["label", d, "tier-"]);
-    assert!(!site.ok(&["get", "deploy", "--show-labels"]).contains("tier="));
+    assert!(
+        !site
+            .ok(&["get", "deploy", "--show-labels"])
+            .contains("tier=")
+    );
     // Patches of the wrong shape are clear errors.
-    let err = site.fails(&["patch", d, "--type=json", "-p", r#"[{"op":"remove","path":"/spec/nope"}]"#], None);
+    let err = site.fails(
+        &[
+            "patch",
+            d,
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/spec/nope"}]"#,
+        ],
+        None,
+    );
     assert!(err.contains("The request is invalid"), "{err}");
 }
 
@@ -161,33 +268,93 @@ fn get_outputs_selectors_and_sorting() {
     let site = Site::start().unwrap();
     let v = validate();
     site.ok(&["create", "namespace", "other"]);
-    site.ok_stdin(&["create", v, "-f", "-"], Some(&pod("b", "app: web, tier: front", "n1")));
+    site.ok_stdin(
+        &["create", v, "-f", "-"],
+        Some(&pod("b", "app: web, tier: front", "n1")),
+    );
     site.ok_stdin(&["create", v, "-f", "-"], Some(&pod("a", "app: db", "n2")));
-    site.ok_stdin(&["create", v, "-n", "other", "-f", "-"], Some(&pod("c", "app: web", "n1")));
+    site.ok_stdin(
+        &["create", v, "-n", "other", "-f", "-"],
+        Some(&pod("c", "app: web", "n1")),
+    );
     let out = site.ok(&["get", "pods"]);
     let rows = lines(&out);
     assert_eq!(rows[0], vec!["NAME", "READY", "STATUS", "RESTARTS", "AGE"]);
     assert_eq!(&rows[1][..4], &["a", "0/1", "Pending", "0"]);
     let wide = site.ok(&["get", "pods", "-o", "wide"]);
-    assert!(wide.lines().next().unwrap().contains("IP       NODE   NOMINATED NODE   READINESS GATES"), "{wide}");
+    assert!(
+        wide.lines()
+            .next()
+            .unwrap()
+            .contains("IP       NODE   NOMINATED NODE   READINESS GATES"),
+        "{wide}"
+    );
     assert_eq!(site.ok(&["get", "pods", "-o", "name"]), "pod/a\npod/b\n");
-    assert_eq!(site.ok(&["get", "pods", "-l", "app=web", "-o", "name"]), "pod/b\n");
-    assert_eq!(site.ok(&["get", "pods", "-l", "app in (web,db),tier!=front", "-o", "name"]), "pod/a\n");
-    assert_eq!(site.ok(&["get", "pods", "-A", "--field-selector", "spec.nodeName=n1", "-o", "name"]), "pod/b\npod/c\n");
-    assert_eq!(site.ok(&["get", "pods", "--field-selector", "metadata.name!=a", "-o", "name"]), "pod/b\n");
+    assert_eq!(
+        site.ok(&["get", "pods", "-l", "app=web", "-o", "name"]),
+        "pod/b\n"
+    );
+    assert_eq!(
+        site.ok(&[
+            "get",
+            "pods",
+            "-l",
+            "app in (web,db),tier!=front",
+            "-o",
+            "name"
+        ]),
+        "pod/a\n"
+    );
+    assert_eq!(
+        site.ok(&[
+            "get",
+            "pods",
+            "-A",
+            "--field-selector",
+            "spec.nodeName=n1",
+            "-o",
+            "name"
+        ]),
+        "pod/b\npod/c\n"
+    );
+    assert_eq!(
+        site.ok(&[
+            "get",
+            "pods",
+            "--field-selector",
+            "metadata.name!=a",
+            "-o",
+            "name"
+        ]),
+        "pod/b\n"
+    );
     let all = site.ok(&["get", "pods", "-A"]);
     assert_eq!(lines(&all)[0][0], "NAMESPACE");
     assert_eq!(lines(&all).len(), 4);
-    let sorted = site.ok(&["get", "pods", "-A", "--sort-by=.spec.nodeName", "-o", "custom-columns=N:.metadata.name,NODE:.spec.nodeName", "--no-headers"]);
+    let sorted = site.ok(&[
+        "get",
+        "pods",
+        "-A",
+        "--sort-by=.spec.nodeName",
+        "-o",
+        "custom-columns=N:.metadata.name,NODE:.spec.nodeName",
+        "--no-headers",
+    ]);
     let order: Vec<String> = lines(&sorted).iter().map(|r| r[1].clone()).collect();
     assert_eq!(order, vec!["n1", "n1", "n2"]);
     let labels = site.ok(&["get", "pods", "--show-labels"]);
     assert!(labels.contains("app=web,tier=front"));
     let yaml = site.ok(&["get", "pod", "a", "-o", "yaml"]);
-    assert!(yaml.contains("kind: Pod") && yaml.contains("resourceVersion:") && yaml.contains("uid:"));
-    let json: serde_json::Value = serde_json::from_str(&site.ok(&["get", "pod", "a", "-o", "json"])).unwrap();
+    assert!(
+        yaml.contains("kind: Pod") && yaml.contains("resourceVersion:") && yaml.contains("uid:")
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&site.ok(&["get", "pod", "a", "-o", "json"])).unwrap();
     assert_eq!(json["status"]["phase"], "Pending");
-    assert_eq!(json["spec"]["containers"][0]["imagePullPolicy"], "IfNotPresent");
+    assert_eq!(
+        json["spec"]["containers"][0]["imagePullPolicy"],
+        "IfNotPresent"
+    );
     // limit/continue round-trips through kubectl's chunking.
     let chunked = site.ok(&["get", "pods", "-A", "--chunk-size=1", "-o", "name"]);
     assert_eq!(chunked.lines().count(), 3);
@@ -201,7 +368,8 @@ fn errors_are_printed_as_upstream_prints_them() {
         site.fails(&["get", "pod", "nope"], None).trim(),
         "Error from server (NotFound): pods \"nope\" not found"
     );
-    let bad = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: bad\nspec:\n  containers:\n  - name: c\n";
+    let bad =
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: bad\nspec:\n  containers:\n  - name: c\n";
     assert_eq!(
         site.fails(&["create", v, "-f", "-"], Some(bad)).trim(),
         "The Pod \"bad\" is invalid: spec.containers[0].image: Required value"
@@ -220,13 +388,23 @@ fn errors_are_printed_as_upstream_prints_them() {
         );
     }
     let err = site.fails(&["get", "pods", "-l", "a in ("], None);
-    assert!(err.contains("Error from server (BadRequest)") && err.contains("unable to parse requirement"), "{err}");
+    assert!(
+        err.contains("Error from server (BadRequest)")
+            && err.contains("unable to parse requirement"),
+        "{err}"
+    );
     let err = site.fails(&["get", "pods", "--field-selector", "spec.bogus=1"], None);
-    assert!(err.contains("field label not supported: spec.bogus"), "{err}");
+    assert!(
+        err.contains("field label not supported: spec.bogus"),
+        "{err}"
+    );
     let err = site.fails(&["create", "namespace", "Bad_Name"], None);
     assert!(err.contains("The Namespace \"Bad_Name\" is invalid: metadata.name: Invalid value: \"Bad_Name\": a lowercase RFC 1123 label"), "{err}");
     let err = site.fails(&["get", "widgets"], None);
-    assert!(err.contains("the server doesn't have a resource type \"widgets\""), "{err}");
+    assert!(
+        err.contains("the server doesn't have a resource type \"widgets\""),
+        "{err}"
+    );
     let err = site.fails(&["create", v, "-n", "missing", "-f", "-"], Some(cm));
     assert!(err.contains("namespaces \"missing\" not found"), "{err}");
 }
@@ -234,7 +412,15 @@ fn errors_are_printed_as_upstream_prints_them() {
 #[test]
 fn watch_sees_changes() {
     let site = Site::start().unwrap();
-    site.ok(&["create", "configmap", "w1", "--from-literal=a=1", "--dry-run=client", "-o", "yaml"]);
+    site.ok(&[
+        "create",
+        "configmap",
+        "w1",
+        "--from-literal=a=1",
+        "--dry-run=client",
+        "-o",
+        "yaml",
+    ]);
     let mut child = Command::new(kubectl_bin())
         .arg("--kubeconfig")
         .arg(site.kubeconfig())
@@ -255,7 +441,14 @@ fn watch_sees_changes() {
     std::thread::sleep(Duration::from_millis(500));
     let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: w1\ndata:\n  a: \"1\"\n";
     site.ok_stdin(&["create", validate(), "-f", "-"], Some(cm));
-    site.ok(&["patch", "configmap", "w1", "--type=merge", "-p", r#"{"data":{"b":"2"}}"#]);
+    site.ok(&[
+        "patch",
+        "configmap",
+        "w1",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"b":"2"}}"#,
+    ]);
     site.ok(&["delete", "configmap", "w1"]);
     let mut seen = Vec::new();
     let got_all = eventually(Duration::from_secs(15), || {
@@ -265,6 +458,7 @@ fn watch_sees_changes() {
         seen.iter().any(|l| l.starts_with("DELETED"))
     });
     let _ = child.kill();
+    let _ = child.wait();
     assert!(got_all, "watch output: {seen:?}");
     let events: Vec<(String, String)> = seen
         .iter()
@@ -274,7 +468,11 @@ fn watch_sees_changes() {
             (cols[0].to_string(), cols[1].to_string())
         })
         .collect();
-    let w1: Vec<&str> = events.iter().filter(|(_, n)| n == "w1").map(|(e, _)| e.as_str()).collect();
+    let w1: Vec<&str> = events
+        .iter()
+        .filter(|(_, n)| n == "w1")
+        .map(|(e, _)| e.as_str())
+        .collect();
     assert_eq!(w1, vec!["ADDED", "MODIFIED", "DELETED"], "{seen:?}");
 }
 
@@ -283,7 +481,12 @@ fn wait_for_delete_and_cascade_modes() {
     let site = Site::start().unwrap();
     let v = validate();
     for name in ["bg", "orphan", "fg", "gone"] {
-        site.ok_stdin(&["create", v, "-f", "-"], Some(&format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n")));
+        site.ok_stdin(
+            &["create", v, "-f", "-"],
+            Some(&format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n"
+            )),
+        );
     }
     let waiter = Command::new(kubectl_bin())
         .arg("--kubeconfig")
@@ -296,30 +499,81 @@ fn wait_for_delete_and_cascade_modes() {
     std::thread::sleep(Duration::from_millis(300));
     site.ok(&["delete", "configmap", "gone"]);
     let out = waiter.wait_with_output().unwrap();
-    assert!(out.status.success(), "wait failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "wait failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("configmap/gone condition met"));
 
-    assert_eq!(site.ok(&["delete", "configmap", "bg", "--cascade=background"]).trim(), "configmap \"bg\" deleted");
-    assert!(site.kubectl(&["get", "configmap", "bg"]).unwrap().status.code() != Some(0));
+    assert_eq!(
+        site.ok(&["delete", "configmap", "bg", "--cascade=background"])
+            .trim(),
+        "configmap \"bg\" deleted"
+    );
+    assert!(
+        site.kubectl(&["get", "configmap", "bg"])
+            .unwrap()
+            .status
+            .code()
+            != Some(0)
+    );
     // Orphan and foreground leave the object with a finalizer for the garbage collector.
-    site.ok(&["delete", "configmap", "orphan", "--cascade=orphan", "--wait=false"]);
-    let json: serde_json::Value = serde_json::from_str(&site.ok(&["get", "cm", "orphan", "-o", "json"])).unwrap();
-    assert_eq!(json["metadata"]["finalizers"], serde_json::json!(["orphan"]));
+    site.ok(&[
+        "delete",
+        "configmap",
+        "orphan",
+        "--cascade=orphan",
+        "--wait=false",
+    ]);
+    let json: serde_json::Value =
+        serde_json::from_str(&site.ok(&["get", "cm", "orphan", "-o", "json"])).unwrap();
+    assert_eq!(
+        json["metadata"]["finalizers"],
+        serde_json::json!(["orphan"])
+    );
     assert!(json["metadata"]["deletionTimestamp"].is_string());
-    site.ok(&["delete", "configmap", "fg", "--cascade=foreground", "--wait=false"]);
-    let json: serde_json::Value = serde_json::from_str(&site.ok(&["get", "cm", "fg", "-o", "json"])).unwrap();
-    assert_eq!(json["metadata"]["finalizers"], serde_json::json!(["foregroundDeletion"]));
+    site.ok(&[
+        "delete",
+        "configmap",
+        "fg",
+        "--cascade=foreground",
+        "--wait=false",
+    ]);
+    let json: serde_json::Value =
+        serde_json::from_str(&site.ok(&["get", "cm", "fg", "-o", "json"])).unwrap();
+    assert_eq!(
+        json["metadata"]["finalizers"],
+        serde_json::json!(["foregroundDeletion"])
+    );
     // Removing the finalizer completes the deletion.
-    site.ok(&["patch", "cm", "fg", "--type=json", "-p", r#"[{"op":"remove","path":"/metadata/finalizers"}]"#]);
-    assert!(site.kubectl(&["get", "configmap", "fg"]).unwrap().status.code() != Some(0));
+    site.ok(&[
+        "patch",
+        "cm",
+        "fg",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+    ]);
+    assert!(
+        site.kubectl(&["get", "configmap", "fg"])
+            .unwrap()
+            .status
+            .code()
+            != Some(0)
+    );
 }
 
 #[test]
 fn graceful_pod_deletion_waits_for_the_node() {
     let site = Site::start().unwrap();
-    site.ok_stdin(&["create", validate(), "-f", "-"], Some(&pod("p", "app: x", "node-a")));
+    site.ok_stdin(
+        &["create", validate(), "-f", "-"],
+        Some(&pod("p", "app: x", "node-a")),
+    );
     site.ok(&["delete", "pod", "p", "--wait=false"]);
-    let json: serde_json::Value = serde_json::from_str(&site.ok(&["get", "pod", "p", "-o", "json"])).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&site.ok(&["get", "pod", "p", "-o", "json"])).unwrap();
     assert!(json["metadata"]["deletionTimestamp"].is_string());
     assert_eq!(json["metadata"]["deletionGracePeriodSeconds"], 30);
     let out = site.ok(&["get", "pods"]);

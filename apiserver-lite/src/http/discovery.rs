@@ -62,10 +62,25 @@ fn aggregated_resource(info: &ResourceInfo) -> Value {
     r
 }
 
-fn subresource_kind<'a>(info: &'a ResourceInfo, s: &'a crate::registry::SubresourceInfo) -> (&'a str, &'a str, &'a str) {
-    let group = if s.version.is_empty() { info.group.as_str() } else { s.group };
-    let version = if s.version.is_empty() { info.version.as_str() } else { s.version };
-    let kind = if s.kind.is_empty() { info.kind.as_str() } else { s.kind };
+fn subresource_kind<'a>(
+    info: &'a ResourceInfo,
+    s: &'a crate::registry::SubresourceInfo,
+) -> (&'a str, &'a str, &'a str) {
+    let group = if s.version.is_empty() {
+        info.group.as_str()
+    } else {
+        s.group
+    };
+    let version = if s.version.is_empty() {
+        info.version.as_str()
+    } else {
+        s.version
+    };
+    let kind = if s.kind.is_empty() {
+        info.kind.as_str()
+    } else {
+        s.kind
+    };
     (group, version, kind)
 }
 

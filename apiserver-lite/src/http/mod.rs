@@ -51,7 +51,11 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    pub fn new(storage: Arc<dyn Storage>, tokens: TokenAuthenticator, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        tokens: TokenAuthenticator,
+        shutdown: CancellationToken,
+    ) -> Self {
         let registry = Registry::new();
         let openapi = OpenApi::new(&registry);
         ApiServer {
@@ -74,7 +78,10 @@ pub fn json_response(code: StatusCode, value: &Value) -> Response {
     let body = serde_json::to_vec(value).unwrap_or_default();
     (
         code,
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         body,
     )
         .into_response()
@@ -98,7 +105,10 @@ pub fn encode(code: StatusCode, value: &Value, output: Output) -> Response {
         Output::Yaml => match serde_yaml::to_string(value) {
             Ok(text) => (
                 code,
-                [(header::CONTENT_TYPE, HeaderValue::from_static("application/yaml"))],
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/yaml"),
+                )],
                 text,
             )
                 .into_response(),
@@ -111,12 +121,17 @@ pub fn encode(code: StatusCode, value: &Value, output: Output) -> Response {
 fn health(server: &ApiServer, route: &Route) -> Response {
     let ready = server.ready.load(std::sync::atomic::Ordering::Acquire);
     match route {
-        Route::Health(_) if !ready => {
-            (StatusCode::INTERNAL_SERVER_ERROR, "[-]startup not finished\nhealthz check failed\n").into_response()
-        }
+        Route::Health(_) if !ready => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "[-]startup not finished\nhealthz check failed\n",
+        )
+            .into_response(),
         _ => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            )],
             "ok",
         )
             .into_response(),
@@ -154,7 +169,11 @@ fn authenticate(server: &ApiServer, request: &Request) -> Option<Identity> {
     if let Some(identity) = request.extensions().get::<Identity>() {
         return Some(identity.clone());
     }
-    let authorization = request.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     server.tokens.authenticate(authorization)
 }
 
@@ -191,13 +210,18 @@ async fn dispatch(State(server): State<Arc<ApiServer>>, request: Request) -> Res
         Route::OpenApiV3(group, version) => match server.openapi.document(&group, &version) {
             Some(doc) => Ok((
                 StatusCode::OK,
-                [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
                 doc,
             )
                 .into_response()),
             None => Err(ApiError::no_route()),
         },
-        Route::Resource(path) => resources::handle(server.clone(), identity, path, output, request).await,
+        Route::Resource(path) => {
+            resources::handle(server.clone(), identity, path, output, request).await
+        }
         Route::Unknown | Route::Version | Route::Health(_) => Err(ApiError::no_route()),
     };
     match result {
@@ -251,7 +275,12 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let tls_stream = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await {
+            let tls_stream = match tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                acceptor.accept(stream),
+            )
+            .await
+            {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -268,18 +297,21 @@ pub async fn serve(
                 .peer_certificates()
                 .and_then(|certs| certs.first())
                 .and_then(|cert| identity_from_certificate(cert.as_ref()));
-            let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                if let Some(identity) = &identity {
-                    req.extensions_mut().insert(identity.clone());
-                }
-                let mut app = app.clone();
-                async move {
-                    use tower::Service;
-                    app.call(req.map(Body::new)).await
-                }
-            });
+            let service = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    if let Some(identity) = &identity {
+                        req.extensions_mut().insert(identity.clone());
+                    }
+                    let mut app = app.clone();
+                    async move {
+                        use tower::Service;
+                        app.call(req.map(Body::new)).await
+                    }
+                },
+            );
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service);
+            let connection =
+                builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service);
             tokio::pin!(connection);
             tokio::select! {
                 result = connection.as_mut() => {

@@ -101,7 +101,11 @@ fn resource_route(group: &str, version: &str, rest: &[&str]) -> Route {
     let rest = match rest {
         // `/namespaces/<ns>/<resource>...`, but `/namespaces/<name>[/status|/finalize]` is the
         // namespace object itself.
-        ["namespaces", ns, resource, tail @ ..] if !(tail.is_empty() && (*resource == "status" || *resource == "finalize") && group.is_empty()) => {
+        ["namespaces", ns, resource, tail @ ..]
+            if !(tail.is_empty()
+                && (*resource == "status" || *resource == "finalize")
+                && group.is_empty()) =>
+        {
             p.namespace = Some(ns.to_string());
             let mut v = vec![*resource];
             v.extend_from_slice(tail);
@@ -160,7 +164,9 @@ impl Query {
         match self.get(key) {
             None | Some("") => Ok(None),
             Some(v) => v.parse().map(Some).map_err(|_| {
-                ApiError::bad_request(format!("invalid value {v:?} for parameter {key:?}: must be an integer"))
+                ApiError::bad_request(format!(
+                    "invalid value {v:?} for parameter {key:?}: must be an integer"
+                ))
             }),
         }
     }
@@ -225,7 +231,11 @@ pub fn negotiate(accept: Option<&str>) -> Option<Output> {
         ) {
             (None, _, _) => return Some(if yaml { Output::Yaml } else { Output::Json }),
             (Some("Table"), Some("meta.k8s.io"), Some("v1")) => return Some(Output::Table),
-            (Some("PartialObjectMetadata" | "PartialObjectMetadataList"), Some("meta.k8s.io"), Some("v1")) => {
+            (
+                Some("PartialObjectMetadata" | "PartialObjectMetadataList"),
+                Some("meta.k8s.io"),
+                Some("v1"),
+            ) => {
                 return Some(Output::PartialMetadata);
             }
             (Some("APIGroupDiscoveryList"), Some("apidiscovery.k8s.io"), Some("v2")) => {
@@ -244,7 +254,10 @@ mod tests {
     #[test]
     fn routes() {
         assert_eq!(parse_route("/api"), Route::CoreGroup);
-        assert_eq!(parse_route("/apis/apps/v1"), Route::ResourceList("apps".into(), "v1".into()));
+        assert_eq!(
+            parse_route("/apis/apps/v1"),
+            Route::ResourceList("apps".into(), "v1".into())
+        );
         let Route::Resource(p) = parse_route("/api/v1/namespaces/default/pods/web/status") else {
             panic!()
         };
@@ -258,24 +271,41 @@ mod tests {
         assert_eq!(p.resource, "namespaces");
         assert_eq!(p.name.as_deref(), Some("kube-system"));
         assert_eq!(p.subresource.as_deref(), Some("status"));
-        let Route::Resource(p) = parse_route("/api/v1/namespaces/kube-system") else { panic!() };
-        assert_eq!((p.resource.as_str(), p.name.as_deref(), p.namespace), ("namespaces", Some("kube-system"), None));
-        let Route::Resource(p) = parse_route("/apis/apps/v1/deployments") else { panic!() };
+        let Route::Resource(p) = parse_route("/api/v1/namespaces/kube-system") else {
+            panic!()
+        };
+        assert_eq!(
+            (p.resource.as_str(), p.name.as_deref(), p.namespace),
+            ("namespaces", Some("kube-system"), None)
+        );
+        let Route::Resource(p) = parse_route("/apis/apps/v1/deployments") else {
+            panic!()
+        };
         assert_eq!(p.namespace, None);
         assert_eq!(parse_route("/api/v1/a/b/c/d"), Route::Unknown);
-        assert_eq!(parse_route("/openapi/v3/apis/apps/v1"), Route::OpenApiV3("apps".into(), "v1".into()));
+        assert_eq!(
+            parse_route("/openapi/v3/apis/apps/v1"),
+            Route::OpenApiV3("apps".into(), "v1".into())
+        );
     }
 
     #[test]
     fn negotiation() {
         assert_eq!(
-            negotiate(Some("application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json")),
+            negotiate(Some(
+                "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json"
+            )),
             Some(Output::Table)
         );
-        assert_eq!(negotiate(Some("application/vnd.kubernetes.protobuf, */*")), Some(Output::Json));
+        assert_eq!(
+            negotiate(Some("application/vnd.kubernetes.protobuf, */*")),
+            Some(Output::Json)
+        );
         assert_eq!(negotiate(Some("application/vnd.kubernetes.protobuf")), None);
         assert_eq!(
-            negotiate(Some("application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json")),
+            negotiate(Some(
+                "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json"
+            )),
             Some(Output::AggregatedDiscovery)
         );
         assert_eq!(negotiate(None), Some(Output::Json));

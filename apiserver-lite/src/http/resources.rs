@@ -35,12 +35,14 @@ pub fn now() -> String {
 
 fn storage_error(info: &ResourceInfo, name: &str, e: StorageError) -> ApiError {
     match e {
-        StorageError::AlreadyExists(_) => ApiError::already_exists(&info.resource, &info.group, name),
+        StorageError::AlreadyExists(_) => {
+            ApiError::already_exists(&info.resource, &info.group, name)
+        }
         StorageError::NotFound(_) => ApiError::not_found(&info.resource, &info.group, name),
         StorageError::Conflict { .. } => ApiError::modified(&info.resource, &info.group, name),
-        StorageError::Expired { requested, oldest } => ApiError::expired(format!(
-            "too old resource version: {requested} ({oldest})"
-        )),
+        StorageError::Expired { requested, oldest } => {
+            ApiError::expired(format!("too old resource version: {requested} ({oldest})"))
+        }
         StorageError::Closed => ApiError::service_unavailable("the server is shutting down"),
         StorageError::Backend(msg) => ApiError::internal(msg),
     }
@@ -140,11 +142,12 @@ fn content_type(parts: &http::request::Parts) -> String {
 fn decode_document(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
     let essence = content_type.split(';').next().unwrap_or("").trim();
     let value: Value = match essence {
-        "application/json" | "" | "*/*" => serde_json::from_slice(body).map_err(|e| {
-            ApiError::bad_request(format!("error decoding request body: {e}"))
-        })?,
+        "application/json" | "" | "*/*" => serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding request body: {e}")))?,
         "application/yaml" | "application/x-yaml" | "text/yaml" => serde_yaml::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("error decoding request body as YAML: {e}")))?,
+            .map_err(|e| {
+                ApiError::bad_request(format!("error decoding request body as YAML: {e}"))
+            })?,
         other => return Err(ApiError::unsupported_media_type(other)),
     };
     if !value.is_object() {
@@ -163,7 +166,11 @@ fn unknown_fields(input: &Value, output: &Value, path: &str, found: &mut Vec<Str
                 if v.is_null() {
                     continue;
                 }
-                let child = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let child = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
                 match o.get(k) {
                     None => found.push(child),
                     Some(ov) => unknown_fields(v, ov, &child, found),
@@ -181,7 +188,11 @@ fn unknown_fields(input: &Value, output: &Value, path: &str, found: &mut Vec<Str
 
 /// Checks apiVersion/kind against the URL, decodes through the typed struct (dropping and
 /// reporting unknown fields per `fieldValidation`).
-fn decode_object(info: &ResourceInfo, mut value: Value, opts: &mut WriteOptions) -> Result<Value, ApiError> {
+fn decode_object(
+    info: &ResourceInfo,
+    mut value: Value,
+    opts: &mut WriteOptions,
+) -> Result<Value, ApiError> {
     let api_version = info.api_version();
     match value.get("apiVersion").and_then(Value::as_str) {
         Some(v) if v != api_version => {
@@ -202,7 +213,10 @@ fn decode_object(info: &ResourceInfo, mut value: Value, opts: &mut WriteOptions)
     }
     value["apiVersion"] = json!(api_version);
     value["kind"] = json!(info.kind);
-    if value.get("metadata").is_some_and(|m| !m.is_object() && !m.is_null()) {
+    if value
+        .get("metadata")
+        .is_some_and(|m| !m.is_object() && !m.is_null())
+    {
         return Err(ApiError::bad_request(format!(
             "{} in version {:?} cannot be handled as a {}: metadata must be an object",
             info.kind, info.version, info.kind
@@ -222,7 +236,10 @@ fn decode_object(info: &ResourceInfo, mut value: Value, opts: &mut WriteOptions)
     if !unknown.is_empty() {
         match opts.validation {
             FieldValidation::Strict => {
-                let list: Vec<String> = unknown.iter().map(|f| format!("unknown field {f:?}")).collect();
+                let list: Vec<String> = unknown
+                    .iter()
+                    .map(|f| format!("unknown field {f:?}"))
+                    .collect();
                 return Err(ApiError::bad_request(format!(
                     "strict decoding error: {}",
                     list.join(", ")
@@ -250,7 +267,9 @@ fn meta_mut(object: &mut Value) -> &mut serde_json::Map<String, Value> {
     if !object.get("metadata").is_some_and(Value::is_object) {
         object["metadata"] = json!({});
     }
-    object["metadata"].as_object_mut().expect("just made an object")
+    object["metadata"]
+        .as_object_mut()
+        .expect("just made an object")
 }
 
 fn generate_suffix() -> String {
@@ -300,7 +319,10 @@ pub async fn handle(
     request: Request,
 ) -> Result<Response, ApiError> {
     let _ = &identity;
-    let Some(info) = server.registry.get(&path.group, &path.version, &path.resource) else {
+    let Some(info) = server
+        .registry
+        .get(&path.group, &path.version, &path.resource)
+    else {
         return Err(ApiError::no_route());
     };
     if path.namespace.is_some() && !info.namespaced {
@@ -327,7 +349,11 @@ pub async fn handle(
         if info.verbs.contains(&verb) {
             Ok(())
         } else {
-            Err(ApiError::method_not_allowed(verb, &info.resource, &info.group))
+            Err(ApiError::method_not_allowed(
+                verb,
+                &info.resource,
+                &info.group,
+            ))
         }
     };
     match (&method, path.name.as_deref(), path.subresource.as_deref()) {
@@ -348,13 +374,20 @@ pub async fn handle(
         (&Method::POST, None, None) => {
             verb_allowed("create")?;
             if info.namespaced && path.namespace.is_none() {
-                return Err(ApiError::method_not_allowed("create", &info.resource, &info.group));
+                return Err(ApiError::method_not_allowed(
+                    "create",
+                    &info.resource,
+                    &info.group,
+                ));
             }
             let mut opts = write_options(&query, &request)?;
             let (parts, body) = read_body(request).await?;
             let value = decode_document(&content_type(&parts), &body)?;
             let created = ctx.create(value, &mut opts).await?;
-            Ok(with_warnings(encode(StatusCode::CREATED, &created, output), &opts.warnings))
+            Ok(with_warnings(
+                encode(StatusCode::CREATED, &created, output),
+                &opts.warnings,
+            ))
         }
         (&Method::POST, Some(name), Some("binding")) => {
             let (parts, body) = read_body(request).await?;
@@ -366,13 +399,20 @@ pub async fn handle(
             let value = decode_document(&content_type(&parts), &body)?;
             ctx.evict(name, value).await
         }
-        (&Method::PUT, Some(name), sub @ (None | Some("status") | Some("finalize") | Some("scale"))) => {
+        (
+            &Method::PUT,
+            Some(name),
+            sub @ (None | Some("status") | Some("finalize") | Some("scale")),
+        ) => {
             verb_allowed("update")?;
             let mut opts = write_options(&query, &request)?;
             let (parts, body) = read_body(request).await?;
             let value = decode_document(&content_type(&parts), &body)?;
             let (code, updated) = ctx.replace(name, sub, value, &mut opts).await?;
-            Ok(with_warnings(encode(code, &updated, output), &opts.warnings))
+            Ok(with_warnings(
+                encode(code, &updated, output),
+                &opts.warnings,
+            ))
         }
         (&Method::PATCH, Some(name), sub @ (None | Some("status") | Some("scale"))) => {
             verb_allowed("patch")?;
@@ -391,7 +431,10 @@ pub async fn handle(
                 ));
             };
             let (code, patched) = ctx.patch(name, sub, kind, &body, force, &mut opts).await?;
-            Ok(with_warnings(encode(code, &patched, output), &opts.warnings))
+            Ok(with_warnings(
+                encode(code, &patched, output),
+                &opts.warnings,
+            ))
         }
         (&Method::DELETE, Some(name), None) => {
             verb_allowed("delete")?;
@@ -442,7 +485,8 @@ pub fn list_options(info: &ResourceInfo, query: &Query) -> Result<ListOptions, A
 impl ListOptions {
     pub fn matches(&self, info: &ResourceInfo, object: &Value) -> bool {
         self.labels.matches_object(object)
-            && (self.fields.is_empty() || self.fields.matches(&kinds::selectable_fields(info, object)))
+            && (self.fields.is_empty()
+                || self.fields.matches(&kinds::selectable_fields(info, object)))
     }
 }
 
@@ -467,7 +511,8 @@ fn encode_continue(rv: u64, start: &str) -> String {
         rv,
         start: start.to_string(),
     };
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(&token).unwrap_or_default())
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(serde_json::to_vec(&token).unwrap_or_default())
 }
 
 /// DeleteOptions from the body (kubectl) or the query (the Python client).
@@ -495,18 +540,31 @@ fn delete_options(query: &Query, body: &[u8]) -> Result<DeleteOptions, ApiError>
         .get("propagationPolicy")
         .and_then(Value::as_str)
         .map(String::from)
-        .or_else(|| query.get("propagationPolicy").filter(|p| !p.is_empty()).map(String::from));
+        .or_else(|| {
+            query
+                .get("propagationPolicy")
+                .filter(|p| !p.is_empty())
+                .map(String::from)
+        });
     let orphan = from_body
         .get("orphanDependents")
         .and_then(Value::as_bool)
-        .or(if query.get("orphanDependents").is_some() { Some(query.flag("orphanDependents")?) } else { None });
+        .or(if query.get("orphanDependents").is_some() {
+            Some(query.flag("orphanDependents")?)
+        } else {
+            None
+        });
     if let Some(orphan) = orphan {
         if propagation.is_some() {
             return Err(ApiError::invalid(
                 "DeleteOptions",
                 "meta.k8s.io",
                 "",
-                vec![Cause::invalid("propagationPolicy", &json!(propagation), "orphanDependents and deletionPropagation cannot be both set")],
+                vec![Cause::invalid(
+                    "propagationPolicy",
+                    &json!(propagation),
+                    "orphanDependents and deletionPropagation cannot be both set",
+                )],
             ));
         }
         propagation = Some(if orphan { "Orphan" } else { "Background" }.into());
@@ -518,7 +576,11 @@ fn delete_options(query: &Query, body: &[u8]) -> Result<DeleteOptions, ApiError>
             "DeleteOptions",
             "meta.k8s.io",
             "",
-            vec![Cause::unsupported("propagationPolicy", &json!(p), &["Foreground", "Background", "Orphan", "nil"])],
+            vec![Cause::unsupported(
+                "propagationPolicy",
+                &json!(p),
+                &["Foreground", "Background", "Orphan", "nil"],
+            )],
         ));
     }
     if let Some(g) = grace_period
@@ -528,7 +590,11 @@ fn delete_options(query: &Query, body: &[u8]) -> Result<DeleteOptions, ApiError>
             "DeleteOptions",
             "meta.k8s.io",
             "",
-            vec![Cause::invalid("gracePeriodSeconds", &json!(g), "must be greater than or equal to 0")],
+            vec![Cause::invalid(
+                "gracePeriodSeconds",
+                &json!(g),
+                "must be greater than or equal to 0",
+            )],
         ));
     }
     let dry_run = match from_body.get("dryRun").and_then(Value::as_array) {
@@ -583,7 +649,14 @@ impl Ctx {
                 let rv = meta_str(object, "resourceVersion").to_string();
                 json_response(
                     code,
-                    &tables::table(&self.info, &[object], IncludeObject::Metadata, &rv, None, Utc::now()),
+                    &tables::table(
+                        &self.info,
+                        &[object],
+                        IncludeObject::Metadata,
+                        &rv,
+                        None,
+                        Utc::now(),
+                    ),
                 )
             }
             Output::PartialMetadata => json_response(code, &tables::partial_metadata(object)),
@@ -598,7 +671,10 @@ impl Ctx {
 
     async fn list(&self, query: &Query) -> Result<Response, ApiError> {
         let opts = list_options(&self.info, query)?;
-        let limit = query.number("limit")?.filter(|l| *l > 0).map(|l| l as usize);
+        let limit = query
+            .number("limit")?
+            .filter(|l| *l > 0)
+            .map(|l| l as usize);
         let current = self.server.storage.revision();
         let mut start_after: Option<String> = None;
         let mut list_rv: Option<u64> = None;
@@ -612,13 +688,18 @@ impl Ctx {
             start_after = Some(token.start);
             list_rv = Some(token.rv);
         }
-        if let Some(rv) = query.get("resourceVersion").filter(|r| !r.is_empty() && *r != "0") {
-            let wanted: u64 = rv.parse().map_err(|_| {
-                ApiError::bad_request(format!("invalid resource version: {rv:?}"))
-            })?;
+        if let Some(rv) = query
+            .get("resourceVersion")
+            .filter(|r| !r.is_empty() && *r != "0")
+        {
+            let wanted: u64 = rv
+                .parse()
+                .map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv:?}")))?;
             match query.get("resourceVersionMatch") {
                 Some("Exact") if wanted != current => {
-                    return Err(ApiError::expired(format!("too old resource version: {wanted} ({current})")));
+                    return Err(ApiError::expired(format!(
+                        "too old resource version: {wanted} ({current})"
+                    )));
                 }
                 _ if wanted > current => {
                     return Err(ApiError::new(
@@ -637,20 +718,37 @@ impl Ctx {
         let mut continue_after = None;
         if let (Some(name), None) = (opts.fields.pinned("metadata.name"), limit) {
             if !self.namespace.is_empty() || !self.info.namespaced {
-                if let Some(s) = self.server.storage.get(&self.key(name)).await.map_err(|e| storage_error(&self.info, name, e))? {
-                    if opts.matches(&self.info, &s.object) {
-                        items.push(s.object);
-                    }
+                if let Some(s) = self
+                    .server
+                    .storage
+                    .get(&self.key(name))
+                    .await
+                    .map_err(|e| storage_error(&self.info, name, e))?
+                    && opts.matches(&self.info, &s.object)
+                {
+                    items.push(s.object);
                 }
             } else {
-                let listing = self.server.storage.list(&prefix, None, None).await.map_err(|e| storage_error(&self.info, "", e))?;
+                let listing = self
+                    .server
+                    .storage
+                    .list(&prefix, None, None)
+                    .await
+                    .map_err(|e| storage_error(&self.info, "", e))?;
                 revision = listing.revision;
-                items = listing.items.into_iter().map(|s| s.object).filter(|o| opts.matches(&self.info, o)).collect();
+                items = listing
+                    .items
+                    .into_iter()
+                    .map(|s| s.object)
+                    .filter(|o| opts.matches(&self.info, o))
+                    .collect();
             }
         } else {
             let mut cursor = start_after.clone();
             loop {
-                let want = limit.map(|l| (l - items.len()).max(1) * 2).map(|w| w.max(64));
+                let want = limit
+                    .map(|l| (l - items.len()).max(1) * 2)
+                    .map(|w| w.max(64));
                 let listing = self
                     .server
                     .storage
@@ -661,7 +759,11 @@ impl Ctx {
                 let more = listing.continue_after.is_some();
                 let mut last_key = None;
                 for s in listing.items {
-                    let key = key_of(&self.info, meta_str(&s.object, "namespace"), meta_str(&s.object, "name"));
+                    let key = key_of(
+                        &self.info,
+                        meta_str(&s.object, "namespace"),
+                        meta_str(&s.object, "name"),
+                    );
                     if opts.matches(&self.info, &s.object) {
                         items.push(s.object);
                     }
@@ -676,7 +778,12 @@ impl Ctx {
                     Some(l) if items.len() == l => {
                         // Anything after the last returned key?
                         if let Some(k) = &last_key {
-                            let probe = self.server.storage.list(&prefix, Some(k), Some(1)).await.map_err(|e| storage_error(&self.info, "", e))?;
+                            let probe = self
+                                .server
+                                .storage
+                                .list(&prefix, Some(k), Some(1))
+                                .await
+                                .map_err(|e| storage_error(&self.info, "", e))?;
                             if !probe.items.is_empty() {
                                 continue_after = Some(k.clone());
                             }
@@ -700,19 +807,31 @@ impl Ctx {
                 };
                 Ok(json_response(
                     StatusCode::OK,
-                    &tables::table(&self.info, &refs, include, &rv.to_string(), token.as_deref(), Utc::now()),
+                    &tables::table(
+                        &self.info,
+                        &refs,
+                        include,
+                        &rv.to_string(),
+                        token.as_deref(),
+                        Utc::now(),
+                    ),
                 ))
             }
             output => {
-                let (kind, api_version, items): (String, String, Vec<Value>) = if output == Output::PartialMetadata {
-                    (
-                        "PartialObjectMetadataList".into(),
-                        "meta.k8s.io/v1".into(),
-                        refs.iter().map(|o| tables::partial_metadata(o)).collect(),
-                    )
-                } else {
-                    (self.info.list_kind(), self.info.api_version(), refs.iter().map(|o| (*o).clone()).collect())
-                };
+                let (kind, api_version, items): (String, String, Vec<Value>) =
+                    if output == Output::PartialMetadata {
+                        (
+                            "PartialObjectMetadataList".into(),
+                            "meta.k8s.io/v1".into(),
+                            refs.iter().map(|o| tables::partial_metadata(o)).collect(),
+                        )
+                    } else {
+                        (
+                            self.info.list_kind(),
+                            self.info.api_version(),
+                            refs.iter().map(|o| (*o).clone()).collect(),
+                        )
+                    };
                 let mut metadata = json!({"resourceVersion": rv.to_string()});
                 if let Some(t) = token {
                     metadata["continue"] = json!(t);
@@ -769,10 +888,21 @@ impl Ctx {
     }
 
     fn invalid(&self, object: &Value, causes: Vec<Cause>) -> ApiError {
-        ApiError::invalid(&self.info.kind, &self.info.group, meta_str(object, "name"), causes)
+        ApiError::invalid(
+            &self.info.kind,
+            &self.info.group,
+            meta_str(object, "name"),
+            causes,
+        )
     }
 
-    fn writer<'a>(&'a self, opts: &'a WriteOptions, time: &'a str, subresource: &'a str, api_version: &'a str) -> fields::Writer<'a> {
+    fn writer<'a>(
+        &'a self,
+        opts: &'a WriteOptions,
+        time: &'a str,
+        subresource: &'a str,
+        api_version: &'a str,
+    ) -> fields::Writer<'a> {
         fields::Writer {
             manager: &opts.manager,
             api_version,
@@ -787,7 +917,12 @@ impl Ctx {
         self.create_decoded(object, opts, true).await
     }
 
-    async fn create_decoded(&self, mut object: Value, opts: &mut WriteOptions, track: bool) -> Result<Value, ApiError> {
+    async fn create_decoded(
+        &self,
+        mut object: Value,
+        opts: &mut WriteOptions,
+        track: bool,
+    ) -> Result<Value, ApiError> {
         self.check_namespace_field(&mut object)?;
         let name = meta_str(&object, "name").to_string();
         let generate = meta_str(&object, "generateName").to_string();
@@ -815,7 +950,11 @@ impl Ctx {
             } else {
                 meta.remove("generation");
             }
-            if meta.get("managedFields").is_some_and(|m| m.as_array().is_some_and(|a| !a.is_empty())) && track {
+            if meta
+                .get("managedFields")
+                .is_some_and(|m| m.as_array().is_some_and(|a| !a.is_empty()))
+                && track
+            {
                 // Clients may not set managedFields on create beyond what they own; upstream resets
                 // invalid ones. We keep what a client sent only when it parses.
             }
@@ -868,7 +1007,13 @@ impl Ctx {
             let old_meta = old_object.get("metadata").cloned().unwrap_or(json!({}));
             let meta = meta_mut(&mut new);
             meta.insert("name".into(), json!(name));
-            for key in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation"] {
+            for key in [
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+            ] {
                 match old_meta.get(key) {
                     Some(v) => meta.insert(key.into(), v.clone()),
                     None => meta.remove(key),
@@ -876,7 +1021,8 @@ impl Ctx {
             }
             meta.remove("resourceVersion");
             meta.remove("selfLink");
-            if meta.get("managedFields").is_none() && track
+            if meta.get("managedFields").is_none()
+                && track
                 && let Some(m) = old_meta.get("managedFields")
             {
                 meta.insert("managedFields".into(), m.clone());
@@ -897,7 +1043,10 @@ impl Ctx {
             }
             Some("finalize") => {
                 let mut merged = old_object.clone();
-                merged["spec"]["finalizers"] = new.pointer("/spec/finalizers").cloned().unwrap_or(json!([]));
+                merged["spec"]["finalizers"] = new
+                    .pointer("/spec/finalizers")
+                    .cloned()
+                    .unwrap_or(json!([]));
                 new = merged;
             }
             _ => {
@@ -917,13 +1066,21 @@ impl Ctx {
                     if let Some(f) = old_object.pointer("/spec/finalizers") {
                         new["spec"]["finalizers"] = f.clone();
                     }
-                    if let Some(l) = old_object.pointer("/metadata/labels/kubernetes.io~1metadata.name") {
-                        let labels = meta_mut(&mut new).entry("labels").or_insert_with(|| json!({}));
+                    if let Some(l) =
+                        old_object.pointer("/metadata/labels/kubernetes.io~1metadata.name")
+                    {
+                        let labels = meta_mut(&mut new)
+                            .entry("labels")
+                            .or_insert_with(|| json!({}));
                         labels["kubernetes.io/metadata.name"] = l.clone();
                     }
                 }
-                if kinds::tracks_generation(&self.info) && spec_part(old_object) != spec_part(&new) {
-                    let generation = old_object.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0);
+                if kinds::tracks_generation(&self.info) && spec_part(old_object) != spec_part(&new)
+                {
+                    let generation = old_object
+                        .pointer("/metadata/generation")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(0);
                     meta_mut(&mut new).insert("generation".into(), json!(generation + 1));
                 }
             }
@@ -935,7 +1092,12 @@ impl Ctx {
         if track {
             let time = now();
             let api_version = self.info.api_version();
-            let writer = self.writer(opts, &time, subresource.filter(|s| *s == "status").unwrap_or(""), &api_version);
+            let writer = self.writer(
+                opts,
+                &time,
+                subresource.filter(|s| *s == "status").unwrap_or(""),
+                &api_version,
+            );
             fields::track_update(Some(old_object), &mut new, &writer);
         }
         if comparable(&new) == comparable(old_object) {
@@ -948,9 +1110,16 @@ impl Ctx {
             .pointer("/metadata/finalizers")
             .and_then(Value::as_array)
             .is_some_and(|f| !f.is_empty());
-        let grace_left = new.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64).unwrap_or(0) > 0;
+        let grace_left = new
+            .pointer("/metadata/deletionGracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+            > 0;
         let namespace_finalizers = self.info.resource == "namespaces"
-            && new.pointer("/spec/finalizers").and_then(Value::as_array).is_some_and(|f| !f.is_empty());
+            && new
+                .pointer("/spec/finalizers")
+                .and_then(Value::as_array)
+                .is_some_and(|f| !f.is_empty());
         if opts.dry_run {
             return Ok(new);
         }
@@ -984,26 +1153,40 @@ impl Ctx {
             return self.replace_scale(name, value, opts).await;
         }
         let object = decode_object(&self.info, value, opts)?;
-        let precondition: Option<u64> = match meta_str(&object, "resourceVersion") {
-            "" => None,
-            rv => Some(rv.parse().map_err(|_| {
-                ApiError::bad_request(format!("invalid resourceVersion {rv:?}"))
-            })?),
-        };
+        let precondition: Option<u64> =
+            match meta_str(&object, "resourceVersion") {
+                "" => None,
+                rv => Some(rv.parse().map_err(|_| {
+                    ApiError::bad_request(format!("invalid resourceVersion {rv:?}"))
+                })?),
+            };
         for _ in 0..MAX_RETRIES {
             let old = self.load(name).await?;
             if let Some(expected) = precondition
                 && expected != old.revision
             {
-                return Err(ApiError::modified(&self.info.resource, &self.info.group, name));
+                return Err(ApiError::modified(
+                    &self.info.resource,
+                    &self.info.group,
+                    name,
+                ));
             }
-            match self.update_decoded(&old, object.clone(), subresource, opts, true).await {
-                Err(e) if e.code == 409 && e.reason == "Conflict" && precondition.is_none() => continue,
+            match self
+                .update_decoded(&old, object.clone(), subresource, opts, true)
+                .await
+            {
+                Err(e) if e.code == 409 && e.reason == "Conflict" && precondition.is_none() => {
+                    continue;
+                }
                 Err(e) => return Err(e),
                 Ok(v) => return Ok((StatusCode::OK, v)),
             }
         }
-        Err(ApiError::modified(&self.info.resource, &self.info.group, name))
+        Err(ApiError::modified(
+            &self.info.resource,
+            &self.info.group,
+            name,
+        ))
     }
 
     /// PATCH: JSON, merge, strategic or apply.
@@ -1029,16 +1212,27 @@ impl Ctx {
             let pinned = meta_str(&patched, "resourceVersion").to_string();
             let pinned_changed = !pinned.is_empty() && pinned != old.revision.to_string();
             if pinned_changed {
-                return Err(ApiError::modified(&self.info.resource, &self.info.group, name));
+                return Err(ApiError::modified(
+                    &self.info.resource,
+                    &self.info.group,
+                    name,
+                ));
             }
             let object = decode_object(&self.info, patched, opts)?;
-            match self.update_decoded(&old, object, subresource, opts, true).await {
+            match self
+                .update_decoded(&old, object, subresource, opts, true)
+                .await
+            {
                 Err(e) if e.code == 409 && e.reason == "Conflict" && pinned.is_empty() => continue,
                 Err(e) => return Err(e),
                 Ok(v) => return Ok((StatusCode::OK, v)),
             }
         }
-        Err(ApiError::modified(&self.info.resource, &self.info.group, name))
+        Err(ApiError::modified(
+            &self.info.resource,
+            &self.info.group,
+            name,
+        ))
     }
 
     /// Server-side apply.
@@ -1055,7 +1249,11 @@ impl Ctx {
                 "PatchOptions",
                 "meta.k8s.io",
                 "",
-                vec![Cause::new("FieldValueRequired", "fieldManager", "Required value: is required for apply patch".into())],
+                vec![Cause::new(
+                    "FieldValueRequired",
+                    "fieldManager",
+                    "Required value: is required for apply patch".into(),
+                )],
             ));
         }
         let applied: Value = serde_yaml::from_slice(body)
@@ -1081,37 +1279,70 @@ impl Ctx {
         let api_version = self.info.api_version();
         let sub = subresource.filter(|s| *s == "status").unwrap_or("");
         for _ in 0..MAX_RETRIES {
-            let current = self.server.storage.get(&self.key(name)).await.map_err(|e| storage_error(&self.info, name, e))?;
+            let current = self
+                .server
+                .storage
+                .get(&self.key(name))
+                .await
+                .map_err(|e| storage_error(&self.info, name, e))?;
             let writer = self.writer(opts, &time, sub, &api_version);
-            let merged = fields::apply(current.as_ref().map(|c| c.object.as_ref()), &applied, &writer, force)
-                .map_err(|conflicts| {
-                    let causes = conflicts
-                        .iter()
-                        .map(|c| Cause::new("FieldManagerConflict", c.path.clone(), format!("conflict with {:?} using {}", c.manager, c.api_version)))
-                        .collect();
-                    ApiError::new(409, "Conflict", fields::conflict_message(&conflicts)).with_details(Details {
+            let merged = fields::apply(
+                current.as_ref().map(|c| c.object.as_ref()),
+                &applied,
+                &writer,
+                force,
+            )
+            .map_err(|conflicts| {
+                let causes = conflicts
+                    .iter()
+                    .map(|c| {
+                        Cause::new(
+                            "FieldManagerConflict",
+                            c.path.clone(),
+                            format!("conflict with {:?} using {}", c.manager, c.api_version),
+                        )
+                    })
+                    .collect();
+                ApiError::new(409, "Conflict", fields::conflict_message(&conflicts)).with_details(
+                    Details {
                         name: name.to_string(),
                         group: self.info.group.clone(),
                         kind: self.info.resource.clone(),
                         causes,
                         ..Details::default()
-                    })
-                })?;
+                    },
+                )
+            })?;
             let result = match &current {
                 None => {
                     if subresource.is_some() {
                         return Err(self.not_found(name));
                     }
-                    self.create_decoded(merged, opts, false).await.map(|v| (StatusCode::CREATED, v))
+                    self.create_decoded(merged, opts, false)
+                        .await
+                        .map(|v| (StatusCode::CREATED, v))
                 }
-                Some(old) => self.update_decoded(old, merged, subresource, opts, false).await.map(|v| (StatusCode::OK, v)),
+                Some(old) => self
+                    .update_decoded(old, merged, subresource, opts, false)
+                    .await
+                    .map(|v| (StatusCode::OK, v)),
             };
             match result {
-                Err(e) if e.code == 409 && (e.reason == "Conflict" || e.reason == "AlreadyExists") && !e.message.starts_with("Apply failed") => continue,
+                Err(e)
+                    if e.code == 409
+                        && (e.reason == "Conflict" || e.reason == "AlreadyExists")
+                        && !e.message.starts_with("Apply failed") =>
+                {
+                    continue;
+                }
                 other => return other,
             }
         }
-        Err(ApiError::modified(&self.info.resource, &self.info.group, name))
+        Err(ApiError::modified(
+            &self.info.resource,
+            &self.info.group,
+            name,
+        ))
     }
 
     fn scale_of(&self, object: &Value) -> Value {
@@ -1136,24 +1367,47 @@ impl Ctx {
 
     async fn get_scale(&self, name: &str) -> Result<Response, ApiError> {
         let stored = self.load(name).await?;
-        Ok(json_response(StatusCode::OK, &self.scale_of(&stored.object)))
+        Ok(json_response(
+            StatusCode::OK,
+            &self.scale_of(&stored.object),
+        ))
     }
 
-    async fn set_replicas(&self, old: &Stored, scale: &Value, opts: &mut WriteOptions) -> Result<Value, ApiError> {
+    async fn set_replicas(
+        &self,
+        old: &Stored,
+        scale: &Value,
+        opts: &mut WriteOptions,
+    ) -> Result<Value, ApiError> {
         let scale = builtin::normalize_as::<k8s_openapi::api::autoscaling::v1::Scale>(scale)
-            .map_err(|e| ApiError::bad_request(format!("Scale in version \"v1\" cannot be handled as a Scale: {e}")))?;
-        let replicas = scale.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(0);
+            .map_err(|e| {
+                ApiError::bad_request(format!(
+                    "Scale in version \"v1\" cannot be handled as a Scale: {e}"
+                ))
+            })?;
+        let replicas = scale
+            .pointer("/spec/replicas")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
         if replicas < 0 {
             return Err(ApiError::invalid(
                 "Scale",
                 "autoscaling",
                 meta_str(&old.object, "name"),
-                vec![Cause::invalid("spec.replicas", &json!(replicas), "must be greater than or equal to 0")],
+                vec![Cause::invalid(
+                    "spec.replicas",
+                    &json!(replicas),
+                    "must be greater than or equal to 0",
+                )],
             ));
         }
         let rv = meta_str(&scale, "resourceVersion");
         if !rv.is_empty() && rv != old.revision.to_string() {
-            return Err(ApiError::modified(&self.info.resource, &self.info.group, meta_str(&old.object, "name")));
+            return Err(ApiError::modified(
+                &self.info.resource,
+                &self.info.group,
+                meta_str(&old.object, "name"),
+            ));
         }
         let mut new = (*old.object).clone();
         new["spec"]["replicas"] = json!(replicas);
@@ -1161,12 +1415,23 @@ impl Ctx {
         Ok(self.scale_of(&updated))
     }
 
-    async fn replace_scale(&self, name: &str, value: Value, opts: &mut WriteOptions) -> Result<(StatusCode, Value), ApiError> {
+    async fn replace_scale(
+        &self,
+        name: &str,
+        value: Value,
+        opts: &mut WriteOptions,
+    ) -> Result<(StatusCode, Value), ApiError> {
         let old = self.load(name).await?;
         Ok((StatusCode::OK, self.set_replicas(&old, &value, opts).await?))
     }
 
-    async fn patch_scale(&self, name: &str, kind: PatchType, body: &[u8], opts: &mut WriteOptions) -> Result<(StatusCode, Value), ApiError> {
+    async fn patch_scale(
+        &self,
+        name: &str,
+        kind: PatchType,
+        body: &[u8],
+        opts: &mut WriteOptions,
+    ) -> Result<(StatusCode, Value), ApiError> {
         for _ in 0..MAX_RETRIES {
             let old = self.load(name).await?;
             let scale = self.scale_of(&old.object);
@@ -1181,27 +1446,56 @@ impl Ctx {
                 other => patch::apply_patch(other, &scale, body, true)?,
             };
             match self.set_replicas(&old, &patched, opts).await {
-                Err(e) if e.code == 409 && meta_str(&patched, "resourceVersion") == old.revision.to_string() => continue,
+                Err(e)
+                    if e.code == 409
+                        && meta_str(&patched, "resourceVersion") == old.revision.to_string() =>
+                {
+                    continue;
+                }
                 Err(e) => return Err(e),
                 Ok(v) => return Ok((StatusCode::OK, v)),
             }
         }
-        Err(ApiError::modified(&self.info.resource, &self.info.group, name))
+        Err(ApiError::modified(
+            &self.info.resource,
+            &self.info.group,
+            name,
+        ))
     }
 
     /// DELETE of one object, with graceful deletion, finalizers and propagation.
-    async fn delete(&self, name: &str, options: &DeleteOptions) -> Result<(StatusCode, Value), ApiError> {
+    async fn delete(
+        &self,
+        name: &str,
+        options: &DeleteOptions,
+    ) -> Result<(StatusCode, Value), ApiError> {
         for _ in 0..MAX_RETRIES {
             let old = self.load(name).await?;
             match self.delete_once(&old, name, options).await {
-                Err(e) if e.code == 409 && e.reason == "Conflict" && options.precondition_rv.is_none() && !e.message.contains("Precondition") => continue,
+                Err(e)
+                    if e.code == 409
+                        && e.reason == "Conflict"
+                        && options.precondition_rv.is_none()
+                        && !e.message.contains("Precondition") =>
+                {
+                    continue;
+                }
                 other => return other,
             }
         }
-        Err(ApiError::modified(&self.info.resource, &self.info.group, name))
+        Err(ApiError::modified(
+            &self.info.resource,
+            &self.info.group,
+            name,
+        ))
     }
 
-    async fn delete_once(&self, old: &Stored, name: &str, options: &DeleteOptions) -> Result<(StatusCode, Value), ApiError> {
+    async fn delete_once(
+        &self,
+        old: &Stored,
+        name: &str,
+        options: &DeleteOptions,
+    ) -> Result<(StatusCode, Value), ApiError> {
         let object: &Value = &old.object;
         if let Some(uid) = &options.precondition_uid
             && uid != meta_str(object, "uid")
@@ -1210,7 +1504,10 @@ impl Ctx {
                 &self.info.resource,
                 &self.info.group,
                 name,
-                &format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {}", meta_str(object, "uid")),
+                &format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    meta_str(object, "uid")
+                ),
             ));
         }
         if let Some(rv) = &options.precondition_rv
@@ -1220,7 +1517,10 @@ impl Ctx {
                 &self.info.resource,
                 &self.info.group,
                 name,
-                &format!("Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}", old.revision),
+                &format!(
+                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
+                    old.revision
+                ),
             ));
         }
         let mut new = object.clone();
@@ -1229,7 +1529,10 @@ impl Ctx {
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
-        let has_owner_dependents_policy = matches!(options.propagation.as_deref(), Some("Orphan") | Some("Foreground"));
+        let has_owner_dependents_policy = matches!(
+            options.propagation.as_deref(),
+            Some("Orphan") | Some("Foreground")
+        );
         if has_owner_dependents_policy {
             let (add, drop) = match options.propagation.as_deref() {
                 Some("Orphan") => ("orphan", "foregroundDeletion"),
@@ -1242,13 +1545,25 @@ impl Ctx {
         }
         let already = object.pointer("/metadata/deletionTimestamp").is_some();
         // Graceful deletion of pods that a node runs.
-        let graceful_pod = self.info.resource == "pods" && self.info.group.is_empty() && !meta_str(object, "name").is_empty()
-            && object.pointer("/spec/nodeName").and_then(Value::as_str).is_some_and(|n| !n.is_empty())
-            && !matches!(object.pointer("/status/phase").and_then(Value::as_str), Some("Succeeded") | Some("Failed"));
+        let graceful_pod = self.info.resource == "pods"
+            && self.info.group.is_empty()
+            && !meta_str(object, "name").is_empty()
+            && object
+                .pointer("/spec/nodeName")
+                .and_then(Value::as_str)
+                .is_some_and(|n| !n.is_empty())
+            && !matches!(
+                object.pointer("/status/phase").and_then(Value::as_str),
+                Some("Succeeded") | Some("Failed")
+            );
         let grace = if graceful_pod {
             options
                 .grace_period
-                .or_else(|| object.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64))
+                .or_else(|| {
+                    object
+                        .pointer("/spec/terminationGracePeriodSeconds")
+                        .and_then(Value::as_i64)
+                })
                 .unwrap_or(30)
         } else {
             0
@@ -1269,8 +1584,18 @@ impl Ctx {
         }
         if already {
             // Shorten a pending graceful deletion if asked; otherwise nothing changes.
-            let current_grace = object.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64).unwrap_or(0);
-            if !(graceful_pod && grace < current_grace) && finalizers == object.pointer("/metadata/finalizers").and_then(Value::as_array).cloned().unwrap_or_default() {
+            let current_grace = object
+                .pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
+            if !(graceful_pod && grace < current_grace)
+                && finalizers
+                    == object
+                        .pointer("/metadata/finalizers")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default()
+            {
                 return Ok((StatusCode::ACCEPTED, new));
             }
         }
@@ -1280,7 +1605,10 @@ impl Ctx {
                 meta.insert("finalizers".into(), Value::Array(finalizers.clone()));
             }
             let when = Utc::now() + chrono::Duration::seconds(grace);
-            meta.insert("deletionTimestamp".into(), json!(when.to_rfc3339_opts(SecondsFormat::Secs, true)));
+            meta.insert(
+                "deletionTimestamp".into(),
+                json!(when.to_rfc3339_opts(SecondsFormat::Secs, true)),
+            );
             meta.insert("deletionGracePeriodSeconds".into(), json!(grace));
         }
         if namespace {
@@ -1298,10 +1626,19 @@ impl Ctx {
         Ok((StatusCode::ACCEPTED, (*stored.object).clone()))
     }
 
-    async fn delete_collection(&self, query: &Query, options: &DeleteOptions) -> Result<Response, ApiError> {
+    async fn delete_collection(
+        &self,
+        query: &Query,
+        options: &DeleteOptions,
+    ) -> Result<Response, ApiError> {
         let opts = list_options(&self.info, query)?;
         let prefix = list_prefix(&self.info.group, &self.info.resource, &self.namespace);
-        let listing = self.server.storage.list(&prefix, None, None).await.map_err(|e| storage_error(&self.info, "", e))?;
+        let listing = self
+            .server
+            .storage
+            .list(&prefix, None, None)
+            .await
+            .map_err(|e| storage_error(&self.info, "", e))?;
         let mut deleted = Vec::new();
         for s in listing.items {
             if !opts.matches(&self.info, &s.object) {
@@ -1332,32 +1669,72 @@ impl Ctx {
     /// POST pods/x/binding: assigns a node, once.
     async fn bind(&self, name: &str, value: Value) -> Result<Response, ApiError> {
         let binding = builtin::normalize_as::<k8s_openapi::api::core::v1::Binding>(&value)
-            .map_err(|e| ApiError::bad_request(format!("Binding in version \"v1\" cannot be handled as a Binding: {e}")))?;
-        let node = binding.pointer("/target/name").and_then(Value::as_str).unwrap_or("");
+            .map_err(|e| {
+                ApiError::bad_request(format!(
+                    "Binding in version \"v1\" cannot be handled as a Binding: {e}"
+                ))
+            })?;
+        let node = binding
+            .pointer("/target/name")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if node.is_empty() {
-            return Err(ApiError::invalid("Binding", "", name, vec![Cause::required("target.name")]));
+            return Err(ApiError::invalid(
+                "Binding",
+                "",
+                name,
+                vec![Cause::required("target.name")],
+            ));
         }
         for _ in 0..MAX_RETRIES {
             let old = self.load(name).await?;
-            if let Some(current) = old.object.pointer("/spec/nodeName").and_then(Value::as_str).filter(|n| !n.is_empty()) {
-                return Err(ApiError::conflict("pods", "", name, &format!("pod {name} is already assigned to node {current:?}")));
+            if let Some(current) = old
+                .object
+                .pointer("/spec/nodeName")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+            {
+                return Err(ApiError::conflict(
+                    "pods",
+                    "",
+                    name,
+                    &format!("pod {name} is already assigned to node {current:?}"),
+                ));
             }
             if old.object.pointer("/metadata/deletionTimestamp").is_some() {
-                return Err(ApiError::conflict("pods", "", name, &format!("pod {name} is being deleted, cannot be assigned to a host")));
+                return Err(ApiError::conflict(
+                    "pods",
+                    "",
+                    name,
+                    &format!("pod {name} is being deleted, cannot be assigned to a host"),
+                ));
             }
             let mut new = (*old.object).clone();
             new["spec"]["nodeName"] = json!(node);
-            if let Some(annotations) = binding.pointer("/metadata/annotations").and_then(Value::as_object) {
+            if let Some(annotations) = binding
+                .pointer("/metadata/annotations")
+                .and_then(Value::as_object)
+            {
                 let meta = meta_mut(&mut new);
                 let target = meta.entry("annotations").or_insert_with(|| json!({}));
                 for (k, v) in annotations {
                     target[k] = v.clone();
                 }
             }
-            match self.server.storage.update(&self.key(name), new, Some(old.revision)).await {
+            match self
+                .server
+                .storage
+                .update(&self.key(name), new, Some(old.revision))
+                .await
+            {
                 Err(StorageError::Conflict { .. }) => continue,
                 Err(e) => return Err(storage_error(&self.info, name, e)),
-                Ok(_) => return Ok(json_response(StatusCode::CREATED, &success_status(201, None))),
+                Ok(_) => {
+                    return Ok(json_response(
+                        StatusCode::CREATED,
+                        &success_status(201, None),
+                    ));
+                }
             }
         }
         Err(ApiError::modified("pods", "", name))
@@ -1367,29 +1744,58 @@ impl Ctx {
     async fn evict(&self, name: &str, value: Value) -> Result<Response, ApiError> {
         let eviction = match value.get("apiVersion").and_then(Value::as_str) {
             Some("policy/v1beta1") | Some("policy/v1") | None => value.clone(),
-            Some(other) => return Err(ApiError::bad_request(format!("unsupported eviction version {other:?}"))),
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "unsupported eviction version {other:?}"
+                )));
+            }
         };
         let pod = self.load(name).await?;
         let pdbs = self
             .server
             .storage
-            .list(&list_prefix("policy", "poddisruptionbudgets", &self.namespace), None, None)
+            .list(
+                &list_prefix("policy", "poddisruptionbudgets", &self.namespace),
+                None,
+                None,
+            )
             .await
             .map_err(|e| storage_error(&self.info, name, e))?;
-        let terminal = matches!(pod.object.pointer("/status/phase").and_then(Value::as_str), Some("Succeeded") | Some("Failed"));
+        let terminal = matches!(
+            pod.object.pointer("/status/phase").and_then(Value::as_str),
+            Some("Succeeded") | Some("Failed")
+        );
         if !terminal {
             for pdb in pdbs.items {
-                let Some(selector) = pdb.object.pointer("/spec/selector") else { continue };
-                let Ok(sel) = LabelSelector::from_object(selector) else { continue };
+                let Some(selector) = pdb.object.pointer("/spec/selector") else {
+                    continue;
+                };
+                let Ok(sel) = LabelSelector::from_object(selector) else {
+                    continue;
+                };
                 if sel.is_empty() || !sel.matches_object(&pod.object) {
                     continue;
                 }
-                let allowed = pdb.object.pointer("/status/disruptionsAllowed").and_then(Value::as_i64).unwrap_or(0);
+                let allowed = pdb
+                    .object
+                    .pointer("/status/disruptionsAllowed")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(0);
                 if allowed <= 0 {
                     let pdb_name = meta_str(&pdb.object, "name");
-                    let healthy = pdb.object.pointer("/status/currentHealthy").and_then(Value::as_i64).unwrap_or(0);
-                    let desired = pdb.object.pointer("/status/desiredHealthy").and_then(Value::as_i64).unwrap_or(0);
-                    let mut e = ApiError::too_many_requests("Cannot evict pod as it would violate the pod's disruption budget.");
+                    let healthy = pdb
+                        .object
+                        .pointer("/status/currentHealthy")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(0);
+                    let desired = pdb
+                        .object
+                        .pointer("/status/desiredHealthy")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(0);
+                    let mut e = ApiError::too_many_requests(
+                        "Cannot evict pod as it would violate the pod's disruption budget.",
+                    );
                     e = e.with_details(Details {
                         causes: vec![Cause::new(
                             "DisruptionBudget",
@@ -1403,30 +1809,49 @@ impl Ctx {
                 }
                 let mut updated = (*pdb.object).clone();
                 updated["status"]["disruptionsAllowed"] = json!(allowed - 1);
-                let key = object_key("policy", "poddisruptionbudgets", &self.namespace, meta_str(&pdb.object, "name"));
+                let key = object_key(
+                    "policy",
+                    "poddisruptionbudgets",
+                    &self.namespace,
+                    meta_str(&pdb.object, "name"),
+                );
                 self.server
                     .storage
                     .update(&key, updated, Some(pdb.revision))
                     .await
                     .map_err(|e| match e {
-                        StorageError::Conflict { .. } => ApiError::too_many_requests("the disruption budget changed, please retry"),
+                        StorageError::Conflict { .. } => ApiError::too_many_requests(
+                            "the disruption budget changed, please retry",
+                        ),
                         other => storage_error(&self.info, name, other),
                     })?;
             }
         }
         let options_body = eviction.get("deleteOptions").cloned().unwrap_or(json!({}));
-        let options = delete_options(&Query::default(), &serde_json::to_vec(&options_body).unwrap_or_default())?;
+        let options = delete_options(
+            &Query::default(),
+            &serde_json::to_vec(&options_body).unwrap_or_default(),
+        )?;
         self.delete(name, &options).await?;
-        Ok(json_response(StatusCode::CREATED, &success_status(201, None)))
+        Ok(json_response(
+            StatusCode::CREATED,
+            &success_status(201, None),
+        ))
     }
 
     /// Logs, exec, attach, port-forward and proxy are served by the node agent.
     async fn node_streaming(&self, name: &str, sub: &str) -> Result<Response, ApiError> {
         let object = self.load(name).await?;
         if self.info.resource == "pods" {
-            let node = object.object.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or("");
+            let node = object
+                .object
+                .pointer("/spec/nodeName")
+                .and_then(Value::as_str)
+                .unwrap_or("");
             if node.is_empty() {
-                return Err(ApiError::bad_request(format!("pod {name} does not have a host assigned")));
+                return Err(ApiError::bad_request(format!(
+                    "pod {name} does not have a host assigned"
+                )));
             }
         }
         Err(ApiError::service_unavailable(format!(
@@ -1443,41 +1868,6 @@ pub fn body_response(code: StatusCode, content_type: &'static str, body: Body) -
         .header(header::CONTENT_TYPE, content_type)
         .body(body)
         .unwrap_or_else(|_| Response::new(Body::empty()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unknown_field_paths() {
-        let input = json!({"spec": {"containers": [{"name": "a", "bogus": 1}], "nope": true, "ok": null}});
-        let output = json!({"spec": {"containers": [{"name": "a"}]}});
-        let mut found = Vec::new();
-        unknown_fields(&input, &output, "", &mut found);
-        assert_eq!(found, vec!["spec.containers[0].bogus", "spec.nope"]);
-    }
-
-    #[test]
-    fn continue_tokens_round_trip() {
-        let t = encode_continue(42, "/core/pods/default/web");
-        let back = decode_continue(&t).unwrap();
-        assert_eq!((back.rv, back.start.as_str()), (42, "/core/pods/default/web"));
-        assert_eq!(decode_continue("!!!").unwrap_err().code, 400);
-    }
-
-    #[test]
-    fn delete_options_from_body_and_query() {
-        let q = Query::parse(Some("gracePeriodSeconds=5&propagationPolicy=Foreground"));
-        let o = delete_options(&q, b"").unwrap();
-        assert_eq!(o.grace_period, Some(5));
-        assert_eq!(o.propagation.as_deref(), Some("Foreground"));
-        let o = delete_options(&Query::default(), br#"{"propagationPolicy":"Orphan","preconditions":{"uid":"u"}}"#).unwrap();
-        assert_eq!(o.propagation.as_deref(), Some("Orphan"));
-        assert_eq!(o.precondition_uid.as_deref(), Some("u"));
-        assert_eq!(delete_options(&Query::default(), br#"{"propagationPolicy":"Sideways"}"#).unwrap_err().code, 422);
-        assert_eq!(delete_options(&Query::default(), b"{").unwrap_err().code, 400);
-    }
 }
 
 /// Creates an object from inside the server (start-up defaults), through the normal write path.
@@ -1506,4 +1896,55 @@ pub async fn create_internal(
         warnings: Vec::new(),
     };
     ctx.create(object, &mut opts).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_field_paths() {
+        let input =
+            json!({"spec": {"containers": [{"name": "a", "bogus": 1}], "nope": true, "ok": null}});
+        let output = json!({"spec": {"containers": [{"name": "a"}]}});
+        let mut found = Vec::new();
+        unknown_fields(&input, &output, "", &mut found);
+        assert_eq!(found, vec!["spec.containers[0].bogus", "spec.nope"]);
+    }
+
+    #[test]
+    fn continue_tokens_round_trip() {
+        let t = encode_continue(42, "/core/pods/default/web");
+        let back = decode_continue(&t).unwrap();
+        assert_eq!(
+            (back.rv, back.start.as_str()),
+            (42, "/core/pods/default/web")
+        );
+        assert_eq!(decode_continue("!!!").unwrap_err().code, 400);
+    }
+
+    #[test]
+    fn delete_options_from_body_and_query() {
+        let q = Query::parse(Some("gracePeriodSeconds=5&propagationPolicy=Foreground"));
+        let o = delete_options(&q, b"").unwrap();
+        assert_eq!(o.grace_period, Some(5));
+        assert_eq!(o.propagation.as_deref(), Some("Foreground"));
+        let o = delete_options(
+            &Query::default(),
+            br#"{"propagationPolicy":"Orphan","preconditions":{"uid":"u"}}"#,
+        )
+        .unwrap();
+        assert_eq!(o.propagation.as_deref(), Some("Orphan"));
+        assert_eq!(o.precondition_uid.as_deref(), Some("u"));
+        assert_eq!(
+            delete_options(&Query::default(), br#"{"propagationPolicy":"Sideways"}"#)
+                .unwrap_err()
+                .code,
+            422
+        );
+        assert_eq!(
+            delete_options(&Query::default(), b"{").unwrap_err().code,
+            400
+        );
+    }
 }

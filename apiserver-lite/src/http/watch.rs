@@ -44,7 +44,14 @@ impl Encoder {
                     .and_then(Value::as_str)
                     .unwrap_or("")
                     .to_string();
-                let mut table = tables::table(&self.info, &[object], IncludeObject::Metadata, &rv, None, Utc::now());
+                let mut table = tables::table(
+                    &self.info,
+                    &[object],
+                    IncludeObject::Metadata,
+                    &rv,
+                    None,
+                    Utc::now(),
+                );
                 if !self.first_table {
                     table["columnDefinitions"] = Value::Null;
                 }
@@ -64,7 +71,8 @@ impl Encoder {
     }
 
     fn raw(kind: &str, object: &Value) -> Bytes {
-        let mut bytes = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
+        let mut bytes =
+            serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
         bytes.push(b'\n');
         Bytes::from(bytes)
     }
@@ -80,7 +88,11 @@ impl Encoder {
 }
 
 /// The event a watcher with these selectors sees for a committed change, if any.
-fn translate<'a>(opts: &ListOptions, info: &crate::registry::ResourceInfo, event: &'a WatchEvent) -> Option<(&'static str, &'a Value)> {
+fn translate<'a>(
+    opts: &ListOptions,
+    info: &crate::registry::ResourceInfo,
+    event: &'a WatchEvent,
+) -> Option<(&'static str, &'a Value)> {
     let now_matches = |o: &Value| opts.matches(info, o);
     match event.event_type {
         EventType::Added => now_matches(&event.object).then_some(("ADDED", event.object.as_ref())),
@@ -95,7 +107,11 @@ fn translate<'a>(opts: &ListOptions, info: &crate::registry::ResourceInfo, event
             }
         }
         EventType::Deleted => {
-            let was = event.previous.as_ref().map(|p| now_matches(p)).unwrap_or_else(|| now_matches(&event.object));
+            let was = event
+                .previous
+                .as_ref()
+                .map(|p| now_matches(p))
+                .unwrap_or_else(|| now_matches(&event.object));
             was.then_some(("DELETED", event.object.as_ref()))
         }
     }
@@ -128,7 +144,10 @@ pub async fn watch(ctx: Ctx, query: &Query) -> Result<Response, ApiError> {
     let start: Option<u64> = if from_now {
         None
     } else {
-        Some(rv.parse().map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv:?}")))?)
+        Some(
+            rv.parse()
+                .map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv:?}")))?,
+        )
     };
     let initial = match send_initial {
         Some(v) => v,
@@ -154,9 +173,15 @@ pub async fn watch(ctx: Ctx, query: &Query) -> Result<Response, ApiError> {
         Ok(s) => s,
         Err(StorageError::Expired { requested, oldest }) => {
             // Upstream answers 200 and an ERROR event; clients relist.
-            let status = ApiError::expired(format!("too old resource version: {requested} ({oldest})")).status();
+            let status =
+                ApiError::expired(format!("too old resource version: {requested} ({oldest})"))
+                    .status();
             let line = Encoder::raw("ERROR", &status);
-            return Ok(body_response(StatusCode::OK, "application/json", Body::from(line)));
+            return Ok(body_response(
+                StatusCode::OK,
+                "application/json",
+                Body::from(line),
+            ));
         }
         Err(e) => return Err(ApiError::internal(e.to_string())),
     };
@@ -232,5 +257,9 @@ pub async fn watch(ctx: Ctx, query: &Query) -> Result<Response, ApiError> {
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<Bytes, Infallible>(b), rx))
     });
-    Ok(body_response(StatusCode::OK, "application/json", Body::from_stream(stream)))
+    Ok(body_response(
+        StatusCode::OK,
+        "application/json",
+        Body::from_stream(stream),
+    ))
 }

@@ -48,7 +48,10 @@ pub fn field_set(object: &Value, include_status: bool) -> FieldSet {
                         continue;
                     }
                     let mut path = vec!["metadata".to_string()];
-                    meta.insert(format!("f:{mk}"), Value::Object(value_set(mv, &mut path, mk)));
+                    meta.insert(
+                        format!("f:{mk}"),
+                        Value::Object(value_set(mv, &mut path, mk)),
+                    );
                 }
             }
             if !meta.is_empty() {
@@ -186,9 +189,10 @@ pub fn value_at<'a>(object: &'a Value, path: &[String]) -> Option<&'a Value> {
         } else if let Some(key) = element.strip_prefix("k:") {
             let key: Value = serde_json::from_str(key).ok()?;
             let key = key.as_object()?;
-            node = node.as_array()?.iter().find(|item| {
-                key.iter().all(|(k, v)| item.get(k) == Some(v))
-            })?;
+            node = node
+                .as_array()?
+                .iter()
+                .find(|item| key.iter().all(|(k, v)| item.get(k) == Some(v)))?;
         } else if let Some(member) = element.strip_prefix("v:") {
             let member: Value = serde_json::from_str(member).ok()?;
             node = node.as_array()?.iter().find(|item| **item == member)?;
@@ -231,11 +235,14 @@ pub fn remove_value(object: &mut Value, path: &[String]) {
             m.remove(field);
         }
     } else if let Some(key) = last.strip_prefix("k:") {
-        if let (Ok(Value::Object(key)), Some(items)) = (serde_json::from_str::<Value>(key), node.as_array_mut()) {
+        if let (Ok(Value::Object(key)), Some(items)) =
+            (serde_json::from_str::<Value>(key), node.as_array_mut())
+        {
             items.retain(|item| !key.iter().all(|(k, v)| item.get(k) == Some(v)));
         }
     } else if let Some(member) = last.strip_prefix("v:")
-        && let (Ok(member), Some(items)) = (serde_json::from_str::<Value>(member), node.as_array_mut())
+        && let (Ok(member), Some(items)) =
+            (serde_json::from_str::<Value>(member), node.as_array_mut())
     {
         items.retain(|item| *item != member);
     }
@@ -298,11 +305,31 @@ impl ManagedEntry {
     fn from_json(v: &Value) -> Option<Self> {
         Some(ManagedEntry {
             manager: v.get("manager")?.as_str()?.to_string(),
-            operation: v.get("operation").and_then(Value::as_str).unwrap_or("Update").to_string(),
-            api_version: v.get("apiVersion").and_then(Value::as_str).unwrap_or("").to_string(),
-            time: v.get("time").and_then(Value::as_str).unwrap_or("").to_string(),
-            subresource: v.get("subresource").and_then(Value::as_str).unwrap_or("").to_string(),
-            fields: v.get("fieldsV1").and_then(Value::as_object).cloned().unwrap_or_default(),
+            operation: v
+                .get("operation")
+                .and_then(Value::as_str)
+                .unwrap_or("Update")
+                .to_string(),
+            api_version: v
+                .get("apiVersion")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            time: v
+                .get("time")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            subresource: v
+                .get("subresource")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            fields: v
+                .get("fieldsV1")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default(),
         })
     }
 }
@@ -348,7 +375,10 @@ pub fn track_update(old: Option<&Value>, new: &mut Value, writer: &Writer<'_>) {
     let old_set = old.map(|o| field_set(o, status)).unwrap_or_default();
     let mut changed = Vec::new();
     for path in leaves(&new_set) {
-        if old.is_none() || value_at(old.expect("checked"), &path) != value_at(new, &path) || !contains(&old_set, &path) {
+        if old.is_none()
+            || value_at(old.expect("checked"), &path) != value_at(new, &path)
+            || !contains(&old_set, &path)
+        {
             changed.push(path);
         }
     }
@@ -358,7 +388,10 @@ pub fn track_update(old: Option<&Value>, new: &mut Value, writer: &Writer<'_>) {
         .collect();
     for entry in entries.iter_mut() {
         for path in changed.iter().chain(removed.iter()) {
-            if !(entry.manager == writer.manager && entry.operation == "Update" && entry.subresource == writer.subresource) {
+            if !(entry.manager == writer.manager
+                && entry.operation == "Update"
+                && entry.subresource == writer.subresource)
+            {
                 remove_path(&mut entry.fields, path);
             }
         }
@@ -368,7 +401,9 @@ pub fn track_update(old: Option<&Value>, new: &mut Value, writer: &Writer<'_>) {
     }
     if !changed.is_empty() {
         let position = entries.iter().position(|e| {
-            e.manager == writer.manager && e.operation == "Update" && e.subresource == writer.subresource
+            e.manager == writer.manager
+                && e.operation == "Update"
+                && e.subresource == writer.subresource
         });
         let entry = match position {
             Some(i) => &mut entries[i],
@@ -605,7 +640,10 @@ mod tests {
         assert_eq!(forced["spec"]["replicas"], 3);
         let managed = read_managed(&forced);
         let kubectl = managed.iter().find(|e| e.manager == "kubectl").unwrap();
-        assert!(!contains(&kubectl.fields, &["f:spec".into(), "f:replicas".into()]));
+        assert!(!contains(
+            &kubectl.fields,
+            &["f:spec".into(), "f:replicas".into()]
+        ));
     }
 
     #[test]
@@ -627,9 +665,21 @@ mod tests {
         track_update(Some(&created), &mut scaled, &writer("kubectl-scale"));
         let managed = read_managed(&scaled);
         assert_eq!(managed.len(), 2);
-        let create = managed.iter().find(|e| e.manager == "kubectl-create").unwrap();
-        assert!(!contains(&create.fields, &["f:spec".into(), "f:replicas".into()]));
-        let err = apply(Some(&scaled), &deploy(2, "nginx"), &writer("kubectl"), false).unwrap_err();
+        let create = managed
+            .iter()
+            .find(|e| e.manager == "kubectl-create")
+            .unwrap();
+        assert!(!contains(
+            &create.fields,
+            &["f:spec".into(), "f:replicas".into()]
+        ));
+        let err = apply(
+            Some(&scaled),
+            &deploy(2, "nginx"),
+            &writer("kubectl"),
+            false,
+        )
+        .unwrap_err();
         assert_eq!(err[0].manager, "kubectl-scale");
     }
 }

@@ -24,7 +24,9 @@ impl PatchType {
             "application/json-patch+json" => Some(PatchType::Json),
             "application/merge-patch+json" => Some(PatchType::Merge),
             "application/strategic-merge-patch+json" => Some(PatchType::Strategic),
-            "application/apply-patch+yaml" | "application/apply-patch+cbor" => Some(PatchType::Apply),
+            "application/apply-patch+yaml" | "application/apply-patch+cbor" => {
+                Some(PatchType::Apply)
+            }
             _ => None,
         }
     }
@@ -47,15 +49,24 @@ pub fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
 
 /// Applies a JSON, merge or strategic patch to `live`. `builtin` says whether the kind has
 /// strategic merge information (custom resources do not).
-pub fn apply_patch(kind: PatchType, live: &Value, body: &[u8], builtin: bool) -> Result<Value, ApiError> {
+pub fn apply_patch(
+    kind: PatchType,
+    live: &Value,
+    body: &[u8],
+    builtin: bool,
+) -> Result<Value, ApiError> {
     match kind {
         PatchType::Json => {
-            let ops: json_patch::Patch = serde_json::from_slice(body).map_err(|e| {
-                ApiError::bad_request(format!("error decoding patch: {e}"))
-            })?;
+            let ops: json_patch::Patch = serde_json::from_slice(body)
+                .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
             let mut doc = live.clone();
-            json_patch::patch(&mut doc, &ops)
-                .map_err(|e| ApiError::new(422, "Invalid", format!("the server rejected our request due to an error in our request: {e}")))?;
+            json_patch::patch(&mut doc, &ops).map_err(|e| {
+                ApiError::new(
+                    422,
+                    "Invalid",
+                    format!("the server rejected our request due to an error in our request: {e}"),
+                )
+            })?;
             Ok(doc)
         }
         PatchType::Merge => {
@@ -98,11 +109,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out["spec"]["replicas"], 3);
-        let err = apply_patch(PatchType::Json, &live, br#"[{"op":"remove","path":"/spec/nope"}]"#, true).unwrap_err();
+        let err = apply_patch(
+            PatchType::Json,
+            &live,
+            br#"[{"op":"remove","path":"/spec/nope"}]"#,
+            true,
+        )
+        .unwrap_err();
         assert_eq!(err.code, 422);
-        let out = apply_patch(PatchType::Merge, &live, br#"{"metadata":{"labels":{"a":null,"b":"2"}}}"#, true).unwrap();
+        let out = apply_patch(
+            PatchType::Merge,
+            &live,
+            br#"{"metadata":{"labels":{"a":null,"b":"2"}}}"#,
+            true,
+        )
+        .unwrap();
         assert_eq!(out["metadata"]["labels"], json!({"b": "2"}));
-        assert_eq!(apply_patch(PatchType::Merge, &live, b"{nope", true).unwrap_err().code, 400);
-        assert_eq!(apply_patch(PatchType::Strategic, &live, b"{}", false).unwrap_err().code, 415);
+        assert_eq!(
+            apply_patch(PatchType::Merge, &live, b"{nope", true)
+                .unwrap_err()
+                .code,
+            400
+        );
+        assert_eq!(
+            apply_patch(PatchType::Strategic, &live, b"{}", false)
+                .unwrap_err()
+                .code,
+            415
+        );
     }
 }

@@ -21,8 +21,14 @@ const CONTAINER_LISTS: &[&str] = &["containers", "initContainers", "ephemeralCon
 pub fn list_strategy(parents: &[String], field: &str) -> ListStrategy {
     let parent = parents.last().map(String::as_str).unwrap_or("");
     match field {
-        "containers" | "initContainers" | "ephemeralContainers" | "env" | "volumes"
-        | "imagePullSecrets" | "resourceClaims" | "schedulingGates" => ListStrategy::MergeKey("name"),
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "env"
+        | "volumes"
+        | "imagePullSecrets"
+        | "resourceClaims"
+        | "schedulingGates" => ListStrategy::MergeKey("name"),
         "volumeMounts" => ListStrategy::MergeKey("mountPath"),
         "volumeDevices" => ListStrategy::MergeKey("devicePath"),
         "hostAliases" => ListStrategy::MergeKey("ip"),
@@ -61,7 +67,11 @@ pub fn apply(live: &Value, patch: &Value) -> Result<Value, PatchError> {
     Ok(out)
 }
 
-fn merge_map(live: &mut Map<String, Value>, patch: &Map<String, Value>, path: &mut Vec<String>) -> Result<(), PatchError> {
+fn merge_map(
+    live: &mut Map<String, Value>,
+    patch: &Map<String, Value>,
+    path: &mut Vec<String>,
+) -> Result<(), PatchError> {
     match patch.get("$patch").and_then(Value::as_str) {
         Some("replace") => {
             *live = patch
@@ -76,14 +86,21 @@ fn merge_map(live: &mut Map<String, Value>, patch: &Map<String, Value>, path: &m
             return Ok(());
         }
         Some("merge") | None => {}
-        Some(other) => return Err(PatchError::Invalid(format!("unknown patch type: {other:?}"))),
+        Some(other) => {
+            return Err(PatchError::Invalid(format!(
+                "unknown patch type: {other:?}"
+            )));
+        }
     }
     for (key, value) in patch {
         if key == "$patch" || key == "$retainKeys" || key.starts_with("$setElementOrder/") {
             continue;
         }
         if let Some(list) = key.strip_prefix("$deleteFromPrimitiveList/") {
-            let remove: Vec<&Value> = value.as_array().map(|a| a.iter().collect()).unwrap_or_default();
+            let remove: Vec<&Value> = value
+                .as_array()
+                .map(|a| a.iter().collect())
+                .unwrap_or_default();
             if let Some(Value::Array(items)) = live.get_mut(list) {
                 items.retain(|v| !remove.contains(&v));
             }
@@ -99,7 +116,9 @@ fn merge_map(live: &mut Map<String, Value>, patch: &Map<String, Value>, path: &m
                     live.remove(key);
                     continue;
                 }
-                let entry = live.entry(key.clone()).or_insert_with(|| Value::Object(Map::new()));
+                let entry = live
+                    .entry(key.clone())
+                    .or_insert_with(|| Value::Object(Map::new()));
                 if !entry.is_object() {
                     *entry = Value::Object(Map::new());
                 }
@@ -260,7 +279,10 @@ mod tests {
         let c = &out["spec"]["template"]["spec"]["containers"];
         assert_eq!(c[0]["image"], "nginx:1.16");
         assert_eq!(c[0]["env"], json!([{"name": "A", "value": "1"}]));
-        assert_eq!(c[0]["ports"], json!([{"containerPort": 80}, {"containerPort": 443}]));
+        assert_eq!(
+            c[0]["ports"],
+            json!([{"containerPort": 80}, {"containerPort": 443}])
+        );
         assert_eq!(c[1]["name"], "side");
     }
 
@@ -273,7 +295,10 @@ mod tests {
         let out = apply(&live, &patch).unwrap();
         assert_eq!(out["metadata"]["labels"], json!({"b": "2"}));
         assert_eq!(out["metadata"]["finalizers"], json!(["x", "y"]));
-        assert_eq!(out["spec"]["ports"], json!([{"port": 80, "targetPort": 9090}, {"port": 443}]));
+        assert_eq!(
+            out["spec"]["ports"],
+            json!([{"port": 80, "targetPort": 9090}, {"port": 443}])
+        );
     }
 
     #[test]

@@ -84,10 +84,13 @@ impl ResourceInfo {
     }
 }
 
+/// Resources keyed by (group, version, plural).
+type ResourceMap = BTreeMap<(String, String, String), Arc<ResourceInfo>>;
+
 /// The set of served resources. Built-ins are fixed; custom resources come and go with CRDs.
 #[derive(Clone)]
 pub struct Registry {
-    inner: Arc<RwLock<BTreeMap<(String, String, String), Arc<ResourceInfo>>>>,
+    inner: Arc<RwLock<ResourceMap>>,
 }
 
 impl Default for Registry {
@@ -151,14 +154,17 @@ impl Registry {
     }
 
     pub fn add(&self, info: ResourceInfo) {
-        self.inner.write().unwrap_or_else(|e| e.into_inner()).insert(
-            (
-                info.group.clone(),
-                info.version.clone(),
-                info.resource.clone(),
-            ),
-            Arc::new(info),
-        );
+        self.inner
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                (
+                    info.group.clone(),
+                    info.version.clone(),
+                    info.resource.clone(),
+                ),
+                Arc::new(info),
+            );
     }
 
     pub fn remove(&self, group: &str, version: &str, resource: &str) {

@@ -130,6 +130,9 @@ mod tests {
         assert_eq!(key, "/core/pods/default/web");
         assert!(key.starts_with(&list_prefix("", "pods", "default")));
         assert!(key.starts_with(&list_prefix("", "pods", "")));
-        assert_eq!(object_key("apps", "deployments", "", "x"), "/apps/deployments/x");
+        assert_eq!(
+            object_key("apps", "deployments", "", "x"),
+            "/apps/deployments/x"
+        );
     }
 }

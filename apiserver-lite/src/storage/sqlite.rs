@@ -215,9 +215,7 @@ impl Storage for SqliteStorage {
                          WHERE key > ?1 AND key < ?2 ORDER BY key LIMIT ?3",
                     )
                     .map_err(backend)?;
-                let mut rows = stmt
-                    .query(params![lower, upper, fetch])
-                    .map_err(backend)?;
+                let mut rows = stmt.query(params![lower, upper, fetch]).map_err(backend)?;
                 let mut more = false;
                 while let Some(row) = rows.next().map_err(backend)? {
                     if let Some(l) = limit
@@ -326,7 +324,10 @@ fn writer_loop(
     }
 }
 
-type BatchFailure = (Vec<oneshot::Sender<Result<Stored, StorageError>>>, StorageError);
+type BatchFailure = (
+    Vec<oneshot::Sender<Result<Stored, StorageError>>>,
+    StorageError,
+);
 
 fn apply_batch(
     conn: &mut Connection,
@@ -511,7 +512,10 @@ mod tests {
     async fn create_update_delete_with_revisions() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStorage::open(&dir.path().join("state.db"), 100).unwrap();
-        let a = store.create("/core/configmaps/default/a", cm("a")).await.unwrap();
+        let a = store
+            .create("/core/configmaps/default/a", cm("a"))
+            .await
+            .unwrap();
         assert_eq!(a.revision, 1);
         assert_eq!(a.object["metadata"]["resourceVersion"], "1");
         let dup = store.create("/core/configmaps/default/a", cm("a")).await;
@@ -519,23 +523,44 @@ mod tests {
         let stale = store
             .update("/core/configmaps/default/a", cm("a"), Some(7))
             .await;
-        assert!(matches!(stale, Err(StorageError::Conflict { found: 1, .. })));
+        assert!(matches!(
+            stale,
+            Err(StorageError::Conflict { found: 1, .. })
+        ));
         let b = store
             .update("/core/configmaps/default/a", cm("a"), Some(1))
             .await
             .unwrap();
         assert_eq!(b.revision, 2);
-        store.create("/core/configmaps/other/z", cm("z")).await.unwrap();
-        let list = store.list("/core/configmaps/default/", None, None).await.unwrap();
+        store
+            .create("/core/configmaps/other/z", cm("z"))
+            .await
+            .unwrap();
+        let list = store
+            .list("/core/configmaps/default/", None, None)
+            .await
+            .unwrap();
         assert_eq!(list.items.len(), 1);
         assert_eq!(list.revision, 3);
-        let gone = store.delete("/core/configmaps/default/a", None).await.unwrap();
+        let gone = store
+            .delete("/core/configmaps/default/a", None)
+            .await
+            .unwrap();
         assert_eq!(gone.revision, 4);
-        assert!(store.get("/core/configmaps/default/a").await.unwrap().is_none());
+        assert!(
+            store
+                .get("/core/configmaps/default/a")
+                .await
+                .unwrap()
+                .is_none()
+        );
         drop(store);
         let reopened = SqliteStorage::open(&dir.path().join("state.db"), 100).unwrap();
         assert_eq!(reopened.revision(), 4);
-        let next = reopened.create("/core/configmaps/default/n", cm("n")).await.unwrap();
+        let next = reopened
+            .create("/core/configmaps/default/n", cm("n"))
+            .await
+            .unwrap();
         assert_eq!(next.revision, 5);
     }
 
@@ -545,14 +570,23 @@ mod tests {
         let store = SqliteStorage::open(&dir.path().join("state.db"), 100).unwrap();
         for i in 0..5 {
             store
-                .create(&format!("/core/configmaps/default/c{i}"), cm(&format!("c{i}")))
+                .create(
+                    &format!("/core/configmaps/default/c{i}"),
+                    cm(&format!("c{i}")),
+                )
                 .await
                 .unwrap();
         }
-        let page = store.list("/core/configmaps/", None, Some(2)).await.unwrap();
+        let page = store
+            .list("/core/configmaps/", None, Some(2))
+            .await
+            .unwrap();
         assert_eq!(page.items.len(), 2);
         let after = page.continue_after.unwrap();
-        let page2 = store.list("/core/configmaps/", Some(&after), Some(3)).await.unwrap();
+        let page2 = store
+            .list("/core/configmaps/", Some(&after), Some(3))
+            .await
+            .unwrap();
         assert_eq!(page2.items.len(), 3);
         assert!(page2.continue_after.is_none());
     }
@@ -566,7 +600,10 @@ mod tests {
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
                 store
-                    .create(&format!("/core/configmaps/default/c{i}"), cm(&format!("c{i}")))
+                    .create(
+                        &format!("/core/configmaps/default/c{i}"),
+                        cm(&format!("c{i}")),
+                    )
                     .await
                     .unwrap()
                     .revision

@@ -147,7 +147,10 @@ mod tests {
         let hub = WatchHub::new(10, 2);
         hub.publish(vec![event(11), event(12), event(13)]);
         assert_eq!(hub.oldest(), 11);
-        assert!(matches!(hub.subscribe(10), Err(StorageError::Expired { .. })));
+        assert!(matches!(
+            hub.subscribe(10),
+            Err(StorageError::Expired { .. })
+        ));
         assert_eq!(hub.subscribe(11).unwrap().backlog.len(), 2);
     }
 }

@@ -39,9 +39,13 @@ pub fn file_args(path: &Path, explicit: bool, known: &[String]) -> Result<Vec<St
     if text.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let value: Value = serde_yaml::from_str(&text).with_context(|| format!("parse config file {} as YAML", path.display()))?;
+    let value: Value = serde_yaml::from_str(&text)
+        .with_context(|| format!("parse config file {} as YAML", path.display()))?;
     let Value::Mapping(map) = value else {
-        bail!("config file {}: expected a mapping of flag names to values", path.display());
+        bail!(
+            "config file {}: expected a mapping of flag names to values",
+            path.display()
+        );
     };
     let mut args = Vec::new();
     for (k, v) in map {
@@ -59,7 +63,10 @@ pub fn file_args(path: &Path, explicit: bool, known: &[String]) -> Result<Vec<St
                 Value::String(s) => s.clone(),
                 Value::Number(n) => n.to_string(),
                 Value::Bool(b) => b.to_string(),
-                other => bail!("config file {}: key {key:?} has an unsupported value {other:?}", path.display()),
+                other => bail!(
+                    "config file {}: key {key:?} has an unsupported value {other:?}",
+                    path.display()
+                ),
             })
         };
         match &v {
@@ -84,19 +91,46 @@ mod tests {
     fn file_becomes_arguments() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.yaml");
-        std::fs::write(&path, "https-listen-port: 7443\ntls-san:\n  - a.example\n  - 10.0.0.1\ndisable-agent: true\n").unwrap();
-        let known: Vec<String> = ["https-listen-port", "tls-san", "disable-agent"].iter().map(|s| s.to_string()).collect();
+        std::fs::write(
+            &path,
+            "https-listen-port: 7443\ntls-san:\n  - a.example\n  - 10.0.0.1\ndisable-agent: true\n",
+        )
+        .unwrap();
+        let known: Vec<String> = ["https-listen-port", "tls-san", "disable-agent"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let args = file_args(&path, true, &known).unwrap();
-        assert_eq!(args, vec!["--https-listen-port=7443", "--tls-san=a.example", "--tls-san=10.0.0.1", "--disable-agent"]);
+        assert_eq!(
+            args,
+            vec![
+                "--https-listen-port=7443",
+                "--tls-san=a.example",
+                "--tls-san=10.0.0.1",
+                "--disable-agent"
+            ]
+        );
         std::fs::write(&path, "bogus: 1\n").unwrap();
-        assert!(file_args(&path, true, &known).unwrap_err().to_string().contains("unknown key \"bogus\""));
-        assert!(file_args(&dir.path().join("none.yaml"), false, &known).unwrap().is_empty());
+        assert!(
+            file_args(&path, true, &known)
+                .unwrap_err()
+                .to_string()
+                .contains("unknown key \"bogus\"")
+        );
+        assert!(
+            file_args(&dir.path().join("none.yaml"), false, &known)
+                .unwrap()
+                .is_empty()
+        );
         assert!(file_args(&dir.path().join("none.yaml"), true, &known).is_err());
     }
 
     #[test]
     fn finds_the_config_flag() {
-        let args: Vec<String> = ["edgesite", "server", "--config=/x.yaml"].iter().map(|s| s.to_string()).collect();
+        let args: Vec<String> = ["edgesite", "server", "--config=/x.yaml"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         assert_eq!(config_path(&args), (PathBuf::from("/x.yaml"), true));
     }
 }

@@ -52,7 +52,11 @@ pub struct ServerArgs {
     #[arg(long = "tls-san", value_name = "NAME")]
     pub tls_san: Vec<String>,
     /// Where to write the admin kubeconfig.
-    #[arg(long, default_value = "/etc/edgesite/edgesite.yaml", env = "EDGESITE_KUBECONFIG_OUTPUT")]
+    #[arg(
+        long,
+        default_value = "/etc/edgesite/edgesite.yaml",
+        env = "EDGESITE_KUBECONFIG_OUTPUT"
+    )]
     pub write_kubeconfig: PathBuf,
     /// File mode of the kubeconfig, in octal (for example 0644 to let other users read it).
     #[arg(long, default_value = "0600", env = "EDGESITE_KUBECONFIG_MODE")]
@@ -68,14 +72,21 @@ pub struct ServerArgs {
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 }
 
 /// Names of the server flags, for the config file's keys.
 fn server_flag_names() -> Vec<String> {
     let cmd = Cli::command();
     cmd.find_subcommand("server")
-        .map(|s| s.get_arguments().filter_map(|a| a.get_long().map(String::from)).collect())
+        .map(|s| {
+            s.get_arguments()
+                .filter_map(|a| a.get_long().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -86,7 +97,9 @@ fn parse() -> Result<Cli> {
         let extra = config::file_args(&path, explicit, &server_flag_names())?;
         args.splice(2..2, extra);
     }
-    let matches = Cli::command().args_override_self(true).get_matches_from(args);
+    let matches = Cli::command()
+        .args_override_self(true)
+        .get_matches_from(args);
     Ok(Cli::from_arg_matches(&matches)?)
 }
 

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
 /// Where the PKI files live.
@@ -79,17 +79,25 @@ impl Pki {
 
     /// The CA, created when absent.
     pub fn ca(&self) -> Result<CertAndKey> {
-        std::fs::create_dir_all(&self.dir).with_context(|| format!("create {}", self.dir.display()))?;
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("create {}", self.dir.display()))?;
         if let Some(pair) = self.read_pair("ca") {
             return Ok(pair);
         }
         let key = KeyPair::generate().context("generate CA key")?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("edgesite-ca@{}", time_now().unix_timestamp()));
+        dn.push(
+            DnType::CommonName,
+            format!("edgesite-ca@{}", time_now().unix_timestamp()),
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         validity(&mut params, 10);
         let cert = params.self_signed(&key).context("self-sign the CA")?;
         let pair = CertAndKey {
@@ -102,10 +110,13 @@ impl Pki {
 
     fn issue(&self, ca: &CertAndKey, mut params: CertificateParams) -> Result<CertAndKey> {
         let ca_key = KeyPair::from_pem(&ca.key).context("read the CA key")?;
-        let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key).context("read the CA certificate")?;
+        let issuer =
+            Issuer::from_ca_cert_pem(&ca.cert, ca_key).context("read the CA certificate")?;
         let key = KeyPair::generate()?;
         validity(&mut params, 1);
-        let cert = params.signed_by(&key, &issuer).context("sign certificate")?;
+        let cert = params
+            .signed_by(&key, &issuer)
+            .context("sign certificate")?;
         Ok(CertAndKey {
             cert: cert.pem(),
             key: key.serialize_pem(),
@@ -116,8 +127,10 @@ impl Pki {
     pub fn serving(&self, ca: &CertAndKey, sans: &[String]) -> Result<CertAndKey> {
         let record = sans.join("\n");
         let record_path = self.path("serving.sans");
-        if let (Some(pair), Ok(previous)) = (self.read_pair("serving"), std::fs::read_to_string(&record_path))
-            && previous == record
+        if let (Some(pair), Ok(previous)) = (
+            self.read_pair("serving"),
+            std::fs::read_to_string(&record_path),
+        ) && previous == record
         {
             return Ok(pair);
         }
@@ -128,15 +141,25 @@ impl Pki {
         for san in sans {
             match san.parse::<IpAddr>() {
                 Ok(ip) => params.subject_alt_names.push(SanType::IpAddress(ip)),
-                Err(_) if !san.chars().all(|c| c.is_ascii_alphanumeric() || "-.*".contains(c)) || san.is_empty() => {
+                Err(_)
+                    if !san
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-.*".contains(c))
+                        || san.is_empty() =>
+                {
                     bail!("--tls-san {san:?} is not a valid DNS name or IP address")
                 }
                 Err(_) => params.subject_alt_names.push(SanType::DnsName(
-                    san.as_str().try_into().with_context(|| format!("--tls-san {san:?} is not a valid DNS name or IP address"))?,
+                    san.as_str().try_into().with_context(|| {
+                        format!("--tls-san {san:?} is not a valid DNS name or IP address")
+                    })?,
                 )),
             }
         }
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let pair = self.issue(ca, params)?;
         self.write_pair("serving", &pair)?;
@@ -145,7 +168,13 @@ impl Pki {
     }
 
     /// A client certificate (CN = user, O = groups).
-    pub fn client(&self, ca: &CertAndKey, name: &str, user: &str, groups: &[&str]) -> Result<CertAndKey> {
+    pub fn client(
+        &self,
+        ca: &CertAndKey,
+        name: &str,
+        user: &str,
+        groups: &[&str],
+    ) -> Result<CertAndKey> {
         if let Some(pair) = self.read_pair(name) {
             return Ok(pair);
         }
@@ -156,7 +185,10 @@ impl Pki {
             dn.push(DnType::OrganizationName, *g);
         }
         params.distinguished_name = dn;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let pair = self.issue(ca, params)?;
         self.write_pair(name, &pair)?;
@@ -181,10 +213,13 @@ pub fn server_tls(ca: &CertAndKey, serving: &CertAndKey) -> Result<Arc<rustls::S
     for c in certs(&ca.cert)? {
         roots.add(c).context("add the CA to the trust store")?;
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .context("build the client certificate verifier")?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .context("build the client certificate verifier")?;
     let key = rustls_pemfile::private_key(&mut serving.key.as_bytes())
         .context("parse the serving key")?
         .context("no key in the serving key file")?;
@@ -208,12 +243,27 @@ mod tests {
         let pki = Pki::new(dir.path());
         let ca = pki.ca().unwrap();
         assert_eq!(pki.ca().unwrap().cert, ca.cert);
-        let a = pki.serving(&ca, &["localhost".into(), "127.0.0.1".into()]).unwrap();
-        let same = pki.serving(&ca, &["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let a = pki
+            .serving(&ca, &["localhost".into(), "127.0.0.1".into()])
+            .unwrap();
+        let same = pki
+            .serving(&ca, &["localhost".into(), "127.0.0.1".into()])
+            .unwrap();
         assert_eq!(a.cert, same.cert);
-        let b = pki.serving(&ca, &["localhost".into(), "127.0.0.1".into(), "site.example".into()]).unwrap();
+        let b = pki
+            .serving(
+                &ca,
+                &[
+                    "localhost".into(),
+                    "127.0.0.1".into(),
+                    "site.example".into(),
+                ],
+            )
+            .unwrap();
         assert_ne!(a.cert, b.cert);
-        let admin = pki.client(&ca, "admin", "admin", &["system:masters"]).unwrap();
+        let admin = pki
+            .client(&ca, "admin", "admin", &["system:masters"])
+            .unwrap();
         let der = certs(&admin.cert).unwrap();
         let id = apiserver_lite::auth::identity_from_certificate(der[0].as_ref()).unwrap();
         assert_eq!(id.user, "admin");

@@ -26,7 +26,15 @@ fn hostname() -> String {
 
 /// Names and addresses the serving certificate must cover.
 fn sans(args: &ServerArgs) -> Vec<String> {
-    let mut sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into(), "kubernetes".into(), "kubernetes.default".into(), "kubernetes.default.svc".into(), "kubernetes.default.svc.cluster.local".into()];
+    let mut sans: Vec<String> = vec![
+        "localhost".into(),
+        "127.0.0.1".into(),
+        "::1".into(),
+        "kubernetes".into(),
+        "kubernetes.default".into(),
+        "kubernetes.default.svc".into(),
+        "kubernetes.default.svc.cluster.local".into(),
+    ];
     let host = hostname();
     if !host.is_empty() {
         sans.push(host);
@@ -42,7 +50,13 @@ fn sans(args: &ServerArgs) -> Vec<String> {
     sans
 }
 
-fn write_kubeconfig(path: &Path, mode: u32, server: &str, ca: &CertAndKey, admin: &CertAndKey) -> Result<()> {
+fn write_kubeconfig(
+    path: &Path,
+    mode: u32,
+    server: &str,
+    ca: &CertAndKey,
+    admin: &CertAndKey,
+) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
@@ -93,14 +107,20 @@ fn cluster_token(args: &ServerArgs, server_dir: &Path) -> Result<String> {
 }
 
 pub fn run(args: ServerArgs) -> Result<()> {
-    let mode = u32::from_str_radix(args.write_kubeconfig_mode.trim_start_matches("0o"), 8).with_context(|| {
-        format!("--write-kubeconfig-mode {:?} is not an octal file mode such as 0600 or 0644", args.write_kubeconfig_mode)
-    })?;
+    let mode = u32::from_str_radix(args.write_kubeconfig_mode.trim_start_matches("0o"), 8)
+        .with_context(|| {
+            format!(
+                "--write-kubeconfig-mode {:?} is not an octal file mode such as 0600 or 0644",
+                args.write_kubeconfig_mode
+            )
+        })?;
     let server_dir = args.data_dir.join("server");
-    std::fs::create_dir_all(&server_dir).with_context(|| format!("create data dir {}", server_dir.display()))?;
+    std::fs::create_dir_all(&server_dir)
+        .with_context(|| format!("create data dir {}", server_dir.display()))?;
     // One server per data dir: a second one would share the datastore.
     let lock_path = server_dir.join("edgesite.lock");
-    let lock = File::create(&lock_path).with_context(|| format!("create {}", lock_path.display()))?;
+    let lock =
+        File::create(&lock_path).with_context(|| format!("create {}", lock_path.display()))?;
     if lock.try_lock().is_err() {
         bail!(
             "another edgesite server is already using data dir {}; stop it first or choose another --data-dir",
@@ -127,7 +147,13 @@ pub fn run(args: ServerArgs) -> Result<()> {
     let url = format!("https://{host}:{}", args.https_listen_port);
     write_kubeconfig(&args.write_kubeconfig, mode, &url, &ca, &admin)?;
     // The data dir's own copy, so tools on the machine find it whatever --write-kubeconfig says.
-    write_kubeconfig(&server_dir.join("cred").join("admin.kubeconfig"), 0o600, &url, &ca, &admin)?;
+    write_kubeconfig(
+        &server_dir.join("cred").join("admin.kubeconfig"),
+        0o600,
+        &url,
+        &ca,
+        &admin,
+    )?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

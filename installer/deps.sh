@@ -1,0 +1,26 @@
+# Shared by install.sh and tests/run.sh: what building EdgeSite needs on Debian.
+# shellcheck shell=bash
+
+apt_install() {
+  local missing=()
+  for p in "$@"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "[edgesite] installing: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+install_build_deps() {
+  apt_install ca-certificates curl build-essential pkg-config protobuf-compiler
+  if ! command -v cargo >/dev/null 2>&1; then
+    if [ -x "$HOME/.cargo/bin/cargo" ]; then
+      export PATH="$HOME/.cargo/bin:$PATH"
+    else
+      # Debian's toolchain when no rustup toolchain is present.
+      apt_install cargo rustc
+    fi
+  fi
+}

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Installs and starts an EdgeSite site on this machine (Debian, as root).
+#
+#   ./installer/install.sh            build from this checkout, install, start `edgesite server`
+#
+# Environment: EDGESITE_EXEC ("server --tls-san my.host"), EDGESITE_DATA_DIR (/var/lib/edgesite),
+# EDGESITE_PORT (6443), EDGESITE_KUBECONFIG (/etc/edgesite/edgesite.yaml).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+data_dir="${EDGESITE_DATA_DIR:-/var/lib/edgesite}"
+port="${EDGESITE_PORT:-6443}"
+kubeconfig="${EDGESITE_KUBECONFIG:-/etc/edgesite/edgesite.yaml}"
+exec_args="${EDGESITE_EXEC:-server}"
+log_dir=/var/log/edgesite
+
+say() { printf '[edgesite] %s\n' "$*"; }
+die() { printf '[edgesite] error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run me as root (I install packages and a service)"
+command -v apt-get >/dev/null || die "this installer supports Debian and derivatives (apt-get not found)"
+
+# shellcheck source=installer/deps.sh
+. "$here/deps.sh"
+install_build_deps
+
+say "building the release binary (a few minutes on a small machine)"
+(cd "$repo" && cargo build --release --locked -p edgesite)
+install -m 0755 "$repo/target/release/edgesite" /usr/local/bin/edgesite
+install -d -m 0755 /etc/edgesite
+install -d -m 0700 "$data_dir"
+say "installed /usr/local/bin/edgesite ($(/usr/local/bin/edgesite --version))"
+
+# shellcheck disable=SC2086
+args="$exec_args --data-dir $data_dir --https-listen-port $port --write-kubeconfig $kubeconfig"
+
+if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
+  sed -e "s|@ARGS@|$args|" "$here/edgesite.service" > /etc/systemd/system/edgesite.service
+  systemctl daemon-reload
+  systemctl enable edgesite.service >/dev/null
+  systemctl restart edgesite.service
+  say "started the systemd unit edgesite.service (logs: journalctl -u edgesite)"
+else
+  # No systemd (containers, CI): a supervised background process with a log file.
+  install -d -m 0755 "$log_dir"
+  if [ -f /run/edgesite-supervisor.pid ] && kill -0 "$(cat /run/edgesite-supervisor.pid)" 2>/dev/null; then
+    kill "$(cat /run/edgesite-supervisor.pid)" 2>/dev/null || true
+    pkill -f "/usr/local/bin/edgesite server" 2>/dev/null || true
+    sleep 1
+  fi
+  nohup "$here/supervise.sh" "/usr/local/bin/edgesite $args" "$log_dir/edgesite.log" >/dev/null 2>&1 &
+  echo $! > /run/edgesite-supervisor.pid
+  say "started edgesite under a supervisor (pid $(cat /run/edgesite-supervisor.pid)); log: $log_dir/edgesite.log"
+fi
+
+say "waiting for the API server to be ready"
+for _ in $(seq 1 150); do
+  if [ -f "$kubeconfig" ] && curl -fsk "https://127.0.0.1:$port/readyz" >/dev/null 2>&1; then
+    say "ready. Try:"
+    echo
+    echo "    KUBECONFIG=$kubeconfig kubectl get ns"
+    echo
+    exit 0
+  fi
+  sleep 0.2
+done
+die "edgesite did not become ready within 30 s; see journalctl -u edgesite or $log_dir/edgesite.log"

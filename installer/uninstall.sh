@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Stops EdgeSite and removes it. Keeps the data dir unless --purge is given.
+set -euo pipefail
+data_dir="${EDGESITE_DATA_DIR:-/var/lib/edgesite}"
+[ "$(id -u)" = 0 ] || { echo "run me as root" >&2; exit 1; }
+if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ] && [ -f /etc/systemd/system/edgesite.service ]; then
+  systemctl disable --now edgesite.service >/dev/null 2>&1 || true
+  rm -f /etc/systemd/system/edgesite.service
+  systemctl daemon-reload
+fi
+if [ -f /run/edgesite-supervisor.pid ]; then
+  kill "$(cat /run/edgesite-supervisor.pid)" 2>/dev/null || true
+  rm -f /run/edgesite-supervisor.pid
+fi
+pkill -f "/usr/local/bin/edgesite server" 2>/dev/null || true
+rm -f /usr/local/bin/edgesite
+rm -rf /etc/edgesite
+if [ "${1:-}" = "--purge" ]; then
+  rm -rf "$data_dir" /var/log/edgesite
+  echo "[edgesite] removed, data included"
+else
+  echo "[edgesite] removed; data kept in $data_dir (use --purge to delete it)"
+fi

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs every EdgeSite check: formatting, lints, unit tests and end-to-end tests against real
+# servers with the real kubectl. Installs what it needs (Debian, as root).
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+
+# shellcheck source=installer/deps.sh
+. installer/deps.sh
+install_build_deps
+if ! command -v kubectl >/dev/null 2>&1; then
+  # Debian's kubectl (1.20); the tests adapt to its older validation.
+  apt_install kubernetes-client
+fi
+command -v kubectl >/dev/null 2>&1 || { echo "kubectl is required for the end-to-end tests and could not be installed" >&2; exit 1; }
+if command -v rustup >/dev/null 2>&1; then
+  rustup component add clippy rustfmt >/dev/null 2>&1 || true
+fi
+
+echo "== kubectl: $(kubectl version --client 2>/dev/null | head -n1)"
+echo "== format"
+cargo fmt --all -- --check
+echo "== lint"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== build"
+cargo build --workspace --bins --tests --locked
+export EDGESITE_BIN="$repo/target/debug/edgesite"
+echo "== test"
+if command -v cargo-nextest >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast --test-threads 4
+else
+  cargo test --workspace --locked --no-fail-fast -- --test-threads 4
+fi
