@@ -594,3 +594,156 @@ fn explain_uses_real_schemas() {
     let out = site.ok(&["explain", "deployment.spec.strategy"]);
     assert!(out.contains("rollingUpdate"), "{out}");
 }
+
+/// kubectl's typed clients send protobuf bodies: `create namespace|configmap|secret|deployment`,
+/// `run`, `expose`, `create job|cronjob|role|rolebinding`.
+#[test]
+fn imperative_commands_send_protobuf_and_work() {
+    let site = Site::start().unwrap();
+    for args in [
+        &["create", "namespace", "demo"][..],
+        &[
+            "create",
+            "configmap",
+            "c1",
+            "--from-literal=a=1",
+            "-n",
+            "demo",
+        ],
+        &[
+            "create",
+            "secret",
+            "generic",
+            "s1",
+            "--from-literal=pw=x",
+            "-n",
+            "demo",
+        ],
+        &[
+            "create",
+            "deployment",
+            "web",
+            "--image=nginx:1.25",
+            "--replicas=0",
+            "-n",
+            "demo",
+        ],
+        &[
+            "create",
+            "service",
+            "clusterip",
+            "svc",
+            "--tcp=80:8080",
+            "-n",
+            "demo",
+        ],
+        &[
+            "run",
+            "p1",
+            "--image=busybox:1.36",
+            "-n",
+            "demo",
+            "--",
+            "sleep",
+            "3600",
+        ],
+        &[
+            "create",
+            "job",
+            "j1",
+            "--image=busybox:1.36",
+            "-n",
+            "demo",
+            "--",
+            "echo",
+            "hi",
+        ],
+        &[
+            "create",
+            "cronjob",
+            "cj",
+            "--image=busybox:1.36",
+            "--schedule=*/5 * * * *",
+            "-n",
+            "demo",
+        ],
+        &[
+            "expose",
+            "deployment",
+            "web",
+            "--name=web2",
+            "--port=81",
+            "-n",
+            "demo",
+        ],
+        &[
+            "create",
+            "role",
+            "r",
+            "--verb=get",
+            "--resource=pods",
+            "-n",
+            "demo",
+        ],
+        &[
+            "create",
+            "rolebinding",
+            "rb",
+            "--role=r",
+            "--user=bob",
+            "-n",
+            "demo",
+        ],
+    ] {
+        site.ok(args);
+    }
+    let d: serde_json::Value =
+        serde_json::from_str(&site.ok(&["get", "deploy", "web", "-n", "demo", "-o", "json"]))
+            .unwrap();
+    assert_eq!(
+        d["spec"]["replicas"], 0,
+        "an explicit zero survives protobuf decoding"
+    );
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["image"],
+        "nginx:1.25"
+    );
+    assert_eq!(d["spec"]["selector"]["matchLabels"]["app"], "web");
+    assert_eq!(
+        site.ok(&["get", "cm", "c1", "-n", "demo", "-o", "jsonpath={.data.a}"]),
+        "1"
+    );
+    assert_eq!(
+        site.ok(&[
+            "get",
+            "secret",
+            "s1",
+            "-n",
+            "demo",
+            "-o",
+            "jsonpath={.data.pw}"
+        ]),
+        "eA=="
+    );
+    let pod: serde_json::Value =
+        serde_json::from_str(&site.ok(&["get", "pod", "p1", "-n", "demo", "-o", "json"])).unwrap();
+    assert_eq!(
+        pod["spec"]["containers"][0]["args"],
+        serde_json::json!(["sleep", "3600"])
+    );
+    assert_eq!(pod["metadata"]["labels"]["run"], "p1");
+    let svc: serde_json::Value =
+        serde_json::from_str(&site.ok(&["get", "svc", "web2", "-n", "demo", "-o", "json"]))
+            .unwrap();
+    assert_eq!(svc["spec"]["ports"][0]["port"], 81);
+    let all = site.ok(&["get", "all", "-n", "demo", "-o", "name"]);
+    for name in [
+        "pod/p1",
+        "service/svc",
+        "deployment.apps/web",
+        "job.batch/j1",
+        "cronjob.batch/cj",
+    ] {
+        assert!(all.contains(name), "{name} missing from `get all`: {all}");
+    }
+}

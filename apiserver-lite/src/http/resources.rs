@@ -144,6 +144,9 @@ fn decode_document(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
     let value: Value = match essence {
         "application/json" | "" | "*/*" => serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("error decoding request body: {e}")))?,
+        crate::protobuf::CONTENT_TYPE => crate::protobuf::decode(body).map_err(|e| {
+            ApiError::bad_request(format!("error decoding protobuf request body: {e}"))
+        })?,
         "application/yaml" | "application/x-yaml" | "text/yaml" => serde_yaml::from_slice(body)
             .map_err(|e| {
                 ApiError::bad_request(format!("error decoding request body as YAML: {e}"))
@@ -439,15 +442,14 @@ pub async fn handle(
         (&Method::DELETE, Some(name), None) => {
             verb_allowed("delete")?;
             let (parts, body) = read_body(request).await?;
-            let _ = parts;
-            let options = delete_options(&query, &body)?;
+            let options = delete_options(&query, &body, &content_type(&parts))?;
             let (code, object) = ctx.delete(name, &options).await?;
             Ok(encode(code, &object, output))
         }
         (&Method::DELETE, None, None) => {
             verb_allowed("deletecollection")?;
-            let (_, body) = read_body(request).await?;
-            let options = delete_options(&query, &body)?;
+            let (parts, body) = read_body(request).await?;
+            let options = delete_options(&query, &body, &content_type(&parts))?;
             ctx.delete_collection(&query, &options).await
         }
         _ => Err(ApiError::method_not_allowed(
@@ -525,9 +527,16 @@ pub struct DeleteOptions {
     dry_run: bool,
 }
 
-fn delete_options(query: &Query, body: &[u8]) -> Result<DeleteOptions, ApiError> {
+fn delete_options(
+    query: &Query,
+    body: &[u8],
+    content_type: &str,
+) -> Result<DeleteOptions, ApiError> {
     let from_body: Value = if body.iter().all(u8::is_ascii_whitespace) {
         json!({})
+    } else if content_type.starts_with(crate::protobuf::CONTENT_TYPE) {
+        crate::protobuf::decode(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding DeleteOptions: {e}")))?
     } else {
         serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("error decoding DeleteOptions: {e}")))?
@@ -1831,6 +1840,7 @@ impl Ctx {
         let options = delete_options(
             &Query::default(),
             &serde_json::to_vec(&options_body).unwrap_or_default(),
+            "application/json",
         )?;
         self.delete(name, &options).await?;
         Ok(json_response(
@@ -1926,24 +1936,31 @@ mod tests {
     #[test]
     fn delete_options_from_body_and_query() {
         let q = Query::parse(Some("gracePeriodSeconds=5&propagationPolicy=Foreground"));
-        let o = delete_options(&q, b"").unwrap();
+        let o = delete_options(&q, b"", "application/json").unwrap();
         assert_eq!(o.grace_period, Some(5));
         assert_eq!(o.propagation.as_deref(), Some("Foreground"));
         let o = delete_options(
             &Query::default(),
             br#"{"propagationPolicy":"Orphan","preconditions":{"uid":"u"}}"#,
+            "application/json",
         )
         .unwrap();
         assert_eq!(o.propagation.as_deref(), Some("Orphan"));
         assert_eq!(o.precondition_uid.as_deref(), Some("u"));
         assert_eq!(
-            delete_options(&Query::default(), br#"{"propagationPolicy":"Sideways"}"#)
-                .unwrap_err()
-                .code,
+            delete_options(
+                &Query::default(),
+                br#"{"propagationPolicy":"Sideways"}"#,
+                "application/json"
+            )
+            .unwrap_err()
+            .code,
             422
         );
         assert_eq!(
-            delete_options(&Query::default(), b"{").unwrap_err().code,
+            delete_options(&Query::default(), b"{", "application/json")
+                .unwrap_err()
+                .code,
             400
         );
     }
