@@ -371,10 +371,40 @@ pub fn prepare_for_create(info: &ResourceInfo, object: &mut Value, uid: &str) {
             }
             o.insert("status".into(), json!({}));
         }
+        ("apiextensions.k8s.io", "customresourcedefinitions") => {
+            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let status = crate::crd::status(&Value::Object(o.clone()), &now);
+            o.insert("status".into(), status);
+        }
         _ if info.has_status() => {
             o.remove("status");
         }
         _ => {}
+    }
+}
+
+/// Upstream's PrepareForUpdate beyond the generic status/generation rules.
+pub fn prepare_for_update(info: &ResourceInfo, new: &mut Value) {
+    if id(info) == ("apiextensions.k8s.io", "customresourcedefinitions") {
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let mut status = crate::crd::status(new, &now);
+        // Keep the original transition times of conditions that did not change.
+        if let Some(old) = new
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .cloned()
+            && let Some(conditions) = status.get_mut("conditions").and_then(Value::as_array_mut)
+        {
+            for c in conditions.iter_mut() {
+                if let Some(prev) = old
+                    .iter()
+                    .find(|p| p["type"] == c["type"] && p["status"] == c["status"])
+                {
+                    c["lastTransitionTime"] = prev["lastTransitionTime"].clone();
+                }
+            }
+        }
+        new["status"] = status;
     }
 }
 
@@ -384,7 +414,14 @@ pub fn validate(info: &ResourceInfo, object: &Value, old: Option<&Value>) -> Vec
     let meta = object.get("metadata").cloned().unwrap_or(json!({}));
     validation::validate_metadata(&meta, info.namespaced, name_rule(info), &mut causes);
     let spec = object.get("spec");
+    if let Some(custom) = &info.custom {
+        crate::structural::validate(&custom.schema, object, "", &mut causes.0, true);
+        return causes.0;
+    }
     match id(info) {
+        ("apiextensions.k8s.io", "customresourcedefinitions") => {
+            causes.0.extend(crate::crd::validate(object))
+        }
         ("", "pods") => {
             validation::validate_pod_spec(spec, "spec", &mut causes);
             if let (Some(old), Some(spec)) = (old, spec) {

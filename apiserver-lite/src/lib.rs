@@ -6,6 +6,7 @@
 //! [`selectors`], [`validation`], [`tables`], [`patch`].
 
 pub mod auth;
+pub mod crd;
 pub mod error;
 pub mod http;
 pub mod kinds;
@@ -16,6 +17,7 @@ pub mod registry;
 pub mod selectors;
 pub mod server;
 pub mod storage;
+pub mod structural;
 pub mod tables;
 pub mod validation;
 

@@ -339,12 +339,21 @@ fn resource_paths(
     } else {
         (format!("{prefix}/{}", info.resource), vec![])
     };
-    let patch_types = [
-        "application/json-patch+json",
-        "application/merge-patch+json",
-        "application/strategic-merge-patch+json",
-        "application/apply-patch+yaml",
-    ];
+    // Custom resources take no strategic merge patch; kubectl then sends merge patches.
+    let patch_types: &[&str] = if info.custom.is_some() {
+        &[
+            "application/json-patch+json",
+            "application/merge-patch+json",
+            "application/apply-patch+yaml",
+        ]
+    } else {
+        &[
+            "application/json-patch+json",
+            "application/merge-patch+json",
+            "application/strategic-merge-patch+json",
+            "application/apply-patch+yaml",
+        ]
+    };
     let mut collection_ops = Map::new();
     collection_ops.insert(
         "get".into(),
@@ -431,7 +440,7 @@ fn resource_paths(
             patch_params.clone(),
             Some(body(
                 "io.k8s.apimachinery.pkg.apis.meta.v1.Patch",
-                &patch_types,
+                patch_types,
             )),
             response(schema, &["200", "201"]),
         ),
@@ -510,7 +519,7 @@ fn resource_paths(
                 patch_params.clone(),
                 Some(body(
                     "io.k8s.apimachinery.pkg.apis.meta.v1.Patch",
-                    &patch_types,
+                    patch_types,
                 )),
                 response(&sub_schema, &["200", "201"]),
             ),
@@ -544,6 +553,9 @@ impl OpenApi {
             h.update(&r.resource);
             h.update(&r.kind);
             h.update(r.subresources.len().to_le_bytes());
+            if let Some(c) = &r.custom {
+                h.update(c.schema.to_string());
+            }
         }
         h.finalize()[..16]
             .iter()
@@ -603,7 +615,28 @@ impl OpenApi {
                     let list_name = format!("{name}List");
                     (name, list_name)
                 }
-                None => continue,
+                None => match &r.custom {
+                    Some(custom) => {
+                        let reversed: Vec<&str> = r.group.split('.').rev().collect();
+                        let name = format!("{}.{}.{}", reversed.join("."), r.version, r.kind);
+                        let mut schema = custom.schema.clone();
+                        if !schema.is_object() {
+                            schema = json!({"type": "object"});
+                        }
+                        let props = schema
+                            .as_object_mut()
+                            .expect("object")
+                            .entry("properties")
+                            .or_insert_with(|| json!({}));
+                        props["apiVersion"] = json!({"type": "string", "description": "APIVersion defines the versioned schema of this representation of an object."});
+                        props["kind"] = json!({"type": "string", "description": "Kind is a string value representing the REST resource this object represents."});
+                        props["metadata"] = json!({"allOf": [{"$ref": "#/components/schemas/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}], "description": "Standard object's metadata."});
+                        generator.definitions_mut().insert(name.clone(), schema);
+                        let list_name = format!("{name}List");
+                        (name, list_name)
+                    }
+                    None => continue,
+                },
             };
             let gvk = json!([{"group": r.group, "version": r.version, "kind": r.kind}]);
             kinds.push((schema_name.clone(), gvk.clone()));

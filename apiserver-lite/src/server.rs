@@ -58,6 +58,23 @@ pub async fn prepare(
             }
         }
     }
+    // Serve the custom resources of the CRDs already stored.
+    let crds = server
+        .storage
+        .list(
+            "/apiextensions.k8s.io/customresourcedefinitions/",
+            None,
+            None,
+        )
+        .await?;
+    for item in crds.items {
+        let name = item
+            .object
+            .pointer("/metadata/name")
+            .and_then(|n| n.as_str())
+            .unwrap_or("");
+        crate::crd::sync(&server.registry, name, Some(&item.object));
+    }
     server.ready.store(true, Ordering::Release);
     Ok(server)
 }

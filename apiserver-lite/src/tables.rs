@@ -4,6 +4,8 @@
 //! these functions decide what users see. Each kind has a column list and a row function over the
 //! JSON object; ages are rendered with upstream's `HumanDuration` rules.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
@@ -11,23 +13,106 @@ use crate::registry::ResourceInfo;
 
 /// A column: name as upstream spells it (kubectl upper-cases it), type, and priority (1 = wide).
 pub struct Column {
-    pub name: &'static str,
-    pub kind: &'static str,
-    pub priority: u8,
-    pub description: &'static str,
+    pub name: Cow<'static, str>,
+    pub kind: Cow<'static, str>,
+    pub priority: i64,
+    pub description: Cow<'static, str>,
+    pub format: Cow<'static, str>,
 }
 
 const fn col(
     name: &'static str,
     kind: &'static str,
-    priority: u8,
+    priority: i64,
     description: &'static str,
 ) -> Column {
     Column {
-        name,
-        kind,
+        name: Cow::Borrowed(name),
+        kind: Cow::Borrowed(kind),
         priority,
-        description,
+        description: Cow::Borrowed(description),
+        format: Cow::Borrowed(""),
+    }
+}
+
+/// Evaluates the simple JSONPath of printer columns: `.a.b`, `.a[0]`, `.a[*].b` (first match),
+/// `.a[?(@.type=="Ready")].status`, `.a['dotted.key']`.
+pub fn json_path<'a>(object: &'a Value, path: &str) -> Option<&'a Value> {
+    let path = path
+        .trim()
+        .trim_start_matches('{')
+        .trim_end_matches('}')
+        .trim_start_matches('$');
+    let mut node = object;
+    let chars: Vec<char> = path.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        match chars[i] {
+            '.' => {
+                let start = i + 1;
+                i = start;
+                while i < chars.len() && chars[i] != '.' && chars[i] != '[' {
+                    i += 1;
+                }
+                let key: String = chars[start..i].iter().collect();
+                if !key.is_empty() {
+                    node = node.get(&key)?;
+                }
+            }
+            '[' => {
+                let end = chars[i..].iter().position(|c| *c == ']')? + i;
+                let inner: String = chars[i + 1..end].iter().collect();
+                i = end + 1;
+                let inner = inner.trim();
+                if let Some(filter) = inner.strip_prefix("?(@.").and_then(|f| f.strip_suffix(')')) {
+                    let (key, want) = filter.split_once("==")?;
+                    let want = want.trim().trim_matches(|c| c == '"' || c == '\'');
+                    node = node.as_array()?.iter().find(|item| {
+                        item.get(key.trim()).is_some_and(|v| match v {
+                            Value::String(s) => s == want,
+                            other => {
+                                let text = other.to_string();
+                                text == want
+                            }
+                        })
+                    })?;
+                } else if inner == "*" {
+                    node = node.as_array()?.first()?;
+                } else if let Ok(n) = inner.parse::<usize>() {
+                    node = node.as_array()?.get(n)?;
+                } else {
+                    let key = inner.trim_matches(|c| c == '"' || c == '\'');
+                    node = node.get(key)?;
+                }
+            }
+            _ => return None,
+        }
+    }
+    Some(node)
+}
+
+fn custom_cell(kind: &str, value: Option<&Value>, now: DateTime<Utc>) -> Value {
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Value::Null;
+    };
+    match kind {
+        "string" => match value {
+            Value::String(s) => json!(s),
+            other => json!(other.to_string()),
+        },
+        "integer" => value
+            .as_i64()
+            .or_else(|| value.as_f64().map(|f| f as i64))
+            .map(Value::from)
+            .unwrap_or(Value::Null),
+        "number" => value.as_f64().map(Value::from).unwrap_or(Value::Null),
+        "boolean" => value.as_bool().map(Value::from).unwrap_or(Value::Null),
+        "date" => match value.as_str().map(DateTime::parse_from_rfc3339) {
+            Some(Ok(t)) => json!(human_duration((now - t.with_timezone(&Utc)).num_seconds())),
+            Some(Err(_)) => json!("<invalid>"),
+            None => Value::Null,
+        },
+        _ => Value::Null,
     }
 }
 
@@ -482,6 +567,26 @@ fn created_at(object: &Value) -> Value {
 
 /// Columns and the row printer of a kind.
 pub fn columns(info: &ResourceInfo) -> Vec<Column> {
+    if let Some(custom) = &info.custom {
+        let mut cols = vec![NAME];
+        for c in &custom.columns {
+            cols.push(Column {
+                name: Cow::Owned(c.name.clone()),
+                kind: Cow::Owned(c.kind.clone()),
+                priority: c.priority,
+                description: Cow::Owned(if c.description.is_empty() {
+                    format!(
+                        "Custom resource definition column (in JSONPath format): {}",
+                        c.json_path
+                    )
+                } else {
+                    c.description.clone()
+                }),
+                format: Cow::Owned(c.format.clone()),
+            });
+        }
+        return cols;
+    }
     match (info.group.as_str(), info.resource.as_str()) {
         ("", "pods") => vec![
             NAME,
@@ -1053,6 +1158,13 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
 
 /// The cells of one row, in the order of [`columns`].
 pub fn row(info: &ResourceInfo, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+    if let Some(custom) = &info.custom {
+        let mut cells = vec![json!(s(o, "/metadata/name"))];
+        for c in &custom.columns {
+            cells.push(custom_cell(&c.kind, json_path(o, &c.json_path), now));
+        }
+        return cells;
+    }
     let name = json!(s(o, "/metadata/name"));
     let age = json!(since(o, "/metadata/creationTimestamp", now));
     let template_ci = |pointer: &str| containers_and_images(o, pointer);
@@ -1517,7 +1629,7 @@ pub fn table(
             json!({
                 "name": c.name,
                 "type": c.kind,
-                "format": if c.name == "Name" { "name" } else { "" },
+                "format": if c.name == "Name" && c.priority == 0 && c.format.is_empty() { "name" } else { c.format.as_ref() },
                 "description": c.description,
                 "priority": c.priority,
             })
@@ -1579,6 +1691,23 @@ mod tests {
                 info.resource
             );
         }
+    }
+
+    #[test]
+    fn json_paths() {
+        let o = json!({"status": {"conditions": [{"type": "A", "status": "False"}, {"type": "Ready", "status": "True"}]},
+            "metadata": {"labels": {"app.kubernetes.io/name": "x"}}, "spec": {"list": [3, 4]}});
+        assert_eq!(
+            json_path(&o, ".status.conditions[?(@.type==\"Ready\")].status"),
+            Some(&json!("True"))
+        );
+        assert_eq!(json_path(&o, ".spec.list[1]"), Some(&json!(4)));
+        assert_eq!(
+            json_path(&o, ".metadata.labels['app.kubernetes.io/name']"),
+            Some(&json!("x"))
+        );
+        assert_eq!(json_path(&o, ".spec.missing"), None);
+        assert_eq!(json_path(&o, ".spec.list[9]"), None);
     }
 
     #[test]

@@ -747,3 +747,167 @@ fn imperative_commands_send_protobuf_and_work() {
         assert!(all.contains(name), "{name} missing from `get all`: {all}");
     }
 }
+
+const CRONTAB_CRD: &str = include_str!("../testdata/crontab-crd.yaml");
+const CRONTAB: &str = include_str!("../testdata/crontab.yaml");
+
+#[test]
+fn custom_resources_from_a_crd() {
+    let site = Site::start().unwrap();
+    let v = validate();
+    site.ok_stdin(&["apply", v, "-f", "-"], Some(CRONTAB_CRD));
+    let crd: serde_json::Value = serde_json::from_str(&site.ok(&[
+        "get",
+        "crd",
+        "crontabs.stable.example.com",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let established = crd["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["type"] == "Established" && c["status"] == "True");
+    assert!(established, "{crd}");
+    site.ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/crontabs.stable.example.com",
+        "--timeout=10s",
+    ]);
+    assert_eq!(
+        site.ok_stdin(&["apply", v, "-f", "-"], Some(CRONTAB))
+            .trim(),
+        "crontab.stable.example.com/my-new-cron-object created"
+    );
+    // Printer columns, short name, defaults from the schema.
+    let out = site.ok(&["get", "ct"]);
+    let rows = lines(&out);
+    assert_eq!(rows[0], vec!["NAME", "SPEC", "REPLICAS", "AGE"]);
+    assert_eq!(&rows[1][..2], &["my-new-cron-object", "*"]);
+    assert_eq!(rows[1][6], "1", "replicas defaulted by the schema: {out}");
+    assert_eq!(
+        site.ok_stdin(&["apply", v, "-f", "-"], Some(CRONTAB))
+            .trim(),
+        "crontab.stable.example.com/my-new-cron-object unchanged"
+    );
+    // Schema validation errors as upstream prints them.
+    let bad = CRONTAB.replace("* * * * */5", "bad");
+    let err = site.fails(&["apply", v, "-f", "-"], Some(&bad));
+    assert!(
+        err.contains("The CronTab \"my-new-cron-object\" is invalid: spec.cronSpec: Invalid value: \"bad\": spec.cronSpec in body should match"),
+        "{err}"
+    );
+    let too_many = CRONTAB.replace(
+        "  image: my-awesome-cron-image\n",
+        "  image: x\n  replicas: 11\n",
+    );
+    let err = site.fails(&["apply", v, "-f", "-"], Some(&too_many));
+    assert!(
+        err.contains("spec.replicas in body should be less than or equal to 10"),
+        "{err}"
+    );
+    if kubectl_minor() >= 27 {
+        let unknown = "apiVersion: stable.example.com/v1\nkind: CronTab\nmetadata:\n  name: x\nspec:\n  bogus: 1\n";
+        let err = site.fails(&["create", "-f", "-"], Some(unknown));
+        assert!(
+            err.contains("strict decoding error: unknown field \"spec.bogus\""),
+            "{err}"
+        );
+    }
+    // Scale and status subresources.
+    site.ok(&["scale", "crontab", "my-new-cron-object", "--replicas=3"]);
+    assert_eq!(
+        site.ok(&[
+            "get",
+            "ct",
+            "my-new-cron-object",
+            "-o",
+            "jsonpath={.spec.replicas}"
+        ]),
+        "3"
+    );
+    site.ok(&[
+        "patch",
+        "ct",
+        "my-new-cron-object",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"replicas":3}}"#,
+    ]);
+    assert_eq!(
+        site.ok(&[
+            "get",
+            "ct",
+            "my-new-cron-object",
+            "-o",
+            "jsonpath={.status.replicas}"
+        ]),
+        "3"
+    );
+    // Main-resource writes ignore status.
+    site.ok(&[
+        "patch",
+        "ct",
+        "my-new-cron-object",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"replicas":9}}"#,
+    ]);
+    assert_eq!(
+        site.ok(&[
+            "get",
+            "ct",
+            "my-new-cron-object",
+            "-o",
+            "jsonpath={.status.replicas}"
+        ]),
+        "3"
+    );
+    // Discovery: short name and category.
+    let resources = site.ok(&["api-resources", "--api-group=stable.example.com"]);
+    assert!(
+        resources.contains("crontabs") && resources.contains(" ct "),
+        "{resources}"
+    );
+    assert!(
+        site.ok(&["get", "all", "-o", "name"])
+            .contains("crontab.stable.example.com/my-new-cron-object")
+    );
+    if kubectl_minor() >= 27 {
+        let explain = site.ok(&["explain", "crontab.spec"]);
+        assert!(
+            explain.contains("cronSpec") && explain.contains("<string>"),
+            "{explain}"
+        );
+    }
+    // Deleting the CRD deletes its objects and stops serving the resource.
+    site.ok(&["delete", "crd", "crontabs.stable.example.com"]);
+    let err = site.fails(
+        &[
+            "get",
+            "--raw",
+            "/apis/stable.example.com/v1/namespaces/default/crontabs",
+        ],
+        None,
+    );
+    assert!(
+        err.contains("NotFound") || err.contains("not found"),
+        "{err}"
+    );
+}
+
+#[test]
+fn crds_are_served_again_after_a_restart() {
+    let mut site = Site::start().unwrap();
+    site.ok_stdin(&["apply", validate(), "-f", "-"], Some(CRONTAB_CRD));
+    site.ok_stdin(&["apply", validate(), "-f", "-"], Some(CRONTAB));
+    site.stop();
+    site.launch().unwrap();
+    assert_eq!(
+        site.ok(&["get", "crontabs", "-o", "name"]),
+        "crontab.stable.example.com/my-new-cron-object\n"
+    );
+}

@@ -225,6 +225,24 @@ fn decode_object(
             info.kind, info.version, info.kind
         )));
     }
+    if let Some(custom) = &info.custom {
+        if let Some(meta) = value.get("metadata").filter(|m| m.is_object()) {
+            let normalized = builtin::normalize_as::<
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+            >(meta)
+            .map_err(|e| {
+                ApiError::bad_request(format!(
+                    "{} in version {:?} cannot be handled as a {}: metadata: {e}",
+                    info.kind, info.version, info.kind
+                ))
+            })?;
+            value["metadata"] = normalized;
+        }
+        let mut pruned = Vec::new();
+        crate::structural::prune_and_default(&custom.schema, &mut value, "", &mut pruned, true);
+        report_unknown(pruned, opts)?;
+        return Ok(value);
+    }
     let Some(typed) = &info.typed else {
         return Ok(value);
     };
@@ -236,6 +254,12 @@ fn decode_object(
     })?;
     let mut unknown = Vec::new();
     unknown_fields(&value, &normalized, "", &mut unknown);
+    report_unknown(unknown, opts)?;
+    Ok(normalized)
+}
+
+/// Applies the `fieldValidation` policy to unknown fields.
+fn report_unknown(unknown: Vec<String>, opts: &mut WriteOptions) -> Result<(), ApiError> {
     if !unknown.is_empty() {
         match opts.validation {
             FieldValidation::Strict => {
@@ -255,7 +279,7 @@ fn decode_object(
             FieldValidation::Ignore => {}
         }
     }
-    Ok(normalized)
+    Ok(())
 }
 
 fn meta_str<'a>(object: &'a Value, key: &str) -> &'a str {
@@ -989,7 +1013,43 @@ impl Ctx {
             .create(&self.key(&name), object)
             .await
             .map_err(|e| storage_error(&self.info, &name, e))?;
+        self.after_write(&name, Some(&stored.object)).await;
         Ok((*stored.object).clone())
+    }
+
+    /// Keeps derived server state in step with writes: CRDs change what the server serves.
+    async fn after_write(&self, name: &str, object: Option<&Value>) {
+        if (self.info.group.as_str(), self.info.resource.as_str())
+            != ("apiextensions.k8s.io", "customresourcedefinitions")
+        {
+            return;
+        }
+        let before: Vec<Arc<ResourceInfo>> = self
+            .server
+            .registry
+            .all()
+            .into_iter()
+            .filter(|r| r.custom.is_some() && format!("{}.{}", r.resource, r.group) == name)
+            .collect();
+        crate::crd::sync(&self.server.registry, name, object);
+        if object.is_none() {
+            // The CRD is gone: so are its custom resources (upstream's customresourcecleanup).
+            if let Some(r) = before.first() {
+                let prefix = list_prefix(&r.group, &r.resource, "");
+                if let Ok(listing) = self.server.storage.list(&prefix, None, None).await {
+                    for item in listing.items {
+                        let key = key_of(
+                            r,
+                            meta_str(&item.object, "namespace"),
+                            meta_str(&item.object, "name"),
+                        );
+                        if let Err(e) = self.server.storage.delete(&key, None).await {
+                            tracing::warn!(key, error = %e, "delete a custom resource of a deleted CRD");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// The shared update path. `new` is a full decoded object; `old` is what it replaces.
@@ -1070,6 +1130,7 @@ impl Ctx {
                     }
                 }
                 kinds::apply_defaults(&self.info, &mut new);
+                kinds::prepare_for_update(&self.info, &mut new);
                 if self.info.resource == "namespaces" {
                     // Namespace spec.finalizers change only through /finalize.
                     if let Some(f) = old_object.pointer("/spec/finalizers") {
@@ -1139,6 +1200,7 @@ impl Ctx {
                 .delete(&self.key(&name), Some(old.revision))
                 .await
                 .map_err(|e| storage_error(&self.info, &name, e))?;
+            self.after_write(&name, None).await;
             return Ok((*gone.object).clone());
         }
         let stored = self
@@ -1147,6 +1209,7 @@ impl Ctx {
             .update(&self.key(&name), new, Some(old.revision))
             .await
             .map_err(|e| storage_error(&self.info, &name, e))?;
+        self.after_write(&name, Some(&stored.object)).await;
         Ok((*stored.object).clone())
     }
 
@@ -1366,12 +1429,35 @@ impl Ctx {
                 "resourceVersion": meta.get("resourceVersion"),
                 "creationTimestamp": meta.get("creationTimestamp"),
             },
-            "spec": {"replicas": object.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(0)},
+            "spec": {"replicas": object.pointer(&self.scale_paths().0).and_then(Value::as_i64).unwrap_or(0)},
             "status": {
-                "replicas": object.pointer("/status/replicas").and_then(Value::as_i64).unwrap_or(0),
-                "selector": crate::tables::format_selector(object.pointer("/spec/selector")).replace("<none>", ""),
+                "replicas": object.pointer(&self.scale_paths().1).and_then(Value::as_i64).unwrap_or(0),
+                "selector": match self.scale_paths().2 {
+                    Some(p) => object.pointer(&p).and_then(Value::as_str).unwrap_or("").to_string(),
+                    None => crate::tables::format_selector(object.pointer("/spec/selector")).replace("<none>", ""),
+                },
             },
         })
+    }
+
+    /// JSON pointers of spec replicas, status replicas and (custom resources) the selector string.
+    fn scale_paths(&self) -> (String, String, Option<String>) {
+        let pointer = |dotted: &str| -> String {
+            dotted
+                .trim_start_matches('.')
+                .split('.')
+                .filter(|p| !p.is_empty())
+                .map(|p| format!("/{p}"))
+                .collect()
+        };
+        match self.info.custom.as_ref().and_then(|c| c.scale.as_ref()) {
+            Some(paths) => (
+                pointer(&paths.spec_replicas),
+                pointer(&paths.status_replicas),
+                Some(pointer(&paths.label_selector)).filter(|p| !p.is_empty()),
+            ),
+            None => ("/spec/replicas".into(), "/status/replicas".into(), None),
+        }
     }
 
     async fn get_scale(&self, name: &str) -> Result<Response, ApiError> {
@@ -1419,7 +1505,19 @@ impl Ctx {
             ));
         }
         let mut new = (*old.object).clone();
-        new["spec"]["replicas"] = json!(replicas);
+        let mut node = &mut new;
+        let spec_path = self.scale_paths().0;
+        for part in spec_path.trim_start_matches('/').split('/') {
+            if !node.is_object() {
+                *node = json!({});
+            }
+            node = node
+                .as_object_mut()
+                .expect("made an object")
+                .entry(part.to_string())
+                .or_insert(Value::Null);
+        }
+        *node = json!(replicas);
         let updated = self.update_decoded(old, new, None, opts, true).await?;
         Ok(self.scale_of(&updated))
     }
@@ -1589,6 +1687,7 @@ impl Ctx {
                 .delete(&self.key(name), Some(old.revision))
                 .await
                 .map_err(|e| storage_error(&self.info, name, e))?;
+            self.after_write(name, None).await;
             return Ok((StatusCode::OK, (*gone.object).clone()));
         }
         if already {

@@ -97,6 +97,7 @@ fn resource(
         verbs: verbs.to_vec(),
         subresources,
         typed,
+        custom: None,
     }
 }
 

@@ -32,6 +32,35 @@ pub struct TypedKind {
     pub schema: fn(&mut schemars::SchemaGenerator) -> schemars::Schema,
 }
 
+/// A printer column of a custom resource (`additionalPrinterColumns`).
+#[derive(Debug, Clone)]
+pub struct PrinterColumn {
+    pub name: String,
+    pub kind: String,
+    pub format: String,
+    pub description: String,
+    pub priority: i64,
+    pub json_path: String,
+}
+
+/// Where a custom resource keeps the numbers of its scale subresource (JSON paths like `.spec.replicas`).
+#[derive(Debug, Clone)]
+pub struct ScalePaths {
+    pub spec_replicas: String,
+    pub status_replicas: String,
+    pub label_selector: String,
+}
+
+/// What a CRD says about one served version of a custom resource.
+#[derive(Debug, Clone)]
+pub struct CustomResource {
+    pub schema: serde_json::Value,
+    pub columns: Vec<PrinterColumn>,
+    pub status: bool,
+    pub scale: Option<ScalePaths>,
+    pub list_kind: String,
+}
+
 /// One REST resource.
 pub struct ResourceInfo {
     pub group: String,
@@ -46,6 +75,8 @@ pub struct ResourceInfo {
     pub verbs: Vec<&'static str>,
     pub subresources: Vec<SubresourceInfo>,
     pub typed: Option<TypedKind>,
+    /// Set for resources defined by a CustomResourceDefinition.
+    pub custom: Option<CustomResource>,
 }
 
 impl ResourceInfo {
@@ -59,7 +90,10 @@ impl ResourceInfo {
     }
 
     pub fn list_kind(&self) -> String {
-        format!("{}List", self.kind)
+        match &self.custom {
+            Some(c) => c.list_kind.clone(),
+            None => format!("{}List", self.kind),
+        }
     }
 
     pub fn has_subresource(&self, name: &str) -> bool {
@@ -165,6 +199,14 @@ impl Registry {
                 ),
                 Arc::new(info),
             );
+    }
+
+    /// Keeps only the resources for which `keep` is true.
+    pub fn retain(&self, keep: impl Fn(&ResourceInfo) -> bool) {
+        self.inner
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, r| keep(r));
     }
 
     pub fn remove(&self, group: &str, version: &str, resource: &str) {
