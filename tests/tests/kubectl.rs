@@ -911,3 +911,87 @@ fn crds_are_served_again_after_a_restart() {
         "crontab.stable.example.com/my-new-cron-object\n"
     );
 }
+
+#[test]
+fn bad_input_gets_a_clear_status_and_the_store_stays_consistent() {
+    let site = Site::start().unwrap();
+    let path = "/api/v1/namespaces/default/configmaps";
+    let write = |name: &str, body: &str| {
+        let file = site.dir.path().join(name);
+        std::fs::write(&file, body).unwrap();
+        site.kubectl(&["create", "--raw", path, "-f", file.to_str().unwrap()])
+            .unwrap()
+    };
+    let out = write(
+        "malformed.json",
+        "{\"apiVersion\": \"v1\", \"kind\": \"ConfigMap\", ",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("BadRequest"), "{err}");
+    let out = write(
+        "wrong-kind.json",
+        r#"{"apiVersion":"apps/v1","kind":"Deployment","metadata":{"name":"x"}}"#,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not match the expected API version"),
+        "{err}"
+    );
+    let out = write("array.json", "[1, 2, 3]");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("BadRequest"));
+    let big = format!(
+        r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"big"}},"data":{{"a":"{}"}}}}"#,
+        "x".repeat(4 * 1024 * 1024)
+    );
+    let out = write("big.json", &big);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Request entity too large") || err.contains("RequestEntityTooLarge"),
+        "{err}"
+    );
+    let out = write(
+        "wrong-type.json",
+        r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"t"},"data":{"a":1}}"#,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot be handled as a ConfigMap"), "{err}");
+    let out = write(
+        "ok.json",
+        r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"ok"},"data":{"a":"1"}}"#,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Nothing half-written; the good write is there.
+    assert_eq!(
+        site.ok(&["get", "configmaps", "-o", "name"]),
+        "configmap/ok\n"
+    );
+    // Unknown resources and paths are NotFound Statuses.
+    let err = site.fails(&["get", "--raw", "/api/v1/widgets"], None);
+    assert!(err.contains("NotFound"), "{err}");
+    let err = site.fails(&["get", "--raw", "/apis/nope.example.com/v1/things"], None);
+    assert!(err.contains("NotFound"), "{err}");
+    // Unauthenticated requests are refused, health is public.
+    let port = site.port.to_string();
+    let anon = Command::new("curl")
+        .args([
+            "-sk",
+            &format!("https://127.0.0.1:{port}/api/v1/namespaces"),
+        ])
+        .output();
+    if let Ok(anon) = anon {
+        let body = String::from_utf8_lossy(&anon.stdout);
+        assert!(
+            body.contains("\"reason\":\"Unauthorized\"") && body.contains("\"code\":401"),
+            "{body}"
+        );
+        let health = Command::new("curl")
+            .args(["-sk", &format!("https://127.0.0.1:{port}/readyz")])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&health.stdout), "ok");
+    }
+}

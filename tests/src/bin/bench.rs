@@ -1,1 +1,416 @@
-fn main() {}
+//! `cargo run --release -p tests --bin edgesite-bench`: starts a release `edgesite server` and
+//! measures it over HTTPS. Prints a table and writes `docs/benchmarks.md`.
+//!
+//! - start-up: process start to a 200 from `/readyz` (first start with a new data dir, and restart)
+//! - idle RSS after start-up, and peak RSS after the load
+//! - 32 concurrent clients creating 10,000 ConfigMaps: creates/s, p50 and p99 latency
+//! - listing the 10,000 ConfigMaps
+//! - 100 watchers: time from a create being sent to its event arriving at every watcher
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ListParams, ObjectMeta, PostParams, WatchEvent, WatchParams};
+
+const CLIENTS: usize = 32;
+const CREATES: usize = 10_000;
+const WATCHERS: usize = 100;
+const WATCHED_WRITES: usize = 500;
+
+struct Server {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn release_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("bench binary dir")?.to_path_buf();
+    let root = dir
+        .parent()
+        .and_then(Path::parent)
+        .context("workspace root")?
+        .to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "-p", "edgesite"])
+        .current_dir(&root)
+        .status()
+        .context("build the release edgesite binary")?;
+    if !status.success() {
+        bail!("cargo build --release -p edgesite failed");
+    }
+    Ok(std::env::var("EDGESITE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| dir.join("edgesite")))
+}
+
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+async fn client(kubeconfig: &Path) -> Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Starts the server and returns it with the time from spawn to a 200 from /readyz.
+async fn start(bin: &Path, dir: &Path, port: u16) -> Result<(Server, Duration)> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("config.yaml"), "")?;
+    let kubeconfig = dir.join("kubeconfig.yaml");
+    let log = std::fs::File::create(dir.join("server.log"))?;
+    let started = Instant::now();
+    let child = Command::new(bin)
+        .args([
+            "server",
+            "--bind-address",
+            "127.0.0.1",
+            "--https-listen-port",
+            &port.to_string(),
+        ])
+        .arg("--config")
+        .arg(dir.join("config.yaml"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--write-kubeconfig")
+        .arg(&kubeconfig)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()?;
+    let server = Server {
+        child,
+        dir: dir.to_path_buf(),
+    };
+    // Wait for the kubeconfig (written before the port opens), then poll /readyz.
+    let mut c = None;
+    loop {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "server not ready after 30 s; see {}",
+                dir.join("server.log").display()
+            );
+        }
+        if c.is_none() && kubeconfig.exists() {
+            c = client(&kubeconfig).await.ok();
+        }
+        if let Some(c) = &c {
+            let req = http::Request::get("/readyz").body(Vec::new())?;
+            if c.request_text(req).await.is_ok() {
+                return Ok((server, started.elapsed()));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn cm(name: &str, stamp: Option<u128>) -> ConfigMap {
+    let mut data = BTreeMap::from([("payload".to_string(), "x".repeat(64))]);
+    if let Some(t) = stamp {
+        data.insert("sent".into(), t.to_string());
+    }
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            ..ObjectMeta::default()
+        },
+        data: Some(data),
+        ..ConfigMap::default()
+    }
+}
+
+struct Row {
+    metric: &'static str,
+    measured: String,
+    target: &'static str,
+    met: Option<bool>,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let bin = release_binary()?;
+    let work = tempfile::Builder::new()
+        .prefix("edgesite-bench")
+        .tempdir()?;
+    let port = tests::free_port();
+    let mut rows = Vec::new();
+
+    // Start-up: a first start (CA and certificates generated) and a restart on the same data dir.
+    let (first, first_ready) = start(&bin, work.path(), port).await?;
+    drop(first);
+    let mut restarts = Vec::new();
+    for _ in 0..5 {
+        let (s, ready) = start(&bin, work.path(), port).await?;
+        restarts.push(ready);
+        drop(s);
+    }
+    restarts.sort();
+    let restart_ready = percentile(&restarts, 0.5);
+    let (server, _) = start(&bin, work.path(), port).await?;
+    let pid = server.child.id();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (idle_rss, _) = rss_kib(pid);
+    rows.push(Row {
+        metric: "process start to /readyz, first start (new data dir, PKI generated)",
+        measured: ms(first_ready),
+        target: "< 300 ms",
+        met: Some(first_ready < Duration::from_millis(300)),
+    });
+    rows.push(Row {
+        metric: "process start to /readyz, restart (median of 5)",
+        measured: ms(restart_ready),
+        target: "< 300 ms",
+        met: Some(restart_ready < Duration::from_millis(300)),
+    });
+    rows.push(Row {
+        metric: "RSS idle after start",
+        measured: format!("{:.1} MB", idle_rss as f64 / 1024.0),
+        target: "< 30 MB",
+        met: Some(idle_rss < 30 * 1024),
+    });
+
+    let kubeconfig = server.dir.join("kubeconfig.yaml");
+    let base = Instant::now();
+
+    // Watchers first, so they see every create of the watched phase.
+    let mut watchers = Vec::new();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, String, Duration)>(65_536);
+    let watch_client = client(&kubeconfig).await?;
+    let watch_ns: Api<ConfigMap> = Api::namespaced(watch_client.clone(), "kube-public");
+    let start_rv = watch_ns
+        .list(&ListParams::default().limit(1))
+        .await?
+        .metadata
+        .resource_version
+        .unwrap_or_default();
+    for w in 0..WATCHERS {
+        let api: Api<ConfigMap> = Api::namespaced(client(&kubeconfig).await?, "kube-public");
+        let tx = tx.clone();
+        let rv = start_rv.clone();
+        watchers.push(tokio::spawn(async move {
+            let params = WatchParams::default().timeout(290);
+            let Ok(stream) = api.watch(&params, &rv).await else {
+                return;
+            };
+            futures::pin_mut!(stream);
+            let mut seen = 0;
+            while let Some(Ok(event)) = stream.next().await {
+                if let WatchEvent::Added(o) = event {
+                    let now = base.elapsed();
+                    let sent: u128 = o
+                        .data
+                        .as_ref()
+                        .and_then(|d| d.get("sent"))
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    let latency = now.saturating_sub(Duration::from_nanos(sent as u64));
+                    let _ = tx
+                        .send((w, o.metadata.name.unwrap_or_default(), latency))
+                        .await;
+                    seen += 1;
+                    if seen == WATCHED_WRITES {
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    drop(tx);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Watched phase: one writer, events fanned out to 100 watchers.
+    let writer = watch_ns.clone();
+    for i in 0..WATCHED_WRITES {
+        let sent = base.elapsed().as_nanos();
+        writer
+            .create(&PostParams::default(), &cm(&format!("w-{i}"), Some(sent)))
+            .await?;
+        tokio::time::sleep(Duration::from_millis(4)).await;
+    }
+    let mut per_object: BTreeMap<String, (usize, Duration)> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Ok(Some((_, name, latency))) = tokio::time::timeout(
+        deadline.saturating_duration_since(Instant::now()),
+        rx.recv(),
+    )
+    .await
+    {
+        let e = per_object.entry(name).or_insert((0, Duration::ZERO));
+        e.0 += 1;
+        e.1 = e.1.max(latency);
+    }
+    for w in watchers {
+        w.abort();
+    }
+    let complete = per_object.values().filter(|(n, _)| *n == WATCHERS).count();
+    let mut at_all: Vec<Duration> = per_object
+        .values()
+        .filter(|(n, _)| *n == WATCHERS)
+        .map(|(_, d)| *d)
+        .collect();
+    at_all.sort();
+    let watch_p50 = percentile(&at_all, 0.5);
+    let watch_p99 = percentile(&at_all, 0.99);
+    rows.push(Row {
+        metric: "watch delivery p99, create sent -> event at all 100 watchers",
+        measured: format!(
+            "{} (p50 {}; {complete}/{WATCHED_WRITES} objects reached all watchers)",
+            ms(watch_p99),
+            ms(watch_p50)
+        ),
+        target: "< 20 ms",
+        met: Some(watch_p99 < Duration::from_millis(20) && complete == WATCHED_WRITES),
+    });
+
+    // Create phase: 32 clients, 10,000 ConfigMaps.
+    let mut handles = Vec::new();
+    let load_start = Instant::now();
+    for c in 0..CLIENTS {
+        let api: Api<ConfigMap> = Api::namespaced(client(&kubeconfig).await?, "default");
+        handles.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(CREATES / CLIENTS + 1);
+            let mut i = c;
+            while i < CREATES {
+                let t = Instant::now();
+                api.create(&PostParams::default(), &cm(&format!("c-{i}"), None))
+                    .await?;
+                latencies.push(t.elapsed());
+                i += CLIENTS;
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(CREATES);
+    for h in handles {
+        latencies.extend(h.await??);
+    }
+    let load_time = load_start.elapsed();
+    latencies.sort();
+    let rate = CREATES as f64 / load_time.as_secs_f64();
+    let p50 = percentile(&latencies, 0.5);
+    let p99 = percentile(&latencies, 0.99);
+    rows.push(Row {
+        metric: "creates/s, 32 concurrent clients, 10,000 ConfigMaps",
+        measured: format!("{rate:.0}/s"),
+        target: ">= 3,000/s",
+        met: Some(rate >= 3000.0),
+    });
+    rows.push(Row {
+        metric: "create latency p50",
+        measured: ms(p50),
+        target: "-",
+        met: None,
+    });
+    rows.push(Row {
+        metric: "create latency p99",
+        measured: ms(p99),
+        target: "< 25 ms",
+        met: Some(p99 < Duration::from_millis(25)),
+    });
+
+    // List 10,000.
+    let api: Api<ConfigMap> = Api::namespaced(client(&kubeconfig).await?, "default");
+    let mut list_times = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let list = api.list(&ListParams::default()).await?;
+        list_times.push(t.elapsed());
+        if list.items.len() != CREATES {
+            bail!("listed {} ConfigMaps, expected {CREATES}", list.items.len());
+        }
+    }
+    list_times.sort();
+    rows.push(Row {
+        metric: "list 10,000 ConfigMaps (median of 3)",
+        measured: ms(list_times[1]),
+        target: "-",
+        met: None,
+    });
+    let (rss_after, peak) = rss_kib(pid);
+    rows.push(Row {
+        metric: "RSS after the load / peak RSS",
+        measured: format!(
+            "{:.1} MB / {:.1} MB",
+            rss_after as f64 / 1024.0,
+            peak as f64 / 1024.0
+        ),
+        target: "-",
+        met: None,
+    });
+    let binary_size = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
+    rows.push(Row {
+        metric: "binary size (release)",
+        measured: format!("{:.1} MB", binary_size as f64 / 1e6),
+        target: "-",
+        met: None,
+    });
+    drop(server);
+
+    let mut table = String::from("| metric | measured | target | met |\n|---|---|---|---|\n");
+    for r in &rows {
+        let met = match r.met {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "",
+        };
+        table.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            r.metric, r.measured, r.target, met
+        ));
+    }
+    println!("{table}");
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let doc = format!(
+        "# Benchmarks\n\nProduced by `cargo run --release -p tests --bin edgesite-bench` (apiserver-lite on SQLite, \
+         over HTTPS on loopback; the benchmark client runs on the same machine, {cpus} CPUs).\n\n{table}\n\
+         Watch delivery is measured from the moment the create request is sent (an upper bound of commit-to-event) \
+         to the event arriving at each of the 100 watchers; an object counts once all 100 have it.\n"
+    );
+    let root = std::env::current_exe()?
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .context("workspace root")?
+        .to_path_buf();
+    std::fs::write(root.join("docs").join("benchmarks.md"), doc)
+        .context("write docs/benchmarks.md")?;
+    Ok(())
+}
