@@ -67,13 +67,13 @@ pub async fn prepare(
             None,
         )
         .await?;
-    for item in crds.items {
+    for raw in crds.items {
+        let item = raw.value()?;
         let name = item
-            .object
             .pointer("/metadata/name")
             .and_then(|n| n.as_str())
             .unwrap_or("");
-        crate::crd::sync(&server.registry, name, Some(&item.object));
+        crate::crd::sync(&server.registry, name, Some(&item));
     }
     server.ready.store(true, Ordering::Release);
     Ok(server)

@@ -745,43 +745,31 @@ impl Ctx {
             }
         }
         let prefix = list_prefix(&self.info.group, &self.info.resource, &self.namespace);
-        // Narrow by name when the field selector pins it.
-        let mut items: Vec<Arc<Value>> = Vec::new();
+        let selecting = !opts.labels.is_empty() || !opts.fields.is_empty();
+        // Items stay JSON text unless a selector or the output form needs the object.
+        let mut items: Vec<(Arc<str>, Option<Value>)> = Vec::new();
         let mut revision = current;
         let mut continue_after = None;
-        if let (Some(name), None) = (opts.fields.pinned("metadata.name"), limit) {
-            if !self.namespace.is_empty() || !self.info.namespaced {
-                if let Some(s) = self
-                    .server
-                    .storage
-                    .get(&self.key(name))
-                    .await
-                    .map_err(|e| storage_error(&self.info, name, e))?
-                    && opts.matches(&self.info, &s.object)
-                {
-                    items.push(s.object);
-                }
-            } else {
-                let listing = self
-                    .server
-                    .storage
-                    .list(&prefix, None, None)
-                    .await
-                    .map_err(|e| storage_error(&self.info, "", e))?;
-                revision = listing.revision;
-                items = listing
-                    .items
-                    .into_iter()
-                    .map(|s| s.object)
-                    .filter(|o| opts.matches(&self.info, o))
-                    .collect();
+        let pinned = opts
+            .fields
+            .pinned("metadata.name")
+            .filter(|_| limit.is_none());
+        if let Some(name) = pinned.filter(|_| !self.namespace.is_empty() || !self.info.namespaced) {
+            // A field selector that pins the name: one read instead of a scan.
+            if let Some(s) = self
+                .server
+                .storage
+                .get(&self.key(name))
+                .await
+                .map_err(|e| storage_error(&self.info, name, e))?
+                && opts.matches(&self.info, &s.object)
+            {
+                items.push((Arc::from(s.object.to_string()), Some((*s.object).clone())));
             }
         } else {
             let mut cursor = start_after.clone();
             loop {
-                let want = limit
-                    .map(|l| (l - items.len()).max(1) * 2)
-                    .map(|w| w.max(64));
+                let want = limit.map(|l| ((l - items.len()).max(1) * 2).max(64));
                 let listing = self
                     .server
                     .storage
@@ -791,16 +779,16 @@ impl Ctx {
                 revision = listing.revision;
                 let more = listing.continue_after.is_some();
                 let mut last_key = None;
-                for s in listing.items {
-                    let key = key_of(
-                        &self.info,
-                        meta_str(&s.object, "namespace"),
-                        meta_str(&s.object, "name"),
-                    );
-                    if opts.matches(&self.info, &s.object) {
-                        items.push(s.object);
+                for item in listing.items {
+                    if selecting {
+                        let value = item.value().map_err(|e| storage_error(&self.info, "", e))?;
+                        if opts.matches(&self.info, &value) {
+                            items.push((item.raw.clone(), Some(value)));
+                        }
+                    } else {
+                        items.push((item.raw.clone(), None));
                     }
-                    last_key = Some(key.clone());
+                    last_key = Some(item.key);
                     if let Some(l) = limit
                         && items.len() == l
                     {
@@ -830,7 +818,45 @@ impl Ctx {
         }
         let rv = list_rv.unwrap_or(revision);
         let token = continue_after.map(|k| encode_continue(rv, &k));
-        let refs: Vec<&Value> = items.iter().map(|o| o.as_ref()).collect();
+        if self.output == Output::Json {
+            // Splice the stored JSON text: no object trees for large lists.
+            let mut body =
+                Vec::with_capacity(items.iter().map(|(raw, _)| raw.len() + 1).sum::<usize>() + 256);
+            let mut metadata = json!({"resourceVersion": rv.to_string()});
+            if let Some(t) = &token {
+                metadata["continue"] = json!(t);
+            }
+            body.extend_from_slice(
+                format!(
+                    "{{\"kind\":{},\"apiVersion\":{},\"metadata\":{},\"items\":[",
+                    json!(self.info.list_kind()),
+                    json!(self.info.api_version()),
+                    metadata
+                )
+                .as_bytes(),
+            );
+            for (i, (raw, _)) in items.iter().enumerate() {
+                if i > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(raw.as_bytes());
+            }
+            body.extend_from_slice(b"]}");
+            return Ok(body_response(
+                StatusCode::OK,
+                "application/json",
+                Body::from(body),
+            ));
+        }
+        let mut objects = Vec::with_capacity(items.len());
+        for (raw, parsed) in items {
+            objects.push(match parsed {
+                Some(v) => v,
+                None => serde_json::from_str(&raw)
+                    .map_err(|e| ApiError::internal(format!("corrupt stored object: {e}")))?,
+            });
+        }
+        let refs: Vec<&Value> = objects.iter().collect();
         match self.output {
             Output::Table => {
                 let include = match query.get("includeObject") {
@@ -859,11 +885,7 @@ impl Ctx {
                             refs.iter().map(|o| tables::partial_metadata(o)).collect(),
                         )
                     } else {
-                        (
-                            self.info.list_kind(),
-                            self.info.api_version(),
-                            refs.iter().map(|o| (*o).clone()).collect(),
-                        )
+                        (self.info.list_kind(), self.info.api_version(), objects)
                     };
                 let mut metadata = json!({"resourceVersion": rv.to_string()});
                 if let Some(t) = token {
@@ -1038,11 +1060,7 @@ impl Ctx {
                 let prefix = list_prefix(&r.group, &r.resource, "");
                 if let Ok(listing) = self.server.storage.list(&prefix, None, None).await {
                     for item in listing.items {
-                        let key = key_of(
-                            r,
-                            meta_str(&item.object, "namespace"),
-                            meta_str(&item.object, "name"),
-                        );
+                        let key = item.key;
                         if let Err(e) = self.server.storage.delete(&key, None).await {
                             tracing::warn!(key, error = %e, "delete a custom resource of a deleted CRD");
                         }
@@ -1748,15 +1766,16 @@ impl Ctx {
             .await
             .map_err(|e| storage_error(&self.info, "", e))?;
         let mut deleted = Vec::new();
-        for s in listing.items {
-            if !opts.matches(&self.info, &s.object) {
+        for item in listing.items {
+            let object = item.value().map_err(|e| storage_error(&self.info, "", e))?;
+            if !opts.matches(&self.info, &object) {
                 continue;
             }
-            let name = meta_str(&s.object, "name").to_string();
+            let name = meta_str(&object, "name").to_string();
             let ctx = Ctx {
                 server: self.server.clone(),
                 info: self.info.clone(),
-                namespace: meta_str(&s.object, "namespace").to_string(),
+                namespace: meta_str(&object, "namespace").to_string(),
                 output: self.output,
             };
             match ctx.delete(&name, options).await {
@@ -1874,7 +1893,14 @@ impl Ctx {
             Some("Succeeded") | Some("Failed")
         );
         if !terminal {
-            for pdb in pdbs.items {
+            for raw in pdbs.items {
+                let pdb = Stored {
+                    revision: raw.revision,
+                    object: Arc::new(
+                        raw.value()
+                            .map_err(|e| storage_error(&self.info, name, e))?,
+                    ),
+                };
                 let Some(selector) = pdb.object.pointer("/spec/selector") else {
                     continue;
                 };

@@ -35,6 +35,12 @@ struct Encoder {
     first_table: bool,
 }
 
+/// The object of an outgoing event: the stored text, or a tree when a selector needed one.
+enum Payload {
+    Raw(Arc<str>),
+    Parsed(Value),
+}
+
 impl Encoder {
     fn object(&mut self, object: &Value) -> Value {
         match self.ctx_output {
@@ -63,9 +69,20 @@ impl Encoder {
         }
     }
 
-    fn line(&mut self, kind: &str, object: &Value) -> Bytes {
-        let event = json!({"type": kind, "object": self.object(object)});
-        let mut bytes = serde_json::to_vec(&event).unwrap_or_default();
+    fn line(&mut self, kind: &str, payload: Payload) -> Bytes {
+        let mut bytes = match (self.ctx_output, payload) {
+            (Output::Json | Output::Yaml, Payload::Raw(raw)) => {
+                format!("{{\"type\":\"{kind}\",\"object\":{raw}}}").into_bytes()
+            }
+            (_, payload) => {
+                let value = match payload {
+                    Payload::Parsed(v) => v,
+                    Payload::Raw(raw) => serde_json::from_str(&raw).unwrap_or(Value::Null),
+                };
+                let event = json!({"type": kind, "object": self.object(&value)});
+                serde_json::to_vec(&event).unwrap_or_default()
+            }
+        };
         bytes.push(b'\n');
         Bytes::from(bytes)
     }
@@ -87,38 +104,49 @@ impl Encoder {
     }
 }
 
-/// The event a watcher with these selectors sees for a committed change, if any.
-fn translate<'a>(
+/// The event a watcher with these selectors sees for a committed change, if any. Without
+/// selectors nothing is parsed.
+fn translate(
     opts: &ListOptions,
     info: &crate::registry::ResourceInfo,
-    event: &'a WatchEvent,
-) -> Option<(&'static str, &'a Value)> {
+    selecting: bool,
+    event: &WatchEvent,
+) -> Option<(&'static str, Payload)> {
+    if !selecting {
+        let kind = match event.event_type {
+            EventType::Added => "ADDED",
+            EventType::Modified => "MODIFIED",
+            EventType::Deleted => "DELETED",
+        };
+        return Some((kind, Payload::Raw(event.object.clone())));
+    }
+    let object = event.object_value()?;
     let now_matches = |o: &Value| opts.matches(info, o);
     match event.event_type {
-        EventType::Added => now_matches(&event.object).then_some(("ADDED", event.object.as_ref())),
+        EventType::Added => now_matches(&object).then_some(("ADDED", Payload::Parsed(object))),
         EventType::Modified => {
-            let was = event.previous.as_ref().is_some_and(|p| now_matches(p));
-            let is = now_matches(&event.object);
+            let was = event.previous_value().is_some_and(|p| now_matches(&p));
+            let is = now_matches(&object);
             match (was, is) {
-                (true, true) => Some(("MODIFIED", event.object.as_ref())),
-                (false, true) => Some(("ADDED", event.object.as_ref())),
-                (true, false) => Some(("DELETED", event.object.as_ref())),
+                (true, true) => Some(("MODIFIED", Payload::Parsed(object))),
+                (false, true) => Some(("ADDED", Payload::Parsed(object))),
+                (true, false) => Some(("DELETED", Payload::Parsed(object))),
                 (false, false) => None,
             }
         }
         EventType::Deleted => {
             let was = event
-                .previous
-                .as_ref()
-                .map(|p| now_matches(p))
-                .unwrap_or_else(|| now_matches(&event.object));
-            was.then_some(("DELETED", event.object.as_ref()))
+                .previous_value()
+                .map(|p| now_matches(&p))
+                .unwrap_or_else(|| now_matches(&object));
+            was.then_some(("DELETED", Payload::Parsed(object)))
         }
     }
 }
 
 pub async fn watch(ctx: Ctx, query: &Query) -> Result<Response, ApiError> {
     let opts = list_options(&ctx.info, query)?;
+    let selecting = !opts.labels.is_empty() || !opts.fields.is_empty();
     let bookmarks = query.flag("allowWatchBookmarks")?;
     let send_initial = match query.get("sendInitialEvents") {
         None | Some("") => None,
@@ -193,8 +221,15 @@ pub async fn watch(ctx: Ctx, query: &Query) -> Result<Response, ApiError> {
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?;
         for item in &listing.items {
-            if opts.matches(&info, &item.object) {
-                preamble.push(encoder.line("ADDED", &item.object));
+            if selecting {
+                let value = item
+                    .value()
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                if opts.matches(&info, &value) {
+                    preamble.push(encoder.line("ADDED", Payload::Parsed(value)));
+                }
+            } else {
+                preamble.push(encoder.line("ADDED", Payload::Raw(item.raw.clone())));
             }
         }
         last_sent = last_sent.max(listing.revision);
@@ -246,8 +281,8 @@ pub async fn watch(ctx: Ctx, query: &Query) -> Result<Response, ApiError> {
                 continue;
             }
             last_sent = event.revision;
-            if let Some((kind, object)) = translate(&opts, &info, &event) {
-                let line = encoder.line(kind, object);
+            if let Some((kind, payload)) = translate(&opts, &info, selecting, &event) {
+                let line = encoder.line(kind, payload);
                 if tx.send(line).await.is_err() {
                     return;
                 }

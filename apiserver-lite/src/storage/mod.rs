@@ -25,11 +25,26 @@ pub struct Stored {
     pub object: Arc<Value>,
 }
 
+/// A listed object as its stored JSON text: lists are served without building object trees.
+#[derive(Debug, Clone)]
+pub struct RawObject {
+    pub key: String,
+    pub revision: u64,
+    pub raw: Arc<str>,
+}
+
+impl RawObject {
+    pub fn value(&self) -> Result<Value, StorageError> {
+        serde_json::from_str(&self.raw)
+            .map_err(|e| StorageError::Backend(format!("corrupt object {}: {e}", self.key)))
+    }
+}
+
 /// A consistent list: the objects under a prefix at `revision`.
 #[derive(Debug, Clone)]
 pub struct Listing {
     pub revision: u64,
-    pub items: Vec<Stored>,
+    pub items: Vec<RawObject>,
     /// Set when `limit` cut the list: the key to continue after.
     pub continue_after: Option<String>,
 }

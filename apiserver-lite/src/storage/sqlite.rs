@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::watch::{EventType, WatchEvent, WatchHub};
-use super::{Listing, Storage, StorageError, Stored, stamp_revision};
+use super::{Listing, RawObject, Storage, StorageError, Stored, stamp_revision};
 
 /// The most operations one transaction takes.
 const MAX_BATCH: usize = 512;
@@ -227,9 +227,10 @@ impl Storage for SqliteStorage {
                     let key: String = row.get(0).map_err(backend)?;
                     let rev: i64 = row.get(1).map_err(backend)?;
                     let text: String = row.get(2).map_err(backend)?;
-                    items.push(Stored {
+                    items.push(RawObject {
+                        key: key.clone(),
                         revision: rev as u64,
-                        object: Arc::new(parse(&text)?),
+                        raw: Arc::from(text),
                     });
                     last_key = Some(key);
                 }
@@ -423,17 +424,16 @@ fn apply_one(
                 .map_err(backend)?
                 .execute(params![key, revision as i64, text])
                 .map_err(backend)?;
-            let object = Arc::new(object);
             Ok(Ok((
                 Stored {
                     revision,
-                    object: object.clone(),
+                    object: Arc::new(object),
                 },
                 WatchEvent {
                     revision,
                     event_type: EventType::Added,
                     key: key.to_string(),
-                    object,
+                    object: Arc::from(text),
                     previous: None,
                 },
             )))
@@ -452,18 +452,17 @@ fn apply_one(
                 .map_err(backend)?
                 .execute(params![key, revision as i64, text])
                 .map_err(backend)?;
-            let object = Arc::new(object);
             Ok(Ok((
                 Stored {
                     revision,
-                    object: object.clone(),
+                    object: Arc::new(object),
                 },
                 WatchEvent {
                     revision,
                     event_type: EventType::Modified,
                     key: key.to_string(),
-                    object,
-                    previous: Some(Arc::new(parse(&old)?)),
+                    object: Arc::from(text),
+                    previous: Some(Arc::from(old)),
                 },
             )))
         }
@@ -478,21 +477,20 @@ fn apply_one(
                 .map_err(backend)?
                 .execute(params![key])
                 .map_err(backend)?;
-            let previous = Arc::new(parse(&old)?);
-            let mut last = (*previous).clone();
+            let mut last = parse(&old)?;
             stamp_revision(&mut last, revision);
-            let object = Arc::new(last);
+            let text = serde_json::to_string(&last).map_err(backend)?;
             Ok(Ok((
                 Stored {
                     revision,
-                    object: object.clone(),
+                    object: Arc::new(last),
                 },
                 WatchEvent {
                     revision,
                     event_type: EventType::Deleted,
                     key: key.to_string(),
-                    object,
-                    previous: Some(previous),
+                    object: Arc::from(text),
+                    previous: Some(Arc::from(old)),
                 },
             )))
         }

@@ -27,11 +27,25 @@ pub struct WatchEvent {
     pub revision: u64,
     pub event_type: EventType,
     pub key: String,
-    /// The object after the change; for deletions its last state, stamped with the deletion's revision.
-    pub object: Arc<Value>,
+    /// The object after the change as JSON text; for deletions its last state, stamped with the
+    /// deletion's revision. Text, not a tree: the window stays small and unfiltered watchers
+    /// send it on without parsing.
+    pub object: Arc<str>,
     /// The object before the change (for modifications and deletions), so filtered watchers can
     /// tell an object entering or leaving their selection.
-    pub previous: Option<Arc<Value>>,
+    pub previous: Option<Arc<str>>,
+}
+
+impl WatchEvent {
+    pub fn object_value(&self) -> Option<Value> {
+        serde_json::from_str(&self.object).ok()
+    }
+
+    pub fn previous_value(&self) -> Option<Value> {
+        self.previous
+            .as_ref()
+            .and_then(|p| serde_json::from_str(p).ok())
+    }
 }
 
 struct Window {
@@ -126,7 +140,7 @@ mod tests {
             revision,
             event_type: EventType::Added,
             key: format!("/core/configmaps/default/c{revision}"),
-            object: Arc::new(json!({})),
+            object: Arc::from(json!({}).to_string()),
             previous: None,
         }
     }
