@@ -61,7 +61,7 @@ pub struct ServerArgs {
     /// File mode of the kubeconfig, in octal (for example 0644 to let other users read it).
     #[arg(long, default_value = "0600", env = "EDGESITE_KUBECONFIG_MODE")]
     pub write_kubeconfig_mode: String,
-    /// Do not run the node agent on this machine (the agent comes with the node issue; accepted now).
+    /// Run only the control plane here, no node agent (this release has no node agent yet, so this is the behaviour either way).
     #[arg(long)]
     pub disable_agent: bool,
     /// Shared secret that agents will use to join this site (generated when absent).
@@ -72,9 +72,12 @@ pub struct ServerArgs {
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: the installer's log file and journald get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(ansi)
         .init();
 }
 
