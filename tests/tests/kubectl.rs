@@ -1019,3 +1019,70 @@ fn bad_input_gets_a_clear_status_and_the_store_stays_consistent() {
         assert_eq!(String::from_utf8_lossy(&health.stdout), "ok");
     }
 }
+
+#[test]
+fn watch_options_initial_events_bookmarks_and_timeouts() {
+    let site = Site::start().unwrap();
+    for name in ["a", "b"] {
+        site.ok(&["create", "configmap", name, "--from-literal=k=v"]);
+    }
+    // sendInitialEvents: ADDED for what exists, then a bookmark marking the end; the server ends
+    // the stream after timeoutSeconds.
+    let out = site.ok(&[
+        "get",
+        "--raw",
+        "/api/v1/namespaces/default/configmaps?watch=1&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true&timeoutSeconds=1",
+    ]);
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 3, "{out}");
+    assert_eq!(events[0]["type"], "ADDED");
+    assert_eq!(events[1]["object"]["metadata"]["name"], "b");
+    assert_eq!(events[2]["type"], "BOOKMARK");
+    assert_eq!(
+        events[2]["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"],
+        "true"
+    );
+    // sendInitialEvents without resourceVersionMatch=NotOlderThan is refused, not ignored.
+    let err = site.fails(
+        &[
+            "get",
+            "--raw",
+            "/api/v1/namespaces/default/configmaps?watch=1&sendInitialEvents=true",
+        ],
+        None,
+    );
+    assert!(
+        err.contains("sendInitialEvents requires setting resourceVersionMatch to NotOlderThan"),
+        "{err}"
+    );
+    // A watch from a list's resourceVersion sees only later changes, with label selection.
+    let list: serde_json::Value =
+        serde_json::from_str(&site.ok(&["get", "--raw", "/api/v1/namespaces/default/configmaps"]))
+            .unwrap();
+    let rv = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    site.ok(&["label", "configmap", "a", "pick=yes"]);
+    site.ok(&["label", "configmap", "a", "pick-"]);
+    let out = site.ok(&[
+        "get",
+        "--raw",
+        &format!("/api/v1/namespaces/default/configmaps?watch=1&resourceVersion={rv}&labelSelector=pick%3Dyes&timeoutSeconds=1"),
+    ]);
+    let kinds: Vec<String> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    // Entering the selection is ADDED, leaving it is DELETED, as upstream reports.
+    assert_eq!(kinds, vec!["ADDED", "DELETED"], "{out}");
+    assert_eq!(site.ok(&["get", "--raw", "/livez"]).trim(), "ok");
+}

@@ -120,22 +120,24 @@ pub fn encode(code: StatusCode, value: &Value, output: Output) -> Response {
 
 fn health(server: &ApiServer, route: &Route) -> Response {
     let ready = server.ready.load(std::sync::atomic::Ordering::Acquire);
-    match route {
-        Route::Health(_) if !ready => (
+    // Liveness holds from the first moment; readiness and health wait for start-up to finish.
+    let live = matches!(route, Route::Health(endpoint) if endpoint == "livez");
+    if !ready && !live {
+        return (
             StatusCode::INTERNAL_SERVER_ERROR,
             "[-]startup not finished\nhealthz check failed\n",
         )
-            .into_response(),
-        _ => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; charset=utf-8"),
-            )],
-            "ok",
-        )
-            .into_response(),
+            .into_response();
     }
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        )],
+        "ok",
+    )
+        .into_response()
 }
 
 fn version() -> Value {

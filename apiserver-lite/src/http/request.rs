@@ -72,9 +72,7 @@ pub fn parse_route(path: &str) -> Route {
     let s: Vec<&str> = segments.iter().map(String::as_str).collect();
     match s.as_slice() {
         ["version"] => Route::Version,
-        ["healthz" | "livez" | "readyz", rest @ ..] => {
-            Route::Health(rest.first().copied().unwrap_or("").to_string())
-        }
+        [endpoint @ ("healthz" | "livez" | "readyz"), ..] => Route::Health(endpoint.to_string()),
         ["api"] => Route::CoreGroup,
         ["apis"] => Route::Groups,
         ["apis", group] => Route::Group(group.to_string()),
