@@ -6,6 +6,10 @@
 
 use serde_json::{Value, json};
 
+/// The tail of upstream's optimistic-concurrency message.
+pub const MODIFIED: &str =
+    "the object has been modified; please apply your changes to the latest version and try again";
+
 /// One field-level cause inside an `Invalid` (422) or `BadRequest` status.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cause {
@@ -199,12 +203,7 @@ impl ApiError {
 
     /// The standard optimistic-concurrency failure.
     pub fn modified(resource: &str, group: &str, name: &str) -> Self {
-        Self::conflict(
-            resource,
-            group,
-            name,
-            "the object has been modified; please apply your changes to the latest version and try again",
-        )
+        Self::conflict(resource, group, name, MODIFIED)
     }
 
     /// 422 with upstream's message: `Pod "bad" is invalid: spec.containers[0].image: Required value`.

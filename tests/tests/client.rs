@@ -211,3 +211,59 @@ async fn acknowledged_writes_survive_sigkill() {
     let after: u64 = created.metadata.resource_version.unwrap().parse().unwrap();
     assert!(after > before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_patches_to_one_object_all_land() {
+    let site = Site::start().unwrap();
+    let client = site.client().await.unwrap();
+    let api: Api<ConfigMap> = Api::namespaced(client, "default");
+    api.create(&PostParams::default(), &cm("shared", "0"))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let api = api.clone();
+        tasks.push(tokio::spawn(async move {
+            let patch = serde_json::json!({"data": {format!("k{i}"): i.to_string()}});
+            api.patch(
+                "shared",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+            .map(|_| ())
+        }));
+    }
+    for t in tasks {
+        t.await
+            .unwrap()
+            .expect("a patch failed instead of being retried");
+    }
+    let shared = api.get("shared").await.unwrap();
+    let data = shared.data.unwrap();
+    for i in 0..32 {
+        assert_eq!(
+            data.get(&format!("k{i}")).map(String::as_str),
+            Some(i.to_string().as_str()),
+            "update k{i} lost"
+        );
+    }
+    // A client that pins a stale resourceVersion gets a Conflict instead of a silent overwrite.
+    let mut stale = api.get("shared").await.unwrap();
+    api.patch(
+        "shared",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({"data": {"x": "1"}})),
+    )
+    .await
+    .unwrap();
+    stale.data = Some(BTreeMap::from([("v".to_string(), "stale".to_string())]));
+    let err = api
+        .replace("shared", &PostParams::default(), &stale)
+        .await
+        .unwrap_err();
+    match err {
+        kube::Error::Api(status) => assert_eq!(status.code, 409),
+        other => panic!("expected a 409, got {other}"),
+    }
+}

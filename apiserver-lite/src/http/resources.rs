@@ -26,8 +26,26 @@ use crate::selectors::{FieldSelector, LabelSelector};
 use crate::storage::{StorageError, Stored, list_prefix, object_key};
 use crate::tables::{self, IncludeObject};
 
-/// How many times an unconditional update or patch retries after losing a race.
-const MAX_RETRIES: usize = 8;
+/// How many times an unconditional update or patch retries after losing a race. Upstream retries
+/// without bound; this bound is far above what contention on one object needs.
+const MAX_RETRIES: usize = 64;
+
+/// No wait for the first attempts (races are short), then exponential backoff with jitter, capped.
+async fn backoff(attempt: usize) {
+    if attempt < 3 {
+        return;
+    }
+    let base_ms = (1u64 << (attempt - 3).min(5)).min(25);
+    let jitter = uuid::Uuid::new_v4().as_u128() as u64 % (base_ms * 1000 + 1);
+    tokio::time::sleep(std::time::Duration::from_micros(base_ms * 500 + jitter / 2)).await;
+}
+
+/// Whether an error says another writer changed the object between our read and our write (the
+/// storage precondition failed), so the operation may be computed again. Client preconditions,
+/// apply conflicts and validation errors are answers, not races.
+fn lost_race(e: &ApiError) -> bool {
+    e.code == 409 && e.reason == "Conflict" && e.message.ends_with(crate::error::MODIFIED)
+}
 
 pub fn now() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
@@ -1250,7 +1268,8 @@ impl Ctx {
                     ApiError::bad_request(format!("invalid resourceVersion {rv:?}"))
                 })?),
             };
-        for _ in 0..MAX_RETRIES {
+        for attempt in 0..MAX_RETRIES {
+            backoff(attempt).await;
             let old = self.load(name).await?;
             if let Some(expected) = precondition
                 && expected != old.revision
@@ -1265,9 +1284,7 @@ impl Ctx {
                 .update_decoded(&old, object.clone(), subresource, opts, true)
                 .await
             {
-                Err(e) if e.code == 409 && e.reason == "Conflict" && precondition.is_none() => {
-                    continue;
-                }
+                Err(e) if lost_race(&e) && precondition.is_none() => continue,
                 Err(e) => return Err(e),
                 Ok(v) => return Ok((StatusCode::OK, v)),
             }
@@ -1295,11 +1312,13 @@ impl Ctx {
         if kind == PatchType::Apply {
             return self.apply(name, subresource, body, force, opts).await;
         }
-        for _ in 0..MAX_RETRIES {
+        for attempt in 0..MAX_RETRIES {
+            backoff(attempt).await;
             let old = self.load(name).await?;
             let patched = patch::apply_patch(kind, &old.object, body, self.info.typed.is_some())?;
-            // A resourceVersion inside the patch is a precondition.
-            let pinned = meta_str(&patched, "resourceVersion").to_string();
+            // A resourceVersion the patch itself sets is a precondition (the patched object always
+            // carries the live one, so ask the patch, not the result).
+            let pinned = patch::pinned_resource_version(kind, body).unwrap_or_default();
             let pinned_changed = !pinned.is_empty() && pinned != old.revision.to_string();
             if pinned_changed {
                 return Err(ApiError::modified(
@@ -1313,7 +1332,7 @@ impl Ctx {
                 .update_decoded(&old, object, subresource, opts, true)
                 .await
             {
-                Err(e) if e.code == 409 && e.reason == "Conflict" && pinned.is_empty() => continue,
+                Err(e) if lost_race(&e) && pinned.is_empty() => continue,
                 Err(e) => return Err(e),
                 Ok(v) => return Ok((StatusCode::OK, v)),
             }
@@ -1368,7 +1387,8 @@ impl Ctx {
         let time = now();
         let api_version = self.info.api_version();
         let sub = subresource.filter(|s| *s == "status").unwrap_or("");
-        for _ in 0..MAX_RETRIES {
+        for attempt in 0..MAX_RETRIES {
+            backoff(attempt).await;
             let current = self
                 .server
                 .storage
@@ -1418,13 +1438,8 @@ impl Ctx {
                     .map(|v| (StatusCode::OK, v)),
             };
             match result {
-                Err(e)
-                    if e.code == 409
-                        && (e.reason == "Conflict" || e.reason == "AlreadyExists")
-                        && !e.message.starts_with("Apply failed") =>
-                {
-                    continue;
-                }
+                // Another writer created or changed the object meanwhile: apply again on top.
+                Err(e) if lost_race(&e) || e.reason == "AlreadyExists" => continue,
                 other => return other,
             }
         }
@@ -1557,7 +1572,8 @@ impl Ctx {
         body: &[u8],
         opts: &mut WriteOptions,
     ) -> Result<(StatusCode, Value), ApiError> {
-        for _ in 0..MAX_RETRIES {
+        for attempt in 0..MAX_RETRIES {
+            backoff(attempt).await;
             let old = self.load(name).await?;
             let scale = self.scale_of(&old.object);
             let patched = match kind {
@@ -1572,7 +1588,7 @@ impl Ctx {
             };
             match self.set_replicas(&old, &patched, opts).await {
                 Err(e)
-                    if e.code == 409
+                    if lost_race(&e)
                         && meta_str(&patched, "resourceVersion") == old.revision.to_string() =>
                 {
                     continue;
@@ -1594,17 +1610,11 @@ impl Ctx {
         name: &str,
         options: &DeleteOptions,
     ) -> Result<(StatusCode, Value), ApiError> {
-        for _ in 0..MAX_RETRIES {
+        for attempt in 0..MAX_RETRIES {
+            backoff(attempt).await;
             let old = self.load(name).await?;
             match self.delete_once(&old, name, options).await {
-                Err(e)
-                    if e.code == 409
-                        && e.reason == "Conflict"
-                        && options.precondition_rv.is_none()
-                        && !e.message.contains("Precondition") =>
-                {
-                    continue;
-                }
+                Err(e) if lost_race(&e) && options.precondition_rv.is_none() => continue,
                 other => return other,
             }
         }
@@ -1813,7 +1823,8 @@ impl Ctx {
                 vec![Cause::required("target.name")],
             ));
         }
-        for _ in 0..MAX_RETRIES {
+        for attempt in 0..MAX_RETRIES {
+            backoff(attempt).await;
             let old = self.load(name).await?;
             if let Some(current) = old
                 .object

@@ -93,6 +93,25 @@ pub fn apply_patch(
     }
 }
 
+/// The `metadata.resourceVersion` a JSON, merge or strategic patch sets, if any: a precondition.
+pub fn pinned_resource_version(kind: PatchType, body: &[u8]) -> Option<String> {
+    let patch: Value = serde_json::from_slice(body).ok()?;
+    match kind {
+        PatchType::Json => patch.as_array()?.iter().find_map(|op| {
+            let path = op.get("path")?.as_str()?;
+            let verb = op.get("op")?.as_str()?;
+            (path == "/metadata/resourceVersion" && matches!(verb, "add" | "replace" | "test"))
+                .then(|| op.get("value").and_then(Value::as_str).map(String::from))
+                .flatten()
+        }),
+        _ => patch
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .filter(|rv| !rv.is_empty())
+            .map(String::from),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
