@@ -429,9 +429,7 @@ pub fn validate(info: &ResourceInfo, object: &Value, old: Option<&Value>) -> Vec
             }
         }
         ("", "services") => validation::validate_service(spec, &mut causes),
-        ("", "configmaps") | ("", "secrets") => {
-            validation::validate_config_keys(object, &mut causes)
-        }
+        ("", "configmaps") => validation::validate_config_keys(object, &mut causes),
         ("apps", "deployments") | ("apps", "replicasets") | ("apps", "daemonsets") => {
             validation::validate_workload(
                 spec.unwrap_or(&Value::Null),
@@ -487,18 +485,239 @@ pub fn validate(info: &ResourceInfo, object: &Value, old: Option<&Value>) -> Vec
                 &mut causes,
             );
         }
-        ("rbac.authorization.k8s.io", "rolebindings" | "clusterrolebindings")
+        ("rbac.authorization.k8s.io", "rolebindings" | "clusterrolebindings") => {
+            validate_binding(object, &mut causes)
+        }
+        ("rbac.authorization.k8s.io", "roles" | "clusterroles") => {
+            validate_rules(object, &mut causes)
+        }
+        ("discovery.k8s.io", "endpointslices") => validate_endpoint_slice(object, &mut causes),
+        ("", "persistentvolumeclaims") => {
+            let spec = spec.unwrap_or(&Value::Null);
+            if spec
+                .get("accessModes")
+                .and_then(Value::as_array)
+                .is_none_or(Vec::is_empty)
+            {
+                causes.push(Cause::new(
+                    "FieldValueRequired",
+                    "spec.accessModes",
+                    "Required value: at least 1 access mode is required".into(),
+                ));
+            }
+            if spec.pointer("/resources/requests/storage").is_none() {
+                causes.push(Cause::required("spec.resources[storage]"));
+            }
+        }
+        ("", "persistentvolumes") => {
+            let spec = spec.unwrap_or(&Value::Null);
+            if spec.pointer("/capacity/storage").is_none() {
+                causes.push(Cause::required("spec.capacity"));
+            }
+            if spec
+                .get("accessModes")
+                .and_then(Value::as_array)
+                .is_none_or(Vec::is_empty)
+            {
+                causes.push(Cause::required("spec.accessModes"));
+            }
+            const NOT_SOURCES: &[&str] = &[
+                "accessModes",
+                "capacity",
+                "claimRef",
+                "persistentVolumeReclaimPolicy",
+                "storageClassName",
+                "mountOptions",
+                "volumeMode",
+                "nodeAffinity",
+                "volumeAttributesClassName",
+            ];
+            let has_source = spec
+                .as_object()
+                .is_some_and(|m| m.keys().any(|k| !NOT_SOURCES.contains(&k.as_str())));
+            if !has_source {
+                causes.push(Cause::new(
+                    "FieldValueRequired",
+                    "spec",
+                    "Required value: must specify a volume type".into(),
+                ));
+            }
+        }
+        ("storage.k8s.io", "storageclasses") => {
             if object
-                .pointer("/roleRef/name")
+                .get("provisioner")
                 .and_then(Value::as_str)
                 .unwrap_or("")
-                .is_empty() =>
-        {
-            causes.push(Cause::required("roleRef.name"));
+                .is_empty()
+            {
+                causes.push(Cause::required("provisioner"));
+            }
+        }
+        ("policy", "poddisruptionbudgets") => {
+            let spec = spec.unwrap_or(&Value::Null);
+            if spec.get("minAvailable").is_some() && spec.get("maxUnavailable").is_some() {
+                causes.push(Cause::invalid(
+                    "spec",
+                    spec,
+                    "minAvailable and maxUnavailable cannot be both set",
+                ));
+            }
+        }
+        ("", "secrets") => {
+            validation::validate_config_keys(object, &mut causes);
+            let data = object.get("data").and_then(Value::as_object);
+            let has = |k: &str| data.is_some_and(|d| d.contains_key(k));
+            match object
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("Opaque")
+            {
+                "kubernetes.io/tls" => {
+                    for key in ["tls.crt", "tls.key"] {
+                        if !has(key) {
+                            causes.push(Cause::required(format!("data[{key}]")));
+                        }
+                    }
+                }
+                "kubernetes.io/dockerconfigjson" if !has(".dockerconfigjson") => {
+                    causes.push(Cause::required("data[.dockerconfigjson]"));
+                }
+                "kubernetes.io/basic-auth" if !has("username") && !has("password") => {
+                    causes.push(Cause::required("data[username]"));
+                }
+                "kubernetes.io/ssh-auth" if !has("ssh-privatekey") => {
+                    causes.push(Cause::required("data[ssh-privatekey]"));
+                }
+                _ => {}
+            }
         }
         _ => {}
     }
     causes.0
+}
+
+fn validate_binding(object: &Value, causes: &mut Causes) {
+    let role_ref = object.get("roleRef").unwrap_or(&Value::Null);
+    if role_ref
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .is_empty()
+    {
+        causes.push(Cause::required("roleRef.name"));
+    }
+    match role_ref.get("kind").and_then(Value::as_str).unwrap_or("") {
+        "Role" | "ClusterRole" => {}
+        other => causes.push(Cause::unsupported(
+            "roleRef.kind",
+            &json!(other),
+            &["Role", "ClusterRole"],
+        )),
+    }
+    match role_ref
+        .get("apiGroup")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+    {
+        "rbac.authorization.k8s.io" => {}
+        other => causes.push(Cause::unsupported(
+            "roleRef.apiGroup",
+            &json!(other),
+            &["rbac.authorization.k8s.io"],
+        )),
+    }
+    for (i, subject) in object
+        .get("subjects")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        if subject
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .is_empty()
+        {
+            causes.push(Cause::required(format!("subjects[{i}].name")));
+        }
+        match subject.get("kind").and_then(Value::as_str).unwrap_or("") {
+            "User" | "Group" | "ServiceAccount" => {}
+            other => causes.push(Cause::unsupported(
+                format!("subjects[{i}].kind"),
+                &json!(other),
+                &["ServiceAccount", "User", "Group"],
+            )),
+        }
+    }
+}
+
+fn validate_rules(object: &Value, causes: &mut Causes) {
+    for (i, rule) in object
+        .get("rules")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let list = |k: &str| {
+            rule.get(k)
+                .and_then(Value::as_array)
+                .map(Vec::len)
+                .unwrap_or(0)
+        };
+        if list("verbs") == 0 {
+            causes.push(Cause::new(
+                "FieldValueRequired",
+                format!("rules[{i}].verbs"),
+                "Required value: verbs must contain at least one value".into(),
+            ));
+        }
+        if list("nonResourceURLs") == 0 && list("resources") > 0 && list("apiGroups") == 0 {
+            causes.push(Cause::new(
+                "FieldValueRequired",
+                format!("rules[{i}].apiGroups"),
+                "Required value: resource rules must supply at least one api group".into(),
+            ));
+        }
+        if list("nonResourceURLs") == 0 && list("resources") == 0 {
+            causes.push(Cause::new(
+                "FieldValueRequired",
+                format!("rules[{i}].resources"),
+                "Required value: resource rules must supply at least one resource".into(),
+            ));
+        }
+    }
+}
+
+fn validate_endpoint_slice(object: &Value, causes: &mut Causes) {
+    match object
+        .get("addressType")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+    {
+        "IPv4" | "IPv6" | "FQDN" => {}
+        "" => causes.push(Cause::required("addressType")),
+        other => causes.push(Cause::unsupported(
+            "addressType",
+            &json!(other),
+            &["FQDN", "IPv4", "IPv6"],
+        )),
+    }
+    for (i, e) in object
+        .get("endpoints")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        if e.get("addresses")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty)
+        {
+            causes.push(Cause::required(format!("endpoints[{i}].addresses")));
+        }
+    }
 }
 
 /// Pods are mostly immutable once created.
@@ -662,6 +881,55 @@ mod tests {
             qos_class(&json!({"containers": [{"resources": {"requests": {"cpu": "1"}}}]})),
             "Burstable"
         );
+    }
+
+    #[test]
+    fn required_fields_of_other_kinds() {
+        let registry = Registry::new();
+        let check = |resource: (&str, &str), object: Value| -> Vec<String> {
+            let info = registry.get(resource.0, "v1", resource.1).unwrap();
+            validate(&info, &object, None)
+                .iter()
+                .map(Cause::display)
+                .collect()
+        };
+        let meta = json!({"name": "x", "namespace": "default"});
+        assert_eq!(
+            check(
+                ("discovery.k8s.io", "endpointslices"),
+                json!({"metadata": meta, "endpoints": [{}]})
+            ),
+            vec![
+                "addressType: Required value",
+                "endpoints[0].addresses: Required value"
+            ]
+        );
+        let pvc = check(
+            ("", "persistentvolumeclaims"),
+            json!({"metadata": meta, "spec": {}}),
+        );
+        assert_eq!(pvc.len(), 2, "{pvc:?}");
+        let role = check(
+            ("rbac.authorization.k8s.io", "roles"),
+            json!({"metadata": meta, "rules": [{"resources": ["pods"]}]}),
+        );
+        assert_eq!(role.len(), 2, "{role:?}");
+        let tls = check(
+            ("", "secrets"),
+            json!({"metadata": meta, "type": "kubernetes.io/tls", "data": {}}),
+        );
+        assert_eq!(
+            tls,
+            vec![
+                "data[tls.crt]: Required value",
+                "data[tls.key]: Required value"
+            ]
+        );
+        let sc = check(
+            ("storage.k8s.io", "storageclasses"),
+            json!({"metadata": {"name": "fast"}}),
+        );
+        assert_eq!(sc, vec!["provisioner: Required value"]);
     }
 
     #[test]

@@ -1086,3 +1086,86 @@ fn watch_options_initial_events_bookmarks_and_timeouts() {
     assert_eq!(kinds, vec!["ADDED", "DELETED"], "{out}");
     assert_eq!(site.ok(&["get", "--raw", "/livez"]).trim(), "ok");
 }
+
+#[test]
+fn tokens_dry_run_terminating_namespaces_and_node_only_endpoints() {
+    let mut site = Site::start().unwrap();
+    // Bearer tokens from the static token file.
+    std::fs::write(
+        site.data_dir().join("server").join("token-auth.csv"),
+        "s3cret,alice,1001,\"dev\"\n",
+    )
+    .unwrap();
+    site.stop();
+    site.launch().unwrap();
+    let ca = site.data_dir().join("server").join("tls").join("ca.crt");
+    let server = format!("https://127.0.0.1:{}", site.port);
+    let as_token = |token: &str| {
+        Command::new(kubectl_bin())
+            .args([
+                "--kubeconfig",
+                "/dev/null",
+                "--server",
+                &server,
+                "--token",
+                token,
+            ])
+            .arg("--certificate-authority")
+            .arg(&ca)
+            .args(["get", "namespaces", "-o", "name"])
+            .output()
+            .unwrap()
+    };
+    let ok = as_token("s3cret");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("namespace/default"));
+    let bad = as_token("wrong");
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("Unauthorized"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
+    // Server-side dry run validates and answers without storing.
+    let out = site.ok(&[
+        "create",
+        "configmap",
+        "dry",
+        "--from-literal=a=1",
+        "--dry-run=server",
+    ]);
+    assert!(
+        out.contains("configmap/dry created (server dry run)"),
+        "{out}"
+    );
+    assert!(
+        site.kubectl(&["get", "configmap", "dry"])
+            .unwrap()
+            .status
+            .code()
+            != Some(0)
+    );
+
+    // A terminating namespace takes no new content.
+    site.ok(&["create", "namespace", "leaving"]);
+    site.ok(&["delete", "namespace", "leaving", "--wait=false"]);
+    assert!(
+        site.ok(&["get", "namespace", "leaving"])
+            .contains("Terminating")
+    );
+    let err = site.fails(&["create", "configmap", "late", "-n", "leaving"], None);
+    assert!(err.contains("because it is being terminated"), "{err}");
+
+    // Logs, exec and port-forward need the node agent: a clear error, not a hang.
+    site.ok_stdin(
+        &["create", validate(), "-f", "-"],
+        Some("apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\nspec:\n  nodeName: n1\n  containers:\n  - name: c\n    image: busybox\n"),
+    );
+    let err = site.fails(&["logs", "p"], None);
+    assert!(err.contains("node agent"), "{err}");
+}

@@ -264,11 +264,18 @@ fn decode_object(
     let Some(typed) = &info.typed else {
         return Ok(value);
     };
-    let normalized = (typed.normalize)(&value).map_err(|e| {
-        ApiError::bad_request(format!(
+    let normalized = (typed.normalize)(&value).map_err(|e| match e.missing_field() {
+        // Upstream decodes leniently and its validation reports the field as required.
+        Some(field) => ApiError::invalid(
+            &info.kind,
+            &info.group,
+            meta_str(&value, "name"),
+            vec![Cause::required(field)],
+        ),
+        None => ApiError::bad_request(format!(
             "{} in version {:?} cannot be handled as a {}: {e}",
             info.kind, info.version, info.kind
-        ))
+        )),
     })?;
     let mut unknown = Vec::new();
     unknown_fields(&value, &normalized, "", &mut unknown);

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::{ResourceInfo, SubresourceInfo, TypedKind};
+use super::{DecodeError, ResourceInfo, SubresourceInfo, TypedKind};
 
 const ALL_VERBS: &[&str] = &[
     "create",
@@ -24,9 +24,18 @@ const NO_COLLECTION_DELETE: &[&str] = &[
     "create", "delete", "get", "list", "patch", "update", "watch",
 ];
 
-fn normalize<T: DeserializeOwned + Serialize>(value: &Value) -> Result<Value, String> {
-    let typed: T = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
-    serde_json::to_value(typed).map_err(|e| e.to_string())
+fn normalize<T: DeserializeOwned + Serialize>(value: &Value) -> Result<Value, DecodeError> {
+    let typed: T = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+        let path = e.path().to_string();
+        DecodeError {
+            path: if path == "." { String::new() } else { path },
+            message: e.into_inner().to_string(),
+        }
+    })?;
+    serde_json::to_value(typed).map_err(|e| DecodeError {
+        path: String::new(),
+        message: e.to_string(),
+    })
 }
 
 fn schema_name<T: schemars::JsonSchema>() -> Cow<'static, str> {
@@ -47,7 +56,7 @@ fn typed<T: DeserializeOwned + Serialize + schemars::JsonSchema>() -> Option<Typ
 
 /// Decodes a subresource body (Scale, Binding, Eviction) the way upstream would.
 pub fn normalize_as<T: DeserializeOwned + Serialize>(value: &Value) -> Result<Value, String> {
-    normalize::<T>(value)
+    normalize::<T>(value).map_err(|e| e.to_string())
 }
 
 const STATUS: SubresourceInfo = SubresourceInfo {

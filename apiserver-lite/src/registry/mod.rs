@@ -24,10 +24,43 @@ pub struct SubresourceInfo {
     pub verbs: &'static [&'static str],
 }
 
+/// Why a body does not decode into its kind: where, and what serde said.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeError {
+    /// `spec.containers[0]`; empty at the root.
+    pub path: String,
+    pub message: String,
+}
+
+impl DecodeError {
+    /// The field a "missing field" error names, with its full path.
+    pub fn missing_field(&self) -> Option<String> {
+        let field = self
+            .message
+            .strip_prefix("missing field `")?
+            .strip_suffix('`')?;
+        Some(if self.path.is_empty() {
+            field.to_string()
+        } else {
+            format!("{}.{field}", self.path)
+        })
+    }
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
 /// Typed operations of a kind that `k8s-openapi` knows.
 pub struct TypedKind {
     /// Decodes into the typed struct and encodes back: upstream's decoding in one step.
-    pub normalize: fn(&Value) -> Result<Value, String>,
+    pub normalize: fn(&Value) -> Result<Value, DecodeError>,
     pub schema_name: fn() -> Cow<'static, str>,
     pub schema: fn(&mut schemars::SchemaGenerator) -> schemars::Schema,
 }
