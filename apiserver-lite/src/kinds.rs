@@ -543,15 +543,14 @@ pub fn validate(info: &ResourceInfo, object: &Value, old: Option<&Value>) -> Vec
                 ));
             }
         }
-        ("storage.k8s.io", "storageclasses") => {
+        ("storage.k8s.io", "storageclasses")
             if object
                 .get("provisioner")
                 .and_then(Value::as_str)
                 .unwrap_or("")
-                .is_empty()
-            {
-                causes.push(Cause::required("provisioner"));
-            }
+                .is_empty() =>
+        {
+            causes.push(Cause::required("provisioner"));
         }
         ("policy", "poddisruptionbudgets") => {
             let spec = spec.unwrap_or(&Value::Null);
