@@ -29,14 +29,17 @@ pub fn name_rule(info: &ResourceInfo) -> NameRule {
 
 /// Whether `metadata.generation` is kept (set to 1 on create, bumped on spec changes).
 pub fn tracks_generation(info: &ResourceInfo) -> bool {
-    matches!(
+    let builtin_with_spec = matches!(
         id(info),
-        ("apps", _)
-            | ("batch", _)
+        (
+            "apps",
+            "deployments" | "replicasets" | "statefulsets" | "daemonsets"
+        ) | ("batch", _)
             | ("policy", "poddisruptionbudgets")
             | ("apiextensions.k8s.io", _)
-    ) && info.resource != "controllerrevisions"
-        || info.typed.is_none()
+    );
+    // Custom resources always track generation.
+    builtin_with_spec || info.custom.is_some()
 }
 
 fn obj(value: &mut Value) -> &mut serde_json::Map<String, Value> {
