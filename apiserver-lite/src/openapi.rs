@@ -355,6 +355,22 @@ fn resource_paths(
         ]
     };
     let mut collection_ops = Map::new();
+    if !info.verbs.contains(&"list") {
+        // Create-only resources (reviews): one POST, nothing else.
+        collection_ops.insert(
+            "post".into(),
+            operation(
+                "post",
+                format!("create{base}{}", info.kind),
+                &gvk,
+                write_params(),
+                Some(body(schema, &["application/json", "application/yaml"])),
+                response(schema, &["200", "201"]),
+            ),
+        );
+        paths.insert(collection, Value::Object(collection_ops));
+        return;
+    }
     collection_ops.insert(
         "get".into(),
         operation(

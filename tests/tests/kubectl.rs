@@ -1169,3 +1169,72 @@ fn tokens_dry_run_terminating_namespaces_and_node_only_endpoints() {
     let err = site.fails(&["logs", "p"], None);
     assert!(err.contains("node agent"), "{err}");
 }
+
+#[test]
+fn diff_replace_edit_and_auth_commands() {
+    let site = Site::start().unwrap();
+    let v = validate();
+    site.ok_stdin(&["apply", v, "-f", "-"], Some(DEPLOYMENT));
+    // kubectl diff: a server-side dry run; exit code 1 when there are differences.
+    let changed = DEPLOYMENT.replace("replicas: 3", "replicas: 4");
+    let out = site
+        .kubectl_stdin(&["diff", "-f", "-"], Some(&changed))
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("-  replicas: 3") && text.contains("+  replicas: 4"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("resourceVersion"),
+        "a dry run keeps the resourceVersion: {text}"
+    );
+    assert_eq!(
+        site.ok(&[
+            "get",
+            "deploy",
+            "nginx-deployment",
+            "-o",
+            "jsonpath={.spec.replicas}"
+        ]),
+        "3"
+    );
+    let same = site
+        .kubectl_stdin(&["diff", "-f", "-"], Some(DEPLOYMENT))
+        .unwrap();
+    assert_eq!(same.status.code(), Some(0));
+    // replace with the object read back.
+    let live = site.ok(&["get", "deploy", "nginx-deployment", "-o", "yaml"]);
+    site.ok_stdin(
+        &["replace", "-f", "-"],
+        Some(&live.replace("replicas: 3", "replicas: 2")),
+    );
+    assert_eq!(
+        site.ok(&[
+            "get",
+            "deploy",
+            "nginx-deployment",
+            "-o",
+            "jsonpath={.spec.replicas}"
+        ]),
+        "2"
+    );
+    // replace with a stale resourceVersion is a conflict.
+    let err = site.fails(&["replace", "-f", "-"], Some(&live));
+    assert!(err.contains("the object has been modified"), "{err}");
+    if kubectl_minor() >= 27 {
+        // auth: every authenticated user is allowed until RBAC enforcement, and kubectl says so.
+        assert_eq!(site.ok(&["auth", "can-i", "delete", "pods"]).trim(), "yes");
+        let whoami = site.ok(&["auth", "whoami"]);
+        assert!(
+            whoami.contains("admin") && whoami.contains("system:masters"),
+            "{whoami}"
+        );
+    }
+}

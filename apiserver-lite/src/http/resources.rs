@@ -425,6 +425,14 @@ pub async fn handle(
         (_, Some(name), Some(sub @ ("log" | "exec" | "attach" | "portforward" | "proxy"))) => {
             ctx.node_streaming(name, sub).await
         }
+        (&Method::POST, None, None) if is_review(&info) => {
+            let (parts, body) = read_body(request).await?;
+            let value = decode_document(&content_type(&parts), &body)?;
+            Ok(json_response(
+                StatusCode::CREATED,
+                &review(&info, value, &identity)?,
+            ))
+        }
         (&Method::POST, None, None) => {
             verb_allowed("create")?;
             if info.namespaced && path.namespace.is_none() {
@@ -509,6 +517,41 @@ pub async fn handle(
             &info.group,
         )),
     }
+}
+
+/// Review resources are answered, never stored.
+fn is_review(info: &ResourceInfo) -> bool {
+    matches!(
+        (info.group.as_str(), info.resource.as_str()),
+        (
+            "authorization.k8s.io",
+            "selfsubjectaccessreviews" | "selfsubjectrulesreviews" | "subjectaccessreviews"
+        ) | ("authentication.k8s.io", "selfsubjectreviews")
+    )
+}
+
+/// Answers a review. Authorization allows every authenticated user everything until RBAC
+/// enforcement arrives, and the answers say exactly that.
+fn review(info: &ResourceInfo, mut value: Value, identity: &Identity) -> Result<Value, ApiError> {
+    if let Some(typed) = &info.typed {
+        value = (typed.normalize)(&value)
+            .map_err(|e| ApiError::bad_request(format!("{} cannot be decoded: {e}", info.kind)))?;
+    }
+    value["apiVersion"] = json!(info.api_version());
+    value["kind"] = json!(info.kind);
+    let reason = "EdgeSite allows every authenticated user (RBAC is not enforced yet)";
+    value["status"] = match info.resource.as_str() {
+        "selfsubjectreviews" => {
+            json!({"userInfo": {"username": identity.user, "groups": identity.groups}})
+        }
+        "selfsubjectrulesreviews" => json!({
+            "resourceRules": [{"verbs": ["*"], "apiGroups": ["*"], "resources": ["*"]}],
+            "nonResourceRules": [{"verbs": ["*"], "nonResourceURLs": ["*"]}],
+            "incomplete": false,
+        }),
+        _ => json!({"allowed": true, "reason": reason}),
+    };
+    Ok(value)
 }
 
 /// The request's target resource and namespace.
@@ -1228,6 +1271,8 @@ impl Ctx {
                 .and_then(Value::as_array)
                 .is_some_and(|f| !f.is_empty());
         if opts.dry_run {
+            // Nothing is written, so the object keeps the revision it has.
+            crate::storage::stamp_revision(&mut new, old.revision);
             return Ok(new);
         }
         if deleting && !finalizers_left && !grace_left && !namespace_finalizers {

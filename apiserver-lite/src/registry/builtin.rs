@@ -2,7 +2,10 @@
 
 use std::borrow::Cow;
 
-use k8s_openapi::api::{apps, batch, coordination, core, discovery, events, policy, rbac, storage};
+use k8s_openapi::api::{
+    apps, authentication, authorization, batch, coordination, core, discovery, events, policy,
+    rbac, storage,
+};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -521,6 +524,55 @@ pub fn resources() -> Vec<ResourceInfo> {
             ALL_VERBS,
             vec![],
             typed::<rbac::v1::Role>(),
+        ),
+        // reviews: answered, not stored
+        resource(
+            "authentication.k8s.io",
+            "v1",
+            "selfsubjectreviews",
+            "SelfSubjectReview",
+            false,
+            none,
+            none,
+            &["create"],
+            vec![],
+            typed::<authentication::v1::SelfSubjectReview>(),
+        ),
+        resource(
+            "authorization.k8s.io",
+            "v1",
+            "selfsubjectaccessreviews",
+            "SelfSubjectAccessReview",
+            false,
+            none,
+            none,
+            &["create"],
+            vec![],
+            typed::<authorization::v1::SelfSubjectAccessReview>(),
+        ),
+        resource(
+            "authorization.k8s.io",
+            "v1",
+            "selfsubjectrulesreviews",
+            "SelfSubjectRulesReview",
+            true,
+            none,
+            none,
+            &["create"],
+            vec![],
+            typed::<authorization::v1::SelfSubjectRulesReview>(),
+        ),
+        resource(
+            "authorization.k8s.io",
+            "v1",
+            "subjectaccessreviews",
+            "SubjectAccessReview",
+            false,
+            none,
+            none,
+            &["create"],
+            vec![],
+            typed::<authorization::v1::SubjectAccessReview>(),
         ),
         // storage
         resource(
