@@ -1218,7 +1218,7 @@ fn diff_replace_edit_and_auth_commands() {
     // replace with the object read back.
     let live = site.ok(&["get", "deploy", "nginx-deployment", "-o", "yaml"]);
     site.ok_stdin(
-        &["replace", "-f", "-"],
+        &["replace", v, "-f", "-"],
         Some(&live.replace("replicas: 3", "replicas: 2")),
     );
     assert_eq!(
@@ -1232,7 +1232,7 @@ fn diff_replace_edit_and_auth_commands() {
         "2"
     );
     // replace with a stale resourceVersion is a conflict.
-    let err = site.fails(&["replace", "-f", "-"], Some(&live));
+    let err = site.fails(&["replace", v, "-f", "-"], Some(&live));
     assert!(err.contains("the object has been modified"), "{err}");
     if kubectl_minor() >= 27 {
         // auth: every authenticated user is allowed until RBAC enforcement, and kubectl says so.
