@@ -452,17 +452,15 @@ impl FieldSelector {
 }
 
 fn find_unescaped(text: &str, pattern: &str) -> Option<usize> {
-    let bytes = text.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' {
-            i += 2;
+    let mut chars = text.char_indices();
+    while let Some((i, c)) = chars.next() {
+        if c == '\\' {
+            chars.next();
             continue;
         }
         if text[i..].starts_with(pattern) {
             return Some(i);
         }
-        i += 1;
     }
     None
 }
@@ -523,6 +521,9 @@ mod tests {
         assert!(f.matches(&fields));
         assert!(FieldSelector::parse("nonsense").is_err());
         assert_eq!(f.pinned("metadata.name"), Some("a,b"));
+        let unicode = FieldSelector::parse("metadata.name=é\\=ü,x!=ñ").unwrap();
+        assert_eq!(unicode.requirements[0].value, "é=ü");
+        assert!(unicode.requirements[1].negate);
     }
 
     #[test]
