@@ -14,6 +14,15 @@ if ! command -v kubectl >/dev/null 2>&1; then
   apt_install kubernetes-client
 fi
 command -v kubectl >/dev/null 2>&1 || { echo "kubectl is required for the end-to-end tests and could not be installed" >&2; exit 1; }
+# The official Python client, for the client-library compatibility test.
+venv="$repo/target/python-venv"
+if ! "$venv/bin/python" -c "import kubernetes" >/dev/null 2>&1; then
+  command -v python3 >/dev/null 2>&1 || apt_install python3
+  rm -rf "$venv"
+  python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
+  "$venv/bin/pip" install -q "kubernetes==37.0.2"
+fi
+export EDGESITE_PYTHON="$venv/bin/python"
 if command -v rustup >/dev/null 2>&1; then
   rustup component add clippy rustfmt >/dev/null 2>&1 || true
 fi
