@@ -311,7 +311,18 @@ pub async fn serve(
                     }
                 },
             );
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // Slow or idle clients cannot hold a connection open before sending a request, and one
+            // connection cannot open unbounded streams.
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(30));
+            builder
+                .http2()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .max_concurrent_streams(1000)
+                .keep_alive_interval(std::time::Duration::from_secs(30));
             let connection =
                 builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service);
             tokio::pin!(connection);
