@@ -151,14 +151,15 @@ pub fn apply_defaults(info: &ResourceInfo, object: &mut Value) {
                     s.insert("tolerations".into(), json!([]));
                 }
                 // The DefaultTolerationSeconds admission plugin.
-                let tolerations = s["tolerations"].as_array_mut().expect("just set");
-                for key in [
-                    "node.kubernetes.io/not-ready",
-                    "node.kubernetes.io/unreachable",
-                ] {
-                    if !tolerations.iter().any(|t| t["key"] == key) {
-                        tolerations.push(json!({"key": key, "operator": "Exists",
-                            "effect": "NoExecute", "tolerationSeconds": 300}));
+                if let Some(tolerations) = s.get_mut("tolerations").and_then(Value::as_array_mut) {
+                    for key in [
+                        "node.kubernetes.io/not-ready",
+                        "node.kubernetes.io/unreachable",
+                    ] {
+                        if !tolerations.iter().any(|t| t["key"] == key) {
+                            tolerations.push(json!({"key": key, "operator": "Exists",
+                                "effect": "NoExecute", "tolerationSeconds": 300}));
+                        }
                     }
                 }
             }
