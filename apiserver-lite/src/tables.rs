@@ -1152,6 +1152,116 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
             AGE,
         ],
         ("apiextensions.k8s.io", "customresourcedefinitions") => vec![NAME, CREATED_AT],
+        ("networking.k8s.io", "ingresses") => vec![
+            NAME,
+            col(
+                "Class",
+                "string",
+                0,
+                "The name of the IngressClass resource that should be used.",
+            ),
+            col(
+                "Hosts",
+                "string",
+                0,
+                "Hosts that incoming requests are matched against before the ingress rule",
+            ),
+            col(
+                "Address",
+                "string",
+                0,
+                "Address is a list containing ingress points for the load-balancer",
+            ),
+            col(
+                "Ports",
+                "string",
+                0,
+                "Ports of TLS configurations that open",
+            ),
+            AGE,
+        ],
+        ("networking.k8s.io", "ingressclasses") => vec![
+            NAME,
+            col(
+                "Controller",
+                "string",
+                0,
+                "Controller that is responsible for handling this class",
+            ),
+            col(
+                "Parameters",
+                "string",
+                0,
+                "A reference to a resource with additional parameters",
+            ),
+            AGE,
+        ],
+        ("networking.k8s.io", "networkpolicies") => vec![
+            NAME,
+            col(
+                "Pod-Selector",
+                "string",
+                0,
+                "Selects the pods to which this NetworkPolicy object applies.",
+            ),
+            AGE,
+        ],
+        ("node.k8s.io", "runtimeclasses") => vec![
+            NAME,
+            col(
+                "Handler",
+                "string",
+                0,
+                "Handler specifies the underlying runtime and configuration that the CRI implementation will use to handle pods of this class.",
+            ),
+            AGE,
+        ],
+        ("scheduling.k8s.io", "priorityclasses") => vec![
+            NAME,
+            col("Value", "integer", 0, "The value of this priority class."),
+            col(
+                "Global-Default",
+                "boolean",
+                0,
+                "globalDefault specifies whether this PriorityClass should be considered as the default priority.",
+            ),
+            AGE,
+            col(
+                "PreemptionPolicy",
+                "string",
+                0,
+                "PreemptionPolicy is the Policy for preempting pods with lower priority.",
+            ),
+        ],
+        ("autoscaling", "horizontalpodautoscalers") => vec![
+            NAME,
+            col(
+                "Reference",
+                "string",
+                0,
+                "Reference to the scaled resource.",
+            ),
+            col("Targets", "string", 0, "Current and target metric values."),
+            col(
+                "MinPods",
+                "string",
+                0,
+                "Lower limit for the number of pods that can be set by the autoscaler, default 1.",
+            ),
+            col(
+                "MaxPods",
+                "integer",
+                0,
+                "Upper limit for the number of pods that can be set by the autoscaler.",
+            ),
+            col(
+                "Replicas",
+                "integer",
+                0,
+                "Current number of replicas of pods managed by this autoscaler.",
+            ),
+            AGE,
+        ],
         _ => vec![NAME, AGE],
     }
 }
@@ -1590,6 +1700,99 @@ pub fn row(info: &ResourceInfo, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
                         .and_then(Value::as_bool)
                         .unwrap_or(false)
                 ),
+                age,
+            ]
+        }
+        ("networking.k8s.io", "ingresses") => {
+            let hosts: Vec<&str> = arr(o, "/spec/rules")
+                .iter()
+                .map(|r| s(r, "/host"))
+                .filter(|h| !h.is_empty())
+                .collect();
+            let hosts = if hosts.is_empty() {
+                "*".to_string()
+            } else if hosts.len() > 4 {
+                format!("{} + {} more...", hosts[..4].join(","), hosts.len() - 4)
+            } else {
+                hosts.join(",")
+            };
+            let addresses: Vec<&str> = arr(o, "/status/loadBalancer/ingress")
+                .iter()
+                .map(|i| {
+                    if s(i, "/ip").is_empty() {
+                        s(i, "/hostname")
+                    } else {
+                        s(i, "/ip")
+                    }
+                })
+                .collect();
+            let ports = if arr(o, "/spec/tls").is_empty() {
+                "80"
+            } else {
+                "80, 443"
+            };
+            let class = s(o, "/spec/ingressClassName");
+            vec![
+                name,
+                json!(if class.is_empty() { "<none>" } else { class }),
+                json!(hosts),
+                json!(addresses.join(",")),
+                json!(ports),
+                age,
+            ]
+        }
+        ("networking.k8s.io", "ingressclasses") => {
+            let params = match o.pointer("/spec/parameters") {
+                Some(p) => format!("{}/{}", s(p, "/kind"), s(p, "/name")),
+                None => "<none>".into(),
+            };
+            vec![name, json!(s(o, "/spec/controller")), json!(params), age]
+        }
+        ("networking.k8s.io", "networkpolicies") => {
+            let selector = format_selector(o.pointer("/spec/podSelector"));
+            vec![name, json!(selector), age]
+        }
+        ("node.k8s.io", "runtimeclasses") => vec![name, json!(s(o, "/handler")), age],
+        ("scheduling.k8s.io", "priorityclasses") => {
+            let policy = s(o, "/preemptionPolicy");
+            vec![
+                name,
+                json!(n(o, "/value")),
+                json!(
+                    o.get("globalDefault")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false)
+                ),
+                age,
+                json!(if policy.is_empty() {
+                    "PreemptLowerPriority"
+                } else {
+                    policy
+                }),
+            ]
+        }
+        ("autoscaling", "horizontalpodautoscalers") => {
+            let target = o
+                .pointer("/spec/scaleTargetRef")
+                .cloned()
+                .unwrap_or(Value::Null);
+            let min = o
+                .pointer("/spec/minReplicas")
+                .and_then(Value::as_i64)
+                .map(|m| m.to_string())
+                .unwrap_or_else(|| "<unset>".into());
+            let metrics = arr(o, "/spec/metrics").len();
+            vec![
+                name,
+                json!(format!("{}/{}", s(&target, "/kind"), s(&target, "/name"))),
+                json!(if metrics == 0 {
+                    "<none>".to_string()
+                } else {
+                    format!("{metrics} metric(s)")
+                }),
+                json!(min),
+                json!(n(o, "/spec/maxReplicas")),
+                json!(n(o, "/status/currentReplicas")),
                 age,
             ]
         }

@@ -304,11 +304,21 @@ fn validate_container(c: &Value, path: &str, volumes: &BTreeSet<String>, causes:
 
 /// A PodSpec at `path` (`spec` for pods, `spec.template.spec` for workloads).
 pub fn validate_pod_spec(spec: Option<&Value>, path: &str, causes: &mut Causes) {
+    validate_pod_spec_with(spec, path, &[], causes);
+}
+
+/// A PodSpec whose containers may also mount `claim_volumes` (a StatefulSet's volumeClaimTemplates).
+pub fn validate_pod_spec_with(
+    spec: Option<&Value>,
+    path: &str,
+    claim_volumes: &[String],
+    causes: &mut Causes,
+) {
     let Some(spec) = spec.filter(|s| s.is_object()) else {
         causes.push(Cause::required(format!("{path}.containers")));
         return;
     };
-    let mut volumes = BTreeSet::new();
+    let mut volumes: BTreeSet<String> = claim_volumes.iter().cloned().collect();
     for (i, v) in items(spec, "volumes").iter().enumerate() {
         let vp = format!("{path}.volumes[{i}].name");
         if let Some(name) = causes.required_str(v, "name", &vp) {
@@ -449,7 +459,15 @@ pub fn validate_workload(
         }
     }
     let pod_spec = template.and_then(|t| t.get("spec"));
-    validate_pod_spec(pod_spec, "spec.template.spec", causes);
+    let claims: Vec<String> = items(spec, "volumeClaimTemplates")
+        .iter()
+        .filter_map(|c| {
+            c.pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
+        .collect();
+    validate_pod_spec_with(pod_spec, "spec.template.spec", &claims, causes);
     if let Some(p) = pod_spec
         .and_then(|s| s.get("restartPolicy"))
         .and_then(Value::as_str)

@@ -195,8 +195,15 @@ async fn dispatch(State(server): State<Arc<ApiServer>>, request: Request) -> Res
         .get(header::ACCEPT)
         .and_then(|a| a.to_str().ok())
         .map(str::to_string);
-    let Some(output) = request::negotiate(accept.as_deref()) else {
-        return error_response(&ApiError::not_acceptable(accept.as_deref().unwrap_or("")));
+    // OpenAPI documents are JSON whatever the Accept header asks (kubectl asks protobuf for v2).
+    let openapi = matches!(
+        route,
+        Route::OpenApiV2 | Route::OpenApiV3Index | Route::OpenApiV3(..)
+    );
+    let output = match request::negotiate(accept.as_deref()) {
+        Some(output) => output,
+        None if openapi => Output::Json,
+        None => return error_response(&ApiError::not_acceptable(accept.as_deref().unwrap_or(""))),
     };
     let result = match route {
         Route::CoreGroup => Ok(discovery::core_group(&server, output)),
