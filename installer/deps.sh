@@ -23,4 +23,13 @@ install_build_deps() {
       apt_install cargo rustc
     fi
   fi
+  # The workspace needs Rust 1.89 or newer (edition 2024, kube 5).
+  local version minor
+  version="$(rustc --version 2>/dev/null | awk '{print $2}')"
+  minor="$(echo "$version" | cut -d. -f2)"
+  if [ -z "$version" ] || [ "${minor:-0}" -lt 89 ]; then
+    echo "[edgesite] error: Rust 1.89 or newer is needed to build EdgeSite, found ${version:-none}." >&2
+    echo "[edgesite] Install a current toolchain with rustup (https://rustup.rs) and run me again." >&2
+    exit 1
+  fi
 }
