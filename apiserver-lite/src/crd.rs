@@ -268,16 +268,7 @@ pub fn resources(crd: &Value) -> Vec<ResourceInfo> {
             namespaced,
             short_names: strings(&names, "/shortNames"),
             categories: strings(&names, "/categories"),
-            verbs: vec![
-                "create",
-                "delete",
-                "deletecollection",
-                "get",
-                "list",
-                "patch",
-                "update",
-                "watch",
-            ],
+            verbs: crate::registry::builtin::ALL_VERBS.to_vec(),
             subresources,
             typed: None,
             custom: Some(CustomResource {

@@ -1817,6 +1817,12 @@ pub enum IncludeObject {
     Object,
 }
 
+/// The one-row Table of a single object (get, and each event of a Table watch).
+pub fn object_table(info: &ResourceInfo, object: &Value, now: DateTime<Utc>) -> Value {
+    let rv = s(object, "/metadata/resourceVersion");
+    table(info, &[object], IncludeObject::Metadata, rv, None, now)
+}
+
 /// A full Table for a list of objects.
 pub fn table(
     info: &ResourceInfo,

@@ -749,18 +749,7 @@ impl Ctx {
     fn render(&self, code: StatusCode, object: &Value) -> Response {
         match self.output {
             Output::Table => {
-                let rv = meta_str(object, "resourceVersion").to_string();
-                json_response(
-                    code,
-                    &tables::table(
-                        &self.info,
-                        &[object],
-                        IncludeObject::Metadata,
-                        &rv,
-                        None,
-                        Utc::now(),
-                    ),
-                )
+                json_response(code, &tables::object_table(&self.info, object, Utc::now()))
             }
             Output::PartialMetadata => json_response(code, &tables::partial_metadata(object)),
             other => encode(code, object, other),

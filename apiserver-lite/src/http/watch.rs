@@ -22,7 +22,7 @@ use super::request::{Output, Query};
 use super::resources::{Ctx, ListOptions, body_response, list_options};
 use crate::error::ApiError;
 use crate::storage::{EventType, StorageError, WatchEvent, list_prefix};
-use crate::tables::{self, IncludeObject};
+use crate::tables;
 
 /// Events buffered per watcher between the hub and the socket.
 const BUFFER: usize = 256;
@@ -45,19 +45,7 @@ impl Encoder {
     fn object(&mut self, object: &Value) -> Value {
         match self.ctx_output {
             Output::Table => {
-                let rv = object
-                    .pointer("/metadata/resourceVersion")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string();
-                let mut table = tables::table(
-                    &self.info,
-                    &[object],
-                    IncludeObject::Metadata,
-                    &rv,
-                    None,
-                    Utc::now(),
-                );
+                let mut table = tables::object_table(&self.info, object, Utc::now());
                 if !self.first_table {
                     table["columnDefinitions"] = Value::Null;
                 }

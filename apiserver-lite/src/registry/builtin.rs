@@ -13,7 +13,8 @@ use serde_json::Value;
 
 use super::{DecodeError, ResourceInfo, SubresourceInfo, TypedKind};
 
-const ALL_VERBS: &[&str] = &[
+/// The verbs of an ordinary resource.
+pub const ALL_VERBS: &[&str] = &[
     "create",
     "delete",
     "deletecollection",
