@@ -163,7 +163,7 @@ async fn acknowledged_writes_survive_sigkill() {
         }));
     }
     // Let the storm run, then cut the power.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     let pid = site.pid().unwrap();
     std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])

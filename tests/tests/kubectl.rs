@@ -426,15 +426,8 @@ fn errors_are_printed_as_upstream_prints_them() {
 #[test]
 fn watch_sees_changes() {
     let site = Site::start().unwrap();
-    site.ok(&[
-        "create",
-        "configmap",
-        "w1",
-        "--from-literal=a=1",
-        "--dry-run=client",
-        "-o",
-        "yaml",
-    ]);
+    // A marker object: once the watcher prints it, its list is done and its watch runs.
+    site.ok(&["create", "configmap", "w0", "--from-literal=a=0"]);
     let mut child = Command::new(kubectl_bin())
         .arg("--kubeconfig")
         .arg(site.kubeconfig())
@@ -452,7 +445,14 @@ fn watch_sees_changes() {
             }
         }
     });
-    std::thread::sleep(Duration::from_millis(500));
+    let mut seen = Vec::new();
+    let listed = eventually(Duration::from_secs(20), || {
+        while let Ok(line) = rx.try_recv() {
+            seen.push(line);
+        }
+        seen.iter().any(|l| l.contains("w0"))
+    });
+    assert!(listed, "the watcher never listed the marker: {seen:?}");
     let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: w1\ndata:\n  a: \"1\"\n";
     site.ok_stdin(&["create", validate(), "-f", "-"], Some(cm));
     site.ok(&[
@@ -464,7 +464,6 @@ fn watch_sees_changes() {
         r#"{"data":{"b":"2"}}"#,
     ]);
     site.ok(&["delete", "configmap", "w1"]);
-    let mut seen = Vec::new();
     let got_all = eventually(Duration::from_secs(15), || {
         while let Ok(line) = rx.try_recv() {
             seen.push(line);
@@ -494,7 +493,7 @@ fn watch_sees_changes() {
 fn wait_for_delete_and_cascade_modes() {
     let site = Site::start().unwrap();
     let v = validate();
-    for name in ["bg", "orphan", "fg", "gone"] {
+    for name in ["bg", "orphan", "fg"] {
         site.ok_stdin(
             &["create", v, "-f", "-"],
             Some(&format!(
@@ -502,6 +501,13 @@ fn wait_for_delete_and_cascade_modes() {
             )),
         );
     }
+    // `gone` is held by a finalizer, so it still exists whenever the waiter looks first; removing
+    // the finalizer completes the deletion the waiter is waiting for.
+    site.ok_stdin(
+        &["create", v, "-f", "-"],
+        Some("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: gone\n  finalizers: [example.com/hold]\n"),
+    );
+    site.ok(&["delete", "configmap", "gone", "--wait=false"]);
     let waiter = Command::new(kubectl_bin())
         .arg("--kubeconfig")
         .arg(site.kubeconfig())
@@ -510,8 +516,26 @@ fn wait_for_delete_and_cascade_modes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    site.ok(&["delete", "configmap", "gone"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        site.ok(&[
+            "get",
+            "configmap",
+            "gone",
+            "-o",
+            "jsonpath={.metadata.deletionTimestamp}"
+        ])
+        .len()
+            > 10
+    );
+    site.ok(&[
+        "patch",
+        "configmap",
+        "gone",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
     let out = waiter.wait_with_output().unwrap();
     assert!(
         out.status.success(),
