@@ -5,6 +5,8 @@ set -u
 cmd="$1"
 log="$2"
 delay=1
+# Fewer glibc malloc arenas: less memory under concurrency at the same speed (see edgesite.service).
+export MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-2}"
 trap 'kill "$child" 2>/dev/null; wait "$child" 2>/dev/null; exit 0' TERM INT
 while true; do
   started=$(date +%s)
