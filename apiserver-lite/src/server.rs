@@ -42,9 +42,24 @@ pub async fn prepare(
     config: &Config,
     shutdown: CancellationToken,
 ) -> Result<Arc<ApiServer>, ServerError> {
-    let storage: Arc<dyn Storage> =
-        Arc::new(SqliteStorage::open(&config.database, config.watch_window)?);
-    let server = Arc::new(ApiServer::new(storage, config.tokens.clone(), shutdown));
+    prepare_store(
+        &config.database,
+        config.watch_window,
+        config.tokens.clone(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`prepare`] without TLS settings: what an in-process server (tests, one-binary wiring) needs.
+pub async fn prepare_store(
+    database: &std::path::Path,
+    watch_window: usize,
+    tokens: TokenAuthenticator,
+    shutdown: CancellationToken,
+) -> Result<Arc<ApiServer>, ServerError> {
+    let storage: Arc<dyn Storage> = Arc::new(SqliteStorage::open(database, watch_window)?);
+    let server = Arc::new(ApiServer::new(storage, tokens, shutdown));
     for name in DEFAULT_NAMESPACES {
         let object = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
         match http::resources::create_internal(&server, "", "v1", "namespaces", "", object).await {

@@ -267,3 +267,44 @@ async fn concurrent_patches_to_one_object_all_land() {
         other => panic!("expected a 409, got {other}"),
     }
 }
+
+/// Components inside `edgesite server` use a kube client on the router itself: no socket, no
+/// TLS, and the same request path as a remote client (ARCHITECTURE.md, principle 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_client_runs_the_same_code_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = apiserver_lite::server::prepare_store(
+        &dir.path().join("state.db"),
+        1024,
+        Default::default(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let client = kube::Client::new(apiserver_lite::http::in_process(server), "default");
+    // Discovery, as controllers' dynamic clients use it.
+    let discovery = kube::Discovery::new(client.clone()).run().await.unwrap();
+    assert!(discovery.groups().any(|g| g.name() == "apps"));
+    // An informer and writes through the same service.
+    let api: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    let (store, writer) = reflector::store();
+    let stream = reflector(writer, watcher(api.clone(), watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    let driver = tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while stream.next().await.is_some() {}
+    });
+    store.wait_until_ready().await.unwrap();
+    churn(&api, "in", 200).await;
+    wait_in_sync(&api, &store, Duration::from_secs(20)).await;
+    driver.abort();
+    // Errors are the same Statuses a remote client gets.
+    match api.get("nope").await.unwrap_err() {
+        kube::Error::Api(status) => {
+            assert_eq!(status.code, 404);
+            assert_eq!(status.message, "configmaps \"nope\" not found");
+        }
+        other => panic!("expected a 404 Status, got {other}"),
+    }
+}

@@ -239,6 +239,32 @@ async fn dispatch(State(server): State<Arc<ApiServer>>, request: Request) -> Res
     }
 }
 
+/// The router as an in-process service: no socket, no TLS, the same request path as a remote
+/// client's. Requests carry the loopback identity. Components co-located with the server build
+/// their `kube::Client` on this (ARCHITECTURE.md, principle 1).
+pub fn in_process<B>(
+    server: Arc<ApiServer>,
+) -> impl tower::Service<
+    http::Request<B>,
+    Response = Response,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tower::ServiceBuilder::new()
+        .map_request(|request: http::Request<B>| {
+            let mut request = request.map(Body::new);
+            request.extensions_mut().insert(Identity::loopback());
+            request
+        })
+        .service(router(server))
+}
+
 /// Adds `Warning` headers (`299 - "text"`) to a response.
 pub fn with_warnings(mut response: Response, warnings: &[String]) -> Response {
     let headers: &mut HeaderMap = response.headers_mut();
