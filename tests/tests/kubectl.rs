@@ -1178,8 +1178,13 @@ fn tokens_dry_run_terminating_namespaces_and_node_only_endpoints() {
         );
     }
 
-    // A terminating namespace takes no new content.
+    // A terminating namespace takes no new content. An object held by a finalizer keeps it
+    // Terminating; releasing the finalizer lets the namespace controller finish.
     site.ok(&["create", "namespace", "leaving"]);
+    site.ok_stdin(
+        &["create", validate(), "-n", "leaving", "-f", "-"],
+        Some("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: held\n  finalizers: [example.com/hold]\n"),
+    );
     site.ok(&["delete", "namespace", "leaving", "--wait=false"]);
     assert!(
         site.ok(&["get", "namespace", "leaving"])
@@ -1187,6 +1192,25 @@ fn tokens_dry_run_terminating_namespaces_and_node_only_endpoints() {
     );
     let err = site.fails(&["create", "configmap", "late", "-n", "leaving"], None);
     assert!(err.contains("because it is being terminated"), "{err}");
+    site.ok(&[
+        "patch",
+        "configmap",
+        "held",
+        "-n",
+        "leaving",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
+    assert!(
+        eventually(Duration::from_secs(20), || site
+            .kubectl(&["get", "namespace", "leaving"])
+            .unwrap()
+            .status
+            .code()
+            != Some(0)),
+        "the namespace was not deleted after its last object went"
+    );
 
     // Logs, exec and port-forward need the node agent: a clear error, not a hang.
     site.ok_stdin(
@@ -1347,4 +1371,68 @@ fn manifests_of_many_kinds_apply_and_reapply() {
         err.contains("no matches for kind \"Gadget\" in version \"example.com/v1\""),
         "{err}"
     );
+}
+
+/// `kubectl delete namespace` deletes what the namespace holds, then the namespace itself.
+#[test]
+fn deleting_a_namespace_deletes_its_contents() {
+    let site = Site::start().unwrap();
+    let v = validate();
+    site.ok(&["create", "namespace", "demo"]);
+    site.ok(&[
+        "create",
+        "configmap",
+        "c1",
+        "--from-literal=a=1",
+        "-n",
+        "demo",
+    ]);
+    site.ok(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=nginx:1.25",
+        "-n",
+        "demo",
+    ]);
+    site.ok(&[
+        "create",
+        "service",
+        "clusterip",
+        "svc",
+        "--tcp=80:80",
+        "-n",
+        "demo",
+    ]);
+    // A pod bound to a node that does not exist: nothing would ever confirm its termination.
+    site.ok_stdin(
+        &["create", v, "-n", "demo", "-f", "-"],
+        Some("apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\nspec:\n  nodeName: gone-node\n  containers:\n  - name: c\n    image: busybox\n"),
+    );
+    site.ok_stdin(&["apply", v, "-f", "-"], Some(CRONTAB_CRD));
+    site.ok_stdin(&["apply", v, "-n", "demo", "-f", "-"], Some(CRONTAB));
+    site.ok(&["create", "configmap", "elsewhere", "-n", "default"]);
+    let out = site.ok(&["delete", "namespace", "demo", "--timeout=60s"]);
+    assert_eq!(out.trim(), "namespace \"demo\" deleted");
+    assert!(
+        site.kubectl(&["get", "namespace", "demo"])
+            .unwrap()
+            .status
+            .code()
+            != Some(0)
+    );
+    for kind in ["configmaps", "deployments", "services", "pods", "crontabs"] {
+        let out = site.ok(&["get", kind, "-A", "-o", "name"]);
+        assert!(
+            !out.contains("demo") && !out.contains("my-new-cron-object") && !out.contains("pod/p"),
+            "{kind}: {out}"
+        );
+    }
+    assert_eq!(
+        site.ok(&["get", "configmap", "elsewhere", "-o", "name"])
+            .trim(),
+        "configmap/elsewhere"
+    );
+    // The namespace can be created again.
+    site.ok(&["create", "namespace", "demo"]);
 }

@@ -175,7 +175,14 @@ pub fn run(args: ServerArgs) -> Result<()> {
         if args.disable_agent {
             tracing::info!("--disable-agent given: this machine runs the control plane only");
         }
-        let mut server = tokio::spawn(apiserver_lite::run(config, listener, shutdown.clone()));
+        let api = apiserver_lite::server::prepare(&config, shutdown.clone())
+            .await
+            .context("start the API server")?;
+        // Control loops talk to the API through the in-process client: no socket, same path.
+        let client = kube::Client::new(apiserver_lite::http::in_process(api.clone()), "default");
+        let loops = tokio::spawn(controllers::namespace::run(client, shutdown.clone()));
+        let app = apiserver_lite::http::router(api);
+        let mut server = tokio::spawn(apiserver_lite::http::serve(listener, config.tls.clone(), app, shutdown.clone()));
         tracing::info!(
             kubeconfig = %args.write_kubeconfig.display(),
             "EdgeSite API server listening on {addr}; try: KUBECONFIG={} kubectl get ns",
@@ -195,6 +202,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
             }
         }
         shutdown.cancel();
+        let _ = tokio::time::timeout(DRAIN, loops).await;
         match tokio::time::timeout(DRAIN, server).await {
             Ok(Ok(result)) => result.context("API server"),
             Ok(Err(e)) => Err(anyhow::anyhow!("API server task failed: {e}")),
