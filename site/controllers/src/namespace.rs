@@ -52,6 +52,8 @@ pub async fn run(client: kube::Client, shutdown: CancellationToken) {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let context = Arc::new(Context { client });
     Controller::new(namespaces, watcher::Config::default())
+        // Bound everything: at most four namespaces are emptied at once.
+        .with_config(kube::runtime::controller::Config::default().concurrency(4))
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
