@@ -206,6 +206,13 @@ impl Site {
         stdout
     }
 
+    /// kubectl that must succeed and print JSON (`-o json`, `get --raw`); returns it parsed.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.ok(args);
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("kubectl {args:?} printed no JSON ({e}): {out}"))
+    }
+
     /// kubectl that must fail; returns stderr.
     pub fn fails(&self, args: &[&str], stdin: Option<&str>) -> String {
         let out = self.kubectl_stdin(args, stdin).expect("run kubectl");

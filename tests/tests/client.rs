@@ -77,6 +77,22 @@ async fn wait_in_sync(
     }
 }
 
+/// A ConfigMap reflector over `api`, driven by a task, returned once it has listed.
+async fn start_reflector(
+    api: &Api<ConfigMap>,
+) -> (reflector::Store<ConfigMap>, tokio::task::JoinHandle<()>) {
+    let (store, writer) = reflector::store();
+    let stream = reflector(writer, watcher(api.clone(), watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    let driver = tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while stream.next().await.is_some() {}
+    });
+    store.wait_until_ready().await.unwrap();
+    (store, driver)
+}
+
 /// Creates, updates and deletes: `count` writes in all.
 async fn churn(api: &Api<ConfigMap>, prefix: &str, count: usize) {
     let mut written = 0;
@@ -111,15 +127,7 @@ async fn reflector_stays_in_sync_across_writes_and_a_restart() {
     let mut site = Site::start().unwrap();
     let client = site.client().await.unwrap();
     let api: Api<ConfigMap> = Api::namespaced(client, "default");
-    let (store, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api.clone(), watcher::Config::default()))
-        .default_backoff()
-        .touched_objects();
-    let driver = tokio::spawn(async move {
-        futures::pin_mut!(stream);
-        while stream.next().await.is_some() {}
-    });
-    store.wait_until_ready().await.unwrap();
+    let (store, driver) = start_reflector(&api).await;
 
     churn(&api, "a", 1000).await;
     wait_in_sync(&api, &store, Duration::from_secs(30)).await;
@@ -287,15 +295,7 @@ async fn in_process_client_runs_the_same_code_path() {
     assert!(discovery.groups().any(|g| g.name() == "apps"));
     // An informer and writes through the same service.
     let api: Api<ConfigMap> = Api::default_namespaced(client.clone());
-    let (store, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api.clone(), watcher::Config::default()))
-        .default_backoff()
-        .touched_objects();
-    let driver = tokio::spawn(async move {
-        futures::pin_mut!(stream);
-        while stream.next().await.is_some() {}
-    });
-    store.wait_until_ready().await.unwrap();
+    let (store, driver) = start_reflector(&api).await;
     churn(&api, "in", 200).await;
     wait_in_sync(&api, &store, Duration::from_secs(20)).await;
     driver.abort();

@@ -114,9 +114,7 @@ fn apply_edit_and_reapply_a_deployment_like_upstream() {
         );
     let out = site.ok_stdin(&["apply", v, "-f", "-"], Some(&edited));
     assert_eq!(out.trim(), "deployment.apps/nginx-deployment configured");
-    let json: serde_json::Value =
-        serde_json::from_str(&site.ok(&["get", "deploy", "nginx-deployment", "-o", "json"]))
-            .unwrap();
+    let json = site.json(&["get", "deploy", "nginx-deployment", "-o", "json"]);
     let c = &json["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(c["image"], "nginx:1.16.1");
     assert_eq!(
@@ -362,8 +360,7 @@ fn get_outputs_selectors_and_sorting() {
     assert!(
         yaml.contains("kind: Pod") && yaml.contains("resourceVersion:") && yaml.contains("uid:")
     );
-    let json: serde_json::Value =
-        serde_json::from_str(&site.ok(&["get", "pod", "a", "-o", "json"])).unwrap();
+    let json = site.json(&["get", "pod", "a", "-o", "json"]);
     assert_eq!(json["status"]["phase"], "Pending");
     assert_eq!(
         json["spec"]["containers"][0]["imagePullPolicy"],
@@ -564,8 +561,7 @@ fn wait_for_delete_and_cascade_modes() {
         "--cascade=orphan",
         "--wait=false",
     ]);
-    let json: serde_json::Value =
-        serde_json::from_str(&site.ok(&["get", "cm", "orphan", "-o", "json"])).unwrap();
+    let json = site.json(&["get", "cm", "orphan", "-o", "json"]);
     assert_eq!(
         json["metadata"]["finalizers"],
         serde_json::json!(["orphan"])
@@ -578,8 +574,7 @@ fn wait_for_delete_and_cascade_modes() {
         "--cascade=foreground",
         "--wait=false",
     ]);
-    let json: serde_json::Value =
-        serde_json::from_str(&site.ok(&["get", "cm", "fg", "-o", "json"])).unwrap();
+    let json = site.json(&["get", "cm", "fg", "-o", "json"]);
     assert_eq!(
         json["metadata"]["finalizers"],
         serde_json::json!(["foregroundDeletion"])
@@ -610,8 +605,7 @@ fn graceful_pod_deletion_waits_for_the_node() {
         Some(&pod("p", "app: x", "node-a")),
     );
     site.ok(&["delete", "pod", "p", "--wait=false"]);
-    let json: serde_json::Value =
-        serde_json::from_str(&site.ok(&["get", "pod", "p", "-o", "json"])).unwrap();
+    let json = site.json(&["get", "pod", "p", "-o", "json"]);
     assert!(json["metadata"]["deletionTimestamp"].is_string());
     assert_eq!(json["metadata"]["deletionGracePeriodSeconds"], 30);
     let out = site.ok(&["get", "pods"]);
@@ -739,9 +733,7 @@ fn imperative_commands_send_protobuf_and_work() {
         }
         site.ok(args);
     }
-    let d: serde_json::Value =
-        serde_json::from_str(&site.ok(&["get", "deploy", "web", "-n", "demo", "-o", "json"]))
-            .unwrap();
+    let d = site.json(&["get", "deploy", "web", "-n", "demo", "-o", "json"]);
     assert_eq!(
         d["spec"]["replicas"], 0,
         "an explicit zero survives protobuf decoding"
@@ -767,16 +759,13 @@ fn imperative_commands_send_protobuf_and_work() {
         ]),
         "eA=="
     );
-    let pod: serde_json::Value =
-        serde_json::from_str(&site.ok(&["get", "pod", "p1", "-n", "demo", "-o", "json"])).unwrap();
+    let pod = site.json(&["get", "pod", "p1", "-n", "demo", "-o", "json"]);
     assert_eq!(
         pod["spec"]["containers"][0]["args"],
         serde_json::json!(["sleep", "3600"])
     );
     assert_eq!(pod["metadata"]["labels"]["run"], "p1");
-    let svc: serde_json::Value =
-        serde_json::from_str(&site.ok(&["get", "svc", "web2", "-n", "demo", "-o", "json"]))
-            .unwrap();
+    let svc = site.json(&["get", "svc", "web2", "-n", "demo", "-o", "json"]);
     assert_eq!(svc["spec"]["ports"][0]["port"], 81);
     let all = site.ok(&["get", "all", "-n", "demo", "-o", "name"]);
     for name in [
@@ -801,14 +790,7 @@ fn custom_resources_from_a_crd() {
     let site = Site::start().unwrap();
     let v = validate();
     site.ok_stdin(&["apply", v, "-f", "-"], Some(CRONTAB_CRD));
-    let crd: serde_json::Value = serde_json::from_str(&site.ok(&[
-        "get",
-        "crd",
-        "crontabs.stable.example.com",
-        "-o",
-        "json",
-    ]))
-    .unwrap();
+    let crd = site.json(&["get", "crd", "crontabs.stable.example.com", "-o", "json"]);
     let established = crd["status"]["conditions"]
         .as_array()
         .unwrap()
@@ -1083,9 +1065,7 @@ fn watch_options_initial_events_bookmarks_and_timeouts() {
         "{err}"
     );
     // A watch from a list's resourceVersion sees only later changes, with label selection.
-    let list: serde_json::Value =
-        serde_json::from_str(&site.ok(&["get", "--raw", "/api/v1/namespaces/default/configmaps"]))
-            .unwrap();
+    let list = site.json(&["get", "--raw", "/api/v1/namespaces/default/configmaps"]);
     let rv = list["metadata"]["resourceVersion"]
         .as_str()
         .unwrap()
@@ -1351,8 +1331,7 @@ fn manifests_of_many_kinds_apply_and_reapply() {
         "jsonpath={.spec.volumeClaimTemplates[0].metadata.name}",
     ]);
     assert_eq!(out, "www");
-    let job: serde_json::Value =
-        serde_json::from_str(&site.ok(&["get", "job", "pi", "-o", "json"])).unwrap();
+    let job = site.json(&["get", "job", "pi", "-o", "json"]);
     let uid = job["metadata"]["uid"].as_str().unwrap();
     assert_eq!(
         job["spec"]["selector"]["matchLabels"]["batch.kubernetes.io/controller-uid"],
