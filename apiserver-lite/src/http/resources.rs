@@ -1838,7 +1838,8 @@ impl Ctx {
         Ok(json_response(StatusCode::OK, &list))
     }
 
-    /// POST pods/x/binding: assigns a node, once.
+    /// POST pods/x/binding: assigns a node, once, and marks the pod scheduled (as upstream's
+    /// binding storage does).
     async fn bind(&self, name: &str, value: Value) -> Result<Response, ApiError> {
         let binding = builtin::normalize_as::<k8s_openapi::api::core::v1::Binding>(&value)
             .map_err(|e| {
@@ -1884,6 +1885,7 @@ impl Ctx {
             }
             let mut new = (*old.object).clone();
             new["spec"]["nodeName"] = json!(node);
+            set_pod_scheduled(&mut new);
             if let Some(annotations) = binding
                 .pointer("/metadata/annotations")
                 .and_then(Value::as_object)
@@ -2135,4 +2137,22 @@ mod tests {
             400
         );
     }
+}
+
+/// Sets the pod's `PodScheduled` condition to True (replacing a False one from a failed attempt).
+fn set_pod_scheduled(pod: &mut Value) {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let condition = json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": now});
+    let status = pod
+        .as_object_mut()
+        .map(|o| o.entry("status").or_insert_with(|| json!({})));
+    let Some(status) = status.and_then(Value::as_object_mut) else {
+        return;
+    };
+    let conditions = status.entry("conditions").or_insert_with(|| json!([]));
+    let Some(list) = conditions.as_array_mut() else {
+        return;
+    };
+    list.retain(|c| c.get("type").and_then(Value::as_str) != Some("PodScheduled"));
+    list.push(condition);
 }

@@ -1,7 +1,10 @@
-//! EdgeSite's control loops. Each is a kube-runtime controller against the API server (through
-//! the in-process client inside `edgesite server`), so they run the same code path as any remote
+//! EdgeSite's control loops. Each is a kube-runtime loop against the API server (through the
+//! in-process client inside `edgesite server`), so they run the same code path as any remote
 //! client and prove the API's compatibility as they go.
 //!
-//! Start with [`namespace`]: deleting a namespace deletes what it contains, then the namespace.
+//! Start with [`informer`] (one watch and cache per kind, shared by the loops) and [`events`];
+//! then the loops: [`namespace`] (deleting a namespace deletes what it contains), ...
 
+pub mod events;
+pub mod informer;
 pub mod namespace;

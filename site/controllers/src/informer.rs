@@ -1,0 +1,245 @@
+//! Shared informers: one watch and one cache per kind, read by every loop that needs the kind,
+//! with changes fanned out to each subscriber over a bounded channel.
+//!
+//! kube-runtime's `Controller` gives each loop its own watch and cache; with ten loops reading
+//! pods that is ten copies of every pod. Here a kind is watched once ([`Informer::run`]), the
+//! cache is kube-runtime's [`Store`], and loops run through kube-runtime's [`applier`] fed by
+//! [`Informer::subscribe`]. Unlike kube-runtime's shared streams, deletions are delivered too,
+//! including objects that vanished while the watch was re-listing.
+//!
+//! [`applier`]: kube::runtime::controller::applier
+
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use kube::Resource;
+use kube::api::Api;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// A change seen by an informer.
+#[derive(Debug)]
+pub enum Change<K> {
+    /// Added or modified (also sent for every object after a re-list).
+    Applied(Arc<K>),
+    Deleted(Arc<K>),
+}
+
+impl<K> Change<K> {
+    pub fn object(&self) -> &Arc<K> {
+        match self {
+            Change::Applied(o) | Change::Deleted(o) => o,
+        }
+    }
+}
+
+impl<K> Clone for Change<K> {
+    fn clone(&self) -> Self {
+        match self {
+            Change::Applied(o) => Change::Applied(o.clone()),
+            Change::Deleted(o) => Change::Deleted(o.clone()),
+        }
+    }
+}
+
+pub struct Informer<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    api: Api<K>,
+    config: watcher::Config,
+    store: Store<K>,
+    writer: Mutex<Option<reflector::store::Writer<K>>>,
+    subscribers: Mutex<Vec<mpsc::Sender<Change<K>>>>,
+}
+
+impl<K> Informer<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    pub fn new(api: Api<K>, config: watcher::Config) -> Arc<Self> {
+        let (store, writer) = reflector::store();
+        Arc::new(Informer {
+            api,
+            config,
+            store,
+            writer: Mutex::new(Some(writer)),
+            subscribers: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The cache. Wait for [`Store::wait_until_ready`] before trusting its contents.
+    pub fn store(&self) -> Store<K> {
+        self.store.clone()
+    }
+
+    /// A bounded stream of changes. Subscribe before [`Informer::run`] starts to see the
+    /// initial list; a slow subscriber slows the informer down (back-pressure), it never
+    /// loses changes.
+    pub fn subscribe(&self, capacity: usize) -> mpsc::Receiver<Change<K>> {
+        let (tx, rx) = mpsc::channel(capacity);
+        self.subscribers.lock().expect("subscribers lock").push(tx);
+        rx
+    }
+
+    async fn publish(&self, change: Change<K>) {
+        let subscribers: Vec<mpsc::Sender<Change<K>>> =
+            self.subscribers.lock().expect("subscribers lock").clone();
+        let mut closed = false;
+        for s in &subscribers {
+            closed |= s.send(change.clone()).await.is_err();
+        }
+        if closed {
+            self.subscribers
+                .lock()
+                .expect("subscribers lock")
+                .retain(|s| !s.is_closed());
+        }
+    }
+
+    /// Watches until `shutdown` (re-listing with backoff after errors). Runs once.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let Some(mut writer) = self.writer.lock().expect("writer lock").take() else {
+            tracing::error!("informer started twice");
+            return;
+        };
+        let mut events = watcher(self.api.clone(), self.config.clone())
+            .default_backoff()
+            .boxed();
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                e = events.next() => e,
+            };
+            let event = match event {
+                None => return,
+                Some(Ok(e)) => e,
+                Some(Err(e)) => {
+                    tracing::debug!(kind = %K::kind(&()), error = %e, "watch failed; retrying");
+                    continue;
+                }
+            };
+            match &event {
+                watcher::Event::Apply(obj) => {
+                    writer.apply_watcher_event(&event);
+                    let key = ObjectRef::from_obj(obj);
+                    if let Some(cached) = self.store.get(&key) {
+                        self.publish(Change::Applied(cached)).await;
+                    }
+                }
+                watcher::Event::Delete(obj) => {
+                    writer.apply_watcher_event(&event);
+                    self.publish(Change::Deleted(Arc::new(obj.clone()))).await;
+                }
+                watcher::Event::Init | watcher::Event::InitApply(_) => {
+                    writer.apply_watcher_event(&event)
+                }
+                watcher::Event::InitDone => {
+                    let before = self.store.state();
+                    writer.apply_watcher_event(&event);
+                    for old in before {
+                        if self.store.get(&ObjectRef::from_obj(&*old)).is_none() {
+                            self.publish(Change::Deleted(old)).await;
+                        }
+                    }
+                    for obj in self.store.state() {
+                        self.publish(Change::Applied(obj)).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The site's informers, created on first use and started together by [`Informers::start`].
+pub struct Informers {
+    client: kube::Client,
+    started: Mutex<bool>,
+    runners: Mutex<Vec<futures::future::BoxFuture<'static, ()>>>,
+    shutdown: CancellationToken,
+    pods: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::Pod>>>,
+    nodes: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::Node>>>,
+    namespaces: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::Namespace>>>,
+    replica_sets: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::apps::v1::ReplicaSet>>>,
+    deployments: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::apps::v1::Deployment>>>,
+}
+
+macro_rules! informer_accessor {
+    ($name:ident, $field:ident, $kind:ty) => {
+        pub fn $name(&self) -> Arc<Informer<$kind>> {
+            self.$field
+                .get_or_init(|| {
+                    let informer =
+                        Informer::new(Api::all(self.client.clone()), watcher::Config::default());
+                    self.add_runner(informer.clone());
+                    informer
+                })
+                .clone()
+        }
+    };
+}
+
+impl Informers {
+    pub fn new(client: kube::Client, shutdown: CancellationToken) -> Self {
+        Informers {
+            client,
+            started: Mutex::new(false),
+            runners: Mutex::new(Vec::new()),
+            shutdown,
+            pods: Default::default(),
+            nodes: Default::default(),
+            namespaces: Default::default(),
+            replica_sets: Default::default(),
+            deployments: Default::default(),
+        }
+    }
+
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
+    fn add_runner<K>(&self, informer: Arc<Informer<K>>)
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    {
+        assert!(
+            !*self.started.lock().expect("started lock"),
+            "informers must be created before Informers::start"
+        );
+        let shutdown = self.shutdown.clone();
+        self.runners
+            .lock()
+            .expect("runners lock")
+            .push(Box::pin(informer.run(shutdown)));
+    }
+
+    informer_accessor!(pods, pods, k8s_openapi::api::core::v1::Pod);
+    informer_accessor!(nodes, nodes, k8s_openapi::api::core::v1::Node);
+    informer_accessor!(
+        namespaces,
+        namespaces,
+        k8s_openapi::api::core::v1::Namespace
+    );
+    informer_accessor!(
+        replica_sets,
+        replica_sets,
+        k8s_openapi::api::apps::v1::ReplicaSet
+    );
+    informer_accessor!(
+        deployments,
+        deployments,
+        k8s_openapi::api::apps::v1::Deployment
+    );
+
+    /// Starts every informer created so far.
+    pub fn start(&self) {
+        *self.started.lock().expect("started lock") = true;
+        for runner in self.runners.lock().expect("runners lock").drain(..) {
+            tokio::spawn(runner);
+        }
+    }
+}
