@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod simnodes;
+
 pub fn edgesite_bin() -> PathBuf {
     if let Ok(p) = std::env::var("EDGESITE_BIN") {
         return PathBuf::from(p);
@@ -222,6 +224,18 @@ impl Site {
             String::from_utf8_lossy(&out.stdout)
         );
         String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// The `kube` configuration for this site (usable from any runtime).
+    pub fn kube_config(&self) -> Result<kube::Config> {
+        let kubeconfig = kube::config::Kubeconfig::read_from(self.kubeconfig())?;
+        Ok(tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            ))?)
     }
 
     /// A `kube` client for this site.

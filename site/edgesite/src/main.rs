@@ -4,6 +4,7 @@
 //! components; the components themselves live in their crates and take typed configuration.
 
 mod config;
+mod control_plane;
 mod pki;
 mod server;
 

@@ -1,0 +1,24 @@
+//! The control loops of `edgesite server`: shared informers, the scheduler and the
+//! controllers, all on the in-process client.
+
+use futures::future::join_all;
+use tokio_util::sync::CancellationToken;
+
+/// Runs every loop until `shutdown`.
+pub async fn run(client: kube::Client, shutdown: CancellationToken) {
+    let informers = controllers::informer::Informers::new(client.clone(), shutdown.clone());
+    let scheduler = scheduler::Scheduler::new(
+        &informers,
+        controllers::events::Recorder::start(client.clone(), "default-scheduler", shutdown.clone()),
+        scheduler::Config::default(),
+    );
+    informers.start();
+    let loops = vec![
+        tokio::spawn(scheduler.run(shutdown.clone())),
+        tokio::spawn(controllers::namespace::run(
+            client.clone(),
+            shutdown.clone(),
+        )),
+    ];
+    join_all(loops).await;
+}
