@@ -54,6 +54,7 @@ pub struct Scheduler {
     pod_store: Store<Pod>,
     node_store: Store<Node>,
     namespace_store: Store<Namespace>,
+    synced: Option<[controllers::informer::SyncSignal; 3]>,
 }
 
 struct BindResult {
@@ -241,6 +242,11 @@ impl Scheduler {
     pub fn new(informers: &Informers, recorder: Recorder, config: Config) -> Self {
         let (pods, nodes, namespaces) =
             (informers.pods(), informers.nodes(), informers.namespaces());
+        let synced = [
+            pods.sync_signal(),
+            nodes.sync_signal(),
+            namespaces.sync_signal(),
+        ];
         Scheduler {
             config,
             client: informers.client(),
@@ -251,18 +257,14 @@ impl Scheduler {
             pod_store: pods.store(),
             node_store: nodes.store(),
             namespace_store: namespaces.store(),
+            synced: Some(synced),
         }
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let ready = async {
-            let _ = self.pod_store.wait_until_ready().await;
-            let _ = self.node_store.wait_until_ready().await;
-            let _ = self.namespace_store.wait_until_ready().await;
-        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = ready => {}
+            _ = futures::future::join_all(self.synced.take().into_iter().flatten().map(|s| s.wait())) => {}
         }
         let mut state = State {
             config: self.config.clone(),

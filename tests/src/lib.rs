@@ -51,6 +51,11 @@ impl Site {
         self.dir.path().join("server.log")
     }
 
+    /// What the server logged so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
     /// Starts a site in a new temporary folder and waits until it is ready.
     pub fn start() -> Result<Site> {
         let bin = edgesite_bin();
@@ -252,6 +257,9 @@ impl Site {
 
 impl Drop for Site {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- edgesite server log ----\n{}", self.log());
+        }
         self.kill();
     }
 }

@@ -132,7 +132,7 @@ impl SimNodes {
             next_ip: Mutex::new(HashMap::new()),
         });
         let shutdown = CancellationToken::new();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<()>>(1);
         let thread = {
             let shared = shared.clone();
             let shutdown = shutdown.clone();
@@ -226,7 +226,7 @@ async fn register(client: &kube::Client, shared: &Arc<Shared>) -> Result<()> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
     let limit = Arc::new(Semaphore::new(32));
     let mut tasks = Vec::new();
-    for name in shared.names.iter().cloned() {
+    for name in shared.names.clone() {
         let (nodes, leases, shared, limit) =
             (nodes.clone(), leases.clone(), shared.clone(), limit.clone());
         tasks.push(tokio::spawn(async move {

@@ -22,8 +22,9 @@ fn pods_are_scheduled_onto_simulated_nodes_and_run() {
     assert!(
         tests::eventually(WAIT, || pod_field(&site, "web", ".status.phase")
             == "Running"),
-        "pod never ran: {}",
-        site.ok(&["describe", "pod", "web"])
+        "pod never ran: {}\n{}",
+        site.ok(&["describe", "pod", "web"]),
+        site.log()
     );
     let node = pod_field(&site, "web", ".spec.nodeName");
     assert!(nodes.names().contains(&node), "{node}");
@@ -97,4 +98,92 @@ spec:
         "{}",
         site.ok(&["describe", "pod", "big"])
     );
+}
+
+fn count_pods(site: &Site, selector: &str, phase: &str) -> usize {
+    site.ok(&[
+        "get",
+        "pods",
+        "-l",
+        selector,
+        "--field-selector",
+        &format!("status.phase={phase}"),
+        "-o",
+        "name",
+    ])
+    .lines()
+    .count()
+}
+
+#[test]
+fn replicasets_keep_their_replica_count() {
+    let site = Site::start().unwrap();
+    let _nodes = SimNodes::for_site(&site, 2).unwrap();
+    // An orphan pod with matching labels is adopted instead of creating a third pod.
+    site.ok(&["run", "orphan", "--image=busybox", "--labels=app=cache"]);
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(
+            r#"apiVersion: apps/v1
+kind: ReplicaSet
+metadata: {name: cache}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: cache}}
+  template:
+    metadata: {labels: {app: cache}}
+    spec: {containers: [{name: c, image: busybox}]}
+"#,
+        ),
+    );
+    let ready = |n: &str| {
+        site.ok(&[
+            "get",
+            "rs",
+            "cache",
+            "-o",
+            "jsonpath={.status.readyReplicas}",
+        ]) == n
+    };
+    assert!(
+        tests::eventually(WAIT, || ready("3")),
+        "{}\n{}",
+        site.ok(&["get", "pods", "-o", "wide"]),
+        site.log()
+    );
+    assert_eq!(count_pods(&site, "app=cache", "Running"), 3);
+    let owner = pod_field(&site, "orphan", ".metadata.ownerReferences[0].name");
+    assert_eq!(owner, "cache", "the orphan was adopted");
+    // A deleted pod is replaced.
+    site.ok(&["delete", "pod", "orphan", "--wait=false"]);
+    assert!(tests::eventually(WAIT, || ready("3")
+        && count_pods(&site, "app=cache", "Running") == 3
+        && !site
+            .ok(&["get", "pods", "-o", "name"])
+            .contains("pod/orphan")));
+    site.ok(&["scale", "rs", "cache", "--replicas=1"]);
+    assert!(tests::eventually(WAIT, || ready("1")
+        && count_pods(&site, "app=cache", "Running") == 1));
+    let events = site.ok(&["describe", "rs", "cache"]);
+    assert!(
+        events.contains("SuccessfulCreate") && events.contains("SuccessfulDelete"),
+        "{events}"
+    );
+    // A pod whose labels stop matching is released and replaced.
+    let pod = site.ok(&[
+        "get",
+        "pods",
+        "-l",
+        "app=cache",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ]);
+    site.ok(&["label", "pod", &pod, "app=other", "--overwrite"]);
+    assert!(tests::eventually(WAIT, || pod_field(
+        &site,
+        &pod,
+        ".metadata.ownerReferences"
+    )
+    .is_empty()
+        && count_pods(&site, "app=cache", "Running") == 1));
 }

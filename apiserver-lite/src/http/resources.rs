@@ -2081,6 +2081,24 @@ pub async fn create_internal(
     ctx.create(object, &mut opts).await
 }
 
+/// Sets the pod's `PodScheduled` condition to True (replacing a False one from a failed attempt).
+fn set_pod_scheduled(pod: &mut Value) {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let condition = json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": now});
+    let status = pod
+        .as_object_mut()
+        .map(|o| o.entry("status").or_insert_with(|| json!({})));
+    let Some(status) = status.and_then(Value::as_object_mut) else {
+        return;
+    };
+    let conditions = status.entry("conditions").or_insert_with(|| json!([]));
+    let Some(list) = conditions.as_array_mut() else {
+        return;
+    };
+    list.retain(|c| c.get("type").and_then(Value::as_str) != Some("PodScheduled"));
+    list.push(condition);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2137,22 +2155,4 @@ mod tests {
             400
         );
     }
-}
-
-/// Sets the pod's `PodScheduled` condition to True (replacing a False one from a failed attempt).
-fn set_pod_scheduled(pod: &mut Value) {
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let condition = json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": now});
-    let status = pod
-        .as_object_mut()
-        .map(|o| o.entry("status").or_insert_with(|| json!({})));
-    let Some(status) = status.and_then(Value::as_object_mut) else {
-        return;
-    };
-    let conditions = status.entry("conditions").or_insert_with(|| json!([]));
-    let Some(list) = conditions.as_array_mut() else {
-        return;
-    };
-    list.retain(|c| c.get("type").and_then(Value::as_str) != Some("PodScheduled"));
-    list.push(condition);
 }

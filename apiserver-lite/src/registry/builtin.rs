@@ -36,10 +36,28 @@ fn normalize<T: DeserializeOwned + Serialize>(value: &Value) -> Result<Value, De
             message: e.into_inner().to_string(),
         }
     })?;
-    serde_json::to_value(typed).map_err(|e| DecodeError {
+    let mut value = serde_json::to_value(typed).map_err(|e| DecodeError {
         path: String::new(),
         message: e.to_string(),
-    })
+    })?;
+    drop_empty_metadata(&mut value);
+    Ok(value)
+}
+
+/// Go's `omitempty` on ObjectMeta: an emptied list or map (the last owner reference removed by
+/// a patch) disappears instead of being stored as `[]` or `{}`.
+fn drop_empty_metadata(value: &mut Value) {
+    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.retain(|key, v| {
+            let omittable = matches!(
+                key.as_str(),
+                "labels" | "annotations" | "ownerReferences" | "finalizers" | "managedFields"
+            );
+            let empty = v.as_array().is_some_and(Vec::is_empty)
+                || v.as_object().is_some_and(|o| o.is_empty());
+            !(omittable && empty)
+        });
+    }
 }
 
 fn schema_name<T: schemars::JsonSchema>() -> Cow<'static, str> {

@@ -46,6 +46,15 @@ impl<K> Clone for Change<K> {
     }
 }
 
+/// Waits for an informer's first full list.
+pub struct SyncSignal(tokio::sync::watch::Receiver<bool>);
+
+impl SyncSignal {
+    pub async fn wait(mut self) {
+        let _ = self.0.wait_for(|synced| *synced).await;
+    }
+}
+
 pub struct Informer<K>
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
@@ -55,6 +64,7 @@ where
     store: Store<K>,
     writer: Mutex<Option<reflector::store::Writer<K>>>,
     subscribers: Mutex<Vec<mpsc::Sender<Change<K>>>>,
+    synced: tokio::sync::watch::Sender<bool>,
 }
 
 impl<K> Informer<K>
@@ -69,12 +79,24 @@ where
             store,
             writer: Mutex::new(Some(writer)),
             subscribers: Mutex::new(Vec::new()),
+            synced: tokio::sync::watch::Sender::new(false),
         })
     }
 
-    /// The cache. Wait for [`Store::wait_until_ready`] before trusting its contents.
+    /// The cache. Wait for [`Informer::synced`] before trusting its contents.
     pub fn store(&self) -> Store<K> {
         self.store.clone()
+    }
+
+    /// Completes once the cache holds a full list. (kube-runtime's `Store::wait_until_ready`
+    /// wakes only one of several concurrent waiters, so loops wait here instead.)
+    pub fn synced(&self) -> impl Future<Output = ()> + Send + use<K> {
+        self.sync_signal().wait()
+    }
+
+    /// A handle to wait on later for [`Informer::synced`].
+    pub fn sync_signal(&self) -> SyncSignal {
+        SyncSignal(self.synced.subscribe())
     }
 
     /// A bounded stream of changes. Subscribe before [`Informer::run`] starts to see the
@@ -139,8 +161,10 @@ where
                     writer.apply_watcher_event(&event)
                 }
                 watcher::Event::InitDone => {
+                    tracing::debug!(kind = %K::kind(&()), "informer synced");
                     let before = self.store.state();
                     writer.apply_watcher_event(&event);
+                    self.synced.send_replace(true);
                     for old in before {
                         if self.store.get(&ObjectRef::from_obj(&*old)).is_none() {
                             self.publish(Change::Deleted(old)).await;

@@ -3,8 +3,13 @@
 //! client and prove the API's compatibility as they go.
 //!
 //! Start with [`informer`] (one watch and cache per kind, shared by the loops) and [`events`];
-//! then the loops: [`namespace`] (deleting a namespace deletes what it contains), ...
+//! then the loops: [`namespace`] (deleting a namespace deletes what it contains),
+//! [`replicaset`], ...
 
 pub mod events;
+pub mod expectations;
 pub mod informer;
 pub mod namespace;
+pub mod pods;
+pub mod replicaset;
+pub mod runner;

@@ -12,9 +12,18 @@ pub async fn run(client: kube::Client, shutdown: CancellationToken) {
         controllers::events::Recorder::start(client.clone(), "default-scheduler", shutdown.clone()),
         scheduler::Config::default(),
     );
+    let recorder = |component: &str| {
+        controllers::events::Recorder::start(client.clone(), component, shutdown.clone())
+    };
+    let replicasets = controllers::replicaset::controller(
+        &informers,
+        recorder("replicaset-controller"),
+        shutdown.clone(),
+    );
     informers.start();
     let loops = vec![
         tokio::spawn(scheduler.run(shutdown.clone())),
+        tokio::spawn(replicasets),
         tokio::spawn(controllers::namespace::run(
             client.clone(),
             shutdown.clone(),
