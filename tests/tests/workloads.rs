@@ -187,3 +187,173 @@ spec:
     .is_empty()
         && count_pods(&site, "app=cache", "Running") == 1));
 }
+
+fn rollout_status(site: &Site, deployment: &str) -> String {
+    site.ok(&[
+        "rollout",
+        "status",
+        &format!("deployment/{deployment}"),
+        "--timeout=90s",
+    ])
+}
+
+#[test]
+fn deployments_roll_out_scale_undo_pause_and_restart() {
+    let site = Site::start().unwrap();
+    let _nodes = SimNodes::for_site(&site, 3).unwrap();
+    site.ok(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=nginx:1.25",
+        "--replicas=3",
+    ]);
+    let out = rollout_status(&site, "web");
+    assert!(out.contains("successfully rolled out"), "{out}");
+    let d = site.json(&["get", "deployment", "web", "-o", "json"]);
+    assert_eq!(d["status"]["availableReplicas"], 3, "{d}");
+    assert_eq!(
+        d["metadata"]["annotations"]["deployment.kubernetes.io/revision"],
+        "1"
+    );
+    let ready = site.ok(&["get", "deployment", "web"]);
+    assert!(ready.contains("3/3"), "{ready}");
+
+    site.ok(&["scale", "deployment", "web", "--replicas=5"]);
+    assert!(rollout_status(&site, "web").contains("successfully rolled out"));
+    assert_eq!(count_pods(&site, "app=web", "Running"), 5);
+
+    site.ok(&["set", "image", "deployment/web", "nginx=nginx:1.26"]);
+    site.ok(&[
+        "annotate",
+        "deployment/web",
+        "kubernetes.io/change-cause=move to 1.26",
+    ]);
+    assert!(rollout_status(&site, "web").contains("successfully rolled out"));
+    let images = site.ok(&[
+        "get",
+        "pods",
+        "-l",
+        "app=web",
+        "-o",
+        "jsonpath={.items[*].spec.containers[0].image}",
+    ]);
+    assert!(
+        tests::eventually(WAIT, || {
+            let images = site.ok(&[
+                "get",
+                "pods",
+                "-l",
+                "app=web",
+                "--field-selector=status.phase=Running",
+                "-o",
+                "jsonpath={.items[*].spec.containers[0].image}",
+            ]);
+            images.split_whitespace().count() == 5
+                && images.split_whitespace().all(|i| i == "nginx:1.26")
+        }),
+        "{images}"
+    );
+    let rs = site.ok(&["get", "rs", "-l", "app=web"]);
+    assert_eq!(rs.lines().count(), 3, "two ReplicaSets: {rs}");
+    let history = site.ok(&["rollout", "history", "deployment/web"]);
+    assert!(
+        history.contains("1 ") && history.contains("2         move to 1.26"),
+        "{history}"
+    );
+
+    site.ok(&["rollout", "undo", "deployment/web"]);
+    assert!(rollout_status(&site, "web").contains("successfully rolled out"));
+    let image = site.ok(&[
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].image}",
+    ]);
+    assert_eq!(image, "nginx:1.25");
+    let history = site.ok(&["rollout", "history", "deployment/web"]);
+    assert!(
+        history.contains("2 ") && history.contains("3 ") && !history.contains("\n1 "),
+        "revision 1 became 3: {history}"
+    );
+    let d = site.json(&["get", "deployment", "web", "-o", "json"]);
+    assert_eq!(
+        d["metadata"]["annotations"]["deployment.kubernetes.io/revision"],
+        "3"
+    );
+
+    // Paused: template changes wait; resume rolls them out.
+    site.ok(&["rollout", "pause", "deployment/web"]);
+    site.ok(&["set", "image", "deployment/web", "nginx=nginx:1.27"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        site.ok(&["get", "rs", "-l", "app=web", "-o", "name"])
+            .lines()
+            .count(),
+        2,
+        "no new ReplicaSet while paused"
+    );
+    let cond = site.ok(&[
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "jsonpath={.status.conditions[?(@.type==\"Progressing\")].reason}",
+    ]);
+    assert_eq!(cond, "DeploymentPaused");
+    site.ok(&["rollout", "resume", "deployment/web"]);
+    assert!(rollout_status(&site, "web").contains("successfully rolled out"));
+    site.ok(&["rollout", "restart", "deployment/web"]);
+    assert!(rollout_status(&site, "web").contains("successfully rolled out"));
+    let events = site.ok(&["describe", "deployment", "web"]);
+    assert!(
+        events.contains("ScalingReplicaSet") && events.contains("Scaled up replica set web-"),
+        "{events}"
+    );
+}
+
+#[test]
+fn recreate_stops_old_pods_before_starting_new_ones() {
+    let site = Site::start().unwrap();
+    let _nodes = SimNodes::for_site(&site, 2).unwrap();
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: db}
+spec:
+  replicas: 2
+  strategy: {type: Recreate}
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata: {labels: {app: db}}
+    spec: {containers: [{name: db, image: "postgres:16"}]}
+"#,
+        ),
+    );
+    assert!(rollout_status(&site, "db").contains("successfully rolled out"));
+    site.ok(&["set", "image", "deployment/db", "db=postgres:17"]);
+    assert!(rollout_status(&site, "db").contains("successfully rolled out"));
+    let images = site.ok(&[
+        "get",
+        "pods",
+        "-l",
+        "app=db",
+        "-o",
+        "jsonpath={.items[*].spec.containers[0].image}",
+    ]);
+    assert_eq!(images, "postgres:17 postgres:17");
+    let events = site.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=db",
+        "-o",
+        "jsonpath={.items[*].message}",
+    ]);
+    let down = events.find("Scaled down").expect("scaled down the old set");
+    let up_new = events.rfind("Scaled up").expect("scaled up the new set");
+    assert!(down < up_new, "old pods stop first: {events}");
+}

@@ -4,12 +4,14 @@
 //!
 //! Start with [`informer`] (one watch and cache per kind, shared by the loops) and [`events`];
 //! then the loops: [`namespace`] (deleting a namespace deletes what it contains),
-//! [`replicaset`], ...
+//! [`replicaset`], [`deployment`], ...
 
+pub mod deployment;
 pub mod events;
 pub mod expectations;
 pub mod informer;
 pub mod namespace;
+pub mod ownership;
 pub mod pods;
 pub mod replicaset;
 pub mod runner;

@@ -1,18 +1,12 @@
 //! Facts about pods that the workload loops share: active, ready, available; new pods from a
-//! template; which pods to delete first; adopting and releasing pods by label selector
-//! (upstream's `ControllerRefManager`). Pure apart from [`claim`].
+//! template; which pods to delete first. Pure.
 
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
-use kube::api::{Api, Patch, PatchParams};
-use kube::core::{Selector, SelectorExt};
-use serde_json::json;
 
 pub fn is_terminal(pod: &Pod) -> bool {
     matches!(
@@ -149,74 +143,14 @@ pub fn deletion_order(a: &Pod, b: &Pod) -> Ordering {
         })
 }
 
-/// Adopts the orphans `selector` matches and releases owned pods it no longer matches; returns
-/// the pods `owner` controls afterwards.
-pub async fn claim<K: Resource<DynamicType = ()>>(
-    client: &kube::Client,
-    owner: &K,
-    selector: &Selector,
-    candidates: Vec<Arc<Pod>>,
-) -> Result<Vec<Arc<Pod>>, kube::Error> {
-    let owner_uid = owner.meta().uid.clone().unwrap_or_default();
-    let owner_deleting = owner.meta().deletion_timestamp.is_some();
-    let namespace = owner.meta().namespace.clone().unwrap_or_default();
-    let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    let mut owned = Vec::new();
-    for pod in candidates {
-        let labels: &BTreeMap<String, String> = pod
-            .metadata
-            .labels
-            .as_ref()
-            .unwrap_or(const { &BTreeMap::new() });
-        let matches = selector.matches(labels);
-        let name = pod.metadata.name.clone().unwrap_or_default();
-        let pod_uid = pod.metadata.uid.clone().unwrap_or_default();
-        match controller_uid(&pod.metadata) {
-            Some(uid) if uid == owner_uid => {
-                if matches || owner_deleting {
-                    owned.push(pod);
-                    continue;
-                }
-                let patch = json!({"metadata": {"ownerReferences": [{"$patch": "delete", "uid": owner_uid}], "uid": pod_uid}});
-                match api
-                    .patch(&name, &PatchParams::default(), &Patch::Strategic(&patch))
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(s)) if s.code == 404 || s.code == 422 || s.code == 409 => {
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            Some(_) => {}
-            None => {
-                if !matches || owner_deleting || pod.metadata.deletion_timestamp.is_some() {
-                    continue;
-                }
-                let reference = controller_reference(owner);
-                let patch = json!({"metadata": {"ownerReferences": [reference], "uid": pod_uid}});
-                match api
-                    .patch(&name, &PatchParams::default(), &Patch::Strategic(&patch))
-                    .await
-                {
-                    Ok(adopted) => owned.push(Arc::new(adopted)),
-                    // Gone, or changed under us (the uid precondition): the next pass sees it.
-                    Err(kube::Error::Api(s)) if s.code == 404 || s.code == 422 || s.code == 409 => {
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-    }
-    Ok(owned)
-}
-
 pub fn now() -> Timestamp {
     Timestamp::now()
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn pod(v: serde_json::Value) -> Pod {

@@ -148,7 +148,7 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Context>) -> Result<Action, Err
     };
     let synced = ctx.expectations.satisfied(&key, in_cache);
     let candidates = namespace_pods(&ctx.pods, &namespace);
-    let owned = pods::claim(&ctx.client, &*rs, &selector, candidates)
+    let owned = crate::ownership::claim(&ctx.client, &*rs, &selector, candidates)
         .await
         .map_err(Error::Claim)?;
     let want = spec.replicas.unwrap_or(1).max(0) as usize;

@@ -20,10 +20,16 @@ pub async fn run(client: kube::Client, shutdown: CancellationToken) {
         recorder("replicaset-controller"),
         shutdown.clone(),
     );
+    let deployments = controllers::deployment::controller(
+        &informers,
+        recorder("deployment-controller"),
+        shutdown.clone(),
+    );
     informers.start();
     let loops = vec![
         tokio::spawn(scheduler.run(shutdown.clone())),
         tokio::spawn(replicasets),
+        tokio::spawn(deployments),
         tokio::spawn(controllers::namespace::run(
             client.clone(),
             shutdown.clone(),
