@@ -312,7 +312,7 @@ mod tests {
     fn a_stuck_rollout_exceeds_its_deadline() {
         let start = Timestamp::now();
         let d = deployment(
-            json!({"replicas": 2, "updatedReplicas": 1, "availableReplicas": 2, "observedGeneration": 2,
+            json!({"replicas": 3, "updatedReplicas": 1, "readyReplicas": 2, "availableReplicas": 2, "observedGeneration": 2,
             "conditions": [{"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated", "lastUpdateTime": Time(start), "lastTransitionTime": Time(start)}]}),
         );
         let old = rs("web-old", 2, 2);
