@@ -357,3 +357,73 @@ spec:
     let up_new = events.rfind("Scaled up").expect("scaled up the new set");
     assert!(down < up_new, "old pods stop first: {events}");
 }
+
+fn names(site: &Site, kind: &str, selector: &str) -> Vec<String> {
+    site.ok(&["get", kind, "-l", selector, "-o", "name"])
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn deleting_a_deployment_cascades_as_asked() {
+    let site = Site::start().unwrap();
+    let _nodes = SimNodes::for_site(&site, 2).unwrap();
+    for app in ["bg", "fg", "orphan"] {
+        site.ok(&["create", "deployment", app, "--image=nginx", "--replicas=2"]);
+    }
+    for app in ["bg", "fg", "orphan"] {
+        assert!(rollout_status(&site, app).contains("successfully rolled out"));
+    }
+    // Background (kubectl's default): the Deployment goes at once, then its ReplicaSet and pods.
+    site.ok(&["delete", "deployment", "bg", "--wait=false"]);
+    assert!(
+        tests::eventually(WAIT, || names(&site, "rs", "app=bg").is_empty()
+            && names(&site, "pods", "app=bg").is_empty()),
+        "{}",
+        site.ok(&["get", "all"])
+    );
+    // Foreground: the Deployment stays (with the foregroundDeletion finalizer) until its
+    // dependents are gone; `kubectl delete --wait` returns once it is.
+    site.ok(&[
+        "delete",
+        "deployment",
+        "fg",
+        "--cascade=foreground",
+        "--timeout=60s",
+    ]);
+    assert!(names(&site, "rs", "app=fg").is_empty());
+    assert!(names(&site, "pods", "app=fg").is_empty());
+    assert!(names(&site, "deployment", "app=fg").is_empty());
+    // Orphan: the ReplicaSet and pods stay, without the owner reference.
+    site.ok(&[
+        "delete",
+        "deployment",
+        "orphan",
+        "--cascade=orphan",
+        "--timeout=60s",
+    ]);
+    let rs = names(&site, "rs", "app=orphan");
+    assert_eq!(rs.len(), 1, "{rs:?}");
+    let owners = site.ok(&["get", &rs[0], "-o", "jsonpath={.metadata.ownerReferences}"]);
+    assert!(owners.is_empty(), "{owners}");
+    assert_eq!(count_pods(&site, "app=orphan", "Running"), 2);
+    // A pod whose owner vanished while the collector was not looking is collected too.
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(
+            r#"apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: stray
+  ownerReferences: [{apiVersion: v1, kind: ConfigMap, name: never-was, uid: 6f1d4f0e-0000-4000-8000-000000000000}]
+"#,
+        ),
+    );
+    assert!(
+        tests::eventually(WAIT, || !site
+            .ok(&["get", "cm", "-o", "name"])
+            .contains("stray")),
+        "an object whose owner does not exist is deleted"
+    );
+}

@@ -4,11 +4,12 @@
 //!
 //! Start with [`informer`] (one watch and cache per kind, shared by the loops) and [`events`];
 //! then the loops: [`namespace`] (deleting a namespace deletes what it contains),
-//! [`replicaset`], [`deployment`], ...
+//! [`replicaset`], [`deployment`], [`garbage_collector`], ...
 
 pub mod deployment;
 pub mod events;
 pub mod expectations;
+pub mod garbage_collector;
 pub mod informer;
 pub mod namespace;
 pub mod ownership;

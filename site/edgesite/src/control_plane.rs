@@ -34,6 +34,10 @@ pub async fn run(client: kube::Client, shutdown: CancellationToken) {
             client.clone(),
             shutdown.clone(),
         )),
+        tokio::spawn(controllers::garbage_collector::run(
+            client.clone(),
+            shutdown.clone(),
+        )),
     ];
     join_all(loops).await;
 }
