@@ -1,5 +1,6 @@
 //! Starting an API server: open the store, create the default namespaces, serve until shutdown.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::TokenAuthenticator;
 use crate::http::{self, ApiServer};
+use crate::services::ServiceNetwork;
 use crate::storage::sqlite::SqliteStorage;
 use crate::storage::{Storage, StorageError};
 
@@ -25,6 +27,10 @@ pub struct Config {
     pub tokens: TokenAuthenticator,
     /// How many recent changes watchers can resume from.
     pub watch_window: usize,
+    /// Where Service cluster IPs and node ports come from.
+    pub service_network: ServiceNetwork,
+    /// The address clients in pods reach this server at: the `kubernetes` Service's endpoint.
+    pub advertise: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +52,8 @@ pub async fn prepare(
         &config.database,
         config.watch_window,
         config.tokens.clone(),
+        config.service_network.clone(),
+        config.advertise,
         shutdown,
     )
     .await
@@ -56,10 +64,12 @@ pub async fn prepare_store(
     database: &std::path::Path,
     watch_window: usize,
     tokens: TokenAuthenticator,
+    service_network: ServiceNetwork,
+    advertise: Option<SocketAddr>,
     shutdown: CancellationToken,
 ) -> Result<Arc<ApiServer>, ServerError> {
     let storage: Arc<dyn Storage> = Arc::new(SqliteStorage::open(database, watch_window)?);
-    let server = Arc::new(ApiServer::new(storage, tokens, shutdown));
+    let server = Arc::new(ApiServer::new(storage, tokens, service_network, shutdown));
     for name in DEFAULT_NAMESPACES {
         let object = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
         match http::resources::create_internal(&server, "", "v1", "namespaces", "", object).await {
@@ -90,8 +100,93 @@ pub async fn prepare_store(
             .unwrap_or("");
         crate::crd::sync(&server.registry, name, Some(&item));
     }
+    for problem in server.services.repair(&*server.storage).await? {
+        tracing::warn!("{problem}");
+    }
+    kubernetes_service(&server, advertise).await?;
     server.ready.store(true, Ordering::Release);
     Ok(server)
+}
+
+/// The `default/kubernetes` Service (the network's first address, port 443) and its endpoints
+/// (this server), which in-cluster clients use to reach the API.
+async fn kubernetes_service(
+    server: &Arc<ApiServer>,
+    advertise: Option<SocketAddr>,
+) -> Result<(), ServerError> {
+    let ip = server.services.network().first().to_string();
+    let port = advertise.map_or(6443, |a| a.port());
+    let service = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"component": "apiserver", "provider": "kubernetes"}},
+        "spec": {"clusterIP": ip, "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": port}], "type": "ClusterIP", "sessionAffinity": "None"}
+    });
+    let bootstrap = |e: crate::error::ApiError| ServerError::Bootstrap {
+        name: "default/kubernetes".into(),
+        message: e.message,
+    };
+    match http::resources::create_internal(server, "", "v1", "services", "default", service).await {
+        Ok(_) => {}
+        Err(e) if e.code == 409 => {}
+        Err(e) => return Err(bootstrap(e)),
+    }
+    let Some(address) = advertise else {
+        return Ok(());
+    };
+    let address_ip = if address.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        address.ip().to_string()
+    };
+    let family = if address.is_ipv6() { "IPv6" } else { "IPv4" };
+    let endpoints = json!({
+        "apiVersion": "v1", "kind": "Endpoints",
+        "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
+        "subsets": [{"addresses": [{"ip": address_ip}], "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}]
+    });
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubernetes"}},
+        "addressType": family,
+        "endpoints": [{"addresses": [address_ip], "conditions": {"ready": true}}],
+        "ports": [{"name": "https", "port": port, "protocol": "TCP"}]
+    });
+    for (group, version, resource, object, fields) in [
+        ("", "v1", "endpoints", endpoints, &["subsets"][..]),
+        (
+            "discovery.k8s.io",
+            "v1",
+            "endpointslices",
+            slice,
+            &["endpoints", "ports", "addressType"][..],
+        ),
+    ] {
+        let key = crate::storage::object_key(group, resource, "default", "kubernetes");
+        match server.storage.get(&key).await? {
+            None => {
+                http::resources::create_internal(
+                    server, group, version, resource, "default", object,
+                )
+                .await
+                .map_err(bootstrap)?;
+            }
+            Some(stored) => {
+                // The address or port changed since the last start: point the endpoints here.
+                let mut current = (*stored.object).clone();
+                if fields.iter().all(|f| current.get(*f) == object.get(*f)) {
+                    continue;
+                }
+                for f in fields {
+                    current[*f] = object[*f].clone();
+                }
+                server
+                    .storage
+                    .update(&key, current, Some(stored.revision))
+                    .await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs the API server on `listener` until `shutdown` is cancelled.

@@ -285,6 +285,8 @@ async fn in_process_client_runs_the_same_code_path() {
         &dir.path().join("state.db"),
         1024,
         Default::default(),
+        Default::default(),
+        None,
         tokio_util::sync::CancellationToken::new(),
     )
     .await

@@ -427,3 +427,161 @@ metadata:
         "an object whose owner does not exist is deleted"
     );
 }
+
+#[test]
+fn exposed_deployments_get_cluster_ips_and_endpoints_with_ready_pod_ips() {
+    let mut site = Site::start().unwrap();
+    let nodes = SimNodes::for_site(&site, 2).unwrap();
+    site.ok(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=nginx",
+        "--replicas=3",
+        "--port=8080",
+    ]);
+    assert!(rollout_status(&site, "web").contains("successfully rolled out"));
+    site.ok(&[
+        "expose",
+        "deployment",
+        "web",
+        "--port=80",
+        "--target-port=8080",
+    ]);
+    let ip = site.ok(&["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"]);
+    assert!(ip.starts_with("10.43."), "{ip}");
+    let pod_ips = |site: &Site| {
+        let mut ips: Vec<String> = site
+            .ok(&[
+                "get",
+                "pods",
+                "-l",
+                "app=web",
+                "-o",
+                "jsonpath={.items[*].status.podIP}",
+            ])
+            .split_whitespace()
+            .map(|s| format!("{s}:8080"))
+            .collect();
+        ips.sort();
+        ips
+    };
+    let endpoints = |site: &Site| {
+        let mut eps: Vec<String> = site
+            .ok(&[
+                "get",
+                "endpoints",
+                "web",
+                "-o",
+                "jsonpath={range .subsets[*].addresses[*]}{.ip}:8080 {end}",
+            ])
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        eps.sort();
+        eps
+    };
+    assert!(
+        tests::eventually(WAIT, || endpoints(&site) == pod_ips(&site)
+            && endpoints(&site).len() == 3),
+        "{:?} vs {:?}",
+        endpoints(&site),
+        pod_ips(&site)
+    );
+    let slices = site.json(&[
+        "get",
+        "endpointslices",
+        "-l",
+        "kubernetes.io/service-name=web",
+        "-o",
+        "json",
+    ]);
+    let slice = &slices["items"][0];
+    assert_eq!(slice["endpoints"].as_array().unwrap().len(), 3, "{slice}");
+    assert_eq!(slice["ports"][0]["port"], 8080);
+    assert_eq!(slice["metadata"]["ownerReferences"][0]["kind"], "Service");
+    // Scaling down removes the address.
+    site.ok(&["scale", "deployment", "web", "--replicas=1"]);
+    assert!(tests::eventually(WAIT, || endpoints(&site).len() == 1
+        && endpoints(&site) == pod_ips(&site)));
+    // A NodePort service and a fixed cluster IP.
+    site.ok(&[
+        "create",
+        "service",
+        "nodeport",
+        "np",
+        "--tcp=80:8080",
+        "--node-port=30080",
+    ]);
+    let err = site.fails(
+        &[
+            "create",
+            "service",
+            "nodeport",
+            "np2",
+            "--tcp=80:8080",
+            "--node-port=30080",
+        ],
+        None,
+    );
+    assert!(err.contains("provided port is already allocated"), "{err}");
+    let err = site.fails(
+        &[
+            "create",
+            "service",
+            "clusterip",
+            "dup",
+            "--tcp=80",
+            &format!("--clusterip={ip}"),
+        ],
+        None,
+    );
+    assert!(err.contains("provided IP is already allocated"), "{err}");
+    // After a restart the allocations are intact: no new Service reuses an address.
+    drop(nodes);
+    site.stop();
+    site.launch().unwrap();
+    assert_eq!(
+        site.ok(&["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"]),
+        ip
+    );
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..20 {
+        site.ok(&[
+            "create",
+            "service",
+            "clusterip",
+            &format!("s{i}"),
+            "--tcp=80",
+        ]);
+    }
+    for line in site
+        .ok(&[
+            "get",
+            "svc",
+            "-o",
+            "jsonpath={range .items[*]}{.spec.clusterIP}{\"\\n\"}{end}",
+        ])
+        .lines()
+    {
+        assert!(seen.insert(line.to_string()), "duplicate cluster IP {line}");
+    }
+    assert!(!site.log().contains("assigned to multiple services"));
+    // The API server's own Service.
+    let k = site.ok(&[
+        "get",
+        "svc",
+        "kubernetes",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
+    assert_eq!(k, "10.43.0.1");
+    let ep = site.ok(&[
+        "get",
+        "endpoints",
+        "kubernetes",
+        "-o",
+        "jsonpath={.subsets[0].ports[0].port}",
+    ]);
+    assert_eq!(ep, site.port.to_string());
+}

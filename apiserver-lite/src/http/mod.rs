@@ -45,6 +45,8 @@ pub struct ApiServer {
     pub storage: Arc<dyn Storage>,
     pub tokens: TokenAuthenticator,
     pub openapi: OpenApi,
+    /// Service cluster IPs and node ports.
+    pub services: crate::services::Allocator,
     pub shutdown: CancellationToken,
     /// Set once start-up work (default namespaces) is done; `/readyz` answers 200 after it.
     pub ready: std::sync::atomic::AtomicBool,
@@ -54,6 +56,7 @@ impl ApiServer {
     pub fn new(
         storage: Arc<dyn Storage>,
         tokens: TokenAuthenticator,
+        services: crate::services::ServiceNetwork,
         shutdown: CancellationToken,
     ) -> Self {
         let registry = Registry::new();
@@ -63,6 +66,7 @@ impl ApiServer {
             storage,
             tokens,
             openapi,
+            services: crate::services::Allocator::new(services),
             shutdown,
             ready: std::sync::atomic::AtomicBool::new(false),
         }

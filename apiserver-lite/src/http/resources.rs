@@ -1067,6 +1067,8 @@ impl Ctx {
         }
         kinds::apply_defaults(&self.info, &mut object);
         kinds::prepare_for_create(&self.info, &mut object, &uid);
+        // Held until the object is stored: the addresses stay reserved meanwhile.
+        let _reservation = self.assign_service_addresses(&mut object, None).await?;
         let causes = kinds::validate(&self.info, &object, None);
         if !causes.is_empty() {
             return Err(self.invalid(&object, causes));
@@ -1088,6 +1090,30 @@ impl Ctx {
             .map_err(|e| storage_error(&self.info, &name, e))?;
         self.after_write(&name, Some(&stored.object)).await;
         Ok((*stored.object).clone())
+    }
+
+    /// Cluster IP and node ports of a Service being written (see `services.rs`).
+    async fn assign_service_addresses(
+        &self,
+        object: &mut Value,
+        old: Option<&Value>,
+    ) -> Result<Option<crate::services::Reservation>, ApiError> {
+        if (self.info.group.as_str(), self.info.resource.as_str()) != ("", "services") {
+            return Ok(None);
+        }
+        match self
+            .server
+            .services
+            .assign(&*self.server.storage, object, old)
+            .await
+        {
+            Ok(r) => Ok(Some(r)),
+            Err(crate::services::AssignError::Invalid(causes)) => Err(self.invalid(object, causes)),
+            Err(crate::services::AssignError::Full(message)) => Err(ApiError::internal(message)),
+            Err(crate::services::AssignError::Storage(e)) => Err(ApiError::internal(format!(
+                "allocate service addresses: {e}"
+            ))),
+        }
     }
 
     /// Keeps derived server state in step with writes: CRDs change what the server serves.
@@ -1131,6 +1157,7 @@ impl Ctx {
         opts: &mut WriteOptions,
         track: bool,
     ) -> Result<Value, ApiError> {
+        let mut _reservation = None;
         let name = meta_str(&old.object, "name").to_string();
         self.check_namespace_field(&mut new)?;
         let body_name = meta_str(&new, "name").to_string();
@@ -1200,6 +1227,9 @@ impl Ctx {
                 }
                 kinds::apply_defaults(&self.info, &mut new);
                 kinds::prepare_for_update(&self.info, &mut new);
+                _reservation = self
+                    .assign_service_addresses(&mut new, Some(old_object))
+                    .await?;
                 if self.info.resource == "namespaces" {
                     // Namespace spec.finalizers change only through /finalize.
                     if let Some(f) = old_object.pointer("/spec/finalizers") {

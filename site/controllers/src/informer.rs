@@ -190,6 +190,10 @@ pub struct Informers {
     namespaces: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::Namespace>>>,
     replica_sets: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::apps::v1::ReplicaSet>>>,
     deployments: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::apps::v1::Deployment>>>,
+    services: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::Service>>>,
+    endpoint_slices:
+        std::sync::OnceLock<Arc<Informer<k8s_openapi::api::discovery::v1::EndpointSlice>>>,
+    endpoints: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::Endpoints>>>,
 }
 
 macro_rules! informer_accessor {
@@ -219,6 +223,9 @@ impl Informers {
             namespaces: Default::default(),
             replica_sets: Default::default(),
             deployments: Default::default(),
+            services: Default::default(),
+            endpoint_slices: Default::default(),
+            endpoints: Default::default(),
         }
     }
 
@@ -258,6 +265,13 @@ impl Informers {
         deployments,
         k8s_openapi::api::apps::v1::Deployment
     );
+    informer_accessor!(services, services, k8s_openapi::api::core::v1::Service);
+    informer_accessor!(
+        endpoint_slices,
+        endpoint_slices,
+        k8s_openapi::api::discovery::v1::EndpointSlice
+    );
+    informer_accessor!(endpoints, endpoints, k8s_openapi::api::core::v1::Endpoints);
 
     /// Starts every informer created so far.
     pub fn start(&self) {

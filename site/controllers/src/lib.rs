@@ -4,9 +4,10 @@
 //!
 //! Start with [`informer`] (one watch and cache per kind, shared by the loops) and [`events`];
 //! then the loops: [`namespace`] (deleting a namespace deletes what it contains),
-//! [`replicaset`], [`deployment`], [`garbage_collector`], ...
+//! [`replicaset`], [`deployment`], [`garbage_collector`], [`endpoints`], ...
 
 pub mod deployment;
+pub mod endpoints;
 pub mod events;
 pub mod expectations;
 pub mod garbage_collector;

@@ -25,11 +25,13 @@ pub async fn run(client: kube::Client, shutdown: CancellationToken) {
         recorder("deployment-controller"),
         shutdown.clone(),
     );
+    let endpoints = controllers::endpoints::controller(&informers, shutdown.clone());
     informers.start();
     let loops = vec![
         tokio::spawn(scheduler.run(shutdown.clone())),
         tokio::spawn(replicasets),
         tokio::spawn(deployments),
+        tokio::spawn(endpoints),
         tokio::spawn(controllers::namespace::run(
             client.clone(),
             shutdown.clone(),

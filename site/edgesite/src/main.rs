@@ -49,6 +49,20 @@ pub struct ServerArgs {
     /// HTTPS port of the API server.
     #[arg(long, default_value_t = 6443)]
     pub https_listen_port: u16,
+    /// IPv4 network Service cluster IPs are allocated from.
+    #[arg(
+        long = "service-cidr",
+        value_name = "CIDR",
+        default_value = "10.43.0.0/16"
+    )]
+    pub service_cidr: String,
+    /// Port range for NodePort Services.
+    #[arg(
+        long = "service-node-port-range",
+        value_name = "RANGE",
+        default_value = "30000-32767"
+    )]
+    pub service_node_port_range: String,
     /// Extra host name or IP for the serving certificate (repeat for several).
     #[arg(long = "tls-san", value_name = "NAME")]
     pub tls_san: Vec<String>,

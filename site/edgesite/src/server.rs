@@ -114,6 +114,11 @@ pub fn run(args: ServerArgs) -> Result<()> {
                 args.write_kubeconfig_mode
             )
         })?;
+    let service_network = apiserver_lite::services::ServiceNetwork::new(
+        &args.service_cidr,
+        &args.service_node_port_range,
+    )
+    .map_err(|e| anyhow::anyhow!("{e} (--service-cidr / --service-node-port-range)"))?;
     let server_dir = args.data_dir.join("server");
     std::fs::create_dir_all(&server_dir)
         .with_context(|| format!("create data dir {}", server_dir.display()))?;
@@ -171,6 +176,8 @@ pub fn run(args: ServerArgs) -> Result<()> {
             tls,
             tokens,
             watch_window: 8192,
+            service_network,
+            advertise: Some(addr),
         };
         if args.disable_agent {
             tracing::info!("--disable-agent given: this machine runs the control plane only");

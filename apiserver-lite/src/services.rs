@@ -1,0 +1,520 @@
+//! Service cluster IPs and node ports, allocated by the API server on create and update, as
+//! upstream does (the service REST storage, not a controller).
+//!
+//! The stored Services are the allocation table: a free address is one no stored Service uses
+//! and no write in flight has reserved. Deleting a Service frees its address with no further
+//! bookkeeping, and a restart cannot lose or duplicate allocations. [`Allocator::repair`] runs
+//! at start-up and reports addresses that ended up on two Services (say, after an older
+//! version or a restored backup).
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::ops::RangeInclusive;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value, json};
+
+use crate::error::Cause;
+use crate::storage::{Storage, StorageError, list_prefix};
+
+/// The service network (`--service-cidr`) and node port range (`--service-node-port-range`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceNetwork {
+    base: u32,
+    prefix: u8,
+    pub node_ports: RangeInclusive<u16>,
+}
+
+impl Default for ServiceNetwork {
+    /// K3s' defaults: 10.43.0.0/16 and 30000-32767.
+    fn default() -> Self {
+        ServiceNetwork {
+            base: u32::from(Ipv4Addr::new(10, 43, 0, 0)),
+            prefix: 16,
+            node_ports: 30000..=32767,
+        }
+    }
+}
+
+impl ServiceNetwork {
+    pub fn new(cidr: &str, node_ports: &str) -> Result<Self, String> {
+        let (addr, prefix) = cidr.split_once('/').ok_or_else(|| {
+            format!("service CIDR {cidr:?} is not an IPv4 CIDR such as 10.43.0.0/16")
+        })?;
+        let addr = Ipv4Addr::from_str(addr).map_err(|_| {
+            format!("service CIDR {cidr:?} is not an IPv4 CIDR such as 10.43.0.0/16")
+        })?;
+        let prefix: u8 = prefix
+            .parse()
+            .map_err(|_| format!("service CIDR {cidr:?} has no valid prefix length"))?;
+        if !(8..=30).contains(&prefix) {
+            return Err(format!(
+                "service CIDR {cidr:?}: the prefix length must be between 8 and 30"
+            ));
+        }
+        let mask = u32::MAX << (32 - prefix);
+        let (low, high) = node_ports.split_once('-').ok_or_else(|| {
+            format!("node port range {node_ports:?} is not a range such as 30000-32767")
+        })?;
+        let low: u16 = low.trim().parse().map_err(|_| {
+            format!("node port range {node_ports:?} is not a range such as 30000-32767")
+        })?;
+        let high: u16 = high.trim().parse().map_err(|_| {
+            format!("node port range {node_ports:?} is not a range such as 30000-32767")
+        })?;
+        if low == 0 || low > high {
+            return Err(format!("node port range {node_ports:?} is empty"));
+        }
+        Ok(ServiceNetwork {
+            base: u32::from(addr) & mask,
+            prefix,
+            node_ports: low..=high,
+        })
+    }
+
+    pub fn cidr(&self) -> String {
+        format!("{}/{}", Ipv4Addr::from(self.base), self.prefix)
+    }
+
+    fn size(&self) -> u32 {
+        1u32 << (32 - self.prefix)
+    }
+
+    fn contains(&self, ip: u32) -> bool {
+        ip & (u32::MAX << (32 - self.prefix)) == self.base
+    }
+
+    /// The first usable address: the `kubernetes` Service's.
+    pub fn first(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.base + 1)
+    }
+
+    fn port_range(&self) -> String {
+        format!("{}-{}", self.node_ports.start(), self.node_ports.end())
+    }
+}
+
+#[derive(Default)]
+struct InFlight {
+    ips: HashSet<u32>,
+    ports: HashSet<u16>,
+}
+
+pub struct Allocator {
+    network: ServiceNetwork,
+    in_flight: Arc<Mutex<InFlight>>,
+    /// Serializes allocations: look at the table, pick, reserve.
+    turn: tokio::sync::Mutex<()>,
+}
+
+/// Addresses reserved for one write; released when dropped (by then the write has either
+/// stored them or failed).
+pub struct Reservation {
+    ips: Vec<u32>,
+    ports: Vec<u16>,
+    in_flight: Arc<Mutex<InFlight>>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut f = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        for ip in &self.ips {
+            f.ips.remove(ip);
+        }
+        for p in &self.ports {
+            f.ports.remove(p);
+        }
+    }
+}
+
+fn cluster_ip(service: &Value) -> Option<&str> {
+    service
+        .pointer("/spec/clusterIP")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+fn service_type(service: &Value) -> &str {
+    service
+        .pointer("/spec/type")
+        .and_then(Value::as_str)
+        .unwrap_or("ClusterIP")
+}
+
+fn needs_node_ports(service: &Value) -> bool {
+    match service_type(service) {
+        "NodePort" => true,
+        "LoadBalancer" => service
+            .pointer("/spec/allocateLoadBalancerNodePorts")
+            .and_then(Value::as_bool)
+            .unwrap_or(true),
+        _ => false,
+    }
+}
+
+fn node_ports(service: &Value) -> Vec<u16> {
+    service
+        .pointer("/spec/ports")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.get("nodePort").and_then(Value::as_u64))
+        .filter_map(|p| u16::try_from(p).ok())
+        .collect()
+}
+
+fn identity(service: &Value) -> String {
+    format!(
+        "{}/{}",
+        service
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or(""),
+        service
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    )
+}
+
+impl Allocator {
+    pub fn new(network: ServiceNetwork) -> Self {
+        Allocator {
+            network,
+            in_flight: Arc::default(),
+            turn: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn network(&self) -> &ServiceNetwork {
+        &self.network
+    }
+
+    /// What stored Services use, except `skip` (the Service being updated).
+    async fn used(
+        &self,
+        storage: &dyn Storage,
+        skip: &str,
+    ) -> Result<(HashSet<u32>, HashSet<u16>), StorageError> {
+        let listing = storage
+            .list(&list_prefix("", "services", ""), None, None)
+            .await?;
+        let mut ips = HashSet::new();
+        let mut ports = HashSet::new();
+        for item in listing.items {
+            let Ok(service) = item.value() else { continue };
+            if identity(&service) == skip {
+                continue;
+            }
+            if let Some(ip) = cluster_ip(&service).and_then(|s| Ipv4Addr::from_str(s).ok()) {
+                ips.insert(u32::from(ip));
+            }
+            ports.extend(node_ports(&service));
+        }
+        Ok((ips, ports))
+    }
+
+    /// Fills in (on create) or carries over (on update) the cluster IP and node ports of
+    /// `service`, allocating what is missing and checking what the user asked for.
+    pub async fn assign(
+        &self,
+        storage: &dyn Storage,
+        service: &mut Value,
+        old: Option<&Value>,
+    ) -> Result<Reservation, AssignError> {
+        let _turn = self.turn.lock().await;
+        let me = identity(service);
+        let (mut used_ips, mut used_ports) = self
+            .used(storage, &me)
+            .await
+            .map_err(AssignError::Storage)?;
+        {
+            let f = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            used_ips.extend(f.ips.iter().copied());
+            used_ports.extend(f.ports.iter().copied());
+        }
+        let mut reservation = Reservation {
+            ips: Vec::new(),
+            ports: Vec::new(),
+            in_flight: self.in_flight.clone(),
+        };
+        let mut causes = Vec::new();
+        let spec = service
+            .get_mut("spec")
+            .and_then(Value::as_object_mut)
+            .ok_or(AssignError::Invalid(vec![]))?;
+        let external_name = spec.get("type").and_then(Value::as_str) == Some("ExternalName");
+        if let Some(old) = old {
+            // An update that omits allocated values keeps them (upstream's patchAllocatedValues).
+            let old_ip = cluster_ip(old);
+            let new_empty = spec
+                .get("clusterIP")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty);
+            if new_empty
+                && !external_name
+                && let Some(ip) = old_ip
+            {
+                spec.insert("clusterIP".into(), json!(ip));
+                if let Some(ips) = old.pointer("/spec/clusterIPs") {
+                    spec.insert("clusterIPs".into(), ips.clone());
+                }
+            }
+        }
+        if external_name {
+            spec.remove("clusterIP");
+            spec.remove("clusterIPs");
+        } else {
+            match spec
+                .get("clusterIP")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+            {
+                Some("None") => {
+                    spec.insert("clusterIPs".into(), json!(["None"]));
+                }
+                Some(requested) => {
+                    let unchanged = old.and_then(cluster_ip) == Some(requested);
+                    match Ipv4Addr::from_str(requested) {
+                        Err(_) => causes.push(Cause::invalid(
+                            "spec.clusterIPs[0]",
+                            &json!(requested),
+                            "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)",
+                        )),
+                        Ok(ip) if !unchanged => {
+                            let ip = u32::from(ip);
+                            if !self.network.contains(ip) {
+                                causes.push(Cause::invalid(
+                                    "spec.clusterIPs",
+                                    &json!([requested]),
+                                    &format!("failed to allocate IP {requested}: the provided IP ({requested}) is not in the valid range. The range of valid IPs is {}", self.network.cidr()),
+                                ));
+                            } else if used_ips.contains(&ip) {
+                                causes.push(Cause::invalid("spec.clusterIPs", &json!([requested]), &format!("failed to allocate IP {requested}: provided IP is already allocated")));
+                            } else {
+                                reserve_ip(&mut reservation, ip);
+                            }
+                        }
+                        Ok(_) => {}
+                    }
+                    spec.insert("clusterIPs".into(), json!([requested]));
+                }
+                None => match self.free_ip(&used_ips) {
+                    Some(ip) => {
+                        reserve_ip(&mut reservation, ip);
+                        let text = Ipv4Addr::from(ip).to_string();
+                        spec.insert("clusterIP".into(), json!(text));
+                        spec.insert("clusterIPs".into(), json!([text]));
+                    }
+                    None => {
+                        return Err(AssignError::Full(format!(
+                            "failed to allocate a serviceIP: range is full ({})",
+                            self.network.cidr()
+                        )));
+                    }
+                },
+            }
+            spec.entry("ipFamilies").or_insert_with(|| json!(["IPv4"]));
+            spec.entry("ipFamilyPolicy")
+                .or_insert_with(|| json!("SingleStack"));
+        }
+        let wants_ports = needs_node_ports(service);
+        let old_ports: HashMap<(String, i64), u64> = old
+            .and_then(|o| o.pointer("/spec/ports").and_then(Value::as_array).cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| {
+                let key = (
+                    p.get("protocol")
+                        .and_then(Value::as_str)
+                        .unwrap_or("TCP")
+                        .to_string(),
+                    p.get("port").and_then(Value::as_i64)?,
+                );
+                Some((key, p.get("nodePort").and_then(Value::as_u64)?))
+            })
+            .collect();
+        if let Some(spec) = service.get_mut("spec").and_then(Value::as_object_mut) {
+            if wants_ports && spec.get("type").and_then(Value::as_str) != Some("ClusterIP") {
+                spec.entry("externalTrafficPolicy")
+                    .or_insert_with(|| json!("Cluster"));
+            }
+            let ports = spec.get_mut("ports").and_then(Value::as_array_mut);
+            for (i, port) in ports.into_iter().flatten().enumerate() {
+                let Some(port) = port.as_object_mut() else {
+                    continue;
+                };
+                if !wants_ports {
+                    port.remove("nodePort");
+                    continue;
+                }
+                let key = (
+                    port.get("protocol")
+                        .and_then(Value::as_str)
+                        .unwrap_or("TCP")
+                        .to_string(),
+                    port.get("port").and_then(Value::as_i64).unwrap_or(0),
+                );
+                if port.get("nodePort").is_none()
+                    && let Some(p) = old_ports.get(&key)
+                {
+                    port.insert("nodePort".into(), json!(p));
+                }
+                match port.get("nodePort").and_then(Value::as_u64) {
+                    Some(requested) => {
+                        let unchanged = old_ports.get(&key) == Some(&requested);
+                        if unchanged {
+                            continue;
+                        }
+                        let field = format!("spec.ports[{i}].nodePort");
+                        match u16::try_from(requested).ok().filter(|p| self.network.node_ports.contains(p)) {
+                            None => causes.push(Cause::invalid(
+                                field,
+                                &json!(requested),
+                                &format!("provided port is not in the valid range. The range of valid ports is {}", self.network.port_range()),
+                            )),
+                            Some(p) if used_ports.contains(&p) || reservation.ports.contains(&p) => {
+                                causes.push(Cause::invalid(field, &json!(requested), "provided port is already allocated"))
+                            }
+                            Some(p) => reserve_port(&mut reservation, p),
+                        }
+                    }
+                    None => match self.free_port(&used_ports, &reservation.ports) {
+                        Some(p) => {
+                            reserve_port(&mut reservation, p);
+                            port.insert("nodePort".into(), json!(p));
+                        }
+                        None => {
+                            return Err(AssignError::Full(format!(
+                                "failed to allocate a nodePort: range is full ({})",
+                                self.network.port_range()
+                            )));
+                        }
+                    },
+                }
+            }
+        }
+        if !causes.is_empty() {
+            return Err(AssignError::Invalid(causes));
+        }
+        {
+            let mut f = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            f.ips.extend(reservation.ips.iter().copied());
+            f.ports.extend(reservation.ports.iter().copied());
+        }
+        Ok(reservation)
+    }
+
+    /// A free address, starting at a random offset like upstream (so addresses are not reused
+    /// right away), skipping the network address, the broadcast address and the first address
+    /// (the `kubernetes` Service's) unless it is what is asked for.
+    fn free_ip(&self, used: &HashSet<u32>) -> Option<u32> {
+        let size = self.network.size();
+        let usable = size - 3;
+        let start = rand::random_range(0..usable);
+        (0..usable)
+            .map(|i| self.network.base + 2 + (start + i) % usable)
+            .find(|ip| !used.contains(ip))
+    }
+
+    fn free_port(&self, used: &HashSet<u16>, reserved: &[u16]) -> Option<u16> {
+        let (low, high) = (
+            *self.network.node_ports.start(),
+            *self.network.node_ports.end(),
+        );
+        let count = u32::from(high - low) + 1;
+        let start = rand::random_range(0..count);
+        (0..count)
+            .map(|i| low + ((start + i) % count) as u16)
+            .find(|p| !used.contains(p) && !reserved.contains(p))
+    }
+
+    /// Start-up check: every address on at most one Service. Returns the problems found.
+    pub async fn repair(&self, storage: &dyn Storage) -> Result<Vec<String>, StorageError> {
+        let listing = storage
+            .list(&list_prefix("", "services", ""), None, None)
+            .await?;
+        let mut ips: HashMap<String, Vec<String>> = HashMap::new();
+        let mut ports: HashMap<u64, Vec<String>> = HashMap::new();
+        for item in listing.items {
+            let Ok(service) = item.value() else { continue };
+            if let Some(ip) = cluster_ip(&service).filter(|ip| *ip != "None") {
+                ips.entry(ip.to_string())
+                    .or_default()
+                    .push(identity(&service));
+            }
+            for p in node_ports(&service) {
+                ports
+                    .entry(u64::from(p))
+                    .or_default()
+                    .push(identity(&service));
+            }
+        }
+        let mut problems = Vec::new();
+        for (ip, owners) in ips.into_iter().filter(|(_, o)| o.len() > 1) {
+            problems.push(format!("the cluster IP {ip} was assigned to multiple services ({}); please recreate all but one", owners.join(", ")));
+        }
+        for (port, owners) in ports.into_iter().filter(|(_, o)| o.len() > 1) {
+            problems.push(format!("the node port {port} was assigned to multiple services ({}); please recreate all but one", owners.join(", ")));
+        }
+        problems.sort();
+        Ok(problems)
+    }
+}
+
+fn reserve_ip(r: &mut Reservation, ip: u32) {
+    r.ips.push(ip);
+}
+
+fn reserve_port(r: &mut Reservation, port: u16) {
+    r.ports.push(port);
+}
+
+#[derive(Debug)]
+pub enum AssignError {
+    Invalid(Vec<Cause>),
+    /// The range is used up (upstream answers 500 with this message).
+    Full(String),
+    Storage(StorageError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cidrs_and_ranges() {
+        let n = ServiceNetwork::new("10.43.7.9/16", "30000-32767").unwrap();
+        assert_eq!(n.cidr(), "10.43.0.0/16");
+        assert_eq!(n.first(), Ipv4Addr::new(10, 43, 0, 1));
+        assert!(n.contains(u32::from(Ipv4Addr::new(10, 43, 255, 1))));
+        assert!(!n.contains(u32::from(Ipv4Addr::new(10, 44, 0, 1))));
+        assert!(
+            ServiceNetwork::new("10.43.0.0", "30000-32767")
+                .unwrap_err()
+                .contains("10.43.0.0/16")
+        );
+        assert!(ServiceNetwork::new("10.43.0.0/16", "32767-30000").is_err());
+        assert_eq!(
+            ServiceNetwork::default(),
+            ServiceNetwork::new("10.43.0.0/16", "30000-32767").unwrap()
+        );
+    }
+
+    #[test]
+    fn free_addresses_skip_used_reserved_and_special_ones() {
+        let a = Allocator::new(ServiceNetwork::new("10.0.0.0/29", "30000-30001").unwrap());
+        // /29: .0 network, .1 kubernetes, .7 broadcast -> .2 to .6 usable.
+        let mut used = HashSet::new();
+        for _ in 0..5 {
+            let ip = a.free_ip(&used).unwrap();
+            assert!((2..=6).contains(&(ip & 7)), "{}", Ipv4Addr::from(ip));
+            assert!(used.insert(ip));
+        }
+        assert_eq!(a.free_ip(&used), None);
+        let used_ports = HashSet::from([30000]);
+        assert_eq!(a.free_port(&used_ports, &[]), Some(30001));
+        assert_eq!(a.free_port(&used_ports, &[30001]), None);
+    }
+}
