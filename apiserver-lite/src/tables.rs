@@ -406,9 +406,10 @@ fn node_row(node: &Value, now: DateTime<Utc>) -> Vec<Value> {
         .find(|c| c["type"] == "Ready")
         .map(|c| s(c, "/status"))
     {
+        // Upstream prints NotReady for both False and Unknown; Unknown only without a condition.
         Some("True") => "Ready".to_string(),
-        Some("False") => "NotReady".to_string(),
-        _ => "Unknown".to_string(),
+        Some(_) => "NotReady".to_string(),
+        None => "Unknown".to_string(),
     };
     if node.pointer("/spec/unschedulable") == Some(&json!(true)) {
         status.push_str(",SchedulingDisabled");

@@ -36,6 +36,8 @@ pub struct Site {
     pub dir: tempfile::TempDir,
     pub port: u16,
     child: Option<Child>,
+    /// Extra `edgesite server` flags.
+    extra: Vec<String>,
 }
 
 impl Site {
@@ -58,6 +60,11 @@ impl Site {
 
     /// Starts a site in a new temporary folder and waits until it is ready.
     pub fn start() -> Result<Site> {
+        Site::start_with(&[])
+    }
+
+    /// Starts a site with extra `edgesite server` flags.
+    pub fn start_with(extra: &[&str]) -> Result<Site> {
         let bin = edgesite_bin();
         if !bin.exists() {
             bail!(
@@ -69,6 +76,7 @@ impl Site {
             dir: tempfile::Builder::new().prefix("edgesite-test").tempdir()?,
             port: free_port(),
             child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         site.launch()?;
         Ok(site)
@@ -95,6 +103,7 @@ impl Site {
             .arg(self.port.to_string())
             .arg("--write-kubeconfig")
             .arg(self.kubeconfig())
+            .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))

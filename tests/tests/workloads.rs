@@ -585,3 +585,130 @@ fn exposed_deployments_get_cluster_ips_and_endpoints_with_ready_pod_ips() {
     ]);
     assert_eq!(ep, site.port.to_string());
 }
+
+#[test]
+fn a_silent_node_becomes_not_ready_is_tainted_and_its_pods_are_evicted() {
+    let site = Site::start_with(&["--node-monitor-grace-period=4s"]).unwrap();
+    let nodes = SimNodes::start(
+        site.kube_config().unwrap(),
+        tests::simnodes::SimConfig {
+            count: 2,
+            heartbeat: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: app}
+spec:
+  replicas: 4
+  selector: {matchLabels: {app: app}}
+  template:
+    metadata: {labels: {app: app}}
+    spec:
+      containers: [{name: c, image: busybox}]
+      tolerations:
+      - {key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 3}
+"#,
+        ),
+    );
+    assert!(rollout_status(&site, "app").contains("successfully rolled out"));
+    let on_node = |node: &str| {
+        site.ok(&[
+            "get",
+            "pods",
+            "-l",
+            "app=app",
+            "--field-selector",
+            &format!("spec.nodeName={node}"),
+            "-o",
+            "name",
+        ])
+        .lines()
+        .count()
+    };
+    assert!(
+        on_node("sim-0") > 0,
+        "{}",
+        site.ok(&["get", "pods", "-o", "wide"])
+    );
+    nodes.silence("sim-0");
+    assert!(
+        tests::eventually(WAIT, || site
+            .ok(&["get", "node", "sim-0"])
+            .contains("NotReady")),
+        "{}",
+        site.ok(&["describe", "node", "sim-0"])
+    );
+    let taints = site.ok(&[
+        "get",
+        "node",
+        "sim-0",
+        "-o",
+        "jsonpath={.spec.taints[*].key}",
+    ]);
+    assert!(
+        taints.contains("node.kubernetes.io/unreachable"),
+        "{taints}"
+    );
+    let ready = site.ok(&[
+        "get",
+        "node",
+        "sim-0",
+        "-o",
+        "jsonpath={.status.conditions[?(@.type==\"Ready\")].reason}",
+    ]);
+    assert_eq!(ready, "NodeStatusUnknown");
+    // After tolerationSeconds the pods there are evicted (they stay Terminating: nobody on the
+    // node confirms) and replaced on the healthy node.
+    assert!(
+        tests::eventually(WAIT, || {
+            let terminating = site.ok(&[
+                "get",
+                "pods",
+                "-l",
+                "app=app",
+                "--field-selector",
+                "spec.nodeName=sim-0",
+                "-o",
+                "jsonpath={.items[*].metadata.deletionTimestamp}",
+            ]);
+            terminating.split_whitespace().count() == on_node("sim-0")
+                && count_pods(&site, "app=app", "Running") >= 4
+                && site.ok(&[
+                    "get",
+                    "deployment",
+                    "app",
+                    "-o",
+                    "jsonpath={.status.availableReplicas}",
+                ]) == "4"
+        }),
+        "{}",
+        site.ok(&["get", "pods", "-o", "wide"])
+    );
+    let events = site.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "reason=TaintManagerEviction",
+    ]);
+    assert!(events.contains("Marking for deletion"), "{events}");
+    // Nothing new goes to the silent node.
+    site.ok(&["scale", "deployment", "app", "--replicas=6"]);
+    assert!(rollout_status(&site, "app").contains("successfully rolled out"));
+    let fresh = site.ok(&[
+        "get",
+        "pods",
+        "-l",
+        "app=app",
+        "--field-selector",
+        "spec.nodeName=sim-0",
+        "-o",
+        "jsonpath={.items[?(@.metadata.deletionTimestamp)].metadata.name}",
+    ]);
+    assert_eq!(fresh.split_whitespace().count(), on_node("sim-0"));
+}

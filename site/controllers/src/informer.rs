@@ -194,6 +194,7 @@ pub struct Informers {
     endpoint_slices:
         std::sync::OnceLock<Arc<Informer<k8s_openapi::api::discovery::v1::EndpointSlice>>>,
     endpoints: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::Endpoints>>>,
+    leases: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::coordination::v1::Lease>>>,
 }
 
 macro_rules! informer_accessor {
@@ -226,6 +227,7 @@ impl Informers {
             services: Default::default(),
             endpoint_slices: Default::default(),
             endpoints: Default::default(),
+            leases: Default::default(),
         }
     }
 
@@ -272,6 +274,7 @@ impl Informers {
         k8s_openapi::api::discovery::v1::EndpointSlice
     );
     informer_accessor!(endpoints, endpoints, k8s_openapi::api::core::v1::Endpoints);
+    informer_accessor!(leases, leases, k8s_openapi::api::coordination::v1::Lease);
 
     /// Starts every informer created so far.
     pub fn start(&self) {

@@ -4,7 +4,8 @@
 //!
 //! Start with [`informer`] (one watch and cache per kind, shared by the loops) and [`events`];
 //! then the loops: [`namespace`] (deleting a namespace deletes what it contains),
-//! [`replicaset`], [`deployment`], [`garbage_collector`], [`endpoints`], ...
+//! [`replicaset`], [`deployment`], [`garbage_collector`], [`endpoints`],
+//! [`node_lifecycle`], ...
 
 pub mod deployment;
 pub mod endpoints;
@@ -13,6 +14,7 @@ pub mod expectations;
 pub mod garbage_collector;
 pub mod informer;
 pub mod namespace;
+pub mod node_lifecycle;
 pub mod ownership;
 pub mod pods;
 pub mod replicaset;

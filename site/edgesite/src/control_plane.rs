@@ -4,8 +4,13 @@
 use futures::future::join_all;
 use tokio_util::sync::CancellationToken;
 
+/// What the flags say about the loops.
+pub struct Settings {
+    pub node_monitor_grace_period: std::time::Duration,
+}
+
 /// Runs every loop until `shutdown`.
-pub async fn run(client: kube::Client, shutdown: CancellationToken) {
+pub async fn run(client: kube::Client, settings: Settings, shutdown: CancellationToken) {
     let informers = controllers::informer::Informers::new(client.clone(), shutdown.clone());
     let scheduler = scheduler::Scheduler::new(
         &informers,
@@ -26,12 +31,26 @@ pub async fn run(client: kube::Client, shutdown: CancellationToken) {
         shutdown.clone(),
     );
     let endpoints = controllers::endpoints::controller(&informers, shutdown.clone());
+    let grace = settings.node_monitor_grace_period;
+    let node_lifecycle = controllers::node_lifecycle::controller(
+        &informers,
+        recorder("node-controller"),
+        controllers::node_lifecycle::Config {
+            grace_period: grace,
+            period: (grace / 8).clamp(
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(5),
+            ),
+        },
+        shutdown.clone(),
+    );
     informers.start();
     let loops = vec![
         tokio::spawn(scheduler.run(shutdown.clone())),
         tokio::spawn(replicasets),
         tokio::spawn(deployments),
         tokio::spawn(endpoints),
+        tokio::spawn(node_lifecycle),
         tokio::spawn(controllers::namespace::run(
             client.clone(),
             shutdown.clone(),

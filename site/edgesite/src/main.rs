@@ -34,6 +34,27 @@ enum Command {
     Server(ServerArgs),
 }
 
+/// `90s`, `2m`, `1h` or plain seconds.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 40s, 2m or 1h"))?;
+    let seconds = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{text:?} is not a duration such as 40s, 2m or 1h")),
+    };
+    if seconds == 0 {
+        return Err("the duration must be at least one second".into());
+    }
+    Ok(std::time::Duration::from_secs(seconds))
+}
+
 /// Flags of `edgesite server`; names follow K3s where K3s has the same flag.
 #[derive(Args, Clone, Debug)]
 pub struct ServerArgs {
@@ -63,6 +84,9 @@ pub struct ServerArgs {
         default_value = "30000-32767"
     )]
     pub service_node_port_range: String,
+    /// How long a node may stop heartbeating before it is marked NotReady (e.g. 40s, 2m).
+    #[arg(long = "node-monitor-grace-period", value_name = "DURATION", default_value = "40s", value_parser = parse_duration)]
+    pub node_monitor_grace_period: std::time::Duration,
     /// Extra host name or IP for the serving certificate (repeat for several).
     #[arg(long = "tls-san", value_name = "NAME")]
     pub tls_san: Vec<String>,

@@ -187,7 +187,11 @@ pub fn run(args: ServerArgs) -> Result<()> {
             .context("start the API server")?;
         // Control loops talk to the API through the in-process client: no socket, same path.
         let client = kube::Client::new(apiserver_lite::http::in_process(api.clone()), "default");
-        let loops = tokio::spawn(crate::control_plane::run(client, shutdown.clone()));
+        let loops = tokio::spawn(crate::control_plane::run(
+            client,
+            crate::control_plane::Settings { node_monitor_grace_period: args.node_monitor_grace_period },
+            shutdown.clone(),
+        ));
         let app = apiserver_lite::http::router(api);
         let mut server = tokio::spawn(apiserver_lite::http::serve(listener, config.tls.clone(), app, shutdown.clone()));
         tracing::info!(
