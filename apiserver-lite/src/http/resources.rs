@@ -2014,13 +2014,22 @@ impl Ctx {
                             "",
                             format!("The disruption budget {pdb_name} needs {desired} healthy pods and has {healthy} currently"),
                         )],
-                        retry_after_seconds: Some(10),
+                        // Upstream sends no Retry-After here: client-go would otherwise retry
+                        // inside the request and `kubectl drain --timeout` could not stop it.
+                        retry_after_seconds: None,
                         ..Details::default()
                     });
                     return Err(e);
                 }
                 let mut updated = (*pdb.object).clone();
                 updated["status"]["disruptionsAllowed"] = json!(allowed - 1);
+                // Upstream records the eviction so the disruption controller does not count
+                // the pod as healthy again before it is gone.
+                let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+                if !updated["status"]["disruptedPods"].is_object() {
+                    updated["status"]["disruptedPods"] = json!({});
+                }
+                updated["status"]["disruptedPods"][name] = json!(now);
                 let key = object_key(
                     "policy",
                     "poddisruptionbudgets",

@@ -195,6 +195,18 @@ pub struct Informers {
         std::sync::OnceLock<Arc<Informer<k8s_openapi::api::discovery::v1::EndpointSlice>>>,
     endpoints: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::Endpoints>>>,
     leases: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::coordination::v1::Lease>>>,
+    pod_disruption_budgets:
+        std::sync::OnceLock<Arc<Informer<k8s_openapi::api::policy::v1::PodDisruptionBudget>>>,
+    stateful_sets: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::apps::v1::StatefulSet>>>,
+    daemon_sets: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::apps::v1::DaemonSet>>>,
+    jobs: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::batch::v1::Job>>>,
+    cron_jobs: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::batch::v1::CronJob>>>,
+    controller_revisions:
+        std::sync::OnceLock<Arc<Informer<k8s_openapi::api::apps::v1::ControllerRevision>>>,
+    persistent_volume_claims:
+        std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::PersistentVolumeClaim>>>,
+    service_accounts:
+        std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::ServiceAccount>>>,
 }
 
 macro_rules! informer_accessor {
@@ -228,6 +240,14 @@ impl Informers {
             endpoint_slices: Default::default(),
             endpoints: Default::default(),
             leases: Default::default(),
+            pod_disruption_budgets: Default::default(),
+            stateful_sets: Default::default(),
+            daemon_sets: Default::default(),
+            jobs: Default::default(),
+            cron_jobs: Default::default(),
+            controller_revisions: Default::default(),
+            persistent_volume_claims: Default::default(),
+            service_accounts: Default::default(),
         }
     }
 
@@ -275,6 +295,38 @@ impl Informers {
     );
     informer_accessor!(endpoints, endpoints, k8s_openapi::api::core::v1::Endpoints);
     informer_accessor!(leases, leases, k8s_openapi::api::coordination::v1::Lease);
+    informer_accessor!(
+        pod_disruption_budgets,
+        pod_disruption_budgets,
+        k8s_openapi::api::policy::v1::PodDisruptionBudget
+    );
+    informer_accessor!(
+        stateful_sets,
+        stateful_sets,
+        k8s_openapi::api::apps::v1::StatefulSet
+    );
+    informer_accessor!(
+        daemon_sets,
+        daemon_sets,
+        k8s_openapi::api::apps::v1::DaemonSet
+    );
+    informer_accessor!(jobs, jobs, k8s_openapi::api::batch::v1::Job);
+    informer_accessor!(cron_jobs, cron_jobs, k8s_openapi::api::batch::v1::CronJob);
+    informer_accessor!(
+        controller_revisions,
+        controller_revisions,
+        k8s_openapi::api::apps::v1::ControllerRevision
+    );
+    informer_accessor!(
+        persistent_volume_claims,
+        persistent_volume_claims,
+        k8s_openapi::api::core::v1::PersistentVolumeClaim
+    );
+    informer_accessor!(
+        service_accounts,
+        service_accounts,
+        k8s_openapi::api::core::v1::ServiceAccount
+    );
 
     /// Starts every informer created so far.
     pub fn start(&self) {

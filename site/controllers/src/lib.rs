@@ -5,9 +5,10 @@
 //! Start with [`informer`] (one watch and cache per kind, shared by the loops) and [`events`];
 //! then the loops: [`namespace`] (deleting a namespace deletes what it contains),
 //! [`replicaset`], [`deployment`], [`garbage_collector`], [`endpoints`],
-//! [`node_lifecycle`], ...
+//! [`node_lifecycle`], [`disruption`], ...
 
 pub mod deployment;
+pub mod disruption;
 pub mod endpoints;
 pub mod events;
 pub mod expectations;

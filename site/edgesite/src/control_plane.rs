@@ -44,6 +44,7 @@ pub async fn run(client: kube::Client, settings: Settings, shutdown: Cancellatio
         },
         shutdown.clone(),
     );
+    let disruption = controllers::disruption::controller(&informers, shutdown.clone());
     informers.start();
     let loops = vec![
         tokio::spawn(scheduler.run(shutdown.clone())),
@@ -51,6 +52,7 @@ pub async fn run(client: kube::Client, settings: Settings, shutdown: Cancellatio
         tokio::spawn(deployments),
         tokio::spawn(endpoints),
         tokio::spawn(node_lifecycle),
+        tokio::spawn(disruption),
         tokio::spawn(controllers::namespace::run(
             client.clone(),
             shutdown.clone(),
