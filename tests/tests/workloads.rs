@@ -797,3 +797,200 @@ spec:
 
     assert!(rollout_status(&site, "web").contains("successfully rolled out"));
 }
+
+fn job_field(site: &Site, job: &str, path: &str) -> String {
+    site.ok(&["get", "job", job, "-o", &format!("jsonpath={{{path}}}")])
+}
+
+#[test]
+fn jobs_run_to_completion_fail_by_the_rules_and_expire() {
+    let site = Site::start().unwrap();
+    let _nodes = SimNodes::for_site(&site, 2).unwrap();
+    site.ok(&[
+        "create",
+        "job",
+        "hello",
+        "--image=busybox",
+        "--",
+        "echo",
+        "hi",
+    ]);
+    site.ok(&[
+        "wait",
+        "--for=condition=complete",
+        "job/hello",
+        "--timeout=60s",
+    ]);
+    assert!(site.ok(&["get", "job", "hello"]).contains("1/1"));
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(
+            r#"apiVersion: batch/v1
+kind: Job
+metadata: {name: batch}
+spec:
+  completions: 4
+  parallelism: 2
+  template:
+    spec: {restartPolicy: Never, containers: [{name: c, image: busybox}]}
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {name: indexed}
+spec:
+  completions: 3
+  parallelism: 3
+  completionMode: Indexed
+  template:
+    spec: {restartPolicy: Never, containers: [{name: c, image: busybox}]}
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {name: failing}
+spec:
+  backoffLimit: 0
+  template:
+    metadata: {annotations: {sim.edgesite.io/fail-after: 100ms}}
+    spec: {restartPolicy: Never, containers: [{name: c, image: busybox}]}
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {name: slow}
+spec:
+  activeDeadlineSeconds: 2
+  template:
+    metadata: {annotations: {sim.edgesite.io/complete-after: 10m}}
+    spec: {restartPolicy: Never, containers: [{name: c, image: busybox}]}
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {name: shortlived}
+spec:
+  ttlSecondsAfterFinished: 1
+  template:
+    spec: {restartPolicy: Never, containers: [{name: c, image: busybox}]}
+"#,
+        ),
+    );
+    site.ok(&[
+        "wait",
+        "--for=condition=complete",
+        "job/batch",
+        "job/indexed",
+        "--timeout=60s",
+    ]);
+    assert_eq!(job_field(&site, "batch", ".status.succeeded"), "4");
+    assert_eq!(
+        job_field(&site, "indexed", ".status.completedIndexes"),
+        "0-2"
+    );
+    site.ok(&[
+        "wait",
+        "--for=condition=failed",
+        "job/failing",
+        "job/slow",
+        "--timeout=60s",
+    ]);
+    assert_eq!(
+        job_field(
+            &site,
+            "failing",
+            ".status.conditions[?(@.type==\"Failed\")].reason"
+        ),
+        "BackoffLimitExceeded"
+    );
+    assert_eq!(
+        job_field(
+            &site,
+            "slow",
+            ".status.conditions[?(@.type==\"Failed\")].reason"
+        ),
+        "DeadlineExceeded"
+    );
+    assert!(tests::eventually(WAIT, || site
+        .ok(&[
+            "get",
+            "pods",
+            "-l",
+            "job-name=slow",
+            "--field-selector=status.phase=Running",
+            "-o",
+            "name"
+        ])
+        .is_empty()));
+    assert!(
+        tests::eventually(WAIT, || !site
+            .ok(&["get", "jobs", "-o", "name"])
+            .contains("shortlived")),
+        "ttlSecondsAfterFinished deletes the job"
+    );
+    assert!(tests::eventually(WAIT, || site
+        .ok(&["get", "pods", "-l", "job-name=shortlived", "-o", "name"])
+        .is_empty()));
+}
+
+#[test]
+fn cronjobs_fire_on_schedule_and_keep_history() {
+    let site = Site::start().unwrap();
+    let _nodes = SimNodes::for_site(&site, 1).unwrap();
+    site.ok(&[
+        "create",
+        "cronjob",
+        "tick",
+        "--image=busybox",
+        "--schedule=* * * * *",
+        "--",
+        "date",
+    ]);
+    assert!(
+        tests::eventually(Duration::from_secs(90), || !job_field_list(&site)
+            .is_empty()),
+        "no job within 90 s: {}",
+        site.ok(&["describe", "cronjob", "tick"])
+    );
+    let job = job_field_list(&site)[0].clone();
+    assert!(job.starts_with("tick-"), "{job}");
+    site.ok(&[
+        "wait",
+        "--for=condition=complete",
+        &format!("job/{job}"),
+        "--timeout=60s",
+    ]);
+    assert!(tests::eventually(WAIT, || !site
+        .ok(&[
+            "get",
+            "cronjob",
+            "tick",
+            "-o",
+            "jsonpath={.status.lastSuccessfulTime}"
+        ])
+        .is_empty()));
+    assert!(
+        !site
+            .ok(&[
+                "get",
+                "cronjob",
+                "tick",
+                "-o",
+                "jsonpath={.status.lastScheduleTime}"
+            ])
+            .is_empty()
+    );
+    // Suspended: nothing new is created.
+    site.ok(&[
+        "patch",
+        "cronjob",
+        "tick",
+        "-p",
+        r#"{"spec":{"suspend":true}}"#,
+    ]);
+    let events = site.ok(&["describe", "cronjob", "tick"]);
+    assert!(events.contains("SuccessfulCreate"), "{events}");
+}
+
+fn job_field_list(site: &Site) -> Vec<String> {
+    site.ok(&["get", "jobs", "-o", "jsonpath={.items[*].metadata.name}"])
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}

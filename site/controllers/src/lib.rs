@@ -5,8 +5,9 @@
 //! Start with [`informer`] (one watch and cache per kind, shared by the loops) and [`events`];
 //! then the loops: [`namespace`] (deleting a namespace deletes what it contains),
 //! [`replicaset`], [`deployment`], [`garbage_collector`], [`endpoints`],
-//! [`node_lifecycle`], [`disruption`], ...
+//! [`node_lifecycle`], [`disruption`], [`job`], [`cronjob`], ...
 
+pub mod cronjob;
 pub mod deployment;
 pub mod disruption;
 pub mod endpoints;
@@ -14,6 +15,7 @@ pub mod events;
 pub mod expectations;
 pub mod garbage_collector;
 pub mod informer;
+pub mod job;
 pub mod namespace;
 pub mod node_lifecycle;
 pub mod ownership;

@@ -45,6 +45,13 @@ pub async fn run(client: kube::Client, settings: Settings, shutdown: Cancellatio
         shutdown.clone(),
     );
     let disruption = controllers::disruption::controller(&informers, shutdown.clone());
+    let jobs =
+        controllers::job::controller(&informers, recorder("job-controller"), shutdown.clone());
+    let cron_jobs = controllers::cronjob::controller(
+        &informers,
+        recorder("cronjob-controller"),
+        shutdown.clone(),
+    );
     informers.start();
     let loops = vec![
         tokio::spawn(scheduler.run(shutdown.clone())),
@@ -53,6 +60,8 @@ pub async fn run(client: kube::Client, settings: Settings, shutdown: Cancellatio
         tokio::spawn(endpoints),
         tokio::spawn(node_lifecycle),
         tokio::spawn(disruption),
+        tokio::spawn(jobs),
+        tokio::spawn(cron_jobs),
         tokio::spawn(controllers::namespace::run(
             client.clone(),
             shutdown.clone(),
