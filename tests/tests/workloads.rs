@@ -994,3 +994,85 @@ fn job_field_list(site: &Site) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+#[test]
+fn daemonsets_run_one_pod_per_eligible_node_and_roll_updates() {
+    let site = Site::start().unwrap();
+    let _nodes = SimNodes::for_site(&site, 3).unwrap();
+    site.ok(&["taint", "node", "sim-2", "dedicated=db:NoSchedule"]);
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(
+            r#"apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: agent}
+spec:
+  selector: {matchLabels: {app: agent}}
+  template:
+    metadata: {labels: {app: agent}}
+    spec: {containers: [{name: agent, image: "agent:1"}]}
+"#,
+        ),
+    );
+    let status = |site: &Site| site.ok(&["rollout", "status", "daemonset/agent", "--timeout=60s"]);
+    assert!(status(&site).contains("successfully rolled out"));
+    let nodes = site.ok(&[
+        "get",
+        "pods",
+        "-l",
+        "app=agent",
+        "-o",
+        "jsonpath={.items[*].spec.nodeName}",
+    ]);
+    let mut nodes: Vec<&str> = nodes.split_whitespace().collect();
+    nodes.sort();
+    assert_eq!(nodes, vec!["sim-0", "sim-1"], "not on the tainted node");
+    // A new node gets its pod.
+    let _more = SimNodes::start(
+        site.kube_config().unwrap(),
+        tests::simnodes::SimConfig {
+            count: 1,
+            prefix: "extra-".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(tests::eventually(WAIT, || count_pods(
+        &site,
+        "app=agent",
+        "Running"
+    ) == 3));
+    site.ok(&["set", "image", "daemonset/agent", "agent=agent:2"]);
+    assert!(status(&site).contains("successfully rolled out"));
+    assert!(tests::eventually(WAIT, || {
+        let images = site.ok(&[
+            "get",
+            "pods",
+            "-l",
+            "app=agent",
+            "--field-selector=status.phase=Running",
+            "-o",
+            "jsonpath={.items[*].spec.containers[0].image}",
+        ]);
+        images.split_whitespace().count() == 3 && images.split_whitespace().all(|i| i == "agent:2")
+    }));
+    let history = site.ok(&["rollout", "history", "daemonset/agent"]);
+    assert!(
+        history.contains("1 ") && history.contains("2 "),
+        "{history}"
+    );
+    site.ok(&["rollout", "undo", "daemonset/agent"]);
+    assert!(status(&site).contains("successfully rolled out"));
+    assert!(tests::eventually(WAIT, || {
+        let images = site.ok(&[
+            "get",
+            "pods",
+            "-l",
+            "app=agent",
+            "--field-selector=status.phase=Running",
+            "-o",
+            "jsonpath={.items[*].spec.containers[0].image}",
+        ]);
+        images.split_whitespace().count() == 3 && images.split_whitespace().all(|i| i == "agent:1")
+    }));
+}

@@ -5,15 +5,17 @@
 //! Start with [`informer`] (one watch and cache per kind, shared by the loops) and [`events`];
 //! then the loops: [`namespace`] (deleting a namespace deletes what it contains),
 //! [`replicaset`], [`deployment`], [`garbage_collector`], [`endpoints`],
-//! [`node_lifecycle`], [`disruption`], [`job`], [`cronjob`], ...
+//! [`node_lifecycle`], [`disruption`], [`job`], [`cronjob`], [`daemonset`], ...
 
 pub mod cronjob;
+pub mod daemonset;
 pub mod deployment;
 pub mod disruption;
 pub mod endpoints;
 pub mod events;
 pub mod expectations;
 pub mod garbage_collector;
+pub mod history;
 pub mod informer;
 pub mod job;
 pub mod namespace;

@@ -162,7 +162,7 @@ pub fn eviction_time(pod: &Pod, taints: &[Taint]) -> Option<Option<Timestamp>> {
     due.map(Some)
 }
 
-fn tolerates(t: &k8s_openapi::api::core::v1::Toleration, taint: &Taint) -> bool {
+pub fn tolerates(t: &k8s_openapi::api::core::v1::Toleration, taint: &Taint) -> bool {
     let effect = t.effect.as_deref().unwrap_or("");
     if !effect.is_empty() && effect != taint.effect {
         return false;

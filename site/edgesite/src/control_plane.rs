@@ -52,6 +52,11 @@ pub async fn run(client: kube::Client, settings: Settings, shutdown: Cancellatio
         recorder("cronjob-controller"),
         shutdown.clone(),
     );
+    let daemon_sets = controllers::daemonset::controller(
+        &informers,
+        recorder("daemonset-controller"),
+        shutdown.clone(),
+    );
     informers.start();
     let loops = vec![
         tokio::spawn(scheduler.run(shutdown.clone())),
@@ -62,6 +67,7 @@ pub async fn run(client: kube::Client, settings: Settings, shutdown: Cancellatio
         tokio::spawn(disruption),
         tokio::spawn(jobs),
         tokio::spawn(cron_jobs),
+        tokio::spawn(daemon_sets),
         tokio::spawn(controllers::namespace::run(
             client.clone(),
             shutdown.clone(),

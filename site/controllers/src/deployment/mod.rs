@@ -8,7 +8,7 @@
 //! `kubectl rollout undo` copies an old ReplicaSet's template into the Deployment (client
 //! side); this loop then finds that ReplicaSet and gives it the next revision.
 
-mod revision;
+pub(crate) mod revision;
 mod rolling;
 mod status;
 

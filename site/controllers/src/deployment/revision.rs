@@ -26,7 +26,7 @@ fn skip_copy(key: &str) -> bool {
     )
 }
 
-fn fnv32a(bytes: &[u8]) -> u32 {
+pub(crate) fn fnv32a(bytes: &[u8]) -> u32 {
     let mut hash: u32 = 0x811c_9dc5;
     for b in bytes {
         hash ^= u32::from(*b);
@@ -37,7 +37,7 @@ fn fnv32a(bytes: &[u8]) -> u32 {
 
 /// Upstream's `rand.SafeEncodeString`: digits become consonants and digits without vowels, so
 /// a hash never spells a word.
-fn safe_encode(s: &str) -> String {
+pub(crate) fn safe_encode(s: &str) -> String {
     const ALPHANUMS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     s.bytes()
         .map(|b| ALPHANUMS[usize::from(b) % ALPHANUMS.len()] as char)
