@@ -1076,3 +1076,101 @@ spec:
         images.split_whitespace().count() == 3 && images.split_whitespace().all(|i| i == "agent:1")
     }));
 }
+
+#[test]
+fn statefulsets_create_in_order_with_claims_and_roll_back_down() {
+    let site = Site::start().unwrap();
+    let _nodes = SimNodes::for_site(&site, 2).unwrap();
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(
+            r#"apiVersion: v1
+kind: Service
+metadata: {name: db}
+spec: {clusterIP: None, selector: {app: db}, ports: [{port: 5432}]}
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: db}
+spec:
+  serviceName: db
+  replicas: 3
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata: {labels: {app: db}}
+    spec: {containers: [{name: db, image: "postgres:16", ports: [{containerPort: 5432}]}]}
+  volumeClaimTemplates:
+  - metadata: {name: data}
+    spec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}
+"#,
+        ),
+    );
+    let status = |site: &Site| site.ok(&["rollout", "status", "statefulset/db", "--timeout=60s"]);
+    assert!(
+        status(&site).contains("partitioned roll out complete")
+            || status(&site).contains("complete")
+    );
+    let pods = site.ok(&[
+        "get",
+        "pods",
+        "-l",
+        "app=db",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ]);
+    assert_eq!(pods, "db-0 db-1 db-2");
+    // Ordered: each pod was created after its predecessor.
+    let events = site.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.kind=StatefulSet",
+        "-o",
+        "jsonpath={.items[*].message}",
+    ]);
+    let order: Vec<usize> = ["Pod db-0", "Pod db-1", "Pod db-2"]
+        .iter()
+        .map(|p| events.find(p).expect(p))
+        .collect();
+    assert!(order[0] < order[1] && order[1] < order[2], "{events}");
+    let claims = site.ok(&["get", "pvc", "-o", "jsonpath={.items[*].metadata.name}"]);
+    assert_eq!(claims, "data-db-0 data-db-1 data-db-2");
+    assert_eq!(pod_field(&site, "db-1", ".spec.hostname"), "db-1");
+    assert_eq!(pod_field(&site, "db-1", ".spec.subdomain"), "db");
+    // Headless service endpoints carry the hostnames.
+    assert!(tests::eventually(WAIT, || site
+        .ok(&[
+            "get",
+            "endpoints",
+            "db",
+            "-o",
+            "jsonpath={.subsets[0].addresses[*].hostname}"
+        ])
+        .split_whitespace()
+        .count()
+        == 3));
+    // Rolling update from the highest ordinal down.
+    site.ok(&["set", "image", "statefulset/db", "db=postgres:17"]);
+    assert!(status(&site).contains("complete"));
+    assert!(tests::eventually(WAIT, || {
+        site.ok(&[
+            "get",
+            "pods",
+            "-l",
+            "app=db",
+            "-o",
+            "jsonpath={.items[*].spec.containers[0].image}",
+        ]) == "postgres:17 postgres:17 postgres:17"
+    }));
+    // Scale down removes the highest ordinal; the claims stay.
+    site.ok(&["scale", "statefulset/db", "--replicas=1"]);
+    assert!(tests::eventually(WAIT, || site.ok(&[
+        "get",
+        "pods",
+        "-l",
+        "app=db",
+        "-o",
+        "jsonpath={.items[*].metadata.name}"
+    ]) == "db-0"));
+    assert_eq!(site.ok(&["get", "pvc", "-o", "name"]).lines().count(), 3);
+}

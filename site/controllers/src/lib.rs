@@ -5,7 +5,7 @@
 //! Start with [`informer`] (one watch and cache per kind, shared by the loops) and [`events`];
 //! then the loops: [`namespace`] (deleting a namespace deletes what it contains),
 //! [`replicaset`], [`deployment`], [`garbage_collector`], [`endpoints`],
-//! [`node_lifecycle`], [`disruption`], [`job`], [`cronjob`], [`daemonset`], ...
+//! [`node_lifecycle`], [`disruption`], [`job`], [`cronjob`], [`daemonset`], [`statefulset`], ...
 
 pub mod cronjob;
 pub mod daemonset;
@@ -24,3 +24,4 @@ pub mod ownership;
 pub mod pods;
 pub mod replicaset;
 pub mod runner;
+pub mod statefulset;

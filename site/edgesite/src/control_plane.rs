@@ -57,6 +57,11 @@ pub async fn run(client: kube::Client, settings: Settings, shutdown: Cancellatio
         recorder("daemonset-controller"),
         shutdown.clone(),
     );
+    let stateful_sets = controllers::statefulset::controller(
+        &informers,
+        recorder("statefulset-controller"),
+        shutdown.clone(),
+    );
     informers.start();
     let loops = vec![
         tokio::spawn(scheduler.run(shutdown.clone())),
@@ -68,6 +73,7 @@ pub async fn run(client: kube::Client, settings: Settings, shutdown: Cancellatio
         tokio::spawn(jobs),
         tokio::spawn(cron_jobs),
         tokio::spawn(daemon_sets),
+        tokio::spawn(stateful_sets),
         tokio::spawn(controllers::namespace::run(
             client.clone(),
             shutdown.clone(),
