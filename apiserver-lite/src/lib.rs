@@ -16,6 +16,7 @@ pub mod protobuf;
 pub mod registry;
 pub mod selectors;
 pub mod server;
+pub mod service_accounts;
 pub mod services;
 pub mod storage;
 pub mod structural;

@@ -31,6 +31,8 @@ pub struct Config {
     pub service_network: ServiceNetwork,
     /// The address clients in pods reach this server at: the `kubernetes` Service's endpoint.
     pub advertise: Option<SocketAddr>,
+    /// PKCS#8 (DER) ECDSA P-256 key that signs ServiceAccount tokens.
+    pub service_account_key: Option<Vec<u8>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +59,20 @@ pub async fn prepare(
         shutdown,
     )
     .await
+    .and_then(|server| {
+        if let Some(key) = &config.service_account_key {
+            let issuer = crate::service_accounts::TokenIssuer::new(
+                key,
+                crate::service_accounts::DEFAULT_ISSUER,
+            )
+            .map_err(|e| ServerError::Bootstrap {
+                name: "service account key".into(),
+                message: e.to_string(),
+            })?;
+            let _ = server.service_account_tokens.set(issuer);
+        }
+        Ok(server)
+    })
 }
 
 /// [`prepare`] without TLS settings: what an in-process server (tests, one-binary wiring) needs.

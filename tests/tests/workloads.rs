@@ -1174,3 +1174,84 @@ spec:
     ]) == "db-0"));
     assert_eq!(site.ok(&["get", "pvc", "-o", "name"]).lines().count(), 3);
 }
+
+#[test]
+fn service_accounts_exist_per_namespace_and_their_tokens_authenticate() {
+    let site = Site::start().unwrap();
+    site.ok(&["create", "namespace", "team"]);
+    assert!(tests::eventually(WAIT, || site
+        .ok(&["get", "sa", "-n", "team", "-o", "name"])
+        .contains("serviceaccount/default")));
+    site.ok(&["delete", "sa", "default", "-n", "team"]);
+    assert!(
+        tests::eventually(WAIT, || site
+            .ok(&["get", "sa", "-n", "team", "-o", "name"])
+            .contains("serviceaccount/default")),
+        "re-created"
+    );
+    site.ok(&["create", "serviceaccount", "builder", "-n", "team"]);
+    let token = site.ok(&["create", "token", "builder", "-n", "team", "--duration=15m"]);
+    let token = token.trim();
+    assert_eq!(token.split('.').count(), 3, "{token}");
+    // A kubeconfig with only the token (no admin client certificate).
+    let ca = site.ok(&[
+        "config",
+        "view",
+        "--raw",
+        "-o",
+        "jsonpath={.clusters[0].cluster.certificate-authority-data}",
+    ]);
+    let server = site.ok(&[
+        "config",
+        "view",
+        "--raw",
+        "-o",
+        "jsonpath={.clusters[0].cluster.server}",
+    ]);
+    let kubeconfig = site.dir.path().join("builder.yaml");
+    std::fs::write(
+        &kubeconfig,
+        format!("apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: {server}, certificate-authority-data: {ca}}}}}]\nusers: [{{name: u, user: {{token: {token}}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n"),
+    )
+    .unwrap();
+    let as_builder = |args: &[&str]| {
+        std::process::Command::new(tests::kubectl_bin())
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let whoami = as_builder(&[
+        "auth",
+        "whoami",
+        "-o",
+        "jsonpath={.status.userInfo.username}",
+    ]);
+    assert!(
+        whoami.status.success(),
+        "{}",
+        String::from_utf8_lossy(&whoami.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&whoami.stdout),
+        "system:serviceaccount:team:builder"
+    );
+    let err = site.fails(
+        &["create", "token", "builder", "-n", "team", "--duration=1m"],
+        None,
+    );
+    assert!(
+        err.contains("may not specify a duration less than 10 minutes"),
+        "{err}"
+    );
+    // A deleted account's tokens stop working.
+    site.ok(&["delete", "sa", "builder", "-n", "team"]);
+    let denied = as_builder(&["get", "pods", "-n", "team"]);
+    assert!(!denied.status.success());
+    let stderr = String::from_utf8_lossy(&denied.stderr);
+    assert!(
+        stderr.contains("provide credentials") || stderr.contains("Unauthorized"),
+        "{stderr}"
+    );
+}

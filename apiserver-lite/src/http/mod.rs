@@ -47,6 +47,8 @@ pub struct ApiServer {
     pub openapi: OpenApi,
     /// Service cluster IPs and node ports.
     pub services: crate::services::Allocator,
+    /// Signs and verifies ServiceAccount tokens, once a key is configured.
+    pub service_account_tokens: std::sync::OnceLock<crate::service_accounts::TokenIssuer>,
     pub shutdown: CancellationToken,
     /// Set once start-up work (default namespaces) is done; `/readyz` answers 200 after it.
     pub ready: std::sync::atomic::AtomicBool,
@@ -67,6 +69,7 @@ impl ApiServer {
             tokens,
             openapi,
             services: crate::services::Allocator::new(services),
+            service_account_tokens: std::sync::OnceLock::new(),
             shutdown,
             ready: std::sync::atomic::AtomicBool::new(false),
         }
@@ -171,16 +174,61 @@ pub fn go_arch() -> &'static str {
     }
 }
 
-fn authenticate(server: &ApiServer, request: &Request) -> Option<Identity> {
+/// The caller: a client certificate or loopback identity, a static token, or (checked
+/// asynchronously by the caller) a ServiceAccount token: `Err(Some(header))`.
+fn authenticate(server: &ApiServer, request: &Request) -> Result<Identity, Option<String>> {
     if let Some(identity) = request.extensions().get::<Identity>() {
-        return Some(identity.clone());
+        return Ok(identity.clone());
     }
     let authorization = request
         .headers()
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
-    server.tokens.authenticate(authorization)
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .ok_or(None)?;
+    server
+        .tokens
+        .authenticate(authorization)
+        .ok_or_else(|| Some(authorization.to_string()))
+}
+
+/// A ServiceAccount token: signed by us, unexpired, and its account (and bound object) still
+/// there with the same uid.
+async fn service_account_identity(server: &ApiServer, authorization: &str) -> Option<Identity> {
+    let token = authorization.strip_prefix("Bearer ")?.trim();
+    let issuer = server.service_account_tokens.get()?;
+    if !crate::service_accounts::looks_like_jwt(token) {
+        return None;
+    }
+    let claims = issuer.verify(token, issuer.issuer(), chrono::Utc::now().timestamp())?;
+    let exists = |resource: &'static str, name: String, uid: String| {
+        let key = crate::storage::object_key("", resource, &claims.namespace, &name);
+        async move {
+            match server.storage.get(&key).await {
+                Ok(Some(stored)) => {
+                    stored
+                        .object
+                        .pointer("/metadata/uid")
+                        .and_then(serde_json::Value::as_str)
+                        == Some(uid.as_str())
+                }
+                _ => false,
+            }
+        }
+    };
+    if !exists("serviceaccounts", claims.name.clone(), claims.uid.clone()).await {
+        return None;
+    }
+    if let Some((kind, name, uid)) = claims.bound.clone() {
+        let resource = match kind.as_str() {
+            "Pod" => "pods",
+            "Secret" => "secrets",
+            _ => return Some(claims.identity()),
+        };
+        if !exists(resource, name, uid).await {
+            return None;
+        }
+    }
+    Some(claims.identity())
 }
 
 async fn dispatch(State(server): State<Arc<ApiServer>>, request: Request) -> Response {
@@ -191,8 +239,13 @@ async fn dispatch(State(server): State<Arc<ApiServer>>, request: Request) -> Res
     if route == Route::Version {
         return json_response(StatusCode::OK, &version());
     }
-    let Some(identity) = authenticate(&server, &request) else {
-        return error_response(&ApiError::unauthorized());
+    let identity = match authenticate(&server, &request) {
+        Ok(identity) => identity,
+        Err(None) => return error_response(&ApiError::unauthorized()),
+        Err(Some(authorization)) => match service_account_identity(&server, &authorization).await {
+            Some(identity) => identity,
+            None => return error_response(&ApiError::unauthorized()),
+        },
     };
     let accept = request
         .headers()

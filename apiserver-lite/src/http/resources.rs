@@ -456,6 +456,11 @@ pub async fn handle(
             let value = decode_document(&content_type(&parts), &body)?;
             ctx.bind(name, value).await
         }
+        (&Method::POST, Some(name), Some("token")) if ctx.info.resource == "serviceaccounts" => {
+            let (parts, body) = read_body(request).await?;
+            let value = decode_document(&content_type(&parts), &body)?;
+            ctx.token_request(name, value).await
+        }
         (&Method::POST, Some(name), Some("eviction")) => {
             let (parts, body) = read_body(request).await?;
             let value = decode_document(&content_type(&parts), &body)?;
@@ -1943,6 +1948,108 @@ impl Ctx {
             }
         }
         Err(ApiError::modified("pods", "", name))
+    }
+
+    /// POST serviceaccounts/x/token: a signed token for the account (upstream's TokenRequest).
+    async fn token_request(&self, name: &str, value: Value) -> Result<Response, ApiError> {
+        let Some(issuer) = self.server.service_account_tokens.get() else {
+            return Err(ApiError::service_unavailable(
+                "this server has no service account signing key configured",
+            ));
+        };
+        let account = self.load(name).await?;
+        let spec = value.get("spec").cloned().unwrap_or(json!({}));
+        let audiences: Vec<String> = spec
+            .get("audiences")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
+            .filter(|a: &Vec<String>| !a.is_empty())
+            .unwrap_or_else(|| vec![issuer.issuer().to_string()]);
+        let seconds = spec
+            .get("expirationSeconds")
+            .and_then(Value::as_i64)
+            .unwrap_or(crate::service_accounts::DEFAULT_EXPIRATION);
+        if seconds < crate::service_accounts::MIN_EXPIRATION {
+            return Err(ApiError::invalid(
+                "TokenRequest",
+                "authentication.k8s.io",
+                name,
+                vec![Cause::invalid(
+                    "spec.expirationSeconds",
+                    &json!(seconds),
+                    "may not specify a duration less than 10 minutes",
+                )],
+            ));
+        }
+        let mut bound = None;
+        if let Some(reference) = spec.get("boundObjectRef").filter(|r| r.is_object()) {
+            let kind = reference.get("kind").and_then(Value::as_str).unwrap_or("");
+            let resource = match kind {
+                "Pod" => "pods",
+                "Secret" => "secrets",
+                other => {
+                    return Err(ApiError::invalid(
+                        "TokenRequest",
+                        "authentication.k8s.io",
+                        name,
+                        vec![Cause::unsupported(
+                            "spec.boundObjectRef.kind",
+                            &json!(other),
+                            &["Pod", "Secret"],
+                        )],
+                    ));
+                }
+            };
+            let bound_name = reference.get("name").and_then(Value::as_str).unwrap_or("");
+            let key = object_key("", resource, &self.namespace, bound_name);
+            let stored = self
+                .server
+                .storage
+                .get(&key)
+                .await
+                .map_err(|e| storage_error(&self.info, name, e))?
+                .ok_or_else(|| ApiError::not_found(resource, "", bound_name))?;
+            let uid = meta_str(&stored.object, "uid").to_string();
+            if let Some(want) = reference.get("uid").and_then(Value::as_str)
+                && want != uid
+            {
+                return Err(ApiError::conflict(
+                    resource,
+                    "",
+                    bound_name,
+                    &format!(
+                        "the UID in the bound object reference ({want}) does not match the UID in record ({uid})"
+                    ),
+                ));
+            }
+            bound = Some((kind.to_string(), bound_name.to_string(), uid));
+        }
+        let claims = crate::service_accounts::Claims {
+            namespace: self.namespace.clone(),
+            name: name.to_string(),
+            uid: meta_str(&account.object, "uid").to_string(),
+            bound,
+        };
+        let now = chrono::Utc::now();
+        let token = issuer.issue(&claims, &audiences, now.timestamp(), seconds);
+        let expires = (now + chrono::Duration::seconds(seconds))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let mut spec_out = spec.clone();
+        spec_out["audiences"] = json!(audiences);
+        spec_out["expirationSeconds"] = json!(seconds);
+        let response = json!({
+            "kind": "TokenRequest",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"name": name, "namespace": self.namespace, "creationTimestamp": null},
+            "spec": spec_out,
+            "status": {"token": token, "expirationTimestamp": expires},
+        });
+        Ok(json_response(StatusCode::CREATED, &response))
     }
 
     /// POST pods/x/eviction: a delete that respects PodDisruptionBudgets.

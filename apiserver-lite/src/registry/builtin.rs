@@ -345,7 +345,13 @@ pub fn resources() -> Vec<ResourceInfo> {
             &["sa"],
             none,
             ALL_VERBS,
-            vec![],
+            vec![SubresourceInfo {
+                name: "token",
+                group: "authentication.k8s.io",
+                version: "v1",
+                kind: "TokenRequest",
+                verbs: &["create"],
+            }],
             typed::<core_v1::ServiceAccount>(),
         ),
         resource(

@@ -5,7 +5,8 @@
 //! Start with [`informer`] (one watch and cache per kind, shared by the loops) and [`events`];
 //! then the loops: [`namespace`] (deleting a namespace deletes what it contains),
 //! [`replicaset`], [`deployment`], [`garbage_collector`], [`endpoints`],
-//! [`node_lifecycle`], [`disruption`], [`job`], [`cronjob`], [`daemonset`], [`statefulset`], ...
+//! [`node_lifecycle`], [`disruption`], [`job`], [`cronjob`], [`daemonset`], [`statefulset`],
+//! [`serviceaccount`], ...
 
 pub mod cronjob;
 pub mod daemonset;
@@ -24,4 +25,5 @@ pub mod ownership;
 pub mod pods;
 pub mod replicaset;
 pub mod runner;
+pub mod serviceaccount;
 pub mod statefulset;

@@ -62,6 +62,7 @@ pub async fn run(client: kube::Client, settings: Settings, shutdown: Cancellatio
         recorder("statefulset-controller"),
         shutdown.clone(),
     );
+    let service_accounts = controllers::serviceaccount::controller(&informers, shutdown.clone());
     informers.start();
     let loops = vec![
         tokio::spawn(scheduler.run(shutdown.clone())),
@@ -74,6 +75,7 @@ pub async fn run(client: kube::Client, settings: Settings, shutdown: Cancellatio
         tokio::spawn(cron_jobs),
         tokio::spawn(daemon_sets),
         tokio::spawn(stateful_sets),
+        tokio::spawn(service_accounts),
         tokio::spawn(controllers::namespace::run(
             client.clone(),
             shutdown.clone(),

@@ -77,6 +77,22 @@ impl Pki {
         Ok(())
     }
 
+    /// The key that signs ServiceAccount tokens (PKCS#8 DER), created when absent (K3s keeps
+    /// it as `service.key` too).
+    pub fn service_account_key(&self) -> Result<Vec<u8>> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("create {}", self.dir.display()))?;
+        let path = self.path("service.key");
+        if let Ok(pem) = std::fs::read_to_string(&path) {
+            let key = KeyPair::from_pem(&pem)
+                .with_context(|| format!("read the service account key {}", path.display()))?;
+            return Ok(key.serialize_der());
+        }
+        let key = KeyPair::generate().context("generate the service account key")?;
+        write_private(&path, &key.serialize_pem())?;
+        Ok(key.serialize_der())
+    }
+
     /// The CA, created when absent.
     pub fn ca(&self) -> Result<CertAndKey> {
         std::fs::create_dir_all(&self.dir)

@@ -137,6 +137,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
     let serving = pki.serving(&ca, &sans(&args))?;
     let admin = pki.client(&ca, "admin", "admin", &["system:masters"])?;
     let tls = crate::pki::server_tls(&ca, &serving)?;
+    let service_account_key = pki.service_account_key()?;
     let _token = cluster_token(&args, &server_dir)?;
     let token_file = server_dir.join("token-auth.csv");
     let tokens = if token_file.exists() {
@@ -178,6 +179,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
             watch_window: 8192,
             service_network,
             advertise: Some(addr),
+            service_account_key: Some(service_account_key),
         };
         if args.disable_agent {
             tracing::info!("--disable-agent given: this machine runs the control plane only");
