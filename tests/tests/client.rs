@@ -310,3 +310,55 @@ async fn in_process_client_runs_the_same_code_path() {
         other => panic!("expected a 404 Status, got {other}"),
     }
 }
+
+/// Two servers sharing a datastore: only one leads; when it stops, the other takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_one_candidate_leads_and_the_other_takes_over() {
+    use controllers::leader;
+    let dir = tempfile::tempdir().unwrap();
+    let server = apiserver_lite::server::prepare_store(
+        &dir.path().join("state.db"),
+        1024,
+        Default::default(),
+        Default::default(),
+        None,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let client = kube::Client::new(apiserver_lite::http::in_process(server), "default");
+    let config = |who: &str| leader::Config {
+        lease_duration: Duration::from_secs(2),
+        renew_deadline: Duration::from_millis(1500),
+        retry_period: Duration::from_millis(200),
+        ..leader::Config::new("kube-system", "test-lease", who)
+    };
+    let stop_a = tokio_util::sync::CancellationToken::new();
+    let a = leader::lead(client.clone(), config("a"), stop_a.clone())
+        .await
+        .expect("a leads");
+    let stop_b = tokio_util::sync::CancellationToken::new();
+    let b = tokio::spawn(leader::lead(client.clone(), config("b"), stop_b.clone()));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!b.is_finished(), "b must not lead while a renews");
+    assert!(!a.is_cancelled());
+    // a stops (its server went away): b takes over once the lease expires.
+    stop_a.cancel();
+    let started = Instant::now();
+    let b_leading = tokio::time::timeout(Duration::from_secs(10), b)
+        .await
+        .expect("b leads in time")
+        .unwrap()
+        .expect("b leads");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "not before the lease expired"
+    );
+    assert!(!b_leading.is_cancelled());
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "kube-system");
+    let lease = leases.get("test-lease").await.unwrap().spec.unwrap();
+    assert_eq!(lease.holder_identity.as_deref(), Some("b"));
+    assert_eq!(lease.lease_transitions, Some(1));
+    stop_b.cancel();
+}

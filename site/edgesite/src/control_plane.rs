@@ -5,12 +5,38 @@ use futures::future::join_all;
 use tokio_util::sync::CancellationToken;
 
 /// What the flags say about the loops.
+#[derive(Clone)]
 pub struct Settings {
     pub node_monitor_grace_period: std::time::Duration,
+    /// This server's candidate identity for leader election.
+    pub identity: String,
 }
 
-/// Runs every loop until `shutdown`.
+/// The Lease that decides which server runs the loops.
+pub const LEASE: &str = "edgesite-control-plane";
+
+/// Runs the loops while this server leads (so servers sharing a datastore never run the same
+/// loop twice), until `shutdown`.
 pub async fn run(client: kube::Client, settings: Settings, shutdown: CancellationToken) {
+    loop {
+        let election = controllers::leader::Config::new("kube-system", LEASE, &settings.identity);
+        let Some(leading) =
+            controllers::leader::lead(client.clone(), election.clone(), shutdown.clone()).await
+        else {
+            return;
+        };
+        run_loops(client.clone(), settings.clone(), leading.clone()).await;
+        leading.cancel();
+        if shutdown.is_cancelled() {
+            controllers::leader::release(client.clone(), &election).await;
+            return;
+        }
+        tracing::info!("no longer leading; waiting to lead again");
+    }
+}
+
+/// Every loop, until `shutdown` (leadership lost or the server stopping).
+async fn run_loops(client: kube::Client, settings: Settings, shutdown: CancellationToken) {
     let informers = controllers::informer::Informers::new(client.clone(), shutdown.clone());
     let scheduler = scheduler::Scheduler::new(
         &informers,

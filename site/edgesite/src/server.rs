@@ -106,6 +106,21 @@ fn cluster_token(args: &ServerArgs, server_dir: &Path) -> Result<String> {
     Ok(token)
 }
 
+/// This server's leader-election identity: the host name and an id kept in the data dir, so a
+/// restarted server takes its lease back at once (the data-dir lock rules out two processes).
+fn server_identity(server_dir: &Path) -> Result<String> {
+    let path = server_dir.join("identity");
+    let id = match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => id.trim().to_string(),
+        _ => {
+            let id = uuid::Uuid::new_v4().to_string();
+            std::fs::write(&path, &id).with_context(|| format!("write {}", path.display()))?;
+            id
+        }
+    };
+    Ok(format!("{}_{id}", hostname()))
+}
+
 pub fn run(args: ServerArgs) -> Result<()> {
     let mode = u32::from_str_radix(args.write_kubeconfig_mode.trim_start_matches("0o"), 8)
         .with_context(|| {
@@ -191,7 +206,10 @@ pub fn run(args: ServerArgs) -> Result<()> {
         let client = kube::Client::new(apiserver_lite::http::in_process(api.clone()), "default");
         let loops = tokio::spawn(crate::control_plane::run(
             client,
-            crate::control_plane::Settings { node_monitor_grace_period: args.node_monitor_grace_period },
+            crate::control_plane::Settings {
+                node_monitor_grace_period: args.node_monitor_grace_period,
+                identity: server_identity(&server_dir)?,
+            },
             shutdown.clone(),
         ));
         let app = apiserver_lite::http::router(api);
