@@ -84,6 +84,37 @@ spec:
     ]);
     assert!(events.contains("Warning"), "{events}");
     assert_eq!(pod_field(&site, "big", ".status.phase"), "Pending");
+    // Node changes make the scheduler try again; the repeated event is aggregated (count grows,
+    // one Event object) as upstream's recorder does.
+    for i in 0..3 {
+        site.ok(&[
+            "label",
+            "node",
+            "sim-0",
+            &format!("attempt={i}"),
+            "--overwrite",
+        ]);
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    assert!(
+        tests::eventually(WAIT, || {
+            let counts = site.ok(&[
+                "get",
+                "events",
+                "--field-selector",
+                "reason=FailedScheduling,involvedObject.name=big",
+                "-o",
+                "jsonpath={.items[*].count}",
+            ]);
+            let counts: Vec<i64> = counts
+                .split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect();
+            counts.len() == 1 && counts[0] >= 2
+        }),
+        "{}",
+        site.ok(&["get", "events", "-o", "wide"])
+    );
     // A bigger node arrives: the pod is retried and placed there.
     let client_nodes = tests::simnodes::SimConfig {
         count: 1,
@@ -1254,4 +1285,47 @@ fn service_accounts_exist_per_namespace_and_their_tokens_authenticate() {
         stderr.contains("provide credentials") || stderr.contains("Unauthorized"),
         "{stderr}"
     );
+}
+
+#[test]
+fn deleting_a_namespace_removes_its_workloads() {
+    let site = Site::start().unwrap();
+    let _nodes = SimNodes::for_site(&site, 2).unwrap();
+    site.ok(&["create", "namespace", "shop"]);
+    site.ok(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=nginx",
+        "--replicas=3",
+        "-n",
+        "shop",
+    ]);
+    site.ok(&["expose", "deployment", "web", "--port=80", "-n", "shop"]);
+    site.ok(&["create", "job", "once", "--image=busybox", "-n", "shop"]);
+    assert!(
+        site.ok(&[
+            "rollout",
+            "status",
+            "deployment/web",
+            "-n",
+            "shop",
+            "--timeout=60s"
+        ])
+        .contains("successfully")
+    );
+    site.ok(&["delete", "namespace", "shop", "--timeout=60s"]);
+    assert!(
+        !site
+            .ok(&["get", "ns", "-o", "name"])
+            .contains("namespace/shop")
+    );
+    let left = site.ok(&[
+        "get",
+        "pods,rs,deploy,svc,ep,jobs",
+        "-A",
+        "-o",
+        "jsonpath={.items[*].metadata.namespace}",
+    ]);
+    assert!(!left.contains("shop"), "{left}");
 }

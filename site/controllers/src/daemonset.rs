@@ -42,7 +42,7 @@ pub struct Context {
     pods: Store<Pod>,
     nodes: Store<Node>,
     revisions: Store<ControllerRevision>,
-    expectations: Expectations,
+    expectations: Arc<Expectations>,
     recorder: Recorder,
 }
 
@@ -181,29 +181,15 @@ pub fn controller(
         pods: pod_informer.store(),
         nodes: nodes.store(),
         revisions: revisions.store(),
-        expectations: Expectations::default(),
+        expectations: Arc::default(),
         recorder,
     });
     let store = sets.store();
     let own = runner::own_changes(sets.subscribe(64));
-    let pod_triggers = {
-        let ctx = context.clone();
-        runner::triggers(pod_informer.subscribe(1024), move |c: &Change<Pod>| {
-            let pod = c.object();
-            let Some(owner) = runner::controller_of::<DaemonSet, Pod>(pod) else {
-                return vec![];
-            };
-            let gone = matches!(c, Change::Deleted(_)) || pod.metadata.deletion_timestamp.is_some();
-            let key = format!(
-                "{}/{}",
-                owner.namespace.as_deref().unwrap_or(""),
-                owner.name
-            );
-            ctx.expectations
-                .observe(&key, pod.metadata.name.as_deref().unwrap_or(""), gone);
-            vec![owner]
-        })
-    };
+    let pod_triggers = runner::owned_pod_triggers::<DaemonSet>(
+        pod_informer.subscribe(1024),
+        context.expectations.clone(),
+    );
     // Any node change may add or remove a daemon pod: every DaemonSet looks again.
     let node_triggers = {
         let store = store.clone();

@@ -584,21 +584,13 @@ impl Collector {
                 .resource_version
                 .clone()
                 .unwrap_or_default();
-            let ops = if next.is_empty() {
-                json!([{"op": "test", "path": "/metadata/resourceVersion", "value": rv}, {"op": "remove", "path": "/metadata/ownerReferences"}])
+            let change = if next.is_empty() {
+                json!({"op": "remove", "path": "/metadata/ownerReferences"})
             } else {
-                json!([{"op": "test", "path": "/metadata/resourceVersion", "value": rv}, {"op": "replace", "path": "/metadata/ownerReferences", "value": next}])
+                json!({"op": "replace", "path": "/metadata/ownerReferences", "value": next})
             };
-            let patch: json_patch::Patch =
-                serde_json::from_value(ops).map_err(kube::Error::SerdeError)?;
-            match api
-                .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
-                .await
-            {
-                Ok(_) => return Ok(()),
-                Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
-                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 422 => continue,
-                Err(e) => return Err(e),
+            if guarded_patch(api, name, &rv, change).await? {
+                return Ok(());
             }
         }
         Ok(())
@@ -624,20 +616,34 @@ impl Collector {
                 .resource_version
                 .clone()
                 .unwrap_or_default();
-            let ops = json!([{"op": "test", "path": "/metadata/resourceVersion", "value": rv}, {"op": "replace", "path": "/metadata/finalizers", "value": rest}]);
-            let patch: json_patch::Patch =
-                serde_json::from_value(ops).map_err(kube::Error::SerdeError)?;
-            match api
-                .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
-                .await
-            {
-                Ok(_) => return Ok(()),
-                Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
-                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 422 => continue,
-                Err(e) => return Err(e),
+            let change = json!({"op": "replace", "path": "/metadata/finalizers", "value": rest});
+            if guarded_patch(api, name, &rv, change).await? {
+                return Ok(());
             }
         }
         Ok(())
+    }
+}
+
+/// Applies one JSON-patch operation if the object is still at `resource_version` (a `test`
+/// operation guards it). Ok(true): done (or the object is gone); Ok(false): it changed
+/// meanwhile, read it again.
+async fn guarded_patch(
+    api: &Api<DynamicObject>,
+    name: &str,
+    resource_version: &str,
+    change: serde_json::Value,
+) -> Result<bool, kube::Error> {
+    let ops = json!([{"op": "test", "path": "/metadata/resourceVersion", "value": resource_version}, change]);
+    let patch: json_patch::Patch = serde_json::from_value(ops).map_err(kube::Error::SerdeError)?;
+    match api
+        .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 422 => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::events::Recorder;
 use crate::expectations::Expectations;
-use crate::informer::{Change, Informers};
+use crate::informer::Informers;
 use crate::pods;
 use crate::runner::{self, Loop};
 
@@ -43,7 +43,7 @@ pub enum Error {
 pub struct Context {
     client: kube::Client,
     pods: Store<Pod>,
-    expectations: Expectations,
+    expectations: Arc<Expectations>,
     recorder: Recorder,
 }
 
@@ -201,29 +201,15 @@ pub fn controller(
     let context = Arc::new(Context {
         client: informers.client(),
         pods: pod_informer.store(),
-        expectations: Expectations::default(),
+        expectations: Arc::default(),
         recorder,
     });
     let store = jobs.store();
     let own = runner::own_changes(jobs.subscribe(256));
-    let pod_triggers = {
-        let ctx = context.clone();
-        runner::triggers(pod_informer.subscribe(1024), move |c: &Change<Pod>| {
-            let pod = c.object();
-            let Some(owner) = runner::controller_of::<Job, Pod>(pod) else {
-                return vec![];
-            };
-            let gone = matches!(c, Change::Deleted(_)) || pod.metadata.deletion_timestamp.is_some();
-            let owner_key = format!(
-                "{}/{}",
-                owner.namespace.as_deref().unwrap_or(""),
-                owner.name
-            );
-            ctx.expectations
-                .observe(&owner_key, pod.metadata.name.as_deref().unwrap_or(""), gone);
-            vec![owner]
-        })
-    };
+    let pod_triggers = runner::owned_pod_triggers::<Job>(
+        pod_informer.subscribe(1024),
+        context.expectations.clone(),
+    );
     let ready = futures::future::join(jobs.synced(), pod_informer.synced());
     runner::run(
         Loop {

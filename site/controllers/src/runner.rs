@@ -69,6 +69,30 @@ where
     Some(r)
 }
 
+/// Pod changes trigger the pod's controller of kind `K`, and confirm `expectations` on the way.
+pub fn owned_pod_triggers<K>(
+    rx: mpsc::Receiver<Change<k8s_openapi::api::core::v1::Pod>>,
+    expectations: Arc<crate::expectations::Expectations>,
+) -> Triggers<K>
+where
+    K: Resource<DynamicType = ()> + 'static,
+{
+    triggers(rx, move |c: &Change<k8s_openapi::api::core::v1::Pod>| {
+        let pod = c.object();
+        let Some(owner) = controller_of::<K, _>(&**pod) else {
+            return vec![];
+        };
+        let gone = matches!(c, Change::Deleted(_)) || pod.metadata.deletion_timestamp.is_some();
+        let key = format!(
+            "{}/{}",
+            owner.namespace.as_deref().unwrap_or(""),
+            owner.name
+        );
+        expectations.observe(&key, pod.metadata.name.as_deref().unwrap_or(""), gone);
+        vec![owner]
+    })
+}
+
 pub struct Loop {
     pub name: &'static str,
     pub concurrency: u16,

@@ -85,7 +85,12 @@ async fn start(bin: &Path, dir: &Path, port: u16) -> Result<(Server, Duration)> 
     start_with(bin, dir, port, &[]).await
 }
 
-async fn start_with(bin: &Path, dir: &Path, port: u16, extra: &[&str]) -> Result<(Server, Duration)> {
+async fn start_with(
+    bin: &Path,
+    dir: &Path,
+    port: u16,
+    extra: &[&str],
+) -> Result<(Server, Duration)> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("config.yaml"), "")?;
     let kubeconfig = dir.join("kubeconfig.yaml");
@@ -435,7 +440,13 @@ async fn main() -> Result<()> {
 }
 
 /// Upstream's SchedulingBasic: `nodes` Ready nodes, `pods` pods, measured from create to bound.
-async fn scheduling_basic(bin: &Path, work: &Path, nodes: usize, pods: usize, rows: &mut Vec<Row>) -> Result<()> {
+async fn scheduling_basic(
+    bin: &Path,
+    work: &Path,
+    nodes: usize,
+    pods: usize,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
     use k8s_openapi::api::core::v1::{Node, Pod};
     use std::sync::{Arc, Mutex};
     let dir = work.join(format!("sched-{nodes}"));
@@ -473,9 +484,11 @@ async fn scheduling_basic(bin: &Path, work: &Path, nodes: usize, pods: usize, ro
         let bound = bound.clone();
         let pod_api = pod_api.clone();
         tokio::spawn(async move {
-            let mut stream = kube::runtime::watcher(pod_api, kube::runtime::watcher::Config::default()).boxed();
+            let mut stream =
+                kube::runtime::watcher(pod_api, kube::runtime::watcher::Config::default()).boxed();
             while let Some(Ok(event)) = stream.next().await {
-                if let kube::runtime::watcher::Event::Apply(p) | kube::runtime::watcher::Event::InitApply(p) = event
+                if let kube::runtime::watcher::Event::Apply(p)
+                | kube::runtime::watcher::Event::InitApply(p) = event
                     && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()
                 {
                     let mut b = bound.lock().expect("lock");
@@ -510,34 +523,63 @@ async fn scheduling_basic(bin: &Path, work: &Path, nodes: usize, pods: usize, ro
         .await
         .into_iter()
         .collect::<Result<Vec<_>>>()?;
-    if tokio::time::timeout(Duration::from_secs(600), watch).await.is_err() {
-        bail!("only {} of {pods} pods were bound within 10 minutes", bound.lock().expect("lock").len());
+    if tokio::time::timeout(Duration::from_secs(600), watch)
+        .await
+        .is_err()
+    {
+        bail!(
+            "only {} of {pods} pods were bound within 10 minutes",
+            bound.lock().expect("lock").len()
+        );
     }
     let bound = bound.lock().expect("lock").clone();
     let sent = sent.lock().expect("lock").clone();
     let last = bound.values().max().copied().unwrap_or(first);
     let elapsed = last.duration_since(first);
     let throughput = pods as f64 / elapsed.as_secs_f64();
-    let mut latencies: Vec<Duration> = bound.iter().filter_map(|(n, b)| sent.get(n).map(|s| b.saturating_duration_since(*s))).collect();
+    let mut latencies: Vec<Duration> = bound
+        .iter()
+        .filter_map(|(n, b)| sent.get(n).map(|s| b.saturating_duration_since(*s)))
+        .collect();
     latencies.sort();
     let (rss, peak) = rss_kib(server.child.id());
     let label_nodes = if nodes == 1_000 { "1,000" } else { "5,000" };
     rows.push(Row {
-        metric: if nodes == 1_000 { "scheduling throughput, 1,000 nodes / 10,000 pods" } else { "scheduling throughput, 5,000 nodes / 10,000 pods" },
-        measured: format!("{throughput:.0} pods/s ({} pods in {:.1} s)", pods, elapsed.as_secs_f64()),
+        metric: if nodes == 1_000 {
+            "scheduling throughput, 1,000 nodes / 10,000 pods"
+        } else {
+            "scheduling throughput, 5,000 nodes / 10,000 pods"
+        },
+        measured: format!(
+            "{throughput:.0} pods/s ({} pods in {:.1} s)",
+            pods,
+            elapsed.as_secs_f64()
+        ),
         target: ">= 1,000 pods/s (upstream CI floor 680)",
         met: Some(throughput >= 1_000.0),
     });
     rows.push(Row {
-        metric: if nodes == 1_000 { "scheduling latency p50 / p99 (create to bound), 1,000 nodes" } else { "scheduling latency p50 / p99 (create to bound), 5,000 nodes" },
-        measured: format!("{} / {}", ms(percentile(&latencies, 0.5)), ms(percentile(&latencies, 0.99))),
+        metric: if nodes == 1_000 {
+            "scheduling latency p50 / p99 (create to bound), 1,000 nodes"
+        } else {
+            "scheduling latency p50 / p99 (create to bound), 5,000 nodes"
+        },
+        measured: format!(
+            "{} / {}",
+            ms(percentile(&latencies, 0.5)),
+            ms(percentile(&latencies, 0.99))
+        ),
         target: "-",
         met: None,
     });
     if nodes == 5_000 {
         rows.push(Row {
             metric: "server RSS with 5,000 nodes and 10,000 pods (now / peak)",
-            measured: format!("{:.1} MB / {:.1} MB", rss as f64 / 1024.0, peak as f64 / 1024.0),
+            measured: format!(
+                "{:.1} MB / {:.1} MB",
+                rss as f64 / 1024.0,
+                peak as f64 / 1024.0
+            ),
             target: "-",
             met: None,
         });
@@ -555,9 +597,17 @@ async fn deployment_rollout(bin: &Path, work: &Path, rows: &mut Vec<Row>) -> Res
     let (server, _) = start_with(bin, &dir, port, &[]).await?;
     let kubeconfig = dir.join("kubeconfig.yaml");
     let kc = kube::config::Kubeconfig::read_from(&kubeconfig)?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await?;
     let sim = tokio::task::spawn_blocking(move || {
-        tests::simnodes::SimNodes::start(config, tests::simnodes::SimConfig { count: 100, ..Default::default() })
+        tests::simnodes::SimNodes::start(
+            config,
+            tests::simnodes::SimConfig {
+                count: 100,
+                ..Default::default()
+            },
+        )
     })
     .await??;
     let c = client(&kubeconfig).await?;
@@ -571,7 +621,12 @@ async fn deployment_rollout(bin: &Path, work: &Path, rows: &mut Vec<Row>) -> Res
     api.create(&PostParams::default(), &d).await?;
     loop {
         let current = api.get("big").await?;
-        if current.status.and_then(|s| s.available_replicas).unwrap_or(0) >= 1000 {
+        if current
+            .status
+            .and_then(|s| s.available_replicas)
+            .unwrap_or(0)
+            >= 1000
+        {
             break;
         }
         if started.elapsed() > Duration::from_secs(600) {
