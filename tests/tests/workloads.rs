@@ -1276,6 +1276,72 @@ fn service_accounts_exist_per_namespace_and_their_tokens_authenticate() {
         err.contains("may not specify a duration less than 10 minutes"),
         "{err}"
     );
+    // Every namespace has the cluster CA; legacy token Secrets are filled in.
+    assert!(tests::eventually(WAIT, || site
+        .ok(&[
+            "get",
+            "cm",
+            "kube-root-ca.crt",
+            "-n",
+            "team",
+            "-o",
+            "jsonpath={.data.ca\\.crt}"
+        ])
+        .contains("BEGIN CERTIFICATE")));
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some("apiVersion: v1\nkind: Secret\nmetadata:\n  name: builder-token\n  namespace: team\n  annotations: {kubernetes.io/service-account.name: builder}\ntype: kubernetes.io/service-account-token\n"),
+    );
+    let legacy = || {
+        site.ok(&[
+            "get",
+            "secret",
+            "builder-token",
+            "-n",
+            "team",
+            "-o",
+            "jsonpath={.data.token}",
+        ])
+    };
+    assert!(
+        tests::eventually(WAIT, || !legacy().is_empty()),
+        "{}",
+        site.ok(&["describe", "secret", "builder-token", "-n", "team"])
+    );
+    use base64::Engine;
+    let legacy_token = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(legacy().trim())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(legacy_token.split('.').count(), 3);
+    let legacy_config = site.dir.path().join("legacy.yaml");
+    let text = std::fs::read_to_string(&kubeconfig)
+        .unwrap()
+        .replace(token, &legacy_token);
+    std::fs::write(&legacy_config, text).unwrap();
+    let as_legacy = |args: &[&str]| {
+        std::process::Command::new(tests::kubectl_bin())
+            .arg("--kubeconfig")
+            .arg(&legacy_config)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let whoami = as_legacy(&[
+        "auth",
+        "whoami",
+        "-o",
+        "jsonpath={.status.userInfo.username}",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&whoami.stdout),
+        "system:serviceaccount:team:builder"
+    );
+    // Deleting the Secret revokes the token bound to it.
+    site.ok(&["delete", "secret", "builder-token", "-n", "team"]);
+    assert!(!as_legacy(&["get", "pods", "-n", "team"]).status.success());
     // A deleted account's tokens stop working.
     site.ok(&["delete", "sa", "builder", "-n", "team"]);
     let denied = as_builder(&["get", "pods", "-n", "team"]);

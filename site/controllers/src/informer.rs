@@ -205,6 +205,8 @@ pub struct Informers {
         std::sync::OnceLock<Arc<Informer<k8s_openapi::api::apps::v1::ControllerRevision>>>,
     persistent_volume_claims:
         std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::PersistentVolumeClaim>>>,
+    secrets: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::Secret>>>,
+    config_maps: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::ConfigMap>>>,
     service_accounts:
         std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::ServiceAccount>>>,
 }
@@ -248,6 +250,8 @@ impl Informers {
             controller_revisions: Default::default(),
             persistent_volume_claims: Default::default(),
             service_accounts: Default::default(),
+            secrets: Default::default(),
+            config_maps: Default::default(),
         }
     }
 
@@ -326,6 +330,13 @@ impl Informers {
         service_accounts,
         service_accounts,
         k8s_openapi::api::core::v1::ServiceAccount
+    );
+
+    informer_accessor!(secrets, secrets, k8s_openapi::api::core::v1::Secret);
+    informer_accessor!(
+        config_maps,
+        config_maps,
+        k8s_openapi::api::core::v1::ConfigMap
     );
 
     /// Starts every informer created so far.

@@ -10,6 +10,8 @@ pub struct Settings {
     pub node_monitor_grace_period: std::time::Duration,
     /// This server's candidate identity for leader election.
     pub identity: String,
+    /// The cluster CA (PEM), published to every namespace.
+    pub ca: String,
 }
 
 /// The Lease that decides which server runs the loops.
@@ -89,6 +91,16 @@ async fn run_loops(client: kube::Client, settings: Settings, shutdown: Cancellat
         shutdown.clone(),
     );
     let service_accounts = controllers::serviceaccount::controller(&informers, shutdown.clone());
+    let root_ca = controllers::serviceaccount::root_ca_publisher(
+        &informers,
+        settings.ca.clone(),
+        shutdown.clone(),
+    );
+    let tokens = controllers::serviceaccount::token_controller(
+        &informers,
+        settings.ca.clone(),
+        shutdown.clone(),
+    );
     informers.start();
     let loops = vec![
         tokio::spawn(scheduler.run(shutdown.clone())),
@@ -102,6 +114,8 @@ async fn run_loops(client: kube::Client, settings: Settings, shutdown: Cancellat
         tokio::spawn(daemon_sets),
         tokio::spawn(stateful_sets),
         tokio::spawn(service_accounts),
+        tokio::spawn(root_ca),
+        tokio::spawn(tokens),
         tokio::spawn(controllers::namespace::run(
             client.clone(),
             shutdown.clone(),

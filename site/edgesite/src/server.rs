@@ -209,6 +209,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
             crate::control_plane::Settings {
                 node_monitor_grace_period: args.node_monitor_grace_period,
                 identity: server_identity(&server_dir)?,
+                ca: ca.cert.clone(),
             },
             shutdown.clone(),
         ));
