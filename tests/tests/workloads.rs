@@ -1395,3 +1395,44 @@ fn deleting_a_namespace_removes_its_workloads() {
     ]);
     assert!(!left.contains("shop"), "{left}");
 }
+
+#[test]
+fn a_stuck_rollout_exceeds_its_progress_deadline() {
+    let site = Site::start().unwrap();
+    let _nodes = SimNodes::for_site(&site, 1).unwrap();
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: stuck}
+spec:
+  replicas: 1
+  progressDeadlineSeconds: 3
+  selector: {matchLabels: {app: stuck}}
+  template:
+    metadata: {labels: {app: stuck}}
+    spec:
+      nodeSelector: {disk: ssd}
+      containers: [{name: c, image: busybox}]
+"#,
+        ),
+    );
+    let out = site
+        .kubectl(&["rollout", "status", "deployment/stuck", "--timeout=60s"])
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("exceeded its progress deadline"),
+        "{stderr}"
+    );
+    let reason = site.ok(&[
+        "get",
+        "deployment",
+        "stuck",
+        "-o",
+        "jsonpath={.status.conditions[?(@.type==\"Progressing\")].reason}",
+    ]);
+    assert_eq!(reason, "ProgressDeadlineExceeded");
+}

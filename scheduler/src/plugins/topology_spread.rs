@@ -17,6 +17,8 @@ struct Constraint {
     max_skew: i64,
     min_domains: usize,
     selector: Option<Selector>,
+    /// For the system defaults: pods with this controller uid match (instead of a selector).
+    same_controller: Option<String>,
     honor_affinity: bool,
     honor_taints: bool,
 }
@@ -44,12 +46,16 @@ impl Constraint {
                 .label_selector
                 .as_ref()
                 .and(Selector::try_from(selector).ok()),
+            same_controller: None,
             honor_affinity: c.node_affinity_policy.as_deref() != Some("Ignore"),
             honor_taints: c.node_taints_policy.as_deref() == Some("Honor"),
         }
     }
 
     fn matches(&self, pod: &PodInfo) -> bool {
+        if let Some(uid) = &self.same_controller {
+            return controller_uid(pod) == Some(uid.as_str());
+        }
         self.selector
             .as_ref()
             .is_some_and(|s| s.matches(&pod.labels))
@@ -73,6 +79,46 @@ impl Constraint {
         }
         true
     }
+}
+
+fn controller_uid(pod: &PodInfo) -> Option<&str> {
+    pod.pod
+        .metadata
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .map(|o| o.uid.as_str())
+}
+
+/// Upstream's system default constraints for pods that set none but belong to a controller:
+/// spread over hostnames (maxSkew 3) and zones (maxSkew 5), as a preference only. Pods of the
+/// same controller count (upstream also counts pods selected by the same Services).
+fn default_constraints(pod: &PodInfo) -> Vec<Constraint> {
+    let has_own = pod
+        .pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.topology_spread_constraints.as_ref())
+        .is_some_and(|c| !c.is_empty());
+    let Some(uid) = controller_uid(pod).filter(|_| !has_own) else {
+        return Vec::new();
+    };
+    [
+        ("kubernetes.io/hostname", 3),
+        ("topology.kubernetes.io/zone", 5),
+    ]
+    .into_iter()
+    .map(|(key, skew)| Constraint {
+        key: key.into(),
+        max_skew: skew,
+        min_domains: 1,
+        selector: None,
+        same_controller: Some(uid.to_string()),
+        honor_affinity: true,
+        honor_taints: false,
+    })
+    .collect()
 }
 
 fn constraints(pod: &PodInfo, when: &str) -> Vec<Constraint> {
@@ -204,7 +250,14 @@ impl ScorePlugin for PodTopologySpread {
         _: &Snapshot,
         state: &mut CycleState,
     ) {
-        let constraints = constraints(pod, "ScheduleAnyway");
+        let mut constraints = constraints(pod, "ScheduleAnyway");
+        if constraints.is_empty() {
+            // Defaults apply only where some feasible node has the key (zones are optional).
+            constraints = default_constraints(pod)
+                .into_iter()
+                .filter(|c| feasible.iter().any(|n| n.labels.contains_key(&c.key)))
+                .collect();
+        }
         if constraints.is_empty() {
             return;
         }
@@ -301,6 +354,47 @@ mod tests {
                     .to_string()
             ])
         );
+    }
+
+    #[test]
+    fn pods_of_one_controller_spread_over_hosts_by_default() {
+        let owned = |name: &str| {
+            let mut p = pod(name, "0", "0");
+            p.metadata.owner_references = Some(vec![from_json(json!({
+                "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": "rs-1", "controller": true
+            }))]);
+            PodInfo::new(Arc::new(p))
+        };
+        let mut a = zoned("a", None);
+        a.add_pod(owned("web-1"));
+        let snapshot = Snapshot {
+            nodes: vec![a, zoned("b", None)],
+            ..Default::default()
+        };
+        let p = owned("web-2");
+        let mut state = CycleState::default();
+        let feasible: Vec<&NodeInfo> = snapshot.nodes.iter().collect();
+        PodTopologySpread.pre_score(&p, &feasible, &snapshot, &mut state);
+        let mut scores: Vec<i64> = snapshot
+            .nodes
+            .iter()
+            .map(|n| PodTopologySpread.score(&p, n, &state))
+            .collect();
+        PodTopologySpread.normalize(&mut scores);
+        assert_eq!(
+            scores,
+            vec![0, 100],
+            "the node without a sibling is preferred"
+        );
+        // A pod without a controller gets no default constraints.
+        let mut state = CycleState::default();
+        PodTopologySpread.pre_score(
+            &PodInfo::new(Arc::new(pod("lone", "0", "0"))),
+            &feasible,
+            &snapshot,
+            &mut state,
+        );
+        assert!(state.spread_score.is_none());
     }
 
     #[test]
