@@ -213,11 +213,13 @@ pub struct Informers {
 
 macro_rules! informer_accessor {
     ($name:ident, $field:ident, $kind:ty) => {
+        informer_accessor!($name, $field, $kind, watcher::Config::default());
+    };
+    ($name:ident, $field:ident, $kind:ty, $config:expr) => {
         pub fn $name(&self) -> Arc<Informer<$kind>> {
             self.$field
                 .get_or_init(|| {
-                    let informer =
-                        Informer::new(Api::all(self.client.clone()), watcher::Config::default());
+                    let informer = Informer::new(Api::all(self.client.clone()), $config);
                     self.add_runner(informer.clone());
                     informer
                 })
@@ -332,11 +334,18 @@ impl Informers {
         k8s_openapi::api::core::v1::ServiceAccount
     );
 
-    informer_accessor!(secrets, secrets, k8s_openapi::api::core::v1::Secret);
+    // Only what the loops need: caching every Secret and ConfigMap would cost memory for nothing.
     informer_accessor!(
+        token_secrets,
+        secrets,
+        k8s_openapi::api::core::v1::Secret,
+        watcher::Config::default().fields("type=kubernetes.io/service-account-token")
+    );
+    informer_accessor!(
+        root_ca_config_maps,
         config_maps,
-        config_maps,
-        k8s_openapi::api::core::v1::ConfigMap
+        k8s_openapi::api::core::v1::ConfigMap,
+        watcher::Config::default().fields("metadata.name=kube-root-ca.crt")
     );
 
     /// Starts every informer created so far.

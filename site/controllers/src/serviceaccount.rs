@@ -121,7 +121,7 @@ pub fn root_ca_publisher(
 ) -> impl Future<Output = ()> + Send + 'static {
     use k8s_openapi::api::core::v1::ConfigMap;
     let namespaces = informers.namespaces();
-    let config_maps = informers.config_maps();
+    let config_maps = informers.root_ca_config_maps();
     let context = Arc::new(CaContext {
         client: informers.client(),
         config_maps: config_maps.store(),
@@ -208,7 +208,7 @@ pub fn token_controller(
     shutdown: CancellationToken,
 ) -> impl Future<Output = ()> + Send + 'static {
     use k8s_openapi::api::core::v1::Secret;
-    let secrets = informers.secrets();
+    let secrets = informers.token_secrets();
     let accounts = informers.service_accounts();
     let context = Arc::new(TokenContext {
         client: informers.client(),
