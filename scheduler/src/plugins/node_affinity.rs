@@ -3,79 +3,17 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{NodeSelectorRequirement, NodeSelectorTerm};
-
 use super::{FilterPlugin, Reasons, ScorePlugin, normalize_by_max};
 use crate::framework::{CycleState, NodeInfo, PodInfo};
 
-/// Whether one node selector requirement holds for `labels` (or, for `matchFields`, the node
-/// name as `metadata.name`).
-fn requirement_matches(r: &NodeSelectorRequirement, value: Option<&str>) -> bool {
-    let values = r.values.as_deref().unwrap_or(&[]);
-    match r.operator.as_str() {
-        "In" => value.is_some_and(|v| values.iter().any(|x| x == v)),
-        "NotIn" => value.is_none_or(|v| !values.iter().any(|x| x == v)),
-        "Exists" => value.is_some(),
-        "DoesNotExist" => value.is_none(),
-        "Gt" | "Lt" => {
-            let (Some(v), Some(bound)) = (
-                value.and_then(|v| v.parse::<i64>().ok()),
-                values.first().and_then(|b| b.parse::<i64>().ok()),
-            ) else {
-                return false;
-            };
-            if r.operator == "Gt" {
-                v > bound
-            } else {
-                v < bound
-            }
-        }
-        _ => false,
-    }
-}
-
-/// A term matches when all its expressions and fields match; an empty term matches nothing.
-pub fn term_matches(
-    term: &NodeSelectorTerm,
-    labels: &BTreeMap<String, String>,
-    node_name: &str,
-) -> bool {
-    let exprs = term.match_expressions.as_deref().unwrap_or(&[]);
-    let fields = term.match_fields.as_deref().unwrap_or(&[]);
-    if exprs.is_empty() && fields.is_empty() {
-        return false;
-    }
-    exprs
-        .iter()
-        .all(|r| requirement_matches(r, labels.get(&r.key).map(String::as_str)))
-        && fields.iter().all(|r| {
-            let v = (r.key == "metadata.name").then_some(node_name);
-            requirement_matches(r, v)
-        })
-}
+pub use controllers::node_match::term_matches;
 
 /// `spec.nodeSelector` plus required node affinity (terms are ORed).
 pub fn pod_matches_node(pod: &PodInfo, labels: &BTreeMap<String, String>, node_name: &str) -> bool {
-    let spec = pod.pod.spec.as_ref();
-    if let Some(selector) = spec.and_then(|s| s.node_selector.as_ref())
-        && !selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-    {
-        return false;
-    }
-    let required = pod
-        .affinity()
-        .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|n| {
-            n.required_during_scheduling_ignored_during_execution
-                .as_ref()
-        });
-    match required {
-        Some(sel) => sel
-            .node_selector_terms
-            .iter()
-            .any(|t| term_matches(t, labels, node_name)),
-        None => true,
-    }
+    pod.pod
+        .spec
+        .as_ref()
+        .is_none_or(|spec| controllers::node_match::spec_matches_node(spec, labels, node_name))
 }
 
 pub struct NodeAffinity;

@@ -6,28 +6,7 @@ use k8s_openapi::api::core::v1::{Taint, Toleration};
 use super::{FilterPlugin, Reasons, ScorePlugin, normalize_by_max};
 use crate::framework::{CycleState, NodeInfo, PodInfo};
 
-/// Whether `toleration` tolerates `taint` (upstream's `ToleratesTaint`).
-pub fn tolerates(toleration: &Toleration, taint: &Taint) -> bool {
-    let effect = toleration.effect.as_deref().unwrap_or("");
-    if !effect.is_empty() && effect != taint.effect {
-        return false;
-    }
-    let key = toleration.key.as_deref().unwrap_or("");
-    if !key.is_empty() && key != taint.key {
-        return false;
-    }
-    match toleration.operator.as_deref().unwrap_or("Equal") {
-        "Exists" => true,
-        "Equal" => {
-            // An empty key with Equal matches nothing but the empty key.
-            if key.is_empty() && !taint.key.is_empty() {
-                return false;
-            }
-            toleration.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or("")
-        }
-        _ => false,
-    }
-}
+pub use controllers::node_match::tolerates;
 
 fn tolerations(pod: &PodInfo) -> &[Toleration] {
     pod.pod

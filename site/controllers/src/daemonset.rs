@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{ControllerRevision, DaemonSet, DaemonSetStatus};
-use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, Pod, PodSpec, Toleration};
+use k8s_openapi::api::core::v1::{Node, Pod, PodSpec, Toleration};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -23,7 +23,7 @@ use crate::events::Recorder;
 use crate::expectations::Expectations;
 use crate::history::{self, HASH_LABEL};
 use crate::informer::{Change, Informers};
-use crate::node_lifecycle::tolerates;
+use crate::node_match::{spec_matches_node, tolerates};
 use crate::pods;
 use crate::runner::{self, Loop};
 
@@ -73,63 +73,12 @@ pub fn daemon_tolerations(spec: &mut PodSpec) {
     }
 }
 
-fn requirement_holds(r: &NodeSelectorRequirement, value: Option<&String>) -> bool {
-    let values = r.values.as_deref().unwrap_or(&[]);
-    match r.operator.as_str() {
-        "In" => value.is_some_and(|v| values.contains(v)),
-        "NotIn" => value.is_none_or(|v| !values.contains(v)),
-        "Exists" => value.is_some(),
-        "DoesNotExist" => value.is_none(),
-        "Gt" | "Lt" => match (
-            value.and_then(|v| v.parse::<i64>().ok()),
-            values.first().and_then(|b| b.parse::<i64>().ok()),
-        ) {
-            (Some(v), Some(b)) => {
-                if r.operator == "Gt" {
-                    v > b
-                } else {
-                    v < b
-                }
-            }
-            _ => false,
-        },
-        _ => false,
-    }
-}
-
 /// Whether a pod with `spec` (already carrying the daemon tolerations) should run on `node`.
 pub fn should_run(spec: &PodSpec, node: &Node) -> bool {
     let labels = node.metadata.labels.clone().unwrap_or_default();
     let name = node.metadata.name.clone().unwrap_or_default();
-    if let Some(sel) = spec.node_selector.as_ref()
-        && !sel.iter().all(|(k, v)| labels.get(k) == Some(v))
-    {
+    if !spec_matches_node(spec, &labels, &name) {
         return false;
-    }
-    if let Some(terms) = spec
-        .affinity
-        .as_ref()
-        .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|n| {
-            n.required_during_scheduling_ignored_during_execution
-                .as_ref()
-        })
-    {
-        let name_value = name.clone();
-        let ok = terms.node_selector_terms.iter().any(|t| {
-            let exprs = t.match_expressions.as_deref().unwrap_or(&[]);
-            let fields = t.match_fields.as_deref().unwrap_or(&[]);
-            (!exprs.is_empty() || !fields.is_empty())
-                && exprs
-                    .iter()
-                    .all(|r| requirement_holds(r, labels.get(&r.key)))
-                && fields.iter().all(|r| {
-                    requirement_holds(r, (r.key == "metadata.name").then_some(&name_value))
-                })
-        });
-        if !ok {
-            return false;
-        }
     }
     let tolerations = spec.tolerations.as_deref().unwrap_or(&[]);
     node.spec

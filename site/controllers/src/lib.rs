@@ -22,6 +22,7 @@ pub mod job;
 pub mod leader;
 pub mod namespace;
 pub mod node_lifecycle;
+pub mod node_match;
 pub mod ownership;
 pub mod pods;
 pub mod replicaset;

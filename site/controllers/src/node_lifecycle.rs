@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::events::Recorder;
 use crate::informer::Informers;
+use crate::node_match::tolerates;
 use crate::pods;
 
 pub const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
@@ -160,24 +161,6 @@ pub fn eviction_time(pod: &Pod, taints: &[Taint]) -> Option<Option<Timestamp>> {
         due = Some(due.map_or(at, |d| d.min(at)));
     }
     due.map(Some)
-}
-
-pub fn tolerates(t: &k8s_openapi::api::core::v1::Toleration, taint: &Taint) -> bool {
-    let effect = t.effect.as_deref().unwrap_or("");
-    if !effect.is_empty() && effect != taint.effect {
-        return false;
-    }
-    let key = t.key.as_deref().unwrap_or("");
-    if !key.is_empty() && key != taint.key {
-        return false;
-    }
-    match t.operator.as_deref().unwrap_or("Equal") {
-        "Exists" => true,
-        _ => {
-            (!key.is_empty() || taint.key.is_empty())
-                && t.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or("")
-        }
-    }
 }
 
 struct Context {
