@@ -50,8 +50,25 @@ pub struct Recorder {
 impl Recorder {
     /// Starts the writer task for `component` (shown as the event's source).
     pub fn start(client: kube::Client, component: &str, shutdown: CancellationToken) -> Recorder {
+        Self::start_on_host(client, component, None, shutdown)
+    }
+
+    /// Like [`Recorder::start`] for a component that runs on a node (`source.host`, as the
+    /// kubelet's events carry).
+    pub fn start_on_host(
+        client: kube::Client,
+        component: &str,
+        host: Option<String>,
+        shutdown: CancellationToken,
+    ) -> Recorder {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_events(client, component.to_string(), rx, shutdown));
+        tokio::spawn(write_events(
+            client,
+            component.to_string(),
+            host,
+            rx,
+            shutdown,
+        ));
         Recorder { tx }
     }
 
@@ -111,6 +128,7 @@ fn now() -> Timestamp {
 async fn write_events(
     client: kube::Client,
     component: String,
+    host: Option<String>,
     mut rx: mpsc::Receiver<Record>,
     shutdown: CancellationToken,
 ) {
@@ -171,7 +189,7 @@ async fn write_events(
             event_time: None::<MicroTime>,
             source: Some(EventSource {
                 component: Some(component.clone()),
-                host: None,
+                host: host.clone(),
             }),
             reporting_component: Some(component.clone()),
             reporting_instance: Some(component.clone()),

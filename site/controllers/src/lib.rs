@@ -21,6 +21,7 @@ pub mod informer;
 pub mod job;
 pub mod leader;
 pub mod namespace;
+pub mod node_ipam;
 pub mod node_lifecycle;
 pub mod node_match;
 pub mod ownership;

@@ -12,6 +12,8 @@ pub struct Settings {
     pub identity: String,
     /// The cluster CA (PEM), published to every namespace.
     pub ca: String,
+    /// Pod CIDRs for nodes are cut from this (`--cluster-cidr`).
+    pub cluster_cidr: controllers::node_ipam::ClusterCidr,
 }
 
 /// The Lease that decides which server runs the loops.
@@ -101,8 +103,11 @@ async fn run_loops(client: kube::Client, settings: Settings, shutdown: Cancellat
         settings.ca.clone(),
         shutdown.clone(),
     );
+    let node_ipam =
+        controllers::node_ipam::controller(&informers, settings.cluster_cidr, shutdown.clone());
     informers.start();
     let loops = vec![
+        tokio::spawn(node_ipam),
         tokio::spawn(scheduler.run(shutdown.clone())),
         tokio::spawn(replicasets),
         tokio::spawn(deployments),

@@ -100,12 +100,126 @@ pub struct ServerArgs {
     /// File mode of the kubeconfig, in octal (for example 0644 to let other users read it).
     #[arg(long, default_value = "0600", env = "EDGESITE_KUBECONFIG_MODE")]
     pub write_kubeconfig_mode: String,
-    /// Run only the control plane here, no node agent (this release has no node agent yet, so this is the behaviour either way).
+    /// Run only the control plane here, no node agent (no containers run on this machine).
     #[arg(long)]
     pub disable_agent: bool,
+    /// IPv4 network pod IPs are allocated from; each node gets a /24 of it.
+    #[arg(
+        long = "cluster-cidr",
+        value_name = "CIDR",
+        default_value = "10.42.0.0/16"
+    )]
+    pub cluster_cidr: String,
+    #[command(flatten)]
+    pub agent: AgentArgs,
     /// Shared secret that agents will use to join this site (generated when absent).
     #[arg(long, env = "EDGESITE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+}
+
+/// Flags of the node agent (`edgesite server` without --disable-agent, and `edgesite agent`);
+/// names follow K3s.
+#[derive(Args, Clone, Debug)]
+pub struct AgentArgs {
+    /// Node name (default: the host name).
+    #[arg(long, env = "EDGESITE_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Label to register the node with, key=value (repeat for several).
+    #[arg(long = "node-label", value_name = "KEY=VALUE")]
+    pub node_label: Vec<String>,
+    /// Taint to register the node with, key=value:Effect (repeat for several).
+    #[arg(long = "node-taint", value_name = "KEY=VALUE:EFFECT")]
+    pub node_taint: Vec<String>,
+    /// IP address to advertise for the node (default: the address of the default route).
+    #[arg(long = "node-ip", value_name = "IP")]
+    pub node_ip: Option<IpAddr>,
+    /// containerd's socket.
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    pub container_runtime_endpoint: PathBuf,
+    /// containerd namespace this node's containers and images live in.
+    #[arg(long, default_value = "edgesite")]
+    pub containerd_namespace: String,
+    /// Directory of the CNI plugins (default: /usr/lib/cni, then /opt/cni/bin).
+    #[arg(long = "cni-bin-dir", value_name = "DIR")]
+    pub cni_bin_dir: Vec<PathBuf>,
+    /// Linux bridge the node's pods attach to.
+    #[arg(long, default_value = "edgesite0")]
+    pub cni_bridge: String,
+    /// Nameserver written into ClusterFirst pods' resolv.conf (default: the host's resolvers
+    /// until the mesh provides cluster DNS).
+    #[arg(long = "cluster-dns", value_name = "IP")]
+    pub cluster_dns: Option<IpAddr>,
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Registry mirrors, credentials and TLS settings (K3s's registries.yaml format).
+    #[arg(long, default_value = "/etc/edgesite/registries.yaml")]
+    pub private_registry: PathBuf,
+    #[arg(long, default_value_t = 110)]
+    pub max_pods: u32,
+    /// Container log rotation: the size of one file in bytes, and how many files to keep.
+    #[arg(long, default_value_t = 10 << 20)]
+    pub container_log_max_size: u64,
+    #[arg(long, default_value_t = 5)]
+    pub container_log_max_files: usize,
+}
+
+impl AgentArgs {
+    /// The agent's typed config.
+    pub fn to_config(
+        &self,
+        data_dir: &std::path::Path,
+        control_plane: bool,
+    ) -> Result<edged::Config> {
+        let node_name = self
+            .node_name
+            .clone()
+            .unwrap_or_else(server::hostname)
+            .to_lowercase();
+        let mut labels = Vec::new();
+        for l in &self.node_label {
+            let (k, v) = l
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--node-label {l:?} must be key=value"))?;
+            labels.push((k.to_string(), v.to_string()));
+        }
+        for t in &self.node_taint {
+            edged::node::parse_taint(t).map_err(|e| anyhow::anyhow!("--node-taint: {e}"))?;
+        }
+        let cni_bin_dirs = if self.cni_bin_dir.is_empty() {
+            edged::network::cni::DEFAULT_BIN_DIRS
+                .iter()
+                .map(PathBuf::from)
+                .collect()
+        } else {
+            self.cni_bin_dir.clone()
+        };
+        Ok(edged::Config {
+            cgroup_root: format!("/edgesite/{node_name}"),
+            node_name,
+            root: data_dir.join("agent"),
+            containerd_socket: self.container_runtime_endpoint.clone(),
+            containerd_namespace: self.containerd_namespace.clone(),
+            node_ip: self.node_ip,
+            labels,
+            taints: self.node_taint.clone(),
+            control_plane,
+            cni_bin_dirs,
+            cni_bridge: self.cni_bridge.clone(),
+            registries: self.private_registry.clone(),
+            cluster_dns: self.cluster_dns,
+            cluster_domain: self.cluster_domain.clone(),
+            max_pods: self.max_pods,
+            log_rotation: edged::logs::Rotation {
+                max_size: self.container_log_max_size,
+                max_files: self.container_log_max_files,
+            },
+            version: apiserver_lite::http::KUBE_GIT_VERSION.to_string(),
+            status_update_frequency: std::time::Duration::from_secs(60),
+            lease_duration: std::time::Duration::from_secs(40),
+            image_gc_high_percent: 85,
+            image_gc_low_percent: 80,
+        })
+    }
 }
 
 fn init_logging() {
@@ -154,6 +268,8 @@ fn main() {
         }
     };
     init_logging();
+    // One TLS crypto provider for every client in the process (registry pulls included).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let result: Result<()> = match cli.command {
         Command::Server(args) => server::run(args),
     };

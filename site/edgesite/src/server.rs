@@ -16,7 +16,7 @@ use crate::pki::{CertAndKey, Pki};
 /// How long in-flight requests get after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(10);
 
-fn hostname() -> String {
+pub fn hostname() -> String {
     hostname::get()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -134,6 +134,13 @@ pub fn run(args: ServerArgs) -> Result<()> {
         &args.service_node_port_range,
     )
     .map_err(|e| anyhow::anyhow!("{e} (--service-cidr / --service-node-port-range)"))?;
+    let cluster_cidr = controllers::node_ipam::ClusterCidr::parse(&args.cluster_cidr, 24)
+        .map_err(|e| anyhow::anyhow!("--cluster-cidr: {e}"))?;
+    let agent_config = if args.disable_agent {
+        None
+    } else {
+        Some(args.agent.to_config(&args.data_dir, true)?)
+    };
     let server_dir = args.data_dir.join("server");
     std::fs::create_dir_all(&server_dir)
         .with_context(|| format!("create data dir {}", server_dir.display()))?;
@@ -199,20 +206,31 @@ pub fn run(args: ServerArgs) -> Result<()> {
         if args.disable_agent {
             tracing::info!("--disable-agent given: this machine runs the control plane only");
         }
+        // The node agent needs containerd and the CNI plugins: say what is missing before
+        // anything starts.
+        if let Some(agent) = &agent_config {
+            edged::check(agent).await.map_err(|e| {
+                anyhow::anyhow!("{e}\n(or run the control plane alone with --disable-agent)")
+            })?;
+        }
         let api = apiserver_lite::server::prepare(&config, shutdown.clone())
             .await
             .context("start the API server")?;
         // Control loops talk to the API through the in-process client: no socket, same path.
         let client = kube::Client::new(apiserver_lite::http::in_process(api.clone()), "default");
         let loops = tokio::spawn(crate::control_plane::run(
-            client,
+            client.clone(),
             crate::control_plane::Settings {
                 node_monitor_grace_period: args.node_monitor_grace_period,
                 identity: server_identity(&server_dir)?,
                 ca: ca.cert.clone(),
+                cluster_cidr,
             },
             shutdown.clone(),
         ));
+        let agent = agent_config.map(|config| {
+            tokio::spawn(edged::run(config, client.clone(), shutdown.clone()))
+        });
         let app = apiserver_lite::http::router(api);
         let mut server = tokio::spawn(apiserver_lite::http::serve(listener, config.tls.clone(), app, shutdown.clone()));
         tracing::info!(
@@ -235,6 +253,13 @@ pub fn run(args: ServerArgs) -> Result<()> {
         }
         shutdown.cancel();
         let _ = tokio::time::timeout(DRAIN, loops).await;
+        if let Some(agent) = agent {
+            match tokio::time::timeout(DRAIN, agent).await {
+                Ok(Ok(Err(e))) => tracing::warn!("node agent: {e}"),
+                Ok(Err(e)) => tracing::warn!("node agent task failed: {e}"),
+                _ => {}
+            }
+        }
         match tokio::time::timeout(DRAIN, server).await {
             Ok(Ok(result)) => result.context("API server"),
             Ok(Err(e)) => Err(anyhow::anyhow!("API server task failed: {e}")),

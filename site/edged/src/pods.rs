@@ -1,0 +1,185 @@
+//! The pods bound to this node: one watch (`spec.nodeName=<node>`), one worker per pod, and
+//! containerd's task events routed to the worker that owns the container.
+//!
+//! On start the agent adopts what containerd already runs (workers find their containers by
+//! the pod-uid label), and removes containers whose pod is no longer bound here.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::runtime::watcher;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::pod_worker::{self, LABEL_NODE, LABEL_POD_UID, PodMessage};
+use crate::runtime::containerd::RuntimeEvent;
+use crate::{Agent, AgentError};
+
+/// Which pod a containerd container belongs to (filled by the workers).
+pub type Owners = Arc<Mutex<HashMap<String, String>>>;
+
+struct Handle {
+    tx: mpsc::Sender<PodMessage>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let owners: Owners = Arc::default();
+    let (event_tx, mut event_rx) = mpsc::channel::<RuntimeEvent>(256);
+    let rt = agent.runtime.clone();
+    let events_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if let Err(e) = rt.subscribe(event_tx.clone()).await {
+                tracing::warn!("containerd event stream: {e}");
+            }
+            tokio::select! {
+                _ = events_shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    });
+
+    let pods: Api<Pod> = Api::all(agent.client.clone());
+    let cfg =
+        watcher::Config::default().fields(&format!("spec.nodeName={}", agent.config.node_name));
+    let mut stream = watcher::watcher(pods, cfg).boxed();
+    let mut workers: HashMap<String, Handle> = HashMap::new();
+    let mut initial: Option<HashSet<String>> = None;
+    let (done_tx, mut done_rx) = mpsc::channel::<String>(64);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(uid) = done_rx.recv() => {
+                if let Some(h) = workers.get(&uid)
+                    && h.done.is_finished()
+                {
+                    workers.remove(&uid);
+                }
+            }
+            Some(event) = event_rx.recv() => {
+                let (cid, message) = match event {
+                    RuntimeEvent::Exit { container_id, exec_id, exit_code } if exec_id.is_empty() => {
+                        (container_id.clone(), PodMessage::Exited { container_id, exit_code })
+                    }
+                    RuntimeEvent::Oom { container_id } => {
+                        (container_id.clone(), PodMessage::Oom { container_id })
+                    }
+                    _ => continue,
+                };
+                let uid = owners.lock().unwrap_or_else(|e| e.into_inner()).get(&cid).cloned();
+                if let Some(h) = uid.and_then(|u| workers.get(&u)) {
+                    let _ = h.tx.try_send(message);
+                }
+            }
+            event = stream.next() => {
+                let Some(event) = event else { break };
+                match event {
+                    Ok(watcher::Event::Init) => initial = Some(HashSet::new()),
+                    Ok(watcher::Event::InitApply(pod)) => {
+                        if let Some(uid) = pod.metadata.uid.clone() {
+                            if let Some(seen) = initial.as_mut() {
+                                seen.insert(uid);
+                            }
+                        }
+                        dispatch(&agent, &owners, &mut workers, &done_tx, pod, &shutdown);
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        let seen = initial.take().unwrap_or_default();
+                        // Pods deleted while we were not watching.
+                        for (uid, h) in &workers {
+                            if !seen.contains(uid) {
+                                let _ = h.tx.try_send(PodMessage::Removed);
+                            }
+                        }
+                        let agent = agent.clone();
+                        let keep: HashSet<String> = seen;
+                        tokio::spawn(async move {
+                            if let Err(e) = remove_orphans(&agent, &keep).await {
+                                tracing::warn!("removing containers of unknown pods: {e}");
+                            }
+                        });
+                    }
+                    Ok(watcher::Event::Apply(pod)) => {
+                        dispatch(&agent, &owners, &mut workers, &done_tx, pod, &shutdown);
+                    }
+                    Ok(watcher::Event::Delete(pod)) => {
+                        if let Some(h) = pod.metadata.uid.as_ref().and_then(|u| workers.get(u)) {
+                            let _ = h.tx.send(PodMessage::Removed).await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!("pod watch: {e}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
+    }
+    // Containers keep running; workers end without touching them.
+    for (_, h) in workers {
+        h.done.abort();
+    }
+    Ok(())
+}
+
+fn dispatch(
+    agent: &Arc<Agent>,
+    owners: &Owners,
+    workers: &mut HashMap<String, Handle>,
+    done_tx: &mpsc::Sender<String>,
+    pod: Pod,
+    shutdown: &CancellationToken,
+) {
+    let Some(uid) = pod.metadata.uid.clone() else {
+        return;
+    };
+    if let Some(h) = workers.get(&uid)
+        && !h.done.is_finished()
+    {
+        // The worker only needs the newest version; a full queue means one is pending.
+        match h.tx.try_send(PodMessage::Update(Box::new(pod.clone()))) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let tx = h.tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(PodMessage::Update(Box::new(pod))).await;
+                });
+                return;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+    let (tx, rx) = mpsc::channel(32);
+    let worker = pod_worker::Worker::new(agent.clone(), pod, rx, owners.clone());
+    let done_tx = done_tx.clone();
+    let shutdown = shutdown.clone();
+    let key = uid.clone();
+    let done = tokio::spawn(async move {
+        worker.run(shutdown).await;
+        let _ = done_tx.send(uid).await;
+    });
+    workers.insert(key, Handle { tx, done });
+}
+
+/// Removes containers (and their snapshots) of pods that are no longer bound to this node.
+async fn remove_orphans(agent: &Agent, keep: &HashSet<String>) -> Result<(), AgentError> {
+    let rt = &agent.runtime;
+    let node = agent.config.node_name.as_str();
+    for c in rt.list_containers(&[(LABEL_NODE, node)]).await? {
+        let uid = c.labels.get(LABEL_POD_UID).cloned().unwrap_or_default();
+        if keep.contains(&uid) {
+            continue;
+        }
+        tracing::info!(container = %c.id, pod_uid = %uid, "removing a container whose pod is gone");
+        pod_worker::remove_container(agent, &c.id).await;
+    }
+    pod_worker::remove_orphan_sandboxes(agent, keep).await;
+    Ok(())
+}
