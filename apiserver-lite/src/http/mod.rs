@@ -52,6 +52,8 @@ pub struct ApiServer {
     pub shutdown: CancellationToken,
     /// Set once start-up work (default namespaces) is done; `/readyz` answers 200 after it.
     pub ready: std::sync::atomic::AtomicBool,
+    /// Connected node agents (logs, exec, port-forward go through them).
+    pub nodes: Arc<crate::node_streams::NodeStreams>,
 }
 
 impl ApiServer {
@@ -72,6 +74,7 @@ impl ApiServer {
             service_account_tokens: std::sync::OnceLock::new(),
             shutdown,
             ready: std::sync::atomic::AtomicBool::new(false),
+            nodes: Arc::default(),
         }
     }
 }

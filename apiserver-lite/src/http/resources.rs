@@ -422,6 +422,9 @@ pub async fn handle(
         }
         (&Method::GET, Some(name), None | Some("status")) => ctx.get(name).await,
         (&Method::GET, Some(name), Some("scale")) => ctx.get_scale(name).await,
+        (&Method::GET, Some(name), Some("log")) if info.resource == "pods" => {
+            ctx.pod_log(name, &query).await
+        }
         (_, Some(name), Some(sub @ ("log" | "exec" | "attach" | "portforward" | "proxy"))) => {
             ctx.node_streaming(name, sub).await
         }
@@ -2168,23 +2171,149 @@ impl Ctx {
         ))
     }
 
-    /// Logs, exec, attach, port-forward and proxy are served by the node agent.
-    async fn node_streaming(&self, name: &str, sub: &str) -> Result<Response, ApiError> {
-        let object = self.load(name).await?;
-        if self.info.resource == "pods" {
-            let node = object
-                .object
-                .pointer("/spec/nodeName")
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            if node.is_empty() {
+    /// The pod's node, or the error upstream gives for an unscheduled pod.
+    fn node_of(object: &Value, name: &str) -> Result<String, ApiError> {
+        let node = object
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if node.is_empty() {
+            return Err(ApiError::bad_request(format!(
+                "pod {name} does not have a host assigned"
+            )));
+        }
+        Ok(node.to_string())
+    }
+
+    /// `pods/log`: validated here, served by the pod's node agent.
+    async fn pod_log(&self, name: &str, query: &Query) -> Result<Response, ApiError> {
+        let object = self.load(name).await?.object;
+        let node = Self::node_of(&object, name)?;
+        let names = |path: &str| -> Vec<String> {
+            object
+                .pointer(path)
+                .and_then(Value::as_array)
+                .map(|cs| {
+                    cs.iter()
+                        .filter_map(|c| c["name"].as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let containers = names("/spec/containers");
+        let all: Vec<String> = names("/spec/initContainers")
+            .into_iter()
+            .chain(containers.iter().cloned())
+            .chain(names("/spec/ephemeralContainers"))
+            .collect();
+        let container = match query.get("container").filter(|c| !c.is_empty()) {
+            Some(c) if all.iter().any(|x| x == c) => c.to_string(),
+            Some(c) => {
                 return Err(ApiError::bad_request(format!(
-                    "pod {name} does not have a host assigned"
+                    "container {c} is not valid for pod {name}"
+                )));
+            }
+            None if containers.len() == 1 => containers[0].clone(),
+            None => {
+                return Err(ApiError::bad_request(format!(
+                    "a container name must be specified for pod {name}, choose one of: [{}]",
+                    containers.join(" ")
+                )));
+            }
+        };
+        for (key, what) in [
+            ("tailLines", "tailLines"),
+            ("sinceSeconds", "sinceSeconds"),
+            ("limitBytes", "limitBytes"),
+        ] {
+            if let Some(v) = query.get(key)
+                && v.parse::<i64>()
+                    .map(|n| n < 0 || (key != "tailLines" && n == 0))
+                    .unwrap_or(true)
+            {
+                return Err(ApiError::bad_request(format!(
+                    "{what}: Invalid value: {v:?}: must be {}",
+                    if key == "tailLines" {
+                        "greater than or equal to 0"
+                    } else {
+                        "greater than 0"
+                    }
                 )));
             }
         }
+        // (The serializer is not Send: keep it out of the awaits.)
+        let forwarded = {
+            let mut f = form_urlencoded::Serializer::new(String::new());
+            for key in [
+                "follow",
+                "previous",
+                "timestamps",
+                "tailLines",
+                "sinceSeconds",
+                "sinceTime",
+                "limitBytes",
+            ] {
+                if let Some(v) = query.get(key) {
+                    f.append_pair(key, v);
+                }
+            }
+            let uid = object
+                .pointer("/metadata/uid")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            f.append_pair("podUID", uid);
+            f.finish()
+        };
+        let path = format!(
+            "/containerLogs/{}/{name}/{container}?{forwarded}",
+            self.namespace
+        );
+        self.call_node(&node, path).await
+    }
+
+    async fn call_node(&self, node: &str, path: String) -> Result<Response, ApiError> {
+        let connection = self.server.nodes.get(node).ok_or_else(|| {
+            ApiError::service_unavailable(format!(
+                "the node agent of {node} is not connected to this server"
+            ))
+        })?;
+        let request = http::Request::builder()
+            .method(Method::GET)
+            .uri(path)
+            .body(Body::empty())
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let response = connection.call(request).await.map_err(|e| {
+            ApiError::service_unavailable(format!("the node agent of {node} failed: {e}"))
+        })?;
+        let (parts, body) = response.into_parts();
+        if parts.status.is_success() {
+            let mut out = Response::new(body);
+            *out.status_mut() = parts.status;
+            if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
+                out.headers_mut().insert(header::CONTENT_TYPE, ct.clone());
+            }
+            return Ok(out);
+        }
+        // The agent answers errors as text: turn them into a Status.
+        let bytes = axum::body::to_bytes(body, 64 * 1024)
+            .await
+            .unwrap_or_default();
+        let message = String::from_utf8_lossy(&bytes).trim().to_string();
+        Err(match parts.status.as_u16() {
+            400 => ApiError::bad_request(message),
+            404 => ApiError::bad_request(message),
+            _ => ApiError::internal(message),
+        })
+    }
+
+    /// Exec, attach, port-forward and proxy are served by the node agent.
+    async fn node_streaming(&self, name: &str, sub: &str) -> Result<Response, ApiError> {
+        let object = self.load(name).await?;
+        if self.info.resource == "pods" {
+            Self::node_of(&object.object, name)?;
+        }
         Err(ApiError::service_unavailable(format!(
-            "{}/{sub} needs the node agent's streaming endpoint, which this EdgeSite server does not provide yet (it comes with the node agent: edged)",
+            "{}/{sub} is not served by this EdgeSite release yet",
             self.info.resource
         )))
     }

@@ -16,6 +16,7 @@ pub mod pod_worker;
 pub mod pods;
 pub mod runtime;
 pub mod spec;
+pub mod streaming;
 pub mod volumes;
 
 use std::net::IpAddr;
@@ -128,11 +129,19 @@ fn cni_config(config: &Config) -> network::cni::CniConfig {
 }
 
 /// Runs the node agent until `shutdown`. Containers keep running when the agent stops.
-pub async fn run(
+///
+/// `publish` receives the agent's HTTP API (logs, later exec and port-forward) and makes it
+/// reachable from the API server; what it returns is kept alive while the agent runs.
+pub async fn run<F, R>(
     config: Config,
     client: kube::Client,
+    publish: F,
     shutdown: CancellationToken,
-) -> Result<(), AgentError> {
+) -> Result<(), AgentError>
+where
+    F: FnOnce(axum::Router) -> R,
+    R: Send + 'static,
+{
     for dir in [
         config.pods_dir(),
         config.logs_dir(),
@@ -166,6 +175,7 @@ pub async fn run(
         host_ip: ip_rx,
         pulls: Default::default(),
     });
+    let _published = publish(streaming::router(agent.clone()));
     images::import_dropped(&agent).await;
     let node = tokio::spawn(node::run(agent.clone(), cidr_tx, ip_tx, shutdown.clone()));
     let pods = tokio::spawn(pods::run(agent.clone(), shutdown.clone()));

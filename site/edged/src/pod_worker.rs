@@ -1115,6 +1115,7 @@ impl Worker {
         self.teardown_sandbox().await;
         volumes::cleanup(&self.pod_dir());
         let _ = std::fs::remove_dir_all(self.pod_dir());
+        let _ = std::fs::remove_dir_all(self.log_dir());
         if self.removed || shutdown.is_cancelled() {
             return;
         }

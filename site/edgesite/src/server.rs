@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -229,7 +230,13 @@ pub fn run(args: ServerArgs) -> Result<()> {
             shutdown.clone(),
         ));
         let agent = agent_config.map(|config| {
-            tokio::spawn(edged::run(config, client.clone(), shutdown.clone()))
+            // The co-located agent's HTTP API is called in process, like its API client.
+            let streams = api.nodes.clone();
+            let node = config.node_name.clone();
+            let publish = move |router: axum::Router| {
+                streams.register(&node, Arc::new(apiserver_lite::node_streams::InProcess(router)))
+            };
+            tokio::spawn(edged::run(config, client.clone(), publish, shutdown.clone()))
         });
         let app = apiserver_lite::http::router(api);
         let mut server = tokio::spawn(apiserver_lite::http::serve(listener, config.tls.clone(), app, shutdown.clone()));

@@ -326,10 +326,7 @@ impl Registries {
                 }
             }
         }
-        Err(ImageError::Registry(format!(
-            "failed to pull image \"{name}\": {}",
-            errors.join("; ")
-        )))
+        Err(ImageError::Registry(errors.join("; ")))
     }
 }
 
@@ -363,7 +360,20 @@ fn describe(e: oci_client::errors::OciDistributionError) -> String {
             format!("{url}: {}", reasons.join(", "))
         }
         E::ServerError { code, url, message } => format!("{url}: HTTP {code}: {message}"),
-        other => other.to_string(),
+        other => {
+            // reqwest's message alone ("error sending request") hides the cause.
+            let mut text = other.to_string();
+            let mut source = std::error::Error::source(&other);
+            while let Some(s) = source {
+                let m = s.to_string();
+                if !text.contains(&m) {
+                    text.push_str(": ");
+                    text.push_str(&m);
+                }
+                source = s.source();
+            }
+            text
+        }
     }
 }
 
