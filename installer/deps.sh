@@ -33,3 +33,9 @@ install_build_deps() {
     exit 1
   fi
 }
+
+# What a node needs to run containers: containerd, runc, the CNI plugins and iptables, all
+# from the OS packages.
+install_node_deps() {
+  apt_install containerd runc containernetworking-plugins iptables
+}

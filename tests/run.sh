@@ -14,6 +14,10 @@ if ! command -v kubectl >/dev/null 2>&1; then
   apt_install kubernetes-client
 fi
 command -v kubectl >/dev/null 2>&1 || { echo "kubectl is required for the end-to-end tests and could not be installed" >&2; exit 1; }
+# Real containers: containerd, runc, CNI plugins; a registry and busybox for the test images.
+# Each test starts its own containerd; nothing here starts a system-wide one.
+install_node_deps
+apt_install docker-registry busybox-static
 # The official Python client, for the client-library compatibility test.
 venv="$repo/target/python-venv"
 if ! "$venv/bin/python" -c "import kubernetes" >/dev/null 2>&1; then

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod node;
 pub mod simnodes;
 
 pub fn edgesite_bin() -> PathBuf {
@@ -63,8 +64,22 @@ impl Site {
         Site::start_with(&[])
     }
 
-    /// Starts a site with extra `edgesite server` flags.
+    /// Starts a site with extra `edgesite server` flags. Without a container runtime the
+    /// site runs the control plane only (`--disable-agent`); see [`node::Runtime`] for sites
+    /// whose node agent runs real containers.
     pub fn start_with(extra: &[&str]) -> Result<Site> {
+        let mut flags: Vec<&str> = extra.to_vec();
+        if !flags.iter().any(|f| f.starts_with("--container-runtime-endpoint")) {
+            flags.push("--disable-agent");
+        }
+        Site::start_prepared(&flags, |_| Ok(()))
+    }
+
+    /// Starts a site after `prepare` has filled its data dir.
+    pub fn start_prepared(
+        extra: &[&str],
+        prepare: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<Site> {
         let bin = edgesite_bin();
         if !bin.exists() {
             bail!(
@@ -78,6 +93,7 @@ impl Site {
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
+        prepare(&site.data_dir())?;
         site.launch()?;
         Ok(site)
     }
@@ -270,6 +286,8 @@ impl Drop for Site {
             eprintln!("---- edgesite server log ----\n{}", self.log());
         }
         self.kill();
+        // Network namespaces and tmpfs volumes of pods live under the data dir.
+        node::unmount_under(self.dir.path());
     }
 }
 

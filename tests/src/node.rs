@@ -1,0 +1,490 @@
+//! Real nodes for end-to-end tests: a private containerd per test (its own root, state and
+//! socket), a test image built from Debian's `busybox-static`, and a real OCI registry
+//! (Debian's `docker-registry`) on loopback.
+//!
+//! Each test takes a *slot* (a file lock) that gives it a cluster CIDR and bridge names no
+//! other test uses at the same time, so tests run in parallel on one machine.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{Site, free_port};
+
+/// The image the harness builds and every node imports at start.
+pub const BUSYBOX: &str = "edgesite.test/busybox:1.0";
+
+const SLOTS: u32 = 120;
+
+/// Fails, naming what is missing, when the machine cannot run real containers.
+pub fn require_node_prerequisites() -> Result<()> {
+    if !nix_is_root() {
+        bail!("this test runs real containers and needs root (run tests/run.sh as root)");
+    }
+    for (bin, package) in [
+        ("containerd", "containerd"),
+        ("ctr", "containerd"),
+        ("runc", "runc"),
+        ("iptables", "iptables"),
+    ] {
+        if which(bin).is_none() {
+            bail!(
+                "{bin} is missing: install the {package} package (tests/run.sh installs it: apt-get install containerd runc containernetworking-plugins docker-registry busybox-static iptables)"
+            );
+        }
+    }
+    for plugin in ["bridge", "host-local", "loopback", "portmap"] {
+        if !Path::new("/usr/lib/cni").join(plugin).exists()
+            && !Path::new("/opt/cni/bin").join(plugin).exists()
+        {
+            bail!(
+                "the CNI plugin {plugin} is missing: install containernetworking-plugins (tests/run.sh installs it)"
+            );
+        }
+    }
+    if !Path::new("/bin/busybox").exists() {
+        bail!("/bin/busybox is missing: install busybox-static (tests/run.sh installs it)");
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(bin))
+            .find(|p| p.is_file())
+    })
+}
+
+/// A slot: an index no concurrent test holds (released when dropped).
+pub struct Slot {
+    _lock: File,
+    pub index: u32,
+}
+
+impl Slot {
+    pub fn take() -> Result<Slot> {
+        let dir = std::env::temp_dir().join("edgesite-test-slots");
+        std::fs::create_dir_all(&dir)?;
+        let start = std::process::id() % SLOTS;
+        for i in 0..SLOTS {
+            let index = (start + i) % SLOTS;
+            let file = File::create(dir.join(format!("{index}.lock")))?;
+            if file.try_lock().is_ok() {
+                return Ok(Slot { _lock: file, index });
+            }
+        }
+        bail!("all {SLOTS} test slots are taken")
+    }
+}
+
+/// A private containerd.
+pub struct Runtime {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    child: Option<Child>,
+    pub slot: Slot,
+    /// How many nodes this runtime serves so far (bridges and CIDRs per node).
+    nodes: std::cell::Cell<u32>,
+}
+
+impl Runtime {
+    pub fn start() -> Result<Runtime> {
+        require_node_prerequisites()?;
+        let slot = Slot::take()?;
+        // Short paths: containerd's socket path must stay under 108 bytes.
+        let dir = tempfile::Builder::new().prefix("es-ctd").tempdir_in("/tmp")?;
+        let socket = dir.path().join("containerd.sock");
+        let config = format!(
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{socket}\"\n[ttrpc]\n  address = \"{socket}.ttrpc\"\n[debug]\n  address = \"\"\n[metrics]\n  address = \"\"\n",
+            root = dir.path().join("root").display(),
+            state = dir.path().join("state").display(),
+            socket = socket.display(),
+        );
+        std::fs::write(dir.path().join("config.toml"), config)?;
+        let log = File::create(dir.path().join("containerd.log"))?;
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.path().join("config.toml"))
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("start containerd")?;
+        let rt = Runtime {
+            dir,
+            socket,
+            child: Some(child),
+            slot,
+            nodes: std::cell::Cell::new(0),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let ok = Command::new("ctr")
+                .arg("--address")
+                .arg(&rt.socket)
+                .arg("version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                return Ok(rt);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "containerd did not start; its log:\n{}",
+            std::fs::read_to_string(rt.dir.path().join("containerd.log")).unwrap_or_default()
+        )
+    }
+
+    /// Flags that make a site's node agent use this runtime, with a bridge and a cluster
+    /// CIDR of its own.
+    pub fn node_flags(&self, node: &str) -> Vec<String> {
+        let n = self.nodes.get();
+        self.nodes.set(n + 1);
+        let i = self.slot.index;
+        vec![
+            format!("--container-runtime-endpoint={}", self.socket.display()),
+            format!("--containerd-namespace={node}"),
+            format!("--cni-bridge=est{i}n{n}"),
+            format!("--cluster-cidr=10.{}.{}.0/20", 100 + i / 16, (i % 16) * 16),
+            format!("--node-name={node}"),
+            format!(
+                "--private-registry={}",
+                self.dir.path().join("registries.yaml").display()
+            ),
+        ]
+    }
+
+    /// Starts a site whose node agent runs containers here; the test image is dropped into
+    /// its import folder first, so it is imported at start like an air-gapped site's.
+    pub fn start_site(&self, extra: &[&str]) -> Result<Site> {
+        let image = busybox_image()?;
+        let mut flags = self.node_flags("node-a");
+        flags.extend(extra.iter().map(|s| s.to_string()));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        Site::start_prepared(&flags, |data| {
+            let images = data.join("agent").join("images");
+            std::fs::create_dir_all(&images)?;
+            std::fs::copy(&image, images.join("busybox.tar"))?;
+            Ok(())
+        })
+    }
+
+    /// Runs `ctr` against this containerd.
+    pub fn ctr(&self, namespace: &str, args: &[&str]) -> Result<String> {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .arg("--namespace")
+            .arg(namespace)
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "ctr {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Writes the nodes' registries.yaml.
+    pub fn set_registries(&self, yaml: &str) -> Result<()> {
+        std::fs::write(self.dir.path().join("registries.yaml"), yaml)?;
+        Ok(())
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        // Kill every task in every namespace, then containerd itself.
+        if let Ok(namespaces) = self.ctr("default", &["namespaces", "ls", "-q"]) {
+            for ns in namespaces.lines() {
+                if let Ok(tasks) = self.ctr(ns, &["tasks", "ls", "-q"]) {
+                    for t in tasks.lines() {
+                        let _ = self.ctr(ns, &["tasks", "kill", "-a", "-s", "SIGKILL", t]);
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
+                    for t in tasks.lines() {
+                        let _ = self.ctr(ns, &["tasks", "delete", "-f", t]);
+                    }
+                }
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        unmount_under(self.dir.path());
+        for n in 0..self.nodes.get() {
+            let _ = Command::new("ip")
+                .args(["link", "del", &format!("est{}n{n}", self.slot.index)])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Lazily unmounts everything mounted below `dir` (network namespaces, tmpfs volumes,
+/// overlays) so the folder can be removed.
+pub fn unmount_under(dir: &Path) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let prefix = dir.display().to_string();
+    let mut points: Vec<String> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4).map(String::from))
+        .filter(|p| p.starts_with(&prefix))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = Command::new("umount")
+            .args(["-l", &p])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// The busybox layer: /bin/busybox with its applets, a passwd/group, and the usual dirs.
+fn busybox_layer() -> Result<Vec<u8>> {
+    let list = Command::new("/bin/busybox").arg("--list").output()?;
+    let applets = String::from_utf8_lossy(&list.stdout).into_owned();
+    let mut builder = tar::Builder::new(Vec::new());
+    let dir = |b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32| -> Result<()> {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(mode);
+        h.set_size(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, path, std::io::empty())?;
+        Ok(())
+    };
+    for (d, mode) in [
+        ("bin", 0o755),
+        ("etc", 0o755),
+        ("tmp", 0o1777),
+        ("root", 0o700),
+        ("www", 0o755),
+        ("proc", 0o755),
+        ("sys", 0o755),
+        ("dev", 0o755),
+        ("var", 0o755),
+    ] {
+        dir(&mut builder, d, mode)?;
+    }
+    let file = |b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32| -> Result<()> {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(mode);
+        h.set_size(data.len() as u64);
+        h.set_mtime(0);
+        b.append_data(&mut h, path, data)?;
+        Ok(())
+    };
+    let busybox = std::fs::read("/bin/busybox")?;
+    file(&mut builder, "bin/busybox", &busybox, 0o755)?;
+    file(
+        &mut builder,
+        "etc/passwd",
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\nweb:x:1000:1000::/www:/bin/sh\n",
+        0o644,
+    )?;
+    file(
+        &mut builder,
+        "etc/group",
+        b"root:x:0:\nnogroup:x:65534:\nweb:x:1000:\n",
+        0o644,
+    )?;
+    file(&mut builder, "www/index.html", b"hello from edgesite\n", 0o644)?;
+    for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty()) {
+        if applet == "busybox" {
+            continue;
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_mode(0o777);
+        h.set_size(0);
+        h.set_mtime(0);
+        builder.append_link(&mut h, format!("bin/{applet}"), "busybox")?;
+    }
+    Ok(builder.into_inner()?)
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(data))
+}
+
+/// The layer, config and manifest of the test image.
+pub struct ImageParts {
+    pub layer: Vec<u8>,
+    pub config: Vec<u8>,
+    pub manifest: Vec<u8>,
+}
+
+pub fn busybox_parts() -> Result<ImageParts> {
+    let layer = busybox_layer()?;
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": arch,
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&layer))]},
+    }))?;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{}", sha256_hex(&config)), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": format!("sha256:{}", sha256_hex(&layer)), "size": layer.len()}],
+    }))?;
+    Ok(ImageParts {
+        layer,
+        config,
+        manifest,
+    })
+}
+
+/// Builds (once per target dir) an OCI-layout tarball of the test image named [`BUSYBOX`].
+pub fn busybox_image() -> Result<PathBuf> {
+    let dir = crate::edgesite_bin()
+        .parent()
+        .map(|p| p.join("test-images"))
+        .unwrap_or_else(|| std::env::temp_dir().join("edgesite-test-images"));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("busybox-oci.tar");
+    let lock = File::create(dir.join(".lock"))?;
+    lock.lock()?;
+    if path.exists() {
+        return Ok(path);
+    }
+    let parts = busybox_parts()?;
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{}", sha256_hex(&parts.manifest)),
+            "size": parts.manifest.len(),
+            "annotations": {"io.containerd.image.name": BUSYBOX, "org.opencontainers.image.ref.name": "1.0"},
+        }],
+    }))?;
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, data: &[u8]| -> Result<()> {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_mtime(0);
+        b.append_data(&mut h, name, data)?;
+        Ok(())
+    };
+    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    for blob in [&parts.layer, &parts.config, &parts.manifest] {
+        add(&format!("blobs/sha256/{}", sha256_hex(blob)), blob)?;
+    }
+    add("index.json", &index)?;
+    let bytes = b.into_inner()?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+/// A real OCI registry (Debian's docker-registry) on a loopback port.
+pub struct Registry {
+    _dir: tempfile::TempDir,
+    child: Child,
+    pub port: u16,
+}
+
+impl Registry {
+    pub fn start() -> Result<Registry> {
+        if which("docker-registry").is_none() {
+            bail!("docker-registry is missing: install the docker-registry package (tests/run.sh installs it)");
+        }
+        let dir = tempfile::tempdir()?;
+        let port = free_port();
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        std::fs::write(dir.path().join("config.yml"), config)?;
+        let log = File::create(dir.path().join("registry.log"))?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("start docker-registry")?;
+        let registry = Registry {
+            _dir: dir,
+            child,
+            port,
+        };
+        let ok = crate::eventually(Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        if !ok {
+            bail!("docker-registry did not listen on 127.0.0.1:{port}");
+        }
+        Ok(registry)
+    }
+
+    /// Pushes the test image as `127.0.0.1:<port>/<repository>:<tag>`; returns that name.
+    pub fn push_busybox(&self, repository_tag: &str) -> Result<String> {
+        let name = format!("127.0.0.1:{}/{repository_tag}", self.port);
+        let parts = busybox_parts()?;
+        let reference: oci_client::Reference = name.parse()?;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = oci_client::Client::new(oci_client::client::ClientConfig {
+            protocol: oci_client::client::ClientProtocol::Http,
+            ..Default::default()
+        });
+        let layer = oci_client::client::ImageLayer::new(
+            parts.layer,
+            "application/vnd.oci.image.layer.v1.tar".into(),
+            None,
+        );
+        let config = oci_client::client::Config::new(
+            parts.config,
+            "application/vnd.oci.image.config.v1+json".into(),
+            None,
+        );
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(client.push(
+                &reference,
+                &[layer],
+                config,
+                &oci_client::secrets::RegistryAuth::Anonymous,
+                None,
+            ))
+            .context("push the test image")?;
+        Ok(name)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
