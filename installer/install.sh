@@ -24,6 +24,7 @@ command -v apt-get >/dev/null || die "this installer supports Debian and derivat
 # shellcheck source=installer/deps.sh
 . "$here/deps.sh"
 install_build_deps
+install_node_deps
 
 say "building the release binary (a few minutes on a small machine)"
 (cd "$repo" && cargo build --release --locked -p edgesite)
@@ -31,6 +32,25 @@ install -m 0755 "$repo/target/release/edgesite" /usr/local/bin/edgesite
 install -d -m 0755 /etc/edgesite
 install -d -m 0700 "$data_dir"
 say "installed /usr/local/bin/edgesite ($(/usr/local/bin/edgesite --version))"
+
+# The node agent runs containers through containerd (skip with EDGESITE_EXEC="server --disable-agent").
+if ! ctr --address /run/containerd/containerd.sock version >/dev/null 2>&1; then
+  if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
+    systemctl enable --now containerd >/dev/null
+  else
+    install -d -m 0755 "$log_dir"
+    nohup "$here/supervise.sh" "/usr/bin/containerd" "$log_dir/containerd.log" >/dev/null 2>&1 &
+    echo $! > /run/edgesite-containerd-supervisor.pid
+  fi
+  for _ in $(seq 1 50); do
+    ctr --address /run/containerd/containerd.sock version >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  ctr --address /run/containerd/containerd.sock version >/dev/null 2>&1 \
+    || die "containerd did not start; see journalctl -u containerd or $log_dir/containerd.log"
+  say "containerd is running"
+fi
+install -d -m 0755 "$data_dir/agent/images"
 
 # shellcheck disable=SC2086
 args="$exec_args --data-dir $data_dir --https-listen-port $port --write-kubeconfig $kubeconfig"

@@ -15,7 +15,7 @@ while true; do
   child=$!
   wait "$child"
   code=$?
-  echo "[supervisor] edgesite exited with $code; restarting in ${delay}s" >>"$log"
+  echo "[supervisor] ${cmd%% *} exited with $code; restarting in ${delay}s" >>"$log"
   sleep "$delay"
   if [ $(( $(date +%s) - started )) -gt 60 ]; then delay=1; else delay=$(( delay * 2 > 30 ? 30 : delay * 2 )); fi
 done

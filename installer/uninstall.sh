@@ -13,6 +13,13 @@ if [ -f /run/edgesite-supervisor.pid ]; then
   rm -f /run/edgesite-supervisor.pid
 fi
 pkill -f "/usr/local/bin/edgesite server" 2>/dev/null || true
+pkill -f "/usr/local/bin/edgesite agent" 2>/dev/null || true
+# The containerd this installer started without systemd (a system one is left alone).
+if [ -f /run/edgesite-containerd-supervisor.pid ]; then
+  kill "$(cat /run/edgesite-containerd-supervisor.pid)" 2>/dev/null || true
+  rm -f /run/edgesite-containerd-supervisor.pid
+  pkill -x containerd 2>/dev/null || true
+fi
 rm -f /usr/local/bin/edgesite
 rm -rf /etc/edgesite
 if [ "${1:-}" = "--purge" ]; then
