@@ -69,7 +69,10 @@ impl Site {
     /// whose node agent runs real containers.
     pub fn start_with(extra: &[&str]) -> Result<Site> {
         let mut flags: Vec<&str> = extra.to_vec();
-        if !flags.iter().any(|f| f.starts_with("--container-runtime-endpoint")) {
+        if !flags
+            .iter()
+            .any(|f| f.starts_with("--container-runtime-endpoint"))
+        {
             flags.push("--disable-agent");
         }
         Site::start_prepared(&flags, |_| Ok(()))

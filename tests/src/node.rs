@@ -104,7 +104,9 @@ impl Runtime {
         require_node_prerequisites()?;
         let slot = Slot::take()?;
         // Short paths: containerd's socket path must stay under 108 bytes.
-        let dir = tempfile::Builder::new().prefix("es-ctd").tempdir_in("/tmp")?;
+        let dir = tempfile::Builder::new()
+            .prefix("es-ctd")
+            .tempdir_in("/tmp")?;
         let socket = dir.path().join("containerd.sock");
         let config = format!(
             "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{socket}\"\n[ttrpc]\n  address = \"{socket}.ttrpc\"\n[debug]\n  address = \"\"\n[metrics]\n  address = \"\"\n",
@@ -309,7 +311,12 @@ fn busybox_layer() -> Result<Vec<u8>> {
         b"root:x:0:\nnogroup:x:65534:\nweb:x:1000:\n",
         0o644,
     )?;
-    file(&mut builder, "www/index.html", b"hello from edgesite\n", 0o644)?;
+    file(
+        &mut builder,
+        "www/index.html",
+        b"hello from edgesite\n",
+        0o644,
+    )?;
     for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty()) {
         if applet == "busybox" {
             continue;
@@ -416,7 +423,9 @@ pub struct Registry {
 impl Registry {
     pub fn start() -> Result<Registry> {
         if which("docker-registry").is_none() {
-            bail!("docker-registry is missing: install the docker-registry package (tests/run.sh installs it)");
+            bail!(
+                "docker-registry is missing: install the docker-registry package (tests/run.sh installs it)"
+            );
         }
         let dir = tempfile::tempdir()?;
         let port = free_port();

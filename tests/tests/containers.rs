@@ -21,7 +21,8 @@ fn wait_for(site: &Site, what: &str, timeout: Duration, mut f: impl FnMut() -> b
 }
 
 fn http_get(addr: &str) -> Option<String> {
-    let mut s = std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(2)).ok()?;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
     write!(s, "GET / HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
     let mut out = String::new();
@@ -45,20 +46,42 @@ fn a_deployment_runs_real_containers_that_answer_http_on_pod_ips_and_host_ports(
     let rt = Runtime::start().unwrap();
     let site = rt.start_site(&[]).unwrap();
     // The node registers with the host's figures and a lease.
-    wait_for(&site, "the node to be Ready", Duration::from_secs(30), || {
-        site.ok(&["get", "node", "node-a"]).contains(" Ready ")
-    });
+    wait_for(
+        &site,
+        "the node to be Ready",
+        Duration::from_secs(30),
+        || site.ok(&["get", "node", "node-a"]).contains(" Ready "),
+    );
     let node = site.json(&["get", "node", "node-a", "-o", "json"]);
-    assert!(node.pointer("/status/nodeInfo/containerRuntimeVersion").and_then(Value::as_str).unwrap().starts_with("containerd://"));
+    assert!(
+        node.pointer("/status/nodeInfo/containerRuntimeVersion")
+            .and_then(Value::as_str)
+            .unwrap()
+            .starts_with("containerd://")
+    );
     assert!(node.pointer("/status/capacity/cpu").is_some());
     assert!(node.pointer("/status/capacity/memory").is_some());
     assert!(node.pointer("/status/capacity/ephemeral-storage").is_some());
-    assert_eq!(node.pointer("/metadata/labels/kubernetes.io~1os").and_then(Value::as_str), Some("linux"));
-    assert!(node.pointer("/metadata/labels/node-role.kubernetes.io~1control-plane").is_some());
-    let cidr = node.pointer("/spec/podCIDR").and_then(Value::as_str).unwrap().to_string();
+    assert_eq!(
+        node.pointer("/metadata/labels/kubernetes.io~1os")
+            .and_then(Value::as_str),
+        Some("linux")
+    );
+    assert!(
+        node.pointer("/metadata/labels/node-role.kubernetes.io~1control-plane")
+            .is_some()
+    );
+    let cidr = node
+        .pointer("/spec/podCIDR")
+        .and_then(Value::as_str)
+        .unwrap()
+        .to_string();
     site.ok(&["get", "lease", "-n", "kube-node-lease", "node-a"]);
 
-    apply(&site, &format!(r#"
+    apply(
+        &site,
+        &format!(
+            r#"
 apiVersion: apps/v1
 kind: Deployment
 metadata: {{name: web}}
@@ -68,11 +91,15 @@ spec:
   template:
     metadata: {{labels: {{app: web}}}}
     spec:
+      # busybox httpd as PID 1 ignores SIGTERM: it is killed when the grace period ends.
+      terminationGracePeriodSeconds: 2
       containers:
       - name: httpd
         image: {BUSYBOX}
         command: ["httpd", "-f", "-p", "8080", "-h", "/www"]
-"#));
+"#
+        ),
+    );
     let status = site.ok(&["rollout", "status", "deploy/web", "--timeout=90s"]);
     assert!(status.contains("successfully rolled out"), "{status}");
     let pods = site.json(&["get", "pods", "-l", "app=web", "-o", "json"]);
@@ -81,15 +108,30 @@ spec:
     let prefix = cidr.rsplit_once('.').unwrap().0.to_string();
     for p in items {
         let ip = p.pointer("/status/podIP").and_then(Value::as_str).unwrap();
-        assert!(ip.starts_with(&prefix), "pod IP {ip} outside the node's {cidr}");
+        assert!(
+            ip.starts_with(&prefix),
+            "pod IP {ip} outside the node's {cidr}"
+        );
         let reply = http_get(&format!("{ip}:8080")).unwrap_or_default();
         assert!(reply.contains("hello from edgesite"), "{reply}");
         let c = &p.pointer("/status/containerStatuses/0").unwrap();
         assert_eq!(c["ready"], true);
-        assert!(c["containerID"].as_str().unwrap().starts_with("containerd://"));
+        assert!(
+            c["containerID"]
+                .as_str()
+                .unwrap()
+                .starts_with("containerd://")
+        );
         assert!(c["imageID"].as_str().unwrap().contains("@sha256:"));
-        let conditions: Vec<String> = p.pointer("/status/conditions").unwrap().as_array().unwrap().iter()
-            .filter(|c| c["status"] == "True").map(|c| c["type"].as_str().unwrap().to_string()).collect();
+        let conditions: Vec<String> = p
+            .pointer("/status/conditions")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["status"] == "True")
+            .map(|c| c["type"].as_str().unwrap().to_string())
+            .collect();
         for c in ["PodScheduled", "Initialized", "ContainersReady", "Ready"] {
             assert!(conditions.contains(&c.to_string()), "{conditions:?}");
         }
@@ -97,23 +139,37 @@ spec:
 
     // hostPort on the node.
     let host_port = free_port();
-    apply(&site, &format!(r#"
+    apply(
+        &site,
+        &format!(
+            r#"
 apiVersion: v1
 kind: Pod
 metadata: {{name: published}}
 spec:
+  terminationGracePeriodSeconds: 2
   containers:
   - name: httpd
     image: {BUSYBOX}
     command: ["httpd", "-f", "-p", "80", "-h", "/www"]
     ports: [{{containerPort: 80, hostPort: {host_port}}}]
-"#));
-    site.ok(&["wait", "--for=condition=Ready", "pod/published", "--timeout=60s"]);
+"#
+        ),
+    );
+    site.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/published",
+        "--timeout=60s",
+    ]);
     let mut reply = String::new();
-    assert!(eventually(Duration::from_secs(10), || {
-        reply = http_get(&format!("127.0.0.1:{host_port}")).unwrap_or_default();
-        reply.contains("hello from edgesite")
-    }), "hostPort {host_port}: {reply}");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            reply = http_get(&format!("127.0.0.1:{host_port}")).unwrap_or_default();
+            reply.contains("hello from edgesite")
+        }),
+        "hostPort {host_port}: {reply}"
+    );
 
     // Deleting everything leaves no network namespaces or addresses behind.
     site.ok(&["delete", "deploy/web", "pod/published", "--wait=true"]);
@@ -121,12 +177,21 @@ spec:
         site.ok(&["get", "pods", "-o", "name"]).trim().is_empty()
     });
     let agent = site.data_dir().join("agent");
-    assert!(eventually(Duration::from_secs(10), || {
-        std::fs::read_dir(agent.join("netns")).map(|d| d.count() == 0).unwrap_or(true)
-    }), "network namespaces left behind");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            std::fs::read_dir(agent.join("netns"))
+                .map(|d| d.count() == 0)
+                .unwrap_or(true)
+        }),
+        "network namespaces left behind"
+    );
     let leases: Vec<String> = std::fs::read_dir(agent.join("cni/networks/edgesite"))
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("10.")).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("10."))
+                .collect()
+        })
         .unwrap_or_default();
     assert!(leases.is_empty(), "pod IPs still leased: {leases:?}");
     let tasks = rt.ctr("node-a", &["tasks", "ls", "-q"]).unwrap();
@@ -137,7 +202,10 @@ spec:
 fn environment_and_volumes_reach_the_container_and_config_updates_propagate() {
     let rt = Runtime::start().unwrap();
     let site = rt.start_site(&[]).unwrap();
-    apply(&site, &format!(r#"
+    apply(
+        &site,
+        &format!(
+            r#"
 apiVersion: v1
 kind: ConfigMap
 metadata: {{name: settings}}
@@ -182,31 +250,70 @@ spec:
   - {{name: secret, secret: {{secretName: creds}}}}
   - name: info
     downwardAPI: {{items: [{{path: labels, fieldRef: {{fieldPath: metadata.labels}}}}]}}
-"#));
+"#
+        ),
+    );
     site.ok(&["wait", "--for=condition=Ready", "pod/env", "--timeout=60s"]);
-    let ip = pod(&site, "env").pointer("/status/podIP").and_then(Value::as_str).unwrap().to_string();
+    let ip = pod(&site, "env")
+        .pointer("/status/podIP")
+        .and_then(Value::as_str)
+        .unwrap()
+        .to_string();
     let mut logs = String::new();
-    wait_for(&site, "the app's first lines", Duration::from_secs(20), || {
-        logs = site.ok(&["logs", "env", "-c", "app"]);
-        logs.contains("CONF=")
-    });
-    assert!(logs.contains(&format!("MODE=fast PASSWORD=s3cret POD=env IP={ip} MEM=64 COMBINED=fast-env PREFIXED=fast")), "{logs}");
-    assert!(logs.contains("prepared"), "init container output missing: {logs}");
+    wait_for(
+        &site,
+        "the app's first lines",
+        Duration::from_secs(20),
+        || {
+            logs = site.ok(&["logs", "env", "-c", "app"]);
+            logs.contains("CONF=")
+        },
+    );
+    assert!(
+        logs.contains(&format!(
+            "MODE=fast PASSWORD=s3cret POD=env IP={ip} MEM=64 COMBINED=fast-env PREFIXED=fast"
+        )),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("prepared"),
+        "init container output missing: {logs}"
+    );
     assert!(logs.contains("tier=\"backend\""), "{logs}");
-    assert!(logs.contains("2000"), "fsGroup not among the groups: {logs}");
+    assert!(
+        logs.contains("2000"),
+        "fsGroup not among the groups: {logs}"
+    );
     assert!(logs.contains("CONF=version=1 SECRET=s3cret"), "{logs}");
-    let init = pod(&site, "env").pointer("/status/initContainerStatuses/0/state/terminated/reason").cloned();
+    let init = pod(&site, "env")
+        .pointer("/status/initContainerStatuses/0/state/terminated/reason")
+        .cloned();
     assert_eq!(init, Some(Value::from("Completed")));
 
     // An update of the ConfigMap reaches the mounted file of the running container.
-    site.ok(&["patch", "configmap", "settings", "-p", r#"{"data":{"app.conf":"version=2"}}"#]);
-    wait_for(&site, "the new config in the container", Duration::from_secs(60), || {
-        site.ok(&["logs", "env", "-c", "app", "--tail=1"]).contains("CONF=version=2")
-    });
+    site.ok(&[
+        "patch",
+        "configmap",
+        "settings",
+        "-p",
+        r#"{"data":{"app.conf":"version=2"}}"#,
+    ]);
+    wait_for(
+        &site,
+        "the new config in the container",
+        Duration::from_secs(60),
+        || {
+            site.ok(&["logs", "env", "-c", "app", "--tail=1"])
+                .contains("CONF=version=2")
+        },
+    );
     assert_eq!(container_status(&site, "env")["restartCount"], 0);
 
     // A missing ConfigMap key is a clear CreateContainerConfigError.
-    apply(&site, &format!(r#"
+    apply(
+        &site,
+        &format!(
+            r#"
 apiVersion: v1
 kind: Pod
 metadata: {{name: broken}}
@@ -216,11 +323,25 @@ spec:
     image: {BUSYBOX}
     command: ["sleep", "3600"]
     env: [{{name: X, valueFrom: {{configMapKeyRef: {{name: settings, key: nope}}}}}}]
-"#));
-    wait_for(&site, "CreateContainerConfigError", Duration::from_secs(30), || {
-        container_status(&site, "broken").pointer("/state/waiting/reason").and_then(Value::as_str) == Some("CreateContainerConfigError")
-    });
-    let message = container_status(&site, "broken").pointer("/state/waiting/message").and_then(Value::as_str).unwrap_or_default().to_string();
+"#
+        ),
+    );
+    wait_for(
+        &site,
+        "CreateContainerConfigError",
+        Duration::from_secs(30),
+        || {
+            container_status(&site, "broken")
+                .pointer("/state/waiting/reason")
+                .and_then(Value::as_str)
+                == Some("CreateContainerConfigError")
+        },
+    );
+    let message = container_status(&site, "broken")
+        .pointer("/state/waiting/message")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     assert!(message.contains("couldn't find key nope"), "{message}");
 }
 
@@ -228,7 +349,10 @@ spec:
 fn crashing_containers_back_off_and_memory_hogs_are_oom_killed() {
     let rt = Runtime::start().unwrap();
     let site = rt.start_site(&[]).unwrap();
-    apply(&site, &format!(r#"
+    apply(
+        &site,
+        &format!(
+            r#"
 apiVersion: v1
 kind: Pod
 metadata: {{name: crash}}
@@ -258,43 +382,106 @@ spec:
   - name: app
     image: {BUSYBOX}
     command: ["sh", "-c", "echo finished"]
-"#));
+"#
+        ),
+    );
     // Restarts come at growing intervals: immediately, then 10 s, 20 s, ...
     let start = Instant::now();
     let mut seen: Vec<(u64, Duration)> = Vec::new();
-    wait_for(&site, "two restarts in CrashLoopBackOff", Duration::from_secs(60), || {
-        let c = container_status(&site, "crash");
-        let restarts = c["restartCount"].as_u64().unwrap_or(0);
-        if seen.last().is_none_or(|(r, _)| *r != restarts) {
-            seen.push((restarts, start.elapsed()));
-        }
-        restarts >= 2 && c.pointer("/state/waiting/reason").and_then(Value::as_str) == Some("CrashLoopBackOff")
-    });
+    wait_for(
+        &site,
+        "two restarts in CrashLoopBackOff",
+        Duration::from_secs(60),
+        || {
+            let c = container_status(&site, "crash");
+            let restarts = c["restartCount"].as_u64().unwrap_or(0);
+            if seen.last().is_none_or(|(r, _)| *r != restarts) {
+                seen.push((restarts, start.elapsed()));
+            }
+            restarts >= 2
+                && c.pointer("/state/waiting/reason").and_then(Value::as_str)
+                    == Some("CrashLoopBackOff")
+        },
+    );
     let c = container_status(&site, "crash");
-    assert_eq!(c.pointer("/lastState/terminated/exitCode").and_then(Value::as_i64), Some(3), "{c}");
-    assert_eq!(c.pointer("/lastState/terminated/reason").and_then(Value::as_str), Some("Error"));
-    let message = c.pointer("/state/waiting/message").and_then(Value::as_str).unwrap_or_default();
+    assert_eq!(
+        c.pointer("/lastState/terminated/exitCode")
+            .and_then(Value::as_i64),
+        Some(3),
+        "{c}"
+    );
+    assert_eq!(
+        c.pointer("/lastState/terminated/reason")
+            .and_then(Value::as_str),
+        Some("Error")
+    );
+    let message = c
+        .pointer("/state/waiting/message")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     // After the second restart the next wait is 20 s (10 s before it), as upstream's.
-    assert!(message.starts_with("back-off 20s restarting failed container=app pod=crash_default("), "{message}");
+    assert!(
+        message.starts_with("back-off 20s restarting failed container=app pod=crash_default("),
+        "{message}"
+    );
     // The gap before the second restart is at least the 10 s back-off.
     let t1 = seen.iter().find(|(r, _)| *r == 1).map(|(_, t)| *t).unwrap();
     let t2 = seen.iter().find(|(r, _)| *r == 2).map(|(_, t)| *t).unwrap();
     assert!(t2 - t1 >= Duration::from_secs(9), "restarts at {seen:?}");
-    assert!(site.ok(&["logs", "crash", "--previous"]).contains("about to fail"));
-    let events = site.ok(&["get", "events", "--field-selector", "involvedObject.name=crash", "-o", "custom-columns=R:.reason"]);
+    assert!(
+        site.ok(&["logs", "crash", "--previous"])
+            .contains("about to fail")
+    );
+    let events = site.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=crash",
+        "-o",
+        "custom-columns=R:.reason",
+    ]);
     assert!(events.contains("BackOff"), "{events}");
-    assert!(site.ok(&["get", "pod", "crash"]).contains("CrashLoopBackOff"));
+    assert!(
+        site.ok(&["get", "pod", "crash"])
+            .contains("CrashLoopBackOff")
+    );
 
     wait_for(&site, "the OOM kill", Duration::from_secs(60), || {
-        container_status(&site, "hog").pointer("/state/terminated/reason").and_then(Value::as_str) == Some("OOMKilled")
+        container_status(&site, "hog")
+            .pointer("/state/terminated/reason")
+            .and_then(Value::as_str)
+            == Some("OOMKilled")
     });
-    assert_eq!(container_status(&site, "hog").pointer("/state/terminated/exitCode").and_then(Value::as_i64), Some(137));
-    assert_eq!(pod(&site, "hog").pointer("/status/phase").and_then(Value::as_str), Some("Failed"));
-    wait_for(&site, "the OnFailure pod to succeed", Duration::from_secs(30), || {
-        pod(&site, "done").pointer("/status/phase").and_then(Value::as_str) == Some("Succeeded")
-    });
+    assert_eq!(
+        container_status(&site, "hog")
+            .pointer("/state/terminated/exitCode")
+            .and_then(Value::as_i64),
+        Some(137)
+    );
+    assert_eq!(
+        pod(&site, "hog")
+            .pointer("/status/phase")
+            .and_then(Value::as_str),
+        Some("Failed")
+    );
+    wait_for(
+        &site,
+        "the OnFailure pod to succeed",
+        Duration::from_secs(30),
+        || {
+            pod(&site, "done")
+                .pointer("/status/phase")
+                .and_then(Value::as_str)
+                == Some("Succeeded")
+        },
+    );
     assert_eq!(container_status(&site, "done")["restartCount"], 0);
-    assert_eq!(container_status(&site, "done").pointer("/state/terminated/reason").and_then(Value::as_str), Some("Completed"));
+    assert_eq!(
+        container_status(&site, "done")
+            .pointer("/state/terminated/reason")
+            .and_then(Value::as_str),
+        Some("Completed")
+    );
 }
 
 #[test]
@@ -303,7 +490,10 @@ fn logs_stream_and_deletion_runs_pre_stop_then_sigterm_within_the_grace_period()
     let site = rt.start_site(&[]).unwrap();
     let marker_dir = site.dir.path().join("hooks");
     std::fs::create_dir_all(&marker_dir).unwrap();
-    apply(&site, &format!(r#"
+    apply(
+        &site,
+        &format!(
+            r#"
 apiVersion: v1
 kind: Pod
 metadata: {{name: talker}}
@@ -319,13 +509,27 @@ spec:
     volumeMounts: [{{name: hooks, mountPath: /hooks}}]
   volumes:
   - {{name: hooks, hostPath: {{path: {}, type: Directory}}}}
-"#, marker_dir.display()));
-    site.ok(&["wait", "--for=condition=Ready", "pod/talker", "--timeout=60s"]);
-    assert!(eventually(Duration::from_secs(10), || marker_dir.join("post-start").exists()), "postStart did not run");
+"#,
+            marker_dir.display()
+        ),
+    );
+    site.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/talker",
+        "--timeout=60s",
+    ]);
+    assert!(
+        eventually(Duration::from_secs(10), || marker_dir
+            .join("post-start")
+            .exists()),
+        "postStart did not run"
+    );
 
     // kubectl logs -f streams new lines as they are written.
     let mut follow = std::process::Command::new(tests::kubectl_bin())
-        .arg("--kubeconfig").arg(site.kubeconfig())
+        .arg("--kubeconfig")
+        .arg(site.kubeconfig())
         .args(["logs", "-f", "talker", "--tail=1"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -334,7 +538,10 @@ spec:
     let stdout = follow.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if tx.send(line).is_err() {
                 break;
             }
@@ -344,7 +551,9 @@ spec:
     let deadline = Instant::now() + Duration::from_secs(15);
     while numbers.len() < 5 && Instant::now() < deadline {
         if let Ok(line) = rx.recv_timeout(Duration::from_secs(2))
-            && let Some(n) = line.strip_prefix("line ").and_then(|n| n.parse::<u64>().ok())
+            && let Some(n) = line
+                .strip_prefix("line ")
+                .and_then(|n| n.parse::<u64>().ok())
         {
             numbers.push(n);
         }
@@ -357,9 +566,17 @@ spec:
     let started = Instant::now();
     site.ok(&["delete", "pod", "talker", "--wait=true", "--timeout=60s"]);
     let took = started.elapsed();
-    assert!(took >= Duration::from_secs(2), "deleted after {took:?}: the container's clean-up was cut short");
+    assert!(
+        took >= Duration::from_secs(2),
+        "deleted after {took:?}: the container's clean-up was cut short"
+    );
     assert!(took < Duration::from_secs(20), "deletion took {took:?}");
-    assert_eq!(std::fs::read_to_string(marker_dir.join("pre-stop")).unwrap_or_default().trim(), "stopping");
+    assert_eq!(
+        std::fs::read_to_string(marker_dir.join("pre-stop"))
+            .unwrap_or_default()
+            .trim(),
+        "stopping"
+    );
     let mut rest = Vec::new();
     while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
         rest.push(line);
@@ -382,7 +599,10 @@ fn images_pull_from_registries_and_mirrors_and_missing_images_back_off_with_the_
     ))
     .unwrap();
     let site = rt.start_site(&[]).unwrap();
-    apply(&site, &format!(r#"
+    apply(
+        &site,
+        &format!(
+            r#"
 apiVersion: v1
 kind: Pod
 metadata: {{name: pulled}}
@@ -410,23 +630,189 @@ metadata: {{name: never}}
 spec:
   containers:
   - {{name: app, image: "127.0.0.1:{port}/team/other:v1", imagePullPolicy: Never, command: ["sleep", "3600"]}}
-"#, port = registry.port));
-    site.ok(&["wait", "--for=condition=Ready", "pod/pulled", "pod/mirrored", "--timeout=90s"]);
-    let id = container_status(&site, "pulled")["imageID"].as_str().unwrap_or_default().to_string();
-    assert!(id.starts_with(&format!("127.0.0.1:{}/team/web@sha256:", registry.port)), "{id}");
-    let events = site.ok(&["get", "events", "--field-selector", "involvedObject.name=pulled", "-o", "custom-columns=R:.reason,M:.message"]);
-    assert!(events.contains("Pulling") && events.contains("Successfully pulled image"), "{events}");
+"#,
+            port = registry.port
+        ),
+    );
+    site.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/pulled",
+        "pod/mirrored",
+        "--timeout=90s",
+    ]);
+    let id = container_status(&site, "pulled")["imageID"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        id.starts_with(&format!("127.0.0.1:{}/team/web@sha256:", registry.port)),
+        "{id}"
+    );
+    let events = site.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=pulled",
+        "-o",
+        "custom-columns=R:.reason,M:.message",
+    ]);
+    assert!(
+        events.contains("Pulling") && events.contains("Successfully pulled image"),
+        "{events}"
+    );
 
     wait_for(&site, "ImagePullBackOff", Duration::from_secs(60), || {
-        container_status(&site, "missing").pointer("/state/waiting/reason").and_then(Value::as_str) == Some("ImagePullBackOff")
+        container_status(&site, "missing")
+            .pointer("/state/waiting/reason")
+            .and_then(Value::as_str)
+            == Some("ImagePullBackOff")
     });
-    let events = site.ok(&["get", "events", "--field-selector", "involvedObject.name=missing", "-o", "custom-columns=M:.message"]);
-    assert!(events.contains("Failed to pull image") && (events.contains("not found") || events.contains("unknown")), "the registry's reason is missing: {events}");
+    let events = site.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=missing",
+        "-o",
+        "custom-columns=M:.message",
+    ]);
+    assert!(
+        events.contains("Failed to pull image")
+            && (events.contains("not found") || events.contains("unknown")),
+        "the registry's reason is missing: {events}"
+    );
     wait_for(&site, "ErrImageNeverPull", Duration::from_secs(30), || {
-        container_status(&site, "never").pointer("/state/waiting/reason").and_then(Value::as_str) == Some("ErrImageNeverPull")
+        container_status(&site, "never")
+            .pointer("/state/waiting/reason")
+            .and_then(Value::as_str)
+            == Some("ErrImageNeverPull")
     });
     // The node lists its images for the scheduler's ImageLocality.
-    wait_for(&site, "the node's image list", Duration::from_secs(90), || {
-        site.ok(&["get", "node", "node-a", "-o", "jsonpath={.status.images[*].names}"]).contains("team/web")
+    wait_for(
+        &site,
+        "the node's image list",
+        Duration::from_secs(90),
+        || {
+            site.ok(&[
+                "get",
+                "node",
+                "node-a",
+                "-o",
+                "jsonpath={.status.images[*].names}",
+            ])
+            .contains("team/web")
+        },
+    );
+}
+
+#[test]
+fn probes_restart_unhealthy_containers_and_readiness_gates_endpoints() {
+    let rt = Runtime::start().unwrap();
+    let site = rt.start_site(&[]).unwrap();
+    apply(
+        &site,
+        &format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: sick}}
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: app
+    image: {BUSYBOX}
+    command: ["sh", "-c", "touch /tmp/healthy; sleep 4; rm /tmp/healthy; sleep 3600"]
+    livenessProbe:
+      exec: {{command: ["cat", "/tmp/healthy"]}}
+      periodSeconds: 1
+      failureThreshold: 2
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: gated, labels: {{app: gated}}}}
+spec:
+  containers:
+  - name: web
+    image: {BUSYBOX}
+    command: ["sh", "-c", "sleep 3; httpd -f -p 8080 -h /www"]
+    ports: [{{name: http, containerPort: 8080}}]
+    startupProbe:
+      tcpSocket: {{port: http}}
+      periodSeconds: 1
+      failureThreshold: 30
+    readinessProbe:
+      httpGet: {{path: /index.html, port: 8080}}
+      periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: gated}}
+spec:
+  selector: {{app: gated}}
+  ports: [{{port: 80, targetPort: 8080}}]
+"#
+        ),
+    );
+    // Not ready while the server has not started; ready (and an endpoint) once it answers.
+    wait_for(
+        &site,
+        "the gated pod to run",
+        Duration::from_secs(30),
+        || {
+            pod(&site, "gated")
+                .pointer("/status/phase")
+                .and_then(Value::as_str)
+                == Some("Running")
+        },
+    );
+    let early = container_status(&site, "gated");
+    assert_eq!(early["ready"], false, "{early}");
+    site.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/gated",
+        "--timeout=60s",
+    ]);
+    assert_eq!(container_status(&site, "gated")["started"], true);
+    let ip = pod(&site, "gated")
+        .pointer("/status/podIP")
+        .and_then(Value::as_str)
+        .unwrap()
+        .to_string();
+    wait_for(
+        &site,
+        "the service endpoint",
+        Duration::from_secs(20),
+        || {
+            site.ok(&[
+                "get",
+                "endpoints",
+                "gated",
+                "-o",
+                "jsonpath={.subsets[*].addresses[*].ip}",
+            ])
+            .contains(&ip)
+        },
+    );
+
+    // The liveness probe fails after 4 s: the container is killed and restarted.
+    wait_for(&site, "a liveness restart", Duration::from_secs(60), || {
+        container_status(&site, "sick")["restartCount"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
     });
+    let events = site.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=sick",
+        "-o",
+        "custom-columns=R:.reason,M:.message",
+    ]);
+    assert!(events.contains("Liveness probe failed"), "{events}");
+    assert!(
+        events.contains("failed liveness probe, will be restarted"),
+        "{events}"
+    );
 }

@@ -14,6 +14,7 @@ pub mod network;
 pub mod node;
 pub mod pod_worker;
 pub mod pods;
+pub mod probes;
 pub mod runtime;
 pub mod spec;
 pub mod streaming;

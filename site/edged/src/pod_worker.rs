@@ -59,6 +59,8 @@ pub enum PodMessage {
     Oom {
         container_id: String,
     },
+    /// A probe result (see `probes.rs`).
+    Probe(crate::probes::Outcome),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -102,6 +104,11 @@ struct Record {
     running_since: Option<Instant>,
     /// Whether the current state came from a pull failure (ErrImagePull -> ImagePullBackOff).
     pull_failed: bool,
+    /// Readiness (true when the container has no readiness probe).
+    ready: bool,
+    /// Startup probe passed (true when it has none).
+    started: bool,
+    probers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Record {
@@ -121,6 +128,9 @@ impl Record {
             not_before: None,
             running_since: None,
             pull_failed: false,
+            ready: false,
+            started: false,
+            probers: Vec::new(),
         }
     }
     fn restart_count(&self) -> u32 {
@@ -142,6 +152,8 @@ pub struct Worker {
     namespace: String,
     name: String,
     rx: mpsc::Receiver<PodMessage>,
+    /// For the probers this worker starts.
+    tx: mpsc::Sender<PodMessage>,
     owners: Owners,
     records: HashMap<String, Record>,
     sandbox: Option<Sandbox>,
@@ -176,6 +188,7 @@ impl Worker {
     pub fn new(
         agent: Arc<Agent>,
         pod: Pod,
+        tx: mpsc::Sender<PodMessage>,
         rx: mpsc::Receiver<PodMessage>,
         owners: Owners,
     ) -> Self {
@@ -194,6 +207,7 @@ impl Worker {
             namespace,
             name,
             rx,
+            tx,
             owners,
             records: HashMap::new(),
             sandbox: None,
@@ -308,6 +322,97 @@ impl Worker {
                     self.collect_exit(&name).await;
                 }
             }
+            PodMessage::Probe(outcome) => self.probe_outcome(outcome),
+        }
+    }
+
+    fn container_spec(&self, name: &str) -> Option<Container> {
+        let spec = self.pod.spec.as_ref()?;
+        spec.containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .find(|c| c.name == name)
+            .cloned()
+    }
+
+    /// Starts the probers of a running container and sets its initial readiness.
+    fn start_probes(&mut self, name: &str, id: &str) {
+        let Some(c) = self.container_spec(name) else {
+            return;
+        };
+        let ip = self.sandbox.as_ref().and_then(|s| s.ip);
+        let handles = crate::probes::start(&self.agent, id, &c, ip, &self.tx);
+        if let Some(r) = self.records.get_mut(name) {
+            r.ready = c.readiness_probe.is_none();
+            r.started = c.startup_probe.is_none();
+            for h in r.probers.drain(..) {
+                h.abort();
+            }
+            r.probers = handles;
+        }
+    }
+
+    /// Acts on a probe: readiness sets `ready`; a failed liveness or startup probe restarts
+    /// the container (its exit then goes through the restart policy and back-off).
+    fn probe_outcome(&mut self, o: crate::probes::Outcome) {
+        use crate::probes::Kind;
+        let Some(name) = self.container_of(&o.container_id) else {
+            return;
+        };
+        let running = matches!(
+            self.records.get(&name).map(|r| &r.state),
+            Some(State::Running { .. })
+        );
+        if !running {
+            return;
+        }
+        if let Some(m) = &o.message {
+            self.agent.recorder.warning(
+                &self.pod,
+                "Unhealthy",
+                format!("{} probe failed: {m}", o.kind.name()),
+            );
+        }
+        let record = self.records.get_mut(&name).expect("found above");
+        match (o.kind, o.success) {
+            (Kind::Readiness, ready) => record.ready = ready,
+            (Kind::Startup, true) => record.started = true,
+            (Kind::Liveness, true) => {}
+            (kind @ (Kind::Liveness | Kind::Startup), false) => {
+                if record.probers.is_empty() {
+                    // Already being restarted.
+                    return;
+                }
+                let what = if kind == Kind::Liveness {
+                    "liveness"
+                } else {
+                    "startup"
+                };
+                for h in record.probers.drain(..) {
+                    h.abort();
+                }
+                record.ready = false;
+                self.agent.recorder.normal(
+                    &self.pod,
+                    "Killing",
+                    format!("Container {name} failed {what} probe, will be restarted"),
+                );
+                let grace = self
+                    .pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.termination_grace_period_seconds)
+                    .unwrap_or(30)
+                    .max(0) as u64;
+                let agent = self.agent.clone();
+                let id = o.container_id.clone();
+                let container = self.container_spec(&name);
+                let ip = self.sandbox.as_ref().and_then(|s| s.ip);
+                tokio::spawn(async move {
+                    let deadline = Instant::now() + Duration::from_secs(grace);
+                    stop_container(&agent, &id, container.as_ref(), ip, deadline).await;
+                });
+            }
         }
     }
 
@@ -325,6 +430,7 @@ impl Worker {
         let Ok(mut found) = rt.list_containers(&[(LABEL_POD_UID, &self.uid)]).await else {
             return;
         };
+        let mut adopted_running: Vec<(String, String)> = Vec::new();
         found.sort_by_key(|c| {
             c.labels
                 .get(LABEL_ATTEMPT)
@@ -355,6 +461,7 @@ impl Worker {
                 Ok(Some(crate::runtime::containerd::TaskState::Running { .. })) => {
                     record.state = State::Running { started_at };
                     record.running_since = Some(Instant::now());
+                    adopted_running.push((name.clone(), c.id.clone()));
                     let (out, err) = match logs::make_fifos(&self.pod_dir().join("fifo"), &c.id) {
                         Ok(x) => x,
                         Err(_) => continue,
@@ -408,6 +515,9 @@ impl Worker {
                     subnet,
                 });
             }
+        }
+        for (name, id) in adopted_running {
+            self.start_probes(&name, &id);
         }
     }
 
@@ -922,6 +1032,7 @@ impl Worker {
                     "Started",
                     format!("Started container {}", c.name),
                 );
+                self.start_probes(&c.name, &id);
                 self.post_start(c, &id).await;
                 Ok(())
             }
@@ -1022,6 +1133,11 @@ impl Worker {
             record.backoff = Duration::ZERO;
         }
         record.running_since = None;
+        record.ready = false;
+        record.started = false;
+        for h in record.probers.drain(..) {
+            h.abort();
+        }
         record.state = State::Terminated(Terminated {
             exit_code,
             reason: reason.into(),
@@ -1266,9 +1382,9 @@ impl Worker {
             "name": c.name,
             "image": image,
             "imageID": r.image_id,
-            "ready": running && !init,
+            "ready": running && !init && r.started && r.ready,
             "restartCount": r.restart_count(),
-            "started": running,
+            "started": running && r.started,
             "state": state,
             "lastState": last.map(|l| json!({"terminated": l})).unwrap_or(json!({})),
         });

@@ -157,7 +157,7 @@ fn dispatch(
         }
     }
     let (tx, rx) = mpsc::channel(32);
-    let worker = pod_worker::Worker::new(agent.clone(), pod, rx, owners.clone());
+    let worker = pod_worker::Worker::new(agent.clone(), pod, tx.clone(), rx, owners.clone());
     let done_tx = done_tx.clone();
     let shutdown = shutdown.clone();
     let key = uid.clone();
