@@ -96,3 +96,75 @@ where
         Box::pin(async move { service.oneshot(request).await.map_err(|e| e.to_string()) })
     }
 }
+
+/// Signs node client certificates for agents that present a join token (the binary owns the
+/// CA and the tokens; the API server only carries the request).
+pub trait NodeJoin: Send + Sync {
+    /// `token`: the credential part of the join token; `csr`: a PEM certificate request.
+    /// Returns the signed certificate (PEM) for `system:node:<node>`.
+    fn join(&self, token: &str, node: &str, csr: &str) -> Result<String, JoinError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error(
+        "the join token is not valid (expired, revoked or mistyped): create one with `edgesite token create` on the server"
+    )]
+    BadToken,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The remote end of an agent's dial-out tunnel: HTTP/2 requests sent over the connection the
+/// agent opened.
+pub struct Tunnel {
+    sender: hyper::client::conn::http2::SendRequest<Body>,
+}
+
+impl NodeConnection for Tunnel {
+    fn call(
+        &self,
+        request: http::Request<Body>,
+    ) -> BoxFuture<'static, Result<http::Response<Body>, String>> {
+        let mut sender = self.sender.clone();
+        Box::pin(async move {
+            sender.ready().await.map_err(|e| e.to_string())?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(response.map(Body::new))
+        })
+    }
+}
+
+/// Takes over an upgraded agent connection: speaks HTTP/2 (as the client) over it and registers
+/// it for `node` until it closes.
+pub async fn serve_tunnel(
+    streams: Arc<NodeStreams>,
+    node: String,
+    upgraded: hyper::upgrade::Upgraded,
+) {
+    // `Upgraded` already speaks hyper's IO traits.
+    let io = upgraded;
+    let (sender, connection) =
+        match hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Some(std::time::Duration::from_secs(20)))
+            .keep_alive_timeout(std::time::Duration::from_secs(20))
+            .handshake::<_, Body>(io)
+            .await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(node = %node, "node tunnel handshake failed: {e}");
+                return;
+            }
+        };
+    let registration = streams.register(&node, Arc::new(Tunnel { sender }));
+    tracing::info!(node = %node, "node agent connected its tunnel");
+    if let Err(e) = connection.await {
+        tracing::info!(node = %node, "node tunnel closed: {e}");
+    }
+    drop(registration);
+}

@@ -162,7 +162,6 @@ impl Runtime {
             format!("--container-runtime-endpoint={}", self.socket.display()),
             format!("--containerd-namespace={node}"),
             format!("--cni-bridge=est{i}n{n}"),
-            format!("--cluster-cidr=10.{}.{}.0/20", 100 + i / 16, (i % 16) * 16),
             format!("--node-name={node}"),
             format!(
                 "--private-registry={}",
@@ -175,7 +174,13 @@ impl Runtime {
     /// its import folder first, so it is imported at start like an air-gapped site's.
     pub fn start_site(&self, extra: &[&str]) -> Result<Site> {
         let image = busybox_image()?;
+        let i = self.slot.index;
         let mut flags = self.node_flags("node-a");
+        flags.push(format!(
+            "--cluster-cidr=10.{}.{}.0/20",
+            100 + i / 16,
+            (i % 16) * 16
+        ));
         flags.extend(extra.iter().map(|s| s.to_string()));
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         Site::start_prepared(&flags, |data| {
@@ -184,6 +189,48 @@ impl Runtime {
             std::fs::copy(&image, images.join("busybox.tar"))?;
             Ok(())
         })
+    }
+
+    /// Joins another node to `site`: an `edgesite agent` process with its own data dir and
+    /// containerd namespace, joined with a token from `edgesite token create`.
+    pub fn start_agent(&self, site: &Site, node: &str) -> Result<AgentProcess> {
+        let out = Command::new(crate::edgesite_bin())
+            .args(["token", "create", "--data-dir"])
+            .arg(site.data_dir())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "edgesite token create: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let token = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string();
+        let dir = tempfile::Builder::new()
+            .prefix("edgesite-agent")
+            .tempdir()?;
+        let images = dir.path().join("data").join("agent").join("images");
+        std::fs::create_dir_all(&images)?;
+        std::fs::copy(busybox_image()?, images.join("busybox.tar"))?;
+        let mut agent = AgentProcess {
+            dir,
+            args: vec![
+                "agent".into(),
+                format!("--server=https://127.0.0.1:{}", site.port),
+                format!("--token={token}"),
+            ],
+            child: None,
+        };
+        agent.args.push(format!(
+            "--data-dir={}",
+            agent.dir.path().join("data").display()
+        ));
+        agent.args.extend(self.node_flags(node));
+        agent.launch()?;
+        Ok(agent)
     }
 
     /// Runs `ctr` against this containerd.
@@ -495,5 +542,51 @@ impl Drop for Registry {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// An `edgesite agent` process (killed when dropped; its pods' mounts are released).
+pub struct AgentProcess {
+    pub dir: tempfile::TempDir,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl AgentProcess {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn launch(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))?;
+        let child = Command::new(crate::edgesite_bin())
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("spawn edgesite agent")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- edgesite agent log ----\n{}", self.log());
+        }
+        self.kill();
+        unmount_under(self.dir.path());
     }
 }

@@ -816,3 +816,90 @@ spec:
         "{events}"
     );
 }
+
+#[test]
+fn a_second_machine_joins_with_a_token_and_runs_pods_whose_logs_come_through_its_tunnel() {
+    let rt = Runtime::start().unwrap();
+    let site = rt.start_site(&[]).unwrap();
+    let agent = rt.start_agent(&site, "node-b").unwrap();
+    wait_for(&site, "node-b to be Ready", Duration::from_secs(40), || {
+        site.kubectl(&["get", "node", "node-b"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains(" Ready "))
+            .unwrap_or(false)
+    });
+    let node = site.json(&["get", "node", "node-b", "-o", "json"]);
+    assert!(
+        node.pointer("/metadata/labels/node-role.kubernetes.io~1control-plane")
+            .is_none()
+    );
+    site.ok(&["get", "lease", "-n", "kube-node-lease", "node-b"]);
+    apply(
+        &site,
+        &format!(
+            r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: remote}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: remote}}}}
+  template:
+    metadata: {{labels: {{app: remote}}}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      nodeSelector: {{kubernetes.io/hostname: node-b}}
+      containers:
+      - name: web
+        image: {BUSYBOX}
+        command: ["sh", "-c", "echo serving on node-b; exec httpd -f -p 8080 -h /www"]
+"#
+        ),
+    );
+    let status = site.ok(&["rollout", "status", "deploy/remote", "--timeout=90s"]);
+    assert!(status.contains("successfully rolled out"), "{status}");
+    let pods = site.json(&["get", "pods", "-l", "app=remote", "-o", "json"]);
+    let p = &pods["items"][0];
+    assert_eq!(
+        p.pointer("/spec/nodeName").and_then(Value::as_str),
+        Some("node-b")
+    );
+    let name = p
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap()
+        .to_string();
+    let ip = p
+        .pointer("/status/podIP")
+        .and_then(Value::as_str)
+        .unwrap()
+        .to_string();
+    let reply = http_get(&format!("{ip}:8080")).unwrap_or_default();
+    assert!(reply.contains("hello from edgesite"), "{reply}");
+    // The server reaches node-b's logs only through the tunnel node-b dialled.
+    let mut logs = String::new();
+    wait_for(&site, "logs from node-b", Duration::from_secs(20), || {
+        logs = site
+            .kubectl(&["logs", &name])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        logs.contains("serving on node-b")
+    });
+    // The containers run in node-b's own containerd namespace.
+    assert!(
+        !rt.ctr("node-b", &["tasks", "ls", "-q"])
+            .unwrap()
+            .trim()
+            .is_empty()
+    );
+    // A wrong token is refused with a message that says what to do.
+    let out = std::process::Command::new(tests::edgesite_bin())
+        .args(["agent", &format!("--server=https://127.0.0.1:{}", site.port), "--token=K10aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa::bad.token"])
+        .arg(format!("--data-dir={}", agent.dir.path().join("other").display()))
+        .args(rt.node_flags("node-c"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not match the join token"), "{stderr}");
+    drop(agent);
+}

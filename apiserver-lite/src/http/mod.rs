@@ -54,6 +54,10 @@ pub struct ApiServer {
     pub ready: std::sync::atomic::AtomicBool,
     /// Connected node agents (logs, exec, port-forward go through them).
     pub nodes: Arc<crate::node_streams::NodeStreams>,
+    /// The cluster CA (PEM), served at `/cacerts` for agents to pin against their join token.
+    pub ca_pem: std::sync::OnceLock<String>,
+    /// Signs node certificates for agents that join with a token.
+    pub node_join: std::sync::OnceLock<Arc<dyn crate::node_streams::NodeJoin>>,
 }
 
 impl ApiServer {
@@ -75,6 +79,8 @@ impl ApiServer {
             shutdown,
             ready: std::sync::atomic::AtomicBool::new(false),
             nodes: Arc::default(),
+            ca_pem: std::sync::OnceLock::new(),
+            node_join: std::sync::OnceLock::new(),
         }
     }
 }
@@ -242,6 +248,17 @@ async fn dispatch(State(server): State<Arc<ApiServer>>, request: Request) -> Res
     if route == Route::Version {
         return json_response(StatusCode::OK, &version());
     }
+    // Joining agents: the CA to pin, and certificates for a join token (no identity yet).
+    match request.uri().path() {
+        "/cacerts" => {
+            return match server.ca_pem.get() {
+                Some(pem) => (StatusCode::OK, pem.clone()).into_response(),
+                None => error_response(&ApiError::no_route()),
+            };
+        }
+        "/edgesite/v1/node-join" => return node_join(&server, request).await,
+        _ => {}
+    }
     let identity = match authenticate(&server, &request) {
         Ok(identity) => identity,
         Err(None) => return error_response(&ApiError::unauthorized()),
@@ -250,6 +267,9 @@ async fn dispatch(State(server): State<Arc<ApiServer>>, request: Request) -> Res
             None => return error_response(&ApiError::unauthorized()),
         },
     };
+    if request.uri().path() == "/edgesite/v1/node-tunnel" {
+        return node_tunnel(&server, &identity, request);
+    }
     let accept = request
         .headers()
         .get(header::ACCEPT)
@@ -297,6 +317,100 @@ async fn dispatch(State(server): State<Arc<ApiServer>>, request: Request) -> Res
         Ok(response) => response,
         Err(e) => error_response(&e),
     }
+}
+
+/// `POST /edgesite/v1/node-join` with `Authorization: Bearer <token>` and
+/// `{"node": NAME, "csr": PEM}`: a client certificate for `system:node:NAME`.
+async fn node_join(server: &Arc<ApiServer>, request: Request) -> Response {
+    use crate::node_streams::JoinError;
+    if request.method() != http::Method::POST {
+        return error_response(&ApiError::method_not_allowed(
+            "get",
+            "node-join",
+            "edgesite",
+        ));
+    }
+    let Some(join) = server.node_join.get().cloned() else {
+        return error_response(&ApiError::service_unavailable(
+            "this server does not accept joining agents",
+        ));
+    };
+    let token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_string())
+        .unwrap_or_default();
+    let body = match axum::body::to_bytes(request.into_body(), 64 * 1024).await {
+        Ok(b) => b,
+        Err(_) => return error_response(&ApiError::bad_request("the join request is too large")),
+    };
+    let parsed: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return error_response(&ApiError::bad_request(format!(
+                "the join request is not JSON: {e}"
+            )));
+        }
+    };
+    let node = parsed["node"].as_str().unwrap_or_default().to_string();
+    let csr = parsed["csr"].as_str().unwrap_or_default().to_string();
+    if let Err(m) = crate::validation::is_dns1123_subdomain(&node) {
+        return error_response(&ApiError::bad_request(format!("node name {node:?}: {m}")));
+    }
+    match tokio::task::spawn_blocking(move || join.join(&token, &node, &csr)).await {
+        Ok(Ok(certificate)) => json_response(
+            StatusCode::OK,
+            &json!({"certificate": certificate, "ca": server.ca_pem.get().cloned().unwrap_or_default()}),
+        ),
+        Ok(Err(JoinError::BadToken)) => {
+            let mut e = ApiError::unauthorized();
+            e.message = JoinError::BadToken.to_string();
+            error_response(&e)
+        }
+        Ok(Err(e)) => error_response(&ApiError::bad_request(e.to_string())),
+        Err(e) => error_response(&ApiError::internal(e.to_string())),
+    }
+}
+
+/// `GET /edgesite/v1/node-tunnel` (Upgrade: edgesite-tunnel) from a node agent: the connection
+/// becomes the server's way to the agent's HTTP API.
+fn node_tunnel(server: &Arc<ApiServer>, identity: &Identity, mut request: Request) -> Response {
+    let Some(node) = identity
+        .user
+        .strip_prefix("system:node:")
+        .map(str::to_string)
+    else {
+        return error_response(&ApiError::forbidden(format!(
+            "user \"{}\" is not a node: the tunnel is for node agents (system:node:<name>)",
+            identity.user
+        )));
+    };
+    let wants = request
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("edgesite-tunnel"));
+    if !wants {
+        return error_response(&ApiError::bad_request(
+            "the node tunnel needs an HTTP/1.1 `Upgrade: edgesite-tunnel` request",
+        ));
+    }
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let streams = server.nodes.clone();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => crate::node_streams::serve_tunnel(streams, node, upgraded).await,
+            Err(e) => tracing::warn!(node = %node, "node tunnel upgrade failed: {e}"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::UPGRADE, "edgesite-tunnel")
+        .header(header::CONNECTION, "Upgrade")
+        .body(Body::empty())
+        .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
 /// The router as an in-process service: no socket, no TLS, the same request path as a remote

@@ -3,8 +3,10 @@
 //! This file parses flags (and the config file), sets up logging and signals, and starts the
 //! components; the components themselves live in their crates and take typed configuration.
 
+mod agent;
 mod config;
 mod control_plane;
+mod join;
 mod pki;
 mod server;
 
@@ -30,8 +32,52 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the site's control plane: the Kubernetes API server on embedded SQLite.
+    /// Run the site's control plane (the Kubernetes API server on embedded SQLite, the
+    /// scheduler and controllers) and, unless --disable-agent, a node agent on this machine.
     Server(ServerArgs),
+    /// Join this machine to a site as a node: edgesite agent --server https://HOST:6443 --token TOKEN
+    Agent(AgentCommandArgs),
+    /// Join tokens for agents.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a join token and print it (on the last line).
+    Create {
+        /// The server's data dir.
+        #[arg(long, short = 'd', default_value = "/var/lib/edgesite")]
+        data_dir: PathBuf,
+        /// How long the token may be used to join (e.g. 24h, 30m; 0 = no expiry).
+        #[arg(long, default_value = "24h", value_parser = parse_ttl)]
+        ttl: std::time::Duration,
+    },
+}
+
+fn parse_ttl(text: &str) -> Result<std::time::Duration, String> {
+    if text == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    parse_duration(text)
+}
+
+/// Flags of `edgesite agent`.
+#[derive(Args, Clone, Debug)]
+pub struct AgentCommandArgs {
+    /// The site's API server, e.g. https://10.0.0.1:6443.
+    #[arg(long, env = "EDGESITE_URL")]
+    pub server: String,
+    /// Join token from `edgesite token create` (needed only for the first start).
+    #[arg(long, env = "EDGESITE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Folder for this agent's state: certificates, pod files, logs.
+    #[arg(long, short = 'd', default_value = "/var/lib/edgesite")]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub agent: AgentArgs,
 }
 
 /// `90s`, `2m`, `1h` or plain seconds.
@@ -272,6 +318,19 @@ fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result: Result<()> = match cli.command {
         Command::Server(args) => server::run(args),
+        Command::Agent(args) => agent::run(args),
+        Command::Token {
+            command: TokenCommand::Create { data_dir, ttl },
+        } => join::create_token(&data_dir, ttl).map(|token| {
+            if !ttl.is_zero() {
+                eprintln!(
+                    "This token lets a machine join the site for {}s. On the new node run:",
+                    ttl.as_secs()
+                );
+                eprintln!("  edgesite agent --server https://<this server>:6443 --token <token>");
+            }
+            println!("{token}");
+        }),
     };
     if let Err(e) = result {
         tracing::error!("{e:#}");

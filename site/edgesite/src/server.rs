@@ -155,13 +155,30 @@ pub fn run(args: ServerArgs) -> Result<()> {
             args.data_dir.display()
         );
     }
+    // The agent's state is this data dir's too: one agent per data dir.
+    let _agent_lock = match &agent_config {
+        Some(agent) => {
+            std::fs::create_dir_all(&agent.root)
+                .with_context(|| format!("create {}", agent.root.display()))?;
+            let path = agent.root.join("edgesite-agent.lock");
+            let lock = File::create(&path).with_context(|| format!("create {}", path.display()))?;
+            if lock.try_lock().is_err() {
+                bail!(
+                    "an edgesite agent is already using data dir {}; stop it first or pass --disable-agent",
+                    args.data_dir.display()
+                );
+            }
+            Some(lock)
+        }
+        None => None,
+    };
     let pki = Pki::new(&args.data_dir);
     let ca = pki.ca()?;
     let serving = pki.serving(&ca, &sans(&args))?;
     let admin = pki.client(&ca, "admin", "admin", &["system:masters"])?;
     let tls = crate::pki::server_tls(&ca, &serving)?;
     let service_account_key = pki.service_account_key()?;
-    let _token = cluster_token(&args, &server_dir)?;
+    let token = cluster_token(&args, &server_dir)?;
     let token_file = server_dir.join("token-auth.csv");
     let tokens = if token_file.exists() {
         apiserver_lite::auth::TokenAuthenticator::from_file(&token_file)?
@@ -217,6 +234,11 @@ pub fn run(args: ServerArgs) -> Result<()> {
         let api = apiserver_lite::server::prepare(&config, shutdown.clone())
             .await
             .context("start the API server")?;
+        // Agents on other machines pin the CA and join with a token.
+        let _ = api.ca_pem.set(ca.cert.clone());
+        let joiner: Arc<dyn apiserver_lite::node_streams::NodeJoin> =
+            crate::join::joiner(&server_dir, &ca, &token);
+        let _ = api.node_join.set(joiner);
         // Control loops talk to the API through the in-process client: no socket, same path.
         let client = kube::Client::new(apiserver_lite::http::in_process(api.clone()), "default");
         let loops = tokio::spawn(crate::control_plane::run(

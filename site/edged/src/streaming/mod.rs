@@ -4,6 +4,7 @@
 //! by dialling the node.
 
 pub mod logs;
+pub mod tunnel;
 
 use std::sync::Arc;
 

@@ -1,0 +1,79 @@
+//! `edgesite agent`: a node agent that joins a site from another machine. It joins once with a
+//! token (certificates are kept in the data dir), talks to the API server with its node
+//! certificate, and dials out a tunnel so the server can reach its logs without an inbound
+//! connection.
+
+use std::fs::File;
+
+use anyhow::{Context, Result, bail};
+use tokio_util::sync::CancellationToken;
+
+use crate::AgentCommandArgs;
+
+pub fn run(args: AgentCommandArgs) -> Result<()> {
+    let server = args.server.trim_end_matches('/').to_string();
+    if !server.starts_with("https://") {
+        bail!("--server {server:?} must be the site's https:// URL, e.g. https://10.0.0.1:6443");
+    }
+    let config = args.agent.to_config(&args.data_dir, false)?;
+    std::fs::create_dir_all(&config.root)
+        .with_context(|| format!("create {}", config.root.display()))?;
+    let lock_path = config.root.join("edgesite-agent.lock");
+    let lock =
+        File::create(&lock_path).with_context(|| format!("create {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        bail!(
+            "another edgesite agent is already using data dir {}; stop it first or choose another --data-dir",
+            args.data_dir.display()
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("edgesite-agent")
+        .build()
+        .context("start the async runtime")?;
+    runtime.block_on(async move {
+        edged::check(&config).await?;
+        let credentials = crate::join::credentials(
+            &args.data_dir,
+            &server,
+            args.token.as_deref(),
+            &config.node_name,
+        )
+        .await?;
+        let client = crate::join::kube_client(&credentials).await?;
+        let shutdown = CancellationToken::new();
+        let tunnel = edged::streaming::tunnel::TunnelConfig {
+            server: credentials.server.clone(),
+            ca_pem: credentials.ca.clone(),
+            cert_pem: credentials.cert.clone(),
+            key_pem: credentials.key.clone(),
+        };
+        let tunnel_stop = shutdown.child_token();
+        let publish = move |router: axum::Router| {
+            tokio::spawn(edged::streaming::tunnel::run(
+                tunnel,
+                router,
+                tunnel_stop.clone(),
+            ));
+            tunnel_stop.drop_guard()
+        };
+        tracing::info!(node = %config.node_name, server = %server, "EdgeSite agent starting");
+        let mut agent = tokio::spawn(edged::run(config, client, publish, shutdown.clone()));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received, shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+            finished = &mut agent => {
+                return match finished {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("node agent")),
+                    Err(e) => Err(anyhow::anyhow!("node agent task failed: {e}")),
+                };
+            }
+        }
+        shutdown.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), agent).await;
+        Ok(())
+    })
+}

@@ -1,0 +1,464 @@
+//! Joining agents to a site.
+//!
+//! A join token looks like K3s's: `K10<sha256 of the site CA, hex>::<credential>`. The
+//! credential is either the server's cluster token or one made by `edgesite token create`
+//! (`<id>.<secret>`, kept with its expiry in `<data-dir>/server/agent-tokens`). The agent:
+//!
+//! 1. fetches `/cacerts` without verification and checks its hash against the token (so a
+//!    man in the middle cannot pose as the site);
+//! 2. sends a certificate request for `system:node:<name>` with the credential;
+//! 3. keeps the signed certificate, the CA and the server URL in `<data-dir>/agent/pki`, so
+//!    later starts need no token.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use sha2::Digest;
+
+use crate::pki::CertAndKey;
+
+const TOKENS_FILE: &str = "agent-tokens";
+
+/// The parts of a join token.
+#[derive(Debug, PartialEq)]
+pub struct JoinToken {
+    pub ca_hash: Option<String>,
+    pub credential: String,
+}
+
+impl JoinToken {
+    pub fn parse(text: &str) -> Result<JoinToken> {
+        let text = text.trim();
+        if text.is_empty() {
+            bail!("the join token is empty: print one on the server with `edgesite token create`");
+        }
+        if let Some(rest) = text.strip_prefix("K10")
+            && let Some((hash, credential)) = rest.split_once("::")
+        {
+            if hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
+                bail!(
+                    "the join token's CA hash is malformed: copy the whole token printed by `edgesite token create`"
+                );
+            }
+            if credential.is_empty() {
+                bail!("the join token has no credential after '::'");
+            }
+            return Ok(JoinToken {
+                ca_hash: Some(hash.to_lowercase()),
+                credential: credential.to_string(),
+            });
+        }
+        // A bare credential (no CA pinning), as K3s accepts.
+        Ok(JoinToken {
+            ca_hash: None,
+            credential: text.to_string(),
+        })
+    }
+}
+
+pub fn ca_hash(ca_pem: &str) -> String {
+    format!("{:x}", sha2::Sha256::digest(ca_pem.as_bytes()))
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `edgesite token create`: a new agent token (printed on the last line).
+pub fn create_token(data_dir: &Path, ttl: Duration) -> Result<String> {
+    use std::io::Write;
+    let server_dir = data_dir.join("server");
+    let ca = std::fs::read_to_string(server_dir.join("tls").join("ca.crt")).with_context(|| {
+        format!(
+            "read the site CA in {}: is this the server's data dir (start `edgesite server` once first, or pass --data-dir)?",
+            server_dir.display()
+        )
+    })?;
+    let id: String = (0..6)
+        .map(|_| {
+            char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rand::random::<u8>() as usize % 36])
+        })
+        .collect();
+    let secret: String = (0..16)
+        .map(|_| {
+            char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rand::random::<u8>() as usize % 36])
+        })
+        .collect();
+    let expires = if ttl.is_zero() {
+        0
+    } else {
+        now_unix() + ttl.as_secs()
+    };
+    let path = server_dir.join(TOKENS_FILE);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("write {}", path.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    writeln!(f, "{id}.{secret}\t{expires}")?;
+    f.sync_all()?;
+    Ok(format!("K10{}::{id}.{secret}", ca_hash(&ca)))
+}
+
+/// The server side: checks credentials and signs node certificates.
+pub struct Joiner {
+    pub server_dir: PathBuf,
+    pub ca: CertAndKey,
+    pub cluster_token: String,
+}
+
+impl Joiner {
+    fn valid(&self, credential: &str) -> bool {
+        // The cluster token itself (K3s agents join with it too).
+        if !self.cluster_token.is_empty() && constant_time_eq(credential, &self.cluster_token) {
+            return true;
+        }
+        // Tokens from `edgesite token create`, read fresh so new ones work without a restart.
+        let text = std::fs::read_to_string(self.server_dir.join(TOKENS_FILE)).unwrap_or_default();
+        let now = now_unix();
+        text.lines().any(|line| {
+            let mut parts = line.split('\t');
+            let token = parts.next().unwrap_or_default();
+            let expires: u64 = parts.next().and_then(|e| e.parse().ok()).unwrap_or(0);
+            !token.is_empty()
+                && constant_time_eq(credential, token)
+                && (expires == 0 || expires > now)
+        })
+    }
+}
+
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+impl apiserver_lite::node_streams::NodeJoin for Joiner {
+    fn join(
+        &self,
+        token: &str,
+        node: &str,
+        csr: &str,
+    ) -> Result<String, apiserver_lite::node_streams::JoinError> {
+        use apiserver_lite::node_streams::JoinError;
+        let credential = JoinToken::parse(token)
+            .map(|t| t.credential)
+            .map_err(|_| JoinError::BadToken)?;
+        if !self.valid(&credential) {
+            return Err(JoinError::BadToken);
+        }
+        crate::pki::sign_node_csr(&self.ca, node, csr)
+            .map_err(|e| JoinError::Invalid(format!("{e:#}")))
+    }
+}
+
+/// The agent's stored credentials.
+pub struct AgentCredentials {
+    pub server: String,
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+}
+
+fn pki_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("agent").join("pki")
+}
+
+fn insecure_client() -> Result<reqwest_like::Client> {
+    reqwest_like::Client::new()
+}
+
+/// Joins (or reuses an earlier join): returns credentials for `node`.
+pub async fn credentials(
+    data_dir: &Path,
+    server: &str,
+    token: Option<&str>,
+    node: &str,
+) -> Result<AgentCredentials> {
+    let dir = pki_dir(data_dir);
+    let read = |n: &str| std::fs::read_to_string(dir.join(n));
+    if let (Ok(saved_server), Ok(ca), Ok(cert), Ok(key), Ok(saved_node)) = (
+        read("server"),
+        read("ca.crt"),
+        read("node.crt"),
+        read("node.key"),
+        read("node-name"),
+    ) && saved_server.trim() == server
+        && saved_node.trim() == node
+    {
+        return Ok(AgentCredentials {
+            server: server.to_string(),
+            ca,
+            cert,
+            key,
+        });
+    }
+    let Some(token) = token else {
+        bail!(
+            "this agent has not joined {server} yet: pass --token (print one on the server with `edgesite token create`)"
+        );
+    };
+    let token = JoinToken::parse(token)?;
+    let client = insecure_client()?;
+    let ca = client
+        .get(&format!("{server}/cacerts"))
+        .await
+        .with_context(|| format!("fetch the site CA from {server}/cacerts"))?;
+    if let Some(want) = &token.ca_hash
+        && ca_hash(&ca) != *want
+    {
+        bail!(
+            "the server at {server} presents a CA that does not match the join token: wrong --server, or someone in between"
+        );
+    }
+    let (csr, key) = crate::pki::node_csr(node)?;
+    let body = serde_json::json!({"node": node, "csr": csr}).to_string();
+    let reply = client
+        .post_json(
+            &format!("{server}/edgesite/v1/node-join"),
+            &token.credential,
+            &body,
+        )
+        .await
+        .context("join the site")?;
+    let reply: serde_json::Value = serde_json::from_str(&reply).context("the join answer")?;
+    let cert = reply["certificate"]
+        .as_str()
+        .context("the join answer has no certificate")?
+        .to_string();
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    for (name, content) in [
+        ("ca.crt", ca.as_str()),
+        ("node.crt", cert.as_str()),
+        ("node.key", key.as_str()),
+        ("server", server),
+        ("node-name", node),
+    ] {
+        crate::pki::write_private(&dir.join(name), content)?;
+    }
+    tracing::info!(server, node, "joined the site");
+    Ok(AgentCredentials {
+        server: server.to_string(),
+        ca,
+        cert,
+        key,
+    })
+}
+
+/// A tiny HTTPS client for the two join calls, which happen before the CA is trusted (the
+/// first call's answer is checked against the token's hash instead).
+mod reqwest_like {
+    use std::sync::Arc;
+
+    use anyhow::{Context, Result, bail};
+    use http_body_util::BodyExt;
+
+    #[derive(Debug)]
+    struct AcceptAny;
+
+    impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+
+    pub struct Client {
+        tls: Arc<rustls::ClientConfig>,
+    }
+
+    impl Client {
+        pub fn new() -> Result<Client> {
+            let mut tls = rustls::ClientConfig::builder()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AcceptAny))
+                .with_no_client_auth();
+            tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Ok(Client { tls: Arc::new(tls) })
+        }
+
+        async fn request(
+            &self,
+            url: &str,
+            method: &str,
+            bearer: Option<&str>,
+            body: Option<&str>,
+        ) -> Result<String> {
+            let rest = url
+                .strip_prefix("https://")
+                .context("the server URL must start with https://")?;
+            let (authority, path) = match rest.find('/') {
+                Some(i) => (&rest[..i], &rest[i..]),
+                None => (rest, "/"),
+            };
+            let (host, port) = match authority.rsplit_once(':') {
+                Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => (
+                    h.trim_start_matches('[').trim_end_matches(']').to_string(),
+                    p.parse::<u16>().context("bad port")?,
+                ),
+                _ => (authority.to_string(), 443),
+            };
+            let tcp = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                tokio::net::TcpStream::connect((host.as_str(), port)),
+            )
+            .await
+            .with_context(|| format!("connect to {host}:{port}: timed out"))?
+            .with_context(|| format!("connect to {host}:{port}"))?;
+            let name = rustls::pki_types::ServerName::try_from(host.clone())?;
+            let stream = tokio_rustls::TlsConnector::from(self.tls.clone())
+                .connect(name, tcp)
+                .await
+                .with_context(|| format!("TLS with {host}:{port}"))?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            let mut req = http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header(http::header::HOST, authority)
+                .header(http::header::CONTENT_TYPE, "application/json");
+            if let Some(b) = bearer {
+                req = req.header(http::header::AUTHORIZATION, format!("Bearer {b}"));
+            }
+            let req = req.body(http_body_util::Full::new(bytes::Bytes::from(
+                body.unwrap_or_default().to_string(),
+            )))?;
+            let response = sender.send_request(req).await?;
+            let status = response.status();
+            let bytes = response.into_body().collect().await?.to_bytes();
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            if !status.is_success() {
+                let message = serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| v["message"].as_str().map(String::from))
+                    .unwrap_or(text);
+                bail!("{url}: {status}: {message}");
+            }
+            Ok(text)
+        }
+
+        pub async fn get(&self, url: &str) -> Result<String> {
+            self.request(url, "GET", None, None).await
+        }
+
+        pub async fn post_json(&self, url: &str, bearer: &str, body: &str) -> Result<String> {
+            self.request(url, "POST", Some(bearer), Some(body)).await
+        }
+    }
+}
+
+/// A kube client with the agent's certificate.
+pub async fn kube_client(c: &AgentCredentials) -> Result<kube::Client> {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- cluster:\n    certificate-authority-data: {}\n    server: {}\n  name: site\ncontexts:\n- context:\n    cluster: site\n    user: node\n  name: node\ncurrent-context: node\nusers:\n- name: node\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\n",
+        b64(&c.ca),
+        c.server,
+        b64(&c.cert),
+        b64(&c.key)
+    );
+    let kubeconfig: kube::config::Kubeconfig = serde_yaml::from_str(&kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Keeps `Arc` in scope for the joiner's owner.
+pub fn joiner(server_dir: &Path, ca: &CertAndKey, cluster_token: &str) -> Arc<Joiner> {
+    Arc::new(Joiner {
+        server_dir: server_dir.to_path_buf(),
+        ca: CertAndKey {
+            cert: ca.cert.clone(),
+            key: ca.key.clone(),
+        },
+        cluster_token: cluster_token.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_parse_with_and_without_ca_pinning() {
+        let hash = "a".repeat(64);
+        let t = JoinToken::parse(&format!("K10{hash}::abc.def")).unwrap();
+        assert_eq!(t.ca_hash.as_deref(), Some(hash.as_str()));
+        assert_eq!(t.credential, "abc.def");
+        let bare = JoinToken::parse("secret").unwrap();
+        assert_eq!(bare.ca_hash, None);
+        assert!(JoinToken::parse("K10abc::x").is_err());
+        assert!(JoinToken::parse("").is_err());
+    }
+
+    #[test]
+    fn created_tokens_are_accepted_until_they_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = dir.path().join("server").join("tls");
+        std::fs::create_dir_all(&tls).unwrap();
+        std::fs::write(tls.join("ca.crt"), "CA").unwrap();
+        let token = create_token(dir.path(), Duration::from_secs(3600)).unwrap();
+        assert!(token.starts_with(&format!("K10{}::", ca_hash("CA"))));
+        let joiner = Joiner {
+            server_dir: dir.path().join("server"),
+            ca: CertAndKey {
+                cert: String::new(),
+                key: String::new(),
+            },
+            cluster_token: "cluster".into(),
+        };
+        let credential = JoinToken::parse(&token).unwrap().credential;
+        assert!(joiner.valid(&credential));
+        assert!(joiner.valid("cluster"));
+        assert!(!joiner.valid("nope"));
+        std::fs::write(
+            dir.path().join("server").join(TOKENS_FILE),
+            format!("{credential}\t1\n"),
+        )
+        .unwrap();
+        assert!(!joiner.valid(&credential), "expired tokens are refused");
+    }
+}
