@@ -19,10 +19,13 @@ pub trait NodeConnection: Send + Sync {
     ) -> BoxFuture<'static, Result<http::Response<Body>, String>>;
 }
 
+/// A node's connection and the id of the registration that made it.
+type Registered = (u64, Arc<dyn NodeConnection>);
+
 /// The registry of connected node agents.
 #[derive(Default)]
 pub struct NodeStreams {
-    nodes: RwLock<HashMap<String, (u64, Arc<dyn NodeConnection>)>>,
+    nodes: RwLock<HashMap<String, Registered>>,
     next: std::sync::atomic::AtomicU64,
 }
 

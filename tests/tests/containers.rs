@@ -536,7 +536,7 @@ spec:
         .spawn()
         .unwrap();
     let stdout = follow.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<String>(1024);
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout)
             .lines()

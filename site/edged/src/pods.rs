@@ -83,10 +83,8 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(), A
                 match event {
                     Ok(watcher::Event::Init) => initial = Some(HashSet::new()),
                     Ok(watcher::Event::InitApply(pod)) => {
-                        if let Some(uid) = pod.metadata.uid.clone() {
-                            if let Some(seen) = initial.as_mut() {
-                                seen.insert(uid);
-                            }
+                        if let (Some(uid), Some(seen)) = (pod.metadata.uid.clone(), initial.as_mut()) {
+                            seen.insert(uid);
                         }
                         dispatch(&agent, &owners, &mut workers, &done_tx, pod, &shutdown);
                     }

@@ -126,17 +126,30 @@ pub async fn attempt(
     Err("the probe has no exec, httpGet or tcpSocket action".into())
 }
 
-/// Runs one kind of probe until the task is aborted; `gate` holds it until startup succeeded.
-async fn run_one(
+/// What is probed: a container of a pod.
+#[derive(Clone)]
+struct Target {
     agent: Arc<Agent>,
     container_id: String,
+    pod_ip: Option<IpAddr>,
+    /// Named container ports.
+    ports: Vec<(String, i32)>,
+}
+
+/// Runs one kind of probe until the task is aborted; `gate` holds it until startup succeeded.
+async fn run_one(
+    target: Target,
     kind: Kind,
     probe: Probe,
-    pod_ip: Option<IpAddr>,
-    ports: Vec<(String, i32)>,
     tx: mpsc::Sender<PodMessage>,
     mut gate: tokio::sync::watch::Receiver<bool>,
 ) {
+    let Target {
+        agent,
+        container_id,
+        pod_ip,
+        ports,
+    } = target;
     let _ = gate.wait_for(|started| *started).await;
     let t = timing(&probe);
     tokio::time::sleep(t.initial_delay).await;
@@ -206,27 +219,19 @@ pub fn start(
         .collect();
     let (started_tx, started_rx) = tokio::sync::watch::channel(c.startup_probe.is_none());
     let mut handles = Vec::new();
+    let target = Target {
+        agent: agent.clone(),
+        container_id: container_id.to_string(),
+        pod_ip,
+        ports,
+    };
     if let Some(probe) = c.startup_probe.clone() {
-        let (agent, id, ports, tx) = (
-            agent.clone(),
-            container_id.to_string(),
-            ports.clone(),
-            tx.clone(),
-        );
+        let (target, tx) = (target.clone(), tx.clone());
         let (gate_tx, gate_rx) = tokio::sync::watch::channel(true);
         handles.push(tokio::spawn(async move {
             // Forward the startup result to the other probers' gate as well.
             let (inner_tx, mut inner_rx) = mpsc::channel::<PodMessage>(4);
-            let runner = tokio::spawn(run_one(
-                agent,
-                id,
-                Kind::Startup,
-                probe,
-                pod_ip,
-                ports,
-                inner_tx,
-                gate_rx,
-            ));
+            let runner = tokio::spawn(run_one(target, Kind::Startup, probe, inner_tx, gate_rx));
             while let Some(m) = inner_rx.recv().await {
                 if let PodMessage::Probe(o) = &m
                     && o.message.is_none()
@@ -248,12 +253,9 @@ pub fn start(
     ] {
         if let Some(probe) = probe {
             handles.push(tokio::spawn(run_one(
-                agent.clone(),
-                container_id.to_string(),
+                target.clone(),
                 kind,
                 probe,
-                pod_ip,
-                ports.clone(),
                 tx.clone(),
                 started_rx.clone(),
             )));

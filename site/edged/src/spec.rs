@@ -235,7 +235,7 @@ pub fn oom_score_adj(pod: &Pod, c: &Container, memory_capacity: i64) -> i32 {
                 .as_ref()
                 .and_then(|r| r.requests.as_ref())
                 .and_then(|r| r.get("memory"))
-                .and_then(|q| quantity::units(q))
+                .and_then(quantity::units)
                 .unwrap_or(0);
             if memory_capacity <= 0 {
                 return 999;
@@ -370,10 +370,10 @@ pub fn build(input: &SpecInput<'_>, memory_capacity: i64) -> Result<Value, SpecE
     let cpu_request = requests
         .get("cpu")
         .or_else(|| limits.get("cpu"))
-        .and_then(|q| quantity::milli(q))
+        .and_then(quantity::milli)
         .unwrap_or(0);
     let mut cpu = json!({"shares": cpu_shares(cpu_request)});
-    if let Some(limit) = limits.get("cpu").and_then(|q| quantity::milli(q))
+    if let Some(limit) = limits.get("cpu").and_then(quantity::milli)
         && limit > 0
     {
         let period = 100_000i64;
@@ -384,7 +384,7 @@ pub fn build(input: &SpecInput<'_>, memory_capacity: i64) -> Result<Value, SpecE
         "devices": [{"allow": privileged, "access": "rwm"}],
         "cpu": cpu,
     });
-    if let Some(mem) = limits.get("memory").and_then(|q| quantity::units(q))
+    if let Some(mem) = limits.get("memory").and_then(quantity::units)
         && mem > 0
     {
         linux_resources["memory"] = json!({"limit": mem, "swap": mem});

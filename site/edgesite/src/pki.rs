@@ -249,6 +249,45 @@ pub fn server_tls(ca: &CertAndKey, serving: &CertAndKey) -> Result<Arc<rustls::S
     Ok(Arc::new(config))
 }
 
+/// A key and a certificate request for `system:node:<node>` (the agent side of joining).
+pub fn node_csr(node: &str) -> Result<(String, String)> {
+    let key = KeyPair::generate().context("generate the node key")?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("system:node:{node}"));
+    dn.push(DnType::OrganizationName, "system:nodes");
+    params.distinguished_name = dn;
+    let csr = params
+        .serialize_request(&key)
+        .context("make the certificate request")?;
+    Ok((csr.pem()?, key.serialize_pem()))
+}
+
+/// Signs a joining node's request. The subject is set here, whatever the request says: the
+/// node gets `system:node:<node>` in `system:nodes`, a client certificate for one year.
+pub fn sign_node_csr(ca: &CertAndKey, node: &str, csr_pem: &str) -> Result<String> {
+    let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .context("the certificate request is not a valid PEM CSR")?;
+    let ca_key = KeyPair::from_pem(&ca.key).context("read the CA key")?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key).context("read the CA certificate")?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("system:node:{node}"));
+    dn.push(DnType::OrganizationName, "system:nodes");
+    params.distinguished_name = dn;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    validity(&mut params, 1);
+    csr.params = params;
+    let cert = csr
+        .signed_by(&issuer)
+        .context("sign the node certificate")?;
+    Ok(cert.pem())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,43 +326,22 @@ mod tests {
         assert!(server_tls(&ca, &b).is_ok());
         assert!(pki.serving(&ca, &["not a name!".into()]).is_err());
     }
-}
 
-/// A key and a certificate request for `system:node:<node>` (the agent side of joining).
-pub fn node_csr(node: &str) -> Result<(String, String)> {
-    let key = KeyPair::generate().context("generate the node key")?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("system:node:{node}"));
-    dn.push(DnType::OrganizationName, "system:nodes");
-    params.distinguished_name = dn;
-    let csr = params
-        .serialize_request(&key)
-        .context("make the certificate request")?;
-    Ok((csr.pem()?, key.serialize_pem()))
-}
-
-/// Signs a joining node's request. The subject is set here, whatever the request says: the
-/// node gets `system:node:<node>` in `system:nodes`, a client certificate for one year.
-pub fn sign_node_csr(ca: &CertAndKey, node: &str, csr_pem: &str) -> Result<String> {
-    let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
-        .context("the certificate request is not a valid PEM CSR")?;
-    let ca_key = KeyPair::from_pem(&ca.key).context("read the CA key")?;
-    let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key).context("read the CA certificate")?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("system:node:{node}"));
-    dn.push(DnType::OrganizationName, "system:nodes");
-    params.distinguished_name = dn;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    validity(&mut params, 1);
-    csr.params = params;
-    let cert = csr
-        .signed_by(&issuer)
-        .context("sign the node certificate")?;
-    Ok(cert.pem())
+    #[test]
+    fn node_certificates_carry_the_node_identity_whatever_the_request_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(dir.path());
+        let ca = pki.ca().unwrap();
+        let (csr, _key) = node_csr("intruder").unwrap();
+        let pem = sign_node_csr(&ca, "node-b", &csr).unwrap();
+        let der = rustls_pemfile::certs(&mut pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let subject = cert.subject().to_string();
+        assert!(subject.contains("CN=system:node:node-b"), "{subject}");
+        assert!(subject.contains("O=system:nodes"), "{subject}");
+        assert!(sign_node_csr(&ca, "node-b", "not a csr").is_err());
+    }
 }

@@ -59,8 +59,10 @@ fn reader_thread(path: &Path, tx: mpsc::Sender<Item>) {
         Err(e) => return fail(&tx, format!("open {}: {e}", path.display())),
     };
     let mut magic = [0u8; 4];
-    if file.read_exact(&mut magic).is_ok() {
-        if magic[..2] == [0x1f, 0x8b] || magic == [0x28, 0xb5, 0x2f, 0xfd] {
+    if file.read_exact(&mut magic).is_ok()
+        && (magic[..2] == [0x1f, 0x8b] || magic == [0x28, 0xb5, 0x2f, 0xfd])
+    {
+        {
             return fail(
                 &tx,
                 format!(

@@ -6,9 +6,6 @@ use std::path::Path;
 
 use nix::mount::{MntFlags, MsFlags};
 
-/// `NSFS_MAGIC`: the file system type of a bind-mounted namespace.
-const NSFS_MAGIC: i64 = 0x6e73_6673;
-
 /// Creates a new network namespace mounted at `path` (a no-op when one is already there).
 pub fn create(path: &Path) -> std::io::Result<()> {
     if is_namespace(path) {
@@ -42,7 +39,7 @@ pub fn create(path: &Path) -> std::io::Result<()> {
 /// Whether `path` is a mounted namespace.
 pub fn is_namespace(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 as i64 == NSFS_MAGIC)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
         .unwrap_or(false)
 }
 

@@ -296,7 +296,7 @@ pub async fn container_logs(
                     continue;
                 }
             }
-            if idle % 10 == 0 && !still_running(&agent, &uid, &container, attempt).await {
+            if idle.is_multiple_of(10) && !still_running(&agent, &uid, &container, attempt).await {
                 // Drain what the copier flushed last, then end.
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 loop {

@@ -597,15 +597,13 @@ pub async fn refresh(agent: &Agent, pod: &Pod, pod_dir: &Path) -> Result<(), Str
         if !dir.exists() {
             continue;
         }
-        if v.config_map.is_some()
+        let projected = v.config_map.is_some()
             || v.secret.is_some()
             || v.downward_api.is_some()
-            || v.projected.is_some()
-        {
-            if let Some(files) = project(agent, pod, v).await? {
-                atomic::write(&dir, &files, fs_group(pod))
-                    .map_err(|e| format!("update volume {:?}: {e}", v.name))?;
-            }
+            || v.projected.is_some();
+        if projected && let Some(files) = project(agent, pod, v).await? {
+            atomic::write(&dir, &files, fs_group(pod))
+                .map_err(|e| format!("update volume {:?}: {e}", v.name))?;
         }
     }
     Ok(())
