@@ -2,9 +2,12 @@
 # Installs and starts an EdgeSite site on this machine (Debian, as root).
 #
 #   ./installer/install.sh            build from this checkout, install, start `edgesite server`
+#   EDGESITE_URL=https://SERVER:6443 EDGESITE_TOKEN=K10... ./installer/install.sh
+#                                     the same, but join SERVER's site as an agent (K3s-style)
 #
 # Environment: EDGESITE_EXEC ("server --tls-san my.host"), EDGESITE_DATA_DIR (/var/lib/edgesite),
-# EDGESITE_PORT (6443), EDGESITE_KUBECONFIG (/etc/edgesite/edgesite.yaml).
+# EDGESITE_PORT (6443), EDGESITE_KUBECONFIG (/etc/edgesite/edgesite.yaml), EDGESITE_URL and
+# EDGESITE_TOKEN (agent mode).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -12,7 +15,12 @@ repo="$(cd "$here/.." && pwd)"
 data_dir="${EDGESITE_DATA_DIR:-/var/lib/edgesite}"
 port="${EDGESITE_PORT:-6443}"
 kubeconfig="${EDGESITE_KUBECONFIG:-/etc/edgesite/edgesite.yaml}"
-exec_args="${EDGESITE_EXEC:-server}"
+if [ -n "${EDGESITE_URL:-}" ]; then
+  exec_args="${EDGESITE_EXEC:-agent}"
+else
+  exec_args="${EDGESITE_EXEC:-server}"
+fi
+mode="${exec_args%% *}"
 log_dir=/var/log/edgesite
 
 say() { printf '[edgesite] %s\n' "$*"; }
@@ -53,10 +61,22 @@ fi
 install -d -m 0755 "$data_dir/agent/images"
 
 # shellcheck disable=SC2086
-args="$exec_args --data-dir $data_dir --https-listen-port $port --write-kubeconfig $kubeconfig"
+if [ "$mode" = agent ]; then
+  [ -n "${EDGESITE_URL:-}" ] || die "agent mode needs EDGESITE_URL=https://SERVER:6443 (and EDGESITE_TOKEN for the first join)"
+  # The token is needed once (the agent keeps its certificate); keep it out of ps and unit files.
+  umask 077
+  printf 'EDGESITE_URL=%s\nEDGESITE_TOKEN=%s\n' "$EDGESITE_URL" "${EDGESITE_TOKEN:-}" > /etc/edgesite/agent.env
+  umask 022
+  args="$exec_args --data-dir $data_dir"
+else
+  args="$exec_args --data-dir $data_dir --https-listen-port $port --write-kubeconfig $kubeconfig"
+fi
 
 if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
   sed -e "s|@ARGS@|$args|" "$here/edgesite.service" > /etc/systemd/system/edgesite.service
+  if [ "$mode" = agent ]; then
+    sed -i -e 's|^\[Service\]|[Service]\nEnvironmentFile=/etc/edgesite/agent.env|' /etc/systemd/system/edgesite.service
+  fi
   systemctl daemon-reload
   systemctl enable edgesite.service >/dev/null
   systemctl restart edgesite.service
@@ -66,12 +86,30 @@ else
   install -d -m 0755 "$log_dir"
   if [ -f /run/edgesite-supervisor.pid ] && kill -0 "$(cat /run/edgesite-supervisor.pid)" 2>/dev/null; then
     kill "$(cat /run/edgesite-supervisor.pid)" 2>/dev/null || true
-    pkill -f "/usr/local/bin/edgesite server" 2>/dev/null || true
+    pkill -f "/usr/local/bin/edgesite (server|agent)" 2>/dev/null || true
     sleep 1
+  fi
+  if [ "$mode" = agent ]; then
+    set -a
+    # shellcheck disable=SC1091
+    . /etc/edgesite/agent.env
+    set +a
   fi
   nohup "$here/supervise.sh" "/usr/local/bin/edgesite $args" "$log_dir/edgesite.log" >/dev/null 2>&1 &
   echo $! > /run/edgesite-supervisor.pid
   say "started edgesite under a supervisor (pid $(cat /run/edgesite-supervisor.pid)); log: $log_dir/edgesite.log"
+fi
+
+if [ "$mode" = agent ]; then
+  say "waiting for the agent to join $EDGESITE_URL"
+  for _ in $(seq 1 150); do
+    if [ -f "$data_dir/agent/pki/node.crt" ]; then
+      say "joined. On the server: kubectl get nodes"
+      exit 0
+    fi
+    sleep 0.2
+  done
+  die "the agent did not join within 30 s; see journalctl -u edgesite or $log_dir/edgesite.log"
 fi
 
 say "waiting for the API server to be ready"

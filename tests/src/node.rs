@@ -460,6 +460,33 @@ pub fn busybox_image() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Writes the test image as a `docker save` archive (manifest.json with RepoTags, a config
+/// JSON and `<id>/layer.tar`) tagged `tag`.
+pub fn busybox_docker_archive(path: &Path, tag: &str) -> Result<()> {
+    let parts = busybox_parts()?;
+    let config_name = format!("{}.json", sha256_hex(&parts.config));
+    let layer_dir = sha256_hex(&parts.layer);
+    let manifest = serde_json::to_vec(&serde_json::json!([{
+        "Config": config_name,
+        "RepoTags": [tag],
+        "Layers": [format!("{layer_dir}/layer.tar")],
+    }]))?;
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, data: &[u8]| -> Result<()> {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_mtime(0);
+        b.append_data(&mut h, name, data)?;
+        Ok(())
+    };
+    add(&config_name, &parts.config)?;
+    add(&format!("{layer_dir}/layer.tar"), &parts.layer)?;
+    add("manifest.json", &manifest)?;
+    std::fs::write(path, b.into_inner()?)?;
+    Ok(())
+}
+
 /// A real OCI registry (Debian's docker-registry) on a loopback port.
 pub struct Registry {
     _dir: tempfile::TempDir,

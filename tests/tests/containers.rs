@@ -903,3 +903,166 @@ spec:
     assert!(stderr.contains("does not match the join token"), "{stderr}");
     drop(agent);
 }
+
+#[test]
+fn docker_archives_import_with_the_cli_and_pods_churn_without_leaking_network_state() {
+    let rt = Runtime::start().unwrap();
+    let site = rt.start_site(&[]).unwrap();
+    // `edgesite images import` of a `docker save` archive, then a pod that may not pull.
+    let archive = site.dir.path().join("legacy.tar");
+    tests::node::busybox_docker_archive(&archive, "edgesite.test/legacy:2.0").unwrap();
+    let out = std::process::Command::new(tests::edgesite_bin())
+        .args(["images", "import"])
+        .arg(&archive)
+        .arg(format!(
+            "--container-runtime-endpoint={}",
+            rt.socket.display()
+        ))
+        .arg("--containerd-namespace=node-a")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("imported edgesite.test/legacy:2.0"));
+    apply(
+        &site,
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: app, image: "edgesite.test/legacy:2.0", imagePullPolicy: Never, command: ["sh", "-c", "echo K8S=$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT; sleep 3600"]}
+"#,
+    );
+    site.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/legacy",
+        "--timeout=60s",
+    ]);
+    let api_ip = site.ok(&[
+        "get",
+        "svc",
+        "kubernetes",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
+    let mut logs = String::new();
+    wait_for(
+        &site,
+        "the service variables",
+        Duration::from_secs(20),
+        || {
+            logs = site.ok(&["logs", "legacy"]);
+            logs.contains("K8S=")
+        },
+    );
+    assert!(logs.contains(&format!("K8S={api_ip}:443")), "{logs}");
+    site.ok(&["delete", "pod", "legacy", "--wait=true"]);
+
+    // Pods come and go in batches; nothing of theirs stays behind.
+    for round in 0..4 {
+        let mut list = String::new();
+        for i in 0..10 {
+            list.push_str(&format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: churn-{round}-{i}, labels: {{churn: \"yes\"}}}}\nspec:\n  terminationGracePeriodSeconds: 0\n  containers: [{{name: c, image: \"{BUSYBOX}\", command: [\"sleep\", \"3600\"], ports: [{{containerPort: 80, hostPort: {}}}]}}]\n",
+                free_port()
+            ));
+        }
+        apply(&site, &list);
+        site.ok(&[
+            "wait",
+            "--for=condition=Ready",
+            "pod",
+            "-l",
+            "churn=yes",
+            "--timeout=90s",
+        ]);
+        site.ok(&[
+            "delete",
+            "pod",
+            "-l",
+            "churn=yes",
+            "--wait=true",
+            "--timeout=90s",
+        ]);
+    }
+    let agent = site.data_dir().join("agent");
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            std::fs::read_dir(agent.join("netns"))
+                .map(|d| d.count() == 0)
+                .unwrap_or(true)
+        }),
+        "network namespaces left behind"
+    );
+    let leases: Vec<String> = std::fs::read_dir(agent.join("cni/networks/edgesite"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("10."))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(leases.is_empty(), "pod IPs still leased: {leases:?}");
+    let bridge = rt
+        .node_flags("probe")
+        .iter()
+        .find_map(|f| f.strip_prefix("--cni-bridge=").map(String::from))
+        .unwrap();
+    // The bridge of node-a is the first one this runtime handed out.
+    let bridge = bridge.replace("n1", "n0");
+    let links = std::process::Command::new("ip")
+        .args(["-o", "link", "show", "master", &bridge])
+        .output()
+        .unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(links.trim().is_empty(), "veths still on {bridge}: {links}");
+    let nat = std::process::Command::new("iptables-save")
+        .args(["-t", "nat"])
+        .output()
+        .unwrap();
+    let cidr = site.ok(&["get", "node", "node-a", "-o", "jsonpath={.spec.podCIDR}"]);
+    let prefix = cidr.rsplit_once('.').unwrap().0.to_string() + ".";
+    let leftover: Vec<String> = String::from_utf8_lossy(&nat.stdout)
+        .lines()
+        .filter(|l| l.contains(&prefix) && l.contains("-j DNAT"))
+        .map(String::from)
+        .collect();
+    assert!(leftover.is_empty(), "hostPort rules left: {leftover:?}");
+}
+
+#[test]
+fn a_server_without_containerd_says_how_to_fix_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("none.yaml"), "").unwrap();
+    let out = std::process::Command::new(tests::edgesite_bin())
+        .arg("server")
+        .arg(format!("--data-dir={}", dir.path().join("data").display()))
+        .arg(format!(
+            "--config={}",
+            dir.path().join("none.yaml").display()
+        ))
+        .arg("--bind-address=127.0.0.1")
+        .arg(format!("--https-listen-port={}", free_port()))
+        .arg(format!(
+            "--write-kubeconfig={}",
+            dir.path().join("k.yaml").display()
+        ))
+        .arg(format!(
+            "--container-runtime-endpoint={}",
+            dir.path().join("no-containerd.sock").display()
+        ))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot reach containerd"), "{stderr}");
+    assert!(stderr.contains("apt-get install containerd"), "{stderr}");
+    assert!(stderr.contains("--disable-agent"), "{stderr}");
+}

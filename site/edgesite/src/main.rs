@@ -42,6 +42,27 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Images on this node's containerd.
+    Images {
+        #[command(subcommand)]
+        command: ImagesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImagesCommand {
+    /// Import image tarballs (OCI layout or `docker save` archives) for air-gapped sites.
+    Import {
+        /// Tarballs to import.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// containerd's socket.
+        #[arg(long, default_value = "/run/containerd/containerd.sock")]
+        container_runtime_endpoint: PathBuf,
+        /// containerd namespace of the node's images.
+        #[arg(long, default_value = "edgesite")]
+        containerd_namespace: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -268,6 +289,27 @@ impl AgentArgs {
     }
 }
 
+/// `edgesite images import`: straight into containerd, so it works with the agent stopped.
+fn import_images(files: &[PathBuf], socket: &std::path::Path, namespace: &str) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let rt = edged::runtime::containerd::Containerd::connect(socket, namespace).await?;
+        let images = edged::images::ImageService::new(rt, Default::default());
+        for file in files {
+            let names = images
+                .import(file)
+                .await
+                .map_err(|e| anyhow::anyhow!("import {}: {e}", file.display()))?;
+            for name in names {
+                println!("imported {name}");
+            }
+        }
+        Ok(())
+    })
+}
+
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -319,6 +361,14 @@ fn main() {
     let result: Result<()> = match cli.command {
         Command::Server(args) => server::run(args),
         Command::Agent(args) => agent::run(args),
+        Command::Images {
+            command:
+                ImagesCommand::Import {
+                    files,
+                    container_runtime_endpoint,
+                    containerd_namespace,
+                },
+        } => import_images(&files, &container_runtime_endpoint, &containerd_namespace),
         Command::Token {
             command: TokenCommand::Create { data_dir, ttl },
         } => join::create_token(&data_dir, ttl).map(|token| {

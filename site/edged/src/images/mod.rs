@@ -626,6 +626,6 @@ mod tests {
             normalize("127.0.0.1:5000/web:v1").unwrap(),
             "127.0.0.1:5000/web:v1"
         );
-        assert!(normalize("UPPER/case").is_err());
+        assert!(normalize("bad image!").is_err());
     }
 }

@@ -172,6 +172,89 @@ async fn secret(
         .map_err(|e| format!("get secret \"{name}\": {e}"))
 }
 
+/// Docker-links-style variables for one Service (`WEB_SERVICE_HOST`, `WEB_PORT_80_TCP`, ...).
+pub fn service_env(svc: &k8s_openapi::api::core::v1::Service) -> Vec<(String, String)> {
+    let Some(spec) = &svc.spec else {
+        return vec![];
+    };
+    let ip = match spec.cluster_ip.as_deref() {
+        Some(ip) if !ip.is_empty() && ip != "None" => ip.to_string(),
+        _ => return vec![],
+    };
+    let name = svc
+        .metadata
+        .name
+        .clone()
+        .unwrap_or_default()
+        .to_uppercase()
+        .replace('-', "_");
+    let ports = spec.ports.clone().unwrap_or_default();
+    let Some(first) = ports.first() else {
+        return vec![];
+    };
+    let mut out = vec![
+        (format!("{name}_SERVICE_HOST"), ip.clone()),
+        (format!("{name}_SERVICE_PORT"), first.port.to_string()),
+    ];
+    for p in &ports {
+        if let Some(pn) = p.name.as_deref().filter(|n| !n.is_empty()) {
+            out.push((
+                format!(
+                    "{name}_SERVICE_PORT_{}",
+                    pn.to_uppercase().replace('-', "_")
+                ),
+                p.port.to_string(),
+            ));
+        }
+    }
+    let proto = |p: &k8s_openapi::api::core::v1::ServicePort| {
+        p.protocol.clone().unwrap_or_else(|| "TCP".into())
+    };
+    out.push((
+        format!("{name}_PORT"),
+        format!("{}://{ip}:{}", proto(first).to_lowercase(), first.port),
+    ));
+    for p in &ports {
+        let pr = proto(p);
+        let prefix = format!("{name}_PORT_{}_{}", p.port, pr.to_uppercase());
+        out.push((
+            prefix.clone(),
+            format!("{}://{ip}:{}", pr.to_lowercase(), p.port),
+        ));
+        out.push((format!("{prefix}_PROTO"), pr.to_lowercase()));
+        out.push((format!("{prefix}_PORT"), p.port.to_string()));
+        out.push((format!("{prefix}_ADDR"), ip.clone()));
+    }
+    out
+}
+
+/// The Service variables a pod gets: every Service of its namespace (unless
+/// `enableServiceLinks: false`) and always the API server's `kubernetes` Service.
+async fn services_env(agent: &Agent, pod: &Pod) -> Vec<(String, String)> {
+    use k8s_openapi::api::core::v1::Service;
+    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+    let links = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.enable_service_links)
+        .unwrap_or(true);
+    let mut services: Vec<Service> = Vec::new();
+    if links {
+        let api: Api<Service> = Api::namespaced(agent.client.clone(), &ns);
+        if let Ok(list) = api.list(&Default::default()).await {
+            services.extend(list.items);
+        }
+    }
+    if ns != "default" || !links {
+        let api: Api<Service> = Api::namespaced(agent.client.clone(), "default");
+        if let Ok(Some(k)) = api.get_opt("kubernetes").await {
+            services.retain(|s| s.metadata.name.as_deref() != Some("kubernetes"));
+            services.push(k);
+        }
+    }
+    services.iter().flat_map(service_env).collect()
+}
+
 /// The resolved environment of `c`, in order (later entries win).
 pub async fn resolve_env(
     agent: &Agent,
@@ -265,7 +348,39 @@ pub async fn resolve_env(
         };
         set(&mut out, e.name.clone(), value);
     }
+    // Service variables fill in only what the pod did not set itself.
+    for (k, v) in services_env(agent, pod).await {
+        if !out.iter().any(|(ek, _)| *ek == k) {
+            out.insert(0, (k, v));
+        }
+    }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_variables_follow_docker_links() {
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "my-web"},
+            "spec": {"clusterIP": "10.43.0.10", "ports": [{"name": "http", "port": 80}]}
+        }))
+        .unwrap();
+        let env: BTreeMap<String, String> = service_env(&svc).into_iter().collect();
+        assert_eq!(env["MY_WEB_SERVICE_HOST"], "10.43.0.10");
+        assert_eq!(env["MY_WEB_SERVICE_PORT"], "80");
+        assert_eq!(env["MY_WEB_SERVICE_PORT_HTTP"], "80");
+        assert_eq!(env["MY_WEB_PORT"], "tcp://10.43.0.10:80");
+        assert_eq!(env["MY_WEB_PORT_80_TCP_ADDR"], "10.43.0.10");
+        let headless: k8s_openapi::api::core::v1::Service =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "h"}, "spec": {"clusterIP": "None", "ports": [{"port": 80}]}
+            }))
+            .unwrap();
+        assert!(service_env(&headless).is_empty());
+    }
 }
 
 /// A bound ServiceAccount token for a projected volume, through the TokenRequest API.
