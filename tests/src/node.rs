@@ -152,16 +152,20 @@ impl Runtime {
         )
     }
 
+    /// The bridge of the `n`-th node this runtime set up.
+    pub fn bridge(&self, n: u32) -> String {
+        format!("est{}n{n}", self.slot.index)
+    }
+
     /// Flags that make a site's node agent use this runtime, with a bridge and a cluster
     /// CIDR of its own.
     pub fn node_flags(&self, node: &str) -> Vec<String> {
         let n = self.nodes.get();
         self.nodes.set(n + 1);
-        let i = self.slot.index;
         vec![
             format!("--container-runtime-endpoint={}", self.socket.display()),
             format!("--containerd-namespace={node}"),
-            format!("--cni-bridge=est{i}n{n}"),
+            format!("--cni-bridge={}", self.bridge(n)),
             format!("--node-name={node}"),
             format!(
                 "--private-registry={}",
@@ -281,7 +285,7 @@ impl Drop for Runtime {
         unmount_under(self.dir.path());
         for n in 0..self.nodes.get() {
             let _ = Command::new("ip")
-                .args(["link", "del", &format!("est{}n{n}", self.slot.index)])
+                .args(["link", "del", &self.bridge(n)])
                 .stderr(Stdio::null())
                 .status();
         }

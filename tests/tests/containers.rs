@@ -41,6 +41,50 @@ fn container_status(site: &Site, name: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// Nothing of the node's pods is left: network namespaces, pod IP leases, veths on the node's
+/// bridge, hostPort DNAT rules, containerd tasks.
+fn assert_no_pod_leftovers(site: &Site, rt: &Runtime) {
+    let agent = site.data_dir().join("agent");
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            std::fs::read_dir(agent.join("netns"))
+                .map(|d| d.count() == 0)
+                .unwrap_or(true)
+        }),
+        "network namespaces left behind"
+    );
+    let leases: Vec<String> = std::fs::read_dir(agent.join("cni/networks/edgesite"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("10."))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(leases.is_empty(), "pod IPs still leased: {leases:?}");
+    let bridge = rt.bridge(0);
+    let links = std::process::Command::new("ip")
+        .args(["-o", "link", "show", "master", &bridge])
+        .output()
+        .unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(links.trim().is_empty(), "veths still on {bridge}: {links}");
+    let nat = std::process::Command::new("iptables-save")
+        .args(["-t", "nat"])
+        .output()
+        .unwrap();
+    let cidr = site.ok(&["get", "node", "node-a", "-o", "jsonpath={.spec.podCIDR}"]);
+    let prefix = cidr.rsplit_once('.').unwrap().0.to_string() + ".";
+    let leftover: Vec<String> = String::from_utf8_lossy(&nat.stdout)
+        .lines()
+        .filter(|l| l.contains(&prefix) && l.contains("-j DNAT"))
+        .map(String::from)
+        .collect();
+    assert!(leftover.is_empty(), "hostPort rules left: {leftover:?}");
+    let tasks = rt.ctr("node-a", &["tasks", "ls", "-q"]).unwrap();
+    assert!(tasks.trim().is_empty(), "tasks left: {tasks}");
+}
+
 #[test]
 fn a_deployment_runs_real_containers_that_answer_http_on_pod_ips_and_host_ports() {
     let rt = Runtime::start().unwrap();
@@ -176,26 +220,7 @@ spec:
     wait_for(&site, "the pods to go", Duration::from_secs(60), || {
         site.ok(&["get", "pods", "-o", "name"]).trim().is_empty()
     });
-    let agent = site.data_dir().join("agent");
-    assert!(
-        eventually(Duration::from_secs(10), || {
-            std::fs::read_dir(agent.join("netns"))
-                .map(|d| d.count() == 0)
-                .unwrap_or(true)
-        }),
-        "network namespaces left behind"
-    );
-    let leases: Vec<String> = std::fs::read_dir(agent.join("cni/networks/edgesite"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("10."))
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(leases.is_empty(), "pod IPs still leased: {leases:?}");
-    let tasks = rt.ctr("node-a", &["tasks", "ls", "-q"]).unwrap();
-    assert!(tasks.trim().is_empty(), "tasks left: {tasks}");
+    assert_no_pod_leftovers(&site, &rt);
 }
 
 #[test]
@@ -992,49 +1017,7 @@ spec:
             "--timeout=90s",
         ]);
     }
-    let agent = site.data_dir().join("agent");
-    assert!(
-        eventually(Duration::from_secs(15), || {
-            std::fs::read_dir(agent.join("netns"))
-                .map(|d| d.count() == 0)
-                .unwrap_or(true)
-        }),
-        "network namespaces left behind"
-    );
-    let leases: Vec<String> = std::fs::read_dir(agent.join("cni/networks/edgesite"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("10."))
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(leases.is_empty(), "pod IPs still leased: {leases:?}");
-    let bridge = rt
-        .node_flags("probe")
-        .iter()
-        .find_map(|f| f.strip_prefix("--cni-bridge=").map(String::from))
-        .unwrap();
-    // The bridge of node-a is the first one this runtime handed out.
-    let bridge = bridge.replace("n1", "n0");
-    let links = std::process::Command::new("ip")
-        .args(["-o", "link", "show", "master", &bridge])
-        .output()
-        .unwrap();
-    let links = String::from_utf8_lossy(&links.stdout);
-    assert!(links.trim().is_empty(), "veths still on {bridge}: {links}");
-    let nat = std::process::Command::new("iptables-save")
-        .args(["-t", "nat"])
-        .output()
-        .unwrap();
-    let cidr = site.ok(&["get", "node", "node-a", "-o", "jsonpath={.spec.podCIDR}"]);
-    let prefix = cidr.rsplit_once('.').unwrap().0.to_string() + ".";
-    let leftover: Vec<String> = String::from_utf8_lossy(&nat.stdout)
-        .lines()
-        .filter(|l| l.contains(&prefix) && l.contains("-j DNAT"))
-        .map(String::from)
-        .collect();
-    assert!(leftover.is_empty(), "hostPort rules left: {leftover:?}");
+    assert_no_pod_leftovers(&site, &rt);
 }
 
 #[test]

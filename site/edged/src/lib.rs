@@ -104,6 +104,8 @@ pub struct Agent {
     pub pod_cidr: tokio::sync::watch::Receiver<Option<String>>,
     pub host_ip: tokio::sync::watch::Receiver<Option<IpAddr>>,
     pub memory_capacity: i64,
+    /// Image sizes by manifest digest, for the node status.
+    pub image_sizes: std::sync::Mutex<std::collections::HashMap<String, i64>>,
     /// Serializes image pulls of the same name.
     pub pulls: tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -175,6 +177,7 @@ where
         pod_cidr: cidr_rx,
         host_ip: ip_rx,
         pulls: Default::default(),
+        image_sizes: Default::default(),
     });
     let _published = publish(streaming::router(agent.clone()));
     images::import_dropped(&agent).await;

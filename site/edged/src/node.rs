@@ -176,14 +176,45 @@ async fn status(agent: &Agent, node_ip: IpAddr, runtime_version: &str) -> Value 
     } else {
         "edgesite agent is posting ready status".to_string()
     };
-    let images: Vec<Value> = match agent.runtime.list_images().await {
-        Ok(list) => list
-            .into_iter()
-            .take(50)
-            .map(|i| json!({"names": [i.name], "sizeBytes": 0}))
-            .collect(),
-        Err(_) => vec![],
-    };
+    let mut images: Vec<(String, i64)> = Vec::new();
+    if let Ok(list) = agent.runtime.list_images().await {
+        for i in list {
+            let digest = i
+                .target
+                .as_ref()
+                .map(|t| t.digest.clone())
+                .unwrap_or_default();
+            let cached = agent
+                .image_sizes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&digest)
+                .copied();
+            let size = match cached {
+                Some(s) => s,
+                None => {
+                    let s = match agent.images.local(&i.name).await {
+                        Ok(Some(image)) => image.size,
+                        _ => 0,
+                    };
+                    agent
+                        .image_sizes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(digest, s);
+                    s
+                }
+            };
+            images.push((i.name, size));
+        }
+    }
+    // Largest first, at most 50, as the kubelet reports them.
+    images.sort_by(|a, b| b.1.cmp(&a.1));
+    let images: Vec<Value> = images
+        .into_iter()
+        .take(50)
+        .map(|(name, size)| json!({"names": [name], "sizeBytes": size}))
+        .collect();
     let memory_allocatable = (h.memory as i64 - MEMORY_EVICTION).max(0);
     json!({
         "capacity": {

@@ -261,6 +261,21 @@ impl Worker {
         self.agent.config.netns_dir().join(&self.uid)
     }
 
+    /// Who the pod's CNI attachment is for.
+    fn attachment<'a>(
+        &'a self,
+        netns: &'a std::path::Path,
+        ports: &'a [cni::PortMapping],
+    ) -> cni::Attachment<'a> {
+        cni::Attachment {
+            id: &self.uid,
+            namespace: &self.namespace,
+            name: &self.name,
+            netns,
+            ports,
+        }
+    }
+
     fn terminating(&self) -> bool {
         self.removed || self.pod.metadata.deletion_timestamp.is_some()
     }
@@ -740,13 +755,7 @@ impl Worker {
         })?;
         let path = self.netns_path();
         netns::create(&path).map_err(|e| AgentError::Io(e.to_string()))?;
-        let attachment = cni::Attachment {
-            id: &self.uid,
-            namespace: &self.namespace,
-            name: &self.name,
-            netns: &path,
-            ports: &ports,
-        };
+        let attachment = self.attachment(&path, &ports);
         let ip = match self.agent.cni.add(&attachment, &subnet).await {
             Ok(ip) => ip,
             Err(e) => {
@@ -1267,13 +1276,7 @@ impl Worker {
         if !self.host_network()
             && let Some(subnet) = subnet
         {
-            let attachment = cni::Attachment {
-                id: &self.uid,
-                namespace: &self.namespace,
-                name: &self.name,
-                netns: &path,
-                ports: &ports,
-            };
+            let attachment = self.attachment(&path, &ports);
             if let Err(e) = self.agent.cni.del(&attachment, &subnet).await {
                 tracing::warn!(pod = %self.name, "CNI teardown: {e}");
             }

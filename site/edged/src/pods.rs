@@ -109,6 +109,8 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(), A
                     }
                     Ok(watcher::Event::Delete(pod)) => {
                         if let Some(h) = pod.metadata.uid.as_ref().and_then(|u| workers.get(u)) {
+                            // The last version carries the grace period a force delete set.
+                            let _ = h.tx.send(PodMessage::Update(Box::new(pod.clone()))).await;
                             let _ = h.tx.send(PodMessage::Removed).await;
                         }
                     }

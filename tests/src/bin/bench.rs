@@ -464,7 +464,13 @@ async fn scheduling_basic(
     let dir = work.join(format!("sched-{nodes}"));
     let port = tests::free_port();
     // No kubelets here (as in scheduler_perf): keep the registered nodes Ready for the run.
-    let (server, _) = start_with(bin, &dir, port, &["--node-monitor-grace-period=1h"]).await?;
+    let (server, _) = start_with(
+        bin,
+        &dir,
+        port,
+        &["--node-monitor-grace-period=1h", "--disable-agent"],
+    )
+    .await?;
     let c = client(&dir.join("kubeconfig.yaml")).await?;
     let node_api: Api<Node> = Api::all(c.clone());
     futures::stream::iter(0..nodes)

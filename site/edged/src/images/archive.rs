@@ -266,7 +266,8 @@ pub async fn import(
                     (Some(bytes), None) => {
                         let digest =
                             format!("sha256:{:x}", <sha2::Sha256 as sha2::Digest>::digest(bytes));
-                        write_bytes(rt, lease, &digest, bytes, HashMap::new()).await?;
+                        rt.put_content(lease, &digest, bytes, HashMap::new())
+                            .await?;
                         (digest, bytes.len() as i64)
                     }
                     (None, None) => {
@@ -301,7 +302,8 @@ pub async fn import(
                 <sha2::Sha256 as sha2::Digest>::digest(&bytes)
             );
             let parsed = ManifestJson::parse(&bytes).map_err(archive_error)?;
-            write_bytes(rt, lease, &digest, &bytes, gc_labels(&parsed, None)).await?;
+            rt.put_content(lease, &digest, &bytes, gc_labels(&parsed, None))
+                .await?;
             for tag in entry.repo_tags.unwrap_or_default() {
                 let name = normalize(&tag)?;
                 images.push((
@@ -323,27 +325,6 @@ pub async fn import(
         )));
     }
     Ok(images)
-}
-
-async fn write_bytes(
-    rt: &Containerd,
-    lease: &str,
-    digest: &str,
-    bytes: &[u8],
-    labels: HashMap<String, String>,
-) -> Result<(), ImageError> {
-    if rt.content_exists(digest).await? {
-        if !labels.is_empty() {
-            rt.label_content(digest, labels).await?;
-        }
-        return Ok(());
-    }
-    let mut w = rt
-        .write_content(lease, Some(digest), Some(bytes.len() as u64), labels)
-        .await?;
-    w.write(bytes).await?;
-    w.commit().await?;
-    Ok(())
 }
 
 /// Labels a stored manifest or index (and nested manifests) with references to what it names,

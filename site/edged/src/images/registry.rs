@@ -428,48 +428,26 @@ async fn pull_from(
         fetch_blob(client, reference, layer, rt, lease).await?;
     }
     fetch_blob(client, reference, &config, rt, lease).await?;
-    write_small(
-        rt,
+    rt.put_content(
         lease,
         &manifest_digest,
         &manifest_bytes,
         gc_labels(&manifest, None),
     )
-    .await?;
+    .await
+    .map_err(|e| e.to_string())?;
     if digest != manifest_digest {
         let index = ManifestJson::parse(&bytes)?;
-        write_small(
-            rt,
+        rt.put_content(
             lease,
             &digest,
             &bytes,
             gc_labels(&index, Some(&manifest_digest)),
         )
-        .await?;
-    }
-    Ok(top)
-}
-
-async fn write_small(
-    rt: &Containerd,
-    lease: &str,
-    digest: &str,
-    bytes: &[u8],
-    labels: HashMap<String, String>,
-) -> Result<(), String> {
-    if rt.content_exists(digest).await.map_err(|e| e.to_string())? {
-        return rt
-            .label_content(digest, labels)
-            .await
-            .map_err(|e| e.to_string());
-    }
-    let mut w = rt
-        .write_content(lease, Some(digest), Some(bytes.len() as u64), labels)
         .await
         .map_err(|e| e.to_string())?;
-    w.write(bytes).await.map_err(|e| e.to_string())?;
-    w.commit().await.map_err(|e| e.to_string())?;
-    Ok(())
+    }
+    Ok(top)
 }
 
 async fn fetch_blob(

@@ -300,6 +300,28 @@ impl Containerd {
         Ok(writer)
     }
 
+    /// Stores a small blob (manifest, index, config) whole, or only labels it when present.
+    pub async fn put_content(
+        &self,
+        lease: &str,
+        digest: &str,
+        bytes: &[u8],
+        labels: HashMap<String, String>,
+    ) -> Result<()> {
+        if self.content_exists(digest).await? {
+            if !labels.is_empty() {
+                self.label_content(digest, labels).await?;
+            }
+            return Ok(());
+        }
+        let mut w = self
+            .write_content(lease, Some(digest), Some(bytes.len() as u64), labels)
+            .await?;
+        w.write(bytes).await?;
+        w.commit().await?;
+        Ok(())
+    }
+
     // ---- images ---------------------------------------------------------------------------
 
     pub async fn get_image(&self, name: &str) -> Result<Option<api::Image>> {
