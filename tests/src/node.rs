@@ -178,13 +178,8 @@ impl Runtime {
     /// its import folder first, so it is imported at start like an air-gapped site's.
     pub fn start_site(&self, extra: &[&str]) -> Result<Site> {
         let image = busybox_image()?;
-        let i = self.slot.index;
         let mut flags = self.node_flags("node-a");
-        flags.push(format!(
-            "--cluster-cidr=10.{}.{}.0/20",
-            100 + i / 16,
-            (i % 16) * 16
-        ));
+        flags.push(format!("--cluster-cidr={}", self.cluster_cidr()));
         flags.extend(extra.iter().map(|s| s.to_string()));
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         Site::start_prepared(&flags, |data| {
@@ -255,6 +250,46 @@ impl Runtime {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// The cluster CIDR of this runtime's site (unique per slot).
+    pub fn cluster_cidr(&self) -> String {
+        let i = self.slot.index;
+        format!("10.{}.{}.0/20", 100 + i / 16, (i % 16) * 16)
+    }
+
+    /// Removes the NAT rules of this runtime's pods (masquerade, hostPort DNAT) that pods still
+    /// running when the test ended left behind.
+    fn remove_nat_rules(&self) {
+        let cidr = self.cluster_cidr();
+        let (base, len) = cidr.split_once('/').unwrap_or((&cidr, "32"));
+        let base: u32 = base
+            .parse::<std::net::Ipv4Addr>()
+            .map(u32::from)
+            .unwrap_or(0);
+        let mask = u32::MAX << (32 - len.parse::<u32>().unwrap_or(32));
+        // Any IPv4 address in the rule inside the cluster CIDR makes it ours.
+        let inside = |rule: &str| {
+            rule.split(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .filter_map(|t| t.parse::<std::net::Ipv4Addr>().ok())
+                .any(|ip| u32::from(ip) & mask == base)
+        };
+        let Ok(out) = Command::new("iptables-save").args(["-t", "nat"]).output() else {
+            return;
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some(rule) = line.strip_prefix("-A ") else {
+                continue;
+            };
+            if inside(rule) {
+                // iptables-save quotes comments; a shell-free split keeps them whole.
+                let _ = Command::new("sh")
+                    .arg("-c")
+                    .arg(format!("iptables -w 5 -t nat -D {rule}"))
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+
     /// Writes the nodes' registries.yaml.
     pub fn set_registries(&self, yaml: &str) -> Result<()> {
         std::fs::write(self.dir.path().join("registries.yaml"), yaml)?;
@@ -283,6 +318,7 @@ impl Drop for Runtime {
             let _ = child.wait();
         }
         unmount_under(self.dir.path());
+        self.remove_nat_rules();
         for n in 0..self.nodes.get() {
             let _ = Command::new("ip")
                 .args(["link", "del", &self.bridge(n)])

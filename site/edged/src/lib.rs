@@ -184,6 +184,11 @@ where
     let node = tokio::spawn(node::run(agent.clone(), cidr_tx, ip_tx, shutdown.clone()));
     let pods = tokio::spawn(pods::run(agent.clone(), shutdown.clone()));
     let gc = tokio::spawn(images::gc::run(agent.clone(), shutdown.clone()));
+    tokio::spawn(network::masquerade::run(
+        agent.pod_cidr.clone(),
+        agent.config.node_name.clone(),
+        shutdown.clone(),
+    ));
     let (node, pods, _) = tokio::join!(node, pods, gc);
     node.map_err(|e| AgentError::Io(format!("node task: {e}")))??;
     pods.map_err(|e| AgentError::Io(format!("pod task: {e}")))??;

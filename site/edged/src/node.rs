@@ -209,7 +209,7 @@ async fn status(agent: &Agent, node_ip: IpAddr, runtime_version: &str) -> Value 
         }
     }
     // Largest first, at most 50, as the kubelet reports them.
-    images.sort_by(|a, b| b.1.cmp(&a.1));
+    images.sort_by_key(|i| std::cmp::Reverse(i.1));
     let images: Vec<Value> = images
         .into_iter()
         .take(50)

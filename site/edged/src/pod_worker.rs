@@ -582,8 +582,10 @@ impl Worker {
             {
                 return Some(t);
             }
+            let started = Instant::now();
             match self.create_sandbox().await {
                 Ok(s) => {
+                    tracing::debug!(pod = %self.name, elapsed = ?started.elapsed(), "sandbox ready");
                     self.sandbox = Some(s);
                     self.sandbox_error = None;
                     self.sandbox_backoff = Duration::ZERO;
@@ -706,7 +708,10 @@ impl Worker {
                 message: None,
             };
         }
-        match self.start_container(c, init).await {
+        let started = Instant::now();
+        let result = self.start_container(c, init).await;
+        tracing::debug!(pod = %self.name, container = %c.name, elapsed = ?started.elapsed(), ok = result.is_ok(), "container start");
+        match result {
             Ok(()) => None,
             Err(()) => self.records.get(&c.name).and_then(|r| r.not_before),
         }

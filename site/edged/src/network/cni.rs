@@ -103,7 +103,8 @@ impl Cni {
             "type": "bridge",
             "bridge": self.config.bridge,
             "isGateway": true,
-            "ipMasq": true,
+            // One rule per node instead (masquerade.rs).
+            "ipMasq": false,
             "hairpinMode": true,
             "ipam": {
                 "type": "host-local",

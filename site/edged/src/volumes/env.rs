@@ -357,32 +357,6 @@ pub async fn resolve_env(
     Ok(out)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn service_variables_follow_docker_links() {
-        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "my-web"},
-            "spec": {"clusterIP": "10.43.0.10", "ports": [{"name": "http", "port": 80}]}
-        }))
-        .unwrap();
-        let env: BTreeMap<String, String> = service_env(&svc).into_iter().collect();
-        assert_eq!(env["MY_WEB_SERVICE_HOST"], "10.43.0.10");
-        assert_eq!(env["MY_WEB_SERVICE_PORT"], "80");
-        assert_eq!(env["MY_WEB_SERVICE_PORT_HTTP"], "80");
-        assert_eq!(env["MY_WEB_PORT"], "tcp://10.43.0.10:80");
-        assert_eq!(env["MY_WEB_PORT_80_TCP_ADDR"], "10.43.0.10");
-        let headless: k8s_openapi::api::core::v1::Service =
-            serde_json::from_value(serde_json::json!({
-                "metadata": {"name": "h"}, "spec": {"clusterIP": "None", "ports": [{"port": 80}]}
-            }))
-            .unwrap();
-        assert!(service_env(&headless).is_empty());
-    }
-}
-
 /// A bound ServiceAccount token for a projected volume, through the TokenRequest API.
 pub async fn service_account_token(
     agent: &Agent,
@@ -422,4 +396,30 @@ pub async fn service_account_token(
         content: token.into_bytes(),
         mode: default_mode.unwrap_or(0o644) as u32,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_variables_follow_docker_links() {
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "my-web"},
+            "spec": {"clusterIP": "10.43.0.10", "ports": [{"name": "http", "port": 80}]}
+        }))
+        .unwrap();
+        let env: BTreeMap<String, String> = service_env(&svc).into_iter().collect();
+        assert_eq!(env["MY_WEB_SERVICE_HOST"], "10.43.0.10");
+        assert_eq!(env["MY_WEB_SERVICE_PORT"], "80");
+        assert_eq!(env["MY_WEB_SERVICE_PORT_HTTP"], "80");
+        assert_eq!(env["MY_WEB_PORT"], "tcp://10.43.0.10:80");
+        assert_eq!(env["MY_WEB_PORT_80_TCP_ADDR"], "10.43.0.10");
+        let headless: k8s_openapi::api::core::v1::Service =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "h"}, "spec": {"clusterIP": "None", "ports": [{"port": 80}]}
+            }))
+            .unwrap();
+        assert!(service_env(&headless).is_empty());
+    }
 }
