@@ -112,6 +112,8 @@ async fn start_with(
         .arg(&kubeconfig)
         .args(extra)
         .env("RUST_LOG", "warn")
+        // As installed: the systemd unit and the supervisor set it (installer/).
+        .env("MALLOC_ARENA_MAX", "2")
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .spawn()?;
@@ -425,7 +427,8 @@ async fn main() -> Result<()> {
         .unwrap_or(0);
     let doc = format!(
         "# Benchmarks\n\nProduced by `cargo run --release -p tests --bin edgesite-bench` (apiserver-lite on SQLite, \
-         over HTTPS on loopback; the benchmark client runs on the same machine, {cpus} CPUs).\n\n{table}\n\
+         over HTTPS on loopback; the benchmark client runs on the same machine, {cpus} CPUs). The server runs \
+         as installed: release profile (`opt-level = \"s\"`), `MALLOC_ARENA_MAX=2`.\n\n{table}\n\
          Watch delivery is measured from the moment the create request is sent (an upper bound of commit-to-event) \
          to the event arriving at each of the 100 watchers; an object counts once all 100 have it.\n\n\
          Scheduling follows upstream's scheduler_perf SchedulingBasic: nodes are registered Ready with 4 CPUs, \

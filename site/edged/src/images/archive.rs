@@ -21,7 +21,9 @@ use super::{
 };
 use crate::runtime::containerd::Containerd;
 
-const CHUNK: usize = 1 << 20;
+/// Below glibc's mmap threshold juggling: big transient buffers would stay in the heap after
+/// an import and show up as resident memory for the agent's lifetime.
+const CHUNK: usize = 128 << 10;
 
 enum Item {
     /// A file small enough to keep (JSON documents; may also be a blob).
