@@ -17,7 +17,7 @@ command -v kubectl >/dev/null 2>&1 || { echo "kubectl is required for the end-to
 # Real containers: containerd, runc, CNI plugins; a registry and busybox for the test images.
 # Each test starts its own containerd; nothing here starts a system-wide one.
 install_node_deps
-apt_install docker-registry busybox-static
+apt_install docker-registry busybox-static apache2-utils
 # The official Python client, for the client-library compatibility test.
 venv="$repo/target/python-venv"
 if ! "$venv/bin/python" -c "import kubernetes" >/dev/null 2>&1; then

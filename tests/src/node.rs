@@ -536,6 +536,11 @@ pub struct Registry {
 
 impl Registry {
     pub fn start() -> Result<Registry> {
+        Registry::start_with_auth(None)
+    }
+
+    /// A registry that wants HTTP basic authentication (htpasswd, bcrypt) as `user:password`.
+    pub fn start_with_auth(auth: Option<(&str, &str)>) -> Result<Registry> {
         if which("docker-registry").is_none() {
             bail!(
                 "docker-registry is missing: install the docker-registry package (tests/run.sh installs it)"
@@ -543,10 +548,23 @@ impl Registry {
         }
         let dir = tempfile::tempdir()?;
         let port = free_port();
-        let config = format!(
+        let mut config = format!(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
             dir.path().join("data").display()
         );
+        if let Some((user, password)) = auth {
+            if which("htpasswd").is_none() {
+                bail!("htpasswd is missing: install apache2-utils (tests/run.sh installs it)");
+            }
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", user, password])
+                .output()?;
+            std::fs::write(dir.path().join("htpasswd"), &out.stdout)?;
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: edgesite-test\n    path: {}\n",
+                dir.path().join("htpasswd").display()
+            ));
+        }
         std::fs::write(dir.path().join("config.yml"), config)?;
         let log = File::create(dir.path().join("registry.log"))?;
         let child = Command::new("docker-registry")
@@ -572,6 +590,15 @@ impl Registry {
 
     /// Pushes the test image as `127.0.0.1:<port>/<repository>:<tag>`; returns that name.
     pub fn push_busybox(&self, repository_tag: &str) -> Result<String> {
+        self.push_busybox_as(repository_tag, oci_client::secrets::RegistryAuth::Anonymous)
+    }
+
+    /// Pushes with credentials.
+    pub fn push_busybox_as(
+        &self,
+        repository_tag: &str,
+        auth: oci_client::secrets::RegistryAuth,
+    ) -> Result<String> {
         let name = format!("127.0.0.1:{}/{repository_tag}", self.port);
         let parts = busybox_parts()?;
         let reference: oci_client::Reference = name.parse()?;
@@ -593,13 +620,7 @@ impl Registry {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(client.push(
-                &reference,
-                &[layer],
-                config,
-                &oci_client::secrets::RegistryAuth::Anonymous,
-                None,
-            ))
+            .block_on(client.push(&reference, &[layer], config, &auth, None))
             .context("push the test image")?;
         Ok(name)
     }

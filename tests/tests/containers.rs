@@ -1049,3 +1049,77 @@ fn a_server_without_containerd_says_how_to_fix_it() {
     assert!(stderr.contains("apt-get install containerd"), "{stderr}");
     assert!(stderr.contains("--disable-agent"), "{stderr}");
 }
+
+#[test]
+fn private_registries_need_the_pods_image_pull_secret() {
+    let registry = Registry::start_with_auth(Some(("alice", "s3cret"))).unwrap();
+    let image = registry
+        .push_busybox_as(
+            "private/app:v1",
+            oci_client::secrets::RegistryAuth::Basic("alice".into(), "s3cret".into()),
+        )
+        .unwrap();
+    let rt = Runtime::start().unwrap();
+    let site = rt.start_site(&[]).unwrap();
+    site.ok(&[
+        "create",
+        "secret",
+        "docker-registry",
+        "regcred",
+        &format!("--docker-server=127.0.0.1:{}", registry.port),
+        "--docker-username=alice",
+        "--docker-password=s3cret",
+    ]);
+    apply(
+        &site,
+        &format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: with-secret}}
+spec:
+  imagePullSecrets: [{{name: regcred}}]
+  containers:
+  - {{name: app, image: "{image}", command: ["sleep", "3600"]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: without-secret}}
+spec:
+  containers:
+  - {{name: app, image: "{image}", imagePullPolicy: Always, command: ["sleep", "3600"]}}
+"#
+        ),
+    );
+    site.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/with-secret",
+        "--timeout=60s",
+    ]);
+    wait_for(
+        &site,
+        "the unauthorized pull to back off",
+        Duration::from_secs(60),
+        || {
+            matches!(
+                container_status(&site, "without-secret")
+                    .pointer("/state/waiting/reason")
+                    .and_then(Value::as_str),
+                Some("ErrImagePull" | "ImagePullBackOff")
+            )
+        },
+    );
+    let events = site.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=without-secret",
+        "-o",
+        "custom-columns=M:.message",
+    ]);
+    assert!(
+        events.to_lowercase().contains("unauthorized") || events.contains("401"),
+        "{events}"
+    );
+}

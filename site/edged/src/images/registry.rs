@@ -235,11 +235,28 @@ impl Registries {
         out
     }
 
-    fn client(&self, endpoint: &Endpoint) -> Result<Client, ImageError> {
-        let key = format!("{}|{}", endpoint.host, endpoint.plain_http);
+    /// A client for `endpoint` used with `auth` only: oci-client remembers a registry's
+    /// credentials and tokens, so sharing one client between pods would let a pod without a
+    /// pull secret pull with another pod's.
+    fn client(&self, endpoint: &Endpoint, auth: &RegistryAuth) -> Result<Client, ImageError> {
+        use sha2::Digest;
+        let identity = match auth {
+            RegistryAuth::Anonymous => "anonymous".to_string(),
+            RegistryAuth::Basic(u, p) => {
+                format!("{:x}", sha2::Sha256::digest(format!("basic\0{u}\0{p}")))
+            }
+            RegistryAuth::Bearer(t) => {
+                format!("{:x}", sha2::Sha256::digest(format!("bearer\0{t}")))
+            }
+        };
+        let key = format!("{}|{}|{identity}", endpoint.host, endpoint.plain_http);
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
+        }
+        // Bounded: forget them all rather than grow without end.
+        if clients.len() >= 64 {
+            clients.clear();
         }
         let mut config = ClientConfig {
             protocol: if endpoint.plain_http {
@@ -312,8 +329,8 @@ impl Registries {
             if endpoint.host != registry {
                 r.set_mirror_registry(endpoint.host.clone());
             }
-            let client = self.client(&endpoint)?;
             let auth = self.auth_for(&endpoint.host, &registry, credentials);
+            let client = self.client(&endpoint, &auth)?;
             match pull_from(&client, &auth, &r, rt, lease, images).await {
                 Ok(top) => return Ok(top),
                 Err(e) => {
