@@ -167,6 +167,7 @@ pub struct Worker {
     last_status: Option<Value>,
     removed: bool,
     adopted: bool,
+    volumes_refreshed: Option<Instant>,
 }
 
 fn now_rfc3339() -> String {
@@ -221,6 +222,7 @@ impl Worker {
             last_status: None,
             removed: false,
             adopted: false,
+            volumes_refreshed: None,
         }
     }
 
@@ -608,8 +610,13 @@ impl Worker {
                 }
             }
         }
-        if let Err(e) = volumes::refresh(&self.agent, &self.pod, &self.pod_dir()).await {
-            tracing::debug!(pod = %self.name, "volume refresh: {e}");
+        // Content volumes are re-read on the periodic resync, not on every message (each
+        // status patch comes back as an update).
+        if self.volumes_refreshed.is_none_or(|t| t.elapsed() >= RESYNC) {
+            if let Err(e) = volumes::refresh(&self.agent, &self.pod, &self.pod_dir()).await {
+                tracing::debug!(pod = %self.name, "volume refresh: {e}");
+            }
+            self.volumes_refreshed = Some(Instant::now());
         }
         let spec = self.spec();
         let policy = self.restart_policy();
@@ -1021,6 +1028,10 @@ impl Worker {
             .or_insert_with(Record::new);
         if let Some(old) = record.previous_id.take() {
             // Only the newest dead container is kept.
+            self.owners
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&old);
             let agent = self.agent.clone();
             tokio::spawn(async move { remove_container(&agent, &old).await });
         }

@@ -329,13 +329,8 @@ mod reqwest_like {
                 Some(i) => (&rest[..i], &rest[i..]),
                 None => (rest, "/"),
             };
-            let (host, port) = match authority.rsplit_once(':') {
-                Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => (
-                    h.trim_start_matches('[').trim_end_matches(']').to_string(),
-                    p.parse::<u16>().context("bad port")?,
-                ),
-                _ => (authority.to_string(), 443),
-            };
+            let (host, port) =
+                edged::streaming::tunnel::host_port(url).map_err(anyhow::Error::msg)?;
             let tcp = tokio::time::timeout(
                 std::time::Duration::from_secs(10),
                 tokio::net::TcpStream::connect((host.as_str(), port)),

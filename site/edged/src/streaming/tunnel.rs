@@ -41,7 +41,8 @@ fn tls(config: &TunnelConfig) -> Result<Arc<rustls::ClientConfig>, String> {
     Ok(Arc::new(tls))
 }
 
-fn host_port(server: &str) -> Result<(String, u16), String> {
+/// `https://host:port/...` -> (host, port); also used by `edgesite agent`'s join calls.
+pub fn host_port(server: &str) -> Result<(String, u16), String> {
     let rest = server
         .strip_prefix("https://")
         .ok_or_else(|| format!("the server URL {server:?} must start with https://"))?;
