@@ -14,6 +14,22 @@ if [ -f /run/edgesite-supervisor.pid ]; then
 fi
 pkill -f "/usr/local/bin/edgesite server" 2>/dev/null || true
 pkill -f "/usr/local/bin/edgesite agent" 2>/dev/null || true
+# Containers keep running when edgesite stops (that is the point); removing it stops them.
+sock=/run/containerd/containerd.sock
+if command -v ctr >/dev/null 2>&1 && ctr --address "$sock" version >/dev/null 2>&1; then
+  for t in $(ctr --address "$sock" -n edgesite tasks ls -q 2>/dev/null); do
+    ctr --address "$sock" -n edgesite tasks kill -a -s SIGKILL "$t" >/dev/null 2>&1 || true
+  done
+  sleep 1
+  for t in $(ctr --address "$sock" -n edgesite tasks ls -q 2>/dev/null); do
+    ctr --address "$sock" -n edgesite tasks delete -f "$t" >/dev/null 2>&1 || true
+  done
+fi
+# Pod network namespaces and tmpfs volumes are mounts under the data dir.
+grep -o " $data_dir/[^ ]*" /proc/self/mountinfo 2>/dev/null | sort -r | while read -r m; do
+  umount -l "$m" 2>/dev/null || true
+done
+ip link del edgesite0 2>/dev/null || true
 # The containerd this installer started without systemd (a system one is left alone).
 if [ -f /run/edgesite-containerd-supervisor.pid ]; then
   kill "$(cat /run/edgesite-containerd-supervisor.pid)" 2>/dev/null || true
