@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod link;
 pub mod node;
 pub mod simnodes;
 
@@ -123,7 +124,7 @@ impl Site {
             .arg("--write-kubeconfig")
             .arg(self.kubeconfig())
             .args(&self.extra)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,kube_client::client::builder=off")
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .spawn()

@@ -115,21 +115,31 @@ impl Runtime {
             socket = socket.display(),
         );
         std::fs::write(dir.path().join("config.toml"), config)?;
-        let log = File::create(dir.path().join("containerd.log"))?;
+        let mut rt = Runtime {
+            dir,
+            socket,
+            child: None,
+            slot,
+            nodes: std::cell::Cell::new(0),
+        };
+        rt.spawn_containerd()?;
+        Ok(rt)
+    }
+
+    fn spawn_containerd(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("containerd.log"))?;
         let child = Command::new("containerd")
             .arg("--config")
-            .arg(dir.path().join("config.toml"))
+            .arg(self.dir.path().join("config.toml"))
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .spawn()
             .context("start containerd")?;
-        let rt = Runtime {
-            dir,
-            socket,
-            child: Some(child),
-            slot,
-            nodes: std::cell::Cell::new(0),
-        };
+        self.child = Some(child);
+        let rt = &*self;
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             let ok = Command::new("ctr")
@@ -142,7 +152,7 @@ impl Runtime {
                 .map(|s| s.success())
                 .unwrap_or(false);
             if ok {
-                return Ok(rt);
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -150,6 +160,48 @@ impl Runtime {
             "containerd did not start; its log:\n{}",
             std::fs::read_to_string(rt.dir.path().join("containerd.log")).unwrap_or_default()
         )
+    }
+
+    /// Kills every task (SIGKILL), as a power cut does.
+    fn kill_tasks(&self) {
+        if let Ok(namespaces) = self.ctr("default", &["namespaces", "ls", "-q"]) {
+            for ns in namespaces.lines() {
+                if let Ok(tasks) = self.ctr(ns, &["tasks", "ls", "-q"]) {
+                    for t in tasks.lines() {
+                        let _ = self.ctr(ns, &["tasks", "kill", "-a", "-s", "SIGKILL", t]);
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
+                    for t in tasks.lines() {
+                        let _ = self.ctr(ns, &["tasks", "delete", "-f", t]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A simulated power cycle of the machine `agent` runs on: the agent must be stopped
+    /// already; every container process dies, containerd stops, everything mounted under the
+    /// agent's data dir (network namespaces, tmpfs volumes) and the node's bridge, NAT rules and
+    /// pod cgroups are gone; then containerd starts again with its stored containers and images,
+    /// as after boot.
+    pub fn reboot(&mut self, agent: &AgentProcess) -> Result<()> {
+        self.kill_tasks();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // containerd's own state dir is a tmpfs on a real machine (/run/containerd).
+        unmount_under(&self.dir.path().join("state"));
+        let _ = std::fs::remove_dir_all(self.dir.path().join("state"));
+        unmount_under(agent.dir.path());
+        self.remove_nat_rules();
+        for n in 0..self.nodes.get() {
+            let _ = Command::new("ip")
+                .args(["link", "del", &self.bridge(n)])
+                .stderr(Stdio::null())
+                .status();
+        }
+        self.spawn_containerd()
     }
 
     /// The bridge of the `n`-th node this runtime set up.
@@ -193,6 +245,18 @@ impl Runtime {
     /// Joins another node to `site`: an `edgesite agent` process with its own data dir and
     /// containerd namespace, joined with a token from `edgesite token create`.
     pub fn start_agent(&self, site: &Site, node: &str) -> Result<AgentProcess> {
+        self.start_agent_via(site, node, &format!("https://127.0.0.1:{}", site.port), &[])
+    }
+
+    /// Like [`Runtime::start_agent`], with the agent told `server` as the site's URL (a
+    /// [`crate::link::Link`] in front of it) and extra agent flags.
+    pub fn start_agent_via(
+        &self,
+        site: &Site,
+        node: &str,
+        server: &str,
+        extra: &[&str],
+    ) -> Result<AgentProcess> {
         let out = Command::new(crate::edgesite_bin())
             .args(["token", "create", "--data-dir"])
             .arg(site.data_dir())
@@ -218,7 +282,7 @@ impl Runtime {
             dir,
             args: vec![
                 "agent".into(),
-                format!("--server=https://127.0.0.1:{}", site.port),
+                format!("--server={server}"),
                 format!("--token={token}"),
             ],
             child: None,
@@ -228,6 +292,7 @@ impl Runtime {
             agent.dir.path().join("data").display()
         ));
         agent.args.extend(self.node_flags(node));
+        agent.args.extend(extra.iter().map(|s| s.to_string()));
         agent.launch()?;
         Ok(agent)
     }
@@ -300,19 +365,7 @@ impl Runtime {
 impl Drop for Runtime {
     fn drop(&mut self) {
         // Kill every task in every namespace, then containerd itself.
-        if let Ok(namespaces) = self.ctr("default", &["namespaces", "ls", "-q"]) {
-            for ns in namespaces.lines() {
-                if let Ok(tasks) = self.ctr(ns, &["tasks", "ls", "-q"]) {
-                    for t in tasks.lines() {
-                        let _ = self.ctr(ns, &["tasks", "kill", "-a", "-s", "SIGKILL", t]);
-                    }
-                    std::thread::sleep(Duration::from_millis(300));
-                    for t in tasks.lines() {
-                        let _ = self.ctr(ns, &["tasks", "delete", "-f", t]);
-                    }
-                }
-            }
-        }
+        self.kill_tasks();
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -652,7 +705,7 @@ impl AgentProcess {
             .open(self.dir.path().join("agent.log"))?;
         let child = Command::new(crate::edgesite_bin())
             .args(&self.args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,kube_client::client::builder=off")
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .spawn()

@@ -94,7 +94,11 @@ fn a_deployment_runs_real_containers_that_answer_http_on_pod_ips_and_host_ports(
         &site,
         "the node to be Ready",
         Duration::from_secs(30),
-        || site.ok(&["get", "node", "node-a"]).contains(" Ready "),
+        || {
+            // The node is NotFound until the agent registers it.
+            site.kubectl(&["get", "node", "node-a"])
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(" Ready "))
+        },
     );
     let node = site.json(&["get", "node", "node-a", "-o", "json"]);
     assert!(

@@ -618,8 +618,14 @@ fn exposed_deployments_get_cluster_ips_and_endpoints_with_ready_pod_ips() {
 }
 
 #[test]
-fn a_silent_node_becomes_not_ready_is_tainted_and_its_pods_are_evicted() {
-    let site = Site::start_with(&["--node-monitor-grace-period=4s"]).unwrap();
+fn a_silent_node_becomes_not_ready_is_tainted_and_its_pods_are_evicted_when_the_site_says_so() {
+    // EdgeSite keeps a disconnected node's pods by default; this site asks for upstream's
+    // eviction.
+    let site = Site::start_with(&[
+        "--node-monitor-grace-period=4s",
+        "--disconnected-node-pods=evict",
+    ])
+    .unwrap();
     let nodes = SimNodes::start(
         site.kube_config().unwrap(),
         tests::simnodes::SimConfig {

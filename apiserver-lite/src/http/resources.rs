@@ -1175,6 +1175,19 @@ impl Ctx {
             )));
         }
         let old_object: &Value = &old.object;
+        // A uid in the body is a precondition (the kubelet's status patches carry one).
+        let new_uid = meta_str(&new, "uid");
+        if !new_uid.is_empty() && new_uid != meta_str(old_object, "uid") {
+            return Err(ApiError::conflict(
+                &self.info.resource,
+                &self.info.group,
+                &name,
+                &format!(
+                    "Precondition failed: UID in precondition: {new_uid}, UID in object meta: {}",
+                    meta_str(old_object, "uid")
+                ),
+            ));
+        }
         // System metadata always comes from the stored object.
         {
             let old_meta = old_object.get("metadata").cloned().unwrap_or(json!({}));

@@ -4,7 +4,10 @@
 //! a new Event.
 //!
 //! Recording never blocks a loop: events go through a bounded channel to one writer task and
-//! are dropped (with a debug log) when it is full, as upstream's broadcaster does.
+//! are dropped (with a debug log) when it is full, as upstream's broadcaster does. While the API
+//! cannot be reached (a node agent offline) the writer keeps a bounded backlog, folds repeats
+//! into one event with a count, and writes it when the API answers again, with the times the
+//! events happened.
 
 use std::collections::HashMap;
 
@@ -61,12 +64,25 @@ impl Recorder {
         host: Option<String>,
         shutdown: CancellationToken,
     ) -> Recorder {
+        Self::start_spooled(client, component, host, None, shutdown)
+    }
+
+    /// Like [`Recorder::start_on_host`]; events waiting for an unreachable API are also kept in
+    /// the file `spool`, so a restart (or a reboot) while offline does not lose them.
+    pub fn start_spooled(
+        client: kube::Client,
+        component: &str,
+        host: Option<String>,
+        spool: Option<std::path::PathBuf>,
+        shutdown: CancellationToken,
+    ) -> Recorder {
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(write_events(
             client,
             component.to_string(),
             host,
             rx,
+            spool,
             shutdown,
         ));
         Recorder { tx }
@@ -125,20 +141,18 @@ fn now() -> Timestamp {
     Timestamp::now()
 }
 
-async fn write_events(
-    client: kube::Client,
-    component: String,
-    host: Option<String>,
-    mut rx: mpsc::Receiver<Record>,
-    shutdown: CancellationToken,
-) {
-    // (uid, kind, namespace, name, type, reason, message) -> (event namespace, event name, count)
-    let mut seen: HashMap<Key, (String, String, i32)> = HashMap::new();
-    loop {
-        let record = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = rx.recv() => match r { Some(r) => r, None => return },
-        };
+/// An event waiting to be written, with the repeats that arrived while it waited.
+struct Pending {
+    record: Record,
+    key: Key,
+    namespace: String,
+    first: Timestamp,
+    last: Timestamp,
+    count: i32,
+}
+
+impl Pending {
+    fn new(record: Record) -> Pending {
         let r = &record.regarding;
         let namespace = r
             .namespace
@@ -154,56 +168,278 @@ async fn write_events(
             record.reason.clone(),
             record.message.clone(),
         );
-        let api: Api<Event> = Api::namespaced(client.clone(), &namespace);
         let t = now();
-        if let Some((ns, name, count)) = seen.get_mut(&key) {
-            *count += 1;
-            let patch = serde_json::json!({"count": *count, "lastTimestamp": Time(t)});
-            let api: Api<Event> = Api::namespaced(client.clone(), ns);
-            match api
-                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => continue,
-                Err(e) => tracing::debug!(error = %e, "aggregate event; creating a new one"),
+        Pending {
+            record,
+            key,
+            namespace,
+            first: t,
+            last: t,
+            count: 1,
+        }
+    }
+}
+
+impl Pending {
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "regarding": self.record.regarding,
+            "type": self.record.kind.as_str(),
+            "reason": self.record.reason,
+            "message": self.record.message,
+            "first": self.first.as_nanosecond().to_string(),
+            "last": self.last.as_nanosecond().to_string(),
+            "count": self.count,
+        })
+    }
+
+    fn from_json(v: &serde_json::Value) -> Option<Pending> {
+        let regarding: ObjectReference = serde_json::from_value(v["regarding"].clone()).ok()?;
+        let kind = match v["type"].as_str()? {
+            "Warning" => Type::Warning,
+            _ => Type::Normal,
+        };
+        let time = |k: &str| Timestamp::from_nanosecond(v[k].as_str()?.parse().ok()?).ok();
+        let mut p = Pending::new(Record {
+            regarding,
+            kind,
+            reason: v["reason"].as_str()?.to_string(),
+            message: v["message"].as_str()?.to_string(),
+        });
+        p.first = time("first")?;
+        p.last = time("last")?;
+        p.count = v["count"].as_i64()? as i32;
+        Some(p)
+    }
+}
+
+/// Saves the backlog to the spool file (replacing it atomically), or removes the file when the
+/// backlog is empty.
+fn save_spool(spool: &std::path::Path, backlog: &std::collections::VecDeque<Pending>) {
+    if backlog.is_empty() {
+        let _ = std::fs::remove_file(spool);
+        return;
+    }
+    let items: Vec<serde_json::Value> = backlog.iter().map(Pending::to_json).collect();
+    let tmp = spool.with_extension("tmp");
+    let written = std::fs::write(&tmp, serde_json::Value::Array(items).to_string())
+        .and_then(|()| std::fs::rename(&tmp, spool));
+    if let Err(e) = written {
+        tracing::debug!(spool = %spool.display(), "cannot keep the event backlog: {e}");
+    }
+}
+
+fn load_spool(spool: &std::path::Path) -> std::collections::VecDeque<Pending> {
+    let Ok(text) = std::fs::read_to_string(spool) else {
+        return Default::default();
+    };
+    let items: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap_or_default();
+    items.iter().filter_map(Pending::from_json).collect()
+}
+
+/// Adds a new event to the backlog, folding it into a waiting one with the same key. The
+/// backlog is bounded: when full, the oldest waiting event is dropped.
+fn enqueue(backlog: &mut std::collections::VecDeque<Pending>, record: Record) {
+    let p = Pending::new(record);
+    if let Some(w) = backlog.iter_mut().find(|w| w.key == p.key) {
+        w.count += 1;
+        w.last = p.last;
+        return;
+    }
+    if backlog.len() >= QUEUE {
+        backlog.pop_front();
+        tracing::debug!("event backlog full; the oldest event dropped");
+    }
+    backlog.push_back(p);
+}
+
+enum Written {
+    Done,
+    /// The API could not be reached: keep the event and try again later.
+    Unreachable,
+}
+
+async fn write_events(
+    client: kube::Client,
+    component: String,
+    host: Option<String>,
+    mut rx: mpsc::Receiver<Record>,
+    spool: Option<std::path::PathBuf>,
+    shutdown: CancellationToken,
+) {
+    // (uid, kind, namespace, name, type, reason, message) -> (event namespace, event name, count)
+    let mut seen: HashMap<Key, (String, String, i32)> = HashMap::new();
+    let mut backlog = spool.as_deref().map(load_spool).unwrap_or_default();
+    let mut spooled = !backlog.is_empty();
+    let mut backoff = std::time::Duration::from_millis(500);
+    loop {
+        if backlog.is_empty() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = rx.recv() => match r {
+                    Some(r) => enqueue(&mut backlog, r),
+                    None => return,
+                },
             }
         }
-        let name = format!(
-            "{}.{:x}",
-            r.name.as_deref().unwrap_or("object"),
-            t.as_nanosecond()
-        );
-        let event = Event {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                namespace: Some(namespace.clone()),
+        while let Ok(r) = rx.try_recv() {
+            enqueue(&mut backlog, r);
+        }
+        let Some(p) = backlog.front() else { continue };
+        match write_one(&client, &component, &host, &mut seen, p).await {
+            Written::Done => {
+                backlog.pop_front();
+                backoff = std::time::Duration::from_millis(500);
+                if spooled && let Some(spool) = &spool {
+                    save_spool(spool, &backlog);
+                    spooled = !backlog.is_empty();
+                }
+            }
+            Written::Unreachable => {
+                // Keep collecting (and folding repeats) while waiting for the API.
+                if let Some(spool) = &spool {
+                    save_spool(spool, &backlog);
+                    spooled = true;
+                }
+                let until = tokio::time::Instant::now() + backoff;
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep_until(until) => break,
+                        r = rx.recv() => match r {
+                            Some(r) => {
+                                enqueue(&mut backlog, r);
+                                if let Some(spool) = &spool {
+                                    save_spool(spool, &backlog);
+                                }
+                            }
+                            None => return,
+                        },
+                    }
+                }
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+async fn write_one(
+    client: &kube::Client,
+    component: &str,
+    host: &Option<String>,
+    seen: &mut HashMap<Key, (String, String, i32)>,
+    p: &Pending,
+) -> Written {
+    let record = &p.record;
+    let r = &record.regarding;
+    let unreachable = |e: &kube::Error| !matches!(e, kube::Error::Api(_));
+    if let Some((ns, name, count)) = seen.get_mut(&p.key) {
+        let patch = serde_json::json!({"count": *count + p.count, "lastTimestamp": Time(p.last)});
+        let api: Api<Event> = Api::namespaced(client.clone(), ns);
+        match api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                *count += p.count;
+                return Written::Done;
+            }
+            Err(e) if unreachable(&e) => return Written::Unreachable,
+            Err(e) => tracing::debug!(error = %e, "aggregate event; creating a new one"),
+        }
+    }
+    let name = format!(
+        "{}.{:x}",
+        r.name.as_deref().unwrap_or("object"),
+        p.first.as_nanosecond()
+    );
+    let event = Event {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(p.namespace.clone()),
+            ..Default::default()
+        },
+        involved_object: record.regarding.clone(),
+        reason: Some(record.reason.clone()),
+        message: Some(record.message.clone()),
+        type_: Some(record.kind.as_str().to_string()),
+        count: Some(p.count),
+        first_timestamp: Some(Time(p.first)),
+        last_timestamp: Some(Time(p.last)),
+        event_time: None::<MicroTime>,
+        source: Some(EventSource {
+            component: Some(component.to_string()),
+            host: host.clone(),
+        }),
+        reporting_component: Some(component.to_string()),
+        reporting_instance: Some(component.to_string()),
+        ..Default::default()
+    };
+    let api: Api<Event> = Api::namespaced(client.clone(), &p.namespace);
+    match api.create(&PostParams::default(), &event).await {
+        Ok(_) => {
+            if seen.len() >= CACHE {
+                seen.clear();
+            }
+            seen.insert(p.key.clone(), (p.namespace.clone(), name, p.count));
+            Written::Done
+        }
+        // An event the API already has (a retry after a lost answer) is written.
+        Err(kube::Error::Api(s)) if s.code == 409 => Written::Done,
+        Err(e) if unreachable(&e) => Written::Unreachable,
+        // The namespace may be going away; events are best effort.
+        Err(e) => {
+            tracing::debug!(error = %e, reason = %record.reason, "cannot record event");
+            Written::Done
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(reason: &str) -> Record {
+        Record {
+            regarding: ObjectReference {
+                kind: Some("Pod".into()),
+                namespace: Some("ns".into()),
+                name: Some("p".into()),
+                uid: Some("u".into()),
                 ..Default::default()
             },
-            involved_object: record.regarding.clone(),
-            reason: Some(record.reason.clone()),
-            message: Some(record.message.clone()),
-            type_: Some(record.kind.as_str().to_string()),
-            count: Some(1),
-            first_timestamp: Some(Time(t)),
-            last_timestamp: Some(Time(t)),
-            event_time: None::<MicroTime>,
-            source: Some(EventSource {
-                component: Some(component.clone()),
-                host: host.clone(),
-            }),
-            reporting_component: Some(component.clone()),
-            reporting_instance: Some(component.clone()),
-            ..Default::default()
-        };
-        match api.create(&PostParams::default(), &event).await {
-            Ok(_) => {
-                if seen.len() >= CACHE {
-                    seen.clear();
-                }
-                seen.insert(key, (namespace, name, 1));
-            }
-            // The namespace may be going away; events are best effort.
-            Err(e) => tracing::debug!(error = %e, reason = %record.reason, "cannot record event"),
+            kind: Type::Warning,
+            reason: reason.into(),
+            message: "m".into(),
         }
+    }
+
+    #[test]
+    fn the_backlog_folds_repeats_is_bounded_and_survives_a_restart() {
+        let mut backlog = std::collections::VecDeque::new();
+        enqueue(&mut backlog, record("BackOff"));
+        enqueue(&mut backlog, record("Started"));
+        enqueue(&mut backlog, record("BackOff"));
+        assert_eq!(backlog.len(), 2);
+        assert_eq!(backlog[0].count, 2);
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("events.json");
+        save_spool(&spool, &backlog);
+        let loaded = load_spool(&spool);
+        assert_eq!(loaded.len(), 2);
+        assert_eq!(loaded[0].key, backlog[0].key);
+        assert_eq!(loaded[0].count, 2);
+        assert_eq!(loaded[0].first, backlog[0].first);
+        assert_eq!(loaded[1].record.reason, "Started");
+        save_spool(&spool, &Default::default());
+        assert!(!spool.exists());
+        for i in 0..QUEUE + 10 {
+            enqueue(&mut backlog, record(&format!("R{i}")));
+        }
+        assert_eq!(backlog.len(), QUEUE);
+        assert_eq!(
+            backlog.back().unwrap().record.reason,
+            format!("R{}", QUEUE + 9)
+        );
     }
 }

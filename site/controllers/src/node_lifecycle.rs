@@ -5,6 +5,17 @@
 //! their `tolerationSeconds` if they tolerate them for a while (upstream's taint manager).
 //!
 //! It runs on a timer over the shared caches, like upstream's `monitorNodeHealth`.
+//!
+//! **Disconnected nodes keep their pods** unless asked otherwise. An edge node that only lost its
+//! link keeps running its pods from its own cache (metamanager), so evicting them (and having
+//! their controllers recreate them elsewhere, then finding two copies on reconnect) is what
+//! KubeEdge users complain about. The policy for the `unreachable` taint is
+//! [`DisconnectedPods`]: the site's setting (`edgesite server --disconnected-node-pods`), which
+//! a node overrides with the annotation [`POLICY_ANNOTATION`] (`edgesite agent
+//! --disconnected-pods`, or `kubectl annotate node`). With `keep` the node is still marked
+//! `Ready=Unknown`, tainted and its pods marked not ready (Services stop sending them traffic),
+//! but nothing is deleted. A node that reports `Ready=False` itself is not disconnected: its
+//! `not-ready` taint evicts as upstream.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +37,41 @@ use crate::pods;
 pub const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
 pub const NOT_READY: &str = "node.kubernetes.io/not-ready";
 pub const UNSCHEDULABLE: &str = "node.kubernetes.io/unschedulable";
+/// Node annotation overriding the site's [`DisconnectedPods`] policy (`keep` or `evict`).
+pub const POLICY_ANNOTATION: &str = "edgesite.io/disconnected-pods";
+
+/// What happens to the pods of a node that stopped answering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DisconnectedPods {
+    /// They stay bound to the node and keep running there (EdgeSite's default).
+    #[default]
+    Keep,
+    /// Upstream Kubernetes: evicted after their `tolerationSeconds` (300 s by default).
+    Evict,
+}
+
+impl std::str::FromStr for DisconnectedPods {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "keep" => Ok(DisconnectedPods::Keep),
+            "evict" => Ok(DisconnectedPods::Evict),
+            other => Err(format!("{other:?} is not a policy: use keep or evict")),
+        }
+    }
+}
+
+impl DisconnectedPods {
+    /// The policy for one node: its annotation, else the site's.
+    pub fn for_node(self, node: &Node) -> DisconnectedPods {
+        node.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(POLICY_ANNOTATION))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(self)
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -33,6 +79,8 @@ pub struct Config {
     pub grace_period: Duration,
     /// How often nodes are checked.
     pub period: Duration,
+    /// The site's policy for pods of unreachable nodes.
+    pub disconnected_pods: DisconnectedPods,
 }
 
 impl Default for Config {
@@ -40,6 +88,7 @@ impl Default for Config {
         Config {
             grace_period: Duration::from_secs(40),
             period: Duration::from_secs(5),
+            disconnected_pods: DisconnectedPods::Keep,
         }
     }
 }
@@ -296,6 +345,10 @@ impl Context {
             .unwrap_or_default()
             .into_iter()
             .filter(|t| t.effect == "NoExecute")
+            .filter(|t| {
+                t.key != UNREACHABLE
+                    || self.config.disconnected_pods.for_node(node) == DisconnectedPods::Evict
+            })
             .collect();
         if taints.is_empty() {
             return;
@@ -351,6 +404,24 @@ mod tests {
             v["status"]["conditions"] = serde_json::json!([{"type": "Ready", "status": r}]);
         }
         serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_disconnected_pods_policy_is_the_sites_unless_the_node_says_otherwise() {
+        let mut n = node(Some("Unknown"), false);
+        assert_eq!(DisconnectedPods::Keep.for_node(&n), DisconnectedPods::Keep);
+        n.metadata.annotations =
+            Some([(POLICY_ANNOTATION.to_string(), "evict".to_string())].into());
+        assert_eq!(DisconnectedPods::Keep.for_node(&n), DisconnectedPods::Evict);
+        n.metadata.annotations = Some([(POLICY_ANNOTATION.to_string(), "keep".to_string())].into());
+        assert_eq!(DisconnectedPods::Evict.for_node(&n), DisconnectedPods::Keep);
+        // A typo falls back to the site's policy.
+        n.metadata.annotations = Some([(POLICY_ANNOTATION.to_string(), "kept".to_string())].into());
+        assert_eq!(
+            DisconnectedPods::Evict.for_node(&n),
+            DisconnectedPods::Evict
+        );
+        assert!("sometimes".parse::<DisconnectedPods>().is_err());
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub struct Config {
     pub containerd_namespace: String,
     pub node_ip: Option<IpAddr>,
     pub labels: Vec<(String, String)>,
+    /// Annotations the node registers with (and keeps).
+    pub annotations: Vec<(String, String)>,
     /// `key=value:Effect` or `key:Effect`.
     pub taints: Vec<String>,
     /// Whether this node runs the control plane (adds the control-plane role labels).
@@ -76,6 +78,10 @@ impl Config {
     pub fn images_dir(&self) -> PathBuf {
         self.root.join("images")
     }
+    /// The node-local cache (metamanager's SQLite file).
+    pub fn cache_path(&self) -> PathBuf {
+        self.root.join("cache").join("meta.db")
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,12 +96,16 @@ pub enum AgentError {
     Api(#[from] kube::Error),
     #[error("{0}")]
     Io(String),
+    #[error(transparent)]
+    Cache(#[from] metamanager::StoreError),
 }
 
 /// What every part of the agent shares.
 pub struct Agent {
     pub config: Config,
     pub client: kube::Client,
+    /// The node-local cache every API read goes through (offline autonomy).
+    pub meta: Arc<metamanager::MetaManager>,
     pub runtime: runtime::containerd::Containerd,
     pub images: images::ImageService,
     pub cni: network::cni::Cni,
@@ -158,18 +168,28 @@ where
     let registries = images::registry::Registries::load(&config.registries)?;
     let images = images::ImageService::new(rt.clone(), registries);
     let cni = network::cni::Cni::new(cni_config(&config));
-    let recorder = controllers::events::Recorder::start_on_host(
+    let recorder = controllers::events::Recorder::start_spooled(
         client.clone(),
         "kubelet",
         Some(config.node_name.clone()),
+        Some(config.root.join("cache").join("events.json")),
         shutdown.clone(),
     );
-    let (cidr_tx, cidr_rx) = tokio::sync::watch::channel(None);
+    let meta = Arc::new(metamanager::MetaManager::open(
+        &config.cache_path(),
+        client.clone(),
+    )?);
+    // Until the API answers, the node's pod CIDR is the one it had.
+    let cached_cidr = meta
+        .node(&config.node_name)
+        .and_then(|n| n.spec.and_then(|s| s.pod_cidr));
+    let (cidr_tx, cidr_rx) = tokio::sync::watch::channel(cached_cidr);
     let (ip_tx, ip_rx) = tokio::sync::watch::channel(None);
     let agent = Arc::new(Agent {
         memory_capacity: node::host_memory_bytes().unwrap_or(0) as i64,
         config,
         client,
+        meta: meta.clone(),
         runtime: rt,
         images,
         cni,
@@ -180,6 +200,8 @@ where
         image_sizes: Default::default(),
     });
     let _published = publish(streaming::router(agent.clone()));
+    let meta_shutdown = shutdown.clone();
+    tokio::spawn(async move { meta.run(meta_shutdown).await });
     images::import_dropped(&agent).await;
     let node = tokio::spawn(node::run(agent.clone(), cidr_tx, ip_tx, shutdown.clone()));
     let pods = tokio::spawn(pods::run(agent.clone(), shutdown.clone()));

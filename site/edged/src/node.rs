@@ -268,12 +268,13 @@ async fn status(agent: &Agent, node_ip: IpAddr, runtime_version: &str) -> Value 
 async fn register(agent: &Agent) -> Result<(), AgentError> {
     let nodes: Api<Node> = Api::all(agent.client.clone());
     let labels = labels(agent);
+    let annotations: BTreeMap<String, String> = agent.config.annotations.iter().cloned().collect();
     if nodes.get_opt(&agent.config.node_name).await?.is_some() {
         nodes
             .patch(
                 &agent.config.node_name,
                 &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"labels": labels}})),
+                &Patch::Merge(json!({"metadata": {"labels": labels, "annotations": annotations}})),
             )
             .await?;
         return Ok(());
@@ -283,7 +284,7 @@ async fn register(agent: &Agent) -> Result<(), AgentError> {
         taints.push(parse_taint(t).map_err(AgentError::Io)?);
     }
     let node: Node = serde_json::from_value(json!({
-        "metadata": {"name": agent.config.node_name, "labels": labels},
+        "metadata": {"name": agent.config.node_name, "labels": labels, "annotations": annotations},
         "spec": if taints.is_empty() { json!({}) } else { json!({"taints": taints}) },
     }))
     .map_err(|e| AgentError::Io(e.to_string()))?;
@@ -400,6 +401,19 @@ async fn post_status(
     Ok(())
 }
 
+/// Logs a failed API call; a transport failure marks the API unreachable (quietly: the cache
+/// takes over, and metamanager says so once).
+fn note(agent: &Agent, result: &Result<(), AgentError>, what: &str) {
+    match result {
+        Ok(()) => agent.meta.set_online(true),
+        Err(AgentError::Api(e)) if !metamanager::answered(e) => {
+            agent.meta.set_online(false);
+            tracing::debug!("{what}: {e}");
+        }
+        Err(e) => tracing::warn!("{what}: {e}"),
+    }
+}
+
 /// Registers the node, then keeps its Lease and status fresh and follows its pod CIDR.
 pub async fn run(
     agent: Arc<Agent>,
@@ -411,10 +425,11 @@ pub async fn run(
     ip_tx.send_replace(Some(node_ip));
     let mut backoff = Duration::from_millis(200);
     loop {
-        match register(&agent).await {
+        let registered = register(&agent).await;
+        note(&agent, &registered, "registering the node failed, retrying");
+        match registered {
             Ok(()) => break,
-            Err(e) => {
-                tracing::warn!("registering the node failed, retrying: {e}");
+            Err(_) => {
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(backoff) => {}
@@ -428,6 +443,7 @@ pub async fn run(
     let cfg =
         watcher::Config::default().fields(&format!("metadata.name={}", agent.config.node_name));
     let cidr_shutdown = shutdown.clone();
+    let cidr_meta = agent.meta.clone();
     let cidr_task = tokio::spawn(async move {
         let mut stream = watcher::watcher(nodes, cfg).boxed();
         loop {
@@ -437,6 +453,7 @@ pub async fn run(
             };
             match event {
                 Some(Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n))) => {
+                    cidr_meta.put(&n);
                     let cidr = n.spec.and_then(|s| s.pod_cidr);
                     if *cidr_tx.borrow() != cidr {
                         cidr_tx.send_replace(cidr);
@@ -455,25 +472,28 @@ pub async fn run(
     let mut last = None;
     let mut last_heartbeat = Instant::now() - agent.config.status_update_frequency;
     let mut pod_cidr = agent.pod_cidr.clone();
+    let mut online = agent.meta.watch_online();
     loop {
-        if let Err(e) = renew_lease(&agent).await {
-            tracing::warn!("renewing the node lease failed: {e}");
-        }
-        if let Err(e) = post_status(
-            &agent,
-            node_ip,
-            &runtime_version,
-            &mut last,
-            &mut last_heartbeat,
-        )
-        .await
-        {
-            tracing::warn!("updating the node status failed: {e}");
+        // Heartbeats missed while offline are not replayed: the first one after reconnecting
+        // (sent at once, see below) carries the current figures.
+        let renewed = renew_lease(&agent).await;
+        note(&agent, &renewed, "renewing the node lease failed");
+        if renewed.is_ok() {
+            let posted = post_status(
+                &agent,
+                node_ip,
+                &runtime_version,
+                &mut last,
+                &mut last_heartbeat,
+            )
+            .await;
+            note(&agent, &posted, "updating the node status failed");
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(LEASE_RENEW) => {}
             _ = pod_cidr.changed() => {}
+            _ = online.changed() => {}
         }
     }
     cidr_task.abort();

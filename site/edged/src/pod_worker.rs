@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Container, Pod};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::api::{Api, DeleteParams, Preconditions};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -327,6 +327,13 @@ impl Worker {
         match message {
             PodMessage::Update(pod) => {
                 if pod.metadata.uid.as_deref() == Some(self.uid.as_str()) {
+                    // Someone else changed what we reported (the node controller marks pods of
+                    // a silent node not ready): report again.
+                    if let (Some(ours), Some(theirs)) = (&self.last_status, &pod.status)
+                        && drifted(ours, &serde_json::to_value(theirs).unwrap_or_default())
+                    {
+                        self.last_status = None;
+                    }
                     self.pod = *pod;
                 }
             }
@@ -766,6 +773,16 @@ impl Worker {
             AgentError::Io("the node has no pod CIDR yet (the control plane assigns one)".into())
         })?;
         let path = self.netns_path();
+        if !self.records.is_empty() {
+            // The pod ran here before and its namespace is gone (the machine rebooted): release
+            // the old attachment (its address lease) first.
+            let _ = netns::remove(&path);
+            let _ = self
+                .agent
+                .cni
+                .del(&self.attachment(&path, &ports), &subnet)
+                .await;
+        }
         netns::create(&path).map_err(|e| AgentError::Io(e.to_string()))?;
         let attachment = self.attachment(&path, &ports);
         let ip = match self.agent.cni.add(&attachment, &subnet).await {
@@ -787,10 +804,13 @@ impl Worker {
 
     async fn pull_credentials(&self) -> Vec<Credential> {
         let mut out = Vec::new();
-        let secrets: Api<k8s_openapi::api::core::v1::Secret> =
-            Api::namespaced(self.agent.client.clone(), &self.namespace);
         for r in self.spec().image_pull_secrets.iter().flatten() {
-            let Ok(Some(s)) = secrets.get_opt(&r.name).await else {
+            let Ok(Some(s)) = self
+                .agent
+                .meta
+                .get::<k8s_openapi::api::core::v1::Secret>(&self.namespace, &r.name)
+                .await
+            else {
                 continue;
             };
             let data = s.data.unwrap_or_default();
@@ -1260,6 +1280,7 @@ impl Worker {
         if self.removed || shutdown.is_cancelled() {
             return;
         }
+        // Let the final status go first, then remove the pod; offline, wait for the API.
         let pods: Api<Pod> = Api::namespaced(self.agent.client.clone(), &self.namespace);
         let params = DeleteParams {
             grace_period_seconds: Some(0),
@@ -1269,11 +1290,33 @@ impl Worker {
             }),
             ..Default::default()
         };
-        match pods.delete(&self.name, &params).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-            Err(e) => tracing::warn!(pod = %self.name, "removing the pod from the API failed: {e}"),
+        let mut online = self.agent.meta.watch_online();
+        loop {
+            let deleted = self
+                .agent
+                .meta
+                .call("delete pod", pods.delete(&self.name, &params))
+                .await;
+            match deleted {
+                Ok(_) => break,
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => break,
+                Err(e) if metamanager::answered(&e) => {
+                    tracing::warn!(pod = %self.name, "removing the pod from the API failed: {e}");
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(pod = %self.name, "removing the pod waits for the API: {e}")
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = online.changed() => {}
+                _ = tokio::time::sleep(metamanager::PROBE_EVERY) => {}
+            }
         }
+        self.agent
+            .meta
+            .forget_pod(&self.namespace, &self.name, &self.uid);
     }
 
     async fn teardown_sandbox(&mut self) {
@@ -1569,25 +1612,27 @@ impl Worker {
         if self.last_status.as_ref() == Some(&status) {
             return;
         }
-        let pods: Api<Pod> = Api::namespaced(self.agent.client.clone(), &self.namespace);
-        match pods
-            .patch_status(
-                &self.name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"status": status})),
-            )
-            .await
-        {
-            Ok(p) => {
-                if p.metadata.uid.as_deref() == Some(self.uid.as_str()) {
-                    self.pod.status = p.status;
-                }
-                self.last_status = Some(status);
-            }
-            Err(kube::Error::Api(e)) if e.code == 404 => self.removed = true,
-            Err(e) => tracing::warn!(pod = %self.name, "status update failed: {e}"),
+        // metamanager delivers it (at once, or when the API answers again; newest wins).
+        self.agent.meta.pod_status(&self.pod, status.clone());
+        if let Ok(s) = serde_json::from_value(status.clone()) {
+            self.pod.status = Some(s);
         }
+        self.last_status = Some(status);
     }
+}
+
+/// Whether the API's copy of the status differs from the one we reported in what matters to
+/// others (phase, IP, readiness).
+fn drifted(ours: &Value, theirs: &Value) -> bool {
+    let ready = |s: &Value| {
+        s["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+            .map(|c| c["status"].clone())
+    };
+    ours["phase"] != theirs["phase"]
+        || ours["podIP"] != theirs["podIP"]
+        || ready(ours) != ready(theirs)
 }
 
 /// Whether the container's cgroup recorded an OOM kill (cgroup v1 `memory.oom_control`, v2

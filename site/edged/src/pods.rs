@@ -1,8 +1,11 @@
 //! The pods bound to this node: one watch (`spec.nodeName=<node>`), one worker per pod, and
 //! containerd's task events routed to the worker that owns the container.
 //!
-//! On start the agent adopts what containerd already runs (workers find their containers by
-//! the pod-uid label), and removes containers whose pod is no longer bound here.
+//! On start the agent first runs the pods of its local cache (metamanager), so it needs no list
+//! from the API: workers adopt what containerd already runs (they find their containers by the
+//! pod-uid label) and start again what stopped (a reboot). The watch then writes every pod it
+//! delivers through to the cache. Once the API has listed the node's pods, containers whose pod
+//! is no longer bound here are removed; nothing is removed while the API is unreachable.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -53,6 +56,14 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(), A
     let mut workers: HashMap<String, Handle> = HashMap::new();
     let mut initial: Option<HashSet<String>> = None;
     let (done_tx, mut done_rx) = mpsc::channel::<String>(64);
+    // The cached pods run before the API is asked anything.
+    let cached = agent.meta.pods(&agent.config.node_name);
+    if !cached.is_empty() {
+        tracing::info!(pods = cached.len(), "starting the pods of the node cache");
+    }
+    for pod in cached {
+        dispatch(&agent, &owners, &mut workers, &done_tx, pod, &shutdown);
+    }
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -81,21 +92,36 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(), A
             event = stream.next() => {
                 let Some(event) = event else { break };
                 match event {
-                    Ok(watcher::Event::Init) => initial = Some(HashSet::new()),
+                    Ok(watcher::Event::Init) => {
+                        agent.meta.set_online(true);
+                        initial = Some(HashSet::new());
+                    }
                     Ok(watcher::Event::InitApply(pod)) => {
                         if let (Some(uid), Some(seen)) = (pod.metadata.uid.clone(), initial.as_mut()) {
                             seen.insert(uid);
                         }
+                        agent.meta.put(&pod);
                         dispatch(&agent, &owners, &mut workers, &done_tx, pod, &shutdown);
                     }
                     Ok(watcher::Event::InitDone) => {
                         let seen = initial.take().unwrap_or_default();
-                        // Pods deleted while we were not watching.
+                        // Pods deleted while we were not watching (or offline).
                         for (uid, h) in &workers {
                             if !seen.contains(uid) {
                                 let _ = h.tx.try_send(PodMessage::Removed);
                             }
                         }
+                        for pod in agent.meta.pods(&agent.config.node_name) {
+                            let uid = pod.metadata.uid.clone().unwrap_or_default();
+                            if !seen.contains(&uid) {
+                                agent.meta.forget_pod(
+                                    pod.metadata.namespace.as_deref().unwrap_or(""),
+                                    pod.metadata.name.as_deref().unwrap_or(""),
+                                    &uid,
+                                );
+                            }
+                        }
+                        agent.meta.collect_garbage(&agent.config.node_name);
                         let agent = agent.clone();
                         let keep: HashSet<String> = seen;
                         tokio::spawn(async move {
@@ -105,9 +131,16 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(), A
                         });
                     }
                     Ok(watcher::Event::Apply(pod)) => {
+                        agent.meta.set_online(true);
+                        agent.meta.put(&pod);
                         dispatch(&agent, &owners, &mut workers, &done_tx, pod, &shutdown);
                     }
                     Ok(watcher::Event::Delete(pod)) => {
+                        agent.meta.forget_pod(
+                            pod.metadata.namespace.as_deref().unwrap_or(""),
+                            pod.metadata.name.as_deref().unwrap_or(""),
+                            pod.metadata.uid.as_deref().unwrap_or(""),
+                        );
                         if let Some(h) = pod.metadata.uid.as_ref().and_then(|u| workers.get(u)) {
                             // The last version carries the grace period a force delete set.
                             let _ = h.tx.send(PodMessage::Update(Box::new(pod.clone()))).await;
@@ -116,6 +149,13 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(), A
                     }
                     Err(e) => {
                         tracing::debug!("pod watch: {e}");
+                        if let watcher::Error::InitialListFailed(k)
+                        | watcher::Error::WatchStartFailed(k)
+                        | watcher::Error::WatchFailed(k) = &e
+                            && !metamanager::answered(k)
+                        {
+                            agent.meta.set_online(false);
+                        }
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 }

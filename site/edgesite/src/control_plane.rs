@@ -8,6 +8,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone)]
 pub struct Settings {
     pub node_monitor_grace_period: std::time::Duration,
+    /// What happens to pods of nodes that stopped answering (`--disconnected-node-pods`).
+    pub disconnected_node_pods: controllers::node_lifecycle::DisconnectedPods,
     /// This server's candidate identity for leader election.
     pub identity: String,
     /// The cluster CA (PEM), published to every namespace.
@@ -71,6 +73,7 @@ async fn run_loops(client: kube::Client, settings: Settings, shutdown: Cancellat
                 std::time::Duration::from_secs(1),
                 std::time::Duration::from_secs(5),
             ),
+            disconnected_pods: settings.disconnected_node_pods,
         },
         shutdown.clone(),
     );

@@ -393,11 +393,13 @@ pub async fn kube_client(c: &AgentCredentials) -> Result<kube::Client> {
         b64(&c.key)
     );
     let kubeconfig: kube::config::Kubeconfig = serde_yaml::from_str(&kubeconfig)?;
-    let config = kube::Config::from_custom_kubeconfig(
+    let mut config = kube::Config::from_custom_kubeconfig(
         kubeconfig,
         &kube::config::KubeConfigOptions::default(),
     )
     .await?;
+    // A node far away notices a dead link quickly and runs from its cache meanwhile.
+    config.connect_timeout = Some(std::time::Duration::from_secs(5));
     Ok(kube::Client::try_from(config)?)
 }
 

@@ -154,6 +154,15 @@ pub struct ServerArgs {
     /// How long a node may stop heartbeating before it is marked NotReady (e.g. 40s, 2m).
     #[arg(long = "node-monitor-grace-period", value_name = "DURATION", default_value = "40s", value_parser = parse_duration)]
     pub node_monitor_grace_period: std::time::Duration,
+    /// Pods of a node that stopped answering: `keep` them bound and running there (an edge node
+    /// runs on from its cache), or `evict` them after their tolerationSeconds as upstream
+    /// Kubernetes does. A node's `edgesite.io/disconnected-pods` annotation overrides this.
+    #[arg(
+        long = "disconnected-node-pods",
+        value_name = "keep|evict",
+        default_value = "keep"
+    )]
+    pub disconnected_node_pods: controllers::node_lifecycle::DisconnectedPods,
     /// Extra host name or IP for the serving certificate (repeat for several).
     #[arg(long = "tls-san", value_name = "NAME")]
     pub tls_san: Vec<String>,
@@ -228,6 +237,10 @@ pub struct AgentArgs {
     pub container_log_max_size: u64,
     #[arg(long, default_value_t = 5)]
     pub container_log_max_files: usize,
+    /// This node's policy when it loses the site (annotation edgesite.io/disconnected-pods):
+    /// `keep` its pods, or `evict` them; default: the site's --disconnected-node-pods.
+    #[arg(long = "disconnected-pods", value_name = "keep|evict")]
+    pub disconnected_pods: Option<controllers::node_lifecycle::DisconnectedPods>,
 }
 
 impl AgentArgs {
@@ -285,6 +298,19 @@ impl AgentArgs {
             lease_duration: std::time::Duration::from_secs(40),
             image_gc_high_percent: 85,
             image_gc_low_percent: 80,
+            annotations: self
+                .disconnected_pods
+                .map(|p| {
+                    let v = match p {
+                        controllers::node_lifecycle::DisconnectedPods::Keep => "keep",
+                        controllers::node_lifecycle::DisconnectedPods::Evict => "evict",
+                    };
+                    vec![(
+                        controllers::node_lifecycle::POLICY_ANNOTATION.to_string(),
+                        v.to_string(),
+                    )]
+                })
+                .unwrap_or_default(),
         })
     }
 }
@@ -312,7 +338,10 @@ fn import_images(files: &[PathBuf], socket: &std::path::Path, namespace: &str) -
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // kube's client logs every failed request as an error; the agent reports what matters
+    // (the API unreachable, the node on its cache) once, itself.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,kube_client::client::builder=off"));
     // Colours only on a terminal: the installer's log file and journald get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()

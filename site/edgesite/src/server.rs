@@ -245,6 +245,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
             client.clone(),
             crate::control_plane::Settings {
                 node_monitor_grace_period: args.node_monitor_grace_period,
+                disconnected_node_pods: args.disconnected_node_pods,
                 identity: server_identity(&server_dir)?,
                 ca: ca.cert.clone(),
                 cluster_cidr,

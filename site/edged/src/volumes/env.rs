@@ -145,8 +145,9 @@ async fn config_map(
     ns: &str,
     name: &str,
 ) -> Result<Option<BTreeMap<String, String>>, String> {
-    let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(agent.client.clone(), ns);
-    api.get_opt(name)
+    agent
+        .meta
+        .get::<k8s_openapi::api::core::v1::ConfigMap>(ns, name)
         .await
         .map(|o| o.map(|c| c.data.unwrap_or_default()))
         .map_err(|e| format!("get configmap \"{name}\": {e}"))
@@ -157,8 +158,9 @@ async fn secret(
     ns: &str,
     name: &str,
 ) -> Result<Option<BTreeMap<String, String>>, String> {
-    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(agent.client.clone(), ns);
-    api.get_opt(name)
+    agent
+        .meta
+        .get::<k8s_openapi::api::core::v1::Secret>(ns, name)
         .await
         .map(|o| {
             o.map(|s| {
@@ -239,18 +241,14 @@ async fn services_env(agent: &Agent, pod: &Pod) -> Vec<(String, String)> {
         .and_then(|s| s.enable_service_links)
         .unwrap_or(true);
     let mut services: Vec<Service> = Vec::new();
-    if links {
-        let api: Api<Service> = Api::namespaced(agent.client.clone(), &ns);
-        if let Ok(list) = api.list(&Default::default()).await {
-            services.extend(list.items);
-        }
+    if links && let Ok(list) = agent.meta.list::<Service>(&ns).await {
+        services.extend(list);
     }
-    if ns != "default" || !links {
-        let api: Api<Service> = Api::namespaced(agent.client.clone(), "default");
-        if let Ok(Some(k)) = api.get_opt("kubernetes").await {
-            services.retain(|s| s.metadata.name.as_deref() != Some("kubernetes"));
-            services.push(k);
-        }
+    if (ns != "default" || !links)
+        && let Ok(Some(k)) = agent.meta.get::<Service>("default", "kubernetes").await
+    {
+        services.retain(|s| s.metadata.name.as_deref() != Some("kubernetes"));
+        services.push(k);
     }
     services.iter().flat_map(service_env).collect()
 }
@@ -358,6 +356,9 @@ pub async fn resolve_env(
 }
 
 /// A bound ServiceAccount token for a projected volume, through the TokenRequest API.
+///
+/// Tokens are kept in the node cache and renewed after 80% of their lifetime (as the kubelet
+/// does); while the API is unreachable the last token is served.
 pub async fn service_account_token(
     agent: &Agent,
     pod: &Pod,
@@ -371,6 +372,29 @@ pub async fn service_account_token(
         .and_then(|s| s.service_account_name.clone())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "default".into());
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let key = format!(
+        "{uid}/{}/{}",
+        t.path,
+        t.audience.clone().unwrap_or_default()
+    );
+    let file = |token: &str| atomic::File {
+        path: t.path.clone(),
+        content: token.as_bytes().to_vec(),
+        mode: default_mode.unwrap_or(0o644) as u32,
+    };
+    let now = chrono::Utc::now().timestamp();
+    let cached = agent.meta.value(TOKEN_KIND, &ns, &key);
+    if let Some(c) = &cached
+        && let (Some(token), Some(issued), Some(expires)) = (
+            c["token"].as_str(),
+            c["issued"].as_i64(),
+            c["expires"].as_i64(),
+        )
+        && now < issued + (expires - issued) * 4 / 5
+    {
+        return Ok(file(token));
+    }
     let api: Api<k8s_openapi::api::core::v1::ServiceAccount> =
         Api::namespaced(agent.client.clone(), &ns);
     let request = TokenRequest {
@@ -386,17 +410,47 @@ pub async fn service_account_token(
         },
         ..Default::default()
     };
-    let response: TokenRequest = api
-        .create_subresource("token", &sa, &PostParams::default(), &request)
-        .await
-        .map_err(|e| format!("request a token for serviceaccount \"{sa}\": {e}"))?;
-    let token = response.status.map(|s| s.token).unwrap_or_default();
-    Ok(atomic::File {
-        path: t.path.clone(),
-        content: token.into_bytes(),
-        mode: default_mode.unwrap_or(0o644) as u32,
-    })
+    let response = agent
+        .meta
+        .call(
+            "token request",
+            api.create_subresource::<TokenRequest, _>(
+                "token",
+                &sa,
+                &PostParams::default(),
+                &request,
+            ),
+        )
+        .await;
+    let response: TokenRequest = match response {
+        Ok(r) => r,
+        Err(e) if !metamanager::answered(&e) => {
+            if let Some(token) = cached.as_ref().and_then(|c| c["token"].as_str()) {
+                return Ok(file(token));
+            }
+            return Err(format!(
+                "request a token for serviceaccount \"{sa}\": {e} (and the node has no cached token)"
+            ));
+        }
+        Err(e) => return Err(format!("request a token for serviceaccount \"{sa}\": {e}")),
+    };
+    let Some(status) = response.status else {
+        return Err(format!(
+            "request a token for serviceaccount \"{sa}\": the answer has no token"
+        ));
+    };
+    let expires = status.expiration_timestamp.0.as_second();
+    agent.meta.put_value(
+        TOKEN_KIND,
+        &ns,
+        &key,
+        &serde_json::json!({"token": status.token, "issued": now, "expires": expires}),
+    );
+    Ok(file(&status.token))
 }
+
+/// The cache kind of projected ServiceAccount tokens (keyed by pod uid, path, audience).
+const TOKEN_KIND: &str = "ServiceAccountToken";
 
 #[cfg(test)]
 mod tests {

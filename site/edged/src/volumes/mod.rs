@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, DownwardAPIVolumeFile, KeyToPath, Pod, Secret, Volume,
 };
-use kube::api::Api;
 
 pub use env::resolve_env;
 pub use user::user_of;
@@ -271,9 +270,11 @@ async fn prepare(agent: &Agent, pod: &Pod, v: &Volume, pod_dir: &Path) -> Result
         });
     }
     if let Some(e) = &v.empty_dir {
-        if !dir.exists() {
+        let memory = e.medium.as_deref() == Some("Memory");
+        // After a reboot the directory is there but its tmpfs is not.
+        if !dir.exists() || (memory && !is_mount_point(&dir)) {
             std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-            if e.medium.as_deref() == Some("Memory") {
+            if memory {
                 let size = e
                     .size_limit
                     .as_ref()
@@ -297,10 +298,11 @@ async fn prepare(agent: &Agent, pod: &Pod, v: &Volume, pod_dir: &Path) -> Result
         || v.downward_api.is_some()
         || v.projected.is_some()
     {
-        if !dir.exists() {
+        // Secrets never touch the disk.
+        let memory = v.secret.is_some() || v.projected.is_some();
+        if !dir.exists() || (memory && !is_mount_point(&dir)) {
             std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-            // Secrets never touch the disk.
-            if v.secret.is_some() || v.projected.is_some() {
+            if memory {
                 mount_tmpfs(&dir, 64 << 20)?;
             }
         }
@@ -324,6 +326,15 @@ async fn prepare(agent: &Agent, pod: &Pod, v: &Volume, pod_dir: &Path) -> Result
         "volume {:?}: this volume type is not supported by EdgeSite (supported: emptyDir, hostPath, configMap, secret, downwardAPI, projected)",
         v.name
     ))
+}
+
+/// Whether something is mounted on `dir` (it lives on another device than its parent).
+fn is_mount_point(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(d), Some(Ok(p))) = (std::fs::metadata(dir), dir.parent().map(std::fs::metadata)) else {
+        return false;
+    };
+    d.dev() != p.dev()
 }
 
 fn set_mode(path: &Path, mode: u32) {
@@ -474,8 +485,7 @@ async fn config_map_data(
     name: &str,
     optional: bool,
 ) -> Result<BTreeMap<String, Vec<u8>>, String> {
-    let api: Api<ConfigMap> = Api::namespaced(agent.client.clone(), namespace);
-    match api.get_opt(name).await {
+    match agent.meta.get::<ConfigMap>(namespace, name).await {
         Ok(Some(cm)) => {
             let mut out: BTreeMap<String, Vec<u8>> = cm
                 .data
@@ -500,8 +510,7 @@ async fn secret_data(
     name: &str,
     optional: bool,
 ) -> Result<BTreeMap<String, Vec<u8>>, String> {
-    let api: Api<Secret> = Api::namespaced(agent.client.clone(), namespace);
-    match api.get_opt(name).await {
+    match agent.meta.get::<Secret>(namespace, name).await {
         Ok(Some(s)) => {
             let mut out: BTreeMap<String, Vec<u8>> = s
                 .data
@@ -594,7 +603,9 @@ pub async fn refresh(agent: &Agent, pod: &Pod, pod_dir: &Path) -> Result<(), Str
         .flatten()
     {
         let dir = volume_dir(pod_dir, &v.name);
-        if !dir.exists() {
+        // Not set up yet (or its tmpfs is gone after a reboot): the next start prepares it.
+        let memory = v.secret.is_some() || v.projected.is_some();
+        if !dir.exists() || (memory && !is_mount_point(&dir)) {
             continue;
         }
         let projected = v.config_map.is_some()
