@@ -20,6 +20,7 @@ pub mod server;
 pub mod service_accounts;
 pub mod services;
 pub mod storage;
+pub mod streams;
 pub mod structural;
 pub mod tables;
 pub mod validation;

@@ -425,6 +425,14 @@ pub async fn handle(
         (&Method::GET, Some(name), Some("log")) if info.resource == "pods" => {
             ctx.pod_log(name, &query).await
         }
+        (
+            &Method::GET | &Method::POST,
+            Some(name),
+            Some(sub @ ("exec" | "attach" | "portforward")),
+        ) if info.resource == "pods" => {
+            let (name, sub) = (name.to_string(), sub.to_string());
+            ctx.pod_stream(&name, &sub, &query, request).await
+        }
         (_, Some(name), Some(sub @ ("log" | "exec" | "attach" | "portforward" | "proxy"))) => {
             ctx.node_streaming(name, sub).await
         }
@@ -2282,6 +2290,99 @@ impl Ctx {
             self.namespace
         );
         self.call_node(&node, path).await
+    }
+
+    /// `pods/exec`, `pods/attach`, `pods/portforward`: validated here, bridged to the pod's node
+    /// agent by [`crate::streams`].
+    async fn pod_stream(
+        &self,
+        name: &str,
+        sub: &str,
+        query: &Query,
+        request: Request,
+    ) -> Result<Response, ApiError> {
+        let object = self.load(name).await?.object;
+        let node = Self::node_of(&object, name)?;
+        let phase = object
+            .pointer("/status/phase")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if matches!(phase, "Succeeded" | "Failed") {
+            return Err(ApiError::bad_request(format!(
+                "cannot {} a container in a completed pod; current phase is {phase}",
+                if sub == "portforward" {
+                    "port-forward to"
+                } else {
+                    sub
+                }
+            )));
+        }
+        let connection = self.server.nodes.get(&node).ok_or_else(|| {
+            ApiError::service_unavailable(format!(
+                "the node agent of {node} is not connected to this server"
+            ))
+        })?;
+        let uid = object
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        if sub == "portforward" {
+            return crate::streams::port_forward(connection, &self.namespace, name, &uid, request)
+                .await;
+        }
+        let container = Self::pick_container(&object, name, query.get("container"))?;
+        let wants = crate::streams::Wants {
+            stdin: query.flag("stdin")?,
+            stdout: query.flag("stdout")?,
+            stderr: query.flag("stderr")?,
+            tty: query.flag("tty")?,
+        };
+        let raw = request.uri().query().map(String::from);
+        crate::streams::exec(
+            connection,
+            &self.namespace,
+            name,
+            &uid,
+            &container,
+            sub == "attach",
+            wants,
+            raw.as_deref(),
+            request,
+        )
+        .await
+    }
+
+    /// The container a request names, or the only one; upstream's errors otherwise.
+    fn pick_container(object: &Value, name: &str, asked: Option<&str>) -> Result<String, ApiError> {
+        let names = |path: &str| -> Vec<String> {
+            object
+                .pointer(path)
+                .and_then(Value::as_array)
+                .map(|cs| {
+                    cs.iter()
+                        .filter_map(|c| c["name"].as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let containers = names("/spec/containers");
+        let all: Vec<String> = names("/spec/initContainers")
+            .into_iter()
+            .chain(containers.iter().cloned())
+            .chain(names("/spec/ephemeralContainers"))
+            .collect();
+        match asked.filter(|c| !c.is_empty()) {
+            Some(c) if all.iter().any(|x| x == c) => Ok(c.to_string()),
+            Some(c) => Err(ApiError::bad_request(format!(
+                "container {c} is not valid for pod {name}"
+            ))),
+            None if containers.len() == 1 => Ok(containers[0].clone()),
+            None => Err(ApiError::bad_request(format!(
+                "a container name must be specified for pod {name}, choose one of: [{}]",
+                containers.join(" ")
+            ))),
+        }
     }
 
     async fn call_node(&self, node: &str, path: String) -> Result<Response, ApiError> {

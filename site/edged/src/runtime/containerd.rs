@@ -699,8 +699,8 @@ impl Containerd {
         }
     }
 
-    /// Runs `spec` (an OCI process, JSON) in the container and waits for it; the output goes
-    /// to the given FIFOs. Used by exec probes and hooks.
+    /// Starts `spec` (an OCI process, JSON) in the container; its output goes to the given
+    /// FIFOs. Used by exec probes and hooks.
     pub async fn exec(
         &self,
         id: &str,
@@ -709,13 +709,37 @@ impl Containerd {
         stdout: &Path,
         stderr: &Path,
     ) -> Result<()> {
+        self.exec_with(
+            id,
+            exec_id,
+            process_json,
+            ExecIo {
+                stdin: None,
+                stdout: Some(stdout),
+                stderr: Some(stderr),
+                terminal: false,
+            },
+        )
+        .await
+    }
+
+    /// Starts an exec process with the given stdio FIFOs (and a terminal: then stdout carries
+    /// both streams).
+    pub async fn exec_with(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: Vec<u8>,
+        io: ExecIo<'_>,
+    ) -> Result<()> {
+        let path = |p: Option<&Path>| p.map(|p| p.display().to_string()).unwrap_or_default();
         let mut c = api::tasks_client::TasksClient::new(self.channel.clone());
         c.exec(self.req(api::ExecProcessRequest {
             container_id: id.to_string(),
-            stdin: String::new(),
-            stdout: stdout.display().to_string(),
-            stderr: stderr.display().to_string(),
-            terminal: false,
+            stdin: path(io.stdin),
+            stdout: path(io.stdout),
+            stderr: path(io.stderr),
+            terminal: io.terminal,
             spec: Some(Any {
                 type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
                 value: process_json,
@@ -731,6 +755,49 @@ impl Containerd {
         .await
         .map_err(grpc("start exec"))?;
         Ok(())
+    }
+
+    /// Closes the stdin of an exec process (or of the task with an empty `exec_id`): the shim
+    /// keeps the stdin FIFO open for writing itself until told so.
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        let mut c = api::tasks_client::TasksClient::new(self.channel.clone());
+        c.close_io(self.req(api::CloseIoRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            stdin: true,
+        }))
+        .await
+        .map_err(grpc("close stdin"))?;
+        Ok(())
+    }
+
+    /// Resizes the terminal of an exec process (or of the task with an empty `exec_id`).
+    pub async fn resize_pty(&self, id: &str, exec_id: &str, width: u32, height: u32) -> Result<()> {
+        let mut c = api::tasks_client::TasksClient::new(self.channel.clone());
+        c.resize_pty(self.req(api::ResizePtyRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            width,
+            height,
+        }))
+        .await
+        .map_err(grpc("resize terminal"))?;
+        Ok(())
+    }
+
+    /// The container's OCI runtime spec (JSON).
+    pub async fn container_spec(&self, id: &str) -> Result<serde_json::Value> {
+        let mut c = api::containers_client::ContainersClient::new(self.channel.clone());
+        let container = c
+            .get(self.req(api::GetContainerRequest { id: id.to_string() }))
+            .await
+            .map_err(grpc("get container"))?
+            .into_inner()
+            .container
+            .and_then(|c| c.spec)
+            .map(|s| s.value)
+            .unwrap_or_default();
+        Ok(serde_json::from_slice(&container).unwrap_or_default())
     }
 
     /// Waits for an exec process to end and returns its exit code.
@@ -827,6 +894,14 @@ impl Containerd {
 }
 
 /// One blob being written into containerd's content store.
+/// The stdio of an exec process (FIFO paths; `None` discards).
+pub struct ExecIo<'a> {
+    pub stdin: Option<&'a Path>,
+    pub stdout: Option<&'a Path>,
+    pub stderr: Option<&'a Path>,
+    pub terminal: bool,
+}
+
 pub struct ContentWriter {
     tx: mpsc::Sender<api::WriteContentRequest>,
     responses: containerd_client::tonic::Streaming<api::WriteContentResponse>,

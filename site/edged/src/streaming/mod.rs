@@ -1,15 +1,19 @@
 //! The node agent's HTTP API (the kubelet's paths, so the API server forwards requests
-//! unchanged): `GET /containerLogs/{namespace}/{pod}/{container}` today. The API server reaches
+//! unchanged): `GET /containerLogs/{namespace}/{pod}/{container}`, `POST /exec/..` and
+//! `/attach/..` (`exec.rs`, framed stdio), `POST /portForward/{namespace}/{pod}`
+//! (`portforward.rs`, one TCP connection per request). The API server reaches
 //! it through a connection the agent registers (in process) or dials out (remote agents), never
 //! by dialling the node.
 
+pub mod exec;
 pub mod logs;
+pub mod portforward;
 pub mod tunnel;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::routing::get;
+use axum::routing::{get, post};
 
 use crate::Agent;
 
@@ -18,6 +22,11 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route(
             "/containerLogs/{namespace}/{pod}/{container}",
             get(logs::container_logs),
+        )
+        .route("/exec/{namespace}/{pod}/{container}", post(exec::exec))
+        .route(
+            "/portForward/{namespace}/{pod}",
+            post(portforward::port_forward),
         )
         .with_state(agent)
 }

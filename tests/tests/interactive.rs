@@ -1,0 +1,429 @@
+//! Interactive access through the site's API with real containers: `kubectl exec` (WebSocket
+//! and SPDY, with and without a terminal), `kubectl cp`, `kubectl port-forward` (WebSocket-
+//! tunnelled and plain SPDY), the Python client's exec, all reaching the node agent over its
+//! dial-out tunnel. Needs root; run by tests/run.sh.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tests::node::{AgentProcess, BUSYBOX, Runtime};
+use tests::{Site, eventually, kubectl_bin};
+
+fn kubectl(
+    site: &Site,
+    env: &[(&str, &str)],
+    args: &[&str],
+    stdin: Option<&[u8]>,
+) -> std::process::Output {
+    let mut cmd = Command::new(kubectl_bin());
+    cmd.arg("--kubeconfig")
+        .arg(site.kubeconfig())
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("run kubectl");
+    if let Some(input) = stdin {
+        let mut w = child.stdin.take().unwrap();
+        let input = input.to_vec();
+        std::thread::spawn(move || {
+            let _ = w.write_all(&input);
+        });
+    }
+    finish(child, args)
+}
+
+/// Waits for a child (at most a minute: a hang fails the test with what it printed).
+fn finish(mut child: std::process::Child, what: &[&str]) -> std::process::Output {
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let o = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let e = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{what:?} hung; it printed:\n{}\n{}",
+                String::from_utf8_lossy(&o.join().unwrap()),
+                String::from_utf8_lossy(&e.join().unwrap())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::process::Output {
+        status,
+        stdout: o.join().unwrap(),
+        stderr: e.join().unwrap(),
+    }
+}
+
+const WEBSOCKETS: &[(&str, &str)] = &[];
+const SPDY: &[(&str, &str)] = &[
+    ("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false"),
+    ("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false"),
+];
+
+/// A site with a remote agent (its streams go through the tunnel it dialled) running `web`.
+fn setup(rt: &Runtime) -> (Site, AgentProcess) {
+    let site = Site::start_with(&[&format!("--cluster-cidr={}", rt.cluster_cidr())]).unwrap();
+    let agent = rt.start_agent(&site, "edge-1").unwrap();
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(&format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: web}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: web
+    image: {BUSYBOX}
+    imagePullPolicy: Never
+    command: ["sh", "-c", "mkdir -p /www /www2 && echo hello-through-the-tunnel > /www/index.html && head -c 10485760 /dev/urandom > /www/big && echo second-port > /www2/index.html && httpd -p 8081 -h /www2 && exec httpd -f -p 8080 -h /www"]
+    readinessProbe: {{httpGet: {{path: /index.html, port: 8080}}, periodSeconds: 1}}
+"#
+        )),
+    );
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            site.kubectl(&[
+                "get",
+                "pod",
+                "web",
+                "-o",
+                "jsonpath={.status.containerStatuses[0].ready}",
+            ])
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout) == "true")
+        }),
+        "web never became ready\n{}",
+        agent.log()
+    );
+    (site, agent)
+}
+
+#[test]
+fn exec_runs_commands_with_exit_codes_stdin_and_a_terminal() {
+    let rt = Runtime::start().unwrap();
+    let (site, _agent) = setup(&rt);
+    for (transport, env) in [("websocket", WEBSOCKETS), ("spdy", SPDY)] {
+        let out = kubectl(
+            &site,
+            env,
+            &[
+                "exec",
+                "web",
+                "--",
+                "sh",
+                "-c",
+                "echo out; echo err >&2; exit 3",
+            ],
+            None,
+        );
+        assert_eq!(out.status.code(), Some(3), "{transport}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n", "{transport}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("err\n"),
+            "{transport}: {out:?}"
+        );
+        // The container's environment, not an empty one.
+        let out = kubectl(
+            &site,
+            env,
+            &["exec", "web", "--", "sh", "-c", "echo $PATH"],
+            None,
+        );
+        assert!(out.status.success(), "{transport}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("/bin"),
+            "{transport}: {out:?}"
+        );
+        // stdin, closed at its end.
+        let input: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let out = kubectl(
+            &site,
+            env,
+            &["exec", "-i", "web", "--", "md5sum"],
+            Some(&input),
+        );
+        assert!(out.status.success(), "{transport}: {out:?}");
+        let want = format!("{:x}", md5_of(&input));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).starts_with(&want),
+            "{transport}: {out:?}"
+        );
+        // A missing command.
+        let out = kubectl(&site, env, &["exec", "web", "--", "no-such-command"], None);
+        assert!(!out.status.success(), "{transport}: {out:?}");
+        // A terminal of the size of kubectl's own (set by `script`'s pty), then input typed in it.
+        let mut child = Command::new("script")
+            .args(["-qec"])
+            .arg(format!(
+                "stty cols 123 rows 45; {} --kubeconfig {} exec -it web -- sh",
+                kubectl_bin(),
+                site.kubeconfig().display()
+            ))
+            .arg("/dev/null")
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        stdin.write_all(b"stty size; tty; echo $((6*7))\n").unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        stdin.write_all(b"exit 5\n").unwrap();
+        drop(stdin);
+        let out = finish(child, &["exec", "-it"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("45 123"),
+            "{transport}: the terminal size did not arrive: {text}"
+        );
+        assert!(
+            text.contains("/dev/pts/"),
+            "{transport}: no terminal: {text}"
+        );
+        assert!(text.contains("42"), "{transport}: {text}");
+        assert_eq!(out.status.code(), Some(5), "{transport}: {text}");
+    }
+    let log = site.log();
+    assert!(
+        log.contains("exec session over WebSocket (v5.channel.k8s.io)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("exec session over SPDY/3.1 (v4.channel.k8s.io)"),
+        "{log}"
+    );
+}
+
+fn md5_of(data: &[u8]) -> u128 {
+    let mut child = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    u128::from_str_radix(
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap(),
+        16,
+    )
+    .unwrap()
+}
+
+#[test]
+fn exec_processes_go_away_when_the_client_does_and_cp_copies_both_ways() {
+    let rt = Runtime::start().unwrap();
+    let (site, _agent) = setup(&rt);
+    let container = site.ok(&[
+        "get",
+        "pod",
+        "web",
+        "-o",
+        "jsonpath={.status.containerStatuses[0].containerID}",
+    ]);
+    let container = container.rsplit('/').next().unwrap().to_string();
+    let processes = || {
+        rt.ctr("edge-1", &["tasks", "ps", &container])
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let before = processes();
+    let mut child = Command::new(kubectl_bin())
+        .arg("--kubeconfig")
+        .arg(site.kubeconfig())
+        .args(["exec", "web", "--", "sleep", "1000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || processes() > before),
+        "the exec process never started"
+    );
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(
+        eventually(Duration::from_secs(20), || processes() == before),
+        "the exec process outlived its client"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("data.bin");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    std::fs::write(&local, &data).unwrap();
+    let out = kubectl(
+        &site,
+        WEBSOCKETS,
+        &["cp", local.to_str().unwrap(), "web:/tmp/data.bin"],
+        None,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let back = dir.path().join("back.bin");
+    let out = kubectl(
+        &site,
+        WEBSOCKETS,
+        &["cp", "web:/tmp/data.bin", back.to_str().unwrap()],
+        None,
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+}
+
+/// Starts `kubectl port-forward` and returns it with the local ports it reports.
+fn port_forward(
+    site: &Site,
+    env: &[(&str, &str)],
+    ports: &[&str],
+) -> (std::process::Child, Vec<u16>) {
+    let mut child = Command::new(kubectl_bin())
+        .arg("--kubeconfig")
+        .arg(site.kubeconfig())
+        .args(["port-forward", "pod/web"])
+        .args(ports)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut local = Vec::new();
+    while local.len() < ports.len() {
+        let line = lines
+            .next()
+            .expect("port-forward printed its ports")
+            .unwrap();
+        // "Forwarding from 127.0.0.1:41234 -> 8080"
+        if let Some(rest) = line.strip_prefix("Forwarding from 127.0.0.1:") {
+            local.push(rest.split_whitespace().next().unwrap().parse().unwrap());
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    (child, local)
+}
+
+fn get(port: u16, path: &str) -> Vec<u8> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let at = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP answer")
+        + 4;
+    out.split_off(at)
+}
+
+#[test]
+fn port_forward_carries_requests_and_downloads_on_several_ports() {
+    let rt = Runtime::start().unwrap();
+    let (site, _agent) = setup(&rt);
+    let big = site.ok(&["exec", "web", "--", "md5sum", "/www/big"]);
+    let big = big.split_whitespace().next().unwrap().to_string();
+    for (transport, env) in [("websocket", WEBSOCKETS), ("spdy", SPDY)] {
+        let (mut child, ports) = port_forward(&site, env, &[":8080", ":8081"]);
+        assert_eq!(
+            get(ports[0], "/index.html"),
+            b"hello-through-the-tunnel\n",
+            "{transport}"
+        );
+        assert_eq!(
+            get(ports[1], "/index.html"),
+            b"second-port\n",
+            "{transport}"
+        );
+        // Several connections at once, one of them 10 MB.
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let port = ports[i % 2];
+                std::thread::spawn(move || get(port, "/index.html"))
+            })
+            .collect();
+        let body = get(ports[0], "/big");
+        assert_eq!(body.len(), 10 << 20, "{transport}");
+        assert_eq!(format!("{:x}", md5_of(&body)), big, "{transport}");
+        for t in threads {
+            assert!(!t.join().unwrap().is_empty(), "{transport}");
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    // Both transports were really used (kubectl falls back to SPDY silently).
+    let log = site.log();
+    assert!(
+        log.contains("port-forward session over WebSocket (SPDY/3.1+portforward.k8s.io)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("port-forward session over SPDY/3.1 (portforward.k8s.io)"),
+        "{log}"
+    );
+}
+
+#[test]
+fn the_python_client_execs_over_websockets() {
+    let python = std::env::var("EDGESITE_PYTHON").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../target/python-venv/bin/python"
+        )
+        .to_string()
+    });
+    let rt = Runtime::start().unwrap();
+    let (site, _agent) = setup(&rt);
+    let script = r#"
+import sys
+from kubernetes import client, config
+from kubernetes.stream import stream
+config.load_kube_config()
+api = client.CoreV1Api()
+resp = stream(api.connect_get_namespaced_pod_exec, "web", "default",
+              command=["sh", "-c", "echo from-python; exit 4"],
+              stderr=True, stdin=False, stdout=True, tty=False, _preload_content=False)
+resp.run_forever(timeout=30)
+out = resp.read_stdout()
+print("stdout:", out.strip(), "code:", resp.returncode)
+sys.exit(0 if out.strip() == "from-python" and resp.returncode == 4 else 1)
+"#;
+    let out = Command::new(&python)
+        .args(["-c", script])
+        .env("KUBECONFIG", site.kubeconfig())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
