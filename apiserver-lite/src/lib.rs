@@ -10,6 +10,7 @@ pub mod crd;
 pub mod error;
 pub mod http;
 pub mod kinds;
+pub mod metrics;
 pub mod node_streams;
 pub mod openapi;
 pub mod patch;

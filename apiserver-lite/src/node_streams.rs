@@ -68,6 +68,19 @@ impl NodeStreams {
         }
     }
 
+    /// The nodes whose agents are connected now.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .nodes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
     pub fn get(&self, node: &str) -> Option<Arc<dyn NodeConnection>> {
         self.nodes
             .read()

@@ -427,3 +427,172 @@ sys.exit(0 if out.strip() == "from-python" and resp.returncode == 4 else 1)
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn top_shows_usage_and_the_figures_are_scrapable_as_prometheus_metrics() {
+    let rt = Runtime::start().unwrap();
+    let (site, agent) = setup(&rt);
+    // Two samples make a rate: within a couple of sampling periods.
+    let mut nodes = String::new();
+    assert!(
+        eventually(Duration::from_secs(45), || {
+            nodes = site
+                .kubectl(&["top", "nodes"])
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            nodes.contains("edge-1")
+        }),
+        "kubectl top nodes: {nodes}\n{}",
+        agent.log()
+    );
+    assert!(
+        nodes.contains("CPU(cores)") && nodes.contains("MEMORY(bytes)"),
+        "{nodes}"
+    );
+    let mut pods = String::new();
+    assert!(
+        eventually(Duration::from_secs(45), || {
+            pods = site
+                .kubectl(&["top", "pods", "--containers"])
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            pods.contains("web")
+        }),
+        "kubectl top pods: {pods}"
+    );
+    // The web container holds a 10 MB file in its writable layer's page cache at least.
+    let usage = site.json(&[
+        "get",
+        "--raw",
+        "/apis/metrics.k8s.io/v1beta1/namespaces/default/pods/web",
+    ]);
+    let memory = usage["containers"][0]["usage"]["memory"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(memory.ends_with("Ki"), "{usage}");
+    let by_label = site.ok(&["top", "pods", "-l", "app=nothing"]);
+    assert!(!by_label.contains("web"), "{by_label}");
+    // The agent's Prometheus endpoints through the API server, as with a kubelet.
+    let node_metrics = site.ok(&["get", "--raw", "/api/v1/nodes/edge-1/proxy/metrics"]);
+    assert!(
+        node_metrics.contains("container_memory_working_set_bytes{container=\"web\",namespace=\"default\",pod=\"web\"}"),
+        "{node_metrics}"
+    );
+    assert!(
+        node_metrics.contains("edgesite_agent_api_reachable 1"),
+        "{node_metrics}"
+    );
+    let resource = site.ok(&[
+        "get",
+        "--raw",
+        "/api/v1/nodes/edge-1/proxy/metrics/resource",
+    ]);
+    assert!(
+        resource.contains("node_cpu_usage_seconds_total"),
+        "{resource}"
+    );
+    let summary = site.json(&["get", "--raw", "/api/v1/nodes/edge-1/proxy/stats/summary"]);
+    assert_eq!(summary["node"]["nodeName"], "edge-1");
+    // The API server's own request metrics.
+    let api = site.ok(&["get", "--raw", "/metrics"]);
+    assert!(
+        api.contains("apiserver_request_total{code=\"200\",resource=\"pods\",verb=\"GET\"}"),
+        "{api}"
+    );
+    assert!(
+        api.contains("apiserver_request_duration_seconds_bucket"),
+        "{api}"
+    );
+}
+
+#[test]
+fn attach_joins_a_running_process_with_its_terminal() {
+    let rt = Runtime::start().unwrap();
+    let (site, agent) = setup(&rt);
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(&format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: shell}}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {{name: sh, image: {BUSYBOX}, imagePullPolicy: Never, command: ["sh"], stdin: true, tty: true}}
+  - {{name: ticker, image: {BUSYBOX}, imagePullPolicy: Never, command: ["sh", "-c", "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.3; done"]}}
+"#
+        )),
+    );
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            site.kubectl(&["get", "pod", "shell", "-o", "jsonpath={.status.phase}"])
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout) == "Running")
+        }),
+        "{}",
+        agent.log()
+    );
+    // Output only: what the process prints from now on.
+    for (transport, env) in [("websocket", WEBSOCKETS), ("spdy", SPDY)] {
+        let mut child = Command::new(kubectl_bin())
+            .arg("--kubeconfig")
+            .arg(site.kubeconfig())
+            .args(["attach", "shell", "-c", "ticker"])
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        let second = lines.next().unwrap().unwrap();
+        assert!(
+            first.starts_with("tick-") && second.starts_with("tick-"),
+            "{transport}: {first} {second}"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    // The terminal of the shell: what is typed runs there, and exiting ends the container.
+    {
+        let (transport, env) = ("websocket", WEBSOCKETS);
+        let mut child = Command::new("script")
+            .args(["-qec"])
+            .arg(format!(
+                "{} --kubeconfig {} attach -it shell -c sh",
+                kubectl_bin(),
+                site.kubeconfig().display()
+            ))
+            .arg("/dev/null")
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        stdin.write_all(b"echo attached-$((6*7))\n").unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        stdin.write_all(b"exit\n").unwrap();
+        drop(stdin);
+        let out = finish(child, &["attach", "-it"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("attached-42"), "{transport}: {text}");
+    }
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            site.kubectl(&[
+                "get",
+                "pod",
+                "shell",
+                "-o",
+                "jsonpath={.status.containerStatuses[?(@.name==\"sh\")].state.terminated.exitCode}",
+            ])
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout) == "0")
+        }),
+        "the shell did not end with exit: {}",
+        site.ok(&["get", "pod", "shell", "-o", "yaml"])
+    );
+}

@@ -58,6 +58,8 @@ pub struct ApiServer {
     pub ca_pem: std::sync::OnceLock<String>,
     /// Signs node certificates for agents that join with a token.
     pub node_join: std::sync::OnceLock<Arc<dyn crate::node_streams::NodeJoin>>,
+    /// Request counters and latencies (`/metrics`).
+    pub request_metrics: crate::metrics::Shared,
 }
 
 impl ApiServer {
@@ -81,6 +83,7 @@ impl ApiServer {
             nodes: Arc::default(),
             ca_pem: std::sync::OnceLock::new(),
             node_join: std::sync::OnceLock::new(),
+            request_metrics: Arc::default(),
         }
     }
 }
@@ -270,6 +273,25 @@ async fn dispatch(State(server): State<Arc<ApiServer>>, request: Request) -> Res
     if request.uri().path() == "/edgesite/v1/node-tunnel" {
         return node_tunnel(&server, &identity, request);
     }
+    if request.uri().path() == "/metrics" {
+        return crate::metrics::prometheus_response(server.request_metrics.render());
+    }
+    let started = std::time::Instant::now();
+    let measured = match &route {
+        Route::Resource(p) => Some((
+            crate::metrics::verb_of(
+                request.method(),
+                request.uri().query(),
+                p.name.is_some(),
+                p.subresource.as_deref(),
+            ),
+            match &p.subresource {
+                Some(s) => format!("{}/{s}", p.resource),
+                None => p.resource.clone(),
+            },
+        )),
+        _ => None,
+    };
     let accept = request
         .headers()
         .get(header::ACCEPT)
@@ -313,10 +335,19 @@ async fn dispatch(State(server): State<Arc<ApiServer>>, request: Request) -> Res
         }
         Route::Unknown | Route::Version | Route::Health(_) => Err(ApiError::no_route()),
     };
-    match result {
+    let response = match result {
         Ok(response) => response,
         Err(e) => error_response(&e),
+    };
+    if let Some((verb, resource)) = measured {
+        server.request_metrics.record(
+            verb,
+            &resource,
+            response.status().as_u16(),
+            started.elapsed().as_secs_f64(),
+        );
     }
+    response
 }
 
 /// `POST /edgesite/v1/node-join` with `Authorization: Bearer <token>` and

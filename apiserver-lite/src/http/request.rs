@@ -14,6 +14,8 @@ pub struct ResourcePath {
     pub resource: String,
     pub name: Option<String>,
     pub subresource: Option<String>,
+    /// What follows `.../proxy/` (`nodes/<name>/proxy/metrics`).
+    pub proxy_path: Option<String>,
 }
 
 /// Every kind of path the server answers.
@@ -121,6 +123,12 @@ fn resource_route(group: &str, version: &str, rest: &[&str]) -> Route {
             p.resource = resource.to_string();
             p.name = Some(name.to_string());
             p.subresource = Some(sub.to_string());
+        }
+        [resource, name, "proxy", tail @ ..] => {
+            p.resource = resource.to_string();
+            p.name = Some(name.to_string());
+            p.subresource = Some("proxy".to_string());
+            p.proxy_path = Some(tail.join("/"));
         }
         _ => return Route::Unknown,
     }

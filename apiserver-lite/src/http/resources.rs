@@ -410,7 +410,22 @@ pub async fn handle(
             ))
         }
     };
+    if info.group == crate::metrics::GROUP {
+        if method != Method::GET {
+            return Err(ApiError::method_not_allowed(
+                "create",
+                &info.resource,
+                &info.group,
+            ));
+        }
+        return ctx.metrics(path.name.as_deref(), &query).await;
+    }
     match (&method, path.name.as_deref(), path.subresource.as_deref()) {
+        (&Method::GET, Some(name), Some("proxy")) if info.resource == "nodes" => {
+            let tail = path.proxy_path.clone().unwrap_or_default();
+            let raw = request.uri().query().map(String::from);
+            ctx.node_proxy(name, &tail, raw.as_deref()).await
+        }
         (&Method::GET, None, None) => {
             if query.flag("watch")? {
                 verb_allowed("watch")?;
@@ -2351,6 +2366,102 @@ impl Ctx {
             request,
         )
         .await
+    }
+
+    /// `nodes/<name>/proxy/<path>` (GET): the node agent's HTTP API (`metrics`,
+    /// `metrics/resource`, `stats/summary`), as upstream proxies to the kubelet.
+    async fn node_proxy(
+        &self,
+        name: &str,
+        tail: &str,
+        raw_query: Option<&str>,
+    ) -> Result<Response, ApiError> {
+        self.load(name).await?;
+        let path = match raw_query {
+            Some(q) if !q.is_empty() => format!("/{tail}?{q}"),
+            _ => format!("/{tail}"),
+        };
+        self.call_node(name, path).await
+    }
+
+    /// `metrics.k8s.io`: NodeMetrics and PodMetrics from the node agents' samples.
+    async fn metrics(&self, name: Option<&str>, query: &Query) -> Result<Response, ApiError> {
+        let summaries = crate::metrics::summaries(&self.server.nodes).await;
+        let mut items = if self.info.resource == "nodes" {
+            crate::metrics::node_metrics(&summaries)
+        } else {
+            // Pod labels, for label selectors (kubectl top pod -l ...).
+            let prefix = crate::storage::list_prefix("", "pods", &self.namespace);
+            let listing = self
+                .server
+                .storage
+                .list(&prefix, None, None)
+                .await
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            let mut labels = std::collections::HashMap::new();
+            for raw in &listing.items {
+                if let Ok(pod) = raw.value() {
+                    labels.insert(
+                        (
+                            meta_str(&pod, "namespace").to_string(),
+                            meta_str(&pod, "name").to_string(),
+                        ),
+                        pod.pointer("/metadata/labels")
+                            .cloned()
+                            .unwrap_or(json!({})),
+                    );
+                }
+            }
+            let mut pods = crate::metrics::pod_metrics(&summaries, &labels);
+            // Only pods the store knows (a pod deleted a moment ago is gone).
+            pods.retain(|p| {
+                labels.contains_key(&(
+                    meta_str(p, "namespace").to_string(),
+                    meta_str(p, "name").to_string(),
+                ))
+            });
+            pods
+        };
+        if let Some(selector) = query.get("labelSelector").filter(|s| !s.is_empty()) {
+            let selector =
+                crate::selectors::LabelSelector::parse(selector).map_err(ApiError::bad_request)?;
+            items.retain(|o| selector.matches_object(o));
+        }
+        if let Some(name) = name {
+            let found = items
+                .into_iter()
+                .find(|o| meta_str(o, "name") == name)
+                .ok_or_else(|| self.not_found(name))?;
+            return Ok(json_response(StatusCode::OK, &found));
+        }
+        let kind = if self.info.resource == "nodes" {
+            "NodeMetricsList"
+        } else {
+            "PodMetricsList"
+        };
+        if self.output == Output::Table {
+            let refs: Vec<&Value> = items.iter().collect();
+            return Ok(json_response(
+                StatusCode::OK,
+                &tables::table(
+                    &self.info,
+                    &refs,
+                    tables::IncludeObject::Metadata,
+                    "",
+                    None,
+                    Utc::now(),
+                ),
+            ));
+        }
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({
+                "kind": kind,
+                "apiVersion": "metrics.k8s.io/v1beta1",
+                "metadata": {},
+                "items": items,
+            }),
+        ))
     }
 
     /// The container a request names, or the only one; upstream's errors otherwise.

@@ -672,6 +672,31 @@ pub fn resources() -> Vec<ResourceInfo> {
             vec![],
             typed::<authorization::v1::SubjectAccessReview>(),
         ),
+        // metrics: answered from the node agents' samples, not stored
+        resource(
+            crate::metrics::GROUP,
+            "v1beta1",
+            "nodes",
+            "NodeMetrics",
+            false,
+            none,
+            none,
+            &["get", "list"],
+            vec![],
+            typed::<crate::metrics::NodeMetrics>(),
+        ),
+        resource(
+            crate::metrics::GROUP,
+            "v1beta1",
+            "pods",
+            "PodMetrics",
+            true,
+            none,
+            none,
+            &["get", "list"],
+            vec![],
+            typed::<crate::metrics::PodMetrics>(),
+        ),
         // storage
         resource(
             "storage.k8s.io",

@@ -17,6 +17,7 @@ pub mod pods;
 pub mod probes;
 pub mod runtime;
 pub mod spec;
+pub mod stats;
 pub mod streaming;
 pub mod volumes;
 
@@ -116,6 +117,11 @@ pub struct Agent {
     pub memory_capacity: i64,
     /// Image sizes by manifest digest, for the node status.
     pub image_sizes: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+    /// Running containers `kubectl attach` can join, by containerd id.
+    pub attachable:
+        std::sync::Mutex<std::collections::HashMap<String, streaming::attach::Attachable>>,
+    /// The latest resource usage sample (`stats.rs`).
+    pub stats: stats::Stats,
     /// Serializes image pulls of the same name.
     pub pulls: tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -197,6 +203,8 @@ where
         pod_cidr: cidr_rx,
         host_ip: ip_rx,
         pulls: Default::default(),
+        stats: Default::default(),
+        attachable: Default::default(),
         image_sizes: Default::default(),
     });
     let _published = publish(streaming::router(agent.clone()));
@@ -206,6 +214,7 @@ where
     let node = tokio::spawn(node::run(agent.clone(), cidr_tx, ip_tx, shutdown.clone()));
     let pods = tokio::spawn(pods::run(agent.clone(), shutdown.clone()));
     let gc = tokio::spawn(images::gc::run(agent.clone(), shutdown.clone()));
+    tokio::spawn(stats::run(agent.clone(), shutdown.clone()));
     tokio::spawn(network::masquerade::run(
         agent.pod_cidr.clone(),
         agent.config.node_name.clone(),

@@ -63,11 +63,13 @@ pub struct Copier {
 impl Copier {
     /// Opens both FIFOs (read-write, so opening never blocks and the writer may come and go)
     /// and starts copying into `file`.
+    /// `tap` also gets every chunk as read (1 stdout, 2 stderr), for `kubectl attach`.
     pub fn start(
         stdout: &Path,
         stderr: &Path,
         file: PathBuf,
         rotation: Rotation,
+        tap: Option<tokio::sync::broadcast::Sender<(u8, bytes::Bytes)>>,
     ) -> std::io::Result<Copier> {
         let out = pipe::OpenOptions::new()
             .read_write(true)
@@ -78,8 +80,14 @@ impl Copier {
         let stop = CancellationToken::new();
         let (tx, rx) = mpsc::channel::<(&'static str, Vec<u8>)>(64);
         let readers = [
-            tokio::spawn(read_stream(out, "stdout", tx.clone(), stop.clone())),
-            tokio::spawn(read_stream(err, "stderr", tx, stop.clone())),
+            tokio::spawn(read_stream(
+                out,
+                "stdout",
+                tx.clone(),
+                stop.clone(),
+                tap.clone(),
+            )),
+            tokio::spawn(read_stream(err, "stderr", tx, stop.clone(), tap)),
         ];
         let done = tokio::spawn(async move {
             write_lines(rx, file, rotation).await;
@@ -102,7 +110,9 @@ async fn read_stream(
     stream: &'static str,
     tx: mpsc::Sender<(&'static str, Vec<u8>)>,
     stop: CancellationToken,
+    tap: Option<tokio::sync::broadcast::Sender<(u8, bytes::Bytes)>>,
 ) {
+    let channel = if stream == "stdout" { 1 } else { 2 };
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 32 * 1024];
     loop {
@@ -116,6 +126,11 @@ async fn read_stream(
                 }
             }
         };
+        if let Some(tap) = &tap
+            && tap.receiver_count() > 0
+        {
+            let _ = tap.send((channel, bytes::Bytes::copy_from_slice(&buf[..n])));
+        }
         pending.extend_from_slice(&buf[..n]);
         while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = pending.drain(..=pos).collect();

@@ -491,8 +491,18 @@ impl Worker {
                         Err(_) => continue,
                     };
                     let file = logs::container_file(&self.log_dir(), &name, attempt);
+                    let spec = self.container_spec(&name);
+                    let fifo_dir = self.pod_dir().join("fifo");
+                    let stdin = crate::streaming::attach::stdin_fifo(&fifo_dir, &c.id);
+                    let tap = crate::streaming::attach::register(
+                        &self.agent,
+                        &c.id,
+                        stdin.exists().then_some(stdin.as_path()),
+                        spec.as_ref().and_then(|s| s.stdin_once).unwrap_or(false),
+                        spec.as_ref().and_then(|s| s.tty).unwrap_or(false),
+                    );
                     if let Ok(copier) =
-                        Copier::start(&out, &err, file, self.agent.config.log_rotation)
+                        Copier::start(&out, &err, file, self.agent.config.log_rotation, Some(tap))
                     {
                         self.copiers.insert(c.id.clone(), copier);
                     }
@@ -1034,10 +1044,34 @@ impl Worker {
         let started = async {
             let (out, err) =
                 logs::make_fifos(&fifo_dir, &id).map_err(|e| AgentError::Io(e.to_string()))?;
-            let copier = Copier::start(&out, &err, log_file, self.agent.config.log_rotation)
-                .map_err(|e| AgentError::Io(format!("open log FIFOs: {e}")))?;
+            let tty = c.tty.unwrap_or(false);
+            let stdin = c
+                .stdin
+                .unwrap_or(false)
+                .then(|| crate::streaming::attach::stdin_fifo(&fifo_dir, &id));
+            let tap = crate::streaming::attach::register(
+                &self.agent,
+                &id,
+                stdin.as_deref(),
+                c.stdin_once.unwrap_or(false),
+                tty,
+            );
+            let copier = Copier::start(
+                &out,
+                &err,
+                log_file,
+                self.agent.config.log_rotation,
+                Some(tap),
+            )
+            .map_err(|e| AgentError::Io(format!("open log FIFOs: {e}")))?;
             self.copiers.insert(id.clone(), copier);
-            rt.create_task(&id, rootfs, &out, &err).await?;
+            let io = crate::runtime::containerd::ExecIo {
+                stdin: stdin.as_deref(),
+                stdout: Some(&out),
+                stderr: (!tty).then_some(err.as_path()),
+                terminal: tty,
+            };
+            rt.create_task(&id, rootfs, io).await?;
             rt.start_task(&id).await?;
             Ok::<_, AgentError>(())
         }
@@ -1102,6 +1136,7 @@ impl Worker {
                 if let Some(copier) = self.copiers.remove(&id) {
                     copier.finish().await;
                 }
+                crate::streaming::attach::unregister(&self.agent, &id);
                 self.agent.recorder.warning(&self.pod, "Failed", message);
                 Err(())
             }
@@ -1148,6 +1183,7 @@ impl Worker {
         if let Some(copier) = self.copiers.remove(&id) {
             copier.finish().await;
         }
+        crate::streaming::attach::unregister(&self.agent, &id);
         let oom = self.ooms.remove(&id)
             || (exit_code == 137 && cgroup_oom_killed(&self.agent, &self.uid, &id));
         let reason = if oom {
@@ -1701,6 +1737,7 @@ async fn stop_container(
 
 /// Kills and deletes a container, its task and its snapshot.
 pub async fn remove_container(agent: &Agent, id: &str) {
+    crate::streaming::attach::unregister(agent, id);
     let rt = &agent.runtime;
     if let Ok(Some(state)) = rt.task_state(id).await {
         if !matches!(state, crate::runtime::containerd::TaskState::Stopped { .. }) {

@@ -416,7 +416,7 @@ pub fn build(input: &SpecInput<'_>, memory_capacity: i64) -> Result<Value, SpecE
     Ok(json!({
         "ociVersion": "1.0.2",
         "process": {
-            "terminal": false,
+            "terminal": input.container.tty.unwrap_or(false),
             "user": {"uid": input.uid, "gid": input.gid, "additionalGids": input.extra_gids},
             "args": args,
             "env": env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),

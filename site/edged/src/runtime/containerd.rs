@@ -600,21 +600,18 @@ impl Containerd {
 
     /// Creates the container's task (the runc container, not yet started). stdout/stderr are
     /// paths of FIFOs the agent reads.
-    pub async fn create_task(
-        &self,
-        id: &str,
-        rootfs: Vec<Mount>,
-        stdout: &Path,
-        stderr: &Path,
-    ) -> Result<u32> {
+    /// Creates the container's task with its stdio FIFOs (`stdin` for containers that keep
+    /// stdin open; with a terminal, stdout carries both streams).
+    pub async fn create_task(&self, id: &str, rootfs: Vec<Mount>, io: ExecIo<'_>) -> Result<u32> {
+        let path = |p: Option<&Path>| p.map(|p| p.display().to_string()).unwrap_or_default();
         let mut c = api::tasks_client::TasksClient::new(self.channel.clone());
         Ok(c.create(self.req(api::CreateTaskRequest {
             container_id: id.to_string(),
             rootfs,
-            stdin: String::new(),
-            stdout: stdout.display().to_string(),
-            stderr: stderr.display().to_string(),
-            terminal: false,
+            stdin: path(io.stdin),
+            stdout: path(io.stdout),
+            stderr: path(io.stderr),
+            terminal: io.terminal,
             checkpoint: None,
             options: None,
             runtime_path: String::new(),

@@ -5,6 +5,7 @@
 //! it through a connection the agent registers (in process) or dials out (remote agents), never
 //! by dialling the node.
 
+pub mod attach;
 pub mod exec;
 pub mod logs;
 pub mod portforward;
@@ -24,6 +25,13 @@ pub fn router(agent: Arc<Agent>) -> Router {
             get(logs::container_logs),
         )
         .route("/exec/{namespace}/{pod}/{container}", post(exec::exec))
+        .route(
+            "/attach/{namespace}/{pod}/{container}",
+            post(attach::attach),
+        )
+        .route("/stats/summary", get(crate::stats::summary_handler))
+        .route("/metrics/resource", get(crate::stats::resource_handler))
+        .route("/metrics", get(crate::stats::metrics_handler))
         .route(
             "/portForward/{namespace}/{pod}",
             post(portforward::port_forward),
