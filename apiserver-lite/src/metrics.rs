@@ -177,29 +177,36 @@ struct Histogram {
     sum: f64,
 }
 
-/// Request counters by (verb, resource, code) and durations by (verb, resource).
+#[derive(Default)]
+struct PerResource {
+    /// Requests by response code.
+    codes: BTreeMap<u16, u64>,
+    latency: Histogram,
+}
+
+/// Request counters by (verb, resource, code) and durations by (verb, resource). One lock;
+/// allocation only the first time a (verb, resource) pair is seen.
 #[derive(Default)]
 pub struct RequestMetrics {
-    totals: Mutex<BTreeMap<(String, String, u16), u64>>,
-    durations: Mutex<BTreeMap<(String, String), Histogram>>,
+    by: Mutex<BTreeMap<&'static str, HashMap<String, PerResource>>>,
 }
 
 impl RequestMetrics {
-    pub fn record(&self, verb: &str, resource: &str, code: u16, seconds: f64) {
-        *self
-            .totals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry((verb.to_string(), resource.to_string(), code))
-            .or_default() += 1;
+    pub fn record(&self, verb: &'static str, resource: &str, code: u16, seconds: f64) {
+        let mut by = self.by.lock().unwrap_or_else(|e| e.into_inner());
+        let resources = by.entry(verb).or_default();
+        if !resources.contains_key(resource) {
+            resources.insert(resource.to_string(), PerResource::default());
+        }
+        let Some(entry) = resources.get_mut(resource) else {
+            return;
+        };
+        *entry.codes.entry(code).or_default() += 1;
         // Long-running requests (watches, streams) would only blur the latency figures.
         if matches!(verb, "WATCH" | "CONNECT") {
             return;
         }
-        let mut d = self.durations.lock().unwrap_or_else(|e| e.into_inner());
-        let h = d
-            .entry((verb.to_string(), resource.to_string()))
-            .or_default();
+        let h = &mut entry.latency;
         for (i, bound) in BUCKETS.iter().enumerate() {
             if seconds <= *bound {
                 h.counts[i] += 1;
@@ -211,23 +218,28 @@ impl RequestMetrics {
 
     /// Prometheus text.
     pub fn render(&self) -> String {
+        let by = self.by.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rows: Vec<(&str, &str, &PerResource)> = by
+            .iter()
+            .flat_map(|(verb, rs)| rs.iter().map(move |(r, e)| (*verb, r.as_str(), e)))
+            .collect();
+        rows.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
         let mut out = String::from(
             "# HELP apiserver_request_total Counter of apiserver requests broken out by verb, resource and HTTP response code.\n# TYPE apiserver_request_total counter\n",
         );
-        for ((verb, resource, code), n) in
-            self.totals.lock().unwrap_or_else(|e| e.into_inner()).iter()
-        {
-            out.push_str(&format!(
-                "apiserver_request_total{{code=\"{code}\",resource=\"{resource}\",verb=\"{verb}\"}} {n}\n"
-            ));
+        for (verb, resource, e) in &rows {
+            for (code, n) in &e.codes {
+                out.push_str(&format!(
+                    "apiserver_request_total{{code=\"{code}\",resource=\"{resource}\",verb=\"{verb}\"}} {n}\n"
+                ));
+            }
         }
         out.push_str("# HELP apiserver_request_duration_seconds Response latency distribution in seconds for each verb and resource.\n# TYPE apiserver_request_duration_seconds histogram\n");
-        for ((verb, resource), h) in self
-            .durations
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        for (verb, resource, e) in rows
             .iter()
+            .filter(|(verb, _, _)| !matches!(*verb, "WATCH" | "CONNECT"))
         {
+            let h = &e.latency;
             let labels = format!("resource=\"{resource}\",verb=\"{verb}\"");
             for (i, bound) in BUCKETS.iter().enumerate() {
                 out.push_str(&format!(

@@ -20,6 +20,11 @@ pub fn edgesite_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current exe");
+    // A binary of this crate (the bench) sits next to it: target/<profile>/edgesite.
+    let beside = exe.with_file_name("edgesite");
+    if beside.exists() {
+        return beside;
+    }
     // target/<profile>/deps/<test> -> target/<profile>/edgesite
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     dir.join("edgesite")

@@ -92,10 +92,8 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(), A
             event = stream.next() => {
                 let Some(event) = event else { break };
                 match event {
-                    Ok(watcher::Event::Init) => {
-                        agent.meta.set_online(true);
-                        initial = Some(HashSet::new());
-                    }
+                    // (Emitted before the list is asked for: says nothing about reachability.)
+                    Ok(watcher::Event::Init) => initial = Some(HashSet::new()),
                     Ok(watcher::Event::InitApply(pod)) => {
                         if let (Some(uid), Some(seen)) = (pod.metadata.uid.clone(), initial.as_mut()) {
                             seen.insert(uid);
@@ -104,6 +102,7 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(), A
                         dispatch(&agent, &owners, &mut workers, &done_tx, pod, &shutdown);
                     }
                     Ok(watcher::Event::InitDone) => {
+                        agent.meta.set_online(true);
                         let seen = initial.take().unwrap_or_default();
                         // Pods deleted while we were not watching (or offline).
                         for (uid, h) in &workers {

@@ -180,6 +180,13 @@ struct Row {
 #[tokio::main]
 async fn main() -> Result<()> {
     let bin = release_binary()?;
+    // `edgesite-bench autonomy`: only the node autonomy and streaming rows, printed, not written.
+    if std::env::args().nth(1).as_deref() == Some("autonomy") {
+        for r in tokio::task::spawn_blocking(node_autonomy).await?? {
+            println!("| {} | {} |", r.metric, r.measured);
+        }
+        return Ok(());
+    }
     let work = tempfile::Builder::new()
         .prefix("edgesite-bench")
         .tempdir()?;
@@ -408,6 +415,11 @@ async fn main() -> Result<()> {
     }
     deployment_rollout(&bin, work.path(), &mut rows).await?;
     node_agent(&bin, work.path(), &mut rows).await?;
+    rows.extend(
+        tokio::task::spawn_blocking(node_autonomy)
+            .await?
+            .context("node autonomy and streaming rows")?,
+    );
 
     let mut table = String::from("| metric | measured | target | met |\n|---|---|---|---|\n");
     for r in &rows {
@@ -441,7 +453,15 @@ async fn main() -> Result<()> {
          machine; the test image (busybox) is present on the node. Pod startup is the time from a pod's \
          create being sent to the watch showing it Running with Ready=True, for 30 pods created at once \
          (KubeEdge's 100k-node test reports p99 4.1 s; the Kubernetes SLO is p99 5 s). RSS per pod is \
-         edgesite's growth with 30 pods running divided by 30; containerd and its shims are counted apart.\n"
+         edgesite's growth with 30 pods running divided by 30; containerd and its shims are counted apart.\n\n\
+         The autonomy and streaming rows use a separate `edgesite agent` joined over its dial-out tunnel, \
+         with 30 `sleep` pods and one web pod. A reboot is simulated as in the tests (every container \
+         killed, containerd restarted, the node's mounts, bridge and NAT rules gone); the time runs from \
+         the agent's start to all 31 containers running again (read from containerd), with the API server \
+         down (the agent has only its cache) or up (then also until the API shows all 31 Ready again). \
+         Exec latency is a whole `kubectl exec web -- true` (process start included). Port-forward \
+         throughput is a 64 MB HTTP download through `kubectl port-forward` (kubectl -> API server -> \
+         agent tunnel -> pod) against the same download from the pod IP.\n"
     );
     let root = std::env::current_exe()?
         .parent()
@@ -668,6 +688,195 @@ async fn deployment_rollout(bin: &Path, work: &Path, rows: &mut Vec<Row>) -> Res
 }
 
 /// Resident memory of processes whose command line starts with `prefix` (KiB, summed).
+/// Node autonomy (reboot with and without the API) and streaming (exec latency, port-forward
+/// throughput) with a remote agent on a private containerd.
+fn node_autonomy() -> Result<Vec<Row>> {
+    use tests::node::Runtime;
+    let mut rows = Vec::new();
+    let mut rt = Runtime::start()
+        .context("start a private containerd (needs root, containerd, runc, CNI plugins)")?;
+    let mut site = tests::Site::start_with(&[&format!("--cluster-cidr={}", rt.cluster_cidr())])?;
+    let mut agent = rt.start_agent(&site, "bench-edge")?;
+    let wait = |what: &str, secs: u64, f: &mut dyn FnMut() -> bool| -> Result<Duration> {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(secs) {
+            if f() {
+                return Ok(t0.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("timed out waiting for {what}")
+    };
+    let get = |site: &tests::Site, args: &[&str]| -> Option<String> {
+        let out = site.kubectl(args).ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let all_ready = |site: &tests::Site| -> usize {
+        get(site, &["get", "pods", "-o", "json"])
+            .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
+            .map(|v| {
+                v["items"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| {
+                        p.pointer("/status/containerStatuses/0/ready")
+                            == Some(&serde_json::Value::Bool(true))
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    wait("the node", 60, &mut || {
+        get(&site, &["get", "node", "bench-edge"]).is_some_and(|o| o.contains(" Ready "))
+    })?;
+    let mut yaml = String::new();
+    for i in 0..30 {
+        yaml.push_str(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers: [{{name: c, image: {}, imagePullPolicy: Never, command: [sleep, \"3600\"]}}]\n---\n",
+            tests::node::BUSYBOX
+        ));
+    }
+    yaml.push_str(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: web}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers: [{{name: web, image: {}, imagePullPolicy: Never, command: [sh, -c, \"mkdir -p /www && head -c 67108864 /dev/zero > /www/big && exec httpd -f -p 8080 -h /www\"]}}]\n",
+        tests::node::BUSYBOX
+    ));
+    site.ok_stdin(&["apply", "-f", "-"], Some(&yaml));
+    wait("31 ready pods", 120, &mut || all_ready(&site) == 31)?;
+
+    // Exec round trips.
+    let mut execs = Vec::new();
+    for _ in 0..20 {
+        let t0 = Instant::now();
+        let out = site.kubectl(&["exec", "web", "--", "true"])?;
+        if !out.status.success() {
+            bail!(
+                "kubectl exec failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        execs.push(t0.elapsed());
+    }
+    execs.sort();
+    rows.push(Row {
+        metric: "kubectl exec web -- true through the agent tunnel (whole command) p50 / p99",
+        measured: format!(
+            "{} / {}",
+            ms(percentile(&execs, 0.5)),
+            ms(percentile(&execs, 0.99))
+        ),
+        target: "-",
+        met: None,
+    });
+
+    // Port-forward throughput against the pod IP.
+    let ip = site.ok(&["get", "pod", "web", "-o", "jsonpath={.status.podIP}"]);
+    let download = |addr: &str| -> Result<(usize, Duration)> {
+        use std::io::{Read, Write};
+        let t0 = Instant::now();
+        let mut s = std::net::TcpStream::connect(addr)?;
+        write!(s, "GET /big HTTP/1.0\r\nHost: x\r\n\r\n")?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0;
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        Ok((total, t0.elapsed()))
+    };
+    let (direct_bytes, direct) = download(&format!("{ip}:8080"))?;
+    let mut pf = Command::new(tests::kubectl_bin())
+        .arg("--kubeconfig")
+        .arg(site.kubeconfig())
+        .args(["port-forward", "pod/web", ":8080"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let local = {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(pf.stdout.take().context("stdout")?).lines();
+        let line = lines.next().context("port-forward output")??;
+        std::thread::spawn(move || for _ in lines {});
+        line.strip_prefix("Forwarding from ")
+            .and_then(|l| l.split_whitespace().next())
+            .context("port-forward's local address")?
+            .to_string()
+    };
+    let (pf_bytes, forwarded) = download(&local)?;
+    let _ = pf.kill();
+    let _ = pf.wait();
+    if pf_bytes < 64 << 20 || direct_bytes < 64 << 20 {
+        bail!("short download: {pf_bytes} / {direct_bytes} bytes");
+    }
+    let mbps = |b: usize, d: Duration| b as f64 / 1e6 / d.as_secs_f64();
+    rows.push(Row {
+        metric: "port-forward 64 MB download: through kubectl port-forward / direct to the pod IP",
+        measured: format!(
+            "{:.0} MB/s / {:.0} MB/s",
+            mbps(pf_bytes, forwarded),
+            mbps(direct_bytes, direct)
+        ),
+        target: "-",
+        met: None,
+    });
+
+    // Reboots.
+    let running = |rt: &Runtime| {
+        rt.ctr("bench-edge", &["tasks", "ls"])
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("RUNNING"))
+            .count()
+    };
+    agent.kill();
+    rt.reboot(&agent)?;
+    agent.launch()?;
+    let containers = wait("31 containers after a reboot", 120, &mut || {
+        running(&rt) == 31
+    })?;
+    let api = wait("31 ready pods after a reboot", 120, &mut || {
+        let restarted = get(
+            &site,
+            &[
+                "get",
+                "pods",
+                "-o",
+                "jsonpath={.items[*].status.containerStatuses[0].restartCount}",
+            ],
+        )
+        .is_some_and(|o| o.split_whitespace().filter(|c| *c != "0").count() == 31);
+        restarted && all_ready(&site) == 31
+    })?;
+    rows.push(Row {
+        metric: "reboot with the API up: agent start -> 31 containers running / -> all Ready in the API",
+        measured: format!("{} / {}", ms(containers), ms(containers + api)),
+        target: "-",
+        met: None,
+    });
+    site.kill();
+    agent.kill();
+    rt.reboot(&agent)?;
+    agent.launch()?;
+    let offline = wait("31 containers after an offline reboot", 120, &mut || {
+        running(&rt) == 31
+    })?;
+    rows.push(Row {
+        metric: "reboot with the API down: agent start -> 31 containers running from the cache alone",
+        measured: ms(offline),
+        target: "-",
+        met: None,
+    });
+    drop(agent);
+    drop(site);
+    drop(rt);
+    Ok(rows)
+}
+
 fn rss_of_processes(name: &str) -> (u64, usize) {
     let mut total = 0;
     let mut count = 0;
