@@ -2225,38 +2225,7 @@ impl Ctx {
     async fn pod_log(&self, name: &str, query: &Query) -> Result<Response, ApiError> {
         let object = self.load(name).await?.object;
         let node = Self::node_of(&object, name)?;
-        let names = |path: &str| -> Vec<String> {
-            object
-                .pointer(path)
-                .and_then(Value::as_array)
-                .map(|cs| {
-                    cs.iter()
-                        .filter_map(|c| c["name"].as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let containers = names("/spec/containers");
-        let all: Vec<String> = names("/spec/initContainers")
-            .into_iter()
-            .chain(containers.iter().cloned())
-            .chain(names("/spec/ephemeralContainers"))
-            .collect();
-        let container = match query.get("container").filter(|c| !c.is_empty()) {
-            Some(c) if all.iter().any(|x| x == c) => c.to_string(),
-            Some(c) => {
-                return Err(ApiError::bad_request(format!(
-                    "container {c} is not valid for pod {name}"
-                )));
-            }
-            None if containers.len() == 1 => containers[0].clone(),
-            None => {
-                return Err(ApiError::bad_request(format!(
-                    "a container name must be specified for pod {name}, choose one of: [{}]",
-                    containers.join(" ")
-                )));
-            }
-        };
+        let container = Self::pick_container(&object, name, query.get("container"))?;
         for (key, what) in [
             ("tailLines", "tailLines"),
             ("sinceSeconds", "sinceSeconds"),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, RawQuery, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
@@ -19,8 +19,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::broadcast;
 
 use super::exec::{
-    CLOSE, Frames, RESIZE, STATUS, STDERR, STDIN, STDOUT, channel_body, frame, params,
-    running_container,
+    CLOSE, Frames, RESIZE, STATUS, STDERR, STDIN, STDOUT, channel_body, frame, params, target, text,
 };
 use crate::Agent;
 
@@ -84,10 +83,6 @@ pub fn unregister(agent: &Agent, id: &str) {
         .remove(id);
 }
 
-fn text(code: StatusCode, message: String) -> Response {
-    (code, message).into_response()
-}
-
 pub async fn attach(
     State(agent): State<Arc<Agent>>,
     UrlPath((ns, pod, container)): UrlPath<(String, String, String)>,
@@ -95,12 +90,9 @@ pub async fn attach(
     body: Body,
 ) -> Response {
     let p = params(raw.as_deref());
-    let Some(id) = running_container(&agent, &ns, &pod, &container, p.pod_uid.as_deref()).await
-    else {
-        return text(
-            StatusCode::NOT_FOUND,
-            format!("container not found (\"{container}\")"),
-        );
+    let id = match target(&agent, &ns, &pod, &container, &p).await {
+        Ok(id) => id,
+        Err(response) => return response,
     };
     let found = agent
         .attachable

@@ -102,8 +102,26 @@ pub fn params(raw: Option<&str>) -> Params {
     p
 }
 
-fn text(code: StatusCode, message: String) -> Response {
+pub fn text(code: StatusCode, message: String) -> Response {
     (code, message).into_response()
+}
+
+/// The running container a session targets, or the kubelet's 404 for it.
+pub async fn target(
+    agent: &Agent,
+    ns: &str,
+    pod: &str,
+    container: &str,
+    p: &Params,
+) -> Result<String, Response> {
+    running_container(agent, ns, pod, container, p.pod_uid.as_deref())
+        .await
+        .ok_or_else(|| {
+            text(
+                StatusCode::NOT_FOUND,
+                format!("container not found (\"{container}\")"),
+            )
+        })
 }
 
 /// The running containerd container of `container` in the pod (its newest attempt).
@@ -196,12 +214,9 @@ pub async fn exec(
     if p.command.is_empty() {
         return text(StatusCode::BAD_REQUEST, "no command given".into());
     }
-    let Some(id) = running_container(&agent, &ns, &pod, &container, p.pod_uid.as_deref()).await
-    else {
-        return text(
-            StatusCode::NOT_FOUND,
-            format!("container not found (\"{container}\")"),
-        );
+    let id = match target(&agent, &ns, &pod, &container, &p).await {
+        Ok(id) => id,
+        Err(response) => return response,
     };
     let spec = agent.runtime.container_spec(&id).await.unwrap_or_default();
     let mut process = match spec.get("process") {

@@ -10,16 +10,13 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, RawQuery, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::exec::text;
 use crate::Agent;
 use crate::pod_worker::{LABEL_POD_NAME, LABEL_POD_NAMESPACE, LABEL_POD_UID};
-
-fn text(code: StatusCode, message: String) -> Response {
-    (code, message).into_response()
-}
 
 /// The pod's uid on this node, from its containers' labels.
 async fn pod_uid(agent: &Agent, namespace: &str, pod: &str) -> Option<String> {
