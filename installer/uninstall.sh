@@ -26,7 +26,7 @@ if command -v ctr >/dev/null 2>&1 && ctr --address "$sock" version >/dev/null 2>
   done
 fi
 # Pod network namespaces and tmpfs volumes are mounts under the data dir.
-grep -o " $data_dir/[^ ]*" /proc/self/mountinfo 2>/dev/null | sort -r | while read -r m; do
+{ grep -o " $data_dir/[^ ]*" /proc/self/mountinfo 2>/dev/null || true; } | sort -r | while read -r m; do
   umount -l "$m" 2>/dev/null || true
 done
 ip link del edgesite0 2>/dev/null || true
