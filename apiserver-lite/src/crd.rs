@@ -282,6 +282,18 @@ pub fn resources(crd: &Value) -> Vec<ResourceInfo> {
                     "" => format!("{kind}List"),
                     other => other.to_string(),
                 },
+                selectable: v
+                    .get("selectableFields")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|f| f.get("jsonPath").and_then(Value::as_str))
+                    .map(|path| {
+                        let label = path.trim_start_matches('.').to_string();
+                        let pointer = format!("/{}", label.replace('.', "/"));
+                        (label, pointer)
+                    })
+                    .collect(),
             }),
         });
     }

@@ -830,6 +830,11 @@ pub fn selectable_fields(info: &ResourceInfo, object: &Value) -> BTreeMap<String
         }
         fields.insert((*label).to_string(), value);
     }
+    if let Some(custom) = &info.custom {
+        for (label, pointer) in &custom.selectable {
+            fields.insert(label.clone(), field_str(object, pointer));
+        }
+    }
     fields
 }
 
@@ -841,7 +846,11 @@ pub fn check_field_labels(
     for label in labels {
         let known = label == "metadata.name"
             || (label == "metadata.namespace" && info.namespaced)
-            || field_labels(info).iter().any(|(l, _)| *l == label);
+            || field_labels(info).iter().any(|(l, _)| *l == label)
+            || info
+                .custom
+                .as_ref()
+                .is_some_and(|c| c.selectable.iter().any(|(l, _)| *l == label));
         if !known {
             return Err(format!("field label not supported: {label}"));
         }

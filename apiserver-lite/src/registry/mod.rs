@@ -92,6 +92,9 @@ pub struct CustomResource {
     pub status: bool,
     pub scale: Option<ScalePaths>,
     pub list_kind: String,
+    /// Field selector labels from the version's `selectableFields` (`spec.nodeName`), with the
+    /// JSON pointer of each (`/spec/nodeName`).
+    pub selectable: Vec<(String, String)>,
 }
 
 /// One REST resource.

@@ -1,0 +1,346 @@
+//! EventBus: the node's MQTT broker (rumqttd, embedded) or the address of an external one
+//! (mosquitto, ...), and how the twin and mappers connect to it.
+//!
+//! rumqttd runs its router and each listener on threads of their own; it has no stop, so a broker
+//! lives as long as the process (the agent's). Memory is bounded per client (payload size,
+//! inflight and outgoing packet counts) and per topic filter (a few small segments that roll over),
+//! so a client that stops reading loses its own oldest messages instead of stalling the others.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Largest MQTT payload the broker accepts: a twin update of many keys at the 512-byte value
+/// limit fits with room to spare.
+pub const MAX_PAYLOAD: usize = 256 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventBusError {
+    #[error(
+        "the MQTT broker cannot listen on {addr}: {source}; is mosquitto or another edgesite running? Pass --mqtt-bind ADDR:PORT, or --mqtt-external to use that broker"
+    )]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("MQTT TLS: {0}")]
+    Tls(String),
+    #[error("the MQTT broker did not start listening on {0} within 10 s")]
+    NotListening(SocketAddr),
+    #[error("start the MQTT broker: {0}")]
+    Start(String),
+}
+
+/// TLS for the broker's listener: clients must present a certificate signed by `client_ca`.
+#[derive(Clone, Debug)]
+pub struct BrokerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    pub listen: SocketAddr,
+    /// Username -> password; `None` lets any client connect.
+    pub users: Option<HashMap<String, String>>,
+    pub tls: Option<BrokerTls>,
+    pub max_connections: usize,
+}
+
+impl BrokerConfig {
+    pub fn loopback(port: u16) -> BrokerConfig {
+        BrokerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            users: None,
+            tls: None,
+            max_connections: 1024,
+        }
+    }
+}
+
+/// How a client reaches the broker.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// PEM: the CA that signed the broker's certificate, and the client's certificate and key.
+    pub tls: Option<ClientTls>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    pub ca_pem: Vec<u8>,
+    pub cert_pem: Option<Vec<u8>>,
+    pub key_pem: Option<Vec<u8>>,
+}
+
+impl Endpoint {
+    pub fn plain(addr: SocketAddr) -> Endpoint {
+        Endpoint {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            username: None,
+            password: None,
+            tls: None,
+        }
+    }
+
+    /// Parses `mqtt://[user:pass@]host:port` or `mqtts://...` (TLS material set separately).
+    pub fn parse(url: &str) -> Result<Endpoint, String> {
+        let (scheme, rest) = url.split_once("://").unwrap_or(("mqtt", url));
+        let default_port = match scheme {
+            "mqtt" | "tcp" => 1883,
+            "mqtts" | "ssl" | "tls" => 8883,
+            other => {
+                return Err(format!(
+                    "unknown MQTT scheme {other:?} in {url:?}: use mqtt://host:port or mqtts://host:port"
+                ));
+            }
+        };
+        let rest = rest.trim_end_matches('/');
+        let (login, hostport) = match rest.rsplit_once('@') {
+            Some((login, hostport)) => (Some(login), hostport),
+            None => (None, rest),
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => (
+                h.trim_start_matches('[').trim_end_matches(']').to_string(),
+                p.parse::<u16>()
+                    .map_err(|_| format!("bad port {p:?} in MQTT address {url:?}"))?,
+            ),
+            _ => (hostport.to_string(), default_port),
+        };
+        if host.is_empty() {
+            return Err(format!("no host in MQTT address {url:?}"));
+        }
+        let (username, password) = match login {
+            Some(l) => match l.split_once(':') {
+                Some((u, p)) => (Some(u.to_string()), Some(p.to_string())),
+                None => (Some(l.to_string()), None),
+            },
+            None => (None, None),
+        };
+        Ok(Endpoint {
+            host,
+            port,
+            username,
+            password,
+            tls: None,
+        })
+    }
+
+    /// rumqttc options for a client called `client_id`.
+    pub fn options(&self, client_id: &str) -> rumqttc::MqttOptions {
+        let mut options = rumqttc::MqttOptions::new(client_id, &self.host, self.port);
+        options.set_keep_alive(Duration::from_secs(15));
+        options.set_max_packet_size(MAX_PAYLOAD + 1024, MAX_PAYLOAD + 1024);
+        if let Some(user) = &self.username {
+            options.set_credentials(user, self.password.clone().unwrap_or_default());
+        }
+        if let Some(tls) = &self.tls {
+            let client_auth = match (&tls.cert_pem, &tls.key_pem) {
+                (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+                _ => None,
+            };
+            options.set_transport(rumqttc::Transport::tls(
+                tls.ca_pem.clone(),
+                client_auth,
+                None,
+            ));
+        }
+        options
+    }
+}
+
+/// A running embedded broker.
+pub struct Broker {
+    /// Where the node's own components connect (an extra loopback listener with a generated
+    /// password when the public one asks for credentials or certificates).
+    pub internal: Endpoint,
+    pub listen: SocketAddr,
+}
+
+fn free_loopback_port() -> Result<u16, EventBusError> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    let l = TcpListener::bind(addr).map_err(|source| EventBusError::Bind { addr, source })?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|source| EventBusError::Bind { addr, source })
+}
+
+fn settings(
+    name: &str,
+    listen: SocketAddr,
+    users: Option<HashMap<String, String>>,
+    tls: Option<rumqttd::TlsConfig>,
+) -> rumqttd::ServerSettings {
+    rumqttd::ServerSettings {
+        name: name.to_string(),
+        listen,
+        tls,
+        next_connection_delay_ms: 1,
+        connections: rumqttd::ConnectionSettings {
+            connection_timeout_ms: 10_000,
+            max_payload_size: MAX_PAYLOAD,
+            max_inflight_count: 100,
+            auth: users,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    }
+}
+
+/// Starts the broker and waits until it accepts connections.
+pub fn start(config: &BrokerConfig) -> Result<Broker, EventBusError> {
+    // rumqttd reports a listener that cannot bind only in its log: find out first.
+    drop(
+        TcpListener::bind(config.listen).map_err(|source| EventBusError::Bind {
+            addr: config.listen,
+            source,
+        })?,
+    );
+    let tls = match &config.tls {
+        Some(t) => {
+            for p in [&t.cert, &t.key, &t.client_ca] {
+                if !p.exists() {
+                    return Err(EventBusError::Tls(format!(
+                        "{} does not exist",
+                        p.display()
+                    )));
+                }
+            }
+            Some(rumqttd::TlsConfig::Rustls {
+                capath: Some(t.client_ca.display().to_string()),
+                certpath: t.cert.display().to_string(),
+                keypath: t.key.display().to_string(),
+            })
+        }
+        None => None,
+    };
+    let mut servers = HashMap::new();
+    servers.insert(
+        "public".to_string(),
+        settings("mqtt", config.listen, config.users.clone(), tls.clone()),
+    );
+    let guarded = config.users.is_some() || tls.is_some();
+    let internal = if guarded {
+        let port = free_loopback_port()?;
+        let password: String = {
+            use rand::Rng;
+            let mut rng = rand::rng();
+            (0..32)
+                .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+                .collect()
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        servers.insert(
+            "internal".to_string(),
+            settings(
+                "mqtt-internal",
+                addr,
+                Some(HashMap::from([(
+                    "edgesite-internal".to_string(),
+                    password.clone(),
+                )])),
+                None,
+            ),
+        );
+        Endpoint {
+            host: "127.0.0.1".into(),
+            port,
+            username: Some("edgesite-internal".into()),
+            password: Some(password),
+            tls: None,
+        }
+    } else {
+        let host = if config.listen.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            config.listen.ip().to_string()
+        };
+        Endpoint {
+            host,
+            port: config.listen.port(),
+            username: None,
+            password: None,
+            tls: None,
+        }
+    };
+    let broker_config = rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: config.max_connections,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 256 * 1024,
+            max_segment_count: 4,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(servers),
+        ..Default::default()
+    };
+    let mut broker = rumqttd::Broker::new(broker_config);
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!("MQTT broker stopped: {e}");
+            }
+        })
+        .map_err(|e| EventBusError::Start(e.to_string()))?;
+    let probe = SocketAddr::from((
+        if config.listen.ip().is_unspecified() {
+            std::net::IpAddr::from([127, 0, 0, 1])
+        } else {
+            config.listen.ip()
+        },
+        config.listen.port(),
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let internal_addr: SocketAddr = format!("{}:{}", internal.host, internal.port)
+        .parse()
+        .map_err(|e| EventBusError::Start(format!("{e}")))?;
+    for addr in [probe, internal_addr] {
+        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if std::time::Instant::now() > deadline {
+                return Err(EventBusError::NotListening(addr));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    tracing::info!(listen = %config.listen, tls = config.tls.is_some(), auth = config.users.is_some(), "MQTT broker (EventBus) listening");
+    Ok(Broker {
+        internal,
+        listen: config.listen,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse() {
+        let e = Endpoint::parse("mqtt://u:p@10.0.0.1:1884").unwrap();
+        assert_eq!(
+            (
+                e.host.as_str(),
+                e.port,
+                e.username.as_deref(),
+                e.password.as_deref()
+            ),
+            ("10.0.0.1", 1884, Some("u"), Some("p"))
+        );
+        let e = Endpoint::parse("mqtts://broker.local").unwrap();
+        assert_eq!((e.host.as_str(), e.port), ("broker.local", 8883));
+        let e = Endpoint::parse("127.0.0.1:1883").unwrap();
+        assert_eq!(e.port, 1883);
+        assert!(Endpoint::parse("http://x").is_err());
+        assert!(Endpoint::parse("mqtt://x:notaport").is_err());
+    }
+}
