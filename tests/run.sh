@@ -18,13 +18,16 @@ command -v kubectl >/dev/null 2>&1 || { echo "kubectl is required for the end-to
 # Each test starts its own containerd; nothing here starts a system-wide one.
 install_node_deps
 apt_install docker-registry busybox-static apache2-utils
-# The official Python client, for the client-library compatibility test.
+# MQTT clients (a legacy mapper in the device tests) and mosquitto (compared in the benchmark).
+apt_install mosquitto mosquitto-clients
+# The official Python client, for the client-library compatibility test; pymodbus, the Modbus
+# TCP server the Modbus mapper is tested against.
 venv="$repo/target/python-venv"
-if ! "$venv/bin/python" -c "import kubernetes" >/dev/null 2>&1; then
+if ! "$venv/bin/python" -c "import kubernetes, pymodbus" >/dev/null 2>&1; then
   command -v python3 >/dev/null 2>&1 || apt_install python3
   rm -rf "$venv"
   python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
-  "$venv/bin/pip" install -q "kubernetes==37.0.2"
+  "$venv/bin/pip" install -q "kubernetes==37.0.2" "pymodbus==3.6.9"
 fi
 export EDGESITE_PYTHON="$venv/bin/python"
 if command -v rustup >/dev/null 2>&1; then

@@ -97,6 +97,8 @@ pub struct Runtime {
     pub slot: Slot,
     /// How many nodes this runtime serves so far (bridges and CIDRs per node).
     nodes: std::cell::Cell<u32>,
+    /// The MQTT port of each node's EventBus.
+    mqtt: std::cell::RefCell<std::collections::BTreeMap<String, u16>>,
 }
 
 impl Runtime {
@@ -121,6 +123,7 @@ impl Runtime {
             child: None,
             slot,
             nodes: std::cell::Cell::new(0),
+            mqtt: Default::default(),
         };
         rt.spawn_containerd()?;
         Ok(rt)
@@ -223,7 +226,17 @@ impl Runtime {
                 "--private-registry={}",
                 self.dir.path().join("registries.yaml").display()
             ),
+            format!("--mqtt-bind=127.0.0.1:{}", self.mqtt_port(node)),
         ]
+    }
+
+    /// The port of `node`'s MQTT broker (EventBus), on 127.0.0.1.
+    pub fn mqtt_port(&self, node: &str) -> u16 {
+        *self
+            .mqtt
+            .borrow_mut()
+            .entry(node.to_string())
+            .or_insert_with(crate::free_port)
     }
 
     /// Starts a site whose node agent runs containers here; the test image is dropped into

@@ -16,6 +16,10 @@ pub fn run(args: AgentCommandArgs) -> Result<()> {
         bail!("--server {server:?} must be the site's https:// URL, e.g. https://10.0.0.1:6443");
     }
     let config = args.agent.to_config(&args.data_dir, false)?;
+    let device_setup = args
+        .agent
+        .devices
+        .setup(&args.data_dir, &config.node_name)?;
     std::fs::create_dir_all(&config.root)
         .with_context(|| format!("create {}", config.root.display()))?;
     let lock_path = config.root.join("edgesite-agent.lock");
@@ -59,6 +63,14 @@ pub fn run(args: AgentCommandArgs) -> Result<()> {
             tunnel_stop.drop_guard()
         };
         tracing::info!(node = %config.node_name, server = %server, "EdgeSite agent starting");
+        let device_twin = match device_setup {
+            Some(setup) => Some(crate::devices::start(
+                setup,
+                client.clone(),
+                shutdown.clone(),
+            )?),
+            None => None,
+        };
         let mut agent = tokio::spawn(edged::run(config, client, publish, shutdown.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -74,6 +86,9 @@ pub fn run(args: AgentCommandArgs) -> Result<()> {
         }
         shutdown.cancel();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(10), agent).await;
+        if let Some(twin) = device_twin {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), twin).await;
+        }
         Ok(())
     })
 }

@@ -124,6 +124,11 @@ async fn run_loops(client: kube::Client, settings: Settings, shutdown: Cancellat
         tokio::spawn(service_accounts),
         tokio::spawn(root_ca),
         tokio::spawn(tokens),
+        tokio::spawn(devices::controller::run(
+            client.clone(),
+            recorder("device-controller"),
+            shutdown.clone(),
+        )),
         tokio::spawn(controllers::namespace::run(
             client.clone(),
             shutdown.clone(),

@@ -6,6 +6,7 @@
 mod agent;
 mod config;
 mod control_plane;
+mod devices;
 mod join;
 mod pki;
 mod server;
@@ -241,6 +242,8 @@ pub struct AgentArgs {
     /// `keep` its pods, or `evict` them; default: the site's --disconnected-node-pods.
     #[arg(long = "disconnected-pods", value_name = "keep|evict")]
     pub disconnected_pods: Option<controllers::node_lifecycle::DisconnectedPods>,
+    #[command(flatten)]
+    pub devices: crate::devices::DeviceArgs,
 }
 
 impl AgentArgs {

@@ -142,6 +142,13 @@ pub fn run(args: ServerArgs) -> Result<()> {
     } else {
         Some(args.agent.to_config(&args.data_dir, true)?)
     };
+    let device_setup = match &agent_config {
+        Some(config) => args
+            .agent
+            .devices
+            .setup(&args.data_dir, &config.node_name)?,
+        None => None,
+    };
     let server_dir = args.data_dir.join("server");
     std::fs::create_dir_all(&server_dir)
         .with_context(|| format!("create data dir {}", server_dir.display()))?;
@@ -241,6 +248,10 @@ pub fn run(args: ServerArgs) -> Result<()> {
         let _ = api.node_join.set(joiner);
         // Control loops talk to the API through the in-process client: no socket, same path.
         let client = kube::Client::new(apiserver_lite::http::in_process(api.clone()), "default");
+        // KubeEdge's device API is part of every site.
+        devices::crd::install(&client)
+            .await
+            .context("install the Device and DeviceModel CRDs")?;
         let loops = tokio::spawn(crate::control_plane::run(
             client.clone(),
             crate::control_plane::Settings {
@@ -261,6 +272,10 @@ pub fn run(args: ServerArgs) -> Result<()> {
             };
             tokio::spawn(edged::run(config, client.clone(), publish, shutdown.clone()))
         });
+        let device_twin = match device_setup {
+            Some(setup) => Some(crate::devices::start(setup, client.clone(), shutdown.clone())?),
+            None => None,
+        };
         let app = apiserver_lite::http::router(api);
         let mut server = tokio::spawn(apiserver_lite::http::serve(listener, config.tls.clone(), app, shutdown.clone()));
         tracing::info!(
@@ -283,6 +298,9 @@ pub fn run(args: ServerArgs) -> Result<()> {
         }
         shutdown.cancel();
         let _ = tokio::time::timeout(DRAIN, loops).await;
+        if let Some(twin) = device_twin {
+            let _ = tokio::time::timeout(DRAIN, twin).await;
+        }
         if let Some(agent) = agent {
             match tokio::time::timeout(DRAIN, agent).await {
                 Ok(Ok(Err(e))) => tracing::warn!("node agent: {e}"),

@@ -1,0 +1,784 @@
+//! Devices end to end: KubeEdge Device/DeviceModel manifests applied with kubectl, the node's
+//! embedded MQTT broker and twin, the bundled Modbus mapper against a real Modbus TCP server
+//! (pymodbus), a legacy mapper played by `mosquitto_pub`/`mosquitto_sub`, and the twin carrying
+//! on while the node is cut off from the API server or the server is down. Needs root
+//! (containerd for the node agent); run by tests/run.sh.
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use tests::link::Link;
+use tests::node::Runtime;
+use tests::{Site, edgesite_bin, eventually};
+
+fn need(program: &str, package: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "{program} is missing: install Debian's {package} (tests/run.sh does)"
+    );
+}
+
+/// A process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn python() -> String {
+    std::env::var("EDGESITE_PYTHON").unwrap_or_else(|_| {
+        let venv = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../target/python-venv/bin/python"
+        );
+        venv.to_string()
+    })
+}
+
+/// A pymodbus TCP server on 127.0.0.1:`port`: holding register 2 holds 23, coil 0 is off.
+fn modbus_server(port: u16, dir: &std::path::Path) -> Proc {
+    let script = dir.join("modbus_sim.py");
+    std::fs::write(
+        &script,
+        r#"import sys
+from pymodbus.datastore import ModbusSequentialDataBlock, ModbusSlaveContext, ModbusServerContext
+from pymodbus.server import StartTcpServer
+hr = ModbusSequentialDataBlock(0, [0] * 100)
+hr.setValues(3, [23])  # address 2 (pymodbus blocks count from 1)
+co = ModbusSequentialDataBlock(0, [0] * 100)
+store = ModbusSlaveContext(hr=hr, co=co, zero_mode=False)
+StartTcpServer(context=ModbusServerContext(slaves=store, single=True), address=("127.0.0.1", int(sys.argv[1])))
+"#,
+    )
+    .unwrap();
+    let ok = Command::new(python())
+        .args(["-c", "import pymodbus"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "pymodbus is missing from {}: tests/run.sh installs it (pip install pymodbus==3.6.9)",
+        python()
+    );
+    let child = Command::new(python())
+        .arg(&script)
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || std::net::TcpStream::connect((
+            "127.0.0.1",
+            port
+        ))
+        .is_ok()),
+        "the Modbus server did not listen on {port}"
+    );
+    Proc(child)
+}
+
+/// Reads holding register `address` from the Modbus server, as any Modbus client would.
+fn holding_register(port: u16, address: u16) -> Option<u16> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    rt.block_on(async {
+        use tokio_modbus::client::Reader;
+        let mut ctx = tokio_modbus::client::tcp::connect(([127, 0, 0, 1], port).into())
+            .await
+            .ok()?;
+        ctx.read_holding_registers(address, 1)
+            .await
+            .ok()?
+            .ok()?
+            .first()
+            .copied()
+    })
+}
+
+fn device(site: &Site, name: &str) -> Option<Value> {
+    let out = site.kubectl(&["get", "device", name, "-o", "json"]).ok()?;
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+/// `status.twins[property].<which>.value` of a device.
+fn twin_value(site: &Site, name: &str, property: &str, which: &str) -> Option<String> {
+    let d = device(site, name)?;
+    d.pointer("/status/twins")?
+        .as_array()?
+        .iter()
+        .find(|t| t["propertyName"] == property)?
+        .get(which)?
+        .get("value")?
+        .as_str()
+        .map(String::from)
+}
+
+fn mqtt_pub(port: u16, topic: &str, payload: &str) {
+    let out = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-m",
+            payload,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mosquitto_pub {topic}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `mosquitto_sub` for `count` messages on `topic`, started before what should make them.
+struct Sub(Option<Child>);
+
+impl Sub {
+    fn start(port: u16, topic: &str, count: usize, timeout: Duration) -> Sub {
+        let child = Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-q",
+                "1",
+                "-t",
+                topic,
+                "-C",
+                &count.to_string(),
+                "-W",
+                &timeout.as_secs().to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // mosquitto_sub says nothing once subscribed: give it a moment.
+        std::thread::sleep(Duration::from_millis(700));
+        Sub(Some(child))
+    }
+
+    /// The messages received, as JSON (waits for `count` or the timeout).
+    fn messages(mut self) -> Vec<Value> {
+        let mut child = self.0.take().unwrap();
+        let _ = child.wait();
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        out.lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn one(self, what: &str) -> Value {
+        self.messages()
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("no MQTT message: {what}"))
+    }
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Publishes `request` until the result topic answers (the twin may not hold the device yet).
+fn ask(
+    port: u16,
+    topic: &str,
+    request: &str,
+    result: &str,
+    until: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let sub = Sub::start(port, result, 1, Duration::from_secs(5));
+        mqtt_pub(port, topic, request);
+        if let Some(v) = sub.messages().into_iter().next()
+            && until(&v)
+        {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no satisfying answer on {result}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+const MODEL: &str = r#"apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata:
+  name: thermostat-model
+  namespace: default
+spec:
+  properties:
+    - name: temperature
+      description: setpoint in degrees Celsius
+      type: INT
+      accessMode: ReadWrite
+      maximum: "100"
+      minimum: "1"
+      unit: Celsius
+    - name: heating
+      description: heater relay
+      type: BOOLEAN
+      accessMode: ReadWrite
+  protocol: modbus
+"#;
+
+fn modbus_device(node: &str, port: u16) -> String {
+    format!(
+        r#"apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata:
+  name: thermostat
+  namespace: default
+  labels:
+    description: lab-thermostat
+spec:
+  deviceModelRef:
+    name: thermostat-model
+  nodeName: {node}
+  properties:
+    - name: temperature
+      collectCycle: 200
+      reportCycle: 200
+      reportToCloud: true
+      visitors:
+        protocolName: modbus
+        configData:
+          register: "HoldingRegister"
+          offset: 2
+          limit: 1
+          scale: 1
+          isSwap: false
+          isRegisterSwap: false
+    - name: heating
+      collectCycle: 200
+      reportCycle: 200
+      visitors:
+        protocolName: modbus
+        configData:
+          register: "CoilRegister"
+          offset: 0
+          limit: 1
+  protocol:
+    protocolName: modbus
+    configData:
+      ip: 127.0.0.1
+      port: {port}
+      slaveID: 1
+"#
+    )
+}
+
+#[test]
+fn a_modbus_device_is_readable_and_writable_through_kubectl() {
+    let rt = Runtime::start().unwrap();
+    let site = rt.start_site(&[]).unwrap();
+    let mqtt = rt.mqtt_port("node-a");
+    let dir = tempfile::tempdir().unwrap();
+    let modbus_port = tests::free_port();
+    let _sim = modbus_server(modbus_port, dir.path());
+
+    // The CRDs are there from the start, with KubeEdge's names.
+    let crds = site.ok(&["get", "crd"]);
+    assert!(crds.contains("devices.devices.kubeedge.io"), "{crds}");
+    assert!(crds.contains("devicemodels.devices.kubeedge.io"), "{crds}");
+    site.ok_stdin(&["apply", "-f", "-"], Some(MODEL));
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(&modbus_device("node-a", modbus_port)),
+    );
+
+    let mapper_bin = edgesite_bin().with_file_name("edgesite-mapper-modbus");
+    assert!(
+        mapper_bin.exists(),
+        "{} is missing: cargo build --bins",
+        mapper_bin.display()
+    );
+    let mapper_log = dir.path().join("mapper.log");
+    let log = std::fs::File::create(&mapper_log).unwrap();
+    let _mapper = Proc(
+        Command::new(&mapper_bin)
+            .args(["--node", "node-a", "--broker"])
+            .arg(format!("mqtt://127.0.0.1:{mqtt}"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap(),
+    );
+    let mapper_says = || std::fs::read_to_string(&mapper_log).unwrap_or_default();
+
+    // The register's value reaches the Device's status.
+    assert!(
+        eventually(Duration::from_secs(40), || twin_value(
+            &site,
+            "thermostat",
+            "temperature",
+            "reported"
+        )
+        .as_deref()
+            == Some("23")),
+        "register 2 (23) never reported; device: {:?}\nmapper: {}\nserver: {}",
+        device(&site, "thermostat"),
+        mapper_says(),
+        site.log()
+    );
+    let d = device(&site, "thermostat").unwrap();
+    assert_eq!(d["status"]["state"], "online", "{d}");
+    assert!(d["status"]["lastOnlineTime"].as_str().is_some(), "{d}");
+    let table = site.ok(&["get", "devices"]);
+    assert!(
+        table.contains("NODE") && table.contains("node-a") && table.contains("thermostat-model"),
+        "{table}"
+    );
+    let yaml = site.ok(&["get", "device", "thermostat", "-o", "yaml"]);
+    assert!(
+        yaml.contains("reported:") && yaml.contains("value: \"23\""),
+        "{yaml}"
+    );
+
+    // kubectl patch of the desired value writes the register.
+    site.ok(&[
+        "patch",
+        "device",
+        "thermostat",
+        "--type=json",
+        "-p",
+        r#"[{"op":"add","path":"/spec/properties/0/desired","value":{"value":"42"}}]"#,
+    ]);
+    assert!(
+        eventually(Duration::from_secs(30), || holding_register(modbus_port, 2)
+            == Some(42)),
+        "register 2 never became 42; mapper: {}",
+        mapper_says()
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            twin_value(&site, "thermostat", "temperature", "reported").as_deref() == Some("42")
+                && twin_value(&site, "thermostat", "temperature", "observedDesired").as_deref()
+                    == Some("42")
+        }),
+        "status never showed 42 reported and desired: {:?}",
+        device(&site, "thermostat")
+    );
+    // A coil, through a merge patch of the whole property list.
+    site.ok(&[
+        "patch",
+        "device",
+        "thermostat",
+        "--type=json",
+        "-p",
+        r#"[{"op":"add","path":"/spec/properties/1/desired","value":{"value":"true"}}]"#,
+    ]);
+    assert!(
+        eventually(Duration::from_secs(30), || twin_value(
+            &site,
+            "thermostat",
+            "heating",
+            "reported"
+        )
+        .as_deref()
+            == Some("true")),
+        "the coil never reported true: {:?}\nmapper: {}",
+        device(&site, "thermostat"),
+        mapper_says()
+    );
+
+    // A desired value outside the model's range is reported where kubectl describe shows it.
+    site.ok(&[
+        "patch",
+        "device",
+        "thermostat",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/properties/0/desired/value","value":"300"}]"#,
+    ]);
+    assert!(
+        eventually(Duration::from_secs(20), || site
+            .ok(&["describe", "device", "thermostat"])
+            .contains("InvalidDesiredValue")),
+        "{}",
+        site.ok(&["describe", "device", "thermostat"])
+    );
+
+    // Deleting the device takes it off the node: the twin answers 404.
+    site.ok(&["delete", "device", "thermostat"]);
+    ask(
+        mqtt,
+        "$hw/events/device/default/thermostat/twin/get",
+        "{}",
+        "$hw/events/device/default/thermostat/twin/get/result",
+        |v| v["code"] == 404,
+    );
+}
+
+const LEGACY_MODEL: &str = r#"apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata:
+  name: fan-model
+spec:
+  protocol: legacy
+  properties:
+    - name: speed
+      type: INT
+      accessMode: ReadWrite
+"#;
+
+fn legacy_device(node: &str) -> String {
+    format!(
+        r#"apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata:
+  name: fan
+spec:
+  deviceModelRef: {{name: fan-model}}
+  nodeName: {node}
+  protocol: {{protocolName: legacy}}
+  properties:
+    - name: speed
+      desired: {{value: "3"}}
+"#
+    )
+}
+
+const FAN: &str = "$hw/events/device/default/fan";
+
+#[test]
+fn a_legacy_mqtt_mapper_speaks_kubeedge_topics() {
+    need("mosquitto_pub", "mosquitto-clients");
+    let rt = Runtime::start().unwrap();
+    let site = rt.start_site(&[]).unwrap();
+    let port = rt.mqtt_port("node-a");
+    site.ok_stdin(&["apply", "-f", "-"], Some(LEGACY_MODEL));
+    site.ok_stdin(&["apply", "-f", "-"], Some(&legacy_device("node-a")));
+
+    // Membership: the node's devices, with twins.
+    let members = ask(
+        port,
+        "$hw/events/node/node-a/membership/get",
+        r#"{"event_id":"m1"}"#,
+        "$hw/events/node/node-a/membership/get/result",
+        |v| v["devices"].as_array().is_some_and(|d| !d.is_empty()),
+    );
+    assert_eq!(members["event_id"], "m1");
+    assert_eq!(members["devices"][0]["id"], "default/fan");
+    assert_eq!(
+        members["devices"][0]["twin"]["speed"]["expected"]["value"],
+        "3"
+    );
+
+    // twin/get, under the new and the old device id.
+    let got = ask(
+        port,
+        &format!("{FAN}/twin/get"),
+        r#"{"event_id":"g1"}"#,
+        &format!("{FAN}/twin/get/result"),
+        |v| v.get("twin").is_some(),
+    );
+    assert_eq!(got["event_id"], "g1");
+    assert_eq!(got["twin"]["speed"]["expected"]["value"], "3");
+    let sub = Sub::start(
+        port,
+        "$hw/events/device/fan/twin/get/result",
+        1,
+        Duration::from_secs(10),
+    );
+    mqtt_pub(port, "$hw/events/device/fan/twin/get", "{}");
+    assert_eq!(
+        sub.one("legacy id twin/get")["twin"]["speed"]["expected"]["value"],
+        "3"
+    );
+
+    // The mapper reports: result, document, and the value in the Device's status.
+    let result = Sub::start(
+        port,
+        &format!("{FAN}/twin/update/result"),
+        1,
+        Duration::from_secs(10),
+    );
+    let document = Sub::start(
+        port,
+        &format!("{FAN}/twin/update/document"),
+        1,
+        Duration::from_secs(10),
+    );
+    mqtt_pub(
+        port,
+        &format!("{FAN}/twin/update"),
+        r#"{"event_id":"r1","timestamp":1690000000000,"twin":{"speed":{"actual":{"value":"2","metadata":{"timestamp":1690000000000}},"metadata":{"type":"int"}}}}"#,
+    );
+    let r = result.one("twin/update/result");
+    assert_eq!(r["event_id"], "r1");
+    assert_eq!(r["twin"]["speed"]["actual"]["value"], "2");
+    let doc = document.one("twin/update/document");
+    assert_eq!(doc["twin"]["speed"]["current"]["actual"]["value"], "2");
+    assert!(
+        eventually(Duration::from_secs(10), || twin_value(
+            &site, "fan", "speed", "reported"
+        )
+        .as_deref()
+            == Some("2")),
+        "{:?}",
+        device(&site, "fan")
+    );
+    let d = device(&site, "fan").unwrap();
+    let ts = d["status"]["twins"][0]["reported"]["metadata"]["timestamp"].clone();
+    assert_eq!(ts, "1690000000000", "{d}");
+
+    // kubectl changes the desired value: the mapper hears a delta.
+    let delta = Sub::start(
+        port,
+        &format!("{FAN}/twin/update/delta"),
+        1,
+        Duration::from_secs(20),
+    );
+    site.ok(&[
+        "patch",
+        "device",
+        "fan",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/properties/0/desired/value","value":"5"}]"#,
+    ]);
+    let delta = delta.one("twin/update/delta");
+    assert_eq!(delta["delta"]["speed"], "5");
+    assert_eq!(delta["twin"]["speed"]["actual"]["value"], "2");
+    assert!(
+        delta["twin"]["speed"]["expected_version"]["cloud"]
+            .as_i64()
+            .unwrap()
+            >= 2
+    );
+
+    // State.
+    let sub = Sub::start(
+        port,
+        &format!("{FAN}/state/update/result"),
+        1,
+        Duration::from_secs(10),
+    );
+    mqtt_pub(
+        port,
+        &format!("{FAN}/state/update"),
+        r#"{"event_id":"s","timestamp":1,"state":"online"}"#,
+    );
+    assert_eq!(sub.one("state/update/result")["device"]["state"], "online");
+    assert!(eventually(Duration::from_secs(10), || device(&site, "fan")
+        .is_some_and(|d| d["status"]["state"] == "online")));
+
+    // Bad input: result codes, and the twin unharmed.
+    let results = Sub::start(
+        port,
+        &format!("{FAN}/twin/update/result"),
+        4,
+        Duration::from_secs(15),
+    );
+    mqtt_pub(port, &format!("{FAN}/twin/update"), "{this is not json");
+    mqtt_pub(
+        port,
+        &format!("{FAN}/twin/update"),
+        &format!(
+            r#"{{"event_id":"big","twin":{{"speed":{{"actual":{{"value":"{}"}}}}}}}}"#,
+            "9".repeat(600)
+        ),
+    );
+    mqtt_pub(
+        port,
+        &format!("{FAN}/twin/update"),
+        r#"{"event_id":"stale","twin":{"speed":{"actual":{"value":"8"},"actual_version":{"cloud":0,"edge":0}}}}"#,
+    );
+    mqtt_pub(
+        port,
+        &format!("{FAN}/twin/update"),
+        r#"{"event_id":"ok","twin":{"speed":{"actual":{"value":"4"}}}}"#,
+    );
+    let codes: Vec<(String, i64)> = results
+        .messages()
+        .iter()
+        .map(|m| {
+            (
+                m["event_id"].as_str().unwrap_or("").to_string(),
+                m["code"].as_i64().unwrap_or(200),
+            )
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            (String::new(), 400),
+            ("big".into(), 400),
+            ("stale".into(), 409),
+            ("ok".into(), 200)
+        ]
+    );
+    let sub = Sub::start(
+        port,
+        "$hw/events/device/default/ghost/twin/update/result",
+        1,
+        Duration::from_secs(10),
+    );
+    mqtt_pub(
+        port,
+        "$hw/events/device/default/ghost/twin/update",
+        r#"{"twin":{"a":{"actual":{"value":"1"}}}}"#,
+    );
+    assert_eq!(sub.one("unknown device")["code"], 404);
+    assert!(
+        eventually(Duration::from_secs(10), || twin_value(
+            &site, "fan", "speed", "reported"
+        )
+        .as_deref()
+            == Some("4")),
+        "{:?}",
+        device(&site, "fan")
+    );
+
+    // The CRD's schema refuses what KubeEdge's does.
+    let err = site.fails(
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: devices.kubeedge.io/v1beta1\nkind: DeviceModel\nmetadata: {name: bad}\nspec:\n  properties:\n  - {name: x, type: COMPLEX}\n",
+        ),
+    );
+    assert!(
+        err.contains("Unsupported value") || err.contains("COMPLEX"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_twin_works_offline_and_catches_up() {
+    need("mosquitto_pub", "mosquitto-clients");
+    let rt = Runtime::start().unwrap();
+    let mut site = Site::start_with(&[&format!("--cluster-cidr={}", rt.cluster_cidr())]).unwrap();
+    let link = Link::start(site.port).unwrap();
+    let agent = rt
+        .start_agent_via(&site, "edge-1", &link.url(), &[])
+        .unwrap();
+    let port = rt.mqtt_port("edge-1");
+    site.ok_stdin(&["apply", "-f", "-"], Some(LEGACY_MODEL));
+    site.ok_stdin(&["apply", "-f", "-"], Some(&legacy_device("edge-1")));
+    ask(
+        port,
+        &format!("{FAN}/twin/get"),
+        "{}",
+        &format!("{FAN}/twin/get/result"),
+        |v| v["twin"]["speed"]["expected"]["value"] == "3",
+    );
+    mqtt_pub(
+        port,
+        &format!("{FAN}/twin/update"),
+        r#"{"twin":{"speed":{"actual":{"value":"1"}}}}"#,
+    );
+    assert!(eventually(Duration::from_secs(20), || twin_value(
+        &site, "fan", "speed", "reported"
+    )
+    .as_deref()
+        == Some("1")));
+
+    // The node loses the site; meanwhile a new desired value is set, and the mapper reports on.
+    link.cut();
+    site.ok(&[
+        "patch",
+        "device",
+        "fan",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/properties/0/desired/value","value":"7"}]"#,
+    ]);
+    for v in ["2", "3"] {
+        mqtt_pub(
+            port,
+            &format!("{FAN}/twin/update"),
+            &format!(r#"{{"twin":{{"speed":{{"actual":{{"value":"{v}"}}}}}}}}"#),
+        );
+    }
+    // The API server itself goes down too, and the mapper still reports.
+    site.stop();
+    mqtt_pub(
+        port,
+        &format!("{FAN}/twin/update"),
+        r#"{"twin":{"speed":{"actual":{"value":"4"}}}}"#,
+    );
+    let got = ask(
+        port,
+        &format!("{FAN}/twin/get"),
+        r#"{"event_id":"offline"}"#,
+        &format!("{FAN}/twin/get/result"),
+        |v| v["event_id"] == "offline",
+    );
+    assert_eq!(got["twin"]["speed"]["actual"]["value"], "4", "{got}");
+    assert_eq!(got["twin"]["speed"]["actual_version"]["edge"], 4, "{got}");
+    // Offline, the expected value is still the one it had: nothing reverts, nothing invented.
+    assert_eq!(got["twin"]["speed"]["expected"]["value"], "3", "{got}");
+
+    // Back: the server restarts, the link returns.
+    let delta = Sub::start(
+        port,
+        &format!("{FAN}/twin/update/delta"),
+        1,
+        Duration::from_secs(90),
+    );
+    site.launch().unwrap();
+    link.restore();
+    let delta = delta.one("the desired value set while offline");
+    assert_eq!(delta["delta"]["speed"], "7", "{delta}");
+    assert!(
+        eventually(Duration::from_secs(40), || {
+            twin_value(&site, "fan", "speed", "reported").as_deref() == Some("4")
+                && twin_value(&site, "fan", "speed", "observedDesired").as_deref() == Some("7")
+        }),
+        "status after reconnect: {:?}\nagent: {}",
+        device(&site, "fan"),
+        agent.log()
+    );
+    let d = device(&site, "fan").unwrap();
+    let got = ask(
+        port,
+        &format!("{FAN}/twin/get"),
+        r#"{"event_id":"after"}"#,
+        &format!("{FAN}/twin/get/result"),
+        |v| v["event_id"] == "after",
+    );
+    assert_eq!(
+        got["twin"]["speed"]["expected_version"]["cloud"], d["metadata"]["generation"],
+        "{got}"
+    );
+    assert_eq!(got["twin"]["speed"]["actual_version"]["edge"], 4, "{got}");
+}
