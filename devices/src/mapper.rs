@@ -495,6 +495,8 @@ pub fn main_with<D: Driver>(program: &str, args: &MapperArgs, driver: D) -> anyh
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    // mqtts:// brokers: rustls needs its crypto provider chosen once per process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let config = args.config(program)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

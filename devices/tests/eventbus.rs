@@ -1,0 +1,279 @@
+//! The EventBus's guards: a users file (refused clients get CONNACK 5), TLS with required
+//! client certificates, and the twin on an external broker (Debian's mosquitto).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use devices::devicetwin;
+use devices::eventbus::{self, BrokerConfig, BrokerTls, ClientTls, Endpoint};
+use devices::store::{DeviceRecord, Store};
+use rumqttc::{AsyncClient, ConnectReturnCode, Event, Packet, QoS};
+use tokio_util::sync::CancellationToken;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The CONNACK code a client gets, or the error that came instead.
+async fn connack(endpoint: &Endpoint, id: &str) -> Result<ConnectReturnCode, String> {
+    let (_client, mut events) = AsyncClient::new(endpoint.options(id), 8);
+    let poll = async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => return Ok(ack.code),
+                Ok(_) => {}
+                Err(rumqttc::ConnectionError::ConnectionRefused(code)) => return Ok(code),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), poll)
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()))
+}
+
+/// Subscribes to `result`, publishes `request`, returns the answer's payload.
+async fn request(endpoint: &Endpoint, topic: &str, result: &str) -> serde_json::Value {
+    let (client, mut events) = AsyncClient::new(endpoint.options("asker"), 8);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, events.poll())
+            .await
+            .expect("an answer in time");
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                client.subscribe(result, QoS::AtLeastOnce).await.unwrap();
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                client
+                    .publish(topic, QoS::AtLeastOnce, false, "{}")
+                    .await
+                    .unwrap();
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == result => {
+                return serde_json::from_slice(&p.payload).unwrap();
+            }
+            Ok(_) => {}
+            Err(e) => panic!("MQTT: {e}"),
+        }
+    }
+}
+
+/// A twin serving one device `default/d` on `broker`, until the returned guard drops.
+async fn twin(broker: Endpoint, dir: &std::path::Path) -> tokio_util::sync::DropGuard {
+    let db = dir.join("devices.db");
+    Store::open(&db)
+        .unwrap()
+        .put_device(&DeviceRecord {
+            namespace: "default".into(),
+            name: "d".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let stop = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(devicetwin::run(
+        devicetwin::Config {
+            node_name: "n1".into(),
+            database: db,
+            broker,
+        },
+        None,
+        stop.clone(),
+        Some(tx),
+    ));
+    rx.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.drop_guard()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_file_guards_the_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let broker = eventbus::start(&BrokerConfig {
+        users: Some(HashMap::from([("mapper".into(), "s3cret".into())])),
+        ..BrokerConfig::loopback(port)
+    })
+    .unwrap();
+    let _twin = twin(broker.internal.clone(), dir.path()).await;
+    let public = Endpoint::plain(SocketAddr::from(([127, 0, 0, 1], port)));
+    assert_eq!(
+        connack(&public, "anonymous").await,
+        Ok(ConnectReturnCode::NotAuthorized)
+    );
+    let wrong = Endpoint {
+        username: Some("mapper".into()),
+        password: Some("nope".into()),
+        ..public.clone()
+    };
+    assert_eq!(
+        connack(&wrong, "wrong").await,
+        Ok(ConnectReturnCode::NotAuthorized)
+    );
+    let right = Endpoint {
+        username: Some("mapper".into()),
+        password: Some("s3cret".into()),
+        ..public.clone()
+    };
+    // The twin (on its own loopback listener) answers a logged-in client.
+    let got = request(
+        &right,
+        "$hw/events/device/default/d/twin/get",
+        "$hw/events/device/default/d/twin/get/result",
+    )
+    .await;
+    assert!(got.get("twin").is_some(), "{got}");
+    // What mosquitto_pub users see.
+    if let Ok(out) = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            "x",
+            "-m",
+            "y",
+        ])
+        .output()
+    {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains("not authorised"), "{stderr}");
+    }
+}
+
+struct Pki {
+    ca: String,
+    server: (String, String),
+    client: (String, String),
+}
+
+fn pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "test-ca");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&ca.pem(), ca_key).unwrap();
+    let issue = |cn: &str, san: Option<SanType>| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.subject_alt_names.extend(san);
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    Pki {
+        ca: ca.pem(),
+        server: issue(
+            "broker",
+            Some(SanType::IpAddress("127.0.0.1".parse().unwrap())),
+        ),
+        client: issue("mapper", None),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_requires_a_client_certificate() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let port = free_port();
+    let broker = eventbus::start(&BrokerConfig {
+        tls: Some(BrokerTls {
+            cert: write("server.pem", &pki.server.0),
+            key: write("server.key", &pki.server.1),
+            client_ca: write("ca.pem", &pki.ca),
+        }),
+        ..BrokerConfig::loopback(port)
+    })
+    .unwrap();
+    let _twin = twin(broker.internal.clone(), dir.path()).await;
+    let plain = Endpoint::plain(SocketAddr::from(([127, 0, 0, 1], port)));
+    let no_cert = Endpoint {
+        tls: Some(ClientTls {
+            ca_pem: pki.ca.clone().into_bytes(),
+            cert_pem: None,
+            key_pem: None,
+        }),
+        ..plain.clone()
+    };
+    assert!(connack(&plain, "plain").await.is_err());
+    assert!(connack(&no_cert, "no-cert").await.is_err());
+    let with_cert = Endpoint {
+        tls: Some(ClientTls {
+            ca_pem: pki.ca.clone().into_bytes(),
+            cert_pem: Some(pki.client.0.clone().into_bytes()),
+            key_pem: Some(pki.client.1.clone().into_bytes()),
+        }),
+        ..plain
+    };
+    let got = request(
+        &with_cert,
+        "$hw/events/device/default/d/twin/get",
+        "$hw/events/device/default/d/twin/get/result",
+    )
+    .await;
+    assert!(got.get("twin").is_some(), "{got}");
+}
+
+struct Mosquitto(Child);
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_twin_works_on_an_external_mosquitto() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+    )
+    .unwrap();
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto is missing: install Debian's mosquitto (tests/run.sh does)");
+    let _mosquitto = Mosquitto(child);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let endpoint = Endpoint::parse(&format!("mqtt://127.0.0.1:{port}")).unwrap();
+    let _twin = twin(endpoint.clone(), dir.path()).await;
+    let got = request(
+        &endpoint,
+        "$hw/events/device/d/twin/get",
+        "$hw/events/device/d/twin/get/result",
+    )
+    .await;
+    assert!(got.get("twin").is_some(), "{got}");
+}
