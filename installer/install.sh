@@ -35,8 +35,12 @@ install_build_deps
 install_node_deps
 
 say "building the release binary (a few minutes on a small machine)"
-(cd "$repo" && cargo build --release --locked -p edgesite)
+(cd "$repo" && cargo build --release --locked -p edgesite -p devices --bins)
 install -m 0755 "$repo/target/release/edgesite" /usr/local/bin/edgesite
+# The bundled device mappers (docs/devices.md).
+for m in edgesite-mapper-modbus edgesite-mapper-virtual; do
+  install -m 0755 "$repo/target/release/$m" "/usr/local/bin/$m"
+done
 install -d -m 0755 /etc/edgesite
 install -d -m 0700 "$data_dir"
 say "installed /usr/local/bin/edgesite ($(/usr/local/bin/edgesite --version))"

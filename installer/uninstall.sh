@@ -36,7 +36,7 @@ if [ -f /run/edgesite-containerd-supervisor.pid ]; then
   rm -f /run/edgesite-containerd-supervisor.pid
   pkill -x containerd 2>/dev/null || true
 fi
-rm -f /usr/local/bin/edgesite
+rm -f /usr/local/bin/edgesite /usr/local/bin/edgesite-mapper-modbus /usr/local/bin/edgesite-mapper-virtual
 rm -rf /etc/edgesite
 if [ "${1:-}" = "--purge" ]; then
   rm -rf "$data_dir" /var/log/edgesite

@@ -20,6 +20,9 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams, WatchEvent, WatchParams};
 
+#[path = "bench/devices.rs"]
+mod devices;
+
 const CLIENTS: usize = 32;
 const CREATES: usize = 10_000;
 const WATCHERS: usize = 100;
@@ -184,6 +187,18 @@ async fn main() -> Result<()> {
     if std::env::args().nth(1).as_deref() == Some("autonomy") {
         for r in tokio::task::spawn_blocking(node_autonomy).await?? {
             println!("| {} | {} |", r.metric, r.measured);
+        }
+        return Ok(());
+    }
+    // `edgesite-bench devices`: only the device rows, printed, not written.
+    if std::env::args().nth(1).as_deref() == Some("devices") {
+        let work = tempfile::Builder::new()
+            .prefix("edgesite-bench")
+            .tempdir()?;
+        let mut rows = Vec::new();
+        devices::rows(&bin, work.path(), &mut rows).await?;
+        for r in rows {
+            println!("| {} | {} | {} |", r.metric, r.measured, r.target);
         }
         return Ok(());
     }
@@ -415,6 +430,9 @@ async fn main() -> Result<()> {
     }
     deployment_rollout(&bin, work.path(), &mut rows).await?;
     node_agent(&bin, work.path(), &mut rows).await?;
+    devices::rows(&bin, work.path(), &mut rows)
+        .await
+        .context("device rows")?;
     rows.extend(
         tokio::task::spawn_blocking(node_autonomy)
             .await?
