@@ -337,8 +337,17 @@ impl Inner {
                     updated.last_online =
                         chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
                 }
-                let changed =
-                    updated.state != record.state || updated.last_online != record.last_online;
+                // A mapper says "online" every few seconds: the device (and its status) changes
+                // when the state does, and otherwise once a minute for lastOnlineTime.
+                let stale = |old: &str, new: &str| match (
+                    chrono::DateTime::parse_from_rfc3339(old),
+                    chrono::DateTime::parse_from_rfc3339(new),
+                ) {
+                    (Ok(o), Ok(n)) => n.signed_duration_since(o) >= chrono::Duration::seconds(60),
+                    _ => old != new,
+                };
+                let changed = updated.state != record.state
+                    || stale(&record.last_online, &updated.last_online);
                 if changed {
                     self.store.put_device(&updated).map_err(internal)?;
                     *record = updated.clone();

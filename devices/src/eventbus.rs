@@ -277,7 +277,16 @@ pub fn start(config: &BrokerConfig) -> Result<Broker, EventBusError> {
             max_outgoing_packet_count: 200,
             max_segment_size: 256 * 1024,
             max_segment_count: 4,
-            custom_segment: None,
+            // The twin reads every device's requests through one filter: give it room to fall
+            // behind a burst (32 MiB at most, used only while it is behind) before rumqttd drops
+            // its oldest requests.
+            custom_segment: Some(HashMap::from([(
+                "$hw/events/device/#".to_string(),
+                rumqttd::SegmentConfig {
+                    max_segment_size: 1024 * 1024,
+                    max_segment_count: 32,
+                },
+            )])),
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         },

@@ -26,7 +26,8 @@ use crate::eventbus::Endpoint;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Property {
     pub name: String,
-    /// The model's type (`INT`, `FLOAT`, ...), upper case as in DeviceModel manifests.
+    /// The model's type (`INT`, `FLOAT`, ...), upper case as in DeviceModel manifests; empty
+    /// when the device's model is unknown.
     pub kind: String,
     pub read_only: bool,
     /// The visitor's `configData`.
@@ -76,9 +77,10 @@ impl Device {
                 let name = p.get("name")?.as_str()?.to_string();
                 let model = model_props.iter().find(|m| m["name"] == name.as_str());
                 Some(Property {
+                    // Unknown (no model yet): drivers read it as a number.
                     kind: model
                         .and_then(|m| m["type"].as_str())
-                        .unwrap_or("STRING")
+                        .unwrap_or("")
                         .to_ascii_uppercase(),
                     read_only: model.and_then(|m| m["accessMode"].as_str()) == Some("ReadOnly"),
                     visitor: p
@@ -386,11 +388,12 @@ async fn device_task<D: Driver>(
             }
             if next_report[i] <= now {
                 if let Some(v) = &values[i] {
-                    report.insert(
-                        p.name.clone(),
-                        json!({"actual": {"value": v, "metadata": {"timestamp": now_ms()}},
-                        "metadata": {"type": p.kind.to_ascii_lowercase()}}),
-                    );
+                    let mut twin =
+                        json!({"actual": {"value": v, "metadata": {"timestamp": now_ms()}}});
+                    if !p.kind.is_empty() {
+                        twin["metadata"] = json!({"type": p.kind.to_ascii_lowercase()});
+                    }
+                    report.insert(p.name.clone(), twin);
                 }
                 next_report[i] = now + p.report_cycle;
             }

@@ -331,25 +331,27 @@ pub fn apply_edge_update(
         }
         let Some(twin) = twin else { continue };
         let entry = twins.entry(key.clone()).or_default();
+        // Versions count every update; `changes` says only whether a value moved (a mapper that
+        // reports the same reading every cycle must not cost a status write each time).
         if let Some(expected) = &twin.expected {
             let mut v = expected.clone();
             if v.timestamp() == 0 {
                 v.metadata = Some(ValueMetadata { timestamp: now });
             }
+            changes.desired |= entry.expected.as_ref().and_then(TwinValue::value) != v.value();
             entry.expected = Some(v);
             let version = entry.expected_version.get_or_insert_default();
             version.edge += 1;
-            changes.desired = true;
         }
         if let Some(actual) = &twin.actual {
             let mut v = actual.clone();
             if v.timestamp() == 0 {
                 v.metadata = Some(ValueMetadata { timestamp: now });
             }
+            changes.reported |= entry.actual.as_ref().and_then(TwinValue::value) != v.value();
             entry.actual = Some(v);
             let version = entry.actual_version.get_or_insert_default();
             version.edge += 1;
-            changes.reported = true;
         }
         if twin.optional.is_some() {
             entry.optional = twin.optional;
@@ -506,7 +508,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(twins["t"].actual_version.unwrap().edge, 2);
-        assert_eq!(twins["t"].actual.as_ref().unwrap().value(), Some("2"));
+        assert_eq!(twins["t"].actual.as_ref().unwrap().value(), Some("2")); // The same reading again: a new version and timestamp, but no value moved.
+        let c = apply_edge_update(
+            &mut twins,
+            &update(r#"{"twin":{"t":{"actual":{"value":"2"}}}}"#),
+            12,
+        )
+        .unwrap();
+        assert!(!c.reported && !c.desired);
+        assert_eq!(twins["t"].actual_version.unwrap().edge, 3);
+        assert_eq!(twins["t"].actual.as_ref().unwrap().timestamp(), 12);
     }
 
     #[test]

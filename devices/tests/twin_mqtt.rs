@@ -40,6 +40,9 @@ impl Client {
                         for f in &filters {
                             sub.subscribe(f, QoS::AtLeastOnce).await.unwrap();
                         }
+                        if filters.is_empty() {
+                            let _ = ready_tx.try_send(());
+                        }
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         let _ = ready_tx.try_send(());
@@ -373,11 +376,19 @@ async fn a_client_that_stops_reading_stalls_no_one() {
     sub.push(0x00);
     raw.write_all(&sub).await.unwrap();
 
-    let mut app = Client::connect(&node.broker, "busy", &["$hw/events/device/#"]).await;
+    // The flood comes from a client that reads nothing back; the answer is awaited by another.
+    let flood = Client::connect(&node.broker, "busy", &[]).await;
+    let mut app = Client::connect(
+        &node.broker,
+        "observer",
+        &["$hw/events/device/default/fan/twin/get/result"],
+    )
+    .await;
     let value = "x".repeat(500);
     // Far more than the slow client's buffers hold.
     for i in 0..3000 {
-        app.client
+        flood
+            .client
             .publish(
                 format!("{FAN}/twin/update"),
                 QoS::AtMostOnce,
