@@ -221,7 +221,7 @@ impl State {
 enum Change {
     Device(watcher::Event<DynamicObject>),
     Model(watcher::Event<DynamicObject>),
-    Node(watcher::Event<Node>),
+    Node(Box<watcher::Event<Node>>),
 }
 
 /// Runs the controller until `shutdown`.
@@ -244,7 +244,7 @@ pub async fn run(
     .map(|e| e.map(Change::Model));
     let nodes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
         .default_backoff()
-        .map(|e| e.map(Change::Node));
+        .map(|e| e.map(|n| Change::Node(Box::new(n))));
     let mut stream = futures::stream::select_all([devices.boxed(), models.boxed(), nodes.boxed()]);
     let mut state = State {
         devices: BTreeMap::new(),
@@ -297,7 +297,7 @@ pub async fn run(
             },
             Change::Node(e) => {
                 let name = |n: &Node| n.metadata.name.clone().unwrap_or_default();
-                match e {
+                match *e {
                     watcher::Event::Init => node_list.clear(),
                     watcher::Event::InitApply(n) => {
                         node_list.insert(name(&n));

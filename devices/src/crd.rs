@@ -17,20 +17,6 @@ pub fn definitions() -> Vec<Value> {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn definitions_parse() {
-        let d = super::definitions();
-        assert_eq!(d.len(), 2);
-        assert_eq!(d[1]["metadata"]["name"], "devices.devices.kubeedge.io");
-        assert_eq!(
-            d[1]["spec"]["versions"][0]["selectableFields"][0]["jsonPath"],
-            ".spec.nodeName"
-        );
-    }
-}
-
 /// Creates the CRDs, or brings them up to date (an upgrade that changed their schema).
 pub async fn install(client: &kube::Client) -> Result<(), kube::Error> {
     use kube::api::{Api, ApiResource, DynamicObject, PostParams};
@@ -64,4 +50,18 @@ pub async fn install(client: &kube::Client) -> Result<(), kube::Error> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn definitions_parse() {
+        let d = super::definitions();
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[1]["metadata"]["name"], "devices.devices.kubeedge.io");
+        assert_eq!(
+            d[1]["spec"]["versions"][0]["selectableFields"][0]["jsonPath"],
+            ".spec.nodeName"
+        );
+    }
 }

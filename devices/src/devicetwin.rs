@@ -448,6 +448,15 @@ impl Inner {
             .as_ref()
             .and_then(|l| l.get("description").cloned())
             .unwrap_or_default();
+        // A spec older than the one applied (a lagging replica's answer) changes nothing.
+        if !is_new && generation < record.generation {
+            tracing::warn!(
+                device = %id,
+                "ignoring generation {generation} of the spec: generation {} is applied",
+                record.generation
+            );
+            return Ok(out);
+        }
         let spec_changed = record.spec != spec;
         record.spec = spec.clone();
         let desired = self.desired(&namespace, &spec);

@@ -782,3 +782,111 @@ fn the_twin_works_offline_and_catches_up() {
     );
     assert_eq!(got["twin"]["speed"]["actual_version"]["edge"], 4, "{got}");
 }
+
+#[test]
+fn broker_flags_users_file_and_external_mosquitto() {
+    need("mosquitto_pub", "mosquitto-clients");
+    need("mosquitto", "mosquitto");
+    let rt = Runtime::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The server's node: a users file.
+    let users = dir.path().join("mqtt-users");
+    std::fs::write(&users, "# mappers\nmapper:s3cret\n").unwrap();
+    let site = rt
+        .start_site(&[&format!("--mqtt-users={}", users.display())])
+        .unwrap();
+    // A second node on an external mosquitto.
+    let mosquitto_port = tests::free_port();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {mosquitto_port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+    )
+    .unwrap();
+    let _mosquitto = Proc(
+        Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let _agent = rt
+        .start_agent_via(
+            &site,
+            "edge-ext",
+            &format!("https://127.0.0.1:{}", site.port),
+            &[&format!(
+                "--mqtt-external=mqtt://127.0.0.1:{mosquitto_port}"
+            )],
+        )
+        .unwrap();
+    site.ok_stdin(&["apply", "-f", "-"], Some(LEGACY_MODEL));
+    site.ok_stdin(&["apply", "-f", "-"], Some(&legacy_device("edge-ext")));
+
+    // The guarded broker refuses anonymous clients with return code 5 and serves the user.
+    let port = rt.mqtt_port("node-a");
+    let out = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            "x",
+            "-m",
+            "y",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not authorised"), "{stderr}");
+    let out = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-u",
+            "mapper",
+            "-P",
+            "s3cret",
+            "-t",
+            "$hw/events/node/node-a/membership/get",
+            "-m",
+            "{}",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The device on edge-ext is served through mosquitto.
+    let got = ask(
+        mosquitto_port,
+        &format!("{FAN}/twin/get"),
+        r#"{"event_id":"ext"}"#,
+        &format!("{FAN}/twin/get/result"),
+        |v| v["twin"]["speed"]["expected"]["value"] == "3",
+    );
+    assert_eq!(got["event_id"], "ext");
+    mqtt_pub(
+        mosquitto_port,
+        &format!("{FAN}/twin/update"),
+        r#"{"twin":{"speed":{"actual":{"value":"9"}}}}"#,
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || twin_value(
+            &site, "fan", "speed", "reported"
+        )
+        .as_deref()
+            == Some("9")),
+        "{:?}",
+        device(&site, "fan")
+    );
+}
