@@ -1,8 +1,8 @@
 //! The node's device file: the devices bound to this node with their twins, the models they
 //! use, and the outbox of Device statuses still to write to the API. One SQLite file beside the
-//! node cache (`<data-dir>/agent/cache/devices.db`), WAL with `synchronous=NORMAL` like the
-//! metamanager's: a crashed process never loses a committed twin, so a restart offline serves
-//! the same twins and still delivers every reported value.
+//! node cache (`<data-dir>/agent/cache/devices.db`), kept like the metamanager's
+//! ([`metamanager::store::open_node_file`]): a crashed process never loses a committed twin, so
+//! a restart offline serves the same twins and still delivers every reported value.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -27,11 +27,8 @@ pub enum StoreError {
         key: String,
         source: serde_json::Error,
     },
-    #[error("device store {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] metamanager::store::StoreError),
 }
 
 /// One device bound to this node, as the twin keeps it.
@@ -85,27 +82,11 @@ fn lock(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
-                path: dir.display().to_string(),
-                source,
-            })?;
-        }
+        let conn = metamanager::store::open_node_file(path)?;
         let open_err = |source| StoreError::Open {
             path: path.display().to_string(),
             source,
         };
-        let conn = Connection::open(path).map_err(open_err)?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-        }
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(open_err)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, record TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS models (id TEXT PRIMARY KEY, spec TEXT NOT NULL);

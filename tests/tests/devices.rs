@@ -128,6 +128,11 @@ fn twin_value(site: &Site, name: &str, property: &str, which: &str) -> Option<St
         .map(String::from)
 }
 
+/// `kubectl patch device NAME --type=json -p PATCH`.
+fn patch_device(site: &Site, name: &str, patch: &str) {
+    site.ok(&["patch", "device", name, "--type=json", "-p", patch]);
+}
+
 fn mqtt_pub(port: u16, topic: &str, payload: &str) {
     let out = Command::new("mosquitto_pub")
         .args([
@@ -374,14 +379,11 @@ fn a_modbus_device_is_readable_and_writable_through_kubectl() {
     );
 
     // kubectl patch of the desired value writes the register.
-    site.ok(&[
-        "patch",
-        "device",
+    patch_device(
+        &site,
         "thermostat",
-        "--type=json",
-        "-p",
         r#"[{"op":"add","path":"/spec/properties/0/desired","value":{"value":"42"}}]"#,
-    ]);
+    );
     assert!(
         eventually(Duration::from_secs(30), || holding_register(modbus_port, 2)
             == Some(42)),
@@ -398,14 +400,11 @@ fn a_modbus_device_is_readable_and_writable_through_kubectl() {
         device(&site, "thermostat")
     );
     // A coil, through a merge patch of the whole property list.
-    site.ok(&[
-        "patch",
-        "device",
+    patch_device(
+        &site,
         "thermostat",
-        "--type=json",
-        "-p",
         r#"[{"op":"add","path":"/spec/properties/1/desired","value":{"value":"true"}}]"#,
-    ]);
+    );
     assert!(
         eventually(Duration::from_secs(30), || twin_value(
             &site,
@@ -421,14 +420,11 @@ fn a_modbus_device_is_readable_and_writable_through_kubectl() {
     );
 
     // A desired value outside the model's range is reported where kubectl describe shows it.
-    site.ok(&[
-        "patch",
-        "device",
+    patch_device(
+        &site,
         "thermostat",
-        "--type=json",
-        "-p",
         r#"[{"op":"replace","path":"/spec/properties/0/desired/value","value":"300"}]"#,
-    ]);
+    );
     assert!(
         eventually(Duration::from_secs(20), || site
             .ok(&["describe", "device", "thermostat"])
@@ -568,14 +564,11 @@ fn a_legacy_mqtt_mapper_speaks_kubeedge_topics() {
         1,
         Duration::from_secs(20),
     );
-    site.ok(&[
-        "patch",
-        "device",
+    patch_device(
+        &site,
         "fan",
-        "--type=json",
-        "-p",
         r#"[{"op":"replace","path":"/spec/properties/0/desired/value","value":"5"}]"#,
-    ]);
+    );
     let delta = delta.one("twin/update/delta");
     assert_eq!(delta["delta"]["speed"], "5");
     assert_eq!(delta["twin"]["speed"]["actual"]["value"], "2");
@@ -714,14 +707,11 @@ fn the_twin_works_offline_and_catches_up() {
 
     // The node loses the site; meanwhile a new desired value is set, and the mapper reports on.
     link.cut();
-    site.ok(&[
-        "patch",
-        "device",
+    patch_device(
+        &site,
         "fan",
-        "--type=json",
-        "-p",
         r#"[{"op":"replace","path":"/spec/properties/0/desired/value","value":"7"}]"#,
-    ]);
+    );
     for v in ["2", "3"] {
         mqtt_pub(
             port,
