@@ -880,3 +880,92 @@ fn broker_flags_users_file_and_external_mosquitto() {
         device(&site, "fan")
     );
 }
+
+#[test]
+fn a_device_moves_between_nodes_and_leaves_when_deleted() {
+    need("mosquitto_pub", "mosquitto-clients");
+    let rt = Runtime::start().unwrap();
+    let site = rt.start_site(&[]).unwrap();
+    let _agent = rt.start_agent(&site, "edge-2").unwrap();
+    let (a, b) = (rt.mqtt_port("node-a"), rt.mqtt_port("edge-2"));
+    site.ok_stdin(&["apply", "-f", "-"], Some(LEGACY_MODEL));
+    site.ok_stdin(&["apply", "-f", "-"], Some(&legacy_device("node-a")));
+    ask(
+        a,
+        &format!("{FAN}/twin/get"),
+        "{}",
+        &format!("{FAN}/twin/get/result"),
+        |v| v["twin"]["speed"]["expected"]["value"] == "3",
+    );
+    // edge-2's twin is up (it answers, with a 404 for now).
+    ask(
+        b,
+        &format!("{FAN}/twin/get"),
+        "{}",
+        &format!("{FAN}/twin/get/result"),
+        |v| v["code"] == 404,
+    );
+    mqtt_pub(
+        a,
+        &format!("{FAN}/twin/update"),
+        r#"{"twin":{"speed":{"actual":{"value":"6"}}}}"#,
+    );
+    assert!(eventually(Duration::from_secs(20), || twin_value(
+        &site, "fan", "speed", "reported"
+    )
+    .as_deref()
+        == Some("6")));
+
+    let left = Sub::start(
+        a,
+        "$hw/events/node/node-a/membership/updated",
+        1,
+        Duration::from_secs(30),
+    );
+    let arrived = Sub::start(
+        b,
+        "$hw/events/node/edge-2/membership/updated",
+        1,
+        Duration::from_secs(30),
+    );
+    patch_device(
+        &site,
+        "fan",
+        r#"[{"op":"replace","path":"/spec/nodeName","value":"edge-2"}]"#,
+    );
+    let left = left.one("node-a's membership update");
+    assert_eq!(left["removed_devices"][0]["id"], "default/fan", "{left}");
+    let arrived = arrived.one("edge-2's membership update");
+    let entry = &arrived["added_devices"][0];
+    assert_eq!(entry["id"], "default/fan", "{arrived}");
+    // The new node starts from what the old one reported.
+    assert_eq!(entry["twin"]["speed"]["actual"]["value"], "6", "{arrived}");
+    assert_eq!(
+        entry["twin"]["speed"]["expected"]["value"], "3",
+        "{arrived}"
+    );
+    ask(
+        a,
+        &format!("{FAN}/twin/get"),
+        "{}",
+        &format!("{FAN}/twin/get/result"),
+        |v| v["code"] == 404,
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || site
+            .ok(&["describe", "device", "fan"])
+            .contains("moved from node node-a to node edge-2")),
+        "{}",
+        site.ok(&["describe", "device", "fan"])
+    );
+
+    let gone = Sub::start(
+        b,
+        "$hw/events/node/edge-2/membership/updated",
+        1,
+        Duration::from_secs(30),
+    );
+    site.ok(&["delete", "device", "fan"]);
+    let gone = gone.one("edge-2's membership update on delete");
+    assert_eq!(gone["removed_devices"][0]["id"], "default/fan", "{gone}");
+}
