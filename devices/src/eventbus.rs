@@ -302,31 +302,82 @@ pub fn start(config: &BrokerConfig) -> Result<Broker, EventBusError> {
             }
         })
         .map_err(|e| EventBusError::Start(e.to_string()))?;
-    let probe = SocketAddr::from((
-        if config.listen.ip().is_unspecified() {
-            std::net::IpAddr::from([127, 0, 0, 1])
-        } else {
-            config.listen.ip()
-        },
-        config.listen.port(),
-    ));
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // Ready when the node's own endpoint completes an MQTT handshake (a bare TCP probe would
+    // make rumqttd log an error for a client that never said CONNECT). With the public
+    // listener guarded, the internal one is probed: both start together.
     let internal_addr: SocketAddr = format!("{}:{}", internal.host, internal.port)
         .parse()
         .map_err(|e| EventBusError::Start(format!("{e}")))?;
-    for addr in [probe, internal_addr] {
-        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            if std::time::Instant::now() > deadline {
-                return Err(EventBusError::NotListening(addr));
-            }
-            std::thread::sleep(Duration::from_millis(20));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !handshake(&internal, internal_addr) {
+        if std::time::Instant::now() > deadline {
+            return Err(EventBusError::NotListening(internal_addr));
         }
+        std::thread::sleep(Duration::from_millis(20));
     }
     tracing::info!(listen = %config.listen, tls = config.tls.is_some(), auth = config.users.is_some(), "MQTT broker (EventBus) listening");
     Ok(Broker {
         internal,
         listen: config.listen,
     })
+}
+
+/// One MQTT 3.1.1 CONNECT (with the endpoint's login), CONNACK accepted, DISCONNECT.
+fn handshake(endpoint: &Endpoint, addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let field = |out: &mut Vec<u8>, s: &[u8]| {
+        out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        out.extend_from_slice(s);
+    };
+    let mut body = Vec::new();
+    field(&mut body, b"MQTT");
+    body.push(4);
+    let mut flags = 0x02;
+    if endpoint.username.is_some() {
+        flags |= 0x80;
+    }
+    if endpoint.password.is_some() {
+        flags |= 0x40;
+    }
+    body.push(flags);
+    body.extend_from_slice(&10u16.to_be_bytes());
+    field(&mut body, b"edgesite-ready-probe");
+    if let Some(u) = &endpoint.username {
+        field(&mut body, u.as_bytes());
+    }
+    if let Some(p) = &endpoint.password {
+        field(&mut body, p.as_bytes());
+    }
+    let mut packet = vec![0x10];
+    let mut len = body.len();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        packet.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    packet.extend_from_slice(&body);
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+    else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut ack = [0u8; 4];
+    let accepted = stream.write_all(&packet).is_ok()
+        && stream.read_exact(&mut ack).is_ok()
+        && ack[0] == 0x20
+        && ack[3] == 0;
+    // DISCONNECT, then let the broker close first (closing under it makes rumqttd log an error).
+    if stream.write_all(&[0xe0, 0x00]).is_ok() {
+        let mut rest = [0u8; 64];
+        while matches!(stream.read(&mut rest), Ok(n) if n > 0) {}
+    }
+    accepted
 }
 
 #[cfg(test)]

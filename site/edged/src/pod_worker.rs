@@ -1184,8 +1184,11 @@ impl Worker {
             copier.finish().await;
         }
         crate::streaming::attach::unregister(&self.agent, &id);
+        // The OOM event can arrive after the exit, and the process the kernel killed may be a
+        // child of the main one (which then fails with its own code): a failed container whose
+        // cgroup recorded an OOM kill was OOM-killed, as the kubelet reports it.
         let oom = self.ooms.remove(&id)
-            || (exit_code == 137 && cgroup_oom_killed(&self.agent, &self.uid, &id));
+            || (exit_code != 0 && cgroup_oom_killed(&self.agent, &self.uid, &id));
         let reason = if oom {
             "OOMKilled"
         } else if exit_code == 0 {

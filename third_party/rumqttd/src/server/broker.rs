@@ -592,8 +592,13 @@ async fn remote<P: Protocol>(
         Ok(_) => error!("connection-stop"),
         // No need to send a disconnect message when disconnection
         // originated internally in the router.
+        // EdgeSite patch: a client's own DISCONNECT ends here too; only other causes are errors.
         Err(remote::Error::Link(e)) => {
-            error!(error=?e, "router-drop");
+            if matches!(e, crate::link::local::LinkError::Recv(flume::RecvError::Disconnected)) {
+                tracing::debug!(error=?e, "router-drop");
+            } else {
+                error!(error=?e, "router-drop");
+            }
             send_disconnect = false;
         }
         // Connection was closed by peer
