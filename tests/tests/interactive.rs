@@ -167,7 +167,7 @@ fn exec_runs_commands_with_exit_codes_stdin_and_a_terminal() {
             Some(&input),
         );
         assert!(out.status.success(), "{transport}: {out:?}");
-        let want = format!("{:x}", md5_of(&input));
+        let want = format!("{:032x}", md5_of(&input));
         assert!(
             String::from_utf8_lossy(&out.stdout).starts_with(&want),
             "{transport}: {out:?}"
@@ -371,7 +371,7 @@ fn port_forward_carries_requests_and_downloads_on_several_ports() {
             .collect();
         let body = get(ports[0], "/big");
         assert_eq!(body.len(), 10 << 20, "{transport}");
-        assert_eq!(format!("{:x}", md5_of(&body)), big, "{transport}");
+        assert_eq!(format!("{:032x}", md5_of(&body)), big, "{transport}");
         for t in threads {
             assert!(!t.join().unwrap().is_empty(), "{transport}");
         }
