@@ -379,15 +379,7 @@ impl Inner {
             .pointer("/deviceModelRef/name")
             .and_then(Value::as_str)
             .and_then(|m| self.models.get(&format!("{namespace}/{m}")));
-        let kind_of = |name: &str| -> String {
-            model
-                .and_then(|m| m.get("properties"))
-                .and_then(Value::as_array)
-                .and_then(|ps| ps.iter().find(|p| p["name"] == name))
-                .and_then(|p| p["type"].as_str())
-                .map(str::to_lowercase)
-                .unwrap_or_default()
-        };
+        let kind_of = |name: &str| property_type(model, name).unwrap_or_default();
         let mut out = BTreeMap::new();
         for p in spec
             .get("properties")
@@ -573,15 +565,22 @@ impl Inner {
     }
 }
 
+/// The type a DeviceModel spec gives a property, lower case (`int`, `float`, ...).
+fn property_type(model: Option<&Value>, name: &str) -> Option<String> {
+    model?
+        .get("properties")?
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == name)?
+        .get("type")?
+        .as_str()
+        .map(str::to_lowercase)
+}
+
 /// What the status of a device should say.
 pub fn status_of(record: &DeviceRecord, model: Option<&Value>) -> Value {
     let kind_of = |name: &str, twin: &MsgTwin| -> String {
-        model
-            .and_then(|m| m.get("properties"))
-            .and_then(Value::as_array)
-            .and_then(|ps| ps.iter().find(|p| p["name"] == name))
-            .and_then(|p| p["type"].as_str())
-            .map(str::to_lowercase)
+        property_type(model, name)
             .or_else(|| twin.metadata.as_ref().map(|m| m.kind.clone()))
             .unwrap_or_default()
     };
