@@ -1,0 +1,391 @@
+//! Two nodes behind two NAT routers and a relay on the "public" segment, all in network
+//! namespaces this test makes (REFERENCE.md section 4):
+//!
+//! ```text
+//!            relay 10.100.0.10
+//!                  |
+//!   [public switch 10.100.0.0/24]
+//!        |                      |
+//!   natA 10.100.0.1        natB 10.100.0.2        (MASQUERADE; B optionally --random-fully)
+//!        |                      |
+//!   nodeA 192.168.1.2      nodeB 192.168.2.2
+//! ```
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{Net, Node};
+use edgemesh::tunnel::{self, Kind};
+use libp2p::PeerId;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+struct Site {
+    net: Net,
+    public: String,
+    relay: Node,
+    a: Node,
+    b: Node,
+    delayed: bool,
+}
+
+/// Endpoints a node serves: its own LAN address only.
+fn own_lan(prefix: &'static str) -> impl Fn(&PeerId, Kind, SocketAddr) -> bool + Send + Sync {
+    move |_peer: &PeerId, _kind: Kind, target: SocketAddr| {
+        target.ip().to_string().starts_with(prefix)
+    }
+}
+
+async fn two_nats(symmetric_b: bool) -> Site {
+    common::init_logs();
+    let mut net = Net::new();
+    let public = net.ns("pub");
+    let relay_ns = net.ns("relay");
+    let nat_a = net.ns("natA");
+    let nat_b = net.ns("natB");
+    let node_a = net.ns("nodeA");
+    let node_b = net.ns("nodeB");
+    net.bridge(&public);
+    net.plug(&public, "p-relay", &relay_ns, "10.100.0.10/24");
+    net.plug(&public, "p-natA", &nat_a, "10.100.0.1/24");
+    net.plug(&public, "p-natB", &nat_b, "10.100.0.2/24");
+    net.link(
+        &nat_a,
+        "lan",
+        "192.168.1.1/24",
+        &node_a,
+        "eth0",
+        "192.168.1.2/24",
+    );
+    net.link(
+        &nat_b,
+        "lan",
+        "192.168.2.1/24",
+        &node_b,
+        "eth0",
+        "192.168.2.2/24",
+    );
+    net.default_route(&node_a, "192.168.1.1");
+    net.default_route(&node_b, "192.168.2.1");
+    net.masquerade(&nat_a, "192.168.1.0/24", false);
+    net.masquerade(&nat_b, "192.168.2.0/24", symmetric_b);
+    // Realistic round trips where the kernel has netem (25 ms each way through each router).
+    let delayed = net.delay(&nat_a, "wan", 25) & net.delay(&nat_b, "wan", 25);
+
+    let relay = Node::start("relay", &relay_ns, true, own_lan("10.100.0."), false).await;
+    let a = Node::start("node-a", &node_a, false, own_lan("192.168.1."), false).await;
+    let b = Node::start("node-b", &node_b, false, own_lan("192.168.2."), false).await;
+    // The directory every node gets from the site's Node objects: each node's own (private)
+    // address, the relay's public one.
+    let directory = vec![
+        relay.info("10.100.0.10", true),
+        a.info("192.168.1.2", false),
+        b.info("192.168.2.2", false),
+    ];
+    for node in [&relay, &a, &b] {
+        node.mesh.set_peers(directory.clone()).await.unwrap();
+    }
+    Site {
+        net,
+        public,
+        relay,
+        a,
+        b,
+        delayed,
+    }
+}
+
+/// A TCP server on `node` that answers each connection with the number of bytes it read and
+/// the bytes' sum (mod 2^32), after the client closes its side.
+fn counting_server(node: &Node, addr: &'static str) {
+    let ready = node.runtime.spawn(async move {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let (mut total, mut sum) = (0u64, 0u32);
+                    loop {
+                        let n = conn.read(&mut buf).await.unwrap();
+                        if n == 0 {
+                            break;
+                        }
+                        total += n as u64;
+                        sum = buf[..n].iter().fold(sum, |s, b| s.wrapping_add(*b as u32));
+                    }
+                    let answer = format!("{total} {sum}");
+                    conn.write_all(answer.as_bytes()).await.unwrap();
+                    conn.shutdown().await.unwrap();
+                });
+            }
+        });
+    });
+    drop(ready);
+}
+
+async fn send_and_count(a: &Node, peer: PeerId, target: SocketAddr, bytes: usize) -> String {
+    let mut stream = tunnel::open(&a.mesh, peer, Kind::Tcp, target)
+        .await
+        .expect("tunnel");
+    let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        stream.write_all(&chunk[..n]).await.unwrap();
+        left -= n;
+    }
+    stream.shutdown().await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    answer
+}
+
+fn expected_answer(bytes: usize) -> String {
+    let sum = (0..bytes).fold(0u32, |s, i| {
+        s.wrapping_add(((i % (64 * 1024)) % 251) as u32)
+    });
+    format!("{bytes} {sum}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_independent_nats_are_punched_through() {
+    let site = two_nats(false).await;
+    let (a, b) = (&site.a, &site.b);
+    // Both nodes reserve on the relay, A reaches B through it, DCUtR replaces the relayed
+    // connection with a direct one.
+    let status = a
+        .wait_connection(b.peer_id(), "direct", Duration::from_secs(60))
+        .await;
+    let address = status.address.clone().unwrap();
+    assert!(!address.contains("p2p-circuit"), "{status:?}");
+    assert!(
+        address.contains("/ip4/10.100.0.2/"),
+        "B is reached at its NAT's address: {status:?}"
+    );
+    let punch = status.punch_ms.or(b
+        .wait_connection(a.peer_id(), "direct", Duration::from_secs(5))
+        .await
+        .punch_ms);
+    eprintln!(
+        "hole punched in {punch:?} ms (netem delays: {})",
+        site.delayed
+    );
+
+    counting_server(b, "192.168.2.2:8080");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let target: SocketAddr = "192.168.2.2:8080".parse().unwrap();
+    let answer = send_and_count(a, b.peer_id(), target, 1_000_000).await;
+    assert_eq!(answer, expected_answer(1_000_000));
+
+    // The stream went over the direct connection: the relay carried nothing of it.
+    let relay_status = site.relay.mesh.status().await.unwrap();
+    let after = a
+        .wait_connection(b.peer_id(), "direct", Duration::from_secs(1))
+        .await;
+    assert!(after.bytes_sent >= 1_000_000, "{after:?}");
+    eprintln!("relay's view: {relay_status:#?}");
+
+    // B serves only its own endpoints.
+    let elsewhere: SocketAddr = "10.100.0.10:4001".parse().unwrap();
+    let refused = tunnel::open(&a.mesh, b.peer_id(), Kind::Tcp, elsewhere)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::PermissionDenied,
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("not an endpoint"), "{refused}");
+    // A closed port on B's LAN is a clear error, not a hang.
+    let closed: SocketAddr = "192.168.2.2:9".parse().unwrap();
+    let error = tunnel::open(&a.mesh, b.peer_id(), Kind::Tcp, closed)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symmetric_nat_stays_relayed_and_carries_10_mb() {
+    let site = two_nats(true).await;
+    let (a, b) = (&site.a, &site.b);
+    a.wait_connection(b.peer_id(), "relayed", Duration::from_secs(60))
+        .await;
+
+    counting_server(b, "192.168.2.2:8080");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let target: SocketAddr = "192.168.2.2:8080".parse().unwrap();
+    // 10 MB: far beyond libp2p's default circuit limit of 128 KiB.
+    let bytes = 10 * 1024 * 1024;
+    let answer = send_and_count(a, b.peer_id(), target, bytes).await;
+    assert_eq!(answer, expected_answer(bytes));
+
+    // Punching was tried and failed; the connection is still relayed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mine = a.mesh.status().await.unwrap();
+        let theirs = b.mesh.status().await.unwrap();
+        let failures: u32 = mine
+            .peers
+            .iter()
+            .chain(theirs.peers.iter())
+            .filter(|p| p.node == "node-a" || p.node == "node-b")
+            .map(|p| p.punch_failures)
+            .sum();
+        if failures > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no hole punching attempt seen: {mine:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = a
+        .wait_connection(b.peer_id(), "relayed", Duration::from_secs(1))
+        .await;
+    assert!(after.bytes_sent >= bytes as u64, "{after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_is_not_a_node_of_the_site_is_refused() {
+    let mut site = two_nats(false).await;
+    a_is_connected_to_b(&site).await;
+    // A stranger on the public segment that knows the relay's and A's ids and addresses.
+    let stranger_ns = site.net.ns("stranger");
+    site.net
+        .plug(&site.public, "p-stranger", &stranger_ns, "10.100.0.66/24");
+    let stranger = Node::start("stranger", &stranger_ns, false, own_lan("none"), false).await;
+    let mut directory = vec![
+        site.relay.info("10.100.0.10", true),
+        site.a.info("192.168.1.2", false),
+    ];
+    directory.push(stranger.info("10.100.0.66", false));
+    stranger.mesh.set_peers(directory.clone()).await.unwrap();
+
+    // The relay (a node of the site) refuses its connection, so it can neither open a stream
+    // on the relay nor reach A through it.
+    let error = stranger.mesh.open(site.relay.peer_id()).await.unwrap_err();
+    eprintln!("stranger -> relay: {error}");
+    let error = stranger.mesh.open(site.a.peer_id()).await.unwrap_err();
+    eprintln!("stranger -> node A: {error}");
+    let relay_view = site.relay.mesh.status().await.unwrap();
+    assert!(
+        relay_view.peers.iter().all(|p| p.node != "stranger"),
+        "{relay_view:#?}"
+    );
+
+    // Once the relay's directory lists it (it joined the site), the same peer gets in.
+    let mut joined = vec![
+        site.relay.info("10.100.0.10", true),
+        site.a.info("192.168.1.2", false),
+        site.b.info("192.168.2.2", false),
+    ];
+    joined.push(stranger.info("10.100.0.66", false));
+    site.relay.mesh.set_peers(joined.clone()).await.unwrap();
+    let stream = stranger
+        .mesh
+        .open(site.relay.peer_id())
+        .await
+        .expect("a member is let in");
+
+    // And when it leaves again, its connection is closed and it is refused.
+    site.relay
+        .mesh
+        .set_peers(joined[..3].to_vec())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let relay_view = site.relay.mesh.status().await.unwrap();
+    assert!(
+        relay_view.peers.iter().all(|p| p.node != "stranger"),
+        "{relay_view:#?}"
+    );
+    drop(stream);
+    let error = stranger.mesh.open(site.relay.peer_id()).await.unwrap_err();
+    eprintln!("stranger after leaving -> relay: {error}");
+}
+
+async fn a_is_connected_to_b(site: &Site) {
+    site.a
+        .wait_connection(site.b.peer_id(), "direct", Duration::from_secs(60))
+        .await;
+}
+
+/// Two nodes on one link (no NAT, no delay): 10,000 datagrams to a UDP echo server on B, with
+/// up to 256 in flight, all come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_udp_datagrams_without_loss() {
+    common::init_logs();
+    let mut net = Net::new();
+    let x = net.ns("x");
+    let y = net.ns("y");
+    net.link(&x, "eth0", "10.0.0.1/24", &y, "eth0", "10.0.0.2/24");
+    let a = Node::start("node-a", &x, false, own_lan("10.0.0.1"), false).await;
+    let b = Node::start("node-b", &y, false, own_lan("10.0.0.2"), false).await;
+    let directory = vec![a.info("10.0.0.1", false), b.info("10.0.0.2", false)];
+    a.mesh.set_peers(directory.clone()).await.unwrap();
+    b.mesh.set_peers(directory).await.unwrap();
+    b.runtime
+        .run(async {
+            // An application that expects bursts sizes its buffer for them.
+            let socket = tunnel::udp_socket("10.0.0.2:5300".parse().unwrap()).unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                loop {
+                    let (n, from) = socket.recv_from(&mut buf).await.unwrap();
+                    socket.send_to(&buf[..n], from).await.unwrap();
+                }
+            });
+        })
+        .await;
+
+    let target: SocketAddr = "10.0.0.2:5300".parse().unwrap();
+    let stream = tunnel::open(&a.mesh, b.peer_id(), Kind::Udp, target)
+        .await
+        .expect("udp tunnel");
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    const COUNT: u32 = 10_000;
+    let window = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+    let sender = {
+        let window = window.clone();
+        tokio::spawn(async move {
+            for seq in 0..COUNT {
+                window.acquire().await.unwrap().forget();
+                let mut datagram = seq.to_be_bytes().to_vec();
+                datagram.resize(200, 0xab);
+                tunnel::send_datagram(&mut writer, &datagram).await.unwrap();
+                writer.flush().await.unwrap();
+            }
+            writer
+        })
+    };
+    let mut seen = vec![false; COUNT as usize];
+    let mut buf = vec![0u8; tunnel::MAX_DATAGRAM];
+    let received = std::sync::atomic::AtomicU32::new(0);
+    let receive = async {
+        for _ in 0..COUNT {
+            received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let n = tunnel::recv_datagram(&mut reader, &mut buf)
+                .await
+                .unwrap()
+                .expect("a datagram");
+            assert_eq!(n, 200);
+            let seq = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
+            assert!(!seen[seq], "datagram {seq} twice");
+            seen[seq] = true;
+            window.add_permits(1);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), receive)
+        .await
+        .unwrap_or_else(|_| panic!("stalled after {} datagrams", received.into_inner()));
+    assert!(seen.iter().all(|s| *s));
+    let _writer = sender.await.unwrap();
+}
