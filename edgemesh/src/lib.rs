@@ -11,6 +11,8 @@
 pub mod host;
 pub mod identity;
 pub mod peers;
+pub mod proxy;
+pub mod services;
 pub mod streams;
 pub mod tunnel;
 

@@ -17,6 +17,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{Net, Node};
+use edgemesh::proxy::{self, ProxyConfig};
+use edgemesh::services::{Backend, Balancing, NodePeers, Protocol, ServicePort};
 use edgemesh::tunnel::{self, Kind};
 use libp2p::PeerId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -388,4 +390,179 @@ async fn ten_thousand_udp_datagrams_without_loss() {
         .unwrap_or_else(|_| panic!("stalled after {} datagrams", received.into_inner()));
     assert!(seen.iter().all(|s| *s));
     let _writer = sender.await.unwrap();
+}
+
+/// A TCP server that writes `name` to every connection and closes it.
+fn naming_server(node: &Node, addr: &'static str, name: &'static str) {
+    drop(node.runtime.spawn(async move {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let _ = conn.write_all(name.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        }
+    }));
+}
+
+fn service_port(
+    ip: &str,
+    port: u16,
+    protocol: Protocol,
+    backends: &[(&str, u16, &str)],
+) -> ServicePort {
+    ServicePort {
+        namespace: "shop".into(),
+        service: format!("svc-{port}"),
+        port_name: "p".into(),
+        protocol,
+        cluster_ip: ip.parse().unwrap(),
+        port,
+        backends: backends
+            .iter()
+            .map(|(ip, port, node)| Backend {
+                ip: ip.parse().unwrap(),
+                port: *port,
+                node: Some(node.to_string()),
+            })
+            .collect(),
+        balancing: Balancing::RoundRobin,
+        affinity: None,
+    }
+}
+
+/// Connects to `addr` from inside `node`'s namespace and returns what the server wrote.
+async fn fetch(node: &Node, addr: &'static str) -> std::io::Result<String> {
+    node.runtime
+        .run(async move {
+            let mut conn = tokio::net::TcpStream::connect(addr).await?;
+            let mut answer = String::new();
+            conn.read_to_string(&mut answer).await?;
+            Ok(answer)
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_sends_cluster_ip_traffic_to_local_and_remote_endpoints() {
+    let site = two_nats(false).await;
+    let (a, b) = (&site.a, &site.b);
+    a.wait_connection(b.peer_id(), "direct", Duration::from_secs(60))
+        .await;
+    naming_server(b, "192.168.2.2:8080", "b");
+    naming_server(a, "192.168.1.2:8081", "a");
+    drop(b.runtime.spawn(async {
+        let socket = tunnel::udp_socket("192.168.2.2:5300".parse().unwrap()).unwrap();
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let (n, from) = socket.recv_from(&mut buf).await.unwrap();
+            socket.send_to(&buf[..n], from).await.unwrap();
+        }
+    }));
+
+    let ports = vec![
+        // Only on node B, behind the other NAT.
+        service_port(
+            "10.43.0.50",
+            80,
+            Protocol::Tcp,
+            &[("192.168.2.2", 8080, "node-b")],
+        ),
+        // One endpoint here, one there: round robin alternates.
+        service_port(
+            "10.43.0.51",
+            80,
+            Protocol::Tcp,
+            &[
+                ("192.168.1.2", 8081, "node-a"),
+                ("192.168.2.2", 8080, "node-b"),
+            ],
+        ),
+        // A dead endpoint (nothing listens on port 9) and a live one: every connection succeeds.
+        service_port(
+            "10.43.0.52",
+            80,
+            Protocol::Tcp,
+            &[
+                ("192.168.2.2", 9, "node-b"),
+                ("192.168.2.2", 8080, "node-b"),
+            ],
+        ),
+        service_port(
+            "10.43.0.53",
+            53,
+            Protocol::Udp,
+            &[("192.168.2.2", 5300, "node-b")],
+        ),
+    ];
+    let (ports_tx, ports_rx) = tokio::sync::watch::channel(std::sync::Arc::new(ports));
+    let peers: NodePeers = [
+        ("node-b".to_string(), b.peer_id()),
+        ("node-a".to_string(), a.peer_id()),
+    ]
+    .into();
+    let (_peers_tx, peers_rx) = tokio::sync::watch::channel(std::sync::Arc::new(peers));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let proxy = a.runtime.spawn(proxy::run(
+        ProxyConfig::new("node-a"),
+        a.mesh.clone(),
+        ports_rx,
+        peers_rx,
+        stop.clone(),
+    ));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match fetch(a, "10.43.0.50:80").await {
+            Ok(answer) if answer == "b" => break,
+            other => assert!(
+                tokio::time::Instant::now() < deadline,
+                "service 10.43.0.50 never answered: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(fetch(a, "10.43.0.51:80").await.unwrap());
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["a", "a", "b", "b"],
+        "round robin over a local and a remote endpoint"
+    );
+    for _ in 0..4 {
+        assert_eq!(
+            fetch(a, "10.43.0.52:80").await.unwrap(),
+            "b",
+            "a dead endpoint is skipped"
+        );
+    }
+    let echoed = a
+        .runtime
+        .run(async {
+            let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await.unwrap();
+            socket.connect("10.43.0.53:53").await.unwrap();
+            let mut answers = 0;
+            let mut buf = [0u8; 64];
+            for i in 0..100u8 {
+                socket.send(&[i; 32]).await.unwrap();
+                let n = tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(&buf[..n], &[i; 32]);
+                answers += 1;
+            }
+            answers
+        })
+        .await;
+    assert_eq!(echoed, 100, "UDP answers come back from the cluster IP");
+
+    // Removing the services removes the rules: the cluster IP no longer answers.
+    ports_tx.send(std::sync::Arc::new(Vec::new())).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(fetch(a, "10.43.0.50:80").await.is_err());
+    stop.cancel();
+    proxy.await.unwrap().unwrap();
 }
