@@ -8,11 +8,14 @@
 //!   the remote node.
 //! - [`identity`], [`peers`]: a node's key, and the directory of the site's nodes.
 
+pub mod agent;
+pub mod dns;
 pub mod host;
 pub mod identity;
 pub mod peers;
 pub mod proxy;
 pub mod services;
+pub mod status;
 pub mod streams;
 pub mod tunnel;
 

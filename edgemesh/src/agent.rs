@@ -1,0 +1,635 @@
+//! The mesh on a node of a site, on the node's API client: publishes this node's peer id and
+//! addresses on its Node object, takes the site's nodes (their annotations) as the only peers
+//! allowed in, follows Services and EndpointSlices for the proxy and the DNS server, and serves
+//! its status and metrics on loopback. The last directory and service table are kept in the
+//! mesh's folder, so a node restarted while the API is unreachable still proxies.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::dns::{self, DnsConfig};
+use crate::host::{self, HostConfig, MeshHandle, RelayLimits};
+use crate::peers::{self, PeerInfo};
+use crate::proxy::{self, ProxyConfig};
+use crate::services::{NodePeers, ServicePort, ServiceTable};
+use crate::tunnel::{self, Kind, TunnelConfig};
+
+pub const PEER_ID_ANNOTATION: &str = "mesh.edgesite.io/peer-id";
+pub const ADDRS_ANNOTATION: &str = "mesh.edgesite.io/addrs";
+pub const RELAY_ANNOTATION: &str = "mesh.edgesite.io/relay";
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node: String,
+    /// The mesh's folder: its key and its cache.
+    pub dir: PathBuf,
+    pub listen: Vec<Multiaddr>,
+    /// Addresses to publish besides the listener's own (a public or port-forwarded address).
+    pub advertise: Vec<Multiaddr>,
+    /// Serve as a relay for the site's nodes.
+    pub relay: Option<RelayLimits>,
+    /// Relays that are not nodes of the site (`edgesite relay` on a public machine), as
+    /// `/ip4/.../tcp/.../p2p/<id>`.
+    pub extra_relays: Vec<Multiaddr>,
+    pub mdns: bool,
+    pub proxy: bool,
+    /// The DNS server's address, and a dummy interface to put it on (the default link-local
+    /// address is on no interface otherwise).
+    pub dns: Option<SocketAddr>,
+    pub dns_interface: Option<String>,
+    pub domain: String,
+    /// `edgesite mesh status` and Prometheus metrics (`/status`, `/metrics`).
+    pub status_listen: Option<SocketAddr>,
+}
+
+/// Local endpoints other nodes may tunnel to: ready endpoints of services on this node, and the
+/// node's pod network.
+#[derive(Default)]
+struct LocalTargets {
+    endpoints: std::collections::HashSet<IpAddr>,
+    pod_cidr: Option<(std::net::Ipv4Addr, u8)>,
+}
+
+impl LocalTargets {
+    fn allows(&self, ip: IpAddr) -> bool {
+        if self.endpoints.contains(&ip) {
+            return true;
+        }
+        match (ip, self.pod_cidr) {
+            (IpAddr::V4(ip), Some((net, bits))) => {
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - bits)
+                };
+                u32::from(ip) & mask == u32::from(net) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+fn parse_cidr(text: &str) -> Option<(std::net::Ipv4Addr, u8)> {
+    let (ip, bits) = text.split_once('/')?;
+    Some((ip.parse().ok()?, bits.parse().ok().filter(|b| *b <= 32)?))
+}
+
+/// What survives a restart without the API.
+#[derive(Default, Serialize, Deserialize)]
+struct Cache {
+    /// node -> (peer id, addrs, relay)
+    peers: BTreeMap<String, (String, Vec<String>, bool)>,
+    services: Vec<Service>,
+    slices: Vec<EndpointSlice>,
+}
+
+struct State {
+    config: AgentConfig,
+    mesh: MeshHandle,
+    /// The site's nodes that run the mesh.
+    nodes: BTreeMap<String, PeerInfo>,
+    extra_relays: Vec<PeerInfo>,
+    services: BTreeMap<(String, String), Service>,
+    slices: BTreeMap<(String, String), EndpointSlice>,
+    targets: Arc<RwLock<LocalTargets>>,
+    ports: watch::Sender<Arc<Vec<ServicePort>>>,
+    table: watch::Sender<Arc<ServiceTable>>,
+    node_peers: watch::Sender<Arc<NodePeers>>,
+    dirty: bool,
+}
+
+impl State {
+    async fn peers_changed(&mut self) {
+        let mut directory: Vec<PeerInfo> = self.nodes.values().cloned().collect();
+        directory.extend(self.extra_relays.iter().cloned());
+        if let Err(error) = self.mesh.set_peers(directory).await {
+            tracing::warn!(%error, "mesh directory not updated");
+        }
+        let node_peers: NodePeers = self
+            .nodes
+            .iter()
+            .map(|(name, info)| (name.clone(), info.peer_id))
+            .collect();
+        self.node_peers.send_replace(Arc::new(node_peers));
+        self.dirty = true;
+    }
+
+    fn services_changed(&mut self) {
+        let mut table = ServiceTable::default();
+        table.reset(
+            self.services.values().cloned().collect(),
+            self.slices.values().cloned().collect(),
+        );
+        let ports = table.ports();
+        {
+            let mut targets = self.targets.write().unwrap_or_else(|e| e.into_inner());
+            targets.endpoints = ports
+                .iter()
+                .flat_map(|p| p.backends.iter())
+                .filter(|b| b.node.as_deref() == Some(self.config.node.as_str()))
+                .map(|b| b.ip)
+                .collect();
+        }
+        self.ports.send_replace(Arc::new(ports));
+        self.table.send_replace(Arc::new(table));
+        self.dirty = true;
+    }
+
+    fn apply_node(&mut self, node: &Node) -> bool {
+        let Some(name) = node.metadata.name.clone() else {
+            return false;
+        };
+        if name == self.config.node {
+            let cidr = node
+                .spec
+                .as_ref()
+                .and_then(|s| s.pod_cidr.as_deref())
+                .and_then(parse_cidr);
+            self.targets
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .pod_cidr = cidr;
+        }
+        let info = peer_info(node);
+        let changed = self.nodes.get(&name) != info.as_ref();
+        match info {
+            Some(info) => {
+                self.nodes.insert(name, info);
+            }
+            None => {
+                self.nodes.remove(&name);
+            }
+        }
+        changed
+    }
+
+    fn save(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        self.dirty = false;
+        let cache = Cache {
+            peers: self
+                .nodes
+                .iter()
+                .map(|(name, info)| {
+                    let addrs = info.addrs.iter().map(|a| a.to_string()).collect();
+                    (name.clone(), (info.peer_id.to_string(), addrs, info.relay))
+                })
+                .collect(),
+            services: self.services.values().cloned().collect(),
+            slices: self.slices.values().cloned().collect(),
+        };
+        let path = self.config.dir.join("cache.json");
+        let partial = self.config.dir.join("cache.json.partial");
+        let written = serde_json::to_vec(&cache)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&partial, bytes))
+            .and_then(|_| std::fs::rename(&partial, &path));
+        if let Err(error) = written {
+            tracing::warn!(%error, path = %path.display(), "mesh cache not written");
+        }
+    }
+}
+
+/// A node's entry in the directory, from its annotations.
+pub fn peer_info(node: &Node) -> Option<PeerInfo> {
+    let annotations = node.metadata.annotations.as_ref()?;
+    let peer_id: PeerId = annotations.get(PEER_ID_ANNOTATION)?.parse().ok()?;
+    let addrs = annotations
+        .get(ADDRS_ANNOTATION)
+        .map(|a| peers::parse_addrs(a))
+        .unwrap_or_default();
+    Some(PeerInfo {
+        name: node.metadata.name.clone()?,
+        peer_id,
+        addrs,
+        relay: annotations.get(RELAY_ANNOTATION).map(String::as_str) == Some("true"),
+    })
+}
+
+fn key(namespace: &Option<String>, name: &Option<String>) -> (String, String) {
+    (
+        namespace.clone().unwrap_or_default(),
+        name.clone().unwrap_or_default(),
+    )
+}
+
+/// Runs the node's mesh until `shutdown`.
+pub async fn run(
+    config: AgentConfig,
+    client: kube::Client,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    std::fs::create_dir_all(&config.dir)
+        .with_context(|| format!("creating {}", config.dir.display()))?;
+    let keypair = crate::identity::load_or_create(&config.dir.join("key"))?;
+    let mut host_config = HostConfig::new(keypair, config.listen.clone());
+    host_config.advertise = config.advertise.clone();
+    host_config.relay = config.relay.clone();
+    host_config.mdns = config.mdns;
+    let (mesh, incoming) = host::start(host_config, shutdown.clone()).await?;
+    tracing::info!(peer_id = %mesh.peer_id(), node = %config.node, "mesh started");
+
+    let extra_relays = config
+        .extra_relays
+        .iter()
+        .map(|addr| {
+            let peer_id = addr
+                .iter()
+                .find_map(|p| match p {
+                    libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+                    _ => None,
+                })
+                .with_context(|| format!("relay address {addr} must end in /p2p/<peer id>"))?;
+            Ok(PeerInfo {
+                name: format!("relay {peer_id}"),
+                peer_id,
+                addrs: vec![addr.clone()],
+                relay: true,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    let targets = Arc::new(RwLock::new(LocalTargets::default()));
+    let policy_targets = targets.clone();
+    let policy = move |_peer: &PeerId, _kind: Kind, target: SocketAddr| {
+        policy_targets
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .allows(target.ip())
+    };
+    tokio::spawn(tunnel::serve(
+        incoming,
+        Arc::new(policy),
+        TunnelConfig::default(),
+        shutdown.clone(),
+    ));
+
+    let (ports_tx, ports_rx) = watch::channel(Arc::new(Vec::new()));
+    let (table_tx, table_rx) = watch::channel(Arc::new(ServiceTable::default()));
+    let (peers_tx, peers_rx) = watch::channel(Arc::new(NodePeers::new()));
+    let mut state = State {
+        config: config.clone(),
+        mesh: mesh.clone(),
+        nodes: BTreeMap::new(),
+        extra_relays,
+        services: BTreeMap::new(),
+        slices: BTreeMap::new(),
+        targets,
+        ports: ports_tx,
+        table: table_tx,
+        node_peers: peers_tx,
+        dirty: false,
+    };
+    // The last known state first: the node may be offline.
+    if let Ok(bytes) = std::fs::read(config.dir.join("cache.json")) {
+        match serde_json::from_slice::<Cache>(&bytes) {
+            Ok(cache) => {
+                for (name, (peer_id, addrs, relay)) in cache.peers {
+                    if let Ok(peer_id) = peer_id.parse() {
+                        let addrs = addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                        state.nodes.insert(
+                            name.clone(),
+                            PeerInfo {
+                                name,
+                                peer_id,
+                                addrs,
+                                relay,
+                            },
+                        );
+                    }
+                }
+                for service in cache.services {
+                    state.services.insert(
+                        key(&service.metadata.namespace, &service.metadata.name),
+                        service,
+                    );
+                }
+                for slice in cache.slices {
+                    state
+                        .slices
+                        .insert(key(&slice.metadata.namespace, &slice.metadata.name), slice);
+                }
+                tracing::info!(
+                    nodes = state.nodes.len(),
+                    services = state.services.len(),
+                    "mesh state loaded from cache"
+                );
+            }
+            Err(error) => tracing::warn!(%error, "mesh cache unreadable; starting empty"),
+        }
+    }
+    state.peers_changed().await;
+    state.services_changed();
+    state.dirty = false;
+
+    if config.proxy {
+        let proxy_config = ProxyConfig::new(config.node.clone());
+        let stop = shutdown.clone();
+        let mesh = mesh.clone();
+        tokio::spawn(async move {
+            if let Err(error) = proxy::run(proxy_config, mesh, ports_rx, peers_rx, stop).await {
+                tracing::error!("mesh proxy stopped: {error:#}");
+            }
+        });
+    }
+    if let Some(address) = config.dns {
+        start_dns(address, &config, table_rx, shutdown.clone()).await?;
+    }
+    if let Some(address) = config.status_listen {
+        crate::status::serve(address, mesh.clone(), shutdown.clone()).await?;
+    }
+    tokio::spawn(publish(
+        client.clone(),
+        config.node.clone(),
+        mesh.clone(),
+        config.relay.is_some(),
+        config.advertise.clone(),
+        shutdown.clone(),
+    ));
+
+    let mut nodes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut services = watcher(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .boxed();
+    let mut slices = watcher(
+        Api::<EndpointSlice>::all(client),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .boxed();
+    let mut node_listing: Option<BTreeMap<String, PeerInfo>> = None;
+    let mut service_listing: Option<BTreeMap<(String, String), Service>> = None;
+    let mut slice_listing: Option<BTreeMap<(String, String), EndpointSlice>> = None;
+    let mut save = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = save.tick() => state.save(),
+            Some(event) = nodes.next() => match event {
+                Ok(watcher::Event::Init) => node_listing = Some(BTreeMap::new()),
+                Ok(watcher::Event::InitApply(node)) => {
+                    if let (Some(listing), Some(info)) = (node_listing.as_mut(), peer_info(&node)) {
+                        listing.insert(info.name.clone(), info);
+                    }
+                    state.apply_node(&node);
+                }
+                Ok(watcher::Event::InitDone) => {
+                    if let Some(listing) = node_listing.take() {
+                        state.nodes = listing;
+                    }
+                    state.peers_changed().await;
+                }
+                Ok(watcher::Event::Apply(node)) => {
+                    if state.apply_node(&node) {
+                        state.peers_changed().await;
+                    }
+                }
+                Ok(watcher::Event::Delete(node)) => {
+                    let removed = node.metadata.name.as_ref().and_then(|n| state.nodes.remove(n));
+                    if removed.is_some() {
+                        state.peers_changed().await;
+                    }
+                }
+                Err(error) => tracing::debug!(%error, "node watch"),
+            },
+            Some(event) = services.next() => match event {
+                Ok(watcher::Event::Init) => service_listing = Some(BTreeMap::new()),
+                Ok(watcher::Event::InitApply(service)) => {
+                    if let Some(listing) = service_listing.as_mut() {
+                        listing.insert(key(&service.metadata.namespace, &service.metadata.name), service);
+                    }
+                }
+                Ok(watcher::Event::InitDone) => {
+                    if let Some(listing) = service_listing.take() {
+                        state.services = listing;
+                        state.services_changed();
+                    }
+                }
+                Ok(watcher::Event::Apply(service)) => {
+                    state.services.insert(key(&service.metadata.namespace, &service.metadata.name), service);
+                    state.services_changed();
+                }
+                Ok(watcher::Event::Delete(service)) => {
+                    state.services.remove(&key(&service.metadata.namespace, &service.metadata.name));
+                    state.services_changed();
+                }
+                Err(error) => tracing::debug!(%error, "service watch"),
+            },
+            Some(event) = slices.next() => match event {
+                Ok(watcher::Event::Init) => slice_listing = Some(BTreeMap::new()),
+                Ok(watcher::Event::InitApply(slice)) => {
+                    if let Some(listing) = slice_listing.as_mut() {
+                        listing.insert(key(&slice.metadata.namespace, &slice.metadata.name), slice);
+                    }
+                }
+                Ok(watcher::Event::InitDone) => {
+                    if let Some(listing) = slice_listing.take() {
+                        state.slices = listing;
+                        state.services_changed();
+                    }
+                }
+                Ok(watcher::Event::Apply(slice)) => {
+                    state.slices.insert(key(&slice.metadata.namespace, &slice.metadata.name), slice);
+                    state.services_changed();
+                }
+                Ok(watcher::Event::Delete(slice)) => {
+                    state.slices.remove(&key(&slice.metadata.namespace, &slice.metadata.name));
+                    state.services_changed();
+                }
+                Err(error) => tracing::debug!(%error, "endpointslice watch"),
+            },
+        }
+    }
+    state.save();
+    Ok(())
+}
+
+async fn start_dns(
+    address: SocketAddr,
+    config: &AgentConfig,
+    table: watch::Receiver<Arc<ServiceTable>>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    if let Some(interface) = &config.dns_interface {
+        ensure_dummy_interface(interface, address.ip()).await?;
+    }
+    let udp = UdpSocket::bind(address)
+        .await
+        .with_context(|| format!("mesh DNS: binding udp {address}"))?;
+    let tcp = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("mesh DNS: binding tcp {address}"))?;
+    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let dns_config = DnsConfig {
+        domain: config.domain.clone(),
+        upstreams: DnsConfig::upstreams_from_resolv_conf(&resolv, address.ip()),
+    };
+    tracing::info!(%address, upstreams = ?dns_config.upstreams, "mesh DNS serving {}", config.domain);
+    tokio::spawn(dns::serve(udp, tcp, dns_config, table, shutdown));
+    Ok(())
+}
+
+/// A dummy interface holding the DNS server's address (idempotent).
+async fn ensure_dummy_interface(name: &str, ip: IpAddr) -> Result<()> {
+    let ip_cmd = |args: Vec<String>| async move {
+        tokio::process::Command::new("ip")
+            .args(&args)
+            .output()
+            .await
+            .context("running ip (install the iproute2 package)")
+    };
+    let exists = ip_cmd(vec!["link".into(), "show".into(), name.into()])
+        .await?
+        .status
+        .success();
+    if !exists {
+        let out = ip_cmd(vec![
+            "link".into(),
+            "add".into(),
+            name.into(),
+            "type".into(),
+            "dummy".into(),
+        ])
+        .await?;
+        anyhow::ensure!(
+            out.status.success(),
+            "creating interface {name}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let prefix = if ip.is_ipv4() { 32 } else { 128 };
+    let out = ip_cmd(vec![
+        "addr".into(),
+        "replace".into(),
+        format!("{ip}/{prefix}"),
+        "dev".into(),
+        name.into(),
+    ])
+    .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "adding {ip} to {name}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let out = ip_cmd(vec!["link".into(), "set".into(), name.into(), "up".into()]).await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "bringing {name} up: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Keeps this node's annotations (peer id, addresses, relay) on its Node object; the Node is
+/// registered by edged, so this waits for it.
+async fn publish(
+    client: kube::Client,
+    node: String,
+    mesh: MeshHandle,
+    relay: bool,
+    advertise: Vec<Multiaddr>,
+    shutdown: CancellationToken,
+) {
+    let api: Api<Node> = Api::all(client);
+    let mut listen = mesh.listen_addrs();
+    let mut published: Option<HashMap<String, String>> = None;
+    let mut delay = Duration::from_secs(1);
+    loop {
+        let mut addrs: Vec<String> = advertise.iter().map(|a| a.to_string()).collect();
+        addrs.extend(
+            listen
+                .borrow_and_update()
+                .iter()
+                .filter(|a| peers::is_dialable(a) && !is_loopback(a))
+                .map(|a| a.to_string()),
+        );
+        addrs.dedup();
+        let wanted: HashMap<String, String> = [
+            (PEER_ID_ANNOTATION.to_string(), mesh.peer_id().to_string()),
+            (ADDRS_ANNOTATION.to_string(), addrs.join(",")),
+            (RELAY_ANNOTATION.to_string(), relay.to_string()),
+        ]
+        .into();
+        let current = match api.get_opt(&node).await {
+            Ok(Some(object)) => Some(object.metadata.annotations.unwrap_or_default()),
+            Ok(None) | Err(_) => None,
+        };
+        let up_to_date = current
+            .as_ref()
+            .is_some_and(|c| wanted.iter().all(|(k, v)| c.get(k) == Some(v)));
+        if current.is_some() && !up_to_date {
+            let patch = serde_json::json!({"metadata": {"annotations": wanted}});
+            match api
+                .patch(&node, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(addrs = %wanted[ADDRS_ANNOTATION], "mesh address published on the node");
+                    published = Some(wanted.clone());
+                    delay = Duration::from_secs(1);
+                }
+                Err(error) => tracing::debug!(%error, "publishing the mesh address"),
+            }
+        } else if up_to_date {
+            published = Some(wanted.clone());
+        }
+        let wait = if published.as_ref() == Some(&wanted) {
+            Duration::from_secs(30)
+        } else {
+            delay
+        };
+        delay = (delay * 2).min(Duration::from_secs(30));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = listen.changed() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        libp2p::multiaddr::Protocol::Ip4(ip) => ip.is_loopback(),
+        libp2p::multiaddr::Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_targets() {
+        let mut targets = LocalTargets::default();
+        assert!(!targets.allows("10.42.1.5".parse().unwrap()));
+        targets.pod_cidr = parse_cidr("10.42.1.0/24");
+        assert!(targets.allows("10.42.1.5".parse().unwrap()));
+        assert!(!targets.allows("10.42.2.5".parse().unwrap()));
+        targets.endpoints.insert("192.168.7.7".parse().unwrap());
+        assert!(targets.allows("192.168.7.7".parse().unwrap()));
+        assert!(parse_cidr("10.0.0.0/33").is_none());
+    }
+}
