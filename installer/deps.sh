@@ -37,5 +37,5 @@ install_build_deps() {
 # What a node needs to run containers: containerd, runc, the CNI plugins and iptables, all
 # from the OS packages.
 install_node_deps() {
-  apt_install containerd runc containernetworking-plugins iptables
+  apt_install containerd runc containernetworking-plugins iptables iproute2 procps
 }

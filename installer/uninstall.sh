@@ -30,6 +30,15 @@ fi
   umount -l "$m" 2>/dev/null || true
 done
 ip link del edgesite0 2>/dev/null || true
+# The mesh's DNS address and service proxy chain (the agent removes the chain when it stops
+# cleanly; after a kill they remain).
+ip link del edgemesh0 2>/dev/null || true
+ip addr del 169.254.96.16/32 dev lo 2>/dev/null || true
+for hook in PREROUTING OUTPUT; do
+  iptables -w 5 -t nat -D "$hook" -m comment --comment "edgesite mesh: service cluster IPs" -j EDGEMESH 2>/dev/null || true
+done
+iptables -w 5 -t nat -F EDGEMESH 2>/dev/null || true
+iptables -w 5 -t nat -X EDGEMESH 2>/dev/null || true
 # The containerd this installer started without systemd (a system one is left alone).
 if [ -f /run/edgesite-containerd-supervisor.pid ]; then
   kill "$(cat /run/edgesite-containerd-supervisor.pid)" 2>/dev/null || true

@@ -472,8 +472,13 @@ async fn start_dns(
     table: watch::Receiver<Arc<ServiceTable>>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    if let Some(interface) = &config.dns_interface {
-        ensure_dummy_interface(interface, address.ip()).await?;
+    if let Some(interface) = &config.dns_interface
+        && let Err(error) = ensure_dummy_interface(interface, address.ip()).await
+    {
+        // Kernels without dummy interfaces: the loopback interface holds it as well (an
+        // address on `lo` outside 127/8 is reachable from pods like any local address).
+        tracing::info!("no dummy interface ({error:#}); the DNS address goes on lo");
+        add_address("lo", address.ip()).await?;
     }
     let udp = UdpSocket::bind(address)
         .await
@@ -493,50 +498,40 @@ async fn start_dns(
 
 /// A dummy interface holding the DNS server's address (idempotent).
 async fn ensure_dummy_interface(name: &str, ip: IpAddr) -> Result<()> {
-    let ip_cmd = |args: Vec<String>| async move {
-        tokio::process::Command::new("ip")
-            .args(&args)
-            .output()
-            .await
-            .context("running ip (install the iproute2 package)")
-    };
-    let exists = ip_cmd(vec!["link".into(), "show".into(), name.into()])
-        .await?
-        .status
-        .success();
+    let exists = ip_command(&["link", "show", name]).await?.status.success();
     if !exists {
-        let out = ip_cmd(vec![
-            "link".into(),
-            "add".into(),
-            name.into(),
-            "type".into(),
-            "dummy".into(),
-        ])
-        .await?;
+        let out = ip_command(&["link", "add", name, "type", "dummy"]).await?;
         anyhow::ensure!(
             out.status.success(),
             "creating interface {name}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    let prefix = if ip.is_ipv4() { 32 } else { 128 };
-    let out = ip_cmd(vec![
-        "addr".into(),
-        "replace".into(),
-        format!("{ip}/{prefix}"),
-        "dev".into(),
-        name.into(),
-    ])
-    .await?;
-    anyhow::ensure!(
-        out.status.success(),
-        "adding {ip} to {name}: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    let out = ip_cmd(vec!["link".into(), "set".into(), name.into(), "up".into()]).await?;
+    add_address(name, ip).await?;
+    let out = ip_command(&["link", "set", name, "up"]).await?;
     anyhow::ensure!(
         out.status.success(),
         "bringing {name} up: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+async fn ip_command(args: &[&str]) -> Result<std::process::Output> {
+    tokio::process::Command::new("ip")
+        .args(args)
+        .output()
+        .await
+        .context("running ip (install the iproute2 package)")
+}
+
+/// Adds `ip` as a host address (/32 or /128) of interface `name` (idempotent).
+async fn add_address(name: &str, ip: IpAddr) -> Result<()> {
+    let prefix = if ip.is_ipv4() { 32 } else { 128 };
+    let out = ip_command(&["addr", "replace", &format!("{ip}/{prefix}"), "dev", name]).await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "adding {ip} to {name}: {}",
         String::from_utf8_lossy(&out.stderr).trim()
     );
     Ok(())
@@ -557,12 +552,40 @@ async fn publish(
     let mut published: Option<HashMap<String, String>> = None;
     let mut delay = Duration::from_secs(1);
     loop {
+        let object = api.get_opt(&node).await.ok().flatten();
+        // Not worth publishing: loopback, link-local (the DNS address is on every node) and
+        // the node's own pod network (its bridge).
+        let pod_cidr = object
+            .as_ref()
+            .and_then(|n| n.spec.as_ref())
+            .and_then(|s| s.pod_cidr.as_deref())
+            .and_then(parse_cidr);
+        let local_only = |addr: &Multiaddr| {
+            addr.iter().any(|p| match p {
+                libp2p::multiaddr::Protocol::Ip4(ip) => {
+                    ip.is_loopback()
+                        || ip.is_link_local()
+                        || pod_cidr.is_some_and(|(net, bits)| {
+                            let mask = if bits == 0 {
+                                0
+                            } else {
+                                u32::MAX << (32 - bits)
+                            };
+                            u32::from(ip) & mask == u32::from(net) & mask
+                        })
+                }
+                libp2p::multiaddr::Protocol::Ip6(ip) => {
+                    ip.is_loopback() || ip.is_unicast_link_local()
+                }
+                _ => false,
+            })
+        };
         let mut addrs: Vec<String> = advertise.iter().map(|a| a.to_string()).collect();
         addrs.extend(
             listen
                 .borrow_and_update()
                 .iter()
-                .filter(|a| peers::is_dialable(a) && !is_loopback(a))
+                .filter(|a| peers::is_dialable(a) && !local_only(a))
                 .map(|a| a.to_string()),
         );
         addrs.dedup();
@@ -572,10 +595,7 @@ async fn publish(
             (RELAY_ANNOTATION.to_string(), relay.to_string()),
         ]
         .into();
-        let current = match api.get_opt(&node).await {
-            Ok(Some(object)) => Some(object.metadata.annotations.unwrap_or_default()),
-            Ok(None) | Err(_) => None,
-        };
+        let current = object.map(|o| o.metadata.annotations.unwrap_or_default());
         let up_to_date = current
             .as_ref()
             .is_some_and(|c| wanted.iter().all(|(k, v)| c.get(k) == Some(v)));
@@ -607,14 +627,6 @@ async fn publish(
             _ = tokio::time::sleep(wait) => {}
         }
     }
-}
-
-fn is_loopback(addr: &Multiaddr) -> bool {
-    addr.iter().any(|p| match p {
-        libp2p::multiaddr::Protocol::Ip4(ip) => ip.is_loopback(),
-        libp2p::multiaddr::Protocol::Ip6(ip) => ip.is_loopback(),
-        _ => false,
-    })
 }
 
 #[cfg(test)]

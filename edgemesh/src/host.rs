@@ -20,7 +20,7 @@ use libp2p::{
     Multiaddr, PeerId, Swarm, autonat, dcutr, identify, mdns, noise, ping, relay, tcp, yamux,
 };
 use rand::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -115,7 +115,7 @@ struct Behaviour {
 }
 
 /// One peer in [`MeshStatus`].
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PeerStatus {
     pub node: String,
     pub peer_id: String,
@@ -132,7 +132,7 @@ pub struct PeerStatus {
     pub punch_failures: u32,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MeshStatus {
     pub peer_id: String,
     pub listen: Vec<String>,

@@ -20,5 +20,6 @@ pub mod streams;
 pub mod tunnel;
 
 pub use host::{HostConfig, MeshHandle, MeshStatus, PeerStatus, RelayLimits};
+pub use libp2p::{Multiaddr, PeerId, multiaddr};
 pub use peers::PeerInfo;
 pub use streams::MeshStream;

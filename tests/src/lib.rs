@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod link;
+pub mod netns;
 pub mod node;
 pub mod simnodes;
 
@@ -45,6 +46,8 @@ pub struct Site {
     child: Option<Child>,
     /// Extra `edgesite server` flags.
     extra: Vec<String>,
+    /// The network namespace the server (and kubectl) run in, for topology tests.
+    netns: Option<String>,
 }
 
 impl Site {
@@ -101,10 +104,45 @@ impl Site {
             port: free_port(),
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            netns: None,
         };
         prepare(&site.data_dir())?;
         site.launch()?;
         Ok(site)
+    }
+
+    /// Starts a site inside network namespace `netns`, listening on all of its addresses;
+    /// kubectl runs there too.
+    pub fn start_in_netns(
+        netns: &str,
+        extra: &[&str],
+        prepare: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<Site> {
+        let mut site = Site {
+            dir: tempfile::Builder::new().prefix("edgesite-test").tempdir()?,
+            port: free_port(),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            netns: Some(netns.to_string()),
+        };
+        prepare(&site.data_dir())?;
+        site.launch()?;
+        Ok(site)
+    }
+
+    /// A command that runs in this site's network namespace, if it has one.
+    fn command(&self, program: &Path) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                // Only the network namespace (see node.rs: pod namespaces must stay visible).
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net=/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(program);
+                cmd
+            }
+            None => Command::new(program),
+        }
     }
 
     /// Starts (again) on the same data dir and port.
@@ -116,14 +154,20 @@ impl Site {
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let child = Command::new(edgesite_bin())
+        let bind = if self.netns.is_some() {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
+        let child = self
+            .command(&edgesite_bin())
             .arg("server")
             .arg("--config")
             .arg(self.dir.path().join("no-config.yaml"))
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--bind-address")
-            .arg("127.0.0.1")
+            .arg(bind)
             .arg("--https-listen-port")
             .arg(self.port.to_string())
             .arg("--write-kubeconfig")
@@ -149,9 +193,9 @@ impl Site {
                     std::fs::read_to_string(self.log_path()).unwrap_or_default()
                 );
             }
-            if self.kubeconfig().exists()
-                && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
-            {
+            let listening = self.netns.is_some()
+                || std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+            if self.kubeconfig().exists() && listening {
                 let out = self.kubectl(&["get", "--raw", "/readyz"])?;
                 if out.status.success() {
                     return Ok(());
@@ -204,7 +248,7 @@ impl Site {
     }
 
     pub fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Result<Output> {
-        let mut cmd = Command::new(kubectl_bin());
+        let mut cmd = self.command(Path::new(&kubectl_bin()));
         cmd.arg("--kubeconfig")
             .arg(self.kubeconfig())
             .arg("--cache-dir")

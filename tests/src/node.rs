@@ -227,6 +227,9 @@ impl Runtime {
                 self.dir.path().join("registries.yaml").display()
             ),
             format!("--mqtt-bind=127.0.0.1:{}", self.mqtt_port(node)),
+            // Nodes on the test machine share its network: the mesh (its port, DNS address
+            // and iptables chain) runs only in the mesh tests' own namespaces.
+            "--disable-mesh".to_string(),
         ]
     }
 
@@ -270,6 +273,37 @@ impl Runtime {
         server: &str,
         extra: &[&str],
     ) -> Result<AgentProcess> {
+        self.spawn_agent(site, node, server, extra, None)
+    }
+
+    /// An agent in network namespace `netns`, with the mesh on (the namespace is its own
+    /// network: port, DNS address and iptables chain are not shared).
+    pub fn start_agent_in_netns(
+        &self,
+        site: &Site,
+        node: &str,
+        netns: &str,
+        server: &str,
+        extra: &[&str],
+    ) -> Result<AgentProcess> {
+        self.spawn_agent(site, node, server, extra, Some(netns))
+    }
+
+    /// Flags for a node with the mesh on (in a namespace of its own).
+    pub fn node_flags_with_mesh(&self, node: &str) -> Vec<String> {
+        let mut flags = self.node_flags(node);
+        flags.retain(|f| f != "--disable-mesh");
+        flags
+    }
+
+    fn spawn_agent(
+        &self,
+        site: &Site,
+        node: &str,
+        server: &str,
+        extra: &[&str],
+        netns: Option<&str>,
+    ) -> Result<AgentProcess> {
         let out = Command::new(crate::edgesite_bin())
             .args(["token", "create", "--data-dir"])
             .arg(site.data_dir())
@@ -299,12 +333,17 @@ impl Runtime {
                 format!("--token={token}"),
             ],
             child: None,
+            netns: netns.map(String::from),
         };
         agent.args.push(format!(
             "--data-dir={}",
             agent.dir.path().join("data").display()
         ));
-        agent.args.extend(self.node_flags(node));
+        if netns.is_some() {
+            agent.args.extend(self.node_flags_with_mesh(node));
+        } else {
+            agent.args.extend(self.node_flags(node));
+        }
         agent.args.extend(extra.iter().map(|s| s.to_string()));
         agent.launch()?;
         Ok(agent)
@@ -704,6 +743,7 @@ pub struct AgentProcess {
     pub dir: tempfile::TempDir,
     args: Vec<String>,
     child: Option<Child>,
+    netns: Option<String>,
 }
 
 impl AgentProcess {
@@ -716,7 +756,20 @@ impl AgentProcess {
             .create(true)
             .append(true)
             .open(self.dir.path().join("agent.log"))?;
-        let child = Command::new(crate::edgesite_bin())
+        let mut command = match &self.netns {
+            Some(ns) => {
+                // nsenter joins only the network namespace: `ip netns exec` would also give the
+                // agent a mount namespace of its own, hiding the pod namespaces it bind-mounts
+                // from containerd.
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(crate::edgesite_bin());
+                c
+            }
+            None => Command::new(crate::edgesite_bin()),
+        };
+        let child = command
             .args(&self.args)
             .env("RUST_LOG", "info,kube_client::client::builder=off")
             .stdout(Stdio::from(log.try_clone()?))

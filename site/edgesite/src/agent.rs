@@ -20,6 +20,12 @@ pub fn run(args: AgentCommandArgs) -> Result<()> {
         .agent
         .devices
         .setup(&args.data_dir, &config.node_name)?;
+    let mesh_config = args.agent.mesh.to_config(
+        &args.data_dir,
+        &config.node_name,
+        &config.cluster_domain,
+        false,
+    );
     std::fs::create_dir_all(&config.root)
         .with_context(|| format!("create {}", config.root.display()))?;
     let lock_path = config.root.join("edgesite-agent.lock");
@@ -71,6 +77,10 @@ pub fn run(args: AgentCommandArgs) -> Result<()> {
             )?),
             None => None,
         };
+        let mesh = match mesh_config {
+            Some(mesh) => Some(crate::mesh::start(mesh, client.clone(), shutdown.clone()).await?),
+            None => None,
+        };
         let mut agent = tokio::spawn(edged::run(config, client, publish, shutdown.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -88,6 +98,9 @@ pub fn run(args: AgentCommandArgs) -> Result<()> {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(10), agent).await;
         if let Some(twin) = device_twin {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), twin).await;
+        }
+        if let Some(mesh) = mesh {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), mesh).await;
         }
         Ok(())
     })

@@ -8,6 +8,7 @@ mod config;
 mod control_plane;
 mod devices;
 mod join;
+mod mesh;
 mod pki;
 mod server;
 
@@ -43,6 +44,14 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// A standalone mesh relay for a machine every site can reach (a public VM): nodes that
+    /// cannot reach each other directly meet through it.
+    Relay(mesh::RelayArgs),
+    /// The node's mesh: `edgesite mesh status` lists its peers, direct or relayed.
+    Mesh {
+        #[command(subcommand)]
+        command: MeshCommand,
+    },
     /// Images on this node's containerd.
     Images {
         #[command(subcommand)]
@@ -63,6 +72,19 @@ enum ImagesCommand {
         /// containerd namespace of the node's images.
         #[arg(long, default_value = "edgesite")]
         containerd_namespace: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum MeshCommand {
+    /// Each peer of this node: connection (direct or relayed), address, RTT, bytes, hole punch.
+    Status {
+        /// The mesh status address of the local node (its --mesh-status).
+        #[arg(long, default_value = "127.0.0.1:10351")]
+        address: std::net::SocketAddr,
+        /// `json` for the raw status.
+        #[arg(long, short = 'o', value_name = "table|json", default_value = "table")]
+        output: String,
     },
 }
 
@@ -187,6 +209,9 @@ pub struct ServerArgs {
         default_value = "10.42.0.0/16"
     )]
     pub cluster_cidr: String,
+    /// Do not serve as a mesh relay for the site's nodes (by default the server is one).
+    #[arg(long)]
+    pub disable_mesh_relay: bool,
     #[command(flatten)]
     pub agent: AgentArgs,
     /// Shared secret that agents will use to join this site (generated when absent).
@@ -244,6 +269,8 @@ pub struct AgentArgs {
     pub disconnected_pods: Option<controllers::node_lifecycle::DisconnectedPods>,
     #[command(flatten)]
     pub devices: crate::devices::DeviceArgs,
+    #[command(flatten)]
+    pub mesh: crate::mesh::MeshArgs,
 }
 
 impl AgentArgs {
@@ -289,7 +316,7 @@ impl AgentArgs {
             cni_bin_dirs,
             cni_bridge: self.cni_bridge.clone(),
             registries: self.private_registry.clone(),
-            cluster_dns: self.cluster_dns,
+            cluster_dns: self.cluster_dns.or(self.mesh.cluster_dns()),
             cluster_domain: self.cluster_domain.clone(),
             max_pods: self.max_pods,
             log_rotation: edged::logs::Rotation {
@@ -401,6 +428,10 @@ fn main() {
                     containerd_namespace,
                 },
         } => import_images(&files, &container_runtime_endpoint, &containerd_namespace),
+        Command::Relay(args) => mesh::run_relay(args),
+        Command::Mesh {
+            command: MeshCommand::Status { address, output },
+        } => mesh::print_status(address, output == "json"),
         Command::Token {
             command: TokenCommand::Create { data_dir, ttl },
         } => join::create_token(&data_dir, ttl).map(|token| {

@@ -149,6 +149,14 @@ pub fn run(args: ServerArgs) -> Result<()> {
             .setup(&args.data_dir, &config.node_name)?,
         None => None,
     };
+    let mesh_config = agent_config.as_ref().and_then(|config| {
+        args.agent.mesh.to_config(
+            &args.data_dir,
+            &config.node_name,
+            &config.cluster_domain,
+            !args.disable_mesh_relay,
+        )
+    });
     let server_dir = args.data_dir.join("server");
     std::fs::create_dir_all(&server_dir)
         .with_context(|| format!("create data dir {}", server_dir.display()))?;
@@ -276,6 +284,10 @@ pub fn run(args: ServerArgs) -> Result<()> {
             Some(setup) => Some(crate::devices::start(setup, client.clone(), shutdown.clone())?),
             None => None,
         };
+        let mesh = match mesh_config {
+            Some(mesh) => Some(crate::mesh::start(mesh, client.clone(), shutdown.clone()).await?),
+            None => None,
+        };
         let app = apiserver_lite::http::router(api);
         let mut server = tokio::spawn(apiserver_lite::http::serve(listener, config.tls.clone(), app, shutdown.clone()));
         tracing::info!(
@@ -300,6 +312,9 @@ pub fn run(args: ServerArgs) -> Result<()> {
         let _ = tokio::time::timeout(DRAIN, loops).await;
         if let Some(twin) = device_twin {
             let _ = tokio::time::timeout(DRAIN, twin).await;
+        }
+        if let Some(mesh) = mesh {
+            let _ = tokio::time::timeout(DRAIN, mesh).await;
         }
         if let Some(agent) = agent {
             match tokio::time::timeout(DRAIN, agent).await {

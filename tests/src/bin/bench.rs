@@ -25,6 +25,8 @@ use kube::api::{Api, ListParams, ObjectMeta, PostParams, WatchEvent, WatchParams
 
 #[path = "bench/devices.rs"]
 mod devices;
+#[path = "bench/mesh.rs"]
+mod mesh;
 
 const CLIENTS: usize = 32;
 const CREATES: usize = 10_000;
@@ -203,6 +205,18 @@ async fn main() -> Result<()> {
         for r in rows {
             println!("| {} | {} | {} |", r.metric, r.measured, r.target);
         }
+        return Ok(());
+    }
+    // `edgesite-bench mesh`: only the mesh rows, printed and written into docs/benchmarks.md's
+    // mesh section.
+    if std::env::args().nth(1).as_deref() == Some("mesh") {
+        let mut rows = Vec::new();
+        mesh::rows(&bin, &mut rows).await?;
+        let section = mesh::section(&rows);
+        println!("{section}");
+        let path = workspace_root()?.join("docs").join("benchmarks.md");
+        let doc = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
+        std::fs::write(&path, mesh::splice(&doc, &section)).context("write docs/benchmarks.md")?;
         return Ok(());
     }
     let work = tempfile::Builder::new()
@@ -442,6 +456,11 @@ async fn main() -> Result<()> {
             .context("node autonomy and streaming rows")?,
     );
 
+    let mut mesh_rows = Vec::new();
+    mesh::rows(&bin, &mut mesh_rows)
+        .await
+        .context("mesh rows")?;
+
     let mut table = String::from("| metric | measured | target | met |\n|---|---|---|---|\n");
     for r in &rows {
         let met = match r.met {
@@ -492,15 +511,19 @@ async fn main() -> Result<()> {
          runs the same client against the node's embedded rumqttd and against Debian's mosquitto 2.0 \
          started by the benchmark.\n"
     );
-    let root = std::env::current_exe()?
+    let doc = mesh::splice(&doc, &mesh::section(&mesh_rows));
+    std::fs::write(workspace_root()?.join("docs").join("benchmarks.md"), doc)
+        .context("write docs/benchmarks.md")?;
+    Ok(())
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    Ok(std::env::current_exe()?
         .parent()
         .and_then(Path::parent)
         .and_then(Path::parent)
         .context("workspace root")?
-        .to_path_buf();
-    std::fs::write(root.join("docs").join("benchmarks.md"), doc)
-        .context("write docs/benchmarks.md")?;
-    Ok(())
+        .to_path_buf())
 }
 
 /// Upstream's SchedulingBasic: `nodes` Ready nodes, `pods` pods, measured from create to bound.

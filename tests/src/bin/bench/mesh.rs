@@ -1,0 +1,510 @@
+//! Mesh rows of `edgesite-bench`: on a namespace topology (a relay on a "public" segment, two
+//! nodes behind two NAT routers), TCP throughput and request latency through the mesh, direct
+//! (hole-punched) and relayed (one NAT symmetric), beside plain TCP over the same namespaces and
+//! routers (a port forward on B's router); the time from first contact to a direct connection;
+//! and the memory a peer costs a relay (`edgesite relay`, the release binary).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use edgemesh::host::{self, HostConfig, MeshHandle};
+use edgemesh::tunnel::{self, Kind, TunnelConfig};
+use edgemesh::{Multiaddr, PeerId, PeerInfo, RelayLimits};
+use tests::netns::{Net, NsRuntime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::{Row, ms, percentile, rss_kib};
+
+const BULK: usize = 256 << 20;
+const ROUND_TRIPS: usize = 2_000;
+const PEERS: usize = 50;
+
+struct Host {
+    runtime: NsRuntime,
+    mesh: MeshHandle,
+    stop: CancellationToken,
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn host(ns: &str, port: u16, relay: bool) -> Result<Host> {
+    let runtime = NsRuntime::start(ns);
+    let mut config = HostConfig::new(
+        edgemesh::identity::load_or_create(&tempfile::tempdir()?.path().join("key"))?,
+        vec![format!("/ip4/0.0.0.0/tcp/{port}").parse()?],
+    );
+    config.mdns = false;
+    if relay {
+        config.relay = Some(RelayLimits::default());
+    }
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let (mesh, incoming) = runtime
+        .run(async move { host::start(config, token).await })
+        .await?;
+    let allow = |_: &PeerId, _: Kind, _: SocketAddr| true;
+    runtime.spawn(tunnel::serve(
+        incoming,
+        Arc::new(allow),
+        TunnelConfig::default(),
+        stop.clone(),
+    ));
+    Ok(Host {
+        runtime,
+        mesh,
+        stop,
+    })
+}
+
+fn info(name: &str, host: &Host, addr: &str, relay: bool) -> PeerInfo {
+    let addr: Multiaddr = format!("/ip4/{addr}/tcp/4001").parse().expect("address");
+    PeerInfo {
+        name: name.into(),
+        peer_id: host.mesh.peer_id(),
+        addrs: vec![addr],
+        relay,
+    }
+}
+
+struct Topology {
+    _net: Net,
+    relay: Host,
+    a: Host,
+    b: Host,
+    /// From the directory being handed out to the direct connection (or the relayed one).
+    connected_in: Duration,
+    punch: Option<Duration>,
+}
+
+/// Relay, two NATs, two nodes; servers on B: a sink (9000: answers the byte count at EOF) and
+/// an echo (9001), reachable by plain TCP through a port forward on B's router.
+async fn topology(symmetric_b: bool) -> Result<Topology> {
+    let mut net = Net::new();
+    let public = net.ns("pub");
+    let relay_ns = net.ns("relay");
+    let nat_a = net.ns("natA");
+    let nat_b = net.ns("natB");
+    let node_a = net.ns("nodeA");
+    let node_b = net.ns("nodeB");
+    net.switch(&public);
+    net.plug(&public, "p-relay", &relay_ns, "172.30.0.10/24");
+    net.plug(&public, "p-natA", &nat_a, "172.30.0.1/24");
+    net.plug(&public, "p-natB", &nat_b, "172.30.0.2/24");
+    net.link(
+        &nat_a,
+        "lan",
+        "192.168.1.1/24",
+        &node_a,
+        "eth0",
+        "192.168.1.2/24",
+    );
+    net.link(
+        &nat_b,
+        "lan",
+        "192.168.2.1/24",
+        &node_b,
+        "eth0",
+        "192.168.2.2/24",
+    );
+    net.default_route(&node_a, "192.168.1.1");
+    net.default_route(&node_b, "192.168.2.1");
+    net.nat(&nat_a, "192.168.1.0/24", false);
+    net.nat(&nat_b, "192.168.2.0/24", symmetric_b);
+    for port in ["9000", "9001"] {
+        let to = format!("192.168.2.2:{port}");
+        net.exec(
+            &nat_b,
+            &[
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-i",
+                "wan",
+                "-p",
+                "tcp",
+                "--dport",
+                port,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &to,
+            ],
+        );
+    }
+    let relay = host(&relay_ns, 4001, true).await?;
+    let a = host(&node_a, 4001, false).await?;
+    let b = host(&node_b, 4001, false).await?;
+    b.runtime
+        .run(async {
+            let sink = TcpListener::bind("192.168.2.2:9000").await?;
+            let echo = TcpListener::bind("192.168.2.2:9001").await?;
+            tokio::spawn(async move {
+                while let Ok((mut conn, _)) = sink.accept().await {
+                    tokio::spawn(async move {
+                        let _ = conn.set_nodelay(true);
+                        let mut buf = vec![0u8; 256 * 1024];
+                        let mut total = 0u64;
+                        while let Ok(n) = conn.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            total += n as u64;
+                        }
+                        let _ = conn.write_all(total.to_string().as_bytes()).await;
+                    });
+                }
+            });
+            tokio::spawn(async move {
+                while let Ok((mut conn, _)) = echo.accept().await {
+                    tokio::spawn(async move {
+                        let _ = conn.set_nodelay(true);
+                        let mut buf = [0u8; 64];
+                        while conn.read_exact(&mut buf).await.is_ok() {
+                            if conn.write_all(&buf).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            });
+            Ok::<_, std::io::Error>(())
+        })
+        .await?;
+    let directory = vec![
+        info("relay", &relay, "172.30.0.10", true),
+        info("node-a", &a, "192.168.1.2", false),
+        info("node-b", &b, "192.168.2.2", false),
+    ];
+    let started = Instant::now();
+    for h in [&relay, &a, &b] {
+        h.mesh.set_peers(directory.clone()).await?;
+    }
+    let wanted = if symmetric_b { "relayed" } else { "direct" };
+    let b_id = b.mesh.peer_id().to_string();
+    let (connected_in, punch) = loop {
+        let status = a.mesh.status().await?;
+        if let Some(peer) = status
+            .peers
+            .iter()
+            .find(|p| p.peer_id == b_id && p.connection == wanted)
+        {
+            break (started.elapsed(), peer.punch_ms.map(Duration::from_millis));
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("no {wanted} connection between the nodes within 60 s: {status:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    Ok(Topology {
+        _net: net,
+        relay,
+        a,
+        b,
+        connected_in,
+        punch,
+    })
+}
+
+/// Bytes per second of a `BULK` upload to the sink over `stream`.
+async fn upload<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+) -> Result<f64> {
+    let chunk = vec![0x5au8; 64 * 1024];
+    let started = Instant::now();
+    let mut left = BULK;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        stream.write_all(&chunk[..n]).await?;
+        left -= n;
+    }
+    stream.shutdown().await?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await?;
+    let took = started.elapsed();
+    if answer.trim() != BULK.to_string() {
+        bail!("the sink counted {answer} bytes, not {BULK}");
+    }
+    Ok(BULK as f64 / took.as_secs_f64())
+}
+
+/// Sorted round-trip times of `ROUND_TRIPS` 64-byte requests over `stream`.
+async fn round_trips<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+) -> Result<Vec<Duration>> {
+    let mut times = Vec::with_capacity(ROUND_TRIPS);
+    let request = [7u8; 64];
+    let mut answer = [0u8; 64];
+    for _ in 0..ROUND_TRIPS {
+        let started = Instant::now();
+        stream.write_all(&request).await?;
+        stream.read_exact(&mut answer).await?;
+        times.push(started.elapsed());
+    }
+    times.sort();
+    Ok(times)
+}
+
+struct Path4 {
+    throughput: f64,
+    latency: Vec<Duration>,
+}
+
+async fn measure_plain(t: &Topology) -> Result<Path4> {
+    t.a.runtime
+        .run(async {
+            let connect = |port: u16| async move {
+                let s = TcpStream::connect(("172.30.0.2", port)).await?;
+                s.set_nodelay(true)?;
+                Ok::<_, anyhow::Error>(s)
+            };
+            let throughput = upload(connect(9000).await?).await?;
+            let latency = round_trips(connect(9001).await?).await?;
+            Ok(Path4 {
+                throughput,
+                latency,
+            })
+        })
+        .await
+}
+
+async fn measure_mesh(t: &Topology) -> Result<Path4> {
+    let mesh = t.a.mesh.clone();
+    let b = t.b.mesh.peer_id();
+    t.a.runtime
+        .run(async move {
+            let sink: SocketAddr = "192.168.2.2:9000".parse()?;
+            let echo: SocketAddr = "192.168.2.2:9001".parse()?;
+            let throughput = upload(tunnel::open(&mesh, b, Kind::Tcp, sink).await?).await?;
+            let latency = round_trips(tunnel::open(&mesh, b, Kind::Tcp, echo).await?).await?;
+            Ok(Path4 {
+                throughput,
+                latency,
+            })
+        })
+        .await
+}
+
+fn mb(rate: f64) -> String {
+    format!("{:.0} MB/s", rate / 1e6)
+}
+
+/// A process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The RSS a peer costs `edgesite relay`: its growth with `PEERS` peers holding a reservation
+/// (one connection each), divided by `PEERS`.
+async fn relay_memory_per_peer(bin: &Path) -> Result<(f64, u64)> {
+    let mut net = Net::new();
+    let public = net.ns("pub");
+    let relay_ns = net.ns("relay");
+    let peers_ns = net.ns("peers");
+    net.switch(&public);
+    net.plug(&public, "p-relay", &relay_ns, "172.30.0.10/24");
+    net.plug(&public, "p-peers", &peers_ns, "172.30.0.20/24");
+    let dir = tempfile::tempdir()?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", &relay_ns])
+        .arg(bin)
+        .args([
+            "relay",
+            "--listen",
+            "/ip4/172.30.0.10/tcp/4001",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting edgesite relay")?;
+    let mut relay = Proc(child);
+    let mut first_line = String::new();
+    {
+        use std::io::BufRead;
+        let stdout = relay.0.stdout.take().context("relay stdout")?;
+        std::io::BufReader::new(stdout).read_line(&mut first_line)?;
+    }
+    let relay_id: PeerId = first_line
+        .split_whitespace()
+        .nth(2)
+        .and_then(|id| id.parse().ok())
+        .with_context(|| format!("edgesite relay printed {first_line:?}"))?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (before, _) = rss_kib(relay.0.id());
+    let relay_info = PeerInfo {
+        name: "relay".into(),
+        peer_id: relay_id,
+        addrs: vec!["/ip4/172.30.0.10/tcp/4001".parse()?],
+        relay: true,
+    };
+    let mut hosts = Vec::new();
+    for _ in 0..PEERS {
+        let h = host(&peers_ns, 0, false).await?;
+        h.mesh.set_peers(vec![relay_info.clone()]).await?;
+        hosts.push(h);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut reserved = 0;
+        for h in &hosts {
+            if !h.mesh.status().await?.reservations.is_empty() {
+                reserved += 1;
+            }
+        }
+        if reserved == PEERS {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {reserved} of {PEERS} peers got a reservation on the relay");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (after, _) = rss_kib(relay.0.id());
+    drop(hosts);
+    Ok(((after.saturating_sub(before)) as f64 / PEERS as f64, before))
+}
+
+pub async fn rows(bin: &Path, rows: &mut Vec<Row>) -> Result<()> {
+    let direct = topology(false).await.context("direct topology")?;
+    let plain = measure_plain(&direct).await?;
+    let mesh = measure_mesh(&direct).await?;
+    let ratio = mesh.throughput / plain.throughput;
+    rows.push(Row {
+        metric: "mesh TCP throughput, direct (hole-punched) vs plain TCP",
+        measured: format!(
+            "{} vs {} ({:.0} %)",
+            mb(mesh.throughput),
+            mb(plain.throughput),
+            ratio * 100.0
+        ),
+        target: ">= 70 % of plain TCP",
+        met: Some(ratio >= 0.7),
+    });
+    let added = percentile(&mesh.latency, 0.5).saturating_sub(percentile(&plain.latency, 0.5));
+    rows.push(Row {
+        metric: "mesh request latency p50 / p99, direct (plain TCP)",
+        measured: format!(
+            "{} / {} ({} / {}); added p50 {}",
+            ms(percentile(&mesh.latency, 0.5)),
+            ms(percentile(&mesh.latency, 0.99)),
+            ms(percentile(&plain.latency, 0.5)),
+            ms(percentile(&plain.latency, 0.99)),
+            ms(added)
+        ),
+        target: "added p50 < 1 ms",
+        met: Some(added < Duration::from_millis(1)),
+    });
+    rows.push(Row {
+        metric: "first contact to a direct connection (hole punch)",
+        measured: format!(
+            "{} (DCUtR itself: {}; no netem delay: the kernel lacks it)",
+            ms(direct.connected_in),
+            direct.punch.map_or("-".into(), ms)
+        ),
+        target: "< 3 s with 50 ms netem delays",
+        met: None,
+    });
+    let relay_view = direct.relay.mesh.status().await?;
+    drop(relay_view);
+    drop(direct);
+
+    let relayed = topology(true).await.context("relayed topology")?;
+    let plain = measure_plain(&relayed).await?;
+    let mesh = measure_mesh(&relayed).await?;
+    rows.push(Row {
+        metric: "mesh TCP throughput, relayed (symmetric NAT) vs plain TCP",
+        measured: format!(
+            "{} vs {} ({:.0} %)",
+            mb(mesh.throughput),
+            mb(plain.throughput),
+            mesh.throughput / plain.throughput * 100.0
+        ),
+        target: "",
+        met: None,
+    });
+    rows.push(Row {
+        metric: "mesh request latency p50 / p99, relayed (plain TCP)",
+        measured: format!(
+            "{} / {} ({} / {})",
+            ms(percentile(&mesh.latency, 0.5)),
+            ms(percentile(&mesh.latency, 0.99)),
+            ms(percentile(&plain.latency, 0.5)),
+            ms(percentile(&plain.latency, 0.99))
+        ),
+        target: "",
+        met: None,
+    });
+    drop(relayed);
+
+    let (per_peer, base) = relay_memory_per_peer(bin).await.context("relay memory")?;
+    rows.push(Row {
+        metric: "memory per peer (edgesite relay, a connection + reservation each)",
+        measured: format!(
+            "{per_peer:.0} KiB ({PEERS} peers; relay idle {:.1} MB)",
+            base as f64 / 1024.0
+        ),
+        target: "",
+        met: None,
+    });
+    Ok(())
+}
+
+/// The mesh section of docs/benchmarks.md.
+pub fn section(rows: &[Row]) -> String {
+    let mut table = String::from("| metric | measured | target | met |\n|---|---|---|---|\n");
+    for r in rows {
+        let met = match r.met {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "",
+        };
+        table.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            r.metric, r.measured, r.target, met
+        ));
+    }
+    format!(
+        "\n## Mesh\n\nProduced by `cargo run --release -p tests --bin edgesite-bench mesh` (or the full run). \
+         The topology is made of network namespaces on this machine: a relay on a \"public\" segment \
+         (a bridge), two NAT routers (iptables MASQUERADE; the relayed rows make B's `--random-fully`, \
+         a symmetric NAT) and a node behind each. The mesh hosts run in the benchmark process, each \
+         on a thread inside its node's namespace, with the same code as a node's mesh. Plain TCP goes \
+         from node A to a port forward on B's router, so it crosses the same namespaces, veths and \
+         NATs as the direct mesh connection. Throughput is a {} MiB upload to a sink on node B (one \
+         stream); latency is {ROUND_TRIPS} sequential 64-byte request/response round trips on one \
+         connection to an echo server on node B. Mesh streams are noise-encrypted (ChaCha20-Poly1305) \
+         and yamux-multiplexed; plain TCP is neither. This kernel has no netem, so no delay is added \
+         and the hole punch row is not comparable with the target's 50 ms links. Memory per peer is \
+         the growth of a real `edgesite relay` process (release binary) with {PEERS} peers each holding \
+         a connection and a reservation, divided by {PEERS}.\n\n{table}",
+        BULK >> 20
+    )
+}
+
+/// Replaces (or adds) the mesh section of an existing docs/benchmarks.md.
+pub fn splice(doc: &str, section: &str) -> String {
+    let head = match doc.find("\n## Mesh\n") {
+        Some(i) => &doc[..i],
+        None => doc.trim_end(),
+    };
+    format!("{}\n{}", head.trim_end(), section)
+}

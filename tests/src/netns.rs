@@ -1,0 +1,228 @@
+//! Network topologies for end-to-end mesh tests: namespaces, veth pairs, a switch (bridge) for
+//! the "public" segment and NAT routers, all made by the test and deleted when dropped. The
+//! site's processes run inside them with `ip netns exec`.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn run(args: &[&str]) {
+    let output = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawning a command");
+    assert!(
+        output.status.success(),
+        "{} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Namespaces made by a test; deleted when dropped.
+pub struct Net {
+    prefix: String,
+    namespaces: Vec<String>,
+}
+
+impl Net {
+    /// Fails (never skips) when the machine cannot build topologies.
+    pub fn new() -> Self {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout == b"0\n")
+            .unwrap_or(false);
+        assert!(
+            root,
+            "network topology tests need root (network namespaces, veth, iptables)"
+        );
+        for tool in [["ip", "-V"], ["iptables", "--version"]] {
+            assert!(
+                Command::new(tool[0])
+                    .arg(tool[1])
+                    .output()
+                    .is_ok_and(|o| o.status.success()),
+                "network topology tests need `{}` (apt-get install iproute2 iptables)",
+                tool[0]
+            );
+        }
+        let prefix = format!(
+            "es{}x{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        Self {
+            prefix,
+            namespaces: Vec::new(),
+        }
+    }
+
+    /// Makes namespace `name` (loopback up, forwarding on) and returns its full name.
+    pub fn ns(&mut self, name: &str) -> String {
+        let full = format!("{}-{name}", self.prefix);
+        let _ = Command::new("ip").args(["netns", "del", &full]).output();
+        run(&["ip", "netns", "add", &full]);
+        self.namespaces.push(full.clone());
+        run(&["ip", "-n", &full, "link", "set", "lo", "up"]);
+        self.exec(&full, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        full
+    }
+
+    pub fn exec(&self, ns: &str, args: &[&str]) {
+        let mut all = vec!["ip", "netns", "exec", ns];
+        all.extend_from_slice(args);
+        run(&all);
+    }
+
+    /// A veth pair between two namespaces, with an address (CIDR) on each end.
+    pub fn link(&self, ns_a: &str, if_a: &str, addr_a: &str, ns_b: &str, if_b: &str, addr_b: &str) {
+        run(&[
+            "ip", "-n", ns_a, "link", "add", if_a, "type", "veth", "peer", "name", if_b, "netns",
+            ns_b,
+        ]);
+        for (ns, iface, addr) in [(ns_a, if_a, addr_a), (ns_b, if_b, addr_b)] {
+            if !addr.is_empty() {
+                run(&["ip", "-n", ns, "addr", "add", addr, "dev", iface]);
+            }
+            run(&["ip", "-n", ns, "link", "set", iface, "up"]);
+        }
+    }
+
+    /// A switch: bridge `br0` in `ns`.
+    pub fn switch(&self, ns: &str) {
+        run(&["ip", "-n", ns, "link", "add", "br0", "type", "bridge"]);
+        run(&["ip", "-n", ns, "link", "set", "br0", "up"]);
+    }
+
+    /// Plugs `host` into the switch in `switch` (its interface is `wan`).
+    pub fn plug(&self, switch: &str, port: &str, host: &str, addr: &str) {
+        self.link(switch, port, "", host, "wan", addr);
+        run(&["ip", "-n", switch, "link", "set", port, "master", "br0"]);
+    }
+
+    pub fn default_route(&self, ns: &str, via: &str) {
+        run(&["ip", "-n", ns, "route", "add", "default", "via", via]);
+    }
+
+    /// Makes `router` a NAT for `lan` out of its `wan`: endpoint-independent (MASQUERADE keeps
+    /// ports) or symmetric (`--random-fully`); unsolicited inbound connections are dropped.
+    pub fn nat(&self, router: &str, lan: &str, symmetric: bool) {
+        let mut args = vec![
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            lan,
+            "-o",
+            "wan",
+            "-j",
+            "MASQUERADE",
+        ];
+        if symmetric {
+            args.push("--random-fully");
+        }
+        self.exec(router, &args);
+        self.exec(
+            router,
+            &[
+                "iptables",
+                "-A",
+                "INPUT",
+                "-i",
+                "wan",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "NEW,INVALID",
+                "-j",
+                "DROP",
+            ],
+        );
+    }
+}
+
+impl Default for Net {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in &self.namespaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// A tokio runtime on a thread inside a namespace: every socket its tasks open belongs to the
+/// namespace (for in-process hosts of a topology, as in the benchmark).
+pub struct NsRuntime {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NsRuntime {
+    pub fn start(ns: &str) -> Self {
+        let path = format!("/run/netns/{ns}");
+        let (handle_tx, handle_rx) = std::sync::mpsc::sync_channel(1);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("opening the namespace");
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("entering the namespace");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            handle_tx
+                .send(runtime.handle().clone())
+                .expect("handing out the runtime");
+            runtime.block_on(async {
+                let _ = stop_rx.await;
+            });
+        });
+        let handle = handle_rx.recv().expect("the namespace thread started");
+        Self {
+            handle,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Runs `future` in the namespace and waits for it.
+    pub async fn run<F>(&self, future: F) -> F::Output
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.handle
+            .spawn(future)
+            .await
+            .expect("task in the namespace")
+    }
+
+    pub fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.handle.spawn(future)
+    }
+}
+
+impl Drop for NsRuntime {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
