@@ -37,8 +37,11 @@ ip addr del 169.254.96.16/32 dev lo 2>/dev/null || true
 for hook in PREROUTING OUTPUT; do
   iptables -w 5 -t nat -D "$hook" -m comment --comment "edgesite mesh: service cluster IPs" -j EDGEMESH 2>/dev/null || true
 done
+iptables -w 5 -D INPUT -m comment --comment "edgesite mesh: service cluster IPs" -j EDGEMESH-GUARD 2>/dev/null || true
 iptables -w 5 -t nat -F EDGEMESH 2>/dev/null || true
 iptables -w 5 -t nat -X EDGEMESH 2>/dev/null || true
+iptables -w 5 -F EDGEMESH-GUARD 2>/dev/null || true
+iptables -w 5 -X EDGEMESH-GUARD 2>/dev/null || true
 # The containerd this installer started without systemd (a system one is left alone).
 if [ -f /run/edgesite-containerd-supervisor.pid ]; then
   kill "$(cat /run/edgesite-containerd-supervisor.pid)" 2>/dev/null || true

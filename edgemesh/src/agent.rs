@@ -349,11 +349,20 @@ pub async fn run(
             }
         });
     }
-    if let Some(address) = config.dns {
-        start_dns(address, &config, table_rx, shutdown.clone()).await?;
+    // Without its DNS server or status endpoint the node still links and proxies: say so
+    // loudly and go on.
+    if let Some(address) = config.dns
+        && let Err(error) = start_dns(address, &config, table_rx, shutdown.clone()).await
+    {
+        tracing::error!(
+            "mesh DNS is not running ({error:#}); pods cannot resolve service names on this node \
+             (free the address or pick another with --mesh-dns)"
+        );
     }
-    if let Some(address) = config.status_listen {
-        crate::status::serve(address, mesh.clone(), shutdown.clone()).await?;
+    if let Some(address) = config.status_listen
+        && let Err(error) = crate::status::serve(address, mesh.clone(), shutdown.clone()).await
+    {
+        tracing::warn!("mesh status endpoint not served ({error:#}); see --mesh-status");
     }
     tokio::spawn(publish(
         client.clone(),
@@ -621,6 +630,7 @@ async fn publish(
             delay
         };
         delay = (delay * 2).min(Duration::from_secs(30));
+        let wait = wait.mul_f64(1.0 + rand::random::<f64>() * 0.2);
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = listen.changed() => {}

@@ -496,9 +496,25 @@ impl Rules {
         }
     }
 
-    async fn iptables(args: &[&str]) -> io::Result<bool> {
+    /// The filter chain that keeps the proxy's listeners to redirected traffic: a listener is
+    /// on every address of the node, and without it anyone reaching the node could use a
+    /// service through the listener's port.
+    fn guard(&self) -> String {
+        format!("{}-GUARD", self.chain)
+    }
+
+    /// Where each chain is jumped to from: (table, hook, chain).
+    fn hooks(&self) -> [(&'static str, &'static str, String); 3] {
+        [
+            ("nat", "PREROUTING", self.chain.clone()),
+            ("nat", "OUTPUT", self.chain.clone()),
+            ("filter", "INPUT", self.guard()),
+        ]
+    }
+
+    async fn iptables(table: &str, args: &[&str]) -> io::Result<bool> {
         let output = tokio::process::Command::new("iptables")
-            .args(["-w", "5", "-t", "nat"])
+            .args(["-w", "5", "-t", table])
             .args(args)
             .output()
             .await
@@ -511,44 +527,36 @@ impl Rules {
     }
 
     async fn install(&self) -> anyhow::Result<()> {
-        if !Self::iptables(&["-L", &self.chain, "-n"]).await?
-            && !Self::iptables(&["-N", &self.chain]).await?
-        {
-            anyhow::bail!(
-                "iptables could not create the {} chain in the nat table (is this root?)",
-                self.chain
-            );
+        for (table, chain) in [("nat", self.chain.clone()), ("filter", self.guard())] {
+            if !Self::iptables(table, &["-L", &chain, "-n"]).await?
+                && !Self::iptables(table, &["-N", &chain]).await?
+            {
+                anyhow::bail!(
+                    "iptables could not create the {chain} chain in the {table} table (is this root?)"
+                );
+            }
         }
-        for hook in ["PREROUTING", "OUTPUT"] {
-            let jump = [
-                "-m",
-                "comment",
-                "--comment",
-                "edgesite mesh: service cluster IPs",
-                "-j",
-                &self.chain,
-            ];
+        for (table, hook, chain) in self.hooks() {
+            let jump = ["-m", "comment", "--comment", HOOK_COMMENT, "-j", &chain];
             let mut check = vec!["-C", hook];
             check.extend_from_slice(&jump);
-            if !Self::iptables(&check).await? {
+            if !Self::iptables(table, &check).await? {
                 let mut insert = vec!["-I", hook, "1"];
                 insert.extend_from_slice(&jump);
-                if !Self::iptables(&insert).await? {
-                    anyhow::bail!(
-                        "iptables could not hook the {} chain into {hook}",
-                        self.chain
-                    );
+                if !Self::iptables(table, &insert).await? {
+                    anyhow::bail!("iptables could not hook the {chain} chain into {hook}");
                 }
             }
         }
         Ok(())
     }
 
-    /// Replaces the chain's rules in one `iptables-restore` transaction.
+    /// Replaces both chains' rules in one `iptables-restore` transaction.
     async fn sync(&self, table: &[(IpAddr, u16, Protocol, u16, String)]) -> io::Result<()> {
-        let mut rules = format!("*nat\n:{} - [0:0]\n", self.chain);
         let mut sorted: Vec<_> = table.to_vec();
         sorted.sort();
+        let mut nat = format!("*nat\n:{} - [0:0]\n", self.chain);
+        let mut filter = format!("*filter\n:{} - [0:0]\n", self.guard());
         for (ip, port, protocol, local_port, name) in sorted {
             let proto = protocol.as_str();
             let comment: String = name
@@ -556,12 +564,16 @@ impl Rules {
                 .filter(|c| !c.is_whitespace() && *c != '"')
                 .take(200)
                 .collect();
-            rules.push_str(&format!(
+            nat.push_str(&format!(
                 "-A {} -d {ip}/32 -p {proto} -m {proto} --dport {port} -m comment --comment \"{comment}\" -j REDIRECT --to-ports {local_port}\n",
                 self.chain
             ));
+            filter.push_str(&format!(
+                "-A {} -p {proto} -m {proto} --dport {local_port} -m conntrack ! --ctstate DNAT -m comment --comment \"{comment}\" -j DROP\n",
+                self.guard()
+            ));
         }
-        rules.push_str("COMMIT\n");
+        let rules = format!("{nat}COMMIT\n{filter}COMMIT\n");
         let mut child = tokio::process::Command::new("iptables-restore")
             .args(["-w", "5", "--noflush"])
             .stdin(std::process::Stdio::piped())
@@ -587,23 +599,27 @@ impl Rules {
     }
 
     async fn remove(&self) {
-        for hook in ["PREROUTING", "OUTPUT"] {
-            let _ = Self::iptables(&[
+        for (table, hook, chain) in self.hooks() {
+            let jump = [
                 "-D",
                 hook,
                 "-m",
                 "comment",
                 "--comment",
-                "edgesite mesh: service cluster IPs",
+                HOOK_COMMENT,
                 "-j",
-                &self.chain,
-            ])
-            .await;
+                &chain,
+            ];
+            let _ = Self::iptables(table, &jump).await;
         }
-        let _ = Self::iptables(&["-F", &self.chain]).await;
-        let _ = Self::iptables(&["-X", &self.chain]).await;
+        for (table, chain) in [("nat", self.chain.clone()), ("filter", self.guard())] {
+            let _ = Self::iptables(table, &["-F", &chain]).await;
+            let _ = Self::iptables(table, &["-X", &chain]).await;
+        }
     }
 }
+
+const HOOK_COMMENT: &str = "edgesite mesh: service cluster IPs";
 
 /// UDP replies must leave from the address the client's datagram was redirected to, or
 /// conntrack cannot map them back to the cluster IP: the listener learns that address from

@@ -159,8 +159,8 @@ impl Drop for Net {
     }
 }
 
-/// A tokio runtime on a thread inside a namespace: every socket its tasks open belongs to the
-/// namespace (for in-process hosts of a topology, as in the benchmark).
+/// A tokio runtime whose threads are all inside a namespace: every socket its tasks open
+/// belongs to the namespace (for in-process hosts of a topology).
 pub struct NsRuntime {
     handle: tokio::runtime::Handle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -173,10 +173,17 @@ impl NsRuntime {
         let (handle_tx, handle_rx) = std::sync::mpsc::sync_channel(1);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).expect("opening the namespace");
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .expect("entering the namespace");
-            let runtime = tokio::runtime::Builder::new_current_thread()
+            let enter = move || {
+                let file = std::fs::File::open(&path).expect("opening the namespace");
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("entering the namespace");
+            };
+            enter();
+            // Two workers, like a node's agent: every thread the runtime starts enters the
+            // namespace first.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .on_thread_start(enter)
                 .enable_all()
                 .build()
                 .expect("runtime");
@@ -186,6 +193,7 @@ impl NsRuntime {
             runtime.block_on(async {
                 let _ = stop_rx.await;
             });
+            runtime.shutdown_background();
         });
         let handle = handle_rx.recv().expect("the namespace thread started");
         Self {
@@ -224,5 +232,179 @@ impl Drop for NsRuntime {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// The public segment's addresses in [`TwoNats`].
+pub const RELAY_IP: &str = "172.30.0.10";
+pub const NAT_A_IP: &str = "172.30.0.1";
+pub const NAT_B_IP: &str = "172.30.0.2";
+pub const NODE_A_IP: &str = "192.168.1.2";
+pub const NODE_B_IP: &str = "192.168.2.2";
+
+/// The topology of the mesh tests and benchmark (REFERENCE.md section 4): a relay (or the
+/// site's server) on a "public" segment, two NAT routers on it, a node behind each.
+///
+/// ```text
+///             relay 172.30.0.10
+///                     |
+///     [public switch 172.30.0.0/24]
+///          |                      |
+///     natA 172.30.0.1        natB 172.30.0.2     (MASQUERADE; B optionally --random-fully)
+///          |                      |
+///     nodeA 192.168.1.2      nodeB 192.168.2.2
+/// ```
+pub struct TwoNats {
+    pub net: Net,
+    pub public: String,
+    pub relay: String,
+    pub nat_a: String,
+    pub nat_b: String,
+    pub node_a: String,
+    pub node_b: String,
+}
+
+impl TwoNats {
+    pub fn new(symmetric_b: bool) -> Self {
+        let mut net = Net::new();
+        let public = net.ns("pub");
+        let relay = net.ns("relay");
+        let nat_a = net.ns("natA");
+        let nat_b = net.ns("natB");
+        let node_a = net.ns("nodeA");
+        let node_b = net.ns("nodeB");
+        net.switch(&public);
+        net.plug(&public, "p-relay", &relay, &format!("{RELAY_IP}/24"));
+        net.plug(&public, "p-natA", &nat_a, &format!("{NAT_A_IP}/24"));
+        net.plug(&public, "p-natB", &nat_b, &format!("{NAT_B_IP}/24"));
+        net.link(
+            &nat_a,
+            "lan",
+            "192.168.1.1/24",
+            &node_a,
+            "eth0",
+            &format!("{NODE_A_IP}/24"),
+        );
+        net.link(
+            &nat_b,
+            "lan",
+            "192.168.2.1/24",
+            &node_b,
+            "eth0",
+            &format!("{NODE_B_IP}/24"),
+        );
+        net.default_route(&node_a, "192.168.1.1");
+        net.default_route(&node_b, "192.168.2.1");
+        net.nat(&nat_a, "192.168.1.0/24", false);
+        net.nat(&nat_b, "192.168.2.0/24", symmetric_b);
+        Self {
+            net,
+            public,
+            relay,
+            nat_a,
+            nat_b,
+            node_a,
+            node_b,
+        }
+    }
+}
+
+/// A mesh host (the node's libp2p host and its tunnel server) running in a namespace, in this
+/// process: the library under test, without an API server.
+pub struct MeshHost {
+    pub name: String,
+    pub port: u16,
+    pub runtime: NsRuntime,
+    pub mesh: edgemesh::MeshHandle,
+    pub stop: tokio_util::sync::CancellationToken,
+}
+
+impl MeshHost {
+    /// Starts `name` in `ns` on TCP `port` (0: any), a relay if `relay`, serving tunnels to
+    /// the endpoints `policy` allows.
+    pub async fn start(
+        name: &str,
+        ns: &str,
+        port: u16,
+        relay: bool,
+        policy: impl edgemesh::tunnel::EndpointPolicy,
+        open_to_any_peer: bool,
+    ) -> anyhow::Result<Self> {
+        let runtime = NsRuntime::start(ns);
+        let mut config = edgemesh::HostConfig::new(
+            edgemesh::identity::load_or_create(&tempfile::tempdir()?.path().join("key"))?,
+            vec![format!("/ip4/0.0.0.0/tcp/{port}").parse()?],
+        );
+        if relay {
+            config.relay = Some(edgemesh::RelayLimits::default());
+        }
+        config.open_to_any_peer = open_to_any_peer;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let token = stop.clone();
+        let (mesh, incoming) = runtime
+            .run(async move { edgemesh::host::start(config, token).await })
+            .await?;
+        runtime.spawn(edgemesh::tunnel::serve(
+            incoming,
+            std::sync::Arc::new(policy),
+            edgemesh::tunnel::TunnelConfig::default(),
+            stop.clone(),
+        ));
+        Ok(Self {
+            name: name.to_string(),
+            port,
+            runtime,
+            mesh,
+            stop,
+        })
+    }
+
+    pub fn peer_id(&self) -> edgemesh::PeerId {
+        self.mesh.peer_id()
+    }
+
+    /// This host as a directory entry, at `ip` (its address as its Node would publish it).
+    pub fn info(&self, ip: &str, relay: bool) -> edgemesh::PeerInfo {
+        let addr = format!("/ip4/{ip}/tcp/{}", self.port)
+            .parse()
+            .expect("a multiaddr");
+        edgemesh::PeerInfo {
+            name: self.name.clone(),
+            peer_id: self.peer_id(),
+            addrs: vec![addr],
+            relay,
+        }
+    }
+
+    /// Waits until this host's connection to `peer` is `kind` (`direct`, `relayed`).
+    pub async fn wait_connection(
+        &self,
+        peer: edgemesh::PeerId,
+        kind: &str,
+        within: std::time::Duration,
+    ) -> edgemesh::PeerStatus {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let status = self.mesh.status().await.expect("mesh status");
+            if let Some(found) = status
+                .peers
+                .iter()
+                .find(|p| p.peer_id == peer.to_string() && p.connection == kind)
+            {
+                return found.clone();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: no {kind} connection to {peer} within {within:?}; status: {status:#?}",
+                self.name
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for MeshHost {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }

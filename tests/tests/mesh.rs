@@ -17,7 +17,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use tests::netns::Net;
+use tests::netns::TwoNats;
 use tests::node::{BUSYBOX, Runtime, busybox_image};
 use tests::{Site, edgesite_bin, eventually};
 
@@ -45,47 +45,20 @@ fn connection_to(status: &serde_json::Value, node: &str) -> String {
 #[test]
 fn a_pod_reaches_a_service_on_a_node_behind_another_nat_by_name() {
     let rt = Runtime::start().unwrap();
-    let mut net = Net::new();
-    let public = net.ns("pub");
-    let server_ns = net.ns("server");
-    let nat_a = net.ns("natA");
-    let nat_b = net.ns("natB");
-    let node_a = net.ns("nodeA");
-    let node_b = net.ns("nodeB");
-    net.switch(&public);
-    net.plug(&public, "p-server", &server_ns, "172.30.0.10/24");
-    net.plug(&public, "p-natA", &nat_a, "172.30.0.1/24");
-    net.plug(&public, "p-natB", &nat_b, "172.30.0.2/24");
-    net.link(
-        &nat_a,
-        "lan",
-        "192.168.1.1/24",
-        &node_a,
-        "eth0",
-        "192.168.1.2/24",
-    );
-    net.link(
-        &nat_b,
-        "lan",
-        "192.168.2.1/24",
-        &node_b,
-        "eth0",
-        "192.168.2.2/24",
-    );
-    net.default_route(&node_a, "192.168.1.1");
-    net.default_route(&node_b, "192.168.2.1");
+    let topology = TwoNats::new(false);
+    let (server_ns, node_a, node_b) = (&topology.relay, &topology.node_a, &topology.node_b);
     // The server's node needs a default route for its node IP; the public segment has no
-    // router, so the server itself is the way out.
-    net.exec(&server_ns, &["ip", "route", "add", "default", "dev", "wan"]);
-    net.nat(&nat_a, "192.168.1.0/24", false);
-    net.nat(&nat_b, "192.168.2.0/24", false);
+    // router, so its own link is the way out.
+    topology
+        .net
+        .exec(server_ns, &["ip", "route", "add", "default", "dev", "wan"]);
 
     let image = busybox_image().unwrap();
     let mut flags = rt.node_flags_with_mesh("server");
     flags.push(format!("--cluster-cidr={}", rt.cluster_cidr()));
     flags.push("--tls-san=172.30.0.10".into());
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let site = Site::start_in_netns(&server_ns, &flags, |data| {
+    let site = Site::start_in_netns(server_ns, &flags, |data| {
         let images = data.join("agent").join("images");
         std::fs::create_dir_all(&images)?;
         std::fs::copy(&image, images.join("busybox.tar"))?;
@@ -94,10 +67,10 @@ fn a_pod_reaches_a_service_on_a_node_behind_another_nat_by_name() {
     .unwrap();
     let url = format!("https://172.30.0.10:{}", site.port);
     let agent_a = rt
-        .start_agent_in_netns(&site, "node-a", &node_a, &url, &[])
+        .start_agent_in_netns(&site, "node-a", node_a, &url, &[])
         .unwrap();
     let agent_b = rt
-        .start_agent_in_netns(&site, "node-b", &node_b, &url, &[])
+        .start_agent_in_netns(&site, "node-b", node_b, &url, &[])
         .unwrap();
     for node in ["server", "node-a", "node-b"] {
         let ready = eventually(Duration::from_secs(120), || {
@@ -205,12 +178,12 @@ spec:
 
     // The nodes behind the two NATs hole-punched a direct connection.
     let direct = eventually(Duration::from_secs(60), || {
-        connection_to(&mesh_status(&node_a), "node-b") == "direct"
+        connection_to(&mesh_status(node_a), "node-b") == "direct"
     });
     assert!(
         direct,
         "node-a -> node-b is not direct: {:#}\n{}",
-        mesh_status(&node_a),
+        mesh_status(node_a),
         agent_a.log()
     );
 
@@ -261,7 +234,7 @@ spec:
 
     // `edgesite mesh status` tells the story: B is direct, with bytes counted.
     let out = Command::new("ip")
-        .args(["netns", "exec", &node_a])
+        .args(["netns", "exec", node_a])
         .arg(edgesite_bin())
         .args(["mesh", "status"])
         .output()
@@ -271,7 +244,7 @@ spec:
         table.contains("node-b") && table.contains("direct"),
         "{table}"
     );
-    let status = mesh_status(&node_a);
+    let status = mesh_status(node_a);
     let b = status["peers"]
         .as_array()
         .unwrap()

@@ -7,17 +7,14 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use edgemesh::host::{self, HostConfig, MeshHandle};
-use edgemesh::tunnel::{self, Kind, TunnelConfig};
-use edgemesh::{Multiaddr, PeerId, PeerInfo, RelayLimits};
-use tests::netns::{Net, NsRuntime};
+use edgemesh::tunnel::{self, Kind};
+use edgemesh::{PeerId, PeerInfo};
+use tests::netns::{MeshHost, NODE_A_IP, NODE_B_IP, Net, RELAY_IP, TwoNats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 use super::{Row, ms, percentile, rss_kib};
 
@@ -25,62 +22,16 @@ const BULK: usize = 256 << 20;
 const ROUND_TRIPS: usize = 2_000;
 const PEERS: usize = 50;
 
-struct Host {
-    runtime: NsRuntime,
-    mesh: MeshHandle,
-    stop: CancellationToken,
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-async fn host(ns: &str, port: u16, relay: bool) -> Result<Host> {
-    let runtime = NsRuntime::start(ns);
-    let mut config = HostConfig::new(
-        edgemesh::identity::load_or_create(&tempfile::tempdir()?.path().join("key"))?,
-        vec![format!("/ip4/0.0.0.0/tcp/{port}").parse()?],
-    );
-    config.mdns = false;
-    if relay {
-        config.relay = Some(RelayLimits::default());
-    }
-    let stop = CancellationToken::new();
-    let token = stop.clone();
-    let (mesh, incoming) = runtime
-        .run(async move { host::start(config, token).await })
-        .await?;
+async fn host(name: &str, ns: &str, port: u16, relay: bool) -> Result<MeshHost> {
     let allow = |_: &PeerId, _: Kind, _: SocketAddr| true;
-    runtime.spawn(tunnel::serve(
-        incoming,
-        Arc::new(allow),
-        TunnelConfig::default(),
-        stop.clone(),
-    ));
-    Ok(Host {
-        runtime,
-        mesh,
-        stop,
-    })
-}
-
-fn info(name: &str, host: &Host, addr: &str, relay: bool) -> PeerInfo {
-    let addr: Multiaddr = format!("/ip4/{addr}/tcp/4001").parse().expect("address");
-    PeerInfo {
-        name: name.into(),
-        peer_id: host.mesh.peer_id(),
-        addrs: vec![addr],
-        relay,
-    }
+    MeshHost::start(name, ns, port, relay, allow, false).await
 }
 
 struct Topology {
-    _net: Net,
-    relay: Host,
-    a: Host,
-    b: Host,
+    _net: TwoNats,
+    relay: MeshHost,
+    a: MeshHost,
+    b: MeshHost,
     /// From the directory being handed out to the direct connection (or the relayed one).
     connected_in: Duration,
     punch: Option<Duration>,
@@ -89,41 +40,11 @@ struct Topology {
 /// Relay, two NATs, two nodes; servers on B: a sink (9000: answers the byte count at EOF) and
 /// an echo (9001), reachable by plain TCP through a port forward on B's router.
 async fn topology(symmetric_b: bool) -> Result<Topology> {
-    let mut net = Net::new();
-    let public = net.ns("pub");
-    let relay_ns = net.ns("relay");
-    let nat_a = net.ns("natA");
-    let nat_b = net.ns("natB");
-    let node_a = net.ns("nodeA");
-    let node_b = net.ns("nodeB");
-    net.switch(&public);
-    net.plug(&public, "p-relay", &relay_ns, "172.30.0.10/24");
-    net.plug(&public, "p-natA", &nat_a, "172.30.0.1/24");
-    net.plug(&public, "p-natB", &nat_b, "172.30.0.2/24");
-    net.link(
-        &nat_a,
-        "lan",
-        "192.168.1.1/24",
-        &node_a,
-        "eth0",
-        "192.168.1.2/24",
-    );
-    net.link(
-        &nat_b,
-        "lan",
-        "192.168.2.1/24",
-        &node_b,
-        "eth0",
-        "192.168.2.2/24",
-    );
-    net.default_route(&node_a, "192.168.1.1");
-    net.default_route(&node_b, "192.168.2.1");
-    net.nat(&nat_a, "192.168.1.0/24", false);
-    net.nat(&nat_b, "192.168.2.0/24", symmetric_b);
+    let net = TwoNats::new(symmetric_b);
     for port in ["9000", "9001"] {
-        let to = format!("192.168.2.2:{port}");
-        net.exec(
-            &nat_b,
+        let to = format!("{NODE_B_IP}:{port}");
+        net.net.exec(
+            &net.nat_b,
             &[
                 "iptables",
                 "-t",
@@ -143,9 +64,9 @@ async fn topology(symmetric_b: bool) -> Result<Topology> {
             ],
         );
     }
-    let relay = host(&relay_ns, 4001, true).await?;
-    let a = host(&node_a, 4001, false).await?;
-    let b = host(&node_b, 4001, false).await?;
+    let relay = host("relay", &net.relay, 4001, true).await?;
+    let a = host("node-a", &net.node_a, 4001, false).await?;
+    let b = host("node-b", &net.node_b, 4001, false).await?;
     b.runtime
         .run(async {
             let sink = TcpListener::bind("192.168.2.2:9000").await?;
@@ -183,9 +104,9 @@ async fn topology(symmetric_b: bool) -> Result<Topology> {
         })
         .await?;
     let directory = vec![
-        info("relay", &relay, "172.30.0.10", true),
-        info("node-a", &a, "192.168.1.2", false),
-        info("node-b", &b, "192.168.2.2", false),
+        relay.info(RELAY_IP, true),
+        a.info(NODE_A_IP, false),
+        b.info(NODE_B_IP, false),
     ];
     let started = Instant::now();
     for h in [&relay, &a, &b] {
@@ -336,17 +257,26 @@ async fn relay_memory_per_peer(bin: &Path) -> Result<(f64, u64)> {
         .spawn()
         .context("starting edgesite relay")?;
     let mut relay = Proc(child);
-    let mut first_line = String::new();
+    // Its logs share stdout with the line that names it.
+    let mut announced = String::new();
     {
         use std::io::BufRead;
         let stdout = relay.0.stdout.take().context("relay stdout")?;
-        std::io::BufReader::new(stdout).read_line(&mut first_line)?;
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        while let Some(line) = lines.next().transpose()? {
+            if line.starts_with("edgesite relay ") {
+                announced = line;
+                break;
+            }
+        }
+        // Keep draining so that the relay never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
     }
-    let relay_id: PeerId = first_line
+    let relay_id: PeerId = announced
         .split_whitespace()
         .nth(2)
         .and_then(|id| id.parse().ok())
-        .with_context(|| format!("edgesite relay printed {first_line:?}"))?;
+        .with_context(|| format!("edgesite relay printed {announced:?}"))?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (before, _) = rss_kib(relay.0.id());
     let relay_info = PeerInfo {
@@ -357,7 +287,7 @@ async fn relay_memory_per_peer(bin: &Path) -> Result<(f64, u64)> {
     };
     let mut hosts = Vec::new();
     for _ in 0..PEERS {
-        let h = host(&peers_ns, 0, false).await?;
+        let h = host("peer", &peers_ns, 0, false).await?;
         h.mesh.set_peers(vec![relay_info.clone()]).await?;
         hosts.push(h);
     }

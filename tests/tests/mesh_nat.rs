@@ -1,36 +1,25 @@
-//! Two nodes behind two NAT routers and a relay on the "public" segment, all in network
-//! namespaces this test makes (REFERENCE.md section 4):
-//!
-//! ```text
-//!            relay 10.100.0.10
-//!                  |
-//!   [public switch 10.100.0.0/24]
-//!        |                      |
-//!   natA 10.100.0.1        natB 10.100.0.2        (MASQUERADE; B optionally --random-fully)
-//!        |                      |
-//!   nodeA 192.168.1.2      nodeB 192.168.2.2
-//! ```
-
-mod common;
+//! The mesh library across NATs, without containerd or an API server: mesh hosts run in this
+//! process, each on a thread inside its own network namespace of the topology in
+//! `tests::netns::TwoNats` (REFERENCE.md section 4): a relay on a "public" segment, two NAT
+//! routers (MASQUERADE; B's `--random-fully` for a symmetric NAT), a node behind each. Needs
+//! root; run by tests/run.sh.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{Net, Node};
+use edgemesh::PeerId;
 use edgemesh::proxy::{self, ProxyConfig};
 use edgemesh::services::{Backend, Balancing, NodePeers, Protocol, ServicePort};
 use edgemesh::tunnel::{self, Kind};
-use libp2p::PeerId;
+use tests::netns::{MeshHost as Node, Net, TwoNats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 struct Site {
-    net: Net,
-    public: String,
+    topology: TwoNats,
     relay: Node,
     a: Node,
     b: Node,
-    delayed: bool,
 }
 
 /// Endpoints a node serves: its own LAN address only.
@@ -41,48 +30,22 @@ fn own_lan(prefix: &'static str) -> impl Fn(&PeerId, Kind, SocketAddr) -> bool +
 }
 
 async fn two_nats(symmetric_b: bool) -> Site {
-    common::init_logs();
-    let mut net = Net::new();
-    let public = net.ns("pub");
-    let relay_ns = net.ns("relay");
-    let nat_a = net.ns("natA");
-    let nat_b = net.ns("natB");
-    let node_a = net.ns("nodeA");
-    let node_b = net.ns("nodeB");
-    net.bridge(&public);
-    net.plug(&public, "p-relay", &relay_ns, "10.100.0.10/24");
-    net.plug(&public, "p-natA", &nat_a, "10.100.0.1/24");
-    net.plug(&public, "p-natB", &nat_b, "10.100.0.2/24");
-    net.link(
-        &nat_a,
-        "lan",
-        "192.168.1.1/24",
-        &node_a,
-        "eth0",
-        "192.168.1.2/24",
-    );
-    net.link(
-        &nat_b,
-        "lan",
-        "192.168.2.1/24",
-        &node_b,
-        "eth0",
-        "192.168.2.2/24",
-    );
-    net.default_route(&node_a, "192.168.1.1");
-    net.default_route(&node_b, "192.168.2.1");
-    net.masquerade(&nat_a, "192.168.1.0/24", false);
-    net.masquerade(&nat_b, "192.168.2.0/24", symmetric_b);
-    // Realistic round trips where the kernel has netem (25 ms each way through each router).
-    let delayed = net.delay(&nat_a, "wan", 25) & net.delay(&nat_b, "wan", 25);
-
-    let relay = Node::start("relay", &relay_ns, true, own_lan("10.100.0."), false).await;
-    let a = Node::start("node-a", &node_a, false, own_lan("192.168.1."), false).await;
-    let b = Node::start("node-b", &node_b, false, own_lan("192.168.2."), false).await;
+    let topology = TwoNats::new(symmetric_b);
+    let start = |name: &'static str, ns: &str, relay: bool, lan: &'static str| {
+        let ns = ns.to_string();
+        async move {
+            Node::start(name, &ns, 4001, relay, own_lan(lan), false)
+                .await
+                .unwrap()
+        }
+    };
+    let relay = start("relay", &topology.relay, true, "172.30.0.").await;
+    let a = start("node-a", &topology.node_a, false, "192.168.1.").await;
+    let b = start("node-b", &topology.node_b, false, "192.168.2.").await;
     // The directory every node gets from the site's Node objects: each node's own (private)
     // address, the relay's public one.
     let directory = vec![
-        relay.info("10.100.0.10", true),
+        relay.info("172.30.0.10", true),
         a.info("192.168.1.2", false),
         b.info("192.168.2.2", false),
     ];
@@ -90,12 +53,10 @@ async fn two_nats(symmetric_b: bool) -> Site {
         node.mesh.set_peers(directory.clone()).await.unwrap();
     }
     Site {
-        net,
-        public,
+        topology,
         relay,
         a,
         b,
-        delayed,
     }
 }
 
@@ -164,17 +125,14 @@ async fn endpoint_independent_nats_are_punched_through() {
     let address = status.address.clone().unwrap();
     assert!(!address.contains("p2p-circuit"), "{status:?}");
     assert!(
-        address.contains("/ip4/10.100.0.2/"),
+        address.contains("/ip4/172.30.0.2/"),
         "B is reached at its NAT's address: {status:?}"
     );
     let punch = status.punch_ms.or(b
         .wait_connection(a.peer_id(), "direct", Duration::from_secs(5))
         .await
         .punch_ms);
-    eprintln!(
-        "hole punched in {punch:?} ms (netem delays: {})",
-        site.delayed
-    );
+    eprintln!("hole punched in {punch:?} ms");
 
     counting_server(b, "192.168.2.2:8080");
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -191,7 +149,7 @@ async fn endpoint_independent_nats_are_punched_through() {
     eprintln!("relay's view: {relay_status:#?}");
 
     // B serves only its own endpoints.
-    let elsewhere: SocketAddr = "10.100.0.10:4001".parse().unwrap();
+    let elsewhere: SocketAddr = "172.30.0.10:4001".parse().unwrap();
     let refused = tunnel::open(&a.mesh, b.peer_id(), Kind::Tcp, elsewhere)
         .await
         .unwrap_err();
@@ -260,15 +218,28 @@ async fn a_peer_that_is_not_a_node_of_the_site_is_refused() {
     let mut site = two_nats(false).await;
     a_is_connected_to_b(&site).await;
     // A stranger on the public segment that knows the relay's and A's ids and addresses.
-    let stranger_ns = site.net.ns("stranger");
-    site.net
-        .plug(&site.public, "p-stranger", &stranger_ns, "10.100.0.66/24");
-    let stranger = Node::start("stranger", &stranger_ns, false, own_lan("none"), false).await;
+    let stranger_ns = site.topology.net.ns("stranger");
+    site.topology.net.plug(
+        &site.topology.public,
+        "p-stranger",
+        &stranger_ns,
+        "172.30.0.66/24",
+    );
+    let stranger = Node::start(
+        "stranger",
+        &stranger_ns,
+        4001,
+        false,
+        own_lan("none"),
+        false,
+    )
+    .await
+    .unwrap();
     let mut directory = vec![
-        site.relay.info("10.100.0.10", true),
+        site.relay.info("172.30.0.10", true),
         site.a.info("192.168.1.2", false),
     ];
-    directory.push(stranger.info("10.100.0.66", false));
+    directory.push(stranger.info("172.30.0.66", false));
     stranger.mesh.set_peers(directory.clone()).await.unwrap();
 
     // The relay (a node of the site) refuses its connection, so it can neither open a stream
@@ -285,11 +256,11 @@ async fn a_peer_that_is_not_a_node_of_the_site_is_refused() {
 
     // Once the relay's directory lists it (it joined the site), the same peer gets in.
     let mut joined = vec![
-        site.relay.info("10.100.0.10", true),
+        site.relay.info("172.30.0.10", true),
         site.a.info("192.168.1.2", false),
         site.b.info("192.168.2.2", false),
     ];
-    joined.push(stranger.info("10.100.0.66", false));
+    joined.push(stranger.info("172.30.0.66", false));
     site.relay.mesh.set_peers(joined.clone()).await.unwrap();
     let stream = stranger
         .mesh
@@ -324,13 +295,16 @@ async fn a_is_connected_to_b(site: &Site) {
 /// up to 256 in flight, all come back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_udp_datagrams_without_loss() {
-    common::init_logs();
     let mut net = Net::new();
     let x = net.ns("x");
     let y = net.ns("y");
     net.link(&x, "eth0", "10.0.0.1/24", &y, "eth0", "10.0.0.2/24");
-    let a = Node::start("node-a", &x, false, own_lan("10.0.0.1"), false).await;
-    let b = Node::start("node-b", &y, false, own_lan("10.0.0.2"), false).await;
+    let a = Node::start("node-a", &x, 4001, false, own_lan("10.0.0.1"), false)
+        .await
+        .unwrap();
+    let b = Node::start("node-b", &y, 4001, false, own_lan("10.0.0.2"), false)
+        .await
+        .unwrap();
     let directory = vec![a.info("10.0.0.1", false), b.info("10.0.0.2", false)];
     a.mesh.set_peers(directory.clone()).await.unwrap();
     b.mesh.set_peers(directory).await.unwrap();
@@ -558,6 +532,38 @@ async fn the_proxy_sends_cluster_ip_traffic_to_local_and_remote_endpoints() {
         })
         .await;
     assert_eq!(echoed, 100, "UDP answers come back from the cluster IP");
+
+    // The proxy's listener itself (on every address of the node) takes only redirected
+    // traffic: a connection straight to its port is dropped.
+    let rules = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &site.topology.node_a,
+            "iptables-save",
+            "-t",
+            "nat",
+        ])
+        .output()
+        .unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
+    let local_port: u16 = rules
+        .lines()
+        .find(|l| l.contains("10.43.0.50/32"))
+        .and_then(|l| l.split("--to-ports ").nth(1))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no REDIRECT rule for 10.43.0.50: {rules}"));
+    let straight = a
+        .runtime
+        .run(async move {
+            let connect = tokio::net::TcpStream::connect(("192.168.1.2", local_port));
+            tokio::time::timeout(Duration::from_secs(2), connect).await
+        })
+        .await;
+    assert!(
+        !matches!(straight, Ok(Ok(_))),
+        "the listener on {local_port} answered directly"
+    );
 
     // Removing the services removes the rules: the cluster IP no longer answers.
     ports_tx.send(std::sync::Arc::new(Vec::new())).unwrap();
