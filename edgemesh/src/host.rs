@@ -31,8 +31,8 @@ use crate::streams::{self, Allowed, MeshStream, Traffic};
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 const IDENTIFY_PROTOCOL: &str = "/edgesite/mesh/id/1.0.0";
 /// Unconnected peers and missing reservations are looked at this often.
-const MAINTAIN_EVERY: Duration = Duration::from_secs(2);
-const BACKOFF_START: Duration = Duration::from_secs(1);
+const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
+const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// Inbound mesh streams not yet taken by the tunnel server; more are refused (reset).
 const INBOUND_QUEUE: usize = 256;

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::host::MeshHandle;
 use crate::services::{Backend, Balancing, NodePeers, Protocol, ServicePort};
-use crate::tunnel::{self, Kind};
+use crate::tunnel::{self, COPY_BUFFER, Kind};
 
 /// Endpoints tried for one connection before giving up.
 const ATTEMPTS: usize = 3;
@@ -320,10 +320,22 @@ async fn forward_tcp(
                     .remember(from.ip(), &backend);
                 let result = match connection {
                     Connection::Local(mut upstream) => {
-                        tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                        tokio::io::copy_bidirectional_with_sizes(
+                            &mut client,
+                            &mut upstream,
+                            COPY_BUFFER,
+                            COPY_BUFFER,
+                        )
+                        .await
                     }
                     Connection::Mesh(mut upstream) => {
-                        tokio::io::copy_bidirectional(&mut client, upstream.as_mut()).await
+                        tokio::io::copy_bidirectional_with_sizes(
+                            &mut client,
+                            upstream.as_mut(),
+                            COPY_BUFFER,
+                            COPY_BUFFER,
+                        )
+                        .await
                     }
                 };
                 if let Err(error) = result {

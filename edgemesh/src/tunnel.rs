@@ -23,6 +23,9 @@ use crate::host::{Incoming, MeshHandle};
 use crate::streams::MeshStream;
 
 const VERSION: u8 = 1;
+/// Buffer of each direction of a proxied TCP connection: tokio's default 8 KiB turns into
+/// many small mesh frames.
+pub const COPY_BUFFER: usize = 64 * 1024;
 /// The largest UDP payload over IPv4.
 pub const MAX_DATAGRAM: usize = 65_507;
 
@@ -280,7 +283,13 @@ async fn serve_one(
             };
             let _ = local.set_nodelay(true);
             write_answer(&mut stream, Code::Connected, "").await?;
-            tokio::io::copy_bidirectional(&mut stream, &mut local).await?;
+            tokio::io::copy_bidirectional_with_sizes(
+                &mut stream,
+                &mut local,
+                COPY_BUFFER,
+                COPY_BUFFER,
+            )
+            .await?;
             Ok(())
         }
         Kind::Udp => {
