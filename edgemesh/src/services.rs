@@ -90,6 +90,17 @@ pub struct ServiceTable {
     slices: BTreeMap<(String, String), BTreeMap<String, EndpointSlice>>,
 }
 
+/// A Service's cluster IPs (`clusterIPs`, else `clusterIP`); none for headless services.
+fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Vec<IpAddr> {
+    spec.cluster_ips
+        .clone()
+        .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|ip| ip.parse().ok())
+        .collect()
+}
+
 fn key_of(namespace: Option<&String>, name: Option<&String>) -> Option<(String, String)> {
     Some((namespace?.clone(), name?.clone()))
 }
@@ -143,14 +154,7 @@ impl ServiceTable {
         let mut out = Vec::new();
         for ((namespace, name), service) in &self.services {
             let Some(spec) = &service.spec else { continue };
-            let cluster_ips: Vec<IpAddr> = spec
-                .cluster_ips
-                .clone()
-                .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|ip| ip.parse().ok())
-                .collect();
+            let cluster_ips = cluster_ips(spec);
             if cluster_ips.is_empty() || spec.type_.as_deref() == Some("ExternalName") {
                 continue; // headless or ExternalName: DNS only
             }
@@ -251,14 +255,7 @@ impl ServiceTable {
         if spec.type_.as_deref() == Some("ExternalName") {
             return Some(Vec::new());
         }
-        let cluster_ips: Vec<IpAddr> = spec
-            .cluster_ips
-            .clone()
-            .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|ip| ip.parse().ok())
-            .collect();
+        let cluster_ips = cluster_ips(spec);
         if !cluster_ips.is_empty() {
             return Some(cluster_ips);
         }

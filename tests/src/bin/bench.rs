@@ -461,18 +461,7 @@ async fn main() -> Result<()> {
         .await
         .context("mesh rows")?;
 
-    let mut table = String::from("| metric | measured | target | met |\n|---|---|---|---|\n");
-    for r in &rows {
-        let met = match r.met {
-            Some(true) => "yes",
-            Some(false) => "NO",
-            None => "",
-        };
-        table.push_str(&format!(
-            "| {} | {} | {} | {} |\n",
-            r.metric, r.measured, r.target, met
-        ));
-    }
+    let table = markdown_table(&rows);
     println!("{table}");
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -515,6 +504,23 @@ async fn main() -> Result<()> {
     std::fs::write(workspace_root()?.join("docs").join("benchmarks.md"), doc)
         .context("write docs/benchmarks.md")?;
     Ok(())
+}
+
+/// Rows as a Markdown table.
+fn markdown_table(rows: &[Row]) -> String {
+    let mut table = String::from("| metric | measured | target | met |\n|---|---|---|---|\n");
+    for r in rows {
+        let met = match r.met {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "",
+        };
+        table.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            r.metric, r.measured, r.target, met
+        ));
+    }
+    table
 }
 
 fn workspace_root() -> Result<PathBuf> {

@@ -432,18 +432,7 @@ pub async fn rows(bin: &Path, rows: &mut Vec<Row>) -> Result<()> {
 
 /// The mesh section of docs/benchmarks.md.
 pub fn section(rows: &[Row]) -> String {
-    let mut table = String::from("| metric | measured | target | met |\n|---|---|---|---|\n");
-    for r in rows {
-        let met = match r.met {
-            Some(true) => "yes",
-            Some(false) => "NO",
-            None => "",
-        };
-        table.push_str(&format!(
-            "| {} | {} | {} | {} |\n",
-            r.metric, r.measured, r.target, met
-        ));
-    }
+    let table = super::markdown_table(rows);
     format!(
         "\n## Mesh\n\nProduced by `cargo run --release -p tests --bin edgesite-bench mesh` (or the full run). \
          The topology is made of network namespaces on this machine: a relay on a \"public\" segment \
