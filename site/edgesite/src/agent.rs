@@ -25,7 +25,7 @@ pub fn run(args: AgentCommandArgs) -> Result<()> {
         &config.node_name,
         &config.cluster_domain,
         false,
-    );
+    )?;
     std::fs::create_dir_all(&config.root)
         .with_context(|| format!("create {}", config.root.display()))?;
     let lock_path = config.root.join("edgesite-agent.lock");

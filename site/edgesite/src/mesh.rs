@@ -73,9 +73,19 @@ impl MeshArgs {
         node: &str,
         domain: &str,
         relay: bool,
-    ) -> Option<AgentConfig> {
+    ) -> Result<Option<AgentConfig>> {
         if self.disable_mesh {
-            return None;
+            return Ok(None);
+        }
+        for addr in &self.mesh_relay_addr {
+            if !addr
+                .iter()
+                .any(|p| matches!(p, edgemesh::multiaddr::Protocol::P2p(_)))
+            {
+                bail!(
+                    "--mesh-relay-addr {addr} must end in /p2p/<peer id> (edgesite relay prints it)"
+                );
+            }
         }
         let relay = (relay || self.mesh_relay).then(|| edgemesh::RelayLimits {
             circuit_bytes: self.mesh_relay_circuit_bytes,
@@ -87,7 +97,7 @@ impl MeshArgs {
         let dns_interface = dns
             .filter(|a| matches!(a.ip(), IpAddr::V4(v4) if v4.is_link_local()))
             .map(|_| "edgemesh0".to_string());
-        Some(AgentConfig {
+        Ok(Some(AgentConfig {
             node: node.to_string(),
             dir: data_dir.join("agent").join("mesh"),
             listen: self.mesh_listen.clone(),
@@ -100,7 +110,7 @@ impl MeshArgs {
             dns_interface,
             domain: domain.to_string(),
             status_listen: Some(self.mesh_status),
-        })
+        }))
     }
 
     /// The nameserver pods get when --cluster-dns is not given.
@@ -115,14 +125,6 @@ pub async fn start(
     client: kube::Client,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    for addr in &config.extra_relays {
-        if !addr
-            .iter()
-            .any(|p| matches!(p, edgemesh::multiaddr::Protocol::P2p(_)))
-        {
-            bail!("--mesh-relay-addr {addr} must end in /p2p/<peer id> (edgesite relay prints it)");
-        }
-    }
     Ok(tokio::spawn(async move {
         if let Err(error) = edgemesh::agent::run(config, client, shutdown).await {
             tracing::error!("mesh stopped: {error:#}");

@@ -149,14 +149,15 @@ pub fn run(args: ServerArgs) -> Result<()> {
             .setup(&args.data_dir, &config.node_name)?,
         None => None,
     };
-    let mesh_config = agent_config.as_ref().and_then(|config| {
-        args.agent.mesh.to_config(
+    let mesh_config = match &agent_config {
+        Some(config) => args.agent.mesh.to_config(
             &args.data_dir,
             &config.node_name,
             &config.cluster_domain,
             !args.disable_mesh_relay,
-        )
-    });
+        )?,
+        None => None,
+    };
     let server_dir = args.data_dir.join("server");
     std::fs::create_dir_all(&server_dir)
         .with_context(|| format!("create data dir {}", server_dir.display()))?;
