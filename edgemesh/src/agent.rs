@@ -71,17 +71,19 @@ impl LocalTargets {
             return true;
         }
         match (ip, self.pod_cidr) {
-            (IpAddr::V4(ip), Some((net, bits))) => {
-                let mask = if bits == 0 {
-                    0
-                } else {
-                    u32::MAX << (32 - bits)
-                };
-                u32::from(ip) & mask == u32::from(net) & mask
-            }
+            (IpAddr::V4(ip), Some(cidr)) => in_cidr(ip, cidr),
             _ => false,
         }
     }
+}
+
+fn in_cidr(ip: std::net::Ipv4Addr, (net, bits): (std::net::Ipv4Addr, u8)) -> bool {
+    let mask = if bits == 0 {
+        0
+    } else {
+        u32::MAX << (32 - bits)
+    };
+    u32::from(ip) & mask == u32::from(net) & mask
 }
 
 fn parse_cidr(text: &str) -> Option<(std::net::Ipv4Addr, u8)> {
@@ -574,14 +576,7 @@ async fn publish(
                 libp2p::multiaddr::Protocol::Ip4(ip) => {
                     ip.is_loopback()
                         || ip.is_link_local()
-                        || pod_cidr.is_some_and(|(net, bits)| {
-                            let mask = if bits == 0 {
-                                0
-                            } else {
-                                u32::MAX << (32 - bits)
-                            };
-                            u32::from(ip) & mask == u32::from(net) & mask
-                        })
+                        || pod_cidr.is_some_and(|cidr| in_cidr(ip, cidr))
                 }
                 libp2p::multiaddr::Protocol::Ip6(ip) => {
                     ip.is_loopback() || ip.is_unicast_link_local()
