@@ -490,7 +490,28 @@ pub fn validate(info: &ResourceInfo, object: &Value, old: Option<&Value>) -> Vec
             );
         }
         ("rbac.authorization.k8s.io", "rolebindings" | "clusterrolebindings") => {
-            validate_binding(object, &mut causes)
+            validate_binding(object, &mut causes);
+            if let Some(old) = old
+                && old.get("roleRef") != object.get("roleRef")
+            {
+                // Upstream prints the Go value of the old reference.
+                let r = |k: &str| {
+                    old.pointer(&format!("/roleRef/{k}"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string()
+                };
+                causes.push(Cause::new(
+                    "FieldValueInvalid",
+                    "roleRef",
+                    format!(
+                        "Invalid value: rbac.RoleRef{{APIGroup:{:?}, Kind:{:?}, Name:{:?}}}: cannot change roleRef",
+                        r("apiGroup"),
+                        r("kind"),
+                        r("name")
+                    ),
+                ));
+            }
         }
         ("rbac.authorization.k8s.io", "roles" | "clusterroles") => {
             validate_rules(object, &mut causes)

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -119,9 +119,75 @@ pub async fn prepare_store(
     for problem in server.services.repair(&*server.storage).await? {
         tracing::warn!("{problem}");
     }
+    reconcile_policy(&server).await?;
+    // The authorizer's caches load before the server answers anything, then follow the store.
+    server.authorizer.load(&*server.storage).await?;
+    tokio::spawn(
+        server
+            .authorizer
+            .clone()
+            .run(server.storage.clone(), server.shutdown.clone()),
+    );
     kubernetes_service(&server, advertise).await?;
     server.ready.store(true, Ordering::Release);
     Ok(server)
+}
+
+/// Creates the bootstrap RBAC policy's missing roles and bindings and adds what the stored ones
+/// lack (`auth::policy::reconcile`), at every start, as upstream does.
+async fn reconcile_policy(server: &Arc<ApiServer>) -> Result<(), ServerError> {
+    use crate::auth::policy::{Reconcile, bootstrap, reconcile};
+    let policy = bootstrap();
+    let kinds = [
+        ("clusterroles", &policy.cluster_roles),
+        ("clusterrolebindings", &policy.cluster_role_bindings),
+    ];
+    for (resource, objects) in kinds {
+        for wanted in objects.iter() {
+            let name = wanted["metadata"]["name"].as_str().unwrap_or_default();
+            let key = crate::storage::object_key(crate::auth::rbac::GROUP, resource, "", name);
+            let stored = server.storage.get(&key).await?;
+            let failed = |e: crate::error::ApiError| ServerError::Bootstrap {
+                name: format!("{resource}/{name}"),
+                message: e.message,
+            };
+            let create = |object: Value| async move {
+                match http::resources::create_internal(
+                    server,
+                    crate::auth::rbac::GROUP,
+                    "v1",
+                    resource,
+                    "",
+                    object,
+                )
+                .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.code == 409 => Ok(()),
+                    Err(e) => Err(e),
+                }
+            };
+            match reconcile(stored.as_ref().map(|s| &*s.object), wanted) {
+                Reconcile::Keep => {}
+                Reconcile::Create(object) => create(object).await.map_err(failed)?,
+                Reconcile::Update(object) => {
+                    let revision = stored.map(|s| s.revision);
+                    server.storage.update(&key, object, revision).await?;
+                }
+                Reconcile::Recreate(object) => {
+                    tracing::info!(
+                        "{resource}/{name}: the bootstrap policy's roleRef replaces the stored one"
+                    );
+                    server
+                        .storage
+                        .delete(&key, stored.map(|s| s.revision))
+                        .await?;
+                    create(object).await.map_err(failed)?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The `default/kubernetes` Service (the network's first address, port 443) and its endpoints

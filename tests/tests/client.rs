@@ -291,7 +291,10 @@ async fn in_process_client_runs_the_same_code_path() {
     )
     .await
     .unwrap();
-    let client = kube::Client::new(apiserver_lite::http::in_process(server), "default");
+    let client = kube::Client::new(
+        apiserver_lite::http::in_process(server, apiserver_lite::auth::Identity::loopback()),
+        "default",
+    );
     // Discovery, as controllers' dynamic clients use it.
     let discovery = kube::Discovery::new(client.clone()).run().await.unwrap();
     assert!(discovery.groups().any(|g| g.name() == "apps"));
@@ -326,7 +329,10 @@ async fn only_one_candidate_leads_and_the_other_takes_over() {
     )
     .await
     .unwrap();
-    let client = kube::Client::new(apiserver_lite::http::in_process(server), "default");
+    let client = kube::Client::new(
+        apiserver_lite::http::in_process(server, apiserver_lite::auth::Identity::loopback()),
+        "default",
+    );
     let config = |who: &str| leader::Config {
         lease_duration: Duration::from_secs(2),
         renew_deadline: Duration::from_millis(1500),

@@ -75,7 +75,8 @@ fn default_namespaces_discovery_and_version() {
     );
     let version = site.ok(&["get", "--raw", "/version"]);
     assert!(version.contains("\"gitVersion\""));
-    // Unauthenticated requests are refused, health is public.
+    // Anonymous requests may read only the public health and version endpoints (upstream's
+    // system:public-info-viewer); anything else is Forbidden with upstream's message.
     let raw = site.ok(&["get", "--raw", "/readyz"]);
     assert_eq!(raw.trim(), "ok");
 }
@@ -980,7 +981,8 @@ fn bad_input_gets_a_clear_status_and_the_store_stays_consistent() {
     assert!(err.contains("NotFound"), "{err}");
     let err = site.fails(&["get", "--raw", "/apis/nope.example.com/v1/things"], None);
     assert!(err.contains("NotFound"), "{err}");
-    // Unauthenticated requests are refused, health is public.
+    // Anonymous requests may read only the public health and version endpoints (upstream's
+    // system:public-info-viewer); anything else is Forbidden with upstream's message.
     let port = site.port.to_string();
     let anon = Command::new("curl")
         .args([
@@ -991,7 +993,9 @@ fn bad_input_gets_a_clear_status_and_the_store_stays_consistent() {
     if let Ok(anon) = anon {
         let body = String::from_utf8_lossy(&anon.stdout);
         assert!(
-            body.contains("\"reason\":\"Unauthorized\"") && body.contains("\"code\":401"),
+            body.contains("\"reason\":\"Forbidden\"")
+                && body.contains("\"code\":403")
+                && body.contains("namespaces is forbidden: User \\\"system:anonymous\\\" cannot list resource \\\"namespaces\\\" in API group \\\"\\\" at the cluster scope"),
             "{body}"
         );
         let health = Command::new("curl")
@@ -1097,12 +1101,28 @@ fn tokens_dry_run_terminating_namespaces_and_node_only_endpoints() {
             .output()
             .unwrap()
     };
-    let ok = as_token("s3cret");
+    // Authenticated, but nothing is bound to alice yet: Forbidden, as upstream says it.
+    let denied = as_token("s3cret");
+    assert!(!denied.status.success());
     assert!(
-        ok.status.success(),
+        String::from_utf8_lossy(&denied.stderr).contains(
+            "namespaces is forbidden: User \"alice\" cannot list resource \"namespaces\" in API group \"\" at the cluster scope"
+        ),
         "{}",
-        String::from_utf8_lossy(&ok.stderr)
+        String::from_utf8_lossy(&denied.stderr)
     );
+    site.ok(&[
+        "create",
+        "clusterrolebinding",
+        "alice-view",
+        "--clusterrole=view",
+        "--user=alice",
+    ]);
+    // `view` gathers its rules from the aggregated roles (the aggregation controller).
+    assert!(eventually(Duration::from_secs(10), || as_token("s3cret")
+        .status
+        .success()));
+    let ok = as_token("s3cret");
     assert!(String::from_utf8_lossy(&ok.stdout).contains("namespace/default"));
     let bad = as_token("wrong");
     assert!(!bad.status.success());

@@ -1,14 +1,20 @@
-//! The HTTP face of the API server: routing, authentication, content negotiation, TLS serving.
+//! The HTTP face of the API server: routing, the request pipeline, content negotiation, TLS
+//! serving.
 //!
-//! Every request goes through [`dispatch`]: it parses the path into a [`request::Route`],
-//! authenticates (public endpoints excepted), and hands resource requests to [`resources`] (reads
-//! and writes), [`watch`] (streams) or [`discovery`]. Errors become a `v1 Status` in one place,
-//! [`error_response`]. [`serve`] runs the router behind rustls with client-certificate identities;
-//! [`router`] is also usable in-process as a tower service.
+//! [`router`]: the joining endpoints (`/cacerts`, `/edgesite/v1/node-join`, outside the
+//! Kubernetes API as K3s's supervisor has them), then every other request through the layers of
+//! [`pipeline`] (request info, metrics, authentication, impersonation, authorization) into
+//! [`dispatch`], which hands resource requests to [`resources`] (reads and writes), [`watch`]
+//! (streams) or [`discovery`]. Errors become a `v1 Status` in one place, [`error_response`].
+//! [`serve`] runs the router behind rustls with client-certificate identities; [`in_process`]
+//! is the same router as a tower service with an identity of its own.
 
+pub mod admission;
 pub mod discovery;
+pub mod pipeline;
 pub mod request;
 pub mod resources;
+pub mod reviews;
 pub mod watch;
 
 use std::net::SocketAddr;
@@ -24,11 +30,13 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::authorizer::Authorizer;
 use crate::auth::{Identity, TokenAuthenticator, identity_from_certificate};
 use crate::error::ApiError;
 use crate::openapi::OpenApi;
 use crate::registry::Registry;
 use crate::storage::Storage;
+use pipeline::{RequestContext, TransportIdentity};
 use request::{Output, Route};
 
 /// Request bodies above this are refused with 413, as upstream does.
@@ -44,6 +52,8 @@ pub struct ApiServer {
     pub registry: Registry,
     pub storage: Arc<dyn Storage>,
     pub tokens: TokenAuthenticator,
+    /// Decides every request (RBAC, the Node authorizer) from caches the store's watch keeps.
+    pub authorizer: Arc<Authorizer>,
     pub openapi: OpenApi,
     /// Service cluster IPs and node ports.
     pub services: crate::services::Allocator,
@@ -75,6 +85,7 @@ impl ApiServer {
             registry,
             storage,
             tokens,
+            authorizer: Authorizer::new(),
             openapi,
             services: crate::services::Allocator::new(services),
             service_account_tokens: std::sync::OnceLock::new(),
@@ -88,9 +99,23 @@ impl ApiServer {
     }
 }
 
-/// The router: one fallback handler that does its own path parsing, like upstream's mux.
+/// The router: the joining endpoints, then the pipeline's layers around one fallback handler
+/// that does its own path parsing, like upstream's mux.
 pub fn router(server: Arc<ApiServer>) -> Router {
-    Router::new().fallback(dispatch).with_state(server)
+    let api = pipeline::layered(server.clone(), Router::new().fallback(dispatch));
+    Router::new()
+        .route("/cacerts", axum::routing::any(cacerts))
+        .route("/edgesite/v1/node-join", axum::routing::any(node_join))
+        .fallback_service(api.with_state(server.clone()))
+        .with_state(server)
+}
+
+/// The cluster CA, for joining agents to pin against their token's hash (no identity yet).
+async fn cacerts(State(server): State<Arc<ApiServer>>) -> Response {
+    match server.ca_pem.get() {
+        Some(pem) => (StatusCode::OK, pem.clone()).into_response(),
+        None => error_response(&ApiError::no_route()),
+    }
 }
 
 pub fn json_response(code: StatusCode, value: &Value) -> Response {
@@ -186,26 +211,12 @@ pub fn go_arch() -> &'static str {
     }
 }
 
-/// The caller: a client certificate or loopback identity, a static token, or (checked
-/// asynchronously by the caller) a ServiceAccount token: `Err(Some(header))`.
-fn authenticate(server: &ApiServer, request: &Request) -> Result<Identity, Option<String>> {
-    if let Some(identity) = request.extensions().get::<Identity>() {
-        return Ok(identity.clone());
-    }
-    let authorization = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .ok_or(None)?;
-    server
-        .tokens
-        .authenticate(authorization)
-        .ok_or_else(|| Some(authorization.to_string()))
-}
-
 /// A ServiceAccount token: signed by us, unexpired, and its account (and bound object) still
 /// there with the same uid.
-async fn service_account_identity(server: &ApiServer, authorization: &str) -> Option<Identity> {
+pub(crate) async fn service_account_identity(
+    server: &ApiServer,
+    authorization: &str,
+) -> Option<Identity> {
     let token = authorization.strip_prefix("Bearer ")?.trim();
     let issuer = server.service_account_tokens.get()?;
     if !crate::service_accounts::looks_like_jwt(token) {
@@ -244,54 +255,22 @@ async fn service_account_identity(server: &ApiServer, authorization: &str) -> Op
 }
 
 async fn dispatch(State(server): State<Arc<ApiServer>>, request: Request) -> Response {
-    let route = request::parse_route(request.uri().path());
+    let Some(context) = request.extensions().get::<RequestContext>().cloned() else {
+        return error_response(&ApiError::internal("the request pipeline is incomplete"));
+    };
+    let route = context.route.clone();
     if matches!(route, Route::Health(_)) {
         return health(&server, &route);
     }
     if route == Route::Version {
         return json_response(StatusCode::OK, &version());
     }
-    // Joining agents: the CA to pin, and certificates for a join token (no identity yet).
-    match request.uri().path() {
-        "/cacerts" => {
-            return match server.ca_pem.get() {
-                Some(pem) => (StatusCode::OK, pem.clone()).into_response(),
-                None => error_response(&ApiError::no_route()),
-            };
-        }
-        "/edgesite/v1/node-join" => return node_join(&server, request).await,
-        _ => {}
-    }
-    let identity = match authenticate(&server, &request) {
-        Ok(identity) => identity,
-        Err(None) => return error_response(&ApiError::unauthorized()),
-        Err(Some(authorization)) => match service_account_identity(&server, &authorization).await {
-            Some(identity) => identity,
-            None => return error_response(&ApiError::unauthorized()),
-        },
-    };
     if request.uri().path() == "/edgesite/v1/node-tunnel" {
-        return node_tunnel(&server, &identity, request);
+        return node_tunnel(&server, &context.user, request);
     }
     if request.uri().path() == "/metrics" {
         return crate::metrics::prometheus_response(server.request_metrics.render());
     }
-    let started = std::time::Instant::now();
-    let measured = match &route {
-        Route::Resource(p) => Some((
-            crate::metrics::verb_of(
-                request.method(),
-                request.uri().query(),
-                p.name.is_some(),
-                p.subresource.as_deref(),
-            ),
-            match &p.subresource {
-                Some(s) => format!("{}/{s}", p.resource),
-                None => p.resource.clone(),
-            },
-        )),
-        _ => None,
-    };
     let accept = request
         .headers()
         .get(header::ACCEPT)
@@ -331,28 +310,19 @@ async fn dispatch(State(server): State<Arc<ApiServer>>, request: Request) -> Res
             None => Err(ApiError::no_route()),
         },
         Route::Resource(path) => {
-            resources::handle(server.clone(), identity, path, output, request).await
+            resources::handle(server.clone(), context, path, output, request).await
         }
         Route::Unknown | Route::Version | Route::Health(_) => Err(ApiError::no_route()),
     };
-    let response = match result {
+    match result {
         Ok(response) => response,
         Err(e) => error_response(&e),
-    };
-    if let Some((verb, resource)) = measured {
-        server.request_metrics.record(
-            verb,
-            &resource,
-            response.status().as_u16(),
-            started.elapsed().as_secs_f64(),
-        );
     }
-    response
 }
 
 /// `POST /edgesite/v1/node-join` with `Authorization: Bearer <token>` and
 /// `{"node": NAME, "csr": PEM}`: a client certificate for `system:node:NAME`.
-async fn node_join(server: &Arc<ApiServer>, request: Request) -> Response {
+async fn node_join(State(server): State<Arc<ApiServer>>, request: Request) -> Response {
     use crate::node_streams::JoinError;
     if request.method() != http::Method::POST {
         return error_response(&ApiError::method_not_allowed(
@@ -445,10 +415,11 @@ fn node_tunnel(server: &Arc<ApiServer>, identity: &Identity, mut request: Reques
 }
 
 /// The router as an in-process service: no socket, no TLS, the same request path as a remote
-/// client's. Requests carry the loopback identity. Components co-located with the server build
-/// their `kube::Client` on this (ARCHITECTURE.md, principle 1).
+/// client's. Requests carry `identity`, as a client certificate would: each co-located component
+/// builds its `kube::Client` on this with its own (ARCHITECTURE.md, principle 1).
 pub fn in_process<B>(
     server: Arc<ApiServer>,
+    identity: Identity,
 ) -> impl tower::Service<
     http::Request<B>,
     Response = Response,
@@ -462,9 +433,11 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     tower::ServiceBuilder::new()
-        .map_request(|request: http::Request<B>| {
+        .map_request(move |request: http::Request<B>| {
             let mut request = request.map(Body::new);
-            request.extensions_mut().insert(Identity::loopback());
+            request
+                .extensions_mut()
+                .insert(TransportIdentity(identity.clone()));
             request
         })
         .service(router(server))
@@ -540,7 +513,8 @@ pub async fn serve(
             let service = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
                     if let Some(identity) = &identity {
-                        req.extensions_mut().insert(identity.clone());
+                        req.extensions_mut()
+                            .insert(TransportIdentity(identity.clone()));
                     }
                     let mut app = app.clone();
                     async move {

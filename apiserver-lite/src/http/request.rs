@@ -135,6 +135,73 @@ fn resource_route(group: &str, version: &str, rest: &[&str]) -> Route {
     Route::Resource(p)
 }
 
+/// What a request asks for, as authorization sees it (upstream's `RequestInfo`): the verb from
+/// the method (`get`/`list`/`watch`, `create`, `update`, `patch`, `delete`/`deletecollection`;
+/// the lower-case method for non-resource paths), the resource, namespace and name.
+pub fn attributes(
+    method: &http::Method,
+    route: &Route,
+    path: &str,
+    query: Option<&str>,
+) -> crate::auth::Attributes {
+    let Route::Resource(p) = route else {
+        return crate::auth::Attributes::non_resource(&method.as_str().to_lowercase(), path);
+    };
+    let query = Query::parse(query);
+    let fields: Vec<(String, String)> = query
+        .get("fieldSelector")
+        .map(|s| {
+            s.split(',')
+                .filter(|r| !r.contains("!="))
+                .filter_map(|r| {
+                    let (k, v) = r.split_once("==").or_else(|| r.split_once('='))?;
+                    Some((k.trim().to_string(), v.trim().to_string()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let collection = p.name.is_none();
+    let verb = match *method {
+        http::Method::GET | http::Method::HEAD if collection => {
+            if query.flag("watch").unwrap_or(false) {
+                "watch"
+            } else {
+                "list"
+            }
+        }
+        http::Method::GET | http::Method::HEAD => "get",
+        http::Method::POST => "create",
+        http::Method::PUT => "update",
+        http::Method::PATCH => "patch",
+        http::Method::DELETE if collection => "deletecollection",
+        http::Method::DELETE => "delete",
+        _ => "",
+    };
+    let mut name = p.name.clone().unwrap_or_default();
+    if collection
+        && (verb == "list" || verb == "watch")
+        && let Some((_, n)) = fields.iter().find(|(f, _)| f == "metadata.name")
+    {
+        name = n.clone();
+    }
+    let mut namespace = p.namespace.clone().unwrap_or_default();
+    if p.group.is_empty() && p.resource == "namespaces" && namespace.is_empty() {
+        namespace = name.clone();
+    }
+    crate::auth::Attributes {
+        verb: verb.to_string(),
+        resource_request: true,
+        api_group: p.group.clone(),
+        api_version: p.version.clone(),
+        resource: p.resource.clone(),
+        subresource: p.subresource.clone().unwrap_or_default(),
+        namespace,
+        name,
+        path: path.to_string(),
+        fields,
+    }
+}
+
 /// Query parameters, last value wins (as upstream's decoder does for scalars).
 #[derive(Debug, Clone, Default)]
 pub struct Query(pub HashMap<String, String>);
@@ -292,6 +359,69 @@ mod tests {
         assert_eq!(
             parse_route("/openapi/v3/apis/apps/v1"),
             Route::OpenApiV3("apps".into(), "v1".into())
+        );
+    }
+
+    #[test]
+    fn request_attributes() {
+        let get = http::Method::GET;
+        let a = |m: &http::Method, path: &str, q: Option<&str>| {
+            attributes(m, &parse_route(path), path, q)
+        };
+        let list = a(&get, "/api/v1/namespaces/prod/pods", Some("limit=500"));
+        assert_eq!(
+            (
+                list.verb.as_str(),
+                list.namespace.as_str(),
+                list.resource.as_str()
+            ),
+            ("list", "prod", "pods")
+        );
+        let watch = a(
+            &get,
+            "/api/v1/pods",
+            Some("watch=1&fieldSelector=spec.nodeName%3Dn1"),
+        );
+        assert_eq!(watch.verb, "watch");
+        assert_eq!(watch.field("spec.nodeName"), Some("n1"));
+        let one = a(
+            &get,
+            "/api/v1/namespaces/d/configmaps",
+            Some("fieldSelector=metadata.name%3Dc&watch=true"),
+        );
+        assert_eq!((one.verb.as_str(), one.name.as_str()), ("watch", "c"));
+        let exec = a(
+            &http::Method::POST,
+            "/api/v1/namespaces/d/pods/p/exec",
+            None,
+        );
+        assert_eq!(
+            (
+                exec.verb.as_str(),
+                exec.subresource.as_str(),
+                exec.name.as_str()
+            ),
+            ("create", "exec", "p")
+        );
+        let ns = a(&http::Method::DELETE, "/api/v1/namespaces/dev", None);
+        assert_eq!(
+            (ns.verb.as_str(), ns.namespace.as_str(), ns.name.as_str()),
+            ("delete", "dev", "dev")
+        );
+        let all = a(
+            &http::Method::DELETE,
+            "/apis/apps/v1/namespaces/d/deployments",
+            None,
+        );
+        assert_eq!(
+            (all.verb.as_str(), all.api_group.as_str()),
+            ("deletecollection", "apps")
+        );
+        let path = a(&get, "/apis/apps/v1", None);
+        assert!(!path.resource_request);
+        assert_eq!(
+            (path.verb.as_str(), path.path.as_str()),
+            ("get", "/apis/apps/v1")
         );
     }
 

@@ -15,6 +15,7 @@ use chrono::{SecondsFormat, Utc};
 use http::{Method, StatusCode, header};
 use serde_json::{Value, json};
 
+use super::pipeline::RequestContext;
 use super::request::{Output, Query, ResourcePath};
 use super::{ApiServer, MAX_BODY, encode, json_response, with_warnings};
 use crate::auth::Identity;
@@ -365,14 +366,12 @@ fn comparable(object: &Value) -> Value {
 
 pub async fn handle(
     server: Arc<ApiServer>,
-    identity: Identity,
+    context: RequestContext,
     path: ResourcePath,
     output: Output,
     request: Request,
 ) -> Result<Response, ApiError> {
-    // Every authenticated user may do everything until RBAC enforcement arrives; the identity is
-    // kept in the debug log so requests can be traced to users.
-    tracing::debug!(user = %identity.user, method = %request.method(), path = %request.uri().path(), "request");
+    tracing::debug!(user = %context.user.user, method = %request.method(), path = %request.uri().path(), "request");
     let Some(info) = server
         .registry
         .get(&path.group, &path.version, &path.resource)
@@ -398,6 +397,7 @@ pub async fn handle(
         info: info.clone(),
         namespace,
         output,
+        user: context.user.clone(),
     };
     let verb_allowed = |verb: &str| -> Result<(), ApiError> {
         if info.verbs.contains(&verb) {
@@ -451,13 +451,12 @@ pub async fn handle(
         (_, Some(name), Some(sub @ ("log" | "exec" | "attach" | "portforward" | "proxy"))) => {
             ctx.node_streaming(name, sub).await
         }
-        (&Method::POST, None, None) if is_review(&info) => {
+        (&Method::POST, None, None) if super::reviews::is_review(&info) => {
             let (parts, body) = read_body(request).await?;
             let value = decode_document(&content_type(&parts), &body)?;
-            Ok(json_response(
-                StatusCode::CREATED,
-                &review(&info, value, &identity)?,
-            ))
+            let answer =
+                super::reviews::answer(&server, &context, &info, &ctx.namespace, value).await?;
+            Ok(json_response(StatusCode::CREATED, &answer))
         }
         (&Method::POST, None, None) => {
             verb_allowed("create")?;
@@ -550,47 +549,14 @@ pub async fn handle(
     }
 }
 
-/// Review resources are answered, never stored.
-fn is_review(info: &ResourceInfo) -> bool {
-    matches!(
-        (info.group.as_str(), info.resource.as_str()),
-        (
-            "authorization.k8s.io",
-            "selfsubjectaccessreviews" | "selfsubjectrulesreviews" | "subjectaccessreviews"
-        ) | ("authentication.k8s.io", "selfsubjectreviews")
-    )
-}
-
-/// Answers a review. Authorization allows every authenticated user everything until RBAC
-/// enforcement arrives, and the answers say exactly that.
-fn review(info: &ResourceInfo, mut value: Value, identity: &Identity) -> Result<Value, ApiError> {
-    if let Some(typed) = &info.typed {
-        value = (typed.normalize)(&value)
-            .map_err(|e| ApiError::bad_request(format!("{} cannot be decoded: {e}", info.kind)))?;
-    }
-    value["apiVersion"] = json!(info.api_version());
-    value["kind"] = json!(info.kind);
-    let reason = "EdgeSite allows every authenticated user (RBAC is not enforced yet)";
-    value["status"] = match info.resource.as_str() {
-        "selfsubjectreviews" => {
-            json!({"userInfo": {"username": identity.user, "groups": identity.groups}})
-        }
-        "selfsubjectrulesreviews" => json!({
-            "resourceRules": [{"verbs": ["*"], "apiGroups": ["*"], "resources": ["*"]}],
-            "nonResourceRules": [{"verbs": ["*"], "nonResourceURLs": ["*"]}],
-            "incomplete": false,
-        }),
-        _ => json!({"allowed": true, "reason": reason}),
-    };
-    Ok(value)
-}
-
 /// The request's target resource and namespace.
 pub struct Ctx {
     pub server: Arc<ApiServer>,
     pub info: Arc<ResourceInfo>,
     pub namespace: String,
     pub output: Output,
+    /// Who the request acts as: admission (escalation checks, NodeRestriction) asks.
+    pub user: Identity,
 }
 
 /// Parsed list options shared by list and watch.
@@ -1104,6 +1070,7 @@ impl Ctx {
         if !causes.is_empty() {
             return Err(self.invalid(&object, causes));
         }
+        super::admission::admit(&self.server, &self.user, &self.info, &object, None)?;
         if track {
             let api_version = self.info.api_version();
             let writer = self.writer(opts, &time, "", &api_version);
@@ -1302,6 +1269,7 @@ impl Ctx {
         if !causes.is_empty() {
             return Err(self.invalid(&new, causes));
         }
+        super::admission::admit(&self.server, &self.user, &self.info, &new, Some(old_object))?;
         if track {
             let time = now();
             let api_version = self.info.api_version();
@@ -1896,6 +1864,7 @@ impl Ctx {
                 info: self.info.clone(),
                 namespace: meta_str(&object, "namespace").to_string(),
                 output: self.output,
+                user: self.user.clone(),
             };
             match ctx.delete(&name, options).await {
                 Ok((_, object)) => deleted.push(object),
@@ -1996,6 +1965,7 @@ impl Ctx {
                 "this server has no service account signing key configured",
             ));
         };
+        super::admission::admit_token_request(&self.server, &self.user, &self.namespace, &value)?;
         let account = self.load(name).await?;
         let spec = value.get("spec").cloned().unwrap_or(json!({}));
         let audiences: Vec<String> = spec
@@ -2540,6 +2510,7 @@ pub async fn create_internal(
         info,
         namespace: namespace.to_string(),
         output: Output::Json,
+        user: Identity::loopback(),
     };
     let mut opts = WriteOptions {
         dry_run: false,

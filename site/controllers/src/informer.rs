@@ -209,6 +209,7 @@ pub struct Informers {
     config_maps: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::ConfigMap>>>,
     service_accounts:
         std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::ServiceAccount>>>,
+    cluster_roles: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::rbac::v1::ClusterRole>>>,
 }
 
 macro_rules! informer_accessor {
@@ -254,6 +255,7 @@ impl Informers {
             service_accounts: Default::default(),
             secrets: Default::default(),
             config_maps: Default::default(),
+            cluster_roles: Default::default(),
         }
     }
 
@@ -346,6 +348,12 @@ impl Informers {
         config_maps,
         k8s_openapi::api::core::v1::ConfigMap,
         watcher::Config::default().fields("metadata.name=kube-root-ca.crt")
+    );
+
+    informer_accessor!(
+        cluster_roles,
+        cluster_roles,
+        k8s_openapi::api::rbac::v1::ClusterRole
     );
 
     /// Starts every informer created so far.

@@ -6,8 +6,9 @@
 //! then the loops: [`namespace`] (deleting a namespace deletes what it contains),
 //! [`replicaset`], [`deployment`], [`garbage_collector`], [`endpoints`],
 //! [`node_lifecycle`], [`disruption`], [`job`], [`cronjob`], [`daemonset`], [`statefulset`],
-//! [`serviceaccount`], ...
+//! [`serviceaccount`], [`clusterrole_aggregation`], ...
 
+pub mod clusterrole_aggregation;
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;

@@ -108,9 +108,12 @@ async fn run_loops(client: kube::Client, settings: Settings, shutdown: Cancellat
     );
     let node_ipam =
         controllers::node_ipam::controller(&informers, settings.cluster_cidr, shutdown.clone());
+    let aggregation =
+        controllers::clusterrole_aggregation::controller(&informers, shutdown.clone());
     informers.start();
     let loops = vec![
         tokio::spawn(node_ipam),
+        tokio::spawn(aggregation),
         tokio::spawn(scheduler.run(shutdown.clone())),
         tokio::spawn(replicasets),
         tokio::spawn(deployments),

@@ -44,6 +44,10 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Write a kubeconfig for a user of this site: a client certificate signed by the site's CA.
+    /// RBAC decides what the user may do: bind roles to the user or the groups, e.g.
+    /// `kubectl create rolebinding NAME --clusterrole=view --user=NAME -n NAMESPACE`.
+    Kubeconfig(KubeconfigArgs),
     /// A standalone mesh relay for a machine every site can reach (a public VM): nodes that
     /// cannot reach each other directly meet through it.
     Relay(mesh::RelayArgs),
@@ -57,6 +61,25 @@ enum Command {
         #[command(subcommand)]
         command: ImagesCommand,
     },
+}
+
+#[derive(Args)]
+struct KubeconfigArgs {
+    /// The user name (the certificate's common name; RBAC subjects of kind User).
+    #[arg(long)]
+    user: String,
+    /// Groups of the user (the certificate's organizations); repeat for several.
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// The server's data dir (holds the cluster CA).
+    #[arg(long, short = 'd', default_value = "/var/lib/edgesite")]
+    data_dir: PathBuf,
+    /// The address users reach the API server at (default: the admin kubeconfig's).
+    #[arg(long)]
+    server: Option<String>,
+    /// Where to write the kubeconfig (mode 0600).
+    #[arg(long, short = 'o')]
+    output: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -429,6 +452,22 @@ fn main() {
                 },
         } => import_images(&files, &container_runtime_endpoint, &containerd_namespace),
         Command::Relay(args) => mesh::run_relay(args),
+        Command::Kubeconfig(args) => server::user_kubeconfig(
+            &args.data_dir,
+            &args.user,
+            &args.groups,
+            args.server.as_deref(),
+            &args.output,
+        )
+        .map(|()| {
+            eprintln!(
+                "wrote {} for user {:?}; grant it access with RBAC, e.g.: kubectl create rolebinding {}-view --clusterrole=view --user={} -n default",
+                args.output.display(),
+                args.user,
+                args.user,
+                args.user
+            )
+        }),
         Command::Mesh {
             command: MeshCommand::Status { address, output },
         } => mesh::print_status(address, output == "json"),

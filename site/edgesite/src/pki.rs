@@ -184,6 +184,28 @@ impl Pki {
     }
 
     /// A client certificate (CN = user, O = groups).
+    /// A client certificate for a user, signed now and kept nowhere (`edgesite kubeconfig`).
+    pub fn user_certificate(
+        &self,
+        ca: &CertAndKey,
+        user: &str,
+        groups: &[String],
+    ) -> Result<CertAndKey> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, user);
+        for g in groups {
+            dn.push(DnType::OrganizationName, g.as_str());
+        }
+        params.distinguished_name = dn;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue(ca, params)
+    }
+
     pub fn client(
         &self,
         ca: &CertAndKey,

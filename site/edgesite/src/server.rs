@@ -51,7 +51,7 @@ fn sans(args: &ServerArgs) -> Vec<String> {
     sans
 }
 
-fn write_kubeconfig(
+pub(crate) fn write_kubeconfig(
     path: &Path,
     mode: u32,
     server: &str,
@@ -120,6 +120,57 @@ fn server_identity(server_dir: &Path) -> Result<String> {
         }
     };
     Ok(format!("{}_{id}", hostname()))
+}
+
+/// `edgesite kubeconfig --user NAME [--group G]...`: a kubeconfig for a user, with a client
+/// certificate signed by the site's CA (a year's validity). What the user may do is what RBAC
+/// grants `NAME` and the groups.
+pub fn user_kubeconfig(
+    data_dir: &Path,
+    user: &str,
+    groups: &[String],
+    server: Option<&str>,
+    output: &Path,
+) -> Result<()> {
+    if user.trim().is_empty() {
+        bail!("--user must name the user (the certificate's common name)");
+    }
+    if user.starts_with("system:") {
+        bail!(
+            "--user {user:?}: names starting with \"system:\" are reserved for the site's own components"
+        );
+    }
+    let pki = Pki::new(data_dir);
+    if !pki.dir.join("ca.key").exists() {
+        bail!(
+            "no cluster CA in {}: run this on the server, with its --data-dir",
+            pki.dir.display()
+        );
+    }
+    let ca = pki.ca()?;
+    let url = match server {
+        Some(s) => s.to_string(),
+        None => {
+            let admin = data_dir
+                .join("server")
+                .join("cred")
+                .join("admin.kubeconfig");
+            let text = std::fs::read_to_string(&admin).with_context(|| {
+                format!(
+                    "read {} for the server's address (or pass --server)",
+                    admin.display()
+                )
+            })?;
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix("server: "))
+                .map(str::to_string)
+                .with_context(|| {
+                    format!("no server address in {}; pass --server", admin.display())
+                })?
+        }
+    };
+    let certificate = pki.user_certificate(&ca, user, groups)?;
+    write_kubeconfig(output, 0o600, &url, &ca, &certificate)
 }
 
 pub fn run(args: ServerArgs) -> Result<()> {
@@ -256,7 +307,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
             crate::join::joiner(&server_dir, &ca, &token);
         let _ = api.node_join.set(joiner);
         // Control loops talk to the API through the in-process client: no socket, same path.
-        let client = kube::Client::new(apiserver_lite::http::in_process(api.clone()), "default");
+        let client = kube::Client::new(apiserver_lite::http::in_process(api.clone(), apiserver_lite::auth::Identity::loopback()), "default");
         // KubeEdge's device API is part of every site.
         devices::crd::install(&client)
             .await

@@ -1,38 +1,14 @@
 //! Authentication: who is asking. Client certificates (CN = user, O = groups) verified by the
 //! TLS layer against the cluster CA, and bearer tokens from a static token file in kube-apiserver's
-//! `--token-auth-file` format (`token,user,uid,"group1,group2"`).
-//!
-//! Authorization is "every authenticated user may do everything" for now; RBAC objects are stored
-//! and enforcement comes later. The public health and version endpoints need no identity.
+//! `--token-auth-file` format (`token,user,uid,"group1,group2"`). ServiceAccount tokens are
+//! verified in [`crate::service_accounts`].
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-/// An authenticated user.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Identity {
-    pub user: String,
-    pub groups: Vec<String>,
-}
-
-impl Identity {
-    pub fn new(user: impl Into<String>, groups: &[&str]) -> Self {
-        Identity {
-            user: user.into(),
-            groups: groups.iter().map(|g| g.to_string()).collect(),
-        }
-    }
-
-    /// The identity in-process components use (they run inside the server).
-    pub fn loopback() -> Self {
-        Identity::new(
-            "system:apiserver",
-            &["system:masters", "system:authenticated"],
-        )
-    }
-}
+use super::{AUTHENTICATED, Identity};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -105,12 +81,14 @@ impl TokenAuthenticator {
                         .collect()
                 })
                 .unwrap_or_default();
-            groups.push("system:authenticated".into());
+            groups.push(AUTHENTICATED.into());
             auth.add(
                 &fields[0],
                 Identity {
                     user: fields[1].clone(),
+                    uid: fields[2].clone(),
                     groups,
+                    ..Identity::default()
                 },
             );
         }
@@ -143,8 +121,12 @@ pub fn identity_from_certificate(der: &[u8]) -> Option<Identity> {
         .iter_organization()
         .filter_map(|o| o.as_str().ok().map(String::from))
         .collect();
-    groups.push("system:authenticated".into());
-    Some(Identity { user, groups })
+    groups.push(AUTHENTICATED.into());
+    Some(Identity {
+        user,
+        groups,
+        ..Identity::default()
+    })
 }
 
 #[cfg(test)]

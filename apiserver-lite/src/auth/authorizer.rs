@@ -1,0 +1,299 @@
+//! The authorizer chain and the caches it decides from.
+//!
+//! Order, as upstream's `--authorization-mode=Node,RBAC` behind the privileged group:
+//! `system:masters` is always allowed; a node agent is asked of the Node authorizer; then RBAC.
+//! Decisions read a [`Policy`] and a node [`Graph`] kept by one task from the storage's watch
+//! hub (no list per request). The cache lags the store by at most one broadcast hop, so before
+//! a denial is answered [`Authorizer::authorize_fresh`] waits for the cache to reach the
+//! revision the store had when the request arrived: a binding created just before is honoured.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::node::Graph;
+use super::rbac::{Binding, Policy, rules_of};
+use super::{Attributes, Decision, Identity, MASTERS};
+use crate::storage::{EventType, Storage, StorageError};
+
+/// How long a denial waits for the cache to catch up with the store.
+const FRESHNESS_WAIT: Duration = Duration::from_secs(2);
+
+/// Key prefixes the cache follows.
+const CLUSTER_ROLES: &str = "/rbac.authorization.k8s.io/clusterroles/";
+const ROLES: &str = "/rbac.authorization.k8s.io/roles/";
+const CLUSTER_ROLE_BINDINGS: &str = "/rbac.authorization.k8s.io/clusterrolebindings/";
+const ROLE_BINDINGS: &str = "/rbac.authorization.k8s.io/rolebindings/";
+const PODS: &str = "/core/pods/";
+const CLAIMS: &str = "/core/persistentvolumeclaims/";
+const DEVICES: &str = "/devices.kubeedge.io/devices/";
+const FOLLOWED: [&str; 7] = [
+    CLUSTER_ROLES,
+    ROLES,
+    CLUSTER_ROLE_BINDINGS,
+    ROLE_BINDINGS,
+    PODS,
+    CLAIMS,
+    DEVICES,
+];
+
+#[derive(Default)]
+pub struct Authorizer {
+    policy: RwLock<Arc<Policy>>,
+    graph: RwLock<Graph>,
+    /// The store revision the caches reflect.
+    seen: AtomicU64,
+    caught_up: tokio::sync::Notify,
+}
+
+/// The RBAC objects as stored, to rebuild the policy from.
+#[derive(Default)]
+struct RbacObjects {
+    objects: HashMap<String, Value>,
+}
+
+impl RbacObjects {
+    fn policy(&self) -> Policy {
+        let mut p = Policy::default();
+        for (key, object) in &self.objects {
+            let name = object
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            let namespace = object
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            if key.starts_with(CLUSTER_ROLES) {
+                p.cluster_roles.insert(name, Arc::new(rules_of(object)));
+            } else if key.starts_with(ROLES) {
+                p.roles
+                    .insert((namespace, name), Arc::new(rules_of(object)));
+            } else if key.starts_with(CLUSTER_ROLE_BINDINGS) {
+                let mut b = Binding::from_object(object);
+                b.namespace.clear();
+                p.cluster_bindings.push(b);
+            } else if key.starts_with(ROLE_BINDINGS) {
+                p.bindings
+                    .entry(namespace)
+                    .or_default()
+                    .push(Binding::from_object(object));
+            }
+        }
+        p
+    }
+}
+
+impl Authorizer {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// The current RBAC policy (for reviews and escalation checks).
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The node a pod is bound to, as the Node authorizer's graph has it.
+    pub fn pod_node(&self, namespace: &str, name: &str) -> Option<String> {
+        self.graph
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .pod_node(namespace, name)
+            .map(String::from)
+    }
+
+    /// The decision from the caches as they are.
+    pub fn authorize(&self, user: &Identity, a: &Attributes) -> Decision {
+        if user.in_group(MASTERS) {
+            return Decision::Allow(String::new());
+        }
+        let mut reasons = Vec::new();
+        if let Some(node) = user.node_name() {
+            let decision = {
+                let graph = self.graph.read().unwrap_or_else(|e| e.into_inner());
+                super::node::authorize(&graph, node, a, &super::policy::bootstrap().node_rules)
+            };
+            match decision {
+                Decision::NoOpinion(r) if !r.is_empty() => reasons.push(r),
+                Decision::NoOpinion(_) => {}
+                decided => return decided,
+            }
+        }
+        match self.policy().authorize(user, a) {
+            Decision::NoOpinion(r) => {
+                if !r.is_empty() {
+                    reasons.push(r);
+                }
+                Decision::NoOpinion(reasons.join(", "))
+            }
+            decided => decided,
+        }
+    }
+
+    /// [`Self::authorize`], but a denial is answered only once the caches reflect every write
+    /// committed before `revision` (the store's revision when the request arrived).
+    pub async fn authorize_fresh(
+        &self,
+        revision: u64,
+        user: &Identity,
+        a: &Attributes,
+    ) -> Decision {
+        let decision = self.authorize(user, a);
+        if decision.allowed() || self.seen.load(Ordering::Acquire) >= revision {
+            return decision;
+        }
+        let deadline = tokio::time::Instant::now() + FRESHNESS_WAIT;
+        loop {
+            let notified = self.caught_up.notified();
+            if self.seen.load(Ordering::Acquire) >= revision {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                tracing::warn!(
+                    revision,
+                    "the authorization cache is behind the store; answering from it"
+                );
+                break;
+            }
+        }
+        self.authorize(user, a)
+    }
+
+    /// Keeps the caches from the store until `shutdown`: a list, then the hub's events; a
+    /// watcher that fell behind lists again.
+    pub async fn run(self: Arc<Self>, storage: Arc<dyn Storage>, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.follow(&*storage, &shutdown).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!("authorization cache: {e}; listing again");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// One load of the caches and following them; returns `Ok` on shutdown.
+    pub async fn load(
+        &self,
+        storage: &dyn Storage,
+    ) -> Result<(RbacObjectsHandle, u64), StorageError> {
+        let mut rbac = RbacObjects::default();
+        let mut graph = Graph::default();
+        let mut revision = u64::MAX;
+        for prefix in FOLLOWED {
+            let listing = storage.list(prefix, None, None).await?;
+            revision = revision.min(listing.revision);
+            for item in listing.items {
+                let value = item.value()?;
+                apply(&mut rbac, &mut graph, &item.key, Some(value));
+            }
+        }
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rbac.policy());
+        *self.graph.write().unwrap_or_else(|e| e.into_inner()) = graph;
+        Ok((RbacObjectsHandle(rbac), revision))
+    }
+
+    async fn follow(
+        &self,
+        storage: &dyn Storage,
+        shutdown: &CancellationToken,
+    ) -> Result<(), StorageError> {
+        // Subscribe before listing: events already in the lists are applied again, harmlessly.
+        let after = storage.revision();
+        let mut subscription = storage.hub().subscribe(after)?;
+        let (RbacObjectsHandle(mut rbac), listed) = self.load(storage).await?;
+        self.mark(listed);
+        let mut pending = subscription.backlog.drain(..).collect::<Vec<_>>();
+        loop {
+            let mut rbac_changed = false;
+            let mut last = None;
+            for event in pending.drain(..) {
+                last = Some(event.revision);
+                if !FOLLOWED.iter().any(|p| event.key.starts_with(p)) {
+                    continue;
+                }
+                let value = match event.event_type {
+                    EventType::Deleted => None,
+                    _ => event.object_value(),
+                };
+                let is_rbac = !event.key.starts_with(PODS)
+                    && !event.key.starts_with(CLAIMS)
+                    && !event.key.starts_with(DEVICES);
+                rbac_changed |= is_rbac;
+                let mut graph = self.graph.write().unwrap_or_else(|e| e.into_inner());
+                apply(&mut rbac, &mut graph, &event.key, value);
+            }
+            if rbac_changed {
+                *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rbac.policy());
+            }
+            if let Some(revision) = last {
+                self.mark(revision);
+            }
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                received = subscription.live.recv() => received,
+            };
+            match first {
+                Ok(event) => pending.push(event),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    return Err(StorageError::Backend(format!("fell {n} events behind")));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+            }
+            // Take what else is waiting: one policy rebuild per burst.
+            while pending.len() < 1024 {
+                match subscription.live.try_recv() {
+                    Ok(event) => pending.push(event),
+                    Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => {
+                        return Err(StorageError::Backend(format!("fell {n} events behind")));
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    fn mark(&self, revision: u64) {
+        self.seen.fetch_max(revision, Ordering::AcqRel);
+        self.caught_up.notify_waiters();
+    }
+}
+
+/// The RBAC objects of one load, handed from [`Authorizer::load`] to the follower.
+pub struct RbacObjectsHandle(RbacObjects);
+
+fn apply(rbac: &mut RbacObjects, graph: &mut Graph, key: &str, value: Option<Value>) {
+    let short = |prefix: &str| key[prefix.len()..].to_string();
+    if key.starts_with(PODS) {
+        graph.pod(&short(PODS), value.as_ref());
+    } else if key.starts_with(CLAIMS) {
+        graph.claim(&short(CLAIMS), value.as_ref());
+    } else if key.starts_with(DEVICES) {
+        graph.device(&short(DEVICES), value.as_ref());
+    } else {
+        match value {
+            Some(v) => {
+                rbac.objects.insert(key.to_string(), v);
+            }
+            None => {
+                rbac.objects.remove(key);
+            }
+        }
+    }
+}
