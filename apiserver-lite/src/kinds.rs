@@ -517,6 +517,9 @@ pub fn validate(info: &ResourceInfo, object: &Value, old: Option<&Value>) -> Vec
             validate_rules(object, &mut causes)
         }
         ("discovery.k8s.io", "endpointslices") => validate_endpoint_slice(object, &mut causes),
+        (crate::certificates::GROUP, "certificatesigningrequests") => {
+            crate::certificates::validate(object, &mut causes.0)
+        }
         ("", "persistentvolumeclaims") => {
             let spec = spec.unwrap_or(&Value::Null);
             if spec

@@ -6,6 +6,7 @@
 //! [`selectors`], [`validation`], [`tables`], [`patch`].
 
 pub mod auth;
+pub mod certificates;
 pub mod crd;
 pub mod error;
 pub mod http;

@@ -249,7 +249,7 @@ impl Scheduler {
         ];
         Scheduler {
             config,
-            client: informers.client(),
+            client: informers.client_as("system:kube-scheduler"),
             recorder,
             pods: pods.subscribe(1024),
             nodes: nodes.subscribe(256),

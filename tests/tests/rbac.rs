@@ -659,3 +659,155 @@ spec:
     let count = site.ok(&["get", "pods", "-n", "shop", "-o", "name"]);
     assert!(count.trim().is_empty(), "{count}");
 }
+
+/// A key and a CSR for `CN=<user>, O=<group>`, made by openssl.
+fn openssl_csr(dir: &Path, user: &str, group: &str) -> (PathBuf, String) {
+    let key = dir.join(format!("{user}.key"));
+    let csr = dir.join(format!("{user}.csr"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+        ])
+        .arg(&key)
+        .args(["-subj", &format!("/CN={user}/O={group}"), "-out"])
+        .arg(&csr)
+        .output()
+        .expect("openssl is needed (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use base64::Engine;
+    let pem = std::fs::read(&csr).unwrap();
+    (key, base64::engine::general_purpose::STANDARD.encode(pem))
+}
+
+fn csr_manifest(name: &str, request: &str) -> String {
+    format!(
+        r#"{{"apiVersion":"certificates.k8s.io/v1","kind":"CertificateSigningRequest","metadata":{{"name":"{name}"}},
+        "spec":{{"request":"{request}","signerName":"kubernetes.io/kube-apiserver-client","expirationSeconds":86400,"usages":["client auth"]}}}}"#
+    )
+}
+
+#[test]
+fn a_colleague_gets_access_through_a_certificate_signing_request() {
+    let site = Site::start().unwrap();
+    let dir = site.data_dir();
+    let (key, request) = openssl_csr(&dir, "dave", "devs");
+    site.ok_stdin(
+        &["create", "-f", "-"],
+        Some(&csr_manifest("dave", &request)),
+    );
+    // Who asked is recorded from the request's own identity.
+    let csr = site.json(&["get", "csr", "dave", "-o", "json"]);
+    assert_eq!(csr["spec"]["username"], "admin");
+    // Someone with only `view` cannot approve.
+    let jane = user_kubeconfig(&site, "jane", &[]);
+    site.ok(&[
+        "create",
+        "clusterrolebinding",
+        "jane-view",
+        "--clusterrole=view",
+        "--user=jane",
+    ]);
+    let refused = fails_as(&jane, &["certificate", "approve", "dave"]);
+    assert!(refused.contains("forbidden"), "{refused}");
+    site.ok(&["certificate", "approve", "dave"]);
+    let mut certificate = String::new();
+    assert!(eventually(Duration::from_secs(15), || {
+        certificate = site
+            .ok(&["get", "csr", "dave", "-o", "jsonpath={.status.certificate}"])
+            .trim()
+            .to_string();
+        !certificate.is_empty()
+    }));
+    use base64::Engine;
+    let cert = dir.join("dave.crt");
+    std::fs::write(
+        &cert,
+        base64::engine::general_purpose::STANDARD
+            .decode(&certificate)
+            .unwrap(),
+    )
+    .unwrap();
+    let conditions = site.ok(&[
+        "get",
+        "csr",
+        "dave",
+        "-o",
+        "jsonpath={.status.conditions[*].type}",
+    ]);
+    assert_eq!(conditions.trim(), "Approved");
+    let ca = dir.join("server").join("tls").join("ca.crt");
+    let server = format!("https://127.0.0.1:{}", site.port);
+    let as_dave = |args: &[&str]| {
+        Command::new(kubectl_bin())
+            .args(["--kubeconfig", "/dev/null", "--server", &server])
+            .arg("--certificate-authority")
+            .arg(&ca)
+            .arg("--client-certificate")
+            .arg(&cert)
+            .arg("--client-key")
+            .arg(&key)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let whoami = as_dave(&[
+        "auth",
+        "whoami",
+        "-o",
+        "jsonpath={.status.userInfo.username} {.status.userInfo.groups}",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&whoami.stdout),
+        "dave [\"devs\",\"system:authenticated\"]",
+        "{}",
+        String::from_utf8_lossy(&whoami.stderr)
+    );
+    assert!(
+        !as_dave(&["get", "configmaps", "-n", "default"])
+            .status
+            .success()
+    );
+    site.ok(&[
+        "create",
+        "rolebinding",
+        "devs-view",
+        "--clusterrole=view",
+        "--group=devs",
+        "-n",
+        "default",
+    ]);
+    assert!(eventually(Duration::from_secs(10), || as_dave(&[
+        "get",
+        "configmaps",
+        "-n",
+        "default"
+    ])
+    .status
+    .success()));
+
+    // A denied request gets no certificate; a decision cannot be taken back.
+    let (_, request) = openssl_csr(&dir, "eve", "devs");
+    site.ok_stdin(&["create", "-f", "-"], Some(&csr_manifest("eve", &request)));
+    site.ok(&["certificate", "deny", "eve"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let eve = site.json(&["get", "csr", "eve", "-o", "json"]);
+    assert!(eve["status"]["certificate"].is_null(), "{eve}");
+    assert_eq!(eve["status"]["conditions"][0]["type"], "Denied");
+    // A request that is not a CSR is refused with the field named.
+    let bad = site.fails(
+        &["create", "-f", "-"],
+        Some(&csr_manifest("bad", "bm90IGEgY3Ny")),
+    );
+    assert!(bad.contains("spec.request"), "{bad}");
+}

@@ -42,6 +42,9 @@ struct BindingSpec {
     users: Vec<String>,
     #[serde(default)]
     groups: Vec<String>,
+    /// `namespace/name`
+    #[serde(default, rename = "serviceAccounts")]
+    service_accounts: Vec<String>,
 }
 
 /// The bootstrap objects: ClusterRoles, then ClusterRoleBindings.
@@ -100,6 +103,10 @@ pub fn bootstrap() -> &'static Bootstrap {
                             .iter()
                             .map(|g| json!({"kind": "Group", "apiGroup": GROUP, "name": g})),
                     )
+                    .chain(b.service_accounts.iter().map(|sa| {
+                        let (namespace, name) = sa.split_once('/').unwrap_or(("kube-system", sa));
+                        json!({"kind": "ServiceAccount", "namespace": namespace, "name": name})
+                    }))
                     .collect();
                 json!({
                     "apiVersion": format!("{GROUP}/v1"), "kind": "ClusterRoleBinding",

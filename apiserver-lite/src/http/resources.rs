@@ -435,7 +435,7 @@ pub async fn handle(
                 ctx.list(&query).await
             }
         }
-        (&Method::GET, Some(name), None | Some("status")) => ctx.get(name).await,
+        (&Method::GET, Some(name), None | Some("status") | Some("approval")) => ctx.get(name).await,
         (&Method::GET, Some(name), Some("scale")) => ctx.get_scale(name).await,
         (&Method::GET, Some(name), Some("log")) if info.resource == "pods" => {
             ctx.pod_log(name, &query).await
@@ -494,7 +494,7 @@ pub async fn handle(
         (
             &Method::PUT,
             Some(name),
-            sub @ (None | Some("status") | Some("finalize") | Some("scale")),
+            sub @ (None | Some("status") | Some("finalize") | Some("scale") | Some("approval")),
         ) => {
             verb_allowed("update")?;
             let mut opts = write_options(&query, &request)?;
@@ -506,7 +506,11 @@ pub async fn handle(
                 &opts.warnings,
             ))
         }
-        (&Method::PATCH, Some(name), sub @ (None | Some("status") | Some("scale"))) => {
+        (
+            &Method::PATCH,
+            Some(name),
+            sub @ (None | Some("status") | Some("scale") | Some("approval")),
+        ) => {
             verb_allowed("patch")?;
             let mut opts = write_options(&query, &request)?;
             let force = query.flag("force")?;
@@ -725,6 +729,33 @@ fn success_status(code: u16, details: Option<Value>) -> Value {
 }
 
 impl Ctx {
+    /// `approve` or `sign` on the request's signer (`signers`, by name or `<domain>/*`), as
+    /// upstream asks of whoever approves or signs a CertificateSigningRequest.
+    fn signer_allows(&self, verb: &str, csr: &Value, name: &str) -> Result<(), ApiError> {
+        let signer = csr
+            .pointer("/spec/signerName")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let wildcard = format!("{}/*", signer.split('/').next().unwrap_or(""));
+        let allowed = [signer, wildcard.as_str()].iter().any(|n| {
+            let a =
+                crate::auth::Attributes::resource(verb, crate::certificates::GROUP, "signers", "")
+                    .named(n);
+            self.server.authorizer.authorize(&self.user, &a).allowed()
+        });
+        if allowed {
+            Ok(())
+        } else {
+            Err(crate::auth::forbidden_error(
+                &crate::error::qualified(&self.info.resource, &self.info.group),
+                name,
+                &self.info.group,
+                &self.info.resource,
+                format!("user not permitted to {verb} requests with signerName {signer:?}"),
+            ))
+        }
+    }
+
     fn key(&self, name: &str) -> String {
         key_of(&self.info, &self.namespace, name)
     }
@@ -1064,6 +1095,9 @@ impl Ctx {
         }
         kinds::apply_defaults(&self.info, &mut object);
         kinds::prepare_for_create(&self.info, &mut object, &uid);
+        if self.info.group == crate::certificates::GROUP {
+            crate::certificates::prepare_create(&mut object, &self.user);
+        }
         // Held until the object is stored: the addresses stay reserved meanwhile.
         let _reservation = self.assign_service_addresses(&mut object, None).await?;
         let causes = kinds::validate(&self.info, &object, None);
@@ -1215,7 +1249,24 @@ impl Ctx {
                 if let Some(m) = new.pointer("/metadata/managedFields") {
                     meta_mut(&mut merged).insert("managedFields".into(), m.clone());
                 }
+                if self.info.group == crate::certificates::GROUP {
+                    merged = crate::certificates::status_update(old_object, merged);
+                    if merged.pointer("/status/certificate")
+                        != old_object.pointer("/status/certificate")
+                    {
+                        self.signer_allows("sign", old_object, &name)?;
+                    }
+                }
                 new = merged;
+            }
+            Some("approval") => {
+                new = crate::certificates::approval(old_object, &new).map_err(|m| {
+                    self.invalid(
+                        old_object,
+                        vec![Cause::new("FieldValueForbidden", "status.conditions", m)],
+                    )
+                })?;
+                self.signer_allows("approve", old_object, &name)?;
             }
             Some("finalize") => {
                 let mut merged = old_object.clone();

@@ -3,8 +3,8 @@
 use std::borrow::Cow;
 
 use k8s_openapi::api::{
-    apps, authentication, authorization, autoscaling, batch, coordination, core, discovery, events,
-    networking, node, policy, rbac, scheduling, storage,
+    apps, authentication, authorization, autoscaling, batch, certificates, coordination, core,
+    discovery, events, networking, node, policy, rbac, scheduling, storage,
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions;
 use serde::Serialize;
@@ -598,6 +598,27 @@ pub fn resources() -> Vec<ResourceInfo> {
             ALL_VERBS,
             vec![],
             typed::<networking::v1::NetworkPolicy>(),
+        ),
+        resource(
+            "certificates.k8s.io",
+            "v1",
+            "certificatesigningrequests",
+            "CertificateSigningRequest",
+            false,
+            &["csr"],
+            none,
+            ALL_VERBS,
+            vec![
+                status(),
+                SubresourceInfo {
+                    name: "approval",
+                    group: "",
+                    version: "",
+                    kind: "",
+                    verbs: &["get", "patch", "update"],
+                },
+            ],
+            typed::<certificates::v1::CertificateSigningRequest>(),
         ),
         resource(
             "node.k8s.io",

@@ -72,7 +72,7 @@ pub fn controller(
     let roles = informers.cluster_roles();
     let store = roles.store();
     let context = Arc::new(Context {
-        client: informers.client(),
+        client: informers.client_for("clusterrole-aggregation-controller"),
         roles: store.clone(),
     });
     // Any role's change may change what an aggregated role gathers: requeue all of those.

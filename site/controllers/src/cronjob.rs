@@ -102,7 +102,7 @@ pub fn controller(
     let cron_jobs = informers.cron_jobs();
     let jobs = informers.jobs();
     let context = Arc::new(Context {
-        client: informers.client(),
+        client: informers.client_for("cronjob-controller"),
         jobs: jobs.store(),
         recorder,
     });

@@ -126,7 +126,7 @@ pub fn controller(
     let nodes = informers.nodes();
     let revisions = informers.controller_revisions();
     let context = Arc::new(Context {
-        client: informers.client(),
+        client: informers.client_for("daemon-set-controller"),
         pods: pod_informer.store(),
         nodes: nodes.store(),
         revisions: revisions.store(),

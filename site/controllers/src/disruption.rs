@@ -156,7 +156,7 @@ pub fn controller(
     let pod_informer = informers.pods();
     let (rs, sts) = (informers.replica_sets(), informers.stateful_sets());
     let context = Arc::new(Context {
-        client: informers.client(),
+        client: informers.client_for("disruption-controller"),
         pods: pod_informer.store(),
         replica_sets: rs.store(),
         stateful_sets: sts.store(),

@@ -254,7 +254,7 @@ pub fn controller(
     let slices = informers.endpoint_slices();
     let endpoints = informers.endpoints();
     let context = Arc::new(Context {
-        client: informers.client(),
+        client: informers.client_for("endpoint-controller"),
         pods: pod_informer.store(),
         slices: slices.store(),
         endpoints: endpoints.store(),
@@ -276,7 +276,7 @@ pub fn controller(
     };
     // Endpoints of a deleted Service go with it (slices are owned and collected).
     let mut deleted = services.subscribe(256);
-    let client = informers.client();
+    let client = informers.client_for("endpoint-controller");
     let cleanup = async move {
         while let Some(change) = deleted.recv().await {
             let Change::Deleted(svc) = change else {

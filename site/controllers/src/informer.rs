@@ -179,9 +179,18 @@ where
     }
 }
 
+/// Makes a client that acts as a user (a ServiceAccount user name for a loop, or a component's
+/// user name such as `system:kube-scheduler`).
+pub type ClientFactory = Arc<dyn Fn(&str) -> kube::Client + Send + Sync>;
+
+/// The namespace of the controllers' ServiceAccounts, as upstream's
+/// `--use-service-account-credentials`.
+pub const CONTROLLER_NAMESPACE: &str = "kube-system";
+
 /// The site's informers, created on first use and started together by [`Informers::start`].
 pub struct Informers {
     client: kube::Client,
+    identities: Option<ClientFactory>,
     started: Mutex<bool>,
     runners: Mutex<Vec<futures::future::BoxFuture<'static, ()>>>,
     shutdown: CancellationToken,
@@ -233,6 +242,7 @@ impl Informers {
     pub fn new(client: kube::Client, shutdown: CancellationToken) -> Self {
         Informers {
             client,
+            identities: None,
             started: Mutex::new(false),
             runners: Mutex::new(Vec::new()),
             shutdown,
@@ -259,8 +269,33 @@ impl Informers {
         }
     }
 
+    /// The informers' own client (their watches use it).
     pub fn client(&self) -> kube::Client {
         self.client.clone()
+    }
+
+    /// Each loop writes as its own identity: `client_for("deployment-controller")` acts as the
+    /// ServiceAccount `kube-system/deployment-controller`, whose bootstrap role holds what the
+    /// loop needs and nothing more.
+    pub fn with_identities(mut self, factory: ClientFactory) -> Self {
+        self.identities = Some(factory);
+        self
+    }
+
+    /// The client of the loop whose ServiceAccount is `account` (the informers' client when no
+    /// identities were given).
+    pub fn client_for(&self, account: &str) -> kube::Client {
+        self.client_as(&format!(
+            "system:serviceaccount:{CONTROLLER_NAMESPACE}:{account}"
+        ))
+    }
+
+    /// The client of a component that has a user of its own (`system:kube-scheduler`).
+    pub fn client_as(&self, user: &str) -> kube::Client {
+        match &self.identities {
+            Some(factory) => factory(user),
+            None => self.client.clone(),
+        }
     }
 
     fn add_runner<K>(&self, informer: Arc<Informer<K>>)

@@ -199,7 +199,7 @@ pub fn controller(
     let jobs = informers.jobs();
     let pod_informer = informers.pods();
     let context = Arc::new(Context {
-        client: informers.client(),
+        client: informers.client_for("job-controller"),
         pods: pod_informer.store(),
         expectations: Arc::default(),
         recorder,

@@ -79,7 +79,7 @@ pub fn controller(
     let mut changes = nodes.subscribe(256);
     let store = nodes.store();
     let ready = nodes.synced();
-    let client = informers.client();
+    let client = informers.client_for("node-ipam-controller");
     async move {
         tokio::select! {
             _ = shutdown.cancelled() => return,

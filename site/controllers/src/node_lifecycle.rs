@@ -230,7 +230,7 @@ pub fn controller(
 ) -> impl Future<Output = ()> + Send + 'static {
     let (nodes, leases, pod_informer) = (informers.nodes(), informers.leases(), informers.pods());
     let ctx = Context {
-        client: informers.client(),
+        client: informers.client_for("node-controller"),
         nodes: nodes.store(),
         leases: leases.store(),
         pods: pod_informer.store(),

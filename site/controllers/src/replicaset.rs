@@ -67,7 +67,7 @@ pub fn controller(
     let rs_informer = informers.replica_sets();
     let pod_informer = informers.pods();
     let context = Arc::new(Context {
-        client: informers.client(),
+        client: informers.client_for("replicaset-controller"),
         pods: pod_informer.store(),
         expectations: Expectations::default(),
         recorder,

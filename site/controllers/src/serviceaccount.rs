@@ -38,7 +38,7 @@ pub fn controller(
     let namespaces = informers.namespaces();
     let accounts = informers.service_accounts();
     let context = Arc::new(Context {
-        client: informers.client(),
+        client: informers.client_for("service-account-controller"),
         accounts: accounts.store(),
     });
     let own = runner::own_changes(namespaces.subscribe(64));
@@ -123,7 +123,7 @@ pub fn root_ca_publisher(
     let namespaces = informers.namespaces();
     let config_maps = informers.root_ca_config_maps();
     let context = Arc::new(CaContext {
-        client: informers.client(),
+        client: informers.client_for("root-ca-cert-publisher"),
         config_maps: config_maps.store(),
         ca,
     });
@@ -211,7 +211,7 @@ pub fn token_controller(
     let secrets = informers.token_secrets();
     let accounts = informers.service_accounts();
     let context = Arc::new(TokenContext {
-        client: informers.client(),
+        client: informers.client_for("tokens-controller"),
         accounts: accounts.store(),
         ca,
     });

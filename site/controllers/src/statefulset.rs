@@ -116,7 +116,7 @@ pub fn controller(
     let pod_informer = informers.pods();
     let revisions = informers.controller_revisions();
     let context = Arc::new(Context {
-        client: informers.client(),
+        client: informers.client_for("statefulset-controller"),
         pods: pod_informer.store(),
         revisions: revisions.store(),
         recorder,

@@ -14,6 +14,8 @@ pub struct Settings {
     pub identity: String,
     /// The cluster CA (PEM), published to every namespace.
     pub ca: String,
+    /// The cluster CA with its key: signs approved client certificate requests.
+    pub ca_signer: crate::pki::CertAndKey,
     /// Pod CIDRs for nodes are cut from this (`--cluster-cidr`).
     pub cluster_cidr: controllers::node_ipam::ClusterCidr,
 }
@@ -21,9 +23,19 @@ pub struct Settings {
 /// The Lease that decides which server runs the loops.
 pub const LEASE: &str = "edgesite-control-plane";
 
+/// The user the informers and leader election act as.
+pub const CONTROLLER_MANAGER: &str = "system:kube-controller-manager";
+
 /// Runs the loops while this server leads (so servers sharing a datastore never run the same
-/// loop twice), until `shutdown`.
-pub async fn run(client: kube::Client, settings: Settings, shutdown: CancellationToken) {
+/// loop twice), until `shutdown`. `clients` makes each component's client: the informers and
+/// leader election act as `system:kube-controller-manager`, the scheduler as
+/// `system:kube-scheduler`, every loop as its ServiceAccount in `kube-system`.
+pub async fn run(
+    clients: controllers::informer::ClientFactory,
+    settings: Settings,
+    shutdown: CancellationToken,
+) {
+    let client = clients(CONTROLLER_MANAGER);
     loop {
         let election = controllers::leader::Config::new("kube-system", LEASE, &settings.identity);
         let Some(leading) =
@@ -31,7 +43,7 @@ pub async fn run(client: kube::Client, settings: Settings, shutdown: Cancellatio
         else {
             return;
         };
-        run_loops(client.clone(), settings.clone(), leading.clone()).await;
+        run_loops(clients.clone(), settings.clone(), leading.clone()).await;
         leading.cancel();
         if shutdown.is_cancelled() {
             controllers::leader::release(client.clone(), &election).await;
@@ -42,15 +54,35 @@ pub async fn run(client: kube::Client, settings: Settings, shutdown: Cancellatio
 }
 
 /// Every loop, until `shutdown` (leadership lost or the server stopping).
-async fn run_loops(client: kube::Client, settings: Settings, shutdown: CancellationToken) {
-    let informers = controllers::informer::Informers::new(client.clone(), shutdown.clone());
+async fn run_loops(
+    clients: controllers::informer::ClientFactory,
+    settings: Settings,
+    shutdown: CancellationToken,
+) {
+    let informers =
+        controllers::informer::Informers::new(clients(CONTROLLER_MANAGER), shutdown.clone())
+            .with_identities(clients.clone());
     let scheduler = scheduler::Scheduler::new(
         &informers,
-        controllers::events::Recorder::start(client.clone(), "default-scheduler", shutdown.clone()),
+        controllers::events::Recorder::start(
+            informers.client_as("system:kube-scheduler"),
+            "default-scheduler",
+            shutdown.clone(),
+        ),
         scheduler::Config::default(),
     );
+    // Events carry the loop's name and are written with its identity.
     let recorder = |component: &str| {
-        controllers::events::Recorder::start(client.clone(), component, shutdown.clone())
+        // Upstream's ServiceAccount names differ from two event sources' names.
+        let account = match component {
+            "daemonset-controller" => "daemon-set-controller",
+            other => other,
+        };
+        controllers::events::Recorder::start(
+            informers.client_for(account),
+            component,
+            shutdown.clone(),
+        )
     };
     let replicasets = controllers::replicaset::controller(
         &informers,
@@ -114,6 +146,11 @@ async fn run_loops(client: kube::Client, settings: Settings, shutdown: Cancellat
     let loops = vec![
         tokio::spawn(node_ipam),
         tokio::spawn(aggregation),
+        tokio::spawn(crate::csr_signer::run(
+            informers.client_for("certificate-controller"),
+            settings.ca_signer.clone(),
+            shutdown.clone(),
+        )),
         tokio::spawn(scheduler.run(shutdown.clone())),
         tokio::spawn(replicasets),
         tokio::spawn(deployments),
@@ -128,16 +165,16 @@ async fn run_loops(client: kube::Client, settings: Settings, shutdown: Cancellat
         tokio::spawn(root_ca),
         tokio::spawn(tokens),
         tokio::spawn(devices::controller::run(
-            client.clone(),
+            informers.client_for("device-controller"),
             recorder("device-controller"),
             shutdown.clone(),
         )),
         tokio::spawn(controllers::namespace::run(
-            client.clone(),
+            informers.client_for("namespace-controller"),
             shutdown.clone(),
         )),
         tokio::spawn(controllers::garbage_collector::run(
-            client.clone(),
+            informers.client_for("generic-garbage-collector"),
             shutdown.clone(),
         )),
     ];

@@ -6,6 +6,7 @@
 mod agent;
 mod config;
 mod control_plane;
+mod csr_signer;
 mod devices;
 mod join;
 mod mesh;

@@ -18,6 +18,7 @@ pub struct Pki {
 }
 
 /// PEM text of a certificate and its key.
+#[derive(Clone)]
 pub struct CertAndKey {
     pub cert: String,
     pub key: String,
@@ -307,6 +308,35 @@ pub fn sign_node_csr(ca: &CertAndKey, node: &str, csr_pem: &str) -> Result<Strin
     let cert = csr
         .signed_by(&issuer)
         .context("sign the node certificate")?;
+    Ok(cert.pem())
+}
+
+/// Signs an approved request for a client certificate (`kubernetes.io/kube-apiserver-client`):
+/// the subject is the request's own (CN = user, O = groups), valid for `seconds` (at most a
+/// year), for client authentication only.
+pub fn sign_client_csr(ca: &CertAndKey, csr_pem: &str, seconds: i64) -> Result<String> {
+    let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .context("the certificate request is not a valid PEM CSR")?;
+    let ca_key = KeyPair::from_pem(&ca.key).context("read the CA key")?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key).context("read the CA certificate")?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name = csr.params.distinguished_name.clone();
+    if params.distinguished_name.get(&DnType::CommonName).is_none() {
+        anyhow::bail!("the certificate request has no common name (the user name)");
+    }
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let now = time_now();
+    // Backdated a little for clocks that run behind, as upstream's signer does.
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + time::Duration::seconds(seconds.clamp(600, 365 * 24 * 3600));
+    csr.params = params;
+    let cert = csr
+        .signed_by(&issuer)
+        .context("sign the client certificate")?;
     Ok(cert.pem())
 }
 

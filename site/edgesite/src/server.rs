@@ -306,19 +306,48 @@ pub fn run(args: ServerArgs) -> Result<()> {
         let joiner: Arc<dyn apiserver_lite::node_streams::NodeJoin> =
             crate::join::joiner(&server_dir, &ca, &token);
         let _ = api.node_join.set(joiner);
-        // Control loops talk to the API through the in-process client: no socket, same path.
-        let client = kube::Client::new(apiserver_lite::http::in_process(api.clone(), apiserver_lite::auth::Identity::loopback()), "default");
+        // Components talk to the API through in-process clients (no socket, the same path as a
+        // remote client's), each with its own identity, which RBAC and the Node authorizer
+        // decide for. The server's own set-up (the device CRDs) acts as the server.
+        let client = kube::Client::new(
+            apiserver_lite::http::in_process(api.clone(), apiserver_lite::auth::Identity::loopback()),
+            "default",
+        );
+        let clients: controllers::informer::ClientFactory = {
+            let api = api.clone();
+            std::sync::Arc::new(move |user: &str| {
+                let identity = match apiserver_lite::auth::Identity::service_account_of(user) {
+                    Some((namespace, name)) => {
+                        apiserver_lite::auth::Identity::service_account(namespace, name)
+                    }
+                    None => apiserver_lite::auth::Identity::new(user, &[apiserver_lite::auth::AUTHENTICATED]),
+                };
+                kube::Client::new(apiserver_lite::http::in_process(api.clone(), identity), "default")
+            })
+        };
+        // The node agent, its device twin and its mesh act as the node, exactly like a remote
+        // agent's (`system:node:<name>`).
+        let node_client = agent_config.as_ref().map(|config| {
+            kube::Client::new(
+                apiserver_lite::http::in_process(
+                    api.clone(),
+                    apiserver_lite::auth::Identity::node(&config.node_name),
+                ),
+                "default",
+            )
+        });
         // KubeEdge's device API is part of every site.
         devices::crd::install(&client)
             .await
             .context("install the Device and DeviceModel CRDs")?;
         let loops = tokio::spawn(crate::control_plane::run(
-            client.clone(),
+            clients,
             crate::control_plane::Settings {
                 node_monitor_grace_period: args.node_monitor_grace_period,
                 disconnected_node_pods: args.disconnected_node_pods,
                 identity: server_identity(&server_dir)?,
                 ca: ca.cert.clone(),
+                ca_signer: ca.clone(),
                 cluster_cidr,
             },
             shutdown.clone(),
@@ -330,14 +359,26 @@ pub fn run(args: ServerArgs) -> Result<()> {
             let publish = move |router: axum::Router| {
                 streams.register(&node, Arc::new(apiserver_lite::node_streams::InProcess(router)))
             };
-            tokio::spawn(edged::run(config, client.clone(), publish, shutdown.clone()))
+            let node_client = node_client.clone().unwrap_or_else(|| client.clone());
+            tokio::spawn(edged::run(config, node_client, publish, shutdown.clone()))
         });
         let device_twin = match device_setup {
-            Some(setup) => Some(crate::devices::start(setup, client.clone(), shutdown.clone())?),
+            Some(setup) => Some(crate::devices::start(
+                setup,
+                node_client.clone().unwrap_or_else(|| client.clone()),
+                shutdown.clone(),
+            )?),
             None => None,
         };
         let mesh = match mesh_config {
-            Some(mesh) => Some(crate::mesh::start(mesh, client.clone(), shutdown.clone()).await?),
+            Some(mesh) => Some(
+                crate::mesh::start(
+                    mesh,
+                    node_client.clone().unwrap_or_else(|| client.clone()),
+                    shutdown.clone(),
+                )
+                .await?,
+            ),
             None => None,
         };
         let app = apiserver_lite::http::router(api);

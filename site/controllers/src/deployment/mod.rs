@@ -93,7 +93,7 @@ pub fn controller(
     let replica_sets = informers.replica_sets();
     let pod_informer = informers.pods();
     let context = Arc::new(Context {
-        client: informers.client(),
+        client: informers.client_for("deployment-controller"),
         replica_sets: replica_sets.store(),
         pods: pod_informer.store(),
         recorder,
