@@ -27,4 +27,4 @@ pub mod structural;
 pub mod tables;
 pub mod validation;
 
-pub use server::{Config, ServerError, run};
+pub use server::{Advertise, Config, ServerError, run};

@@ -30,9 +30,19 @@ pub struct Config {
     /// Where Service cluster IPs and node ports come from.
     pub service_network: ServiceNetwork,
     /// The address clients in pods reach this server at: the `kubernetes` Service's endpoint.
-    pub advertise: Option<SocketAddr>,
+    pub advertise: Option<Advertise>,
     /// PKCS#8 (DER) ECDSA P-256 key that signs ServiceAccount tokens.
     pub service_account_key: Option<Vec<u8>>,
+}
+
+/// Where pods reach the API server: the `kubernetes` Service's endpoint.
+#[derive(Debug, Clone)]
+pub struct Advertise {
+    pub address: SocketAddr,
+    /// The server's own node, when it runs one: the endpoint is put on it, so the mesh carries
+    /// pods of every node to it (also through NATs) and an unspecified or loopback address
+    /// still works.
+    pub node: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +65,7 @@ pub async fn prepare(
         config.watch_window,
         config.tokens.clone(),
         config.service_network.clone(),
-        config.advertise,
+        config.advertise.clone(),
         shutdown,
     )
     .await
@@ -81,7 +91,7 @@ pub async fn prepare_store(
     watch_window: usize,
     tokens: TokenAuthenticator,
     service_network: ServiceNetwork,
-    advertise: Option<SocketAddr>,
+    advertise: Option<Advertise>,
     shutdown: CancellationToken,
 ) -> Result<Arc<ApiServer>, ServerError> {
     let storage: Arc<dyn Storage> = Arc::new(SqliteStorage::open(database, watch_window)?);
@@ -194,10 +204,10 @@ async fn reconcile_policy(server: &Arc<ApiServer>) -> Result<(), ServerError> {
 /// (this server), which in-cluster clients use to reach the API.
 async fn kubernetes_service(
     server: &Arc<ApiServer>,
-    advertise: Option<SocketAddr>,
+    advertise: Option<Advertise>,
 ) -> Result<(), ServerError> {
     let ip = server.services.network().first().to_string();
-    let port = advertise.map_or(6443, |a| a.port());
+    let port = advertise.as_ref().map_or(6443, |a| a.address.port());
     let service = json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"component": "apiserver", "provider": "kubernetes"}},
@@ -212,7 +222,7 @@ async fn kubernetes_service(
         Err(e) if e.code == 409 => {}
         Err(e) => return Err(bootstrap(e)),
     }
-    let Some(address) = advertise else {
+    let Some(Advertise { address, node }) = advertise else {
         return Ok(());
     };
     let address_ip = if address.ip().is_unspecified() {
@@ -221,16 +231,22 @@ async fn kubernetes_service(
         address.ip().to_string()
     };
     let family = if address.is_ipv6() { "IPv6" } else { "IPv4" };
+    let mut endpoint = json!({"addresses": [address_ip], "conditions": {"ready": true}});
+    let mut subset_address = json!({"ip": address_ip});
+    if let Some(node) = &node {
+        endpoint["nodeName"] = json!(node);
+        subset_address["nodeName"] = json!(node);
+    }
     let endpoints = json!({
         "apiVersion": "v1", "kind": "Endpoints",
         "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
-        "subsets": [{"addresses": [{"ip": address_ip}], "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}]
+        "subsets": [{"addresses": [subset_address], "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}]
     });
     let slice = json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubernetes"}},
         "addressType": family,
-        "endpoints": [{"addresses": [address_ip], "conditions": {"ready": true}}],
+        "endpoints": [endpoint],
         "ports": [{"name": "https", "port": port, "protocol": "TCP"}]
     });
     for (group, version, resource, object, fields) in [

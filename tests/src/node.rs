@@ -349,6 +349,26 @@ impl Runtime {
         Ok(agent)
     }
 
+    /// Imports an image tarball into `node`'s containerd namespace with `edgesite images import`.
+    pub fn import(&self, node: &str, tarball: &Path) -> Result<()> {
+        let out = Command::new(crate::edgesite_bin())
+            .args(["images", "import"])
+            .arg(tarball)
+            .arg(format!(
+                "--container-runtime-endpoint={}",
+                self.socket.display()
+            ))
+            .arg(format!("--containerd-namespace={node}"))
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "edgesite images import: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// Runs `ctr` against this containerd.
     pub fn ctr(&self, namespace: &str, args: &[&str]) -> Result<String> {
         let out = Command::new("ctr")
@@ -563,25 +583,96 @@ pub fn busybox_parts() -> Result<ImageParts> {
 
 /// Builds (once per target dir) an OCI-layout tarball of the test image named [`BUSYBOX`].
 pub fn busybox_image() -> Result<PathBuf> {
+    oci_tarball("busybox-oci.tar", BUSYBOX, || {
+        let parts = busybox_parts()?;
+        Ok((vec![parts.layer], parts.config, parts.manifest))
+    })
+}
+
+/// The test image with a statically linked kubectl at /bin/kubectl (an in-cluster client).
+pub const KUBECTL_IMAGE: &str = "edgesite.test/kubectl:1.0";
+
+/// Builds (once per target dir) an OCI-layout tarball of [`KUBECTL_IMAGE`]: the busybox layer
+/// and a layer holding this machine's kubectl, which must be statically linked.
+pub fn kubectl_image() -> Result<PathBuf> {
+    oci_tarball("kubectl-oci.tar", KUBECTL_IMAGE, || {
+        let which = Command::new("sh")
+            .args(["-c", &format!("command -v {}", crate::kubectl_bin())])
+            .output()?;
+        let path = String::from_utf8_lossy(&which.stdout).trim().to_string();
+        let binary = std::fs::read(&path).with_context(|| format!("read kubectl at {path:?}"))?;
+        if binary
+            .windows(14)
+            .take(4096)
+            .any(|w| w.starts_with(b"/lib64/ld-linux") || w.starts_with(b"/lib/ld-linux"))
+        {
+            bail!(
+                "{path} is dynamically linked: the in-cluster test copies kubectl into a busybox image and needs a static one"
+            );
+        }
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o755);
+        h.set_size(binary.len() as u64);
+        h.set_mtime(0);
+        b.append_data(&mut h, "bin/kubectl", binary.as_slice())?;
+        let kubectl_layer = b.into_inner()?;
+        let busybox = busybox_layer()?;
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": go_arch(), "os": "linux",
+            "config": {"Env": ["PATH=/bin", "HOME=/tmp"], "Cmd": ["sh"], "WorkingDir": "/"},
+            "rootfs": {"type": "layers", "diff_ids": [
+                format!("sha256:{}", sha256_hex(&busybox)),
+                format!("sha256:{}", sha256_hex(&kubectl_layer)),
+            ]},
+        }))?;
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{}", sha256_hex(&config)), "size": config.len()},
+            "layers": [
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": format!("sha256:{}", sha256_hex(&busybox)), "size": busybox.len()},
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": format!("sha256:{}", sha256_hex(&kubectl_layer)), "size": kubectl_layer.len()},
+            ],
+        }))?;
+        Ok((vec![busybox, kubectl_layer], config, manifest))
+    })
+}
+
+fn go_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// An OCI-layout tarball named `file` in the test-images dir (built once per target dir by
+/// `parts`: layers, config, manifest), holding one image called `name`.
+fn oci_tarball(
+    file: &str,
+    name: &str,
+    parts: impl FnOnce() -> Result<(Vec<Vec<u8>>, Vec<u8>, Vec<u8>)>,
+) -> Result<PathBuf> {
     let dir = crate::edgesite_bin()
         .parent()
         .map(|p| p.join("test-images"))
         .unwrap_or_else(|| std::env::temp_dir().join("edgesite-test-images"));
     std::fs::create_dir_all(&dir)?;
-    let path = dir.join("busybox-oci.tar");
+    let path = dir.join(file);
     let lock = File::create(dir.join(".lock"))?;
     lock.lock()?;
     if path.exists() {
         return Ok(path);
     }
-    let parts = busybox_parts()?;
+    let (layers, config, manifest) = parts()?;
     let index = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
         "manifests": [{
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": format!("sha256:{}", sha256_hex(&parts.manifest)),
-            "size": parts.manifest.len(),
-            "annotations": {"io.containerd.image.name": BUSYBOX, "org.opencontainers.image.ref.name": "1.0"},
+            "digest": format!("sha256:{}", sha256_hex(&manifest)),
+            "size": manifest.len(),
+            "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": "1.0"},
         }],
     }))?;
     let mut b = tar::Builder::new(Vec::new());
@@ -594,7 +685,7 @@ pub fn busybox_image() -> Result<PathBuf> {
         Ok(())
     };
     add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    for blob in [&parts.layer, &parts.config, &parts.manifest] {
+    for blob in layers.iter().chain([&config, &manifest]) {
         add(&format!("blobs/sha256/{}", sha256_hex(blob)), blob)?;
     }
     add("index.json", &index)?;

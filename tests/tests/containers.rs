@@ -920,6 +920,66 @@ spec:
             .trim()
             .is_empty()
     );
+    // node-b's own certificate (the one its agent joined with) reaches node-b's objects only: a
+    // Secret used by a pod on node-a is not its to read, node-a's Node not its to change.
+    site.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "only-a",
+        "--from-literal=k=v",
+    ]);
+    apply(
+        &site,
+        &format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: on-a}}
+spec:
+  nodeName: node-a
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: {BUSYBOX}
+    command: ["sleep", "3600"]
+    envFrom: [{{secretRef: {{name: only-a}}}}]
+"#
+        ),
+    );
+    let pki = agent.dir.path().join("data").join("agent").join("pki");
+    let as_node_b = |args: &[&str]| {
+        std::process::Command::new(tests::kubectl_bin())
+            .args(["--kubeconfig", "/dev/null"])
+            .arg(format!("--server=https://127.0.0.1:{}", site.port))
+            .arg(format!(
+                "--certificate-authority={}",
+                pki.join("ca.crt").display()
+            ))
+            .arg(format!(
+                "--client-certificate={}",
+                pki.join("node.crt").display()
+            ))
+            .arg(format!("--client-key={}", pki.join("node.key").display()))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let secret = as_node_b(&["get", "secret", "only-a"]);
+    let err = String::from_utf8_lossy(&secret.stderr);
+    assert!(
+        err.contains("User \"system:node:node-b\" cannot get resource \"secrets\"")
+            && err.contains("no relationship found between node 'node-b' and this object"),
+        "{err}"
+    );
+    let label = as_node_b(&["label", "node", "node-a", "stolen=yes"]);
+    assert!(!label.status.success());
+    assert!(
+        String::from_utf8_lossy(&label.stderr).contains("forbidden"),
+        "{}",
+        String::from_utf8_lossy(&label.stderr)
+    );
+    site.ok(&["delete", "pod", "on-a", "--wait=false"]);
     // A wrong token is refused with a message that says what to do.
     let out = std::process::Command::new(tests::edgesite_bin())
         .args(["agent", &format!("--server=https://127.0.0.1:{}", site.port), "--token=K10aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa::bad.token"])

@@ -18,7 +18,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use tests::netns::TwoNats;
-use tests::node::{BUSYBOX, Runtime, busybox_image};
+use tests::node::{BUSYBOX, KUBECTL_IMAGE, Runtime, busybox_image, kubectl_image};
 use tests::{Site, edgesite_bin, eventually};
 
 fn mesh_status(ns: &str) -> serde_json::Value {
@@ -265,6 +265,79 @@ spec:
         .unwrap()
         .clone();
     assert!(b["bytes_sent"].as_u64().unwrap_or(0) > 0, "{b}");
+
+    if !symmetric_b {
+        in_cluster_client_on_a_joined_node(&rt, &site, &agent_b);
+    }
     drop(agent_a);
     drop(agent_b);
+}
+
+/// A real in-cluster client (kubectl, with no kubeconfig) in a pod on node B, behind its NAT:
+/// `KUBERNETES_SERVICE_HOST`/`PORT` lead it through the mesh to the API server, where its
+/// mounted ServiceAccount token is who it is; RBAC decides what it may do.
+fn in_cluster_client_on_a_joined_node(
+    rt: &Runtime,
+    site: &tests::Site,
+    agent_b: &tests::node::AgentProcess,
+) {
+    rt.import("node-b", &kubectl_image().unwrap()).unwrap();
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(&format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: incluster}}
+spec:
+  nodeName: node-b
+  containers:
+  - name: kubectl
+    image: {KUBECTL_IMAGE}
+    imagePullPolicy: Never
+    command: ["sh", "-c", "while true; do kubectl get configmaps -o name 2>&1; sleep 1; done"]
+"#
+        )),
+    );
+    let pod = site.json(&["get", "pod", "incluster", "-o", "json"]);
+    let mount = pod["spec"]["containers"][0]["volumeMounts"][0].clone();
+    assert_eq!(
+        mount["mountPath"], "/var/run/secrets/kubernetes.io/serviceaccount",
+        "{pod}"
+    );
+    let logs = |site: &tests::Site| {
+        site.kubectl(&["logs", "incluster", "--tail=5"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let mut last = String::new();
+    let forbidden = eventually(Duration::from_secs(120), || {
+        last = logs(site);
+        last.contains("configmaps is forbidden: User \"system:serviceaccount:default:default\" cannot list resource \"configmaps\" in API group \"\" in the namespace \"default\"")
+    });
+    assert!(
+        forbidden,
+        "the in-cluster client did not reach the API as its ServiceAccount: {last}\n{}\nnode-b log:\n{}",
+        String::from_utf8_lossy(
+            &site
+                .kubectl(&["describe", "pod", "incluster"])
+                .unwrap()
+                .stdout
+        ),
+        agent_b.log()
+    );
+    site.ok(&[
+        "create",
+        "rolebinding",
+        "default-view",
+        "--clusterrole=view",
+        "--serviceaccount=default:default",
+    ]);
+    let listed = eventually(Duration::from_secs(30), || {
+        last = logs(site);
+        last.contains("configmap/kube-root-ca.crt")
+    });
+    assert!(
+        listed,
+        "the in-cluster client cannot list with view: {last}"
+    );
 }

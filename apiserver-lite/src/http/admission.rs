@@ -260,3 +260,167 @@ pub fn admit_token_request(
         _ => refuse("requested token bound to a pod scheduled on a different node"),
     }
 }
+
+/// Where every container finds its ServiceAccount's credentials.
+pub const SERVICE_ACCOUNT_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// ServiceAccount admission for a pod being created (upstream's plugin): the account defaults to
+/// `default`; unless the pod or its account opts out (`automountServiceAccountToken: false`),
+/// a `kube-api-access-<5>` projected volume (a bound token for an hour, the cluster CA from
+/// `kube-root-ca.crt`, the namespace) is mounted read-only at [`SERVICE_ACCOUNT_MOUNT`] in every
+/// container and init container that does not mount that path itself; the account's
+/// `imagePullSecrets` go to a pod that names none. `account` is the stored ServiceAccount, if
+/// it exists yet (the `default` one may still be on its way in a new namespace).
+pub fn mount_service_account(pod: &mut Value, account: Option<&Value>, suffix: &str) {
+    if !pod["spec"].is_object() {
+        return;
+    }
+    let spec = &mut pod["spec"];
+    let name = match spec.get("serviceAccountName").and_then(Value::as_str) {
+        Some(n) if !n.is_empty() => n.to_string(),
+        _ => spec
+            .get("serviceAccount")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .unwrap_or("default")
+            .to_string(),
+    };
+    spec["serviceAccountName"] = json!(name);
+    spec["serviceAccount"] = json!(name);
+    if let Some(account) = account
+        && spec
+            .get("imagePullSecrets")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty)
+        && let Some(secrets) = account
+            .get("imagePullSecrets")
+            .and_then(Value::as_array)
+            .filter(|s| !s.is_empty())
+    {
+        spec["imagePullSecrets"] = json!(secrets);
+    }
+    let automount = spec
+        .get("automountServiceAccountToken")
+        .and_then(Value::as_bool)
+        .or_else(|| {
+            account
+                .and_then(|a| a.get("automountServiceAccountToken"))
+                .and_then(Value::as_bool)
+        })
+        .unwrap_or(true);
+    if !automount {
+        return;
+    }
+    let volume_name = format!("kube-api-access-{suffix}");
+    let mut mounted = false;
+    for list in ["initContainers", "containers"] {
+        let Some(containers) = spec.get_mut(list).and_then(Value::as_array_mut) else {
+            continue;
+        };
+        for c in containers {
+            let mounts_it = c
+                .get("volumeMounts")
+                .and_then(Value::as_array)
+                .is_some_and(|m| {
+                    m.iter().any(|m| {
+                        m.get("mountPath")
+                            .and_then(Value::as_str)
+                            .is_some_and(|p| p.trim_end_matches('/') == SERVICE_ACCOUNT_MOUNT)
+                    })
+                });
+            if mounts_it {
+                continue;
+            }
+            if !c["volumeMounts"].is_array() {
+                c["volumeMounts"] = json!([]);
+            }
+            if let Some(m) = c["volumeMounts"].as_array_mut() {
+                m.push(json!({"name": volume_name, "readOnly": true, "mountPath": SERVICE_ACCOUNT_MOUNT}));
+                mounted = true;
+            }
+        }
+    }
+    if !mounted {
+        return;
+    }
+    if !spec["volumes"].is_array() {
+        spec["volumes"] = json!([]);
+    }
+    if let Some(v) = spec["volumes"].as_array_mut() {
+        v.push(json!({"name": volume_name, "projected": {"defaultMode": 420, "sources": [
+            {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+        ]}}));
+    }
+}
+
+/// Five characters as upstream's name generator picks them.
+pub fn random_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    (0..5)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod() -> Value {
+        json!({"metadata": {"name": "p", "namespace": "d"}, "spec": {
+            "initContainers": [{"name": "i", "image": "x"}],
+            "containers": [{"name": "a", "image": "x"},
+                           {"name": "b", "image": "x", "volumeMounts": [{"name": "own", "mountPath": SERVICE_ACCOUNT_MOUNT}]}]}})
+    }
+
+    #[test]
+    fn pods_get_a_projected_token_volume_unless_they_opt_out() {
+        let mut p = pod();
+        let account = json!({"imagePullSecrets": [{"name": "regcred"}]});
+        mount_service_account(&mut p, Some(&account), "abcde");
+        let spec = &p["spec"];
+        assert_eq!(spec["serviceAccountName"], "default");
+        assert_eq!(spec["imagePullSecrets"], json!([{"name": "regcred"}]));
+        assert_eq!(spec["volumes"][0]["name"], "kube-api-access-abcde");
+        assert_eq!(
+            spec["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]["path"],
+            "token"
+        );
+        assert_eq!(
+            spec["initContainers"][0]["volumeMounts"][0]["mountPath"],
+            SERVICE_ACCOUNT_MOUNT
+        );
+        assert_eq!(spec["containers"][0]["volumeMounts"][0]["readOnly"], true);
+        // A container that mounts the path itself keeps its own.
+        assert_eq!(
+            spec["containers"][1]["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+
+        let mut off = pod();
+        off["spec"]["automountServiceAccountToken"] = json!(false);
+        mount_service_account(&mut off, None, "abcde");
+        assert!(off["spec"].get("volumes").is_none());
+        let mut by_account = pod();
+        mount_service_account(
+            &mut by_account,
+            Some(&json!({"automountServiceAccountToken": false})),
+            "abcde",
+        );
+        assert!(by_account["spec"].get("volumes").is_none());
+        // The pod's own setting wins over its account's.
+        let mut pod_wins = pod();
+        pod_wins["spec"]["automountServiceAccountToken"] = json!(true);
+        mount_service_account(
+            &mut pod_wins,
+            Some(&json!({"automountServiceAccountToken": false})),
+            "abcde",
+        );
+        assert!(pod_wins["spec"]["volumes"].is_array());
+        assert!(random_suffix().len() == 5);
+    }
+}

@@ -756,6 +756,30 @@ impl Ctx {
         }
     }
 
+    /// ServiceAccount admission of a new pod (`admission::mount_service_account`).
+    async fn admit_service_account(&self, pod: &mut Value) -> Result<(), ApiError> {
+        let account_name = pod
+            .pointer("/spec/serviceAccountName")
+            .or_else(|| pod.pointer("/spec/serviceAccount"))
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .unwrap_or("default")
+            .to_string();
+        let key = object_key("", "serviceaccounts", &self.namespace, &account_name);
+        let account = self
+            .server
+            .storage
+            .get(&key)
+            .await
+            .map_err(|e| storage_error(&self.info, &account_name, e))?;
+        super::admission::mount_service_account(
+            pod,
+            account.as_ref().map(|a| &*a.object),
+            &super::admission::random_suffix(),
+        );
+        Ok(())
+    }
+
     fn key(&self, name: &str) -> String {
         key_of(&self.info, &self.namespace, name)
     }
@@ -1097,6 +1121,9 @@ impl Ctx {
         kinds::prepare_for_create(&self.info, &mut object, &uid);
         if self.info.group == crate::certificates::GROUP {
             crate::certificates::prepare_create(&mut object, &self.user);
+        }
+        if self.info.group.is_empty() && self.info.resource == "pods" {
+            self.admit_service_account(&mut object).await?;
         }
         // Held until the object is stored: the addresses stay reserved meanwhile.
         let _reservation = self.assign_service_addresses(&mut object, None).await?;

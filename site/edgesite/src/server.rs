@@ -25,8 +25,9 @@ pub fn hostname() -> String {
         .to_lowercase()
 }
 
-/// Names and addresses the serving certificate must cover.
-fn sans(args: &ServerArgs) -> Vec<String> {
+/// Names and addresses the serving certificate must cover (the `kubernetes` Service's cluster IP
+/// too: in-cluster clients connect to it).
+fn sans(args: &ServerArgs, service_ip: Option<String>) -> Vec<String> {
     let mut sans: Vec<String> = vec![
         "localhost".into(),
         "127.0.0.1".into(),
@@ -43,6 +44,7 @@ fn sans(args: &ServerArgs) -> Vec<String> {
     if !args.bind_address.is_unspecified() {
         sans.push(args.bind_address.to_string());
     }
+    sans.extend(service_ip);
     for s in &args.tls_san {
         if !sans.contains(s) {
             sans.push(s.clone());
@@ -241,7 +243,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
     };
     let pki = Pki::new(&args.data_dir);
     let ca = pki.ca()?;
-    let serving = pki.serving(&ca, &sans(&args))?;
+    let serving = pki.serving(&ca, &sans(&args, Some(service_network.first().to_string())))?;
     let admin = pki.client(&ca, "admin", "admin", &["system:masters"])?;
     let tls = crate::pki::server_tls(&ca, &serving)?;
     let service_account_key = pki.service_account_key()?;
@@ -285,7 +287,10 @@ pub fn run(args: ServerArgs) -> Result<()> {
             tokens,
             watch_window: 8192,
             service_network,
-            advertise: Some(addr),
+            advertise: Some(apiserver_lite::Advertise {
+                address: addr,
+                node: agent_config.as_ref().map(|c| c.node_name.clone()),
+            }),
             service_account_key: Some(service_account_key),
         };
         if args.disable_agent {
