@@ -275,6 +275,22 @@ impl Site {
         Ok(child.wait_with_output()?)
     }
 
+    /// kubectl against this site with other credentials than the admin's: `credentials` are
+    /// kubectl flags (`--token=T`, or `--client-certificate=C` and `--client-key=K`); the
+    /// server and its CA come from the site.
+    pub fn kubectl_as(&self, credentials: &[String], args: &[&str]) -> Output {
+        let ca = self.data_dir().join("server").join("tls").join("ca.crt");
+        self.command(Path::new(&kubectl_bin()))
+            .args(["--kubeconfig", "/dev/null"])
+            .arg(format!("--server=https://127.0.0.1:{}", self.port))
+            .arg(format!("--certificate-authority={}", ca.display()))
+            .args(credentials)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kubectl")
+    }
+
     /// kubectl that must succeed; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         self.ok_stdin(args, None)

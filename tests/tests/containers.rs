@@ -948,23 +948,11 @@ spec:
         ),
     );
     let pki = agent.dir.path().join("data").join("agent").join("pki");
-    let as_node_b = |args: &[&str]| {
-        std::process::Command::new(tests::kubectl_bin())
-            .args(["--kubeconfig", "/dev/null"])
-            .arg(format!("--server=https://127.0.0.1:{}", site.port))
-            .arg(format!(
-                "--certificate-authority={}",
-                pki.join("ca.crt").display()
-            ))
-            .arg(format!(
-                "--client-certificate={}",
-                pki.join("node.crt").display()
-            ))
-            .arg(format!("--client-key={}", pki.join("node.key").display()))
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let node_b = [
+        format!("--client-certificate={}", pki.join("node.crt").display()),
+        format!("--client-key={}", pki.join("node.key").display()),
+    ];
+    let as_node_b = |args: &[&str]| site.kubectl_as(&node_b, args);
     let secret = as_node_b(&["get", "secret", "only-a"]);
     let err = String::from_utf8_lossy(&secret.stderr);
     assert!(

@@ -1083,23 +1083,11 @@ fn tokens_dry_run_terminating_namespaces_and_node_only_endpoints() {
     .unwrap();
     site.stop();
     site.launch().unwrap();
-    let ca = site.data_dir().join("server").join("tls").join("ca.crt");
-    let server = format!("https://127.0.0.1:{}", site.port);
     let as_token = |token: &str| {
-        Command::new(kubectl_bin())
-            .args([
-                "--kubeconfig",
-                "/dev/null",
-                "--server",
-                &server,
-                "--token",
-                token,
-            ])
-            .arg("--certificate-authority")
-            .arg(&ca)
-            .args(["get", "namespaces", "-o", "name"])
-            .output()
-            .unwrap()
+        site.kubectl_as(
+            &[format!("--token={token}")],
+            &["get", "namespaces", "-o", "name"],
+        )
     };
     // Authenticated, but nothing is bound to alice yet: Forbidden, as upstream says it.
     let denied = as_token("s3cret");

@@ -452,6 +452,59 @@ except ApiException as e:
         review["status"]["user"]["username"],
         "system:serviceaccount:ci:runner"
     );
+    // A token bound to a pod dies with the pod.
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"holder","namespace":"ci"},"spec":{"serviceAccountName":"runner","containers":[{"name":"c","image":"example.invalid/x:1"}]}}"#),
+    );
+    let bound = site
+        .ok(&[
+            "create",
+            "token",
+            "runner",
+            "-n",
+            "ci",
+            "--bound-object-kind",
+            "Pod",
+            "--bound-object-name",
+            "holder",
+        ])
+        .trim()
+        .to_string();
+    let with_token = |token: &str| {
+        site.kubectl_as(
+            &[format!("--token={token}")],
+            &["get", "configmaps", "-n", "ci", "-o", "name"],
+        )
+    };
+    let ok = with_token(&bound);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    site.ok(&[
+        "delete",
+        "pod",
+        "holder",
+        "-n",
+        "ci",
+        "--grace-period=0",
+        "--force",
+    ]);
+    let gone = with_token(&bound);
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("Unauthorized"),
+        "{}",
+        String::from_utf8_lossy(&gone.stderr)
+    );
+    // A token that is not one: 401.
+    let forged = with_token(&(token.clone() + "x"));
+    assert!(
+        String::from_utf8_lossy(&forged.stderr).contains("Unauthorized"),
+        "{}",
+        String::from_utf8_lossy(&forged.stderr)
+    );
     // The account is deleted: its tokens stop working.
     site.ok(&["delete", "serviceaccount", "runner", "-n", "ci"]);
     let out = Command::new(&python)
@@ -485,24 +538,7 @@ fn a_node_credential_reaches_only_its_own_pods_objects() {
         Ok(())
     })
     .unwrap();
-    let ca = site.data_dir().join("server").join("tls").join("ca.crt");
-    let server = format!("https://127.0.0.1:{}", site.port);
-    let as_node = |token: &str, args: &[&str]| {
-        Command::new(kubectl_bin())
-            .args([
-                "--kubeconfig",
-                "/dev/null",
-                "--server",
-                &server,
-                "--token",
-                token,
-            ])
-            .arg("--certificate-authority")
-            .arg(&ca)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let as_node = |token: &str, args: &[&str]| site.kubectl_as(&[format!("--token={token}")], args);
     site.ok(&["create", "namespace", "shop"]);
     site.ok(&[
         "create",
@@ -746,21 +782,11 @@ fn a_colleague_gets_access_through_a_certificate_signing_request() {
         "jsonpath={.status.conditions[*].type}",
     ]);
     assert_eq!(conditions.trim(), "Approved");
-    let ca = dir.join("server").join("tls").join("ca.crt");
-    let server = format!("https://127.0.0.1:{}", site.port);
-    let as_dave = |args: &[&str]| {
-        Command::new(kubectl_bin())
-            .args(["--kubeconfig", "/dev/null", "--server", &server])
-            .arg("--certificate-authority")
-            .arg(&ca)
-            .arg("--client-certificate")
-            .arg(&cert)
-            .arg("--client-key")
-            .arg(&key)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let dave = [
+        format!("--client-certificate={}", cert.display()),
+        format!("--client-key={}", key.display()),
+    ];
+    let as_dave = |args: &[&str]| site.kubectl_as(&dave, args);
     let whoami = as_dave(&[
         "auth",
         "whoami",

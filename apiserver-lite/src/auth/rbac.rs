@@ -296,6 +296,23 @@ impl Policy {
     }
 }
 
+/// Everything: what `cluster-admin` holds and `system:masters` is taken to hold.
+pub fn full_authority() -> Vec<PolicyRule> {
+    vec![
+        PolicyRule {
+            verbs: vec!["*".into()],
+            api_groups: vec!["*".into()],
+            resources: vec!["*".into()],
+            ..PolicyRule::default()
+        },
+        PolicyRule {
+            verbs: vec!["*".into()],
+            non_resource_urls: vec!["*".into()],
+            ..PolicyRule::default()
+        },
+    ]
+}
+
 /// One thing a rule grants: a verb on a group/resource(/name), or a verb on a URL.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Atom {

@@ -91,27 +91,14 @@ fn admit_rbac(
                     rbac::escalation_message(user, &missing, &errors),
                 ));
             }
-            if object.get("aggregationRule").is_some_and(|a| !a.is_null()) {
-                let everything = [
-                    PolicyRule {
-                        verbs: vec!["*".into()],
-                        api_groups: vec!["*".into()],
-                        resources: vec!["*".into()],
-                        ..PolicyRule::default()
-                    },
-                    PolicyRule {
-                        verbs: vec!["*".into()],
-                        non_resource_urls: vec!["*".into()],
-                        ..PolicyRule::default()
-                    },
-                ];
-                if !holds(&everything).0 {
-                    return Err(forbidden(
-                        info,
-                        name,
-                        "must have cluster-admin privileges to use the aggregationRule",
-                    ));
-                }
+            if object.get("aggregationRule").is_some_and(|a| !a.is_null())
+                && !holds(&rbac::full_authority()).0
+            {
+                return Err(forbidden(
+                    info,
+                    name,
+                    "must have cluster-admin privileges to use the aggregationRule",
+                ));
             }
             Ok(())
         }

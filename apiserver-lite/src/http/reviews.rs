@@ -183,22 +183,7 @@ pub async fn answer(
             }
             let (rules, errors) = if user.in_group(MASTERS) {
                 // The privileged group holds everything, whatever the policy objects say.
-                (
-                    vec![
-                        PolicyRule {
-                            verbs: vec!["*".into()],
-                            api_groups: vec!["*".into()],
-                            resources: vec!["*".into()],
-                            ..PolicyRule::default()
-                        },
-                        PolicyRule {
-                            verbs: vec!["*".into()],
-                            non_resource_urls: vec!["*".into()],
-                            ..PolicyRule::default()
-                        },
-                    ],
-                    vec![],
-                )
+                (crate::auth::rbac::full_authority(), vec![])
             } else {
                 server.authorizer.policy().rules_for(user, ns)
             };
