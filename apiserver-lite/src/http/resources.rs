@@ -553,6 +553,21 @@ pub async fn handle(
     }
 }
 
+/// A write as [`Ctx::commit`] takes it.
+enum Write<'a> {
+    Create(Value),
+    Update {
+        old: &'a Stored,
+        new: Value,
+    },
+    /// `last` is the update that made the object go (its last finalizer removed), if any:
+    /// admission sees it as the update it was.
+    Delete {
+        old: &'a Stored,
+        last: Option<&'a Value>,
+    },
+}
+
 /// The request's target resource and namespace.
 pub struct Ctx {
     pub server: Arc<ApiServer>,
@@ -1131,23 +1146,15 @@ impl Ctx {
         if !causes.is_empty() {
             return Err(self.invalid(&object, causes));
         }
-        super::admission::admit(&self.server, &self.user, &self.info, &object, None)?;
         if track {
             let api_version = self.info.api_version();
             let writer = self.writer(opts, &time, "", &api_version);
             fields::track_update(None, &mut object, &writer);
         }
-        if opts.dry_run {
-            return Ok(object);
-        }
         let name = meta_str(&object, "name").to_string();
         let stored = self
-            .server
-            .storage
-            .create(&self.key(&name), object)
-            .await
-            .map_err(|e| storage_error(&self.info, &name, e))?;
-        self.after_write(&name, Some(&stored.object)).await;
+            .commit(&name, Write::Create(object), opts.dry_run)
+            .await?;
         Ok((*stored.object).clone())
     }
 
@@ -1175,6 +1182,60 @@ impl Ctx {
         }
     }
 
+    /// The one way a write of this resource reaches storage: admission sees it first (the
+    /// writer's identity, the object before and after), then the store commits it (optimistic
+    /// on the old revision), then derived server state follows ([`Self::after_write`]).
+    /// Requests, subresources (binding, eviction's budget update) and the server's own writes
+    /// (a deleted CRD's objects) all come through here. A dry run is admitted and not written.
+    async fn commit(
+        &self,
+        name: &str,
+        write: Write<'_>,
+        dry_run: bool,
+    ) -> Result<Stored, ApiError> {
+        let user = &self.user;
+        let (server, info) = (&self.server, &self.info);
+        match &write {
+            Write::Create(new) => super::admission::admit(server, user, info, new, None)?,
+            Write::Update { old, new } => {
+                super::admission::admit(server, user, info, new, Some(&old.object))?
+            }
+            // A deletion is decided by authorization; the update that led to one (its last
+            // finalizer removed) is admitted as the update it was.
+            Write::Delete { old, last } => {
+                if let Some(last) = last {
+                    super::admission::admit(server, user, info, last, Some(&old.object))?;
+                }
+            }
+        }
+        let key = self.key(name);
+        let storage = &self.server.storage;
+        let deleted = matches!(write, Write::Delete { .. });
+        let stored = match write {
+            Write::Create(new) if dry_run => Ok(Stored {
+                revision: 0,
+                object: Arc::new(new),
+            }),
+            Write::Update { old, mut new } if dry_run => {
+                crate::storage::stamp_revision(&mut new, old.revision);
+                Ok(Stored {
+                    revision: old.revision,
+                    object: Arc::new(new),
+                })
+            }
+            Write::Delete { old, .. } if dry_run => Ok(old.clone()),
+            Write::Create(new) => storage.create(&key, new).await,
+            Write::Update { old, new } => storage.update(&key, new, Some(old.revision)).await,
+            Write::Delete { old, .. } => storage.delete(&key, Some(old.revision)).await,
+        }
+        .map_err(|e| storage_error(&self.info, name, e))?;
+        if !dry_run {
+            self.after_write(name, (!deleted).then_some(&*stored.object))
+                .await;
+        }
+        Ok(stored)
+    }
+
     /// Keeps derived server state in step with writes: CRDs change what the server serves.
     async fn after_write(&self, name: &str, object: Option<&Value>) {
         if (self.info.group.as_str(), self.info.resource.as_str())
@@ -1196,9 +1257,26 @@ impl Ctx {
                 let prefix = list_prefix(&r.group, &r.resource, "");
                 if let Ok(listing) = self.server.storage.list(&prefix, None, None).await {
                     for item in listing.items {
-                        let key = item.key;
-                        if let Err(e) = self.server.storage.delete(&key, None).await {
-                            tracing::warn!(key, error = %e, "delete a custom resource of a deleted CRD");
+                        let Ok(object) = item.value() else { continue };
+                        let old = Stored {
+                            revision: item.revision,
+                            object: Arc::new(object),
+                        };
+                        // The server's own cleanup (upstream's customresourcecleanup).
+                        let objects = Ctx {
+                            server: self.server.clone(),
+                            info: r.clone(),
+                            namespace: meta_str(&old.object, "namespace").to_string(),
+                            output: self.output,
+                            user: Identity::loopback(),
+                        };
+                        let name = meta_str(&old.object, "name").to_string();
+                        let write = Write::Delete {
+                            old: &old,
+                            last: None,
+                        };
+                        if let Err(e) = Box::pin(objects.commit(&name, write, false)).await {
+                            tracing::warn!(key = item.key, error = %e, "delete a custom resource of a deleted CRD");
                         }
                     }
                 }
@@ -1347,7 +1425,6 @@ impl Ctx {
         if !causes.is_empty() {
             return Err(self.invalid(&new, causes));
         }
-        super::admission::admit(&self.server, &self.user, &self.info, &new, Some(old_object))?;
         if track {
             let time = now();
             let api_version = self.info.api_version();
@@ -1379,28 +1456,17 @@ impl Ctx {
                 .pointer("/spec/finalizers")
                 .and_then(Value::as_array)
                 .is_some_and(|f| !f.is_empty());
-        if opts.dry_run {
-            // Nothing is written, so the object keeps the revision it has.
-            crate::storage::stamp_revision(&mut new, old.revision);
-            return Ok(new);
-        }
-        if deleting && !finalizers_left && !grace_left && !namespace_finalizers {
+        if !opts.dry_run && deleting && !finalizers_left && !grace_left && !namespace_finalizers {
+            let last = Some(&new);
             let gone = self
-                .server
-                .storage
-                .delete(&self.key(&name), Some(old.revision))
-                .await
-                .map_err(|e| storage_error(&self.info, &name, e))?;
-            self.after_write(&name, None).await;
+                .commit(&name, Write::Delete { old, last }, false)
+                .await?;
             return Ok((*gone.object).clone());
         }
+        // (A dry run keeps the revision the object has: nothing is written.)
         let stored = self
-            .server
-            .storage
-            .update(&self.key(&name), new, Some(old.revision))
-            .await
-            .map_err(|e| storage_error(&self.info, &name, e))?;
-        self.after_write(&name, Some(&stored.object)).await;
+            .commit(&name, Write::Update { old, new }, opts.dry_run)
+            .await?;
         Ok((*stored.object).clone())
     }
 
@@ -1861,16 +1927,12 @@ impl Ctx {
         let namespace = self.info.resource == "namespaces" && self.info.group.is_empty();
         let pending = !finalizers.is_empty() || grace > 0 || namespace;
         if !pending {
+            let gone = self
+                .commit(name, Write::Delete { old, last: None }, options.dry_run)
+                .await?;
             if options.dry_run {
                 return Ok((StatusCode::OK, new));
             }
-            let gone = self
-                .server
-                .storage
-                .delete(&self.key(name), Some(old.revision))
-                .await
-                .map_err(|e| storage_error(&self.info, name, e))?;
-            self.after_write(name, None).await;
             return Ok((StatusCode::OK, (*gone.object).clone()));
         }
         if already {
@@ -1905,15 +1967,20 @@ impl Ctx {
         if namespace {
             new["status"]["phase"] = json!("Terminating");
         }
-        if options.dry_run {
+        let dry_run = options.dry_run;
+        let stored = self
+            .commit(
+                name,
+                Write::Update {
+                    old,
+                    new: new.clone(),
+                },
+                dry_run,
+            )
+            .await?;
+        if dry_run {
             return Ok((StatusCode::ACCEPTED, new));
         }
-        let stored = self
-            .server
-            .storage
-            .update(&self.key(name), new, Some(old.revision))
-            .await
-            .map_err(|e| storage_error(&self.info, name, e))?;
         Ok((StatusCode::ACCEPTED, (*stored.object).clone()))
     }
 
@@ -2018,13 +2085,11 @@ impl Ctx {
                 }
             }
             match self
-                .server
-                .storage
-                .update(&self.key(name), new, Some(old.revision))
+                .commit(name, Write::Update { old: &old, new }, false)
                 .await
             {
-                Err(StorageError::Conflict { .. }) => continue,
-                Err(e) => return Err(storage_error(&self.info, name, e)),
+                Err(e) if lost_race(&e) => continue,
+                Err(e) => return Err(e),
                 Ok(_) => {
                     return Ok(json_response(
                         StatusCode::CREATED,
@@ -2224,21 +2289,40 @@ impl Ctx {
                     updated["status"]["disruptedPods"] = json!({});
                 }
                 updated["status"]["disruptedPods"][name] = json!(now);
-                let key = object_key(
-                    "policy",
-                    "poddisruptionbudgets",
-                    &self.namespace,
-                    meta_str(&pdb.object, "name"),
-                );
-                self.server
-                    .storage
-                    .update(&key, updated, Some(pdb.revision))
+                // The budget's update is a write of its own: through the budgets' commit.
+                let Some(budgets) =
+                    self.server
+                        .registry
+                        .get("policy", "v1", "poddisruptionbudgets")
+                else {
+                    return Err(ApiError::internal("poddisruptionbudgets are not served"));
+                };
+                let budgets = Ctx {
+                    server: self.server.clone(),
+                    info: budgets,
+                    namespace: self.namespace.clone(),
+                    output: self.output,
+                    user: self.user.clone(),
+                };
+                let pdb_name = meta_str(&pdb.object, "name").to_string();
+                budgets
+                    .commit(
+                        &pdb_name,
+                        Write::Update {
+                            old: &pdb,
+                            new: updated,
+                        },
+                        false,
+                    )
                     .await
-                    .map_err(|e| match e {
-                        StorageError::Conflict { .. } => ApiError::too_many_requests(
-                            "the disruption budget changed, please retry",
-                        ),
-                        other => storage_error(&self.info, name, other),
+                    .map_err(|e| {
+                        if lost_race(&e) {
+                            ApiError::too_many_requests(
+                                "the disruption budget changed, please retry",
+                            )
+                        } else {
+                            e
+                        }
                     })?;
             }
         }
