@@ -89,6 +89,39 @@ pub fn request_der(object: &Value) -> Result<Vec<u8>, String> {
     Ok(block.contents)
 }
 
+/// Upstream's CertificateSubjectRestriction: nobody gets a `system:masters` client certificate
+/// through this API, whoever approves it.
+pub fn subject_restriction(object: &Value) -> Result<(), String> {
+    let signer = object
+        .pointer("/spec/signerName")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if signer != KUBE_APISERVER_CLIENT {
+        return Ok(());
+    }
+    let Ok(der) = request_der(object) else {
+        return Ok(()); // validation names what is wrong with the request
+    };
+    use x509_parser::prelude::FromDer;
+    let Ok((_, csr)) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+    else {
+        return Ok(());
+    };
+    let masters = csr
+        .certification_request_info
+        .subject
+        .iter_organization()
+        .any(|o| o.as_str().ok() == Some(crate::auth::MASTERS));
+    if masters {
+        Err(format!(
+            "use of {KUBE_APISERVER_CLIENT} signer with {} group is not allowed",
+            crate::auth::MASTERS
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 pub fn validate(object: &Value, causes: &mut Vec<Cause>) {
     match object.pointer("/spec/request").and_then(Value::as_str) {
         None | Some("") => causes.push(Cause::required("spec.request")),
@@ -298,6 +331,20 @@ mod tests {
         let fields: Vec<&str> = causes.iter().map(|c| c.field.as_str()).collect();
         assert!(fields.contains(&"spec.request"), "{causes:?}");
         assert!(fields.contains(&"spec.usages[0]"), "{causes:?}");
+    }
+
+    #[test]
+    fn no_masters_certificates_through_the_api() {
+        assert!(subject_restriction(&csr()).is_ok());
+        // CN=eve, O=system:masters, made by openssl.
+        let pem = "-----BEGIN CERTIFICATE REQUEST-----\nMIHiMIGJAgEAMCcxDDAKBgNVBAMMA2V2ZTEXMBUGA1UECgwOc3lzdGVtOm1hc3Rl\ncnMwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAAQ3rT9Pk13dO58mv05Okz46Oby3\n0oJ5zdJ2n9xW1E0X3ED7BHlDqv4e1I/dg0BrWzMydrxcK7OyxaTVGhdXH3YloAAw\nCgYIKoZIzj0EAwIDSAAwRQIhAMThvVLTkGrB71Vkmla6KtAf0/o0+2nSvFDFKWP6\nbDviAiA1cJTr70CQbOWDaRnNK2SVCfRNYCYUlArWu0N4ksTYag==\n-----END CERTIFICATE REQUEST-----\n";
+        use base64::Engine;
+        let o = json!({"spec": {"request": base64::engine::general_purpose::STANDARD.encode(pem),
+            "signerName": KUBE_APISERVER_CLIENT, "usages": ["client auth"]}});
+        assert_eq!(
+            subject_restriction(&o).unwrap_err(),
+            "use of kubernetes.io/kube-apiserver-client signer with system:masters group is not allowed"
+        );
     }
 
     #[test]

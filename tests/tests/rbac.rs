@@ -830,6 +830,16 @@ fn a_colleague_gets_access_through_a_certificate_signing_request() {
     let eve = site.json(&["get", "csr", "eve", "-o", "json"]);
     assert!(eve["status"]["certificate"].is_null(), "{eve}");
     assert_eq!(eve["status"]["conditions"][0]["type"], "Denied");
+    // Nobody gets a system:masters certificate through the API, whoever would approve it.
+    let (_, request) = openssl_csr(&dir, "mallory", "system:masters");
+    let masters = site.fails(
+        &["create", "-f", "-"],
+        Some(&csr_manifest("mallory", &request)),
+    );
+    assert!(
+        masters.contains("use of kubernetes.io/kube-apiserver-client signer with system:masters group is not allowed"),
+        "{masters}"
+    );
     // A request that is not a CSR is refused with the field named.
     let bad = site.fails(
         &["create", "-f", "-"],

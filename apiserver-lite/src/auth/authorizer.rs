@@ -31,7 +31,8 @@ const ROLE_BINDINGS: &str = "/rbac.authorization.k8s.io/rolebindings/";
 const PODS: &str = "/core/pods/";
 const CLAIMS: &str = "/core/persistentvolumeclaims/";
 const DEVICES: &str = "/devices.kubeedge.io/devices/";
-const FOLLOWED: [&str; 7] = [
+const SERVICE_ACCOUNTS: &str = "/core/serviceaccounts/";
+const FOLLOWED: [&str; 8] = [
     CLUSTER_ROLES,
     ROLES,
     CLUSTER_ROLE_BINDINGS,
@@ -39,12 +40,15 @@ const FOLLOWED: [&str; 7] = [
     PODS,
     CLAIMS,
     DEVICES,
+    SERVICE_ACCOUNTS,
 ];
 
 #[derive(Default)]
 pub struct Authorizer {
     policy: RwLock<Arc<Policy>>,
     graph: RwLock<Graph>,
+    /// ServiceAccounts by `namespace/name`: what ServiceAccount admission needs of them.
+    accounts: std::sync::Mutex<HashMap<String, Value>>,
     /// The store revision the caches reflect.
     seen: AtomicU64,
     caught_up: tokio::sync::Notify,
@@ -101,6 +105,18 @@ impl Authorizer {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    fn accounts_mut(&self) -> std::sync::MutexGuard<'_, HashMap<String, Value>> {
+        self.accounts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What ServiceAccount admission needs of an account (`automountServiceAccountToken`,
+    /// `imagePullSecrets`), from the cache; `None` when the cache has not seen it.
+    pub fn service_account(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.accounts_mut()
+            .get(&format!("{namespace}/{name}"))
+            .cloned()
     }
 
     /// The node a pod is bound to, as the Node authorizer's graph has it.
@@ -195,17 +211,24 @@ impl Authorizer {
     ) -> Result<(RbacObjectsHandle, u64), StorageError> {
         let mut rbac = RbacObjects::default();
         let mut graph = Graph::default();
+        let mut accounts = HashMap::new();
         let mut revision = u64::MAX;
         for prefix in FOLLOWED {
             let listing = storage.list(prefix, None, None).await?;
             revision = revision.min(listing.revision);
             for item in listing.items {
-                let value = item.value()?;
-                apply(&mut rbac, &mut graph, &item.key, Some(value));
+                apply(
+                    &mut rbac,
+                    &mut graph,
+                    &mut accounts,
+                    &item.key,
+                    Some(&item.raw),
+                );
             }
         }
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rbac.policy());
         *self.graph.write().unwrap_or_else(|e| e.into_inner()) = graph;
+        *self.accounts_mut() = accounts;
         Ok((RbacObjectsHandle(rbac), revision))
     }
 
@@ -228,16 +251,23 @@ impl Authorizer {
                 if !FOLLOWED.iter().any(|p| event.key.starts_with(p)) {
                     continue;
                 }
-                let value = match event.event_type {
+                let text = match event.event_type {
                     EventType::Deleted => None,
-                    _ => event.object_value(),
+                    _ => Some(&*event.object),
                 };
                 let is_rbac = !event.key.starts_with(PODS)
                     && !event.key.starts_with(CLAIMS)
-                    && !event.key.starts_with(DEVICES);
+                    && !event.key.starts_with(DEVICES)
+                    && !event.key.starts_with(SERVICE_ACCOUNTS);
                 rbac_changed |= is_rbac;
                 let mut graph = self.graph.write().unwrap_or_else(|e| e.into_inner());
-                apply(&mut rbac, &mut graph, &event.key, value);
+                apply(
+                    &mut rbac,
+                    &mut graph,
+                    &mut self.accounts_mut(),
+                    &event.key,
+                    text,
+                );
             }
             if rbac_changed {
                 *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rbac.policy());
@@ -278,16 +308,39 @@ impl Authorizer {
 /// The RBAC objects of one load, handed from [`Authorizer::load`] to the follower.
 pub struct RbacObjectsHandle(RbacObjects);
 
-fn apply(rbac: &mut RbacObjects, graph: &mut Graph, key: &str, value: Option<Value>) {
-    let short = |prefix: &str| key[prefix.len()..].to_string();
+fn apply(
+    rbac: &mut RbacObjects,
+    graph: &mut Graph,
+    accounts: &mut HashMap<String, Value>,
+    key: &str,
+    text: Option<&str>,
+) {
+    let short = |prefix: &str| &key[prefix.len()..];
     if key.starts_with(PODS) {
-        graph.pod(&short(PODS), value.as_ref());
+        graph.pod_text(short(PODS), text);
     } else if key.starts_with(CLAIMS) {
-        graph.claim(&short(CLAIMS), value.as_ref());
+        graph.claim_text(short(CLAIMS), text);
     } else if key.starts_with(DEVICES) {
-        graph.device(&short(DEVICES), value.as_ref());
+        graph.device_text(short(DEVICES), text);
+    } else if key.starts_with(SERVICE_ACCOUNTS) {
+        // What ServiceAccount admission reads: the automount setting and pull secrets.
+        match text.and_then(|t| serde_json::from_str::<AccountView>(t).ok()) {
+            Some(a) => {
+                let mut v = serde_json::json!({});
+                if let Some(m) = a.automount {
+                    v["automountServiceAccountToken"] = m.into();
+                }
+                if !a.image_pull_secrets.is_empty() {
+                    v["imagePullSecrets"] = a.image_pull_secrets.into();
+                }
+                accounts.insert(short(SERVICE_ACCOUNTS).to_string(), v);
+            }
+            None => {
+                accounts.remove(short(SERVICE_ACCOUNTS));
+            }
+        }
     } else {
-        match value {
+        match text.and_then(|t| serde_json::from_str::<Value>(t).ok()) {
             Some(v) => {
                 rbac.objects.insert(key.to_string(), v);
             }
@@ -296,4 +349,12 @@ fn apply(rbac: &mut RbacObjects, graph: &mut Graph, key: &str, value: Option<Val
             }
         }
     }
+}
+
+#[derive(serde::Deserialize)]
+struct AccountView {
+    #[serde(rename = "automountServiceAccountToken")]
+    automount: Option<bool>,
+    #[serde(default, rename = "imagePullSecrets")]
+    image_pull_secrets: Vec<Value>,
 }

@@ -42,80 +42,263 @@ pub struct Graph {
     devices: HashMap<String, String>,
 }
 
-fn strings(v: Option<&Value>) -> impl Iterator<Item = &Value> {
-    v.and_then(Value::as_array).into_iter().flatten()
+/// The parts of a pod the graph needs, parsed straight from the stored text (the follower sees
+/// every pod write: no `Value` tree per event).
+mod view {
+    use serde::Deserialize;
+
+    #[derive(Deserialize, Default)]
+    pub struct Name {
+        #[serde(default)]
+        pub name: String,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    pub struct SecretVolume {
+        #[serde(default)]
+        pub secret_name: String,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Claim {
+        #[serde(default)]
+        pub claim_name: String,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    pub struct WithSecretRef {
+        pub secret_ref: Option<Name>,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Source {
+        pub secret: Option<Name>,
+        pub config_map: Option<Name>,
+    }
+    #[derive(Deserialize, Default)]
+    pub struct Projected {
+        #[serde(default)]
+        pub sources: Vec<Source>,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Volume {
+        pub secret: Option<SecretVolume>,
+        pub config_map: Option<Name>,
+        pub persistent_volume_claim: Option<Claim>,
+        pub projected: Option<Projected>,
+        pub cephfs: Option<WithSecretRef>,
+        pub rbd: Option<WithSecretRef>,
+        pub iscsi: Option<WithSecretRef>,
+        pub flex_volume: Option<WithSecretRef>,
+        #[serde(rename = "scaleIO")]
+        pub scale_io: Option<WithSecretRef>,
+        pub storageos: Option<WithSecretRef>,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    pub struct KeyRefs {
+        pub secret_key_ref: Option<Name>,
+        pub config_map_key_ref: Option<Name>,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Env {
+        pub value_from: Option<KeyRefs>,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    pub struct EnvFrom {
+        pub secret_ref: Option<Name>,
+        pub config_map_ref: Option<Name>,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Container {
+        #[serde(default)]
+        pub env: Vec<Env>,
+        #[serde(default)]
+        pub env_from: Vec<EnvFrom>,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Spec {
+        #[serde(default)]
+        pub node_name: String,
+        #[serde(default)]
+        pub service_account_name: String,
+        #[serde(default)]
+        pub image_pull_secrets: Vec<Name>,
+        #[serde(default)]
+        pub volumes: Vec<Volume>,
+        #[serde(default)]
+        pub init_containers: Vec<Container>,
+        #[serde(default)]
+        pub containers: Vec<Container>,
+        #[serde(default)]
+        pub ephemeral_containers: Vec<Container>,
+    }
+    #[derive(Deserialize, Default)]
+    pub struct Meta {
+        #[serde(default)]
+        pub namespace: String,
+    }
+    #[derive(Deserialize, Default)]
+    pub struct Pod {
+        #[serde(default)]
+        pub metadata: Meta,
+        #[serde(default)]
+        pub spec: Spec,
+    }
+    /// `spec.nodeName` of a Device, `spec.volumeName` of a PVC.
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Bound {
+        #[serde(default)]
+        pub node_name: String,
+        #[serde(default)]
+        pub volume_name: String,
+    }
+    #[derive(Deserialize, Default)]
+    pub struct WithBound {
+        #[serde(default)]
+        pub spec: Bound,
+    }
 }
 
-fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
-    v.pointer(pointer).and_then(Value::as_str).unwrap_or("")
-}
-
-/// What a pod references: Secrets and ConfigMaps of volumes (also projected), env and envFrom,
-/// image pull secrets; PVCs; its ServiceAccount.
-pub fn pod_refs(pod: &Value) -> Vec<Ref> {
-    let ns = str_at(pod, "/metadata/namespace").to_string();
+/// The node and references of a pod's stored text.
+fn parse_pod(text: &str) -> Option<(String, Vec<Ref>)> {
+    let pod: view::Pod = serde_json::from_str(text).ok()?;
+    let ns = pod.metadata.namespace;
     let mut refs: HashSet<Ref> = HashSet::new();
     let mut add = |kind: RefKind, name: &str| {
         if !name.is_empty() {
             refs.insert((kind, ns.clone(), name.to_string()));
         }
     };
-    let spec = pod.get("spec").unwrap_or(&Value::Null);
+    let spec = pod.spec;
     add(
         RefKind::ServiceAccount,
-        match str_at(spec, "/serviceAccountName") {
-            "" => "default",
-            sa => sa,
+        if spec.service_account_name.is_empty() {
+            "default"
+        } else {
+            &spec.service_account_name
         },
     );
-    for s in strings(spec.get("imagePullSecrets")) {
-        add(RefKind::Secret, str_at(s, "/name"));
+    for s in &spec.image_pull_secrets {
+        add(RefKind::Secret, &s.name);
     }
-    for v in strings(spec.get("volumes")) {
-        add(RefKind::Secret, str_at(v, "/secret/secretName"));
-        add(RefKind::ConfigMap, str_at(v, "/configMap/name"));
-        add(
-            RefKind::Claim,
-            str_at(v, "/persistentVolumeClaim/claimName"),
-        );
-        for source in strings(v.pointer("/projected/sources")) {
-            add(RefKind::Secret, str_at(source, "/secret/name"));
-            add(RefKind::ConfigMap, str_at(source, "/configMap/name"));
+    for v in &spec.volumes {
+        if let Some(s) = &v.secret {
+            add(RefKind::Secret, &s.secret_name);
         }
-        for key in [
-            "cephfs",
-            "rbd",
-            "iscsi",
-            "flexVolume",
-            "scaleIO",
-            "storageos",
-        ] {
-            add(
-                RefKind::Secret,
-                str_at(v, &format!("/{key}/secretRef/name")),
-            );
+        if let Some(c) = &v.config_map {
+            add(RefKind::ConfigMap, &c.name);
+        }
+        if let Some(c) = &v.persistent_volume_claim {
+            add(RefKind::Claim, &c.claim_name);
+        }
+        for source in v.projected.iter().flat_map(|p| &p.sources) {
+            if let Some(s) = &source.secret {
+                add(RefKind::Secret, &s.name);
+            }
+            if let Some(c) = &source.config_map {
+                add(RefKind::ConfigMap, &c.name);
+            }
+        }
+        for holder in [
+            &v.cephfs,
+            &v.rbd,
+            &v.iscsi,
+            &v.flex_volume,
+            &v.scale_io,
+            &v.storageos,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if let Some(r) = &holder.secret_ref {
+                add(RefKind::Secret, &r.name);
+            }
         }
     }
-    let containers = ["initContainers", "containers", "ephemeralContainers"]
+    for c in spec
+        .init_containers
         .iter()
-        .flat_map(|k| strings(spec.get(*k)).collect::<Vec<_>>());
-    for c in containers {
-        for e in strings(c.get("env")) {
-            add(RefKind::Secret, str_at(e, "/valueFrom/secretKeyRef/name"));
-            add(
-                RefKind::ConfigMap,
-                str_at(e, "/valueFrom/configMapKeyRef/name"),
-            );
+        .chain(&spec.containers)
+        .chain(&spec.ephemeral_containers)
+    {
+        for e in c.env.iter().filter_map(|e| e.value_from.as_ref()) {
+            if let Some(r) = &e.secret_key_ref {
+                add(RefKind::Secret, &r.name);
+            }
+            if let Some(r) = &e.config_map_key_ref {
+                add(RefKind::ConfigMap, &r.name);
+            }
         }
-        for e in strings(c.get("envFrom")) {
-            add(RefKind::Secret, str_at(e, "/secretRef/name"));
-            add(RefKind::ConfigMap, str_at(e, "/configMapRef/name"));
+        for e in &c.env_from {
+            if let Some(r) = &e.secret_ref {
+                add(RefKind::Secret, &r.name);
+            }
+            if let Some(r) = &e.config_map_ref {
+                add(RefKind::ConfigMap, &r.name);
+            }
         }
     }
-    refs.into_iter().collect()
+    Some((spec.node_name, refs.into_iter().collect()))
 }
 
 impl Graph {
+    /// A pod was written (its stored text) or deleted (`None`).
+    pub fn pod_text(&mut self, key: &str, text: Option<&str>) {
+        self.unlink(key);
+        let Some((node, refs)) = text.and_then(parse_pod) else {
+            return;
+        };
+        self.link(key, node, refs);
+    }
+
+    /// A PVC (stored text) was written or deleted.
+    pub fn claim_text(&mut self, key: &str, text: Option<&str>) {
+        let bound = text.and_then(|t| serde_json::from_str::<view::WithBound>(t).ok());
+        match bound.map(|b| b.spec.volume_name).filter(|v| !v.is_empty()) {
+            Some(volume) => {
+                self.claims.insert(key.to_string(), volume);
+            }
+            None => {
+                self.claims.remove(key);
+            }
+        }
+    }
+
+    /// A Device (stored text) was written or deleted.
+    pub fn device_text(&mut self, key: &str, text: Option<&str>) {
+        let bound = text.and_then(|t| serde_json::from_str::<view::WithBound>(t).ok());
+        match bound.map(|b| b.spec.node_name).filter(|n| !n.is_empty()) {
+            Some(node) => {
+                self.devices.insert(key.to_string(), node);
+            }
+            None => {
+                self.devices.remove(key);
+            }
+        }
+    }
+
+    fn link(&mut self, key: &str, node: String, refs: Vec<Ref>) {
+        if node.is_empty() {
+            return;
+        }
+        for r in &refs {
+            *self
+                .users
+                .entry(r.clone())
+                .or_default()
+                .entry(node.clone())
+                .or_default() += 1;
+        }
+        self.pods.insert(key.to_string(), (node, refs));
+    }
+
     fn unlink(&mut self, key: &str) {
         if let Some((node, refs)) = self.pods.remove(key) {
             for r in refs {
@@ -136,44 +319,15 @@ impl Graph {
 
     /// A pod was written (`Some`) or deleted (`None`). Only bound pods count.
     pub fn pod(&mut self, key: &str, pod: Option<&Value>) {
-        self.unlink(key);
-        let Some(pod) = pod else { return };
-        let node = str_at(pod, "/spec/nodeName");
-        if node.is_empty() {
-            return;
-        }
-        let refs = pod_refs(pod);
-        for r in &refs {
-            *self
-                .users
-                .entry(r.clone())
-                .or_default()
-                .entry(node.to_string())
-                .or_default() += 1;
-        }
-        self.pods.insert(key.to_string(), (node.to_string(), refs));
+        self.pod_text(key, pod.map(Value::to_string).as_deref());
     }
 
     pub fn claim(&mut self, key: &str, claim: Option<&Value>) {
-        match claim.map(|c| str_at(c, "/spec/volumeName")) {
-            Some(volume) if !volume.is_empty() => {
-                self.claims.insert(key.to_string(), volume.to_string());
-            }
-            _ => {
-                self.claims.remove(key);
-            }
-        }
+        self.claim_text(key, claim.map(Value::to_string).as_deref());
     }
 
     pub fn device(&mut self, key: &str, device: Option<&Value>) {
-        match device.map(|d| str_at(d, "/spec/nodeName")) {
-            Some(node) if !node.is_empty() => {
-                self.devices.insert(key.to_string(), node.to_string());
-            }
-            _ => {
-                self.devices.remove(key);
-            }
-        }
+        self.device_text(key, device.map(Value::to_string).as_deref());
     }
 
     fn uses(&self, node: &str, kind: RefKind, namespace: &str, name: &str) -> bool {

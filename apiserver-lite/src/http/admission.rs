@@ -42,6 +42,11 @@ pub fn admit(
     object: &Value,
     old: Option<&Value>,
 ) -> Result<(), ApiError> {
+    if info.group == crate::certificates::GROUP && old.is_none() {
+        // Applies to everyone, system:masters included, as upstream's plugin does.
+        crate::certificates::subject_restriction(object)
+            .map_err(|why| forbidden(info, str_at(object, "/metadata/name"), why))?;
+    }
     if user.in_group(MASTERS) {
         return Ok(());
     }

@@ -780,16 +780,27 @@ impl Ctx {
             .filter(|n| !n.is_empty())
             .unwrap_or("default")
             .to_string();
-        let key = object_key("", "serviceaccounts", &self.namespace, &account_name);
-        let account = self
+        // From the authorizer's cache (as upstream's plugin reads an informer); an account the
+        // cache has not seen yet is read from the store.
+        let account = match self
             .server
-            .storage
-            .get(&key)
-            .await
-            .map_err(|e| storage_error(&self.info, &account_name, e))?;
+            .authorizer
+            .service_account(&self.namespace, &account_name)
+        {
+            Some(a) => Some(a),
+            None => {
+                let key = object_key("", "serviceaccounts", &self.namespace, &account_name);
+                self.server
+                    .storage
+                    .get(&key)
+                    .await
+                    .map_err(|e| storage_error(&self.info, &account_name, e))?
+                    .map(|a| (*a.object).clone())
+            }
+        };
         super::admission::mount_service_account(
             pod,
-            account.as_ref().map(|a| &*a.object),
+            account.as_ref(),
             &super::admission::random_suffix(),
         );
         Ok(())

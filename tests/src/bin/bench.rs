@@ -369,6 +369,18 @@ async fn main() -> Result<()> {
         std::fs::write(&path, mesh::splice(&doc, &section)).context("write docs/benchmarks.md")?;
         return Ok(());
     }
+    // `edgesite-bench scheduling`: only the scheduling rows, printed, not written (the work dir
+    // with the servers' logs is kept and named).
+    if std::env::args().nth(1).as_deref() == Some("scheduling") {
+        let work = tempfile::Builder::new()
+            .prefix("edgesite-bench")
+            .tempdir()?
+            .keep();
+        let mut rows = Vec::new();
+        scheduling_basic(&bin, &work, 1_000, 10_000, &mut rows).await?;
+        println!("{}\nlogs in {}", markdown_table(&rows), work.display());
+        return Ok(());
+    }
     // `edgesite-bench authz`: the API rows as system:masters and as an RBAC user, printed and
     // written over the same rows of docs/benchmarks.md.
     if std::env::args().nth(1).as_deref() == Some("authz") {
@@ -706,9 +718,11 @@ async fn scheduling_basic(
             let sent = sent.clone();
             async move {
                 let name = format!("pod-{i}");
+                // No ServiceAccount token volume, as in upstream's scheduler_perf (its API server
+                // runs without the ServiceAccount admission plugin).
                 let pod: Pod = serde_json::from_value(serde_json::json!({
                     "metadata": {"name": name},
-                    "spec": {"containers": [{"name": "pause", "image": "registry.k8s.io/pause:3.10", "resources": {"requests": {"cpu": "100m", "memory": "100Mi"}}}]}
+                    "spec": {"automountServiceAccountToken": false, "containers": [{"name": "pause", "image": "registry.k8s.io/pause:3.10", "resources": {"requests": {"cpu": "100m", "memory": "100Mi"}}}]}
                 }))?;
                 sent.lock().expect("lock").insert(name, Instant::now());
                 pod_api.create(&PostParams::default(), &pod).await?;
