@@ -413,19 +413,23 @@ except ApiException as e:
     print("status", e.status, e.reason)
     print(e.body)
 "#;
+    // The Python client with `token`: lists ConfigMaps in ci, then tries default.
+    let run_python = |token: &str| {
+        Command::new(&python)
+            .args([
+                "-c",
+                script,
+                &format!("https://127.0.0.1:{}", site.port),
+                token,
+            ])
+            .arg(&ca)
+            .output()
+            .expect("run python")
+    };
     let mut ok = None;
     assert!(
         eventually(Duration::from_secs(10), || {
-            let out = Command::new(&python)
-                .args([
-                    "-c",
-                    script,
-                    &format!("https://127.0.0.1:{}", site.port),
-                    &token,
-                ])
-                .arg(&ca)
-                .output()
-                .expect("run python");
+            let out = run_python(&token);
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
             let done = text.contains("listed");
             ok = Some((text, String::from_utf8_lossy(&out.stderr).into_owned()));
@@ -507,16 +511,7 @@ except ApiException as e:
     );
     // The account is deleted: its tokens stop working.
     site.ok(&["delete", "serviceaccount", "runner", "-n", "ci"]);
-    let out = Command::new(&python)
-        .args([
-            "-c",
-            script,
-            &format!("https://127.0.0.1:{}", site.port),
-            &token,
-        ])
-        .arg(&ca)
-        .output()
-        .unwrap();
+    let out = run_python(&token);
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(

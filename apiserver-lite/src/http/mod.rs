@@ -254,8 +254,8 @@ pub(crate) async fn service_account_identity(
     Some(claims.identity())
 }
 
-async fn dispatch(State(server): State<Arc<ApiServer>>, request: Request) -> Response {
-    let Some(context) = request.extensions().get::<RequestContext>().cloned() else {
+async fn dispatch(State(server): State<Arc<ApiServer>>, mut request: Request) -> Response {
+    let Some(context) = request.extensions_mut().remove::<RequestContext>() else {
         return error_response(&ApiError::internal("the request pipeline is incomplete"));
     };
     let route = context.route.clone();

@@ -153,8 +153,8 @@ async fn impersonate(
     next: Next,
 ) -> Response {
     let (Some(arrived), Some(Authenticated(authenticated))) = (
-        request.extensions().get::<Arrived>().cloned(),
-        request.extensions().get::<Authenticated>().cloned(),
+        request.extensions_mut().remove::<Arrived>(),
+        request.extensions_mut().remove::<Authenticated>(),
     ) else {
         return error_response(&ApiError::internal("the request pipeline is incomplete"));
     };
@@ -210,20 +210,18 @@ async fn authorize(State(server): State<Arc<ApiServer>>, request: Request, next:
     let Some(context) = request.extensions().get::<RequestContext>() else {
         return error_response(&ApiError::internal("the request pipeline is incomplete"));
     };
-    let mut checks = vec![(*context.attributes).clone()];
     // Streaming into a pod over a WebSocket GET also needs `create`, as upstream (1.31+) asks.
-    let a = &context.attributes;
-    if a.verb == "get"
+    let a = &*context.attributes;
+    let create = (a.verb == "get"
         && a.api_group.is_empty()
         && a.resource == "pods"
         && matches!(a.subresource.as_str(), "exec" | "attach" | "portforward")
-        && is_upgrade(request.headers())
-    {
-        let mut create = (**a).clone();
-        create.verb = "create".into();
-        checks.push(create);
-    }
-    for check in &checks {
+        && is_upgrade(request.headers()))
+    .then(|| Attributes {
+        verb: "create".into(),
+        ..a.clone()
+    });
+    for check in std::iter::once(a).chain(create.as_ref()) {
         let decision = server
             .authorizer
             .authorize_fresh(context.revision, &context.user, check)
