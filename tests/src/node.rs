@@ -862,7 +862,11 @@ impl AgentProcess {
         };
         let child = command
             .args(&self.args)
-            .env("RUST_LOG", "info,kube_client::client::builder=off")
+            .env(
+                "RUST_LOG",
+                std::env::var("EDGESITE_AGENT_LOG")
+                    .unwrap_or_else(|_| "info,kube_client::client::builder=off".into()),
+            )
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .spawn()

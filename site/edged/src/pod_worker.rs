@@ -761,6 +761,7 @@ impl Worker {
             message: Some(message.clone()),
         };
         Self::bump_backoff(record);
+        tracing::info!(pod = %self.name, container = %c.name, reason, "{message}");
         self.agent.recorder.warning(&self.pod, "Failed", message);
     }
 
@@ -1014,17 +1015,28 @@ impl Worker {
         if init {
             labels.insert("io.edgesite.container.init".into(), "true".into());
         }
+        // The snapshot is prepared under a lease until the container that references it exists:
+        // containerd's garbage collector (run after any other deletion, frequent when a rebooted
+        // node replaces all its containers at once) removes unreferenced snapshots otherwise.
         let created = async {
-            let rootfs = rt.prepare_snapshot(&id, &image.chain_id, None).await?;
-            rt.create_container(
-                &id,
-                &image.name,
-                &id,
-                serde_json::to_vec(&spec_json).unwrap_or_default(),
-                labels,
-            )
-            .await?;
-            Ok::<_, crate::runtime::containerd::RuntimeError>(rootfs)
+            let lease = rt.create_lease(Duration::from_secs(300)).await?;
+            let result = async {
+                let rootfs = rt
+                    .prepare_snapshot(&id, &image.chain_id, Some(&lease))
+                    .await?;
+                rt.create_container(
+                    &id,
+                    &image.name,
+                    &id,
+                    serde_json::to_vec(&spec_json).unwrap_or_default(),
+                    labels,
+                )
+                .await?;
+                Ok::<_, crate::runtime::containerd::RuntimeError>(rootfs)
+            }
+            .await;
+            let _ = rt.delete_lease(&lease).await;
+            result
         }
         .await;
         let rootfs = match created {
@@ -1179,16 +1191,17 @@ impl Worker {
             Ok(Some(_)) => return,
             _ => (255, None),
         };
+        // The OOM event can arrive after the exit, and the process the kernel killed may be a
+        // child of the main one (which then fails with its own code): a failed container whose
+        // cgroup recorded an OOM kill was OOM-killed, as the kubelet reports it. The cgroup goes
+        // with the task, so it is read before the task is deleted.
+        let oom = self.ooms.remove(&id)
+            || (exit_code != 0 && cgroup_oom_killed(&self.agent, &self.uid, &id));
         let _ = rt.delete_task(&id).await;
         if let Some(copier) = self.copiers.remove(&id) {
             copier.finish().await;
         }
         crate::streaming::attach::unregister(&self.agent, &id);
-        // The OOM event can arrive after the exit, and the process the kernel killed may be a
-        // child of the main one (which then fails with its own code): a failed container whose
-        // cgroup recorded an OOM kill was OOM-killed, as the kubelet reports it.
-        let oom = self.ooms.remove(&id)
-            || (exit_code != 0 && cgroup_oom_killed(&self.agent, &self.uid, &id));
         let reason = if oom {
             "OOMKilled"
         } else if exit_code == 0 {
