@@ -102,7 +102,9 @@ impl ApiServer {
 /// The router: the joining endpoints, then the pipeline's layers around one fallback handler
 /// that does its own path parsing, like upstream's mux.
 pub fn router(server: Arc<ApiServer>) -> Router {
-    let api = pipeline::layered(server.clone(), Router::new().fallback(dispatch));
+    let api = Router::new()
+        .fallback(dispatch)
+        .layer(pipeline::PipelineLayer::new(server.clone()));
     Router::new()
         .route("/cacerts", axum::routing::any(cacerts))
         .route("/edgesite/v1/node-join", axum::routing::any(node_join))

@@ -1,8 +1,8 @@
-//! The request pipeline, as tower layers in upstream's order:
+//! The request pipeline, one tower layer ([`PipelineLayer`]) whose stages run in upstream's order:
 //!
 //! 1. [`request_info`]: the route and the authorization [`Attributes`] of the request, and the
 //!    store's revision on arrival (denials wait for the caches to reach it);
-//! 2. [`measure`]: request counters and latencies of resource requests (`/metrics`);
+//! 2. [`measured`]: request counters and latencies of resource requests (`/metrics`);
 //! 3. [`authenticate`]: a verified client certificate or the in-process client's identity
 //!    ([`TransportIdentity`]), else a bearer token (static file, then ServiceAccount JWT); no
 //!    credentials make the anonymous user, bad ones a 401;
@@ -10,15 +10,18 @@
 //!    `impersonate` verb;
 //! 5. [`authorize`]: the authorizer chain (`auth::authorizer`); 403 with upstream's message.
 //!
-//! What passes carries a [`RequestContext`] into the handler; later layers (admission
+//! What passes carries a [`RequestContext`] into the handler; later stages (admission
 //! webhooks, the cloud link's identities) insert themselves here, not into handlers.
 
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
+use axum::extract::Request;
 use axum::response::Response;
+use futures::future::BoxFuture;
 use http::{HeaderMap, header};
+use tower::ServiceExt;
 
 use super::request::{self, Route};
 use super::{ApiServer, error_response};
@@ -44,36 +47,108 @@ pub struct RequestContext {
     pub revision: u64,
 }
 
-/// The pipeline's state between layers, before the context is complete.
-#[derive(Debug, Clone)]
+/// The request pipeline as one tower layer around the handler. Its stages are plain functions
+/// run in order on one future: per-stage `axum::middleware::from_fn` layers cloned and boxed the
+/// whole inner stack for each stage of every request, a measurable share of a busy server's CPU.
+#[derive(Clone)]
+pub struct PipelineLayer {
+    server: Arc<ApiServer>,
+}
+
+impl PipelineLayer {
+    pub fn new(server: Arc<ApiServer>) -> Self {
+        PipelineLayer { server }
+    }
+}
+
+impl<S> tower::Layer<S> for PipelineLayer {
+    type Service = Pipeline<S>;
+
+    fn layer(&self, inner: S) -> Pipeline<S> {
+        Pipeline {
+            server: self.server.clone(),
+            inner,
+        }
+    }
+}
+
+/// The service [`PipelineLayer`] makes: the stages, then `inner` with a [`RequestContext`].
+#[derive(Clone)]
+pub struct Pipeline<S> {
+    server: Arc<ApiServer>,
+    inner: S,
+}
+
+impl<S> tower::Service<Request> for Pipeline<S>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        // The instance polled ready serves this request; a fresh clone waits for the next.
+        let fresh = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, fresh);
+        let server = self.server.clone();
+        Box::pin(async move { Ok(run(server, ready, request).await) })
+    }
+}
+
+/// The stages in upstream's order around the handler.
+async fn run<S>(server: Arc<ApiServer>, inner: S, mut request: Request) -> Response
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+{
+    let arrived = request_info(&server, &request);
+    let measured = measured(&arrived.route, &request);
+    let started = std::time::Instant::now();
+    let response = match admit(&server, arrived, &mut request).await {
+        Ok(()) => match inner.oneshot(request).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        },
+        Err(refused) => refused,
+    };
+    if let Some((verb, resource)) = measured {
+        server.request_metrics.record(
+            verb,
+            &resource,
+            response.status().as_u16(),
+            started.elapsed().as_secs_f64(),
+        );
+    }
+    response
+}
+
+/// Authentication, impersonation and authorization; on success the request carries its
+/// [`RequestContext`], else the answer is the refusal.
+async fn admit(
+    server: &ApiServer,
+    arrived: Arrived,
+    request: &mut Request,
+) -> Result<(), Response> {
+    let authenticated = authenticate(server, request).await?;
+    let context = impersonate(server, arrived, authenticated, request).await?;
+    authorize(server, &context, request).await?;
+    request.extensions_mut().insert(context);
+    Ok(())
+}
+
+/// What the first stage learns: the route, the authorization attributes, the arrival revision.
 struct Arrived {
     route: Route,
     attributes: Arc<Attributes>,
     revision: u64,
 }
 
-#[derive(Debug, Clone)]
-struct Authenticated(Identity);
-
-/// The layers around `handler`, outermost first.
-pub fn layered(
-    server: Arc<ApiServer>,
-    handler: axum::Router<Arc<ApiServer>>,
-) -> axum::Router<Arc<ApiServer>> {
-    use axum::middleware::from_fn_with_state;
-    handler
-        .layer(from_fn_with_state(server.clone(), authorize))
-        .layer(from_fn_with_state(server.clone(), impersonate))
-        .layer(from_fn_with_state(server.clone(), authenticate))
-        .layer(from_fn_with_state(server.clone(), measure))
-        .layer(from_fn_with_state(server, request_info))
-}
-
-async fn request_info(
-    State(server): State<Arc<ApiServer>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+fn request_info(server: &ApiServer, request: &Request) -> Arrived {
     let route = request::parse_route(request.uri().path());
     let attributes = request::attributes(
         request.method(),
@@ -81,17 +156,17 @@ async fn request_info(
         request.uri().path(),
         request.uri().query(),
     );
-    request.extensions_mut().insert(Arrived {
+    Arrived {
         route,
         attributes: Arc::new(attributes),
         revision: server.storage.revision(),
-    });
-    next.run(request).await
+    }
 }
 
-async fn measure(State(server): State<Arc<ApiServer>>, request: Request, next: Next) -> Response {
-    let measured = match request.extensions().get::<Arrived>().map(|a| &a.route) {
-        Some(Route::Resource(p)) => Some((
+/// The metric labels of a resource request (verb, resource[/subresource]); none otherwise.
+fn measured(route: &Route, request: &Request) -> Option<(&'static str, String)> {
+    match route {
+        Route::Resource(p) => Some((
             crate::metrics::verb_of(
                 request.method(),
                 request.uri().query(),
@@ -104,99 +179,69 @@ async fn measure(State(server): State<Arc<ApiServer>>, request: Request, next: N
             },
         )),
         _ => None,
-    };
-    let started = std::time::Instant::now();
-    let response = next.run(request).await;
-    if let Some((verb, resource)) = measured {
-        server.request_metrics.record(
-            verb,
-            &resource,
-            response.status().as_u16(),
-            started.elapsed().as_secs_f64(),
-        );
     }
-    response
 }
 
-async fn authenticate(
-    State(server): State<Arc<ApiServer>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let identity = if let Some(TransportIdentity(identity)) =
-        request.extensions().get::<TransportIdentity>()
-    {
-        identity.clone()
-    } else {
-        match request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .map(|h| h.to_str().unwrap_or_default().to_string())
-        {
-            None => Identity::anonymous(),
-            Some(authorization) => match server.tokens.authenticate(&authorization) {
-                Some(identity) => identity,
-                None => match super::service_account_identity(&server, &authorization).await {
-                    Some(identity) => identity,
-                    None => return error_response(&ApiError::unauthorized()),
-                },
-            },
-        }
+/// (`&mut`: a shared borrow of a request, whose body is not `Sync`, cannot cross an await.)
+async fn authenticate(server: &ApiServer, request: &mut Request) -> Result<Identity, Response> {
+    if let Some(TransportIdentity(identity)) = request.extensions().get::<TransportIdentity>() {
+        return Ok(identity.clone());
+    }
+    let Some(authorization) = request.headers().get(header::AUTHORIZATION) else {
+        return Ok(Identity::anonymous());
     };
-    request.extensions_mut().insert(Authenticated(identity));
-    next.run(request).await
+    let authorization = authorization.to_str().unwrap_or_default();
+    if let Some(identity) = server.tokens.authenticate(authorization) {
+        return Ok(identity);
+    }
+    super::service_account_identity(server, authorization)
+        .await
+        .ok_or_else(|| error_response(&ApiError::unauthorized()))
 }
 
 async fn impersonate(
-    State(server): State<Arc<ApiServer>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let (Some(arrived), Some(Authenticated(authenticated))) = (
-        request.extensions_mut().remove::<Arrived>(),
-        request.extensions_mut().remove::<Authenticated>(),
-    ) else {
-        return error_response(&ApiError::internal("the request pipeline is incomplete"));
-    };
+    server: &ApiServer,
+    arrived: Arrived,
+    authenticated: Identity,
+    request: &mut Request,
+) -> Result<RequestContext, Response> {
     let mut context = RequestContext {
         route: arrived.route,
         attributes: arrived.attributes,
-        user: authenticated.clone(),
+        user: authenticated,
         impersonator: None,
         revision: arrived.revision,
     };
-    if let Some(wanted) = impersonation_request(request.headers()) {
-        let (user, checks) = match impersonated(&wanted) {
-            Ok(x) => x,
-            Err(e) => return error_response(&e),
-        };
-        for check in checks {
-            let decision = server
-                .authorizer
-                .authorize_fresh(context.revision, &authenticated, &check)
-                .await;
-            if !decision.allowed() {
-                return error_response(&auth::forbidden(
-                    &authenticated.user,
-                    &check,
-                    decision.reason(),
-                ));
-            }
+    let Some(wanted) = impersonation_request(request.headers()) else {
+        return Ok(context);
+    };
+    let (user, checks) = impersonated(&wanted).map_err(|e| error_response(&e))?;
+    let authenticated = context.user;
+    for check in checks {
+        let decision = server
+            .authorizer
+            .authorize_fresh(context.revision, &authenticated, &check)
+            .await;
+        if !decision.allowed() {
+            return Err(error_response(&auth::forbidden(
+                &authenticated.user,
+                &check,
+                decision.reason(),
+            )));
         }
-        let headers = request.headers_mut();
-        let names: Vec<_> = headers
-            .keys()
-            .filter(|n| n.as_str().starts_with("impersonate-"))
-            .cloned()
-            .collect();
-        for n in names {
-            headers.remove(n);
-        }
-        context.user = user;
-        context.impersonator = Some(authenticated);
     }
-    request.extensions_mut().insert(context);
-    next.run(request).await
+    let headers = request.headers_mut();
+    let names: Vec<_> = headers
+        .keys()
+        .filter(|n| n.as_str().starts_with("impersonate-"))
+        .cloned()
+        .collect();
+    for n in names {
+        headers.remove(n);
+    }
+    context.user = user;
+    context.impersonator = Some(authenticated);
+    Ok(context)
 }
 
 fn is_upgrade(headers: &HeaderMap) -> bool {
@@ -206,10 +251,11 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
-async fn authorize(State(server): State<Arc<ApiServer>>, request: Request, next: Next) -> Response {
-    let Some(context) = request.extensions().get::<RequestContext>() else {
-        return error_response(&ApiError::internal("the request pipeline is incomplete"));
-    };
+async fn authorize(
+    server: &ApiServer,
+    context: &RequestContext,
+    request: &mut Request,
+) -> Result<(), Response> {
     // Streaming into a pod over a WebSocket GET also needs `create`, as upstream (1.31+) asks.
     let a = &*context.attributes;
     let create = (a.verb == "get"
@@ -228,12 +274,12 @@ async fn authorize(State(server): State<Arc<ApiServer>>, request: Request, next:
             .await;
         if !decision.allowed() {
             tracing::debug!(user = %context.user.user, verb = %check.verb, resource = %check.resource_and_subresource(), path = %check.path, reason = %decision.reason(), "forbidden");
-            return error_response(&auth::forbidden(
+            return Err(error_response(&auth::forbidden(
                 &context.user.user,
                 check,
                 decision.reason(),
-            ));
+            )));
         }
     }
-    next.run(request).await
+    Ok(())
 }

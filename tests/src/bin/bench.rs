@@ -796,6 +796,13 @@ async fn scheduling_basic(
         });
     }
     let _ = label_nodes;
+    // The server's request counters, beside its log, to see where a run's work went.
+    if let Ok(metrics) = c
+        .request_text(http::Request::get("/metrics").body(Vec::new())?)
+        .await
+    {
+        let _ = std::fs::write(dir.join("metrics.txt"), metrics);
+    }
     drop(server);
     Ok(())
 }
