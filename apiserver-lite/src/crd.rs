@@ -259,7 +259,14 @@ pub fn resources(crd: &Value) -> Vec<ResourceInfo> {
                 verbs: &["get", "patch", "update"],
             });
         }
+        let schema = v
+            .pointer("/schema/openAPIV3Schema")
+            .cloned()
+            .unwrap_or(json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}));
         out.push(ResourceInfo {
+            strategy: std::sync::Arc::new(crate::kinds::Custom {
+                schema: schema.clone(),
+            }),
             group: group.to_string(),
             version: s(&v, "/name").to_string(),
             resource: plural.to_string(),
@@ -272,9 +279,7 @@ pub fn resources(crd: &Value) -> Vec<ResourceInfo> {
             subresources,
             typed: None,
             custom: Some(CustomResource {
-                schema: v.pointer("/schema/openAPIV3Schema").cloned().unwrap_or(
-                    json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
-                ),
+                schema,
                 columns: columns(&v),
                 status,
                 scale,

@@ -1,45 +1,125 @@
-//! Per-kind behaviour that upstream keeps in "strategies": name rules, defaulting, status and
-//! generation handling, validation, and the fields each kind can be selected by. Pure code over
-//! JSON objects; the HTTP layer calls these in upstream's order (decode, default, prepare,
-//! validate, store).
+//! Per-kind behaviour, as upstream's "strategies": one [`Strategy`] value per resource (name
+//! rule, defaulting, status and generation handling, validation, the fields each kind can be
+//! selected by), registered in [`strategy`]. Pure code over JSON objects; the HTTP layer calls
+//! the functions here in upstream's order (decode, default, prepare, validate, store).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use crate::error::Cause;
 use crate::registry::ResourceInfo;
 use crate::validation::{self, Causes, NameRule};
 
-/// `group/resource`, the handle every per-kind switch below uses.
-fn id(info: &ResourceInfo) -> (&str, &str) {
-    (info.group.as_str(), info.resource.as_str())
+/// What preparing a new object needs besides the object.
+pub struct NewObject<'a> {
+    pub name: &'a str,
+    pub uid: &'a str,
+    /// The resource has a status subresource (its status is not the creator's to set).
+    pub has_status: bool,
 }
 
-pub fn name_rule(info: &ResourceInfo) -> NameRule {
-    match id(info) {
-        ("", "namespaces") => NameRule::Label,
-        ("", "services") => NameRule::Dns1035,
-        ("rbac.authorization.k8s.io", _) | ("", "events") | ("events.k8s.io", _) => {
-            NameRule::PathSegment
+/// A kind's behaviour, as upstream's REST strategies: name rule, generation, defaults,
+/// preparation for create and update, validation and field selector labels. One value per
+/// resource, in [`ResourceInfo::strategy`]; the functions below run a request's part in
+/// upstream's order around it.
+pub trait Strategy: Send + Sync {
+    fn name_rule(&self) -> NameRule {
+        NameRule::Subdomain
+    }
+
+    /// Whether `metadata.generation` is kept (set to 1 on create, bumped on spec changes).
+    fn tracks_generation(&self) -> bool {
+        false
+    }
+
+    fn defaults(&self, _o: &mut Map<String, Value>) {}
+
+    /// Upstream's PrepareForCreate: by default a resource with a status subresource starts
+    /// with an empty status.
+    fn prepare_for_create(&self, o: &mut Map<String, Value>, new: &NewObject) {
+        if new.has_status {
+            o.remove("status");
         }
-        _ => NameRule::Subdomain,
+    }
+
+    /// Upstream's PrepareForUpdate beyond the generic status/generation rules.
+    fn prepare_for_update(&self, _new: &mut Value) {}
+
+    /// The kind's own validation (metadata is validated for every kind before it).
+    fn validate(&self, _object: &Value, _old: Option<&Value>, _causes: &mut Causes) {}
+
+    /// The field selector labels besides `metadata.name` and `metadata.namespace`, with the
+    /// JSON pointer of each.
+    fn field_labels(&self) -> &'static [(&'static str, &'static str)] {
+        &[]
     }
 }
 
-/// Whether `metadata.generation` is kept (set to 1 on create, bumped on spec changes).
+/// Kinds with no behaviour of their own.
+pub struct Plain;
+
+impl Strategy for Plain {}
+
+/// Custom resources: generation tracked, validated by their version's structural schema.
+pub struct Custom {
+    pub schema: Value,
+}
+
+impl Strategy for Custom {
+    fn tracks_generation(&self) -> bool {
+        true
+    }
+
+    fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
+        crate::structural::validate(&self.schema, object, "", &mut causes.0, true);
+    }
+}
+
+pub fn name_rule(info: &ResourceInfo) -> NameRule {
+    info.strategy.name_rule()
+}
+
 pub fn tracks_generation(info: &ResourceInfo) -> bool {
-    let builtin_with_spec = matches!(
-        id(info),
-        (
-            "apps",
-            "deployments" | "replicasets" | "statefulsets" | "daemonsets"
-        ) | ("batch", _)
-            | ("policy", "poddisruptionbudgets")
-            | ("apiextensions.k8s.io", _)
-    );
-    // Custom resources always track generation.
-    builtin_with_spec || info.custom.is_some()
+    info.strategy.tracks_generation()
+}
+
+pub fn apply_defaults(info: &ResourceInfo, object: &mut Value) {
+    info.strategy.defaults(obj(object));
+}
+
+/// Upstream's PrepareForCreate: status starts empty (or at its initial phase), jobs get their
+/// generated selector, namespaces their finalizer and name label.
+pub fn prepare_for_create(info: &ResourceInfo, object: &mut Value, uid: &str) {
+    let name = object
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let new = NewObject {
+        name: &name,
+        uid,
+        has_status: info.has_status(),
+    };
+    info.strategy.prepare_for_create(obj(object), &new);
+}
+
+pub fn prepare_for_update(info: &ResourceInfo, new: &mut Value) {
+    info.strategy.prepare_for_update(new);
+}
+
+/// Validation on create and update (`old` is the stored object on update).
+pub fn validate(info: &ResourceInfo, object: &Value, old: Option<&Value>) -> Vec<Cause> {
+    let mut causes = Causes::default();
+    let meta = object.get("metadata").cloned().unwrap_or(json!({}));
+    validation::validate_metadata(&meta, info.namespaced, name_rule(info), &mut causes);
+    info.strategy.validate(object, old, &mut causes);
+    causes.0
+}
+
+pub fn field_labels(info: &ResourceInfo) -> &'static [(&'static str, &'static str)] {
+    info.strategy.field_labels()
 }
 
 fn obj(value: &mut Value) -> &mut serde_json::Map<String, Value> {
@@ -136,150 +216,6 @@ fn default_template(spec: &mut serde_json::Map<String, Value>) {
     }
 }
 
-/// Upstream's SetDefaults_* for the built-in kinds.
-pub fn apply_defaults(info: &ResourceInfo, object: &mut Value) {
-    let o = obj(object);
-    match id(info) {
-        ("", "pods") => {
-            if let Some(spec) = o.get_mut("spec") {
-                default_pod_spec(spec);
-                let s = obj(spec);
-                default(s, "serviceAccountName", json!("default"));
-                default(s, "priority", json!(0));
-                default(s, "preemptionPolicy", json!("PreemptLowerPriority"));
-                if s.get("tolerations").is_none_or(Value::is_null) {
-                    s.insert("tolerations".into(), json!([]));
-                }
-                // The DefaultTolerationSeconds admission plugin.
-                if let Some(tolerations) = s.get_mut("tolerations").and_then(Value::as_array_mut) {
-                    for key in [
-                        "node.kubernetes.io/not-ready",
-                        "node.kubernetes.io/unreachable",
-                    ] {
-                        if !tolerations.iter().any(|t| t["key"] == key) {
-                            tolerations.push(json!({"key": key, "operator": "Exists",
-                                "effect": "NoExecute", "tolerationSeconds": 300}));
-                        }
-                    }
-                }
-            }
-        }
-        ("", "services") => {
-            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
-            default(spec, "type", json!("ClusterIP"));
-            default(spec, "sessionAffinity", json!("None"));
-            if spec["type"] != "ExternalName" {
-                default(spec, "internalTrafficPolicy", json!("Cluster"));
-            }
-            if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
-                for p in ports {
-                    let p = obj(p);
-                    default(p, "protocol", json!("TCP"));
-                    if let Some(port) = p.get("port").cloned() {
-                        default(p, "targetPort", port);
-                    }
-                }
-            }
-        }
-        ("", "secrets") => {
-            default(o, "type", json!("Opaque"));
-            if let Some(Value::Object(string_data)) = o.remove("stringData") {
-                let data = obj(o.entry("data").or_insert_with(|| json!({})));
-                for (k, v) in string_data {
-                    use base64::Engine;
-                    let text = v.as_str().unwrap_or_default();
-                    data.insert(
-                        k,
-                        json!(base64::engine::general_purpose::STANDARD.encode(text)),
-                    );
-                }
-            }
-        }
-        ("", "persistentvolumeclaims") => {
-            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
-            default(spec, "volumeMode", json!("Filesystem"));
-        }
-        ("", "persistentvolumes") => {
-            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
-            default(spec, "persistentVolumeReclaimPolicy", json!("Retain"));
-            default(spec, "volumeMode", json!("Filesystem"));
-        }
-        ("apps", "deployments") => {
-            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
-            default(spec, "replicas", json!(1));
-            default(spec, "revisionHistoryLimit", json!(10));
-            default(spec, "progressDeadlineSeconds", json!(600));
-            default(spec, "strategy", json!({"type": "RollingUpdate"}));
-            let strategy = obj(spec.get_mut("strategy").expect("just set"));
-            if strategy
-                .get("type")
-                .and_then(Value::as_str)
-                .unwrap_or("RollingUpdate")
-                == "RollingUpdate"
-            {
-                default(strategy, "type", json!("RollingUpdate"));
-                default(strategy, "rollingUpdate", json!({}));
-                let ru = obj(strategy.get_mut("rollingUpdate").expect("just set"));
-                default(ru, "maxUnavailable", json!("25%"));
-                default(ru, "maxSurge", json!("25%"));
-            }
-            default_template(spec);
-        }
-        ("apps", "replicasets") => {
-            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
-            default(spec, "replicas", json!(1));
-            default_template(spec);
-        }
-        ("apps", "daemonsets") => {
-            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
-            default(spec, "revisionHistoryLimit", json!(10));
-            default(spec, "updateStrategy", json!({"type": "RollingUpdate"}));
-            let us = obj(spec.get_mut("updateStrategy").expect("just set"));
-            if us.get("type").and_then(Value::as_str) == Some("RollingUpdate") {
-                default(us, "rollingUpdate", json!({}));
-                let ru = obj(us.get_mut("rollingUpdate").expect("just set"));
-                default(ru, "maxUnavailable", json!(1));
-                default(ru, "maxSurge", json!(0));
-            }
-            default_template(spec);
-        }
-        ("apps", "statefulsets") => {
-            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
-            default(spec, "replicas", json!(1));
-            default(spec, "podManagementPolicy", json!("OrderedReady"));
-            default(spec, "revisionHistoryLimit", json!(10));
-            default(
-                spec,
-                "updateStrategy",
-                json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}),
-            );
-            default(
-                spec,
-                "persistentVolumeClaimRetentionPolicy",
-                json!({"whenDeleted": "Retain", "whenScaled": "Retain"}),
-            );
-            default_template(spec);
-        }
-        ("batch", "jobs") => {
-            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
-            default_job_spec(spec);
-        }
-        ("batch", "cronjobs") => {
-            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
-            default(spec, "concurrencyPolicy", json!("Allow"));
-            default(spec, "suspend", json!(false));
-            default(spec, "successfulJobsHistoryLimit", json!(3));
-            default(spec, "failedJobsHistoryLimit", json!(1));
-            if let Some(jt) = spec.get_mut("jobTemplate").filter(|j| j.is_object())
-                && let Some(js) = obj(jt).get_mut("spec").filter(|j| j.is_object())
-            {
-                default_job_spec(obj(js));
-            }
-        }
-        _ => {}
-    }
-}
-
 fn default_job_spec(spec: &mut serde_json::Map<String, Value>) {
     let completions = spec.get("completions").filter(|v| !v.is_null()).cloned();
     let parallelism = spec.get("parallelism").filter(|v| !v.is_null()).cloned();
@@ -323,304 +259,6 @@ fn qos_class(spec: &Value) -> &'static str {
         (true, true) => "Guaranteed",
         (true, false) => "Burstable",
     }
-}
-
-/// Upstream's PrepareForCreate: status starts empty (or at its initial phase), jobs get their
-/// generated selector, namespaces their finalizer and name label.
-pub fn prepare_for_create(info: &ResourceInfo, object: &mut Value, uid: &str) {
-    let name = object
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
-    let o = obj(object);
-    match id(info) {
-        ("", "pods") => {
-            let qos = qos_class(o.get("spec").unwrap_or(&Value::Null));
-            o.insert(
-                "status".into(),
-                json!({"phase": "Pending", "qosClass": qos}),
-            );
-        }
-        ("", "namespaces") => {
-            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
-            default(spec, "finalizers", json!(["kubernetes"]));
-            o.insert("status".into(), json!({"phase": "Active"}));
-            let meta = obj(o.entry("metadata").or_insert_with(|| json!({})));
-            let labels = obj(meta.entry("labels").or_insert_with(|| json!({})));
-            labels.insert("kubernetes.io/metadata.name".into(), json!(name));
-        }
-        ("", "nodes") => {}
-        ("", "persistentvolumeclaims") => {
-            o.insert("status".into(), json!({"phase": "Pending"}));
-        }
-        ("", "persistentvolumes") => {
-            o.insert("status".into(), json!({"phase": "Pending"}));
-        }
-        ("batch", "jobs") => {
-            let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
-            let manual = spec.get("manualSelector").and_then(Value::as_bool) == Some(true);
-            if !manual {
-                spec.insert(
-                    "selector".into(),
-                    json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}),
-                );
-                let template = obj(spec.entry("template").or_insert_with(|| json!({})));
-                let meta = obj(template.entry("metadata").or_insert_with(|| json!({})));
-                let labels = obj(meta.entry("labels").or_insert_with(|| json!({})));
-                labels.insert("batch.kubernetes.io/controller-uid".into(), json!(uid));
-                labels.insert("batch.kubernetes.io/job-name".into(), json!(name));
-                labels.insert("controller-uid".into(), json!(uid));
-                labels.insert("job-name".into(), json!(name));
-            }
-            o.insert("status".into(), json!({}));
-        }
-        ("apiextensions.k8s.io", "customresourcedefinitions") => {
-            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-            let status = crate::crd::status(&Value::Object(o.clone()), &now);
-            o.insert("status".into(), status);
-        }
-        _ if info.has_status() => {
-            o.remove("status");
-        }
-        _ => {}
-    }
-}
-
-/// Upstream's PrepareForUpdate beyond the generic status/generation rules.
-pub fn prepare_for_update(info: &ResourceInfo, new: &mut Value) {
-    if id(info) == ("apiextensions.k8s.io", "customresourcedefinitions") {
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-        let mut status = crate::crd::status(new, &now);
-        // Keep the original transition times of conditions that did not change.
-        if let Some(old) = new
-            .pointer("/status/conditions")
-            .and_then(Value::as_array)
-            .cloned()
-            && let Some(conditions) = status.get_mut("conditions").and_then(Value::as_array_mut)
-        {
-            for c in conditions.iter_mut() {
-                if let Some(prev) = old
-                    .iter()
-                    .find(|p| p["type"] == c["type"] && p["status"] == c["status"])
-                {
-                    c["lastTransitionTime"] = prev["lastTransitionTime"].clone();
-                }
-            }
-        }
-        new["status"] = status;
-    }
-}
-
-/// Validation on create and update (`old` is the stored object on update).
-pub fn validate(info: &ResourceInfo, object: &Value, old: Option<&Value>) -> Vec<Cause> {
-    let mut causes = Causes::default();
-    let meta = object.get("metadata").cloned().unwrap_or(json!({}));
-    validation::validate_metadata(&meta, info.namespaced, name_rule(info), &mut causes);
-    let spec = object.get("spec");
-    if let Some(custom) = &info.custom {
-        crate::structural::validate(&custom.schema, object, "", &mut causes.0, true);
-        return causes.0;
-    }
-    match id(info) {
-        ("apiextensions.k8s.io", "customresourcedefinitions") => {
-            causes.0.extend(crate::crd::validate(object))
-        }
-        ("", "pods") => {
-            validation::validate_pod_spec(spec, "spec", &mut causes);
-            if let (Some(old), Some(spec)) = (old, spec) {
-                validate_pod_update(old.get("spec").unwrap_or(&Value::Null), spec, &mut causes);
-            }
-        }
-        ("", "services") => validation::validate_service(spec, &mut causes),
-        ("", "configmaps") => validation::validate_config_keys(object, &mut causes),
-        ("apps", "deployments") | ("apps", "replicasets") | ("apps", "daemonsets") => {
-            validation::validate_workload(
-                spec.unwrap_or(&Value::Null),
-                &["Always"],
-                true,
-                &mut causes,
-            );
-            if let Some(old) = old
-                && old.pointer("/spec/selector") != object.pointer("/spec/selector")
-            {
-                causes.push(Cause::invalid(
-                    "spec.selector",
-                    object.pointer("/spec/selector").unwrap_or(&Value::Null),
-                    "field is immutable",
-                ));
-            }
-        }
-        ("apps", "statefulsets") => {
-            validation::validate_workload(
-                spec.unwrap_or(&Value::Null),
-                &["Always"],
-                true,
-                &mut causes,
-            );
-        }
-        ("batch", "jobs") => {
-            validation::validate_workload(
-                spec.unwrap_or(&Value::Null),
-                &["OnFailure", "Never"],
-                true,
-                &mut causes,
-            );
-            if spec
-                .and_then(|s| s.pointer("/template/spec/restartPolicy"))
-                .is_none()
-            {
-                causes.push(Cause::unsupported(
-                    "spec.template.spec.restartPolicy",
-                    &json!("Always"),
-                    &["OnFailure", "Never"],
-                ));
-            }
-        }
-        ("batch", "cronjobs") => {
-            match spec.and_then(|s| s.get("schedule")).and_then(Value::as_str) {
-                None | Some("") => causes.push(Cause::required("spec.schedule")),
-                Some(_) => {}
-            }
-            let template = spec.and_then(|s| s.pointer("/jobTemplate/spec/template/spec"));
-            validation::validate_pod_spec(
-                template,
-                "spec.jobTemplate.spec.template.spec",
-                &mut causes,
-            );
-        }
-        ("rbac.authorization.k8s.io", "rolebindings" | "clusterrolebindings") => {
-            validate_binding(object, &mut causes);
-            if let Some(old) = old
-                && old.get("roleRef") != object.get("roleRef")
-            {
-                // Upstream prints the Go value of the old reference.
-                let r = |k: &str| {
-                    old.pointer(&format!("/roleRef/{k}"))
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string()
-                };
-                causes.push(Cause::new(
-                    "FieldValueInvalid",
-                    "roleRef",
-                    format!(
-                        "Invalid value: rbac.RoleRef{{APIGroup:{:?}, Kind:{:?}, Name:{:?}}}: cannot change roleRef",
-                        r("apiGroup"),
-                        r("kind"),
-                        r("name")
-                    ),
-                ));
-            }
-        }
-        ("rbac.authorization.k8s.io", "roles" | "clusterroles") => {
-            validate_rules(object, &mut causes)
-        }
-        ("discovery.k8s.io", "endpointslices") => validate_endpoint_slice(object, &mut causes),
-        (crate::certificates::GROUP, "certificatesigningrequests") => {
-            crate::certificates::validate(object, &mut causes.0)
-        }
-        ("", "persistentvolumeclaims") => {
-            let spec = spec.unwrap_or(&Value::Null);
-            if spec
-                .get("accessModes")
-                .and_then(Value::as_array)
-                .is_none_or(Vec::is_empty)
-            {
-                causes.push(Cause::new(
-                    "FieldValueRequired",
-                    "spec.accessModes",
-                    "Required value: at least 1 access mode is required".into(),
-                ));
-            }
-            if spec.pointer("/resources/requests/storage").is_none() {
-                causes.push(Cause::required("spec.resources[storage]"));
-            }
-        }
-        ("", "persistentvolumes") => {
-            let spec = spec.unwrap_or(&Value::Null);
-            if spec.pointer("/capacity/storage").is_none() {
-                causes.push(Cause::required("spec.capacity"));
-            }
-            if spec
-                .get("accessModes")
-                .and_then(Value::as_array)
-                .is_none_or(Vec::is_empty)
-            {
-                causes.push(Cause::required("spec.accessModes"));
-            }
-            const NOT_SOURCES: &[&str] = &[
-                "accessModes",
-                "capacity",
-                "claimRef",
-                "persistentVolumeReclaimPolicy",
-                "storageClassName",
-                "mountOptions",
-                "volumeMode",
-                "nodeAffinity",
-                "volumeAttributesClassName",
-            ];
-            let has_source = spec
-                .as_object()
-                .is_some_and(|m| m.keys().any(|k| !NOT_SOURCES.contains(&k.as_str())));
-            if !has_source {
-                causes.push(Cause::new(
-                    "FieldValueRequired",
-                    "spec",
-                    "Required value: must specify a volume type".into(),
-                ));
-            }
-        }
-        ("storage.k8s.io", "storageclasses")
-            if object
-                .get("provisioner")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .is_empty() =>
-        {
-            causes.push(Cause::required("provisioner"));
-        }
-        ("policy", "poddisruptionbudgets") => {
-            let spec = spec.unwrap_or(&Value::Null);
-            if spec.get("minAvailable").is_some() && spec.get("maxUnavailable").is_some() {
-                causes.push(Cause::invalid(
-                    "spec",
-                    spec,
-                    "minAvailable and maxUnavailable cannot be both set",
-                ));
-            }
-        }
-        ("", "secrets") => {
-            validation::validate_config_keys(object, &mut causes);
-            let data = object.get("data").and_then(Value::as_object);
-            let has = |k: &str| data.is_some_and(|d| d.contains_key(k));
-            match object
-                .get("type")
-                .and_then(Value::as_str)
-                .unwrap_or("Opaque")
-            {
-                "kubernetes.io/tls" => {
-                    for key in ["tls.crt", "tls.key"] {
-                        if !has(key) {
-                            causes.push(Cause::required(format!("data[{key}]")));
-                        }
-                    }
-                }
-                "kubernetes.io/dockerconfigjson" if !has(".dockerconfigjson") => {
-                    causes.push(Cause::required("data[.dockerconfigjson]"));
-                }
-                "kubernetes.io/basic-auth" if !has("username") && !has("password") => {
-                    causes.push(Cause::required("data[username]"));
-                }
-                "kubernetes.io/ssh-auth" if !has("ssh-privatekey") => {
-                    causes.push(Cause::required("data[ssh-privatekey]"));
-                }
-                _ => {}
-            }
-        }
-        _ => {}
-    }
-    causes.0
 }
 
 fn validate_binding(object: &Value, causes: &mut Causes) {
@@ -785,58 +423,6 @@ fn field_str(object: &Value, pointer: &str) -> String {
     }
 }
 
-/// The field selector labels each kind supports, besides `metadata.name` and `metadata.namespace`.
-pub fn field_labels(info: &ResourceInfo) -> &'static [(&'static str, &'static str)] {
-    match id(info) {
-        ("", "pods") => &[
-            ("spec.nodeName", "/spec/nodeName"),
-            ("spec.restartPolicy", "/spec/restartPolicy"),
-            ("spec.schedulerName", "/spec/schedulerName"),
-            ("spec.serviceAccountName", "/spec/serviceAccountName"),
-            ("spec.hostNetwork", "/spec/hostNetwork"),
-            ("status.phase", "/status/phase"),
-            ("status.podIP", "/status/podIP"),
-            ("status.nominatedNodeName", "/status/nominatedNodeName"),
-        ],
-        ("", "events") => &[
-            ("involvedObject.kind", "/involvedObject/kind"),
-            ("involvedObject.namespace", "/involvedObject/namespace"),
-            ("involvedObject.name", "/involvedObject/name"),
-            ("involvedObject.uid", "/involvedObject/uid"),
-            ("involvedObject.apiVersion", "/involvedObject/apiVersion"),
-            (
-                "involvedObject.resourceVersion",
-                "/involvedObject/resourceVersion",
-            ),
-            ("involvedObject.fieldPath", "/involvedObject/fieldPath"),
-            ("reason", "/reason"),
-            ("reportingComponent", "/reportingComponent"),
-            ("source", "/source/component"),
-            ("type", "/type"),
-        ],
-        ("events.k8s.io", "events") => &[
-            ("regarding.kind", "/regarding/kind"),
-            ("regarding.namespace", "/regarding/namespace"),
-            ("regarding.name", "/regarding/name"),
-            ("regarding.uid", "/regarding/uid"),
-            ("reason", "/reason"),
-            ("reportingController", "/reportingController"),
-            ("type", "/type"),
-        ],
-        ("", "nodes") => &[("spec.unschedulable", "/spec/unschedulable")],
-        ("", "namespaces") => &[("status.phase", "/status/phase")],
-        ("", "secrets") => &[("type", "/type")],
-        ("", "services") => &[
-            ("spec.clusterIP", "/spec/clusterIP"),
-            ("spec.type", "/spec/type"),
-        ],
-        ("", "persistentvolumeclaims") => &[("spec.volumeName", "/spec/volumeName")],
-        ("apps", "replicasets") => &[("status.replicas", "/status/replicas")],
-        ("batch", "jobs") => &[("status.successful", "/status/succeeded")],
-        _ => &[],
-    }
-}
-
 /// The values a field selector compares against.
 pub fn selectable_fields(info: &ResourceInfo, object: &Value) -> BTreeMap<String, String> {
     let mut fields = BTreeMap::new();
@@ -880,6 +466,694 @@ pub fn check_field_labels(
         }
     }
     Ok(())
+}
+
+/// The strategy of pods.
+pub struct Pods;
+
+impl Strategy for Pods {
+    fn defaults(&self, o: &mut Map<String, Value>) {
+        if let Some(spec) = o.get_mut("spec") {
+            default_pod_spec(spec);
+            let s = obj(spec);
+            default(s, "serviceAccountName", json!("default"));
+            default(s, "priority", json!(0));
+            default(s, "preemptionPolicy", json!("PreemptLowerPriority"));
+            if s.get("tolerations").is_none_or(Value::is_null) {
+                s.insert("tolerations".into(), json!([]));
+            }
+            // The DefaultTolerationSeconds admission plugin.
+            if let Some(tolerations) = s.get_mut("tolerations").and_then(Value::as_array_mut) {
+                for key in [
+                    "node.kubernetes.io/not-ready",
+                    "node.kubernetes.io/unreachable",
+                ] {
+                    if !tolerations.iter().any(|t| t["key"] == key) {
+                        tolerations.push(json!({"key": key, "operator": "Exists",
+                                "effect": "NoExecute", "tolerationSeconds": 300}));
+                    }
+                }
+            }
+        }
+    }
+    fn prepare_for_create(&self, o: &mut Map<String, Value>, _new: &NewObject) {
+        let qos = qos_class(o.get("spec").unwrap_or(&Value::Null));
+        o.insert(
+            "status".into(),
+            json!({"phase": "Pending", "qosClass": qos}),
+        );
+    }
+    fn validate(&self, object: &Value, old: Option<&Value>, causes: &mut Causes) {
+        let spec = object.get("spec");
+        validation::validate_pod_spec(spec, "spec", causes);
+        if let (Some(old), Some(spec)) = (old, spec) {
+            validate_pod_update(old.get("spec").unwrap_or(&Value::Null), spec, causes);
+        }
+    }
+    fn field_labels(&self) -> &'static [(&'static str, &'static str)] {
+        &[
+            ("spec.nodeName", "/spec/nodeName"),
+            ("spec.restartPolicy", "/spec/restartPolicy"),
+            ("spec.schedulerName", "/spec/schedulerName"),
+            ("spec.serviceAccountName", "/spec/serviceAccountName"),
+            ("spec.hostNetwork", "/spec/hostNetwork"),
+            ("status.phase", "/status/phase"),
+            ("status.podIP", "/status/podIP"),
+            ("status.nominatedNodeName", "/status/nominatedNodeName"),
+        ]
+    }
+}
+
+/// The strategy of services.
+pub struct Services;
+
+impl Strategy for Services {
+    fn name_rule(&self) -> NameRule {
+        NameRule::Dns1035
+    }
+    fn defaults(&self, o: &mut Map<String, Value>) {
+        let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+        default(spec, "type", json!("ClusterIP"));
+        default(spec, "sessionAffinity", json!("None"));
+        if spec["type"] != "ExternalName" {
+            default(spec, "internalTrafficPolicy", json!("Cluster"));
+        }
+        if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
+            for p in ports {
+                let p = obj(p);
+                default(p, "protocol", json!("TCP"));
+                if let Some(port) = p.get("port").cloned() {
+                    default(p, "targetPort", port);
+                }
+            }
+        }
+    }
+    fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
+        let spec = object.get("spec");
+        validation::validate_service(spec, causes);
+    }
+    fn field_labels(&self) -> &'static [(&'static str, &'static str)] {
+        &[
+            ("spec.clusterIP", "/spec/clusterIP"),
+            ("spec.type", "/spec/type"),
+        ]
+    }
+}
+
+/// The strategy of secrets.
+pub struct Secrets;
+
+impl Strategy for Secrets {
+    fn defaults(&self, o: &mut Map<String, Value>) {
+        default(o, "type", json!("Opaque"));
+        if let Some(Value::Object(string_data)) = o.remove("stringData") {
+            let data = obj(o.entry("data").or_insert_with(|| json!({})));
+            for (k, v) in string_data {
+                use base64::Engine;
+                let text = v.as_str().unwrap_or_default();
+                data.insert(
+                    k,
+                    json!(base64::engine::general_purpose::STANDARD.encode(text)),
+                );
+            }
+        }
+    }
+    fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
+        validation::validate_config_keys(object, causes);
+        let data = object.get("data").and_then(Value::as_object);
+        let has = |k: &str| data.is_some_and(|d| d.contains_key(k));
+        match object
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("Opaque")
+        {
+            "kubernetes.io/tls" => {
+                for key in ["tls.crt", "tls.key"] {
+                    if !has(key) {
+                        causes.push(Cause::required(format!("data[{key}]")));
+                    }
+                }
+            }
+            "kubernetes.io/dockerconfigjson" if !has(".dockerconfigjson") => {
+                causes.push(Cause::required("data[.dockerconfigjson]"));
+            }
+            "kubernetes.io/basic-auth" if !has("username") && !has("password") => {
+                causes.push(Cause::required("data[username]"));
+            }
+            "kubernetes.io/ssh-auth" if !has("ssh-privatekey") => {
+                causes.push(Cause::required("data[ssh-privatekey]"));
+            }
+            _ => {}
+        }
+    }
+    fn field_labels(&self) -> &'static [(&'static str, &'static str)] {
+        &[("type", "/type")]
+    }
+}
+
+/// The strategy of configmaps.
+pub struct ConfigMaps;
+
+impl Strategy for ConfigMaps {
+    fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
+        validation::validate_config_keys(object, causes);
+    }
+}
+
+/// The strategy of namespaces.
+pub struct Namespaces;
+
+impl Strategy for Namespaces {
+    fn name_rule(&self) -> NameRule {
+        NameRule::Label
+    }
+    fn prepare_for_create(&self, o: &mut Map<String, Value>, new: &NewObject) {
+        let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+        default(spec, "finalizers", json!(["kubernetes"]));
+        o.insert("status".into(), json!({"phase": "Active"}));
+        let meta = obj(o.entry("metadata").or_insert_with(|| json!({})));
+        let labels = obj(meta.entry("labels").or_insert_with(|| json!({})));
+        labels.insert("kubernetes.io/metadata.name".into(), json!(new.name));
+    }
+    fn field_labels(&self) -> &'static [(&'static str, &'static str)] {
+        &[("status.phase", "/status/phase")]
+    }
+}
+
+/// The strategy of nodes (their agent creates them with a status).
+pub struct Nodes;
+
+impl Strategy for Nodes {
+    fn prepare_for_create(&self, _o: &mut Map<String, Value>, __new: &NewObject) {}
+    fn field_labels(&self) -> &'static [(&'static str, &'static str)] {
+        &[("spec.unschedulable", "/spec/unschedulable")]
+    }
+}
+
+/// The strategy of persistentvolumeclaims.
+pub struct PersistentVolumeClaims;
+
+impl Strategy for PersistentVolumeClaims {
+    fn defaults(&self, o: &mut Map<String, Value>) {
+        let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+        default(spec, "volumeMode", json!("Filesystem"));
+    }
+    fn prepare_for_create(&self, o: &mut Map<String, Value>, _new: &NewObject) {
+        o.insert("status".into(), json!({"phase": "Pending"}));
+    }
+    fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
+        let spec = object.get("spec").unwrap_or(&Value::Null);
+        if spec
+            .get("accessModes")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty)
+        {
+            causes.push(Cause::new(
+                "FieldValueRequired",
+                "spec.accessModes",
+                "Required value: at least 1 access mode is required".into(),
+            ));
+        }
+        if spec.pointer("/resources/requests/storage").is_none() {
+            causes.push(Cause::required("spec.resources[storage]"));
+        }
+    }
+    fn field_labels(&self) -> &'static [(&'static str, &'static str)] {
+        &[("spec.volumeName", "/spec/volumeName")]
+    }
+}
+
+/// The strategy of persistentvolumes.
+pub struct PersistentVolumes;
+
+impl Strategy for PersistentVolumes {
+    fn defaults(&self, o: &mut Map<String, Value>) {
+        let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+        default(spec, "persistentVolumeReclaimPolicy", json!("Retain"));
+        default(spec, "volumeMode", json!("Filesystem"));
+    }
+    fn prepare_for_create(&self, o: &mut Map<String, Value>, _new: &NewObject) {
+        o.insert("status".into(), json!({"phase": "Pending"}));
+    }
+    fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
+        let spec = object.get("spec").unwrap_or(&Value::Null);
+        if spec.pointer("/capacity/storage").is_none() {
+            causes.push(Cause::required("spec.capacity"));
+        }
+        if spec
+            .get("accessModes")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty)
+        {
+            causes.push(Cause::required("spec.accessModes"));
+        }
+        const NOT_SOURCES: &[&str] = &[
+            "accessModes",
+            "capacity",
+            "claimRef",
+            "persistentVolumeReclaimPolicy",
+            "storageClassName",
+            "mountOptions",
+            "volumeMode",
+            "nodeAffinity",
+            "volumeAttributesClassName",
+        ];
+        let has_source = spec
+            .as_object()
+            .is_some_and(|m| m.keys().any(|k| !NOT_SOURCES.contains(&k.as_str())));
+        if !has_source {
+            causes.push(Cause::new(
+                "FieldValueRequired",
+                "spec",
+                "Required value: must specify a volume type".into(),
+            ));
+        }
+    }
+}
+
+/// The strategy of events (core/v1).
+pub struct CoreEvents;
+
+impl Strategy for CoreEvents {
+    fn name_rule(&self) -> NameRule {
+        NameRule::PathSegment
+    }
+    fn field_labels(&self) -> &'static [(&'static str, &'static str)] {
+        &[
+            ("involvedObject.kind", "/involvedObject/kind"),
+            ("involvedObject.namespace", "/involvedObject/namespace"),
+            ("involvedObject.name", "/involvedObject/name"),
+            ("involvedObject.uid", "/involvedObject/uid"),
+            ("involvedObject.apiVersion", "/involvedObject/apiVersion"),
+            (
+                "involvedObject.resourceVersion",
+                "/involvedObject/resourceVersion",
+            ),
+            ("involvedObject.fieldPath", "/involvedObject/fieldPath"),
+            ("reason", "/reason"),
+            ("reportingComponent", "/reportingComponent"),
+            ("source", "/source/component"),
+            ("type", "/type"),
+        ]
+    }
+}
+
+/// The strategy of events (events.k8s.io).
+pub struct Events;
+
+impl Strategy for Events {
+    fn name_rule(&self) -> NameRule {
+        NameRule::PathSegment
+    }
+    fn field_labels(&self) -> &'static [(&'static str, &'static str)] {
+        &[
+            ("regarding.kind", "/regarding/kind"),
+            ("regarding.namespace", "/regarding/namespace"),
+            ("regarding.name", "/regarding/name"),
+            ("regarding.uid", "/regarding/uid"),
+            ("reason", "/reason"),
+            ("reportingController", "/reportingController"),
+            ("type", "/type"),
+        ]
+    }
+}
+
+/// The strategy of deployments.
+pub struct Deployments;
+
+impl Strategy for Deployments {
+    fn tracks_generation(&self) -> bool {
+        true
+    }
+    fn defaults(&self, o: &mut Map<String, Value>) {
+        let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+        default(spec, "replicas", json!(1));
+        default(spec, "revisionHistoryLimit", json!(10));
+        default(spec, "progressDeadlineSeconds", json!(600));
+        default(spec, "strategy", json!({"type": "RollingUpdate"}));
+        let strategy = obj(spec.get_mut("strategy").expect("just set"));
+        if strategy
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("RollingUpdate")
+            == "RollingUpdate"
+        {
+            default(strategy, "type", json!("RollingUpdate"));
+            default(strategy, "rollingUpdate", json!({}));
+            let ru = obj(strategy.get_mut("rollingUpdate").expect("just set"));
+            default(ru, "maxUnavailable", json!("25%"));
+            default(ru, "maxSurge", json!("25%"));
+        }
+        default_template(spec);
+    }
+    fn validate(&self, object: &Value, old: Option<&Value>, causes: &mut Causes) {
+        validate_selector_workload(object, old, causes);
+    }
+}
+
+/// The strategy of replicasets.
+pub struct ReplicaSets;
+
+impl Strategy for ReplicaSets {
+    fn tracks_generation(&self) -> bool {
+        true
+    }
+    fn defaults(&self, o: &mut Map<String, Value>) {
+        let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+        default(spec, "replicas", json!(1));
+        default_template(spec);
+    }
+    fn validate(&self, object: &Value, old: Option<&Value>, causes: &mut Causes) {
+        validate_selector_workload(object, old, causes);
+    }
+    fn field_labels(&self) -> &'static [(&'static str, &'static str)] {
+        &[("status.replicas", "/status/replicas")]
+    }
+}
+
+/// The strategy of daemonsets.
+pub struct DaemonSets;
+
+impl Strategy for DaemonSets {
+    fn tracks_generation(&self) -> bool {
+        true
+    }
+    fn defaults(&self, o: &mut Map<String, Value>) {
+        let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+        default(spec, "revisionHistoryLimit", json!(10));
+        default(spec, "updateStrategy", json!({"type": "RollingUpdate"}));
+        let us = obj(spec.get_mut("updateStrategy").expect("just set"));
+        if us.get("type").and_then(Value::as_str) == Some("RollingUpdate") {
+            default(us, "rollingUpdate", json!({}));
+            let ru = obj(us.get_mut("rollingUpdate").expect("just set"));
+            default(ru, "maxUnavailable", json!(1));
+            default(ru, "maxSurge", json!(0));
+        }
+        default_template(spec);
+    }
+    fn validate(&self, object: &Value, old: Option<&Value>, causes: &mut Causes) {
+        validate_selector_workload(object, old, causes);
+    }
+}
+
+/// The strategy of statefulsets.
+pub struct StatefulSets;
+
+impl Strategy for StatefulSets {
+    fn tracks_generation(&self) -> bool {
+        true
+    }
+    fn defaults(&self, o: &mut Map<String, Value>) {
+        let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+        default(spec, "replicas", json!(1));
+        default(spec, "podManagementPolicy", json!("OrderedReady"));
+        default(spec, "revisionHistoryLimit", json!(10));
+        default(
+            spec,
+            "updateStrategy",
+            json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}),
+        );
+        default(
+            spec,
+            "persistentVolumeClaimRetentionPolicy",
+            json!({"whenDeleted": "Retain", "whenScaled": "Retain"}),
+        );
+        default_template(spec);
+    }
+    fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
+        let spec = object.get("spec");
+        validation::validate_workload(spec.unwrap_or(&Value::Null), &["Always"], true, causes);
+    }
+}
+
+/// The strategy of jobs.
+pub struct Jobs;
+
+impl Strategy for Jobs {
+    fn tracks_generation(&self) -> bool {
+        true
+    }
+    fn defaults(&self, o: &mut Map<String, Value>) {
+        let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+        default_job_spec(spec);
+    }
+    fn prepare_for_create(&self, o: &mut Map<String, Value>, new: &NewObject) {
+        let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+        let manual = spec.get("manualSelector").and_then(Value::as_bool) == Some(true);
+        if !manual {
+            spec.insert(
+                "selector".into(),
+                json!({"matchLabels": {"batch.kubernetes.io/controller-uid": new.uid}}),
+            );
+            let template = obj(spec.entry("template").or_insert_with(|| json!({})));
+            let meta = obj(template.entry("metadata").or_insert_with(|| json!({})));
+            let labels = obj(meta.entry("labels").or_insert_with(|| json!({})));
+            labels.insert("batch.kubernetes.io/controller-uid".into(), json!(new.uid));
+            labels.insert("batch.kubernetes.io/job-name".into(), json!(new.name));
+            labels.insert("controller-uid".into(), json!(new.uid));
+            labels.insert("job-name".into(), json!(new.name));
+        }
+        o.insert("status".into(), json!({}));
+    }
+    fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
+        let spec = object.get("spec");
+        validation::validate_workload(
+            spec.unwrap_or(&Value::Null),
+            &["OnFailure", "Never"],
+            true,
+            causes,
+        );
+        if spec
+            .and_then(|s| s.pointer("/template/spec/restartPolicy"))
+            .is_none()
+        {
+            causes.push(Cause::unsupported(
+                "spec.template.spec.restartPolicy",
+                &json!("Always"),
+                &["OnFailure", "Never"],
+            ));
+        }
+    }
+    fn field_labels(&self) -> &'static [(&'static str, &'static str)] {
+        &[("status.successful", "/status/succeeded")]
+    }
+}
+
+/// The strategy of cronjobs.
+pub struct CronJobs;
+
+impl Strategy for CronJobs {
+    fn tracks_generation(&self) -> bool {
+        true
+    }
+    fn defaults(&self, o: &mut Map<String, Value>) {
+        let spec = obj(o.entry("spec").or_insert_with(|| json!({})));
+        default(spec, "concurrencyPolicy", json!("Allow"));
+        default(spec, "suspend", json!(false));
+        default(spec, "successfulJobsHistoryLimit", json!(3));
+        default(spec, "failedJobsHistoryLimit", json!(1));
+        if let Some(jt) = spec.get_mut("jobTemplate").filter(|j| j.is_object())
+            && let Some(js) = obj(jt).get_mut("spec").filter(|j| j.is_object())
+        {
+            default_job_spec(obj(js));
+        }
+    }
+    fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
+        let spec = object.get("spec");
+        match spec.and_then(|s| s.get("schedule")).and_then(Value::as_str) {
+            None | Some("") => causes.push(Cause::required("spec.schedule")),
+            Some(_) => {}
+        }
+        let template = spec.and_then(|s| s.pointer("/jobTemplate/spec/template/spec"));
+        validation::validate_pod_spec(template, "spec.jobTemplate.spec.template.spec", causes);
+    }
+}
+
+/// The strategy of poddisruptionbudgets.
+pub struct PodDisruptionBudgets;
+
+impl Strategy for PodDisruptionBudgets {
+    fn tracks_generation(&self) -> bool {
+        true
+    }
+    fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
+        let spec = object.get("spec").unwrap_or(&Value::Null);
+        if spec.get("minAvailable").is_some() && spec.get("maxUnavailable").is_some() {
+            causes.push(Cause::invalid(
+                "spec",
+                spec,
+                "minAvailable and maxUnavailable cannot be both set",
+            ));
+        }
+    }
+}
+
+/// The strategy of rolebindings and clusterrolebindings.
+pub struct RoleBindings;
+
+impl Strategy for RoleBindings {
+    fn name_rule(&self) -> NameRule {
+        NameRule::PathSegment
+    }
+    fn validate(&self, object: &Value, old: Option<&Value>, causes: &mut Causes) {
+        validate_binding(object, causes);
+        if let Some(old) = old
+            && old.get("roleRef") != object.get("roleRef")
+        {
+            // Upstream prints the Go value of the old reference.
+            let r = |k: &str| {
+                old.pointer(&format!("/roleRef/{k}"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string()
+            };
+            causes.push(Cause::new(
+                    "FieldValueInvalid",
+                    "roleRef",
+                    format!(
+                        "Invalid value: rbac.RoleRef{{APIGroup:{:?}, Kind:{:?}, Name:{:?}}}: cannot change roleRef",
+                        r("apiGroup"),
+                        r("kind"),
+                        r("name")
+                    ),
+                ));
+        }
+    }
+}
+
+/// The strategy of roles and clusterroles.
+pub struct Roles;
+
+impl Strategy for Roles {
+    fn name_rule(&self) -> NameRule {
+        NameRule::PathSegment
+    }
+    fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
+        validate_rules(object, causes)
+    }
+}
+
+/// The strategy of endpointslices.
+pub struct EndpointSlices;
+
+impl Strategy for EndpointSlices {
+    fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
+        validate_endpoint_slice(object, causes);
+    }
+}
+
+/// The strategy of certificatesigningrequests.
+pub struct CertificateSigningRequests;
+
+impl Strategy for CertificateSigningRequests {
+    fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
+        crate::certificates::validate(object, &mut causes.0)
+    }
+}
+
+/// The strategy of storageclasses.
+pub struct StorageClasses;
+
+impl Strategy for StorageClasses {
+    fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
+        if object
+            .get("provisioner")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .is_empty()
+        {
+            causes.push(Cause::required("provisioner"));
+        }
+    }
+}
+
+/// The strategy of customresourcedefinitions.
+pub struct CustomResourceDefinitions;
+
+impl Strategy for CustomResourceDefinitions {
+    fn tracks_generation(&self) -> bool {
+        true
+    }
+    fn prepare_for_create(&self, o: &mut Map<String, Value>, _new: &NewObject) {
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let status = crate::crd::status(&Value::Object(o.clone()), &now);
+        o.insert("status".into(), status);
+    }
+    fn prepare_for_update(&self, new: &mut Value) {
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let mut status = crate::crd::status(new, &now);
+        // Keep the original transition times of conditions that did not change.
+        if let Some(old) = new
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .cloned()
+            && let Some(conditions) = status.get_mut("conditions").and_then(Value::as_array_mut)
+        {
+            for c in conditions.iter_mut() {
+                if let Some(prev) = old
+                    .iter()
+                    .find(|p| p["type"] == c["type"] && p["status"] == c["status"])
+                {
+                    c["lastTransitionTime"] = prev["lastTransitionTime"].clone();
+                }
+            }
+        }
+        new["status"] = status;
+    }
+    fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
+        causes.0.extend(crate::crd::validate(object))
+    }
+}
+
+/// The strategy of a built-in resource: the one place that ties a resource to its behaviour.
+pub fn strategy(group: &str, resource: &str) -> Arc<dyn Strategy> {
+    match (group, resource) {
+        ("", "pods") => Arc::new(Pods),
+        ("", "services") => Arc::new(Services),
+        ("", "secrets") => Arc::new(Secrets),
+        ("", "configmaps") => Arc::new(ConfigMaps),
+        ("", "namespaces") => Arc::new(Namespaces),
+        ("", "nodes") => Arc::new(Nodes),
+        ("", "persistentvolumeclaims") => Arc::new(PersistentVolumeClaims),
+        ("", "persistentvolumes") => Arc::new(PersistentVolumes),
+        ("", "events") => Arc::new(CoreEvents),
+        ("events.k8s.io", "events") => Arc::new(Events),
+        ("apps", "deployments") => Arc::new(Deployments),
+        ("apps", "replicasets") => Arc::new(ReplicaSets),
+        ("apps", "daemonsets") => Arc::new(DaemonSets),
+        ("apps", "statefulsets") => Arc::new(StatefulSets),
+        ("batch", "jobs") => Arc::new(Jobs),
+        ("batch", "cronjobs") => Arc::new(CronJobs),
+        ("policy", "poddisruptionbudgets") => Arc::new(PodDisruptionBudgets),
+        ("rbac.authorization.k8s.io", "rolebindings" | "clusterrolebindings") => {
+            Arc::new(RoleBindings)
+        }
+        ("rbac.authorization.k8s.io", "roles" | "clusterroles") => Arc::new(Roles),
+        ("discovery.k8s.io", "endpointslices") => Arc::new(EndpointSlices),
+        (crate::certificates::GROUP, "certificatesigningrequests") => {
+            Arc::new(CertificateSigningRequests)
+        }
+        ("storage.k8s.io", "storageclasses") => Arc::new(StorageClasses),
+        ("apiextensions.k8s.io", "customresourcedefinitions") => {
+            Arc::new(CustomResourceDefinitions)
+        }
+        _ => Arc::new(Plain),
+    }
+}
+
+/// Deployments, ReplicaSets and DaemonSets: a workload whose selector is immutable.
+fn validate_selector_workload(object: &Value, old: Option<&Value>, causes: &mut Causes) {
+    let spec = object.get("spec");
+    validation::validate_workload(spec.unwrap_or(&Value::Null), &["Always"], true, causes);
+    if let Some(old) = old
+        && old.pointer("/spec/selector") != object.pointer("/spec/selector")
+    {
+        causes.push(Cause::invalid(
+            "spec.selector",
+            object.pointer("/spec/selector").unwrap_or(&Value::Null),
+            "field is immutable",
+        ));
+    }
 }
 
 #[cfg(test)]

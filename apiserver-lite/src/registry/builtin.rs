@@ -129,6 +129,7 @@ fn resource(
         subresources,
         typed,
         custom: None,
+        strategy: crate::kinds::strategy(group, plural),
     }
 }
 

@@ -2,9 +2,8 @@
 //!
 //! Built-in kinds are listed in [`builtin`], each tied to its `k8s-openapi` type, which gives the
 //! server upstream's decoding (unknown fields dropped, wrong types rejected) and the schema behind
-//! OpenAPI and `kubectl explain`. Per-kind behaviour that upstream keeps in "strategies" (defaults,
-//! validation, status handling, field selectors, table columns) lives beside it in
-//! [`crate::kinds`].
+//! OpenAPI and `kubectl explain`. Each carries its [`crate::kinds::Strategy`] (defaults,
+//! validation, status handling, field selectors), as upstream's REST strategies.
 
 pub mod builtin;
 
@@ -113,6 +112,8 @@ pub struct ResourceInfo {
     pub typed: Option<TypedKind>,
     /// Set for resources defined by a CustomResourceDefinition.
     pub custom: Option<CustomResource>,
+    /// The kind's behaviour (defaults, preparation, validation, field labels).
+    pub strategy: Arc<dyn crate::kinds::Strategy>,
 }
 
 impl ResourceInfo {
