@@ -267,6 +267,9 @@ pub fn resources(crd: &Value) -> Vec<ResourceInfo> {
             strategy: std::sync::Arc::new(crate::kinds::Custom {
                 schema: schema.clone(),
             }),
+            printer: std::sync::Arc::new(crate::tables::CustomColumns {
+                columns: columns(&v),
+            }),
             group: group.to_string(),
             version: s(&v, "/name").to_string(),
             resource: plural.to_string(),
@@ -280,7 +283,6 @@ pub fn resources(crd: &Value) -> Vec<ResourceInfo> {
             typed: None,
             custom: Some(CustomResource {
                 schema,
-                columns: columns(&v),
                 status,
                 scale,
                 list_kind: match s(&names, "/listKind") {

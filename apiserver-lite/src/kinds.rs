@@ -45,7 +45,7 @@ pub trait Strategy: Send + Sync {
     }
 
     /// Upstream's PrepareForUpdate beyond the generic status/generation rules.
-    fn prepare_for_update(&self, _new: &mut Value) {}
+    fn prepare_for_update(&self, _new: &mut Value, _old: &Value) {}
 
     /// The kind's own validation (metadata is validated for every kind before it).
     fn validate(&self, _object: &Value, _old: Option<&Value>, _causes: &mut Causes) {}
@@ -105,8 +105,8 @@ pub fn prepare_for_create(info: &ResourceInfo, object: &mut Value, uid: &str) {
     info.strategy.prepare_for_create(obj(object), &new);
 }
 
-pub fn prepare_for_update(info: &ResourceInfo, new: &mut Value) {
-    info.strategy.prepare_for_update(new);
+pub fn prepare_for_update(info: &ResourceInfo, new: &mut Value, old: &Value) {
+    info.strategy.prepare_for_update(new, old);
 }
 
 /// Validation on create and update (`old` is the stored object on update).
@@ -635,6 +635,19 @@ impl Strategy for Namespaces {
         let labels = obj(meta.entry("labels").or_insert_with(|| json!({})));
         labels.insert("kubernetes.io/metadata.name".into(), json!(new.name));
     }
+    /// A namespace's `spec.finalizers` change only through `/finalize`, and its name label
+    /// stays.
+    fn prepare_for_update(&self, new: &mut Value, old: &Value) {
+        if let Some(f) = old.pointer("/spec/finalizers") {
+            new["spec"]["finalizers"] = f.clone();
+        }
+        if let Some(l) = old.pointer("/metadata/labels/kubernetes.io~1metadata.name") {
+            let meta = obj(obj(new).entry("metadata").or_insert_with(|| json!({})));
+            let labels = meta.entry("labels").or_insert_with(|| json!({}));
+            labels["kubernetes.io/metadata.name"] = l.clone();
+        }
+    }
+
     fn field_labels(&self) -> &'static [(&'static str, &'static str)] {
         &[("status.phase", "/status/phase")]
     }
@@ -1079,7 +1092,7 @@ impl Strategy for CustomResourceDefinitions {
         let status = crate::crd::status(&Value::Object(o.clone()), &now);
         o.insert("status".into(), status);
     }
-    fn prepare_for_update(&self, new: &mut Value) {
+    fn prepare_for_update(&self, new: &mut Value, _old: &Value) {
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let mut status = crate::crd::status(new, &now);
         // Keep the original transition times of conditions that did not change.

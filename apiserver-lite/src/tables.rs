@@ -5,6 +5,7 @@
 //! JSON object; ages are rendered with upstream's `HumanDuration` rules.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -566,11 +567,23 @@ fn created_at(object: &Value) -> Value {
     json!(s(object, "/metadata/creationTimestamp"))
 }
 
-/// Columns and the row printer of a kind.
-pub fn columns(info: &ResourceInfo) -> Vec<Column> {
-    if let Some(custom) = &info.custom {
+/// How a kind prints as a Table (`kubectl get`'s columns), as upstream's table convertors: one
+/// value per resource, in [`ResourceInfo::printer`].
+pub trait Printer: Send + Sync {
+    fn columns(&self) -> Vec<Column>;
+    /// The cells of one row, in the order of [`Printer::columns`].
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value>;
+}
+
+/// Custom resources: the name, then their version's `additionalPrinterColumns`.
+pub struct CustomColumns {
+    pub columns: Vec<crate::registry::PrinterColumn>,
+}
+
+impl Printer for CustomColumns {
+    fn columns(&self) -> Vec<Column> {
         let mut cols = vec![NAME];
-        for c in &custom.columns {
+        for c in &self.columns {
             cols.push(Column {
                 name: Cow::Owned(c.name.clone()),
                 kind: Cow::Owned(c.kind.clone()),
@@ -586,10 +599,34 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 format: Cow::Owned(c.format.clone()),
             });
         }
-        return cols;
+        cols
     }
-    match (info.group.as_str(), info.resource.as_str()) {
-        ("", "pods") => vec![
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let mut cells = vec![json!(s(o, "/metadata/name"))];
+        for c in &self.columns {
+            cells.push(custom_cell(&c.kind, json_path(o, &c.json_path), now));
+        }
+        cells
+    }
+}
+
+/// Columns of a kind.
+pub fn columns(info: &ResourceInfo) -> Vec<Column> {
+    info.printer.columns()
+}
+
+/// The cells of one row, in the order of [`columns`].
+pub fn row(info: &ResourceInfo, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+    info.printer.row(o, now)
+}
+
+/// The table of pods.
+pub struct PodsTable;
+
+impl Printer for PodsTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col(
                 "Ready",
@@ -634,8 +671,20 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 1,
                 "If specified, all readiness gates will be evaluated for pod readiness.",
             ),
-        ],
-        ("", "nodes") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        pod_row(o, now)
+    }
+}
+
+/// The table of nodes.
+pub struct NodesTable;
+
+impl Printer for NodesTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col("Status", "string", 0, "The status of the node"),
             col("Roles", "string", 0, "The roles of the node"),
@@ -676,13 +725,39 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 1,
                 "ContainerRuntime Version reported by the node through runtime remote API (e.g. containerd://1.4.2).",
             ),
-        ],
-        ("", "namespaces") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        node_row(o, now)
+    }
+}
+
+/// The table of namespaces.
+pub struct NamespacesTable;
+
+impl Printer for NamespacesTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col("Status", "string", 0, "The status of the namespace"),
             AGE,
-        ],
-        ("", "services") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        vec![name, json!(s(o, "/status/phase")), age]
+    }
+}
+
+/// The table of services.
+pub struct ServicesTable;
+
+impl Printer for ServicesTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col(
                 "Type",
@@ -710,8 +785,20 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
             ),
             AGE,
             SELECTOR,
-        ],
-        ("", "configmaps") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        service_row(o, now)
+    }
+}
+
+/// The table of configmaps.
+pub struct ConfigMapsTable;
+
+impl Printer for ConfigMapsTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col(
                 "Data",
@@ -720,8 +807,28 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 "Data contains the configuration data.",
             ),
             AGE,
-        ],
-        ("", "secrets") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+
+        let count = ["data", "binaryData"]
+            .iter()
+            .filter_map(|k| o.get(*k).and_then(Value::as_object))
+            .map(|m| m.len())
+            .sum::<usize>();
+        vec![name, json!(count), age]
+    }
+}
+
+/// The table of secrets.
+pub struct SecretsTable;
+
+impl Printer for SecretsTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col("Type", "string", 0, "The type of the secret"),
             col(
@@ -731,8 +838,28 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 "The number of entries in the data map",
             ),
             AGE,
-        ],
-        ("", "serviceaccounts") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+
+        let count = o
+            .get("data")
+            .and_then(Value::as_object)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        vec![name, json!(s(o, "/type")), json!(count), age]
+    }
+}
+
+/// The table of serviceaccounts.
+pub struct ServiceAccountsTable;
+
+impl Printer for ServiceAccountsTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col(
                 "Secrets",
@@ -741,8 +868,22 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 "Secrets is a list of the secrets in the same namespace that pods running using this ServiceAccount are allowed to use.",
             ),
             AGE,
-        ],
-        ("", "endpoints") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        vec![name, json!(arr(o, "/secrets").len().to_string()), age]
+    }
+}
+
+/// The table of endpoints.
+pub struct EndpointsTable;
+
+impl Printer for EndpointsTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col(
                 "Endpoints",
@@ -751,8 +892,40 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 "Endpoints is the list of endpoints.",
             ),
             AGE,
-        ],
-        ("", "events") | ("events.k8s.io", "events") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+
+        let mut list = Vec::new();
+        for subset in arr(o, "/subsets") {
+            for a in arr(subset, "/addresses") {
+                let ports = arr(subset, "/ports");
+                if ports.is_empty() {
+                    list.push(s(a, "/ip").to_string());
+                }
+                for p in ports {
+                    list.push(format!("{}:{}", s(a, "/ip"), n(p, "/port")));
+                }
+            }
+        }
+        let text = if list.len() > 3 {
+            format!("{} + {} more...", list[..3].join(","), list.len() - 3)
+        } else {
+            list.join(",")
+        };
+        vec![name, json!(or_none(text)), age]
+    }
+}
+
+/// The table of events.
+pub struct CoreEventsTable;
+
+impl Printer for CoreEventsTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             col("Last Seen", "string", 0, "Time when last event occurred."),
             col(
                 "Type",
@@ -803,8 +976,97 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 1,
                 "Name must be unique within a namespace.",
             ),
-        ],
-        ("", "persistentvolumeclaims") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+
+        let last = if !s(o, "/lastTimestamp").is_empty() {
+            since(o, "/lastTimestamp", now)
+        } else if !s(o, "/eventTime").is_empty() {
+            since(o, "/eventTime", now)
+        } else {
+            since(o, "/metadata/creationTimestamp", now)
+        };
+        let first = if !s(o, "/firstTimestamp").is_empty() {
+            since(o, "/firstTimestamp", now)
+        } else {
+            last.clone()
+        };
+        let source = {
+            let c = s(o, "/source/component");
+            let c = if c.is_empty() {
+                s(o, "/reportingComponent")
+            } else {
+                c
+            };
+            let host = s(o, "/source/host");
+            if host.is_empty() {
+                c.to_string()
+            } else {
+                format!("{c}, {host}")
+            }
+        };
+        vec![
+            json!(last),
+            json!(s(o, "/type")),
+            json!(s(o, "/reason")),
+            json!(event_object(o, "/involvedObject")),
+            json!(s(o, "/involvedObject/fieldPath")),
+            json!(source),
+            json!(s(o, "/message").trim()),
+            json!(first),
+            json!(o.get("count").and_then(Value::as_i64).unwrap_or(1)),
+            name,
+        ]
+    }
+}
+
+/// The table of events.k8s.io/events.
+pub struct EventsTable;
+
+impl Printer for EventsTable {
+    /// The same columns as core/v1 Events (kubectl shows both alike).
+    fn columns(&self) -> Vec<Column> {
+        CoreEventsTable.columns()
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+
+        let last = if !s(o, "/deprecatedLastTimestamp").is_empty() {
+            since(o, "/deprecatedLastTimestamp", now)
+        } else if !s(o, "/eventTime").is_empty() {
+            since(o, "/eventTime", now)
+        } else {
+            since(o, "/metadata/creationTimestamp", now)
+        };
+        vec![
+            json!(last.clone()),
+            json!(s(o, "/type")),
+            json!(s(o, "/reason")),
+            json!(event_object(o, "/regarding")),
+            json!(s(o, "/regarding/fieldPath")),
+            json!(s(o, "/reportingController")),
+            json!(s(o, "/note").trim()),
+            json!(last),
+            json!(
+                o.pointer("/series/count")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(1)
+            ),
+            name,
+        ]
+    }
+}
+
+/// The table of persistentvolumeclaims.
+pub struct PersistentVolumeClaimsTable;
+
+impl Printer for PersistentVolumeClaimsTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col("Status", "string", 0, "Status of the claim."),
             col(
@@ -839,8 +1101,34 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 1,
                 "VolumeMode defines what type of volume is required by the claim.",
             ),
-        ],
-        ("", "persistentvolumes") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+
+        let capacity = s(o, "/status/capacity/storage").to_string();
+        vec![
+            name,
+            json!(s(o, "/status/phase")),
+            json!(s(o, "/spec/volumeName")),
+            json!(capacity),
+            json!(access_modes(arr(o, "/status/accessModes"))),
+            json!(s(o, "/spec/storageClassName")),
+            json!(or_none(s(o, "/spec/volumeAttributesClassName").to_string())),
+            age,
+            json!(s(o, "/spec/volumeMode")),
+        ]
+    }
+}
+
+/// The table of persistentvolumes.
+pub struct PersistentVolumesTable;
+
+impl Printer for PersistentVolumesTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col("Capacity", "string", 0, "Capacity of the volume."),
             col(
@@ -892,9 +1180,58 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 1,
                 "VolumeMode defines what type of volume is required.",
             ),
-        ],
-        ("", "limitranges") => vec![NAME, CREATED_AT],
-        ("", "resourcequotas") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+
+        let claim = if s(o, "/spec/claimRef/name").is_empty() {
+            String::new()
+        } else {
+            format!(
+                "{}/{}",
+                s(o, "/spec/claimRef/namespace"),
+                s(o, "/spec/claimRef/name")
+            )
+        };
+        vec![
+            name,
+            json!(s(o, "/spec/capacity/storage")),
+            json!(access_modes(arr(o, "/spec/accessModes"))),
+            json!(s(o, "/spec/persistentVolumeReclaimPolicy")),
+            json!(s(o, "/status/phase")),
+            json!(claim),
+            json!(s(o, "/spec/storageClassName")),
+            json!(or_none(s(o, "/spec/volumeAttributesClassName").to_string())),
+            json!(s(o, "/status/reason")),
+            age,
+            json!(s(o, "/spec/volumeMode")),
+        ]
+    }
+}
+
+/// The table of limitranges, apiextensions.k8s.io/customresourcedefinitions.
+pub struct NameAndCreationTable;
+
+impl Printer for NameAndCreationTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![NAME, CREATED_AT]
+    }
+
+    fn row(&self, o: &Value, _now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        vec![name, created_at(o)]
+    }
+}
+
+/// The table of resourcequotas.
+pub struct ResourceQuotasTable;
+
+impl Printer for ResourceQuotasTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             AGE,
             col(
@@ -909,8 +1246,44 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 0,
                 "Limits control the maximum amount of cpu/memory that a container may use independent of contention on the node.",
             ),
-        ],
-        ("apps", "deployments") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+
+        let mut requests = Vec::new();
+        let mut limits = Vec::new();
+        if let Some(hard) = o.pointer("/status/hard").and_then(Value::as_object) {
+            for (k, v) in hard {
+                let used = o
+                    .pointer(&format!("/status/used/{}", k.replace('/', "~1")))
+                    .and_then(Value::as_str)
+                    .unwrap_or("0");
+                let text = format!("{k}: {used}/{}", v.as_str().unwrap_or_default());
+                if k.starts_with("limits.") {
+                    limits.push(text);
+                } else {
+                    requests.push(text);
+                }
+            }
+        }
+        vec![
+            name,
+            age,
+            json!(requests.join(", ")),
+            json!(limits.join(", ")),
+        ]
+    }
+}
+
+/// The table of apps/deployments.
+pub struct DeploymentsTable;
+
+impl Printer for DeploymentsTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col("Ready", "string", 0, "Number of the pod with ready state"),
             col(
@@ -929,8 +1302,38 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
             CONTAINERS,
             IMAGES,
             SELECTOR,
-        ],
-        ("apps", "replicasets") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let template_ci = |pointer: &str| containers_and_images(o, pointer);
+
+        let (c, i) = template_ci("/spec/template/spec/containers");
+        vec![
+            name,
+            json!(format!(
+                "{}/{}",
+                n(o, "/status/readyReplicas"),
+                n(o, "/spec/replicas")
+            )),
+            json!(n(o, "/status/updatedReplicas")),
+            json!(n(o, "/status/availableReplicas")),
+            age,
+            json!(c),
+            json!(i),
+            json!(format_selector(o.pointer("/spec/selector"))),
+        ]
+    }
+}
+
+/// The table of apps/replicasets.
+pub struct ReplicaSetsTable;
+
+impl Printer for ReplicaSetsTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col(
                 "Desired",
@@ -954,8 +1357,34 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
             CONTAINERS,
             IMAGES,
             SELECTOR,
-        ],
-        ("apps", "daemonsets") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let template_ci = |pointer: &str| containers_and_images(o, pointer);
+
+        let (c, i) = template_ci("/spec/template/spec/containers");
+        vec![
+            name,
+            json!(n(o, "/spec/replicas")),
+            json!(n(o, "/status/replicas")),
+            json!(n(o, "/status/readyReplicas")),
+            age,
+            json!(c),
+            json!(i),
+            json!(format_selector(o.pointer("/spec/selector"))),
+        ]
+    }
+}
+
+/// The table of apps/daemonsets.
+pub struct DaemonSetsTable;
+
+impl Printer for DaemonSetsTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col(
                 "Desired",
@@ -997,15 +1426,71 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
             CONTAINERS,
             IMAGES,
             SELECTOR,
-        ],
-        ("apps", "statefulsets") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let template_ci = |pointer: &str| containers_and_images(o, pointer);
+
+        let (c, i) = template_ci("/spec/template/spec/containers");
+        vec![
+            name,
+            json!(n(o, "/status/desiredNumberScheduled")),
+            json!(n(o, "/status/currentNumberScheduled")),
+            json!(n(o, "/status/numberReady")),
+            json!(n(o, "/status/updatedNumberScheduled")),
+            json!(n(o, "/status/numberAvailable")),
+            json!(format_map(o.pointer("/spec/template/spec/nodeSelector"))),
+            age,
+            json!(c),
+            json!(i),
+            json!(format_selector(o.pointer("/spec/selector"))),
+        ]
+    }
+}
+
+/// The table of apps/statefulsets.
+pub struct StatefulSetsTable;
+
+impl Printer for StatefulSetsTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col("Ready", "string", 0, "Number of the pod with ready state"),
             AGE,
             CONTAINERS,
             IMAGES,
-        ],
-        ("apps", "controllerrevisions") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let template_ci = |pointer: &str| containers_and_images(o, pointer);
+
+        let (c, i) = template_ci("/spec/template/spec/containers");
+        vec![
+            name,
+            json!(format!(
+                "{}/{}",
+                n(o, "/status/readyReplicas"),
+                n(o, "/spec/replicas")
+            )),
+            age,
+            json!(c),
+            json!(i),
+        ]
+    }
+}
+
+/// The table of apps/controllerrevisions.
+pub struct ControllerRevisionsTable;
+
+impl Printer for ControllerRevisionsTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col("Controller", "string", 0, "Controller of the object"),
             col(
@@ -1015,8 +1500,28 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 "Revision indicates the revision of the state represented by Data.",
             ),
             AGE,
-        ],
-        ("batch", "jobs") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+
+        let owner = arr(o, "/metadata/ownerReferences")
+            .iter()
+            .find(|r| r["controller"] == true)
+            .map(|r| format!("{}/{}", s(r, "/kind").to_lowercase(), s(r, "/name")))
+            .unwrap_or_else(|| "<none>".into());
+        vec![name, json!(owner), json!(n(o, "/revision")), age]
+    }
+}
+
+/// The table of batch/jobs.
+pub struct JobsTable;
+
+impl Printer for JobsTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col("Status", "string", 0, "Status of the job."),
             col(
@@ -1035,8 +1540,58 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
             CONTAINERS,
             IMAGES,
             SELECTOR,
-        ],
-        ("batch", "cronjobs") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let template_ci = |pointer: &str| containers_and_images(o, pointer);
+
+        let (c, i) = template_ci("/spec/template/spec/containers");
+        let completions = match o.pointer("/spec/completions").and_then(Value::as_i64) {
+            Some(total) => format!("{}/{total}", n(o, "/status/succeeded")),
+            None => {
+                let parallelism = n(o, "/spec/parallelism").max(1);
+                if parallelism > 1 {
+                    format!("{}/1 of {parallelism}", n(o, "/status/succeeded"))
+                } else {
+                    format!("{}/1", n(o, "/status/succeeded"))
+                }
+            }
+        };
+        let start = o
+            .pointer("/status/startTime")
+            .and_then(Value::as_str)
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok());
+        let end = o
+            .pointer("/status/completionTime")
+            .and_then(Value::as_str)
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or(now);
+        let duration = start
+            .map(|s| human_duration((end - s.with_timezone(&Utc)).num_seconds()))
+            .unwrap_or_default();
+        vec![
+            name,
+            json!(job_status(o)),
+            json!(completions),
+            json!(duration),
+            age,
+            json!(c),
+            json!(i),
+            json!(format_selector(o.pointer("/spec/selector"))),
+        ]
+    }
+}
+
+/// The table of batch/cronjobs.
+pub struct CronJobsTable;
+
+impl Printer for CronJobsTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col("Schedule", "string", 0, "The schedule in Cron format."),
             col(
@@ -1067,8 +1622,47 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
             CONTAINERS,
             IMAGES,
             SELECTOR,
-        ],
-        ("coordination.k8s.io", "leases") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let template_ci = |pointer: &str| containers_and_images(o, pointer);
+
+        let (c, i) = template_ci("/spec/jobTemplate/spec/template/spec/containers");
+        let last = if s(o, "/status/lastScheduleTime").is_empty() {
+            "<none>".to_string()
+        } else {
+            since(o, "/status/lastScheduleTime", now)
+        };
+        vec![
+            name,
+            json!(s(o, "/spec/schedule")),
+            json!(or_none(s(o, "/spec/timeZone").to_string())),
+            json!(
+                o.pointer("/spec/suspend")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false)
+            ),
+            json!(arr(o, "/status/active").len()),
+            json!(last),
+            age,
+            json!(c),
+            json!(i),
+            json!(format_selector(
+                o.pointer("/spec/jobTemplate/spec/selector")
+            )),
+        ]
+    }
+}
+
+/// The table of coordination.k8s.io/leases.
+pub struct LeasesTable;
+
+impl Printer for LeasesTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col(
                 "Holder",
@@ -1077,15 +1671,80 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 "holderIdentity contains the identity of the holder of a current lease.",
             ),
             AGE,
-        ],
-        ("discovery.k8s.io", "endpointslices") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        vec![name, json!(s(o, "/spec/holderIdentity")), age]
+    }
+}
+
+/// The table of discovery.k8s.io/endpointslices.
+pub struct EndpointSlicesTable;
+
+impl Printer for EndpointSlicesTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col("AddressType", "string", 0, "The IP protocol for this slice"),
             col("Ports", "string", 0, "The ports for this slice"),
             col("Endpoints", "string", 0, "The endpoints for this slice"),
             AGE,
-        ],
-        ("policy", "poddisruptionbudgets") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+
+        let ports: Vec<String> = arr(o, "/ports")
+            .iter()
+            .map(|p| n(p, "/port").to_string())
+            .collect();
+        let addresses: Vec<String> = arr(o, "/endpoints")
+            .iter()
+            .flat_map(|e| {
+                arr(e, "/addresses")
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(String::from)
+            })
+            .collect();
+        let eps = if addresses.len() > 3 {
+            format!(
+                "{} + {} more...",
+                addresses[..3].join(","),
+                addresses.len() - 3
+            )
+        } else {
+            addresses.join(",")
+        };
+        vec![
+            name,
+            json!(s(o, "/addressType")),
+            json!(if ports.is_empty() {
+                "<unset>".to_string()
+            } else {
+                ports.join(",")
+            }),
+            json!(if eps.is_empty() {
+                "<unset>".to_string()
+            } else {
+                eps
+            }),
+            age,
+        ]
+    }
+}
+
+/// The table of policy/poddisruptionbudgets.
+pub struct PodDisruptionBudgetsTable;
+
+impl Printer for PodDisruptionBudgetsTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col(
                 "Min Available",
@@ -1106,12 +1765,48 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 "Calculated number of pods that may be disrupted at this time.",
             ),
             AGE,
-        ],
-        ("rbac.authorization.k8s.io", "roles") | ("rbac.authorization.k8s.io", "clusterroles") => {
-            vec![NAME, CREATED_AT]
-        }
-        ("rbac.authorization.k8s.io", "rolebindings")
-        | ("rbac.authorization.k8s.io", "clusterrolebindings") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+
+        let show = |p: &str| match o.pointer(p) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => "N/A".into(),
+        };
+        vec![
+            name,
+            json!(show("/spec/minAvailable")),
+            json!(show("/spec/maxUnavailable")),
+            json!(n(o, "/status/disruptionsAllowed")),
+            age,
+        ]
+    }
+}
+
+/// The table of rbac.authorization.k8s.io/roles, rbac.authorization.k8s.io/clusterroles.
+pub struct RolesTable;
+
+impl Printer for RolesTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![NAME, CREATED_AT]
+    }
+
+    fn row(&self, o: &Value, _now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        vec![name, created_at(o)]
+    }
+}
+
+/// The table of rbac.authorization.k8s.io/rolebindings, rbac.authorization.k8s.io/clusterrolebindings.
+pub struct RoleBindingsTable;
+
+impl Printer for RoleBindingsTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col("Role", "string", 0, "RoleRef references the role."),
             AGE,
@@ -1123,8 +1818,49 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 1,
                 "ServiceAccounts in the binding.",
             ),
-        ],
-        ("storage.k8s.io", "storageclasses") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+
+        let subjects = arr(o, "/subjects");
+        let of = |kind: &str| {
+            subjects
+                .iter()
+                .filter(|x| x["kind"] == kind)
+                .map(|x| {
+                    if kind == "ServiceAccount" {
+                        format!("{}/{}", s(x, "/namespace"), s(x, "/name"))
+                    } else {
+                        s(x, "/name").to_string()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        vec![
+            name,
+            json!(format!(
+                "{}/{}",
+                s(o, "/roleRef/kind"),
+                s(o, "/roleRef/name")
+            )),
+            age,
+            json!(of("User")),
+            json!(of("Group")),
+            json!(of("ServiceAccount")),
+        ]
+    }
+}
+
+/// The table of storage.k8s.io/storageclasses.
+pub struct StorageClassesTable;
+
+impl Printer for StorageClassesTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col(
                 "Provisioner",
@@ -1151,9 +1887,56 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 "Indicates whether the storage class allow volume expand.",
             ),
             AGE,
-        ],
-        ("apiextensions.k8s.io", "customresourcedefinitions") => vec![NAME, CREATED_AT],
-        ("networking.k8s.io", "ingresses") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+
+        let default = o
+            .pointer("/metadata/annotations")
+            .and_then(Value::as_object)
+            .is_some_and(|a| {
+                a.get("storageclass.kubernetes.io/is-default-class") == Some(&json!("true"))
+                    || a.get("storageclass.beta.kubernetes.io/is-default-class")
+                        == Some(&json!("true"))
+            });
+        let shown = if default {
+            format!("{} (default)", s(o, "/metadata/name"))
+        } else {
+            s(o, "/metadata/name").to_string()
+        };
+        let reclaim = s(o, "/reclaimPolicy");
+        let binding = s(o, "/volumeBindingMode");
+        vec![
+            json!(shown),
+            json!(s(o, "/provisioner")),
+            json!(if reclaim.is_empty() {
+                "Delete"
+            } else {
+                reclaim
+            }),
+            json!(if binding.is_empty() {
+                "Immediate"
+            } else {
+                binding
+            }),
+            json!(
+                o.get("allowVolumeExpansion")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false)
+            ),
+            age,
+        ]
+    }
+}
+
+/// The table of networking.k8s.io/ingresses.
+pub struct IngressesTable;
+
+impl Printer for IngressesTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col(
                 "Class",
@@ -1180,8 +1963,58 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 "Ports of TLS configurations that open",
             ),
             AGE,
-        ],
-        ("networking.k8s.io", "ingressclasses") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+
+        let hosts: Vec<&str> = arr(o, "/spec/rules")
+            .iter()
+            .map(|r| s(r, "/host"))
+            .filter(|h| !h.is_empty())
+            .collect();
+        let hosts = if hosts.is_empty() {
+            "*".to_string()
+        } else if hosts.len() > 4 {
+            format!("{} + {} more...", hosts[..4].join(","), hosts.len() - 4)
+        } else {
+            hosts.join(",")
+        };
+        let addresses: Vec<&str> = arr(o, "/status/loadBalancer/ingress")
+            .iter()
+            .map(|i| {
+                if s(i, "/ip").is_empty() {
+                    s(i, "/hostname")
+                } else {
+                    s(i, "/ip")
+                }
+            })
+            .collect();
+        let ports = if arr(o, "/spec/tls").is_empty() {
+            "80"
+        } else {
+            "80, 443"
+        };
+        let class = s(o, "/spec/ingressClassName");
+        vec![
+            name,
+            json!(if class.is_empty() { "<none>" } else { class }),
+            json!(hosts),
+            json!(addresses.join(",")),
+            json!(ports),
+            age,
+        ]
+    }
+}
+
+/// The table of networking.k8s.io/ingressclasses.
+pub struct IngressClassesTable;
+
+impl Printer for IngressClassesTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col(
                 "Controller",
@@ -1196,8 +2029,27 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 "A reference to a resource with additional parameters",
             ),
             AGE,
-        ],
-        ("networking.k8s.io", "networkpolicies") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+
+        let params = match o.pointer("/spec/parameters") {
+            Some(p) => format!("{}/{}", s(p, "/kind"), s(p, "/name")),
+            None => "<none>".into(),
+        };
+        vec![name, json!(s(o, "/spec/controller")), json!(params), age]
+    }
+}
+
+/// The table of networking.k8s.io/networkpolicies.
+pub struct NetworkPoliciesTable;
+
+impl Printer for NetworkPoliciesTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col(
                 "Pod-Selector",
@@ -1206,8 +2058,24 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 "Selects the pods to which this NetworkPolicy object applies.",
             ),
             AGE,
-        ],
-        ("node.k8s.io", "runtimeclasses") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+
+        let selector = format_selector(o.pointer("/spec/podSelector"));
+        vec![name, json!(selector), age]
+    }
+}
+
+/// The table of node.k8s.io/runtimeclasses.
+pub struct RuntimeClassesTable;
+
+impl Printer for RuntimeClassesTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col(
                 "Handler",
@@ -1216,8 +2084,22 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 "Handler specifies the underlying runtime and configuration that the CRI implementation will use to handle pods of this class.",
             ),
             AGE,
-        ],
-        ("scheduling.k8s.io", "priorityclasses") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        vec![name, json!(s(o, "/handler")), age]
+    }
+}
+
+/// The table of scheduling.k8s.io/priorityclasses.
+pub struct PriorityClassesTable;
+
+impl Printer for PriorityClassesTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col("Value", "integer", 0, "The value of this priority class."),
             col(
@@ -1233,8 +2115,38 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 0,
                 "PreemptionPolicy is the Policy for preempting pods with lower priority.",
             ),
-        ],
-        ("autoscaling", "horizontalpodautoscalers") => vec![
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+
+        let policy = s(o, "/preemptionPolicy");
+        vec![
+            name,
+            json!(n(o, "/value")),
+            json!(
+                o.get("globalDefault")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false)
+            ),
+            age,
+            json!(if policy.is_empty() {
+                "PreemptLowerPriority"
+            } else {
+                policy
+            }),
+        ]
+    }
+}
+
+/// The table of autoscaling/horizontalpodautoscalers.
+pub struct HorizontalPodAutoscalersTable;
+
+impl Printer for HorizontalPodAutoscalersTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
             NAME,
             col(
                 "Reference",
@@ -1262,542 +2174,97 @@ pub fn columns(info: &ResourceInfo) -> Vec<Column> {
                 "Current number of replicas of pods managed by this autoscaler.",
             ),
             AGE,
-        ],
-        _ => vec![NAME, AGE],
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let name = json!(s(o, "/metadata/name"));
+        let age = json!(since(o, "/metadata/creationTimestamp", now));
+
+        let target = o
+            .pointer("/spec/scaleTargetRef")
+            .cloned()
+            .unwrap_or(Value::Null);
+        let min = o
+            .pointer("/spec/minReplicas")
+            .and_then(Value::as_i64)
+            .map(|m| m.to_string())
+            .unwrap_or_else(|| "<unset>".into());
+        let metrics = arr(o, "/spec/metrics").len();
+        vec![
+            name,
+            json!(format!("{}/{}", s(&target, "/kind"), s(&target, "/name"))),
+            json!(if metrics == 0 {
+                "<none>".to_string()
+            } else {
+                format!("{metrics} metric(s)")
+            }),
+            json!(min),
+            json!(n(o, "/spec/maxReplicas")),
+            json!(n(o, "/status/currentReplicas")),
+            age,
+        ]
     }
 }
 
-/// The cells of one row, in the order of [`columns`].
-pub fn row(info: &ResourceInfo, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-    if let Some(custom) = &info.custom {
-        let mut cells = vec![json!(s(o, "/metadata/name"))];
-        for c in &custom.columns {
-            cells.push(custom_cell(&c.kind, json_path(o, &c.json_path), now));
-        }
-        return cells;
+/// Kinds without columns of their own: name and age.
+pub struct NameAndAge;
+
+impl Printer for NameAndAge {
+    fn columns(&self) -> Vec<Column> {
+        vec![NAME, AGE]
     }
-    let name = json!(s(o, "/metadata/name"));
-    let age = json!(since(o, "/metadata/creationTimestamp", now));
-    let template_ci = |pointer: &str| containers_and_images(o, pointer);
-    match (info.group.as_str(), info.resource.as_str()) {
-        ("", "pods") => pod_row(o, now),
-        ("", "nodes") => node_row(o, now),
-        ("", "namespaces") => vec![name, json!(s(o, "/status/phase")), age],
-        ("", "services") => service_row(o, now),
-        ("", "configmaps") => {
-            let count = ["data", "binaryData"]
-                .iter()
-                .filter_map(|k| o.get(*k).and_then(Value::as_object))
-                .map(|m| m.len())
-                .sum::<usize>();
-            vec![name, json!(count), age]
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        vec![
+            json!(s(o, "/metadata/name")),
+            json!(since(o, "/metadata/creationTimestamp", now)),
+        ]
+    }
+}
+
+/// The printer of a built-in resource.
+pub fn printer(group: &str, resource: &str) -> Arc<dyn Printer> {
+    match (group, resource) {
+        ("", "pods") => Arc::new(PodsTable),
+        ("", "nodes") => Arc::new(NodesTable),
+        ("", "namespaces") => Arc::new(NamespacesTable),
+        ("", "services") => Arc::new(ServicesTable),
+        ("", "configmaps") => Arc::new(ConfigMapsTable),
+        ("", "secrets") => Arc::new(SecretsTable),
+        ("", "serviceaccounts") => Arc::new(ServiceAccountsTable),
+        ("", "endpoints") => Arc::new(EndpointsTable),
+        ("", "events") => Arc::new(CoreEventsTable),
+        ("events.k8s.io", "events") => Arc::new(EventsTable),
+        ("", "persistentvolumeclaims") => Arc::new(PersistentVolumeClaimsTable),
+        ("", "persistentvolumes") => Arc::new(PersistentVolumesTable),
+        ("", "limitranges") | ("apiextensions.k8s.io", "customresourcedefinitions") => {
+            Arc::new(NameAndCreationTable)
         }
-        ("", "secrets") => {
-            let count = o
-                .get("data")
-                .and_then(Value::as_object)
-                .map(|m| m.len())
-                .unwrap_or(0);
-            vec![name, json!(s(o, "/type")), json!(count), age]
-        }
-        ("", "serviceaccounts") => vec![name, json!(arr(o, "/secrets").len().to_string()), age],
-        ("", "endpoints") => {
-            let mut list = Vec::new();
-            for subset in arr(o, "/subsets") {
-                for a in arr(subset, "/addresses") {
-                    let ports = arr(subset, "/ports");
-                    if ports.is_empty() {
-                        list.push(s(a, "/ip").to_string());
-                    }
-                    for p in ports {
-                        list.push(format!("{}:{}", s(a, "/ip"), n(p, "/port")));
-                    }
-                }
-            }
-            let text = if list.len() > 3 {
-                format!("{} + {} more...", list[..3].join(","), list.len() - 3)
-            } else {
-                list.join(",")
-            };
-            vec![name, json!(or_none(text)), age]
-        }
-        ("", "events") => {
-            let last = if !s(o, "/lastTimestamp").is_empty() {
-                since(o, "/lastTimestamp", now)
-            } else if !s(o, "/eventTime").is_empty() {
-                since(o, "/eventTime", now)
-            } else {
-                since(o, "/metadata/creationTimestamp", now)
-            };
-            let first = if !s(o, "/firstTimestamp").is_empty() {
-                since(o, "/firstTimestamp", now)
-            } else {
-                last.clone()
-            };
-            let source = {
-                let c = s(o, "/source/component");
-                let c = if c.is_empty() {
-                    s(o, "/reportingComponent")
-                } else {
-                    c
-                };
-                let host = s(o, "/source/host");
-                if host.is_empty() {
-                    c.to_string()
-                } else {
-                    format!("{c}, {host}")
-                }
-            };
-            vec![
-                json!(last),
-                json!(s(o, "/type")),
-                json!(s(o, "/reason")),
-                json!(event_object(o, "/involvedObject")),
-                json!(s(o, "/involvedObject/fieldPath")),
-                json!(source),
-                json!(s(o, "/message").trim()),
-                json!(first),
-                json!(o.get("count").and_then(Value::as_i64).unwrap_or(1)),
-                name,
-            ]
-        }
-        ("events.k8s.io", "events") => {
-            let last = if !s(o, "/deprecatedLastTimestamp").is_empty() {
-                since(o, "/deprecatedLastTimestamp", now)
-            } else if !s(o, "/eventTime").is_empty() {
-                since(o, "/eventTime", now)
-            } else {
-                since(o, "/metadata/creationTimestamp", now)
-            };
-            vec![
-                json!(last.clone()),
-                json!(s(o, "/type")),
-                json!(s(o, "/reason")),
-                json!(event_object(o, "/regarding")),
-                json!(s(o, "/regarding/fieldPath")),
-                json!(s(o, "/reportingController")),
-                json!(s(o, "/note").trim()),
-                json!(last),
-                json!(
-                    o.pointer("/series/count")
-                        .and_then(Value::as_i64)
-                        .unwrap_or(1)
-                ),
-                name,
-            ]
-        }
-        ("", "persistentvolumeclaims") => {
-            let capacity = s(o, "/status/capacity/storage").to_string();
-            vec![
-                name,
-                json!(s(o, "/status/phase")),
-                json!(s(o, "/spec/volumeName")),
-                json!(capacity),
-                json!(access_modes(arr(o, "/status/accessModes"))),
-                json!(s(o, "/spec/storageClassName")),
-                json!(or_none(s(o, "/spec/volumeAttributesClassName").to_string())),
-                age,
-                json!(s(o, "/spec/volumeMode")),
-            ]
-        }
-        ("", "persistentvolumes") => {
-            let claim = if s(o, "/spec/claimRef/name").is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "{}/{}",
-                    s(o, "/spec/claimRef/namespace"),
-                    s(o, "/spec/claimRef/name")
-                )
-            };
-            vec![
-                name,
-                json!(s(o, "/spec/capacity/storage")),
-                json!(access_modes(arr(o, "/spec/accessModes"))),
-                json!(s(o, "/spec/persistentVolumeReclaimPolicy")),
-                json!(s(o, "/status/phase")),
-                json!(claim),
-                json!(s(o, "/spec/storageClassName")),
-                json!(or_none(s(o, "/spec/volumeAttributesClassName").to_string())),
-                json!(s(o, "/status/reason")),
-                age,
-                json!(s(o, "/spec/volumeMode")),
-            ]
-        }
-        ("", "limitranges")
-        | ("rbac.authorization.k8s.io", "roles")
-        | ("rbac.authorization.k8s.io", "clusterroles")
-        | ("apiextensions.k8s.io", "customresourcedefinitions") => vec![name, created_at(o)],
-        ("", "resourcequotas") => {
-            let mut requests = Vec::new();
-            let mut limits = Vec::new();
-            if let Some(hard) = o.pointer("/status/hard").and_then(Value::as_object) {
-                for (k, v) in hard {
-                    let used = o
-                        .pointer(&format!("/status/used/{}", k.replace('/', "~1")))
-                        .and_then(Value::as_str)
-                        .unwrap_or("0");
-                    let text = format!("{k}: {used}/{}", v.as_str().unwrap_or_default());
-                    if k.starts_with("limits.") {
-                        limits.push(text);
-                    } else {
-                        requests.push(text);
-                    }
-                }
-            }
-            vec![
-                name,
-                age,
-                json!(requests.join(", ")),
-                json!(limits.join(", ")),
-            ]
-        }
-        ("apps", "deployments") => {
-            let (c, i) = template_ci("/spec/template/spec/containers");
-            vec![
-                name,
-                json!(format!(
-                    "{}/{}",
-                    n(o, "/status/readyReplicas"),
-                    n(o, "/spec/replicas")
-                )),
-                json!(n(o, "/status/updatedReplicas")),
-                json!(n(o, "/status/availableReplicas")),
-                age,
-                json!(c),
-                json!(i),
-                json!(format_selector(o.pointer("/spec/selector"))),
-            ]
-        }
-        ("apps", "replicasets") => {
-            let (c, i) = template_ci("/spec/template/spec/containers");
-            vec![
-                name,
-                json!(n(o, "/spec/replicas")),
-                json!(n(o, "/status/replicas")),
-                json!(n(o, "/status/readyReplicas")),
-                age,
-                json!(c),
-                json!(i),
-                json!(format_selector(o.pointer("/spec/selector"))),
-            ]
-        }
-        ("apps", "daemonsets") => {
-            let (c, i) = template_ci("/spec/template/spec/containers");
-            vec![
-                name,
-                json!(n(o, "/status/desiredNumberScheduled")),
-                json!(n(o, "/status/currentNumberScheduled")),
-                json!(n(o, "/status/numberReady")),
-                json!(n(o, "/status/updatedNumberScheduled")),
-                json!(n(o, "/status/numberAvailable")),
-                json!(format_map(o.pointer("/spec/template/spec/nodeSelector"))),
-                age,
-                json!(c),
-                json!(i),
-                json!(format_selector(o.pointer("/spec/selector"))),
-            ]
-        }
-        ("apps", "statefulsets") => {
-            let (c, i) = template_ci("/spec/template/spec/containers");
-            vec![
-                name,
-                json!(format!(
-                    "{}/{}",
-                    n(o, "/status/readyReplicas"),
-                    n(o, "/spec/replicas")
-                )),
-                age,
-                json!(c),
-                json!(i),
-            ]
-        }
-        ("apps", "controllerrevisions") => {
-            let owner = arr(o, "/metadata/ownerReferences")
-                .iter()
-                .find(|r| r["controller"] == true)
-                .map(|r| format!("{}/{}", s(r, "/kind").to_lowercase(), s(r, "/name")))
-                .unwrap_or_else(|| "<none>".into());
-            vec![name, json!(owner), json!(n(o, "/revision")), age]
-        }
-        ("batch", "jobs") => {
-            let (c, i) = template_ci("/spec/template/spec/containers");
-            let completions = match o.pointer("/spec/completions").and_then(Value::as_i64) {
-                Some(total) => format!("{}/{total}", n(o, "/status/succeeded")),
-                None => {
-                    let parallelism = n(o, "/spec/parallelism").max(1);
-                    if parallelism > 1 {
-                        format!("{}/1 of {parallelism}", n(o, "/status/succeeded"))
-                    } else {
-                        format!("{}/1", n(o, "/status/succeeded"))
-                    }
-                }
-            };
-            let start = o
-                .pointer("/status/startTime")
-                .and_then(Value::as_str)
-                .and_then(|t| DateTime::parse_from_rfc3339(t).ok());
-            let end = o
-                .pointer("/status/completionTime")
-                .and_then(Value::as_str)
-                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-                .map(|t| t.with_timezone(&Utc))
-                .unwrap_or(now);
-            let duration = start
-                .map(|s| human_duration((end - s.with_timezone(&Utc)).num_seconds()))
-                .unwrap_or_default();
-            vec![
-                name,
-                json!(job_status(o)),
-                json!(completions),
-                json!(duration),
-                age,
-                json!(c),
-                json!(i),
-                json!(format_selector(o.pointer("/spec/selector"))),
-            ]
-        }
-        ("batch", "cronjobs") => {
-            let (c, i) = template_ci("/spec/jobTemplate/spec/template/spec/containers");
-            let last = if s(o, "/status/lastScheduleTime").is_empty() {
-                "<none>".to_string()
-            } else {
-                since(o, "/status/lastScheduleTime", now)
-            };
-            vec![
-                name,
-                json!(s(o, "/spec/schedule")),
-                json!(or_none(s(o, "/spec/timeZone").to_string())),
-                json!(
-                    o.pointer("/spec/suspend")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(false)
-                ),
-                json!(arr(o, "/status/active").len()),
-                json!(last),
-                age,
-                json!(c),
-                json!(i),
-                json!(format_selector(
-                    o.pointer("/spec/jobTemplate/spec/selector")
-                )),
-            ]
-        }
-        ("coordination.k8s.io", "leases") => vec![name, json!(s(o, "/spec/holderIdentity")), age],
-        ("discovery.k8s.io", "endpointslices") => {
-            let ports: Vec<String> = arr(o, "/ports")
-                .iter()
-                .map(|p| n(p, "/port").to_string())
-                .collect();
-            let addresses: Vec<String> = arr(o, "/endpoints")
-                .iter()
-                .flat_map(|e| {
-                    arr(e, "/addresses")
-                        .iter()
-                        .filter_map(Value::as_str)
-                        .map(String::from)
-                })
-                .collect();
-            let eps = if addresses.len() > 3 {
-                format!(
-                    "{} + {} more...",
-                    addresses[..3].join(","),
-                    addresses.len() - 3
-                )
-            } else {
-                addresses.join(",")
-            };
-            vec![
-                name,
-                json!(s(o, "/addressType")),
-                json!(if ports.is_empty() {
-                    "<unset>".to_string()
-                } else {
-                    ports.join(",")
-                }),
-                json!(if eps.is_empty() {
-                    "<unset>".to_string()
-                } else {
-                    eps
-                }),
-                age,
-            ]
-        }
-        ("policy", "poddisruptionbudgets") => {
-            let show = |p: &str| match o.pointer(p) {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Number(n)) => n.to_string(),
-                _ => "N/A".into(),
-            };
-            vec![
-                name,
-                json!(show("/spec/minAvailable")),
-                json!(show("/spec/maxUnavailable")),
-                json!(n(o, "/status/disruptionsAllowed")),
-                age,
-            ]
+        ("", "resourcequotas") => Arc::new(ResourceQuotasTable),
+        ("apps", "deployments") => Arc::new(DeploymentsTable),
+        ("apps", "replicasets") => Arc::new(ReplicaSetsTable),
+        ("apps", "daemonsets") => Arc::new(DaemonSetsTable),
+        ("apps", "statefulsets") => Arc::new(StatefulSetsTable),
+        ("apps", "controllerrevisions") => Arc::new(ControllerRevisionsTable),
+        ("batch", "jobs") => Arc::new(JobsTable),
+        ("batch", "cronjobs") => Arc::new(CronJobsTable),
+        ("coordination.k8s.io", "leases") => Arc::new(LeasesTable),
+        ("discovery.k8s.io", "endpointslices") => Arc::new(EndpointSlicesTable),
+        ("policy", "poddisruptionbudgets") => Arc::new(PodDisruptionBudgetsTable),
+        ("rbac.authorization.k8s.io", "roles") | ("rbac.authorization.k8s.io", "clusterroles") => {
+            Arc::new(RolesTable)
         }
         ("rbac.authorization.k8s.io", "rolebindings")
-        | ("rbac.authorization.k8s.io", "clusterrolebindings") => {
-            let subjects = arr(o, "/subjects");
-            let of = |kind: &str| {
-                subjects
-                    .iter()
-                    .filter(|x| x["kind"] == kind)
-                    .map(|x| {
-                        if kind == "ServiceAccount" {
-                            format!("{}/{}", s(x, "/namespace"), s(x, "/name"))
-                        } else {
-                            s(x, "/name").to_string()
-                        }
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            vec![
-                name,
-                json!(format!(
-                    "{}/{}",
-                    s(o, "/roleRef/kind"),
-                    s(o, "/roleRef/name")
-                )),
-                age,
-                json!(of("User")),
-                json!(of("Group")),
-                json!(of("ServiceAccount")),
-            ]
-        }
-        ("storage.k8s.io", "storageclasses") => {
-            let default = o
-                .pointer("/metadata/annotations")
-                .and_then(Value::as_object)
-                .is_some_and(|a| {
-                    a.get("storageclass.kubernetes.io/is-default-class") == Some(&json!("true"))
-                        || a.get("storageclass.beta.kubernetes.io/is-default-class")
-                            == Some(&json!("true"))
-                });
-            let shown = if default {
-                format!("{} (default)", s(o, "/metadata/name"))
-            } else {
-                s(o, "/metadata/name").to_string()
-            };
-            let reclaim = s(o, "/reclaimPolicy");
-            let binding = s(o, "/volumeBindingMode");
-            vec![
-                json!(shown),
-                json!(s(o, "/provisioner")),
-                json!(if reclaim.is_empty() {
-                    "Delete"
-                } else {
-                    reclaim
-                }),
-                json!(if binding.is_empty() {
-                    "Immediate"
-                } else {
-                    binding
-                }),
-                json!(
-                    o.get("allowVolumeExpansion")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(false)
-                ),
-                age,
-            ]
-        }
-        ("networking.k8s.io", "ingresses") => {
-            let hosts: Vec<&str> = arr(o, "/spec/rules")
-                .iter()
-                .map(|r| s(r, "/host"))
-                .filter(|h| !h.is_empty())
-                .collect();
-            let hosts = if hosts.is_empty() {
-                "*".to_string()
-            } else if hosts.len() > 4 {
-                format!("{} + {} more...", hosts[..4].join(","), hosts.len() - 4)
-            } else {
-                hosts.join(",")
-            };
-            let addresses: Vec<&str> = arr(o, "/status/loadBalancer/ingress")
-                .iter()
-                .map(|i| {
-                    if s(i, "/ip").is_empty() {
-                        s(i, "/hostname")
-                    } else {
-                        s(i, "/ip")
-                    }
-                })
-                .collect();
-            let ports = if arr(o, "/spec/tls").is_empty() {
-                "80"
-            } else {
-                "80, 443"
-            };
-            let class = s(o, "/spec/ingressClassName");
-            vec![
-                name,
-                json!(if class.is_empty() { "<none>" } else { class }),
-                json!(hosts),
-                json!(addresses.join(",")),
-                json!(ports),
-                age,
-            ]
-        }
-        ("networking.k8s.io", "ingressclasses") => {
-            let params = match o.pointer("/spec/parameters") {
-                Some(p) => format!("{}/{}", s(p, "/kind"), s(p, "/name")),
-                None => "<none>".into(),
-            };
-            vec![name, json!(s(o, "/spec/controller")), json!(params), age]
-        }
-        ("networking.k8s.io", "networkpolicies") => {
-            let selector = format_selector(o.pointer("/spec/podSelector"));
-            vec![name, json!(selector), age]
-        }
-        ("node.k8s.io", "runtimeclasses") => vec![name, json!(s(o, "/handler")), age],
-        ("scheduling.k8s.io", "priorityclasses") => {
-            let policy = s(o, "/preemptionPolicy");
-            vec![
-                name,
-                json!(n(o, "/value")),
-                json!(
-                    o.get("globalDefault")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(false)
-                ),
-                age,
-                json!(if policy.is_empty() {
-                    "PreemptLowerPriority"
-                } else {
-                    policy
-                }),
-            ]
-        }
-        ("autoscaling", "horizontalpodautoscalers") => {
-            let target = o
-                .pointer("/spec/scaleTargetRef")
-                .cloned()
-                .unwrap_or(Value::Null);
-            let min = o
-                .pointer("/spec/minReplicas")
-                .and_then(Value::as_i64)
-                .map(|m| m.to_string())
-                .unwrap_or_else(|| "<unset>".into());
-            let metrics = arr(o, "/spec/metrics").len();
-            vec![
-                name,
-                json!(format!("{}/{}", s(&target, "/kind"), s(&target, "/name"))),
-                json!(if metrics == 0 {
-                    "<none>".to_string()
-                } else {
-                    format!("{metrics} metric(s)")
-                }),
-                json!(min),
-                json!(n(o, "/spec/maxReplicas")),
-                json!(n(o, "/status/currentReplicas")),
-                age,
-            ]
-        }
-        _ => vec![name, age],
+        | ("rbac.authorization.k8s.io", "clusterrolebindings") => Arc::new(RoleBindingsTable),
+        ("storage.k8s.io", "storageclasses") => Arc::new(StorageClassesTable),
+        ("networking.k8s.io", "ingresses") => Arc::new(IngressesTable),
+        ("networking.k8s.io", "ingressclasses") => Arc::new(IngressClassesTable),
+        ("networking.k8s.io", "networkpolicies") => Arc::new(NetworkPoliciesTable),
+        ("node.k8s.io", "runtimeclasses") => Arc::new(RuntimeClassesTable),
+        ("scheduling.k8s.io", "priorityclasses") => Arc::new(PriorityClassesTable),
+        ("autoscaling", "horizontalpodautoscalers") => Arc::new(HorizontalPodAutoscalersTable),
+        _ => Arc::new(NameAndAge),
     }
 }
 

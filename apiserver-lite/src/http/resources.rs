@@ -1404,24 +1404,10 @@ impl Ctx {
                     }
                 }
                 kinds::apply_defaults(&self.info, &mut new);
-                kinds::prepare_for_update(&self.info, &mut new);
+                kinds::prepare_for_update(&self.info, &mut new, old_object);
                 _reservation = self
                     .assign_service_addresses(&mut new, Some(old_object))
                     .await?;
-                if self.info.resource == "namespaces" {
-                    // Namespace spec.finalizers change only through /finalize.
-                    if let Some(f) = old_object.pointer("/spec/finalizers") {
-                        new["spec"]["finalizers"] = f.clone();
-                    }
-                    if let Some(l) =
-                        old_object.pointer("/metadata/labels/kubernetes.io~1metadata.name")
-                    {
-                        let labels = meta_mut(&mut new)
-                            .entry("labels")
-                            .or_insert_with(|| json!({}));
-                        labels["kubernetes.io/metadata.name"] = l.clone();
-                    }
-                }
                 if kinds::tracks_generation(&self.info) && spec_part(old_object) != spec_part(&new)
                 {
                     let generation = old_object

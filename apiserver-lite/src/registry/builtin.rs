@@ -130,6 +130,7 @@ fn resource(
         typed,
         custom: None,
         strategy: crate::kinds::strategy(group, plural),
+        printer: crate::tables::printer(group, plural),
     }
 }
 

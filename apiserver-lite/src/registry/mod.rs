@@ -87,7 +87,6 @@ pub struct ScalePaths {
 #[derive(Debug, Clone)]
 pub struct CustomResource {
     pub schema: serde_json::Value,
-    pub columns: Vec<PrinterColumn>,
     pub status: bool,
     pub scale: Option<ScalePaths>,
     pub list_kind: String,
@@ -114,6 +113,8 @@ pub struct ResourceInfo {
     pub custom: Option<CustomResource>,
     /// The kind's behaviour (defaults, preparation, validation, field labels).
     pub strategy: Arc<dyn crate::kinds::Strategy>,
+    /// How it prints as a Table.
+    pub printer: Arc<dyn crate::tables::Printer>,
 }
 
 impl ResourceInfo {
