@@ -181,8 +181,20 @@ impl MeshHandle {
             .context("the mesh host has stopped")
     }
 
-    /// Opens a mesh stream to `peer`, on a direct connection when there is one.
+    /// Opens a mesh stream to `peer`, on a direct connection when there is one. A connection
+    /// that closes while the stream opens (the peer just refused or dropped it, e.g. right
+    /// after it let this node in) is replaced by a new one once.
     pub async fn open(&self, peer: PeerId) -> io::Result<MeshStream> {
+        match self.open_once(peer).await {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {
+                tracing::debug!(%peer, "{e}; opening on a new connection");
+                self.open_once(peer).await
+            }
+            other => other,
+        }
+    }
+
+    async fn open_once(&self, peer: PeerId) -> io::Result<MeshStream> {
         let (stream_tx, stream_rx) = fut_oneshot::channel();
         let (traffic_tx, traffic_rx) = oneshot::channel();
         let stopped = || io::Error::other("the mesh host has stopped");
