@@ -300,11 +300,35 @@ impl Site {
         let out = self.kubectl_stdin(args, stdin).expect("run kubectl");
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(
-            out.status.success(),
-            "kubectl {args:?} failed: {stderr}\nstdout: {stdout}"
-        );
+        if !out.status.success() {
+            // A wait that timed out says little by itself: show where the pods are and why.
+            let context = if args.first() == Some(&"wait") {
+                self.diagnostics()
+            } else {
+                String::new()
+            };
+            panic!("kubectl {args:?} failed: {stderr}\nstdout: {stdout}{context}");
+        }
         stdout
+    }
+
+    /// The pods and the latest events, for a failure message.
+    pub fn diagnostics(&self) -> String {
+        let show = |args: &[&str]| match self.kubectl(args) {
+            Ok(o) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => e.to_string(),
+        };
+        let events = show(&["get", "events", "-A", "--sort-by=.lastTimestamp"]);
+        let tail: Vec<&str> = events.lines().rev().take(40).collect();
+        format!(
+            "\n---- pods ----\n{}\n---- latest events ----\n{}",
+            show(&["get", "pods", "-A", "-o", "wide"]),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
     }
 
     /// kubectl that must succeed and print JSON (`-o json`, `get --raw`); returns it parsed.
