@@ -145,7 +145,8 @@ pub struct MeshStatus {
 }
 
 enum Command {
-    SetPeers(Vec<PeerInfo>),
+    /// The new directory, and who waits until it is in effect.
+    SetPeers(Vec<PeerInfo>, oneshot::Sender<()>),
     Open {
         peer: PeerId,
         stream: streams::OpenReply,
@@ -173,12 +174,15 @@ impl MeshHandle {
     }
 
     /// Replaces the directory of site nodes: only they may connect; peers that left are
-    /// disconnected.
+    /// disconnected. Returns once the new directory is in effect (a peer that just joined is
+    /// let in from then on).
     pub async fn set_peers(&self, peers: Vec<PeerInfo>) -> Result<()> {
+        let (done_tx, done_rx) = oneshot::channel();
         self.commands
-            .send(Command::SetPeers(peers))
+            .send(Command::SetPeers(peers, done_tx))
             .await
-            .context("the mesh host has stopped")
+            .context("the mesh host has stopped")?;
+        done_rx.await.context("the mesh host has stopped")
     }
 
     /// Opens a mesh stream to `peer`, on a direct connection when there is one. A connection
@@ -405,7 +409,10 @@ impl Host {
 
     fn on_command(&mut self, command: Command) {
         match command {
-            Command::SetPeers(peers) => self.set_peers(peers),
+            Command::SetPeers(peers, done) => {
+                self.set_peers(peers);
+                let _ = done.send(());
+            }
             Command::Open {
                 peer,
                 stream,
