@@ -259,10 +259,10 @@ pub fn resources(crd: &Value) -> Vec<ResourceInfo> {
                 verbs: &["get", "patch", "update"],
             });
         }
-        let schema = v
-            .pointer("/schema/openAPIV3Schema")
-            .cloned()
-            .unwrap_or(json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}));
+        let schema =
+            std::sync::Arc::new(v.pointer("/schema/openAPIV3Schema").cloned().unwrap_or(
+                json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+            ));
         out.push(ResourceInfo {
             strategy: std::sync::Arc::new(crate::kinds::Custom {
                 schema: schema.clone(),

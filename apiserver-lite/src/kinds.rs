@@ -64,7 +64,7 @@ impl Strategy for Plain {}
 
 /// Custom resources: generation tracked, validated by their version's structural schema.
 pub struct Custom {
-    pub schema: Value,
+    pub schema: Arc<Value>,
 }
 
 impl Strategy for Custom {

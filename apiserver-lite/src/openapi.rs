@@ -635,7 +635,7 @@ impl OpenApi {
                     Some(custom) => {
                         let reversed: Vec<&str> = r.group.split('.').rev().collect();
                         let name = format!("{}.{}.{}", reversed.join("."), r.version, r.kind);
-                        let mut schema = custom.schema.clone();
+                        let mut schema = (*custom.schema).clone();
                         if !schema.is_object() {
                             schema = json!({"type": "object"});
                         }

@@ -563,6 +563,21 @@ fn access_modes(modes: &[Value]) -> String {
     short.join(",")
 }
 
+/// The name cell of a row.
+fn name_cell(o: &Value) -> Value {
+    json!(s(o, "/metadata/name"))
+}
+
+/// The age cell of a row.
+fn age_cell(o: &Value, now: DateTime<Utc>) -> Value {
+    json!(since(o, "/metadata/creationTimestamp", now))
+}
+
+/// The two cells most rows start or end with.
+fn name_and_age(o: &Value, now: DateTime<Utc>) -> (Value, Value) {
+    (name_cell(o), age_cell(o, now))
+}
+
 fn created_at(object: &Value) -> Value {
     json!(s(object, "/metadata/creationTimestamp"))
 }
@@ -603,7 +618,7 @@ impl Printer for CustomColumns {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let mut cells = vec![json!(s(o, "/metadata/name"))];
+        let mut cells = vec![name_cell(o)];
         for c in &self.columns {
             cells.push(custom_cell(&c.kind, json_path(o, &c.json_path), now));
         }
@@ -746,8 +761,7 @@ impl Printer for NamespacesTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
         vec![name, json!(s(o, "/status/phase")), age]
     }
 }
@@ -811,8 +825,7 @@ impl Printer for ConfigMapsTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
 
         let count = ["data", "binaryData"]
             .iter()
@@ -842,8 +855,7 @@ impl Printer for SecretsTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
 
         let count = o
             .get("data")
@@ -872,8 +884,7 @@ impl Printer for ServiceAccountsTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
         vec![name, json!(arr(o, "/secrets").len().to_string()), age]
     }
 }
@@ -896,8 +907,7 @@ impl Printer for EndpointsTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
 
         let mut list = Vec::new();
         for subset in arr(o, "/subsets") {
@@ -980,7 +990,7 @@ impl Printer for CoreEventsTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
+        let name = name_cell(o);
 
         let last = if !s(o, "/lastTimestamp").is_empty() {
             since(o, "/lastTimestamp", now)
@@ -1033,7 +1043,7 @@ impl Printer for EventsTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
+        let name = name_cell(o);
 
         let last = if !s(o, "/deprecatedLastTimestamp").is_empty() {
             since(o, "/deprecatedLastTimestamp", now)
@@ -1105,8 +1115,7 @@ impl Printer for PersistentVolumeClaimsTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
 
         let capacity = s(o, "/status/capacity/storage").to_string();
         vec![
@@ -1184,8 +1193,7 @@ impl Printer for PersistentVolumesTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
 
         let claim = if s(o, "/spec/claimRef/name").is_empty() {
             String::new()
@@ -1212,7 +1220,8 @@ impl Printer for PersistentVolumesTable {
     }
 }
 
-/// The table of limitranges, apiextensions.k8s.io/customresourcedefinitions.
+/// The table of limitranges, customresourcedefinitions, roles and clusterroles: name and
+/// creation time.
 pub struct NameAndCreationTable;
 
 impl Printer for NameAndCreationTable {
@@ -1221,7 +1230,7 @@ impl Printer for NameAndCreationTable {
     }
 
     fn row(&self, o: &Value, _now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
+        let name = name_cell(o);
         vec![name, created_at(o)]
     }
 }
@@ -1250,8 +1259,7 @@ impl Printer for ResourceQuotasTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
 
         let mut requests = Vec::new();
         let mut limits = Vec::new();
@@ -1306,8 +1314,7 @@ impl Printer for DeploymentsTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
         let template_ci = |pointer: &str| containers_and_images(o, pointer);
 
         let (c, i) = template_ci("/spec/template/spec/containers");
@@ -1361,8 +1368,7 @@ impl Printer for ReplicaSetsTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
         let template_ci = |pointer: &str| containers_and_images(o, pointer);
 
         let (c, i) = template_ci("/spec/template/spec/containers");
@@ -1430,8 +1436,7 @@ impl Printer for DaemonSetsTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
         let template_ci = |pointer: &str| containers_and_images(o, pointer);
 
         let (c, i) = template_ci("/spec/template/spec/containers");
@@ -1466,8 +1471,7 @@ impl Printer for StatefulSetsTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
         let template_ci = |pointer: &str| containers_and_images(o, pointer);
 
         let (c, i) = template_ci("/spec/template/spec/containers");
@@ -1504,8 +1508,7 @@ impl Printer for ControllerRevisionsTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
 
         let owner = arr(o, "/metadata/ownerReferences")
             .iter()
@@ -1544,8 +1547,7 @@ impl Printer for JobsTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
         let template_ci = |pointer: &str| containers_and_images(o, pointer);
 
         let (c, i) = template_ci("/spec/template/spec/containers");
@@ -1626,8 +1628,7 @@ impl Printer for CronJobsTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
         let template_ci = |pointer: &str| containers_and_images(o, pointer);
 
         let (c, i) = template_ci("/spec/jobTemplate/spec/template/spec/containers");
@@ -1675,8 +1676,7 @@ impl Printer for LeasesTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
         vec![name, json!(s(o, "/spec/holderIdentity")), age]
     }
 }
@@ -1696,8 +1696,7 @@ impl Printer for EndpointSlicesTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
 
         let ports: Vec<String> = arr(o, "/ports")
             .iter()
@@ -1769,8 +1768,7 @@ impl Printer for PodDisruptionBudgetsTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
 
         let show = |p: &str| match o.pointer(p) {
             Some(Value::String(s)) => s.clone(),
@@ -1784,20 +1782,6 @@ impl Printer for PodDisruptionBudgetsTable {
             json!(n(o, "/status/disruptionsAllowed")),
             age,
         ]
-    }
-}
-
-/// The table of rbac.authorization.k8s.io/roles, rbac.authorization.k8s.io/clusterroles.
-pub struct RolesTable;
-
-impl Printer for RolesTable {
-    fn columns(&self) -> Vec<Column> {
-        vec![NAME, CREATED_AT]
-    }
-
-    fn row(&self, o: &Value, _now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        vec![name, created_at(o)]
     }
 }
 
@@ -1822,8 +1806,7 @@ impl Printer for RoleBindingsTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
 
         let subjects = arr(o, "/subjects");
         let of = |kind: &str| {
@@ -1891,7 +1874,7 @@ impl Printer for StorageClassesTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let age = age_cell(o, now);
 
         let default = o
             .pointer("/metadata/annotations")
@@ -1967,8 +1950,7 @@ impl Printer for IngressesTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
 
         let hosts: Vec<&str> = arr(o, "/spec/rules")
             .iter()
@@ -2033,8 +2015,7 @@ impl Printer for IngressClassesTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
 
         let params = match o.pointer("/spec/parameters") {
             Some(p) => format!("{}/{}", s(p, "/kind"), s(p, "/name")),
@@ -2062,8 +2043,7 @@ impl Printer for NetworkPoliciesTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
 
         let selector = format_selector(o.pointer("/spec/podSelector"));
         vec![name, json!(selector), age]
@@ -2088,8 +2068,7 @@ impl Printer for RuntimeClassesTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
         vec![name, json!(s(o, "/handler")), age]
     }
 }
@@ -2119,8 +2098,7 @@ impl Printer for PriorityClassesTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
 
         let policy = s(o, "/preemptionPolicy");
         vec![
@@ -2178,8 +2156,7 @@ impl Printer for HorizontalPodAutoscalersTable {
     }
 
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = json!(s(o, "/metadata/name"));
-        let age = json!(since(o, "/metadata/creationTimestamp", now));
+        let (name, age) = name_and_age(o, now);
 
         let target = o
             .pointer("/spec/scaleTargetRef")
@@ -2238,9 +2215,9 @@ pub fn printer(group: &str, resource: &str) -> Arc<dyn Printer> {
         ("events.k8s.io", "events") => Arc::new(EventsTable),
         ("", "persistentvolumeclaims") => Arc::new(PersistentVolumeClaimsTable),
         ("", "persistentvolumes") => Arc::new(PersistentVolumesTable),
-        ("", "limitranges") | ("apiextensions.k8s.io", "customresourcedefinitions") => {
-            Arc::new(NameAndCreationTable)
-        }
+        ("", "limitranges")
+        | ("apiextensions.k8s.io", "customresourcedefinitions")
+        | ("rbac.authorization.k8s.io", "roles" | "clusterroles") => Arc::new(NameAndCreationTable),
         ("", "resourcequotas") => Arc::new(ResourceQuotasTable),
         ("apps", "deployments") => Arc::new(DeploymentsTable),
         ("apps", "replicasets") => Arc::new(ReplicaSetsTable),
@@ -2252,9 +2229,6 @@ pub fn printer(group: &str, resource: &str) -> Arc<dyn Printer> {
         ("coordination.k8s.io", "leases") => Arc::new(LeasesTable),
         ("discovery.k8s.io", "endpointslices") => Arc::new(EndpointSlicesTable),
         ("policy", "poddisruptionbudgets") => Arc::new(PodDisruptionBudgetsTable),
-        ("rbac.authorization.k8s.io", "roles") | ("rbac.authorization.k8s.io", "clusterroles") => {
-            Arc::new(RolesTable)
-        }
         ("rbac.authorization.k8s.io", "rolebindings")
         | ("rbac.authorization.k8s.io", "clusterrolebindings") => Arc::new(RoleBindingsTable),
         ("storage.k8s.io", "storageclasses") => Arc::new(StorageClassesTable),

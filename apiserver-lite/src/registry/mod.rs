@@ -86,7 +86,8 @@ pub struct ScalePaths {
 /// What a CRD says about one served version of a custom resource.
 #[derive(Debug, Clone)]
 pub struct CustomResource {
-    pub schema: serde_json::Value,
+    /// Shared with the resource's strategy, which validates against it.
+    pub schema: Arc<serde_json::Value>,
     pub status: bool,
     pub scale: Option<ScalePaths>,
     pub list_kind: String,
