@@ -29,6 +29,8 @@ use crate::streams::{self, Allowed, MeshStream, Traffic};
 
 /// How long opening a stream may wait for a connection and the stream's negotiation.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
+/// How many connections an open tries when each closes while the stream opens.
+pub const OPEN_ATTEMPTS: u32 = 3;
 const IDENTIFY_PROTOCOL: &str = "/edgesite/mesh/id/1.0.0";
 /// Unconnected peers and missing reservations are looked at this often.
 const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
@@ -186,15 +188,22 @@ impl MeshHandle {
     }
 
     /// Opens a mesh stream to `peer`, on a direct connection when there is one. A connection
-    /// that closes while the stream opens (the peer just refused or dropped it, e.g. right
-    /// after it let this node in) is replaced by a new one once.
+    /// that closes while the stream opens (the peer refused or dropped it, e.g. one its
+    /// previous directory refused while it let this node in) is replaced by a new one: up to
+    /// [`OPEN_ATTEMPTS`] attempts, a short pause between them so the closing one is gone.
     pub async fn open(&self, peer: PeerId) -> io::Result<MeshStream> {
-        match self.open_once(peer).await {
-            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {
-                tracing::debug!(%peer, "{e}; opening on a new connection");
-                self.open_once(peer).await
+        let mut attempt = 1;
+        loop {
+            match self.open_once(peer).await {
+                Err(e)
+                    if e.kind() == io::ErrorKind::ConnectionAborted && attempt < OPEN_ATTEMPTS =>
+                {
+                    tracing::debug!(%peer, attempt, "{e}; opening on a new connection");
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                    attempt += 1;
+                }
+                other => return other,
             }
-            other => other,
         }
     }
 
