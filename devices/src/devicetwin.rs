@@ -692,6 +692,8 @@ fn mqtt_client(broker: &Endpoint, id: &str, capacity: usize) -> (AsyncClient, ru
 
 /// Runs the twin until `shutdown`. Without an API client (`None`) it serves only the devices
 /// its file holds: how the crate's own tests run it, and what a node does while offline.
+/// `started` is sent once the broker has acknowledged the twin's subscriptions, so a request
+/// published after it is answered.
 pub async fn run(
     config: Config,
     api: Option<kube::Client>,
@@ -759,8 +761,11 @@ pub async fn run(
     let stop = shutdown.clone();
     let handler = inner.clone();
     let node_topic = format!("{NODE_PREFIX}{node}/membership/get");
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel::<()>();
     tasks.spawn(async move {
         let mut failing = false;
+        let mut subscribed_tx = Some(subscribed_tx);
+        let mut unacked = 0;
         loop {
             let ev = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -773,10 +778,20 @@ pub async fn run(
                     }
                     failing = false;
                     // Clean session: subscribe again on every connection.
+                    unacked = 0;
                     for filter in [format!("{DEVICE_PREFIX}#"), node_topic.clone()] {
-                        if let Err(e) = input.try_subscribe(filter, QoS::AtLeastOnce) {
-                            tracing::warn!("device twin: subscribe: {e}");
+                        match input.try_subscribe(filter, QoS::AtLeastOnce) {
+                            Ok(()) => unacked += 1,
+                            Err(e) => tracing::warn!("device twin: subscribe: {e}"),
                         }
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    unacked -= 1;
+                    if unacked == 0
+                        && let Some(tx) = subscribed_tx.take()
+                    {
+                        let _ = tx.send(());
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -807,6 +822,10 @@ pub async fn run(
         ));
     }
     if let Some(started) = started {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = subscribed => {}
+        }
         let _ = started.send(DeviceTwin {
             inner: inner.clone(),
         });
