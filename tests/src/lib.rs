@@ -145,6 +145,50 @@ impl Site {
         }
     }
 
+    /// Starts again on the same data dir and port with other extra flags.
+    pub fn launch_with(&mut self, extra: &[&str]) -> Result<()> {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.launch()
+    }
+
+    /// Runs `edgesite server` on this site's data dir and port to its end (a start that must
+    /// fail): its exit status and what it printed. One still running after 30 s is killed and
+    /// reported as an error.
+    pub fn run_to_exit(&self, extra: &[&str]) -> Result<Output> {
+        let mut child = self
+            .command(&edgesite_bin())
+            .arg("server")
+            .arg("--config")
+            .arg(self.dir.path().join("no-config.yaml"))
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--bind-address")
+            .arg("127.0.0.1")
+            .arg("--https-listen-port")
+            .arg(self.port.to_string())
+            .arg("--write-kubeconfig")
+            .arg(self.kubeconfig())
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("run edgesite server")?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output()?;
+                bail!(
+                    "edgesite server was still running after 30 s:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(child.wait_with_output()?)
+    }
+
     /// Starts (again) on the same data dir and port.
     pub fn launch(&mut self) -> Result<()> {
         // An explicit, empty config file: a site installed on this machine must not leak its

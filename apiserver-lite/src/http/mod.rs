@@ -175,6 +175,13 @@ fn health(server: &ApiServer, route: &Route) -> Response {
         )
             .into_response();
     }
+    if !live && let Some(why) = server.storage.damaged() {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("[-]datastore failed: {why}\nhealthz check failed\n"),
+        )
+            .into_response();
+    }
     (
         StatusCode::OK,
         [(

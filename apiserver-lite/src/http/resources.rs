@@ -64,6 +64,9 @@ fn storage_error(info: &ResourceInfo, name: &str, e: StorageError) -> ApiError {
         }
         StorageError::Closed => ApiError::service_unavailable("the server is shutting down"),
         StorageError::Backend(msg) => ApiError::internal(msg),
+        StorageError::Damaged(msg) => {
+            ApiError::internal(format!("the datastore is damaged: {msg}"))
+        }
     }
 }
 

@@ -67,6 +67,9 @@ pub enum StorageError {
     Closed,
     #[error("storage backend failed: {0}")]
     Backend(String),
+    /// The datastore's file is damaged (SQLite's "malformed" or "not a database").
+    #[error("the datastore is damaged: {0}")]
+    Damaged(String),
 }
 
 /// What the API server needs from a datastore. Implemented by SQLite (default) and, later, etcd.
@@ -103,6 +106,12 @@ pub trait Storage: Send + Sync + 'static {
 
     /// The hub that publishes committed changes.
     fn hub(&self) -> &WatchHub;
+
+    /// Why the datastore cannot be trusted, once an operation has found it damaged: `/readyz`
+    /// and `/healthz` fail with it.
+    fn damaged(&self) -> Option<String> {
+        None
+    }
 }
 
 /// `/core/pods/default/web` and friends. `namespace` is empty for cluster-scoped objects.

@@ -47,13 +47,116 @@ pub struct SqliteStorage {
     hub: Arc<WatchHub>,
     readers: Arc<Mutex<Vec<Connection>>>,
     reader_slots: Arc<Semaphore>,
+    /// Set by the first operation that finds the file damaged.
+    damaged: Arc<Mutex<Option<String>>>,
 }
 
-fn backend(e: impl std::fmt::Display) -> StorageError {
-    StorageError::Backend(e.to_string())
+/// A backend failure; SQLite's own codes for a damaged file become [`StorageError::Damaged`].
+fn backend<E: std::fmt::Display + 'static>(e: E) -> StorageError {
+    let code = (&e as &dyn std::any::Any)
+        .downcast_ref::<rusqlite::Error>()
+        .and_then(rusqlite::Error::sqlite_error_code);
+    match code {
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
+            StorageError::Damaged(e.to_string())
+        }
+        _ => StorageError::Backend(e.to_string()),
+    }
+}
+
+/// The database file and SQLite's companions (`-wal`, `-shm`, which SQLite creates with the
+/// database file's mode).
+fn files(path: &Path) -> [PathBuf; 3] {
+    let with = |suffix: &str| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        PathBuf::from(p)
+    };
+    [path.to_path_buf(), with("-wal"), with("-shm")]
+}
+
+/// Creates the database file readable by its owner only, and takes other users' access away from
+/// an existing one: it holds every Secret.
+fn make_private(path: &Path) -> Result<(), StorageError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| StorageError::Backend(format!("open {}: {e}", path.display())))?;
+    for file in files(path) {
+        match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(StorageError::Backend(format!(
+                    "restrict {}: {e}",
+                    file.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What a datastore file holds before the server opens it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contents {
+    /// No file, an empty file, or no objects: a cluster that has never started here.
+    Nothing,
+    /// Objects of a cluster.
+    Cluster,
+}
+
+/// Looks at the file at `path` without creating or changing it.
+pub fn inspect(path: &Path) -> Result<Contents, StorageError> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Contents::Nothing),
+        Err(e) => return Err(StorageError::Backend(format!("{}: {e}", path.display()))),
+        Ok(m) if m.len() == 0 => return Ok(Contents::Nothing),
+        Ok(_) => {}
+    }
+    let conn =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(backend)?;
+    let tables: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'objects'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(backend)?;
+    if tables == 0 {
+        return Ok(Contents::Nothing);
+    }
+    let any: Option<i64> = conn
+        .query_row("SELECT 1 FROM objects LIMIT 1", [], |r| r.get(0))
+        .optional()
+        .map_err(backend)?;
+    Ok(if any.is_some() {
+        Contents::Cluster
+    } else {
+        Contents::Nothing
+    })
+}
+
+/// SQLite's `quick_check`: the file's structure (pages, b-trees, records), without the slower
+/// index cross-checks of `integrity_check`.
+fn check_integrity(conn: &Connection) -> Result<(), StorageError> {
+    let mut stmt = conn.prepare("PRAGMA quick_check(5)").map_err(backend)?;
+    let problems: Vec<String> = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .map_err(backend)?
+        .collect::<Result<_, _>>()
+        .map_err(backend)?;
+    if problems.len() == 1 && problems[0] == "ok" {
+        return Ok(());
+    }
+    Err(StorageError::Damaged(problems.join("; ")))
 }
 
 fn open_writer(path: &Path) -> Result<Connection, StorageError> {
+    make_private(path)?;
     let conn = Connection::open(path).map_err(backend)?;
     conn.execute_batch(
         "PRAGMA journal_mode=WAL;
@@ -71,6 +174,10 @@ fn open_writer(path: &Path) -> Result<Connection, StorageError> {
          INSERT OR IGNORE INTO meta (name, value) VALUES ('revision', 0);",
     )
     .map_err(backend)?;
+    check_integrity(&conn)?;
+    // The WAL and shared-memory files exist now: make sure they are private too (an older
+    // version, or a copied file, may have left them readable).
+    make_private(path)?;
     Ok(conn)
 }
 
@@ -114,7 +221,23 @@ impl SqliteStorage {
             hub,
             readers: Arc::new(Mutex::new(Vec::new())),
             reader_slots: Arc::new(Semaphore::new(READERS)),
+            damaged: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// Remembers (and logs, once) that the file is damaged.
+    fn noticed<T>(&self, result: Result<T, StorageError>) -> Result<T, StorageError> {
+        if let Err(StorageError::Damaged(why)) = &result {
+            let mut damaged = self.damaged.lock().unwrap_or_else(|e| e.into_inner());
+            if damaged.is_none() {
+                tracing::error!(
+                    path = %self.path.display(),
+                    "the datastore is damaged: {why}; the server reports itself not ready. Stop it and restore the file from a backup"
+                );
+                *damaged = Some(why.clone());
+            }
+        }
+        result
     }
 
     async fn write(
@@ -133,7 +256,7 @@ impl SqliteStorage {
             })
             .await
             .map_err(|_| StorageError::Closed)?;
-        answer.await.map_err(|_| StorageError::Closed)?
+        self.noticed(answer.await.map_err(|_| StorageError::Closed)?)
     }
 
     /// Runs `f` on a pooled read connection on a blocking thread.
@@ -150,7 +273,7 @@ impl SqliteStorage {
             .map_err(|_| StorageError::Closed)?;
         let readers = self.readers.clone();
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || {
+        let result = tokio::task::spawn_blocking(move || {
             let pooled = readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
             let conn = match pooled {
                 Some(c) => c,
@@ -161,7 +284,8 @@ impl SqliteStorage {
             result
         })
         .await
-        .map_err(backend)?
+        .map_err(backend)?;
+        self.noticed(result)
     }
 }
 
@@ -271,6 +395,13 @@ impl Storage for SqliteStorage {
 
     fn hub(&self) -> &WatchHub {
         &self.hub
+    }
+
+    fn damaged(&self) -> Option<String> {
+        self.damaged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 

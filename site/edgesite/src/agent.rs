@@ -26,8 +26,7 @@ pub fn run(args: AgentCommandArgs) -> Result<()> {
         &config.cluster_domain,
         false,
     )?;
-    std::fs::create_dir_all(&config.root)
-        .with_context(|| format!("create {}", config.root.display()))?;
+    crate::private_dir(&config.root)?;
     let lock_path = config.root.join("edgesite-agent.lock");
     let lock =
         File::create(&lock_path).with_context(|| format!("create {}", lock_path.display()))?;

@@ -241,6 +241,10 @@ pub struct ServerArgs {
     /// Shared secret that agents will use to join this site (generated when absent).
     #[arg(long, env = "EDGESITE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Start with an empty datastore although this data dir's certificates belong to a site that
+    /// already ran (its state.db is missing or empty). Every node must then join again.
+    #[arg(long)]
+    pub reset_datastore: bool,
 }
 
 /// Flags of the node agent (`edgesite server` without --disable-agent, and `edgesite agent`);
@@ -428,6 +432,23 @@ fn parse() -> Result<Cli> {
         .args_override_self(true)
         .get_matches_from(args);
     Ok(Cli::from_arg_matches(&matches)?)
+}
+
+/// Creates `dir` for the server's or agent's state, readable by root only whatever `--data-dir`
+/// is: it holds keys, the datastore with every Secret, and pods' volumes. The parents this call
+/// creates (a new data dir) are private too; existing ones keep their mode (a data dir may sit
+/// in a shared folder such as /srv).
+pub(crate) fn private_dir(dir: &std::path::Path) -> Result<()> {
+    use anyhow::Context;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("create {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restrict {} to its owner", dir.display()))?;
+    Ok(())
 }
 
 fn main() {

@@ -66,6 +66,11 @@ impl Pki {
         self.dir.join(name)
     }
 
+    /// Whether the site's CA exists: the site has started from this data dir before.
+    pub fn has_ca(&self) -> bool {
+        self.path("ca.crt").exists() && self.path("ca.key").exists()
+    }
+
     fn read_pair(&self, name: &str) -> Option<CertAndKey> {
         let cert = std::fs::read_to_string(self.path(&format!("{name}.crt"))).ok()?;
         let key = std::fs::read_to_string(self.path(&format!("{name}.key"))).ok()?;

@@ -175,6 +175,43 @@ pub fn user_kubeconfig(
     write_kubeconfig(output, 0o600, &url, &ca, &certificate)
 }
 
+/// A data dir whose CA exists belongs to a site that has run: starting it on a missing or empty
+/// datastore would bring up an empty cluster that its agents (holding valid certificates) join
+/// as if nothing happened. Refuse, unless `--reset-datastore` says that is what is wanted.
+fn check_datastore(pki: &Pki, database: &Path, reset: bool) -> Result<()> {
+    use apiserver_lite::storage::sqlite::{Contents, inspect};
+    if !pki.has_ca() {
+        return Ok(());
+    }
+    let contents = inspect(database).map_err(|e| {
+        anyhow::anyhow!(
+            "the datastore {} cannot be read: {e}. Restore it from a backup (stop the server, copy the backup over it, start again)",
+            database.display()
+        )
+    })?;
+    if contents == Contents::Cluster {
+        return Ok(());
+    }
+    if reset {
+        tracing::warn!(
+            "--reset-datastore: starting an empty datastore at {} for an existing site; every node must join again",
+            database.display()
+        );
+        return Ok(());
+    }
+    let state = if database.exists() {
+        "empty"
+    } else {
+        "missing"
+    };
+    bail!(
+        "the datastore {} is {state}, but this data dir's certificates belong to a site that already ran: \
+         restore state.db from a backup, or pass --reset-datastore to start an empty cluster \
+         (its nodes' pods are then unknown to it and every node must join again)",
+        database.display()
+    )
+}
+
 pub fn run(args: ServerArgs) -> Result<()> {
     let mode = u32::from_str_radix(args.write_kubeconfig_mode.trim_start_matches("0o"), 8)
         .with_context(|| {
@@ -212,8 +249,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
         None => None,
     };
     let server_dir = args.data_dir.join("server");
-    std::fs::create_dir_all(&server_dir)
-        .with_context(|| format!("create data dir {}", server_dir.display()))?;
+    crate::private_dir(&server_dir)?;
     // One server per data dir: a second one would share the datastore.
     let lock_path = server_dir.join("edgesite.lock");
     let lock =
@@ -227,8 +263,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
     // The agent's state is this data dir's too: one agent per data dir.
     let _agent_lock = match &agent_config {
         Some(agent) => {
-            std::fs::create_dir_all(&agent.root)
-                .with_context(|| format!("create {}", agent.root.display()))?;
+            crate::private_dir(&agent.root)?;
             let path = agent.root.join("edgesite-agent.lock");
             let lock = File::create(&path).with_context(|| format!("create {}", path.display()))?;
             if lock.try_lock().is_err() {
@@ -242,6 +277,8 @@ pub fn run(args: ServerArgs) -> Result<()> {
         None => None,
     };
     let pki = Pki::new(&args.data_dir);
+    let database = server_dir.join("state.db");
+    check_datastore(&pki, &database, args.reset_datastore)?;
     let ca = pki.ca()?;
     let serving = pki.serving(&ca, &sans(&args, Some(service_network.first().to_string())))?;
     let admin = pki.client(&ca, "admin", "admin", &["system:masters"])?;
@@ -282,7 +319,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
         })?;
         let shutdown = CancellationToken::new();
         let config = apiserver_lite::Config {
-            database: server_dir.join("state.db"),
+            database,
             tls,
             tokens,
             watch_window: 8192,
@@ -303,8 +340,20 @@ pub fn run(args: ServerArgs) -> Result<()> {
                 anyhow::anyhow!("{e}\n(or run the control plane alone with --disable-agent)")
             })?;
         }
+        let database = config.database.clone();
         let api = apiserver_lite::server::prepare(&config, shutdown.clone())
             .await
+            .map_err(|e| match e {
+                apiserver_lite::server::ServerError::Storage(
+                    apiserver_lite::storage::StorageError::Damaged(why),
+                ) => anyhow::anyhow!(
+                    "the datastore {} is damaged ({why}): stop here and restore it from a backup; \
+                     `sqlite3 {} .recover` may save what is readable",
+                    database.display(),
+                    database.display()
+                ),
+                e => anyhow::Error::new(e),
+            })
             .context("start the API server")?;
         // Agents on other machines pin the CA and join with a token.
         let _ = api.ca_pem.set(ca.cert.clone());

@@ -1,0 +1,149 @@
+//! What a stranger, a bad client or a damaged disk does to a site: it must stay up, answer
+//! quickly, and neither lose nor leak its data.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tests::Site;
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// The datastore's pages moved out of the WAL into the file, so overwriting the file changes
+/// what the server reads.
+fn checkpoint(database: &Path) {
+    let conn = rusqlite::Connection::open(database).expect("open the datastore");
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .expect("checkpoint");
+}
+
+/// Overwrites the middle fifth of `path` with a byte pattern, as a failing disk or a stray
+/// `dd` would.
+fn damage_middle(path: &Path) {
+    use std::io::{Seek, SeekFrom, Write};
+    let len = std::fs::metadata(path).unwrap().len();
+    let mut file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.seek(SeekFrom::Start(len * 2 / 5)).unwrap();
+    file.write_all(&vec![0xa5; (len / 5) as usize]).unwrap();
+    file.sync_all().unwrap();
+}
+
+#[test]
+fn data_files_are_readable_by_their_owner_only_whatever_the_data_dir() {
+    let site = Site::start().expect("start site");
+    site.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "s",
+        "--from-literal=k=hunter2",
+    ]);
+    let data = site.data_dir();
+    // The data dir did not exist: it is created private too.
+    assert_eq!(mode(&data), 0o700, "{}", data.display());
+    assert_eq!(mode(&data.join("server")), 0o700);
+    let db = data.join("server").join("state.db");
+    assert_eq!(mode(&db), 0o600);
+    assert_eq!(mode(&data.join("server").join("state.db-wal")), 0o600);
+    // Another user cannot read the WAL where the Secret's value was found before.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "cat"])
+        .arg(data.join("server").join("state.db-wal"))
+        .output()
+        .expect("run setpriv (util-linux)");
+    assert!(!out.status.success(), "user nobody read the WAL");
+}
+
+#[test]
+fn a_site_whose_datastore_is_missing_or_emptied_does_not_start_empty() {
+    let mut site = Site::start().expect("start site");
+    site.ok(&["create", "configmap", "kept", "--from-literal=k=v"]);
+    site.stop();
+    let server = site.data_dir().join("server");
+    let db = server.join("state.db");
+    for name in ["state.db", "state.db-wal", "state.db-shm"] {
+        let _ = std::fs::remove_file(server.join(name));
+    }
+    let out = site.run_to_exit(&["--disable-agent"]).expect("run server");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started on a missing datastore");
+    assert!(
+        stderr.contains("is missing") && stderr.contains("--reset-datastore"),
+        "{stderr}"
+    );
+
+    // Emptied (truncated to nothing) is the same.
+    std::fs::write(&db, b"").unwrap();
+    let out = site.run_to_exit(&["--disable-agent"]).expect("run server");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started on an empty datastore");
+    assert!(stderr.contains("is empty"), "{stderr}");
+
+    // The operator says a fresh start is what they want.
+    site.launch_with(&["--disable-agent", "--reset-datastore"])
+        .expect("start with --reset-datastore");
+    let out = site.kubectl(&["get", "configmap", "kept"]).unwrap();
+    assert!(!out.status.success(), "the old object cannot be there");
+    site.ok(&["get", "namespace", "default"]);
+    // It has objects now: a plain start works again.
+    site.stop();
+    site.launch_with(&["--disable-agent"]).expect("restart");
+}
+
+#[test]
+fn a_damaged_datastore_stops_the_start_and_damage_found_later_makes_the_server_unready() {
+    let mut site = Site::start().expect("start site");
+    // Enough objects that the middle of the file holds them.
+    let mut manifest = String::new();
+    for i in 0..300 {
+        manifest.push_str(&format!(
+            "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: filler-{i}\ndata:\n  v: \"{}\"\n",
+            "x".repeat(2000)
+        ));
+    }
+    site.ok_stdin(&["apply", "-f", "-"], Some(&manifest));
+    let db = site.data_dir().join("server").join("state.db");
+
+    // Damage found while running: a list that reads the damaged pages fails, and /readyz says
+    // why (it said "ok" before while lists failed).
+    checkpoint(&db);
+    damage_middle(&db);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let _ = site.kubectl(&["get", "configmaps", "-o", "name"]);
+        let ready = site.kubectl(&["get", "--raw", "/readyz"]).unwrap();
+        if !ready.status.success() {
+            let text = String::from_utf8_lossy(&ready.stderr).to_string()
+                + &String::from_utf8_lossy(&ready.stdout);
+            assert!(text.contains("datastore"), "{text}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz stayed ok on a damaged datastore; log:\n{}",
+            site.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        site.log().contains("the datastore is damaged"),
+        "{}",
+        site.log()
+    );
+
+    // A start on it is refused with what to do.
+    site.kill();
+    let out = site.run_to_exit(&["--disable-agent"]).expect("run server");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started on a damaged datastore");
+    assert!(
+        stderr.contains("damaged") && stderr.contains("backup"),
+        "{stderr}"
+    );
+}
