@@ -147,3 +147,95 @@ fn a_damaged_datastore_stops_the_start_and_damage_found_later_makes_the_server_u
         "{stderr}"
     );
 }
+
+/// Sends `body` as a create of a ConfigMap with `content_type`; returns the status code.
+async fn raw_create(client: &kube::Client, content_type: &str, body: Vec<u8>) -> u16 {
+    let request = http::Request::post("/api/v1/namespaces/default/configmaps")
+        .header("content-type", content_type)
+        .body(body)
+        .unwrap();
+    match client.request_text(request).await {
+        Ok(_) => 201,
+        Err(kube::Error::Api(status)) => status.code,
+        Err(e) => panic!("request failed: {e}"),
+    }
+}
+
+/// The slowest of `kubectl get ns` runs made while `attack` runs.
+async fn slowest_get_during(
+    site: &Site,
+    attack: impl std::future::Future<Output = ()>,
+) -> Duration {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let probe = async {
+        let mut slowest = Duration::ZERO;
+        // Let the attack start.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            let started = Instant::now();
+            let out = tokio::task::block_in_place(|| site.kubectl(&["get", "ns", "default"]))
+                .expect("run kubectl");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            slowest = slowest.max(started.elapsed());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        slowest
+    };
+    let attack = async {
+        attack.await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
+    let (slowest, ()) = tokio::join!(probe, attack);
+    slowest
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_yaml_is_refused_at_once_and_the_server_keeps_answering() {
+    let site = Site::start().expect("start site");
+    let client = site.client().await.unwrap();
+    let deep = format!("x: {}{}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes();
+    let started = Instant::now();
+    assert_eq!(
+        raw_create(&client, "application/yaml", deep.clone()).await,
+        400
+    );
+    let first = started.elapsed();
+    // JSON as deep is refused by its decoder's limit.
+    let deep_json = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes();
+    assert_eq!(
+        raw_create(&client, "application/json", deep_json).await,
+        400
+    );
+
+    // Four clients sending it for three seconds.
+    let attack = async {
+        let until = Instant::now() + Duration::from_secs(3);
+        let one = || async {
+            let mut sent = 0;
+            while Instant::now() < until {
+                assert_eq!(
+                    raw_create(&client, "application/yaml", deep.clone()).await,
+                    400
+                );
+                sent += 1;
+            }
+            sent
+        };
+        let counts = futures::future::join_all((0..4).map(|_| one())).await;
+        assert!(counts.iter().all(|c| *c > 0));
+    };
+    let slowest = slowest_get_during(&site, attack).await;
+    // It took 34 s for one such body, and `kubectl get` timed out meanwhile.
+    assert!(
+        first < Duration::from_secs(2),
+        "the first refusal took {first:?}"
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "kubectl get took {slowest:?} during the attack"
+    );
+}

@@ -15,6 +15,7 @@ use chrono::{SecondsFormat, Utc};
 use http::{Method, StatusCode, header};
 use serde_json::{Value, json};
 
+use super::decode;
 use super::pipeline::RequestContext;
 use super::request::{Output, Query, ResourcePath};
 use super::{ApiServer, MAX_BODY, encode, json_response, with_warnings};
@@ -160,27 +161,10 @@ fn content_type(parts: &http::request::Parts) -> String {
         .to_string()
 }
 
-/// Decodes a create/update body as JSON or YAML.
-fn decode_document(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
-    let essence = content_type.split(';').next().unwrap_or("").trim();
-    let value: Value = match essence {
-        "application/json" | "" | "*/*" => serde_json::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("error decoding request body: {e}")))?,
-        crate::protobuf::CONTENT_TYPE => crate::protobuf::decode(body).map_err(|e| {
-            ApiError::bad_request(format!("error decoding protobuf request body: {e}"))
-        })?,
-        "application/yaml" | "application/x-yaml" | "text/yaml" => serde_yaml::from_slice(body)
-            .map_err(|e| {
-                ApiError::bad_request(format!("error decoding request body as YAML: {e}"))
-            })?,
-        other => return Err(ApiError::unsupported_media_type(other)),
-    };
-    if !value.is_object() {
-        return Err(ApiError::bad_request(
-            "error decoding request body: expected a JSON object",
-        ));
-    }
-    Ok(value)
+/// Decodes a create/update body (see [`decode::document`]), large ones off the async workers.
+async fn decode_body(parts: &http::request::Parts, body: &bytes::Bytes) -> Result<Value, ApiError> {
+    let content_type = content_type(parts);
+    decode::off_workers(body, move |b| decode::document(&content_type, b)).await
 }
 
 /// Fields present in `input` that the typed round trip dropped: upstream's "unknown fields".
@@ -456,7 +440,7 @@ pub async fn handle(
         }
         (&Method::POST, None, None) if super::reviews::is_review(&info) => {
             let (parts, body) = read_body(request).await?;
-            let value = decode_document(&content_type(&parts), &body)?;
+            let value = decode_body(&parts, &body).await?;
             let answer =
                 super::reviews::answer(&server, &context, &info, &ctx.namespace, value).await?;
             Ok(json_response(StatusCode::CREATED, &answer))
@@ -472,7 +456,7 @@ pub async fn handle(
             }
             let mut opts = write_options(&query, &request)?;
             let (parts, body) = read_body(request).await?;
-            let value = decode_document(&content_type(&parts), &body)?;
+            let value = decode_body(&parts, &body).await?;
             let created = ctx.create(value, &mut opts).await?;
             Ok(with_warnings(
                 encode(StatusCode::CREATED, &created, output),
@@ -481,17 +465,17 @@ pub async fn handle(
         }
         (&Method::POST, Some(name), Some("binding")) => {
             let (parts, body) = read_body(request).await?;
-            let value = decode_document(&content_type(&parts), &body)?;
+            let value = decode_body(&parts, &body).await?;
             ctx.bind(name, value).await
         }
         (&Method::POST, Some(name), Some("token")) if ctx.info.resource == "serviceaccounts" => {
             let (parts, body) = read_body(request).await?;
-            let value = decode_document(&content_type(&parts), &body)?;
+            let value = decode_body(&parts, &body).await?;
             ctx.token_request(name, value).await
         }
         (&Method::POST, Some(name), Some("eviction")) => {
             let (parts, body) = read_body(request).await?;
-            let value = decode_document(&content_type(&parts), &body)?;
+            let value = decode_body(&parts, &body).await?;
             ctx.evict(name, value).await
         }
         (
@@ -502,7 +486,7 @@ pub async fn handle(
             verb_allowed("update")?;
             let mut opts = write_options(&query, &request)?;
             let (parts, body) = read_body(request).await?;
-            let value = decode_document(&content_type(&parts), &body)?;
+            let value = decode_body(&parts, &body).await?;
             let (code, updated) = ctx.replace(name, sub, value, &mut opts).await?;
             Ok(with_warnings(
                 encode(code, &updated, output),
@@ -1523,7 +1507,7 @@ impl Ctx {
         name: &str,
         subresource: Option<&str>,
         kind: PatchType,
-        body: &[u8],
+        body: &bytes::Bytes,
         force: bool,
         opts: &mut WriteOptions,
     ) -> Result<(StatusCode, Value), ApiError> {
@@ -1570,7 +1554,7 @@ impl Ctx {
         &self,
         name: &str,
         subresource: Option<&str>,
-        body: &[u8],
+        body: &bytes::Bytes,
         force: bool,
         opts: &mut WriteOptions,
     ) -> Result<(StatusCode, Value), ApiError> {
@@ -1586,7 +1570,8 @@ impl Ctx {
                 )],
             ));
         }
-        let applied: Value = serde_yaml::from_slice(body)
+        let applied: Value = decode::off_workers(body, |b| decode::yaml(b))
+            .await
             .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?;
         if !applied.is_object() {
             return Err(ApiError::bad_request("apply patch must be an object"));
@@ -1799,7 +1784,7 @@ impl Ctx {
             let scale = self.scale_of(&old.object);
             let patched = match kind {
                 PatchType::Apply => {
-                    let applied: Value = serde_yaml::from_slice(body)
+                    let applied: Value = decode::yaml(body)
                         .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?;
                     let mut s = scale.clone();
                     json_patch::merge(&mut s, &applied);
