@@ -1570,7 +1570,7 @@ impl Ctx {
                 )],
             ));
         }
-        let applied: Value = decode::off_workers(body, |b| decode::yaml(b))
+        let applied: Value = decode::off_workers(body, decode::yaml)
             .await
             .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?;
         if !applied.is_object() {
