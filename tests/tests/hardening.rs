@@ -3,6 +3,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tests::Site;
@@ -237,5 +238,107 @@ async fn deeply_nested_yaml_is_refused_at_once_and_the_server_keeps_answering() 
     assert!(
         slowest < Duration::from_secs(1),
         "kubectl get took {slowest:?} during the attack"
+    );
+}
+
+/// A TLS client that trusts the site's CA and presents no certificate: a stranger.
+fn stranger_tls(site: &Site) -> tokio_rustls::TlsConnector {
+    let ca = std::fs::read(site.data_dir().join("server/tls/ca.crt")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut ca.as_slice()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// A connection from `source` (another loopback address than the probes' 127.0.0.1).
+async fn connect_from(source: [u8; 4], port: u16) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::from((source, 0)))?;
+    socket
+        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+}
+
+/// Whether the server has closed `stream` (a read sees the end, or an error).
+async fn closed_by_server<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_of_a_stranger_are_closed_and_the_server_keeps_answering() {
+    let site = Site::start().expect("start site");
+    // As on a machine whose open-files limit was never raised (the server raises its own at
+    // start; lower it again under it).
+    let pid = site.pid().unwrap().to_string();
+    let out = std::process::Command::new("prlimit")
+        .args(["--pid", &pid, "--nofile=1024:1024"])
+        .output()
+        .expect("run prlimit (util-linux)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let tls = stranger_tls(&site);
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut held = Vec::new();
+    let attack = async {
+        for _ in 0..1000 {
+            let Ok(tcp) = connect_from([127, 0, 0, 2], site.port).await else {
+                continue;
+            };
+            match tokio::time::timeout(Duration::from_secs(2), tls.connect(name.clone(), tcp)).await
+            {
+                Ok(Ok(stream)) => held.push(stream),
+                // Refused at accept (too many from this address): closed before the handshake.
+                _ => {}
+            }
+        }
+    };
+    let slowest = slowest_get_during(&site, attack).await;
+    let opened = Instant::now();
+    assert!(
+        slowest < Duration::from_secs(1),
+        "kubectl get took {slowest:?} while a stranger opened 1,000 connections; log:\n{}",
+        site.log()
+    );
+    let out = site.kubectl(&["get", "--raw", "/healthz"]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        held.len() < 1000,
+        "every one of 1,000 connections from one address was served"
+    );
+    assert!(!held.is_empty(), "no connection was let in at all");
+
+    // None of them sent a request: each is closed 10 s after its handshake.
+    let wait = Duration::from_secs(11).saturating_sub(opened.elapsed());
+    tokio::time::sleep(wait).await;
+    let mut still_open = 0;
+    for stream in held.iter_mut() {
+        if !closed_by_server(stream).await {
+            still_open += 1;
+        }
+    }
+    assert_eq!(
+        still_open, 0,
+        "idle connections still open 11 s after the last one opened"
     );
 }

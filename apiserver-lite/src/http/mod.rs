@@ -12,13 +12,13 @@
 pub mod admission;
 pub mod decode;
 pub mod discovery;
+pub mod listener;
 pub mod pipeline;
 pub mod request;
 pub mod resources;
 pub mod reviews;
 pub mod watch;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -26,19 +26,19 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::authorizer::Authorizer;
-use crate::auth::{Identity, TokenAuthenticator, identity_from_certificate};
+use crate::auth::{Identity, TokenAuthenticator};
 use crate::error::ApiError;
 use crate::openapi::OpenApi;
 use crate::registry::Registry;
 use crate::storage::Storage;
 use pipeline::{RequestContext, TransportIdentity};
 use request::{Output, Route};
+
+pub use listener::serve;
 
 /// Request bodies above this are refused with 413, as upstream does.
 pub const MAX_BODY: usize = 3 * 1024 * 1024;
@@ -463,102 +463,4 @@ pub fn with_warnings(mut response: Response, warnings: &[String]) -> Response {
         }
     }
     response
-}
-
-/// Serves the router over TLS on `listener` until `shutdown` fires. Verified client certificates
-/// become the request's [`Identity`].
-pub async fn serve(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    app: Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    // Bound concurrent connections (invariant: bound everything).
-    let slots = Arc::new(tokio::sync::Semaphore::new(4096));
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            p = slots.clone().acquire_owned() => p.map_err(std::io::Error::other)?,
-        };
-        let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let tls_stream = match tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                acceptor.accept(stream),
-            )
-            .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let identity = tls_stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|certs| certs.first())
-                .and_then(|cert| identity_from_certificate(cert.as_ref()));
-            let service = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    if let Some(identity) = &identity {
-                        req.extensions_mut()
-                            .insert(TransportIdentity(identity.clone()));
-                    }
-                    let mut app = app.clone();
-                    async move {
-                        use tower::Service;
-                        app.call(req.map(Body::new)).await
-                    }
-                },
-            );
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            // Slow or idle clients cannot hold a connection open before sending a request, and one
-            // connection cannot open unbounded streams.
-            builder
-                .http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(30));
-            builder
-                .http2()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .max_concurrent_streams(1000)
-                .keep_alive_interval(std::time::Duration::from_secs(30));
-            let connection =
-                builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                }
-                _ = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), connection).await;
-                }
-            }
-        });
-    }
 }

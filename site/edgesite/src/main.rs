@@ -451,6 +451,19 @@ pub(crate) fn private_dir(dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// Raises the open-files limit to its hard limit, as K3s's unit does with LimitNOFILE: a site
+/// holds a descriptor per connection, watch, container log and mesh stream, and a default soft
+/// limit of 1,024 lets a stranger's idle connections exhaust it.
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+        tracing::debug!("could not raise the open-files limit from {soft} to {hard}");
+    }
+}
+
 fn main() {
     let cli = match parse() {
         Ok(cli) => cli,
@@ -460,6 +473,12 @@ fn main() {
         }
     };
     init_logging();
+    if matches!(
+        cli.command,
+        Command::Server(_) | Command::Agent(_) | Command::Relay(_)
+    ) {
+        raise_descriptor_limit();
+    }
     // One TLS crypto provider for every client in the process (registry pulls included).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result: Result<()> = match cli.command {
