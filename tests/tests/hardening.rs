@@ -301,11 +301,10 @@ async fn idle_connections_of_a_stranger_are_closed_and_the_server_keeps_answerin
             let Ok(tcp) = connect_from([127, 0, 0, 2], site.port).await else {
                 continue;
             };
-            match tokio::time::timeout(Duration::from_secs(2), tls.connect(name.clone(), tcp)).await
-            {
-                Ok(Ok(stream)) => held.push(stream),
-                // Refused at accept (too many from this address): closed before the handshake.
-                _ => {}
+            // One refused at accept (too many from this address) is closed before the handshake.
+            let handshake = tls.connect(name.clone(), tcp);
+            if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(2), handshake).await {
+                held.push(stream);
             }
         }
     };
