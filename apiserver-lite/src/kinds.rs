@@ -580,6 +580,7 @@ impl Strategy for Secrets {
     }
     fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
         validation::validate_config_keys(object, causes);
+        validation::validate_config_size(object, &["data"], causes);
         let data = object.get("data").and_then(Value::as_object);
         let has = |k: &str| data.is_some_and(|d| d.contains_key(k));
         match object
@@ -617,6 +618,7 @@ pub struct ConfigMaps;
 impl Strategy for ConfigMaps {
     fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
         validation::validate_config_keys(object, causes);
+        validation::validate_config_size(object, &["binaryData"], causes);
     }
 }
 

@@ -550,6 +550,33 @@ pub fn validate_service(spec: Option<&Value>, causes: &mut Causes) {
 }
 
 /// ConfigMap and Secret keys.
+/// The most data a ConfigMap or Secret holds (upstream's `MaxSecretSize`).
+pub const MAX_CONFIG_DATA: usize = 1024 * 1024;
+
+/// A ConfigMap's or Secret's data (values; base64 fields counted decoded) within
+/// [`MAX_CONFIG_DATA`], as upstream checks it.
+pub fn validate_config_size(object: &Value, base64_fields: &[&str], causes: &mut Causes) {
+    let mut total = 0usize;
+    for field in ["data", "binaryData"] {
+        let Some(map) = object.get(field).and_then(Value::as_object) else {
+            continue;
+        };
+        for v in map.values() {
+            let text = v.as_str().unwrap_or_default();
+            total += if base64_fields.contains(&field) {
+                // Decoded length: three bytes per four characters, less the padding.
+                let padding = text.bytes().rev().take_while(|b| *b == b'=').count();
+                (text.len() / 4 * 3).saturating_sub(padding)
+            } else {
+                text.len()
+            };
+        }
+    }
+    if total > MAX_CONFIG_DATA {
+        causes.push(Cause::too_long("data", MAX_CONFIG_DATA));
+    }
+}
+
 pub fn validate_config_keys(object: &Value, causes: &mut Causes) {
     let mut seen = BTreeSet::new();
     for field in ["data", "binaryData", "stringData"] {

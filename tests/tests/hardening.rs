@@ -341,3 +341,123 @@ async fn idle_connections_of_a_stranger_are_closed_and_the_server_keeps_answerin
         "idle connections still open 11 s after the last one opened"
     );
 }
+
+/// The server's resident memory in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib / 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_objects_are_bounded_and_churning_them_does_not_grow_the_server() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Api, DeleteParams, PostParams};
+    let site = Site::start().expect("start site");
+    let client = site.client().await.unwrap();
+    let api: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    let config_map = |name: &str, bytes: usize| -> ConfigMap {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "data": {"blob": "x".repeat(bytes)}
+        }))
+        .unwrap()
+    };
+
+    // Over upstream's 1 MiB: refused as upstream refuses it.
+    match api
+        .create(&PostParams::default(), &config_map("two-mib", 2 << 20))
+        .await
+    {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!(s.code, 422, "{s:?}");
+            assert!(s.message.contains("data: Too long"), "{}", s.message);
+        }
+        other => panic!(
+            "a 2 MiB ConfigMap was not refused: {:?}",
+            other.map(|c| c.metadata.resource_version)
+        ),
+    }
+    // A kind without a data limit is still bounded by what the datastore keeps.
+    let event = serde_json::json!({
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"name": "huge", "namespace": "default"},
+        "involvedObject": {"kind": "Pod", "name": "p", "namespace": "default"},
+        "reason": "Huge", "message": "m".repeat(2 << 20), "type": "Normal"
+    });
+    let request = http::Request::post("/api/v1/namespaces/default/events")
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&event).unwrap())
+        .unwrap();
+    match client.request_text(request).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 413, "{s:?}"),
+        other => panic!(
+            "a 2 MiB Event was stored: {:?}",
+            other.map(|text| text.len())
+        ),
+    }
+
+    // Churn the largest allowed ConfigMap (it took the server from 32 MB to 1 GB at 2 MiB)
+    // while a watcher that never reads holds on.
+    let pid = site.pid().unwrap();
+    let before = rss_mib(pid);
+    let start_rv = api
+        .create(&PostParams::default(), &config_map("marker", 10))
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let stuck_watch = {
+        let request = http::Request::get(format!(
+            "/api/v1/namespaces/default/configmaps?watch=true&resourceVersion={start_rv}"
+        ))
+        .body(Vec::new())
+        .unwrap();
+        client
+            .send(request.map(kube::client::Body::from))
+            .await
+            .unwrap()
+    };
+    let churn = async {
+        for i in 0..150 {
+            let name = format!("big-{}", i % 3);
+            api.create(&PostParams::default(), &config_map(&name, 1 << 20))
+                .await
+                .unwrap();
+            api.delete(&name, &DeleteParams::default()).await.unwrap();
+        }
+    };
+    let slowest = slowest_get_during(&site, churn).await;
+    let after = rss_mib(pid);
+    drop(stuck_watch);
+    eprintln!(
+        "server RSS: {before} MiB before the churn, {after} MiB after; slowest get {slowest:?}"
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "kubectl get took {slowest:?} during the churn"
+    );
+    // Bounded: the watch window keeps at most 32 MiB of objects, a watcher 4 MiB.
+    assert!(
+        after < before + 160,
+        "the server grew from {before} MiB to {after} MiB"
+    );
+
+    // A watch from before the churn now starts too far back: 410, and the client relists.
+    let request = http::Request::get(format!(
+        "/api/v1/namespaces/default/configmaps?watch=true&resourceVersion={start_rv}&timeoutSeconds=1"
+    ))
+    .body(Vec::new())
+    .unwrap();
+    let text = client.request_text(request).await.unwrap();
+    assert!(
+        text.contains("\"code\":410"),
+        "{}",
+        &text[..text.len().min(300)]
+    );
+}

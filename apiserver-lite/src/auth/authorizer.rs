@@ -20,6 +20,9 @@ use super::rbac::{Binding, Policy, rules_of};
 use super::{Attributes, Decision, Identity, MASTERS};
 use crate::storage::{EventType, Storage, StorageError};
 
+/// Events taken from the store's window at once.
+const BATCH: usize = 1024;
+
 /// How long a denial waits for the cache to catch up with the store.
 const FRESHNESS_WAIT: Duration = Duration::from_secs(2);
 
@@ -239,10 +242,10 @@ impl Authorizer {
     ) -> Result<(), StorageError> {
         // Subscribe before listing: events already in the lists are applied again, harmlessly.
         let after = storage.revision();
-        let mut subscription = storage.hub().subscribe(after)?;
+        let mut cursor = storage.hub().cursor(Some(after))?;
         let (RbacObjectsHandle(mut rbac), listed) = self.load(storage).await?;
         self.mark(listed);
-        let mut pending = subscription.backlog.drain(..).collect::<Vec<_>>();
+        let mut pending = cursor.ready(storage.hub(), BATCH)?;
         loop {
             let mut rbac_changed = false;
             let mut last = None;
@@ -275,27 +278,14 @@ impl Authorizer {
             if let Some(revision) = last {
                 self.mark(revision);
             }
-            let first = tokio::select! {
+            // A burst arrives as one batch: one policy rebuild per burst.
+            pending = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                received = subscription.live.recv() => received,
+                taken = cursor.next(storage.hub(), BATCH) => match taken {
+                    Err(StorageError::Closed) => return Ok(()),
+                    other => other?,
+                },
             };
-            match first {
-                Ok(event) => pending.push(event),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    return Err(StorageError::Backend(format!("fell {n} events behind")));
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
-            }
-            // Take what else is waiting: one policy rebuild per burst.
-            while pending.len() < 1024 {
-                match subscription.live.try_recv() {
-                    Ok(event) => pending.push(event),
-                    Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => {
-                        return Err(StorageError::Backend(format!("fell {n} events behind")));
-                    }
-                    Err(_) => break,
-                }
-            }
         }
     }
 

@@ -68,6 +68,9 @@ fn storage_error(info: &ResourceInfo, name: &str, e: StorageError) -> ApiError {
         StorageError::Damaged(msg) => {
             ApiError::internal(format!("the datastore is damaged: {msg}"))
         }
+        e @ StorageError::TooLarge { .. } => {
+            ApiError::new(413, "RequestEntityTooLarge", e.to_string())
+        }
     }
 }
 

@@ -1,10 +1,15 @@
 //! Watch streams: `?watch=true` answers 200 and then one JSON event per line, flushed per event.
 //!
-//! A watch from "now" (`resourceVersion` unset, `""` or `"0"`) subscribes to the hub first and then
-//! lists, so that no change falls between the list and the stream; synthetic ADDED events carry the
-//! listed state. A watch from revision N replays the hub's window after N, or answers an ERROR event
-//! with a 410 `Expired` Status when N is older than the window. Selectors are applied per event,
-//! turning objects that enter or leave the selection into ADDED and DELETED, as upstream does.
+//! A watch from "now" (`resourceVersion` unset, `""` or `"0"`) takes a cursor on the hub first and
+//! then lists, so that no change falls between the list and the stream; synthetic ADDED events
+//! carry the listed state. A watch from revision N replays the hub's window after N, or answers an
+//! ERROR event with a 410 `Expired` Status when N is older than the window (or when the watcher
+//! falls that far behind later). Selectors are applied per event, turning objects that enter or
+//! leave the selection into ADDED and DELETED, as upstream does.
+//!
+//! Memory per watcher is bounded: the listed objects are encoded one at a time as the socket takes
+//! them, and what waits between the encoder and the socket is at most [`BUFFER`] lines and
+//! [`BUFFER_BYTES`].
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,7 +21,7 @@ use bytes::Bytes;
 use chrono::Utc;
 use http::StatusCode;
 use serde_json::{Value, json};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::request::{Output, Query};
 use super::resources::{Ctx, ListOptions, body_response, list_options};
@@ -26,6 +31,31 @@ use crate::tables;
 
 /// Events buffered per watcher between the hub and the socket.
 const BUFFER: usize = 256;
+/// Bytes buffered per watcher between the hub and the socket (a larger event waits until the
+/// buffer is empty, then goes alone).
+const BUFFER_BYTES: usize = 4 * 1024 * 1024;
+/// Events taken from the hub at once.
+const BATCH: usize = 256;
+
+/// The encoder's side of a watcher's buffer.
+struct Outbox {
+    tx: mpsc::Sender<(Bytes, OwnedSemaphorePermit)>,
+    budget: Arc<Semaphore>,
+}
+
+impl Outbox {
+    /// Queues `line` once the buffer has room; `Err` when the client has gone.
+    async fn send(&self, line: Bytes) -> Result<(), ()> {
+        let cost = line.len().clamp(1, BUFFER_BYTES) as u32;
+        let permit = self
+            .budget
+            .clone()
+            .acquire_many_owned(cost)
+            .await
+            .map_err(|_| ())?;
+        self.tx.send((line, permit)).await.map_err(|_| ())
+    }
+}
 /// How often a watcher that allows bookmarks gets one.
 const BOOKMARK_EVERY: Duration = Duration::from_secs(30);
 
@@ -171,7 +201,11 @@ pub async fn watch(ctx: Ctx, query: &Query) -> Result<Response, ApiError> {
     };
     let prefix = list_prefix(&ctx.info.group, &ctx.info.resource, &ctx.namespace);
     let hub_storage = ctx.server.storage.clone();
-    let (tx, rx) = mpsc::channel::<Bytes>(BUFFER);
+    let (tx, rx) = mpsc::channel::<(Bytes, OwnedSemaphorePermit)>(BUFFER);
+    let outbox = Outbox {
+        tx,
+        budget: Arc::new(Semaphore::new(BUFFER_BYTES)),
+    };
     let mut encoder = Encoder {
         ctx_output: ctx.output,
         info: ctx.info.clone(),
@@ -180,13 +214,9 @@ pub async fn watch(ctx: Ctx, query: &Query) -> Result<Response, ApiError> {
     let info = ctx.info.clone();
     let shutdown = ctx.server.shutdown.clone();
 
-    // Subscribe before listing so nothing is lost between the two.
-    let subscription = match start {
-        Some(n) => hub_storage.hub().subscribe(n),
-        None => hub_storage.hub().subscribe(u64::MAX),
-    };
-    let mut subscription = match subscription {
-        Ok(s) => s,
+    // The cursor comes before the list so nothing is lost between the two.
+    let mut cursor = match hub_storage.hub().cursor(start) {
+        Ok(c) => c,
         Err(StorageError::Expired { requested, oldest }) => {
             // Upstream answers 200 and an ERROR event; clients relist.
             let status =
@@ -202,36 +232,40 @@ pub async fn watch(ctx: Ctx, query: &Query) -> Result<Response, ApiError> {
         Err(e) => return Err(ApiError::internal(e.to_string())),
     };
     let mut last_sent = start.unwrap_or(0);
-    let mut preamble: Vec<Bytes> = Vec::new();
-    if initial {
+    let listing = if initial {
         let listing = hub_storage
             .list(&prefix, None, None)
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?;
-        for item in &listing.items {
-            if selecting {
-                let value = item
-                    .value()
-                    .map_err(|e| ApiError::internal(e.to_string()))?;
-                if opts.matches(&info, &value) {
-                    preamble.push(encoder.line("ADDED", Payload::Parsed(value)));
-                }
-            } else {
-                preamble.push(encoder.line("ADDED", Payload::Raw(item.raw.clone())));
-            }
-        }
         last_sent = last_sent.max(listing.revision);
-        if send_initial == Some(true) {
-            preamble.push(encoder.bookmark(listing.revision, true));
+        Some(listing)
+    } else {
+        if from_now {
+            last_sent = hub_storage.revision();
         }
-    } else if from_now {
-        last_sent = hub_storage.revision();
-    }
-    let backlog = std::mem::take(&mut subscription.backlog);
+        None
+    };
 
     tokio::spawn(async move {
-        for line in preamble {
-            if tx.send(line).await.is_err() {
+        if let Some(listing) = listing {
+            let revision = listing.revision;
+            for item in listing.items {
+                let line = if selecting {
+                    let Ok(value) = item.value() else { continue };
+                    if !opts.matches(&info, &value) {
+                        continue;
+                    }
+                    encoder.line("ADDED", Payload::Parsed(value))
+                } else {
+                    encoder.line("ADDED", Payload::Raw(item.raw))
+                };
+                if outbox.send(line).await.is_err() {
+                    return;
+                }
+            }
+            if send_initial == Some(true)
+                && outbox.send(encoder.bookmark(revision, true)).await.is_err()
+            {
                 return;
             }
         }
@@ -239,29 +273,32 @@ pub async fn watch(ctx: Ctx, query: &Query) -> Result<Response, ApiError> {
         tokio::pin!(deadline);
         let mut bookmark_timer = tokio::time::interval(BOOKMARK_EVERY);
         bookmark_timer.tick().await;
-        let mut backlog = backlog.into_iter();
+        let mut pending = std::collections::VecDeque::new();
         loop {
-            let event = if let Some(e) = backlog.next() {
+            let event = if let Some(e) = pending.pop_front() {
                 e
             } else {
                 tokio::select! {
                     _ = &mut deadline => return,
                     _ = shutdown.cancelled() => return,
-                    _ = tx.closed() => return,
+                    _ = outbox.tx.closed() => return,
                     _ = bookmark_timer.tick(), if bookmarks => {
-                        if tx.send(encoder.bookmark(last_sent, false)).await.is_err() {
+                        if outbox.send(encoder.bookmark(last_sent, false)).await.is_err() {
                             return;
                         }
                         continue;
                     }
-                    received = subscription.live.recv() => match received {
-                        Ok(e) => e,
-                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                    taken = cursor.next(hub_storage.hub(), BATCH) => match taken {
+                        Ok(events) => {
+                            pending.extend(events);
+                            continue;
+                        }
+                        Err(StorageError::Expired { .. }) => {
                             let status = ApiError::expired("the watcher fell too far behind; relist and watch again").status();
-                            let _ = tx.send(Encoder::raw("ERROR", &status)).await;
+                            let _ = outbox.send(Encoder::raw("ERROR", &status)).await;
                             return;
                         }
-                        Err(broadcast::error::RecvError::Closed) => return,
+                        Err(_) => return,
                     },
                 }
             };
@@ -271,14 +308,17 @@ pub async fn watch(ctx: Ctx, query: &Query) -> Result<Response, ApiError> {
             last_sent = event.revision;
             if let Some((kind, payload)) = translate(&opts, &info, selecting, &event) {
                 let line = encoder.line(kind, payload);
-                if tx.send(line).await.is_err() {
+                if outbox.send(line).await.is_err() {
                     return;
                 }
             }
         }
     });
+    // A line's share of the byte budget is released once it is handed to the connection.
     let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<Bytes, Infallible>(b), rx))
+        rx.recv()
+            .await
+            .map(|(line, _permit)| (Ok::<Bytes, Infallible>(line), rx))
     });
     Ok(body_response(
         StatusCode::OK,

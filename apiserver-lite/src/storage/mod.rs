@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-pub use watch::{EventType, WatchEvent, WatchHub, WatchSubscription};
+pub use watch::{Cursor, EventType, WatchEvent, WatchHub};
 
 /// An object as stored, with the revision at which it was last written.
 #[derive(Debug, Clone)]
@@ -67,9 +67,24 @@ pub enum StorageError {
     Closed,
     #[error("storage backend failed: {0}")]
     Backend(String),
+    /// The object is larger than a datastore keeps ([`MAX_OBJECT`]).
+    #[error("the object is {size} bytes, more than the {MAX_OBJECT} bytes the datastore keeps")]
+    TooLarge { size: usize },
     /// The datastore's file is damaged (SQLite's "malformed" or "not a database").
     #[error("the datastore is damaged: {0}")]
     Damaged(String),
+}
+
+/// The largest object (as JSON) a datastore keeps: etcd's default request limit, so that what a
+/// site stores would also fit a site on etcd.
+pub const MAX_OBJECT: usize = 1536 * 1024;
+
+/// Refuses an object's text above [`MAX_OBJECT`].
+pub fn check_size(text: &str) -> Result<(), StorageError> {
+    if text.len() > MAX_OBJECT {
+        return Err(StorageError::TooLarge { size: text.len() });
+    }
+    Ok(())
 }
 
 /// What the API server needs from a datastore. Implemented by SQLite (default) and, later, etcd.

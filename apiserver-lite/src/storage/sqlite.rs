@@ -551,6 +551,9 @@ fn apply_one(
             let mut object = object.unwrap_or(Value::Null);
             stamp_revision(&mut object, revision);
             let text = serde_json::to_string(&object).map_err(backend)?;
+            if let Err(e) = super::check_size(&text) {
+                return Ok(Err(e));
+            }
             tx.prepare_cached("INSERT INTO objects (key, revision, value) VALUES (?1, ?2, ?3)")
                 .map_err(backend)?
                 .execute(params![key, revision as i64, text])
@@ -579,6 +582,9 @@ fn apply_one(
             let mut object = object.unwrap_or(Value::Null);
             stamp_revision(&mut object, revision);
             let text = serde_json::to_string(&object).map_err(backend)?;
+            if let Err(e) = super::check_size(&text) {
+                return Ok(Err(e));
+            }
             tx.prepare_cached("UPDATE objects SET revision = ?2, value = ?3 WHERE key = ?1")
                 .map_err(backend)?
                 .execute(params![key, revision as i64, text])
