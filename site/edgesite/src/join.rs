@@ -197,6 +197,7 @@ pub async fn credentials(
     ) && saved_server.trim() == server
         && saved_node.trim() == node
     {
+        check_server_name(server, &ca).await?;
         return Ok(AgentCredentials {
             server: server.to_string(),
             ca,
@@ -222,6 +223,7 @@ pub async fn credentials(
             "the server at {server} presents a CA that does not match the join token: wrong --server, or someone in between"
         );
     }
+    check_server_name(server, &ca).await?;
     let (csr, key) = crate::pki::node_csr(node)?;
     let body = serde_json::json!({"node": node, "csr": csr}).to_string();
     let reply = client
@@ -254,6 +256,54 @@ pub async fn credentials(
         cert,
         key,
     })
+}
+
+/// Fails with what to do when the server's certificate does not name the host in `server` (an
+/// agent given the server's IP address while the certificate lists only its names would
+/// otherwise retry forever). A server that cannot be reached says nothing here: the agent runs
+/// on from its cache and the usual retries report it.
+async fn check_server_name(server: &str, ca_pem: &str) -> Result<()> {
+    let (host, port) = edged::streaming::tunnel::host_port(server).map_err(anyhow::Error::msg)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        roots
+            .add(cert.context("the site CA")?)
+            .context("the site CA")?;
+    }
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let Ok(Ok(tcp)) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    else {
+        return Ok(());
+    };
+    let name = rustls::pki_types::ServerName::try_from(host.clone())
+        .with_context(|| format!("{host:?} in --server is not a host name or address"))?;
+    let handshake = tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp);
+    let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(10), handshake).await else {
+        return Ok(());
+    };
+    let rejected = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(|e| match e {
+            rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            ) => Some(e.to_string()),
+            _ => None,
+        });
+    if let Some(why) = rejected {
+        bail!(
+            "the server's certificate does not name {host:?} ({why}): restart the server with --tls-san {host} \
+             (a server listening on all addresses lists its machine's addresses by itself), or pass --server with a name it lists"
+        );
+    }
+    Ok(())
 }
 
 /// A tiny HTTPS client for the two join calls, which happen before the CA is trusted (the

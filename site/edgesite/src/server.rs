@@ -25,6 +25,42 @@ pub fn hostname() -> String {
         .to_lowercase()
 }
 
+/// The machine's own addresses, as K3s puts the node's addresses in its serving certificate:
+/// global and private unicast addresses of every interface, not loopback (listed already),
+/// link-local ones, or those of the pod bridge and the pods' veths.
+fn machine_addresses(bridge: &str) -> Vec<IpAddr> {
+    let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for a in addresses {
+        if a.interface_name == bridge
+            || a.interface_name.starts_with("veth")
+            || a.interface_name.starts_with("cni")
+        {
+            continue;
+        }
+        let Some(address) = a.address else { continue };
+        let ip = if let Some(v4) = address.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = address.as_sockaddr_in6() {
+            IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        let link_local = match ip {
+            IpAddr::V4(v4) => v4.is_link_local(),
+            IpAddr::V6(v6) => v6.is_unicast_link_local(),
+        };
+        if !ip.is_loopback() && !ip.is_unspecified() && !ip.is_multicast() && !link_local {
+            found.push(ip);
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
 /// Names and addresses the serving certificate must cover (the `kubernetes` Service's cluster IP
 /// too: in-cluster clients connect to it).
 fn sans(args: &ServerArgs, service_ip: Option<String>) -> Vec<String> {
@@ -41,7 +77,15 @@ fn sans(args: &ServerArgs, service_ip: Option<String>) -> Vec<String> {
     if !host.is_empty() {
         sans.push(host);
     }
-    if !args.bind_address.is_unspecified() {
+    if args.bind_address.is_unspecified() {
+        // Reachable on every address of the machine: agents join by any of them.
+        for ip in machine_addresses(&args.agent.cni_bridge) {
+            let ip = ip.to_string();
+            if !sans.contains(&ip) {
+                sans.push(ip);
+            }
+        }
+    } else {
         sans.push(args.bind_address.to_string());
     }
     sans.extend(service_ip);
