@@ -116,9 +116,11 @@ where
 /// Signs node client certificates for agents that present a join token (the binary owns the
 /// CA and the tokens; the API server only carries the request).
 pub trait NodeJoin: Send + Sync {
-    /// `token`: the credential part of the join token; `csr`: a PEM certificate request.
-    /// Returns the signed certificate (PEM) for `system:node:<node>`.
-    fn join(&self, token: &str, node: &str, csr: &str) -> Result<String, JoinError>;
+    /// Whether `token` (a join token, or its credential part) lets a machine join.
+    fn authorize(&self, token: &str) -> Result<(), JoinError>;
+    /// Signs `csr` (a PEM certificate request) as `system:node:<node>`; returns the
+    /// certificate (PEM).
+    fn sign(&self, node: &str, csr: &str) -> Result<String, JoinError>;
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -461,3 +461,113 @@ async fn large_objects_are_bounded_and_churning_them_does_not_grow_the_server() 
         &text[..text.len().min(300)]
     );
 }
+
+/// One join attempt with `token` from `source`, over TLS as a stranger: the status code and the
+/// `Retry-After` header.
+async fn join_attempt(site: &Site, source: [u8; 4], token: &str) -> (u16, Option<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = connect_from(source, site.port).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = stranger_tls(site).connect(name, tcp).await.expect("TLS");
+    let body = r#"{"node":"guess","csr":"x","password":"0123456789abcdef0123"}"#;
+    let request = format!(
+        "POST /edgesite/v1/node-join HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer).await;
+    let text = String::from_utf8_lossy(&answer);
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let retry_after = text.lines().find_map(|l| {
+        l.to_ascii_lowercase()
+            .strip_prefix("retry-after:")
+            .map(|v| v.trim().to_string())
+    });
+    (code, retry_after)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_attempts_are_limited_names_belong_to_one_machine_and_removed_nodes_stay_out() {
+    use tests::node::Runtime;
+    let rt = Runtime::start().expect("containerd for the node agents");
+    let site = tokio::task::block_in_place(|| rt.start_site(&[])).expect("start site");
+
+    // Guessing tokens: refused, then slowed down for that address only.
+    let mut codes = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..12 {
+        let (code, retry) = join_attempt(&site, [127, 0, 0, 3], "K10nope::guess").await;
+        codes.push(code);
+        retry_after = retry_after.or(retry);
+    }
+    assert!(codes[..10].iter().all(|c| *c == 401), "{codes:?}");
+    assert!(codes[10..].iter().all(|c| *c == 429), "{codes:?}");
+    assert!(retry_after.is_some_and(|r| r.parse::<u64>().is_ok_and(|s| s >= 1)));
+    let (code, _) = join_attempt(&site, [127, 0, 0, 4], "K10nope::guess").await;
+    assert_eq!(code, 401, "another address is not slowed down");
+
+    let ready = |node: &str| {
+        let node = node.to_string();
+        let site = &site;
+        move || {
+            site.kubectl(&["get", "node", &node])
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(" Ready "))
+        }
+    };
+    let wait = |what: &str, mut f: Box<dyn FnMut() -> bool + '_>| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !f() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    };
+    let mut first = tokio::task::block_in_place(|| rt.start_agent(&site, "node-b")).unwrap();
+    tokio::task::block_in_place(|| wait("node-b Ready", Box::new(ready("node-b"))));
+
+    // Another machine with a valid token asks for the same name: refused, with what to do.
+    let mut impostor = tokio::task::block_in_place(|| rt.start_agent(&site, "node-b")).unwrap();
+    let status = tokio::task::block_in_place(|| impostor.wait_exit(Duration::from_secs(30)));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the second machine was let in as node-b:\n{}",
+        impostor.log()
+    );
+    assert!(
+        impostor.log().contains("belongs to another machine")
+            && impostor.log().contains("edgesite node remove node-b"),
+        "{}",
+        impostor.log()
+    );
+
+    // Removed for good: the Node goes, the first machine's certificate stops working, and it
+    // does not bring its Node back.
+    let out = std::process::Command::new(tests::edgesite_bin())
+        .args(["node", "remove", "node-b", "--data-dir"])
+        .arg(site.data_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let out = site.kubectl(&["get", "node", "node-b"]).unwrap();
+    assert!(
+        !out.status.success(),
+        "node-b came back after its removal; agent log:\n{}",
+        first.log()
+    );
+    assert!(first.log().contains("revoked"), "{}", first.log());
+    first.kill();
+
+    // The name is free: the other machine joins as node-b now.
+    let mut second = tokio::task::block_in_place(|| rt.start_agent(&site, "node-b")).unwrap();
+    tokio::task::block_in_place(|| wait("node-b Ready again", Box::new(ready("node-b"))));
+    second.kill();
+}

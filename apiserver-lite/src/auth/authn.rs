@@ -109,6 +109,19 @@ impl TokenAuthenticator {
 }
 
 /// CN and O of a verified client certificate (DER).
+/// A certificate's serial number, lowercase hex without leading zeros (as the site records a
+/// node certificate's).
+pub fn certificate_serial(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.tbs_certificate.serial.to_str_radix(16))
+}
+
+/// The same from a PEM certificate.
+pub fn certificate_serial_pem(pem: &str) -> Option<String> {
+    let der = rustls_pemfile::certs(&mut pem.as_bytes()).next()?.ok()?;
+    certificate_serial(der.as_ref())
+}
+
 pub fn identity_from_certificate(der: &[u8]) -> Option<Identity> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let subject = cert.subject();

@@ -35,7 +35,10 @@ const PODS: &str = "/core/pods/";
 const CLAIMS: &str = "/core/persistentvolumeclaims/";
 const DEVICES: &str = "/devices.kubeedge.io/devices/";
 const SERVICE_ACCOUNTS: &str = "/core/serviceaccounts/";
-const FOLLOWED: [&str; 8] = [
+/// Where the node passwords (and the serial of each node's certificate) are kept.
+const NODE_PASSWORDS: &str = "/core/secrets/kube-system/";
+const NODE_PASSWORD_SUFFIX: &str = ".node-password.edgesite";
+const FOLLOWED: [&str; 9] = [
     CLUSTER_ROLES,
     ROLES,
     CLUSTER_ROLE_BINDINGS,
@@ -44,6 +47,7 @@ const FOLLOWED: [&str; 8] = [
     CLAIMS,
     DEVICES,
     SERVICE_ACCOUNTS,
+    NODE_PASSWORDS,
 ];
 
 #[derive(Default)]
@@ -52,6 +56,9 @@ pub struct Authorizer {
     graph: RwLock<Graph>,
     /// ServiceAccounts by `namespace/name`: what ServiceAccount admission needs of them.
     accounts: std::sync::Mutex<HashMap<String, Value>>,
+    /// Nodes that joined with a token: the serial of the one certificate that is theirs
+    /// (empty once the node was removed).
+    node_certificates: std::sync::Mutex<HashMap<String, String>>,
     /// The store revision the caches reflect.
     seen: AtomicU64,
     caught_up: tokio::sync::Notify,
@@ -120,6 +127,17 @@ impl Authorizer {
         self.accounts_mut()
             .get(&format!("{namespace}/{name}"))
             .cloned()
+    }
+
+    /// Whether a node's client certificate with `serial` still authenticates: nodes that joined
+    /// with a token have one certificate on record (none after `edgesite node remove`); nodes
+    /// without a record (the server's own) are not restricted.
+    pub fn node_certificate_valid(&self, node: &str, serial: &str) -> bool {
+        self.node_certificates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .is_none_or(|kept| kept == serial)
     }
 
     /// The node a pod is bound to, as the Node authorizer's graph has it.
@@ -214,24 +232,29 @@ impl Authorizer {
     ) -> Result<(RbacObjectsHandle, u64), StorageError> {
         let mut rbac = RbacObjects::default();
         let mut graph = Graph::default();
-        let mut accounts = HashMap::new();
+        let accounts = std::sync::Mutex::new(HashMap::new());
+        let node_certificates = std::sync::Mutex::new(HashMap::new());
+        let caches = Caches {
+            accounts: &accounts,
+            node_certificates: &node_certificates,
+        };
         let mut revision = u64::MAX;
         for prefix in FOLLOWED {
             let listing = storage.list(prefix, None, None).await?;
             revision = revision.min(listing.revision);
             for item in listing.items {
-                apply(
-                    &mut rbac,
-                    &mut graph,
-                    &mut accounts,
-                    &item.key,
-                    Some(&item.raw),
-                );
+                apply(&mut rbac, &mut graph, &caches, &item.key, Some(&item.raw));
             }
         }
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rbac.policy());
         *self.graph.write().unwrap_or_else(|e| e.into_inner()) = graph;
-        *self.accounts_mut() = accounts;
+        *self.accounts_mut() = accounts.into_inner().unwrap_or_else(|e| e.into_inner());
+        *self
+            .node_certificates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = node_certificates
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner());
         Ok((RbacObjectsHandle(rbac), revision))
     }
 
@@ -261,16 +284,15 @@ impl Authorizer {
                 let is_rbac = !event.key.starts_with(PODS)
                     && !event.key.starts_with(CLAIMS)
                     && !event.key.starts_with(DEVICES)
-                    && !event.key.starts_with(SERVICE_ACCOUNTS);
+                    && !event.key.starts_with(SERVICE_ACCOUNTS)
+                    && !event.key.starts_with(NODE_PASSWORDS);
                 rbac_changed |= is_rbac;
                 let mut graph = self.graph.write().unwrap_or_else(|e| e.into_inner());
-                apply(
-                    &mut rbac,
-                    &mut graph,
-                    &mut self.accounts_mut(),
-                    &event.key,
-                    text,
-                );
+                let caches = Caches {
+                    accounts: &self.accounts,
+                    node_certificates: &self.node_certificates,
+                };
+                apply(&mut rbac, &mut graph, &caches, &event.key, text);
             }
             if rbac_changed {
                 *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rbac.policy());
@@ -295,18 +317,47 @@ impl Authorizer {
     }
 }
 
+/// The caches [`apply`] fills besides the RBAC objects and the graph.
+struct Caches<'a> {
+    accounts: &'a std::sync::Mutex<HashMap<String, Value>>,
+    node_certificates: &'a std::sync::Mutex<HashMap<String, String>>,
+}
+
 /// The RBAC objects of one load, handed from [`Authorizer::load`] to the follower.
 pub struct RbacObjectsHandle(RbacObjects);
 
 fn apply(
     rbac: &mut RbacObjects,
     graph: &mut Graph,
-    accounts: &mut HashMap<String, Value>,
+    caches: &Caches<'_>,
     key: &str,
     text: Option<&str>,
 ) {
     let short = |prefix: &str| &key[prefix.len()..];
-    if key.starts_with(PODS) {
+    if key.starts_with(NODE_PASSWORDS) {
+        let Some(node) = short(NODE_PASSWORDS).strip_suffix(NODE_PASSWORD_SUFFIX) else {
+            return;
+        };
+        let mut certificates = caches
+            .node_certificates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match text.and_then(|t| serde_json::from_str::<Value>(t).ok()) {
+            Some(secret) => {
+                use base64::Engine;
+                let serial = secret
+                    .pointer("/data/serial")
+                    .and_then(Value::as_str)
+                    .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+                    .and_then(|s| String::from_utf8(s).ok())
+                    .unwrap_or_default();
+                certificates.insert(node.to_string(), serial);
+            }
+            None => {
+                certificates.remove(node);
+            }
+        }
+    } else if key.starts_with(PODS) {
         graph.pod_text(short(PODS), text);
     } else if key.starts_with(CLAIMS) {
         graph.claim_text(short(CLAIMS), text);
@@ -323,10 +374,18 @@ fn apply(
                 if !a.image_pull_secrets.is_empty() {
                     v["imagePullSecrets"] = a.image_pull_secrets.into();
                 }
-                accounts.insert(short(SERVICE_ACCOUNTS).to_string(), v);
+                caches
+                    .accounts
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(short(SERVICE_ACCOUNTS).to_string(), v);
             }
             None => {
-                accounts.remove(short(SERVICE_ACCOUNTS));
+                caches
+                    .accounts
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(short(SERVICE_ACCOUNTS));
             }
         }
     } else {

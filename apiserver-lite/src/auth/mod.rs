@@ -18,7 +18,10 @@ pub mod rbac;
 
 use std::collections::BTreeMap;
 
-pub use authn::{AuthError, TokenAuthenticator, identity_from_certificate};
+pub use authn::{
+    AuthError, TokenAuthenticator, certificate_serial, certificate_serial_pem,
+    identity_from_certificate,
+};
 
 /// Every authenticated user is in this group.
 pub const AUTHENTICATED: &str = "system:authenticated";

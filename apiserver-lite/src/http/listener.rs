@@ -27,7 +27,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::pipeline::TransportIdentity;
-use crate::auth::identity_from_certificate;
+use crate::auth::{certificate_serial, identity_from_certificate};
+
+/// The client's address, on every request that came through the listener.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddress(pub SocketAddr);
 
 /// Connections open at once.
 pub const MAX_CONNECTIONS: usize = 4096;
@@ -230,7 +234,12 @@ async fn serve_connection(
         .1
         .peer_certificates()
         .and_then(|certs| certs.first())
-        .and_then(|cert| identity_from_certificate(cert.as_ref()));
+        .and_then(|cert| {
+            Some(TransportIdentity {
+                identity: identity_from_certificate(cert.as_ref())?,
+                serial: certificate_serial(cert.as_ref()),
+            })
+        });
     let activity = Arc::new(Activity {
         in_flight: AtomicUsize::new(0),
         since: Mutex::new(Instant::now()),
@@ -240,9 +249,9 @@ async fn serve_connection(
     let service =
         hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             if let Some(identity) = &identity {
-                req.extensions_mut()
-                    .insert(TransportIdentity(identity.clone()));
+                req.extensions_mut().insert(identity.clone());
             }
+            req.extensions_mut().insert(PeerAddress(peer));
             let mut app = app.clone();
             // In flight until the response body is finished or dropped.
             let in_flight = requests.start();

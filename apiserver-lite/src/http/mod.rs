@@ -12,6 +12,7 @@
 pub mod admission;
 pub mod decode;
 pub mod discovery;
+pub mod join;
 pub mod listener;
 pub mod pipeline;
 pub mod request;
@@ -69,6 +70,8 @@ pub struct ApiServer {
     pub ca_pem: std::sync::OnceLock<String>,
     /// Signs node certificates for agents that join with a token.
     pub node_join: std::sync::OnceLock<Arc<dyn crate::node_streams::NodeJoin>>,
+    /// Failed join attempts per client address.
+    pub join_failures: join::Failures,
     /// Request counters and latencies (`/metrics`).
     pub request_metrics: crate::metrics::Shared,
 }
@@ -95,6 +98,7 @@ impl ApiServer {
             nodes: Arc::default(),
             ca_pem: std::sync::OnceLock::new(),
             node_join: std::sync::OnceLock::new(),
+            join_failures: join::Failures::default(),
             request_metrics: Arc::default(),
         }
     }
@@ -108,7 +112,10 @@ pub fn router(server: Arc<ApiServer>) -> Router {
         .layer(pipeline::PipelineLayer::new(server.clone()));
     Router::new()
         .route("/cacerts", axum::routing::any(cacerts))
-        .route("/edgesite/v1/node-join", axum::routing::any(node_join))
+        .route(
+            "/edgesite/v1/node-join",
+            axum::routing::any(join::node_join),
+        )
         .fallback_service(api.with_state(server.clone()))
         .with_state(server)
 }
@@ -330,61 +337,6 @@ async fn dispatch(State(server): State<Arc<ApiServer>>, mut request: Request) ->
     }
 }
 
-/// `POST /edgesite/v1/node-join` with `Authorization: Bearer <token>` and
-/// `{"node": NAME, "csr": PEM}`: a client certificate for `system:node:NAME`.
-async fn node_join(State(server): State<Arc<ApiServer>>, request: Request) -> Response {
-    use crate::node_streams::JoinError;
-    if request.method() != http::Method::POST {
-        return error_response(&ApiError::method_not_allowed(
-            "get",
-            "node-join",
-            "edgesite",
-        ));
-    }
-    let Some(join) = server.node_join.get().cloned() else {
-        return error_response(&ApiError::service_unavailable(
-            "this server does not accept joining agents",
-        ));
-    };
-    let token = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_string())
-        .unwrap_or_default();
-    let body = match axum::body::to_bytes(request.into_body(), 64 * 1024).await {
-        Ok(b) => b,
-        Err(_) => return error_response(&ApiError::bad_request("the join request is too large")),
-    };
-    let parsed: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => {
-            return error_response(&ApiError::bad_request(format!(
-                "the join request is not JSON: {e}"
-            )));
-        }
-    };
-    let node = parsed["node"].as_str().unwrap_or_default().to_string();
-    let csr = parsed["csr"].as_str().unwrap_or_default().to_string();
-    if let Err(m) = crate::validation::is_dns1123_subdomain(&node) {
-        return error_response(&ApiError::bad_request(format!("node name {node:?}: {m}")));
-    }
-    match tokio::task::spawn_blocking(move || join.join(&token, &node, &csr)).await {
-        Ok(Ok(certificate)) => json_response(
-            StatusCode::OK,
-            &json!({"certificate": certificate, "ca": server.ca_pem.get().cloned().unwrap_or_default()}),
-        ),
-        Ok(Err(JoinError::BadToken)) => {
-            let mut e = ApiError::unauthorized();
-            e.message = JoinError::BadToken.to_string();
-            error_response(&e)
-        }
-        Ok(Err(e)) => error_response(&ApiError::bad_request(e.to_string())),
-        Err(e) => error_response(&ApiError::internal(e.to_string())),
-    }
-}
-
 /// `GET /edgesite/v1/node-tunnel` (Upgrade: edgesite-tunnel) from a node agent: the connection
 /// becomes the server's way to the agent's HTTP API.
 fn node_tunnel(server: &Arc<ApiServer>, identity: &Identity, mut request: Request) -> Response {
@@ -445,9 +397,10 @@ where
     tower::ServiceBuilder::new()
         .map_request(move |request: http::Request<B>| {
             let mut request = request.map(Body::new);
-            request
-                .extensions_mut()
-                .insert(TransportIdentity(identity.clone()));
+            request.extensions_mut().insert(TransportIdentity {
+                identity: identity.clone(),
+                serial: None,
+            });
             request
         })
         .service(router(server))

@@ -32,7 +32,11 @@ use crate::error::ApiError;
 /// The identity the connection vouches for: a client certificate verified by TLS, or the
 /// identity the in-process client was built with. Remote clients cannot set it.
 #[derive(Debug, Clone)]
-pub struct TransportIdentity(pub Identity);
+pub struct TransportIdentity {
+    pub identity: Identity,
+    /// The client certificate's serial number (none for in-process callers).
+    pub serial: Option<String>,
+}
 
 /// What the layers learnt about a request; the handler's input besides the request itself.
 #[derive(Debug, Clone)]
@@ -184,8 +188,18 @@ fn measured(route: &Route, request: &Request) -> Option<(&'static str, String)> 
 
 /// (`&mut`: a shared borrow of a request, whose body is not `Sync`, cannot cross an await.)
 async fn authenticate(server: &ApiServer, request: &mut Request) -> Result<Identity, Response> {
-    if let Some(TransportIdentity(identity)) = request.extensions().get::<TransportIdentity>() {
-        return Ok(identity.clone());
+    if let Some(transport) = request.extensions().get::<TransportIdentity>() {
+        // A removed node's certificate (`edgesite node remove`) no longer authenticates.
+        if let (Some(node), Some(serial)) = (transport.identity.node_name(), &transport.serial)
+            && !server.authorizer.node_certificate_valid(node, serial)
+        {
+            let mut e = ApiError::unauthorized();
+            e.message = format!(
+                "the certificate of node {node:?} was revoked when the node was removed from the site; join the machine again with a new token"
+            );
+            return Err(error_response(&e));
+        }
+        return Ok(transport.identity.clone());
     }
     let Some(authorization) = request.headers().get(header::AUTHORIZATION) else {
         return Ok(Identity::anonymous());

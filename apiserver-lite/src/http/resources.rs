@@ -2642,6 +2642,47 @@ pub fn body_response(code: StatusCode, content_type: &'static str, body: Body) -
         .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
+/// The request context of the server's own writes.
+fn internal_ctx(
+    server: &Arc<ApiServer>,
+    group: &str,
+    version: &str,
+    resource: &str,
+    namespace: &str,
+) -> Result<Ctx, ApiError> {
+    let info = server
+        .registry
+        .get(group, version, resource)
+        .ok_or_else(ApiError::no_route)?;
+    Ok(Ctx {
+        server: server.clone(),
+        info,
+        namespace: namespace.to_string(),
+        output: Output::Json,
+        user: Identity::loopback(),
+    })
+}
+
+/// Deletes an object from inside the server, through the normal write path.
+pub async fn delete_internal(
+    server: &Arc<ApiServer>,
+    group: &str,
+    version: &str,
+    resource: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<(), ApiError> {
+    let ctx = internal_ctx(server, group, version, resource, namespace)?;
+    let options = DeleteOptions {
+        grace_period: None,
+        propagation: None,
+        precondition_uid: None,
+        precondition_rv: None,
+        dry_run: false,
+    };
+    ctx.delete(name, &options).await.map(|_| ())
+}
+
 /// Creates an object from inside the server (start-up defaults), through the normal write path.
 pub async fn create_internal(
     server: &Arc<ApiServer>,
@@ -2651,17 +2692,7 @@ pub async fn create_internal(
     namespace: &str,
     object: Value,
 ) -> Result<Value, ApiError> {
-    let info = server
-        .registry
-        .get(group, version, resource)
-        .ok_or_else(ApiError::no_route)?;
-    let ctx = Ctx {
-        server: server.clone(),
-        info,
-        namespace: namespace.to_string(),
-        output: Output::Json,
-        user: Identity::loopback(),
-    };
+    let ctx = internal_ctx(server, group, version, resource, namespace)?;
     let mut opts = WriteOptions {
         dry_run: false,
         manager: "edgesite".into(),

@@ -145,12 +145,7 @@ fn constant_time_eq(a: &str, b: &str) -> bool {
 }
 
 impl apiserver_lite::node_streams::NodeJoin for Joiner {
-    fn join(
-        &self,
-        token: &str,
-        node: &str,
-        csr: &str,
-    ) -> Result<String, apiserver_lite::node_streams::JoinError> {
+    fn authorize(&self, token: &str) -> Result<(), apiserver_lite::node_streams::JoinError> {
         use apiserver_lite::node_streams::JoinError;
         let credential = JoinToken::parse(token)
             .map(|t| t.credential)
@@ -158,8 +153,16 @@ impl apiserver_lite::node_streams::NodeJoin for Joiner {
         if !self.valid(&credential) {
             return Err(JoinError::BadToken);
         }
+        Ok(())
+    }
+
+    fn sign(
+        &self,
+        node: &str,
+        csr: &str,
+    ) -> Result<String, apiserver_lite::node_streams::JoinError> {
         crate::pki::sign_node_csr(&self.ca, node, csr)
-            .map_err(|e| JoinError::Invalid(format!("{e:#}")))
+            .map_err(|e| apiserver_lite::node_streams::JoinError::Invalid(format!("{e:#}")))
     }
 }
 
@@ -224,8 +227,9 @@ pub async fn credentials(
         );
     }
     check_server_name(server, &ca).await?;
+    let password = node_password(&dir)?;
     let (csr, key) = crate::pki::node_csr(node)?;
-    let body = serde_json::json!({"node": node, "csr": csr}).to_string();
+    let body = serde_json::json!({"node": node, "csr": csr, "password": password}).to_string();
     let reply = client
         .post_json(
             &format!("{server}/edgesite/v1/node-join"),
@@ -256,6 +260,22 @@ pub async fn credentials(
         cert,
         key,
     })
+}
+
+/// This machine's node password (K3s's `/etc/rancher/node/password`): made on the first join and
+/// kept, so the machine can join again under its name while another machine cannot take it.
+fn node_password(dir: &Path) -> Result<String> {
+    let path = dir.join("node-password");
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && text.trim().len() >= 16
+    {
+        return Ok(text.trim().to_string());
+    }
+    let bytes: [u8; 24] = rand::random();
+    let password: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    crate::pki::write_private(&path, &password)?;
+    Ok(password)
 }
 
 /// Fails with what to do when the server's certificate does not name the host in `server` (an
@@ -508,4 +528,69 @@ mod tests {
         .unwrap();
         assert!(!joiner.valid(&credential), "expired tokens are refused");
     }
+}
+
+/// `edgesite node remove NAME`: on the server, with the admin credentials of its data dir.
+/// The node's record keeps no certificate serial (so no certificate of it authenticates, and the
+/// mesh, which follows Nodes, drops it once the Node is gone), then the Node is deleted (the pod
+/// garbage collector deletes its pods).
+pub fn remove_node(data_dir: &Path, name: &str) -> Result<()> {
+    use k8s_openapi::api::core::v1::{Node, Secret};
+    use kube::api::{Api, DeleteParams, PostParams};
+    let kubeconfig = data_dir
+        .join("server")
+        .join("cred")
+        .join("admin.kubeconfig");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&kubeconfig).with_context(|| {
+                format!(
+                    "read {}: run this on the server (or pass --data-dir)",
+                    kubeconfig.display()
+                )
+            })?,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await?;
+        let client = kube::Client::try_from(config)?;
+        let nodes: Api<Node> = Api::all(client.clone());
+        let secrets: Api<Secret> = Api::namespaced(client, "kube-system");
+        let record = apiserver_lite::http::join::password_secret(name);
+        nodes
+            .get_opt(name)
+            .await
+            .with_context(|| format!("reach the server to remove node {name:?}"))?;
+        match secrets.delete(&record, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e).context("clear the node's record"),
+        }
+        // A record without a certificate serial: no certificate of this node authenticates
+        // (also one of a node that never finished joining), and the name is free.
+        let secret: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": record, "labels": {"edgesite.io/node-password": name}},
+            "type": "edgesite.io/node-password",
+            "stringData": {"removed": chrono_like_now()}
+        }))?;
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .context("record the node as removed")?;
+        match nodes.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e).context("delete the Node"),
+        }
+        Ok(())
+    })
+}
+
+/// Now as RFC 3339 (UTC), for records people read.
+fn chrono_like_now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }

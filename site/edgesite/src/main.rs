@@ -49,6 +49,11 @@ enum Command {
     /// RBAC decides what the user may do: bind roles to the user or the groups, e.g.
     /// `kubectl create rolebinding NAME --clusterrole=view --user=NAME -n NAMESPACE`.
     Kubeconfig(KubeconfigArgs),
+    /// Nodes of the site: `edgesite node remove NAME` takes a machine out for good.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
     /// A standalone mesh relay for a machine every site can reach (a public VM): nodes that
     /// cannot reach each other directly meet through it.
     Relay(mesh::RelayArgs),
@@ -109,6 +114,20 @@ enum MeshCommand {
         /// `json` for the raw status.
         #[arg(long, short = 'o', value_name = "table|json", default_value = "table")]
         output: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Remove a node for good: its Node object goes (its pods are deleted), its certificate
+    /// stops working, and its name is free for another machine. Bring the machine back by
+    /// joining it again with a new token.
+    Remove {
+        /// The node's name.
+        name: String,
+        /// The server's data dir (holds the admin credentials).
+        #[arg(long, short = 'd', default_value = "/var/lib/edgesite")]
+        data_dir: PathBuf,
     },
 }
 
@@ -507,6 +526,13 @@ fn main() {
                 args.user,
                 args.user,
                 args.user
+            )
+        }),
+        Command::Node {
+            command: NodeCommand::Remove { name, data_dir },
+        } => join::remove_node(&data_dir, &name).map(|()| {
+            eprintln!(
+                "node {name:?} removed: its certificate no longer works and its name is free; to bring the machine back, join it again with a new token (`edgesite token create`)"
             )
         }),
         Command::Mesh {

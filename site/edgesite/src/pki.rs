@@ -308,6 +308,11 @@ pub fn sign_node_csr(ca: &CertAndKey, node: &str, csr_pem: &str) -> Result<Strin
         KeyUsagePurpose::KeyEncipherment,
     ];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    // A random serial: the site remembers it to tell this certificate from the node's earlier
+    // and later ones (`edgesite node remove` revokes it).
+    let mut serial: [u8; 16] = rand::random();
+    serial[0] &= 0x7f;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
     validity(&mut params, 1);
     csr.params = params;
     let cert = csr

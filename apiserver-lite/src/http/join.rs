@@ -1,0 +1,276 @@
+//! `POST /edgesite/v1/node-join`: a machine with a join token gets a node certificate.
+//!
+//! Outside the Kubernetes API (as K3s's supervisor serves it): the joining agent has no identity
+//! yet. Two guards besides the token:
+//!
+//! - **Attempts are limited per client address**: each refused attempt fills a bucket that
+//!   drains one attempt every [`DRAIN`]; a full bucket ([`BURST`]) answers 429 with
+//!   `Retry-After` before looking at the token, so guessing tokens is slow.
+//! - **A node's name belongs to one machine** (K3s's node passwords): the agent sends a secret
+//!   it generated on its first join; its hash is kept in the Secret
+//!   `kube-system/<node>.node-password.edgesite`, with the serial of the certificate signed for
+//!   it: only that certificate authenticates as the node (the authorizer's cache follows these
+//!   Secrets). Another machine asking for the same name is refused while the Node exists;
+//!   `edgesite node remove` deletes the Node and empties the record, so the old certificate
+//!   stops working and the name is free again.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::response::Response;
+use http::{HeaderValue, StatusCode, header};
+use serde_json::{Value, json};
+use sha2::Digest;
+
+use super::listener::PeerAddress;
+use super::{ApiServer, error_response, json_response};
+use crate::error::ApiError;
+use crate::node_streams::JoinError;
+
+/// Refused attempts one address may make in a row.
+pub const BURST: f64 = 10.0;
+/// How long the bucket takes to forget one refused attempt.
+pub const DRAIN: Duration = Duration::from_secs(3);
+/// Addresses remembered at most (the oldest idle ones are forgotten first).
+const TRACKED: usize = 10_000;
+
+/// The Secret holding a node's password hash.
+pub fn password_secret(node: &str) -> String {
+    format!("{node}.node-password.edgesite")
+}
+
+/// Refused join attempts per client address, as leaky buckets.
+#[derive(Default)]
+pub struct Failures(Mutex<HashMap<IpAddr, (f64, Instant)>>);
+
+impl Failures {
+    fn level(entry: &(f64, Instant), now: Instant) -> f64 {
+        (entry.0 - now.duration_since(entry.1).as_secs_f64() / DRAIN.as_secs_f64()).max(0.0)
+    }
+
+    /// `Some(wait)` when `ip` must wait before trying again.
+    fn blocked(&self, ip: IpAddr) -> Option<Duration> {
+        let now = Instant::now();
+        let table = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let level = Self::level(table.get(&ip)?, now);
+        // Full when it cannot take one more refusal.
+        (level > BURST - 1.0).then(|| DRAIN.mul_f64(level - (BURST - 1.0)))
+    }
+
+    fn refused(&self, ip: IpAddr) {
+        let now = Instant::now();
+        let mut table = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if table.len() >= TRACKED {
+            table.retain(|_, e| Self::level(e, now) > 0.0);
+        }
+        if table.len() >= TRACKED {
+            return;
+        }
+        let entry = table.entry(ip).or_insert((0.0, now));
+        *entry = (Self::level(entry, now) + 1.0, now);
+    }
+}
+
+fn hash(password: &str) -> String {
+    format!("{:x}", sha2::Sha256::digest(password.as_bytes()))
+}
+
+/// Whether `node` may be (re)joined by the machine that knows `password`: `Ok(true)` when the
+/// name is this machine's already, `Ok(false)` when it is free.
+async fn may_claim(server: &Arc<ApiServer>, node: &str, password: &str) -> Result<bool, ApiError> {
+    use base64::Engine;
+    let key = crate::storage::object_key("", "secrets", "kube-system", &password_secret(node));
+    let stored = server
+        .storage
+        .get(&key)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let matches = stored.as_ref().is_some_and(|stored| {
+        stored
+            .object
+            .pointer("/data/hash")
+            .and_then(Value::as_str)
+            .and_then(|h| base64::engine::general_purpose::STANDARD.decode(h).ok())
+            .is_some_and(|kept| kept == hash(password).as_bytes())
+    });
+    if matches {
+        return Ok(true);
+    }
+    // Another machine's name (or a node that joined before node passwords, or the server's own
+    // node) while its Node exists: refused.
+    let node_key = crate::storage::object_key("", "nodes", "", node);
+    let node_exists = server
+        .storage
+        .get(&node_key)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .is_some();
+    if node_exists {
+        return Err(ApiError::forbidden(format!(
+            "node {node:?} already exists and belongs to another machine (its node password differs): \
+             give this machine another --node-name, or, if the old machine is gone for good, \
+             remove it first with `edgesite node remove {node}` on the server"
+        )));
+    }
+    Ok(false)
+}
+
+/// Records `node`'s password and the serial of the certificate just signed for it (the one
+/// certificate of the node that authenticates from now on), replacing an earlier record.
+async fn record(
+    server: &Arc<ApiServer>,
+    node: &str,
+    password: &str,
+    serial: &str,
+) -> Result<(), ApiError> {
+    use super::resources::{create_internal, delete_internal};
+    use base64::Engine;
+    let name = password_secret(node);
+    match delete_internal(server, "", "v1", "secrets", "kube-system", &name).await {
+        Ok(()) => {}
+        Err(e) if e.code == 404 => {}
+        Err(e) => return Err(e),
+    }
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "namespace": "kube-system",
+                     "labels": {"edgesite.io/node-password": node}},
+        "type": "edgesite.io/node-password",
+        "data": {"hash": b64(&hash(password)), "serial": b64(serial)}
+    });
+    match create_internal(server, "", "v1", "secrets", "kube-system", secret).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.code == 409 => Err(ApiError::conflict(
+            "nodes",
+            "",
+            node,
+            "another machine is joining with this name at this moment",
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+/// `POST /edgesite/v1/node-join` with `Authorization: Bearer <token>` and
+/// `{"node": NAME, "csr": PEM, "password": SECRET}`: a client certificate for
+/// `system:node:NAME`.
+pub async fn node_join(State(server): State<Arc<ApiServer>>, request: Request) -> Response {
+    if request.method() != http::Method::POST {
+        return error_response(&ApiError::method_not_allowed(
+            "get",
+            "node-join",
+            "edgesite",
+        ));
+    }
+    let Some(join) = server.node_join.get().cloned() else {
+        return error_response(&ApiError::service_unavailable(
+            "this server does not accept joining agents",
+        ));
+    };
+    let ip = request
+        .extensions()
+        .get::<PeerAddress>()
+        .map(|p| p.0.ip().to_canonical());
+    if let Some(wait) = ip.and_then(|ip| server.join_failures.blocked(ip)) {
+        let seconds = wait.as_secs().max(1);
+        let mut response = error_response(&ApiError::too_many_requests(format!(
+            "too many refused join attempts from this address: try again in {seconds} s"
+        )));
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_str(&seconds.to_string()).unwrap_or(HeaderValue::from_static("1")),
+        );
+        return response;
+    }
+    let refused = |e: ApiError| {
+        if let Some(ip) = ip {
+            server.join_failures.refused(ip);
+        }
+        error_response(&e)
+    };
+    let token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_string())
+        .unwrap_or_default();
+    if let Err(JoinError::BadToken) = join.authorize(&token) {
+        let mut e = ApiError::unauthorized();
+        e.message = JoinError::BadToken.to_string();
+        return refused(e);
+    }
+    let body = match axum::body::to_bytes(request.into_body(), 64 * 1024).await {
+        Ok(b) => b,
+        Err(_) => return error_response(&ApiError::bad_request("the join request is too large")),
+    };
+    let parsed: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return error_response(&ApiError::bad_request(format!(
+                "the join request is not JSON: {e}"
+            )));
+        }
+    };
+    let node = parsed["node"].as_str().unwrap_or_default().to_string();
+    let csr = parsed["csr"].as_str().unwrap_or_default().to_string();
+    let password = parsed["password"].as_str().unwrap_or_default();
+    if let Err(m) = crate::validation::is_dns1123_subdomain(&node) {
+        return error_response(&ApiError::bad_request(format!("node name {node:?}: {m}")));
+    }
+    if password.len() < 16 {
+        return error_response(&ApiError::bad_request(
+            "the join request carries no node password: this agent is older than the server; update it",
+        ));
+    }
+    if let Err(e) = may_claim(&server, &node, password).await {
+        return refused(e);
+    }
+    let signed = {
+        let node = node.clone();
+        tokio::task::spawn_blocking(move || join.sign(&node, &csr)).await
+    };
+    let certificate = match signed {
+        Ok(Ok(certificate)) => certificate,
+        Ok(Err(e)) => return error_response(&ApiError::bad_request(e.to_string())),
+        Err(e) => return error_response(&ApiError::internal(e.to_string())),
+    };
+    let Some(serial) = crate::auth::certificate_serial_pem(&certificate) else {
+        return error_response(&ApiError::internal("the signed certificate cannot be read"));
+    };
+    if let Err(e) = record(&server, &node, password, &serial).await {
+        return error_response(&e);
+    }
+    json_response(
+        StatusCode::OK,
+        &json!({"certificate": certificate, "ca": server.ca_pem.get().cloned().unwrap_or_default()}),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_attempts_fill_a_bucket_that_drains() {
+        let failures = Failures::default();
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        for _ in 0..BURST as usize {
+            assert!(failures.blocked(ip).is_none());
+            failures.refused(ip);
+        }
+        let wait = failures.blocked(ip).expect("blocked after the burst");
+        assert!(wait <= DRAIN + Duration::from_millis(10), "{wait:?}");
+        // Another address is not affected.
+        assert!(failures.blocked([10, 0, 0, 2].into()).is_none());
+        // Drained by one attempt's worth: allowed again.
+        let mut table = failures.0.lock().unwrap();
+        let entry = table.get_mut(&ip).unwrap();
+        entry.1 -= DRAIN;
+        drop(table);
+        assert!(failures.blocked(ip).is_none());
+    }
+}
