@@ -485,51 +485,6 @@ pub fn joiner(server_dir: &Path, ca: &CertAndKey, cluster_token: &str) -> Arc<Jo
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_parse_with_and_without_ca_pinning() {
-        let hash = "a".repeat(64);
-        let t = JoinToken::parse(&format!("K10{hash}::abc.def")).unwrap();
-        assert_eq!(t.ca_hash.as_deref(), Some(hash.as_str()));
-        assert_eq!(t.credential, "abc.def");
-        let bare = JoinToken::parse("secret").unwrap();
-        assert_eq!(bare.ca_hash, None);
-        assert!(JoinToken::parse("K10abc::x").is_err());
-        assert!(JoinToken::parse("").is_err());
-    }
-
-    #[test]
-    fn created_tokens_are_accepted_until_they_expire() {
-        let dir = tempfile::tempdir().unwrap();
-        let tls = dir.path().join("server").join("tls");
-        std::fs::create_dir_all(&tls).unwrap();
-        std::fs::write(tls.join("ca.crt"), "CA").unwrap();
-        let token = create_token(dir.path(), Duration::from_secs(3600)).unwrap();
-        assert!(token.starts_with(&format!("K10{}::", ca_hash("CA"))));
-        let joiner = Joiner {
-            server_dir: dir.path().join("server"),
-            ca: CertAndKey {
-                cert: String::new(),
-                key: String::new(),
-            },
-            cluster_token: "cluster".into(),
-        };
-        let credential = JoinToken::parse(&token).unwrap().credential;
-        assert!(joiner.valid(&credential));
-        assert!(joiner.valid("cluster"));
-        assert!(!joiner.valid("nope"));
-        std::fs::write(
-            dir.path().join("server").join(TOKENS_FILE),
-            format!("{credential}\t1\n"),
-        )
-        .unwrap();
-        assert!(!joiner.valid(&credential), "expired tokens are refused");
-    }
-}
-
 /// `edgesite node remove NAME`: on the server, with the admin credentials of its data dir.
 /// The node's record keeps no certificate serial (so no certificate of it authenticates, and the
 /// mesh, which follows Nodes, drops it once the Node is gone), then the Node is deleted (the pod
@@ -593,4 +548,49 @@ fn chrono_like_now() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_parse_with_and_without_ca_pinning() {
+        let hash = "a".repeat(64);
+        let t = JoinToken::parse(&format!("K10{hash}::abc.def")).unwrap();
+        assert_eq!(t.ca_hash.as_deref(), Some(hash.as_str()));
+        assert_eq!(t.credential, "abc.def");
+        let bare = JoinToken::parse("secret").unwrap();
+        assert_eq!(bare.ca_hash, None);
+        assert!(JoinToken::parse("K10abc::x").is_err());
+        assert!(JoinToken::parse("").is_err());
+    }
+
+    #[test]
+    fn created_tokens_are_accepted_until_they_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = dir.path().join("server").join("tls");
+        std::fs::create_dir_all(&tls).unwrap();
+        std::fs::write(tls.join("ca.crt"), "CA").unwrap();
+        let token = create_token(dir.path(), Duration::from_secs(3600)).unwrap();
+        assert!(token.starts_with(&format!("K10{}::", ca_hash("CA"))));
+        let joiner = Joiner {
+            server_dir: dir.path().join("server"),
+            ca: CertAndKey {
+                cert: String::new(),
+                key: String::new(),
+            },
+            cluster_token: "cluster".into(),
+        };
+        let credential = JoinToken::parse(&token).unwrap().credential;
+        assert!(joiner.valid(&credential));
+        assert!(joiner.valid("cluster"));
+        assert!(!joiner.valid("nope"));
+        std::fs::write(
+            dir.path().join("server").join(TOKENS_FILE),
+            format!("{credential}\t1\n"),
+        )
+        .unwrap();
+        assert!(!joiner.valid(&credential), "expired tokens are refused");
+    }
 }
