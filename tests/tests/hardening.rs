@@ -589,5 +589,54 @@ fn long_urls_work_up_to_64_kib_and_longer_ones_get_an_answer_at_once() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("431"), "{stderr}");
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_json_keys_are_refused_when_strict_and_warned_of_otherwise() {
+    let site = Site::start().expect("start site");
+    let client = site.client().await.unwrap();
+    let body = |name: &str| {
+        format!(
+            r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"{name}"}},"data":{{"k":"first","k":"second"}}}}"#
+        )
+        .into_bytes()
+    };
+    let post = |validation: &str, body: Vec<u8>| {
+        http::Request::post(format!(
+            "/api/v1/namespaces/default/configmaps?fieldValidation={validation}"
+        ))
+        .header("content-type", "application/json")
+        .body(kube::client::Body::from(body))
+        .unwrap()
+    };
+    let strict = client.send(post("Strict", body("strict"))).await.unwrap();
+    assert_eq!(strict.status(), 400);
+    let text = String::from_utf8_lossy(
+        &http_body_util::BodyExt::collect(strict.into_body())
+            .await
+            .unwrap()
+            .to_bytes(),
+    )
+    .to_string();
+    assert!(text.contains(r#"duplicate field \"data.k\""#), "{text}");
+
+    let warned = client.send(post("Warn", body("warned"))).await.unwrap();
+    assert_eq!(warned.status(), 201);
+    let warning = warned
+        .headers()
+        .get("warning")
+        .map(|w| w.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    assert!(
+        warning.contains(r#"duplicate field \"data.k\""#),
+        "{warning}"
+    );
+    // The last one wins, as everywhere else.
+    let stored = site.json(&["get", "configmap", "warned", "-o", "json"]);
+    assert_eq!(stored["data"]["k"], "second");
 }

@@ -41,11 +41,14 @@ pub fn yaml(body: &[u8]) -> Result<Value, String> {
     serde_yaml::from_slice(body).map_err(|e| e.to_string())
 }
 
-/// Decodes a create/update body as JSON, YAML or protobuf; it must be an object.
-pub fn document(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
+/// Decodes a create/update body as JSON, YAML or protobuf; it must be an object. Also returns
+/// the paths of keys a JSON object repeats (YAML's decoder refuses them itself), for the
+/// `fieldValidation` policy.
+pub fn document(content_type: &str, body: &[u8]) -> Result<(Value, Vec<String>), ApiError> {
     let essence = content_type.split(';').next().unwrap_or("").trim();
+    let mut duplicates = Vec::new();
     let value: Value = match essence {
-        "application/json" | "" | "*/*" => serde_json::from_slice(body)
+        "application/json" | "" | "*/*" => json_checked(body, &mut duplicates)
             .map_err(|e| ApiError::bad_request(format!("error decoding request body: {e}")))?,
         crate::protobuf::CONTENT_TYPE => crate::protobuf::decode(body).map_err(|e| {
             ApiError::bad_request(format!("error decoding protobuf request body: {e}"))
@@ -60,7 +63,131 @@ pub fn document(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
             "error decoding request body: expected a JSON object",
         ));
     }
+    Ok((value, duplicates))
+}
+
+/// JSON into a value in one pass, noting the path of every key an object repeats (the last
+/// one wins, as with serde_json, upstream's decoder and most parsers).
+pub fn json_checked(body: &[u8], duplicates: &mut Vec<String>) -> Result<Value, serde_json::Error> {
+    use serde::de::DeserializeSeed;
+    let found = std::cell::RefCell::new(Vec::new());
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let value = Tracked {
+        at: None,
+        found: &found,
+    }
+    .deserialize(&mut deserializer)?;
+    deserializer.end()?;
+    duplicates.extend(found.into_inner());
     Ok(value)
+}
+
+/// Where a value sits: its key or index and its parent's place (paths are only spelled out for
+/// a duplicate).
+struct Place<'a> {
+    parent: Option<&'a Place<'a>>,
+    key: Option<&'a str>,
+    index: usize,
+}
+
+impl Place<'_> {
+    fn path(&self) -> String {
+        let mut parts = Vec::new();
+        let mut at = Some(self);
+        while let Some(p) = at {
+            parts.push(match p.key {
+                Some(k) => format!(".{k}"),
+                None => format!("[{}]", p.index),
+            });
+            at = p.parent;
+        }
+        parts.reverse();
+        parts.concat().trim_start_matches('.').to_string()
+    }
+}
+
+struct Tracked<'a> {
+    at: Option<&'a Place<'a>>,
+    found: &'a std::cell::RefCell<Vec<String>>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Tracked<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Tracked<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        loop {
+            let place = Place {
+                parent: self.at,
+                key: None,
+                index: items.len(),
+            };
+            let seed = Tracked {
+                at: Some(&place),
+                found: self.found,
+            };
+            match seq.next_element_seed(seed)? {
+                Some(v) => items.push(v),
+                None => break,
+            }
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let place = Place {
+                parent: self.at,
+                key: Some(&key),
+                index: 0,
+            };
+            let value = map.next_value_seed(Tracked {
+                at: Some(&place),
+                found: self.found,
+            })?;
+            let path = object.contains_key(&key).then(|| place.path());
+            if let Some(path) = path {
+                self.found.borrow_mut().push(path);
+            }
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
 }
 
 /// The line at which flow collections (`[`, `{`) nest deeper than `limit`, if they do.
@@ -148,6 +275,26 @@ mod tests {
         assert!(started.elapsed() < std::time::Duration::from_secs(1));
         let maps = format!("x: {}{}", "{a: ".repeat(200), "}".repeat(200));
         assert!(yaml(maps.as_bytes()).unwrap_err().contains("deeper"));
+    }
+
+    #[test]
+    fn repeated_keys_are_found_with_their_paths() {
+        let mut found = Vec::new();
+        let v = json_checked(
+            br#"{"spec":{"replicas":1,"replicas":2,"template":{"spec":{"containers":[{"name":"a","name":"b"}]}}},"n":1.5}"#,
+            &mut found,
+        )
+        .unwrap();
+        assert_eq!(v["spec"]["replicas"], 2);
+        assert_eq!(v["n"], 1.5);
+        assert_eq!(
+            found,
+            ["spec.replicas", "spec.template.spec.containers[0].name"]
+        );
+        let mut none = Vec::new();
+        json_checked(br#"{"a":[1,{"b":null}],"c":"d"}"#, &mut none).unwrap();
+        assert!(none.is_empty());
+        assert!(json_checked(b"{} x", &mut none).is_err());
     }
 
     #[test]

@@ -165,7 +165,10 @@ fn content_type(parts: &http::request::Parts) -> String {
 }
 
 /// Decodes a create/update body (see [`decode::document`]), large ones off the async workers.
-async fn decode_body(parts: &http::request::Parts, body: &bytes::Bytes) -> Result<Value, ApiError> {
+async fn decode_body(
+    parts: &http::request::Parts,
+    body: &bytes::Bytes,
+) -> Result<(Value, Vec<String>), ApiError> {
     let content_type = content_type(parts);
     decode::off_workers(body, move |b| decode::document(&content_type, b)).await
 }
@@ -276,12 +279,22 @@ fn decode_object(
 
 /// Applies the `fieldValidation` policy to unknown fields.
 fn report_unknown(unknown: Vec<String>, opts: &mut WriteOptions) -> Result<(), ApiError> {
+    report_fields("unknown", unknown, opts)
+}
+
+/// Applies the `fieldValidation` policy to keys the body repeats, as upstream's strict decoder.
+fn report_duplicates(duplicates: Vec<String>, opts: &mut WriteOptions) -> Result<(), ApiError> {
+    report_fields("duplicate", duplicates, opts)
+}
+
+fn report_fields(what: &str, fields: Vec<String>, opts: &mut WriteOptions) -> Result<(), ApiError> {
+    let unknown = fields;
     if !unknown.is_empty() {
         match opts.validation {
             FieldValidation::Strict => {
                 let list: Vec<String> = unknown
                     .iter()
-                    .map(|f| format!("unknown field {f:?}"))
+                    .map(|f| format!("{what} field {f:?}"))
                     .collect();
                 return Err(ApiError::bad_request(format!(
                     "strict decoding error: {}",
@@ -290,7 +303,7 @@ fn report_unknown(unknown: Vec<String>, opts: &mut WriteOptions) -> Result<(), A
             }
             FieldValidation::Warn => {
                 opts.warnings
-                    .extend(unknown.iter().map(|f| format!("unknown field {f:?}")));
+                    .extend(unknown.iter().map(|f| format!("{what} field {f:?}")));
             }
             FieldValidation::Ignore => {}
         }
@@ -443,7 +456,7 @@ pub async fn handle(
         }
         (&Method::POST, None, None) if super::reviews::is_review(&info) => {
             let (parts, body) = read_body(request).await?;
-            let value = decode_body(&parts, &body).await?;
+            let (value, _) = decode_body(&parts, &body).await?;
             let answer =
                 super::reviews::answer(&server, &context, &info, &ctx.namespace, value).await?;
             Ok(json_response(StatusCode::CREATED, &answer))
@@ -459,7 +472,8 @@ pub async fn handle(
             }
             let mut opts = write_options(&query, &request)?;
             let (parts, body) = read_body(request).await?;
-            let value = decode_body(&parts, &body).await?;
+            let (value, duplicates) = decode_body(&parts, &body).await?;
+            report_duplicates(duplicates, &mut opts)?;
             let created = ctx.create(value, &mut opts).await?;
             Ok(with_warnings(
                 encode(StatusCode::CREATED, &created, output),
@@ -468,17 +482,17 @@ pub async fn handle(
         }
         (&Method::POST, Some(name), Some("binding")) => {
             let (parts, body) = read_body(request).await?;
-            let value = decode_body(&parts, &body).await?;
+            let (value, _) = decode_body(&parts, &body).await?;
             ctx.bind(name, value).await
         }
         (&Method::POST, Some(name), Some("token")) if ctx.info.resource == "serviceaccounts" => {
             let (parts, body) = read_body(request).await?;
-            let value = decode_body(&parts, &body).await?;
+            let (value, _) = decode_body(&parts, &body).await?;
             ctx.token_request(name, value).await
         }
         (&Method::POST, Some(name), Some("eviction")) => {
             let (parts, body) = read_body(request).await?;
-            let value = decode_body(&parts, &body).await?;
+            let (value, _) = decode_body(&parts, &body).await?;
             ctx.evict(name, value).await
         }
         (
@@ -489,7 +503,8 @@ pub async fn handle(
             verb_allowed("update")?;
             let mut opts = write_options(&query, &request)?;
             let (parts, body) = read_body(request).await?;
-            let value = decode_body(&parts, &body).await?;
+            let (value, duplicates) = decode_body(&parts, &body).await?;
+            report_duplicates(duplicates, &mut opts)?;
             let (code, updated) = ctx.replace(name, sub, value, &mut opts).await?;
             Ok(with_warnings(
                 encode(code, &updated, output),
