@@ -277,3 +277,97 @@ async fn the_twin_works_on_an_external_mosquitto() {
     .await;
     assert!(got.get("twin").is_some(), "{got}");
 }
+
+/// MQTT 3.1.1 CONNECT with `flags` (clean session = 0x02) for client `id`.
+fn connect_packet(id: &str, flags: u8) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, flags, 0, 30];
+    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    body.extend_from_slice(id.as_bytes());
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend(body);
+    packet
+}
+
+fn subscribe_packet(filter: &str) -> Vec<u8> {
+    let mut body = vec![0, 1];
+    body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    body.extend_from_slice(filter.as_bytes());
+    body.push(0);
+    let mut packet = vec![0x82, body.len() as u8];
+    packet.extend(body);
+    packet
+}
+
+fn publish_packet(topic: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(b"x");
+    let mut packet = vec![0x30, body.len() as u8];
+    packet.extend(body);
+    packet
+}
+
+/// Sends `packets` on a fresh connection; whether the broker then closes it (reads reach the
+/// end within 3 s). Bytes it sends before (a CONNACK) are skipped.
+fn closed_after(port: u16, packets: &[Vec<u8>]) -> bool {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    for p in packets {
+        stream.write_all(p).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let mut buf = [0u8; 256];
+    while std::time::Instant::now() < deadline {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+#[test]
+fn the_broker_closes_connections_that_break_the_protocol() {
+    let port = free_port();
+    eventbus::start(&BrokerConfig::loopback(port)).expect("start the broker");
+    let ok = connect_packet("fine", 0x02);
+    // A well-behaved client stays connected (the control for the cases below).
+    assert!(
+        !closed_after(port, std::slice::from_ref(&ok)),
+        "a valid CONNECT was closed"
+    );
+    // Reserved CONNECT flag set (MQTT-3.1.2-3).
+    assert!(closed_after(port, &[connect_packet("reserved", 0x03)]));
+    // A second CONNECT (MQTT-3.1.0-2).
+    assert!(closed_after(
+        port,
+        &[connect_packet("twice", 0x02), connect_packet("twice", 0x02)]
+    ));
+    // `#` not last, `+` sharing a level (MQTT-4.7.1-2, -3).
+    assert!(closed_after(
+        port,
+        &[connect_packet("f1", 0x02), subscribe_packet("a/#/b")]
+    ));
+    assert!(closed_after(
+        port,
+        &[connect_packet("f2", 0x02), subscribe_packet("a/b+")]
+    ));
+    // Wildcards in a publish topic (MQTT-3.3.2-2).
+    assert!(closed_after(
+        port,
+        &[connect_packet("p1", 0x02), publish_packet("a/+")]
+    ));
+    assert!(closed_after(
+        port,
+        &[connect_packet("p2", 0x02), publish_packet("$hw/events/#")]
+    ));
+}

@@ -43,6 +43,8 @@ pub enum Error {
     ConnectionAck(String),
     #[error("Authentication error")]
     InvalidAuth,
+    #[error("A second CONNECT on one connection")]
+    SecondConnect,
     #[error("Channel try send error")]
     TrySend(#[from] TrySendError<(ConnectionId, Event)>),
     #[error("Link error = {0}")]
@@ -136,8 +138,15 @@ impl<P: Protocol> RemoteLink<P> {
                     let packet = o?;
                     let len = {
                         let mut buffer = self.link_tx.buffer();
+                        let before = buffer.len();
                         buffer.push_back(packet);
                         self.network.readv(&mut buffer)?;
+                        // EdgeSite patch: a second CONNECT is a protocol violation; the
+                        // server disconnects the client (MQTT-3.1.0-2).
+                        if buffer.iter().skip(before).any(|p| matches!(p, Packet::Connect(..))) {
+                            buffer.truncate(before);
+                            return Err(Error::SecondConnect);
+                        }
                         buffer.len()
                     };
 

@@ -16,7 +16,7 @@ use std::str::Utf8Error;
 use std::thread;
 use std::time::SystemTime;
 use thiserror::Error;
-use tracing::{debug, error, info, trace, warn};
+use tracing::{debug, error, trace, warn};
 
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
@@ -359,7 +359,7 @@ impl Router {
         assert_eq!(self.obufs.insert(outgoing), connection_id);
 
         self.connection_map.insert(client_id.clone(), connection_id);
-        info!(connection_id, "Client connection registered");
+        debug!(connection_id, "Client connection registered");
 
         assert_eq!(self.ackslog.insert(ackslog), connection_id);
         assert_eq!(self.scheduler.add(tracker), connection_id);
@@ -427,7 +427,7 @@ impl Router {
         //     self.handle_last_will(id);
         // }
 
-        info!("Disconnecting connection");
+        debug!("Disconnecting connection");
 
         if let Some(reason_code) = reason {
             let outgoing = match self.obufs.get_mut(id) {
@@ -655,7 +655,7 @@ impl Router {
                             tracing::info_span!("subscribe", topic = f.path, pkid = subscribe.pkid);
                         let _guard = span.enter();
 
-                        info!("Adding subscription on topic {}", f.path);
+                        debug!("Adding subscription on topic {}", f.path);
                         let connection = self.connections.get_mut(id).unwrap();
 
                         if let Err(e) = validate_subscription(connection, f) {

@@ -10,7 +10,7 @@ use crate::protocol::v5::V5;
 use crate::protocol::{Packet, Protocol};
 #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
 use crate::server::tls::{self, TLSAcceptor};
-use crate::{meters, ConnectionSettings};
+use crate::{meters, ConnectionSettings, TlsConfig};
 #[cfg(feature = "admin")]
 use crate::Meter;
 use flume::{RecvError, SendError, Sender};
@@ -18,7 +18,7 @@ use std::collections::HashMap;
 #[cfg(feature = "admin")]
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use tracing::{error, field, info, warn, Instrument};
+use tracing::{debug, error, field, info, warn, Instrument};
 use uuid::Uuid;
 
 #[cfg(feature = "websocket")]
@@ -381,21 +381,14 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
     }
 
     // Depending on TLS or not create a new Network
+    #[allow(dead_code)]
     async fn tls_accept(&self, stream: TcpStream) -> Result<(Box<dyn N>, Option<String>), Error> {
-        #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
-        match &self.config.tls {
-            Some(c) => {
-                let (tenant_id, network) = TLSAcceptor::new(c)?.accept(stream).await?;
-                Ok((network, tenant_id))
-            }
-            None => Ok((Box::new(stream), None)),
-        }
-        #[cfg(not(any(feature = "use-rustls", feature = "use-native-tls")))]
-        Ok((Box::new(stream), None))
+        tls_accept_with(self.config.tls.as_ref(), stream).await
     }
 
     pub async fn start(&mut self, link_type: LinkType) -> Result<(), Error> {
         let listener = TcpListener::bind(&self.config.listen).await?;
+        let mut accept_pause = Duration::from_millis(5);
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
         let mut count: usize = 0;
 
@@ -407,25 +400,24 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
         );
         loop {
             // Await new network connection.
+            // EdgeSite patch: accept errors (descriptors exhausted) back off instead of spinning
+            // and logging as fast as the loop turns.
             let (stream, addr) = match listener.accept().await {
-                Ok((s, r)) => (s, r),
+                Ok((s, r)) => {
+                    accept_pause = Duration::from_millis(5);
+                    (s, r)
+                }
                 Err(e) => {
                     error!(error=?e, "Unable to accept socket.");
+                    time::sleep(accept_pause).await;
+                    accept_pause = (accept_pause * 2).min(Duration::from_secs(1));
                     continue;
                 }
             };
 
-            let (network, tenant_id) = match self.tls_accept(stream).await {
-                Ok(o) => o,
-                Err(e) => {
-                    error!(error=?e, "Tls accept error");
-                    continue;
-                }
-            };
-
-            info!(
-                name=?self.config.name, ?addr, count, tenant=?tenant_id, "accept"
-            );
+            // EdgeSite patch: per-connection events are debug, not info (a thousand clients
+            // wrote five thousand lines).
+            debug!(name=?self.config.name, ?addr, count, "accept");
 
             let config = config.clone();
             let router_tx = self.router_tx.clone();
@@ -435,6 +427,13 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             match link_type {
                 #[cfg(feature = "websocket")]
                 LinkType::Websocket => {
+                    let (network, tenant_id) = match self.tls_accept(stream).await {
+                        Ok(o) => o,
+                        Err(e) => {
+                            error!(error=?e, "Tls accept error");
+                            continue;
+                        }
+                    };
                     let stream = match accept_hdr_async(network, WSCallback).await {
                         Ok(s) => Box::new(WsStream::new(s)),
                         Err(e) => {
@@ -458,22 +457,45 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                         )),
                     )
                 }
-                LinkType::Remote => task::spawn(
-                    remote(
-                        config,
-                        tenant_id.clone(),
-                        router_tx,
-                        network,
-                        protocol,
-                        self.awaiting_will_handler.clone(),
-                    )
-                    .instrument(tracing::error_span!(
-                        "remote_link",
-                        ?tenant_id,
-                        client_id = field::Empty,
-                        connection_id = field::Empty,
-                    )),
-                ),
+                // EdgeSite patch: the TLS handshake runs in the connection's own task, with a
+                // time limit, not in the accept loop, where one slow client stalled every
+                // other one's connection.
+                LinkType::Remote => {
+                    let tls = self.config.tls.clone();
+                    let awaiting_will_handler = self.awaiting_will_handler.clone();
+                    let timeout = Duration::from_millis(config.connection_timeout_ms.into());
+                    task::spawn(async move {
+                        let (network, tenant_id) =
+                            match time::timeout(timeout, tls_accept_with(tls.as_ref(), stream))
+                                .await
+                            {
+                                Ok(Ok(o)) => o,
+                                Ok(Err(e)) => {
+                                    debug!(error=?e, "Tls accept error");
+                                    return;
+                                }
+                                Err(_) => {
+                                    debug!("Tls accept timed out");
+                                    return;
+                                }
+                            };
+                        remote(
+                            config,
+                            tenant_id.clone(),
+                            router_tx,
+                            network,
+                            protocol,
+                            awaiting_will_handler,
+                        )
+                        .instrument(tracing::error_span!(
+                            "remote_link",
+                            ?tenant_id,
+                            client_id = field::Empty,
+                            connection_id = field::Empty,
+                        ))
+                        .await
+                    })
+                }
             };
 
             time::sleep(delay).await;
@@ -605,7 +627,7 @@ async fn remote<P: Protocol>(
         Err(remote::Error::Network(network::Error::Io(err)) | remote::Error::Io(err))
             if err.kind() == io::ErrorKind::ConnectionAborted =>
         {
-            info!(error=?err, "disconnected");
+            debug!(error=?err, "disconnected");
         }
         // Any other error
         Err(e) => {
@@ -645,5 +667,25 @@ async fn remote<P: Protocol>(
         // It won't matter in this case as we don't use it
         // but might affect logs?
         router_tx.send((connection_id, message)).ok();
+    }
+}
+
+/// The TLS handshake of an accepted connection (none without TLS settings).
+async fn tls_accept_with(
+    tls: Option<&TlsConfig>,
+    stream: TcpStream,
+) -> Result<(Box<dyn N>, Option<String>), Error> {
+    #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
+    match tls {
+        Some(c) => {
+            let (tenant_id, network) = TLSAcceptor::new(c)?.accept(stream).await?;
+            Ok((network, tenant_id))
+        }
+        None => Ok((Box::new(stream), None)),
+    }
+    #[cfg(not(any(feature = "use-rustls", feature = "use-native-tls")))]
+    {
+        let _ = tls;
+        Ok((Box::new(stream), None))
     }
 }

@@ -42,6 +42,11 @@ pub fn read(
     }
 
     let connect_flags = read_u8(&mut bytes)?;
+    // EdgeSite patch: the reserved flag must be zero, else the server disconnects the client
+    // (MQTT-3.1.2-3).
+    if connect_flags & 0b1 != 0 {
+        return Err(Error::IncorrectPacketFormat);
+    }
     let clean_session = (connect_flags & 0b10) != 0;
     let keep_alive = read_u16(&mut bytes)?;
 

@@ -18,6 +18,10 @@ pub fn read(fixed_header: FixedHeader, mut bytes: Bytes) -> Result<Publish, Erro
     let variable_header_index = fixed_header.fixed_header_len;
     bytes.advance(variable_header_index);
     let topic = read_mqtt_bytes(&mut bytes)?;
+    // EdgeSite patch: a publish topic has no wildcards (MQTT-3.3.2-2); the connection closes.
+    if topic.contains(&b'+') || topic.contains(&b'#') {
+        return Err(Error::IncorrectPacketFormat);
+    }
 
     // Packet identifier exists where QoS > 0
     let pkid = match qos {

@@ -53,6 +53,11 @@ mod filter {
         while bytes.has_remaining() {
             let path = read_mqtt_bytes(bytes)?;
             let path = std::str::from_utf8(&path)?.to_owned();
+            // EdgeSite patch: a malformed filter (`a/#/b`, `a+`) closes the connection
+            // (MQTT-4.7.1-2, -3, 4.8.0-1) instead of being subscribed.
+            if !crate::protocol::valid_filter(&path) {
+                return Err(Error::IncorrectPacketFormat);
+            }
             let options = read_u8(bytes)?;
             let requested_qos = options & 0b0000_0011;
 
