@@ -42,6 +42,10 @@ iptables -w 5 -t nat -F EDGEMESH 2>/dev/null || true
 iptables -w 5 -t nat -X EDGEMESH 2>/dev/null || true
 iptables -w 5 -F EDGEMESH-GUARD 2>/dev/null || true
 iptables -w 5 -X EDGEMESH-GUARD 2>/dev/null || true
+# The pods' egress rules (kept while the agent is stopped, for the pods that still run).
+iptables-save -t nat 2>/dev/null | grep -- '--comment "edgesite: pods of ' | sed 's/^-A /-D /' | while read -r rule; do
+  eval "iptables -w 5 -t nat $rule" 2>/dev/null || true
+done
 # The containerd this installer started without systemd (a system one is left alone).
 if [ -f /run/edgesite-containerd-supervisor.pid ]; then
   kill "$(cat /run/edgesite-containerd-supervisor.pid)" 2>/dev/null || true

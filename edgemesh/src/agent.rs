@@ -341,7 +341,9 @@ pub async fn run(
     state.services_changed();
     state.dirty = false;
 
-    if config.proxy {
+    // Kept to be awaited at shutdown: the proxy removes its iptables rules then, and the
+    // process must not exit half way (the OUTPUT jump and the chains stayed behind).
+    let proxy_task = config.proxy.then(|| {
         let proxy_config = ProxyConfig::new(config.node.clone());
         let stop = shutdown.clone();
         let mesh = mesh.clone();
@@ -349,8 +351,8 @@ pub async fn run(
             if let Err(error) = proxy::run(proxy_config, mesh, ports_rx, peers_rx, stop).await {
                 tracing::error!("mesh proxy stopped: {error:#}");
             }
-        });
-    }
+        })
+    });
     // Without its DNS server or status endpoint the node still links and proxies: say so
     // loudly and go on.
     if let Some(address) = config.dns
@@ -474,6 +476,9 @@ pub async fn run(
         }
     }
     state.save();
+    if let Some(proxy) = proxy_task {
+        let _ = proxy.await;
+    }
     Ok(())
 }
 

@@ -272,6 +272,20 @@ spec:
     }
     drop(agent_a);
     drop(agent_b);
+
+    // A clean stop (SIGTERM) takes the mesh's iptables rules with it: the host's own traffic
+    // to cluster IPs must not keep being redirected to ports nobody listens on.
+    let mut site = site;
+    site.stop();
+    let nat = std::process::Command::new("ip")
+        .args(["netns", "exec", server_ns, "iptables-save", "-t", "nat"])
+        .output()
+        .unwrap();
+    let nat = String::from_utf8_lossy(&nat.stdout);
+    assert!(
+        !nat.contains("EDGEMESH") && !nat.contains("edgesite mesh"),
+        "the mesh's rules stayed after a clean stop:\n{nat}"
+    );
 }
 
 /// A real in-cluster client (kubectl, with no kubeconfig) in a pod on node B, behind its NAT:

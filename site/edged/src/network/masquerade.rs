@@ -51,18 +51,25 @@ pub async fn ensure(pod_cidr: &str, node: &str) -> Result<(), String> {
     }
 }
 
-/// Keeps the rule in place for the node's pod CIDR as it is assigned or changes.
+/// Keeps the rule in place for the node's pod CIDR as it is assigned or changes (the rule of
+/// a previous CIDR goes). It stays when the agent stops: the node's pods run on without it and
+/// still need their egress; `uninstall.sh` removes it.
 pub async fn run(
     mut pod_cidr: tokio::sync::watch::Receiver<Option<String>>,
     node: String,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    let mut current: Option<String> = None;
     loop {
         let cidr = pod_cidr.borrow_and_update().clone();
-        if let Some(cidr) = cidr
-            && let Err(e) = ensure(&cidr, &node).await
-        {
-            tracing::warn!("pod egress: {e}");
+        if let Some(old) = current.take().filter(|old| Some(old) != cidr.as_ref()) {
+            let _ = iptables("-D", &rule(&old, &node)).await;
+        }
+        if let Some(cidr) = cidr {
+            match ensure(&cidr, &node).await {
+                Ok(()) => current = Some(cidr),
+                Err(e) => tracing::warn!("pod egress: {e}"),
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
