@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, Response, StatusCode, header};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
@@ -39,62 +39,10 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use crate::error::ApiError;
 use crate::node_streams::NodeConnection;
 
-pub const STDIN: u8 = 0;
-pub const STDOUT: u8 = 1;
-pub const STDERR: u8 = 2;
-pub const STATUS: u8 = 3;
-pub const RESIZE: u8 = 4;
-pub const CLOSE: u8 = 255;
+pub use link::frames::{CLOSE, Frames, RESIZE, STATUS, STDERR, STDIN, STDOUT, frame};
 
 /// How long a SPDY client may take to open the streams it announced.
 const STREAMS_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// One message between the API server and a node agent: channel, length (u32, big endian),
-/// payload.
-pub fn frame(channel: u8, payload: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(5 + payload.len());
-    b.extend_from_slice(&[channel]);
-    b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    b.extend_from_slice(payload);
-    b.freeze()
-}
-
-/// Reads [`frame`]s from a streaming body.
-pub struct Frames<S> {
-    body: S,
-    buf: BytesMut,
-}
-
-impl<S, E> Frames<S>
-where
-    S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
-{
-    pub fn new(body: S) -> Self {
-        Frames {
-            body,
-            buf: BytesMut::new(),
-        }
-    }
-
-    /// The next frame; `None` at the end of the body (or on a broken one).
-    pub async fn next(&mut self) -> Option<(u8, Bytes)> {
-        loop {
-            if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
-                    as usize;
-                if self.buf.len() >= 5 + len {
-                    let channel = self.buf[0];
-                    let _ = self.buf.split_to(5);
-                    return Some((channel, self.buf.split_to(len).freeze()));
-                }
-            }
-            match self.body.next().await {
-                Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
-                _ => return None,
-            }
-        }
-    }
-}
 
 type BodySender = futures::channel::mpsc::Sender<Result<Bytes, Infallible>>;
 
@@ -377,6 +325,7 @@ async fn websocket_exec<IO, S, E>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
 {
     let (mut sink, mut client) = ws.split();
     loop {
@@ -443,6 +392,7 @@ async fn spdy_exec<IO, S, E>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
     S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
 {
     let (mut streams, session) = spdy::serve(io);
     let mut error = None;

@@ -210,6 +210,10 @@ pub enum SpdyError {
 }
 
 /// Header blocks, compressed for the wire and back (one zlib context per direction).
+/// The most a header block may inflate to (a zlib bomb of a few KiB would otherwise expand
+/// without limit).
+pub const MAX_HEADER_BLOCK: usize = 256 * 1024;
+
 pub struct HeaderCodec {
     inflate: Decompress,
     deflate: Compress,
@@ -237,6 +241,11 @@ impl HeaderCodec {
             let used = (self.inflate.total_in() - start) as usize;
             if used >= compressed.len() && out.len() < out.capacity() {
                 break;
+            }
+            if out.len() > MAX_HEADER_BLOCK {
+                return Err(bad(format!(
+                    "inflates to more than {MAX_HEADER_BLOCK} bytes"
+                )));
             }
             out.reserve(1024);
             match self

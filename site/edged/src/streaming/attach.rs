@@ -19,7 +19,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::broadcast;
 
 use super::exec::{
-    CLOSE, Frames, RESIZE, STATUS, STDERR, STDIN, STDOUT, channel_body, frame, params, target, text,
+    CLOSE, RESIZE, STATUS, STDERR, STDIN, STDOUT, channel_body, frame, params, target, text,
 };
 use crate::Agent;
 
@@ -117,7 +117,7 @@ pub async fn attach(
     let want_out = p.stdout;
     let want_err = p.stderr;
     tokio::spawn(async move {
-        let mut input = Frames::new(body);
+        let mut input = super::exec::frames(body);
         let client_open = true;
         loop {
             tokio::select! {

@@ -13,8 +13,7 @@ use axum::body::Body;
 use axum::extract::{Path as UrlPath, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
@@ -26,53 +25,14 @@ use crate::pod_worker::{
 };
 use crate::runtime::containerd::{ExecIo, TaskState};
 
-pub const STDIN: u8 = 0;
-pub const STDOUT: u8 = 1;
-pub const STDERR: u8 = 2;
-pub const STATUS: u8 = 3;
-pub const RESIZE: u8 = 4;
-pub const CLOSE: u8 = 255;
+pub use link::frames::{CLOSE, RESIZE, STATUS, STDERR, STDIN, STDOUT, frame};
 
-/// One frame: channel, length (u32 big endian), payload.
-pub fn frame(channel: u8, payload: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(5 + payload.len());
-    b.extend_from_slice(&[channel]);
-    b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    b.extend_from_slice(payload);
-    b.freeze()
-}
+/// Splits a request body into frames (bounded: see [`link::frames::MAX_FRAME`]).
+pub type Frames = link::frames::Frames<axum::body::BodyDataStream>;
 
-/// Splits a body into frames.
-pub struct Frames {
-    body: axum::body::BodyDataStream,
-    buf: BytesMut,
-}
-
-impl Frames {
-    pub fn new(body: Body) -> Self {
-        Frames {
-            body: body.into_data_stream(),
-            buf: BytesMut::new(),
-        }
-    }
-
-    pub async fn next(&mut self) -> Option<(u8, Bytes)> {
-        loop {
-            if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
-                    as usize;
-                if self.buf.len() >= 5 + len {
-                    let channel = self.buf[0];
-                    let _ = self.buf.split_to(5);
-                    return Some((channel, self.buf.split_to(len).freeze()));
-                }
-            }
-            match self.body.next().await {
-                Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
-                _ => return None,
-            }
-        }
-    }
+/// The frames of `body`.
+pub fn frames(body: Body) -> Frames {
+    link::frames::Frames::new(body.into_data_stream())
 }
 
 #[derive(Default, Debug)]
@@ -350,7 +310,7 @@ async fn session(
         tokio::spawn(async move { agent.runtime.wait_exec(&id, &exec_id).await })
     };
     tokio::pin!(wait);
-    let mut input = Frames::new(body);
+    let mut input = frames(body);
     let mut stdin = stdin;
     let mut client_open = true;
     let code = loop {
