@@ -11,6 +11,9 @@
 //! - scheduler throughput like upstream's scheduler_perf SchedulingBasic: 1,000 and 5,000 nodes,
 //!   10,000 pods: pods/s and p99 time from create to bound, and the server's RSS afterwards
 //! - a 1,000-replica Deployment on 100 simulated nodes: time until all replicas are available
+//! - attacks (`bench/hardening.rs`; `edgesite-bench hardening` runs only these): RSS after
+//!   churning 1 MiB ConfigMaps beside a watcher that never reads, a deeply nested YAML body's
+//!   refusal, and `kubectl get` latency during each
 //! - devices (`bench/devices.rs`; `edgesite-bench devices` runs only these): twin updates/s with
 //!   1,000 devices, report -> `Device.status` latency at 100 updates/s, memory, and the embedded
 //!   broker's publish throughput beside mosquitto's
@@ -29,6 +32,8 @@ use kube::api::{Api, ListParams, ObjectMeta, PostParams, WatchEvent, WatchParams
 mod authz;
 #[path = "bench/devices.rs"]
 mod devices;
+#[path = "bench/hardening.rs"]
+mod hardening;
 #[path = "bench/mesh.rs"]
 mod mesh;
 
@@ -381,6 +386,22 @@ async fn main() -> Result<()> {
         println!("{}\nlogs in {}", markdown_table(&rows), work.display());
         return Ok(());
     }
+    // `edgesite-bench hardening`: the attack rows, printed and written over the same rows of
+    // docs/benchmarks.md.
+    if std::env::args().nth(1).as_deref() == Some("hardening") {
+        let work = tempfile::Builder::new()
+            .prefix("edgesite-bench")
+            .tempdir()?;
+        let (server, _) = start(&bin, work.path(), tests::free_port()).await?;
+        let mut rows = Vec::new();
+        hardening::rows(&server, &mut rows).await?;
+        println!("{}", markdown_table(&rows));
+        let path = workspace_root()?.join("docs").join("benchmarks.md");
+        let doc = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
+        std::fs::write(&path, splice_rows(&doc, &rows, "| binary size (release) |"))
+            .context("write docs/benchmarks.md")?;
+        return Ok(());
+    }
     // `edgesite-bench authz`: the API rows as system:masters and as an RBAC user, printed and
     // written over the same rows of docs/benchmarks.md.
     if std::env::args().nth(1).as_deref() == Some("authz") {
@@ -491,6 +512,12 @@ async fn main() -> Result<()> {
         .await
         .context("authorization rows")?;
     drop(server);
+    // A fresh server for the attacks, so its memory is not the load's.
+    let (attacked, _) = start(&bin, &work.path().join("hardening"), tests::free_port()).await?;
+    hardening::rows(&attacked, &mut rows)
+        .await
+        .context("hardening rows")?;
+    drop(attacked);
 
     for nodes in [1_000, 5_000] {
         scheduling_basic(&bin, work.path(), nodes, 10_000, &mut rows).await?;
