@@ -1,6 +1,10 @@
 //! Property tests: whatever a client sends, the parsers and decoders answer with a value or an
-//! error, never a panic.
+//! error, never a panic, in bounded time. A short run is part of the suite; a longer one:
+//! `PROPTEST_CASES=100000 cargo test --release -p apiserver-lite --test never_panics`.
 
+use std::time::Duration;
+
+use apiserver_lite::http::decode;
 use apiserver_lite::http::request::{Query, negotiate, parse_route};
 use apiserver_lite::patch::{PatchType, apply_patch, strategic};
 use apiserver_lite::selectors::{FieldSelector, LabelSelector};
@@ -28,8 +32,128 @@ fn json_value() -> impl Strategy<Value = Value> {
     })
 }
 
+/// 512 cases per property, or `PROPTEST_CASES`.
+fn config() -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(512);
+    ProptestConfig::with_cases(cases)
+}
+
+fn varint(mut v: u64, out: &mut Vec<u8>) {
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+fn field(number: u64, bytes: &[u8], out: &mut Vec<u8>) {
+    varint(number << 3 | 2, out);
+    varint(bytes.len() as u64, out);
+    out.extend_from_slice(bytes);
+}
+
+/// A Kubernetes protobuf envelope (`k8s\0` + runtime.Unknown) around `raw` as `kind`.
+fn envelope(api_version: &str, kind: &str, raw: &[u8]) -> Vec<u8> {
+    let mut type_meta = Vec::new();
+    field(1, api_version.as_bytes(), &mut type_meta);
+    field(2, kind.as_bytes(), &mut type_meta);
+    let mut unknown = Vec::new();
+    field(1, &type_meta, &mut unknown);
+    field(2, raw, &mut unknown);
+    let mut body = b"k8s\0".to_vec();
+    body.extend(unknown);
+    body
+}
+
+const KINDS: &[(&str, &str)] = &[
+    ("v1", "Pod"),
+    ("v1", "ConfigMap"),
+    ("v1", "Secret"),
+    ("v1", "Service"),
+    ("apps/v1", "Deployment"),
+    ("batch/v1", "CronJob"),
+    ("networking.k8s.io/v1", "Ingress"),
+    ("meta.k8s.io/v1", "DeleteOptions"),
+];
+
+/// JSON- and YAML-ish text: structure characters and short tokens, likelier to get deep into a
+/// parser than uniformly random bytes.
+fn documentish() -> impl Strategy<Value = String> {
+    prop::collection::vec(
+        prop_oneof![
+            Just("{"),
+            Just("}"),
+            Just("["),
+            Just("]"),
+            Just(","),
+            Just(":"),
+            Just("\"a\""),
+            Just("\"metadata\""),
+            Just("null"),
+            Just("1e999"),
+            Just("-0"),
+            Just("\"\\ud800\""),
+            Just("- "),
+            Just("\n  "),
+            Just("&a "),
+            Just("*a"),
+            Just("!!binary "),
+            Just("#"),
+            Just("'"),
+            Just("x"),
+        ],
+        0..64,
+    )
+    .prop_map(|parts| parts.concat())
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(config())]
+
+    #[test]
+    fn protobuf_messages_of_real_kinds(kind in 0..KINDS.len(), raw in prop::collection::vec(any::<u8>(), 0..512)) {
+        let (api_version, kind) = KINDS[kind];
+        let _ = protobuf::decode(&envelope(api_version, kind, &raw));
+    }
+
+    #[test]
+    fn json_and_yaml_bodies(text in documentish(), bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+        for content_type in ["application/json", "application/yaml", "application/vnd.kubernetes.protobuf", "text/plain"] {
+            let _ = decode::document(content_type, text.as_bytes());
+            let _ = decode::document(content_type, &bytes);
+        }
+        let _ = decode::yaml(text.as_bytes());
+    }
+
+    #[test]
+    fn spdy_sessions(bytes in prop::collection::vec(any::<u8>(), 0..1024)) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            use tokio::io::AsyncWriteExt;
+            let (mut client, server) = tokio::io::duplex(4096);
+            let (mut streams, _session) = apiserver_lite::streams::spdy::serve(server);
+            let _ = client.write_all(&bytes).await;
+            drop(client);
+            // The session ends promptly: no spin, no panic.
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while streams.recv().await.is_some() {}
+            })
+            .await;
+        });
+    }
+
+    #[test]
+    fn spdy_header_blocks(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let mut codec = apiserver_lite::streams::spdy::HeaderCodec::default();
+        let _ = codec.decode(&bytes);
+    }
 
     #[test]
     fn selectors(text in ".{0,64}") {
@@ -81,4 +205,16 @@ proptest! {
     fn printer_column_paths(object in json_value(), path in "[.a-z\\[\\]?@=\"'*0-9()]{0,24}") {
         let _ = tables::json_path(&object, &path);
     }
+}
+
+/// A header block that inflates to far more than it weighs (a zlib bomb) is refused rather
+/// than expanded in memory.
+#[test]
+fn a_compressed_header_bomb_is_refused() {
+    let mut codec = apiserver_lite::streams::spdy::HeaderCodec::default();
+    let mut encoder = apiserver_lite::streams::spdy::HeaderCodec::default();
+    let value = "a".repeat(16 * 1024 * 1024);
+    let block = encoder.encode(&[("x", value.as_str())]);
+    assert!(block.len() < 1024 * 1024, "{}", block.len());
+    assert!(codec.decode(&block).is_err());
 }

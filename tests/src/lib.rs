@@ -156,18 +156,7 @@ impl Site {
     /// reported as an error.
     pub fn run_to_exit(&self, extra: &[&str]) -> Result<Output> {
         let mut child = self
-            .command(&edgesite_bin())
-            .arg("server")
-            .arg("--config")
-            .arg(self.dir.path().join("no-config.yaml"))
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .arg("--bind-address")
-            .arg("127.0.0.1")
-            .arg("--https-listen-port")
-            .arg(self.port.to_string())
-            .arg("--write-kubeconfig")
-            .arg(self.kubeconfig())
+            .server_command()
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -189,22 +178,16 @@ impl Site {
         Ok(child.wait_with_output()?)
     }
 
-    /// Starts (again) on the same data dir and port.
-    pub fn launch(&mut self) -> Result<()> {
-        // An explicit, empty config file: a site installed on this machine must not leak its
-        // /etc/edgesite/config.yaml into the test.
-        std::fs::write(self.dir.path().join("no-config.yaml"), "")?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())?;
+    /// `edgesite server` on this site's data dir, port and kubeconfig, with an explicit empty
+    /// config file (a site installed on this machine must not leak its config into the test).
+    fn server_command(&self) -> Command {
         let bind = if self.netns.is_some() {
             "0.0.0.0"
         } else {
             "127.0.0.1"
         };
-        let child = self
-            .command(&edgesite_bin())
+        let mut command = self.command(&edgesite_bin());
+        command
             .arg("server")
             .arg("--config")
             .arg(self.dir.path().join("no-config.yaml"))
@@ -215,7 +198,21 @@ impl Site {
             .arg("--https-listen-port")
             .arg(self.port.to_string())
             .arg("--write-kubeconfig")
-            .arg(self.kubeconfig())
+            .arg(self.kubeconfig());
+        command
+    }
+
+    /// Starts (again) on the same data dir and port.
+    pub fn launch(&mut self) -> Result<()> {
+        // An explicit, empty config file: a site installed on this machine must not leak its
+        // /etc/edgesite/config.yaml into the test.
+        std::fs::write(self.dir.path().join("no-config.yaml"), "")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let child = self
+            .server_command()
             .args(&self.extra)
             .env("RUST_LOG", "info,kube_client::client::builder=off")
             .stdout(Stdio::from(log.try_clone()?))

@@ -395,12 +395,7 @@ async fn main() -> Result<()> {
         let (server, _) = start(&bin, work.path(), tests::free_port()).await?;
         let mut rows = Vec::new();
         hardening::rows(&server, &mut rows).await?;
-        println!("{}", markdown_table(&rows));
-        let path = workspace_root()?.join("docs").join("benchmarks.md");
-        let doc = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
-        std::fs::write(&path, splice_rows(&doc, &rows, "| binary size (release) |"))
-            .context("write docs/benchmarks.md")?;
-        return Ok(());
+        return print_and_splice(&rows);
     }
     // `edgesite-bench authz`: the API rows as system:masters and as an RBAC user, printed and
     // written over the same rows of docs/benchmarks.md.
@@ -414,12 +409,7 @@ async fn main() -> Result<()> {
         let creates = create_phase(&kubeconfig, "default").await?;
         let mut rows = api_rows(&watch, &creates);
         authz::rows(&bin, &server, &watch, &creates, &mut rows).await?;
-        println!("{}", markdown_table(&rows));
-        let path = workspace_root()?.join("docs").join("benchmarks.md");
-        let doc = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
-        std::fs::write(&path, splice_rows(&doc, &rows, "| binary size (release) |"))
-            .context("write docs/benchmarks.md")?;
-        return Ok(());
+        return print_and_splice(&rows);
     }
     let work = tempfile::Builder::new()
         .prefix("edgesite-bench")
@@ -612,6 +602,16 @@ fn api_rows(watch: &WatchFigures, creates: &CreateFigures) -> Vec<Row> {
             met: Some(creates.p99 < Duration::from_millis(25)),
         },
     ]
+}
+
+/// Prints `rows` and writes them over the same rows of docs/benchmarks.md (new ones after the
+/// binary size row).
+fn print_and_splice(rows: &[Row]) -> Result<()> {
+    println!("{}", markdown_table(rows));
+    let path = workspace_root()?.join("docs").join("benchmarks.md");
+    let doc = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    std::fs::write(&path, splice_rows(&doc, rows, "| binary size (release) |"))
+        .context("write docs/benchmarks.md")
 }
 
 /// `doc` with each row's line replaced (matched by its metric), rows it lacks inserted after

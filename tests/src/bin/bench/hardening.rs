@@ -25,7 +25,10 @@ fn kubectl_get(kubeconfig: &Path) -> Duration {
 }
 
 /// The slowest `kubectl get` made every 100 ms while `attack` runs.
-async fn slowest_get_during(kubeconfig: &Path, attack: impl std::future::Future<Output = Result<()>>) -> Result<Duration> {
+async fn slowest_get_during(
+    kubeconfig: &Path,
+    attack: impl std::future::Future<Output = Result<()>>,
+) -> Result<Duration> {
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let probe = {
         let done = done.clone();
