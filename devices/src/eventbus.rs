@@ -9,7 +9,10 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::logins::{Login, Logins, Nothing, Role, RoleAcl};
 
 /// Largest MQTT payload the broker accepts: a twin update of many keys at the 512-byte value
 /// limit fits with room to spare.
@@ -40,20 +43,25 @@ pub struct BrokerTls {
     pub client_ca: PathBuf,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct BrokerConfig {
     pub listen: SocketAddr,
-    /// Username -> password; `None` lets any client connect.
-    pub users: Option<HashMap<String, String>>,
+    /// The node whose broker this is: its membership topics are the ones mappers may use.
+    pub node: String,
+    /// The logins clients must give, each with its role's topic permissions; `None` lets any
+    /// client connect and use every topic.
+    pub logins: Option<Logins>,
     pub tls: Option<BrokerTls>,
     pub max_connections: usize,
 }
 
 impl BrokerConfig {
+    /// An open broker on 127.0.0.1:`port` (tests and tools).
     pub fn loopback(port: u16) -> BrokerConfig {
         BrokerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], port)),
-            users: None,
+            node: String::new(),
+            logins: None,
             tls: None,
             max_connections: 1024,
         }
@@ -175,9 +183,34 @@ fn free_loopback_port() -> Result<u16, EventBusError> {
 fn settings(
     name: &str,
     listen: SocketAddr,
-    users: Option<HashMap<String, String>>,
+    logins: Option<(Logins, String)>,
     tls: Option<rumqttd::TlsConfig>,
 ) -> rumqttd::ServerSettings {
+    let (external_auth, acl) = match logins {
+        Some((logins, node)) => {
+            let check = logins.clone();
+            let auth: rumqttd::AuthHandler = Arc::new(move |_client, user, password| {
+                let ok = check.check(&user, &password).is_some();
+                Box::pin(async move { ok })
+            });
+            // Permissions by role, made once per role and shared by its clients.
+            let acls: HashMap<&'static str, Arc<dyn rumqttd::TopicAcl>> =
+                [Role::Full, Role::Mapper, Role::Reader]
+                    .into_iter()
+                    .map(|role| {
+                        let acl: Arc<dyn rumqttd::TopicAcl> = Arc::new(RoleAcl::new(role, &node));
+                        (role.as_str(), acl)
+                    })
+                    .collect();
+            let acl: rumqttd::AclHandler =
+                Arc::new(move |user| match user.and_then(|u| logins.role(u)) {
+                    Some(role) => acls[role.as_str()].clone(),
+                    None => Arc::new(Nothing),
+                });
+            (Some(auth), Some(acl))
+        }
+        None => (None, None),
+    };
     rumqttd::ServerSettings {
         name: name.to_string(),
         listen,
@@ -187,9 +220,10 @@ fn settings(
             connection_timeout_ms: 10_000,
             max_payload_size: MAX_PAYLOAD,
             max_inflight_count: 100,
-            auth: users,
-            external_auth: None,
+            auth: None,
+            external_auth,
             dynamic_filters: true,
+            acl,
         },
     }
 }
@@ -224,28 +258,31 @@ pub fn start(config: &BrokerConfig) -> Result<Broker, EventBusError> {
     let mut servers = HashMap::new();
     servers.insert(
         "public".to_string(),
-        settings("mqtt", config.listen, config.users.clone(), tls.clone()),
+        settings(
+            "mqtt",
+            config.listen,
+            config.logins.clone().map(|l| (l, config.node.clone())),
+            tls.clone(),
+        ),
     );
-    let guarded = config.users.is_some() || tls.is_some();
+    let guarded = config.logins.is_some() || tls.is_some();
     let internal = if guarded {
         let port = free_loopback_port()?;
-        let password: String = {
-            use rand::Rng;
-            let mut rng = rand::rng();
-            (0..32)
-                .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
-                .collect()
-        };
+        let password = crate::logins::random_password();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let internal_login = Logins::new(HashMap::from([(
+            "edgesite-internal".to_string(),
+            Login {
+                password: password.clone(),
+                role: Role::Full,
+            },
+        )]));
         servers.insert(
             "internal".to_string(),
             settings(
                 "mqtt-internal",
                 addr,
-                Some(HashMap::from([(
-                    "edgesite-internal".to_string(),
-                    password.clone(),
-                )])),
+                Some((internal_login, config.node.clone())),
                 None,
             ),
         );
@@ -315,7 +352,7 @@ pub fn start(config: &BrokerConfig) -> Result<Broker, EventBusError> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    tracing::info!(listen = %config.listen, tls = config.tls.is_some(), auth = config.users.is_some(), "MQTT broker (EventBus) listening");
+    tracing::info!(listen = %config.listen, tls = config.tls.is_some(), logins = config.logins.as_ref().map_or(0, Logins::len), "MQTT broker (EventBus) listening");
     Ok(Broker {
         internal,
         listen: config.listen,

@@ -16,6 +16,7 @@ pub mod controller;
 pub mod crd;
 pub mod devicetwin;
 pub mod eventbus;
+pub mod logins;
 pub mod mapper;
 pub mod modbus;
 pub mod store;

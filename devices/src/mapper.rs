@@ -284,7 +284,20 @@ pub async fn run<D: Driver>(config: Config, driver: D, shutdown: CancellationTok
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!("mapper: EventBus connection: {e}; retrying in {backoff:?}");
+                if matches!(
+                    e,
+                    rumqttc::ConnectionError::ConnectionRefused(
+                        rumqttc::ConnectReturnCode::NotAuthorized
+                            | rumqttc::ConnectReturnCode::BadUserNamePassword
+                    )
+                ) {
+                    tracing::warn!(
+                        "mapper: the EventBus refused this mapper's login ({:?}): pass --mqtt-username and --mqtt-password, or --mqtt-login-file with the node's <data-dir>/agent/mqtt/mapper.login; retrying in {backoff:?}",
+                        config.broker.username
+                    );
+                } else {
+                    tracing::warn!("mapper: EventBus connection: {e}; retrying in {backoff:?}");
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(backoff) => {}
@@ -452,6 +465,24 @@ pub struct MapperArgs {
     /// MQTT client id (default: <binary>-<node>).
     #[arg(long)]
     pub client_id: Option<String>,
+    /// The MQTT login (in a pod: from a Secret through env). Without it and without a login in
+    /// --broker, the node's generated mapper login is read from --mqtt-login-file.
+    #[arg(long, env = "MQTT_USERNAME", requires = "mqtt_password")]
+    pub mqtt_username: Option<String>,
+    #[arg(
+        long,
+        env = "MQTT_PASSWORD",
+        requires = "mqtt_username",
+        hide_env_values = true
+    )]
+    pub mqtt_password: Option<String>,
+    /// A file holding `username:password`; used when it exists and no other login is given.
+    #[arg(
+        long,
+        env = "MQTT_LOGIN_FILE",
+        default_value = "/var/lib/edgesite/agent/mqtt/mapper.login"
+    )]
+    pub mqtt_login_file: std::path::PathBuf,
 }
 
 impl MapperArgs {
@@ -472,6 +503,17 @@ impl MapperArgs {
                 "{} needs --mqtt-ca (the CA of the broker's certificate)",
                 self.broker
             );
+        }
+        if broker.username.is_none() {
+            if let (Some(user), Some(password)) = (&self.mqtt_username, &self.mqtt_password) {
+                broker.username = Some(user.clone());
+                broker.password = Some(password.clone());
+            } else if self.mqtt_login_file.exists() {
+                let (user, password) = crate::logins::read_login_file(&self.mqtt_login_file)
+                    .map_err(anyhow::Error::msg)?;
+                broker.username = Some(user);
+                broker.password = Some(password);
+            }
         }
         let node = match &self.node {
             Some(n) => n.clone(),

@@ -1,5 +1,6 @@
-//! The EventBus's guards: a users file (refused clients get CONNACK 5), TLS with required
-//! client certificates, and the twin on an external broker (Debian's mosquitto).
+//! The EventBus's guards: logins (refused clients get CONNACK 5) and their roles' topic
+//! permissions, TLS with required client certificates, and the twin on an external broker
+//! (Debian's mosquitto).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use devices::devicetwin;
 use devices::eventbus::{self, BrokerConfig, BrokerTls, ClientTls, Endpoint};
+use devices::logins::{Login, Logins, Role};
 use devices::store::{DeviceRecord, Store};
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, Packet, QoS};
 use tokio_util::sync::CancellationToken;
@@ -98,7 +100,14 @@ async fn a_users_file_guards_the_broker() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let broker = eventbus::start(&BrokerConfig {
-        users: Some(HashMap::from([("mapper".into(), "s3cret".into())])),
+        logins: Some(Logins::new(HashMap::from([(
+            "mapper".into(),
+            Login {
+                password: "s3cret".into(),
+                role: Role::Mapper,
+            },
+        )]))),
+        node: "n1".into(),
         ..BrokerConfig::loopback(port)
     })
     .unwrap();
@@ -148,6 +157,194 @@ async fn a_users_file_guards_the_broker() {
         assert!(!out.status.success());
         assert!(stderr.contains("not authorised"), "{stderr}");
     }
+}
+
+/// What a client logged in as `login` sees: the SUBACK codes of `subscribe` (one SUBSCRIBE per
+/// filter), then whether publishing `publish` keeps the connection open.
+async fn try_topics(
+    endpoint: &Endpoint,
+    id: &str,
+    subscribe: &[&str],
+    publish: Option<&str>,
+) -> (Vec<rumqttc::SubscribeReasonCode>, Option<bool>) {
+    let (client, mut events) = AsyncClient::new(endpoint.options(id), 16);
+    let mut codes = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    async fn next(
+        events: &mut rumqttc::EventLoop,
+        deadline: tokio::time::Instant,
+    ) -> Result<Event, rumqttc::ConnectionError> {
+        tokio::time::timeout_at(deadline, events.poll())
+            .await
+            .expect("the broker answers in time")
+    }
+    loop {
+        match next(&mut events, deadline).await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("connect as {id}: {e}"),
+        }
+    }
+    for filter in subscribe {
+        client.subscribe(*filter, QoS::AtLeastOnce).await.unwrap();
+        loop {
+            match next(&mut events, deadline).await {
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    codes.extend(ack.return_codes);
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => panic!("subscribe {filter} as {id}: {e}"),
+            }
+        }
+    }
+    let Some(topic) = publish else {
+        return (codes, None);
+    };
+    client
+        .publish(topic, QoS::AtLeastOnce, false, "{}")
+        .await
+        .unwrap();
+    loop {
+        match next(&mut events, deadline).await {
+            Ok(Event::Incoming(Packet::PubAck(_))) => return (codes, Some(true)),
+            Ok(_) => {}
+            Err(_) => return (codes, Some(false)),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_limit_what_a_login_may_publish_and_read() {
+    use rumqttc::SubscribeReasonCode::{Failure, Success};
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let login = |password: &str, role| Login {
+        password: password.into(),
+        role,
+    };
+    let broker = eventbus::start(&BrokerConfig {
+        logins: Some(Logins::new(HashMap::from([
+            ("m".into(), login("mpw", Role::Mapper)),
+            ("r".into(), login("rpw", Role::Reader)),
+            ("f".into(), login("fpw", Role::Full)),
+        ]))),
+        node: "n1".into(),
+        ..BrokerConfig::loopback(port)
+    })
+    .unwrap();
+    let _twin = twin(broker.internal.clone(), dir.path()).await;
+    let public = Endpoint::plain(SocketAddr::from(([127, 0, 0, 1], port)));
+    let as_ = |user: &str, password: &str| Endpoint {
+        username: Some(user.into()),
+        password: Some(password.into()),
+        ..public.clone()
+    };
+    let (mapper, reader, full) = (as_("m", "mpw"), as_("r", "rpw"), as_("f", "fpw"));
+
+    // A mapper: its deltas and the twin's answers yes, everything else no.
+    let (codes, _) = try_topics(
+        &mapper,
+        "m1",
+        &[
+            "$hw/events/device/+/+/twin/update/delta",
+            "#",
+            "$hw/events/device/#",
+            "$hw/events/node/n2/membership/updated",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(
+        codes,
+        vec![Success(QoS::AtLeastOnce), Failure, Failure, Failure]
+    );
+    let got = request(
+        &mapper,
+        "$hw/events/device/default/d/twin/get",
+        "$hw/events/device/default/d/twin/get/result",
+    )
+    .await;
+    assert!(got.get("twin").is_some(), "{got}");
+
+    // A delta forged by a mapper or a reader closes its connection and reaches nobody.
+    let (delta_tx, mut delta_rx) = tokio::sync::mpsc::channel(16);
+    let watcher = {
+        let full = full.clone();
+        tokio::spawn(async move {
+            let (client, mut events) = AsyncClient::new(full.options("watcher"), 16);
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        client
+                            .subscribe("$hw/events/device/+/+/twin/update/delta", QoS::AtLeastOnce)
+                            .await
+                            .unwrap();
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = delta_tx.send(None).await;
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = delta_tx.send(Some(p.topic)).await;
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        })
+    };
+    assert_eq!(delta_rx.recv().await, Some(None), "the watcher subscribed");
+    let forged = "$hw/events/device/default/d/twin/update/delta";
+    let (_, open) = try_topics(&mapper, "m2", &[], Some(forged)).await;
+    assert_eq!(
+        open,
+        Some(false),
+        "a mapper publishing a delta is disconnected"
+    );
+    let (codes, open) = try_topics(&reader, "r1", &["$hw/events/device/#"], Some(forged)).await;
+    assert_eq!(codes, vec![Success(QoS::AtLeastOnce)]);
+    assert_eq!(
+        open,
+        Some(false),
+        "a reader publishing anything is disconnected"
+    );
+    let (_, open) = try_topics(
+        &mapper,
+        "m3",
+        &[],
+        Some("$hw/events/device/default/d/twin/update"),
+    )
+    .await;
+    assert_eq!(open, Some(true), "a mapper reports its device");
+    // A full login's delta does arrive: the watcher would have seen a forged one by now.
+    let (_, open) = try_topics(&full, "f1", &[], Some(forged)).await;
+    assert_eq!(open, Some(true));
+    let first = tokio::time::timeout(Duration::from_secs(10), delta_rx.recv())
+        .await
+        .expect("the full login's delta arrives");
+    assert_eq!(
+        first,
+        Some(Some(forged.into())),
+        "only the full login's delta"
+    );
+    watcher.abort();
+
+    // A will on a topic the login may not publish is refused at CONNECT.
+    let mut options = mapper.options("m4");
+    options.set_last_will(rumqttc::LastWill::new(forged, "{}", QoS::AtMostOnce, false));
+    let (_client, mut events) = AsyncClient::new(options, 8);
+    let refused = loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.poll())
+            .await
+            .expect("an answer")
+        {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => break ack.code,
+            Ok(_) => {}
+            Err(rumqttc::ConnectionError::ConnectionRefused(code)) => break code,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(refused, ConnectReturnCode::NotAuthorized);
 }
 
 struct Pki {

@@ -133,20 +133,63 @@ fn patch_device(site: &Site, name: &str, patch: &str) {
     site.ok(&["patch", "device", name, "--type=json", "-p", patch]);
 }
 
-fn mqtt_pub(port: u16, topic: &str, payload: &str) {
+/// A node's broker and the login to use on it.
+#[derive(Clone)]
+struct Mqtt {
+    port: u16,
+    login: Option<(String, String)>,
+}
+
+impl Mqtt {
+    /// The broker on `port` with the mapper login its node generated into `data_dir`.
+    fn mapper(port: u16, data_dir: &std::path::Path) -> Mqtt {
+        Mqtt::with_login(port, data_dir, "mapper")
+    }
+
+    fn with_login(port: u16, data_dir: &std::path::Path, role: &str) -> Mqtt {
+        let file = data_dir
+            .join("agent")
+            .join("mqtt")
+            .join(format!("{role}.login"));
+        // An agent that was just launched writes it as it starts.
+        eventually(Duration::from_secs(30), || file.exists());
+        let text = std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("read {}: {e}", file.display()));
+        let (user, password) = text.trim().split_once(':').expect("username:password");
+        Mqtt {
+            port,
+            login: Some((user.to_string(), password.to_string())),
+        }
+    }
+
+    fn anonymous(port: u16) -> Mqtt {
+        Mqtt { port, login: None }
+    }
+
+    /// mosquitto_pub/mosquitto_sub arguments for the broker and the login.
+    fn args(&self) -> Vec<String> {
+        let mut args = vec![
+            "-h".to_string(),
+            "127.0.0.1".to_string(),
+            "-p".to_string(),
+            self.port.to_string(),
+        ];
+        if let Some((user, password)) = &self.login {
+            args.extend([
+                "-u".to_string(),
+                user.clone(),
+                "-P".to_string(),
+                password.clone(),
+            ]);
+        }
+        args
+    }
+}
+
+fn mqtt_pub(mqtt: &Mqtt, topic: &str, payload: &str) {
     let out = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-q",
-            "1",
-            "-t",
-            topic,
-            "-m",
-            payload,
-        ])
+        .args(mqtt.args())
+        .args(["-q", "1", "-t", topic, "-m", payload])
         .output()
         .unwrap();
     assert!(
@@ -160,13 +203,10 @@ fn mqtt_pub(port: u16, topic: &str, payload: &str) {
 struct Sub(Option<Child>);
 
 impl Sub {
-    fn start(port: u16, topic: &str, count: usize, timeout: Duration) -> Sub {
+    fn start(mqtt: &Mqtt, topic: &str, count: usize, timeout: Duration) -> Sub {
         let child = Command::new("mosquitto_sub")
+            .args(mqtt.args())
             .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
                 "-q",
                 "1",
                 "-t",
@@ -220,7 +260,7 @@ impl Drop for Sub {
 
 /// Publishes `request` until the result topic answers (the twin may not hold the device yet).
 fn ask(
-    port: u16,
+    port: &Mqtt,
     topic: &str,
     request: &str,
     result: &str,
@@ -341,6 +381,14 @@ fn a_modbus_device_is_readable_and_writable_through_kubectl() {
         Command::new(&mapper_bin)
             .args(["--node", "node-a", "--broker"])
             .arg(format!("mqtt://127.0.0.1:{mqtt}"))
+            // The login the node generated (the default path is the installed site's).
+            .arg("--mqtt-login-file")
+            .arg(
+                site.data_dir()
+                    .join("agent")
+                    .join("mqtt")
+                    .join("mapper.login"),
+            )
             .env("RUST_LOG", "info")
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
@@ -436,7 +484,7 @@ fn a_modbus_device_is_readable_and_writable_through_kubectl() {
     // Deleting the device takes it off the node: the twin answers 404.
     site.ok(&["delete", "device", "thermostat"]);
     ask(
-        mqtt,
+        &Mqtt::mapper(mqtt, &site.data_dir()),
         "$hw/events/device/default/thermostat/twin/get",
         "{}",
         "$hw/events/device/default/thermostat/twin/get/result",
@@ -480,7 +528,7 @@ fn a_legacy_mqtt_mapper_speaks_kubeedge_topics() {
     need("mosquitto_pub", "mosquitto-clients");
     let rt = Runtime::start().unwrap();
     let site = rt.start_site(&[]).unwrap();
-    let port = rt.mqtt_port("node-a");
+    let port = &Mqtt::mapper(rt.mqtt_port("node-a"), &site.data_dir());
     site.ok_stdin(&["apply", "-f", "-"], Some(LEGACY_MODEL));
     site.ok_stdin(&["apply", "-f", "-"], Some(&legacy_device("node-a")));
 
@@ -676,6 +724,116 @@ fn a_legacy_mqtt_mapper_speaks_kubeedge_topics() {
 }
 
 #[test]
+fn the_broker_asks_for_logins_and_each_role_reaches_only_its_topics() {
+    use std::os::unix::fs::PermissionsExt;
+    need("mosquitto_pub", "mosquitto-clients");
+    let rt = Runtime::start().unwrap();
+    let site = rt.start_site(&[]).unwrap();
+    let port = rt.mqtt_port("node-a");
+    site.ok_stdin(&["apply", "-f", "-"], Some(LEGACY_MODEL));
+    site.ok_stdin(&["apply", "-f", "-"], Some(&legacy_device("node-a")));
+    let logins = site.data_dir().join("agent").join("mqtt");
+    for file in ["mapper.login", "reader.login"] {
+        let mode = std::fs::metadata(logins.join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+    let (mapper, reader) = (
+        &Mqtt::mapper(port, &site.data_dir()),
+        &Mqtt::with_login(port, &site.data_dir(), "reader"),
+    );
+
+    // Before: any local process subscribed to '#' and changed a Device's reported value.
+    let out = Command::new("mosquitto_sub")
+        .args(Mqtt::anonymous(port).args())
+        .args(["-t", "#", "-C", "1", "-W", "5"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("not authorised"),
+        "{stderr}"
+    );
+
+    // The mapper login is a mapper: the twin answers it.
+    ask(
+        mapper,
+        &format!("{FAN}/twin/get"),
+        "{}",
+        &format!("{FAN}/twin/get/result"),
+        |v| v["twin"]["speed"]["expected"]["value"] == "3",
+    );
+    // A reader sees the twin's traffic but cannot report for a device; a mapper cannot read
+    // everything.
+    let seen = Sub::start(reader, "$hw/events/device/#", 2, Duration::from_secs(10));
+    let results = Sub::start(
+        mapper,
+        &format!("{FAN}/twin/update/result"),
+        2,
+        Duration::from_secs(5),
+    );
+    let _ = Command::new("mosquitto_pub")
+        .args(reader.args())
+        .args([
+            "-q",
+            "1",
+            "-t",
+            &format!("{FAN}/twin/update"),
+            "-m",
+            r#"{"event_id":"reader","twin":{"speed":{"actual":{"value":"7"}}}}"#,
+        ])
+        .output()
+        .unwrap();
+    mqtt_pub(
+        mapper,
+        &format!("{FAN}/twin/update"),
+        r#"{"event_id":"mapper","twin":{"speed":{"actual":{"value":"8"}}}}"#,
+    );
+    let ids: Vec<Value> = results
+        .messages()
+        .iter()
+        .map(|m| m["event_id"].clone())
+        .collect();
+    assert_eq!(ids, vec![Value::from("mapper")], "twin/update results");
+    assert!(!seen.messages().is_empty(), "the reader saw device traffic");
+    let out = Command::new("mosquitto_sub")
+        .args(mapper.args())
+        .args(["-t", "#", "-C", "1", "-W", "3"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("All subscription requests were denied"),
+        "a mapper subscribing to '#': {stderr}"
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || twin_value(
+            &site, "fan", "speed", "reported"
+        )
+        .as_deref()
+            == Some("8")),
+        "{:?}",
+        device(&site, "fan")
+    );
+    drop(site);
+
+    // --mqtt-allow-anonymous: the old, open broker, for mappers that cannot log in.
+    let site = rt.start_site(&["--mqtt-allow-anonymous"]).unwrap();
+    let port = rt.mqtt_port("node-a");
+    site.ok_stdin(&["apply", "-f", "-"], Some(LEGACY_MODEL));
+    site.ok_stdin(&["apply", "-f", "-"], Some(&legacy_device("node-a")));
+    ask(
+        &Mqtt::anonymous(port),
+        &format!("{FAN}/twin/get"),
+        "{}",
+        &format!("{FAN}/twin/get/result"),
+        |v| v["twin"]["speed"]["expected"]["value"] == "3",
+    );
+}
+
+#[test]
 fn the_twin_works_offline_and_catches_up() {
     need("mosquitto_pub", "mosquitto-clients");
     let rt = Runtime::start().unwrap();
@@ -684,7 +842,7 @@ fn the_twin_works_offline_and_catches_up() {
     let agent = rt
         .start_agent_via(&site, "edge-1", &link.url(), &[])
         .unwrap();
-    let port = rt.mqtt_port("edge-1");
+    let port = &Mqtt::mapper(rt.mqtt_port("edge-1"), &agent.dir.path().join("data"));
     site.ok_stdin(&["apply", "-f", "-"], Some(LEGACY_MODEL));
     site.ok_stdin(&["apply", "-f", "-"], Some(&legacy_device("edge-1")));
     ask(
@@ -857,8 +1015,9 @@ fn broker_flags_users_file_and_external_mosquitto() {
     );
 
     // The device on edge-ext is served through mosquitto.
+    let external = &Mqtt::anonymous(mosquitto_port);
     let got = ask(
-        mosquitto_port,
+        external,
         &format!("{FAN}/twin/get"),
         r#"{"event_id":"ext"}"#,
         &format!("{FAN}/twin/get/result"),
@@ -866,7 +1025,7 @@ fn broker_flags_users_file_and_external_mosquitto() {
     );
     assert_eq!(got["event_id"], "ext");
     mqtt_pub(
-        mosquitto_port,
+        external,
         &format!("{FAN}/twin/update"),
         r#"{"twin":{"speed":{"actual":{"value":"9"}}}}"#,
     );
@@ -886,8 +1045,11 @@ fn a_device_moves_between_nodes_and_leaves_when_deleted() {
     need("mosquitto_pub", "mosquitto-clients");
     let rt = Runtime::start().unwrap();
     let site = rt.start_site(&[]).unwrap();
-    let _agent = rt.start_agent(&site, "edge-2").unwrap();
-    let (a, b) = (rt.mqtt_port("node-a"), rt.mqtt_port("edge-2"));
+    let agent = rt.start_agent(&site, "edge-2").unwrap();
+    let (a, b) = (
+        &Mqtt::mapper(rt.mqtt_port("node-a"), &site.data_dir()),
+        &Mqtt::mapper(rt.mqtt_port("edge-2"), &agent.dir.path().join("data")),
+    );
     site.ok_stdin(&["apply", "-f", "-"], Some(LEGACY_MODEL));
     site.ok_stdin(&["apply", "-f", "-"], Some(&legacy_device("node-a")));
     ask(

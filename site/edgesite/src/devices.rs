@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use devices::eventbus::{self, BrokerConfig, BrokerTls, ClientTls, Endpoint};
+use devices::logins::{self, Logins};
 use tokio_util::sync::CancellationToken;
 
 /// Flags of the node's EventBus and device twin (names follow KubeEdge's edgecore settings).
@@ -14,9 +15,14 @@ pub struct DeviceArgs {
     /// Where the node's embedded MQTT broker (EventBus) listens; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:1883", value_name = "ADDR:PORT")]
     pub mqtt_bind: SocketAddr,
-    /// A file of `username:password` lines: MQTT clients must log in as one of them.
+    /// A file of `username:password[:role]` lines (role: mapper (the default), reader or full):
+    /// more MQTT logins beside the ones the node generates into <data-dir>/agent/mqtt/.
     #[arg(long, value_name = "FILE")]
     pub mqtt_users: Option<PathBuf>,
+    /// Let MQTT clients connect without a login and use every topic (mappers that cannot log
+    /// in; the behaviour before logins were required).
+    #[arg(long, conflicts_with = "mqtt_users")]
+    pub mqtt_allow_anonymous: bool,
     /// TLS on the embedded broker: its certificate (PEM); needs --mqtt-tls-key and
     /// --mqtt-client-ca, and clients must present a certificate that CA signed.
     #[arg(long, value_name = "FILE", requires_all = ["mqtt_tls_key", "mqtt_client_ca"])]
@@ -47,6 +53,8 @@ pub struct Setup {
     node: String,
     database: PathBuf,
     broker: Broker,
+    /// The generated mapper login's file, when the embedded broker asks for logins.
+    mapper_login: PathBuf,
 }
 
 enum Broker {
@@ -58,31 +66,36 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("read {}", path.display()))
 }
 
-fn users(path: &Path) -> Result<std::collections::HashMap<String, String>> {
-    let text = String::from_utf8(read(path)?)
-        .with_context(|| format!("{} is not UTF-8", path.display()))?;
-    let mut users = std::collections::HashMap::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let Some((user, password)) = line.split_once(':') else {
+/// The broker's logins: the node's generated ones and those of `users` (a `--mqtt-users` file).
+fn logins(data_dir: &Path, users: Option<&Path>) -> Result<Logins> {
+    let mut all = logins::ensure_generated(data_dir).with_context(|| {
+        format!(
+            "write the MQTT logins into {}",
+            data_dir.join("agent").join("mqtt").display()
+        )
+    })?;
+    if let Some(path) = users {
+        let text = String::from_utf8(read(path)?)
+            .with_context(|| format!("{} is not UTF-8", path.display()))?;
+        let users =
+            logins::parse_users(&text, &path.display().to_string()).map_err(anyhow::Error::msg)?;
+        if users.is_empty() {
             bail!(
-                "{} line {}: expected username:password",
-                path.display(),
-                i + 1
+                "{} names no user (lines of username:password[:role])",
+                path.display()
             );
-        };
-        users.insert(user.to_string(), password.to_string());
+        }
+        for (user, login) in users {
+            if all.contains_key(&user) {
+                bail!(
+                    "{}: {user} is a login the node makes itself; choose another name",
+                    path.display()
+                );
+            }
+            all.insert(user, login);
+        }
     }
-    if users.is_empty() {
-        bail!(
-            "{} names no user (lines of username:password)",
-            path.display()
-        );
-    }
-    Ok(users)
+    Ok(Logins::new(all))
 }
 
 impl DeviceArgs {
@@ -115,9 +128,20 @@ impl DeviceArgs {
                         .with_context(|| format!("--mqtt-bind {listen}"))?;
                     listen = l.local_addr()?;
                 }
+                // Logins are required unless anonymous clients are allowed, or TLS asks
+                // every client for a certificate (then that is the credential) and no users
+                // file adds logins.
+                let logins = if self.mqtt_allow_anonymous
+                    || (self.mqtt_tls_cert.is_some() && self.mqtt_users.is_none())
+                {
+                    None
+                } else {
+                    Some(logins(data_dir, self.mqtt_users.as_deref())?)
+                };
                 Broker::Embedded(BrokerConfig {
                     listen,
-                    users: self.mqtt_users.as_deref().map(users).transpose()?,
+                    node: node.to_string(),
+                    logins,
                     tls: match (
                         &self.mqtt_tls_cert,
                         &self.mqtt_tls_key,
@@ -138,6 +162,7 @@ impl DeviceArgs {
             node: node.to_string(),
             database: data_dir.join("agent").join("cache").join("devices.db"),
             broker,
+            mapper_login: logins::generated_file(data_dir, logins::Role::Mapper),
         }))
     }
 }
@@ -152,7 +177,15 @@ pub fn start(
     let endpoint = match setup.broker {
         Broker::Embedded(config) => {
             let broker = eventbus::start(&config)?;
-            tracing::info!("devices: MQTT mappers connect to mqtt://{}", config.listen);
+            if config.logins.is_some() {
+                tracing::info!(
+                    "devices: MQTT mappers connect to mqtt://{} with the login in {}",
+                    config.listen,
+                    setup.mapper_login.display()
+                );
+            } else {
+                tracing::info!("devices: MQTT mappers connect to mqtt://{}", config.listen);
+            }
             broker.internal
         }
         Broker::External(endpoint) => {

@@ -51,6 +51,19 @@ pub type AuthHandler = Arc<
         + Sync,
 >;
 
+/// EdgeSite patch: what one logged-in client may publish and subscribe to. A client that
+/// publishes where it may not (its will included) is refused or disconnected (MQTT-3.3.5-2); a
+/// SUBSCRIBE whose filters are all refused is answered with failure codes (0x80); one that mixes
+/// refused and allowed filters disconnects the client.
+pub trait TopicAcl: Send + Sync {
+    fn may_publish(&self, topic: &str) -> bool;
+    fn may_subscribe(&self, filter: &str) -> bool;
+}
+
+/// EdgeSite patch: the permissions of an authenticated client, by its login's username (`None`
+/// without a login).
+pub type AclHandler = Arc<dyn Fn(Option<&str>) -> Arc<dyn TopicAcl> + Send + Sync>;
+
 #[derive(Debug, Default, Serialize, Deserialize, Clone)]
 pub struct Config {
     pub id: usize,
@@ -152,6 +165,9 @@ pub struct ConnectionSettings {
     pub external_auth: Option<AuthHandler>,
     #[serde(default)]
     pub dynamic_filters: bool,
+    /// EdgeSite patch: topic permissions per client; `None` lets every client use every topic.
+    #[serde(skip)]
+    pub acl: Option<AclHandler>,
 }
 
 impl ConnectionSettings {
@@ -177,6 +193,7 @@ impl fmt::Debug for ConnectionSettings {
             .field("auth", &self.auth)
             .field("external_auth", &self.external_auth.is_some())
             .field("dynamic_filters", &self.dynamic_filters)
+            .field("acl", &self.acl.is_some())
             .finish()
     }
 }

@@ -32,8 +32,22 @@ fn resource(kind: &str, plural: &str) -> ApiResource {
     }
 }
 
-fn options(port: u16, id: &str) -> MqttOptions {
-    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+/// A broker on 127.0.0.1, and whether to log in with [`LOGIN`].
+#[derive(Clone, Copy)]
+struct Broker {
+    port: u16,
+    login: bool,
+}
+
+/// The bench's own login on the site's broker (a `full` line of a --mqtt-users file: the raw
+/// throughput rows publish on a topic outside the device protocol).
+const LOGIN: (&str, &str) = ("bench", "bench-password");
+
+fn options(broker: Broker, id: &str) -> MqttOptions {
+    let mut o = MqttOptions::new(id, "127.0.0.1", broker.port);
+    if broker.login {
+        o.set_credentials(LOGIN.0, LOGIN.1);
+    }
     o.set_keep_alive(Duration::from_secs(30));
     o.set_inflight(200);
     o.set_max_packet_size(1 << 20, 1 << 20);
@@ -48,7 +62,7 @@ struct Counter {
 }
 
 impl Counter {
-    async fn start(port: u16, id: &str, filter: &str) -> Result<Counter> {
+    async fn start(port: Broker, id: &str, filter: &str) -> Result<Counter> {
         let (client, mut events) = AsyncClient::new(options(port, id), 1024);
         let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -92,7 +106,7 @@ impl Drop for Counter {
 }
 
 /// A publishing client whose event loop runs in the background.
-async fn publisher(port: u16, id: &str) -> Result<(AsyncClient, tokio::task::JoinHandle<()>)> {
+async fn publisher(port: Broker, id: &str) -> Result<(AsyncClient, tokio::task::JoinHandle<()>)> {
     let (client, mut events) = AsyncClient::new(options(port, id), 1024);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let mut ready_tx = Some(ready_tx);
@@ -117,7 +131,7 @@ async fn publisher(port: u16, id: &str) -> Result<(AsyncClient, tokio::task::Joi
 
 /// Raw broker throughput: one publisher, one subscriber, QoS 0, 100-byte payloads; messages
 /// per second as the subscriber receives them.
-async fn raw_throughput(port: u16) -> Result<f64> {
+async fn raw_throughput(port: Broker) -> Result<f64> {
     let counter = Counter::start(port, "raw-sub", "bench/raw").await?;
     let (client, task) = publisher(port, "raw-pub").await?;
     let payload = vec![b'x'; 100];
@@ -196,16 +210,22 @@ pub async fn rows(bin: &Path, work: &Path, rows: &mut Vec<Row>) -> Result<()> {
     let port = tests::free_port();
     let mut flags = rt.node_flags("bench-dev");
     flags.push("--cluster-cidr=10.201.0.0/16".into());
-    let mqtt = rt.mqtt_port("bench-dev");
+    let users = dir.join("mqtt-users");
+    std::fs::write(&users, format!("{}:{}:full\n", LOGIN.0, LOGIN.1))?;
+    flags.push(format!("--mqtt-users={}", users.display()));
+    let mqtt = Broker {
+        port: rt.mqtt_port("bench-dev"),
+        login: true,
+    };
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let (server, _) = start_with(bin, &dir, port, &flags).await?;
     let pid = server.child.id();
     let c = client(&dir.join("kubeconfig.yaml")).await?;
     let t0 = Instant::now();
     // The CRDs are installed at start; wait for the twin's broker too.
-    while std::net::TcpStream::connect(("127.0.0.1", mqtt)).is_err() {
+    while std::net::TcpStream::connect(("127.0.0.1", mqtt.port)).is_err() {
         if t0.elapsed() > Duration::from_secs(60) {
-            bail!("the node's MQTT broker did not listen on {mqtt}");
+            bail!("the node's MQTT broker did not listen on {}", mqtt.port);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -414,7 +434,11 @@ pub async fn rows(bin: &Path, work: &Path, rows: &mut Vec<Row>) -> Result<()> {
     // The broker alone, against mosquitto on the same machine with the same client.
     let embedded = raw_throughput(mqtt).await?;
     let (mosq, mosq_port) = mosquitto(&dir)?;
-    let reference = raw_throughput(mosq_port).await?;
+    let reference = raw_throughput(Broker {
+        port: mosq_port,
+        login: false,
+    })
+    .await?;
     drop(mosq);
     rows.push(Row {
         metric: "MQTT publish throughput, 1 publisher -> 1 subscriber, QoS 0, 100 B: embedded rumqttd / mosquitto 2.0",
@@ -429,7 +453,7 @@ pub async fn rows(bin: &Path, work: &Path, rows: &mut Vec<Row>) -> Result<()> {
 }
 
 /// Whether the twin answers `twin/get` for device `i` with its twin (not a 404).
-async fn twin_holds(port: u16, i: usize) -> Result<bool> {
+async fn twin_holds(port: Broker, i: usize) -> Result<bool> {
     let (client, mut events) = AsyncClient::new(options(port, "bench-probe"), 16);
     let topic = format!("$hw/events/device/default/sensor-{i}/twin/get");
     let result = format!("{topic}/result");

@@ -2,9 +2,11 @@ use crate::link::local::{LinkError, LinkRx, LinkTx};
 use crate::link::network;
 use crate::link::network::Network;
 use crate::local::LinkBuilder;
-use crate::protocol::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol};
+use crate::protocol::{
+    ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol, SubAck, SubscribeReasonCode,
+};
 use crate::router::{Event, Notification};
-use crate::{ConnectionId, ConnectionSettings};
+use crate::{ConnectionId, ConnectionSettings, TopicAcl};
 
 use flume::{RecvError, SendError, Sender, TrySendError};
 use std::cmp::min;
@@ -45,6 +47,8 @@ pub enum Error {
     InvalidAuth,
     #[error("A second CONNECT on one connection")]
     SecondConnect,
+    #[error("Not authorized: {0}")]
+    NotAuthorized(String),
     #[error("Channel try send error")]
     TrySend(#[from] TrySendError<(ConnectionId, Event)>),
     #[error("Link error = {0}")]
@@ -60,6 +64,8 @@ pub struct RemoteLink<P> {
     link_rx: LinkRx,
     notifications: VecDeque<Notification>,
     pub(crate) will_delay_interval: u32,
+    /// EdgeSite patch: what this client may publish and subscribe to.
+    acl: Option<Arc<dyn TopicAcl>>,
 }
 
 impl<P: Protocol> RemoteLink<P> {
@@ -70,6 +76,7 @@ impl<P: Protocol> RemoteLink<P> {
         connect_packet: Packet,
         dynamic_filters: bool,
         assigned_client_id: Option<String>,
+        acl: Option<Arc<dyn TopicAcl>>,
     ) -> Result<RemoteLink<P>, Error> {
         let Packet::Connect(connect, props, lastwill, lastwill_props, _) = connect_packet else {
             return Err(Error::NotConnectPacket(connect_packet));
@@ -124,6 +131,7 @@ impl<P: Protocol> RemoteLink<P> {
             link_rx,
             notifications: VecDeque::with_capacity(100),
             will_delay_interval,
+            acl,
         })
     }
 
@@ -136,6 +144,7 @@ impl<P: Protocol> RemoteLink<P> {
             select! {
                 o = self.network.read() => {
                     let packet = o?;
+                    let mut refused = Vec::new();
                     let len = {
                         let mut buffer = self.link_tx.buffer();
                         let before = buffer.len();
@@ -147,8 +156,18 @@ impl<P: Protocol> RemoteLink<P> {
                             buffer.truncate(before);
                             return Err(Error::SecondConnect);
                         }
+                        // EdgeSite patch: topic permissions.
+                        if let Some(acl) = &self.acl {
+                            if let Err(e) = check_acl(acl.as_ref(), &mut buffer, before, &mut refused) {
+                                buffer.truncate(before);
+                                return Err(e);
+                            }
+                        }
                         buffer.len()
                     };
+                    for ack in refused {
+                        self.network.write(Packet::SubAck(ack, None)).await?;
+                    }
 
                     trace!("Packets read from network, count = {}", len);
                     self.link_tx.notify().await?;
@@ -178,12 +197,58 @@ impl<P: Protocol> RemoteLink<P> {
     }
 }
 
+/// EdgeSite patch: checks the packets from `start` on against `acl`. A SUBSCRIBE whose filters
+/// are all refused leaves the buffer and gets a SUBACK of failures in `refused`; a refused
+/// PUBLISH, or a SUBSCRIBE that mixes refused and allowed filters, is an error (the connection
+/// closes).
+fn check_acl(
+    acl: &dyn TopicAcl,
+    buffer: &mut VecDeque<Packet>,
+    start: usize,
+    refused: &mut Vec<SubAck>,
+) -> Result<(), Error> {
+    let mut i = start;
+    while i < buffer.len() {
+        match &buffer[i] {
+            Packet::Publish(publish, _) => {
+                let topic = std::str::from_utf8(&publish.topic).unwrap_or("");
+                if !acl.may_publish(topic) {
+                    return Err(Error::NotAuthorized(format!("publish to {topic:?}")));
+                }
+            }
+            Packet::Subscribe(subscribe, _) => {
+                let denied: Vec<&str> = subscribe
+                    .filters
+                    .iter()
+                    .filter(|f| !acl.may_subscribe(&f.path))
+                    .map(|f| f.path.as_str())
+                    .collect();
+                if !denied.is_empty() {
+                    if denied.len() < subscribe.filters.len() {
+                        return Err(Error::NotAuthorized(format!("subscribe to {denied:?}")));
+                    }
+                    tracing::debug!(filters = ?denied, "subscription refused");
+                    refused.push(SubAck {
+                        pkid: subscribe.pkid,
+                        return_codes: vec![SubscribeReasonCode::Failure; denied.len()],
+                    });
+                    buffer.remove(i);
+                    continue;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
 /// Read MQTT connect packet from network and verify it.
 /// authentication and checks are done here.
 pub async fn mqtt_connect<P>(
     config: Arc<ConnectionSettings>,
     network: &mut Network<P>,
-) -> Result<Packet, Error>
+) -> Result<(Packet, Option<Arc<dyn TopicAcl>>), Error>
 where
     P: Protocol,
 {
@@ -197,8 +262,10 @@ where
     })
     .await??;
 
-    let (connect, _props, login) = match packet {
-        Packet::Connect(ref connect, ref props, _, _, ref login) => (connect, props, login),
+    let (connect, _props, will, login) = match packet {
+        Packet::Connect(ref connect, ref props, ref will, _, ref login) => {
+            (connect, props, will, login)
+        }
         packet => return Err(Error::NotConnectPacket(packet)),
     };
 
@@ -213,6 +280,23 @@ where
         };
         let _ = network.write(Packet::ConnAck(ack, None)).await;
         return Err(e);
+    }
+
+    // EdgeSite patch: the client's permissions; a will it may not publish is refused now.
+    let acl = config
+        .acl
+        .as_ref()
+        .map(|handler| handler(login.as_ref().map(|l| l.username.as_str())));
+    if let (Some(acl), Some(will)) = (&acl, will) {
+        let topic = std::str::from_utf8(&will.topic).unwrap_or("");
+        if !acl.may_publish(topic) {
+            let ack = ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::NotAuthorized,
+            };
+            let _ = network.write(Packet::ConnAck(ack, None)).await;
+            return Err(Error::NotAuthorized(format!("a will on {topic:?}")));
+        }
     }
 
     // When keep_alive feature is disabled client can live forever, which is not good in
@@ -237,7 +321,7 @@ where
     }
 
     // Ok((connect, props, lastwill, lastwill_props))
-    Ok(packet)
+    Ok((packet, acl))
 }
 
 async fn handle_auth(
@@ -301,6 +385,7 @@ mod tests {
             auth: None,
             external_auth: None,
             dynamic_filters: false,
+            acl: None,
         }
     }
 

@@ -543,7 +543,7 @@ async fn remote<P: Protocol>(
 
     let dynamic_filters = config.dynamic_filters;
 
-    let connect_packet = match mqtt_connect(config, &mut network).await {
+    let (connect_packet, acl) = match mqtt_connect(config, &mut network).await {
         Ok(p) => p,
         Err(e) => {
             error!(error=?e, "Error while handling MQTT connect packet");
@@ -595,6 +595,7 @@ async fn remote<P: Protocol>(
         connect_packet,
         dynamic_filters,
         assigned_client_id,
+        acl,
     )
     .await
     {
@@ -628,6 +629,11 @@ async fn remote<P: Protocol>(
             if err.kind() == io::ErrorKind::ConnectionAborted =>
         {
             debug!(error=?err, "disconnected");
+        }
+        // EdgeSite patch: a client that used a topic it may not is the client's fault, not
+        // the broker's.
+        Err(e @ remote::Error::NotAuthorized(_)) => {
+            tracing::warn!(error=?e, "disconnected");
         }
         // Any other error
         Err(e) => {
