@@ -19,5 +19,6 @@ pub mod eventbus;
 pub mod logins;
 pub mod mapper;
 pub mod modbus;
+pub mod pod_logins;
 pub mod store;
 pub mod twin;

@@ -817,6 +817,82 @@ fn the_broker_asks_for_logins_and_each_role_reaches_only_its_topics() {
         "{:?}",
         device(&site, "fan")
     );
+
+    // A mapper pod's login comes from a Secret its pod uses, and lasts as long as the pod.
+    let pod_login = Mqtt {
+        port,
+        login: Some(("shop-mapper".into(), "pod-s3cret".into())),
+    };
+    let manifest = format!(
+        r#"apiVersion: v1
+kind: Secret
+metadata:
+  name: shop-mapper-mqtt
+type: edgesite.io/mqtt-login
+stringData:
+  username: shop-mapper
+  password: pod-s3cret
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: shop-mapper
+spec:
+  nodeName: node-a
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: mapper
+    image: {}
+    command: ["sleep", "3600"]
+    env:
+    - name: MQTT_USERNAME
+      valueFrom: {{secretKeyRef: {{name: shop-mapper-mqtt, key: username}}}}
+    - name: MQTT_PASSWORD
+      valueFrom: {{secretKeyRef: {{name: shop-mapper-mqtt, key: password}}}}
+"#,
+        tests::node::BUSYBOX
+    );
+    let accepted = || {
+        Command::new("mosquitto_pub")
+            .args(pod_login.args())
+            .args(["-t", &format!("{FAN}/twin/get"), "-m", "{}"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(!accepted(), "the login works before any pod uses it");
+    site.ok_stdin(&["apply", "-f", "-"], Some(&manifest));
+    assert!(
+        eventually(Duration::from_secs(30), accepted),
+        "the mapper pod's Secret never became a login; server log:\n{}",
+        site.log()
+    );
+    // The pod's env holds the login, as the bundled mappers read it.
+    site.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/shop-mapper",
+        "--timeout=60s",
+    ]);
+    let env = site.ok(&["exec", "shop-mapper", "--", "env"]);
+    assert!(env.contains("MQTT_USERNAME=shop-mapper"), "{env}");
+    // The login is saved for offline restarts, private.
+    let saved = logins.join("pods.logins");
+    assert!(
+        std::fs::read_to_string(&saved)
+            .unwrap()
+            .contains("shop-mapper:pod-s3cret:mapper")
+    );
+    assert_eq!(
+        std::fs::metadata(&saved).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    site.ok(&["delete", "pod", "shop-mapper", "--wait=true"]);
+    assert!(
+        eventually(Duration::from_secs(30), || !accepted()),
+        "the login outlived its pod"
+    );
     drop(site);
 
     // --mqtt-allow-anonymous: the old, open broker, for mappers that cannot log in.

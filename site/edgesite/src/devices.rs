@@ -55,6 +55,8 @@ pub struct Setup {
     broker: Broker,
     /// The generated mapper login's file, when the embedded broker asks for logins.
     mapper_login: PathBuf,
+    /// Where the logins of the mapper pods on this node are kept.
+    pod_logins: PathBuf,
 }
 
 enum Broker {
@@ -163,6 +165,7 @@ impl DeviceArgs {
             database: data_dir.join("agent").join("cache").join("devices.db"),
             broker,
             mapper_login: logins::generated_file(data_dir, logins::Role::Mapper),
+            pod_logins: data_dir.join("agent").join("mqtt").join("pods.logins"),
         }))
     }
 }
@@ -177,7 +180,15 @@ pub fn start(
     let endpoint = match setup.broker {
         Broker::Embedded(config) => {
             let broker = eventbus::start(&config)?;
-            if config.logins.is_some() {
+            if let Some(logins) = &config.logins {
+                // Mapper pods on this node log in with their Secrets.
+                tokio::spawn(devices::pod_logins::follow(
+                    client.clone(),
+                    setup.node.clone(),
+                    logins.clone(),
+                    setup.pod_logins.clone(),
+                    shutdown.clone(),
+                ));
                 tracing::info!(
                     "devices: MQTT mappers connect to mqtt://{} with the login in {}",
                     config.listen,
