@@ -1042,13 +1042,22 @@ spec:
     assert!(logs.contains(&format!("K8S={api_ip}:443")), "{logs}");
     site.ok(&["delete", "pod", "legacy", "--wait=true"]);
 
-    // Pods come and go in batches; nothing of theirs stays behind.
+    // Pods come and go in batches; nothing of theirs stays behind. Every pod gets a host port
+    // of its own: two free_port() calls may name the same port (nothing holds it between them),
+    // and a second pod asking for a port its node already gives out stays Pending, as upstream.
+    let mut ports = std::collections::BTreeSet::new();
+    let mut distinct_port = || loop {
+        let p = free_port();
+        if ports.insert(p) {
+            return p;
+        }
+    };
     for round in 0..4 {
         let mut list = String::new();
         for i in 0..10 {
             list.push_str(&format!(
                 "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: churn-{round}-{i}, labels: {{churn: \"yes\"}}}}\nspec:\n  terminationGracePeriodSeconds: 0\n  containers: [{{name: c, image: \"{BUSYBOX}\", command: [\"sleep\", \"3600\"], ports: [{{containerPort: 80, hostPort: {}}}]}}]\n",
-                free_port()
+                distinct_port()
             ));
         }
         apply(&site, &list);
