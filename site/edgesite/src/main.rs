@@ -9,6 +9,7 @@ mod control_plane;
 mod csr_signer;
 mod devices;
 mod join;
+mod logging;
 mod mesh;
 mod pki;
 mod server;
@@ -414,18 +415,7 @@ fn import_images(files: &[PathBuf], socket: &std::path::Path, namespace: &str) -
 }
 
 fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    // kube's client logs every failed request as an error; the agent reports what matters
-    // (the API unreachable, the node on its cache) once, itself.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,kube_client::client::builder=off"));
-    // Colours only on a terminal: the installer's log file and journald get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(ansi)
-        .init();
+    logging::init();
 }
 
 /// Names of the server flags, for the config file's keys.
