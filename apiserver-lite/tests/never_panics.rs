@@ -150,6 +150,31 @@ proptest! {
     }
 
     #[test]
+    fn websocket_frames(
+        frames in prop::collection::vec(
+            (any::<bool>(), prop::sample::select(vec![0u8, 1, 2, 8, 9, 10, 3, 15]), any::<[u8; 4]>(), prop::collection::vec(any::<u8>(), 0..300)),
+            0..6,
+        ),
+        garbage in prop::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let mut bytes = Vec::new();
+        for (fin, opcode, mask, payload) in &frames {
+            bytes.push(if *fin { 0x80 } else { 0 } | opcode);
+            match payload.len() {
+                n @ 0..=125 => bytes.push(0x80 | n as u8),
+                n => {
+                    bytes.push(0x80 | 126);
+                    bytes.extend_from_slice(&(n as u16).to_be_bytes());
+                }
+            }
+            bytes.extend_from_slice(mask);
+            bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        }
+        bytes.extend_from_slice(&garbage);
+        websocket_session(&bytes);
+    }
+
+    #[test]
     fn spdy_header_blocks(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
         let mut codec = apiserver_lite::streams::spdy::HeaderCodec::default();
         let _ = codec.decode(&bytes);
@@ -209,6 +234,60 @@ proptest! {
 
 /// A header block that inflates to far more than it weighs (a zlib bomb) is refused rather
 /// than expanded in memory.
+/// Feeds `bytes` to a server-side WebSocket as the API server configures it, reading every
+/// message: it ends promptly, without a panic.
+fn websocket_session(bytes: &[u8]) -> Vec<String> {
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut ws = WebSocketStream::from_raw_socket(
+            server,
+            Role::Server,
+            Some(apiserver_lite::streams::websocket_config()),
+        )
+        .await;
+        let _ = client.write_all(bytes).await;
+        drop(client);
+        let mut seen = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(m) = ws.next().await {
+                match m {
+                    Ok(m) => seen.push(format!("{}", m.len())),
+                    Err(e) => {
+                        seen.push(e.to_string());
+                        break;
+                    }
+                }
+            }
+        })
+        .await;
+        seen
+    })
+}
+
+#[test]
+fn a_websocket_frame_larger_than_a_tunnel_frame_is_refused_before_it_is_read() {
+    // A masked binary frame announcing 2 MiB (tungstenite takes 16 MiB frames by default),
+    // with 1 KiB sent.
+    let mut bytes = vec![0x82, 0x80 | 127];
+    bytes.extend_from_slice(&(2u64 << 20).to_be_bytes());
+    bytes.extend_from_slice(&[1, 2, 3, 4]);
+    bytes.extend(std::iter::repeat_n(0u8, 1024));
+    let seen = websocket_session(&bytes);
+    assert!(
+        seen.iter()
+            .any(|e| e.contains("too long") || e.contains("Space limit")),
+        "{seen:?}"
+    );
+}
+
 #[test]
 fn a_compressed_header_bomb_is_refused() {
     let mut codec = apiserver_lite::streams::spdy::HeaderCodec::default();

@@ -300,7 +300,12 @@ pub async fn exec(
         };
         match transport {
             Transport::WebSocket { protocol, .. } => {
-                let ws = WebSocketStream::from_raw_socket(upgraded, Role::Server, None).await;
+                let ws = WebSocketStream::from_raw_socket(
+                    upgraded,
+                    Role::Server,
+                    Some(websocket_config()),
+                )
+                .await;
                 websocket_exec(
                     ws,
                     protocol == "v5.channel.k8s.io",
@@ -537,7 +542,12 @@ pub async fn port_forward(
             Transport::Spdy { .. } => spdy_port_forward(upgraded, target).await,
             Transport::WebSocket { .. } => {
                 // SPDY frames inside WebSocket binary messages: unwrap into a byte stream.
-                let ws = WebSocketStream::from_raw_socket(upgraded, Role::Server, None).await;
+                let ws = WebSocketStream::from_raw_socket(
+                    upgraded,
+                    Role::Server,
+                    Some(websocket_config()),
+                )
+                .await;
                 let (ours, theirs) = tokio::io::duplex(256 * 1024);
                 tokio::spawn(websocket_bytes(ws, theirs));
                 spdy_port_forward(ours, target).await;
@@ -579,6 +589,15 @@ where
             },
         }
     }
+}
+
+/// What a client's WebSocket messages may hold: one tunnel frame (1 MiB) and its channel byte.
+/// (tungstenite's defaults buffer up to 64 MiB per message, per connection.)
+pub fn websocket_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    let most = link::frames::MAX_FRAME + 1;
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(most))
+        .max_frame_size(Some(most))
 }
 
 /// A close frame with status 1000: clients treat a close without a status (1005) as an error.
