@@ -199,7 +199,7 @@ pub fn generated_file(data_dir: &Path, role: Role) -> PathBuf {
 
 /// Reads the node's generated logins, making any that are missing (or unreadable as a login).
 pub fn ensure_generated(data_dir: &Path) -> std::io::Result<HashMap<String, Login>> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     let dir = data_dir.join("agent").join("mqtt");
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -216,22 +216,29 @@ pub fn ensure_generated(data_dir: &Path) -> std::io::Result<HashMap<String, Logi
             Some(p) => p,
             None => {
                 let password = random_password();
-                let tmp = path.with_extension("tmp");
-                let _ = std::fs::remove_file(&tmp);
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&tmp)?;
-                std::io::Write::write_all(&mut file, format!("{user}:{password}\n").as_bytes())?;
-                file.sync_all()?;
-                std::fs::rename(&tmp, &path)?;
+                write_private(&path, &format!("{user}:{password}\n"))?;
                 password
             }
         };
         logins.insert(user.to_string(), Login { password, role });
     }
     Ok(logins)
+}
+
+/// Replaces the file at `path` with `text`, readable by its owner only, atomically (a crash
+/// leaves the old file or the new one).
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    std::io::Write::write_all(&mut file, text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// 32 random lowercase letters and digits.

@@ -77,21 +77,11 @@ fn secrets_of<'a>(pods: impl Iterator<Item = &'a Pod>) -> BTreeSet<(String, Stri
 }
 
 fn save(file: &std::path::Path, logins: &BTreeMap<String, (String, Role)>) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     let mut text = String::from("# written by edgesite: logins of the mapper pods on this node\n");
     for (user, (password, role)) in logins {
         text.push_str(&format!("{user}:{password}:{}\n", role.as_str()));
     }
-    let tmp = file.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    std::io::Write::write_all(&mut f, text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, file)
+    crate::logins::write_private(file, &text)
 }
 
 fn load(file: &std::path::Path) -> BTreeMap<String, (String, Role)> {
