@@ -157,7 +157,8 @@ pub async fn run<D: Driver>(config: Config, driver: D, shutdown: CancellationTok
     // device id -> (its spec, the channel to its task, the task's stop token)
     let mut running: BTreeMap<String, (Device, mpsc::Sender<Cmd>, CancellationToken)> =
         BTreeMap::new();
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff =
+        controllers::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         let ev = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -165,7 +166,7 @@ pub async fn run<D: Driver>(config: Config, driver: D, shutdown: CancellationTok
         };
         match ev {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff = Duration::from_millis(200);
+                backoff.reset();
                 tracing::info!(node = %config.node, protocol = driver.protocol(), "mapper connected to the EventBus");
                 for filter in [
                     membership_result.clone(),
@@ -284,6 +285,7 @@ pub async fn run<D: Driver>(config: Config, driver: D, shutdown: CancellationTok
             }
             Ok(_) => {}
             Err(e) => {
+                let wait = backoff.next_wait();
                 if matches!(
                     e,
                     rumqttc::ConnectionError::ConnectionRefused(
@@ -292,17 +294,16 @@ pub async fn run<D: Driver>(config: Config, driver: D, shutdown: CancellationTok
                     )
                 ) {
                     tracing::warn!(
-                        "mapper: the EventBus refused this mapper's login ({:?}): pass --mqtt-username and --mqtt-password, or --mqtt-login-file with the node's <data-dir>/agent/mqtt/mapper.login; retrying in {backoff:?}",
+                        "mapper: the EventBus refused this mapper's login ({:?}): pass --mqtt-username and --mqtt-password, or --mqtt-login-file with the node's <data-dir>/agent/mqtt/mapper.login; retrying in {wait:?}",
                         config.broker.username
                     );
                 } else {
-                    tracing::warn!("mapper: EventBus connection: {e}; retrying in {backoff:?}");
+                    tracing::warn!("mapper: EventBus connection: {e}; retrying in {wait:?}");
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
     }

@@ -319,7 +319,10 @@ async fn write_events(
     let mut seen: HashMap<Key, (String, String, i32)> = HashMap::new();
     let mut backlog = spool.as_deref().map(load_spool).unwrap_or_default();
     let mut spooled = !backlog.is_empty();
-    let mut backoff = std::time::Duration::from_millis(500);
+    let mut backoff = crate::backoff::Backoff::new(
+        std::time::Duration::from_millis(500),
+        std::time::Duration::from_secs(10),
+    );
     loop {
         if backlog.is_empty() {
             tokio::select! {
@@ -337,7 +340,7 @@ async fn write_events(
         match write_one(&client, &component, &host, &mut seen, p).await {
             Written::Done => {
                 backlog.pop_front();
-                backoff = std::time::Duration::from_millis(500);
+                backoff.reset();
                 if spooled && let Some(spool) = &spool {
                     save_spool(spool, &backlog);
                     spooled = !backlog.is_empty();
@@ -349,7 +352,7 @@ async fn write_events(
                     save_spool(spool, &backlog);
                     spooled = true;
                 }
-                let until = tokio::time::Instant::now() + backoff;
+                let until = tokio::time::Instant::now() + backoff.next_wait();
                 loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
@@ -365,7 +368,6 @@ async fn write_events(
                         },
                     }
                 }
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
             }
         }
     }

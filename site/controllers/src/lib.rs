@@ -8,6 +8,7 @@
 //! [`node_lifecycle`], [`disruption`], [`job`], [`cronjob`], [`daemonset`], [`statefulset`],
 //! [`serviceaccount`], [`clusterrole_aggregation`], ...
 
+pub mod backoff;
 pub mod clusterrole_aggregation;
 pub mod cronjob;
 pub mod daemonset;
