@@ -70,6 +70,15 @@ struct LoginTable {
     dynamic: HashMap<String, HashMap<String, Login>>,
 }
 
+impl LoginTable {
+    /// A fixed login first, then one of any source.
+    fn find(&self, username: &str) -> Option<&Login> {
+        self.fixed
+            .get(username)
+            .or_else(|| self.dynamic.values().find_map(|l| l.get(username)))
+    }
+}
+
 impl Logins {
     pub fn new(fixed: HashMap<String, Login>) -> Logins {
         Logins {
@@ -83,28 +92,14 @@ impl Logins {
     /// The login named `username` if `password` is its password (compared in constant time).
     pub fn check(&self, username: &str, password: &str) -> Option<Role> {
         let table = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        let login = table.fixed.get(username).or_else(|| {
-            table
-                .dynamic
-                .values()
-                .find_map(|logins| logins.get(username))
-        })?;
+        let login = table.find(username)?;
         constant_time_eq(login.password.as_bytes(), password.as_bytes()).then_some(login.role)
     }
 
     /// The role of `username` (whose password was checked at CONNECT).
     pub fn role(&self, username: &str) -> Option<Role> {
         let table = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        table
-            .fixed
-            .get(username)
-            .or_else(|| {
-                table
-                    .dynamic
-                    .values()
-                    .find_map(|logins| logins.get(username))
-            })
-            .map(|l| l.role)
+        table.find(username).map(|l| l.role)
     }
 
     /// Replaces the logins of `source`. A username that a fixed login already has is skipped
