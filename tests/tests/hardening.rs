@@ -580,6 +580,58 @@ async fn join_attempts_are_limited_names_belong_to_one_machine_and_removed_nodes
     second.kill();
 }
 
+/// One HTTP/1.1 request as a stranger: the status code and the body.
+async fn http1_exchange(site: &Site, request: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = connect_from([127, 0, 0, 1], site.port)
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = stranger_tls(site).connect(name, tcp).await.expect("TLS");
+    tls.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_hyper_cannot_parse_get_a_status_over_http1() {
+    let site = Site::start().expect("start site");
+    let long_uri = format!(
+        "GET /api/v1/namespaces?x={} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let huge_header = format!(
+        "GET /api/v1/namespaces HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(600_000)
+    );
+    let malformed = "GET /api/v1/namespaces HTTP/1.1\r\nHost localhost\r\n\r\n".to_string();
+    for (request, code) in [(long_uri, 414), (huge_header, 431), (malformed, 400)] {
+        let (got, body) = http1_exchange(&site, request.as_bytes()).await;
+        assert_eq!(got, code, "{body}");
+        let status: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("not a Status ({e}): {body:?}"));
+        assert_eq!(status["kind"], "Status", "{status}");
+        assert_eq!(status["code"], code, "{status}");
+        assert!(
+            !status["message"].as_str().unwrap_or_default().is_empty(),
+            "{status}"
+        );
+    }
+    // The server goes on answering.
+    site.ok(&["get", "namespaces"]);
+}
+
 #[test]
 fn long_urls_work_up_to_64_kib_and_longer_ones_get_an_answer_at_once() {
     let site = Site::start().expect("start site");

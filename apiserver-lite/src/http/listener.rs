@@ -9,8 +9,9 @@
 //! - a connection with no request in flight for [`IDLE_TIMEOUT`] is closed (HTTP/1.1 and
 //!   HTTP/2 alike; a watch or a log stream is a request in flight);
 //! - HTTP/1.1 headers must arrive within 30 s, HTTP/2 takes at most 1,000 concurrent streams
-//!   and 64 KiB of headers (URIs are limited to 64 KiB by the `http` crate: a longer one gets a
-//!   bare 414 over HTTP/1.1 and 431 over HTTP/2; Go's servers take 1 MiB);
+//!   and 64 KiB of headers (URIs are limited to 64 KiB by the `http` crate: a longer one gets
+//!   414 with a Status over HTTP/1.1, see [`super::bare_errors`], and a bare 431 over HTTP/2,
+//!   whose SETTINGS tell clients the limit before they send; Go's servers take 1 MiB);
 //! - accept errors (descriptor exhaustion) back off instead of spinning, and are logged once
 //!   per burst.
 
@@ -281,7 +282,10 @@ async fn serve_connection(
         // URIs allow (hyper's 16 KiB default answered GOAWAY); a larger header block gets 431.
         .max_header_list_size(64 * 1024)
         .keep_alive_interval(Duration::from_secs(30));
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service);
+    let connection = builder.serve_connection_with_upgrades(
+        TokioIo::new(super::bare_errors::StatusBodies::new(tls_stream)),
+        service,
+    );
     tokio::pin!(connection);
     loop {
         // Asleep until the connection could be idle long enough; woken early when it ends.

@@ -10,6 +10,7 @@
 //! is the same router as a tower service with an identity of its own.
 
 pub mod admission;
+mod bare_errors;
 pub mod decode;
 pub mod discovery;
 pub mod join;
