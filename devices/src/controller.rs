@@ -45,7 +45,7 @@ fn check_value(kind: &str, value: &str) -> Result<Option<f64>, String> {
 /// What is wrong with `device`, given its model (`None`: not found) and whether its node exists.
 pub fn problems(device: &Value, model: Option<&Value>, node_exists: bool) -> Vec<Problem> {
     let mut out = Vec::new();
-    let spec = device.get("spec").cloned().unwrap_or_default();
+    let spec = device.get("spec").unwrap_or(&Value::Null);
     let model_name = spec
         .pointer("/deviceModelRef/name")
         .and_then(Value::as_str)
@@ -149,6 +149,24 @@ struct State {
     nodes: BTreeSet<String>,
     /// What was last said about each device (by uid): its problems and node.
     said: BTreeMap<String, (Vec<Problem>, String)>,
+    /// The devices to judge again at the next reconcile.
+    pending: Pending,
+}
+
+/// What changed since the last reconcile. A device's own change (its twin's status writes
+/// among them, hundreds a second on a busy node) is judged alone; a list, a model or the set of
+/// nodes changing judges every device.
+enum Pending {
+    Devices(BTreeSet<String>),
+    All,
+}
+
+impl Pending {
+    fn device(&mut self, key: String) {
+        if let Pending::Devices(keys) = self {
+            keys.insert(key);
+        }
+    }
 }
 
 fn key(obj: &DynamicObject) -> String {
@@ -161,60 +179,81 @@ fn key(obj: &DynamicObject) -> String {
 
 impl State {
     fn reconcile(&mut self, events: &controllers::events::Recorder) {
-        use controllers::events::Type;
-        let mut live = BTreeSet::new();
-        for (k, device) in &self.devices {
-            let uid = device.metadata.uid.clone().unwrap_or_default();
-            live.insert(uid.clone());
-            let data = &device.data;
-            let namespace = k.split('/').next().unwrap_or("");
-            let model_name = data
-                .pointer("/spec/deviceModelRef/name")
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            let model = self.models.get(&format!("{namespace}/{model_name}"));
-            let node = data
-                .pointer("/spec/nodeName")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            let found = problems(data, model, self.nodes.contains(&node));
-            let previous = self.said.get(&uid);
-            if previous.is_some_and(|(p, n)| *p == found && *n == node) {
-                continue;
-            }
-            let reference = device.object_ref(&device_resource());
-            let old_problems: &[Problem] = previous.map(|(p, _)| p.as_slice()).unwrap_or(&[]);
-            for (reason, message) in &found {
-                if !old_problems
-                    .iter()
-                    .any(|(r, m)| r == reason && m == message)
-                {
-                    events.publish_ref(reference.clone(), Type::Warning, reason, message.clone());
+        match std::mem::replace(&mut self.pending, Pending::Devices(BTreeSet::new())) {
+            Pending::Devices(keys) => {
+                for key in keys {
+                    self.judge(&key, events);
                 }
             }
-            if found.is_empty() {
-                match previous {
-                    Some((_, old_node)) if !old_node.is_empty() && *old_node != node => {
-                        events.publish_ref(
-                            reference.clone(),
-                            Type::Normal,
-                            "Moved",
-                            format!("device moved from node {old_node} to node {node}"),
-                        );
-                    }
-                    Some((p, _)) if p.is_empty() => {}
-                    _ => events.publish_ref(
+            Pending::All => {
+                let keys: Vec<String> = self.devices.keys().cloned().collect();
+                for key in &keys {
+                    self.judge(key, events);
+                }
+                let live: BTreeSet<&str> = self
+                    .devices
+                    .values()
+                    .filter_map(|d| d.metadata.uid.as_deref())
+                    .collect();
+                self.said.retain(|uid, _| live.contains(uid.as_str()));
+            }
+        }
+    }
+
+    /// Checks the device at `k` (if it is still there) and says what changed about it.
+    fn judge(&mut self, k: &str, events: &controllers::events::Recorder) {
+        use controllers::events::Type;
+        let Some(device) = self.devices.get(k) else {
+            return;
+        };
+        let uid = device.metadata.uid.clone().unwrap_or_default();
+        let data = &device.data;
+        let namespace = k.split('/').next().unwrap_or("");
+        let model_name = data
+            .pointer("/spec/deviceModelRef/name")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let model = self.models.get(&format!("{namespace}/{model_name}"));
+        let node = data
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let found = problems(data, model, self.nodes.contains(&node));
+        let previous = self.said.get(&uid);
+        if previous.is_some_and(|(p, n)| *p == found && *n == node) {
+            return;
+        }
+        let reference = device.object_ref(&device_resource());
+        let old_problems: &[Problem] = previous.map(|(p, _)| p.as_slice()).unwrap_or(&[]);
+        for (reason, message) in &found {
+            if !old_problems
+                .iter()
+                .any(|(r, m)| r == reason && m == message)
+            {
+                events.publish_ref(reference.clone(), Type::Warning, reason, message.clone());
+            }
+        }
+        if found.is_empty() {
+            match previous {
+                Some((_, old_node)) if !old_node.is_empty() && *old_node != node => {
+                    events.publish_ref(
                         reference.clone(),
                         Type::Normal,
-                        "Bound",
-                        format!("device bound to node {node} with model {model_name}"),
-                    ),
+                        "Moved",
+                        format!("device moved from node {old_node} to node {node}"),
+                    );
                 }
+                Some((p, _)) if p.is_empty() => {}
+                _ => events.publish_ref(
+                    reference.clone(),
+                    Type::Normal,
+                    "Bound",
+                    format!("device bound to node {node} with model {model_name}"),
+                ),
             }
-            self.said.insert(uid, (found, node));
         }
-        self.said.retain(|uid, _| live.contains(uid));
+        self.said.insert(uid, (found, node));
     }
 }
 
@@ -251,6 +290,7 @@ pub async fn run(
         models: BTreeMap::new(),
         nodes: BTreeSet::new(),
         said: BTreeMap::new(),
+        pending: Pending::All,
     };
     // Lists in progress: applied at their InitDone, so a re-list drops what is gone.
     let mut device_list = BTreeMap::new();
@@ -270,13 +310,19 @@ pub async fn run(
                 }
                 watcher::Event::InitDone => {
                     state.devices = std::mem::take(&mut device_list);
+                    state.pending = Pending::All;
                     ready[0] = true;
                 }
                 watcher::Event::Apply(o) => {
-                    state.devices.insert(key(&o), o);
+                    let k = key(&o);
+                    state.devices.insert(k.clone(), o);
+                    state.pending.device(k);
                 }
                 watcher::Event::Delete(o) => {
                     state.devices.remove(&key(&o));
+                    if let Some(uid) = &o.metadata.uid {
+                        state.said.remove(uid);
+                    }
                 }
             },
             Change::Model(e) => match e {
@@ -286,13 +332,16 @@ pub async fn run(
                 }
                 watcher::Event::InitDone => {
                     state.models = std::mem::take(&mut model_list);
+                    state.pending = Pending::All;
                     ready[1] = true;
                 }
                 watcher::Event::Apply(o) => {
                     state.models.insert(key(&o), o.data);
+                    state.pending = Pending::All;
                 }
                 watcher::Event::Delete(o) => {
                     state.models.remove(&key(&o));
+                    state.pending = Pending::All;
                 }
             },
             Change::Node(e) => {
@@ -304,13 +353,20 @@ pub async fn run(
                     }
                     watcher::Event::InitDone => {
                         state.nodes = std::mem::take(&mut node_list);
+                        state.pending = Pending::All;
                         ready[2] = true;
                     }
+                    // A node's status updates change nothing here: only a node appearing or
+                    // going does.
                     watcher::Event::Apply(n) => {
-                        state.nodes.insert(name(&n));
+                        if state.nodes.insert(name(&n)) {
+                            state.pending = Pending::All;
+                        }
                     }
                     watcher::Event::Delete(n) => {
-                        state.nodes.remove(&name(&n));
+                        if state.nodes.remove(&name(&n)) {
+                            state.pending = Pending::All;
+                        }
                     }
                 }
             }

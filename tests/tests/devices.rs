@@ -1207,3 +1207,76 @@ fn a_device_moves_between_nodes_and_leaves_when_deleted() {
     let gone = gone.one("edge-2's membership update on delete");
     assert_eq!(gone["removed_devices"][0]["id"], "default/fan", "{gone}");
 }
+
+/// The reasons of the events about device `name`, oldest first.
+fn device_event_reasons(site: &Site, name: &str) -> Vec<String> {
+    let out = site.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        &format!("involvedObject.name={name},involvedObject.kind=Device"),
+        "-o",
+        "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
+    ]);
+    out.lines().map(str::to_string).collect()
+}
+
+#[test]
+fn the_device_controller_says_what_is_wrong_and_when_it_is_fixed() {
+    let site = Site::start().unwrap();
+    let device = |name: &str, property: &str| {
+        format!(
+            "apiVersion: devices.kubeedge.io/v1beta1\nkind: Device\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  deviceModelRef:\n    name: fan-model\n  nodeName: shed-1\n  properties:\n    - name: {property}\n"
+        )
+    };
+    site.ok_stdin(&["apply", "-f", "-"], Some(&device("fan-1", "speed")));
+    site.ok_stdin(&["apply", "-f", "-"], Some(&device("fan-2", "colour")));
+    let has = |name: &str, reasons: &[&str]| {
+        let seen = device_event_reasons(&site, name);
+        reasons.iter().all(|r| seen.iter().any(|s| s == r))
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || has(
+            "fan-1",
+            &["NodeNotFound", "DeviceModelNotFound"]
+        )),
+        "{:?}",
+        device_event_reasons(&site, "fan-1")
+    );
+    // The model and the node arrive: each device is judged again.
+    site.ok_stdin(&["apply", "-f", "-"], Some(LEGACY_MODEL));
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some("apiVersion: v1\nkind: Node\nmetadata:\n  name: shed-1\n"),
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || has("fan-1", &["Bound"])
+            && has("fan-2", &["UnknownProperty"])),
+        "{:?} {:?}",
+        device_event_reasons(&site, "fan-1"),
+        device_event_reasons(&site, "fan-2")
+    );
+    // Changes that do not change what is wrong say nothing new; a change that does, does.
+    let before = device_event_reasons(&site, "fan-1").len();
+    for i in 0..10 {
+        site.ok(&[
+            "annotate",
+            "--overwrite",
+            "device",
+            "fan-1",
+            &format!("seen={i}"),
+        ]);
+    }
+    site.ok_stdin(&["apply", "-f", "-"], Some(&device("fan-2", "speed")));
+    assert!(
+        eventually(Duration::from_secs(20), || has("fan-2", &["Bound"])),
+        "{:?}",
+        device_event_reasons(&site, "fan-2")
+    );
+    assert_eq!(
+        device_event_reasons(&site, "fan-1").len(),
+        before,
+        "{:?}",
+        device_event_reasons(&site, "fan-1")
+    );
+}
