@@ -706,3 +706,61 @@ async fn repeated_json_keys_are_refused_when_strict_and_warned_of_otherwise() {
     let stored = site.json(&["get", "configmap", "warned", "-o", "json"]);
     assert_eq!(stored["data"]["k"], "second");
 }
+
+#[test]
+fn an_address_the_machine_gets_while_running_is_added_to_the_serving_certificate() {
+    let mut net = tests::netns::Net::new();
+    let server_ns = net.ns("srv");
+    let client_ns = net.ns("cli");
+    net.link(
+        &server_ns,
+        "lan0",
+        "10.231.0.1/24",
+        &client_ns,
+        "lan0",
+        "10.231.0.2/24",
+    );
+    let site = Site::start_in_netns(&server_ns, &["--disable-agent"], |_| Ok(())).unwrap();
+    let kubeconfig = site.kubeconfig();
+    let get_by = |address: &str| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &client_ns])
+            .arg(tests::kubectl_bin())
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .arg(format!("--server=https://{address}:{}", site.port))
+            .args([
+                "get",
+                "namespace",
+                "default",
+                "-o",
+                "name",
+                "--request-timeout=5s",
+            ])
+            .output()
+            .unwrap()
+    };
+    // The address the machine had at start is in the certificate.
+    let out = get_by("10.231.0.1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // An address it gets later (a second DHCP lease, a new interface) is added while it runs.
+    net.exec(
+        &server_ns,
+        &["ip", "addr", "add", "10.231.0.77/24", "dev", "lan0"],
+    );
+    let mut last = String::new();
+    let added = tests::eventually(Duration::from_secs(60), || {
+        let out = get_by("10.231.0.77");
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        out.status.success()
+    });
+    assert!(added, "{last}\n{}", site.log());
+    assert!(
+        site.log().contains("serving certificate re-issued"),
+        "{}",
+        site.log()
+    );
+}

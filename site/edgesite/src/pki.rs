@@ -1,10 +1,11 @@
 //! The site's PKI: a cluster CA, the API server's serving certificate and the admin client
 //! certificate, created on first start under `<data-dir>/server/tls` and reused afterwards. The
-//! serving certificate is re-issued (same CA) when the wanted SANs change, as K3s does.
+//! serving certificate is re-issued (same CA) when the wanted SANs change, as K3s does: at start,
+//! and while the server runs ([`ServingCert`] is what the listener presents, replaced in place).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use anyhow::{Context, Result, bail};
 use rcgen::{
@@ -13,6 +14,7 @@ use rcgen::{
 };
 
 /// Where the PKI files live.
+#[derive(Clone)]
 pub struct Pki {
     pub dir: PathBuf,
 }
@@ -249,9 +251,50 @@ fn certs(pem: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
     Ok(list)
 }
 
+/// The serving certificate the HTTPS listener presents, replaceable while the server runs (the
+/// machine's addresses change: DHCP, a new interface).
+#[derive(Debug)]
+pub struct ServingCert(RwLock<Arc<rustls::sign::CertifiedKey>>);
+
+impl ServingCert {
+    pub fn new(serving: &CertAndKey) -> Result<Arc<ServingCert>> {
+        Ok(Arc::new(ServingCert(RwLock::new(certified_key(serving)?))))
+    }
+
+    /// Presents `serving` from the next handshake on.
+    pub fn replace(&self, serving: &CertAndKey) -> Result<()> {
+        let key = certified_key(serving)?;
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = key;
+        Ok(())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServingCert {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+fn certified_key(serving: &CertAndKey) -> Result<Arc<rustls::sign::CertifiedKey>> {
+    let key = rustls_pemfile::private_key(&mut serving.key.as_bytes())
+        .context("parse the serving key")?
+        .context("no key in the serving key file")?;
+    let signing = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(key)
+        .context("load the serving key")?;
+    Ok(Arc::new(rustls::sign::CertifiedKey::new(
+        certs(&serving.cert)?,
+        signing,
+    )))
+}
+
 /// rustls server configuration: the serving certificate, client certificates from the CA
 /// accepted (but optional, so bearer tokens work), ALPN h2 and http/1.1.
-pub fn server_tls(ca: &CertAndKey, serving: &CertAndKey) -> Result<Arc<rustls::ServerConfig>> {
+pub fn server_tls(ca: &CertAndKey, serving: Arc<ServingCert>) -> Result<Arc<rustls::ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for c in certs(&ca.cert)? {
@@ -264,15 +307,11 @@ pub fn server_tls(ca: &CertAndKey, serving: &CertAndKey) -> Result<Arc<rustls::S
     .allow_unauthenticated()
     .build()
     .context("build the client certificate verifier")?;
-    let key = rustls_pemfile::private_key(&mut serving.key.as_bytes())
-        .context("parse the serving key")?
-        .context("no key in the serving key file")?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs(&serving.cert)?, key)
-        .context("load the serving certificate")?;
+        .with_cert_resolver(serving);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -385,7 +424,7 @@ mod tests {
         let id = apiserver_lite::auth::identity_from_certificate(der[0].as_ref()).unwrap();
         assert_eq!(id.user, "admin");
         assert!(id.groups.contains(&"system:masters".to_string()));
-        assert!(server_tls(&ca, &b).is_ok());
+        assert!(server_tls(&ca, ServingCert::new(&b).unwrap()).is_ok());
         assert!(pki.serving(&ca, &["not a name!".into()]).is_err());
     }
 

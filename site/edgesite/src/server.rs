@@ -97,6 +97,54 @@ fn sans(args: &ServerArgs, service_ip: Option<String>) -> Vec<String> {
     sans
 }
 
+/// How often the machine's addresses are compared with the serving certificate's.
+const ADDRESS_CHECK: Duration = Duration::from_secs(15);
+
+/// Re-issues the serving certificate when the names and addresses it must cover change while
+/// the server runs (an address from DHCP, a new interface, a new hostname), and presents it
+/// from the next connection on: agents that join by the new address are not refused.
+async fn follow_addresses(
+    args: ServerArgs,
+    service_ip: String,
+    mut current: Vec<String>,
+    (pki, ca, serving): (Pki, CertAndKey, Arc<crate::pki::ServingCert>),
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(ADDRESS_CHECK) => {}
+        }
+        let args = args.clone();
+        let service_ip = service_ip.clone();
+        let Ok(wanted) = tokio::task::spawn_blocking(move || sans(&args, Some(service_ip))).await
+        else {
+            continue;
+        };
+        if wanted == current {
+            continue;
+        }
+        let added: Vec<&String> = wanted.iter().filter(|s| !current.contains(s)).collect();
+        let removed: Vec<&String> = current.iter().filter(|s| !wanted.contains(s)).collect();
+        match pki
+            .serving(&ca, &wanted)
+            .and_then(|pair| serving.replace(&pair))
+        {
+            Ok(()) => {
+                tracing::info!(
+                    ?added,
+                    ?removed,
+                    "serving certificate re-issued for the machine's names and addresses"
+                );
+                current = wanted;
+            }
+            Err(error) => {
+                tracing::warn!(%error, ?added, "serving certificate not re-issued");
+            }
+        }
+    }
+}
+
 pub(crate) fn write_kubeconfig(
     path: &Path,
     mode: u32,
@@ -324,9 +372,11 @@ pub fn run(args: ServerArgs) -> Result<()> {
     let database = server_dir.join("state.db");
     check_datastore(&pki, &database, args.reset_datastore)?;
     let ca = pki.ca()?;
-    let serving = pki.serving(&ca, &sans(&args, Some(service_network.first().to_string())))?;
+    let service_ip = service_network.first().to_string();
+    let wanted = sans(&args, Some(service_ip.clone()));
+    let serving = crate::pki::ServingCert::new(&pki.serving(&ca, &wanted)?)?;
     let admin = pki.client(&ca, "admin", "admin", &["system:masters"])?;
-    let tls = crate::pki::server_tls(&ca, &serving)?;
+    let tls = crate::pki::server_tls(&ca, serving.clone())?;
     let service_account_key = pki.service_account_key()?;
     let token = cluster_token(&args, &server_dir)?;
     let token_file = server_dir.join("token-auth.csv");
@@ -362,6 +412,13 @@ pub fn run(args: ServerArgs) -> Result<()> {
             format!("listen on {addr}: is another edgesite or kube-apiserver running? Stop it or pass --https-listen-port")
         })?;
         let shutdown = CancellationToken::new();
+        tokio::spawn(follow_addresses(
+            args.clone(),
+            service_ip,
+            wanted,
+            (pki.clone(), ca.clone(), serving),
+            shutdown.clone(),
+        ));
         let config = apiserver_lite::Config {
             database,
             tls,
