@@ -180,36 +180,63 @@ fn free_loopback_port() -> Result<u16, EventBusError> {
         .map_err(|source| EventBusError::Bind { addr, source })
 }
 
+/// Permissions made once per role and shared by its clients.
+fn role_acls(node: &str) -> HashMap<&'static str, Arc<dyn rumqttd::TopicAcl>> {
+    [Role::Full, Role::Mapper, Role::Reader]
+        .into_iter()
+        .map(|role| {
+            let acl: Arc<dyn rumqttd::TopicAcl> = Arc::new(RoleAcl::new(role, node));
+            (role.as_str(), acl)
+        })
+        .collect()
+}
+
+/// The role of a client that logged in with a TLS client certificate and no login: its
+/// certificate's Organizational Unit (`mapper`, `reader` or `full`), `mapper` without one.
+fn certificate_role(unit: Option<&str>) -> Result<Role, String> {
+    match unit {
+        None => Ok(Role::Mapper),
+        Some(unit) => unit.parse().map_err(|e| {
+            format!("client certificate's Organizational Unit: {e}; the client gets no topic")
+        }),
+    }
+}
+
 fn settings(
     name: &str,
     listen: SocketAddr,
     logins: Option<(Logins, String)>,
+    certificates: Option<String>,
     tls: Option<rumqttd::TlsConfig>,
 ) -> rumqttd::ServerSettings {
-    let (external_auth, acl) = match logins {
-        Some((logins, node)) => {
+    let (external_auth, acl) = match (logins, certificates) {
+        (Some((logins, node)), _) => {
             let check = logins.clone();
             let auth: rumqttd::AuthHandler = Arc::new(move |_client, user, password| {
                 let ok = check.check(&user, &password).is_some();
                 Box::pin(async move { ok })
             });
-            // Permissions by role, made once per role and shared by its clients.
-            let acls: HashMap<&'static str, Arc<dyn rumqttd::TopicAcl>> =
-                [Role::Full, Role::Mapper, Role::Reader]
-                    .into_iter()
-                    .map(|role| {
-                        let acl: Arc<dyn rumqttd::TopicAcl> = Arc::new(RoleAcl::new(role, &node));
-                        (role.as_str(), acl)
-                    })
-                    .collect();
+            let acls = role_acls(&node);
             let acl: rumqttd::AclHandler =
-                Arc::new(move |user| match user.and_then(|u| logins.role(u)) {
+                Arc::new(move |user, _| match user.and_then(|u| logins.role(u)) {
                     Some(role) => acls[role.as_str()].clone(),
                     None => Arc::new(Nothing),
                 });
             (Some(auth), Some(acl))
         }
-        None => (None, None),
+        // The certificate is the credential: its Organizational Unit names the role.
+        (None, Some(node)) => {
+            let acls = role_acls(&node);
+            let acl: rumqttd::AclHandler = Arc::new(move |_, unit| match certificate_role(unit) {
+                Ok(role) => acls[role.as_str()].clone(),
+                Err(why) => {
+                    tracing::warn!("{why}");
+                    Arc::new(Nothing)
+                }
+            });
+            (None, Some(acl))
+        }
+        (None, None) => (None, None),
     };
     rumqttd::ServerSettings {
         name: name.to_string(),
@@ -262,6 +289,7 @@ pub fn start(config: &BrokerConfig) -> Result<Broker, EventBusError> {
             "mqtt",
             config.listen,
             config.logins.clone().map(|l| (l, config.node.clone())),
+            tls.is_some().then(|| config.node.clone()),
             tls.clone(),
         ),
     );
@@ -283,6 +311,7 @@ pub fn start(config: &BrokerConfig) -> Result<Broker, EventBusError> {
                 "mqtt-internal",
                 addr,
                 Some((internal_login, config.node.clone())),
+                None,
                 None,
             ),
         );

@@ -351,6 +351,10 @@ struct Pki {
     ca: String,
     server: (String, String),
     client: (String, String),
+    /// Client certificates whose Organizational Unit is `reader`, `full` and `admin`.
+    reader: (String, String),
+    full: (String, String),
+    unknown_unit: (String, String),
 }
 
 fn pki() -> Pki {
@@ -363,14 +367,19 @@ fn pki() -> Pki {
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::from_ca_cert_pem(&ca.pem(), ca_key).unwrap();
-    let issue = |cn: &str, san: Option<SanType>| {
+    let issue_in = |cn: &str, unit: Option<&str>, san: Option<SanType>| {
         let key = KeyPair::generate().unwrap();
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.distinguished_name.push(DnType::CommonName, cn);
+        if let Some(unit) = unit {
+            p.distinguished_name
+                .push(DnType::OrganizationalUnitName, unit);
+        }
         p.subject_alt_names.extend(san);
         let cert = p.signed_by(&key, &issuer).unwrap();
         (cert.pem(), key.serialize_pem())
     };
+    let issue = |cn: &str, san: Option<SanType>| issue_in(cn, None, san);
     Pki {
         ca: ca.pem(),
         server: issue(
@@ -378,6 +387,9 @@ fn pki() -> Pki {
             Some(SanType::IpAddress("127.0.0.1".parse().unwrap())),
         ),
         client: issue("mapper", None),
+        reader: issue_in("dashboard", Some("reader"), None),
+        full: issue_in("bridge", Some("full"), None),
+        unknown_unit: issue_in("stranger", Some("admin"), None),
     }
 }
 
@@ -413,14 +425,15 @@ async fn tls_requires_a_client_certificate() {
     };
     assert!(connack(&plain, "plain").await.is_err());
     assert!(connack(&no_cert, "no-cert").await.is_err());
-    let with_cert = Endpoint {
+    let with = |(cert, key): &(String, String)| Endpoint {
         tls: Some(ClientTls {
             ca_pem: pki.ca.clone().into_bytes(),
-            cert_pem: Some(pki.client.0.clone().into_bytes()),
-            key_pem: Some(pki.client.1.clone().into_bytes()),
+            cert_pem: Some(cert.clone().into_bytes()),
+            key_pem: Some(key.clone().into_bytes()),
         }),
-        ..plain
+        ..plain.clone()
     };
+    let with_cert = with(&pki.client);
     let got = request(
         &with_cert,
         "$hw/events/device/default/d/twin/get",
@@ -428,6 +441,36 @@ async fn tls_requires_a_client_certificate() {
     )
     .await;
     assert!(got.get("twin").is_some(), "{got}");
+
+    // The certificate is the credential, and its Organizational Unit the role: none is a
+    // mapper, which may not speak with the twin's voice.
+    use rumqttc::SubscribeReasonCode::{Failure, Success};
+    let forged = "$hw/events/device/default/d/twin/update/delta";
+    let (_, open) = try_topics(&with_cert, "m1", &[], Some(forged)).await;
+    assert_eq!(
+        open,
+        Some(false),
+        "a mapper's certificate publishing a delta is disconnected"
+    );
+    let (codes, open) = try_topics(
+        &with(&pki.reader),
+        "r1",
+        &["$hw/events/device/#"],
+        Some("$hw/events/device/default/d/twin/update"),
+    )
+    .await;
+    assert_eq!(codes, vec![Success(QoS::AtLeastOnce)]);
+    assert_eq!(open, Some(false), "a reader's certificate may not publish");
+    let (_, open) = try_topics(&with(&pki.full), "f1", &[], Some(forged)).await;
+    assert_eq!(open, Some(true), "OU=full speaks for the twin");
+    let (codes, _) = try_topics(
+        &with(&pki.unknown_unit),
+        "u1",
+        &["$hw/events/device/#"],
+        None,
+    )
+    .await;
+    assert_eq!(codes, vec![Failure], "an unknown unit gets no topic");
 }
 
 struct Mosquitto(Child);

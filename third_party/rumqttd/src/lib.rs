@@ -61,8 +61,9 @@ pub trait TopicAcl: Send + Sync {
 }
 
 /// EdgeSite patch: the permissions of an authenticated client, by its login's username (`None`
-/// without a login).
-pub type AclHandler = Arc<dyn Fn(Option<&str>) -> Arc<dyn TopicAcl> + Send + Sync>;
+/// without a login) and its TLS client certificate's Organizational Unit (`None` without a
+/// certificate or without that field).
+pub type AclHandler = Arc<dyn Fn(Option<&str>, Option<&str>) -> Arc<dyn TopicAcl> + Send + Sync>;
 
 #[derive(Debug, Default, Serialize, Deserialize, Clone)]
 pub struct Config {

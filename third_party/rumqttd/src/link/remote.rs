@@ -248,6 +248,7 @@ fn check_acl(
 pub async fn mqtt_connect<P>(
     config: Arc<ConnectionSettings>,
     network: &mut Network<P>,
+    certificate_unit: Option<&str>,
 ) -> Result<(Packet, Option<Arc<dyn TopicAcl>>), Error>
 where
     P: Protocol,
@@ -286,7 +287,7 @@ where
     let acl = config
         .acl
         .as_ref()
-        .map(|handler| handler(login.as_ref().map(|l| l.username.as_str())));
+        .map(|handler| handler(login.as_ref().map(|l| l.username.as_str()), certificate_unit));
     if let (Some(acl), Some(will)) = (&acl, will) {
         let topic = std::str::from_utf8(&will.topic).unwrap_or("");
         if !acl.may_publish(topic) {

@@ -382,7 +382,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
 
     // Depending on TLS or not create a new Network
     #[allow(dead_code)]
-    async fn tls_accept(&self, stream: TcpStream) -> Result<(Box<dyn N>, Option<String>), Error> {
+    async fn tls_accept(&self, stream: TcpStream) -> Result<(Box<dyn N>, Peer), Error> {
         tls_accept_with(self.config.tls.as_ref(), stream).await
     }
 
@@ -427,7 +427,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             match link_type {
                 #[cfg(feature = "websocket")]
                 LinkType::Websocket => {
-                    let (network, tenant_id) = match self.tls_accept(stream).await {
+                    let (network, peer) = match self.tls_accept(stream).await {
                         Ok(o) => o,
                         Err(e) => {
                             error!(error=?e, "Tls accept error");
@@ -444,7 +444,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                     task::spawn(
                         remote(
                             config,
-                            tenant_id.clone(),
+                            peer,
                             router_tx,
                             stream,
                             protocol,
@@ -465,7 +465,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                     let awaiting_will_handler = self.awaiting_will_handler.clone();
                     let timeout = Duration::from_millis(config.connection_timeout_ms.into());
                     task::spawn(async move {
-                        let (network, tenant_id) =
+                        let (network, peer) =
                             match time::timeout(timeout, tls_accept_with(tls.as_ref(), stream))
                                 .await
                             {
@@ -479,9 +479,10 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                                     return;
                                 }
                             };
+                        let tenant_id = peer.tenant_id.clone();
                         remote(
                             config,
-                            tenant_id.clone(),
+                            peer,
                             router_tx,
                             network,
                             protocol,
@@ -528,7 +529,7 @@ impl Callback for WSCallback {
 /// sending a mqtt connection packet to make the server reach its concurrent connection limit).
 async fn remote<P: Protocol>(
     config: Arc<ConnectionSettings>,
-    tenant_id: Option<String>,
+    peer: Peer,
     router_tx: Sender<(ConnectionId, Event)>,
     stream: Box<dyn N>,
     protocol: P,
@@ -543,7 +544,8 @@ async fn remote<P: Protocol>(
 
     let dynamic_filters = config.dynamic_filters;
 
-    let (connect_packet, acl) = match mqtt_connect(config, &mut network).await {
+    let Peer { tenant_id, unit } = peer;
+    let (connect_packet, acl) = match mqtt_connect(config, &mut network, unit.as_deref()).await {
         Ok(p) => p,
         Err(e) => {
             error!(error=?e, "Error while handling MQTT connect packet");
@@ -676,22 +678,30 @@ async fn remote<P: Protocol>(
     }
 }
 
+/// What the TLS handshake says about a client: its tenant (the certificate's Organization) and
+/// its certificate's Organizational Unit (EdgeSite patch: given to the `AclHandler`).
+#[derive(Debug, Default)]
+struct Peer {
+    tenant_id: Option<String>,
+    unit: Option<String>,
+}
+
 /// The TLS handshake of an accepted connection (none without TLS settings).
 async fn tls_accept_with(
     tls: Option<&TlsConfig>,
     stream: TcpStream,
-) -> Result<(Box<dyn N>, Option<String>), Error> {
+) -> Result<(Box<dyn N>, Peer), Error> {
     #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
     match tls {
         Some(c) => {
-            let (tenant_id, network) = TLSAcceptor::new(c)?.accept(stream).await?;
-            Ok((network, tenant_id))
+            let (tenant_id, unit, network) = TLSAcceptor::new(c)?.accept(stream).await?;
+            Ok((network, Peer { tenant_id, unit }))
         }
-        None => Ok((Box::new(stream), None)),
+        None => Ok((Box::new(stream), Peer::default())),
     }
     #[cfg(not(any(feature = "use-rustls", feature = "use-native-tls")))]
     {
         let _ = tls;
-        Ok((Box::new(stream), None))
+        Ok((Box::new(stream), Peer::default()))
     }
 }

@@ -60,6 +60,22 @@ pub enum Error {
 }
 
 #[cfg(feature = "verify-client-cert")]
+/// EdgeSite patch: the first Organizational Unit of the certificate's subject, which the
+/// embedder may use to choose the client's permissions (`AclHandler`).
+fn extract_unit(der: &[u8]) -> Result<Option<String>, Error> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|_| Error::CertificateParse)?;
+    let unit = match cert.subject().iter_organizational_unit().next() {
+        Some(unit) => match unit.as_str() {
+            Ok(val) => Some(val.to_string()),
+            Err(_) => return Err(Error::InvalidTenant),
+        },
+        None => None,
+    };
+    Ok(unit)
+}
+
+#[cfg(feature = "verify-client-cert")]
 /// Extract uid from certificate's subject organization field
 fn extract_tenant_id(der: &[u8]) -> Result<Option<String>, Error> {
     let (_, cert) =
@@ -115,25 +131,33 @@ impl TLSAcceptor {
         }
     }
 
-    pub async fn accept(&self, stream: TcpStream) -> Result<(Option<String>, Box<dyn N>), Error> {
+    /// The client's tenant (the certificate's Organization), its certificate's Organizational
+    /// Unit (EdgeSite patch) and the stream.
+    pub async fn accept(
+        &self,
+        stream: TcpStream,
+    ) -> Result<(Option<String>, Option<String>, Box<dyn N>), Error> {
         match self {
             #[cfg(feature = "use-rustls")]
             TLSAcceptor::Rustls { acceptor } => {
                 let stream = acceptor.accept(stream).await?;
 
                 #[cfg(feature = "verify-client-cert")]
-                let tenant_id = {
+                let (tenant_id, unit) = {
                     let (_, session) = stream.get_ref();
                     let peer_certificates = session
                         .peer_certificates()
                         .ok_or(Error::NoPeerCertificate)?;
-                    extract_tenant_id(&peer_certificates[0])?
+                    (
+                        extract_tenant_id(&peer_certificates[0])?,
+                        extract_unit(&peer_certificates[0])?,
+                    )
                 };
                 #[cfg(not(feature = "verify-client-cert"))]
-                let tenant_id: Option<String> = None;
+                let (tenant_id, unit): (Option<String>, Option<String>) = (None, None);
 
                 let network = Box::new(stream);
-                Ok((tenant_id, network))
+                Ok((tenant_id, unit, network))
             }
             #[cfg(feature = "use-native-tls")]
             TLSAcceptor::NativeTLS { acceptor } => {
@@ -146,7 +170,7 @@ impl TLSAcceptor {
                 //     .to_der()?;
                 // let tenant_id = extract_tenant_id(&peer_certificate)?;
                 let network = Box::new(stream);
-                Ok((None, network))
+                Ok((None, None, network))
             }
         }
     }
