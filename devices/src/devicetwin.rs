@@ -952,7 +952,9 @@ async fn write_statuses(
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(250);
+    // Jittered: after an outage the nodes of a site do not all retry at once.
+    let mut backoff =
+        controllers::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     let mut failing = false;
     loop {
         let outbox = {
@@ -1000,7 +1002,7 @@ async fn write_statuses(
                         );
                         failing = false;
                     }
-                    backoff = Duration::from_millis(250);
+                    backoff.reset();
                     let _ = inner.lock().await.store.status_written(&id, seq);
                 }
                 Err(kube::Error::Api(status)) if status.code < 500 && status.code != 429 => {
@@ -1025,9 +1027,8 @@ async fn write_statuses(
         if retry {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.next_wait()) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 }

@@ -423,7 +423,9 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let node_ip = detect_node_ip(agent.config.node_ip);
     ip_tx.send_replace(Some(node_ip));
-    let mut backoff = Duration::from_millis(200);
+    // Jittered: the nodes of a site that come back together do not register in lockstep.
+    let mut backoff =
+        controllers::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         let registered = register(&agent).await;
         note(&agent, &registered, "registering the node failed, retrying");
@@ -432,9 +434,8 @@ pub async fn run(
             Err(_) => {
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(backoff.next_wait()) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
     }

@@ -36,16 +36,21 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(), A
     let rt = agent.runtime.clone();
     let events_shutdown = shutdown.clone();
     tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff =
+            controllers::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
+            let started = tokio::time::Instant::now();
             if let Err(e) = rt.subscribe(event_tx.clone()).await {
                 tracing::warn!("containerd event stream: {e}");
             }
+            // A stream that ran a while was a success: the next break waits from the start.
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff.reset();
+            }
             tokio::select! {
                 _ = events_shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.next_wait()) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(10));
         }
     });
 
