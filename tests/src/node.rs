@@ -409,21 +409,53 @@ impl Runtime {
                 .filter_map(|t| t.parse::<std::net::Ipv4Addr>().ok())
                 .any(|ip| u32::from(ip) & mask == base)
         };
-        let Ok(out) = Command::new("iptables-save").args(["-t", "nat"]).output() else {
-            return;
+        let rules = || {
+            Command::new("iptables-save")
+                .args(["-t", "nat"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
         };
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // iptables-save quotes comments; the shell keeps them whole.
+        let delete = |rule: &str| {
+            let _ = Command::new("sh")
+                .arg("-c")
+                .arg(format!("iptables -w 5 -t nat -D {rule}"))
+                .stderr(Stdio::null())
+                .status();
+        };
+        // A pod's hostPort chain (CNI-DN-...) is ours when its DNAT rule is.
+        let mut chains = std::collections::BTreeSet::new();
+        for line in rules().lines() {
             let Some(rule) = line.strip_prefix("-A ") else {
                 continue;
             };
             if inside(rule) {
-                // iptables-save quotes comments; a shell-free split keeps them whole.
-                let _ = Command::new("sh")
-                    .arg("-c")
-                    .arg(format!("iptables -w 5 -t nat -D {rule}"))
-                    .stderr(Stdio::null())
-                    .status();
+                let chain = rule.split_whitespace().next().unwrap_or("");
+                if chain.starts_with("CNI-DN-") {
+                    chains.insert(chain.to_string());
+                }
+                delete(rule);
             }
+        }
+        // Then the jumps to those chains and the chains themselves (the portmap plugin's DEL
+        // would have removed them with the pod).
+        for line in rules().lines() {
+            let Some(rule) = line.strip_prefix("-A ") else {
+                continue;
+            };
+            let mut words = rule.split_whitespace();
+            let chain = words.next().unwrap_or("");
+            let target = rule.rsplit_once("-j ").map(|(_, t)| t.trim()).unwrap_or("");
+            if chains.contains(chain) || chains.contains(target) {
+                delete(rule);
+            }
+        }
+        for chain in &chains {
+            let _ = Command::new("iptables")
+                .args(["-w", "5", "-t", "nat", "-X", chain])
+                .stderr(Stdio::null())
+                .status();
         }
     }
 
