@@ -413,7 +413,19 @@ resp = stream(api.connect_get_namespaced_pod_exec, "web", "default",
 resp.run_forever(timeout=30)
 out = resp.read_stdout()
 print("stdout:", out.strip(), "code:", resp.returncode)
-sys.exit(0 if out.strip() == "from-python" and resp.returncode == 4 else 1)
+if out.strip() != "from-python" or resp.returncode != 4:
+    sys.exit(1)
+# Only one of the output streams (the shim once refused: opening file "" failed).
+for stdout, stderr in ((True, False), (False, True)):
+    resp = stream(api.connect_get_namespaced_pod_exec, "web", "default",
+                  command=["sh", "-c", "echo to-out; echo to-err >&2; exit 3"],
+                  stderr=stderr, stdin=False, stdout=stdout, tty=False, _preload_content=False)
+    resp.run_forever(timeout=30)
+    got_out, got_err = resp.read_stdout().strip(), resp.read_stderr().strip()
+    print("only", "stdout" if stdout else "stderr", repr(got_out), repr(got_err), resp.returncode)
+    want = ("to-out", "") if stdout else ("", "to-err")
+    if (got_out, got_err) != want or resp.returncode != 3:
+        sys.exit(1)
 "#;
     let out = Command::new(&python)
         .args(["-c", script])

@@ -134,9 +134,11 @@ pub fn channel_body() -> (mpsc::Sender<Bytes>, Body) {
 }
 
 /// Copies a FIFO into frames of `channel` until it is idle after the process ended.
+/// Forwards what the process writes on `rx` as frames of `channel` (`None`: read and dropped,
+/// for the stream the client did not ask for).
 async fn pump(
     mut rx: pipe::Receiver,
-    channel: u8,
+    channel: Option<u8>,
     out: mpsc::Sender<Bytes>,
     mut exited: watch::Receiver<bool>,
 ) {
@@ -156,7 +158,9 @@ async fn pump(
         match r {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                if out.send(frame(channel, &buf[..n])).await.is_err() {
+                if let Some(channel) = channel
+                    && out.send(frame(channel, &buf[..n])).await.is_err()
+                {
                     return;
                 }
             }
@@ -191,11 +195,16 @@ pub async fn exec(
     }
     let exec_id = format!("exec-{}", uuid::Uuid::new_v4().simple());
     let dir = agent.config.root.join("exec");
+    // Without a terminal the shim opens stdout and stderr together, and an empty path for one
+    // of them fails (`opening file ""`): when the client wants only one, the other is a FIFO
+    // too, read and dropped.
+    let output = !p.tty && (p.stdout || p.stderr);
     let paths = Fifos {
         stdin: p.stdin.then(|| dir.join(format!("{exec_id}-stdin"))),
-        stdout: p.stdout.then(|| dir.join(format!("{exec_id}-stdout"))),
-        stderr: (p.stderr && !p.tty).then(|| dir.join(format!("{exec_id}-stderr"))),
+        stdout: (p.stdout || output).then(|| dir.join(format!("{exec_id}-stdout"))),
+        stderr: output.then(|| dir.join(format!("{exec_id}-stderr"))),
     };
+    let forward = (p.stdout.then_some(STDOUT), p.stderr.then_some(STDERR));
     let opened = paths.open(&dir);
     let (stdin, stdout, stderr) = match opened {
         Ok(x) => x,
@@ -235,7 +244,11 @@ pub async fn exec(
         id,
         exec_id,
         paths,
-        (stdin, stdout, stderr),
+        Stdio {
+            stdin,
+            stdout: stdout.map(|rx| (rx, forward.0)),
+            stderr: stderr.map(|rx| (rx, forward.1)),
+        },
         body,
         out,
     ));
@@ -246,6 +259,14 @@ pub struct Fifos {
     pub stdin: Option<PathBuf>,
     pub stdout: Option<PathBuf>,
     pub stderr: Option<PathBuf>,
+}
+
+/// Our ends of an exec process's stdio, with the channel each output goes to (`None`: read and
+/// dropped).
+struct Stdio {
+    stdin: Option<pipe::Sender>,
+    stdout: Option<(pipe::Receiver, Option<u8>)>,
+    stderr: Option<(pipe::Receiver, Option<u8>)>,
 }
 
 type Opened = (
@@ -292,17 +313,18 @@ async fn session(
     id: String,
     exec_id: String,
     paths: Fifos,
-    (stdin, stdout, stderr): Opened,
+    Stdio {
+        stdin,
+        stdout,
+        stderr,
+    }: Stdio,
     body: Body,
     out: mpsc::Sender<Bytes>,
 ) {
     let (exited_tx, exited) = watch::channel(false);
     let mut pumps = Vec::new();
-    if let Some(rx) = stdout {
-        pumps.push(tokio::spawn(pump(rx, STDOUT, out.clone(), exited.clone())));
-    }
-    if let Some(rx) = stderr {
-        pumps.push(tokio::spawn(pump(rx, STDERR, out.clone(), exited.clone())));
+    for (rx, channel) in [stdout, stderr].into_iter().flatten() {
+        pumps.push(tokio::spawn(pump(rx, channel, out.clone(), exited.clone())));
     }
     let wait = {
         let agent = agent.clone();
