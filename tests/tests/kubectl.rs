@@ -1400,3 +1400,74 @@ fn deleting_a_namespace_deletes_its_contents() {
     // The namespace can be created again.
     site.ok(&["create", "namespace", "demo"]);
 }
+
+/// What a rendered Helm chart often holds: empty maps and lists wherever a value was left out.
+const RENDERED_WITH_EMPTIES: &str = "apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: NAME
+  labels: {}
+  annotations: {}
+  finalizers: []
+data: {}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: NAME
+  labels: {}
+spec:
+  selector:
+    matchLabels: {app: NAME}
+    matchExpressions: []
+  template:
+    metadata:
+      labels: {app: NAME}
+      annotations: {}
+    spec:
+      containers:
+      - name: c
+        image: busybox
+        env: []
+        resources: {}
+      tolerations: []
+      nodeSelector: {}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata:
+  name: NAME
+  labels: {}
+spec:
+  properties: []
+";
+
+#[test]
+fn empty_maps_and_lists_pass_strict_validation() {
+    let site = Site::start().unwrap();
+    // `metadata: {labels: {}}` was refused: strict decoding error: unknown field "metadata.labels".
+    let applied = RENDERED_WITH_EMPTIES.replace("NAME", "applied");
+    let out = site.ok_stdin(&["apply", validate(), "-f", "-"], Some(&applied));
+    assert!(out.contains("configmap/applied created"), "{out}");
+    assert!(out.contains("deployment.apps/applied created"), "{out}");
+    assert!(
+        out.contains("devicemodel.devices.kubeedge.io/applied created"),
+        "{out}"
+    );
+    let created = RENDERED_WITH_EMPTIES.replace("NAME", "created");
+    let out = site.ok_stdin(&["create", validate(), "-f", "-"], Some(&created));
+    assert!(out.contains("configmap/created created"), "{out}");
+    // A field that does not exist is still refused, empty or not.
+    let bogus = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: bogus\n  colours: {}\n";
+    let out = site
+        .kubectl_stdin(&["create", "--validate=strict", "-f", "-"], Some(bogus))
+        .unwrap();
+    if kubectl_minor() >= 25 {
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("metadata.colours"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

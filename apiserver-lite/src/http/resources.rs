@@ -187,6 +187,8 @@ fn unknown_fields(input: &Value, output: &Value, path: &str, found: &mut Vec<Str
                     format!("{path}.{k}")
                 };
                 match o.get(k) {
+                    None if path == "metadata"
+                        && crate::registry::builtin::omitted_when_empty(k, v) => {}
                     None => found.push(child),
                     Some(ov) => unknown_fields(v, ov, &child, found),
                 }

@@ -44,19 +44,28 @@ fn normalize<T: DeserializeOwned + Serialize>(value: &Value) -> Result<Value, De
     Ok(value)
 }
 
+/// The ObjectMeta fields Go writes with `omitempty`.
+const OMITTED_WHEN_EMPTY: &[&str] = &[
+    "labels",
+    "annotations",
+    "ownerReferences",
+    "finalizers",
+    "managedFields",
+];
+
+/// Whether `value`, at `metadata.<key>`, is one that the typed form leaves out because it is
+/// empty: not an unknown field (rendered Helm charts often carry `labels: {}`).
+pub fn omitted_when_empty(key: &str, value: &Value) -> bool {
+    let empty = value.as_array().is_some_and(Vec::is_empty)
+        || value.as_object().is_some_and(|o| o.is_empty());
+    empty && OMITTED_WHEN_EMPTY.contains(&key)
+}
+
 /// Go's `omitempty` on ObjectMeta: an emptied list or map (the last owner reference removed by
 /// a patch) disappears instead of being stored as `[]` or `{}`.
 fn drop_empty_metadata(value: &mut Value) {
     if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.retain(|key, v| {
-            let omittable = matches!(
-                key.as_str(),
-                "labels" | "annotations" | "ownerReferences" | "finalizers" | "managedFields"
-            );
-            let empty = v.as_array().is_some_and(Vec::is_empty)
-                || v.as_object().is_some_and(|o| o.is_empty());
-            !(omittable && empty)
-        });
+        meta.retain(|key, v| !omitted_when_empty(key, v));
     }
 }
 
