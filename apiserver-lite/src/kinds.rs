@@ -18,6 +18,31 @@ pub struct NewObject<'a> {
     pub uid: &'a str,
     /// The resource has a status subresource (its status is not the creator's to set).
     pub has_status: bool,
+    /// What such a resource's status starts as ([`initial_status`]).
+    pub initial_status: Value,
+}
+
+/// The status a new object of a kind with a status subresource starts with: upstream's zero
+/// status struct as Go writes it (fields without `omitempty` appear as 0), so that clients which
+/// read `status` right after a create find one, and typed clients find its required fields.
+pub fn initial_status(group: &str, resource: &str) -> Value {
+    match (group, resource) {
+        ("", "services") | ("networking.k8s.io", "ingresses") => json!({"loadBalancer": {}}),
+        ("", "replicationcontrollers") | ("apps", "replicasets") => json!({"replicas": 0}),
+        ("apps", "statefulsets") => json!({"replicas": 0, "availableReplicas": 0}),
+        ("apps", "daemonsets") => json!({
+            "currentNumberScheduled": 0, "numberMisscheduled": 0,
+            "desiredNumberScheduled": 0, "numberReady": 0,
+        }),
+        ("policy", "poddisruptionbudgets") => json!({
+            "disruptionsAllowed": 0, "currentHealthy": 0,
+            "desiredHealthy": 0, "expectedPods": 0,
+        }),
+        ("autoscaling", "horizontalpodautoscalers") => {
+            json!({"currentReplicas": 0, "desiredReplicas": 0})
+        }
+        _ => json!({}),
+    }
 }
 
 /// A kind's behaviour, as upstream's REST strategies: name rule, generation, defaults,
@@ -37,10 +62,10 @@ pub trait Strategy: Send + Sync {
     fn defaults(&self, _o: &mut Map<String, Value>) {}
 
     /// Upstream's PrepareForCreate: by default a resource with a status subresource starts
-    /// with an empty status.
+    /// with its kind's zero status, whatever the creator sent.
     fn prepare_for_create(&self, o: &mut Map<String, Value>, new: &NewObject) {
         if new.has_status {
-            o.remove("status");
+            o.insert("status".into(), new.initial_status.clone());
         }
     }
 
@@ -72,6 +97,14 @@ impl Strategy for Custom {
         true
     }
 
+    /// A custom resource with a status subresource starts without one (upstream's
+    /// customResourceStrategy).
+    fn prepare_for_create(&self, o: &mut Map<String, Value>, new: &NewObject) {
+        if new.has_status {
+            o.remove("status");
+        }
+    }
+
     fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
         crate::structural::validate(&self.schema, object, "", &mut causes.0, true);
     }
@@ -101,6 +134,7 @@ pub fn prepare_for_create(info: &ResourceInfo, object: &mut Value, uid: &str) {
         name: &name,
         uid,
         has_status: info.has_status(),
+        initial_status: initial_status(&info.group, &info.resource),
     };
     info.strategy.prepare_for_create(obj(object), &new);
 }
