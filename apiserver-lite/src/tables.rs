@@ -2167,20 +2167,92 @@ impl Printer for HorizontalPodAutoscalersTable {
             .and_then(Value::as_i64)
             .map(|m| m.to_string())
             .unwrap_or_else(|| "<unset>".into());
-        let metrics = arr(o, "/spec/metrics").len();
         vec![
             name,
             json!(format!("{}/{}", s(&target, "/kind"), s(&target, "/name"))),
-            json!(if metrics == 0 {
-                "<none>".to_string()
-            } else {
-                format!("{metrics} metric(s)")
-            }),
+            json!(hpa_metrics(o)),
             json!(min),
             json!(n(o, "/spec/maxReplicas")),
             json!(n(o, "/status/currentReplicas")),
             age,
         ]
+    }
+}
+
+/// The TARGETS cell of an autoscaler, as upstream prints it: per metric `current/target`
+/// (`<unknown>` until the controller has measured it; resources named: `cpu: 12%/50%`), the first
+/// two, then `+ N more...`.
+fn hpa_metrics(o: &Value) -> String {
+    let specs = arr(o, "/spec/metrics");
+    if specs.is_empty() {
+        return "<none>".into();
+    }
+    let statuses = arr(o, "/status/currentMetrics");
+    let text = |v: Option<&Value>| match v {
+        Some(Value::String(q)) => Some(q.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    };
+    let percent = |v: Option<&Value>| v.and_then(Value::as_i64).map(|p| format!("{p}%"));
+    let unknown = || "<unknown>".to_string();
+    let cells: Vec<String> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let kind = spec.get("type").and_then(Value::as_str).unwrap_or("");
+            // The status entry of the same metric, if the controller wrote one.
+            let field = match kind {
+                "External" => "external",
+                "Pods" => "pods",
+                "Object" => "object",
+                "Resource" => "resource",
+                "ContainerResource" => "containerResource",
+                _ => return "<unknown type>".to_string(),
+            };
+            let source = spec.get(field).unwrap_or(&Value::Null);
+            let target = source.get("target").unwrap_or(&Value::Null);
+            let current = statuses
+                .get(i)
+                .and_then(|st| st.get(field))
+                .and_then(|st| st.get("current"));
+            let current_of =
+                |key: &str| text(current.and_then(|c| c.get(key))).unwrap_or_else(unknown);
+            match kind {
+                "External" | "Object" => match text(target.get("averageValue")) {
+                    Some(avg) => format!("{}/{avg} (avg)", current_of("averageValue")),
+                    None => format!(
+                        "{}/{}",
+                        current_of("value"),
+                        text(target.get("value")).unwrap_or_default()
+                    ),
+                },
+                "Pods" => format!(
+                    "{}/{}",
+                    current_of("averageValue"),
+                    text(target.get("averageValue")).unwrap_or_default()
+                ),
+                _ => {
+                    let resource = s(source, "/name");
+                    match text(target.get("averageValue")) {
+                        Some(avg) => format!("{resource}: {}/{avg}", current_of("averageValue")),
+                        None => format!(
+                            "{resource}: {}/{}",
+                            percent(current.and_then(|c| c.get("averageUtilization")))
+                                .unwrap_or_else(unknown),
+                            percent(target.get("averageUtilization"))
+                                .unwrap_or_else(|| "<auto>".into())
+                        ),
+                    }
+                }
+            }
+        })
+        .collect();
+    let shown = cells.len().min(2);
+    let list = cells[..shown].join(", ");
+    if cells.len() > shown {
+        format!("{list} + {} more...", cells.len() - shown)
+    } else {
+        list
     }
 }
 
@@ -2372,5 +2444,34 @@ mod tests {
         assert_eq!(cells[1], "0/1");
         assert_eq!(cells[2], "ImagePullBackOff");
         assert_eq!(cells[5], "<none>");
+    }
+
+    #[test]
+    fn autoscaler_targets_print_as_upstream_prints_them() {
+        let hpa = |metrics: Value, current: Value| json!({"spec": {"metrics": metrics}, "status": {"currentMetrics": current}});
+        let cpu = json!({"type": "Resource", "resource": {"name": "cpu",
+            "target": {"type": "Utilization", "averageUtilization": 50}}});
+        assert_eq!(
+            hpa_metrics(&hpa(json!([cpu]), Value::Null)),
+            "cpu: <unknown>/50%"
+        );
+        let measured = json!([{"type": "Resource", "resource": {"name": "cpu",
+            "current": {"averageUtilization": 12, "averageValue": "6m"}}}]);
+        assert_eq!(hpa_metrics(&hpa(json!([cpu]), measured)), "cpu: 12%/50%");
+        let memory = json!({"type": "Resource", "resource": {"name": "memory",
+            "target": {"type": "AverageValue", "averageValue": "100Mi"}}});
+        let pods = json!({"type": "Pods", "pods": {"metric": {"name": "qps"},
+            "target": {"type": "AverageValue", "averageValue": "1k"}}});
+        assert_eq!(
+            hpa_metrics(&hpa(json!([memory, pods, cpu]), Value::Null)),
+            "memory: <unknown>/100Mi, <unknown>/1k + 1 more..."
+        );
+        let external = json!({"type": "External", "external": {"metric": {"name": "queue"},
+            "target": {"type": "Value", "value": "30"}}});
+        assert_eq!(
+            hpa_metrics(&hpa(json!([external]), Value::Null)),
+            "<unknown>/30"
+        );
+        assert_eq!(hpa_metrics(&json!({"spec": {}})), "<none>");
     }
 }

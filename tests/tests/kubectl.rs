@@ -1471,3 +1471,38 @@ fn empty_maps_and_lists_pass_strict_validation() {
         );
     }
 }
+
+#[test]
+fn autoscaler_targets_show_current_and_target_per_metric() {
+    let site = Site::start().unwrap();
+    site.ok(&["create", "deployment", "web", "--image=busybox"]);
+    site.ok(&[
+        "autoscale",
+        "deployment",
+        "web",
+        "--cpu-percent=50",
+        "--min=1",
+        "--max=4",
+    ]);
+    let out = site.ok(&["get", "hpa", "web"]);
+    let rows = lines(&out);
+    assert_eq!(
+        rows[0],
+        [
+            "NAME",
+            "REFERENCE",
+            "TARGETS",
+            "MINPODS",
+            "MAXPODS",
+            "REPLICAS",
+            "AGE"
+        ],
+        "{out}"
+    );
+    // Before the controller has measured anything (it showed "1 metric(s)").
+    assert!(
+        out.contains("deployment/web") || out.contains("Deployment/web"),
+        "{out}"
+    );
+    assert!(out.contains("cpu: <unknown>/50%"), "{out}");
+}
