@@ -368,3 +368,55 @@ async fn only_one_candidate_leads_and_the_other_takes_over() {
     assert_eq!(lease.lease_transitions, Some(1));
     stop_b.cancel();
 }
+
+/// kube-rs's metadata calls and `metadata_watcher` (operators' garbage collectors use them) get
+/// PartialObjectMetadata, not whole objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_only_gets_lists_and_watches() {
+    let site = Site::start().expect("start site");
+    let client = site.client().await.unwrap();
+    let api: Api<ConfigMap> = Api::namespaced(client, "default");
+    api.create(
+        &PostParams::default(),
+        &cm("meta-1", "x".repeat(1000).as_str()),
+    )
+    .await
+    .unwrap();
+    let one = api.get_metadata("meta-1").await.unwrap();
+    assert_eq!(one.metadata.name.as_deref(), Some("meta-1"));
+    let types = one.types.clone().expect("kind and apiVersion");
+    assert_eq!(
+        (types.kind.as_str(), types.api_version.as_str()),
+        ("PartialObjectMetadata", "meta.k8s.io/v1")
+    );
+    let list = api.list_metadata(&ListParams::default()).await.unwrap();
+    assert!(
+        list.items
+            .iter()
+            .any(|m| m.metadata.name.as_deref() == Some("meta-1"))
+    );
+    // A metadata watcher sees a new object arrive with its metadata only.
+    let mut events = kube::runtime::metadata_watcher(api.clone(), watcher::Config::default())
+        .applied_objects()
+        .boxed();
+    let created = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        api.create(&PostParams::default(), &cm("meta-2", "y"))
+            .await
+            .unwrap();
+    };
+    let seen = async {
+        loop {
+            let m = events.next().await.expect("stream").expect("event");
+            if m.metadata.name.as_deref() == Some("meta-2") {
+                return m;
+            }
+        }
+    };
+    let (_, seen) = tokio::join!(created, tokio::time::timeout(Duration::from_secs(20), seen));
+    let seen = seen.expect("meta-2 through the metadata watcher");
+    assert_eq!(
+        seen.types.map(|t| t.kind).as_deref(),
+        Some("PartialObjectMetadata")
+    );
+}
