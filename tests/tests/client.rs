@@ -375,7 +375,7 @@ async fn only_one_candidate_leads_and_the_other_takes_over() {
 async fn metadata_only_gets_lists_and_watches() {
     let site = Site::start().expect("start site");
     let client = site.client().await.unwrap();
-    let api: Api<ConfigMap> = Api::namespaced(client, "default");
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     api.create(
         &PostParams::default(),
         &cm("meta-1", "x".repeat(1000).as_str()),
@@ -395,8 +395,11 @@ async fn metadata_only_gets_lists_and_watches() {
             .iter()
             .any(|m| m.metadata.name.as_deref() == Some("meta-1"))
     );
-    // A metadata watcher sees a new object arrive with its metadata only.
-    let mut events = kube::runtime::metadata_watcher(api.clone(), watcher::Config::default())
+    // A metadata watcher (an `Api` of PartialObjectMeta asks for metadata only) sees a new
+    // object arrive with its metadata only.
+    let metadata: Api<kube::core::PartialObjectMeta<ConfigMap>> =
+        Api::namespaced(client, "default");
+    let mut events = watcher(metadata, watcher::Config::default())
         .applied_objects()
         .boxed();
     let created = async {
