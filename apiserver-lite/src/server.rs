@@ -139,6 +139,7 @@ pub async fn prepare_store(
             .run(server.storage.clone(), server.shutdown.clone()),
     );
     kubernetes_service(&server, advertise).await?;
+    system_priority_classes(&server).await?;
     server.ready.store(true, Ordering::Release);
     Ok(server)
 }
@@ -194,6 +195,48 @@ async fn reconcile_policy(server: &Arc<ApiServer>) -> Result<(), ServerError> {
                         .await?;
                     create(object).await.map_err(failed)?;
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Upstream's two system PriorityClasses, which charts and system add-ons name.
+async fn system_priority_classes(server: &Arc<ApiServer>) -> Result<(), ServerError> {
+    for (name, value, description) in [
+        (
+            "system-node-critical",
+            2_000_001_000,
+            "Used for system critical pods that must not be moved from their current node.",
+        ),
+        (
+            "system-cluster-critical",
+            2_000_000_000,
+            "Used for system critical pods that must run in the cluster, but can be moved to another node if necessary.",
+        ),
+    ] {
+        let class = json!({
+            "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+            "metadata": {"name": name}, "value": value, "description": description,
+            "preemptionPolicy": "PreemptLowerPriority",
+        });
+        match http::resources::create_internal(
+            server,
+            "scheduling.k8s.io",
+            "v1",
+            "priorityclasses",
+            "",
+            class,
+        )
+        .await
+        {
+            Ok(_) => {}
+            Err(e) if e.code == 409 => {}
+            Err(e) => {
+                return Err(ServerError::Bootstrap {
+                    name: name.into(),
+                    message: e.message,
+                });
             }
         }
     }

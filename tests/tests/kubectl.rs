@@ -1506,3 +1506,48 @@ fn autoscaler_targets_show_current_and_target_per_metric() {
     );
     assert!(out.contains("cpu: <unknown>/50%"), "{out}");
 }
+
+#[test]
+fn priority_classes_fill_a_pods_priority() {
+    let site = Site::start().unwrap();
+    let classes = site.ok(&["get", "priorityclasses", "-o", "name"]);
+    assert!(
+        classes.contains("system-node-critical") && classes.contains("system-cluster-critical"),
+        "{classes}"
+    );
+    let pod = |name: &str, class: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  priorityClassName: {class}\n  containers:\n  - name: c\n    image: busybox\n"
+        )
+    };
+    site.ok_stdin(
+        &["create", "-f", "-"],
+        Some(&pod("critical", "system-cluster-critical")),
+    );
+    let priority = site.ok(&["get", "pod", "critical", "-o", "jsonpath={.spec.priority}"]);
+    assert_eq!(priority, "2000000000");
+    // An unknown class is refused, as upstream's Priority admission refuses it.
+    let out = site
+        .kubectl_stdin(&["create", "-f", "-"], Some(&pod("lost", "no-such-class")))
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no PriorityClass with name no-such-class was found"),
+        "{stderr}"
+    );
+    // A class marked globalDefault applies to pods that name none.
+    site.ok_stdin(
+        &["create", "-f", "-"],
+        Some("apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata:\n  name: shop-default\nvalue: 1000\nglobalDefault: true\n"),
+    );
+    site.ok(&["run", "plain", "--image=busybox"]);
+    let spec = site.ok(&[
+        "get",
+        "pod",
+        "plain",
+        "-o",
+        "jsonpath={.spec.priorityClassName}/{.spec.priority}",
+    ]);
+    assert_eq!(spec, "shop-default/1000");
+}

@@ -778,6 +778,93 @@ impl Ctx {
         }
     }
 
+    /// Priority admission of a new pod, as upstream's plugin: `spec.priority` (and
+    /// `preemptionPolicy`) come from its PriorityClass, or from the class marked
+    /// `globalDefault` when it names none (0 without one); an unknown class is forbidden, and so
+    /// is a priority in the pod that differs from its class's.
+    async fn admit_priority(&self, pod: &mut Value) -> Result<(), ApiError> {
+        let named = pod
+            .pointer("/spec/priorityClassName")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .map(str::to_string);
+        let name = meta_str(pod, "name").to_string();
+        let forbidden = |why: String| crate::auth::forbidden_error("pods", &name, "", "pods", why);
+        let class = match &named {
+            Some(class) => {
+                let key = object_key("scheduling.k8s.io", "priorityclasses", "", class);
+                let stored = self
+                    .server
+                    .storage
+                    .get(&key)
+                    .await
+                    .map_err(|e| storage_error(&self.info, &name, e))?;
+                match stored {
+                    Some(s) => Some((*s.object).clone()),
+                    None => {
+                        return Err(forbidden(format!(
+                            "no PriorityClass with name {class} was found"
+                        )));
+                    }
+                }
+            }
+            None => {
+                let prefix = list_prefix("scheduling.k8s.io", "priorityclasses", "");
+                let listing = self
+                    .server
+                    .storage
+                    .list(&prefix, None, None)
+                    .await
+                    .map_err(|e| storage_error(&self.info, &name, e))?;
+                listing
+                    .items
+                    .iter()
+                    .filter_map(|i| i.value().ok())
+                    .filter(|c| c.get("globalDefault") == Some(&json!(true)))
+                    // Upstream picks the lowest value among several defaults.
+                    .min_by_key(|c| c.get("value").and_then(Value::as_i64).unwrap_or(0))
+            }
+        };
+        let priority = class
+            .as_ref()
+            .and_then(|c| c.get("value"))
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        let policy = class
+            .as_ref()
+            .and_then(|c| c.get("preemptionPolicy"))
+            .and_then(Value::as_str)
+            .unwrap_or("PreemptLowerPriority")
+            .to_string();
+        let spec = pod
+            .get_mut("spec")
+            .and_then(Value::as_object_mut)
+            .ok_or_else(|| ApiError::bad_request("a pod needs a spec"))?;
+        if let Some(given) = spec.get("priority").and_then(Value::as_i64)
+            && given != priority
+        {
+            return Err(forbidden(format!(
+                "the integer value of priority ({given}) must not be provided in pod spec; priority admission controller computed {priority} from the given PriorityClass name"
+            )));
+        }
+        if let Some(given) = spec.get("preemptionPolicy").and_then(Value::as_str)
+            && class.is_some()
+            && given != policy
+        {
+            return Err(forbidden(format!(
+                "the string value of PreemptionPolicy ({given}) must not be provided in pod spec; priority admission controller computed {policy} from the given PriorityClass name"
+            )));
+        }
+        if let (None, Some(c)) = (&named, &class) {
+            spec.insert("priorityClassName".into(), json!(meta_str(c, "name")));
+        }
+        spec.insert("priority".into(), json!(priority));
+        if class.is_some() || !spec.contains_key("preemptionPolicy") {
+            spec.insert("preemptionPolicy".into(), json!(policy));
+        }
+        Ok(())
+    }
+
     /// ServiceAccount admission of a new pod (`admission::mount_service_account`).
     async fn admit_service_account(&self, pod: &mut Value) -> Result<(), ApiError> {
         let account_name = pod
@@ -1149,6 +1236,9 @@ impl Ctx {
             } else {
                 meta.remove("generation");
             }
+        }
+        if self.info.group.is_empty() && self.info.resource == "pods" {
+            self.admit_priority(&mut object).await?;
         }
         kinds::apply_defaults(&self.info, &mut object);
         kinds::prepare_for_create(&self.info, &mut object, &uid);
