@@ -1551,3 +1551,63 @@ fn priority_classes_fill_a_pods_priority() {
     ]);
     assert_eq!(spec, "shop-default/1000");
 }
+
+/// kubectl's typed commands send protobuf, where Go's embedded structs (LocalObjectReference,
+/// VolumeSource, ProbeHandler, IngressRuleValue) are messages of their own: they must arrive as
+/// the JSON form has them, inline.
+#[test]
+fn typed_commands_keep_embedded_fields() {
+    let site = Site::start().unwrap();
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: batch/v1
+kind: CronJob
+metadata: {name: nightly}
+spec:
+  schedule: '0 3 * * *'
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          restartPolicy: Never
+          containers:
+          - name: c
+            image: busybox
+            env:
+            - name: MODE
+              valueFrom:
+                configMapKeyRef: {name: settings, key: mode}
+            readinessProbe:
+              exec: {command: [cat, /tmp/ready]}
+            volumeMounts: [{name: data, mountPath: /data}]
+          volumes:
+          - name: data
+            configMap: {name: settings}
+",
+        ),
+    );
+    // `create job --from` copies the template through a typed (protobuf) create.
+    site.ok(&["create", "job", "manual", "--from=cronjob/nightly"]);
+    let job = site.json(&["get", "job", "manual", "-o", "json"]);
+    let spec = &job["spec"]["template"]["spec"];
+    assert_eq!(
+        spec["containers"][0]["env"][0]["valueFrom"]["configMapKeyRef"],
+        serde_json::json!({"name": "settings", "key": "mode"}),
+        "{job}"
+    );
+    assert_eq!(spec["volumes"][0]["configMap"]["name"], "settings", "{job}");
+    assert_eq!(
+        spec["containers"][0]["readinessProbe"]["exec"]["command"][0], "cat",
+        "{job}"
+    );
+    // `create ingress` (IngressRuleValue is embedded in IngressRule).
+    site.ok(&["create", "ingress", "shop", "--rule=shop.example/=web:80"]);
+    let ingress = site.json(&["get", "ingress", "shop", "-o", "json"]);
+    let rule = &ingress["spec"]["rules"][0];
+    assert_eq!(rule["host"], "shop.example", "{ingress}");
+    assert_eq!(
+        rule["http"]["paths"][0]["backend"]["service"]["name"], "web",
+        "{ingress}"
+    );
+}
