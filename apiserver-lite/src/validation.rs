@@ -286,6 +286,15 @@ fn validate_container(c: &Value, path: &str, volumes: &BTreeSet<String>, causes:
     }
     for (i, e) in items(c, "env").iter().enumerate() {
         causes.required_str(e, "name", &format!("{path}.env[{i}].name"));
+        // The referenced ConfigMap or Secret must be named (a protobuf body whose embedded
+        // LocalObjectReference was lost arrived without one).
+        for reference in ["configMapKeyRef", "secretKeyRef"] {
+            if let Some(r) = e.pointer(&format!("/valueFrom/{reference}")) {
+                let rp = format!("{path}.env[{i}].valueFrom.{reference}");
+                causes.required_str(r, "name", &format!("{rp}.name"));
+                causes.required_str(r, "key", &format!("{rp}.key"));
+            }
+        }
     }
     for (i, m) in items(c, "volumeMounts").iter().enumerate() {
         let mp = format!("{path}.volumeMounts[{i}]");
@@ -320,6 +329,19 @@ pub fn validate_pod_spec_with(
     };
     let mut volumes: BTreeSet<String> = claim_volumes.iter().cloned().collect();
     for (i, v) in items(spec, "volumes").iter().enumerate() {
+        // Every field of a volume but its name is a source; it needs one.
+        let sources = v.as_object().map_or(0, |o| {
+            o.iter()
+                .filter(|(k, s)| *k != "name" && !s.is_null())
+                .count()
+        });
+        if sources == 0 {
+            causes.push(Cause::new(
+                "FieldValueRequired",
+                format!("{path}.volumes[{i}]"),
+                "Required value: must specify a volume type".to_string(),
+            ));
+        }
         let vp = format!("{path}.volumes[{i}].name");
         if let Some(name) = causes.required_str(v, "name", &vp) {
             if let Err(why) = is_dns1123_label(name) {

@@ -1610,4 +1610,21 @@ spec:
         rule["http"]["paths"][0]["backend"]["service"]["name"], "web",
         "{ingress}"
     );
+    // What a lost embedded struct left behind is refused, as upstream refuses it.
+    let out = site
+        .kubectl_stdin(
+            &["create", "-f", "-"],
+            Some("apiVersion: v1\nkind: Pod\nmetadata: {name: broken}\nspec:\n  containers:\n  - name: c\n    image: busybox\n    env:\n    - name: A\n      valueFrom:\n        configMapKeyRef: {key: k}\n  volumes:\n  - name: v\n"),
+        )
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("spec.containers[0].env[0].valueFrom.configMapKeyRef.name: Required value"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("spec.volumes[0]: Required value: must specify a volume type"),
+        "{stderr}"
+    );
 }
