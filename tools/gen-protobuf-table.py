@@ -2,10 +2,14 @@
 """Generates apiserver-lite/src/protobuf/messages.txt: the Kubernetes protobuf message table.
 
 Field numbers and wire types come from the prost definitions of the `k8s-pb` crate; JSON field
-names come from `k8s-openapi` (its deserializers map JSON names to Rust field names). Both crates
-are workspace dependencies, so run this after `cargo fetch` when either is upgraded:
+names come from `k8s-openapi` (its deserializers map JSON names to Rust field names), the crate
+the server's types come from. `k8s-pb` is not a dependency: put it into cargo's registry once
+(a scratch crate with `k8s-pb = "0.9"` and `cargo fetch`), then:
 
     python3 tools/gen-protobuf-table.py
+
+`cargo test -p apiserver-lite --lib protobuf` then decodes every built-in kind with every field
+set and checks that k8s-openapi's type keeps all of it.
 
 Output lines:  M <message>            a message, e.g. api.core.v1.ConfigMap
                F <tag> <json> <kind> <label> [<type>]
