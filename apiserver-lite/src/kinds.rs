@@ -1183,10 +1183,45 @@ pub fn strategy(group: &str, resource: &str) -> Arc<dyn Strategy> {
             Arc::new(CertificateSigningRequests)
         }
         ("storage.k8s.io", "storageclasses") => Arc::new(StorageClasses),
+        ("apiregistration.k8s.io", "apiservices") => Arc::new(ApiServices),
         ("apiextensions.k8s.io", "customresourcedefinitions") => {
             Arc::new(CustomResourceDefinitions)
         }
         _ => Arc::new(Plain),
+    }
+}
+
+/// APIServices: named `<version>.<group>` (`v1.` for the core group, which a DNS name cannot be).
+pub struct ApiServices;
+
+impl Strategy for ApiServices {
+    fn name_rule(&self) -> NameRule {
+        NameRule::PathSegment
+    }
+
+    fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
+        let name = object
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let spec = |k: &str| {
+            object
+                .pointer(&format!("/spec/{k}"))
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
+        let (version, group) = (spec("version"), spec("group"));
+        if version.is_empty() {
+            causes.push(Cause::required("spec.version"));
+        }
+        if name != format!("{version}.{group}") {
+            causes.push(Cause::invalid(
+                "metadata.name",
+                &Value::from(name),
+                &format!("must be spec.version + \".\" + spec.group: {version:?}"),
+            ));
+        }
     }
 }
 

@@ -140,6 +140,7 @@ pub async fn prepare_store(
     );
     kubernetes_service(&server, advertise).await?;
     system_priority_classes(&server).await?;
+    crate::apiservices::sync(&server).await;
     server.ready.store(true, Ordering::Release);
     Ok(server)
 }

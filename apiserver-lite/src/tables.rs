@@ -2119,6 +2119,53 @@ impl Printer for PriorityClassesTable {
     }
 }
 
+/// The table of apiregistration.k8s.io/apiservices, as upstream prints it.
+pub struct ApiServicesTable;
+
+impl Printer for ApiServicesTable {
+    fn columns(&self) -> Vec<Column> {
+        vec![
+            NAME,
+            col(
+                "Service",
+                "string",
+                0,
+                "The reference to the service that hosts this API endpoint.",
+            ),
+            col(
+                "Available",
+                "string",
+                0,
+                "Whether this service is available.",
+            ),
+            AGE,
+        ]
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let (name, age) = name_and_age(o, now);
+        let service = match o.pointer("/spec/service") {
+            Some(svc) if svc.is_object() => {
+                format!("{}/{}", s(svc, "/namespace"), s(svc, "/name"))
+            }
+            _ => "Local".to_string(),
+        };
+        let available = arr(o, "/status/conditions")
+            .iter()
+            .find(|c| c["type"] == "Available")
+            .map(|c| {
+                let status = s(c, "/status");
+                if status == "True" {
+                    status.to_string()
+                } else {
+                    format!("{status} ({})", s(c, "/reason"))
+                }
+            })
+            .unwrap_or_else(|| "Unknown".into());
+        vec![name, json!(service), json!(available), age]
+    }
+}
+
 /// The table of autoscaling/horizontalpodautoscalers.
 pub struct HorizontalPodAutoscalersTable;
 
@@ -2309,6 +2356,7 @@ pub fn printer(group: &str, resource: &str) -> Arc<dyn Printer> {
         ("networking.k8s.io", "networkpolicies") => Arc::new(NetworkPoliciesTable),
         ("node.k8s.io", "runtimeclasses") => Arc::new(RuntimeClassesTable),
         ("scheduling.k8s.io", "priorityclasses") => Arc::new(PriorityClassesTable),
+        ("apiregistration.k8s.io", "apiservices") => Arc::new(ApiServicesTable),
         ("autoscaling", "horizontalpodautoscalers") => Arc::new(HorizontalPodAutoscalersTable),
         _ => Arc::new(NameAndAge),
     }

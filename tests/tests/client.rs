@@ -423,3 +423,63 @@ async fn metadata_only_gets_lists_and_watches() {
         Some("PartialObjectMetadata")
     );
 }
+
+/// Every served group version has its APIService, as kube-aggregator keeps them upstream; kube-rs
+/// discovers the apiregistration group; a CRD's group version gets one and loses it with the CRD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_services_follow_the_served_group_versions() {
+    let site = Site::start().expect("start site");
+    let client = site.client().await.unwrap();
+    let group = kube::discovery::oneshot::group(&client, "apiregistration.k8s.io")
+        .await
+        .expect("the apiregistration group");
+    assert!(
+        group
+            .recommended_resources()
+            .iter()
+            .any(|(r, _)| r.kind == "APIService"),
+        "{:?}",
+        group.recommended_resources()
+    );
+    let out = site.ok(&["get", "apiservices"]);
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[0], ["NAME", "SERVICE", "AVAILABLE", "AGE"], "{out}");
+    for name in ["v1.", "v1.apps", "v1beta1.devices.kubeedge.io"] {
+        assert!(
+            rows.iter().any(|r| r.first() == Some(&name)
+                && r.get(1) == Some(&"Local")
+                && r.get(2) == Some(&"True")),
+            "{name}: {out}"
+        );
+    }
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: widgets.shop.example}
+spec:
+  group: shop.example
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema: {openAPIV3Schema: {type: object}}
+",
+        ),
+    );
+    let has = |present: bool| {
+        tests::eventually(Duration::from_secs(20), || {
+            site.kubectl(&["get", "apiservice", "v1.shop.example"])
+                .is_ok_and(|o| o.status.success() == present)
+        })
+    };
+    assert!(has(true), "{}", site.ok(&["get", "apiservices"]));
+    site.ok(&["delete", "crd", "widgets.shop.example"]);
+    assert!(has(false), "{}", site.ok(&["get", "apiservices"]));
+}

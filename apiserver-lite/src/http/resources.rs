@@ -1359,6 +1359,9 @@ impl Ctx {
             .filter(|r| r.custom.is_some() && format!("{}.{}", r.resource, r.group) == name)
             .collect();
         crate::crd::sync(&self.server.registry, name, object);
+        // The group versions served changed: so do their APIServices (soon after, as upstream's
+        // crdregistration controller; its own writes come back through here).
+        crate::apiservices::sync_soon(self.server.clone());
         if object.is_none() {
             // The CRD is gone: so are its custom resources (upstream's customresourcecleanup).
             if let Some(r) = before.first() {

@@ -644,6 +644,18 @@ pub fn resources() -> Vec<ResourceInfo> {
             typed::<node::v1::RuntimeClass>(),
         ),
         resource(
+            "apiregistration.k8s.io",
+            "v1",
+            "apiservices",
+            "APIService",
+            false,
+            none,
+            &["api-extensions"],
+            ALL_VERBS,
+            vec![status()],
+            typed::<k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService>(),
+        ),
+        resource(
             "scheduling.k8s.io",
             "v1",
             "priorityclasses",
