@@ -1628,3 +1628,38 @@ spec:
         "{stderr}"
     );
 }
+
+#[test]
+fn managed_fields_name_the_sites_own_writers_and_the_scale_subresource() {
+    let site = Site::start().unwrap();
+    site.ok(&["create", "deployment", "web", "--image=busybox"]);
+    // The ReplicaSet is the controller's: upstream records it as kube-controller-manager.
+    let managers = |what: &str| {
+        site.ok(&[
+            "get",
+            what,
+            "-o",
+            "jsonpath={range .items[*].metadata.managedFields[*]}{.manager}/{.subresource};{end}",
+        ])
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || managers("replicasets")
+            .contains("kube-controller-manager/;")),
+        "{}",
+        managers("replicasets")
+    );
+    assert!(
+        !managers("replicasets").contains("unknown"),
+        "{}",
+        managers("replicasets")
+    );
+    site.ok(&["scale", "deployment", "web", "--replicas=2"]);
+    let deployment = managers("deployments");
+    assert!(deployment.contains("/scale;"), "{deployment}");
+    assert!(
+        eventually(Duration::from_secs(20), || managers("deployments")
+            .contains("kube-controller-manager/status;")),
+        "{}",
+        managers("deployments")
+    );
+}

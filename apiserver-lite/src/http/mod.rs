@@ -395,6 +395,7 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let agent = HeaderValue::from_static(component_agent(&identity));
     tower::ServiceBuilder::new()
         .map_request(move |request: http::Request<B>| {
             let mut request = request.map(Body::new);
@@ -402,9 +403,28 @@ where
                 identity: identity.clone(),
                 serial: None,
             });
+            // Writes without a fieldManager are recorded under the User-Agent's product, as
+            // upstream's components are (not as `unknown`).
+            request
+                .headers_mut()
+                .entry(header::USER_AGENT)
+                .or_insert_with(|| agent.clone());
             request
         })
         .service(router(server))
+}
+
+/// The User-Agent of an in-process client: the upstream component its identity stands for.
+fn component_agent(identity: &crate::auth::Identity) -> &'static str {
+    match identity.user.as_str() {
+        _ if identity.node_name().is_some() => "kubelet/v1.33.0+edgesite",
+        "system:kube-scheduler" => "kube-scheduler/v1.33.0+edgesite",
+        "system:apiserver" => "kube-apiserver/v1.33.0+edgesite",
+        user if user.starts_with("system:serviceaccount:kube-system:") => {
+            "kube-controller-manager/v1.33.0+edgesite"
+        }
+        _ => "edgesite/v1.33.0",
+    }
 }
 
 /// Adds `Warning` headers (`299 - "text"`) to a response.

@@ -1528,7 +1528,9 @@ impl Ctx {
             let writer = self.writer(
                 opts,
                 &time,
-                subresource.filter(|s| *s == "status").unwrap_or(""),
+                subresource
+                    .filter(|s| matches!(*s, "status" | "scale"))
+                    .unwrap_or(""),
                 &api_version,
             );
             fields::track_update(Some(old_object), &mut new, &writer);
@@ -1870,7 +1872,10 @@ impl Ctx {
                 .or_insert(Value::Null);
         }
         *node = json!(replicas);
-        let updated = self.update_decoded(old, new, None, opts, true).await?;
+        // Recorded in managedFields as a write through /scale, as upstream records it.
+        let updated = self
+            .update_decoded(old, new, Some("scale"), opts, true)
+            .await?;
         Ok(self.scale_of(&updated))
     }
 
