@@ -75,6 +75,13 @@ fn default_namespaces_discovery_and_version() {
     );
     let version = site.ok(&["get", "--raw", "/version"]);
     assert!(version.contains("\"gitVersion\""));
+    // The build is stamped with its date (it was the epoch).
+    let version: serde_json::Value = serde_json::from_str(&version).unwrap();
+    let built = version["buildDate"].as_str().unwrap_or_default();
+    assert!(
+        built.len() == 20 && built.ends_with('Z') && built.as_bytes()[0..2] == *b"20",
+        "{version}"
+    );
     // Anonymous requests may read only the public health and version endpoints (upstream's
     // system:public-info-viewer); anything else is Forbidden with upstream's message.
     let raw = site.ok(&["get", "--raw", "/readyz"]);
