@@ -1670,3 +1670,49 @@ fn managed_fields_name_the_sites_own_writers_and_the_scale_subresource() {
         managers("deployments")
     );
 }
+
+#[test]
+fn client_side_apply_moves_to_server_side_apply() {
+    let site = Site::start().unwrap();
+    let manifest = |labels: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: moved\n  labels: {{{labels}}}\nspec:\n  selector:\n    matchLabels: {{app: x}}\n  template:\n    metadata:\n      labels: {{app: x}}\n    spec:\n      containers:\n      - name: c\n        image: busybox\n"
+        )
+    };
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(&manifest("tier: web, team: shop")),
+    );
+    // Upstream shares ownership of equal values instead of conflicting with
+    // kubectl-client-side-apply, and kubectl then moves that manager's fields to its own.
+    let out = site.ok_stdin(
+        &["apply", "--server-side", "-f", "-"],
+        Some(&manifest("tier: web, team: shop")),
+    );
+    assert!(out.contains("serverside-applied"), "{out}");
+    let managers = site.ok(&[
+        "get",
+        "deployment",
+        "moved",
+        "-o",
+        "jsonpath={range .metadata.managedFields[*]}{.manager}/{.operation};{end}",
+    ]);
+    assert!(managers.contains("kubectl/Apply;"), "{managers}");
+    assert!(
+        !managers.contains("kubectl-client-side-apply"),
+        "{managers}"
+    );
+    // A field dropped from the manifest is pruned now.
+    site.ok_stdin(
+        &["apply", "--server-side", "-f", "-"],
+        Some(&manifest("tier: web")),
+    );
+    let labels = site.ok(&[
+        "get",
+        "deployment",
+        "moved",
+        "-o",
+        "jsonpath={.metadata.labels}",
+    ]);
+    assert_eq!(labels, r#"{"tier":"web"}"#);
+}

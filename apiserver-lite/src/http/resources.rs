@@ -1522,6 +1522,11 @@ impl Ctx {
         if !causes.is_empty() {
             return Err(self.invalid(&new, causes));
         }
+        // The writer set managedFields itself (kubectl moves client-side apply's ownership to
+        // server-side apply so): that alone is a change worth writing.
+        let sets_managed_fields = new
+            .pointer("/metadata/managedFields")
+            .is_some_and(|m| Some(m) != old_object.pointer("/metadata/managedFields"));
         if track {
             let time = now();
             let api_version = self.info.api_version();
@@ -1535,7 +1540,7 @@ impl Ctx {
             );
             fields::track_update(Some(old_object), &mut new, &writer);
         }
-        if comparable(&new) == comparable(old_object) {
+        if comparable(&new) == comparable(old_object) && !sets_managed_fields {
             // A no-op: upstream does not write (and the resourceVersion stays).
             return Ok((*old.object).clone());
         }

@@ -370,7 +370,28 @@ pub struct Writer<'a> {
 /// create) now belong to the writer; fields that disappeared belong to nobody.
 pub fn track_update(old: Option<&Value>, new: &mut Value, writer: &Writer<'_>) {
     let status = writer.subresource == "status";
-    let mut entries = old.map(read_managed).unwrap_or_else(|| read_managed(new));
+    let mut entries = match old {
+        Some(old) => match new.pointer("/metadata/managedFields") {
+            // A writer that sets managedFields (kubectl's upgrade from client-side to
+            // server-side apply moves ownership this way) replaces them, as upstream's field
+            // manager does; `[{}]` clears them; entries that cannot be read, or none, keep the
+            // live ones (a client that does not know managedFields must not drop them).
+            Some(given) if Some(given) != old.pointer("/metadata/managedFields") => {
+                if *given == json!([{}]) {
+                    Vec::new()
+                } else {
+                    let entries = read_managed(new);
+                    if entries.is_empty() {
+                        read_managed(old)
+                    } else {
+                        entries
+                    }
+                }
+            }
+            _ => read_managed(old),
+        },
+        None => read_managed(new),
+    };
     let new_set = field_set(new, status);
     let old_set = old.map(|o| field_set(o, status)).unwrap_or_default();
     let mut changed = Vec::new();
@@ -520,7 +541,15 @@ pub fn apply(
                 if !contains(&entry.fields, &path) {
                     continue;
                 }
-                let changes = value_at(live, &path) != value_at(applied, &path);
+                // A list item's or map's own entry (`.`) is about its existence: applying an item
+                // that is there changes nothing (its fields are leaves of their own). Only leaf
+                // values are compared, so an apply of what a client-side apply wrote (same
+                // values, defaulted fields beside them) shares ownership instead of conflicting.
+                let changes = if path.last().is_some_and(|e| e == ".") {
+                    value_at(live, &path).is_none()
+                } else {
+                    value_at(live, &path) != value_at(applied, &path)
+                };
                 if changes {
                     conflicts.push(Conflict {
                         manager: entry.manager.clone(),
