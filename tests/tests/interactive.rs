@@ -390,6 +390,62 @@ fn port_forward_carries_requests_and_downloads_on_several_ports() {
     );
 }
 
+/// The Python client's port-forward speaks WebSocket channel framing (`v4.channel.k8s.io`), not
+/// SPDY: two ports of one session, each answering.
+#[test]
+fn the_python_client_port_forwards_over_websocket_channels() {
+    let python = std::env::var("EDGESITE_PYTHON").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../target/python-venv/bin/python"
+        )
+        .to_string()
+    });
+    let rt = Runtime::start().unwrap();
+    let (site, _agent) = setup(&rt);
+    let script = r#"
+import http.client
+import sys
+from kubernetes import client, config
+from kubernetes.stream import portforward
+config.load_kube_config()
+api = client.CoreV1Api()
+pf = portforward(api.connect_get_namespaced_pod_portforward, "web", "default", ports="8080,8081")
+for port, want in ((8080, b"hello-through-the-tunnel"), (8081, b"second-port")):
+    sock = pf.socket(port)
+    sock.setblocking(True)
+    sock.sendall(b"GET /index.html HTTP/1.0\r\nHost: web\r\n\r\n")
+    # As the client's own tests read: by Content-Length (a port's connection ending is not
+    # signalled on its own in this framing).
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    body = response.read()
+    print(port, response.status, body)
+    if response.status != 200 or want not in body or pf.error(port):
+        print("error:", pf.error(port))
+        sys.exit(1)
+pf.close()
+"#;
+    let out = Command::new(&python)
+        .args(["-c", script])
+        .env("KUBECONFIG", site.kubeconfig())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        site.log()
+    );
+    assert!(
+        site.log()
+            .contains("port-forward session over WebSocket (v4.channel.k8s.io)"),
+        "{}",
+        site.log()
+    );
+}
+
 #[test]
 fn the_python_client_execs_over_websockets() {
     let python = std::env::var("EDGESITE_PYTHON").unwrap_or_else(|_| {

@@ -11,7 +11,10 @@
 //!   (kubectl's fallback, and all kubectl 1.20 speaks): one stream per channel;
 //! - SPDY/3.1 with `portforward.k8s.io` for port-forward, plain or carried inside a WebSocket
 //!   (subprotocol `SPDY/3.1+portforward.k8s.io`, kubectl 1.31+): an error and a data stream
-//!   per forwarded connection.
+//!   per forwarded connection;
+//! - WebSocket channel framing for port-forward (`v4.channel.k8s.io` or `portforward.k8s.io`,
+//!   the Python clients, kr8s, client-node): the `ports` of the query, one connection each, on
+//!   data channel `2i` and error channel `2i+1`, each channel's first message the port number.
 //!
 //! Node side, one HTTP request per session with full-duplex streaming bodies:
 //! `POST /exec/{ns}/{pod}/{container}` and `/attach/...` carry [`frame`]s (the same channel
@@ -517,9 +520,21 @@ pub async fn port_forward(
 ) -> Result<Response<Body>, ApiError> {
     let transport = negotiate(
         request.headers(),
-        &["SPDY/3.1+portforward.k8s.io"],
+        &[
+            "SPDY/3.1+portforward.k8s.io",
+            "v4.channel.k8s.io",
+            "portforward.k8s.io",
+        ],
         &["portforward.k8s.io"],
     )?;
+    // WebSocket channel framing names its ports in the query (`ports=80&ports=443` or `80,443`).
+    let ports = match &transport {
+        Transport::WebSocket { protocol, .. } if !protocol.starts_with("SPDY") => {
+            let ports = query_ports(request.uri().query().unwrap_or(""))?;
+            Some(ports)
+        }
+        _ => None,
+    };
     tracing::info!(pod = %format!("{namespace}/{pod}"), "port-forward session over {transport}");
     let on_upgrade = hyper::upgrade::on(&mut request);
     let reply = switching(&transport);
@@ -540,6 +555,15 @@ pub async fn port_forward(
         };
         match transport {
             Transport::Spdy { .. } => spdy_port_forward(upgraded, target).await,
+            Transport::WebSocket { .. } if ports.is_some() => {
+                let ws = WebSocketStream::from_raw_socket(
+                    upgraded,
+                    Role::Server,
+                    Some(websocket_config()),
+                )
+                .await;
+                websocket_port_forward(ws, target, ports.unwrap_or_default()).await;
+            }
             Transport::WebSocket { .. } => {
                 // SPDY frames inside WebSocket binary messages: unwrap into a byte stream.
                 let ws = WebSocketStream::from_raw_socket(
@@ -555,6 +579,132 @@ pub async fn port_forward(
         }
     });
     Ok(reply)
+}
+
+/// The ports of a WebSocket port-forward request.
+fn query_ports(query: &str) -> Result<Vec<u16>, ApiError> {
+    let mut ports = Vec::new();
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        if key != "ports" {
+            continue;
+        }
+        for port in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match port.parse::<u16>() {
+                Ok(p) if p > 0 => ports.push(p),
+                _ => {
+                    return Err(ApiError::bad_request(format!(
+                        "invalid port {port:?}: must be 1-65535"
+                    )));
+                }
+            }
+        }
+    }
+    if ports.is_empty() {
+        return Err(ApiError::bad_request(
+            "query parameter \"ports\" is required for port-forwarding over WebSocket",
+        ));
+    }
+    Ok(ports)
+}
+
+/// Port-forward in WebSocket channel framing (`v4.channel.k8s.io`, as the Python clients,
+/// kr8s and client-node speak it): port `i` of the request has data channel `2i` and error
+/// channel `2i+1`; each channel's first message from the server carries the port number (two
+/// bytes, little-endian); every message starts with its channel byte.
+async fn websocket_port_forward<IO>(ws: WebSocketStream<IO>, target: Target, ports: Vec<u16>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let target = Arc::new(target);
+    let (mut sink, mut stream) = ws.split();
+    let (out, mut outgoing) = tokio::sync::mpsc::channel::<Message>(64);
+    let frame = |channel: usize, data: &[u8]| {
+        let mut bytes = Vec::with_capacity(data.len() + 1);
+        bytes.push(channel as u8);
+        bytes.extend_from_slice(data);
+        Message::binary(bytes)
+    };
+    let mut to_nodes = Vec::new();
+    let mut tasks = Vec::new();
+    for (i, port) in ports.iter().copied().enumerate() {
+        for channel in [2 * i, 2 * i + 1] {
+            if sink
+                .send(frame(channel, &port.to_le_bytes()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let (to_node, body) = body_channel();
+        to_nodes.push(to_node);
+        let (target, out) = (target.clone(), out.clone());
+        tasks.push(tokio::spawn(async move {
+            let path = format!(
+                "/portForward/{}/{}?port={port}&podUID={}",
+                target.namespace, target.pod, target.uid
+            );
+            let Ok(request) = Request::builder().method("POST").uri(path).body(body) else {
+                return;
+            };
+            let failure = match target.connection.call(request).await {
+                Ok(r) if r.status().is_success() => {
+                    let mut from_node = r.into_body().into_data_stream();
+                    while let Some(Ok(chunk)) = from_node.next().await {
+                        if out.send(frame(2 * i, &chunk)).await.is_err() {
+                            return;
+                        }
+                    }
+                    return;
+                }
+                Ok(r) => {
+                    let bytes = axum::body::to_bytes(r.into_body(), 64 * 1024)
+                        .await
+                        .unwrap_or_default();
+                    format!(
+                        "an error occurred forwarding {port}: {}",
+                        String::from_utf8_lossy(&bytes).trim()
+                    )
+                }
+                Err(e) => format!("the pod's node agent failed: {e}"),
+            };
+            let _ = out.send(frame(2 * i + 1, failure.as_bytes())).await;
+        }));
+    }
+    drop(out);
+    loop {
+        tokio::select! {
+            m = stream.next() => match m {
+                Some(Ok(Message::Binary(b))) if !b.is_empty() => {
+                    let channel = b[0] as usize;
+                    // Data for a port; what clients write on error channels is ignored.
+                    if channel.is_multiple_of(2)
+                        && let Some(to_node) = to_nodes.get_mut(channel / 2)
+                        && to_node.send(Ok(Bytes::copy_from_slice(&b[1..]))).await.is_err()
+                    {
+                        tracing::debug!(channel, "port-forward: the pod connection is gone");
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+            m = outgoing.recv() => match m {
+                Some(message) => {
+                    if sink.send(message).await.is_err() {
+                        break;
+                    }
+                }
+                // Every port's connection has ended.
+                None => {
+                    let _ = sink.send(normal_close()).await;
+                    break;
+                }
+            },
+        }
+    }
+    for task in tasks {
+        task.abort();
+    }
 }
 
 /// Carries the bytes of a WebSocket's binary messages to and from `io`.
