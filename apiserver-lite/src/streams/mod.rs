@@ -640,15 +640,8 @@ where
         to_nodes.push(to_node);
         let (target, out) = (target.clone(), out.clone());
         tasks.push(tokio::spawn(async move {
-            let path = format!(
-                "/portForward/{}/{}?port={port}&podUID={}",
-                target.namespace, target.pod, target.uid
-            );
-            let Ok(request) = Request::builder().method("POST").uri(path).body(body) else {
-                return;
-            };
-            let failure = match target.connection.call(request).await {
-                Ok(r) if r.status().is_success() => {
+            let failure = match target.open_port(port, body).await {
+                Ok(r) => {
                     let mut from_node = r.into_body().into_data_stream();
                     while let Some(Ok(chunk)) = from_node.next().await {
                         if out.send(frame(2 * i, &chunk)).await.is_err() {
@@ -657,16 +650,7 @@ where
                     }
                     return;
                 }
-                Ok(r) => {
-                    let bytes = axum::body::to_bytes(r.into_body(), 64 * 1024)
-                        .await
-                        .unwrap_or_default();
-                    format!(
-                        "an error occurred forwarding {port}: {}",
-                        String::from_utf8_lossy(&bytes).trim()
-                    )
-                }
-                Err(e) => format!("the pod's node agent failed: {e}"),
+                Err(message) => message,
             };
             let _ = out.send(frame(2 * i + 1, failure.as_bytes())).await;
         }));
@@ -767,6 +751,35 @@ struct Target {
     uid: String,
 }
 
+impl Target {
+    /// One connection to `port` of the pod through its node agent: `body` carries the client's
+    /// bytes, the response body the pod's. The error is the message for the client.
+    async fn open_port(&self, port: u16, body: Body) -> Result<Response<Body>, String> {
+        let path = format!(
+            "/portForward/{}/{}?port={port}&podUID={}",
+            self.namespace, self.pod, self.uid
+        );
+        let request = Request::builder()
+            .method("POST")
+            .uri(path)
+            .body(body)
+            .map_err(|e| e.to_string())?;
+        match self.connection.call(request).await {
+            Ok(r) if r.status().is_success() => Ok(r),
+            Ok(r) => {
+                let bytes = axum::body::to_bytes(r.into_body(), 64 * 1024)
+                    .await
+                    .unwrap_or_default();
+                Err(format!(
+                    "an error occurred forwarding {port}: {}",
+                    String::from_utf8_lossy(&bytes).trim()
+                ))
+            }
+            Err(e) => Err(format!("the pod's node agent failed: {e}")),
+        }
+    }
+}
+
 async fn spdy_port_forward<IO>(io: IO, target: Target)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
@@ -817,28 +830,10 @@ async fn forward_one(target: Arc<Target>, port: String, error: spdy::Stream, dat
         return;
     };
     let (mut to_node, body) = body_channel();
-    let path = format!(
-        "/portForward/{}/{}?port={number}&podUID={}",
-        target.namespace, target.pod, target.uid
-    );
-    let Ok(request) = Request::builder().method("POST").uri(path).body(body) else {
-        return;
-    };
-    let response = match target.connection.call(request).await {
-        Ok(r) if r.status().is_success() => r,
-        Ok(r) => {
-            let bytes = axum::body::to_bytes(r.into_body(), 64 * 1024)
-                .await
-                .unwrap_or_default();
-            fail(format!(
-                "an error occurred forwarding {number}: {}",
-                String::from_utf8_lossy(&bytes).trim()
-            ))
-            .await;
-            return;
-        }
-        Err(e) => {
-            fail(format!("the pod's node agent failed: {e}")).await;
+    let response = match target.open_port(number, body).await {
+        Ok(r) => r,
+        Err(message) => {
+            fail(message).await;
             return;
         }
     };
