@@ -333,6 +333,24 @@ impl Site {
     }
 
     /// kubectl that must succeed; returns stdout.
+    /// Runs a Python script (`python -c`) with this site's kubeconfig; panics with its output
+    /// and the server's log unless it exits 0. Returns its stdout.
+    pub fn python_ok(&self, script: &str) -> String {
+        let out = Command::new(python())
+            .args(["-c", script])
+            .env("KUBECONFIG", self.kubeconfig())
+            .output()
+            .expect("run python");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        stdout
+    }
+
     pub fn ok(&self, args: &[&str]) -> String {
         self.ok_stdin(args, None)
     }
@@ -422,6 +440,17 @@ impl Drop for Site {
         self.kill();
         // Network namespaces and tmpfs volumes of pods live under the data dir.
         node::unmount_under(self.dir.path());
+    }
+}
+
+/// The Python with the test clients (`EDGESITE_PYTHON`, or the venv `tests/run.sh` builds in
+/// `target/python-venv`).
+pub fn python() -> PathBuf {
+    match std::env::var("EDGESITE_PYTHON") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/python-venv/bin/python")
+        }
     }
 }
 

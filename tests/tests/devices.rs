@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tests::link::Link;
 use tests::node::Runtime;
-use tests::{Site, edgesite_bin, eventually};
+use tests::{Site, edgesite_bin, eventually, python};
 
 fn need(program: &str, package: &str) {
     let found = Command::new("sh")
@@ -32,16 +32,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn python() -> String {
-    std::env::var("EDGESITE_PYTHON").unwrap_or_else(|_| {
-        let venv = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../target/python-venv/bin/python"
-        );
-        venv.to_string()
-    })
 }
 
 /// A pymodbus TCP server on 127.0.0.1:`port`: holding register 2 holds 23, coil 0 is off.
@@ -67,7 +57,7 @@ StartTcpServer(context=ModbusServerContext(slaves=store, single=True), address=(
     assert!(
         ok,
         "pymodbus is missing from {}: tests/run.sh installs it (pip install pymodbus==3.6.9)",
-        python()
+        python().display()
     );
     let child = Command::new(python())
         .arg(&script)

@@ -394,13 +394,6 @@ fn port_forward_carries_requests_and_downloads_on_several_ports() {
 /// SPDY: two ports of one session, each answering.
 #[test]
 fn the_python_client_port_forwards_over_websocket_channels() {
-    let python = std::env::var("EDGESITE_PYTHON").unwrap_or_else(|_| {
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../target/python-venv/bin/python"
-        )
-        .to_string()
-    });
     let rt = Runtime::start().unwrap();
     let (site, _agent) = setup(&rt);
     let script = r#"
@@ -426,18 +419,7 @@ for port, want in ((8080, b"hello-through-the-tunnel"), (8081, b"second-port")):
         sys.exit(1)
 pf.close()
 "#;
-    let out = Command::new(&python)
-        .args(["-c", script])
-        .env("KUBECONFIG", site.kubeconfig())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        site.log()
-    );
+    site.python_ok(script);
     assert!(
         site.log()
             .contains("port-forward session over WebSocket (v4.channel.k8s.io)"),
@@ -448,13 +430,6 @@ pf.close()
 
 #[test]
 fn the_python_client_execs_over_websockets() {
-    let python = std::env::var("EDGESITE_PYTHON").unwrap_or_else(|_| {
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../target/python-venv/bin/python"
-        )
-        .to_string()
-    });
     let rt = Runtime::start().unwrap();
     let (site, _agent) = setup(&rt);
     let script = r#"
@@ -483,17 +458,7 @@ for stdout, stderr in ((True, False), (False, True)):
     if (got_out, got_err) != want or resp.returncode != 3:
         sys.exit(1)
 "#;
-    let out = Command::new(&python)
-        .args(["-c", script])
-        .env("KUBECONFIG", site.kubeconfig())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    site.python_ok(script);
 }
 
 #[test]

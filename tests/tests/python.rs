@@ -4,14 +4,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use tests::Site;
-
-fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("EDGESITE_PYTHON") {
-        return PathBuf::from(p);
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/python-venv/bin/python")
-}
+use tests::{Site, python};
 
 #[test]
 fn python_client_works_unchanged() {
@@ -71,15 +64,5 @@ d = apps.create_namespaced_deployment("default", {"apiVersion": "apps/v1", "kind
 print("sent status kept:", d.status.replicas)
 sys.exit(0 if d.status.replicas in (None, 0) else 1)
 "#;
-    let out = Command::new(python())
-        .args(["-c", script])
-        .env("KUBECONFIG", site.kubeconfig())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    site.python_ok(script);
 }

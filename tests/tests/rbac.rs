@@ -376,12 +376,7 @@ rules:
 
 #[test]
 fn service_account_tokens_and_the_python_client_see_rbac() {
-    let python = std::env::var("EDGESITE_PYTHON").unwrap_or_else(|_| {
-        format!(
-            "{}/../target/python-venv/bin/python",
-            env!("CARGO_MANIFEST_DIR")
-        )
-    });
+    let python = tests::python();
     let site = Site::start().unwrap();
     site.ok(&["create", "namespace", "ci"]);
     site.ok(&["create", "serviceaccount", "runner", "-n", "ci"]);
