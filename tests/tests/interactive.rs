@@ -418,6 +418,33 @@ for port, want in ((8080, b"hello-through-the-tunnel"), (8081, b"second-port")):
         print("error:", pf.error(port))
         sys.exit(1)
 pf.close()
+
+# The same in base64 text framing (`v4.base64.channel.k8s.io`), through the client's WebSocket.
+import base64
+from kubernetes.stream.ws_client import create_websocket
+conf = client.Configuration.get_default_copy()
+url = conf.host.replace("https://", "wss://") + "/api/v1/namespaces/default/pods/web/portforward?ports=8080"
+ws = create_websocket(conf, url, headers={"sec-websocket-protocol": "v4.base64.channel.k8s.io"})
+first = [ws.recv(), ws.recv()]
+want = ["0" + base64.b64encode((8080).to_bytes(2, "little")).decode(),
+        "1" + base64.b64encode((8080).to_bytes(2, "little")).decode()]
+print("base64 port frames", first, want)
+if first != want:
+    sys.exit(1)
+ws.send("0" + base64.b64encode(b"GET /index.html HTTP/1.0\r\nHost: web\r\n\r\n").decode())
+got = b""
+while b"hello-through-the-tunnel" not in got:
+    m = ws.recv()
+    if not m:
+        break
+    if m[0] != "0":
+        print("unexpected channel", m)
+        sys.exit(1)
+    got += base64.b64decode(m[1:])
+print("base64 got", got)
+if b"200 OK" not in got or b"hello-through-the-tunnel" not in got:
+    sys.exit(1)
+ws.close()
 "#;
     site.python_ok(script);
     assert!(
@@ -459,6 +486,86 @@ for stdout, stderr in ((True, False), (False, True)):
         sys.exit(1)
 "#;
     site.python_ok(script);
+}
+
+/// Upstream's older exec subprotocols, through the Python client's own WebSocket factory:
+/// binary `channel.k8s.io` (and no subprotocol), and the base64 text forms.
+#[test]
+fn exec_speaks_the_older_and_base64_websocket_subprotocols() {
+    let rt = Runtime::start().unwrap();
+    let (site, _agent) = setup(&rt);
+    let script = r#"
+import base64, json, sys
+from urllib.parse import urlencode
+from websocket import ABNF
+from kubernetes import client, config
+from kubernetes.stream.ws_client import create_websocket
+config.load_kube_config()
+conf = client.Configuration.get_default_copy()
+base = conf.host.replace("https://", "wss://")
+
+def run(protocol, command, stdin=None):
+    query = urlencode([("command", c) for c in command] + [("stdout", "true"), ("stderr", "true"), ("stdin", "true" if stdin else "false")])
+    ws = create_websocket(conf, base + "/api/v1/namespaces/default/pods/web/exec?" + query,
+                          headers={"sec-websocket-protocol": protocol})
+    text = "base64" in protocol
+    if stdin:
+        if text:
+            ws.send("0" + base64.b64encode(stdin).decode())
+        else:
+            ws.send(b"\x00" + stdin, opcode=ABNF.OPCODE_BINARY)
+    got = {1: b"", 2: b"", 3: b""}
+    while True:
+        opcode, data = ws.recv_data()
+        if opcode == ABNF.OPCODE_CLOSE:
+            break
+        if not data:
+            continue
+        if text:
+            assert opcode == ABNF.OPCODE_TEXT, ("text frames expected", protocol, opcode)
+            channel, payload = data[0] - ord("0"), base64.b64decode(data[1:])
+        else:
+            channel, payload = data[0], data[1:]
+        got[channel] = got.get(channel, b"") + payload
+    ws.close()
+    return got
+
+for protocol in ("channel.k8s.io", "base64.channel.k8s.io", "v4.base64.channel.k8s.io", ""):
+    got = run(protocol, ["sh", "-c", "echo out; echo err >&2; exit 5"])
+    print(repr(protocol), got)
+    if got[1] != b"out\n" or got[2] != b"err\n":
+        sys.exit(1)
+    if protocol.startswith("v4."):
+        status = json.loads(got[3])
+        if status["reason"] != "NonZeroExitCode" or status["details"]["causes"][0]["message"] != "5":
+            sys.exit(1)
+    elif b"exit code 5" not in got[3] or got[3].startswith(b"{"):
+        # Before v4 the error channel carries the message as plain text.
+        sys.exit(1)
+    ok = run(protocol, ["sh", "-c", "head -n1"], stdin=b"typed in " + protocol.encode() + b"\n")
+    print(repr(protocol), ok)
+    if ok[1] != b"typed in " + protocol.encode() + b"\n":
+        sys.exit(1)
+    if protocol.startswith("v4."):
+        if json.loads(ok[3])["status"] != "Success":
+            sys.exit(1)
+    elif ok[3] != b"":
+        # Success writes nothing there before v4.
+        sys.exit(1)
+"#;
+    site.python_ok(script);
+    let log = site.log();
+    for protocol in [
+        "channel.k8s.io",
+        "base64.channel.k8s.io",
+        "v4.base64.channel.k8s.io",
+    ] {
+        assert!(
+            log.contains(&format!("exec session over WebSocket ({protocol})")),
+            "{log}"
+        );
+    }
+    assert!(log.contains("exec session over WebSocket ()"), "{log}");
 }
 
 #[test]

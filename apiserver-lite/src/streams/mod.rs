@@ -6,15 +6,22 @@
 //! Client side, the protocols kubectl and the client libraries speak (REFERENCE.md §1):
 //! - WebSocket with subprotocol `v5.channel.k8s.io` or `v4.channel.k8s.io` for exec/attach
 //!   (kubectl 1.30+, the Python client): binary messages whose first byte is the channel (0
-//!   stdin, 1 stdout, 2 stderr, 3 status, 4 resize, 255 close in v5);
+//!   stdin, 1 stdout, 2 stderr, 3 status, 4 resize, 255 close in v5); also upstream's older
+//!   `channel.k8s.io` (or no subprotocol), and the text forms `base64.channel.k8s.io` and
+//!   `v4.base64.channel.k8s.io` (each message the channel as an ASCII digit, then the data in
+//!   base64). Before v4 the status channel carries a failure's message as plain text, and
+//!   nothing on success;
 //! - SPDY/3.1 (`spdy.rs`) with `X-Stream-Protocol-Version: v4.channel.k8s.io` for exec/attach
-//!   (kubectl's fallback, and all kubectl 1.20 speaks): one stream per channel;
+//!   (kubectl's fallback, and all kubectl 1.20 speaks): one stream per channel; the older
+//!   `v3.channel.k8s.io`, `v2.channel.k8s.io` and `channel.k8s.io` as upstream (plain-text
+//!   errors);
 //! - SPDY/3.1 with `portforward.k8s.io` for port-forward, plain or carried inside a WebSocket
 //!   (subprotocol `SPDY/3.1+portforward.k8s.io`, kubectl 1.31+): an error and a data stream
 //!   per forwarded connection;
 //! - WebSocket channel framing for port-forward (`v4.channel.k8s.io` or `portforward.k8s.io`,
-//!   the Python clients, kr8s, client-node): the `ports` of the query, one connection each, on
-//!   data channel `2i` and error channel `2i+1`, each channel's first message the port number.
+//!   the Python clients, kr8s, client-node; `v4.base64.channel.k8s.io` in text): the `ports` of
+//!   the query, one connection each, on data channel `2i` and error channel `2i+1`, each
+//!   channel's first message the port number.
 //!
 //! Node side, one HTTP request per session with full-duplex streaming bodies:
 //! `POST /exec/{ns}/{pod}/{container}` and `/attach/...` carry [`frame`]s (the same channel
@@ -98,10 +105,11 @@ fn negotiate(
             .ok_or_else(|| ApiError::bad_request("missing Sec-WebSocket-Key"))?
             .to_string();
         let offered = header_values(headers, header::SEC_WEBSOCKET_PROTOCOL);
-        // Our preference order, among what the client offers.
+        // Our preference order, among what the client offers; `""` in ours accepts a client
+        // that offers none (upstream's pre-v4 binary framing).
         let protocol = websocket
             .iter()
-            .find(|p| offered.iter().any(|o| o == *p))
+            .find(|p| offered.iter().any(|o| o == *p) || (p.is_empty() && offered.is_empty()))
             .ok_or_else(|| {
                 ApiError::bad_request(format!(
                     "unable to upgrade: none of the offered WebSocket subprotocols {offered:?} is supported (supported: {websocket:?})"
@@ -149,8 +157,10 @@ fn switching(transport: &Transport) -> Response<Body> {
             r = r
                 .header(header::UPGRADE, "websocket")
                 .header(header::CONNECTION, "Upgrade")
-                .header(header::SEC_WEBSOCKET_ACCEPT, accept_key(key))
-                .header(header::SEC_WEBSOCKET_PROTOCOL, protocol.as_str());
+                .header(header::SEC_WEBSOCKET_ACCEPT, accept_key(key));
+            if !protocol.is_empty() {
+                r = r.header(header::SEC_WEBSOCKET_PROTOCOL, protocol.as_str());
+            }
         }
         Transport::Spdy { protocol } => {
             r = r
@@ -246,8 +256,20 @@ pub async fn exec(
     }
     let transport = negotiate(
         request.headers(),
-        &["v5.channel.k8s.io", "v4.channel.k8s.io"],
-        &["v4.channel.k8s.io"],
+        &[
+            "v5.channel.k8s.io",
+            "v4.channel.k8s.io",
+            "v4.base64.channel.k8s.io",
+            "channel.k8s.io",
+            "base64.channel.k8s.io",
+            "",
+        ],
+        &[
+            "v4.channel.k8s.io",
+            "v3.channel.k8s.io",
+            "v2.channel.k8s.io",
+            "channel.k8s.io",
+        ],
     )?;
     // Ask the node first: a missing container is an HTTP error the client can print.
     let query = {
@@ -309,24 +331,69 @@ pub async fn exec(
                     Some(websocket_config()),
                 )
                 .await;
-                websocket_exec(
-                    ws,
-                    protocol == "v5.channel.k8s.io",
-                    to_node,
-                    from_node,
-                    command,
-                )
-                .await;
+                websocket_exec(ws, &protocol, to_node, from_node, command).await;
             }
-            Transport::Spdy { .. } => spdy_exec(upgraded, wants, to_node, from_node, command).await,
+            Transport::Spdy { protocol } => {
+                let statuses = protocol == "v4.channel.k8s.io";
+                spdy_exec(upgraded, wants, statuses, to_node, from_node, command).await
+            }
         }
     });
     Ok(reply)
 }
 
+/// How a WebSocket subprotocol frames its channels: a binary message whose first byte is the
+/// channel, or (`*base64*`) a text message whose first character is the channel as an ASCII
+/// digit (`'0' + channel`), then the data in standard base64.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Channels {
+    base64: bool,
+}
+
+impl Channels {
+    fn of(protocol: &str) -> Self {
+        Channels {
+            base64: protocol.contains("base64"),
+        }
+    }
+
+    fn message(self, channel: u8, data: &[u8]) -> Message {
+        use base64::Engine;
+        if self.base64 {
+            let mut text = String::with_capacity(1 + data.len().div_ceil(3) * 4);
+            text.push(char::from(b'0'.wrapping_add(channel)));
+            base64::engine::general_purpose::STANDARD.encode_string(data, &mut text);
+            return Message::text(text);
+        }
+        let mut bytes = Vec::with_capacity(data.len() + 1);
+        bytes.push(channel);
+        bytes.extend_from_slice(data);
+        Message::binary(bytes)
+    }
+
+    /// A client message's channel and data; `None` for a message that carries none (empty,
+    /// control, or base64 that does not decode).
+    fn read(self, message: &Message) -> Option<(u8, Bytes)> {
+        use base64::Engine;
+        let raw: &[u8] = match message {
+            Message::Binary(b) => b,
+            Message::Text(t) => t.as_bytes(),
+            _ => return None,
+        };
+        let (&first, rest) = raw.split_first()?;
+        if self.base64 {
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(rest)
+                .ok()?;
+            return Some((first.wrapping_sub(b'0'), Bytes::from(data)));
+        }
+        Some((first, Bytes::copy_from_slice(rest)))
+    }
+}
+
 async fn websocket_exec<IO, S, E>(
     ws: WebSocketStream<IO>,
-    v5: bool,
+    protocol: &str,
     mut to_node: BodySender,
     mut from_node: Frames<S>,
     command: Vec<String>,
@@ -335,19 +402,21 @@ async fn websocket_exec<IO, S, E>(
     S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
+    let channels = Channels::of(protocol);
+    let v5 = protocol == "v5.channel.k8s.io";
+    // From v4 the status channel carries a Status; before, a failure's message as text.
+    let statuses = protocol.starts_with("v4.") || v5;
     let (mut sink, mut client) = ws.split();
     loop {
         tokio::select! {
             message = client.next() => {
-                let data: Bytes = match message {
-                    Some(Ok(Message::Binary(b))) => b,
-                    Some(Ok(Message::Text(t))) => Bytes::copy_from_slice(t.as_bytes()),
+                let message = match message {
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                    Some(Ok(_)) => continue,
+                    Some(Ok(m)) => m,
                 };
-                let Some((&channel, payload)) = data.split_first() else { continue };
+                let Some((channel, payload)) = channels.read(&message) else { continue };
                 let forward = match channel {
-                    STDIN | RESIZE => Some(frame(channel, payload)),
+                    STDIN | RESIZE => Some(frame(channel, &payload)),
                     CLOSE if v5 && payload.first() == Some(&STDIN) => Some(frame(CLOSE, &[STDIN])),
                     _ => None,
                 };
@@ -364,18 +433,20 @@ async fn websocket_exec<IO, S, E>(
                 };
                 match channel {
                     STDOUT | STDERR => {
-                        let mut m = Vec::with_capacity(payload.len() + 1);
-                        m.push(channel);
-                        m.extend_from_slice(&payload);
-                        if sink.send(Message::binary(m)).await.is_err() {
+                        let sent = sink.send(channels.message(channel, &payload)).await;
+                        if sent.is_err() {
                             return;
                         }
                     }
                     STATUS => {
                         let node: Value = serde_json::from_slice(&payload).unwrap_or_default();
-                        let mut m = vec![STATUS];
-                        m.extend_from_slice(exit_status(&node, &command).to_string().as_bytes());
-                        let _ = sink.send(Message::binary(m)).await;
+                        let status = exit_status(&node, &command);
+                        if statuses {
+                            let _ = sink.send(channels.message(STATUS, status.to_string().as_bytes())).await;
+                        } else if status["status"] != "Success" {
+                            let text = status["message"].as_str().unwrap_or_default();
+                            let _ = sink.send(channels.message(STATUS, text.as_bytes())).await;
+                        }
                         let _ = sink.send(normal_close()).await;
                         // Let the client read the close; it closes the connection.
                         let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -391,9 +462,11 @@ async fn websocket_exec<IO, S, E>(
     }
 }
 
+/// `statuses`: the error stream carries a Status (v4); before v4, a failure's message as text.
 async fn spdy_exec<IO, S, E>(
     io: IO,
     wants: Wants,
+    statuses: bool,
     mut to_node: BodySender,
     mut from_node: Frames<S>,
     command: Vec<String>,
@@ -493,7 +566,12 @@ async fn spdy_exec<IO, S, E>(
                         let node: Value = serde_json::from_slice(&payload).unwrap_or_default();
                         let status = exit_status(&node, &command);
                         if status["status"] != "Success" {
-                            error.out.send(Bytes::from(status.to_string())).await;
+                            let text = if statuses {
+                                status.to_string()
+                            } else {
+                                status["message"].as_str().unwrap_or_default().to_string()
+                            };
+                            error.out.send(Bytes::from(text)).await;
                         }
                         for s in [&stdout, &stderr].into_iter().flatten() {
                             s.out.finish().await;
@@ -523,7 +601,9 @@ pub async fn port_forward(
         &[
             "SPDY/3.1+portforward.k8s.io",
             "v4.channel.k8s.io",
+            "v4.base64.channel.k8s.io",
             "portforward.k8s.io",
+            "",
         ],
         &["portforward.k8s.io"],
     )?;
@@ -555,14 +635,15 @@ pub async fn port_forward(
         };
         match transport {
             Transport::Spdy { .. } => spdy_port_forward(upgraded, target).await,
-            Transport::WebSocket { .. } if ports.is_some() => {
+            Transport::WebSocket { protocol, .. } if ports.is_some() => {
                 let ws = WebSocketStream::from_raw_socket(
                     upgraded,
                     Role::Server,
                     Some(websocket_config()),
                 )
                 .await;
-                websocket_port_forward(ws, target, ports.unwrap_or_default()).await;
+                let channels = Channels::of(&protocol);
+                websocket_port_forward(ws, channels, target, ports.unwrap_or_default()).await;
             }
             Transport::WebSocket { .. } => {
                 // SPDY frames inside WebSocket binary messages: unwrap into a byte stream.
@@ -611,19 +692,18 @@ fn query_ports(query: &str) -> Result<Vec<u16>, ApiError> {
 /// kr8s and client-node speak it): port `i` of the request has data channel `2i` and error
 /// channel `2i+1`; each channel's first message from the server carries the port number (two
 /// bytes, little-endian); every message starts with its channel byte.
-async fn websocket_port_forward<IO>(ws: WebSocketStream<IO>, target: Target, ports: Vec<u16>)
-where
+async fn websocket_port_forward<IO>(
+    ws: WebSocketStream<IO>,
+    channels: Channels,
+    target: Target,
+    ports: Vec<u16>,
+) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let target = Arc::new(target);
     let (mut sink, mut stream) = ws.split();
     let (out, mut outgoing) = tokio::sync::mpsc::channel::<Message>(64);
-    let frame = |channel: usize, data: &[u8]| {
-        let mut bytes = Vec::with_capacity(data.len() + 1);
-        bytes.push(channel as u8);
-        bytes.extend_from_slice(data);
-        Message::binary(bytes)
-    };
+    let frame = move |channel: usize, data: &[u8]| channels.message(channel as u8, data);
     let mut to_nodes = Vec::new();
     let mut tasks = Vec::new();
     for (i, port) in ports.iter().copied().enumerate() {
@@ -659,18 +739,18 @@ where
     loop {
         tokio::select! {
             m = stream.next() => match m {
-                Some(Ok(Message::Binary(b))) if !b.is_empty() => {
-                    let channel = b[0] as usize;
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(m)) => {
+                    let Some((channel, data)) = channels.read(&m) else { continue };
+                    let channel = usize::from(channel);
                     // Data for a port; what clients write on error channels is ignored.
                     if channel.is_multiple_of(2)
                         && let Some(to_node) = to_nodes.get_mut(channel / 2)
-                        && to_node.send(Ok(Bytes::copy_from_slice(&b[1..]))).await.is_err()
+                        && to_node.send(Ok(data)).await.is_err()
                     {
                         tracing::debug!(channel, "port-forward: the pod connection is gone");
                     }
                 }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                Some(Ok(_)) => {}
             },
             m = outgoing.recv() => match m {
                 Some(message) => {
@@ -855,4 +935,70 @@ async fn forward_one(target: Arc<Target>, port: String, error: spdy::Stream, dat
     to_client.finish().await;
     error.finish().await;
     upstream.abort();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_channels_carry_the_channel_as_a_digit() {
+        let text = Channels { base64: true };
+        let m = text.message(STDOUT, b"hello\n");
+        assert_eq!(m, Message::text("1aGVsbG8K"));
+        assert_eq!(
+            text.read(&Message::text("0aGVsbG8K")),
+            Some((STDIN, Bytes::from_static(b"hello\n")))
+        );
+        assert_eq!(text.read(&Message::text("0not base64!")), None);
+        assert_eq!(text.read(&Message::text("")), None);
+        let binary = Channels { base64: false };
+        assert_eq!(
+            binary.message(STDERR, b"x"),
+            Message::binary(vec![STDERR, b'x'])
+        );
+        assert_eq!(
+            binary.read(&Message::binary(vec![STDIN, b'y'])),
+            Some((STDIN, Bytes::from_static(b"y")))
+        );
+    }
+
+    #[test]
+    fn a_client_without_a_subprotocol_gets_the_binary_framing() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::UPGRADE, "websocket".parse().unwrap());
+        headers.insert(
+            "sec-websocket-key",
+            "dGhlIHNhbXBsZSBub25jZQ==".parse().unwrap(),
+        );
+        let t = negotiate(&headers, &["v4.channel.k8s.io", ""], &[]).unwrap();
+        assert!(matches!(&t, Transport::WebSocket { protocol, .. } if protocol.is_empty()));
+        let reply = switching(&t);
+        assert!(
+            reply
+                .headers()
+                .get(header::SEC_WEBSOCKET_PROTOCOL)
+                .is_none()
+        );
+        // Without "" in ours, a client must offer one.
+        assert!(negotiate(&headers, &["v4.channel.k8s.io"], &[]).is_err());
+        headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            "v4.base64.channel.k8s.io, channel.k8s.io".parse().unwrap(),
+        );
+        let t = negotiate(
+            &headers,
+            &[
+                "v4.channel.k8s.io",
+                "v4.base64.channel.k8s.io",
+                "channel.k8s.io",
+                "",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert!(
+            matches!(&t, Transport::WebSocket { protocol, .. } if protocol == "v4.base64.channel.k8s.io")
+        );
+    }
 }
