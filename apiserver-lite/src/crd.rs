@@ -224,6 +224,14 @@ pub fn resources(crd: &Value) -> Vec<ResourceInfo> {
         other => other.to_string(),
     };
     let namespaced = s(crd, "/spec/scope") == "Namespaced";
+    let storage_version = crd
+        .pointer("/spec/versions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|v| v["storage"] == true)
+        .map(|v| s(v, "/name").to_string())
+        .unwrap_or_default();
     let mut out = Vec::new();
     for v in crd
         .pointer("/spec/versions")
@@ -270,6 +278,15 @@ pub fn resources(crd: &Value) -> Vec<ResourceInfo> {
             printer: std::sync::Arc::new(crate::tables::CustomColumns {
                 columns: columns(&v),
             }),
+            // Versions other than the storage version are views of its objects.
+            stored_as: (s(&v, "/name") != storage_version && !storage_version.is_empty()).then(
+                || crate::registry::StoredAs {
+                    group: group.to_string(),
+                    version: storage_version.clone(),
+                    resource: plural.to_string(),
+                    kind: kind.to_string(),
+                },
+            ),
             group: group.to_string(),
             version: s(&v, "/name").to_string(),
             resource: plural.to_string(),

@@ -1716,3 +1716,239 @@ fn client_side_apply_moves_to_server_side_apply() {
     ]);
     assert_eq!(labels, r#"{"tier":"web"}"#);
 }
+
+const NEW_EVENT: &str = "apiVersion: events.k8s.io/v1
+kind: Event
+metadata:
+  name: written-as-new
+  namespace: default
+eventTime: 2026-12-05T10:00:00.000000Z
+reportingController: example.com/controller
+reportingInstance: controller-1
+action: Reconcile
+reason: Reconciled
+note: reconciled through events.k8s.io
+type: Normal
+regarding:
+  apiVersion: v1
+  kind: ConfigMap
+  name: subject
+  namespace: default
+  uid: UID
+";
+
+const CORE_EVENT: &str = "apiVersion: v1
+kind: Event
+metadata:
+  name: written-as-core
+  namespace: default
+involvedObject:
+  apiVersion: v1
+  kind: ConfigMap
+  name: subject
+  namespace: default
+reason: Noticed
+message: written through core/v1
+type: Warning
+count: 3
+firstTimestamp: 2026-12-05T10:00:00Z
+lastTimestamp: 2026-12-05T10:05:00Z
+source:
+  component: example
+";
+
+/// One store, two views: an event written through either API is the same object in both.
+#[test]
+fn events_are_one_store_with_two_views() {
+    let site = Site::start().unwrap();
+    site.ok(&["create", "configmap", "subject"]);
+    let uid = site.ok(&[
+        "get",
+        "configmap",
+        "subject",
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
+    // A watch through the new API sees the core write converted.
+    let mut watch = Command::new(kubectl_bin())
+        .args([
+            "--kubeconfig",
+            site.kubeconfig().to_str().unwrap(),
+            "get",
+            "events.v1.events.k8s.io",
+            "--watch-only",
+            "-o",
+            "json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    site.ok_stdin(
+        &["create", "-f", "-"],
+        Some(&NEW_EVENT.replace("UID", uid.trim())),
+    );
+    site.ok_stdin(&["create", "-f", "-"], Some(CORE_EVENT));
+
+    // The new-API event through core/v1: kubectl get events, describe.
+    let core = site.json(&["get", "events", "written-as-new", "-o", "json"]);
+    assert_eq!(core["apiVersion"], "v1", "{core}");
+    assert_eq!(
+        core["message"], "reconciled through events.k8s.io",
+        "{core}"
+    );
+    assert_eq!(core["involvedObject"]["name"], "subject", "{core}");
+    assert_eq!(
+        core["reportingComponent"], "example.com/controller",
+        "{core}"
+    );
+    assert!(
+        core.get("note").is_none() && core.get("regarding").is_none(),
+        "{core}"
+    );
+    let out = site.ok(&["get", "events"]);
+    assert!(out.contains("reconciled through events.k8s.io"), "{out}");
+    assert!(out.contains("written through core/v1"), "{out}");
+    let out = site.ok(&["describe", "configmap", "subject"]);
+    assert!(out.contains("Reconciled"), "{out}");
+
+    // The core event through events.k8s.io/v1.
+    let new = site.json(&[
+        "get",
+        "events.v1.events.k8s.io",
+        "written-as-core",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(new["apiVersion"], "events.k8s.io/v1", "{new}");
+    assert_eq!(new["note"], "written through core/v1", "{new}");
+    assert_eq!(new["regarding"]["kind"], "ConfigMap", "{new}");
+    assert_eq!(new["deprecatedCount"], 3, "{new}");
+    assert_eq!(new["deprecatedSource"]["component"], "example", "{new}");
+    assert_eq!(
+        new["deprecatedLastTimestamp"], "2026-12-05T10:05:00Z",
+        "{new}"
+    );
+    let list = site.json(&["get", "events.v1.events.k8s.io", "-o", "json"]);
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"written-as-new") && names.contains(&"written-as-core"),
+        "{list}"
+    );
+    assert!(
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["apiVersion"] == "events.k8s.io/v1"),
+        "{list}"
+    );
+    // Field selectors of each view.
+    let out = site.ok(&[
+        "get",
+        "events.v1.events.k8s.io",
+        "--field-selector",
+        "regarding.name=subject,reason=Noticed",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(out.trim(), "event.events.k8s.io/written-as-core", "{out}");
+    let out = site.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=subject,reason=Reconciled",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(out.trim(), "event/written-as-new", "{out}");
+
+    // A change through one view shows in the other; the objects are one (one resourceVersion).
+    site.ok(&[
+        "patch",
+        "events.v1.events.k8s.io",
+        "written-as-core",
+        "--type=merge",
+        "-p",
+        r#"{"note":"changed through the new API"}"#,
+    ]);
+    let core = site.json(&["get", "events", "written-as-core", "-o", "json"]);
+    assert_eq!(core["message"], "changed through the new API", "{core}");
+    assert_eq!(core["count"], 3, "{core}");
+    let new = site.json(&[
+        "get",
+        "events.v1.events.k8s.io",
+        "written-as-core",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(
+        new["metadata"]["resourceVersion"], core["metadata"]["resourceVersion"],
+        "{new} {core}"
+    );
+    // Deleting through one removes it from both.
+    site.ok(&["delete", "events.v1.events.k8s.io", "written-as-new"]);
+    let out = site.kubectl(&["get", "events", "written-as-new"]).unwrap();
+    assert!(!out.status.success());
+
+    let _ = watch.kill();
+    let watched = String::from_utf8_lossy(&watch.wait_with_output().unwrap().stdout).to_string();
+    assert!(
+        watched.contains("\"note\": \"written through core/v1\""),
+        "{watched}"
+    );
+    assert!(!watched.contains("\"involvedObject\""), "{watched}");
+}
+
+const MULTI_VERSION_CRD: &str = "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: gadgets.example.com
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: gadgets, singular: gadget, kind: Gadget}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+  - name: v2
+    served: true
+    storage: false
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+";
+
+/// A CRD's served versions are views of the same objects: each answers in its own version.
+#[test]
+fn every_served_version_of_a_crd_answers_in_its_own_version() {
+    let site = Site::start().unwrap();
+    site.ok_stdin(&["apply", "-f", "-"], Some(MULTI_VERSION_CRD));
+    site.ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/gadgets.example.com",
+        "--timeout=10s",
+    ]);
+    assert!(eventually(Duration::from_secs(10), || {
+        site.kubectl(&["get", "gadgets.v2.example.com"])
+            .is_ok_and(|o| o.status.success())
+    }));
+    site.ok_stdin(
+        &["create", "-f", "-"],
+        Some("apiVersion: example.com/v2\nkind: Gadget\nmetadata: {name: two}\nspec: {size: 2}\n"),
+    );
+    let v1 = site.json(&["get", "gadgets.v1.example.com", "two", "-o", "json"]);
+    assert_eq!(v1["apiVersion"], "example.com/v1", "{v1}");
+    assert_eq!(v1["spec"]["size"], 2, "{v1}");
+    let v2 = site.json(&["get", "gadgets.v2.example.com", "two", "-o", "json"]);
+    assert_eq!(v2["apiVersion"], "example.com/v2", "{v2}");
+    let list = site.json(&["get", "gadgets.v2.example.com", "-o", "json"]);
+    assert_eq!(list["items"][0]["apiVersion"], "example.com/v2", "{list}");
+}

@@ -341,9 +341,10 @@ fn generate_suffix() -> String {
 }
 
 fn key_of(info: &ResourceInfo, namespace: &str, name: &str) -> String {
+    let (group, resource) = info.storage_resource();
     object_key(
-        &info.group,
-        &info.resource,
+        group,
+        resource,
         if info.namespaced { namespace } else { "" },
         name,
     )
@@ -909,12 +910,27 @@ impl Ctx {
     }
 
     async fn load(&self, name: &str) -> Result<Stored, ApiError> {
-        self.server
+        let stored = self
+            .server
             .storage
             .get(&self.key(name))
             .await
             .map_err(|e| storage_error(&self.info, name, e))?
-            .ok_or_else(|| self.not_found(name))
+            .ok_or_else(|| self.not_found(name))?;
+        Ok(self.viewed(stored))
+    }
+
+    /// A stored object as this resource serves it ([`ResourceInfo::from_storage`]).
+    fn viewed(&self, stored: Stored) -> Stored {
+        if self.info.stored_as.is_none() {
+            return stored;
+        }
+        let mut object = Arc::unwrap_or_clone(stored.object);
+        self.info.from_storage(&mut object);
+        Stored {
+            revision: stored.revision,
+            object: Arc::new(object),
+        }
     }
 
     /// Renders one object in the negotiated form.
@@ -975,8 +991,11 @@ impl Ctx {
                 _ => {}
             }
         }
-        let prefix = list_prefix(&self.info.group, &self.info.resource, &self.namespace);
-        let selecting = !opts.labels.is_empty() || !opts.fields.is_empty();
+        let (group, resource) = self.info.storage_resource();
+        let prefix = list_prefix(group, resource, &self.namespace);
+        // Objects stored as another resource are converted, so parsed.
+        let converting = self.info.stored_as.is_some();
+        let selecting = !opts.labels.is_empty() || !opts.fields.is_empty() || converting;
         // Items stay JSON text unless a selector or the output form needs the object.
         let mut items: Vec<(Arc<str>, Option<Value>)> = Vec::new();
         let mut revision = current;
@@ -993,6 +1012,7 @@ impl Ctx {
                 .get(&self.key(name))
                 .await
                 .map_err(|e| storage_error(&self.info, name, e))?
+                .map(|s| self.viewed(s))
                 && opts.matches(&self.info, &s.object)
             {
                 items.push((Arc::from(s.object.to_string()), Some((*s.object).clone())));
@@ -1012,7 +1032,9 @@ impl Ctx {
                 let mut last_key = None;
                 for item in listing.items {
                     if selecting {
-                        let value = item.value().map_err(|e| storage_error(&self.info, "", e))?;
+                        let mut value =
+                            item.value().map_err(|e| storage_error(&self.info, "", e))?;
+                        self.info.from_storage(&mut value);
                         if opts.matches(&self.info, &value) {
                             items.push((item.raw.clone(), Some(value)));
                         }
@@ -1049,7 +1071,7 @@ impl Ctx {
         }
         let rv = list_rv.unwrap_or(revision);
         let token = continue_after.map(|k| encode_continue(rv, &k));
-        if self.output == Output::Json {
+        if self.output == Output::Json && !converting {
             // Splice the stored JSON text: no object trees for large lists.
             let mut body =
                 Vec::with_capacity(items.iter().map(|(raw, _)| raw.len() + 1).sum::<usize>() + 256);
@@ -1319,6 +1341,18 @@ impl Ctx {
         let key = self.key(name);
         let storage = &self.server.storage;
         let deleted = matches!(write, Write::Delete { .. });
+        // Stored as the resource that owns the objects (see `ResourceInfo::stored_as`).
+        let write = match write {
+            Write::Create(mut new) if !dry_run => {
+                self.info.to_storage(&mut new);
+                Write::Create(new)
+            }
+            Write::Update { old, mut new } if !dry_run => {
+                self.info.to_storage(&mut new);
+                Write::Update { old, new }
+            }
+            other => other,
+        };
         let stored = match write {
             Write::Create(new) if dry_run => Ok(Stored {
                 revision: 0,
@@ -1337,6 +1371,7 @@ impl Ctx {
             Write::Delete { old, .. } => storage.delete(&key, Some(old.revision)).await,
         }
         .map_err(|e| storage_error(&self.info, name, e))?;
+        let stored = self.viewed(stored);
         if !dry_run {
             self.after_write(name, (!deleted).then_some(&*stored.object))
                 .await;
@@ -2098,7 +2133,8 @@ impl Ctx {
         options: &DeleteOptions,
     ) -> Result<Response, ApiError> {
         let opts = list_options(&self.info, query)?;
-        let prefix = list_prefix(&self.info.group, &self.info.resource, &self.namespace);
+        let (group, resource) = self.info.storage_resource();
+        let prefix = list_prefix(group, resource, &self.namespace);
         let listing = self
             .server
             .storage
@@ -2107,7 +2143,8 @@ impl Ctx {
             .map_err(|e| storage_error(&self.info, "", e))?;
         let mut deleted = Vec::new();
         for item in listing.items {
-            let object = item.value().map_err(|e| storage_error(&self.info, "", e))?;
+            let mut object = item.value().map_err(|e| storage_error(&self.info, "", e))?;
+            self.info.from_storage(&mut object);
             if !opts.matches(&self.info, &object) {
                 continue;
             }

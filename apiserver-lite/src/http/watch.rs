@@ -130,7 +130,8 @@ fn translate(
     selecting: bool,
     event: &WatchEvent,
 ) -> Option<(&'static str, Payload)> {
-    if !selecting {
+    let converting = info.stored_as.is_some();
+    if !selecting && !converting {
         let kind = match event.event_type {
             EventType::Added => "ADDED",
             EventType::Modified => "MODIFIED",
@@ -138,12 +139,17 @@ fn translate(
         };
         return Some((kind, Payload::Raw(event.object.clone())));
     }
-    let object = event.object_value()?;
+    let viewed = |mut o: Value| {
+        info.from_storage(&mut o);
+        o
+    };
+    let object = viewed(event.object_value()?);
+    let previous = || event.previous_value().map(viewed);
     let now_matches = |o: &Value| opts.matches(info, o);
     match event.event_type {
         EventType::Added => now_matches(&object).then_some(("ADDED", Payload::Parsed(object))),
         EventType::Modified => {
-            let was = event.previous_value().is_some_and(|p| now_matches(&p));
+            let was = previous().is_some_and(|p| now_matches(&p));
             let is = now_matches(&object);
             match (was, is) {
                 (true, true) => Some(("MODIFIED", Payload::Parsed(object))),
@@ -153,8 +159,7 @@ fn translate(
             }
         }
         EventType::Deleted => {
-            let was = event
-                .previous_value()
+            let was = previous()
                 .map(|p| now_matches(&p))
                 .unwrap_or_else(|| now_matches(&object));
             was.then_some(("DELETED", Payload::Parsed(object)))
@@ -199,7 +204,8 @@ pub async fn watch(ctx: Ctx, query: &Query) -> Result<Response, ApiError> {
         Some(v) => v,
         None => from_now,
     };
-    let prefix = list_prefix(&ctx.info.group, &ctx.info.resource, &ctx.namespace);
+    let (group, resource) = ctx.info.storage_resource();
+    let prefix = list_prefix(group, resource, &ctx.namespace);
     let hub_storage = ctx.server.storage.clone();
     let (tx, rx) = mpsc::channel::<(Bytes, OwnedSemaphorePermit)>(BUFFER);
     let outbox = Outbox {
@@ -250,8 +256,11 @@ pub async fn watch(ctx: Ctx, query: &Query) -> Result<Response, ApiError> {
         if let Some(listing) = listing {
             let revision = listing.revision;
             for item in listing.items {
-                let line = if selecting {
-                    let Ok(value) = item.value() else { continue };
+                let line = if selecting || info.stored_as.is_some() {
+                    let Ok(mut value) = item.value() else {
+                        continue;
+                    };
+                    info.from_storage(&mut value);
                     if !opts.matches(&info, &value) {
                         continue;
                     }

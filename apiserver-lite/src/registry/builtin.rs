@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::{DecodeError, ResourceInfo, SubresourceInfo, TypedKind};
+use super::{DecodeError, ResourceInfo, StoredAs, SubresourceInfo, TypedKind};
 
 /// The verbs of an ordinary resource.
 pub const ALL_VERBS: &[&str] = &[
@@ -140,6 +140,20 @@ fn resource(
         custom: None,
         strategy: crate::kinds::strategy(group, plural),
         printer: crate::tables::printer(group, plural),
+        stored_as: stored_as(group, plural),
+    }
+}
+
+/// Built-in resources whose objects are another resource's (see [`StoredAs`]).
+fn stored_as(group: &str, plural: &str) -> Option<StoredAs> {
+    match (group, plural) {
+        ("events.k8s.io", "events") => Some(StoredAs {
+            group: String::new(),
+            version: "v1".into(),
+            resource: "events".into(),
+            kind: "Event".into(),
+        }),
+        _ => None,
     }
 }
 

@@ -96,6 +96,29 @@ pub struct CustomResource {
     pub selectable: Vec<(String, String)>,
 }
 
+/// Where a resource's objects live when they are another resource's: a second view of the same
+/// stored objects, converted on the way in and out, as upstream stores one object per
+/// resource whatever version it is written in. `events.k8s.io/v1` Events are core/v1 Events
+/// (`regarding` is `involvedObject`, `note` is `message`, ...); a CRD's served versions share
+/// the objects of its storage version (the `None` conversion: only `apiVersion` changes).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredAs {
+    pub group: String,
+    pub version: String,
+    pub resource: String,
+    pub kind: String,
+}
+
+impl StoredAs {
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+}
+
 /// One REST resource.
 pub struct ResourceInfo {
     pub group: String,
@@ -116,6 +139,8 @@ pub struct ResourceInfo {
     pub strategy: Arc<dyn crate::kinds::Strategy>,
     /// How it prints as a Table.
     pub printer: Arc<dyn crate::tables::Printer>,
+    /// Set when its objects are stored as another version or resource ([`StoredAs`]).
+    pub stored_as: Option<StoredAs>,
 }
 
 impl ResourceInfo {
@@ -132,6 +157,51 @@ impl ResourceInfo {
         match &self.custom {
             Some(c) => c.list_kind.clone(),
             None => format!("{}List", self.kind),
+        }
+    }
+
+    /// The group and resource its objects are stored under.
+    pub fn storage_resource(&self) -> (&str, &str) {
+        match &self.stored_as {
+            Some(s) => (&s.group, &s.resource),
+            None => (&self.group, &self.resource),
+        }
+    }
+
+    /// A stored object as this resource serves it (see [`StoredAs`]). Objects of resources that
+    /// own their storage are left alone.
+    pub fn from_storage(&self, object: &mut Value) {
+        let Some(stored) = &self.stored_as else {
+            return;
+        };
+        let ours = self.api_version();
+        if object.get("apiVersion").and_then(Value::as_str) == Some(ours.as_str()) {
+            return;
+        }
+        if (stored.group.as_str(), stored.resource.as_str()) == ("", "events")
+            && self.group == "events.k8s.io"
+        {
+            crate::kinds::core_event_to_events(object);
+        }
+        if let Some(o) = object.as_object_mut() {
+            o.insert("apiVersion".into(), Value::String(ours));
+            o.insert("kind".into(), Value::String(self.kind.clone()));
+        }
+    }
+
+    /// An object of this resource as it is stored (the inverse of [`Self::from_storage`]).
+    pub fn to_storage(&self, object: &mut Value) {
+        let Some(stored) = &self.stored_as else {
+            return;
+        };
+        if (stored.group.as_str(), stored.resource.as_str()) == ("", "events")
+            && self.group == "events.k8s.io"
+        {
+            crate::kinds::events_to_core_event(object);
+        }
+        if let Some(o) = object.as_object_mut() {
+            o.insert("apiVersion".into(), Value::String(stored.api_version()));
+            o.insert("kind".into(), Value::String(stored.kind.clone()));
         }
     }
 
