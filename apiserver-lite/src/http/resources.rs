@@ -1755,7 +1755,8 @@ impl Ctx {
                 .storage
                 .get(&self.key(name))
                 .await
-                .map_err(|e| storage_error(&self.info, name, e))?;
+                .map_err(|e| storage_error(&self.info, name, e))?
+                .map(|s| self.viewed(s));
             let writer = self.writer(opts, &time, sub, &api_version);
             let merged = fields::apply(
                 current.as_ref().map(|c| c.object.as_ref()),
