@@ -10,6 +10,7 @@ pub mod auth;
 pub mod certificates;
 pub mod crd;
 pub mod error;
+pub mod go_json;
 pub mod http;
 pub mod kinds;
 pub mod metrics;

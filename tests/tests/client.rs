@@ -483,3 +483,42 @@ spec:
     site.ok(&["delete", "crd", "widgets.shop.example"]);
     assert!(has(false), "{}", site.ok(&["get", "apiservices"]));
 }
+
+/// kube-rs's own `fetch_fails` (kube-client 5.0.0): fetching a Service as a Pod fails at the
+/// column just after `{"kind":"Service"`, as against upstream, whose objects start with
+/// `kind` then `apiVersion`; the same order in lists and watch events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_start_with_kind_then_api_version() {
+    use k8s_openapi::api::core::v1::Pod;
+    let site = Site::start().expect("start site");
+    let client = site.client().await.unwrap();
+    // What its `Client::fetch` (behind kube's unstable-client feature) does for this reference.
+    let request = http::Request::get("/api/v1/namespaces/default/services/kubernetes")
+        .body(Vec::new())
+        .unwrap();
+    let err = client.request::<Pod>(request).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Error deserializing response: invalid value: string \"Service\", expected Pod at line 1 column 17"
+    );
+    // Lists' items and watch events too (raw text from the store, and parsed objects).
+    let api: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    api.create(&PostParams::default(), &cm("ordered", "1"))
+        .await
+        .unwrap();
+    let list = site.ok(&["get", "--raw", "/api/v1/namespaces/default/configmaps"]);
+    assert!(
+        list.starts_with(r#"{"kind":"ConfigMapList","apiVersion":"v1""#)
+            && list.contains(r#"[{"kind":"ConfigMap","apiVersion":"v1","data""#),
+        "{list}"
+    );
+    let watched = site.ok(&[
+        "get",
+        "--raw",
+        "/api/v1/namespaces/default/configmaps?watch=1&timeoutSeconds=1&labelSelector=!absent",
+    ]);
+    assert!(
+        watched.starts_with(r#"{"type":"ADDED","object":{"kind":"ConfigMap","apiVersion":"v1""#),
+        "{watched}"
+    );
+}

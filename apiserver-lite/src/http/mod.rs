@@ -130,7 +130,7 @@ async fn cacerts(State(server): State<Arc<ApiServer>>) -> Response {
 }
 
 pub fn json_response(code: StatusCode, value: &Value) -> Response {
-    let body = serde_json::to_vec(value).unwrap_or_default();
+    let body = crate::go_json::to_vec(value);
     (
         code,
         [(

@@ -98,7 +98,7 @@ impl Encoder {
                     Payload::Raw(raw) => serde_json::from_str(&raw).unwrap_or(Value::Null),
                 };
                 let event = json!({"type": kind, "object": self.object(&value)});
-                serde_json::to_vec(&event).unwrap_or_default()
+                crate::go_json::to_vec(&event)
             }
         };
         bytes.push(b'\n');
@@ -106,8 +106,7 @@ impl Encoder {
     }
 
     fn raw(kind: &str, object: &Value) -> Bytes {
-        let mut bytes =
-            serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
+        let mut bytes = crate::go_json::to_vec(&json!({"type": kind, "object": object}));
         bytes.push(b'\n');
         Bytes::from(bytes)
     }

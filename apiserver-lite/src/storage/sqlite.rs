@@ -550,7 +550,7 @@ fn apply_one(
             }
             let mut object = object.unwrap_or(Value::Null);
             stamp_revision(&mut object, revision);
-            let text = serde_json::to_string(&object).map_err(backend)?;
+            let text = crate::go_json::to_string(&object);
             if let Err(e) = super::check_size(&text) {
                 return Ok(Err(e));
             }
@@ -581,7 +581,7 @@ fn apply_one(
             }
             let mut object = object.unwrap_or(Value::Null);
             stamp_revision(&mut object, revision);
-            let text = serde_json::to_string(&object).map_err(backend)?;
+            let text = crate::go_json::to_string(&object);
             if let Err(e) = super::check_size(&text) {
                 return Ok(Err(e));
             }
@@ -616,7 +616,7 @@ fn apply_one(
                 .map_err(backend)?;
             let mut last = parse(&old)?;
             stamp_revision(&mut last, revision);
-            let text = serde_json::to_string(&last).map_err(backend)?;
+            let text = crate::go_json::to_string(&last);
             Ok(Ok((
                 Stored {
                     revision,
