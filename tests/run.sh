@@ -14,6 +14,16 @@ if ! command -v kubectl >/dev/null 2>&1; then
   apt_install kubernetes-client
 fi
 command -v kubectl >/dev/null 2>&1 || { echo "kubectl is required for the end-to-end tests and could not be installed" >&2; exit 1; }
+# Debian's kubectl 1.20 as well, whatever kubectl is on PATH: the oldest kubectl served, the one
+# that validates against OpenAPI v2 only.
+export KUBECTL_OLD="$repo/target/tools/kubectl-1.20"
+if ! "$KUBECTL_OLD" version --client >/dev/null 2>&1; then
+  old_tmp=$(mktemp -d)
+  (cd "$old_tmp" && apt-get download kubernetes-client >/dev/null 2>&1 || { apt-get update -qq && apt-get download kubernetes-client >/dev/null; }) \
+    && dpkg -x "$old_tmp"/kubernetes-client_*.deb "$old_tmp/x" \
+    && mkdir -p "$repo/target/tools" && cp "$old_tmp/x/usr/bin/kubectl" "$KUBECTL_OLD"
+  rm -rf "$old_tmp"
+fi
 # Real containers: containerd, runc, CNI plugins; a registry and busybox for the test images.
 # Each test starts its own containerd; nothing here starts a system-wide one.
 install_node_deps

@@ -16,6 +16,7 @@ pub mod kinds;
 pub mod metrics;
 pub mod node_streams;
 pub mod openapi;
+pub mod openapi_v2;
 pub mod patch;
 pub mod protobuf;
 pub mod registry;

@@ -579,6 +579,32 @@ impl OpenApi {
             .collect()
     }
 
+    /// Changes when any group version's document does (the v2 document's cache key).
+    pub fn hash_all(&self) -> String {
+        let mut all = String::new();
+        for (group, versions) in self.registry.groups() {
+            for version in versions {
+                all.push_str(&self.hash(&group, &version));
+            }
+        }
+        all
+    }
+
+    /// Every served group version's document.
+    pub fn all_documents(&self) -> Vec<Value> {
+        let mut docs = Vec::new();
+        for (group, versions) in self.registry.groups() {
+            for version in versions {
+                if let Some(bytes) = self.document(&group, &version)
+                    && let Ok(doc) = serde_json::from_slice(&bytes)
+                {
+                    docs.push(doc);
+                }
+            }
+        }
+        docs
+    }
+
     pub fn index(&self) -> Value {
         let mut paths = Map::new();
         for (group, versions) in self.registry.groups() {
@@ -702,6 +728,13 @@ impl OpenApi {
         add_patch_meta(&mut schemas);
         for (name, gvk) in kinds {
             if let Some(Value::Object(s)) = schemas.get_mut(&name) {
+                // `metadata` is never required upstream (k8s-openapi's type has it always).
+                if let Some(Value::Array(required)) = s.get_mut("required") {
+                    required.retain(|r| r != "metadata");
+                    if required.is_empty() {
+                        s.remove("required");
+                    }
+                }
                 s.insert("x-kubernetes-group-version-kind".into(), gvk);
             }
         }

@@ -6,13 +6,9 @@ use std::time::Duration;
 
 use tests::{Site, eventually, kubectl_bin, kubectl_minor};
 
-/// kubectl older than 1.27 validates client-side with OpenAPI v2, which we do not serve.
+/// Validation on, for every kubectl (before 1.27 it validates client-side with OpenAPI v2).
 fn validate() -> &'static str {
-    if kubectl_minor() < 27 {
-        "--validate=false"
-    } else {
-        "--validate=true"
-    }
+    "--validate=true"
 }
 
 const DEPLOYMENT: &str = "apiVersion: apps/v1
@@ -1127,9 +1123,9 @@ fn tokens_dry_run_terminating_namespaces_and_node_only_endpoints() {
         String::from_utf8_lossy(&bad.stderr)
     );
 
-    // Server-side dry run validates and answers without storing. (kubectl before 1.27 looks for
-    // dryRun support in OpenAPI v2, which this server does not serve.)
-    if kubectl_minor() >= 27 {
+    // Server-side dry run validates and answers without storing (kubectl before 1.27 looks for
+    // dryRun support in OpenAPI v2 first).
+    {
         let out = site.ok(&[
             "create",
             "configmap",
@@ -1335,9 +1331,7 @@ fn manifests_of_many_kinds_apply_and_reapply() {
     );
     // A kind the server does not know is named in the error.
     let unknown = "apiVersion: example.com/v1\nkind: Gadget\nmetadata:\n  name: g\n";
-    // (With validation on, kubectl first looks for the kind's schema in OpenAPI v2, which this
-    // server does not serve, and says so instead.)
-    let err = site.fails(&["apply", "--validate=false", "-f", "-"], Some(unknown));
+    let err = site.fails(&["apply", "--validate=true", "-f", "-"], Some(unknown));
     assert!(
         err.contains("no matches for kind \"Gadget\" in version \"example.com/v1\""),
         "{err}"
@@ -1594,7 +1588,11 @@ spec:
 ",
         ),
     );
-    // `create job --from` copies the template through a typed (protobuf) create.
+    // `create job --from` copies the template through a typed (protobuf) create (kubectl 1.20
+    // knows only batch/v1beta1 CronJobs).
+    if kubectl_minor() < 21 {
+        return;
+    }
     site.ok(&["create", "job", "manual", "--from=cronjob/nightly"]);
     let job = site.json(&["get", "job", "manual", "-o", "json"]);
     let spec = &job["spec"]["template"]["spec"];
@@ -1673,6 +1671,10 @@ fn managed_fields_name_the_sites_own_writers_and_the_scale_subresource() {
 
 #[test]
 fn client_side_apply_moves_to_server_side_apply() {
+    // kubectl upgrades client-side apply's managed fields from 1.26.
+    if kubectl_minor() < 26 {
+        return;
+    }
     let site = Site::start().unwrap();
     let manifest = |labels: &str| {
         format!(
@@ -1951,4 +1953,118 @@ fn every_served_version_of_a_crd_answers_in_its_own_version() {
     assert_eq!(v2["apiVersion"], "example.com/v2", "{v2}");
     let list = site.json(&["get", "gadgets.v2.example.com", "-o", "json"]);
     assert_eq!(list["items"][0]["apiVersion"], "example.com/v2", "{list}");
+}
+
+const SSAR: &str = "apiVersion: authorization.k8s.io/v1
+kind: SelfSubjectAccessReview
+spec:
+  resourceAttributes: {verb: get, resource: pods}
+";
+
+/// Debian's kubectl 1.20, which validates against OpenAPI v2 only (tests/run.sh fetches it).
+fn old_kubectl(site: &Site, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    use std::io::Write;
+    let bin = std::env::var("KUBECTL_OLD").expect(
+        "KUBECTL_OLD must name Debian's kubectl 1.20 (tests/run.sh fetches it into target/tools)",
+    );
+    let mut child = Command::new(&bin)
+        .arg("--kubeconfig")
+        .arg(site.kubeconfig())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {bin}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.unwrap_or("").as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `/openapi/v2` in JSON and in the protobuf form kubectl reads: kinds whose only endpoint is
+/// POST validate (they failed with "failed to download openapi"), and kubectl 1.20 validates,
+/// explains and patches with it.
+#[test]
+fn openapi_v2_serves_kubectl_validation() {
+    let site = Site::start().unwrap();
+    let out = site.ok_stdin(
+        &[
+            "create",
+            "--validate=true",
+            "-f",
+            "-",
+            "-o",
+            "jsonpath={.status.allowed}",
+        ],
+        Some(SSAR),
+    );
+    assert_eq!(out.trim(), "true", "{out}");
+    let doc = site.json(&["get", "--raw", "/openapi/v2"]);
+    assert_eq!(doc["swagger"], "2.0");
+    assert_eq!(
+        doc["definitions"]["io.k8s.api.apps.v1.Deployment"]["x-kubernetes-group-version-kind"][0]["kind"],
+        "Deployment"
+    );
+
+    let old = old_kubectl(&site, &["version", "--client", "--short"], None);
+    let version = String::from_utf8_lossy(&old.stdout).to_string();
+    assert!(version.contains("v1.20"), "{version}");
+    let out = old_kubectl(&site, &["create", "-f", "-", "-o", "name"], Some(SSAR));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = old_kubectl(
+        &site,
+        &["apply", "--validate=true", "-f", "-"],
+        Some(DEPLOYMENT),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad = DEPLOYMENT
+        .replace("replicas: 3", "replicas: three")
+        .replace("image: nginx", "imagex: nginx");
+    let out = old_kubectl(&site, &["apply", "--validate=true", "-f", "-"], Some(&bad));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(r#"invalid type for io.k8s.api.apps.v1.DeploymentSpec.replicas: got "string", expected "integer""#)
+            && err.contains(r#"unknown field "imagex" in io.k8s.api.core.v1.Container"#),
+        "{err}"
+    );
+    // A strategic merge patch computed from the v2 document (kubectl 1.20 apply).
+    let changed = DEPLOYMENT.replace("value: fast", "value: slow");
+    let out = old_kubectl(
+        &site,
+        &["apply", "--validate=true", "-f", "-"],
+        Some(&changed),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let env = site.ok(&[
+        "get",
+        "deployment",
+        "nginx-deployment",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].env[*].value}",
+    ]);
+    assert_eq!(env.trim(), "slow 1");
+    let out = old_kubectl(&site, &["explain", "deployment.spec.strategy"], None);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("The deployment strategy to use to replace existing pods")
+            && text.contains("rollingUpdate"),
+        "{text}"
+    );
 }

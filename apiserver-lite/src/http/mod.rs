@@ -58,6 +58,8 @@ pub struct ApiServer {
     /// Decides every request (RBAC, the Node authorizer) from caches the store's watch keeps.
     pub authorizer: Arc<Authorizer>,
     pub openapi: OpenApi,
+    /// The OpenAPI v2 document, built from `openapi`'s when first asked after a change.
+    pub openapi_v2: crate::openapi_v2::Cache,
     /// Service cluster IPs and node ports.
     pub services: crate::services::Allocator,
     /// Signs and verifies ServiceAccount tokens, once a key is configured.
@@ -92,6 +94,7 @@ impl ApiServer {
             tokens,
             authorizer: Authorizer::new(),
             openapi,
+            openapi_v2: Default::default(),
             services: crate::services::Allocator::new(services),
             service_account_tokens: std::sync::OnceLock::new(),
             shutdown,
@@ -309,11 +312,31 @@ async fn dispatch(State(server): State<Arc<ApiServer>>, mut request: Request) ->
         Route::Groups => Ok(discovery::groups(&server, output)),
         Route::Group(group) => discovery::group(&server, &group),
         Route::ResourceList(group, version) => discovery::resource_list(&server, &group, &version),
-        Route::OpenApiV2 => Err(ApiError::new(
-            404,
-            "NotFound",
-            "the server serves OpenAPI v3 only: /openapi/v3",
-        )),
+        Route::OpenApiV2 => {
+            // client-go asks for the protobuf form only; browsers and curl get JSON.
+            let protobuf = accept
+                .as_deref()
+                .is_some_and(|a| a.contains("com.github.proto-openapi.spec.v2"));
+            // Built on a blocking thread: the first build after a change takes a while.
+            let server = server.clone();
+            let doc =
+                tokio::task::spawn_blocking(move || server.openapi_v2.document(&server.openapi))
+                    .await
+                    .map_err(|e| ApiError::internal(e.to_string()));
+            doc.map(|doc| {
+                let (content_type, body) = if protobuf {
+                    (crate::openapi_v2::PROTOBUF, doc.protobuf)
+                } else {
+                    ("application/json", doc.json)
+                };
+                (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+                    body,
+                )
+                    .into_response()
+            })
+        }
         Route::OpenApiV3Index => Ok(json_response(StatusCode::OK, &server.openapi.index())),
         Route::OpenApiV3(group, version) => match server.openapi.document(&group, &version) {
             Some(doc) => Ok((
