@@ -53,8 +53,14 @@ echo "== build"
 cargo build --workspace --bins --tests --locked
 export EDGESITE_BIN="$repo/target/debug/edgesite"
 echo "== test"
+status=0
 if command -v cargo-nextest >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast --test-threads 4
+  cargo nextest run --workspace --locked --no-fail-fast --test-threads 4 || status=$?
 else
-  cargo test --workspace --locked --no-fail-fast -- --test-threads 4
+  cargo test --workspace --locked --no-fail-fast -- --test-threads 4 || status=$?
 fi
+# The kubectl tests again with the oldest kubectl served (1.20: OpenAPI v2 validation,
+# autoscaling/v1, older stream protocols).
+echo "== kubectl tests with $("$KUBECTL_OLD" version --client --short 2>/dev/null | head -n1)"
+KUBECTL="$KUBECTL_OLD" cargo test -p tests --locked --test kubectl -- --test-threads 4 || status=$?
+exit "$status"

@@ -807,47 +807,6 @@ impl Strategy for CoreEvents {
     }
 }
 
-/// The fields of a core/v1 Event and their events.k8s.io/v1 names; the others (`eventTime`,
-/// `series`, `action`, `reason`, `related`, `reportingInstance`, `type`) are the same in both.
-const EVENT_RENAMES: &[(&str, &str)] = &[
-    ("involvedObject", "regarding"),
-    ("message", "note"),
-    ("reportingComponent", "reportingController"),
-    ("source", "deprecatedSource"),
-    ("firstTimestamp", "deprecatedFirstTimestamp"),
-    ("lastTimestamp", "deprecatedLastTimestamp"),
-    ("count", "deprecatedCount"),
-];
-
-fn rename_fields(object: &mut Value, renames: impl Iterator<Item = (&'static str, &'static str)>) {
-    let Some(o) = object.as_object_mut() else {
-        return;
-    };
-    for (from, to) in renames {
-        match o.remove(from) {
-            Some(v) => {
-                o.insert(to.into(), v);
-            }
-            None => {
-                o.remove(to);
-            }
-        }
-    }
-}
-
-/// A stored core/v1 Event as events.k8s.io/v1 serves it (upstream's conversion).
-pub fn core_event_to_events(object: &mut Value) {
-    rename_fields(object, EVENT_RENAMES.iter().copied());
-}
-
-/// An events.k8s.io/v1 Event as core/v1 stores it.
-pub fn events_to_core_event(object: &mut Value) {
-    rename_fields(
-        object,
-        EVENT_RENAMES.iter().map(|(core, new)| (*new, *core)),
-    );
-}
-
 /// The strategy of events (events.k8s.io).
 pub struct Events;
 

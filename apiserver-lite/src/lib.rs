@@ -8,6 +8,7 @@
 pub mod apiservices;
 pub mod auth;
 pub mod certificates;
+pub mod conversion;
 pub mod crd;
 pub mod error;
 pub mod go_json;

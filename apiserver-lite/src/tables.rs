@@ -2230,6 +2230,16 @@ impl Printer for HorizontalPodAutoscalersTable {
 /// (`<unknown>` until the controller has measured it; resources named: `cpu: 12%/50%`), the first
 /// two, then `+ N more...`.
 fn hpa_metrics(o: &Value) -> String {
+    // An autoscaling/v1 object prints as the v2 object it is.
+    let v2;
+    let o = if o["apiVersion"] == "autoscaling/v1" {
+        let mut converted = o.clone();
+        crate::conversion::hpa_v1_to_v2(&mut converted);
+        v2 = converted;
+        &v2
+    } else {
+        o
+    };
     let specs = arr(o, "/spec/metrics");
     if specs.is_empty() {
         return "<none>".into();

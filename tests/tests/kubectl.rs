@@ -1506,6 +1506,58 @@ fn autoscaler_targets_show_current_and_target_per_metric() {
         "{out}"
     );
     assert!(out.contains("cpu: <unknown>/50%"), "{out}");
+    // One object, both versions (kubectl before 1.23 autoscales through autoscaling/v1).
+    let v1 = site.json(&[
+        "get",
+        "horizontalpodautoscalers.v1.autoscaling",
+        "web",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(v1["apiVersion"], "autoscaling/v1", "{v1}");
+    assert_eq!(v1["spec"]["targetCPUUtilizationPercentage"], 50, "{v1}");
+    let v2 = site.json(&[
+        "get",
+        "horizontalpodautoscalers.v2.autoscaling",
+        "web",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(v2["apiVersion"], "autoscaling/v2", "{v2}");
+    assert_eq!(
+        v2["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"], 50,
+        "{v2}"
+    );
+    // A metric v1 cannot say survives a write through v1.
+    site.ok(&[
+        "patch",
+        "horizontalpodautoscalers.v2.autoscaling",
+        "web",
+        "--type=json",
+        "-p",
+        r#"[{"op":"add","path":"/spec/metrics/-","value":{"type":"Resource","resource":{"name":"memory","target":{"type":"AverageValue","averageValue":"100Mi"}}}}]"#,
+    ]);
+    site.ok(&[
+        "patch",
+        "horizontalpodautoscalers.v1.autoscaling",
+        "web",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"maxReplicas":6}}"#,
+    ]);
+    let v2 = site.json(&[
+        "get",
+        "horizontalpodautoscalers.v2.autoscaling",
+        "web",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(v2["spec"]["maxReplicas"], 6, "{v2}");
+    assert_eq!(
+        v2["spec"]["metrics"][1]["resource"]["target"]["averageValue"], "100Mi",
+        "{v2}"
+    );
+    assert!(v2["metadata"].get("annotations").is_none(), "{v2}");
 }
 
 #[test]

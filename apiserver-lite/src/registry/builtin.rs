@@ -140,18 +140,24 @@ fn resource(
         custom: None,
         strategy: crate::kinds::strategy(group, plural),
         printer: crate::tables::printer(group, plural),
-        stored_as: stored_as(group, plural),
+        stored_as: stored_as(group, version, plural),
     }
 }
 
 /// Built-in resources whose objects are another resource's (see [`StoredAs`]).
-fn stored_as(group: &str, plural: &str) -> Option<StoredAs> {
+fn stored_as(group: &str, version: &str, plural: &str) -> Option<StoredAs> {
     match (group, plural) {
         ("events.k8s.io", "events") => Some(StoredAs {
             group: String::new(),
             version: "v1".into(),
             resource: "events".into(),
             kind: "Event".into(),
+        }),
+        ("autoscaling", "horizontalpodautoscalers") if version == "v1" => Some(StoredAs {
+            group: "autoscaling".into(),
+            version: "v2".into(),
+            resource: "horizontalpodautoscalers".into(),
+            kind: "HorizontalPodAutoscaler".into(),
         }),
         _ => None,
     }
@@ -587,6 +593,19 @@ pub fn resources() -> Vec<ResourceInfo> {
             ALL_VERBS,
             vec![status()],
             typed::<autoscaling::v2::HorizontalPodAutoscaler>(),
+        ),
+        // The same objects in v1's form (a CPU target; the rest in annotations).
+        resource(
+            "autoscaling",
+            "v1",
+            "horizontalpodautoscalers",
+            "HorizontalPodAutoscaler",
+            true,
+            &["hpa"],
+            all,
+            ALL_VERBS,
+            vec![status()],
+            typed::<autoscaling::v1::HorizontalPodAutoscaler>(),
         ),
         resource(
             "networking.k8s.io",

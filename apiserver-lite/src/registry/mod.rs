@@ -178,11 +178,7 @@ impl ResourceInfo {
         if object.get("apiVersion").and_then(Value::as_str) == Some(ours.as_str()) {
             return;
         }
-        if (stored.group.as_str(), stored.resource.as_str()) == ("", "events")
-            && self.group == "events.k8s.io"
-        {
-            crate::kinds::core_event_to_events(object);
-        }
+        crate::conversion::to_view(&stored.group, &stored.resource, &ours, object);
         if let Some(o) = object.as_object_mut() {
             o.insert("apiVersion".into(), Value::String(ours));
             o.insert("kind".into(), Value::String(self.kind.clone()));
@@ -194,11 +190,8 @@ impl ResourceInfo {
         let Some(stored) = &self.stored_as else {
             return;
         };
-        if (stored.group.as_str(), stored.resource.as_str()) == ("", "events")
-            && self.group == "events.k8s.io"
-        {
-            crate::kinds::events_to_core_event(object);
-        }
+        let ours = self.api_version();
+        crate::conversion::to_storage(&stored.group, &stored.resource, &ours, object);
         if let Some(o) = object.as_object_mut() {
             o.insert("apiVersion".into(), Value::String(stored.api_version()));
             o.insert("kind".into(), Value::String(stored.kind.clone()));
@@ -293,6 +286,9 @@ impl Registry {
             }
         }
         groups.sort_by_key(|(g, _)| group_rank(g));
+        for (_, versions) in &mut groups {
+            versions.sort_by_key(|v| version_priority(v));
+        }
         groups
     }
 
@@ -333,6 +329,38 @@ impl Registry {
     }
 }
 
+/// Kubernetes' version priority, highest first (the first is the group's preferred version):
+/// GA before beta before alpha, higher numbers first (`v2`, `v1`, `v1beta2`, `v1beta1`,
+/// `v1alpha1`), then anything else by name.
+pub fn version_priority(
+    version: &str,
+) -> (u8, std::cmp::Reverse<u64>, std::cmp::Reverse<u64>, String) {
+    use std::cmp::Reverse;
+    let parse = || -> Option<(u8, u64, u64)> {
+        let rest = version.strip_prefix('v')?;
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let major: u64 = rest[..digits].parse().ok()?;
+        let tail = &rest[digits..];
+        if tail.is_empty() {
+            return Some((0, major, 0));
+        }
+        let (class, number) = if let Some(n) = tail.strip_prefix("beta") {
+            (1, n)
+        } else if let Some(n) = tail.strip_prefix("alpha") {
+            (2, n)
+        } else {
+            return None;
+        };
+        Some((class, major, number.parse().ok()?))
+    };
+    match parse() {
+        Some((class, major, minor)) => (class, Reverse(major), Reverse(minor), String::new()),
+        None => (3, Reverse(0), Reverse(0), version.to_string()),
+    }
+}
+
 fn group_rank(group: &str) -> (usize, String) {
     const ORDER: &[&str] = &[
         "",
@@ -360,5 +388,45 @@ fn group_rank(group: &str) -> (usize, String) {
     match ORDER.iter().position(|g| *g == group) {
         Some(i) => (i, String::new()),
         None => (ORDER.len(), group.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_sort_by_kubernetes_priority() {
+        let mut v = vec![
+            "v1alpha1",
+            "v1",
+            "foo",
+            "v2",
+            "v1beta2",
+            "v11alpha2",
+            "v1beta1",
+            "v10",
+        ];
+        v.sort_by_key(|x| version_priority(x));
+        assert_eq!(
+            v,
+            [
+                "v10",
+                "v2",
+                "v1",
+                "v1beta2",
+                "v1beta1",
+                "v11alpha2",
+                "v1alpha1",
+                "foo"
+            ]
+        );
+    }
+
+    #[test]
+    fn autoscaling_prefers_v2() {
+        let groups = Registry::new().groups();
+        let (_, versions) = groups.iter().find(|(g, _)| g == "autoscaling").unwrap();
+        assert_eq!(versions, &["v2", "v1"]);
     }
 }
