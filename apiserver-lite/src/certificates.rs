@@ -14,6 +14,8 @@ use crate::error::Cause;
 pub const GROUP: &str = "certificates.k8s.io";
 /// Client certificates for the API server, signed by the cluster CA once approved.
 pub const KUBE_APISERVER_CLIENT: &str = "kubernetes.io/kube-apiserver-client";
+/// The signer of kubelets' serving certificates (the control plane approves a node's own).
+pub const KUBELET_SERVING: &str = "kubernetes.io/kubelet-serving";
 
 const USAGES: &[&str] = &[
     "signing",
@@ -182,6 +184,24 @@ pub fn validate(object: &Value, causes: &mut Vec<Cause>) {
                 "spec.usages",
                 &json!(usages),
                 "missing required value \"client auth\"",
+            ));
+        }
+    }
+    if signer == KUBELET_SERVING {
+        for (i, u) in usages.iter().enumerate() {
+            if !["digital signature", "key encipherment", "server auth"].contains(u) {
+                causes.push(Cause::unsupported(
+                    format!("spec.usages[{i}]"),
+                    &json!(u),
+                    &["digital signature", "key encipherment", "server auth"],
+                ));
+            }
+        }
+        if !usages.contains(&"server auth") {
+            causes.push(Cause::invalid(
+                "spec.usages",
+                &json!(usages),
+                "missing required value \"server auth\"",
             ));
         }
     }

@@ -99,6 +99,7 @@ pub struct Runtime {
     nodes: std::cell::Cell<u32>,
     /// The MQTT port of each node's EventBus.
     mqtt: std::cell::RefCell<std::collections::BTreeMap<String, u16>>,
+    kubelet: std::cell::RefCell<std::collections::BTreeMap<String, u16>>,
 }
 
 impl Runtime {
@@ -124,6 +125,7 @@ impl Runtime {
             slot,
             nodes: std::cell::Cell::new(0),
             mqtt: Default::default(),
+            kubelet: Default::default(),
         };
         rt.spawn_containerd()?;
         Ok(rt)
@@ -227,6 +229,8 @@ impl Runtime {
                 self.dir.path().join("registries.yaml").display()
             ),
             format!("--mqtt-bind=127.0.0.1:{}", self.mqtt_port(node)),
+            // Not the machine's 10250, which an installed site (or a kubelet) may hold.
+            format!("--kubelet-port={}", self.kubelet_port(node)),
             // Nodes on the test machine share its network: the mesh (its port, DNS address
             // and iptables chain) runs only in the mesh tests' own namespaces.
             "--disable-mesh".to_string(),
@@ -237,6 +241,15 @@ impl Runtime {
     pub fn mqtt_port(&self, node: &str) -> u16 {
         *self
             .mqtt
+            .borrow_mut()
+            .entry(node.to_string())
+            .or_insert_with(crate::free_port)
+    }
+
+    /// The port of `node`'s kubelet API (all addresses).
+    pub fn kubelet_port(&self, node: &str) -> u16 {
+        *self
+            .kubelet
             .borrow_mut()
             .entry(node.to_string())
             .or_insert_with(crate::free_port)

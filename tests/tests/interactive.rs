@@ -736,3 +736,178 @@ spec:
         site.ok(&["get", "pod", "shell", "-o", "yaml"])
     );
 }
+
+/// The node's kubelet API (`--kubelet-port`): TLS with a serving certificate the site signed
+/// for the node's address (a `kubernetes.io/kubelet-serving` request the control plane
+/// approved), kube-rs's kubelet client exec (its `needs cluster` node-proxy test), and the
+/// paths Prometheus and metrics-server scrape, each authorized by the API server.
+#[test]
+fn the_kubelet_api_serves_kubelet_clients_on_the_node() {
+    let rt = Runtime::start().unwrap();
+    let (site, agent) = setup(&rt);
+    let port = rt.kubelet_port("edge-1");
+    let ip = site.ok(&[
+        "get",
+        "node",
+        "edge-1",
+        "-o",
+        r#"jsonpath={.status.addresses[?(@.type=="InternalIP")].address}"#,
+    ]);
+    let reported = site.ok(&[
+        "get",
+        "node",
+        "edge-1",
+        "-o",
+        "jsonpath={.status.daemonEndpoints.kubeletEndpoint.Port}",
+    ]);
+    assert_eq!(reported.trim(), port.to_string());
+    let csrs = site.ok(&["get", "csr", "-o", "custom-columns=SIGNER:.spec.signerName,REQUESTOR:.spec.username,CONDITION:.status.conditions[0].type"]);
+    let url = format!("https://{}:{port}", ip.trim());
+    let rt_async = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt_async.block_on(async {
+        use kube::api::AttachParams;
+        use kube::core::kubelet_debug::KubeletDebugParams;
+        // The admin's client certificate, and the site CA checks the node's certificate.
+        let mut config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(site.kubeconfig()).unwrap(),
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+        config.cluster_url = url.parse().unwrap();
+        let kubelet = kube::Client::try_from(config).unwrap();
+        let get = |path: &str| {
+            let kubelet = kubelet.clone();
+            let request = http::Request::get(path).body(Vec::new()).unwrap();
+            async move { kubelet.request_text(request).await }
+        };
+        // The serving certificate comes once the control plane signed it.
+        let started = std::time::Instant::now();
+        loop {
+            match get("/healthz").await {
+                Ok(ok) => {
+                    assert_eq!(ok, "ok");
+                    break;
+                }
+                Err(e) if started.elapsed() < Duration::from_secs(60) => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!(
+                    "the kubelet API at {url} never answered: {e}\nCSRs:\n{csrs}\n{}",
+                    agent.log()
+                ),
+            }
+        }
+        let mut attached = kubelet
+            .kubelet_node_exec(
+                &KubeletDebugParams {
+                    name: "web",
+                    namespace: "default",
+                    ..Default::default()
+                },
+                "web",
+                vec!["sh", "-c", "for i in 1 2 3; do echo $i; done"],
+                &AttachParams::default().stderr(false),
+            )
+            .await
+            .expect("exec through the kubelet API");
+        let mut stdout = attached.stdout().unwrap();
+        let mut out = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut out)
+            .await
+            .unwrap();
+        attached.join().await.unwrap();
+        assert_eq!(out, "1\n2\n3\n");
+
+        let pods: serde_json::Value = serde_json::from_str(&get("/pods").await.unwrap()).unwrap();
+        assert_eq!(pods["kind"], "PodList");
+        assert!(
+            pods["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["metadata"]["name"] == "web"),
+            "{pods}"
+        );
+        let summary: serde_json::Value =
+            serde_json::from_str(&get("/stats/summary").await.unwrap()).unwrap();
+        assert_eq!(summary["node"]["nodeName"], "edge-1", "{summary}");
+        // Samples come every 10 s.
+        let mut cadvisor = String::new();
+        for _ in 0..40 {
+            cadvisor = get("/metrics/cadvisor").await.unwrap();
+            if cadvisor.contains(r#"pod="web""#) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert!(
+            cadvisor.contains("container_memory_working_set_bytes{container=\"web\"")
+                && cadvisor.contains(r#"pod="web""#),
+            "{cadvisor}"
+        );
+        let resource = get("/metrics/resource").await.unwrap();
+        assert!(
+            resource.contains("node_cpu_usage_seconds_total"),
+            "{resource}"
+        );
+        let logs = get("/containerLogs/default/web/web").await;
+        assert!(logs.is_ok(), "{logs:?}");
+    });
+
+    // Bearer tokens are reviewed by the API server; access is its decision.
+    site.ok(&["create", "serviceaccount", "scraper"]);
+    let token = site.ok(&["create", "token", "scraper"]);
+    let token = token.trim();
+    let with_token = |path: &str, token: Option<&str>| -> u16 {
+        let url = format!("https://{}:{port}", ip.trim());
+        let rt_async = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt_async.block_on(async {
+            let mut config = kube::Config::new(url.parse().unwrap());
+            config.accept_invalid_certs = true;
+            if let Some(t) = token {
+                config.auth_info.token = Some(t.to_string().into());
+            }
+            let client = kube::Client::try_from(config).unwrap();
+            let request = http::Request::get(path).body(Vec::new()).unwrap();
+            match client.request_text(request).await {
+                Ok(_) => 200,
+                Err(kube::Error::Api(s)) => s.code,
+                Err(e) => panic!("{path}: {e}"),
+            }
+        })
+    };
+    assert_eq!(with_token("/metrics", None), 401);
+    assert_eq!(with_token("/pods", Some(token)), 403);
+    site.ok(&[
+        "create",
+        "clusterrole",
+        "scrape-nodes",
+        "--verb=get",
+        "--resource=nodes/metrics,nodes/stats",
+    ]);
+    site.ok(&[
+        "create",
+        "clusterrolebinding",
+        "scraper",
+        "--clusterrole=scrape-nodes",
+        "--serviceaccount=default:scraper",
+    ]);
+    // (Decisions are cached for 30 s: these subresources were not asked before.)
+    assert_eq!(with_token("/metrics/resource", Some(token)), 200);
+    assert_eq!(with_token("/stats/summary", Some(token)), 200);
+    assert_eq!(with_token("/pods", Some(token)), 403);
+    assert!(
+        agent.log().contains("kubelet API listening"),
+        "{}",
+        agent.log()
+    );
+}

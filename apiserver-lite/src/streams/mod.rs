@@ -662,11 +662,12 @@ pub async fn port_forward(
     Ok(reply)
 }
 
-/// The ports of a WebSocket port-forward request.
+/// The ports of a WebSocket port-forward request (`ports` to the API server, `port` to a
+/// kubelet).
 fn query_ports(query: &str) -> Result<Vec<u16>, ApiError> {
     let mut ports = Vec::new();
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
-        if key != "ports" {
+        if key != "ports" && key != "port" {
             continue;
         }
         for port in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {

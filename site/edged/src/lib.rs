@@ -32,6 +32,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub node_name: String,
+    /// The port of the node's kubelet API, as the Node reports it (`daemonEndpoints`).
+    pub kubelet_port: u16,
     /// `<data-dir>/agent`: pods, logs, CNI leases, image drop folder.
     pub root: PathBuf,
     pub containerd_socket: PathBuf,

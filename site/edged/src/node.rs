@@ -247,7 +247,7 @@ async fn status(agent: &Agent, node_ip: IpAddr, runtime_version: &str) -> Value 
             {"type": "InternalIP", "address": node_ip.to_string()},
             {"type": "Hostname", "address": c.node_name},
         ],
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": c.kubelet_port}},
         "nodeInfo": {
             "machineID": read_trimmed("/etc/machine-id"),
             "systemUUID": read_trimmed("/sys/class/dmi/id/product_uuid"),

@@ -335,7 +335,77 @@ pub fn resource_metrics(s: &Snapshot) -> String {
     out
 }
 
+/// Prometheus text in cAdvisor's form (`/metrics/cadvisor`): per container (and per pod, with
+/// an empty `container`, and the node as `id="/"`) the CPU and memory series Prometheus and
+/// dashboards read.
+pub fn cadvisor_metrics(s: &Snapshot) -> String {
+    let ms = s.time.map(|t| t.timestamp_millis()).unwrap_or(0);
+    let mut out = String::new();
+    let labels = |c: &ContainerStats| {
+        format!(
+            "container=\"{}\",id=\"/kubepods/pod{}/{}\",image=\"\",name=\"{}\",namespace=\"{}\",pod=\"{}\"",
+            escape(&c.name),
+            escape(&c.uid),
+            escape(&c.name),
+            escape(&c.name),
+            escape(&c.namespace),
+            escape(&c.pod)
+        )
+    };
+    let node = "container=\"\",id=\"/\",image=\"\",name=\"\",namespace=\"\",pod=\"\"";
+    out.push_str("# HELP container_cpu_usage_seconds_total Cumulative cpu time consumed in seconds.\n# TYPE container_cpu_usage_seconds_total counter\n");
+    out.push_str(&format!(
+        "container_cpu_usage_seconds_total{{cpu=\"total\",{node}}} {} {ms}\n",
+        s.node.cpu_ns as f64 / 1e9
+    ));
+    for c in &s.containers {
+        out.push_str(&format!(
+            "container_cpu_usage_seconds_total{{cpu=\"total\",{}}} {} {ms}\n",
+            labels(c),
+            c.usage.cpu_ns as f64 / 1e9
+        ));
+    }
+    out.push_str("# HELP container_memory_working_set_bytes Current working set in bytes.\n# TYPE container_memory_working_set_bytes gauge\n");
+    out.push_str(&format!(
+        "container_memory_working_set_bytes{{{node}}} {} {ms}\n",
+        s.node.working_set
+    ));
+    for c in &s.containers {
+        out.push_str(&format!(
+            "container_memory_working_set_bytes{{{}}} {} {ms}\n",
+            labels(c),
+            c.usage.working_set
+        ));
+    }
+    out
+}
+
 const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+pub async fn cadvisor_handler(State(agent): State<Arc<Agent>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, PROMETHEUS)],
+        cadvisor_metrics(&agent.stats.snapshot()),
+    )
+        .into_response()
+}
+
+/// `/pods`: the pods bound to this node as the agent knows them (its cache: it answers offline
+/// too), a v1 PodList as the kubelet's.
+pub async fn pods_handler(State(agent): State<Arc<Agent>>) -> Response {
+    let pods = agent.meta.pods(&agent.config.node_name);
+    let list = serde_json::json!({
+        "kind": "PodList",
+        "apiVersion": "v1",
+        "metadata": {},
+        "items": pods,
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        list.to_string(),
+    )
+        .into_response()
+}
 
 pub async fn resource_handler(State(agent): State<Arc<Agent>>) -> Response {
     (

@@ -59,13 +59,22 @@ pub fn run(args: AgentCommandArgs) -> Result<()> {
             key_pem: credentials.key.clone(),
         };
         let tunnel_stop = shutdown.child_token();
+        let kubelet = crate::kubelet_api::Settings {
+            port: config.kubelet_port,
+            node: config.node_name.clone(),
+            client: client.clone(),
+            ca_pem: credentials.ca.clone(),
+            cert_dir: config.root.join("pki"),
+            shutdown: shutdown.clone(),
+        };
         let publish = move |router: axum::Router| {
+            let kubelet = kubelet.start(&router);
             tokio::spawn(edged::streaming::tunnel::run(
                 tunnel,
                 router,
                 tunnel_stop.clone(),
             ));
-            tunnel_stop.drop_guard()
+            (tunnel_stop.drop_guard(), kubelet)
         };
         tracing::info!(node = %config.node_name, server = %server, "EdgeSite agent starting");
         let device_twin = match device_setup {

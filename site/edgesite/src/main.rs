@@ -9,6 +9,7 @@ mod control_plane;
 mod csr_signer;
 mod devices;
 mod join;
+mod kubelet_api;
 mod logging;
 mod mesh;
 mod pki;
@@ -283,6 +284,10 @@ pub struct AgentArgs {
     /// IP address to advertise for the node (default: the address of the default route).
     #[arg(long = "node-ip", value_name = "IP")]
     pub node_ip: Option<IpAddr>,
+    /// Port of the node's kubelet API (`/pods`, `/stats/summary`, `/metrics/*`, exec, logs and
+    /// port-forward for Prometheus, metrics-server and kubelet clients); 0 turns it off.
+    #[arg(long, default_value_t = 10250)]
+    pub kubelet_port: u16,
     /// containerd's socket.
     #[arg(long, default_value = "/run/containerd/containerd.sock")]
     pub container_runtime_endpoint: PathBuf,
@@ -358,6 +363,7 @@ impl AgentArgs {
             containerd_socket: self.container_runtime_endpoint.clone(),
             containerd_namespace: self.containerd_namespace.clone(),
             node_ip: self.node_ip,
+            kubelet_port: self.kubelet_port,
             labels,
             taints: self.node_taint.clone(),
             control_plane,

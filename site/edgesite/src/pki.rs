@@ -330,6 +330,91 @@ pub fn node_csr(node: &str) -> Result<(String, String)> {
     Ok((csr.pem()?, key.serialize_pem()))
 }
 
+/// A key and a `kubernetes.io/kubelet-serving` request for `node`: subject
+/// `system:node:<node>` in `system:nodes`, the node's names and IPs as its alternative names.
+pub fn kubelet_serving_csr(node: &str, dns: &[String], ips: &[String]) -> Result<(String, String)> {
+    let key = KeyPair::generate().context("generate the kubelet serving key")?;
+    let mut params = CertificateParams::new(dns.to_vec())?;
+    for ip in ips {
+        let ip: std::net::IpAddr = ip.parse().with_context(|| format!("address {ip:?}"))?;
+        params.subject_alt_names.push(rcgen::SanType::IpAddress(ip));
+    }
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("system:node:{node}"));
+    dn.push(DnType::OrganizationName, "system:nodes");
+    params.distinguished_name = dn;
+    let csr = params
+        .serialize_request(&key)
+        .context("make the certificate request")?;
+    Ok((csr.pem()?, key.serialize_pem()))
+}
+
+/// What a `kubernetes.io/kubelet-serving` request names: the node (from `system:node:<node>`
+/// in `system:nodes`), its DNS names and its IPs. Errors for anything else in it (upstream's
+/// rules: no email or URI names, at least one DNS name or IP).
+pub fn kubelet_serving_names(csr_pem: &str) -> Result<(String, Vec<String>, Vec<String>)> {
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .context("the certificate request is not a valid PEM CSR")?;
+    let params = &csr.params;
+    let text = |t: DnType| params.distinguished_name.get(&t).map(dn_text);
+    let cn = text(DnType::CommonName).unwrap_or_default();
+    let org = text(DnType::OrganizationName).unwrap_or_default();
+    let Some(node) = cn.strip_prefix("system:node:").filter(|n| !n.is_empty()) else {
+        anyhow::bail!("the subject must be system:node:<name>, not {cn:?}");
+    };
+    if org != "system:nodes" {
+        anyhow::bail!("the organization must be system:nodes, not {org:?}");
+    }
+    let (mut dns, mut ips) = (Vec::new(), Vec::new());
+    for san in &params.subject_alt_names {
+        match san {
+            rcgen::SanType::DnsName(d) => dns.push(d.as_str().to_string()),
+            rcgen::SanType::IpAddress(ip) => ips.push(ip.to_string()),
+            _ => anyhow::bail!("only DNS names and IP addresses may be asked for"),
+        }
+    }
+    if dns.is_empty() && ips.is_empty() {
+        anyhow::bail!("at least one DNS name or IP address is required");
+    }
+    Ok((node.to_string(), dns, ips))
+}
+
+fn dn_text(value: &rcgen::DnValue) -> String {
+    match value {
+        rcgen::DnValue::Utf8String(s) => s.clone(),
+        rcgen::DnValue::PrintableString(s) => s.as_str().to_string(),
+        rcgen::DnValue::Ia5String(s) => s.as_str().to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Signs an approved `kubernetes.io/kubelet-serving` request: its subject and names as asked
+/// (checked by [`kubelet_serving_names`] first), for server authentication, a year.
+pub fn sign_kubelet_serving_csr(ca: &CertAndKey, csr_pem: &str) -> Result<String> {
+    let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .context("the certificate request is not a valid PEM CSR")?;
+    kubelet_serving_names(csr_pem)?;
+    let ca_key = KeyPair::from_pem(&ca.key).context("read the CA key")?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key).context("read the CA certificate")?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name = csr.params.distinguished_name.clone();
+    params.subject_alt_names = csr.params.subject_alt_names.clone();
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let mut serial: [u8; 16] = rand::random();
+    serial[0] &= 0x7f;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    validity(&mut params, 1);
+    csr.params = params;
+    let cert = csr
+        .signed_by(&issuer)
+        .context("sign the kubelet serving certificate")?;
+    Ok(cert.pem())
+}
+
 /// Signs a joining node's request. The subject is set here, whatever the request says: the
 /// node gets `system:node:<node>` in `system:nodes`, a client certificate for one year.
 pub fn sign_node_csr(ca: &CertAndKey, node: &str, csr_pem: &str) -> Result<String> {

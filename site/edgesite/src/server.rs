@@ -511,10 +511,21 @@ pub fn run(args: ServerArgs) -> Result<()> {
             // The co-located agent's HTTP API is called in process, like its API client.
             let streams = api.nodes.clone();
             let node = config.node_name.clone();
-            let publish = move |router: axum::Router| {
-                streams.register(&node, Arc::new(apiserver_lite::node_streams::InProcess(router)))
-            };
             let node_client = node_client.clone().unwrap_or_else(|| client.clone());
+            let kubelet = crate::kubelet_api::Settings {
+                port: config.kubelet_port,
+                node: node.clone(),
+                client: node_client.clone(),
+                ca_pem: ca.cert.clone(),
+                cert_dir: config.root.join("pki"),
+                shutdown: shutdown.clone(),
+            };
+            let publish = move |router: axum::Router| {
+                let kubelet = kubelet.start(&router);
+                let registered = streams
+                    .register(&node, Arc::new(apiserver_lite::node_streams::InProcess(router)));
+                (registered, kubelet)
+            };
             tokio::spawn(edged::run(config, node_client, publish, shutdown.clone()))
         });
         let device_twin = match device_setup {

@@ -32,6 +32,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/stats/summary", get(crate::stats::summary_handler))
         .route("/metrics/resource", get(crate::stats::resource_handler))
         .route("/metrics", get(crate::stats::metrics_handler))
+        .route("/metrics/cadvisor", get(crate::stats::cadvisor_handler))
+        .route("/pods", get(crate::stats::pods_handler))
+        .route("/healthz", get(|| async { "ok" }))
         .route(
             "/portForward/{namespace}/{pod}",
             post(portforward::port_forward),
