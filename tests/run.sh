@@ -30,16 +30,28 @@ install_node_deps
 apt_install docker-registry busybox-static apache2-utils
 # MQTT clients (a legacy mapper in the device tests) and mosquitto (compared in the benchmark).
 apt_install mosquitto mosquitto-clients
-# The official Python client, for the client-library compatibility test; pymodbus, the Modbus
-# TCP server the Modbus mapper is tested against.
+# Client libraries nobody here wrote, for the compatibility tests: the official Python client,
+# kr8s, lightkube, kubernetes-asyncio and kopf (PyPI); pymodbus, the Modbus TCP server the
+# Modbus mapper is tested against; @kubernetes/client-node (npm).
 venv="$repo/target/python-venv"
-if ! "$venv/bin/python" -c "import kubernetes, pymodbus" >/dev/null 2>&1; then
+python_packages=("kubernetes==37.0.2" "pymodbus==3.6.9" "kr8s==0.20.15" "lightkube==1.0.1"
+  "kubernetes-asyncio==36.1.0" "kopf==1.45.2")
+if ! "$venv/bin/python" -c "import kubernetes, pymodbus, kr8s, lightkube, kubernetes_asyncio, kopf" >/dev/null 2>&1; then
   command -v python3 >/dev/null 2>&1 || apt_install python3
-  rm -rf "$venv"
-  python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
-  "$venv/bin/pip" install -q "kubernetes==37.0.2" "pymodbus==3.6.9"
+  if [ ! -x "$venv/bin/pip" ]; then
+    rm -rf "$venv"
+    python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
+  fi
+  "$venv/bin/pip" install -q "${python_packages[@]}"
 fi
 export EDGESITE_PYTHON="$venv/bin/python"
+command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+export EDGESITE_NODE_CLIENT="$repo/target/node-client"
+if [ ! -f "$EDGESITE_NODE_CLIENT/node_modules/@kubernetes/client-node/package.json" ]; then
+  mkdir -p "$EDGESITE_NODE_CLIENT"
+  echo '{"name": "edgesite-client-node-check", "private": true, "type": "module"}' > "$EDGESITE_NODE_CLIENT/package.json"
+  (cd "$EDGESITE_NODE_CLIENT" && npm install --silent --no-audit --no-fund "@kubernetes/client-node@1.4.0")
+fi
 if command -v rustup >/dev/null 2>&1; then
   rustup component add clippy rustfmt >/dev/null 2>&1 || true
 fi

@@ -351,6 +351,39 @@ impl Site {
         stdout
     }
 
+    /// Runs a Node.js ES module with `@kubernetes/client-node` importable and this site's
+    /// kubeconfig; panics with its output and the server's log unless it exits 0. Returns its
+    /// stdout.
+    pub fn node_ok(&self, script: &str) -> String {
+        let dir = node_client();
+        assert!(
+            dir.join("node_modules/@kubernetes/client-node/package.json")
+                .exists(),
+            "@kubernetes/client-node is missing under {} (tests/run.sh installs it with npm)",
+            dir.display()
+        );
+        // ES modules resolve imports from their own folder.
+        let file = tempfile::Builder::new()
+            .prefix("check-")
+            .suffix(".mjs")
+            .tempfile_in(&dir)
+            .expect("a script file");
+        std::fs::write(file.path(), script).expect("write the script");
+        let out = Command::new("node")
+            .arg(file.path())
+            .env("KUBECONFIG", self.kubeconfig())
+            .output()
+            .expect("run node (tests/run.sh installs it)");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        stdout
+    }
+
     pub fn ok(&self, args: &[&str]) -> String {
         self.ok_stdin(args, None)
     }
@@ -451,6 +484,14 @@ pub fn python() -> PathBuf {
         Err(_) => {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/python-venv/bin/python")
         }
+    }
+}
+
+/// The folder whose `node_modules` holds `@kubernetes/client-node` (tests/run.sh fills it).
+pub fn node_client() -> PathBuf {
+    match std::env::var("EDGESITE_NODE_CLIENT") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/node-client"),
     }
 }
 

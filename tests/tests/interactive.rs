@@ -911,3 +911,112 @@ fn the_kubelet_api_serves_kubelet_clients_on_the_node() {
         agent.log()
     );
 }
+
+/// kr8s (PyPI): exec with separate streams and exit codes, port-forward to the pod, `wait()`.
+#[test]
+fn kr8s_execs_port_forwards_and_waits() {
+    let rt = Runtime::start().unwrap();
+    let (site, _agent) = setup(&rt);
+    let script = r#"
+import sys, urllib.request
+import kr8s
+from kr8s.objects import Pod
+pod = Pod.get("web", namespace="default")
+pod.wait("condition=Ready", timeout=30)
+ex = pod.exec(["sh", "-c", "echo out; echo err >&2"])
+print("exec", ex.stdout, ex.stderr, ex.returncode)
+if ex.stdout != b"out\n" or ex.stderr != b"err\n" or ex.returncode != 0:
+    sys.exit(1)
+failed = pod.exec(["sh", "-c", "exit 3"], check=False)
+print("exit", failed.returncode)
+if failed.returncode != 3:
+    sys.exit(1)
+with pod.portforward(remote_port=8080) as port:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html", timeout=10).read()
+    print("forwarded", body)
+    if b"hello-through-the-tunnel" not in body:
+        sys.exit(1)
+"#;
+    site.python_ok(script);
+}
+
+/// kubernetes-asyncio (PyPI): exec over its WebSocket client with stderr off (the shim once
+/// refused: opening file "").
+#[test]
+fn kubernetes_asyncio_execs_with_one_output_stream() {
+    let rt = Runtime::start().unwrap();
+    let (site, _agent) = setup(&rt);
+    let script = r#"
+import asyncio, sys
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.stream import WsApiClient
+async def main():
+    await config.load_kube_config()
+    async with WsApiClient() as ws:
+        v1 = client.CoreV1Api(api_client=ws)
+        out = await v1.connect_get_namespaced_pod_exec("web", "default",
+            command=["sh", "-c", "echo only-out; echo hidden >&2"],
+            stderr=False, stdin=False, stdout=True, tty=False)
+        print("stdout only:", repr(out))
+        if "only-out" not in out or "hidden" in out:
+            sys.exit(1)
+        # The status channel's Status, as upstream writes it.
+        resp = await v1.connect_get_namespaced_pod_exec("web", "default",
+            command=["sh", "-c", "exit 7"], stderr=True, stdin=False, stdout=True, tty=False,
+            _preload_content=False)
+        code = None
+        async with resp as ws_resp:
+            async for msg in ws_resp:
+                data = msg.data if isinstance(msg.data, bytes) else msg.data.encode()
+                if data and data[0] == 3:
+                    code = data[1:].decode()
+        print("status:", code)
+        if code is None or '"NonZeroExitCode"' not in code:
+            sys.exit(1)
+asyncio.run(main())
+"#;
+    site.python_ok(script);
+}
+
+/// `@kubernetes/client-node` (npm): exec with a null stderr, and port-forward over its
+/// WebSocket channel framing.
+#[test]
+fn client_node_execs_and_port_forwards() {
+    let rt = Runtime::start().unwrap();
+    let (site, _agent) = setup(&rt);
+    let script = r#"
+import * as k8s from '@kubernetes/client-node';
+import * as net from 'node:net';
+import { Writable } from 'node:stream';
+const kc = new k8s.KubeConfig();
+kc.loadFromDefault();
+let out = '';
+const stdout = new Writable({ write(chunk, _enc, done) { out += chunk.toString(); done(); } });
+const status = await new Promise((resolve, reject) => {
+  new k8s.Exec(kc)
+    .exec('default', 'web', 'web', ['sh', '-c', 'echo from-node; echo hidden >&2'], stdout, null, null, false, resolve)
+    .catch(reject);
+});
+console.log('exec', JSON.stringify(out), status.status);
+if (out !== 'from-node\n' || status.status !== 'Success') process.exit(1);
+
+const forward = new k8s.PortForward(kc);
+const server = net.createServer((socket) => {
+  forward.portForward('default', 'web', [8080], socket, null, socket).catch((e) => console.log('forward failed', e));
+});
+await new Promise((r) => server.listen(0, '127.0.0.1', r));
+const port = server.address().port;
+const body = await new Promise((resolve, reject) => {
+  const c = net.connect(port, '127.0.0.1', () => c.write('GET /index.html HTTP/1.0\r\nHost: web\r\n\r\n'));
+  let got = '';
+  c.on('data', (d) => { got += d.toString(); if (got.includes('hello-through-the-tunnel')) { resolve(got); c.destroy(); } });
+  c.on('error', reject);
+  setTimeout(() => resolve(got), 15000);
+});
+console.log('forwarded', JSON.stringify(body.slice(0, 40)));
+server.close();
+if (!body.includes('200 OK') || !body.includes('hello-through-the-tunnel')) process.exit(1);
+process.exit(0);
+"#;
+    site.node_ok(script);
+}

@@ -66,3 +66,258 @@ sys.exit(0 if d.status.replicas in (None, 0) else 1)
 "#;
     site.python_ok(script);
 }
+
+/// lightkube (PyPI): typed CRUD, merge and JSON patches, server-side apply with its field
+/// manager, the scale subresource, watch, label and field selectors, a custom resource.
+#[test]
+fn lightkube_works_unchanged() {
+    let site = Site::start().unwrap();
+    site.python_ok(
+        r#"
+import sys
+import lightkube
+from lightkube import Client, codecs
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.apps_v1 import Deployment
+from lightkube.resources.core_v1 import ConfigMap
+from lightkube.types import PatchType
+c = Client(field_manager="lightkube-check")
+c.create(ConfigMap(metadata=ObjectMeta(name="lk-cm", namespace="default"), data={"a": "1"}))
+c.patch(ConfigMap, "lk-cm", {"data": {"b": "2"}}, namespace="default")
+c.patch(ConfigMap, "lk-cm", [{"op": "add", "path": "/data/c", "value": "3"}], namespace="default", patch_type=PatchType.JSON)
+assert c.get(ConfigMap, "lk-cm", namespace="default").data == {"a": "1", "b": "2", "c": "3"}
+applied = c.apply(ConfigMap(metadata=ObjectMeta(name="lk-applied", namespace="default"), data={"x": "1"}))
+assert applied.metadata.managedFields[0].manager == "lightkube-check", applied.metadata.managedFields
+dep = codecs.load_all_yaml("""
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: lk-dep, namespace: default}
+spec:
+  selector: {matchLabels: {app: lk}}
+  template:
+    metadata: {labels: {app: lk}}
+    spec: {containers: [{name: c, image: busybox}]}
+""")[0]
+created = c.create(dep)
+assert created.status is not None
+assert c.get(Deployment.Scale, "lk-dep", namespace="default").spec.replicas == 1
+c.replace(Deployment.Scale(metadata=ObjectMeta(name="lk-dep", namespace="default"), spec={"replicas": 3}))
+assert c.get(Deployment, "lk-dep", namespace="default").spec.replicas == 3
+seen = []
+for op, obj in c.watch(ConfigMap, namespace="default"):
+    seen.append(obj.metadata.name)
+    if len(seen) == 3:
+        break
+assert sorted(seen) == ["kube-root-ca.crt", "lk-applied", "lk-cm"], seen
+absent = [x.metadata.name for x in c.list(ConfigMap, namespace="default", labels={"missing": lightkube.operators.not_exists()})]
+assert len(absent) == 3, absent
+assert [x.metadata.name for x in c.list(ConfigMap, namespace="default", fields={"metadata.name": "lk-cm"})] == ["lk-cm"]
+Device = create_namespaced_resource("devices.kubeedge.io", "v1beta1", "Device", "devices")
+assert list(c.list(Device, namespace="default")) == []
+c.delete(ConfigMap, "lk-cm", namespace="default")
+print("lightkube ok")
+"#,
+    );
+}
+
+/// kubernetes-asyncio (PyPI): create and read back with status, watch, patch, paging, events.
+#[test]
+fn kubernetes_asyncio_works_unchanged() {
+    let site = Site::start().unwrap();
+    site.python_ok(
+        r#"
+import asyncio
+from kubernetes_asyncio import client, config, watch
+async def main():
+    await config.load_kube_config()
+    async with client.ApiClient() as api:
+        v1 = client.CoreV1Api(api)
+        apps = client.AppsV1Api(api)
+        assert (await client.VersionApi(api).get_code()).git_version.startswith("v1.")
+        await v1.create_namespaced_config_map("default", {"metadata": {"name": "ka-cm"}, "data": {"a": "1"}})
+        d = await apps.create_namespaced_deployment("default", {"metadata": {"name": "ka-dep"}, "spec": {"selector": {"matchLabels": {"app": "ka"}}, "template": {"metadata": {"labels": {"app": "ka"}}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}})
+        assert d.status is not None
+        s = await v1.create_namespaced_service("default", {"metadata": {"name": "ka-svc"}, "spec": {"ports": [{"port": 80}]}})
+        assert s.status.load_balancer is not None
+        names = []
+        async for ev in watch.Watch().stream(v1.list_namespaced_config_map, "default", timeout_seconds=2):
+            names.append(ev["object"].metadata.name)
+        assert sorted(names) == ["ka-cm", "kube-root-ca.crt"], names
+        patched = await v1.patch_namespaced_config_map("ka-cm", "default", {"data": {"b": "2"}})
+        assert patched.data == {"a": "1", "b": "2"}
+        page = await v1.list_namespaced_config_map("default", limit=1)
+        assert len(page.items) == 1 and page.metadata._continue
+        rest = await v1.list_namespaced_config_map("default", limit=1, _continue=page.metadata._continue)
+        assert len(rest.items) == 1 and rest.items[0].metadata.name != page.items[0].metadata.name
+        await v1.create_namespaced_event("default", {"metadata": {"name": "ka-ev"}, "involvedObject": {"kind": "ConfigMap", "name": "ka-cm", "namespace": "default"}, "reason": "Checked", "message": "seen by asyncio"})
+        raw = await client.EventsV1Api(api).list_namespaced_event("default", _preload_content=False)
+        notes = [e.get("note") for e in (await raw.json())["items"]]
+        assert "seen by asyncio" in notes, notes
+        print("kubernetes-asyncio ok")
+asyncio.run(main())
+"#,
+    );
+}
+
+/// kr8s (PyPI): objects, scale, labels, selectors, api-resources, an async watch.
+#[test]
+fn kr8s_works_unchanged() {
+    let site = Site::start().unwrap();
+    site.python_ok(
+        r#"
+import asyncio
+import kr8s
+from kr8s.objects import ConfigMap, Deployment, Service
+assert kr8s.api().version()["gitVersion"].startswith("v1.")
+cm = ConfigMap({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kr8s-cm", "namespace": "default"}, "data": {"a": "1"}})
+cm.create()
+cm.patch({"data": {"b": "2"}})
+cm.refresh()
+assert cm.raw["data"] == {"a": "1", "b": "2"}
+d = Deployment({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "kd", "namespace": "default"},
+  "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "kd"}}, "template": {"metadata": {"labels": {"app": "kd"}}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}})
+d.create()
+assert d.raw.get("status") is not None
+assert d.ready() is False
+d.scale(2)
+d.refresh()
+assert d.raw["spec"]["replicas"] == 2
+svc = Service({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "ks", "namespace": "default"}, "spec": {"selector": {"app": "kd"}, "ports": [{"port": 80}]}})
+svc.create()
+assert svc.raw["spec"]["clusterIP"] and svc.raw["status"] == {"loadBalancer": {}}
+assert any(r["name"] == "deployments" for r in kr8s.api().api_resources())
+cm.label({"x": "y"})
+assert [c.name for c in kr8s.get("configmaps", namespace="default", label_selector={"x": "y"})] == ["kr8s-cm"]
+assert [c.name for c in kr8s.get("configmaps", namespace="default", field_selector="metadata.name=kr8s-cm")] == ["kr8s-cm"]
+async def watched():
+    api = await kr8s.asyncio.api()
+    seen = []
+    async for event, obj in api.watch("configmaps", namespace="default"):
+        seen.append((event, obj.name))
+        if len(seen) == 2:
+            return sorted(seen)
+assert asyncio.run(watched()) == [("ADDED", "kr8s-cm"), ("ADDED", "kube-root-ca.crt")]
+d.delete()
+print("kr8s ok")
+"#,
+    );
+}
+
+/// kopf (PyPI), a real operator: it watches a custom resource, patches its status from
+/// handlers, posts Events, holds a finalizer and lets go of it on delete.
+#[test]
+fn a_kopf_operator_runs_against_the_site() {
+    let site = Site::start().unwrap();
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: widgets.example.com}
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    subresources: {status: {}}
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec: {type: object, x-kubernetes-preserve-unknown-fields: true}
+          status: {type: object, x-kubernetes-preserve-unknown-fields: true}
+",
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let operator = dir.path().join("operator.py");
+    std::fs::write(
+        &operator,
+        r#"
+import kopf
+
+@kopf.on.create("example.com", "v1", "widgets")
+def created(spec, name, namespace, patch, **_):
+    patch.status["observedSize"] = spec.get("size")
+    kopf.info({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": name, "namespace": namespace}}, reason="Seen", message="a widget")
+    return {"handled": True}
+
+@kopf.on.update("example.com", "v1", "widgets", field="spec.size")
+def resized(new, patch, **_):
+    patch.status["observedSize"] = new
+
+@kopf.on.delete("example.com", "v1", "widgets")
+def deleted(name, logger, **_):
+    logger.info(f"widget {name} let go")
+"#,
+    )
+    .unwrap();
+    let kopf = python().with_file_name("kopf");
+    let log = dir.path().join("kopf.log");
+    let mut child = Command::new(&kopf)
+        .args(["run", "--standalone", "-A"])
+        .arg(&operator)
+        .env("KUBECONFIG", site.kubeconfig())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::process::Stdio::from(
+            std::fs::File::options().append(true).open(&log).unwrap(),
+        ))
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {} (tests/run.sh installs kopf): {e}", kopf.display()));
+    let kopf_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some("apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w1, namespace: default}\nspec: {size: 3}\n"),
+    );
+    let status = |want: &str| {
+        tests::eventually(std::time::Duration::from_secs(30), || {
+            site.ok(&[
+                "get",
+                "widget",
+                "w1",
+                "-o",
+                "jsonpath={.status.observedSize}",
+            ])
+            .trim()
+                == want
+        })
+    };
+    assert!(status("3"), "{}", kopf_log());
+    let widget = site.json(&["get", "widget", "w1", "-o", "json"]);
+    assert_eq!(widget["status"]["created"]["handled"], true, "{widget}");
+    assert!(
+        widget["metadata"]["finalizers"]
+            .to_string()
+            .contains("kopf.zalando.org"),
+        "{widget}"
+    );
+    site.ok(&[
+        "patch",
+        "widget",
+        "w1",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"size":5}}"#,
+    ]);
+    assert!(status("5"), "{}", kopf_log());
+    site.ok(&["delete", "widget", "w1", "--timeout=30s"]);
+    let events = site.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=w1",
+    ]);
+    assert!(
+        events.contains("Seen") && events.contains("a widget"),
+        "{events}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = kopf_log();
+    assert!(text.contains("widget w1 let go"), "{text}");
+    assert!(!text.contains("Traceback"), "{text}");
+}
