@@ -274,7 +274,7 @@ impl ApiError {
             406,
             "NotAcceptable",
             format!(
-                "only the following media types are accepted: application/json, application/yaml (got {accept:?})"
+                "only the following media types are accepted: application/json, application/yaml, application/vnd.kubernetes.protobuf (built-in kinds) (got {accept:?})"
             ),
         )
     }

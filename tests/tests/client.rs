@@ -522,3 +522,131 @@ async fn objects_start_with_kind_then_api_version() {
         "{watched}"
     );
 }
+
+/// `Accept: application/vnd.kubernetes.protobuf` alone (client-go's default for core
+/// components) answers protobuf, read here with k8s-pb (prost types generated from upstream's
+/// .proto files): get, list, create, a watch stream's frames; custom resources get 406.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protobuf_only_clients_get_protobuf() {
+    use k8s_pb::api::apps::v1::Deployment as PbDeployment;
+    use k8s_pb::api::core::v1::{ConfigMap as PbConfigMap, ConfigMapList as PbConfigMapList};
+    use k8s_pb::apimachinery::pkg::apis::meta::v1::WatchEvent;
+    use k8s_pb::apimachinery::pkg::runtime::{RawExtension, Unknown};
+    use prost::Message;
+    let site = Site::start().expect("start site");
+    let client = site.client().await.unwrap();
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: pb, labels: {app: pb}}\nspec:\n  replicas: 0\n  selector: {matchLabels: {app: pb}}\n  strategy: {rollingUpdate: {maxSurge: 25%, maxUnavailable: 1}}\n  template:\n    metadata: {labels: {app: pb}}\n    spec: {containers: [{name: c, image: busybox, resources: {limits: {cpu: 500m}}}]}\n"),
+    );
+    let get = |path: &str| {
+        let client = client.clone();
+        let request = http::Request::get(path)
+            .header("Accept", "application/vnd.kubernetes.protobuf")
+            .body(Vec::new())
+            .unwrap();
+        async move {
+            let response = client
+                .send(request.map(kube::client::Body::from))
+                .await
+                .unwrap();
+            let status = response.status();
+            let content_type = response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            let body = http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            (status, content_type, body)
+        }
+    };
+    let unwrap = |body: &[u8]| -> Unknown {
+        let rest = body.strip_prefix(b"k8s\x00").expect("the protobuf magic");
+        Unknown::decode(rest).expect("a runtime.Unknown")
+    };
+    let (status, content_type, body) = get("/apis/apps/v1/namespaces/default/deployments/pb").await;
+    assert_eq!(status, 200);
+    assert_eq!(content_type, "application/vnd.kubernetes.protobuf");
+    let envelope = unwrap(&body);
+    let type_meta = envelope.type_meta.clone().unwrap();
+    assert_eq!(
+        (type_meta.api_version(), type_meta.kind()),
+        ("apps/v1", "Deployment")
+    );
+    let deployment = PbDeployment::decode(envelope.raw()).unwrap();
+    let spec = deployment.spec.unwrap();
+    assert_eq!(deployment.metadata.as_ref().unwrap().name(), "pb");
+    assert_eq!(spec.replicas, Some(0));
+    let surge = spec
+        .strategy
+        .unwrap()
+        .rolling_update
+        .unwrap()
+        .max_surge
+        .unwrap();
+    assert_eq!((surge.r#type(), surge.str_val()), (1, "25%"));
+    let container = &spec.template.unwrap().spec.unwrap().containers[0];
+    assert_eq!(container.image(), "busybox");
+    assert_eq!(
+        container.resources.as_ref().unwrap().limits["cpu"].string(),
+        "500m"
+    );
+    assert!(
+        deployment
+            .metadata
+            .unwrap()
+            .creation_timestamp
+            .unwrap()
+            .seconds()
+            > 0
+    );
+
+    let api: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    api.create(&PostParams::default(), &cm("pb-cm", "x"))
+        .await
+        .unwrap();
+    let (status, _, body) = get("/api/v1/namespaces/default/configmaps").await;
+    assert_eq!(status, 200);
+    let list = PbConfigMapList::decode(unwrap(&body).raw()).unwrap();
+    let names: Vec<&str> = list
+        .items
+        .iter()
+        .map(|c| c.metadata.as_ref().unwrap().name())
+        .collect();
+    assert!(names.contains(&"pb-cm"), "{names:?}");
+    assert!(!list.metadata.unwrap().resource_version().is_empty());
+
+    // A watch: length-prefixed WatchEvents, each object enveloped.
+    let (status, content_type, body) = get(
+        "/api/v1/namespaces/default/configmaps?watch=1&timeoutSeconds=1&fieldSelector=metadata.name%3Dpb-cm",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        content_type,
+        "application/vnd.kubernetes.protobuf;stream=watch"
+    );
+    let length = u32::from_be_bytes(body[..4].try_into().unwrap()) as usize;
+    let event = WatchEvent::decode(&body[4..4 + length]).unwrap();
+    assert_eq!(event.r#type(), "ADDED");
+    let raw: &RawExtension = event.object.as_ref().unwrap();
+    let object = unwrap(raw.raw());
+    let watched = PbConfigMap::decode(object.raw()).unwrap();
+    assert_eq!(watched.data["v"], "x");
+
+    // Custom resources have no protobuf form.
+    let (status, _, _) = get("/apis/devices.kubeedge.io/v1beta1/namespaces/default/devices").await;
+    assert_eq!(status, 406);
+    // Clients that also accept JSON get JSON.
+    let request = http::Request::get("/api/v1/namespaces/default/configmaps/pb-cm")
+        .header(
+            "Accept",
+            "application/vnd.kubernetes.protobuf, application/json",
+        )
+        .body(Vec::new())
+        .unwrap();
+    let text = client.request_text(request).await.unwrap();
+    assert!(text.starts_with(r#"{"kind":"ConfigMap""#), "{text}");
+}

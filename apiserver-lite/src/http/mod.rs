@@ -172,6 +172,19 @@ pub fn encode(code: StatusCode, value: &Value, output: Output) -> Response {
                 .into_response(),
             Err(e) => error_response(&ApiError::internal(e.to_string())),
         },
+        Output::Protobuf => match crate::protobuf::encode(value) {
+            Ok(body) => (
+                code,
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(crate::protobuf::CONTENT_TYPE),
+                )],
+                body,
+            )
+                .into_response(),
+            // Custom resources have no protobuf form (as upstream: 406).
+            Err(_) => error_response(&ApiError::not_acceptable(crate::protobuf::CONTENT_TYPE)),
+        },
         _ => json_response(code, value),
     }
 }

@@ -281,6 +281,8 @@ pub enum Output {
     PartialMetadata,
     /// Aggregated discovery (`apidiscovery.k8s.io/v2`).
     AggregatedDiscovery,
+    /// `application/vnd.kubernetes.protobuf`, for clients that accept nothing we write in JSON.
+    Protobuf,
 }
 
 /// Picks the first acceptable media range; `None` means nothing we can produce was accepted.
@@ -317,7 +319,12 @@ pub fn negotiate(accept: Option<&str>) -> Option<Output> {
             _ => continue,
         }
     }
-    None
+    // Protobuf only when nothing JSON is acceptable (client-go's core components ask for it
+    // alone); clients that offer both get JSON, which every one of them reads.
+    parse_accept(accept)
+        .into_iter()
+        .any(|r| r.essence == crate::protobuf::CONTENT_TYPE && !r.params.contains_key("as"))
+        .then_some(Output::Protobuf)
 }
 
 #[cfg(test)]
@@ -437,7 +444,16 @@ mod tests {
             negotiate(Some("application/vnd.kubernetes.protobuf, */*")),
             Some(Output::Json)
         );
-        assert_eq!(negotiate(Some("application/vnd.kubernetes.protobuf")), None);
+        assert_eq!(
+            negotiate(Some("application/vnd.kubernetes.protobuf")),
+            Some(Output::Protobuf)
+        );
+        assert_eq!(
+            negotiate(Some(
+                "application/vnd.kubernetes.protobuf;as=Table;g=meta.k8s.io;v=v1"
+            )),
+            None
+        );
         assert_eq!(
             negotiate(Some(
                 "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json"

@@ -88,6 +88,13 @@ impl Encoder {
     }
 
     fn line(&mut self, kind: &str, payload: Payload) -> Bytes {
+        if self.ctx_output == Output::Protobuf {
+            let value = match payload {
+                Payload::Parsed(v) => v,
+                Payload::Raw(raw) => serde_json::from_str(&raw).unwrap_or(Value::Null),
+            };
+            return Self::raw(Output::Protobuf, kind, &value);
+        }
         let mut bytes = match (self.ctx_output, payload) {
             (Output::Json | Output::Yaml, Payload::Raw(raw)) => {
                 format!("{{\"type\":\"{kind}\",\"object\":{raw}}}").into_bytes()
@@ -105,7 +112,11 @@ impl Encoder {
         Bytes::from(bytes)
     }
 
-    fn raw(kind: &str, object: &Value) -> Bytes {
+    /// An event line as is: JSON, or a length-prefixed protobuf frame.
+    fn raw(output: Output, kind: &str, object: &Value) -> Bytes {
+        if output == Output::Protobuf {
+            return Bytes::from(crate::protobuf::watch_frame(kind, object).unwrap_or_default());
+        }
         let mut bytes = crate::go_json::to_vec(&json!({"type": kind, "object": object}));
         bytes.push(b'\n');
         Bytes::from(bytes)
@@ -117,7 +128,7 @@ impl Encoder {
             metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
         }
         let object = json!({"kind": self.info.kind, "apiVersion": self.info.api_version(), "metadata": metadata});
-        Self::raw("BOOKMARK", &object)
+        Self::raw(self.ctx_output, "BOOKMARK", &object)
     }
 }
 
@@ -168,6 +179,12 @@ fn translate(
 
 pub async fn watch(ctx: Ctx, query: &Query) -> Result<Response, ApiError> {
     let opts = list_options(&ctx.info, query)?;
+    let output = ctx.output;
+    if output == Output::Protobuf
+        && !crate::protobuf::supports(&ctx.info.api_version(), &ctx.info.kind)
+    {
+        return Err(ApiError::not_acceptable(crate::protobuf::CONTENT_TYPE));
+    }
     let selecting = !opts.labels.is_empty() || !opts.fields.is_empty();
     let bookmarks = query.flag("allowWatchBookmarks")?;
     let send_initial = match query.get("sendInitialEvents") {
@@ -227,10 +244,10 @@ pub async fn watch(ctx: Ctx, query: &Query) -> Result<Response, ApiError> {
             let status =
                 ApiError::expired(format!("too old resource version: {requested} ({oldest})"))
                     .status();
-            let line = Encoder::raw("ERROR", &status);
+            let line = Encoder::raw(ctx.output, "ERROR", &status);
             return Ok(body_response(
                 StatusCode::OK,
-                "application/json",
+                content_type(ctx.output),
                 Body::from(line),
             ));
         }
@@ -303,7 +320,7 @@ pub async fn watch(ctx: Ctx, query: &Query) -> Result<Response, ApiError> {
                         }
                         Err(StorageError::Expired { .. }) => {
                             let status = ApiError::expired("the watcher fell too far behind; relist and watch again").status();
-                            let _ = outbox.send(Encoder::raw("ERROR", &status)).await;
+                            let _ = outbox.send(Encoder::raw(encoder.ctx_output, "ERROR", &status)).await;
                             return;
                         }
                         Err(_) => return,
@@ -330,7 +347,15 @@ pub async fn watch(ctx: Ctx, query: &Query) -> Result<Response, ApiError> {
     });
     Ok(body_response(
         StatusCode::OK,
-        "application/json",
+        content_type(output),
         Body::from_stream(stream),
     ))
+}
+
+fn content_type(output: Output) -> &'static str {
+    if output == Output::Protobuf {
+        "application/vnd.kubernetes.protobuf;stream=watch"
+    } else {
+        "application/json"
+    }
 }

@@ -8,6 +8,10 @@
 //! its zero value; such zeros are dropped (as JSON's `omitempty` would) except for the pointer
 //! fields where a zero means something (`replicas: 0`, `runAsUser: 0`, ...). Pure code.
 
+mod encode;
+
+pub use encode::{encode, watch_frame};
+
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
@@ -320,7 +324,8 @@ fn special(path: &str, data: &[u8]) -> Result<Option<Value>, String> {
             }
             json!(text)
         }
-        (_, "RawExtension" | "FieldsV1" | "JSON") => {
+        // (`Json`: apiextensions' JSON, as k8s-pb spells the message.)
+        (_, "RawExtension" | "FieldsV1" | "JSON" | "Json") => {
             let mut r = Reader::new(data);
             let mut value = Value::Null;
             while !r.done() {
@@ -479,6 +484,11 @@ fn message_for(api_version: &str, kind: &str) -> Option<String> {
     };
     let path = format!("{package}.{version}.{kind}").to_lowercase();
     table().by_lower.get(&path).cloned()
+}
+
+/// Whether objects of `kind` in `api_version` have a protobuf form.
+pub fn supports(api_version: &str, kind: &str) -> bool {
+    message_for(api_version, kind).is_some()
 }
 
 /// Decodes a `application/vnd.kubernetes.protobuf` body into a JSON object with apiVersion/kind.
@@ -728,6 +738,19 @@ mod tests {
                     }
                 }
                 Err(e) => failures.push(format!("{api_version} {}: {e}", info.kind)),
+            }
+            // And back: the encoder writes what the decoder read.
+            match encode(&decoded).and_then(|b| decode(&b)) {
+                Ok(again) if again == decoded => {}
+                Ok(again) => {
+                    let mut found = Vec::new();
+                    lost(&decoded, &again, "", &mut found);
+                    failures.push(format!(
+                        "{api_version} {}: re-encoding lost {found:?}",
+                        info.kind
+                    ));
+                }
+                Err(e) => failures.push(format!("{api_version} {}: re-encode: {e}", info.kind)),
             }
             checked += 1;
         }
