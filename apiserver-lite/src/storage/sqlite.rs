@@ -51,11 +51,19 @@ pub struct SqliteStorage {
     damaged: Arc<Mutex<Option<String>>>,
 }
 
-/// A backend failure; SQLite's own codes for a damaged file become [`StorageError::Damaged`].
+/// A backend failure; SQLite's own codes for a damaged file become [`StorageError::Damaged`],
+/// and so does a stored value that is not UTF-8 text (the server writes only JSON text: such a
+/// value is a page damaged where SQLite's own checks do not look).
 fn backend<E: std::fmt::Display + 'static>(e: E) -> StorageError {
-    let code = (&e as &dyn std::any::Any)
-        .downcast_ref::<rusqlite::Error>()
-        .and_then(rusqlite::Error::sqlite_error_code);
+    let error = (&e as &dyn std::any::Any).downcast_ref::<rusqlite::Error>();
+    if let Some(
+        rusqlite::Error::Utf8Error(..)
+        | rusqlite::Error::FromSqlConversionFailure(_, rusqlite::types::Type::Text, _),
+    ) = error
+    {
+        return StorageError::Damaged(format!("a stored value is not text: {e}"));
+    }
+    let code = error.and_then(rusqlite::Error::sqlite_error_code);
     match code {
         Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
             StorageError::Damaged(e.to_string())
@@ -192,8 +200,10 @@ fn open_reader(path: &Path) -> Result<Connection, StorageError> {
     Ok(conn)
 }
 
+/// A stored object; one that is not JSON was damaged on disk (the server writes only JSON).
 fn parse(text: &str) -> Result<Value, StorageError> {
-    serde_json::from_str(text).map_err(|e| StorageError::Backend(format!("corrupt object: {e}")))
+    serde_json::from_str(text)
+        .map_err(|e| StorageError::Damaged(format!("a stored object is not JSON: {e}")))
 }
 
 impl SqliteStorage {
