@@ -31,12 +31,12 @@ apt_install docker-registry busybox-static apache2-utils
 # MQTT clients (a legacy mapper in the device tests) and mosquitto (compared in the benchmark).
 apt_install mosquitto mosquitto-clients
 # Client libraries nobody here wrote, for the compatibility tests: the official Python client,
-# kr8s, lightkube, kubernetes-asyncio and kopf (PyPI); pymodbus, the Modbus TCP server the
+# kr8s, lightkube, kubernetes-asyncio, kopf and pykube-ng (PyPI); pymodbus, the Modbus TCP server the
 # Modbus mapper is tested against; @kubernetes/client-node (npm).
 venv="$repo/target/python-venv"
 python_packages=("kubernetes==37.0.2" "pymodbus==3.6.9" "kr8s==0.20.15" "lightkube==1.0.1"
-  "kubernetes-asyncio==36.1.0" "kopf==1.45.2")
-if ! "$venv/bin/python" -c "import kubernetes, pymodbus, kr8s, lightkube, kubernetes_asyncio, kopf" >/dev/null 2>&1; then
+  "kubernetes-asyncio==36.1.0" "kopf==1.45.2" "pykube-ng==23.6.0")
+if ! "$venv/bin/python" -c "import kubernetes, pymodbus, kr8s, lightkube, kubernetes_asyncio, kopf, pykube" >/dev/null 2>&1; then
   command -v python3 >/dev/null 2>&1 || apt_install python3
   if [ ! -x "$venv/bin/pip" ]; then
     rm -rf "$venv"

@@ -321,3 +321,47 @@ def deleted(name, logger, **_):
     assert!(text.contains("widget w1 let go"), "{text}");
     assert!(!text.contains("Traceback"), "{text}");
 }
+
+/// pykube-ng (PyPI): objects, `Deployment.ready` and scale, update, set-based selectors, watch.
+#[test]
+fn pykube_works_unchanged() {
+    let site = Site::start().unwrap();
+    site.python_ok(
+        r#"
+import time
+import pykube
+api = pykube.HTTPClient(pykube.KubeConfig.from_file())
+assert "kube-system" in [n.name for n in pykube.Namespace.objects(api)]
+d = pykube.Deployment(api, {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "pk", "namespace": "default"},
+  "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "pk"}}, "template": {"metadata": {"labels": {"app": "pk"}}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}})
+d.create()
+assert "status" in d.obj, d.obj
+# `ready` compares the controller's observed generation: once it has seen the Deployment.
+for _ in range(50):
+    d.reload()
+    if d.obj["status"].get("observedGeneration"):
+        break
+    time.sleep(0.2)
+assert d.ready, d.obj["status"]
+d.scale(2)
+d.reload()
+assert d.replicas == 2
+cm = pykube.ConfigMap(api, {"metadata": {"name": "pk-cm", "namespace": "default"}, "data": {"a": "1"}})
+cm.create()
+cm.obj["data"]["b"] = "2"
+cm.update()
+cm.reload()
+assert cm.obj["data"] == {"a": "1", "b": "2"}
+names = sorted(c.name for c in pykube.ConfigMap.objects(api).filter(namespace="default", selector={"missing__notin": ["x"]}))
+assert names == ["kube-root-ca.crt", "pk-cm"], names
+seen = []
+for event in pykube.ConfigMap.objects(api).filter(namespace="default").watch():
+    seen.append((event.type, event.object.name))
+    if len(seen) == 2:
+        break
+assert sorted(seen) == [("ADDED", "kube-root-ca.crt"), ("ADDED", "pk-cm")], seen
+d.delete()
+print("pykube ok")
+"#,
+    );
+}
