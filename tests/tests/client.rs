@@ -650,3 +650,99 @@ async fn protobuf_only_clients_get_protobuf() {
     let text = client.request_text(request).await.unwrap();
     assert!(text.starts_with(r#"{"kind":"ConfigMap""#), "{text}");
 }
+
+/// Two of kube-rs's own needs-cluster tests (kube-client 5.0.0) that failed on a site:
+/// `create_token_request` (a TokenReview for other audiences answers the ones the token is
+/// for) and `can_operate_on_pod_metadata` (a metadata patch answers PartialObjectMetadata).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_audiences_and_metadata_patches_answer_as_upstream() {
+    use k8s_openapi::api::authentication::v1::{
+        TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec,
+    };
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use kube::api::{Patch, PatchParams};
+    use kube::core::PartialObjectMetaExt;
+    let site = Site::start().expect("start site");
+    let client = site.client().await.unwrap();
+    let accounts: Api<ServiceAccount> = Api::default_namespaced(client.clone());
+    let mut account = ServiceAccount::default();
+    account.metadata.name = Some("audience".into());
+    accounts
+        .create(&PostParams::default(), &account)
+        .await
+        .unwrap();
+    let audiences = vec!["api".to_string(), "vault".to_string()];
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: audiences.clone(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let token = accounts
+        .create_token_request("audience", &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    let reviews: Api<TokenReview> = Api::all(client.clone());
+    let review = |asked: Vec<String>| {
+        let reviews = reviews.clone();
+        let token = token.clone();
+        async move {
+            reviews
+                .create(
+                    &PostParams::default(),
+                    &TokenReview {
+                        spec: TokenReviewSpec {
+                            audiences: Some(asked),
+                            token: Some(token),
+                        },
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap()
+                .status
+                .unwrap()
+        }
+    };
+    let status = review(vec!["api".into(), "elsewhere".into()]).await;
+    assert_eq!(status.authenticated, Some(true));
+    assert_eq!(status.audiences, Some(vec!["api".to_string()]));
+    assert_eq!(
+        status.user.unwrap().username.as_deref(),
+        Some("system:serviceaccount:default:audience")
+    );
+    let status = review(vec!["elsewhere".into()]).await;
+    assert_ne!(status.authenticated, Some(true));
+
+    let api: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    api.create(&PostParams::default(), &cm("meta", "1"))
+        .await
+        .unwrap();
+    let patch = kube::api::ObjectMeta {
+        annotations: Some([("test".to_string(), "123".to_string())].into()),
+        ..Default::default()
+    }
+    .into_request_partial::<ConfigMap>();
+    let patched = api
+        .patch_metadata("meta", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let types = patched.types.unwrap();
+    assert_eq!(
+        (types.kind.as_str(), types.api_version.as_str()),
+        ("PartialObjectMetadata", "meta.k8s.io/v1")
+    );
+    assert_eq!(
+        patched
+            .metadata
+            .annotations
+            .unwrap()
+            .get("test")
+            .map(String::as_str),
+        Some("123")
+    );
+}

@@ -251,12 +251,23 @@ pub(crate) async fn service_account_identity(
     server: &ApiServer,
     authorization: &str,
 ) -> Option<Identity> {
+    let issuer = server.service_account_tokens.get()?.issuer().to_string();
+    service_account_identity_for(server, authorization, &issuer).await
+}
+
+/// The identity of a ServiceAccount token meant for `audience` (a TokenReview may ask for
+/// others than the API server's own).
+pub(crate) async fn service_account_identity_for(
+    server: &ApiServer,
+    authorization: &str,
+    audience: &str,
+) -> Option<Identity> {
     let token = authorization.strip_prefix("Bearer ")?.trim();
     let issuer = server.service_account_tokens.get()?;
     if !crate::service_accounts::looks_like_jwt(token) {
         return None;
     }
-    let claims = issuer.verify(token, issuer.issuer(), chrono::Utc::now().timestamp())?;
+    let claims = issuer.verify(token, audience, chrono::Utc::now().timestamp())?;
     let exists = |resource: &'static str, name: String, uid: String| {
         let key = crate::storage::object_key("", resource, &claims.namespace, &name);
         async move {

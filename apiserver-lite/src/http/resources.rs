@@ -479,7 +479,7 @@ pub async fn handle(
             report_duplicates(duplicates, &mut opts)?;
             let created = ctx.create(value, &mut opts).await?;
             Ok(with_warnings(
-                encode(StatusCode::CREATED, &created, output),
+                ctx.render(StatusCode::CREATED, &created),
                 &opts.warnings,
             ))
         }
@@ -509,10 +509,12 @@ pub async fn handle(
             let (value, duplicates) = decode_body(&parts, &body).await?;
             report_duplicates(duplicates, &mut opts)?;
             let (code, updated) = ctx.replace(name, sub, value, &mut opts).await?;
-            Ok(with_warnings(
-                encode(code, &updated, output),
-                &opts.warnings,
-            ))
+            let response = if sub == Some("scale") {
+                encode(code, &updated, output)
+            } else {
+                ctx.render(code, &updated)
+            };
+            Ok(with_warnings(response, &opts.warnings))
         }
         (
             &Method::PATCH,
@@ -535,17 +537,24 @@ pub async fn handle(
                 ));
             };
             let (code, patched) = ctx.patch(name, sub, kind, &body, force, &mut opts).await?;
-            Ok(with_warnings(
-                encode(code, &patched, output),
-                &opts.warnings,
-            ))
+            let response = if sub == Some("scale") {
+                encode(code, &patched, output)
+            } else {
+                ctx.render(code, &patched)
+            };
+            Ok(with_warnings(response, &opts.warnings))
         }
         (&Method::DELETE, Some(name), None) => {
             verb_allowed("delete")?;
             let (parts, body) = read_body(request).await?;
             let options = delete_options(&query, &body, &content_type(&parts))?;
             let (code, object) = ctx.delete(name, &options).await?;
-            Ok(encode(code, &object, output))
+            // A Status when the object is gone at once; else the object, in the asked form.
+            if object["kind"] == "Status" {
+                Ok(encode(code, &object, output))
+            } else {
+                Ok(ctx.render(code, &object))
+            }
         }
         (&Method::DELETE, None, None) => {
             verb_allowed("deletecollection")?;
@@ -933,7 +942,7 @@ impl Ctx {
         }
     }
 
-    /// Renders one object in the negotiated form.
+    /// Renders one object in the negotiated form (reads and the answers of writes alike).
     fn render(&self, code: StatusCode, object: &Value) -> Response {
         match self.output {
             Output::Table => {

@@ -204,18 +204,51 @@ pub async fn answer(
         "tokenreviews" => {
             let token = str_at(&spec, "/token");
             let bearer = format!("Bearer {token}");
-            let found = match server.tokens.authenticate(&bearer) {
-                Some(identity) => Some(identity),
-                None if !token.is_empty() => super::service_account_identity(server, &bearer).await,
-                None => None,
-            };
+            // The audiences asked for, or the API server's own; the answer names those the
+            // token is valid for (upstream: their intersection).
+            let own = server
+                .service_account_tokens
+                .get()
+                .map(|i| i.issuer().to_string())
+                .unwrap_or_else(|| crate::service_accounts::DEFAULT_ISSUER.to_string());
+            let asked: Vec<String> = spec
+                .get("audiences")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(String::from)
+                        .collect()
+                })
+                .filter(|a: &Vec<String>| !a.is_empty())
+                .unwrap_or_else(|| vec![own.clone()]);
+            let mut found = None;
+            let mut audiences = Vec::new();
+            if let Some(identity) = server.tokens.authenticate(&bearer) {
+                // Static tokens are for the API server itself.
+                if asked.contains(&own) {
+                    found = Some(identity);
+                    audiences.push(own.clone());
+                }
+            } else if !token.is_empty() {
+                for audience in &asked {
+                    if let Some(identity) =
+                        super::service_account_identity_for(server, &bearer, audience).await
+                    {
+                        found = Some(identity);
+                        audiences.push(audience.clone());
+                    }
+                }
+            }
             match found {
                 Some(identity) => json!({
                     "authenticated": true,
                     "user": identity.user_info(),
-                    "audiences": [crate::service_accounts::DEFAULT_ISSUER],
+                    "audiences": audiences,
                 }),
-                None => json!({"authenticated": false, "error": "invalid bearer token"}),
+                None => {
+                    json!({"authenticated": false, "error": "invalid bearer token, or not for the audiences asked for"})
+                }
             }
         }
         other => return Err(ApiError::internal(format!("no review named {other}"))),
