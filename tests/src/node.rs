@@ -634,6 +634,19 @@ pub fn busybox_image() -> Result<PathBuf> {
     })
 }
 
+/// The test image under another name (clients' own tests ask for `busybox:stable`, which this
+/// machine cannot pull).
+pub fn busybox_image_as(name: &str) -> Result<PathBuf> {
+    let file: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    oci_tarball(&format!("{file}-oci.tar"), name, || {
+        let parts = busybox_parts()?;
+        Ok((vec![parts.layer], parts.config, parts.manifest))
+    })
+}
+
 /// The test image with a statically linked kubectl at /bin/kubectl (an in-cluster client).
 pub const KUBECTL_IMAGE: &str = "edgesite.test/kubectl:1.0";
 
