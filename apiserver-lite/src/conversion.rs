@@ -52,12 +52,12 @@ fn rename_fields(object: &mut Value, renames: impl Iterator<Item = (&'static str
 }
 
 /// A stored core/v1 Event as events.k8s.io/v1 serves it (upstream's conversion).
-pub fn core_event_to_events(object: &mut Value) {
+fn core_event_to_events(object: &mut Value) {
     rename_fields(object, EVENT_RENAMES.iter().copied());
 }
 
 /// An events.k8s.io/v1 Event as core/v1 stores it.
-pub fn events_to_core_event(object: &mut Value) {
+fn events_to_core_event(object: &mut Value) {
     rename_fields(
         object,
         EVENT_RENAMES.iter().map(|(core, new)| (*new, *core)),
@@ -263,7 +263,7 @@ fn drop_empty_annotations(object: &mut Value) {
 }
 
 /// A stored autoscaling/v2 HorizontalPodAutoscaler as autoscaling/v1 serves it.
-pub fn hpa_v2_to_v1(object: &mut Value) {
+fn hpa_v2_to_v1(object: &mut Value) {
     let spec = object.get("spec").cloned().unwrap_or(json!({}));
     let status = object.get("status").cloned();
     let metrics = spec["metrics"].as_array().cloned().unwrap_or_default();
@@ -342,7 +342,7 @@ fn taken_json(object: &mut Value, key: &str) -> Option<Value> {
 }
 
 /// An autoscaling/v1 HorizontalPodAutoscaler as autoscaling/v2 stores it.
-pub fn hpa_v1_to_v2(object: &mut Value) {
+fn hpa_v1_to_v2(object: &mut Value) {
     let spec = object.get("spec").cloned().unwrap_or(json!({}));
     let mut metrics = Vec::new();
     if let Some(p) = spec["targetCPUUtilizationPercentage"].as_i64() {

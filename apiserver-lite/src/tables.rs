@@ -590,6 +590,28 @@ pub trait Printer: Send + Sync {
     fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value>;
 }
 
+/// A resource stored as another one ([`crate::registry::StoredAs`]) prints as that one: its
+/// objects in the stored form, with the stored resource's printer (upstream prints every
+/// version of a kind with one printer of the internal type).
+pub struct ViewPrinter {
+    pub inner: Arc<dyn Printer>,
+    /// The stored group and resource, and the view's apiVersion.
+    pub stored: (String, String),
+    pub view: String,
+}
+
+impl Printer for ViewPrinter {
+    fn columns(&self) -> Vec<Column> {
+        self.inner.columns()
+    }
+
+    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let mut stored = o.clone();
+        crate::conversion::to_storage(&self.stored.0, &self.stored.1, &self.view, &mut stored);
+        self.inner.row(&stored, now)
+    }
+}
+
 /// Custom resources: the name, then their version's `additionalPrinterColumns`.
 pub struct CustomColumns {
     pub columns: Vec<crate::registry::PrinterColumn>,
@@ -1028,44 +1050,6 @@ impl Printer for CoreEventsTable {
             json!(s(o, "/message").trim()),
             json!(first),
             json!(o.get("count").and_then(Value::as_i64).unwrap_or(1)),
-            name,
-        ]
-    }
-}
-
-/// The table of events.k8s.io/events.
-pub struct EventsTable;
-
-impl Printer for EventsTable {
-    /// The same columns as core/v1 Events (kubectl shows both alike).
-    fn columns(&self) -> Vec<Column> {
-        CoreEventsTable.columns()
-    }
-
-    fn row(&self, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
-        let name = name_cell(o);
-
-        let last = if !s(o, "/deprecatedLastTimestamp").is_empty() {
-            since(o, "/deprecatedLastTimestamp", now)
-        } else if !s(o, "/eventTime").is_empty() {
-            since(o, "/eventTime", now)
-        } else {
-            since(o, "/metadata/creationTimestamp", now)
-        };
-        vec![
-            json!(last.clone()),
-            json!(s(o, "/type")),
-            json!(s(o, "/reason")),
-            json!(event_object(o, "/regarding")),
-            json!(s(o, "/regarding/fieldPath")),
-            json!(s(o, "/reportingController")),
-            json!(s(o, "/note").trim()),
-            json!(last),
-            json!(
-                o.pointer("/series/count")
-                    .and_then(Value::as_i64)
-                    .unwrap_or(1)
-            ),
             name,
         ]
     }
@@ -2230,16 +2214,6 @@ impl Printer for HorizontalPodAutoscalersTable {
 /// (`<unknown>` until the controller has measured it; resources named: `cpu: 12%/50%`), the first
 /// two, then `+ N more...`.
 fn hpa_metrics(o: &Value) -> String {
-    // An autoscaling/v1 object prints as the v2 object it is.
-    let v2;
-    let o = if o["apiVersion"] == "autoscaling/v1" {
-        let mut converted = o.clone();
-        crate::conversion::hpa_v1_to_v2(&mut converted);
-        v2 = converted;
-        &v2
-    } else {
-        o
-    };
     let specs = arr(o, "/spec/metrics");
     if specs.is_empty() {
         return "<none>".into();
@@ -2341,7 +2315,6 @@ pub fn printer(group: &str, resource: &str) -> Arc<dyn Printer> {
         ("", "serviceaccounts") => Arc::new(ServiceAccountsTable),
         ("", "endpoints") => Arc::new(EndpointsTable),
         ("", "events") => Arc::new(CoreEventsTable),
-        ("events.k8s.io", "events") => Arc::new(EventsTable),
         ("", "persistentvolumeclaims") => Arc::new(PersistentVolumeClaimsTable),
         ("", "persistentvolumes") => Arc::new(PersistentVolumesTable),
         ("", "limitranges")

@@ -1528,6 +1528,8 @@ fn autoscaler_targets_show_current_and_target_per_metric() {
         v2["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"], 50,
         "{v2}"
     );
+    let out = site.ok(&["get", "horizontalpodautoscalers.v1.autoscaling", "web"]);
+    assert!(out.contains("cpu: <unknown>/50%"), "{out}");
     // A metric v1 cannot say survives a write through v1.
     site.ok(&[
         "patch",
@@ -1866,6 +1868,12 @@ fn events_are_one_store_with_two_views() {
     assert!(out.contains("written through core/v1"), "{out}");
     let out = site.ok(&["describe", "configmap", "subject"]);
     assert!(out.contains("Reconciled"), "{out}");
+    // The new API prints with the same columns and cells as core events.
+    let out = site.ok(&["get", "events.v1.events.k8s.io"]);
+    assert!(
+        out.contains("written through core/v1") && out.contains("configmap/subject"),
+        "{out}"
+    );
 
     // The core event through events.k8s.io/v1.
     let new = site.json(&[

@@ -1,6 +1,7 @@
 //! The built-in resources, with upstream's names, short names, categories, verbs and subresources.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use k8s_openapi::api::{
     apps, authentication, authorization, autoscaling, batch, certificates, coordination, core,
@@ -139,7 +140,18 @@ fn resource(
         typed,
         custom: None,
         strategy: crate::kinds::strategy(group, plural),
-        printer: crate::tables::printer(group, plural),
+        printer: match stored_as(group, version, plural) {
+            Some(stored) => Arc::new(crate::tables::ViewPrinter {
+                inner: crate::tables::printer(&stored.group, &stored.resource),
+                stored: (stored.group, stored.resource),
+                view: if group.is_empty() {
+                    version.to_string()
+                } else {
+                    format!("{group}/{version}")
+                },
+            }),
+            None => crate::tables::printer(group, plural),
+        },
         stored_as: stored_as(group, version, plural),
     }
 }
