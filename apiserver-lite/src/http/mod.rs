@@ -14,6 +14,7 @@ mod bare_errors;
 pub mod decode;
 pub mod discovery;
 pub mod join;
+pub mod list_options;
 pub mod listener;
 pub mod pipeline;
 pub mod request;
@@ -143,6 +144,15 @@ pub fn json_response(code: StatusCode, value: &Value) -> Response {
         body,
     )
         .into_response()
+}
+
+/// A response with `body` (streamed or whole) of `content_type`.
+pub fn body_response(code: StatusCode, content_type: &'static str, body: Body) -> Response {
+    Response::builder()
+        .status(code)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(body)
+        .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
 pub fn error_response(e: &ApiError) -> Response {

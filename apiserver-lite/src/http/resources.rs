@@ -16,15 +16,16 @@ use http::{Method, StatusCode, header};
 use serde_json::{Value, json};
 
 use super::decode;
+use super::list_options::list_options;
 use super::pipeline::RequestContext;
 use super::request::{Output, Query, ResourcePath};
-use super::{ApiServer, MAX_BODY, encode, json_response, with_warnings};
+use super::{ApiServer, MAX_BODY, body_response, encode, json_response, with_warnings};
 use crate::auth::Identity;
 use crate::error::{ApiError, Cause, Details};
 use crate::kinds;
 use crate::patch::{self, PatchType, fields};
 use crate::registry::{ResourceInfo, builtin};
-use crate::selectors::{FieldSelector, LabelSelector};
+use crate::selectors::LabelSelector;
 use crate::storage::{StorageError, Stored, list_prefix, object_key};
 use crate::tables::{self, IncludeObject};
 
@@ -435,7 +436,14 @@ pub async fn handle(
         (&Method::GET, None, None) => {
             if query.flag("watch")? {
                 verb_allowed("watch")?;
-                super::watch::watch(ctx, &query).await
+                super::watch::watch(
+                    ctx.server.clone(),
+                    ctx.info.clone(),
+                    ctx.namespace.clone(),
+                    ctx.output,
+                    &query,
+                )
+                .await
             } else {
                 verb_allowed("list")?;
                 ctx.list(&query).await
@@ -593,30 +601,6 @@ pub struct Ctx {
     pub output: Output,
     /// Who the request acts as: admission (escalation checks, NodeRestriction) asks.
     pub user: Identity,
-}
-
-/// Parsed list options shared by list and watch.
-pub struct ListOptions {
-    pub labels: LabelSelector,
-    pub fields: FieldSelector,
-}
-
-pub fn list_options(info: &ResourceInfo, query: &Query) -> Result<ListOptions, ApiError> {
-    let labels = LabelSelector::parse(query.get("labelSelector").unwrap_or(""))
-        .map_err(ApiError::bad_request)?;
-    let fields = FieldSelector::parse(query.get("fieldSelector").unwrap_or(""))
-        .map_err(ApiError::bad_request)?;
-    kinds::check_field_labels(info, fields.requirements.iter().map(|r| r.field.clone()))
-        .map_err(ApiError::bad_request)?;
-    Ok(ListOptions { labels, fields })
-}
-
-impl ListOptions {
-    pub fn matches(&self, info: &ResourceInfo, object: &Value) -> bool {
-        self.labels.matches_object(object)
-            && (self.fields.is_empty()
-                || self.fields.matches(&kinds::selectable_fields(info, object)))
-    }
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -2798,15 +2782,6 @@ impl Ctx {
             self.info.resource
         )))
     }
-}
-
-/// Builds a [`Response`] with a JSON body; kept here for the watch module.
-pub fn body_response(code: StatusCode, content_type: &'static str, body: Body) -> Response {
-    Response::builder()
-        .status(code)
-        .header(header::CONTENT_TYPE, content_type)
-        .body(body)
-        .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
 /// The request context of the server's own writes.

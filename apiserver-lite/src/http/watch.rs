@@ -23,9 +23,12 @@ use http::StatusCode;
 use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
+use super::ApiServer;
+use super::body_response;
+use super::list_options::{ListOptions, list_options};
 use super::request::{Output, Query};
-use super::resources::{Ctx, ListOptions, body_response, list_options};
 use crate::error::ApiError;
+use crate::registry::ResourceInfo;
 use crate::storage::{EventType, StorageError, WatchEvent, list_prefix};
 use crate::tables;
 
@@ -177,12 +180,15 @@ fn translate(
     }
 }
 
-pub async fn watch(ctx: Ctx, query: &Query) -> Result<Response, ApiError> {
-    let opts = list_options(&ctx.info, query)?;
-    let output = ctx.output;
-    if output == Output::Protobuf
-        && !crate::protobuf::supports(&ctx.info.api_version(), &ctx.info.kind)
-    {
+pub async fn watch(
+    server: Arc<ApiServer>,
+    info: Arc<ResourceInfo>,
+    namespace: String,
+    output: Output,
+    query: &Query,
+) -> Result<Response, ApiError> {
+    let opts = list_options(&info, query)?;
+    if output == Output::Protobuf && !crate::protobuf::supports(&info.api_version(), &info.kind) {
         return Err(ApiError::not_acceptable(crate::protobuf::CONTENT_TYPE));
     }
     let selecting = !opts.labels.is_empty() || !opts.fields.is_empty();
@@ -220,21 +226,20 @@ pub async fn watch(ctx: Ctx, query: &Query) -> Result<Response, ApiError> {
         Some(v) => v,
         None => from_now,
     };
-    let (group, resource) = ctx.info.storage_resource();
-    let prefix = list_prefix(group, resource, &ctx.namespace);
-    let hub_storage = ctx.server.storage.clone();
+    let (group, resource) = info.storage_resource();
+    let prefix = list_prefix(group, resource, &namespace);
+    let hub_storage = server.storage.clone();
     let (tx, rx) = mpsc::channel::<(Bytes, OwnedSemaphorePermit)>(BUFFER);
     let outbox = Outbox {
         tx,
         budget: Arc::new(Semaphore::new(BUFFER_BYTES)),
     };
     let mut encoder = Encoder {
-        ctx_output: ctx.output,
-        info: ctx.info.clone(),
+        ctx_output: output,
+        info: info.clone(),
         first_table: true,
     };
-    let info = ctx.info.clone();
-    let shutdown = ctx.server.shutdown.clone();
+    let shutdown = server.shutdown.clone();
 
     // The cursor comes before the list so nothing is lost between the two.
     let mut cursor = match hub_storage.hub().cursor(start) {
@@ -244,10 +249,10 @@ pub async fn watch(ctx: Ctx, query: &Query) -> Result<Response, ApiError> {
             let status =
                 ApiError::expired(format!("too old resource version: {requested} ({oldest})"))
                     .status();
-            let line = Encoder::raw(ctx.output, "ERROR", &status);
+            let line = Encoder::raw(output, "ERROR", &status);
             return Ok(body_response(
                 StatusCode::OK,
-                content_type(ctx.output),
+                content_type(output),
                 Body::from(line),
             ));
         }
