@@ -73,6 +73,12 @@ else
 fi
 # The kubectl tests again with the oldest kubectl served (1.20: OpenAPI v2 validation,
 # autoscaling/v1, older stream protocols).
+# (--workspace, as above: the same features, so nothing is built again.)
 echo "== kubectl tests with $("$KUBECTL_OLD" version --client --short 2>/dev/null | head -n1)"
-KUBECTL="$KUBECTL_OLD" cargo test -p tests --locked --test kubectl -- --test-threads 4 || status=$?
+if command -v cargo-nextest >/dev/null 2>&1; then
+  KUBECTL="$KUBECTL_OLD" cargo nextest run --workspace --locked --no-fail-fast --test-threads 4 \
+    -E 'binary(kubectl)' || status=$?
+else
+  KUBECTL="$KUBECTL_OLD" cargo test --workspace --locked --test kubectl -- --test-threads 4 || status=$?
+fi
 exit "$status"
