@@ -4,8 +4,7 @@
 //! server speaks HTTP over that connection, so agents behind NAT are reachable too. The API
 //! server never dials a node.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use axum::body::Body;
 use futures::future::BoxFuture;
@@ -19,76 +18,11 @@ pub trait NodeConnection: Send + Sync {
     ) -> BoxFuture<'static, Result<http::Response<Body>, String>>;
 }
 
-/// A node's connection and the id of the registration that made it.
-type Registered = (u64, Arc<dyn NodeConnection>);
-
 /// The registry of connected node agents.
-#[derive(Default)]
-pub struct NodeStreams {
-    nodes: RwLock<HashMap<String, Registered>>,
-    next: std::sync::atomic::AtomicU64,
-}
+pub type NodeStreams = link::registry::Registry<dyn NodeConnection>;
 
-/// Removes its registration when dropped (unless a newer one replaced it).
-pub struct Registration {
-    streams: Arc<NodeStreams>,
-    node: String,
-    id: u64,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        let mut nodes = self
-            .streams
-            .nodes
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        if nodes.get(&self.node).is_some_and(|(id, _)| *id == self.id) {
-            nodes.remove(&self.node);
-        }
-    }
-}
-
-impl NodeStreams {
-    /// Registers `node`'s connection, replacing an older one.
-    pub fn register(
-        self: &Arc<Self>,
-        node: &str,
-        connection: Arc<dyn NodeConnection>,
-    ) -> Registration {
-        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.nodes
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(node.to_string(), (id, connection));
-        Registration {
-            streams: self.clone(),
-            node: node.to_string(),
-            id,
-        }
-    }
-
-    /// The nodes whose agents are connected now.
-    pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .nodes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect();
-        names.sort();
-        names
-    }
-
-    pub fn get(&self, node: &str) -> Option<Arc<dyn NodeConnection>> {
-        self.nodes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(node)
-            .map(|(_, c)| c.clone())
-    }
-}
+/// Removes a node's connection when dropped (unless a newer one replaced it).
+pub type Registration = link::registry::Registration<dyn NodeConnection>;
 
 /// A node agent served in the same process: its router called directly.
 pub struct InProcess<S>(pub S);
@@ -135,22 +69,16 @@ pub enum JoinError {
 
 /// The remote end of an agent's dial-out tunnel: HTTP/2 requests sent over the connection the
 /// agent opened.
-pub struct Tunnel {
-    sender: hyper::client::conn::http2::SendRequest<Body>,
-}
+pub struct Tunnel(link::accept::Peer<Body>);
 
 impl NodeConnection for Tunnel {
     fn call(
         &self,
         request: http::Request<Body>,
     ) -> BoxFuture<'static, Result<http::Response<Body>, String>> {
-        let mut sender = self.sender.clone();
+        let peer = self.0.clone();
         Box::pin(async move {
-            sender.ready().await.map_err(|e| e.to_string())?;
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|e| e.to_string())?;
+            let response = peer.call(request).await.map_err(|e| e.to_string())?;
             Ok(response.map(Body::new))
         })
     }
@@ -163,23 +91,14 @@ pub async fn serve_tunnel(
     node: String,
     upgraded: hyper::upgrade::Upgraded,
 ) {
-    // `Upgraded` already speaks hyper's IO traits.
-    let io = upgraded;
-    let (sender, connection) =
-        match hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            .keep_alive_interval(Some(std::time::Duration::from_secs(20)))
-            .keep_alive_timeout(std::time::Duration::from_secs(20))
-            .handshake::<_, Body>(io)
-            .await
-        {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(node = %node, "node tunnel handshake failed: {e}");
-                return;
-            }
-        };
-    let registration = streams.register(&node, Arc::new(Tunnel { sender }));
+    let (peer, connection) = match link::accept::handshake::<Body>(upgraded).await {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(node = %node, "node tunnel handshake failed: {e}");
+            return;
+        }
+    };
+    let registration = streams.register(&node, Arc::new(Tunnel(peer)));
     tracing::info!(node = %node, "node agent connected its tunnel");
     if let Err(e) = connection.await {
         tracing::info!(node = %node, "node tunnel closed: {e}");

@@ -395,6 +395,9 @@ async fn dispatch(State(server): State<Arc<ApiServer>>, mut request: Request) ->
     }
 }
 
+/// The upgrade protocol of the node tunnel.
+pub const NODE_TUNNEL_PROTOCOL: &str = "edgesite-tunnel";
+
 /// `GET /edgesite/v1/node-tunnel` (Upgrade: edgesite-tunnel) from a node agent: the connection
 /// becomes the server's way to the agent's HTTP API.
 fn node_tunnel(server: &Arc<ApiServer>, identity: &Identity, mut request: Request) -> Response {
@@ -408,12 +411,7 @@ fn node_tunnel(server: &Arc<ApiServer>, identity: &Identity, mut request: Reques
             identity.user
         )));
     };
-    let wants = request
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("edgesite-tunnel"));
-    if !wants {
+    if !link::accept::wants(request.headers(), NODE_TUNNEL_PROTOCOL) {
         return error_response(&ApiError::bad_request(
             "the node tunnel needs an HTTP/1.1 `Upgrade: edgesite-tunnel` request",
         ));
@@ -426,12 +424,7 @@ fn node_tunnel(server: &Arc<ApiServer>, identity: &Identity, mut request: Reques
             Err(e) => tracing::warn!(node = %node, "node tunnel upgrade failed: {e}"),
         }
     });
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::UPGRADE, "edgesite-tunnel")
-        .header(header::CONNECTION, "Upgrade")
-        .body(Body::empty())
-        .unwrap_or_else(|_| Response::new(Body::empty()))
+    link::accept::switching(NODE_TUNNEL_PROTOCOL)
 }
 
 /// The router as an in-process service: no socket, no TLS, the same request path as a remote

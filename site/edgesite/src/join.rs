@@ -283,7 +283,7 @@ fn node_password(dir: &Path) -> Result<String> {
 /// otherwise retry forever). A server that cannot be reached says nothing here: the agent runs
 /// on from its cache and the usual retries report it.
 async fn check_server_name(server: &str, ca_pem: &str) -> Result<()> {
-    let (host, port) = edged::streaming::tunnel::host_port(server).map_err(anyhow::Error::msg)?;
+    let (host, port) = link::dial::host_port(server)?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
         roots
@@ -399,8 +399,7 @@ mod reqwest_like {
                 Some(i) => (&rest[..i], &rest[i..]),
                 None => (rest, "/"),
             };
-            let (host, port) =
-                edged::streaming::tunnel::host_port(url).map_err(anyhow::Error::msg)?;
+            let (host, port) = link::dial::host_port(url)?;
             let tcp = tokio::time::timeout(
                 std::time::Duration::from_secs(10),
                 tokio::net::TcpStream::connect((host.as_str(), port)),
