@@ -19,37 +19,7 @@ pub fn definitions() -> Vec<Value> {
 
 /// Creates the CRDs, or brings them up to date (an upgrade that changed their schema).
 pub async fn install(client: &kube::Client) -> Result<(), kube::Error> {
-    use kube::api::{Api, ApiResource, DynamicObject, PostParams};
-    let resource = ApiResource {
-        group: "apiextensions.k8s.io".into(),
-        version: "v1".into(),
-        api_version: "apiextensions.k8s.io/v1".into(),
-        kind: "CustomResourceDefinition".into(),
-        plural: "customresourcedefinitions".into(),
-    };
-    let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
-    for definition in definitions() {
-        let name = definition["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let wanted: DynamicObject =
-            serde_json::from_value(definition).map_err(kube::Error::SerdeError)?;
-        match api.get_opt(&name).await? {
-            None => {
-                api.create(&PostParams::default(), &wanted).await?;
-                tracing::info!(crd = %name, "installed");
-            }
-            Some(current) if current.data.get("spec") != wanted.data.get("spec") => {
-                let mut next = wanted.clone();
-                next.metadata.resource_version = current.metadata.resource_version.clone();
-                api.replace(&name, &PostParams::default(), &next).await?;
-                tracing::info!(crd = %name, "updated");
-            }
-            Some(_) => {}
-        }
-    }
-    Ok(())
+    controllers::crds::install(client, definitions()).await
 }
 
 #[cfg(test)]

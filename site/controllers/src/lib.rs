@@ -10,6 +10,7 @@
 
 pub mod backoff;
 pub mod clusterrole_aggregation;
+pub mod crds;
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
