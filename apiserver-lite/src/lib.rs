@@ -8,6 +8,7 @@
 pub mod apiservices;
 pub mod auth;
 pub mod certificates;
+pub mod cloud_link;
 pub mod conversion;
 pub mod crd;
 pub mod error;

@@ -55,6 +55,10 @@ pub trait NodeJoin: Send + Sync {
     /// Signs `csr` (a PEM certificate request) as `system:node:<node>`; returns the
     /// certificate (PEM).
     fn sign(&self, node: &str, csr: &str) -> Result<String, JoinError>;
+    /// What a refused token is told (which command makes a good one).
+    fn bad_token_message(&self) -> String {
+        JoinError::BadToken.to_string()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -48,6 +48,8 @@ pub struct Site {
     extra: Vec<String>,
     /// The network namespace the server (and kubectl) run in, for topology tests.
     netns: Option<String>,
+    /// A cloud hub (`edgesite cloudhub`) rather than a site.
+    hub: bool,
 }
 
 impl Site {
@@ -105,10 +107,51 @@ impl Site {
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             netns: None,
+            hub: false,
         };
         prepare(&site.data_dir())?;
         site.launch()?;
         Ok(site)
+    }
+
+    /// Starts a cloud hub (`edgesite cloudhub`) in a new temporary folder; kubectl talks to the
+    /// hub.
+    pub fn start_hub(extra: &[&str]) -> Result<Site> {
+        let mut hub = Site {
+            dir: tempfile::Builder::new().prefix("edgesite-hub").tempdir()?,
+            port: free_port(),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            netns: None,
+            hub: true,
+        };
+        hub.launch()?;
+        Ok(hub)
+    }
+
+    /// This hub's (or site's) URL on loopback.
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// `edgesite cloudhub token create` on this hub: the token.
+    pub fn hub_token(&self) -> String {
+        let out = Command::new(edgesite_bin())
+            .args(["cloudhub", "token", "create", "--data-dir"])
+            .arg(self.data_dir())
+            .output()
+            .expect("run edgesite cloudhub token create");
+        assert!(
+            out.status.success(),
+            "edgesite cloudhub token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
     }
 
     /// Starts a site inside network namespace `netns`, listening on all of its addresses;
@@ -124,6 +167,7 @@ impl Site {
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             netns: Some(netns.to_string()),
+            hub: false,
         };
         prepare(&site.data_dir())?;
         site.launch()?;
@@ -187,10 +231,15 @@ impl Site {
             "127.0.0.1"
         };
         let mut command = self.command(&edgesite_bin());
+        if self.hub {
+            command.arg("cloudhub");
+        } else {
+            command
+                .arg("server")
+                .arg("--config")
+                .arg(self.dir.path().join("no-config.yaml"));
+        }
         command
-            .arg("server")
-            .arg("--config")
-            .arg(self.dir.path().join("no-config.yaml"))
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--bind-address")

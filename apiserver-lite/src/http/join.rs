@@ -154,21 +154,23 @@ async fn record(
     }
 }
 
-/// `POST /edgesite/v1/node-join` with `Authorization: Bearer <token>` and
-/// `{"node": NAME, "csr": PEM, "password": SECRET}`: a client certificate for
-/// `system:node:NAME`.
-pub async fn node_join(State(server): State<Arc<ApiServer>>, request: Request) -> Response {
+/// The checks every join request passes: POST, the address not blocked for refused attempts,
+/// a valid token for `join`, a JSON body. Answers the body, or the response to send.
+async fn admit(
+    server: &Arc<ApiServer>,
+    join: Option<Arc<dyn crate::node_streams::NodeJoin>>,
+    what: &str,
+    request: Request,
+) -> Result<(Arc<dyn crate::node_streams::NodeJoin>, Value), Response> {
     if request.method() != http::Method::POST {
-        return error_response(&ApiError::method_not_allowed(
-            "get",
-            "node-join",
-            "edgesite",
-        ));
+        return Err(error_response(&ApiError::method_not_allowed(
+            "get", what, "edgesite",
+        )));
     }
-    let Some(join) = server.node_join.get().cloned() else {
-        return error_response(&ApiError::service_unavailable(
-            "this server does not accept joining agents",
-        ));
+    let Some(join) = join else {
+        return Err(error_response(&ApiError::service_unavailable(format!(
+            "this server does not accept {what} requests"
+        ))));
     };
     let ip = request
         .extensions()
@@ -183,14 +185,8 @@ pub async fn node_join(State(server): State<Arc<ApiServer>>, request: Request) -
             header::RETRY_AFTER,
             HeaderValue::from_str(&seconds.to_string()).unwrap_or(HeaderValue::from_static("1")),
         );
-        return response;
+        return Err(response);
     }
-    let refused = |e: ApiError| {
-        if let Some(ip) = ip {
-            server.join_failures.refused(ip);
-        }
-        error_response(&e)
-    };
     let token = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -199,21 +195,63 @@ pub async fn node_join(State(server): State<Arc<ApiServer>>, request: Request) -
         .map(|t| t.trim().to_string())
         .unwrap_or_default();
     if let Err(JoinError::BadToken) = join.authorize(&token) {
+        if let Some(ip) = ip {
+            server.join_failures.refused(ip);
+        }
         let mut e = ApiError::unauthorized();
-        e.message = JoinError::BadToken.to_string();
-        return refused(e);
+        e.message = join.bad_token_message();
+        return Err(error_response(&e));
     }
     let body = match axum::body::to_bytes(request.into_body(), 64 * 1024).await {
         Ok(b) => b,
-        Err(_) => return error_response(&ApiError::bad_request("the join request is too large")),
-    };
-    let parsed: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => {
-            return error_response(&ApiError::bad_request(format!(
-                "the join request is not JSON: {e}"
+        Err(_) => {
+            return Err(error_response(&ApiError::bad_request(
+                "the join request is too large",
             )));
         }
+    };
+    match serde_json::from_slice(&body) {
+        Ok(v) => Ok((join, v)),
+        Err(e) => Err(error_response(&ApiError::bad_request(format!(
+            "the join request is not JSON: {e}"
+        )))),
+    }
+}
+
+async fn sign(
+    join: Arc<dyn crate::node_streams::NodeJoin>,
+    name: &str,
+    csr: String,
+) -> Result<String, Response> {
+    let signed = {
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || join.sign(&name, &csr)).await
+    };
+    match signed {
+        Ok(Ok(certificate)) => Ok(certificate),
+        Ok(Err(e)) => Err(error_response(&ApiError::bad_request(e.to_string()))),
+        Err(e) => Err(error_response(&ApiError::internal(e.to_string()))),
+    }
+}
+
+/// `POST /edgesite/v1/node-join` with `Authorization: Bearer <token>` and
+/// `{"node": NAME, "csr": PEM, "password": SECRET}`: a client certificate for
+/// `system:node:NAME`.
+pub async fn node_join(State(server): State<Arc<ApiServer>>, request: Request) -> Response {
+    let ip = request
+        .extensions()
+        .get::<PeerAddress>()
+        .map(|p| p.0.ip().to_canonical());
+    let join = server.node_join.get().cloned();
+    let (join, parsed) = match admit(&server, join, "node-join", request).await {
+        Ok(x) => x,
+        Err(response) => return response,
+    };
+    let refused = |e: ApiError| {
+        if let Some(ip) = ip {
+            server.join_failures.refused(ip);
+        }
+        error_response(&e)
     };
     let node = parsed["node"].as_str().unwrap_or_default().to_string();
     let csr = parsed["csr"].as_str().unwrap_or_default().to_string();
@@ -229,14 +267,9 @@ pub async fn node_join(State(server): State<Arc<ApiServer>>, request: Request) -
     if let Err(e) = may_claim(&server, &node, password).await {
         return refused(e);
     }
-    let signed = {
-        let node = node.clone();
-        tokio::task::spawn_blocking(move || join.sign(&node, &csr)).await
-    };
-    let certificate = match signed {
-        Ok(Ok(certificate)) => certificate,
-        Ok(Err(e)) => return error_response(&ApiError::bad_request(e.to_string())),
-        Err(e) => return error_response(&ApiError::internal(e.to_string())),
+    let certificate = match sign(join, &node, csr).await {
+        Ok(c) => c,
+        Err(response) => return response,
     };
     let Some(serial) = crate::auth::certificate_serial_pem(&certificate) else {
         return error_response(&ApiError::internal("the signed certificate cannot be read"));
@@ -244,6 +277,31 @@ pub async fn node_join(State(server): State<Arc<ApiServer>>, request: Request) -
     if let Err(e) = record(&server, &node, password, &serial).await {
         return error_response(&e);
     }
+    json_response(
+        StatusCode::OK,
+        &json!({"certificate": certificate, "ca": server.ca_pem.get().cloned().unwrap_or_default()}),
+    )
+}
+
+/// `POST /edgesite/v1/site-join` (a cloud hub) with `Authorization: Bearer <token>` and
+/// `{"site": NAME, "csr": PEM}`: a client certificate for `system:site:NAME` in group
+/// `edgesite:sites`, which the site's link presents.
+pub async fn site_join(State(server): State<Arc<ApiServer>>, request: Request) -> Response {
+    let join = server.site_join.get().cloned();
+    let (join, parsed) = match admit(&server, join, "site-join", request).await {
+        Ok(x) => x,
+        Err(response) => return response,
+    };
+    let site = parsed["site"].as_str().unwrap_or_default().to_string();
+    let csr = parsed["csr"].as_str().unwrap_or_default().to_string();
+    if let Err(m) = crate::validation::is_dns1123_label(&site) {
+        return error_response(&ApiError::bad_request(format!("site name {site:?}: {m}")));
+    }
+    let certificate = match sign(join, &site, csr).await {
+        Ok(c) => c,
+        Err(response) => return response,
+    };
+    tracing::info!(%site, "site joined the hub");
     json_response(
         StatusCode::OK,
         &json!({"certificate": certificate, "ca": server.ca_pem.get().cloned().unwrap_or_default()}),

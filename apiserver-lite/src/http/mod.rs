@@ -74,10 +74,14 @@ pub struct ApiServer {
     pub ca_pem: std::sync::OnceLock<String>,
     /// Signs node certificates for agents that join with a token.
     pub node_join: std::sync::OnceLock<Arc<dyn crate::node_streams::NodeJoin>>,
+    /// Signs site certificates for sites that attach with a token (a cloud hub).
+    pub site_join: std::sync::OnceLock<Arc<dyn crate::node_streams::NodeJoin>>,
     /// Failed join attempts per client address.
     pub join_failures: join::Failures,
     /// Request counters and latencies (`/metrics`).
     pub request_metrics: crate::metrics::Shared,
+    /// The cloud hub's side of sites' links and the cluster proxy (`edgesite cloudhub` only).
+    pub hub: std::sync::OnceLock<Arc<dyn crate::cloud_link::Hub>>,
 }
 
 impl ApiServer {
@@ -103,8 +107,10 @@ impl ApiServer {
             nodes: Arc::default(),
             ca_pem: std::sync::OnceLock::new(),
             node_join: std::sync::OnceLock::new(),
+            site_join: std::sync::OnceLock::new(),
             join_failures: join::Failures::default(),
             request_metrics: Arc::default(),
+            hub: std::sync::OnceLock::new(),
         }
     }
 }
@@ -120,6 +126,10 @@ pub fn router(server: Arc<ApiServer>) -> Router {
         .route(
             "/edgesite/v1/node-join",
             axum::routing::any(join::node_join),
+        )
+        .route(
+            "/edgesite/v1/site-join",
+            axum::routing::any(join::site_join),
         )
         .fallback_service(api.with_state(server.clone()))
         .with_state(server)
@@ -323,6 +333,9 @@ async fn dispatch(State(server): State<Arc<ApiServer>>, mut request: Request) ->
     if request.uri().path() == "/edgesite/v1/node-tunnel" {
         return node_tunnel(&server, &context.user, request);
     }
+    if request.uri().path() == crate::cloud_link::SITE_LINK_PATH {
+        return site_link(&server, &context.user, request);
+    }
     if request.uri().path() == "/metrics" {
         return crate::metrics::prometheus_response(server.request_metrics.render());
     }
@@ -425,6 +438,34 @@ fn node_tunnel(server: &Arc<ApiServer>, identity: &Identity, mut request: Reques
         }
     });
     link::accept::switching(NODE_TUNNEL_PROTOCOL)
+}
+
+/// `GET /edgesite/v1/site-link` (Upgrade: edgesite-link) from a site attached to this hub.
+fn site_link(server: &Arc<ApiServer>, identity: &Identity, mut request: Request) -> Response {
+    use crate::cloud_link::{SITE_LINK_PROTOCOL, site_of};
+    let Some(hub) = server.hub.get().cloned() else {
+        return error_response(&ApiError::no_route());
+    };
+    let Some(site) = site_of(identity).map(str::to_string) else {
+        return error_response(&ApiError::forbidden(format!(
+            "user \"{}\" is not a site: the site link is for sites' certificates (system:site:<name> in group edgesite:sites), which `edgesite server --cloudhub ... --cloudhub-token ...` gets when it joins",
+            identity.user
+        )));
+    };
+    if !link::accept::wants(request.headers(), SITE_LINK_PROTOCOL) {
+        return error_response(&ApiError::bad_request(
+            "the site link needs an HTTP/1.1 `Upgrade: edgesite-link` request",
+        ));
+    }
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let headers = request.headers().clone();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => hub.accept(site, headers, upgraded).await,
+            Err(e) => tracing::warn!(site = %site, "site link upgrade failed: {e}"),
+        }
+    });
+    link::accept::switching(SITE_LINK_PROTOCOL)
 }
 
 /// The router as an in-process service: no socket, no TLS, the same request path as a remote

@@ -391,6 +391,24 @@ pub async fn handle(
     if info.namespaced && path.name.is_some() && path.namespace.is_none() {
         return Err(ApiError::no_route());
     }
+    // A cloud hub's cluster proxy: Karmada serves it as a subresource of its Clusters.
+    if let (Some(hub), Some(name), Some("proxy")) = (
+        server.hub.get().cloned(),
+        path.name.as_deref(),
+        path.subresource.as_deref(),
+    ) && info.group == crate::cloud_link::CLUSTER_GROUP
+        && info.resource == "clusters"
+    {
+        // The site must be one the hub knows (404 otherwise, as for any object).
+        let key = key_of(&info, "", name);
+        let stored = server.storage.get(&key).await;
+        if stored.map_err(|e| storage_error(&info, name, e))?.is_none() {
+            return Err(ApiError::not_found(&info.resource, &info.group, name));
+        }
+        return hub
+            .proxy(name.to_string(), context.user.clone(), request)
+            .await;
+    }
     if let Some(sub) = &path.subresource
         && !info.has_subresource(sub)
     {

@@ -18,6 +18,10 @@ pub struct Settings {
     pub ca_signer: crate::pki::CertAndKey,
     /// Pod CIDRs for nodes are cut from this (`--cluster-cidr`).
     pub cluster_cidr: controllers::node_ipam::ClusterCidr,
+    /// A cloud hub: only the loops that keep the API's own objects (namespaces, garbage,
+    /// ServiceAccounts and their tokens, certificates, role aggregation); no nodes, pods or
+    /// workloads are run there.
+    pub hub: bool,
 }
 
 /// The Lease that decides which server runs the loops.
@@ -62,15 +66,6 @@ async fn run_loops(
     let informers =
         controllers::informer::Informers::new(clients(CONTROLLER_MANAGER), shutdown.clone())
             .with_identities(clients.clone());
-    let scheduler = scheduler::Scheduler::new(
-        &informers,
-        controllers::events::Recorder::start(
-            informers.client_as("system:kube-scheduler"),
-            "default-scheduler",
-            shutdown.clone(),
-        ),
-        scheduler::Config::default(),
-    );
     // Events carry the loop's name and are written with its identity.
     let recorder = |component: &str| {
         // Upstream's ServiceAccount names differ from two event sources' names.
@@ -84,6 +79,55 @@ async fn run_loops(
             shutdown.clone(),
         )
     };
+    // The loops that keep the API's own objects, on a site and on a hub alike. Each registers
+    // its informers when made; they are spawned once the informers have started.
+    let mut loops: Vec<futures::future::BoxFuture<'static, ()>> = vec![
+        Box::pin(controllers::clusterrole_aggregation::controller(
+            &informers,
+            shutdown.clone(),
+        )),
+        Box::pin(crate::csr_signer::run(
+            informers.client_for("certificate-controller"),
+            settings.ca_signer.clone(),
+            shutdown.clone(),
+        )),
+        Box::pin(controllers::serviceaccount::controller(
+            &informers,
+            shutdown.clone(),
+        )),
+        Box::pin(controllers::serviceaccount::root_ca_publisher(
+            &informers,
+            settings.ca.clone(),
+            shutdown.clone(),
+        )),
+        Box::pin(controllers::serviceaccount::token_controller(
+            &informers,
+            settings.ca.clone(),
+            shutdown.clone(),
+        )),
+        Box::pin(controllers::namespace::run(
+            informers.client_for("namespace-controller"),
+            shutdown.clone(),
+        )),
+        Box::pin(controllers::garbage_collector::run(
+            informers.client_for("generic-garbage-collector"),
+            shutdown.clone(),
+        )),
+    ];
+    if settings.hub {
+        informers.start();
+        join_all(loops.into_iter().map(tokio::spawn)).await;
+        return;
+    }
+    let scheduler = scheduler::Scheduler::new(
+        &informers,
+        controllers::events::Recorder::start(
+            informers.client_as("system:kube-scheduler"),
+            "default-scheduler",
+            shutdown.clone(),
+        ),
+        scheduler::Config::default(),
+    );
     let replicasets = controllers::replicaset::controller(
         &informers,
         recorder("replicaset-controller"),
@@ -127,56 +171,26 @@ async fn run_loops(
         recorder("statefulset-controller"),
         shutdown.clone(),
     );
-    let service_accounts = controllers::serviceaccount::controller(&informers, shutdown.clone());
-    let root_ca = controllers::serviceaccount::root_ca_publisher(
-        &informers,
-        settings.ca.clone(),
-        shutdown.clone(),
-    );
-    let tokens = controllers::serviceaccount::token_controller(
-        &informers,
-        settings.ca.clone(),
-        shutdown.clone(),
-    );
     let node_ipam =
         controllers::node_ipam::controller(&informers, settings.cluster_cidr, shutdown.clone());
-    let aggregation =
-        controllers::clusterrole_aggregation::controller(&informers, shutdown.clone());
     informers.start();
-    let loops = vec![
-        tokio::spawn(node_ipam),
-        tokio::spawn(aggregation),
-        tokio::spawn(crate::csr_signer::run(
-            informers.client_for("certificate-controller"),
-            settings.ca_signer.clone(),
-            shutdown.clone(),
-        )),
-        tokio::spawn(scheduler.run(shutdown.clone())),
-        tokio::spawn(replicasets),
-        tokio::spawn(deployments),
-        tokio::spawn(endpoints),
-        tokio::spawn(node_lifecycle),
-        tokio::spawn(disruption),
-        tokio::spawn(jobs),
-        tokio::spawn(cron_jobs),
-        tokio::spawn(daemon_sets),
-        tokio::spawn(stateful_sets),
-        tokio::spawn(service_accounts),
-        tokio::spawn(root_ca),
-        tokio::spawn(tokens),
-        tokio::spawn(devices::controller::run(
+    loops.extend([
+        Box::pin(node_ipam) as futures::future::BoxFuture<'static, ()>,
+        Box::pin(scheduler.run(shutdown.clone())),
+        Box::pin(replicasets),
+        Box::pin(deployments),
+        Box::pin(endpoints),
+        Box::pin(node_lifecycle),
+        Box::pin(disruption),
+        Box::pin(jobs),
+        Box::pin(cron_jobs),
+        Box::pin(daemon_sets),
+        Box::pin(stateful_sets),
+        Box::pin(devices::controller::run(
             informers.client_for("device-controller"),
             recorder("device-controller"),
             shutdown.clone(),
         )),
-        tokio::spawn(controllers::namespace::run(
-            informers.client_for("namespace-controller"),
-            shutdown.clone(),
-        )),
-        tokio::spawn(controllers::garbage_collector::run(
-            informers.client_for("generic-garbage-collector"),
-            shutdown.clone(),
-        )),
-    ];
-    join_all(loops).await;
+    ]);
+    join_all(loops.into_iter().map(tokio::spawn)).await;
 }

@@ -109,11 +109,19 @@ pub fn create_token(data_dir: &Path, ttl: Duration) -> Result<String> {
     Ok(format!("K10{}::{id}.{secret}", ca_hash(&ca)))
 }
 
-/// The server side: checks credentials and signs node certificates.
+/// Who joins with a token: machines as nodes of a site, or sites to a cloud hub.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Joins {
+    Nodes,
+    Sites,
+}
+
+/// The server side: checks credentials and signs node (or, on a hub, site) certificates.
 pub struct Joiner {
     pub server_dir: PathBuf,
     pub ca: CertAndKey,
     pub cluster_token: String,
+    pub joins: Joins,
 }
 
 impl Joiner {
@@ -158,11 +166,21 @@ impl apiserver_lite::node_streams::NodeJoin for Joiner {
 
     fn sign(
         &self,
-        node: &str,
+        name: &str,
         csr: &str,
     ) -> Result<String, apiserver_lite::node_streams::JoinError> {
-        crate::pki::sign_node_csr(&self.ca, node, csr)
-            .map_err(|e| apiserver_lite::node_streams::JoinError::Invalid(format!("{e:#}")))
+        match self.joins {
+            Joins::Nodes => crate::pki::sign_node_csr(&self.ca, name, csr),
+            Joins::Sites => crate::pki::sign_site_csr(&self.ca, name, csr),
+        }
+        .map_err(|e| apiserver_lite::node_streams::JoinError::Invalid(format!("{e:#}")))
+    }
+
+    fn bad_token_message(&self) -> String {
+        match self.joins {
+            Joins::Nodes => apiserver_lite::node_streams::JoinError::BadToken.to_string(),
+            Joins::Sites => "the hub token is not valid (expired, revoked or mistyped): create one with `edgesite cloudhub token create` on the hub".into(),
+        }
     }
 }
 
@@ -215,18 +233,7 @@ pub async fn credentials(
     };
     let token = JoinToken::parse(token)?;
     let client = insecure_client()?;
-    let ca = client
-        .get(&format!("{server}/cacerts"))
-        .await
-        .with_context(|| format!("fetch the site CA from {server}/cacerts"))?;
-    if let Some(want) = &token.ca_hash
-        && ca_hash(&ca) != *want
-    {
-        bail!(
-            "the server at {server} presents a CA that does not match the join token: wrong --server, or someone in between"
-        );
-    }
-    check_server_name(server, &ca).await?;
+    let ca = pinned_ca(&client, server, &token, "--server").await?;
     let password = node_password(&dir)?;
     let (csr, key) = crate::pki::node_csr(node)?;
     let body = serde_json::json!({"node": node, "csr": csr, "password": password}).to_string();
@@ -260,6 +267,94 @@ pub async fn credentials(
         cert,
         key,
     })
+}
+
+/// The CA at `server`, checked against the token's hash (so a man in the middle cannot pose as
+/// the server), and the server's certificate checked to name the host in its URL.
+async fn pinned_ca(
+    client: &reqwest_like::Client,
+    server: &str,
+    token: &JoinToken,
+    flag: &str,
+) -> Result<String> {
+    let ca = client
+        .get(&format!("{server}/cacerts"))
+        .await
+        .with_context(|| format!("fetch the CA from {server}/cacerts"))?;
+    if let Some(want) = &token.ca_hash
+        && ca_hash(&ca) != *want
+    {
+        bail!(
+            "the server at {server} presents a CA that does not match the token: wrong {flag}, or someone in between"
+        );
+    }
+    check_server_name(server, &ca).await?;
+    Ok(ca)
+}
+
+/// A site's credentials for its link to a cloud hub.
+pub struct SiteCredentials {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+}
+
+/// Attaches a site to a hub (or reuses an earlier attachment, kept in
+/// `<data-dir>/server/cloudhub`): a certificate for `system:site:<site>` from the hub.
+pub async fn site_credentials(
+    data_dir: &Path,
+    hub: &str,
+    token: Option<&str>,
+    site: &str,
+) -> Result<SiteCredentials> {
+    let dir = data_dir.join("server").join("cloudhub");
+    let read = |n: &str| std::fs::read_to_string(dir.join(n));
+    if let (Ok(saved_hub), Ok(ca), Ok(cert), Ok(key), Ok(saved_site)) = (
+        read("hub"),
+        read("ca.crt"),
+        read("site.crt"),
+        read("site.key"),
+        read("site-name"),
+    ) && saved_hub.trim() == hub
+        && saved_site.trim() == site
+    {
+        return Ok(SiteCredentials { ca, cert, key });
+    }
+    let Some(token) = token else {
+        bail!(
+            "this site has not attached to the hub {hub} yet (or --site-name changed): pass --cloudhub-token (print one on the hub with `edgesite cloudhub token create`)"
+        );
+    };
+    let token = JoinToken::parse(token)?;
+    let client = insecure_client()?;
+    let ca = pinned_ca(&client, hub, &token, "--cloudhub").await?;
+    let (csr, key) = crate::pki::site_csr(site)?;
+    let body = serde_json::json!({"site": site, "csr": csr}).to_string();
+    let reply = client
+        .post_json(
+            &format!("{hub}/edgesite/v1/site-join"),
+            &token.credential,
+            &body,
+        )
+        .await
+        .context("attach the site to the hub")?;
+    let reply: serde_json::Value = serde_json::from_str(&reply).context("the hub's answer")?;
+    let cert = reply["certificate"]
+        .as_str()
+        .context("the hub's answer has no certificate")?
+        .to_string();
+    crate::private_dir(&dir)?;
+    for (name, content) in [
+        ("ca.crt", ca.as_str()),
+        ("site.crt", cert.as_str()),
+        ("site.key", key.as_str()),
+        ("hub", hub),
+        ("site-name", site),
+    ] {
+        crate::pki::write_private(&dir.join(name), content)?;
+    }
+    tracing::info!(hub, site, "attached to the cloud hub");
+    Ok(SiteCredentials { ca, cert, key })
 }
 
 /// This machine's node password (K3s's `/etc/rancher/node/password`): made on the first join and
@@ -481,6 +576,17 @@ pub fn joiner(server_dir: &Path, ca: &CertAndKey, cluster_token: &str) -> Arc<Jo
             key: ca.key.clone(),
         },
         cluster_token: cluster_token.to_string(),
+        joins: Joins::Nodes,
+    })
+}
+
+/// The hub's joiner: sites attach with tokens from `edgesite cloudhub token create`.
+pub fn site_joiner(server_dir: &Path, ca: &CertAndKey) -> Arc<Joiner> {
+    Arc::new(Joiner {
+        server_dir: server_dir.to_path_buf(),
+        ca: ca.clone(),
+        cluster_token: String::new(),
+        joins: Joins::Sites,
     })
 }
 
@@ -580,6 +686,7 @@ mod tests {
                 key: String::new(),
             },
             cluster_token: "cluster".into(),
+            joins: Joins::Nodes,
         };
         let credential = JoinToken::parse(&token).unwrap().credential;
         assert!(joiner.valid(&credential));

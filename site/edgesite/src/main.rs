@@ -4,6 +4,7 @@
 //! components; the components themselves live in their crates and take typed configuration.
 
 mod agent;
+mod cloudhub;
 mod config;
 mod control_plane;
 mod csr_signer;
@@ -39,9 +40,9 @@ struct Cli {
 enum Command {
     /// Run the site's control plane (the Kubernetes API server on embedded SQLite, the
     /// scheduler and controllers) and, unless --disable-agent, a node agent on this machine.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Join this machine to a site as a node: edgesite agent --server https://HOST:6443 --token TOKEN
-    Agent(AgentCommandArgs),
+    Agent(Box<AgentCommandArgs>),
     /// Join tokens for agents.
     Token {
         #[command(subcommand)]
@@ -68,6 +69,44 @@ enum Command {
     Images {
         #[command(subcommand)]
         command: ImagesCommand,
+    },
+    /// The cloud hub that sites attach to (`edgesite server --cloudhub URL --cloudhub-token
+    /// TOKEN`): Karmada's Cluster API for every site, and kubectl to any site through the hub.
+    Cloudhub(CloudhubCommand),
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct CloudhubCommand {
+    #[command(subcommand)]
+    command: Option<CloudhubSubcommand>,
+    #[command(flatten)]
+    args: cloudhub::HubArgs,
+}
+
+#[derive(Subcommand)]
+enum CloudhubSubcommand {
+    /// Tokens that attach sites to this hub.
+    Token {
+        #[command(subcommand)]
+        command: HubTokenCommand,
+    },
+    /// Write a kubeconfig for the hub, or with --site for one site through the hub's cluster
+    /// proxy. The user's certificate is signed by the hub's CA; the hub's RBAC decides who may
+    /// use which site's proxy (`clusters/proxy`), the site's RBAC what they may do there.
+    Kubeconfig(cloudhub::KubeconfigArgs),
+}
+
+#[derive(Subcommand)]
+enum HubTokenCommand {
+    /// Create a token for sites to attach with, and print it (on the last line).
+    Create {
+        /// The hub's data dir.
+        #[arg(long, short = 'd', default_value = cloudhub::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// How long the token may be used to attach (e.g. 24h, 30m; 0 = no expiry).
+        #[arg(long, default_value = "24h", value_parser = parse_ttl)]
+        ttl: std::time::Duration,
     },
 }
 
@@ -266,6 +305,25 @@ pub struct ServerArgs {
     /// already ran (its state.db is missing or empty). Every node must then join again.
     #[arg(long)]
     pub reset_datastore: bool,
+    /// Attach this site to a cloud hub (`edgesite cloudhub`), e.g. https://hub.example:5443. The
+    /// site dials out (through HTTPS_PROXY if set); it runs on by itself while the hub is away.
+    #[arg(long, value_name = "URL", env = "EDGESITE_CLOUDHUB_URL")]
+    pub cloudhub: Option<String>,
+    /// Token from `edgesite cloudhub token create` (needed only to attach the first time).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "EDGESITE_CLOUDHUB_TOKEN",
+        hide_env_values = true
+    )]
+    pub cloudhub_token: Option<String>,
+    /// This site's name at the hub (its Cluster's name; default: the host name).
+    #[arg(long, value_name = "NAME")]
+    pub site_name: Option<String>,
+    /// Label of this site's Cluster at the hub, KEY=VALUE (repeat for several); placement
+    /// policies select sites by them.
+    #[arg(long = "site-label", value_name = "KEY=VALUE")]
+    pub site_label: Vec<String>,
 }
 
 /// Flags of the node agent (`edgesite server` without --disable-agent, and `edgesite agent`);
@@ -490,15 +548,36 @@ fn main() {
     init_logging();
     if matches!(
         cli.command,
-        Command::Server(_) | Command::Agent(_) | Command::Relay(_)
+        Command::Server(_) | Command::Agent(_) | Command::Relay(_) | Command::Cloudhub(_)
     ) {
         raise_descriptor_limit();
     }
     // One TLS crypto provider for every client in the process (registry pulls included).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result: Result<()> = match cli.command {
-        Command::Server(args) => server::run(args),
-        Command::Agent(args) => agent::run(args),
+        Command::Server(args) => server::run(*args),
+        Command::Cloudhub(CloudhubCommand {
+            command: None,
+            args,
+        }) => cloudhub::run(args),
+        Command::Cloudhub(CloudhubCommand {
+            command: Some(CloudhubSubcommand::Kubeconfig(args)),
+            ..
+        }) => cloudhub::kubeconfig(&args),
+        Command::Cloudhub(CloudhubCommand {
+            command:
+                Some(CloudhubSubcommand::Token {
+                    command: HubTokenCommand::Create { data_dir, ttl },
+                }),
+            ..
+        }) => join::create_token(&data_dir, ttl).map(|token| {
+            eprintln!("Attach a site to this hub with:");
+            eprintln!(
+                "  edgesite server --cloudhub https://<this hub>:5443 --cloudhub-token <token> --site-name <name> [--site-label key=value]"
+            );
+            println!("{token}");
+        }),
+        Command::Agent(args) => agent::run(*args),
         Command::Images {
             command:
                 ImagesCommand::Import {

@@ -318,11 +318,23 @@ pub fn server_tls(ca: &CertAndKey, serving: Arc<ServingCert>) -> Result<Arc<rust
 
 /// A key and a certificate request for `system:node:<node>` (the agent side of joining).
 pub fn node_csr(node: &str) -> Result<(String, String)> {
-    let key = KeyPair::generate().context("generate the node key")?;
+    identity_csr(&format!("system:node:{node}"), "system:nodes")
+}
+
+/// A key and a certificate request for a site's link to a cloud hub.
+pub fn site_csr(site: &str) -> Result<(String, String)> {
+    identity_csr(
+        &format!("{}{site}", apiserver_lite::cloud_link::SITE_PREFIX),
+        apiserver_lite::cloud_link::SITES_GROUP,
+    )
+}
+
+fn identity_csr(common_name: &str, organization: &str) -> Result<(String, String)> {
+    let key = KeyPair::generate().context("generate the key")?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("system:node:{node}"));
-    dn.push(DnType::OrganizationName, "system:nodes");
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, organization);
     params.distinguished_name = dn;
     let csr = params
         .serialize_request(&key)
@@ -418,14 +430,36 @@ pub fn sign_kubelet_serving_csr(ca: &CertAndKey, csr_pem: &str) -> Result<String
 /// Signs a joining node's request. The subject is set here, whatever the request says: the
 /// node gets `system:node:<node>` in `system:nodes`, a client certificate for one year.
 pub fn sign_node_csr(ca: &CertAndKey, node: &str, csr_pem: &str) -> Result<String> {
+    sign_identity_csr(ca, &format!("system:node:{node}"), "system:nodes", csr_pem)
+}
+
+/// Signs a client certificate for a site attached to a cloud hub (`system:site:<site>` in
+/// group `edgesite:sites`).
+pub fn sign_site_csr(ca: &CertAndKey, site: &str, csr_pem: &str) -> Result<String> {
+    sign_identity_csr(
+        ca,
+        &format!("{}{site}", apiserver_lite::cloud_link::SITE_PREFIX),
+        apiserver_lite::cloud_link::SITES_GROUP,
+        csr_pem,
+    )
+}
+
+/// Signs `csr_pem`'s key as `common_name` in `organization` (a client certificate for a year),
+/// whatever names the request itself asked for.
+fn sign_identity_csr(
+    ca: &CertAndKey,
+    common_name: &str,
+    organization: &str,
+    csr_pem: &str,
+) -> Result<String> {
     let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
         .context("the certificate request is not a valid PEM CSR")?;
     let ca_key = KeyPair::from_pem(&ca.key).context("read the CA key")?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key).context("read the CA certificate")?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("system:node:{node}"));
-    dn.push(DnType::OrganizationName, "system:nodes");
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, organization);
     params.distinguished_name = dn;
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
@@ -439,9 +473,7 @@ pub fn sign_node_csr(ca: &CertAndKey, node: &str, csr_pem: &str) -> Result<Strin
     params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
     validity(&mut params, 1);
     csr.params = params;
-    let cert = csr
-        .signed_by(&issuer)
-        .context("sign the node certificate")?;
+    let cert = csr.signed_by(&issuer).context("sign the certificate")?;
     Ok(cert.pem())
 }
 

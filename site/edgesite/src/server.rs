@@ -234,37 +234,50 @@ pub fn user_kubeconfig(
             "--user {user:?}: names starting with \"system:\" are reserved for the site's own components"
         );
     }
+    let url = match server {
+        Some(s) => s.to_string(),
+        None => admin_server_url(data_dir)?,
+    };
+    kubeconfig_for(data_dir, user, groups, &url, output)
+}
+
+/// The API server's URL as the data dir's admin kubeconfig has it.
+pub fn admin_server_url(data_dir: &Path) -> Result<String> {
+    let admin = data_dir
+        .join("server")
+        .join("cred")
+        .join("admin.kubeconfig");
+    let text = std::fs::read_to_string(&admin).with_context(|| {
+        format!(
+            "read {} for the server's address (or pass --server)",
+            admin.display()
+        )
+    })?;
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .map(str::to_string)
+        .with_context(|| format!("no server address in {}; pass --server", admin.display()))
+}
+
+/// Writes a kubeconfig for `user` in `groups` at `server`, with a certificate signed by the
+/// data dir's CA.
+pub fn kubeconfig_for(
+    data_dir: &Path,
+    user: &str,
+    groups: &[String],
+    server: &str,
+    output: &Path,
+) -> Result<()> {
     let pki = Pki::new(data_dir);
     if !pki.dir.join("ca.key").exists() {
         bail!(
-            "no cluster CA in {}: run this on the server, with its --data-dir",
+            "no CA in {}: run this on the server, with its --data-dir",
             pki.dir.display()
         );
     }
     let ca = pki.ca()?;
-    let url = match server {
-        Some(s) => s.to_string(),
-        None => {
-            let admin = data_dir
-                .join("server")
-                .join("cred")
-                .join("admin.kubeconfig");
-            let text = std::fs::read_to_string(&admin).with_context(|| {
-                format!(
-                    "read {} for the server's address (or pass --server)",
-                    admin.display()
-                )
-            })?;
-            text.lines()
-                .find_map(|l| l.trim().strip_prefix("server: "))
-                .map(str::to_string)
-                .with_context(|| {
-                    format!("no server address in {}; pass --server", admin.display())
-                })?
-        }
-    };
     let certificate = pki.user_certificate(&ca, user, groups)?;
-    write_kubeconfig(output, 0o600, &url, &ca, &certificate)
+    write_kubeconfig(output, 0o600, server, &ca, &certificate)
 }
 
 /// A data dir whose CA exists belongs to a site that has run: starting it on a missing or empty
@@ -304,7 +317,104 @@ fn check_datastore(pki: &Pki, database: &Path, reset: bool) -> Result<()> {
     )
 }
 
+/// What an `edgesite` process serves.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Role {
+    /// A site: the control plane, a node (unless --disable-agent), and a link to a cloud hub
+    /// with --cloudhub.
+    Site,
+    /// A cloud hub (`edgesite cloudhub`): the API server with Karmada's resources and the hub's
+    /// side of sites' links; no node, no scheduler, no workload controllers.
+    Hub,
+}
+
+/// Where a site attaches to a hub (`--cloudhub` and its companions, checked).
+struct Attach {
+    hub: String,
+    token: Option<String>,
+    site: String,
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+fn attach_settings(args: &ServerArgs) -> Result<Option<Attach>> {
+    let Some(hub) = &args.cloudhub else {
+        if args.cloudhub_token.is_some() || args.site_name.is_some() || !args.site_label.is_empty()
+        {
+            bail!(
+                "--cloudhub-token, --site-name and --site-label attach the site to a hub: pass the hub's address too (--cloudhub https://HUB:5443)"
+            );
+        }
+        return Ok(None);
+    };
+    let hub = hub.trim_end_matches('/').to_string();
+    link::dial::host_port(&hub).map_err(|e| anyhow::anyhow!("--cloudhub: {e}"))?;
+    let site = args
+        .site_name
+        .clone()
+        .unwrap_or_else(hostname)
+        .to_lowercase();
+    if let Err(e) = apiserver_lite::validation::is_dns1123_label(&site) {
+        bail!("--site-name {site:?} (the hub's Cluster name): {e}");
+    }
+    let labels = cloudhub::protocol::parse_labels(&args.site_label).map_err(anyhow::Error::msg)?;
+    Ok(Some(Attach {
+        hub,
+        token: args.cloudhub_token.clone(),
+        site,
+        labels,
+    }))
+}
+
+/// Attaches the site to its hub (once: later starts reuse the certificate) and keeps the link
+/// up until `shutdown`. The hub being away delays only this: the site runs regardless.
+async fn attach(
+    data_dir: std::path::PathBuf,
+    attach: Attach,
+    api: Arc<apiserver_lite::http::ApiServer>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = link::backoff::Backoff::default();
+    let credentials = loop {
+        let started = std::time::Instant::now();
+        match crate::join::site_credentials(
+            &data_dir,
+            &attach.hub,
+            attach.token.as_deref(),
+            &attach.site,
+        )
+        .await
+        {
+            Ok(c) => break c,
+            Err(error) if attach.token.is_none() => {
+                tracing::error!("cloud link: {error:#}");
+                return;
+            }
+            Err(error) => tracing::warn!("cloud link: {error:#}; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff.next(started)) => {}
+        }
+    };
+    let config = cloudhub::site::SiteConfig {
+        hub: attach.hub,
+        name: attach.site,
+        labels: attach.labels,
+        ca_pem: credentials.ca,
+        cert_pem: credentials.cert,
+        key_pem: credentials.key,
+    };
+    if let Err(error) = cloudhub::site::run(config, api, shutdown).await {
+        tracing::error!("cloud link: {error}");
+    }
+}
+
 pub fn run(args: ServerArgs) -> Result<()> {
+    run_as(args, Role::Site)
+}
+
+pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
+    let attach_to = attach_settings(&args)?;
     let mode = u32::from_str_radix(args.write_kubeconfig_mode.trim_start_matches("0o"), 8)
         .with_context(|| {
             format!(
@@ -458,9 +568,14 @@ pub fn run(args: ServerArgs) -> Result<()> {
             .context("start the API server")?;
         // Agents on other machines pin the CA and join with a token.
         let _ = api.ca_pem.set(ca.cert.clone());
-        let joiner: Arc<dyn apiserver_lite::node_streams::NodeJoin> =
-            crate::join::joiner(&server_dir, &ca, &token);
-        let _ = api.node_join.set(joiner);
+        match role {
+            Role::Site => {
+                let _ = api.node_join.set(crate::join::joiner(&server_dir, &ca, &token));
+            }
+            Role::Hub => {
+                let _ = api.site_join.set(crate::join::site_joiner(&server_dir, &ca));
+            }
+        }
         // Components talk to the API through in-process clients (no socket, the same path as a
         // remote client's), each with its own identity, which RBAC and the Node authorizer
         // decide for. The server's own set-up (the device CRDs) acts as the server.
@@ -495,6 +610,31 @@ pub fn run(args: ServerArgs) -> Result<()> {
         devices::crd::install(&client)
             .await
             .context("install the Device and DeviceModel CRDs")?;
+        let hub = if role == Role::Hub {
+            cloudhub::crds::install(&client)
+                .await
+                .context("install Karmada's CRDs")?;
+            let hub = cloudhub::hub::Hub::new(
+                kube::Client::new(
+                    apiserver_lite::http::in_process(
+                        api.clone(),
+                        apiserver_lite::auth::Identity::new(
+                            cloudhub::hub::HUB_USER,
+                            &[apiserver_lite::auth::MASTERS, apiserver_lite::auth::AUTHENTICATED],
+                        ),
+                    ),
+                    "default",
+                ),
+                shutdown.clone(),
+            );
+            let _ = api.hub.set(Arc::new(cloudhub::hub::Hooks(hub.clone())));
+            Some(tokio::spawn(hub.run()))
+        } else {
+            None
+        };
+        let link = attach_to.map(|a| {
+            tokio::spawn(attach(args.data_dir.clone(), a, api.clone(), shutdown.clone()))
+        });
         let loops = tokio::spawn(crate::control_plane::run(
             clients,
             crate::control_plane::Settings {
@@ -504,6 +644,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
                 ca: ca.cert.clone(),
                 ca_signer: ca.clone(),
                 cluster_cidr,
+                hub: role == Role::Hub,
             },
             shutdown.clone(),
         ));
@@ -569,6 +710,9 @@ pub fn run(args: ServerArgs) -> Result<()> {
         }
         shutdown.cancel();
         let _ = tokio::time::timeout(DRAIN, loops).await;
+        for task in [hub, link].into_iter().flatten() {
+            let _ = tokio::time::timeout(DRAIN, task).await;
+        }
         if let Some(twin) = device_twin {
             let _ = tokio::time::timeout(DRAIN, twin).await;
         }

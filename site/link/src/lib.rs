@@ -11,6 +11,7 @@
 //!   stayed up a while).
 //! - [`accept`]: answer the upgrade and take the connection over as a [`accept::Peer`].
 //! - [`registry::Registry`]: the connected peers by name.
+//! - [`pipe`]: a byte pipe through one stream (a whole HTTP/1.1 connection inside the link).
 //! - [`frames`]: the framing of exec, attach and port-forward data inside a stream, bounded by
 //!   [`frames::MAX_FRAME`].
 //!
@@ -21,6 +22,7 @@ pub mod accept;
 pub mod backoff;
 pub mod dial;
 pub mod frames;
+pub mod pipe;
 pub mod registry;
 
 use std::time::Duration;

@@ -1,0 +1,130 @@
+//! The hub's side of the cloud link: sites' links arrive here ([`Hub::accept`]), each site has
+//! a Karmada `Cluster` whose status the site's status stream keeps current
+//! ([`clusters`]), and `kubectl` reaches any connected site through the cluster proxy
+//! ([`proxy`]).
+
+pub mod clusters;
+pub mod proxy;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use apiserver_lite::auth::Identity;
+use apiserver_lite::error::ApiError;
+use link::accept::Peer;
+use link::registry::Registry;
+
+/// The identity the hub's own writes (Clusters and their status) are made as.
+pub const HUB_USER: &str = "system:edgesite:cloudhub";
+
+/// The hub: the connected sites and what it keeps about them.
+pub struct Hub {
+    sites: Arc<Registry<Peer<Body>>>,
+    clusters: Arc<clusters::Clusters>,
+    shutdown: CancellationToken,
+}
+
+impl Hub {
+    /// `client` writes Clusters and their status (as [`HUB_USER`]).
+    pub fn new(client: kube::Client, shutdown: CancellationToken) -> Arc<Hub> {
+        Arc::new(Hub {
+            sites: Arc::default(),
+            clusters: Arc::new(clusters::Clusters::new(client)),
+            shutdown,
+        })
+    }
+
+    /// Runs the hub's loops (sites not heard from turn not Ready) until shut down.
+    pub async fn run(self: Arc<Self>) {
+        self.clusters
+            .clone()
+            .watch_readiness(self.shutdown.clone())
+            .await;
+    }
+
+    /// The sites whose links are up now.
+    pub fn connected(&self) -> Vec<String> {
+        self.sites.names()
+    }
+
+    async fn serve_link(
+        self: Arc<Self>,
+        site: String,
+        headers: http::HeaderMap,
+        upgraded: hyper::upgrade::Upgraded,
+    ) {
+        let (peer, connection) = match link::accept::handshake::<Body>(upgraded).await {
+            Ok(x) => x,
+            Err(error) => {
+                tracing::warn!(%site, %error, "site link handshake failed");
+                return;
+            }
+        };
+        let labels = headers
+            .get(crate::protocol::LABELS_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| crate::protocol::parse_labels(&[v.to_string()]))
+            .transpose();
+        let labels = match labels {
+            Ok(labels) => labels.unwrap_or_default(),
+            Err(error) => {
+                tracing::warn!(%site, %error, "site link refused: bad labels");
+                return;
+            }
+        };
+        let connection = tokio::spawn(connection);
+        if let Err(error) = self.clusters.ensure(&site, &labels).await {
+            tracing::warn!(%site, %error, "site link: the Cluster could not be written; closing");
+            connection.abort();
+            return;
+        }
+        let registration = self.sites.register(&site, Arc::new(peer.clone()));
+        tracing::info!(%site, "site attached its link");
+        let status = self.clusters.clone().follow_status(site.clone(), peer);
+        tokio::select! {
+            result = connection => match result {
+                Ok(Ok(())) => tracing::info!(%site, "site link closed"),
+                Ok(Err(error)) => tracing::info!(%site, %error, "site link closed"),
+                Err(_) => {}
+            },
+            () = status => tracing::info!(%site, "site link: the status stream ended"),
+            () = self.shutdown.cancelled() => {}
+        }
+        drop(registration);
+    }
+}
+
+/// [`Hub`] as the API server's hook.
+pub struct Hooks(pub Arc<Hub>);
+
+impl apiserver_lite::cloud_link::Hub for Hooks {
+    fn accept(
+        &self,
+        site: String,
+        headers: http::HeaderMap,
+        upgraded: hyper::upgrade::Upgraded,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(self.0.clone().serve_link(site, headers, upgraded))
+    }
+
+    fn proxy(
+        &self,
+        site: String,
+        identity: Identity,
+        request: http::Request<Body>,
+    ) -> BoxFuture<'static, Result<http::Response<Body>, ApiError>> {
+        let peer = self.0.sites.get(&site);
+        Box::pin(async move {
+            let Some(peer) = peer else {
+                return Err(ApiError::service_unavailable(format!(
+                    "site {site:?} is not connected to the hub: its link is down \
+                     (`kubectl get cluster {site}` shows since when it is not Ready)"
+                )));
+            };
+            proxy::forward(&peer, &site, &identity, request).await
+        })
+    }
+}

@@ -1,0 +1,157 @@
+//! `edgesite cloudhub`: the hub that sites attach to. It is the site's API server on its own
+//! datastore with no node and no workload controllers, plus Karmada's `Cluster` API and the hub's
+//! side of the cloud link (the `cloudhub` crate); `server::run_as` starts both kinds.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, FromArgMatches};
+
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/edgesite-cloudhub";
+
+/// Flags of `edgesite cloudhub`, named as `edgesite server`'s where they mean the same.
+#[derive(Args, Clone, Debug)]
+pub struct HubArgs {
+    /// Folder that holds the hub's datastore, certificates and tokens.
+    #[arg(long, short = 'd', default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// Address the hub listens on (kubectl and the sites' links alike).
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind_address: IpAddr,
+    /// HTTPS port of the hub (Karmada's API server uses 5443 too).
+    #[arg(long, default_value_t = 5443)]
+    pub https_listen_port: u16,
+    /// Extra host name or IP for the serving certificate (repeat for several): every name
+    /// sites use in --cloudhub must be listed (the machine's addresses are).
+    #[arg(long = "tls-san", value_name = "NAME")]
+    pub tls_san: Vec<String>,
+    /// Where to write the hub's admin kubeconfig.
+    #[arg(long, default_value = "/etc/edgesite/cloudhub.yaml")]
+    pub write_kubeconfig: PathBuf,
+    /// File mode of the kubeconfig, in octal.
+    #[arg(long, default_value = "0600")]
+    pub write_kubeconfig_mode: String,
+    /// Start with an empty datastore although this data dir's certificates belong to a hub that
+    /// already ran. Every site must then attach again.
+    #[arg(long)]
+    pub reset_datastore: bool,
+}
+
+/// Flags of `edgesite cloudhub kubeconfig`.
+#[derive(Args, Clone, Debug)]
+pub struct KubeconfigArgs {
+    /// A site: the kubeconfig's server is the hub's cluster proxy for it.
+    #[arg(long)]
+    pub site: Option<String>,
+    /// The user (default: the hub's admin).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Groups of the user (repeat for several).
+    #[arg(long = "group")]
+    pub groups: Vec<String>,
+    /// The hub's data dir.
+    #[arg(long, short = 'd', default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// The address users reach the hub at (default: the admin kubeconfig's).
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Where to write the kubeconfig (mode 0600).
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+}
+
+/// The server's flags for a hub: its own where it has them, the server's defaults otherwise, no
+/// node agent.
+fn server_args(hub: &HubArgs) -> Result<crate::ServerArgs> {
+    let mut argv: Vec<String> = vec![
+        "cloudhub".into(),
+        "--data-dir".into(),
+        hub.data_dir.display().to_string(),
+        "--bind-address".into(),
+        hub.bind_address.to_string(),
+        "--https-listen-port".into(),
+        hub.https_listen_port.to_string(),
+        "--write-kubeconfig".into(),
+        hub.write_kubeconfig.display().to_string(),
+        "--write-kubeconfig-mode".into(),
+        hub.write_kubeconfig_mode.clone(),
+        "--disable-agent".into(),
+        "--disable-mesh-relay".into(),
+    ];
+    for san in &hub.tls_san {
+        argv.push("--tls-san".into());
+        argv.push(san.clone());
+    }
+    if hub.reset_datastore {
+        argv.push("--reset-datastore".into());
+    }
+    let command = crate::ServerArgs::augment_args(clap::Command::new("cloudhub"));
+    let matches = command
+        .try_get_matches_from(argv)
+        .context("the hub's server settings")?;
+    Ok(crate::ServerArgs::from_arg_matches(&matches)?)
+}
+
+pub fn run(args: HubArgs) -> Result<()> {
+    crate::server::run_as(server_args(&args)?, crate::server::Role::Hub)
+}
+
+/// `edgesite cloudhub kubeconfig [--site NAME]`.
+pub fn kubeconfig(args: &KubeconfigArgs) -> Result<()> {
+    let hub = match &args.server {
+        Some(s) => s.clone(),
+        None => crate::server::admin_server_url(&args.data_dir)?,
+    };
+    let server = match &args.site {
+        Some(site) => {
+            if let Err(e) = apiserver_lite::validation::is_dns1123_label(site) {
+                bail!("--site {site:?}: {e}");
+            }
+            format!(
+                "{}/apis/cluster.karmada.io/v1alpha1/clusters/{site}/proxy",
+                hub.trim_end_matches('/')
+            )
+        }
+        None => hub,
+    };
+    let user = args.user.as_deref().unwrap_or("admin");
+    if user.trim().is_empty() || user.starts_with("system:") {
+        bail!("--user {user:?}: name a user; names starting with \"system:\" are reserved");
+    }
+    let groups: Vec<String> = if args.user.is_none() && args.groups.is_empty() {
+        vec!["system:masters".into()]
+    } else {
+        args.groups.clone()
+    };
+    crate::server::kubeconfig_for(&args.data_dir, user, &groups, &server, &args.output)?;
+    match &args.site {
+        Some(site) => eprintln!(
+            "wrote {}: kubectl reaches site {site:?} through the hub as {user:?}",
+            args.output.display()
+        ),
+        None => eprintln!("wrote {} for the hub", args.output.display()),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_hub_is_a_server_without_a_node() {
+        let hub = super::HubArgs {
+            data_dir: "/tmp/hub".into(),
+            bind_address: "127.0.0.1".parse().unwrap(),
+            https_listen_port: 5999,
+            tls_san: vec!["hub.example".into()],
+            write_kubeconfig: "/tmp/hub.yaml".into(),
+            write_kubeconfig_mode: "0600".into(),
+            reset_datastore: false,
+        };
+        let args = super::server_args(&hub).unwrap();
+        assert!(args.disable_agent);
+        assert_eq!(args.https_listen_port, 5999);
+        assert_eq!(args.tls_san, vec!["hub.example".to_string()]);
+        assert!(args.cloudhub.is_none());
+    }
+}

@@ -1,0 +1,487 @@
+//! The cloud link end to end: a real hub (`edgesite cloudhub`) and real sites that attach to
+//! it by dialing out, on loopback. kubectl at the hub sees every site as a Karmada Cluster and
+//! reaches any site through the hub's cluster proxy, as the caller.
+
+use std::process::Command;
+use std::time::Duration;
+
+use tests::{Site, edgesite_bin, eventually};
+
+/// Starts a site attached to `hub` as `name` with `labels`.
+fn attached(hub: &Site, token: &str, name: &str, labels: &[&str]) -> Site {
+    let url = hub.url();
+    let mut flags = vec![
+        "--cloudhub",
+        url.as_str(),
+        "--cloudhub-token",
+        token,
+        "--site-name",
+        name,
+    ];
+    for label in labels {
+        flags.push("--site-label");
+        flags.push(label);
+    }
+    Site::start_with(&flags).expect("start an attached site")
+}
+
+fn ready(hub: &Site, site: &str) -> String {
+    hub.kubectl(&[
+        "get",
+        "cluster",
+        site,
+        "-o",
+        "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+    ])
+    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    .unwrap_or_default()
+}
+
+/// `edgesite cloudhub kubeconfig` for `site` (and a user): its path.
+fn site_kubeconfig(hub: &Site, site: &str, user: Option<&str>) -> std::path::PathBuf {
+    let path = hub
+        .dir
+        .path()
+        .join(format!("{site}-{}.kubeconfig", user.unwrap_or("admin")));
+    let mut command = Command::new(edgesite_bin());
+    command
+        .args(["cloudhub", "kubeconfig", "--site", site, "--data-dir"])
+        .arg(hub.data_dir())
+        .arg("-o")
+        .arg(&path);
+    if let Some(user) = user {
+        command.args(["--user", user]);
+    }
+    let out = command.output().expect("run edgesite cloudhub kubeconfig");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path
+}
+
+fn kubectl_with(kubeconfig: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(tests::kubectl_bin())
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .expect("run kubectl")
+}
+
+#[test]
+fn sites_attach_by_dialing_out_and_kubectl_reaches_each_through_the_hub() {
+    let hub = Site::start_hub(&[]).expect("start the hub");
+    let token = hub.hub_token();
+    assert!(token.starts_with("K10"), "{token}");
+    let shop1 = attached(&hub, &token, "shop-1", &["region=eu", "tier=pop"]);
+    let shop2 = attached(&hub, &token, "shop-2", &["region=us"]);
+
+    // Each site is a Karmada Cluster, Pull mode, with its labels, and turns Ready.
+    assert!(
+        eventually(Duration::from_secs(30), || ready(&hub, "shop-1") == "True"
+            && ready(&hub, "shop-2") == "True"),
+        "{}\n{}",
+        hub.ok(&["get", "clusters", "-o", "yaml"]),
+        hub.log()
+    );
+    let table = hub.ok(&["get", "clusters"]);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAME", "VERSION", "MODE", "READY", "AGE"],
+        "{table}"
+    );
+    assert!(
+        table.lines().any(|l| l.starts_with("shop-1")
+            && l.contains("v1.33.0+edgesite")
+            && l.contains("Pull")
+            && l.contains("True")),
+        "{table}"
+    );
+    let eu = hub.ok(&["get", "clusters", "-l", "region=eu", "-o", "name"]);
+    assert_eq!(eu.trim(), "cluster.cluster.karmada.io/shop-1");
+    let cluster = hub.json(&["get", "cluster", "shop-1", "-o", "json"]);
+    assert_eq!(cluster["spec"]["syncMode"], "Pull");
+    assert_eq!(cluster["status"]["nodeSummary"]["totalNum"], 0, "{cluster}");
+    let apis = cluster["status"]["apiEnablements"].as_array().unwrap();
+    assert!(
+        apis.iter().any(|g| g["groupVersion"] == "apps/v1"
+            && g["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["name"] == "deployments" && r["kind"] == "Deployment")),
+        "{cluster}"
+    );
+    assert!(
+        apis.iter()
+            .any(|g| g["groupVersion"] == "devices.kubeedge.io/v1beta1"),
+        "{cluster}"
+    );
+
+    // kubectl through the hub's cluster proxy reaches each site's own API.
+    shop1.ok(&[
+        "create",
+        "configmap",
+        "only-at-shop-1",
+        "--from-literal=a=b",
+    ]);
+    let to_shop1 = site_kubeconfig(&hub, "shop-1", None);
+    let to_shop2 = site_kubeconfig(&hub, "shop-2", None);
+    let out = kubectl_with(
+        &to_shop1,
+        &["get", "configmap", "only-at-shop-1", "-o", "name"],
+    );
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        shop1.log()
+    );
+    let out = kubectl_with(&to_shop2, &["get", "configmap", "only-at-shop-1"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not found"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Writes and a watch go through too.
+    let out = kubectl_with(&to_shop2, &["create", "namespace", "from-the-hub"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    shop2.ok(&["get", "namespace", "from-the-hub"]);
+    let out = kubectl_with(
+        &to_shop2,
+        &["get", "namespaces", "--watch", "--request-timeout=2s"],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("from-the-hub"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The site sees the hub's caller, not the hub: `auth whoami` through the proxy.
+    let out = kubectl_with(&to_shop1, &["auth", "whoami", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let me: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(me["status"]["userInfo"]["username"], "admin", "{me}");
+
+    // The hub's RBAC decides who may use a site's proxy; the site's RBAC what they do there.
+    let jane = site_kubeconfig(&hub, "shop-1", Some("jane"));
+    let out = kubectl_with(&jane, &["get", "configmaps"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && err.contains("clusters/proxy"),
+        "{err}"
+    );
+    hub.ok(&[
+        "create",
+        "clusterrole",
+        "shop-1-proxy",
+        "--verb=get,list,watch,create,update,patch,delete",
+        "--resource=clusters/proxy",
+        "--resource-name=shop-1",
+    ]);
+    hub.ok(&[
+        "create",
+        "clusterrolebinding",
+        "jane-shop-1",
+        "--clusterrole=shop-1-proxy",
+        "--user=jane",
+    ]);
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let err = String::from_utf8_lossy(&kubectl_with(&jane, &["get", "configmaps"]).stderr)
+                .into_owned();
+            // Now the site answers, and its RBAC refuses jane.
+            err.contains("User \"jane\" cannot list resource \"configmaps\"")
+        }),
+        "{}",
+        String::from_utf8_lossy(&kubectl_with(&jane, &["get", "configmaps"]).stderr)
+    );
+    shop1.ok(&[
+        "create",
+        "rolebinding",
+        "jane-view",
+        "--clusterrole=view",
+        "--user=jane",
+        "-n",
+        "default",
+    ]);
+    assert!(eventually(Duration::from_secs(10), || {
+        let out = kubectl_with(&jane, &["get", "configmap", "only-at-shop-1", "-o", "name"]);
+        out.status.success()
+    }));
+    // jane's grant at the hub names shop-1 only.
+    let jane2 = site_kubeconfig(&hub, "shop-2", Some("jane"));
+    let out = kubectl_with(&jane2, &["get", "configmaps"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("clusters/proxy"));
+
+    // A site's certificate is for its link, nothing else at the hub.
+    let cred = shop1.data_dir().join("server").join("cloudhub");
+    let out = hub.kubectl_as(
+        &[
+            format!("--client-certificate={}", cred.join("site.crt").display()),
+            format!("--client-key={}", cred.join("site.key").display()),
+        ],
+        &["get", "clusters"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && err.contains("system:site:shop-1") && err.contains("forbidden"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_site_that_goes_away_turns_not_ready_and_its_proxy_says_why() {
+    let hub = Site::start_hub(&[]).expect("start the hub");
+    let token = hub.hub_token();
+    let mut site = attached(&hub, &token, "factory-7", &[]);
+    assert!(
+        eventually(Duration::from_secs(30), || ready(&hub, "factory-7")
+            == "True"),
+        "{}",
+        hub.log()
+    );
+    site.stop();
+    // kubectl's discovery says only "unable to handle the request"; the Status says why.
+    let proxy = "/apis/cluster.karmada.io/v1alpha1/clusters/factory-7/proxy/api";
+    let err = hub.fails(&["get", "--raw", proxy], None);
+    assert!(
+        err.contains("site \"factory-7\" is not connected to the hub"),
+        "{err}"
+    );
+    let err = hub.fails(
+        &[
+            "get",
+            "--raw",
+            "/apis/cluster.karmada.io/v1alpha1/clusters/nope/proxy/api",
+        ],
+        None,
+    );
+    assert!(
+        err.contains("clusters.cluster.karmada.io \"nope\" not found"),
+        "{err}"
+    );
+    // Unknown once not heard from for 40 s, as Karmada's cluster status says.
+    assert!(
+        eventually(Duration::from_secs(60), || ready(&hub, "factory-7")
+            == "Unknown"),
+        "{}",
+        hub.ok(&["get", "cluster", "factory-7", "-o", "yaml"])
+    );
+    // Back: Ready again, on the certificate it kept (no token needed).
+    site.launch_with(&[
+        "--cloudhub",
+        &hub.url(),
+        "--site-name",
+        "factory-7",
+        "--disable-agent",
+    ])
+    .expect("restart the site");
+    assert!(
+        eventually(Duration::from_secs(30), || ready(&hub, "factory-7")
+            == "True"),
+        "{}",
+        site.log()
+    );
+}
+
+#[test]
+fn a_bad_token_or_a_wrong_hub_is_refused_with_the_fix() {
+    let hub = Site::start_hub(&[]).expect("start the hub");
+    let good = hub.hub_token();
+    // A token whose secret is wrong: the hub refuses it and says how to make one.
+    let (pinned, _) = good.split_once("::").unwrap();
+    let bad = format!("{pinned}::abcdef.0123456789abcdef");
+    let site = attached(&hub, &bad, "intruder", &[]);
+    assert!(
+        eventually(Duration::from_secs(20), || site
+            .log()
+            .contains("edgesite cloudhub token create")),
+        "{}",
+        site.log()
+    );
+    // A token pinning another CA: the site refuses the hub.
+    let other = format!(
+        "K10{}::{}",
+        "0".repeat(64),
+        good.split_once("::").unwrap().1
+    );
+    let site2 = attached(&hub, &other, "elsewhere", &[]);
+    assert!(
+        eventually(Duration::from_secs(20), || site2
+            .log()
+            .contains("does not match the token")),
+        "{}",
+        site2.log()
+    );
+    assert!(!hub.ok(&["get", "clusters"]).contains("intruder"));
+    // --site-label without --cloudhub is a mistake, said at start.
+    let out = site2
+        .run_to_exit(&["--site-label", "a=b"])
+        .expect("run a server that must refuse its flags");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--cloudhub https://HUB:5443"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A site with a node running a real container, reached only through the hub: logs, exec
+/// (WebSocket and SPDY, exit codes, stdin), port-forward.
+#[test]
+fn logs_exec_and_port_forward_reach_a_sites_pods_through_the_hub() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::process::Stdio;
+    use tests::node::{BUSYBOX, Runtime};
+
+    let rt = Runtime::start().unwrap();
+    let hub = Site::start_hub(&[]).expect("start the hub");
+    let token = hub.hub_token();
+    let url = hub.url();
+    let site = rt
+        .start_site(&[
+            "--cloudhub",
+            &url,
+            "--cloudhub-token",
+            &token,
+            "--site-name",
+            "pop-ams",
+        ])
+        .unwrap();
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(&format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: web}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: web
+    image: {BUSYBOX}
+    imagePullPolicy: Never
+    command: ["sh", "-c", "mkdir -p /www && echo served-at-the-edge > /www/index.html && echo started-web && exec httpd -f -p 8080 -h /www"]
+    readinessProbe: {{httpGet: {{path: /index.html, port: 8080}}, periodSeconds: 1}}
+"#
+        )),
+    );
+    let to_site = site_kubeconfig(&hub, "pop-ams", None);
+    let through = |env: &[(&str, &str)], args: &[&str], stdin: Option<&[u8]>| {
+        let mut child = Command::new(tests::kubectl_bin())
+            .arg("--kubeconfig")
+            .arg(&to_site)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run kubectl");
+        if let Some(input) = stdin {
+            child.stdin.take().unwrap().write_all(input).unwrap();
+        }
+        child.wait_with_output().unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(90), || {
+            let out = through(
+                &[],
+                &[
+                    "get",
+                    "pod",
+                    "web",
+                    "-o",
+                    "jsonpath={.status.containerStatuses[0].ready}",
+                ],
+                None,
+            );
+            String::from_utf8_lossy(&out.stdout) == "true"
+        }),
+        "web never became ready\n{}",
+        site.log()
+    );
+    let out = through(&[], &["logs", "web"], None);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "started-web\n",
+        "{out:?}"
+    );
+    let spdy: &[(&str, &str)] = &[
+        ("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false"),
+        ("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false"),
+    ];
+    for (transport, env) in [("websocket", &[][..]), ("spdy", spdy)] {
+        let out = through(
+            env,
+            &[
+                "exec",
+                "web",
+                "--",
+                "sh",
+                "-c",
+                "echo out; echo err >&2; exit 3",
+            ],
+            None,
+        );
+        assert_eq!(out.status.code(), Some(3), "{transport}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n", "{transport}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("err"),
+            "{transport}"
+        );
+        let input = vec![b'x'; 100_000];
+        let out = through(env, &["exec", "-i", "web", "--", "wc", "-c"], Some(&input));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "100000",
+            "{transport}: {out:?}"
+        );
+        // port-forward through the hub: a local port to the pod's 8080.
+        let mut child = Command::new(tests::kubectl_bin())
+            .arg("--kubeconfig")
+            .arg(&to_site)
+            .args(["port-forward", "pod/web", ":8080"])
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let port: u16 = loop {
+            let line = lines
+                .next()
+                .expect("port-forward printed its port")
+                .unwrap();
+            if let Some(rest) = line.strip_prefix("Forwarding from 127.0.0.1:") {
+                break rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        };
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(s, "GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(
+            answer.ends_with("served-at-the-edge\n"),
+            "{transport}: {answer}"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
