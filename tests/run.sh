@@ -28,8 +28,9 @@ fi
 # Each test starts its own containerd; nothing here starts a system-wide one.
 install_node_deps
 apt_install docker-registry busybox-static apache2-utils
-# MQTT clients (a legacy mapper in the device tests) and mosquitto (compared in the benchmark).
-apt_install mosquitto mosquitto-clients
+# MQTT clients (a legacy mapper in the device tests) and mosquitto (compared in the benchmark);
+# tinyproxy, the HTTPS proxy a site reaches its cloud hub through (each test starts its own).
+apt_install mosquitto mosquitto-clients tinyproxy
 # Client libraries nobody here wrote, for the compatibility tests: the official Python client,
 # kr8s, lightkube, kubernetes-asyncio, kopf and pykube-ng (PyPI); pymodbus, the Modbus TCP server the
 # Modbus mapper is tested against; @kubernetes/client-node (npm).

@@ -50,6 +50,8 @@ pub struct Site {
     netns: Option<String>,
     /// A cloud hub (`edgesite cloudhub`) rather than a site.
     hub: bool,
+    /// Extra environment of the server process (`HTTPS_PROXY`, ...).
+    env: Vec<(String, String)>,
 }
 
 impl Site {
@@ -89,6 +91,26 @@ impl Site {
         Site::start_prepared(&flags, |_| Ok(()))
     }
 
+    /// Starts a site (control plane only) whose server process has `env` too.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Result<Site> {
+        let mut flags: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        flags.push("--disable-agent".into());
+        let mut site = Site {
+            dir: tempfile::Builder::new().prefix("edgesite-test").tempdir()?,
+            port: free_port(),
+            child: None,
+            extra: flags,
+            netns: None,
+            hub: false,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        site.launch()?;
+        Ok(site)
+    }
+
     /// Starts a site after `prepare` has filled its data dir.
     pub fn start_prepared(
         extra: &[&str],
@@ -108,6 +130,7 @@ impl Site {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             netns: None,
             hub: false,
+            env: Vec::new(),
         };
         prepare(&site.data_dir())?;
         site.launch()?;
@@ -124,6 +147,7 @@ impl Site {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             netns: None,
             hub: true,
+            env: Vec::new(),
         };
         hub.launch()?;
         Ok(hub)
@@ -168,6 +192,7 @@ impl Site {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             netns: Some(netns.to_string()),
             hub: false,
+            env: Vec::new(),
         };
         prepare(&site.data_dir())?;
         site.launch()?;
@@ -264,6 +289,7 @@ impl Site {
             .server_command()
             .args(&self.extra)
             .env("RUST_LOG", "info,kube_client::client::builder=off")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .spawn()

@@ -485,3 +485,99 @@ spec:
         let _ = child.wait();
     }
 }
+
+/// A real HTTPS proxy (tinyproxy) on loopback, logging every CONNECT; killed when dropped.
+struct Proxy {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Proxy {
+    fn start() -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let port = tests::free_port();
+        let config = dir.path().join("tinyproxy.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListen 127.0.0.1\nTimeout 600\nMaxClients 50\nAllow 127.0.0.1\nLogLevel Connect\nLogFile \"{}\"\n",
+                dir.path().join("proxy.log").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("tinyproxy")
+            .arg("-d")
+            .arg("-c")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tinyproxy must be installed (tests/run.sh installs it)");
+        assert!(
+            eventually(Duration::from_secs(10), || std::net::TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "tinyproxy did not listen"
+        );
+        Proxy { child, dir, port }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Shops and CDN racks often allow egress only through an HTTPS proxy: the site attaches and
+/// keeps its link through one (HTTPS_PROXY), and the hub reaches it as before.
+#[test]
+fn a_site_attaches_through_an_https_proxy() {
+    let proxy = Proxy::start();
+    let hub = Site::start_hub(&[]).expect("start the hub");
+    let token = hub.hub_token();
+    let url = hub.url();
+    let proxy_url = format!("http://127.0.0.1:{}", proxy.port);
+    let site = Site::start_with_env(
+        &[
+            "--cloudhub",
+            &url,
+            "--cloudhub-token",
+            &token,
+            "--site-name",
+            "behind-proxy",
+        ],
+        &[("HTTPS_PROXY", &proxy_url), ("NO_PROXY", "")],
+    )
+    .expect("start a site behind the proxy");
+    assert!(
+        eventually(Duration::from_secs(30), || ready(&hub, "behind-proxy")
+            == "True"),
+        "{}\n{}",
+        site.log(),
+        proxy.log()
+    );
+    let to_site = site_kubeconfig(&hub, "behind-proxy", None);
+    let out = kubectl_with(&to_site, &["get", "namespace", "kube-system", "-o", "name"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The join and the link both went through it.
+    let hub_port = hub.port.to_string();
+    let connects = proxy
+        .log()
+        .lines()
+        .filter(|l| l.contains("CONNECT") && l.contains(&hub_port))
+        .count();
+    assert!(connects >= 2, "{}", proxy.log());
+}

@@ -196,8 +196,8 @@ fn pki_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("agent").join("pki")
 }
 
-fn insecure_client() -> Result<reqwest_like::Client> {
-    reqwest_like::Client::new()
+fn insecure_client(proxy: Option<String>) -> Result<reqwest_like::Client> {
+    reqwest_like::Client::new(proxy)
 }
 
 /// Joins (or reuses an earlier join): returns credentials for `node`.
@@ -218,7 +218,7 @@ pub async fn credentials(
     ) && saved_server.trim() == server
         && saved_node.trim() == node
     {
-        check_server_name(server, &ca).await?;
+        check_server_name(server, &ca, None).await?;
         return Ok(AgentCredentials {
             server: server.to_string(),
             ca,
@@ -232,7 +232,7 @@ pub async fn credentials(
         );
     };
     let token = JoinToken::parse(token)?;
-    let client = insecure_client()?;
+    let client = insecure_client(None)?;
     let ca = pinned_ca(&client, server, &token, "--server").await?;
     let password = node_password(&dir)?;
     let (csr, key) = crate::pki::node_csr(node)?;
@@ -288,7 +288,7 @@ async fn pinned_ca(
             "the server at {server} presents a CA that does not match the token: wrong {flag}, or someone in between"
         );
     }
-    check_server_name(server, &ca).await?;
+    check_server_name(server, &ca, client.proxy()).await?;
     Ok(ca)
 }
 
@@ -326,7 +326,9 @@ pub async fn site_credentials(
         );
     };
     let token = JoinToken::parse(token)?;
-    let client = insecure_client()?;
+    // Sites reach their hub through the HTTPS proxy the environment names, as the link does.
+    let (host, _) = link::dial::host_port(hub)?;
+    let client = insecure_client(link::dial::proxy_from_env(&host))?;
     let ca = pinned_ca(&client, hub, &token, "--cloudhub").await?;
     let (csr, key) = crate::pki::site_csr(site)?;
     let body = serde_json::json!({"site": site, "csr": csr}).to_string();
@@ -377,7 +379,7 @@ fn node_password(dir: &Path) -> Result<String> {
 /// agent given the server's IP address while the certificate lists only its names would
 /// otherwise retry forever). A server that cannot be reached says nothing here: the agent runs
 /// on from its cache and the usual retries report it.
-async fn check_server_name(server: &str, ca_pem: &str) -> Result<()> {
+async fn check_server_name(server: &str, ca_pem: &str, proxy: Option<&str>) -> Result<()> {
     let (host, port) = link::dial::host_port(server)?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
@@ -390,7 +392,7 @@ async fn check_server_name(server: &str, ca_pem: &str) -> Result<()> {
         .with_no_client_auth();
     let Ok(Ok(tcp)) = tokio::time::timeout(
         Duration::from_secs(5),
-        tokio::net::TcpStream::connect((host.as_str(), port)),
+        link::dial::tcp_to(&host, port, proxy),
     )
     .await
     else {
@@ -468,16 +470,25 @@ mod reqwest_like {
 
     pub struct Client {
         tls: Arc<rustls::ClientConfig>,
+        proxy: Option<String>,
     }
 
     impl Client {
-        pub fn new() -> Result<Client> {
+        /// The HTTPS proxy this client goes through, if any.
+        pub fn proxy(&self) -> Option<&str> {
+            self.proxy.as_deref()
+        }
+
+        pub fn new(proxy: Option<String>) -> Result<Client> {
             let mut tls = rustls::ClientConfig::builder()
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(AcceptAny))
                 .with_no_client_auth();
             tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-            Ok(Client { tls: Arc::new(tls) })
+            Ok(Client {
+                tls: Arc::new(tls),
+                proxy,
+            })
         }
 
         async fn request(
@@ -495,13 +506,7 @@ mod reqwest_like {
                 None => (rest, "/"),
             };
             let (host, port) = link::dial::host_port(url)?;
-            let tcp = tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                tokio::net::TcpStream::connect((host.as_str(), port)),
-            )
-            .await
-            .with_context(|| format!("connect to {host}:{port}: timed out"))?
-            .with_context(|| format!("connect to {host}:{port}"))?;
+            let tcp = link::dial::tcp_to(&host, port, self.proxy.as_deref()).await?;
             let name = rustls::pki_types::ServerName::try_from(host.clone())?;
             let stream = tokio_rustls::TlsConnector::from(self.tls.clone())
                 .connect(name, tcp)

@@ -185,14 +185,23 @@ async fn through_proxy(
     Ok(stream)
 }
 
+/// A TCP connection to `host:port`, through `proxy`'s CONNECT when given.
+pub async fn tcp_to(
+    host: &str,
+    port: u16,
+    proxy: Option<&str>,
+) -> Result<tokio::net::TcpStream, LinkError> {
+    match proxy {
+        Some(proxy) => through_proxy(proxy, host, port).await,
+        None => tcp(host, port).await,
+    }
+}
+
 /// Connects and upgrades: the returned connection is ready for [`serve`].
 pub async fn connect(config: &DialConfig) -> Result<hyper::upgrade::Upgraded, LinkError> {
     let (host, port) = host_port(&config.server)?;
     let address = format!("{host}:{port}");
-    let tcp = match &config.proxy {
-        Some(proxy) => through_proxy(proxy, &host, port).await?,
-        None => tcp(&host, port).await?,
-    };
+    let tcp = tcp_to(&host, port, config.proxy.as_deref()).await?;
     let name = rustls::pki_types::ServerName::try_from(host.clone())
         .map_err(|e| LinkError::BadUrl(format!("{}: {e}", config.server)))?;
     let stream = tokio::time::timeout(
