@@ -581,3 +581,212 @@ fn a_site_attaches_through_an_https_proxy() {
         .count();
     assert!(connects >= 2, "{}", proxy.log());
 }
+
+/// Waits until `check` passes, or panics with `what` and the logs of `sites`.
+fn wait_for(what: &str, sites: &[&Site], mut check: impl FnMut() -> bool) {
+    if !eventually(Duration::from_secs(60), &mut check) {
+        let logs: Vec<String> = sites.iter().map(|s| s.log()).collect();
+        panic!("{what}\n{}", logs.join("\n-----\n"));
+    }
+}
+
+fn has(site: &Site, args: &[&str]) -> bool {
+    site.kubectl(args).is_ok_and(|o| o.status.success())
+}
+
+fn jsonpath(site: &Site, args: &[&str], path: &str) -> String {
+    let mut all: Vec<&str> = args.to_vec();
+    let p = format!("jsonpath={path}");
+    all.extend(["-o", &p]);
+    site.kubectl(&all)
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+const WEB: &str = r#"apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: web-config, namespace: shop}
+data: {greeting: hello}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - name: web
+        image: edgesite.test/busybox:1.0
+        envFrom: [{configMapRef: {name: web-config}}]
+---
+apiVersion: policy.karmada.io/v1alpha1
+kind: PropagationPolicy
+metadata: {name: web-to-eu, namespace: shop}
+spec:
+  resourceSelectors:
+  - {apiVersion: apps/v1, kind: Deployment, name: web}
+  propagateDeps: true
+  placement:
+    clusterAffinity:
+      labelSelector: {matchLabels: {region: eu}}
+"#;
+
+#[test]
+fn templates_placed_by_a_policy_reach_their_sites_and_report_back_across_outages() {
+    let mut hub = Site::start_hub(&[]).expect("start the hub");
+    let token = hub.hub_token();
+    let eu1 = attached(&hub, &token, "eu-1", &["region=eu"]);
+    let mut eu2 = attached(&hub, &token, "eu-2", &["region=eu"]);
+    let us1 = attached(&hub, &token, "us-1", &["region=us"]);
+    for s in ["eu-1", "eu-2", "us-1"] {
+        wait_for(&format!("{s} Ready"), &[&hub], || ready(&hub, s) == "True");
+    }
+    hub.ok_stdin(&["apply", "-f", "-"], Some(WEB));
+
+    // The Deployment and the ConfigMap it uses (propagateDeps) reach the eu sites only.
+    for site in [&eu1, &eu2] {
+        wait_for("the Deployment at an eu site", &[&hub, site], || {
+            has(site, &["get", "deploy", "web", "-n", "shop"])
+                && has(site, &["get", "cm", "web-config", "-n", "shop"])
+        });
+    }
+    assert!(!has(&us1, &["get", "deploy", "web", "-n", "shop"]));
+    let binding = hub.json(&[
+        "get",
+        "resourcebinding",
+        "web-deployment",
+        "-n",
+        "shop",
+        "-o",
+        "json",
+    ]);
+    let clusters: Vec<&str> = binding["spec"]["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(clusters, ["eu-1", "eu-2"], "{binding}");
+    let placed = eu1.json(&[
+        "get",
+        "deploy",
+        "web",
+        "-n",
+        "shop",
+        "-o",
+        "json",
+        "--show-managed-fields",
+    ]);
+    assert_eq!(placed["metadata"]["labels"]["karmada.io/managed"], "true");
+    assert!(
+        placed["metadata"]["managedFields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["manager"] == "edgesite-cloudhub" && m["operation"] == "Apply"),
+        "{placed}"
+    );
+    // Each site's report is in the binding; the template's status is their sum.
+    wait_for("the aggregated status", &[&hub], || {
+        jsonpath(
+            &hub,
+            &["get", "deploy", "web", "-n", "shop"],
+            "{.status.replicas}",
+        ) == "4"
+    });
+    let binding = hub.json(&["get", "rb", "web-deployment", "-n", "shop", "-o", "json"]);
+    let aggregated = binding["status"]["aggregatedStatus"].as_array().unwrap();
+    assert_eq!(aggregated.len(), 2, "{binding}");
+    assert!(aggregated.iter().all(|a| a["applied"] == true), "{binding}");
+
+    // A site cut off: changes made at the hub meanwhile arrive when it is back.
+    eu2.stop();
+    hub.ok(&["scale", "deploy", "web", "-n", "shop", "--replicas=3"]);
+    hub.ok(&[
+        "patch",
+        "cm",
+        "web-config",
+        "-n",
+        "shop",
+        "-p",
+        r#"{"data":{"greeting":"hej"}}"#,
+    ]);
+    wait_for("the change at the connected site", &[&hub, &eu1], || {
+        jsonpath(
+            &eu1,
+            &["get", "deploy", "web", "-n", "shop"],
+            "{.spec.replicas}",
+        ) == "3"
+            && jsonpath(
+                &eu1,
+                &["get", "cm", "web-config", "-n", "shop"],
+                "{.data.greeting}",
+            ) == "hej"
+    });
+    // The hub restarts (SIGKILL) while the site is away; nothing acknowledged is lost.
+    hub.kill();
+    hub.launch().expect("restart the hub");
+    eu2.launch_with(&[
+        "--cloudhub",
+        &hub.url(),
+        "--site-name",
+        "eu-2",
+        "--disable-agent",
+    ])
+    .expect("bring eu-2 back");
+    wait_for(
+        "the changes at the site that was away",
+        &[&hub, &eu2],
+        || {
+            jsonpath(
+                &eu2,
+                &["get", "deploy", "web", "-n", "shop"],
+                "{.spec.replicas}",
+            ) == "3"
+                && jsonpath(
+                    &eu2,
+                    &["get", "cm", "web-config", "-n", "shop"],
+                    "{.data.greeting}",
+                ) == "hej"
+        },
+    );
+    wait_for("the new aggregate", &[&hub], || {
+        jsonpath(
+            &hub,
+            &["get", "deploy", "web", "-n", "shop"],
+            "{.status.replicas}",
+        ) == "6"
+    });
+
+    // Re-placed: the policy now names us-1 only; the eu sites let go of what it placed.
+    hub.ok(&[
+        "patch",
+        "pp",
+        "web-to-eu",
+        "-n",
+        "shop",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"placement":{"clusterAffinity":{"labelSelector":null,"clusterNames":["us-1"]}}}}"#,
+    ]);
+    wait_for("the move to us-1", &[&hub, &us1, &eu1], || {
+        has(&us1, &["get", "deploy", "web", "-n", "shop"])
+            && !has(&eu1, &["get", "deploy", "web", "-n", "shop"])
+            && !has(&eu1, &["get", "cm", "web-config", "-n", "shop"])
+    });
+    // Objects the hub did not place are never touched.
+    eu1.ok(&["create", "configmap", "local-only", "-n", "shop"]);
+    // The template deleted at the hub: gone from its site.
+    hub.ok(&["delete", "deploy", "web", "-n", "shop"]);
+    wait_for("the deletion at us-1", &[&hub, &us1], || {
+        !has(&us1, &["get", "deploy", "web", "-n", "shop"])
+    });
+    assert!(has(&eu1, &["get", "cm", "local-only", "-n", "shop"]));
+}

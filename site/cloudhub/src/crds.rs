@@ -7,13 +7,25 @@ pub const CLUSTER_GROUP: &str = "cluster.karmada.io";
 pub const CLUSTER_VERSION: &str = "v1alpha1";
 
 const CLUSTERS: &str = include_str!("crds/clusters.yaml");
+const PROPAGATION_POLICIES: &str = include_str!("crds/propagationpolicies.yaml");
+const CLUSTER_PROPAGATION_POLICIES: &str = include_str!("crds/clusterpropagationpolicies.yaml");
+const RESOURCE_BINDINGS: &str = include_str!("crds/resourcebindings.yaml");
+const CLUSTER_RESOURCE_BINDINGS: &str = include_str!("crds/clusterresourcebindings.yaml");
+const WORKS: &str = include_str!("crds/works.yaml");
 
 /// The hub's CustomResourceDefinition objects.
 pub fn definitions() -> Vec<Value> {
-    [CLUSTERS]
-        .iter()
-        .map(|y| serde_yaml::from_str(y).expect("the embedded CRDs are valid YAML"))
-        .collect()
+    [
+        CLUSTERS,
+        PROPAGATION_POLICIES,
+        CLUSTER_PROPAGATION_POLICIES,
+        RESOURCE_BINDINGS,
+        CLUSTER_RESOURCE_BINDINGS,
+        WORKS,
+    ]
+    .iter()
+    .map(|y| serde_yaml::from_str(y).expect("the embedded CRDs are valid YAML"))
+    .collect()
 }
 
 /// `cluster.karmada.io/v1alpha1` Cluster for dynamic clients.
@@ -25,6 +37,56 @@ pub fn cluster_resource() -> kube::api::ApiResource {
         kind: "Cluster".into(),
         plural: "clusters".into(),
     }
+}
+
+fn resource(group: &str, version: &str, kind: &str, plural: &str) -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: group.into(),
+        version: version.into(),
+        api_version: format!("{group}/{version}"),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+pub fn propagation_policy() -> kube::api::ApiResource {
+    resource(
+        "policy.karmada.io",
+        "v1alpha1",
+        "PropagationPolicy",
+        "propagationpolicies",
+    )
+}
+
+pub fn cluster_propagation_policy() -> kube::api::ApiResource {
+    resource(
+        "policy.karmada.io",
+        "v1alpha1",
+        "ClusterPropagationPolicy",
+        "clusterpropagationpolicies",
+    )
+}
+
+pub fn resource_binding() -> kube::api::ApiResource {
+    resource(
+        "work.karmada.io",
+        "v1alpha2",
+        "ResourceBinding",
+        "resourcebindings",
+    )
+}
+
+pub fn cluster_resource_binding() -> kube::api::ApiResource {
+    resource(
+        "work.karmada.io",
+        "v1alpha2",
+        "ClusterResourceBinding",
+        "clusterresourcebindings",
+    )
+}
+
+pub fn work() -> kube::api::ApiResource {
+    resource("work.karmada.io", "v1alpha1", "Work", "works")
 }
 
 /// Creates the hub's CRDs, or brings them up to date.

@@ -6,11 +6,19 @@
 //! - `POST` [`API_PATH`]: a byte pipe ([`link::pipe`]) carrying one HTTP/1.1 connection to the
 //!   site's API, for the cluster proxy. Every request on it impersonates the hub's caller.
 //!
+//! - `GET` [`CURSOR_PATH`]: the site's cursor, the hub revision up to which it has applied
+//!   everything meant for it ([`Cursor`]).
+//! - `POST` [`SYNC_PATH`]: a [`SyncBatch`] of the site's Works (the latest version of each
+//!   one that changed after the cursor, and the deleted ones), or all of them when the cursor has
+//!   left the hub's window; the site answers after its own API committed them ([`SyncReply`]).
+//!
 //! The upgrade request that opens the link carries the site's labels in [`LABELS_HEADER`].
 
 use serde::{Deserialize, Serialize};
 
 pub const STATUS_PATH: &str = "/edgesite/v1/link/status";
+pub const CURSOR_PATH: &str = "/edgesite/v1/link/cursor";
+pub const SYNC_PATH: &str = "/edgesite/v1/link/sync";
 pub const API_PATH: &str = "/edgesite/v1/link/api";
 /// `key=value` pairs, comma-separated, from the site's `--site-label` flags.
 pub const LABELS_HEADER: &str = "x-edgesite-site-labels";
@@ -30,6 +38,59 @@ pub enum StatusMessage {
     Cluster { status: serde_json::Value },
     /// Nothing changed; the site is alive.
     Heartbeat,
+    /// What the site holds of one Work: each manifest's object status and health (sent when it
+    /// changes).
+    Work {
+        /// The Work's name (in the site's namespace at the hub).
+        name: String,
+        /// The binding the Work belongs to, as the Work's annotation names it.
+        binding: String,
+        objects: Vec<ObjectStatus>,
+    },
+}
+
+/// One object a Work placed at a site, as the site sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectStatus {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    pub name: String,
+    pub applied: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// Healthy, Unhealthy or Unknown, as Karmada's interpreter says.
+    pub health: String,
+    #[serde(default)]
+    pub status: serde_json::Value,
+}
+
+/// The site's cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub revision: u64,
+}
+
+/// Works for a site. `full`: these are all of its Works (the site removes what else it holds
+/// from the hub).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SyncBatch {
+    pub full: bool,
+    /// The hub revision the site may record once it has applied this batch.
+    pub revision: u64,
+    #[serde(default)]
+    pub works: Vec<serde_json::Value>,
+    /// Works deleted at the hub (their last state).
+    #[serde(default)]
+    pub deleted: Vec<serde_json::Value>,
+}
+
+/// The site's answer to a batch: the cursor it recorded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncReply {
+    pub revision: u64,
 }
 
 /// Parses `--site-label` values (`key=value`) into a map; an error names the bad one.

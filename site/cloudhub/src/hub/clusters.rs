@@ -29,6 +29,7 @@ struct Known {
 }
 
 pub struct Clusters {
+    client: kube::Client,
     api: Api<DynamicObject>,
     known: Mutex<HashMap<String, Known>>,
 }
@@ -46,7 +47,8 @@ fn condition(status: &str, reason: &str, message: &str) -> Value {
 impl Clusters {
     pub fn new(client: kube::Client) -> Clusters {
         Clusters {
-            api: Api::all_with(client, &crate::crds::cluster_resource()),
+            api: Api::all_with(client.clone(), &crate::crds::cluster_resource()),
+            client,
             known: Mutex::default(),
         }
     }
@@ -117,6 +119,15 @@ impl Clusters {
     }
 
     async fn heard(&self, site: &str, message: StatusMessage) {
+        if let StatusMessage::Work {
+            name,
+            binding,
+            objects,
+        } = &message
+            && let Err(error) = super::aggregate::record(&self.client, site, binding, objects).await
+        {
+            tracing::warn!(%site, work = %name, %error, "status of a Work not recorded");
+        }
         let (status, ready) = {
             let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
             let entry = known.entry(site.to_string()).or_default();

@@ -3,8 +3,11 @@
 //! ([`clusters`]), and `kubectl` reaches any connected site through the cluster proxy
 //! ([`proxy`]).
 
+pub mod aggregate;
 pub mod clusters;
+pub mod placement;
 pub mod proxy;
+pub mod sync;
 
 use std::sync::Arc;
 
@@ -24,6 +27,7 @@ pub const HUB_USER: &str = "system:edgesite:cloudhub";
 pub struct Hub {
     sites: Arc<Registry<Peer<Body>>>,
     clusters: Arc<clusters::Clusters>,
+    client: kube::Client,
     shutdown: CancellationToken,
 }
 
@@ -32,17 +36,21 @@ impl Hub {
     pub fn new(client: kube::Client, shutdown: CancellationToken) -> Arc<Hub> {
         Arc::new(Hub {
             sites: Arc::default(),
-            clusters: Arc::new(clusters::Clusters::new(client)),
+            clusters: Arc::new(clusters::Clusters::new(client.clone())),
+            client,
             shutdown,
         })
     }
 
-    /// Runs the hub's loops (sites not heard from turn not Ready) until shut down.
+    /// Runs the hub's loops until shut down: placement (templates to bindings to Works), and
+    /// readiness (sites not heard from turn not Ready).
     pub async fn run(self: Arc<Self>) {
-        self.clusters
-            .clone()
-            .watch_readiness(self.shutdown.clone())
-            .await;
+        let placement = placement::Placement::new(self.client.clone());
+        let wake = Arc::new(tokio::sync::Notify::new());
+        tokio::join!(
+            placement.run(wake, self.shutdown.clone()),
+            self.clusters.clone().watch_readiness(self.shutdown.clone()),
+        );
     }
 
     /// The sites whose links are up now.
@@ -83,7 +91,11 @@ impl Hub {
         }
         let registration = self.sites.register(&site, Arc::new(peer.clone()));
         tracing::info!(%site, "site attached its link");
-        let status = self.clusters.clone().follow_status(site.clone(), peer);
+        let status = self
+            .clusters
+            .clone()
+            .follow_status(site.clone(), peer.clone());
+        let sync = sync::run(site.clone(), peer, self.client.clone());
         tokio::select! {
             result = connection => match result {
                 Ok(Ok(())) => tracing::info!(%site, "site link closed"),
@@ -91,6 +103,7 @@ impl Hub {
                 Err(_) => {}
             },
             () = status => tracing::info!(%site, "site link: the status stream ended"),
+            () = sync => tracing::info!(%site, "site link: sync ended"),
             () = self.shutdown.cancelled() => {}
         }
         drop(registration);

@@ -2,6 +2,7 @@
 //! for: the site's status stream ([`STATUS_PATH`]) and its API for the cluster proxy
 //! ([`API_PATH`]). The site keeps running the same whether the link is up or not.
 
+pub mod apply;
 pub mod status;
 
 use std::collections::BTreeMap;
@@ -19,7 +20,10 @@ use tokio_util::sync::CancellationToken;
 use apiserver_lite::auth::{AUTHENTICATED, Identity, MASTERS};
 use apiserver_lite::http::ApiServer;
 
-use crate::protocol::{API_PATH, HEARTBEAT, LABELS_HEADER, STATUS_PATH, StatusMessage};
+use crate::protocol::{
+    API_PATH, CURSOR_PATH, Cursor, HEARTBEAT, LABELS_HEADER, STATUS_PATH, SYNC_PATH, StatusMessage,
+    SyncBatch, SyncReply,
+};
 
 /// The identity the link acts as at the site: it may impersonate (the proxy's callers) and
 /// read what the status reports.
@@ -27,6 +31,10 @@ pub const LINK_USER: &str = "system:edgesite:cloud-link";
 
 /// How often the site's list of APIs is looked at again.
 const API_CHECK: std::time::Duration = std::time::Duration::from_secs(60);
+/// How often the objects the hub placed are looked at for status changes.
+const WORK_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+/// The largest sync batch a site takes.
+const MAX_BATCH: usize = 64 * 1024 * 1024;
 
 /// Where the hub is and who this site is.
 #[derive(Clone)]
@@ -45,6 +53,7 @@ pub struct SiteConfig {
 struct Site {
     api: Arc<ApiServer>,
     client: kube::Client,
+    applier: Arc<apply::Applier>,
     shutdown: CancellationToken,
 }
 
@@ -79,17 +88,21 @@ pub async fn run(
         tls,
         proxy: link::dial::proxy_from_env(&host),
     };
+    let client = kube::Client::new(
+        apiserver_lite::http::in_process(api.clone(), identity()),
+        "default",
+    );
     let site = Site {
-        client: kube::Client::new(
-            apiserver_lite::http::in_process(api.clone(), identity()),
-            "default",
-        ),
+        applier: Arc::new(apply::Applier::new(client.clone())),
+        client,
         api,
         shutdown: shutdown.clone(),
     };
     let router = axum::Router::new()
         .route(STATUS_PATH, axum::routing::get(status_stream))
         .route(API_PATH, axum::routing::post(api_stream))
+        .route(CURSOR_PATH, axum::routing::get(cursor))
+        .route(SYNC_PATH, axum::routing::post(sync))
         .with_state(site);
     link::dial::run(
         "link to the cloud hub",
@@ -114,14 +127,63 @@ async fn cluster_status(client: &kube::Client, apis: &Value) -> Result<Value, ku
     }))
 }
 
-/// `GET /edgesite/v1/link/status`: one line per change, a heartbeat line otherwise.
+fn unavailable(what: &str, error: impl std::fmt::Display) -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, format!("{what}: {error}")).into_response()
+}
+
+fn json_answer(value: &impl serde::Serialize) -> Response {
+    (
+        [(http::header::CONTENT_TYPE, "application/json")],
+        serde_json::to_vec(value).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+/// `GET /edgesite/v1/link/cursor`.
+async fn cursor(State(site): State<Site>) -> Response {
+    match site.applier.cursor().await {
+        Ok(revision) => json_answer(&Cursor { revision }),
+        Err(error) => unavailable("the site's cursor", error),
+    }
+}
+
+/// `POST /edgesite/v1/link/sync`: applies a batch, answers after the site's API committed it.
+async fn sync(State(site): State<Site>, request: Request) -> Response {
+    let body = match axum::body::to_bytes(request.into_body(), MAX_BATCH).await {
+        Ok(b) => b,
+        Err(error) => {
+            return (StatusCode::PAYLOAD_TOO_LARGE, error.to_string()).into_response();
+        }
+    };
+    let batch: SyncBatch = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(error) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("not a sync batch: {error}"),
+            )
+                .into_response();
+        }
+    };
+    match site.applier.apply(batch).await {
+        Ok(revision) => json_answer(&SyncReply { revision }),
+        Err(error) => unavailable("applying the batch", error),
+    }
+}
+
+/// `GET /edgesite/v1/link/status`: one line per change (the site's cluster status, the status
+/// of what each Work placed), a heartbeat line when nothing changed for [`HEARTBEAT`].
 async fn status_stream(State(site): State<Site>) -> Response {
     let (mut tx, rx) = futures::channel::mpsc::channel::<bytes::Bytes>(4);
     tokio::spawn(async move {
         let mut last: Option<Value> = None;
         let mut apis = Value::Null;
         let mut apis_checked: Option<std::time::Instant> = None;
+        let mut cluster_checked: Option<std::time::Instant> = None;
+        let mut spoke = std::time::Instant::now();
+        let mut works_sent: std::collections::HashMap<String, Value> = Default::default();
         loop {
+            let mut messages = Vec::new();
             if apis_checked.is_none_or(|t| t.elapsed() >= API_CHECK) {
                 match status::api_enablements(&site.client).await {
                     Ok(found) => {
@@ -131,25 +193,45 @@ async fn status_stream(State(site): State<Site>) -> Response {
                     Err(error) => tracing::warn!(%error, "cloud link: list the site's APIs"),
                 }
             }
-            let message = match cluster_status(&site.client, &apis).await {
-                Ok(status) if last.as_ref() != Some(&status) => {
-                    last = Some(status.clone());
-                    StatusMessage::Cluster { status }
+            if cluster_checked.is_none_or(|t| t.elapsed() >= HEARTBEAT) {
+                cluster_checked = Some(std::time::Instant::now());
+                match cluster_status(&site.client, &apis).await {
+                    Ok(status) if last.as_ref() != Some(&status) => {
+                        last = Some(status.clone());
+                        messages.push(StatusMessage::Cluster { status });
+                    }
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(%error, "cloud link: the site's status"),
                 }
-                Ok(_) => StatusMessage::Heartbeat,
-                Err(error) => {
-                    tracing::warn!(%error, "cloud link: the site's status");
-                    StatusMessage::Heartbeat
+            }
+            let works = site.applier.works().await;
+            works_sent.retain(|name, _| works.contains_key(name));
+            for (name, record) in &works {
+                let objects = site.applier.report(name, record).await;
+                let value = serde_json::to_value(&objects).unwrap_or_default();
+                if works_sent.get(name) != Some(&value) {
+                    works_sent.insert(name.clone(), value);
+                    messages.push(StatusMessage::Work {
+                        name: name.clone(),
+                        binding: record.binding.clone(),
+                        objects,
+                    });
                 }
-            };
-            let mut line = serde_json::to_vec(&message).unwrap_or_default();
-            line.push(b'\n');
-            if tx.send(line.into()).await.is_err() {
-                return;
+            }
+            if messages.is_empty() && spoke.elapsed() >= HEARTBEAT {
+                messages.push(StatusMessage::Heartbeat);
+            }
+            for message in messages {
+                let mut line = serde_json::to_vec(&message).unwrap_or_default();
+                line.push(b'\n');
+                if tx.send(line.into()).await.is_err() {
+                    return;
+                }
+                spoke = std::time::Instant::now();
             }
             tokio::select! {
                 _ = site.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(HEARTBEAT) => {}
+                _ = tokio::time::sleep(WORK_CHECK) => {}
             }
         }
     });

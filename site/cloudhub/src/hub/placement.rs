@@ -1,0 +1,881 @@
+//! Placement, as Karmada's detector, scheduler and binding controller do it, level-triggered:
+//! the resource templates that (Cluster)PropagationPolicies select get a (Cluster)ResourceBinding
+//! naming the sites their placement picks, and each of those sites gets a Work in its namespace
+//! (`karmada-es-<site>`) holding the template as the site must apply it. Only differences are
+//! written, so a steady hub writes nothing.
+//!
+//! Precedence when several policies select one template (Karmada's): a PropagationPolicy before a
+//! ClusterPropagationPolicy, then the higher `priority`, then the more specific selector (by name,
+//! then by labels, then by kind), then the policy's name.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use apiserver_lite::selectors::LabelSelector;
+
+/// The hub's writes of bindings and Works are recorded under this manager and carry this label.
+pub const MANAGER: &str = "edgesite-cloudhub";
+pub const MANAGED_LABEL: &str = "app.kubernetes.io/managed-by";
+/// On a Work: the binding it belongs to, `<Kind>/<namespace>/<name>` (namespace empty for a
+/// ClusterResourceBinding).
+pub const BINDING_ANNOTATION: &str = "work.karmada.io/binding";
+/// Labels Karmada puts on what it propagates.
+const POLICY_NAME_LABEL: &str = "propagationpolicy.karmada.io/name";
+const POLICY_NAMESPACE_LABEL: &str = "propagationpolicy.karmada.io/namespace";
+const CLUSTER_POLICY_LABEL: &str = "clusterpropagationpolicy.karmada.io/name";
+
+/// How often placement looks again without being asked.
+const PERIOD: Duration = Duration::from_secs(1);
+
+/// The namespace of a site's Works at the hub.
+pub fn site_namespace(site: &str) -> String {
+    format!("karmada-es-{site}")
+}
+
+#[derive(Clone, Debug)]
+struct Policy {
+    cluster_scoped: bool,
+    namespace: String,
+    name: String,
+    priority: i64,
+    spec: Value,
+}
+
+impl Policy {
+    fn from(object: &DynamicObject, cluster_scoped: bool) -> Policy {
+        Policy {
+            cluster_scoped,
+            namespace: object.metadata.namespace.clone().unwrap_or_default(),
+            name: object.metadata.name.clone().unwrap_or_default(),
+            priority: object.data["spec"]["priority"].as_i64().unwrap_or(0),
+            spec: object.data["spec"].clone(),
+        }
+    }
+
+    fn suspended(&self) -> bool {
+        self.spec["suspension"]["dispatching"]
+            .as_bool()
+            .unwrap_or(false)
+    }
+
+    fn labels(&self) -> BTreeMap<String, String> {
+        let mut l = BTreeMap::new();
+        if self.cluster_scoped {
+            l.insert(CLUSTER_POLICY_LABEL.to_string(), self.name.clone());
+        } else {
+            l.insert(POLICY_NAME_LABEL.to_string(), self.name.clone());
+            l.insert(POLICY_NAMESPACE_LABEL.to_string(), self.namespace.clone());
+        }
+        l
+    }
+}
+
+/// How specific a selector is (name 3, labels 2, kind 1).
+fn specificity(selector: &Value) -> u8 {
+    if selector["name"].as_str().is_some_and(|n| !n.is_empty()) {
+        3
+    } else if selector.get("labelSelector").is_some_and(|s| !s.is_null()) {
+        2
+    } else {
+        1
+    }
+}
+
+/// A site as placement sees it.
+#[derive(Clone, Debug)]
+pub struct Site {
+    pub name: String,
+    labels: BTreeMap<String, String>,
+    /// `group/version` -> kinds it serves; empty when the site has not reported yet.
+    kinds: HashMap<String, BTreeSet<String>>,
+}
+
+impl Site {
+    fn from(cluster: &DynamicObject) -> Site {
+        let mut kinds: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for group in cluster.data["status"]["apiEnablements"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let gv = group["groupVersion"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let entry = kinds.entry(gv).or_default();
+            for r in group["resources"].as_array().into_iter().flatten() {
+                entry.insert(r["kind"].as_str().unwrap_or_default().to_string());
+            }
+        }
+        Site {
+            name: cluster.metadata.name.clone().unwrap_or_default(),
+            labels: cluster.metadata.labels.clone().unwrap_or_default(),
+            kinds,
+        }
+    }
+
+    /// Whether the site serves `kind` in `api_version` (yes when it has not said yet: the Work
+    /// waits there until it can be applied, as Karmada's APIEnablement filter lets a cluster
+    /// without a status through).
+    fn serves(&self, api_version: &str, kind: &str) -> bool {
+        self.kinds.is_empty()
+            || self
+                .kinds
+                .get(api_version)
+                .is_some_and(|kinds| kinds.contains(kind))
+    }
+}
+
+/// The sites a placement picks (Karmada's clusterAffinity).
+pub fn pick<'a>(placement: &Value, sites: &'a [Site]) -> Vec<&'a Site> {
+    let affinity = &placement["clusterAffinity"];
+    let names: Vec<&str> = affinity["clusterNames"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let exclude: Vec<&str> = affinity["exclude"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let selector = affinity
+        .get("labelSelector")
+        .filter(|s| !s.is_null())
+        .and_then(|s| LabelSelector::from_object(s).ok());
+    sites
+        .iter()
+        .filter(|s| names.is_empty() || names.contains(&s.name.as_str()))
+        .filter(|s| !exclude.contains(&s.name.as_str()))
+        .filter(|s| selector.as_ref().is_none_or(|sel| sel.matches(&s.labels)))
+        .collect()
+}
+
+/// A template: one object at the hub that some policy places.
+#[derive(Clone, Debug)]
+struct Template {
+    resource: ApiResource,
+    namespaced: bool,
+    object: DynamicObject,
+}
+
+impl Template {
+    fn key(&self) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            self.resource.api_version,
+            self.resource.kind,
+            self.object
+                .metadata
+                .namespace
+                .as_deref()
+                .unwrap_or_default(),
+            self.object.metadata.name.as_deref().unwrap_or_default()
+        )
+    }
+
+    /// Karmada's binding name: `<name>-<kind, lower case>`.
+    fn binding_name(&self) -> String {
+        format!(
+            "{}-{}",
+            self.object.metadata.name.as_deref().unwrap_or_default(),
+            self.resource.kind.to_lowercase()
+        )
+    }
+}
+
+/// What the template becomes at a site: no server-set fields, no status, and what Karmada leaves
+/// to the member cluster to fill in (a Service's cluster IPs, a Job's generated selector, a pod's
+/// node).
+pub fn manifest(
+    template: &DynamicObject,
+    resource: &ApiResource,
+    labels: &BTreeMap<String, String>,
+) -> Value {
+    let mut object = serde_json::to_value(template).unwrap_or_default();
+    object["apiVersion"] = json!(resource.api_version);
+    object["kind"] = json!(resource.kind);
+    if let Some(o) = object.as_object_mut() {
+        o.remove("status");
+    }
+    if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        for field in [
+            "uid",
+            "resourceVersion",
+            "creationTimestamp",
+            "generation",
+            "managedFields",
+            "selfLink",
+            "ownerReferences",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "finalizers",
+        ] {
+            meta.remove(field);
+        }
+        if let Some(a) = meta.get_mut("annotations").and_then(Value::as_object_mut) {
+            a.remove("kubectl.kubernetes.io/last-applied-configuration");
+            a.remove("deployment.kubernetes.io/revision");
+            if a.is_empty() {
+                meta.remove("annotations");
+            }
+        }
+        let l = meta
+            .entry("labels")
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .map(|l| {
+                for (k, v) in labels {
+                    l.insert(k.clone(), json!(v));
+                }
+            });
+        let _ = l;
+    }
+    match resource.kind.as_str() {
+        "Service" => {
+            if let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut)
+                && spec.get("clusterIP").and_then(Value::as_str) != Some("None")
+            {
+                spec.remove("clusterIP");
+                spec.remove("clusterIPs");
+            }
+        }
+        "Job" if object["spec"]["manualSelector"] != json!(true) => {
+            if let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut) {
+                spec.remove("selector");
+            }
+            for path in ["/spec/template/metadata/labels"] {
+                if let Some(l) = object.pointer_mut(path).and_then(Value::as_object_mut) {
+                    l.retain(|k, _| {
+                        !matches!(
+                            k.as_str(),
+                            "controller-uid"
+                                | "batch.kubernetes.io/controller-uid"
+                                | "job-name"
+                                | "batch.kubernetes.io/job-name"
+                        )
+                    });
+                }
+            }
+        }
+        "Pod" => {
+            if let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut) {
+                spec.remove("nodeName");
+            }
+        }
+        "PersistentVolumeClaim" => {
+            if let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut) {
+                spec.remove("volumeName");
+            }
+        }
+        "ServiceAccount" => {
+            if let Some(o) = object.as_object_mut() {
+                o.remove("secrets");
+            }
+        }
+        _ => {}
+    }
+    object
+}
+
+/// The ConfigMaps, Secrets, ServiceAccounts and PersistentVolumeClaims a workload's pods use
+/// (`propagateDeps`): (kind, name) in the workload's namespace.
+pub fn dependencies(kind: &str, object: &Value) -> BTreeSet<(String, String)> {
+    let spec = match kind {
+        "Pod" => &object["spec"],
+        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => {
+            &object["spec"]["template"]["spec"]
+        }
+        "CronJob" => &object["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+        _ => return BTreeSet::new(),
+    };
+    let mut deps = BTreeSet::new();
+    let mut add = |kind: &str, name: Option<&str>| {
+        if let Some(name) = name.filter(|n| !n.is_empty()) {
+            deps.insert((kind.to_string(), name.to_string()));
+        }
+    };
+    add("ServiceAccount", spec["serviceAccountName"].as_str());
+    for s in spec["imagePullSecrets"].as_array().into_iter().flatten() {
+        add("Secret", s["name"].as_str());
+    }
+    for v in spec["volumes"].as_array().into_iter().flatten() {
+        add("ConfigMap", v["configMap"]["name"].as_str());
+        add("Secret", v["secret"]["secretName"].as_str());
+        add(
+            "PersistentVolumeClaim",
+            v["persistentVolumeClaim"]["claimName"].as_str(),
+        );
+        for p in v["projected"]["sources"].as_array().into_iter().flatten() {
+            add("ConfigMap", p["configMap"]["name"].as_str());
+            add("Secret", p["secret"]["name"].as_str());
+        }
+    }
+    for list in ["containers", "initContainers"] {
+        for c in spec[list].as_array().into_iter().flatten() {
+            for e in c["envFrom"].as_array().into_iter().flatten() {
+                add("ConfigMap", e["configMapRef"]["name"].as_str());
+                add("Secret", e["secretRef"]["name"].as_str());
+            }
+            for e in c["env"].as_array().into_iter().flatten() {
+                add(
+                    "ConfigMap",
+                    e["valueFrom"]["configMapKeyRef"]["name"].as_str(),
+                );
+                add("Secret", e["valueFrom"]["secretKeyRef"]["name"].as_str());
+            }
+        }
+    }
+    deps
+}
+
+/// A resource found by discovery, and whether it is namespaced.
+type Resolved = (ApiResource, bool);
+
+/// A dependency to add: the object, the policy of the workload needing it, its sites, and the
+/// workload's binding (namespace, name).
+type Dependency = (Template, Policy, BTreeSet<String>, (String, String));
+
+/// A binding as placement wants it.
+struct Wanted {
+    template: Template,
+    policy: Policy,
+    sites: BTreeSet<String>,
+    required_by: BTreeSet<(String, String)>,
+}
+
+/// The placement loop.
+pub struct Placement {
+    client: kube::Client,
+    /// (apiVersion, kind) -> the resource and whether it is namespaced.
+    discovered: std::sync::Mutex<HashMap<(String, String), Option<Resolved>>>,
+}
+
+impl Placement {
+    pub fn new(client: kube::Client) -> Placement {
+        Placement {
+            client,
+            discovered: Default::default(),
+        }
+    }
+
+    /// Runs until `shutdown`, looking every [`PERIOD`] or when `wake` fires.
+    pub async fn run(self, wake: std::sync::Arc<tokio::sync::Notify>, shutdown: CancellationToken) {
+        loop {
+            if let Err(error) = self.reconcile().await {
+                tracing::warn!(%error, "placement");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(PERIOD) => {}
+            }
+        }
+    }
+
+    /// The resource for `api_version`/`kind` at the hub, and whether it is namespaced.
+    async fn resource(&self, api_version: &str, kind: &str) -> Option<(ApiResource, bool)> {
+        let key = (api_version.to_string(), kind.to_string());
+        if let Some(found) = self
+            .discovered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned()
+            .flatten()
+        {
+            return Some(found);
+        }
+        let (group, version) = match api_version.split_once('/') {
+            Some((g, v)) => (g, v),
+            None => ("", api_version),
+        };
+        let gvk = kube::api::GroupVersionKind::gvk(group, version, kind);
+        let found = kube::discovery::pinned_kind(&self.client, &gvk)
+            .await
+            .ok()
+            .map(|(r, caps)| (r, caps.scope == kube::discovery::Scope::Namespaced));
+        if found.is_some() {
+            self.discovered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, found.clone());
+        }
+        found
+    }
+
+    async fn templates(&self, policy: &Policy, selector: &Value) -> Vec<Template> {
+        let api_version = selector["apiVersion"].as_str().unwrap_or_default();
+        let kind = selector["kind"].as_str().unwrap_or_default();
+        let Some((resource, namespaced)) = self.resource(api_version, kind).await else {
+            return Vec::new();
+        };
+        // A PropagationPolicy selects in its own namespace only.
+        let namespace = if policy.cluster_scoped {
+            selector["namespace"].as_str().filter(|n| !n.is_empty())
+        } else {
+            if selector["namespace"]
+                .as_str()
+                .is_some_and(|n| !n.is_empty() && n != policy.namespace)
+            {
+                return Vec::new();
+            }
+            Some(policy.namespace.as_str())
+        };
+        if !namespaced && !policy.cluster_scoped {
+            return Vec::new();
+        }
+        let api: Api<DynamicObject> = match (namespaced, namespace) {
+            (true, Some(ns)) => Api::namespaced_with(self.client.clone(), ns, &resource),
+            _ => Api::all_with(self.client.clone(), &resource),
+        };
+        let Ok(list) = api.list(&ListParams::default()).await else {
+            return Vec::new();
+        };
+        let name = selector["name"].as_str().filter(|n| !n.is_empty());
+        let labels = selector
+            .get("labelSelector")
+            .filter(|s| !s.is_null())
+            .and_then(|s| LabelSelector::from_object(s).ok());
+        list.items
+            .into_iter()
+            .filter(|o| o.metadata.deletion_timestamp.is_none())
+            .filter(|o| name.is_none_or(|n| o.metadata.name.as_deref() == Some(n)))
+            .filter(|o| {
+                labels
+                    .as_ref()
+                    .is_none_or(|sel| sel.matches(&o.metadata.labels.clone().unwrap_or_default()))
+            })
+            // The hub's own namespaces are not placed.
+            .filter(|o| {
+                !o.metadata
+                    .namespace
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("karmada-es-") || n == "kube-system")
+            })
+            .map(|object| Template {
+                resource: resource.clone(),
+                namespaced,
+                object,
+            })
+            .collect()
+    }
+
+    /// One pass: what should be bound where, then the writes that make it so.
+    pub async fn reconcile(&self) -> Result<(), kube::Error> {
+        let clusters: Api<DynamicObject> =
+            Api::all_with(self.client.clone(), &crate::crds::cluster_resource());
+        let sites: Vec<Site> = clusters
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .map(Site::from)
+            .collect();
+        let mut policies: Vec<(Policy, u8, Value)> = Vec::new();
+        for (resource, cluster_scoped) in [
+            (crate::crds::propagation_policy(), false),
+            (crate::crds::cluster_propagation_policy(), true),
+        ] {
+            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
+            for object in api.list(&ListParams::default()).await?.items {
+                let policy = Policy::from(&object, cluster_scoped);
+                for selector in policy.spec["resourceSelectors"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                {
+                    policies.push((policy.clone(), specificity(&selector), selector));
+                }
+            }
+        }
+        // Precedence: namespaced first, then priority, specificity, name.
+        policies.sort_by(|(a, sa, _), (b, sb, _)| {
+            a.cluster_scoped
+                .cmp(&b.cluster_scoped)
+                .then(b.priority.cmp(&a.priority))
+                .then(sb.cmp(sa))
+                .then(a.namespace.cmp(&b.namespace))
+                .then(a.name.cmp(&b.name))
+        });
+        let mut wanted: BTreeMap<String, Wanted> = BTreeMap::new();
+        for (policy, _, selector) in &policies {
+            for template in self.templates(policy, selector).await {
+                let key = template.key();
+                if wanted.contains_key(&key) {
+                    continue;
+                }
+                let picked: BTreeSet<String> = pick(&policy.spec["placement"], &sites)
+                    .into_iter()
+                    .filter(|s| s.serves(&template.resource.api_version, &template.resource.kind))
+                    .map(|s| s.name.clone())
+                    .collect();
+                wanted.insert(
+                    key,
+                    Wanted {
+                        template,
+                        policy: policy.clone(),
+                        sites: picked,
+                        required_by: BTreeSet::new(),
+                    },
+                );
+            }
+        }
+        self.add_dependencies(&mut wanted).await;
+        self.write(&sites, &wanted).await
+    }
+
+    /// `propagateDeps`: what a placed workload's pods use follows it to its sites.
+    async fn add_dependencies(&self, wanted: &mut BTreeMap<String, Wanted>) {
+        let mut extra: Vec<Dependency> = Vec::new();
+        for w in wanted.values() {
+            if !w.policy.spec["propagateDeps"].as_bool().unwrap_or(false) {
+                continue;
+            }
+            let namespace = w
+                .template
+                .object
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_default();
+            let object = serde_json::to_value(&w.template.object).unwrap_or_default();
+            for (kind, name) in dependencies(&w.template.resource.kind, &object) {
+                let Some((resource, namespaced)) = self.resource("v1", &kind).await else {
+                    continue;
+                };
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(self.client.clone(), &namespace, &resource);
+                let Ok(Some(object)) = api.get_opt(&name).await else {
+                    continue;
+                };
+                extra.push((
+                    Template {
+                        resource,
+                        namespaced,
+                        object,
+                    },
+                    w.policy.clone(),
+                    w.sites.clone(),
+                    (namespace.clone(), w.template.binding_name()),
+                ));
+            }
+        }
+        for (template, policy, sites, by) in extra {
+            let key = template.key();
+            let entry = wanted.entry(key).or_insert_with(|| Wanted {
+                template,
+                policy,
+                sites: BTreeSet::new(),
+                required_by: BTreeSet::new(),
+            });
+            // A dependency selected by a policy of its own keeps that placement and adds these
+            // sites.
+            entry.sites.extend(sites);
+            entry.required_by.insert(by);
+        }
+    }
+
+    async fn write(
+        &self,
+        sites: &[Site],
+        wanted: &BTreeMap<String, Wanted>,
+    ) -> Result<(), kube::Error> {
+        let apply = PatchParams::apply(MANAGER).force();
+        let managed = ListParams::default().labels(&format!("{MANAGED_LABEL}={MANAGER}"));
+        // The sites' namespaces.
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(self.client.clone());
+        for site in sites {
+            let name = site_namespace(&site.name);
+            if namespaces.get_opt(&name).await?.is_none() {
+                let ns = json!({"apiVersion": "v1", "kind": "Namespace",
+                    "metadata": {"name": name, "labels": {MANAGED_LABEL: MANAGER}}});
+                namespaces.patch(&name, &apply, &Patch::Apply(&ns)).await?;
+            }
+        }
+        // Bindings.
+        let mut bindings_wanted: BTreeSet<(bool, String, String)> = BTreeSet::new();
+        let mut works_wanted: BTreeMap<(String, String), Value> = BTreeMap::new();
+        let existing_works: Api<DynamicObject> =
+            Api::all_with(self.client.clone(), &crate::crds::work());
+        let current: Vec<DynamicObject> = existing_works.list(&managed).await?.items;
+        for w in wanted.values() {
+            let t = &w.template;
+            let namespace = t.object.metadata.namespace.clone().unwrap_or_default();
+            let name = t.binding_name();
+            let (resource, api): (ApiResource, Api<DynamicObject>) = if t.namespaced {
+                let r = crate::crds::resource_binding();
+                let api = Api::namespaced_with(self.client.clone(), &namespace, &r);
+                (r, api)
+            } else {
+                let r = crate::crds::cluster_resource_binding();
+                let api = Api::all_with(self.client.clone(), &r);
+                (r, api)
+            };
+            bindings_wanted.insert((t.namespaced, namespace.clone(), name.clone()));
+            let replicas = t.object.data["spec"]["replicas"].as_i64();
+            let clusters: Vec<Value> = w
+                .sites
+                .iter()
+                .map(|s| match replicas {
+                    Some(r) => json!({"name": s, "replicas": r}),
+                    None => json!({"name": s}),
+                })
+                .collect();
+            let mut spec = json!({
+                "resource": {
+                    "apiVersion": t.resource.api_version,
+                    "kind": t.resource.kind,
+                    "name": t.object.metadata.name,
+                    "uid": t.object.metadata.uid,
+                    "resourceVersion": t.object.metadata.resource_version,
+                },
+                "clusters": clusters,
+            });
+            if t.namespaced {
+                spec["resource"]["namespace"] = json!(namespace);
+            }
+            if let Some(r) = replicas {
+                spec["replicas"] = json!(r);
+            }
+            if !w.required_by.is_empty() {
+                spec["requiredBy"] = json!(
+                    w.required_by
+                        .iter()
+                        .map(|(ns, n)| json!({"namespace": ns, "name": n}))
+                        .collect::<Vec<_>>()
+                );
+            }
+            if w.policy.spec["preserveResourcesOnDeletion"].as_bool() == Some(true) {
+                spec["preserveResourcesOnDeletion"] = json!(true);
+            }
+            let existing = api.get_opt(&name).await?;
+            if existing.as_ref().map(|c| &c.data["spec"]) != Some(&spec) {
+                let mut labels = w.policy.labels();
+                labels.insert(MANAGED_LABEL.into(), MANAGER.into());
+                let binding = json!({
+                    "apiVersion": resource.api_version,
+                    "kind": resource.kind,
+                    "metadata": {"name": name, "labels": labels},
+                    "spec": spec,
+                });
+                api.patch(&name, &apply, &Patch::Apply(&binding)).await?;
+            }
+            if w.policy.suspended() {
+                // Dispatching paused: the sites keep what they have.
+                for work in &current_works_of(&current, &binding_id(t, &namespace, &name)) {
+                    works_wanted.insert(
+                        (
+                            work.metadata.namespace.clone().unwrap_or_default(),
+                            work.metadata.name.clone().unwrap_or_default(),
+                        ),
+                        Value::Null,
+                    );
+                }
+                continue;
+            }
+            let manifest = manifest(&t.object, &t.resource, &w.policy.labels());
+            for site in &w.sites {
+                let work_name = work_name(t, &namespace, &name);
+                let mut work = json!({
+                    "apiVersion": "work.karmada.io/v1alpha1",
+                    "kind": "Work",
+                    "metadata": {
+                        "name": work_name,
+                        "namespace": site_namespace(site),
+                        "labels": {MANAGED_LABEL: MANAGER},
+                        "annotations": {BINDING_ANNOTATION: binding_id(t, &namespace, &name)},
+                    },
+                    "spec": {"workload": {"manifests": [manifest.clone()]}},
+                });
+                if w.policy.spec["preserveResourcesOnDeletion"].as_bool() == Some(true) {
+                    work["spec"]["preserveResourcesOnDeletion"] = json!(true);
+                }
+                works_wanted.insert((site_namespace(site), work_name), work);
+            }
+        }
+        // Works: create or update what changed, delete what is no longer wanted.
+        for ((namespace, name), work) in &works_wanted {
+            if work.is_null() {
+                continue;
+            }
+            let same = current.iter().any(|c| {
+                c.metadata.namespace.as_deref() == Some(namespace.as_str())
+                    && c.metadata.name.as_deref() == Some(name.as_str())
+                    && c.data["spec"] == work["spec"]
+                    && c.metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(BINDING_ANNOTATION))
+                        == work["metadata"]["annotations"][BINDING_ANNOTATION]
+                            .as_str()
+                            .map(String::from)
+                            .as_ref()
+            });
+            if !same {
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(self.client.clone(), namespace, &crate::crds::work());
+                api.patch(name, &apply, &Patch::Apply(work)).await?;
+            }
+        }
+        for c in &current {
+            let key = (
+                c.metadata.namespace.clone().unwrap_or_default(),
+                c.metadata.name.clone().unwrap_or_default(),
+            );
+            if !works_wanted.contains_key(&key) {
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(self.client.clone(), &key.0, &crate::crds::work());
+                api.delete(&key.1, &DeleteParams::default())
+                    .await
+                    .map(|_| ())
+                    .or_else(gone)?;
+            }
+        }
+        // Bindings no template needs any more.
+        for (namespaced, resource) in [
+            (true, crate::crds::resource_binding()),
+            (false, crate::crds::cluster_resource_binding()),
+        ] {
+            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
+            for b in api.list(&managed).await?.items {
+                let namespace = b.metadata.namespace.clone().unwrap_or_default();
+                let name = b.metadata.name.clone().unwrap_or_default();
+                if !bindings_wanted.contains(&(namespaced, namespace.clone(), name.clone())) {
+                    let api: Api<DynamicObject> = if namespaced {
+                        Api::namespaced_with(self.client.clone(), &namespace, &resource)
+                    } else {
+                        Api::all_with(self.client.clone(), &resource)
+                    };
+                    api.delete(&name, &DeleteParams::default())
+                        .await
+                        .map(|_| ())
+                        .or_else(gone)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn gone(e: kube::Error) -> Result<(), kube::Error> {
+    match e {
+        kube::Error::Api(s) if s.code == 404 => Ok(()),
+        e => Err(e),
+    }
+}
+
+/// `<Kind>/<namespace>/<name>` of a template's binding.
+fn binding_id(t: &Template, namespace: &str, name: &str) -> String {
+    if t.namespaced {
+        format!("ResourceBinding/{namespace}/{name}")
+    } else {
+        format!("ClusterResourceBinding//{name}")
+    }
+}
+
+/// A binding's Work name in each site's namespace: `<namespace>.<binding>` (the binding alone
+/// for cluster-scoped templates), unique within the site.
+fn work_name(t: &Template, namespace: &str, binding: &str) -> String {
+    if t.namespaced {
+        format!("{namespace}.{binding}")
+    } else {
+        binding.to_string()
+    }
+}
+
+fn current_works_of<'a>(current: &'a [DynamicObject], binding: &str) -> Vec<&'a DynamicObject> {
+    current
+        .iter()
+        .filter(|w| {
+            w.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(BINDING_ANNOTATION))
+                .is_some_and(|b| b == binding)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(name: &str, labels: &[(&str, &str)]) -> Site {
+        Site {
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            kinds: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn cluster_affinity_picks_by_name_label_and_exclusion() {
+        let sites = vec![
+            site("a", &[("region", "eu")]),
+            site("b", &[("region", "us")]),
+            site("c", &[("region", "eu")]),
+        ];
+        let names =
+            |p: Value| -> Vec<String> { pick(&p, &sites).iter().map(|s| s.name.clone()).collect() };
+        assert_eq!(names(json!({})), ["a", "b", "c"]);
+        assert_eq!(
+            names(json!({"clusterAffinity": {"labelSelector": {"matchLabels": {"region": "eu"}}}})),
+            ["a", "c"]
+        );
+        assert_eq!(
+            names(
+                json!({"clusterAffinity": {"labelSelector": {"matchLabels": {"region": "eu"}}, "exclude": ["c"]}})
+            ),
+            ["a"]
+        );
+        assert_eq!(
+            names(json!({"clusterAffinity": {"clusterNames": ["b", "z"]}})),
+            ["b"]
+        );
+    }
+
+    #[test]
+    fn dependencies_are_what_the_pods_use() {
+        let d = json!({"spec": {"template": {"spec": {
+            "serviceAccountName": "sa",
+            "volumes": [{"configMap": {"name": "cm"}}, {"secret": {"secretName": "s"}}],
+            "containers": [{"envFrom": [{"configMapRef": {"name": "env"}}],
+                            "env": [{"valueFrom": {"secretKeyRef": {"name": "k"}}}]}]}}}});
+        let deps = dependencies("Deployment", &d);
+        let want: BTreeSet<(String, String)> = [
+            ("ServiceAccount", "sa"),
+            ("ConfigMap", "cm"),
+            ("Secret", "s"),
+            ("ConfigMap", "env"),
+            ("Secret", "k"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        assert_eq!(deps, want);
+    }
+
+    #[test]
+    fn manifests_leave_out_what_the_site_fills_in() {
+        let t: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u", "resourceVersion": "7",
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}},
+            "spec": {"clusterIP": "10.43.0.9", "clusterIPs": ["10.43.0.9"], "ports": [{"port": 80}]},
+            "status": {"loadBalancer": {}}
+        }))
+        .unwrap();
+        let r = ApiResource::erase::<k8s_openapi::api::core::v1::Service>(&());
+        let m = manifest(&t, &r, &BTreeMap::new());
+        assert!(m.get("status").is_none());
+        assert!(m["metadata"].get("uid").is_none() && m["metadata"].get("annotations").is_none());
+        assert!(m["spec"].get("clusterIP").is_none());
+        assert_eq!(m["spec"]["ports"][0]["port"], 80);
+    }
+}
