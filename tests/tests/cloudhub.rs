@@ -636,6 +636,20 @@ spec:
   placement:
     clusterAffinity:
       labelSelector: {matchLabels: {region: eu}}
+---
+apiVersion: policy.karmada.io/v1alpha1
+kind: OverridePolicy
+metadata: {name: eu-2-mirror, namespace: shop}
+spec:
+  resourceSelectors:
+  - {apiVersion: apps/v1, kind: Deployment, name: web}
+  overrideRules:
+  - targetCluster: {clusterNames: [eu-2]}
+    overriders:
+      imageOverrider:
+      - {component: Registry, operator: replace, value: mirror.eu-2.example}
+      labelsOverrider:
+      - {operator: add, value: {mirror: eu-2}}
 "#;
 
 #[test]
@@ -658,6 +672,24 @@ fn templates_placed_by_a_policy_reach_their_sites_and_report_back_across_outages
         });
     }
     assert!(!has(&us1, &["get", "deploy", "web", "-n", "shop"]));
+    // The override changed eu-2's copy only.
+    let image = "{.spec.template.spec.containers[0].image}";
+    assert_eq!(
+        jsonpath(&eu2, &["get", "deploy", "web", "-n", "shop"], image),
+        "mirror.eu-2.example/busybox:1.0"
+    );
+    assert_eq!(
+        jsonpath(
+            &eu2,
+            &["get", "deploy", "web", "-n", "shop"],
+            "{.metadata.labels.mirror}"
+        ),
+        "eu-2"
+    );
+    assert_eq!(
+        jsonpath(&eu1, &["get", "deploy", "web", "-n", "shop"], image),
+        "edgesite.test/busybox:1.0"
+    );
     let binding = hub.json(&[
         "get",
         "resourcebinding",

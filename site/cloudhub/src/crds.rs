@@ -12,6 +12,8 @@ const CLUSTER_PROPAGATION_POLICIES: &str = include_str!("crds/clusterpropagation
 const RESOURCE_BINDINGS: &str = include_str!("crds/resourcebindings.yaml");
 const CLUSTER_RESOURCE_BINDINGS: &str = include_str!("crds/clusterresourcebindings.yaml");
 const WORKS: &str = include_str!("crds/works.yaml");
+const OVERRIDE_POLICIES: &str = include_str!("crds/overridepolicies.yaml");
+const CLUSTER_OVERRIDE_POLICIES: &str = include_str!("crds/clusteroverridepolicies.yaml");
 
 /// The hub's CustomResourceDefinition objects.
 pub fn definitions() -> Vec<Value> {
@@ -22,6 +24,8 @@ pub fn definitions() -> Vec<Value> {
         RESOURCE_BINDINGS,
         CLUSTER_RESOURCE_BINDINGS,
         WORKS,
+        OVERRIDE_POLICIES,
+        CLUSTER_OVERRIDE_POLICIES,
     ]
     .iter()
     .map(|y| serde_yaml::from_str(y).expect("the embedded CRDs are valid YAML"))
@@ -64,6 +68,24 @@ pub fn cluster_propagation_policy() -> kube::api::ApiResource {
         "v1alpha1",
         "ClusterPropagationPolicy",
         "clusterpropagationpolicies",
+    )
+}
+
+pub fn override_policy() -> kube::api::ApiResource {
+    resource(
+        "policy.karmada.io",
+        "v1alpha1",
+        "OverridePolicy",
+        "overridepolicies",
+    )
+}
+
+pub fn cluster_override_policy() -> kube::api::ApiResource {
+    resource(
+        "policy.karmada.io",
+        "v1alpha1",
+        "ClusterOverridePolicy",
+        "clusteroverridepolicies",
     )
 }
 

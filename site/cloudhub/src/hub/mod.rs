@@ -5,6 +5,7 @@
 
 pub mod aggregate;
 pub mod clusters;
+pub mod overrides;
 pub mod placement;
 pub mod proxy;
 pub mod sync;

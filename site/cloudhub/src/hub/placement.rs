@@ -338,6 +338,42 @@ type Resolved = (ApiResource, bool);
 /// workload's binding (namespace, name).
 type Dependency = (Template, Policy, BTreeSet<String>, (String, String));
 
+/// An (Cluster)OverridePolicy: its namespace (None: cluster-wide), name and spec.
+type Override = (Option<String>, String, Value);
+
+/// `manifest` as `site` gets it: every rule of every policy that selects it and targets the site.
+fn overridden(manifest: &Value, site: &Site, overrides: &[Override]) -> Value {
+    let mut out = manifest.clone();
+    let namespace = manifest["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default();
+    for (policy_namespace, name, spec) in overrides {
+        if policy_namespace
+            .as_deref()
+            .is_some_and(|ns| ns != namespace)
+            || !super::overrides::selects(&spec["resourceSelectors"], manifest)
+        {
+            continue;
+        }
+        for rule in spec["overrideRules"].as_array().into_iter().flatten() {
+            let target = &rule["targetCluster"];
+            let applies = target.is_null()
+                || !pick(
+                    &json!({"clusterAffinity": target}),
+                    std::slice::from_ref(site),
+                )
+                .is_empty();
+            if !applies {
+                continue;
+            }
+            if let Err(error) = super::overrides::apply(&mut out, &rule["overriders"]) {
+                tracing::warn!(policy = %name, site = %site.name, %error, "override not applied");
+            }
+        }
+    }
+    out
+}
+
 /// A binding as placement wants it.
 struct Wanted {
     template: Template,
@@ -524,7 +560,30 @@ impl Placement {
             }
         }
         self.add_dependencies(&mut wanted).await;
-        self.write(&sites, &wanted).await
+        // Overrides: cluster-wide ones first, then namespaced ones, each by name.
+        let mut overrides: Vec<(Option<String>, String, Value)> = Vec::new();
+        for (resource, namespaced) in [
+            (crate::crds::cluster_override_policy(), false),
+            (crate::crds::override_policy(), true),
+        ] {
+            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
+            let mut found: Vec<(Option<String>, String, Value)> = api
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .map(|o| {
+                    (
+                        namespaced.then(|| o.metadata.namespace.clone().unwrap_or_default()),
+                        o.metadata.name.clone().unwrap_or_default(),
+                        o.data["spec"].clone(),
+                    )
+                })
+                .collect();
+            found.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+            overrides.extend(found);
+        }
+        self.write(&sites, &wanted, &overrides).await
     }
 
     /// `propagateDeps`: what a placed workload's pods use follows it to its sites.
@@ -582,6 +641,7 @@ impl Placement {
         &self,
         sites: &[Site],
         wanted: &BTreeMap<String, Wanted>,
+        overrides: &[Override],
     ) -> Result<(), kube::Error> {
         let apply = PatchParams::apply(MANAGER).force();
         let managed = ListParams::default().labels(&format!("{MANAGED_LABEL}={MANAGER}"));
@@ -679,6 +739,10 @@ impl Placement {
             let manifest = manifest(&t.object, &t.resource, &w.policy.labels());
             for site in &w.sites {
                 let work_name = work_name(t, &namespace, &name);
+                let manifest = match sites.iter().find(|s| &s.name == site) {
+                    Some(s) => overridden(&manifest, s, overrides),
+                    None => manifest.clone(),
+                };
                 let mut work = json!({
                     "apiVersion": "work.karmada.io/v1alpha1",
                     "kind": "Work",
@@ -688,7 +752,7 @@ impl Placement {
                         "labels": {MANAGED_LABEL: MANAGER},
                         "annotations": {BINDING_ANNOTATION: binding_id(t, &namespace, &name)},
                     },
-                    "spec": {"workload": {"manifests": [manifest.clone()]}},
+                    "spec": {"workload": {"manifests": [manifest]}},
                 });
                 if w.policy.spec["preserveResourcesOnDeletion"].as_bool() == Some(true) {
                     work["spec"]["preserveResourcesOnDeletion"] = json!(true);
