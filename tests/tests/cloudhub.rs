@@ -738,6 +738,30 @@ fn templates_placed_by_a_policy_reach_their_sites_and_report_back_across_outages
     assert_eq!(aggregated.len(), 2, "{binding}");
     assert!(aggregated.iter().all(|a| a["applied"] == true), "{binding}");
 
+    // Drift: what the hub placed, changed or deleted by a site admin, is put back, with an Event.
+    eu1.ok(&["scale", "deploy", "web", "-n", "shop", "--replicas=7"]);
+    eu1.ok(&["delete", "cm", "web-config", "-n", "shop"]);
+    wait_for("the placed objects put back", &[&eu1], || {
+        jsonpath(
+            &eu1,
+            &["get", "deploy", "web", "-n", "shop"],
+            "{.spec.replicas}",
+        ) == "2"
+            && has(&eu1, &["get", "cm", "web-config", "-n", "shop"])
+    });
+    let events = eu1.ok(&[
+        "get",
+        "events",
+        "-n",
+        "shop",
+        "--field-selector",
+        "reason=Restored",
+    ]);
+    assert!(
+        events.contains("deployment/web") && events.contains("put back as the hub wants it"),
+        "{events}"
+    );
+
     // A site cut off: changes made at the hub meanwhile arrive when it is back.
     eu2.stop();
     hub.ok(&["scale", "deploy", "web", "-n", "shop", "--replicas=3"]);

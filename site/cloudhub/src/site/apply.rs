@@ -3,7 +3,8 @@
 //! nothing and restarts nothing. The site remembers, in one ConfigMap
 //! (`kube-system/edgesite-cloud-link`), its cursor (the hub revision it has applied up to) and
 //! which objects each Work placed, so a deleted Work's objects go, and, after a full resync,
-//! whatever the hub no longer wants. Objects the hub did not place are never touched.
+//! whatever the hub no longer wants. Objects the hub did not place are never touched; objects it
+//! placed that someone changed or deleted at the site are put back (with an Event saying why).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -24,7 +25,7 @@ const MANAGED_LABEL: &str = "karmada.io/managed";
 const WORK_ANNOTATION: &str = "work.karmada.io/name";
 
 /// One object a Work placed.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ObjectRef {
     pub api_version: String,
@@ -73,6 +74,12 @@ pub struct Ledger {
 pub struct Applier {
     client: kube::Client,
     ledger: tokio::sync::Mutex<Option<Ledger>>,
+    /// Each Work's manifests as last received (in memory: a site that restarted asks the hub
+    /// for all its Works once, see [`Applier::cursor`]).
+    manifests: std::sync::Mutex<HashMap<String, Vec<Value>>>,
+    /// The resourceVersion each placed object had after the site last applied it: another
+    /// version means someone changed it (or its status moved), and it is applied again.
+    versions: std::sync::Mutex<HashMap<ObjectRef, String>>,
     /// Work -> per object: applied, message.
     pub results: std::sync::Mutex<HashMap<String, Vec<Applied>>>,
     resources: std::sync::Mutex<HashMap<(String, String), (ApiResource, bool)>>,
@@ -87,6 +94,8 @@ impl Applier {
         Applier {
             client,
             ledger: Default::default(),
+            manifests: Default::default(),
+            versions: Default::default(),
             results: Default::default(),
             resources: Default::default(),
         }
@@ -118,13 +127,24 @@ impl Applier {
             .map(|_| ())
     }
 
-    /// The cursor: the hub revision everything up to which is applied here.
+    /// The cursor: the hub revision everything up to which is applied here. A site that holds
+    /// Works but not their manifests (it restarted) answers 0, so the hub sends all its Works
+    /// once and placed objects can be kept as the hub wants them again.
     pub async fn cursor(&self) -> Result<u64, kube::Error> {
         let mut guard = self.ledger.lock().await;
         if guard.is_none() {
             *guard = Some(self.load().await?);
         }
-        Ok(guard.as_ref().map(|l| l.revision).unwrap_or(0))
+        let ledger = guard.as_ref().cloned().unwrap_or_default();
+        let known = self
+            .manifests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
+        if known < ledger.works.len() {
+            return Ok(0);
+        }
+        Ok(ledger.revision)
     }
 
     /// The Works this site holds and their objects (for the status reports).
@@ -208,13 +228,113 @@ impl Applier {
         manifest["metadata"]["labels"][MANAGED_LABEL] = json!("true");
         manifest["metadata"]["annotations"][WORK_ANNOTATION] = json!(work);
         let api = self.api_for(&object).await?;
-        api.patch(
-            &object.name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&manifest),
+        let applied = api
+            .patch(
+                &object.name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&manifest),
+            )
+            .await?;
+        if let Some(version) = applied.metadata.resource_version {
+            self.versions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(object, version);
+        }
+        Ok(())
+    }
+
+    /// Puts a placed object back as the hub wants it when it is gone or was changed at the
+    /// site, with an Event saying why. `found` is the object as it is now.
+    async fn keep(&self, work: &str, object: &ObjectRef, found: Option<&DynamicObject>) {
+        let recorded = self
+            .versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(object)
+            .cloned();
+        let current = found.and_then(|f| f.metadata.resource_version.clone());
+        if found.is_some() && (recorded.is_none() || recorded == current) {
+            if recorded.is_none()
+                && let Some(v) = current
+            {
+                self.versions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(object.clone(), v);
+            }
+            return;
+        }
+        let manifest = self
+            .manifests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(work)
+            .and_then(|m| m.iter().find(|m| ObjectRef::of(m) == *object).cloned());
+        let Some(manifest) = manifest else { return };
+        if let Err(error) = self.apply_one(work, &manifest).await {
+            tracing::warn!(kind = %object.kind, name = %object.name, %error, "could not restore what the hub places");
+            return;
+        }
+        let after = self
+            .versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(object)
+            .cloned();
+        // The same version after applying: only the status (or fields the hub does not set)
+        // moved, nothing to undo.
+        if found.is_some() && after == current {
+            return;
+        }
+        let why = if found.is_none() {
+            "it was deleted here"
+        } else {
+            "it was changed here"
+        };
+        tracing::info!(kind = %object.kind, namespace = %object.namespace, name = %object.name, "restored what the hub places: {why}");
+        self.event(
+            object,
+            "Restored",
+            &format!(
+                "the cloud hub places this object (Work {work}) and {why}: it was put back as the hub wants it; change it at the hub"
+            ),
         )
-        .await
-        .map(|_| ())
+        .await;
+    }
+
+    async fn event(&self, object: &ObjectRef, reason: &str, message: &str) {
+        let namespace = if object.namespace.is_empty() {
+            "default"
+        } else {
+            &object.namespace
+        };
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let event = json!({
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": format!("{}.", object.name), "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": object.api_version,
+                "kind": object.kind,
+                "namespace": object.namespace,
+                "name": object.name,
+            },
+            "reason": reason,
+            "message": message,
+            "type": "Warning",
+            "source": {"component": "edgesite-cloud-link"},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        });
+        let api: Api<k8s_openapi::api::core::v1::Event> =
+            Api::namespaced(self.client.clone(), namespace);
+        if let Ok(event) = serde_json::from_value(event)
+            && let Err(error) = api.create(&PostParams::default(), &event).await
+        {
+            tracing::debug!(%error, "event not recorded");
+        }
     }
 
     async fn delete_one(&self, object: &ObjectRef) {
@@ -274,6 +394,11 @@ impl Applier {
                 .as_array()
                 .cloned()
                 .unwrap_or_default();
+            // Known before applying, so the drift check never puts back an older version.
+            self.manifests
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name.clone(), manifests.clone());
             let mut results = Vec::new();
             for manifest in &manifests {
                 let object = ObjectRef::of(manifest);
@@ -325,6 +450,10 @@ impl Applier {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&name);
+                self.manifests
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&name);
             }
         }
         ledger.revision = ledger.revision.max(batch.revision);
@@ -354,7 +483,15 @@ impl Applier {
                 .map(|(_, a, m)| (*a, m.clone()))
                 .unwrap_or((true, String::new()));
             let found = match self.api_for(object).await {
-                Ok(api) => api.get_opt(&object.name).await.ok().flatten(),
+                Ok(api) => match api.get_opt(&object.name).await {
+                    Ok(found) => {
+                        if applied {
+                            self.keep(work, object, found.as_ref()).await;
+                        }
+                        found
+                    }
+                    Err(_) => None,
+                },
                 Err(_) => None,
             };
             let (status, health) = match &found {
