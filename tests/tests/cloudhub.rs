@@ -322,7 +322,7 @@ fn a_bad_token_or_a_wrong_hub_is_refused_with_the_fix() {
     assert!(
         eventually(Duration::from_secs(20), || site2
             .log()
-            .contains("does not match the token")),
+            .contains("does not match the join token")),
         "{}",
         site2.log()
     );
@@ -845,4 +845,44 @@ fn templates_placed_by_a_policy_reach_their_sites_and_report_back_across_outages
         !has(&us1, &["get", "deploy", "web", "-n", "shop"])
     });
     assert!(has(&eu1, &["get", "cm", "local-only", "-n", "shop"]));
+}
+
+/// A site's name belongs to the site that first attached with it (as a node's name belongs to
+/// its machine): another machine with a valid token is refused until the Cluster is deleted at
+/// the hub, and then the old site's certificate stops working.
+#[test]
+fn a_site_name_belongs_to_the_machine_that_attached_with_it() {
+    let hub = Site::start_hub(&[]).expect("start the hub");
+    let token = hub.hub_token();
+    let first = attached(&hub, &token, "depot", &[]);
+    wait_for("depot Ready", &[&hub], || ready(&hub, "depot") == "True");
+    let second = attached(&hub, &token, "depot", &[]);
+    wait_for("the second machine refused", &[&second], || {
+        second
+            .log()
+            .contains("already attached from another machine")
+    });
+    hub.ok(&["delete", "cluster", "depot"]);
+    wait_for("the second machine attached", &[&hub, &second], || {
+        second.log().contains("attached to the cloud hub") && ready(&hub, "depot") == "True"
+    });
+    // The first one's link closed and its certificate no longer authenticates.
+    wait_for(
+        "the first machine's certificate refused",
+        &[&hub, &first],
+        || first.log().contains("was replaced"),
+    );
+    let cred = first.data_dir().join("server").join("cloudhub");
+    let out = hub.kubectl_as(
+        &[
+            format!("--client-certificate={}", cred.join("site.crt").display()),
+            format!("--client-key={}", cred.join("site.key").display()),
+        ],
+        &["get", "--raw", "/version"],
+    );
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("was replaced"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

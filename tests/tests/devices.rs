@@ -1270,3 +1270,86 @@ fn the_device_controller_says_what_is_wrong_and_when_it_is_fixed() {
         device_event_reasons(&site, "fan-1")
     );
 }
+
+/// A Device placed from a cloud hub: its model and it go to the site with the node, the
+/// mapper's reported value shows at the hub, and a desired value set at the hub reaches the
+/// mapper as a delta through the site's twin.
+#[test]
+fn a_device_placed_from_the_cloud_hub_reports_back_and_takes_desired_values() {
+    need("mosquitto_pub", "mosquitto-clients");
+    let rt = Runtime::start().unwrap();
+    let hub = Site::start_hub(&[]).expect("start the hub");
+    let token = hub.hub_token();
+    let url = hub.url();
+    let site = rt
+        .start_site(&[
+            "--cloudhub",
+            &url,
+            "--cloudhub-token",
+            &token,
+            "--site-name",
+            "plant-1",
+        ])
+        .unwrap();
+    let port = &Mqtt::mapper(rt.mqtt_port("node-a"), &site.data_dir());
+    hub.ok_stdin(&["apply", "-f", "-"], Some(LEGACY_MODEL));
+    hub.ok_stdin(&["apply", "-f", "-"], Some(&legacy_device("node-a")));
+    hub.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(
+            r#"apiVersion: policy.karmada.io/v1alpha1
+kind: ClusterPropagationPolicy
+metadata: {name: devices-to-plant-1}
+spec:
+  resourceSelectors:
+  - {apiVersion: devices.kubeedge.io/v1beta1, kind: DeviceModel}
+  - {apiVersion: devices.kubeedge.io/v1beta1, kind: Device}
+  placement:
+    clusterAffinity: {clusterNames: [plant-1]}
+"#,
+        ),
+    );
+    assert!(
+        eventually(Duration::from_secs(60), || device(&site, "fan").is_some()),
+        "the Device never reached the site\n{}\n{}",
+        hub.log(),
+        site.log()
+    );
+    // The mapper reports; the value shows at the site, then at the hub.
+    ask(
+        port,
+        &format!("{FAN}/twin/get"),
+        r#"{"event_id":"g1"}"#,
+        &format!("{FAN}/twin/get/result"),
+        |v| v.get("twin").is_some(),
+    );
+    mqtt_pub(
+        port,
+        &format!("{FAN}/twin/update"),
+        r#"{"event_id":"r1","timestamp":1690000000000,"twin":{"speed":{"actual":{"value":"2","metadata":{"timestamp":1690000000000}},"metadata":{"type":"int"}}}}"#,
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || twin_value(
+            &hub, "fan", "speed", "reported"
+        )
+        .as_deref()
+            == Some("2")),
+        "{:?}\n{:?}",
+        device(&hub, "fan"),
+        device(&site, "fan")
+    );
+    // A desired value set at the hub reaches the mapper.
+    let delta = Sub::start(
+        port,
+        &format!("{FAN}/twin/update/delta"),
+        1,
+        Duration::from_secs(30),
+    );
+    patch_device(
+        &hub,
+        "fan",
+        r#"[{"op":"replace","path":"/spec/properties/0/desired/value","value":"5"}]"#,
+    );
+    let delta = delta.one("twin/update/delta from the hub");
+    assert_eq!(delta["delta"]["speed"], "5");
+}

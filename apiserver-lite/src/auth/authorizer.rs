@@ -38,6 +38,8 @@ const SERVICE_ACCOUNTS: &str = "/core/serviceaccounts/";
 /// Where the node passwords (and the serial of each node's certificate) are kept.
 const NODE_PASSWORDS: &str = "/core/secrets/kube-system/";
 const NODE_PASSWORD_SUFFIX: &str = ".node-password.edgesite";
+/// A cloud hub keeps its sites' passwords (and certificate serials) beside the nodes'.
+const SITE_PASSWORD_SUFFIX: &str = ".site-password.edgesite";
 const FOLLOWED: [&str; 9] = [
     CLUSTER_ROLES,
     ROLES,
@@ -137,6 +139,16 @@ impl Authorizer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(node)
+            .is_none_or(|kept| kept == serial)
+    }
+
+    /// Whether a site's client certificate with `serial` still authenticates (a cloud hub): a
+    /// site has one certificate on record, replaced when the name is claimed again.
+    pub fn site_certificate_valid(&self, site: &str, serial: &str) -> bool {
+        self.node_certificates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&format!("{}{site}", crate::cloud_link::SITE_PREFIX))
             .is_none_or(|kept| kept == serial)
     }
 
@@ -342,9 +354,16 @@ fn apply(
 ) {
     let short = |prefix: &str| &key[prefix.len()..];
     if key.starts_with(NODE_PASSWORDS) {
-        let Some(node) = short(NODE_PASSWORDS).strip_suffix(NODE_PASSWORD_SUFFIX) else {
+        let name = short(NODE_PASSWORDS);
+        // Nodes by name, sites as their user (`system:site:<name>`).
+        let node = if let Some(node) = name.strip_suffix(NODE_PASSWORD_SUFFIX) {
+            node.to_string()
+        } else if let Some(site) = name.strip_suffix(SITE_PASSWORD_SUFFIX) {
+            format!("{}{site}", crate::cloud_link::SITE_PREFIX)
+        } else {
             return;
         };
+        let node = node.as_str();
         let mut certificates = caches
             .node_certificates
             .lock()

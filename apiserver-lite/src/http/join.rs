@@ -78,11 +78,62 @@ fn hash(password: &str) -> String {
     format!("{:x}", sha2::Sha256::digest(password.as_bytes()))
 }
 
+/// What joins: a node of a site, or a site of a cloud hub. Each name belongs to the machine
+/// that knows its password.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Joiner {
+    Node,
+    Site,
+}
+
+impl Joiner {
+    fn secret(self, name: &str) -> String {
+        match self {
+            Joiner::Node => password_secret(name),
+            Joiner::Site => format!("{name}.site-password.edgesite"),
+        }
+    }
+
+    /// The object whose existence says the name is taken.
+    fn object_key(self, name: &str) -> String {
+        match self {
+            Joiner::Node => crate::storage::object_key("", "nodes", "", name),
+            Joiner::Site => {
+                crate::storage::object_key(crate::cloud_link::CLUSTER_GROUP, "clusters", "", name)
+            }
+        }
+    }
+
+    fn taken(self, name: &str) -> String {
+        match self {
+            Joiner::Node => format!(
+                "node {name:?} already exists and belongs to another machine (its node password differs): \
+                 give this machine another --node-name, or, if the old machine is gone for good, \
+                 remove it first with `edgesite node remove {name}` on the server"
+            ),
+            Joiner::Site => format!(
+                "site {name:?} is already attached from another machine (its site password differs): \
+                 give this site another --site-name, or, if the old site is gone for good, \
+                 delete it first with `kubectl delete cluster {name}` at the hub"
+            ),
+        }
+    }
+}
+
 /// Whether `node` may be (re)joined by the machine that knows `password`: `Ok(true)` when the
 /// name is this machine's already, `Ok(false)` when it is free.
 async fn may_claim(server: &Arc<ApiServer>, node: &str, password: &str) -> Result<bool, ApiError> {
+    may_claim_as(server, Joiner::Node, node, password).await
+}
+
+async fn may_claim_as(
+    server: &Arc<ApiServer>,
+    joiner: Joiner,
+    node: &str,
+    password: &str,
+) -> Result<bool, ApiError> {
     use base64::Engine;
-    let key = crate::storage::object_key("", "secrets", "kube-system", &password_secret(node));
+    let key = crate::storage::object_key("", "secrets", "kube-system", &joiner.secret(node));
     let stored = server
         .storage
         .get(&key)
@@ -101,7 +152,7 @@ async fn may_claim(server: &Arc<ApiServer>, node: &str, password: &str) -> Resul
     }
     // Another machine's name (or a node that joined before node passwords, or the server's own
     // node) while its Node exists: refused.
-    let node_key = crate::storage::object_key("", "nodes", "", node);
+    let node_key = joiner.object_key(node);
     let node_exists = server
         .storage
         .get(&node_key)
@@ -109,11 +160,7 @@ async fn may_claim(server: &Arc<ApiServer>, node: &str, password: &str) -> Resul
         .map_err(|e| ApiError::internal(e.to_string()))?
         .is_some();
     if node_exists {
-        return Err(ApiError::forbidden(format!(
-            "node {node:?} already exists and belongs to another machine (its node password differs): \
-             give this machine another --node-name, or, if the old machine is gone for good, \
-             remove it first with `edgesite node remove {node}` on the server"
-        )));
+        return Err(ApiError::forbidden(joiner.taken(node)));
     }
     Ok(false)
 }
@@ -126,9 +173,23 @@ async fn record(
     password: &str,
     serial: &str,
 ) -> Result<(), ApiError> {
+    record_as(server, Joiner::Node, node, password, serial).await
+}
+
+async fn record_as(
+    server: &Arc<ApiServer>,
+    joiner: Joiner,
+    node: &str,
+    password: &str,
+    serial: &str,
+) -> Result<(), ApiError> {
     use super::resources::{create_internal, delete_internal};
     use base64::Engine;
-    let name = password_secret(node);
+    let name = joiner.secret(node);
+    let (label, kind) = match joiner {
+        Joiner::Node => ("edgesite.io/node-password", "edgesite.io/node-password"),
+        Joiner::Site => ("edgesite.io/site-password", "edgesite.io/site-password"),
+    };
     match delete_internal(server, "", "v1", "secrets", "kube-system", &name).await {
         Ok(()) => {}
         Err(e) if e.code == 404 => {}
@@ -138,14 +199,18 @@ async fn record(
     let secret = json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": name, "namespace": "kube-system",
-                     "labels": {"edgesite.io/node-password": node}},
-        "type": "edgesite.io/node-password",
+                     "labels": {label: node}},
+        "type": kind,
         "data": {"hash": b64(&hash(password)), "serial": b64(serial)}
     });
     match create_internal(server, "", "v1", "secrets", "kube-system", secret).await {
         Ok(_) => Ok(()),
         Err(e) if e.code == 409 => Err(ApiError::conflict(
-            "nodes",
+            if joiner == Joiner::Node {
+                "nodes"
+            } else {
+                "clusters"
+            },
             "",
             node,
             "another machine is joining with this name at this moment",
@@ -294,13 +359,28 @@ pub async fn site_join(State(server): State<Arc<ApiServer>>, request: Request) -
     };
     let site = parsed["site"].as_str().unwrap_or_default().to_string();
     let csr = parsed["csr"].as_str().unwrap_or_default().to_string();
+    let password = parsed["password"].as_str().unwrap_or_default();
     if let Err(m) = crate::validation::is_dns1123_label(&site) {
         return error_response(&ApiError::bad_request(format!("site name {site:?}: {m}")));
+    }
+    if password.len() < 16 {
+        return error_response(&ApiError::bad_request(
+            "the attach request carries no site password: this site is older than the hub; update it",
+        ));
+    }
+    if let Err(e) = may_claim_as(&server, Joiner::Site, &site, password).await {
+        return error_response(&e);
     }
     let certificate = match sign(join, &site, csr).await {
         Ok(c) => c,
         Err(response) => return response,
     };
+    let Some(serial) = crate::auth::certificate_serial_pem(&certificate) else {
+        return error_response(&ApiError::internal("the signed certificate cannot be read"));
+    };
+    if let Err(e) = record_as(&server, Joiner::Site, &site, password, &serial).await {
+        return error_response(&e);
+    }
     tracing::info!(%site, "site joined the hub");
     json_response(
         StatusCode::OK,

@@ -199,6 +199,18 @@ async fn authenticate(server: &ApiServer, request: &mut Request) -> Result<Ident
             );
             return Err(error_response(&e));
         }
+        // So does a site's once its name was claimed again (a cloud hub).
+        if let (Some(site), Some(serial)) = (
+            crate::cloud_link::site_of(&transport.identity),
+            &transport.serial,
+        ) && !server.authorizer.site_certificate_valid(site, serial)
+        {
+            let mut e = ApiError::unauthorized();
+            e.message = format!(
+                "the certificate of site {site:?} was replaced: the name was attached again by another machine; attach this one under another --site-name with a new token"
+            );
+            return Err(error_response(&e));
+        }
         return Ok(transport.identity.clone());
     }
     let Some(authorization) = request.headers().get(header::AUTHORIZATION) else {

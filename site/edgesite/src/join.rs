@@ -234,7 +234,7 @@ pub async fn credentials(
     let token = JoinToken::parse(token)?;
     let client = insecure_client(None)?;
     let ca = pinned_ca(&client, server, &token, "--server").await?;
-    let password = node_password(&dir)?;
+    let password = machine_password(&dir, "node-password")?;
     let (csr, key) = crate::pki::node_csr(node)?;
     let body = serde_json::json!({"node": node, "csr": csr, "password": password}).to_string();
     let reply = client
@@ -285,7 +285,7 @@ async fn pinned_ca(
         && ca_hash(&ca) != *want
     {
         bail!(
-            "the server at {server} presents a CA that does not match the token: wrong {flag}, or someone in between"
+            "the server at {server} presents a CA that does not match the join token: wrong {flag}, or someone in between"
         );
     }
     check_server_name(server, &ca, client.proxy()).await?;
@@ -331,7 +331,9 @@ pub async fn site_credentials(
     let client = insecure_client(link::dial::proxy_from_env(&host))?;
     let ca = pinned_ca(&client, hub, &token, "--cloudhub").await?;
     let (csr, key) = crate::pki::site_csr(site)?;
-    let body = serde_json::json!({"site": site, "csr": csr}).to_string();
+    crate::private_dir(&dir)?;
+    let password = machine_password(&dir, "site-password")?;
+    let body = serde_json::json!({"site": site, "csr": csr, "password": password}).to_string();
     let reply = client
         .post_json(
             &format!("{hub}/edgesite/v1/site-join"),
@@ -359,10 +361,11 @@ pub async fn site_credentials(
     Ok(SiteCredentials { ca, cert, key })
 }
 
-/// This machine's node password (K3s's `/etc/rancher/node/password`): made on the first join and
-/// kept, so the machine can join again under its name while another machine cannot take it.
-fn node_password(dir: &Path) -> Result<String> {
-    let path = dir.join("node-password");
+/// This machine's node (or site) password (K3s's `/etc/rancher/node/password`): made on the first
+/// join and kept, so the machine can join again under its name while another machine cannot take
+/// it.
+fn machine_password(dir: &Path, file: &str) -> Result<String> {
+    let path = dir.join(file);
     if let Ok(text) = std::fs::read_to_string(&path)
         && text.trim().len() >= 16
     {

@@ -47,6 +47,14 @@ pub async fn record(
         let Some(mut current) = api.get_opt(name).await? else {
             return Ok(());
         };
+        // A site's report counts only for a binding that places something on it.
+        let placed_here = current.data["spec"]["clusters"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|c| c["name"] == site));
+        if !placed_here {
+            tracing::debug!(%site, %binding, "report for a binding not placed on the site ignored");
+            return Ok(());
+        }
         let mut entries: Vec<Value> = current.data["status"]["aggregatedStatus"]
             .as_array()
             .cloned()
@@ -127,6 +135,14 @@ pub fn aggregate(kind: &str, entries: &[Value], generation: Option<i64>) -> Opti
             "numberUnavailable",
         ],
         "Job" => &["active", "succeeded", "failed"],
+        // A device is at one site: its status is that site's (the twin's reported values).
+        "Device" => {
+            return match entries {
+                [one] => Some(one["status"].clone()),
+                [] => Some(json!({})),
+                _ => None,
+            };
+        }
         _ => return None,
     };
     let mut status = serde_json::Map::new();
@@ -165,7 +181,7 @@ async fn template_status(
         None => ("", api_version),
     };
     let gvk = kube::api::GroupVersionKind::gvk(group, version, kind);
-    if aggregate(kind, &[], None).is_none() {
+    if aggregate(kind, &[], None).is_none() && kind != "Device" {
         return Ok(());
     }
     let Ok((ar, _)) = kube::discovery::pinned_kind(client, &gvk).await else {
@@ -211,5 +227,10 @@ mod tests {
         assert_eq!(s["replicas"], 30);
         assert_eq!(s["observedGeneration"], 2);
         assert!(aggregate("ConfigMap", &entries, None).is_none());
+        let one = [json!({"clusterName": "a", "status": {"twins": [{"propertyName": "speed"}]}})];
+        assert_eq!(
+            aggregate("Device", &one, None).unwrap()["twins"][0]["propertyName"],
+            "speed"
+        );
     }
 }

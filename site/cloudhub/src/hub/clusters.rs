@@ -72,6 +72,12 @@ impl Clusters {
         .map_err(kube::Error::SerdeError)?;
         match self.api.create(&PostParams::default(), &cluster).await {
             Ok(_) => {
+                // A new Cluster has no status yet, whatever was written to an earlier one of
+                // this name.
+                self.known
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(site);
                 tracing::info!(%site, "Cluster created for a new site");
                 Ok(())
             }

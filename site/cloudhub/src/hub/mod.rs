@@ -90,7 +90,22 @@ impl Hub {
             connection.abort();
             return;
         }
-        let registration = self.sites.register(&site, Arc::new(peer.clone()));
+        let registered = Arc::new(peer.clone());
+        let registration = self.sites.register(&site, registered.clone());
+        // Another link under this name (the name attached again from another machine, or this
+        // site reconnecting) replaces this one: it closes.
+        let replaced = async {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                if !self
+                    .sites
+                    .get(&site)
+                    .is_some_and(|p| Arc::ptr_eq(&p, &registered))
+                {
+                    return;
+                }
+            }
+        };
         tracing::info!(%site, "site attached its link");
         let status = self
             .clusters
@@ -105,6 +120,7 @@ impl Hub {
             },
             () = status => tracing::info!(%site, "site link: the status stream ended"),
             () = sync => tracing::info!(%site, "site link: sync ended"),
+            () = replaced => tracing::info!(%site, "site link replaced by a newer one"),
             () = self.shutdown.cancelled() => {}
         }
         drop(registration);
