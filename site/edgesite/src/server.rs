@@ -404,7 +404,8 @@ async fn attach(
         cert_pem: credentials.cert,
         key_pem: credentials.key,
     };
-    if let Err(error) = cloudhub::site::run(config, api, shutdown).await {
+    let backend = Arc::new(cloudhub::site::ApiBackend::new(api));
+    if let Err(error) = cloudhub::site::run(config, backend, shutdown).await {
         tracing::error!("cloud link: {error}");
     }
 }

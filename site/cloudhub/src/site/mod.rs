@@ -1,6 +1,11 @@
 //! The site's side of the cloud link: dial the hub, and serve over the link what the hub asks
-//! for: the site's status stream ([`STATUS_PATH`]) and its API for the cluster proxy
-//! ([`API_PATH`]). The site keeps running the same whether the link is up or not.
+//! for: the site's cursor and sync ([`CURSOR_PATH`], [`SYNC_PATH`]), its status stream
+//! ([`STATUS_PATH`]) and its API for the cluster proxy ([`API_PATH`]). The site keeps running the
+//! same whether the link is up or not.
+//!
+//! The protocol side is the same for every site; what holds the site's state is a [`Backend`]:
+//! [`ApiBackend`], the site's own API server, in the product; simulated sites in the benchmarks
+//! bring their own.
 
 pub mod apply;
 pub mod status;
@@ -21,8 +26,8 @@ use apiserver_lite::auth::{AUTHENTICATED, Identity, MASTERS};
 use apiserver_lite::http::ApiServer;
 
 use crate::protocol::{
-    API_PATH, CURSOR_PATH, Cursor, HEARTBEAT, LABELS_HEADER, STATUS_PATH, SYNC_PATH, StatusMessage,
-    SyncBatch, SyncReply,
+    API_PATH, CURSOR_PATH, Cursor, HEARTBEAT, LABELS_HEADER, ObjectStatus, STATUS_PATH, SYNC_PATH,
+    StatusMessage, SyncBatch, SyncReply,
 };
 
 /// The identity the link acts as at the site: it may impersonate (the proxy's callers) and
@@ -35,6 +40,112 @@ const API_CHECK: std::time::Duration = std::time::Duration::from_secs(60);
 const WORK_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 /// The largest sync batch a site takes.
 const MAX_BATCH: usize = 64 * 1024 * 1024;
+
+/// What a site holds and reports: the protocol calls these.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// The hub revision everything up to which is applied here (0: send everything).
+    async fn cursor(&self) -> Result<u64, String>;
+    /// Applies a batch, answering the cursor recorded once it is committed.
+    async fn apply(&self, batch: SyncBatch) -> Result<u64, String>;
+    /// The site's state in Karmada's Cluster status fields (without conditions).
+    async fn cluster_status(&self) -> Result<Value, String>;
+    /// The Works the site holds.
+    async fn works(&self) -> BTreeMap<String, apply::WorkRecord>;
+    /// What the site holds of one Work (checking, and putting back, what drifted).
+    async fn report(&self, work: &str, record: &apply::WorkRecord) -> Vec<ObjectStatus>;
+    /// Serves one HTTP/1.1 connection to the site's API for the cluster proxy; false when the
+    /// site has none.
+    fn serve_api(&self, io: link::pipe::BodyIo<Body>) -> bool;
+}
+
+/// A site's own API server as its [`Backend`].
+pub struct ApiBackend {
+    api: Arc<ApiServer>,
+    client: kube::Client,
+    applier: apply::Applier,
+    /// apiEnablements and when they were listed.
+    apis: tokio::sync::Mutex<(Value, Option<std::time::Instant>)>,
+}
+
+impl ApiBackend {
+    pub fn new(api: Arc<ApiServer>) -> ApiBackend {
+        let client = kube::Client::new(
+            apiserver_lite::http::in_process(api.clone(), identity()),
+            "default",
+        );
+        ApiBackend {
+            applier: apply::Applier::new(client.clone()),
+            client,
+            api,
+            apis: tokio::sync::Mutex::new((Value::Null, None)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for ApiBackend {
+    async fn cursor(&self) -> Result<u64, String> {
+        self.applier.cursor().await.map_err(|e| e.to_string())
+    }
+
+    async fn apply(&self, batch: SyncBatch) -> Result<u64, String> {
+        self.applier.apply(batch).await.map_err(|e| e.to_string())
+    }
+
+    async fn cluster_status(&self) -> Result<Value, String> {
+        let apis = {
+            let mut apis = self.apis.lock().await;
+            if apis.1.is_none_or(|t| t.elapsed() >= API_CHECK) {
+                match status::api_enablements(&self.client).await {
+                    Ok(found) => *apis = (found, Some(std::time::Instant::now())),
+                    Err(error) => tracing::warn!(%error, "cloud link: list the site's APIs"),
+                }
+            }
+            apis.0.clone()
+        };
+        cluster_status(&self.client, &apis)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn works(&self) -> BTreeMap<String, apply::WorkRecord> {
+        self.applier.works().await
+    }
+
+    async fn report(&self, work: &str, record: &apply::WorkRecord) -> Vec<ObjectStatus> {
+        self.applier.report(work, record).await
+    }
+
+    fn serve_api(&self, io: link::pipe::BodyIo<Body>) -> bool {
+        let api = apiserver_lite::http::in_process(self.api.clone(), identity());
+        let service = tower::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            let api = api.clone();
+            async move {
+                use tower::ServiceExt;
+                if !request.headers().contains_key("impersonate-user") {
+                    return Ok::<_, std::convert::Infallible>(
+                        apiserver_lite::http::error_response(
+                            &apiserver_lite::error::ApiError::forbidden(
+                                "requests through the cloud link must name the hub's caller (Impersonate-User)",
+                            ),
+                        ),
+                    );
+                }
+                api.oneshot(request).await
+            }
+        });
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(
+                    TokioIo::new(io),
+                    hyper_util::service::TowerToHyperService::new(service),
+                )
+                .with_upgrades(),
+        );
+        true
+    }
+}
 
 /// Where the hub is and who this site is.
 #[derive(Clone)]
@@ -51,9 +162,7 @@ pub struct SiteConfig {
 
 #[derive(Clone)]
 struct Site {
-    api: Arc<ApiServer>,
-    client: kube::Client,
-    applier: Arc<apply::Applier>,
+    backend: Arc<dyn Backend>,
     shutdown: CancellationToken,
 }
 
@@ -64,7 +173,7 @@ fn identity() -> Identity {
 /// Keeps the link to the hub up until `shutdown`.
 pub async fn run(
     config: SiteConfig,
-    api: Arc<ApiServer>,
+    backend: Arc<dyn Backend>,
     shutdown: CancellationToken,
 ) -> Result<(), link::LinkError> {
     let tls = link::dial::client_tls(&config.ca_pem, &config.cert_pem, &config.key_pem)?;
@@ -88,14 +197,8 @@ pub async fn run(
         tls,
         proxy: link::dial::proxy_from_env(&host),
     };
-    let client = kube::Client::new(
-        apiserver_lite::http::in_process(api.clone(), identity()),
-        "default",
-    );
     let site = Site {
-        applier: Arc::new(apply::Applier::new(client.clone())),
-        client,
-        api,
+        backend,
         shutdown: shutdown.clone(),
     };
     let router = axum::Router::new()
@@ -141,7 +244,7 @@ fn json_answer(value: &impl serde::Serialize) -> Response {
 
 /// `GET /edgesite/v1/link/cursor`.
 async fn cursor(State(site): State<Site>) -> Response {
-    match site.applier.cursor().await {
+    match site.backend.cursor().await {
         Ok(revision) => json_answer(&Cursor { revision }),
         Err(error) => unavailable("the site's cursor", error),
     }
@@ -165,7 +268,7 @@ async fn sync(State(site): State<Site>, request: Request) -> Response {
                 .into_response();
         }
     };
-    match site.applier.apply(batch).await {
+    match site.backend.apply(batch).await {
         Ok(revision) => json_answer(&SyncReply { revision }),
         Err(error) => unavailable("applying the batch", error),
     }
@@ -177,25 +280,14 @@ async fn status_stream(State(site): State<Site>) -> Response {
     let (mut tx, rx) = futures::channel::mpsc::channel::<bytes::Bytes>(4);
     tokio::spawn(async move {
         let mut last: Option<Value> = None;
-        let mut apis = Value::Null;
-        let mut apis_checked: Option<std::time::Instant> = None;
         let mut cluster_checked: Option<std::time::Instant> = None;
         let mut spoke = std::time::Instant::now();
         let mut works_sent: std::collections::HashMap<String, Value> = Default::default();
         loop {
             let mut messages = Vec::new();
-            if apis_checked.is_none_or(|t| t.elapsed() >= API_CHECK) {
-                match status::api_enablements(&site.client).await {
-                    Ok(found) => {
-                        apis = found;
-                        apis_checked = Some(std::time::Instant::now());
-                    }
-                    Err(error) => tracing::warn!(%error, "cloud link: list the site's APIs"),
-                }
-            }
             if cluster_checked.is_none_or(|t| t.elapsed() >= HEARTBEAT) {
                 cluster_checked = Some(std::time::Instant::now());
-                match cluster_status(&site.client, &apis).await {
+                match site.backend.cluster_status().await {
                     Ok(status) if last.as_ref() != Some(&status) => {
                         last = Some(status.clone());
                         messages.push(StatusMessage::Cluster { status });
@@ -204,10 +296,10 @@ async fn status_stream(State(site): State<Site>) -> Response {
                     Err(error) => tracing::warn!(%error, "cloud link: the site's status"),
                 }
             }
-            let works = site.applier.works().await;
+            let works = site.backend.works().await;
             works_sent.retain(|name, _| works.contains_key(name));
             for (name, record) in &works {
-                let objects = site.applier.report(name, record).await;
+                let objects = site.backend.report(name, record).await;
                 let value = serde_json::to_value(&objects).unwrap_or_default();
                 if works_sent.get(name) != Some(&value) {
                     works_sent.insert(name.clone(), value);
@@ -248,28 +340,8 @@ async fn status_stream(State(site): State<Site>) -> Response {
 async fn api_stream(State(site): State<Site>, request: Request) -> Response {
     let (writer, out) = link::pipe::channel();
     let io = link::pipe::BodyIo::new(request.into_body(), writer);
-    let api = apiserver_lite::http::in_process(site.api.clone(), identity());
-    let service = tower::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-        let api = api.clone();
-        async move {
-            use tower::ServiceExt;
-            if !request.headers().contains_key("impersonate-user") {
-                return Ok::<_, std::convert::Infallible>(apiserver_lite::http::error_response(
-                    &apiserver_lite::error::ApiError::forbidden(
-                        "requests through the cloud link must name the hub's caller (Impersonate-User)",
-                    ),
-                ));
-            }
-            api.oneshot(request).await
-        }
-    });
-    tokio::spawn(
-        hyper::server::conn::http1::Builder::new()
-            .serve_connection(
-                TokioIo::new(io),
-                hyper_util::service::TowerToHyperService::new(service),
-            )
-            .with_upgrades(),
-    );
+    if !site.backend.serve_api(io) {
+        return (StatusCode::NOT_FOUND, "this site has no API to proxy to").into_response();
+    }
     (StatusCode::OK, Body::new(out)).into_response()
 }
