@@ -813,6 +813,16 @@ fn templates_placed_by_a_policy_reach_their_sites_and_report_back_across_outages
                 ) == "hej"
         },
     );
+    // eu-1 stayed up through the hub's restart: its cursor was older than the restarted hub's
+    // window, so the hub compared what eu-1 holds and sent nothing (nothing had changed).
+    wait_for("eu-1 compared, not re-sent", &[&hub], || {
+        hub.log().lines().any(|l| {
+            l.contains("sent what differs from what the site holds")
+                && l.contains("site=eu-1")
+                && l.contains("changed=0")
+                && l.contains("removed=0")
+        })
+    });
     wait_for("the new aggregate", &[&hub], || {
         jsonpath(
             &hub,

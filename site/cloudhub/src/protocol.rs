@@ -9,8 +9,11 @@
 //! - `GET` [`CURSOR_PATH`]: the site's cursor, the hub revision up to which it has applied
 //!   everything meant for it ([`Cursor`]).
 //! - `POST` [`SYNC_PATH`]: a [`SyncBatch`] of the site's Works (the latest version of each
-//!   one that changed after the cursor, and the deleted ones), or all of them when the cursor has
-//!   left the hub's window; the site answers after its own API committed them ([`SyncReply`]).
+//!   one that changed after the cursor, and the deleted ones); the site answers after its own
+//!   API committed them ([`SyncReply`]).
+//! - `GET` [`HOLDINGS_PATH`]: when the cursor has left the hub's window (a restarted hub keeps
+//!   no window from before), the Works the site holds and the version of each ([`Holdings`]):
+//!   the hub sends only those that differ from what it wants, and the deletions.
 //!
 //! The upgrade request that opens the link carries the site's labels in [`LABELS_HEADER`].
 
@@ -19,6 +22,7 @@ use serde::{Deserialize, Serialize};
 pub const STATUS_PATH: &str = "/edgesite/v1/link/status";
 pub const CURSOR_PATH: &str = "/edgesite/v1/link/cursor";
 pub const SYNC_PATH: &str = "/edgesite/v1/link/sync";
+pub const HOLDINGS_PATH: &str = "/edgesite/v1/link/holdings";
 pub const API_PATH: &str = "/edgesite/v1/link/api";
 /// `key=value` pairs, comma-separated, from the site's `--site-label` flags.
 pub const LABELS_HEADER: &str = "x-edgesite-site-labels";
@@ -85,6 +89,12 @@ pub struct SyncBatch {
     /// Works deleted at the hub (their last state).
     #[serde(default)]
     pub deleted: Vec<serde_json::Value>,
+}
+
+/// What a site holds: each Work's name and the resourceVersion it applied.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Holdings {
+    pub works: std::collections::BTreeMap<String, String>,
 }
 
 /// The site's answer to a batch: the cursor it recorded.

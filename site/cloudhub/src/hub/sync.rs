@@ -14,7 +14,9 @@ use futures::{StreamExt, TryStreamExt};
 use kube::api::{Api, DynamicObject, ListParams, WatchEvent, WatchParams};
 use serde_json::Value;
 
-use crate::protocol::{CURSOR_PATH, Cursor, SYNC_PATH, SyncBatch, SyncReply};
+use crate::protocol::{
+    CURSOR_PATH, Cursor, HOLDINGS_PATH, Holdings, SYNC_PATH, SyncBatch, SyncReply,
+};
 
 /// How long changes are gathered into one batch.
 const GATHER: Duration = Duration::from_millis(50);
@@ -79,17 +81,21 @@ pub async fn run(site: String, peer: link::accept::Peer<Body>, client: kube::Cli
         }
     };
     tracing::info!(%site, cursor, "sync: the site's cursor");
+    let mut expired = false;
     loop {
         let result = if cursor == 0 {
             full(&site, &peer, &api).await
+        } else if expired {
+            differences(&site, &peer, &api).await
         } else {
             follow(&site, &peer, &api, cursor).await
         };
+        expired = false;
         match result {
             Ok(at) => cursor = at,
             Err(SyncError::Expired) => {
-                tracing::info!(%site, cursor, "sync: the cursor left the window; sending all");
-                cursor = 0;
+                tracing::info!(%site, cursor, "sync: the cursor left the window; comparing what the site holds");
+                expired = true;
             }
             Err(error) => {
                 tracing::warn!(%site, %error, "sync");
@@ -132,6 +138,49 @@ async fn full(
     Ok(at)
 }
 
+/// The Works that differ from what the site holds, and the deletions: the new cursor.
+async fn differences(
+    site: &str,
+    peer: &link::accept::Peer<Body>,
+    api: &Api<DynamicObject>,
+) -> Result<u64, SyncError> {
+    let request = http::Request::get(HOLDINGS_PATH)
+        .body(Body::empty())
+        .unwrap_or_default();
+    let held: Holdings = call(peer, request).await?;
+    let list = api.list(&ListParams::default()).await?;
+    let revision: u64 = list
+        .metadata
+        .resource_version
+        .as_deref()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0);
+    let mut batch = SyncBatch {
+        full: false,
+        revision,
+        ..SyncBatch::default()
+    };
+    let mut wanted = std::collections::BTreeSet::new();
+    for work in &list.items {
+        let name = work.metadata.name.clone().unwrap_or_default();
+        if held.works.get(&name) != work.metadata.resource_version.as_ref() {
+            batch
+                .works
+                .push(serde_json::to_value(work).unwrap_or_default());
+        }
+        wanted.insert(name);
+    }
+    for name in held.works.keys().filter(|n| !wanted.contains(*n)) {
+        batch
+            .deleted
+            .push(serde_json::json!({"metadata": {"name": name}}));
+    }
+    let (changed, removed, total) = (batch.works.len(), batch.deleted.len(), list.items.len());
+    let at = send(peer, &batch).await?;
+    tracing::info!(%site, changed, removed, total, revision = at, "sync: sent what differs from what the site holds");
+    Ok(at)
+}
+
 /// Changes after `cursor` until the watch ends: the new cursor.
 async fn follow(
     site: &str,
@@ -140,7 +189,11 @@ async fn follow(
     mut cursor: u64,
 ) -> Result<u64, SyncError> {
     let params = WatchParams::default().timeout(290);
-    let stream = api.watch(&params, &cursor.to_string()).await?;
+    let stream = match api.watch(&params, &cursor.to_string()).await {
+        Ok(stream) => stream,
+        Err(kube::Error::Api(e)) if e.code == 410 => return Err(SyncError::Expired),
+        Err(e) => return Err(e.into()),
+    };
     let mut stream = std::pin::pin!(stream.into_stream());
     loop {
         // Wait for a change, then gather what follows it for a moment.

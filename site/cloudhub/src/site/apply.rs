@@ -55,6 +55,9 @@ impl ObjectRef {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct WorkRecord {
     pub binding: String,
+    /// The Work's resourceVersion at the hub when it was applied here.
+    #[serde(default)]
+    pub version: String,
     #[serde(default)]
     pub preserve: bool,
     pub objects: Vec<ObjectRef>,
@@ -145,6 +148,23 @@ impl Applier {
             return Ok(0);
         }
         Ok(ledger.revision)
+    }
+
+    /// Each Work held here and the version applied.
+    pub async fn holdings(&self) -> Result<BTreeMap<String, String>, kube::Error> {
+        let mut guard = self.ledger.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.load().await?);
+        }
+        Ok(guard
+            .as_ref()
+            .map(|l| {
+                l.works
+                    .iter()
+                    .map(|(k, r)| (k.clone(), r.version.clone()))
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     /// The Works this site holds and their objects (for the status reports).
@@ -426,6 +446,10 @@ impl Applier {
                 name,
                 WorkRecord {
                     binding,
+                    version: work["metadata"]["resourceVersion"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
                     preserve: work["spec"]["preserveResourcesOnDeletion"] == json!(true),
                     objects,
                 },

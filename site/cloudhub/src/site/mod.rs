@@ -26,8 +26,8 @@ use apiserver_lite::auth::{AUTHENTICATED, Identity, MASTERS};
 use apiserver_lite::http::ApiServer;
 
 use crate::protocol::{
-    API_PATH, CURSOR_PATH, Cursor, HEARTBEAT, LABELS_HEADER, ObjectStatus, STATUS_PATH, SYNC_PATH,
-    StatusMessage, SyncBatch, SyncReply,
+    API_PATH, CURSOR_PATH, Cursor, HEARTBEAT, HOLDINGS_PATH, Holdings, LABELS_HEADER, ObjectStatus,
+    STATUS_PATH, SYNC_PATH, StatusMessage, SyncBatch, SyncReply,
 };
 
 /// The identity the link acts as at the site: it may impersonate (the proxy's callers) and
@@ -48,6 +48,8 @@ pub trait Backend: Send + Sync + 'static {
     async fn cursor(&self) -> Result<u64, String>;
     /// Applies a batch, answering the cursor recorded once it is committed.
     async fn apply(&self, batch: SyncBatch) -> Result<u64, String>;
+    /// Each Work held and the version applied.
+    async fn holdings(&self) -> Result<BTreeMap<String, String>, String>;
     /// The site's state in Karmada's Cluster status fields (without conditions).
     async fn cluster_status(&self) -> Result<Value, String>;
     /// The Works the site holds.
@@ -91,6 +93,10 @@ impl Backend for ApiBackend {
 
     async fn apply(&self, batch: SyncBatch) -> Result<u64, String> {
         self.applier.apply(batch).await.map_err(|e| e.to_string())
+    }
+
+    async fn holdings(&self) -> Result<BTreeMap<String, String>, String> {
+        self.applier.holdings().await.map_err(|e| e.to_string())
     }
 
     async fn cluster_status(&self) -> Result<Value, String> {
@@ -206,6 +212,7 @@ pub async fn run(
         .route(API_PATH, axum::routing::post(api_stream))
         .route(CURSOR_PATH, axum::routing::get(cursor))
         .route(SYNC_PATH, axum::routing::post(sync))
+        .route(HOLDINGS_PATH, axum::routing::get(holdings))
         .with_state(site);
     link::dial::run(
         "link to the cloud hub",
@@ -247,6 +254,14 @@ async fn cursor(State(site): State<Site>) -> Response {
     match site.backend.cursor().await {
         Ok(revision) => json_answer(&Cursor { revision }),
         Err(error) => unavailable("the site's cursor", error),
+    }
+}
+
+/// `GET /edgesite/v1/link/holdings`.
+async fn holdings(State(site): State<Site>) -> Response {
+    match site.backend.holdings().await {
+        Ok(works) => json_answer(&Holdings { works }),
+        Err(error) => unavailable("what the site holds", error),
     }
 }
 
