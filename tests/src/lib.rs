@@ -15,6 +15,7 @@ pub mod link;
 pub mod netns;
 pub mod node;
 pub mod simnodes;
+pub mod simsites;
 
 pub fn edgesite_bin() -> PathBuf {
     if let Ok(p) = std::env::var("EDGESITE_BIN") {

@@ -896,3 +896,130 @@ fn a_site_name_belongs_to_the_machine_that_attached_with_it() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+fn ready_count(hub: &Site) -> usize {
+    jsonpath(
+        hub,
+        &["get", "clusters"],
+        "{.items[*].status.conditions[?(@.type==\"Ready\")].status}",
+    )
+    .split_whitespace()
+    .filter(|s| *s == "True")
+    .count()
+}
+
+/// A hundred simulated sites (the real site side of the link, in-memory state): all attach and
+/// turn Ready, a Deployment placed on all of them reaches each and sums up at the hub, a change
+/// for one site sends batches to that site only, and after a hub SIGKILL every site reconnects
+/// and is compared, not re-sent everything.
+#[test]
+fn a_hundred_simulated_sites_get_placements_and_resync_after_a_hub_restart() {
+    const SITES: usize = 100;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut hub = Site::start_hub(&[]).expect("start the hub");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let labels = [("tier".to_string(), "pop".to_string())].into();
+    let sims =
+        tests::simsites::SimSites::start(&hub.url(), &hub.data_dir(), SITES, "sim-", &labels)
+            .expect("start the simulated sites");
+    wait_for("all simulated sites Ready", &[&hub], || {
+        ready_count(&hub) == SITES
+    });
+
+    hub.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(
+            r#"apiVersion: v1
+kind: Namespace
+metadata: {name: edge}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: cdn-cache, namespace: edge}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: cdn-cache}}
+  template:
+    metadata: {labels: {app: cdn-cache}}
+    spec: {containers: [{name: cache, image: edgesite.test/busybox:1.0}]}
+---
+apiVersion: policy.karmada.io/v1alpha1
+kind: ClusterPropagationPolicy
+metadata: {name: pops}
+spec:
+  resourceSelectors: [{apiVersion: apps/v1, kind: Deployment}]
+  placement: {clusterAffinity: {labelSelector: {matchLabels: {tier: pop}}}}
+"#,
+        ),
+    );
+    wait_for("the Deployment at every site", &[&hub], || {
+        sims.first_applied("Deployment/edge/cdn-cache")
+            .iter()
+            .all(Option::is_some)
+    });
+    wait_for("the sum over the sites", &[&hub], || {
+        jsonpath(
+            &hub,
+            &["get", "deploy", "cdn-cache", "-n", "edge"],
+            "{.status.readyReplicas}",
+        ) == (2 * SITES).to_string()
+    });
+
+    // A change that concerns one site sends batches to that site only.
+    let before = sims.counts();
+    hub.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(
+            r#"apiVersion: v1
+kind: ConfigMap
+metadata: {name: only-7, namespace: edge}
+data: {a: b}
+---
+apiVersion: policy.karmada.io/v1alpha1
+kind: PropagationPolicy
+metadata: {name: only-7, namespace: edge}
+spec:
+  resourceSelectors: [{apiVersion: v1, kind: ConfigMap, name: only-7}]
+  placement: {clusterAffinity: {clusterNames: [sim-7]}}
+"#,
+        ),
+    );
+    wait_for("the ConfigMap at sim-7", &[&hub], || {
+        sims.first_applied("ConfigMap/edge/only-7")[7].is_some()
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let after = sims.counts();
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        if i == 7 {
+            assert!(a.batches > b.batches);
+        } else {
+            assert_eq!(
+                a.batches, b.batches,
+                "sim-{i} got a batch for sim-7's change"
+            );
+        }
+    }
+    assert!(
+        sims.first_applied("ConfigMap/edge/only-7")
+            .iter()
+            .enumerate()
+            .all(|(i, t)| t.is_some() == (i == 7))
+    );
+
+    // The hub dies and comes back: every site reconnects, is compared, and gets nothing again.
+    hub.kill();
+    hub.launch().expect("restart the hub");
+    wait_for("every site back", &[&hub], || {
+        sims.counts().iter().all(|c| c.cursor_asks >= 2) && ready_count(&hub) == SITES
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let counts = sims.counts();
+    assert!(
+        counts.iter().all(|c| c.full_batches == 1),
+        "a site was sent everything again: {counts:?}"
+    );
+}

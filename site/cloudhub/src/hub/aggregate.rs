@@ -3,17 +3,98 @@
 //! becomes the sum over the sites, as Karmada's status aggregation does: `kubectl get deploy
 //! web` at the hub shows 30/30 when ten sites each run 3 ready replicas.
 
+//!
+//! Reports are coalesced: each site's latest report per binding waits in memory, and one writer
+//! ([`Aggregator::run`]) writes each binding that changed once with all the sites' reports that
+//! arrived meanwhile, so a hundred sites reporting at once cost a few writes and none is lost to a
+//! conflict.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 use crate::protocol::ObjectStatus;
 
-/// Records `site`'s report for the binding `binding` (`<Kind>/<namespace>/<name>`).
-pub async fn record(
+/// Binding id (`<Kind>/<namespace>/<name>`) -> site -> its entry.
+type Pending = HashMap<String, HashMap<String, Value>>;
+
+pub struct Aggregator {
+    client: kube::Client,
+    pending: Mutex<Pending>,
+    wake: tokio::sync::Notify,
+}
+
+impl Aggregator {
+    pub fn new(client: kube::Client) -> Arc<Aggregator> {
+        Arc::new(Aggregator {
+            client,
+            pending: Mutex::default(),
+            wake: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Takes `site`'s report for the binding `binding`; written soon.
+    pub fn report(&self, site: &str, binding: &str, objects: &[ObjectStatus]) {
+        // The template itself is the Work's first manifest; dependencies report too but only
+        // the template's status is aggregated.
+        let Some(object) = objects.first() else {
+            return;
+        };
+        let entry = json!({
+            "clusterName": site,
+            "applied": object.applied,
+            "appliedMessage": object.message,
+            "health": object.health,
+            "status": if object.status.is_null() { json!({}) } else { object.status.clone() },
+        });
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(binding.to_string())
+            .or_default()
+            .insert(site.to_string(), entry);
+        self.wake.notify_one();
+    }
+
+    /// Writes what the sites reported until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.wake.notified() => {}
+            }
+            // Let the reports of a burst gather.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let batch =
+                std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+            for (binding, entries) in batch {
+                if let Err(error) = record(&self.client, &binding, &entries).await {
+                    tracing::warn!(%binding, %error, "sites' reports not written yet; retrying");
+                    // Back in line, unless a newer report of the site is already waiting.
+                    {
+                        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                        let waiting = pending.entry(binding).or_default();
+                        for (site, entry) in entries {
+                            waiting.entry(site).or_insert(entry);
+                        }
+                    }
+                    self.wake.notify_one();
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Writes `entries` (site -> entry) into the binding `binding` (`<Kind>/<namespace>/<name>`),
+/// then the template's status.
+async fn record(
     client: &kube::Client,
-    site: &str,
     binding: &str,
-    objects: &[ObjectStatus],
+    reports: &HashMap<String, Value>,
 ) -> Result<(), kube::Error> {
     let mut parts = binding.splitn(3, '/');
     let (kind, namespace, name) = (
@@ -30,68 +111,58 @@ pub async fn record(
         }
         _ => return Ok(()),
     };
-    // The template itself is the Work's first manifest; dependencies report too but only the
-    // template's status is aggregated.
-    let Some(object) = objects.first() else {
-        return Ok(());
-    };
-    let entry = json!({
-        "clusterName": site,
-        "applied": object.applied,
-        "appliedMessage": object.message,
-        "health": object.health,
-        "status": if object.status.is_null() { json!({}) } else { object.status.clone() },
-    });
-    // Read, replace this site's entry, write with the resourceVersion read (retry on conflict).
-    for _ in 0..5 {
+    loop {
         let Some(mut current) = api.get_opt(name).await? else {
             return Ok(());
         };
         // A site's report counts only for a binding that places something on it.
-        let placed_here = current.data["spec"]["clusters"]
+        let named: Vec<String> = current.data["spec"]["clusters"]
             .as_array()
-            .is_some_and(|a| a.iter().any(|c| c["name"] == site));
-        if !placed_here {
-            tracing::debug!(%site, %binding, "report for a binding not placed on the site ignored");
-            return Ok(());
-        }
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c["name"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut entries: Vec<Value> = current.data["status"]["aggregatedStatus"]
             .as_array()
             .cloned()
             .unwrap_or_default();
-        if let Some(e) = entries.iter_mut().find(|e| e["clusterName"] == site) {
-            if *e == entry {
-                return Ok(());
+        let before = entries.clone();
+        for (site, entry) in reports {
+            if !named.contains(site) {
+                tracing::debug!(%site, %binding, "report for a binding not placed on the site ignored");
+                continue;
             }
-            *e = entry.clone();
-        } else {
-            entries.push(entry.clone());
+            match entries
+                .iter_mut()
+                .find(|e| e["clusterName"] == site.as_str())
+            {
+                Some(e) => *e = entry.clone(),
+                None => entries.push(entry.clone()),
+            }
         }
-        // Only the sites the binding still names.
-        let named: Vec<&str> = current.data["spec"]["clusters"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|c| c["name"].as_str()).collect())
-            .unwrap_or_default();
         entries.retain(|e| {
             e["clusterName"]
                 .as_str()
-                .is_some_and(|n| named.contains(&n))
+                .is_some_and(|n| named.iter().any(|m| m == n))
         });
         entries.sort_by(|a, b| a["clusterName"].as_str().cmp(&b["clusterName"].as_str()));
+        if entries == before {
+            return Ok(());
+        }
         current.data["status"]["aggregatedStatus"] = json!(entries);
         let resource = current.data["spec"]["resource"].clone();
         match api
             .replace_status(name, &PostParams::default(), &current)
             .await
         {
-            Ok(_) => {
-                return template_status(client, &resource, &entries).await;
-            }
+            Ok(_) => return template_status(client, &resource, &entries).await,
+            // The binding changed meanwhile (placement): read it again.
             Err(kube::Error::Api(e)) if e.code == 409 => continue,
             Err(e) => return Err(e),
         }
     }
-    Ok(())
 }
 
 fn sum(entries: &[Value], field: &str) -> i64 {

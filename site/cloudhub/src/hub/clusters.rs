@@ -29,7 +29,7 @@ struct Known {
 }
 
 pub struct Clusters {
-    client: kube::Client,
+    aggregator: Arc<super::aggregate::Aggregator>,
     api: Api<DynamicObject>,
     known: Mutex<HashMap<String, Known>>,
 }
@@ -45,10 +45,10 @@ fn condition(status: &str, reason: &str, message: &str) -> Value {
 }
 
 impl Clusters {
-    pub fn new(client: kube::Client) -> Clusters {
+    pub fn new(client: kube::Client, aggregator: Arc<super::aggregate::Aggregator>) -> Clusters {
         Clusters {
             api: Api::all_with(client.clone(), &crate::crds::cluster_resource()),
-            client,
+            aggregator,
             known: Mutex::default(),
         }
     }
@@ -126,13 +126,10 @@ impl Clusters {
 
     async fn heard(&self, site: &str, message: StatusMessage) {
         if let StatusMessage::Work {
-            name,
-            binding,
-            objects,
+            binding, objects, ..
         } = &message
-            && let Err(error) = super::aggregate::record(&self.client, site, binding, objects).await
         {
-            tracing::warn!(%site, work = %name, %error, "status of a Work not recorded");
+            self.aggregator.report(site, binding, objects);
         }
         let (status, ready) = {
             let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());

@@ -28,6 +28,7 @@ pub const HUB_USER: &str = "system:edgesite:cloudhub";
 pub struct Hub {
     sites: Arc<Registry<Peer<Body>>>,
     clusters: Arc<clusters::Clusters>,
+    aggregator: Arc<aggregate::Aggregator>,
     client: kube::Client,
     shutdown: CancellationToken,
 }
@@ -35,9 +36,11 @@ pub struct Hub {
 impl Hub {
     /// `client` writes Clusters and their status (as [`HUB_USER`]).
     pub fn new(client: kube::Client, shutdown: CancellationToken) -> Arc<Hub> {
+        let aggregator = aggregate::Aggregator::new(client.clone());
         Arc::new(Hub {
             sites: Arc::default(),
-            clusters: Arc::new(clusters::Clusters::new(client.clone())),
+            clusters: Arc::new(clusters::Clusters::new(client.clone(), aggregator.clone())),
+            aggregator,
             client,
             shutdown,
         })
@@ -51,6 +54,7 @@ impl Hub {
         tokio::join!(
             placement.run(wake, self.shutdown.clone()),
             self.clusters.clone().watch_readiness(self.shutdown.clone()),
+            self.aggregator.clone().run(self.shutdown.clone()),
         );
     }
 
