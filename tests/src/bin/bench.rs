@@ -14,6 +14,9 @@
 //! - attacks (`bench/hardening.rs`; `edgesite-bench hardening` runs only these): RSS after
 //!   churning 1 MiB ConfigMaps beside a watcher that never reads, a deeply nested YAML body's
 //!   refusal, and `kubectl get` latency during each
+//! - the cloud link (`bench/cloud.rs`; `edgesite-bench cloud` runs only these): 1,000 simulated
+//!   sites on a hub: the hub's RSS per idle site, idle link traffic, a Deployment placed on all
+//!   of them, a one-site change, a hub restart
 //! - devices (`bench/devices.rs`; `edgesite-bench devices` runs only these): twin updates/s with
 //!   1,000 devices, report -> `Device.status` latency at 100 updates/s, memory, and the embedded
 //!   broker's publish throughput beside mosquitto's
@@ -30,6 +33,8 @@ use kube::api::{Api, ListParams, ObjectMeta, PostParams, WatchEvent, WatchParams
 
 #[path = "bench/authz.rs"]
 mod authz;
+#[path = "bench/cloud.rs"]
+mod cloud;
 #[path = "bench/devices.rs"]
 mod devices;
 #[path = "bench/hardening.rs"]
@@ -397,6 +402,14 @@ async fn main() -> Result<()> {
         hardening::rows(&server, &mut rows).await?;
         return print_and_splice(&rows);
     }
+    // `edgesite-bench cloud`: the cloud link rows (1,000 simulated sites), printed and written
+    // over the same rows of docs/benchmarks.md.
+    if std::env::args().nth(1).as_deref() == Some("cloud") {
+        let work = tempfile::tempdir()?;
+        let mut rows = Vec::new();
+        cloud::rows(&bin, work.path(), &mut rows).await?;
+        return print_and_splice(&rows);
+    }
     // `edgesite-bench authz`: the API rows as system:masters and as an RBAC user, printed and
     // written over the same rows of docs/benchmarks.md.
     if std::env::args().nth(1).as_deref() == Some("authz") {
@@ -517,6 +530,9 @@ async fn main() -> Result<()> {
     devices::rows(&bin, work.path(), &mut rows)
         .await
         .context("device rows")?;
+    cloud::rows(&bin, work.path(), &mut rows)
+        .await
+        .context("cloud link rows")?;
     rows.extend(
         tokio::task::spawn_blocking(node_autonomy)
             .await?
