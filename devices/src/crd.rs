@@ -11,10 +11,7 @@ const DEVICE_MODELS: &str = include_str!("crds/devicemodels.yaml");
 
 /// Device and DeviceModel, as CustomResourceDefinition objects.
 pub fn definitions() -> Vec<Value> {
-    [DEVICE_MODELS, DEVICES]
-        .iter()
-        .map(|y| serde_yaml::from_str(y).expect("the embedded CRDs are valid YAML"))
-        .collect()
+    controllers::crds::parse(&[DEVICE_MODELS, DEVICES])
 }
 
 /// Creates the CRDs, or brings them up to date (an upgrade that changed their schema).

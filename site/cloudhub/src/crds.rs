@@ -17,7 +17,7 @@ const CLUSTER_OVERRIDE_POLICIES: &str = include_str!("crds/clusteroverridepolici
 
 /// The hub's CustomResourceDefinition objects.
 pub fn definitions() -> Vec<Value> {
-    [
+    controllers::crds::parse(&[
         CLUSTERS,
         PROPAGATION_POLICIES,
         CLUSTER_PROPAGATION_POLICIES,
@@ -26,10 +26,7 @@ pub fn definitions() -> Vec<Value> {
         WORKS,
         OVERRIDE_POLICIES,
         CLUSTER_OVERRIDE_POLICIES,
-    ]
-    .iter()
-    .map(|y| serde_yaml::from_str(y).expect("the embedded CRDs are valid YAML"))
-    .collect()
+    ])
 }
 
 /// `cluster.karmada.io/v1alpha1` Cluster for dynamic clients.

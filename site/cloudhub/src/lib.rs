@@ -14,4 +14,5 @@
 pub mod crds;
 pub mod hub;
 pub mod protocol;
+pub mod resources;
 pub mod site;

@@ -3,6 +3,14 @@
 
 use serde_json::Value;
 
+/// CustomResourceDefinition objects from YAML embedded in the binary.
+pub fn parse(documents: &[&str]) -> Vec<Value> {
+    documents
+        .iter()
+        .map(|y| serde_yaml::from_str(y).expect("the embedded CRDs are valid YAML"))
+        .collect()
+}
+
 /// Creates `definitions` (CustomResourceDefinition objects), or brings them up to date (an
 /// upgrade that changed their spec).
 pub async fn install(client: &kube::Client, definitions: Vec<Value>) -> Result<(), kube::Error> {

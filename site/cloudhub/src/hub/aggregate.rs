@@ -247,10 +247,7 @@ async fn template_status(
 ) -> Result<(), kube::Error> {
     let api_version = resource["apiVersion"].as_str().unwrap_or_default();
     let kind = resource["kind"].as_str().unwrap_or_default();
-    let (group, version) = match api_version.split_once('/') {
-        Some((g, v)) => (g, v),
-        None => ("", api_version),
-    };
+    let (group, version) = crate::resources::group_version(api_version);
     let gvk = kube::api::GroupVersionKind::gvk(group, version, kind);
     if aggregate(kind, &[], None).is_none() && kind != "Device" {
         return Ok(());

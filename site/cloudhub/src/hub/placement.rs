@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use apiserver_lite::selectors::LabelSelector;
 
+use crate::resources::Resolved;
+
 /// The hub's writes of bindings and Works are recorded under this manager and carry this label.
 pub const MANAGER: &str = "edgesite-cloudhub";
 pub const MANAGED_LABEL: &str = "app.kubernetes.io/managed-by";
@@ -222,16 +224,15 @@ pub fn manifest(
                 meta.remove("annotations");
             }
         }
-        let l = meta
+        if let Some(l) = meta
             .entry("labels")
             .or_insert_with(|| json!({}))
             .as_object_mut()
-            .map(|l| {
-                for (k, v) in labels {
-                    l.insert(k.clone(), json!(v));
-                }
-            });
-        let _ = l;
+        {
+            for (k, v) in labels {
+                l.insert(k.clone(), json!(v));
+            }
+        }
     }
     match resource.kind.as_str() {
         "Service" => {
@@ -331,9 +332,6 @@ pub fn dependencies(kind: &str, object: &Value) -> BTreeSet<(String, String)> {
     deps
 }
 
-/// A resource found by discovery, and whether it is namespaced.
-type Resolved = (ApiResource, bool);
-
 /// A dependency to add: the object, the policy of the workload needing it, its sites, and the
 /// workload's binding (namespace, name).
 type Dependency = (Template, Policy, BTreeSet<String>, (String, String));
@@ -385,15 +383,14 @@ struct Wanted {
 /// The placement loop.
 pub struct Placement {
     client: kube::Client,
-    /// (apiVersion, kind) -> the resource and whether it is namespaced.
-    discovered: std::sync::Mutex<HashMap<(String, String), Option<Resolved>>>,
+    resolver: crate::resources::Resolver,
 }
 
 impl Placement {
     pub fn new(client: kube::Client) -> Placement {
         Placement {
+            resolver: crate::resources::Resolver::new(client.clone()),
             client,
-            discovered: Default::default(),
         }
     }
 
@@ -412,34 +409,8 @@ impl Placement {
     }
 
     /// The resource for `api_version`/`kind` at the hub, and whether it is namespaced.
-    async fn resource(&self, api_version: &str, kind: &str) -> Option<(ApiResource, bool)> {
-        let key = (api_version.to_string(), kind.to_string());
-        if let Some(found) = self
-            .discovered
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            .cloned()
-            .flatten()
-        {
-            return Some(found);
-        }
-        let (group, version) = match api_version.split_once('/') {
-            Some((g, v)) => (g, v),
-            None => ("", api_version),
-        };
-        let gvk = kube::api::GroupVersionKind::gvk(group, version, kind);
-        let found = kube::discovery::pinned_kind(&self.client, &gvk)
-            .await
-            .ok()
-            .map(|(r, caps)| (r, caps.scope == kube::discovery::Scope::Namespaced));
-        if found.is_some() {
-            self.discovered
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(key, found.clone());
-        }
-        found
+    async fn resource(&self, api_version: &str, kind: &str) -> Option<Resolved> {
+        self.resolver.resolve(api_version, kind).await.ok()
     }
 
     async fn templates(&self, policy: &Policy, selector: &Value) -> Vec<Template> {

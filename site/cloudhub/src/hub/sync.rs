@@ -108,6 +108,15 @@ pub async fn run(site: String, peer: link::accept::Peer<Body>, client: kube::Cli
     }
 }
 
+/// The revision a list was read at.
+fn list_revision(list: &kube::core::ObjectList<DynamicObject>) -> u64 {
+    list.metadata
+        .resource_version
+        .as_deref()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0)
+}
+
 /// All of the site's Works: the new cursor.
 async fn full(
     site: &str,
@@ -115,12 +124,7 @@ async fn full(
     api: &Api<DynamicObject>,
 ) -> Result<u64, SyncError> {
     let list = api.list(&ListParams::default()).await?;
-    let revision: u64 = list
-        .metadata
-        .resource_version
-        .as_deref()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(0);
+    let revision = list_revision(&list);
     let works: Vec<Value> = list
         .items
         .iter()
@@ -149,12 +153,7 @@ async fn differences(
         .unwrap_or_default();
     let held: Holdings = call(peer, request).await?;
     let list = api.list(&ListParams::default()).await?;
-    let revision: u64 = list
-        .metadata
-        .resource_version
-        .as_deref()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(0);
+    let revision = list_revision(&list);
     let mut batch = SyncBatch {
         full: false,
         revision,

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -85,7 +85,7 @@ pub struct Applier {
     versions: std::sync::Mutex<HashMap<ObjectRef, String>>,
     /// Work -> per object: applied, message.
     pub results: std::sync::Mutex<HashMap<String, Vec<Applied>>>,
-    resources: std::sync::Mutex<HashMap<(String, String), (ApiResource, bool)>>,
+    resources: crate::resources::Resolver,
 }
 
 fn ledger_api(client: &kube::Client) -> Api<ConfigMap> {
@@ -95,12 +95,12 @@ fn ledger_api(client: &kube::Client) -> Api<ConfigMap> {
 impl Applier {
     pub fn new(client: kube::Client) -> Applier {
         Applier {
-            client,
+            client: client.clone(),
             ledger: Default::default(),
             manifests: Default::default(),
             versions: Default::default(),
             results: Default::default(),
-            resources: Default::default(),
+            resources: crate::resources::Resolver::new(client.clone()),
         }
     }
 
@@ -182,28 +182,8 @@ impl Applier {
         &self,
         api_version: &str,
         kind: &str,
-    ) -> Result<(ApiResource, bool), kube::Error> {
-        let key = (api_version.to_string(), kind.to_string());
-        if let Some(found) = self
-            .resources
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
-            return Ok(found.clone());
-        }
-        let (group, version) = match api_version.split_once('/') {
-            Some((g, v)) => (g, v),
-            None => ("", api_version),
-        };
-        let gvk = kube::api::GroupVersionKind::gvk(group, version, kind);
-        let (resource, caps) = kube::discovery::pinned_kind(&self.client, &gvk).await?;
-        let found = (resource, caps.scope == kube::discovery::Scope::Namespaced);
-        self.resources
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, found.clone());
-        Ok(found)
+    ) -> Result<crate::resources::Resolved, kube::Error> {
+        self.resources.resolve(api_version, kind).await
     }
 
     pub async fn api_for(&self, object: &ObjectRef) -> Result<Api<DynamicObject>, kube::Error> {
