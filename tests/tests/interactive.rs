@@ -93,7 +93,7 @@ fn setup(rt: &Runtime) -> (Site, AgentProcess) {
         Some(&format!(
             r#"apiVersion: v1
 kind: Pod
-metadata: {{name: web}}
+metadata: {{name: web, labels: {{app: web}}}}
 spec:
   terminationGracePeriodSeconds: 1
   containers:
@@ -101,6 +101,7 @@ spec:
     image: {BUSYBOX}
     imagePullPolicy: Never
     command: ["sh", "-c", "mkdir -p /www /www2 && echo hello-through-the-tunnel > /www/index.html && head -c 10485760 /dev/urandom > /www/big && echo second-port > /www2/index.html && httpd -p 8081 -h /www2 && exec httpd -f -p 8080 -h /www"]
+    ports: [{{name: http, containerPort: 8080}}, {{name: second, containerPort: 8081}}]
     readinessProbe: {{httpGet: {{path: /index.html, port: 8080}}, periodSeconds: 1}}
 "#
         )),
@@ -388,6 +389,123 @@ fn port_forward_carries_requests_and_downloads_on_several_ports() {
         log.contains("port-forward session over SPDY/3.1 (portforward.k8s.io)"),
         "{log}"
     );
+}
+
+/// The proxy subresources: `get --raw` and `kubectl proxy` URLs reach a pod's port and a
+/// Service's endpoints (by port name or number) through the node agent's tunnel, with the
+/// far end's status and body; bad targets get a Status saying why.
+#[test]
+fn proxy_subresources_reach_pods_and_services_through_the_tunnel() {
+    use std::io::BufRead;
+    let rt = Runtime::start().unwrap();
+    let (site, _agent) = setup(&rt);
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: http}\n  - {name: second, port: 81, targetPort: 8081}\n",
+        ),
+    );
+    let raw = |path: &str| site.kubectl(&["get", "--raw", path]).unwrap();
+    let pods = "/api/v1/namespaces/default/pods";
+    let services = "/api/v1/namespaces/default/services";
+    for (path, body) in [
+        (
+            format!("{pods}/web:8080/proxy/index.html"),
+            "hello-through-the-tunnel\n",
+        ),
+        // No port: the first declared container port.
+        (
+            format!("{pods}/web/proxy/index.html"),
+            "hello-through-the-tunnel\n",
+        ),
+        (format!("{pods}/http:web:8081/proxy/"), "second-port\n"),
+        (
+            format!("{services}/web:http/proxy/index.html"),
+            "hello-through-the-tunnel\n",
+        ),
+        (
+            format!("{services}/web:81/proxy/index.html"),
+            "second-port\n",
+        ),
+        (
+            format!("{services}/http:web:second/proxy/index.html"),
+            "second-port\n",
+        ),
+    ] {
+        let ok = eventually(Duration::from_secs(30), || {
+            String::from_utf8_lossy(&raw(&path).stdout) == body
+        });
+        assert!(ok, "{path}: {:?}", raw(&path));
+    }
+    // A 10 MB download arrives whole.
+    let big = site.ok(&["exec", "web", "--", "md5sum", "/www/big"]);
+    let out = raw(&format!("{services}/web:http/proxy/big"));
+    assert_eq!(out.stdout.len(), 10 << 20);
+    assert_eq!(
+        format!("{:032x}", md5_of(&out.stdout)),
+        big.split_whitespace().next().unwrap()
+    );
+    // The far end's own status comes back; bad targets are refused with the reason.
+    let err = site.fails(
+        &["get", "--raw", &format!("{pods}/web:8080/proxy/missing")],
+        None,
+    );
+    assert!(
+        err.contains("NotFound") || err.contains("not found"),
+        "{err}"
+    );
+    let err = site.fails(
+        &["get", "--raw", &format!("{services}/https:web:80/proxy/")],
+        None,
+    );
+    assert!(err.contains("https"), "{err}");
+    let err = site.fails(
+        &["get", "--raw", &format!("{services}/web:9999/proxy/")],
+        None,
+    );
+    assert!(err.contains("no endpoints available"), "{err}");
+    let err = site.fails(&["get", "--raw", &format!("{pods}/web:http/proxy/")], None);
+    assert!(err.contains("not a number"), "{err}");
+    let err = site.fails(
+        &["get", "--raw", &format!("{services}/nothing:80/proxy/")],
+        None,
+    );
+    assert!(err.contains("not found"), "{err}");
+
+    // `kubectl proxy`: the URL a dashboard link uses.
+    let mut proxy = Command::new(kubectl_bin())
+        .arg("--kubeconfig")
+        .arg(site.kubeconfig())
+        .args(["proxy", "--port=0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(proxy.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("kubectl proxy said {line:?}"));
+    // kubectl proxy answers only requests addressed to localhost.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET {services}/web:http/proxy/index.html HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).unwrap();
+    let at = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let body = answer.split_off(at);
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    assert_eq!(body, b"hello-through-the-tunnel\n");
 }
 
 /// The Python client's port-forward speaks WebSocket channel framing (`v4.channel.k8s.io`), not

@@ -17,6 +17,7 @@ pub mod join;
 pub mod list_options;
 pub mod listener;
 pub mod pipeline;
+pub mod proxy;
 pub mod request;
 pub mod resources;
 pub mod reviews;
@@ -458,7 +459,18 @@ fn site_link(server: &Arc<ApiServer>, identity: &Identity, mut request: Request)
         ));
     }
     let on_upgrade = hyper::upgrade::on(&mut request);
-    let headers = request.headers().clone();
+    // Copies, not clones: a header value is a slice of the connection's whole read buffer,
+    // which a link that keeps its headers would otherwise hold for its lifetime.
+    let headers: http::HeaderMap = request
+        .headers()
+        .iter()
+        .filter_map(|(name, value)| {
+            Some((
+                name.clone(),
+                HeaderValue::from_bytes(value.as_bytes()).ok()?,
+            ))
+        })
+        .collect();
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => hub.accept(site, headers, upgraded).await,

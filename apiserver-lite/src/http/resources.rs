@@ -451,6 +451,16 @@ pub async fn handle(
             let raw = request.uri().query().map(String::from);
             ctx.node_proxy(name, &tail, raw.as_deref()).await
         }
+        (_, Some(name), Some("proxy"))
+            if info.resource == "pods" || info.resource == "services" =>
+        {
+            let tail = path.proxy_path.clone().unwrap_or_default();
+            if info.resource == "pods" {
+                super::proxy::pod(&server, &ctx.namespace, name, &tail, request).await
+            } else {
+                super::proxy::service(&server, &ctx.namespace, name, &tail, request).await
+            }
+        }
         (&Method::GET, None, None) => {
             if query.flag("watch")? {
                 verb_allowed("watch")?;

@@ -351,6 +351,13 @@ pub fn resources() -> Vec<ResourceInfo> {
                     kind: "PodPortForwardOptions",
                     verbs: &["create", "get"],
                 },
+                SubresourceInfo {
+                    name: "proxy",
+                    group: "",
+                    version: "",
+                    kind: "PodProxyOptions",
+                    verbs: &["create", "delete", "get", "patch", "update"],
+                },
                 status(),
             ],
             typed::<core_v1::Pod>(),
@@ -406,7 +413,16 @@ pub fn resources() -> Vec<ResourceInfo> {
             &["svc"],
             all,
             ALL_VERBS,
-            vec![status()],
+            vec![
+                SubresourceInfo {
+                    name: "proxy",
+                    group: "",
+                    version: "",
+                    kind: "ServiceProxyOptions",
+                    verbs: &["create", "delete", "get", "patch", "update"],
+                },
+                status(),
+            ],
             typed::<core_v1::Service>(),
         ),
         // apps/v1

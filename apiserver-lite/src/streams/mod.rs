@@ -825,6 +825,26 @@ fn normal_close() -> Message {
     }))
 }
 
+/// One TCP connection to `port` of a pod, through its node agent (the same path as
+/// port-forward), as a byte stream.
+pub async fn connect_pod(
+    connection: Arc<dyn NodeConnection>,
+    namespace: &str,
+    pod: &str,
+    uid: &str,
+    port: u16,
+) -> Result<link::pipe::BodyIo<Body>, String> {
+    let target = Target {
+        connection,
+        namespace: namespace.to_string(),
+        pod: pod.to_string(),
+        uid: uid.to_string(),
+    };
+    let (writer, to_pod) = link::pipe::channel();
+    let response = target.open_port(port, Body::new(to_pod)).await?;
+    Ok(link::pipe::BodyIo::new(response.into_body(), writer))
+}
+
 struct Target {
     connection: Arc<dyn NodeConnection>,
     namespace: String,
