@@ -154,6 +154,27 @@ impl Site {
         Ok(hub)
     }
 
+    /// Starts a cloud hub inside network namespace `netns`, listening on all of its addresses;
+    /// kubectl runs there too.
+    pub fn start_hub_in_netns(netns: &str, extra: &[&str]) -> Result<Site> {
+        let mut hub = Site {
+            dir: tempfile::Builder::new().prefix("edgesite-hub").tempdir()?,
+            port: free_port(),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            netns: Some(netns.to_string()),
+            hub: true,
+            env: Vec::new(),
+        };
+        hub.launch()?;
+        Ok(hub)
+    }
+
+    /// The HTTPS port this hub (or site) listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// This hub's (or site's) URL on loopback.
     pub fn url(&self) -> String {
         format!("https://127.0.0.1:{}", self.port)

@@ -297,6 +297,107 @@ fn a_site_that_goes_away_turns_not_ready_and_its_proxy_says_why() {
     );
 }
 
+/// A link that goes silent without closing (a NAT or firewall dropping its packets, no FIN,
+/// no RST) is noticed by both ends through their HTTP/2 pings within 45 s: the hub says the
+/// site is not connected instead of hanging its callers, the site dials again, and once the
+/// path is back the site is reachable again. The hub and the site run in two network
+/// namespaces joined by a veth pair; iptables in the site's namespace drops the packets.
+#[test]
+fn a_half_open_link_is_noticed_by_both_ends_and_the_site_comes_back() {
+    let mut net = tests::netns::Net::new();
+    let hub_ns = net.ns("hub");
+    let site_ns = net.ns("site");
+    net.link(
+        &hub_ns,
+        "h0",
+        "10.77.0.1/24",
+        &site_ns,
+        "s0",
+        "10.77.0.2/24",
+    );
+    let hub =
+        Site::start_hub_in_netns(&hub_ns, &["--tls-san", "10.77.0.1"]).expect("start the hub");
+    let token = hub.hub_token();
+    let url = format!("https://10.77.0.1:{}", hub.port());
+    let site = Site::start_in_netns(
+        &site_ns,
+        &[
+            "--cloudhub",
+            &url,
+            "--cloudhub-token",
+            &token,
+            "--site-name",
+            "pop-silent",
+            "--disable-agent",
+        ],
+        |_| Ok(()),
+    )
+    .expect("start the site");
+    let proxy = "/apis/cluster.karmada.io/v1alpha1/clusters/pop-silent/proxy/version";
+    let reachable = || {
+        hub.kubectl(&["get", "--raw", proxy, "--request-timeout=5s"])
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(
+        eventually(Duration::from_secs(60), reachable),
+        "the site never became reachable through the hub\n{}\n{}",
+        hub.log(),
+        site.log()
+    );
+    let site_log_before = site.log().len();
+
+    // Silence: every packet between the two dropped in the site's namespace.
+    let drop_rules = |action: &str| {
+        for rule in [["OUTPUT", "-d", "10.77.0.1"], ["INPUT", "-s", "10.77.0.1"]] {
+            net.exec(
+                &site_ns,
+                &["iptables", action, rule[0], rule[1], rule[2], "-j", "DROP"],
+            );
+        }
+    };
+    drop_rules("-A");
+    let silenced = std::time::Instant::now();
+    // The hub: its registry lets go of the link, and callers are told why at once.
+    let not_connected = || {
+        hub.kubectl(&["get", "--raw", proxy, "--request-timeout=5s"])
+            .is_ok_and(|o| {
+                String::from_utf8_lossy(&o.stderr)
+                    .contains("site \"pop-silent\" is not connected to the hub")
+            })
+    };
+    assert!(
+        eventually(Duration::from_secs(60), not_connected),
+        "the hub never noticed the silent link\n{}",
+        hub.log()
+    );
+    let hub_noticed = silenced.elapsed();
+    // The site: its end of the link ends and it dials again.
+    let site_noticed = || {
+        let log = site.log();
+        let new = &log[site_log_before.min(log.len())..];
+        new.contains("link to the cloud hub: retrying")
+            || new.contains("link to the cloud hub closed")
+    };
+    assert!(
+        eventually(Duration::from_secs(60), site_noticed),
+        "the site never noticed the silent link\n{}",
+        site.log()
+    );
+    let site_noticed = silenced.elapsed();
+    assert!(
+        hub_noticed <= Duration::from_secs(45) && site_noticed <= Duration::from_secs(50),
+        "noticed after {hub_noticed:?} (hub) and {site_noticed:?} (site): keepalive is 20 s + 20 s"
+    );
+
+    // The path is back: the site's next dial (backoff at most 30 s) gets through.
+    drop_rules("-D");
+    assert!(
+        eventually(Duration::from_secs(60), reachable),
+        "the site did not come back\n{}",
+        site.log()
+    );
+}
+
 #[test]
 fn a_bad_token_or_a_wrong_hub_is_refused_with_the_fix() {
     let hub = Site::start_hub(&[]).expect("start the hub");
@@ -365,7 +466,7 @@ fn logs_exec_and_port_forward_reach_a_sites_pods_through_the_hub() {
         Some(&format!(
             r#"apiVersion: v1
 kind: Pod
-metadata: {{name: web}}
+metadata: {{name: web, labels: {{app: web}}}}
 spec:
   terminationGracePeriodSeconds: 1
   containers:
@@ -374,6 +475,13 @@ spec:
     imagePullPolicy: Never
     command: ["sh", "-c", "mkdir -p /www && echo served-at-the-edge > /www/index.html && echo started-web && exec httpd -f -p 8080 -h /www"]
     readinessProbe: {{httpGet: {{path: /index.html, port: 8080}}, periodSeconds: 1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec:
+  selector: {{app: web}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
 "#
         )),
     );
@@ -422,6 +530,19 @@ spec:
         "started-web\n",
         "{out:?}"
     );
+    // A cloud application calls an HTTP server at the edge through the hub (KubeEdge's
+    // ServiceBus): the site's service proxy, reached through the hub's cluster proxy.
+    let service = "/apis/cluster.karmada.io/v1alpha1/clusters/pop-ams/proxy/api/v1/namespaces/default/services/web:http/proxy/index.html";
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            hub.kubectl(&["get", "--raw", service])
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout) == "served-at-the-edge\n")
+        }),
+        "the service proxy through the hub: {:?}",
+        hub.kubectl(&["get", "--raw", service])
+    );
+    let pod = "/apis/cluster.karmada.io/v1alpha1/clusters/pop-ams/proxy/api/v1/namespaces/default/pods/web:8080/proxy/index.html";
+    assert_eq!(hub.ok(&["get", "--raw", pod]), "served-at-the-edge\n");
     let spdy: &[(&str, &str)] = &[
         ("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false"),
         ("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false"),
@@ -1022,4 +1143,116 @@ spec:
         counts.iter().all(|c| c.full_batches == 1),
         "a site was sent everything again: {counts:?}"
     );
+}
+
+/// Karmada's Divided replica scheduling with static weights: a Deployment's replicas are split
+/// over the sites by the weights of the rules that select them, each site's Work carries its
+/// share, the binding lists the shares, and the hub's Deployment status sums them; scaling the
+/// template moves the shares.
+#[test]
+fn divided_replicas_follow_static_weights_across_sites() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let hub = Site::start_hub(&[]).expect("start the hub");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let big = [("size".to_string(), "big".to_string())].into();
+    let small = [("size".to_string(), "small".to_string())].into();
+    let _big = tests::simsites::SimSites::start(&hub.url(), &hub.data_dir(), 1, "big-", &big)
+        .expect("start the simulated sites");
+    let _small = tests::simsites::SimSites::start(&hub.url(), &hub.data_dir(), 2, "small-", &small)
+        .expect("start the simulated sites");
+    wait_for("three simulated sites Ready", &[&hub], || {
+        ready_count(&hub) == 3
+    });
+    let apply = |replicas: u32| {
+        hub.ok_stdin(
+            &["apply", "-f", "-"],
+            Some(&format!(
+                r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: edge}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: edge}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec: {{containers: [{{name: web, image: edgesite.test/busybox:1.0}}]}}
+---
+apiVersion: policy.karmada.io/v1alpha1
+kind: PropagationPolicy
+metadata: {{name: web, namespace: edge}}
+spec:
+  resourceSelectors: [{{apiVersion: apps/v1, kind: Deployment, name: web}}]
+  placement:
+    clusterAffinity: {{labelSelector: {{matchExpressions: [{{key: size, operator: Exists}}]}}}}
+    replicaScheduling:
+      replicaSchedulingType: Divided
+      replicaDivisionPreference: Weighted
+      weightPreference:
+        staticWeightList:
+        - targetCluster: {{labelSelector: {{matchLabels: {{size: big}}}}}}
+          weight: 3
+        - targetCluster: {{labelSelector: {{matchLabels: {{size: small}}}}}}
+          weight: 1
+"#
+            )),
+        );
+    };
+    let share = |site: &str| {
+        jsonpath(
+            &hub,
+            &["get", "work", "-n", &format!("karmada-es-{site}")],
+            "{.items[0].spec.workload.manifests[0].spec.replicas}",
+        )
+    };
+    let shares = || {
+        ["big-0", "small-0", "small-1"]
+            .iter()
+            .map(|s| share(s))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    // 7 by weights 3:1:1 is 4.2, 1.4, 1.4: 4, 1, 1, and the one left to the heaviest.
+    apply(7);
+    wait_for("the shares 5,1,1", &[&hub], || shares() == "5,1,1");
+    assert_eq!(
+        jsonpath(
+            &hub,
+            &["get", "resourcebinding", "web-deployment", "-n", "edge"],
+            "{range .spec.clusters[*]}{.name}={.replicas} {end}",
+        ),
+        "big-0=5 small-0=1 small-1=1 "
+    );
+    wait_for("the sum at the hub", &[&hub], || {
+        jsonpath(
+            &hub,
+            &["get", "deploy", "web", "-n", "edge"],
+            "{.status.readyReplicas}",
+        ) == "7"
+    });
+    // Scaled: 10 is 6, 2, 2.
+    apply(10);
+    wait_for("the shares 6,2,2", &[&hub], || shares() == "6,2,2");
+    wait_for("the new sum at the hub", &[&hub], || {
+        jsonpath(
+            &hub,
+            &["get", "deploy", "web", "-n", "edge"],
+            "{.status.readyReplicas}",
+        ) == "10"
+    });
+    // Fields the hub does not implement are refused, not ignored.
+    let err = hub.fails(
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: policy.karmada.io/v1alpha1\nkind: PropagationPolicy\nmetadata: {name: dyn, namespace: edge}\nspec:\n  resourceSelectors: [{apiVersion: apps/v1, kind: Deployment}]\n  placement:\n    replicaScheduling: {replicaSchedulingType: Divided, replicaDivisionPreference: Aggregated}\n",
+        ),
+    );
+    assert!(err.contains("Aggregated"), "{err}");
 }

@@ -24,8 +24,9 @@ struct Known {
     heard: Option<Instant>,
     /// The Ready condition's status last written.
     ready: Option<String>,
-    /// The status last written, without conditions.
-    status: Value,
+    /// A hash of the status last written, without conditions (the status itself, with its
+    /// `apiEnablements`, is kilobytes per site; the hub keeps it only in the datastore).
+    status: Option<u64>,
 }
 
 pub struct Clusters {
@@ -42,6 +43,13 @@ fn condition(status: &str, reason: &str, message: &str) -> Value {
         "message": message,
         "lastTransitionTime": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     })
+}
+
+fn hash_of(status: &Value) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    status.to_string().hash(&mut hasher);
+    hasher.finish()
 }
 
 impl Clusters {
@@ -136,7 +144,10 @@ impl Clusters {
             let entry = known.entry(site.to_string()).or_default();
             entry.heard = Some(Instant::now());
             let status = match message {
-                StatusMessage::Cluster { status } if status != entry.status => Some(status),
+                StatusMessage::Cluster { status } => {
+                    let hash = hash_of(&status);
+                    (entry.status != Some(hash)).then_some((status, hash))
+                }
                 _ => None,
             };
             let ready = entry.ready.as_deref() != Some("True");
@@ -146,7 +157,7 @@ impl Clusters {
             return;
         }
         let mut patch = json!({"status": {}});
-        if let Some(status) = &status {
+        if let Some((status, _)) = &status {
             patch["status"] = status.clone();
         }
         if ready {
@@ -164,8 +175,8 @@ impl Clusters {
             Ok(_) => {
                 let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
                 let entry = known.entry(site.to_string()).or_default();
-                if let Some(status) = status {
-                    entry.status = status;
+                if let Some((_, hash)) = status {
+                    entry.status = Some(hash);
                 }
                 if ready {
                     entry.ready = Some("True".into());

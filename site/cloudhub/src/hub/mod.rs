@@ -8,6 +8,7 @@ pub mod clusters;
 pub mod overrides;
 pub mod placement;
 pub mod proxy;
+pub mod sites;
 pub mod sync;
 
 use std::sync::Arc;
@@ -49,9 +50,12 @@ impl Hub {
     /// Runs the hub's loops until shut down: placement (templates to bindings to Works), and
     /// readiness (sites not heard from turn not Ready).
     pub async fn run(self: Arc<Self>) {
-        let placement = placement::Placement::new(self.client.clone());
-        let wake = Arc::new(tokio::sync::Notify::new());
+        let sites = Arc::new(sites::Sites::default());
+        let placement = placement::Placement::new(self.client.clone(), sites.clone());
+        // A site that appears, goes or changes its labels is placed on at once.
+        let wake = sites.changed.clone();
         tokio::join!(
+            sites.follow(self.client.clone(), self.shutdown.clone()),
             placement.run(wake, self.shutdown.clone()),
             self.clusters.clone().watch_readiness(self.shutdown.clone()),
             self.aggregator.clone().run(self.shutdown.clone()),

@@ -8,7 +8,8 @@
 //! ClusterPropagationPolicy, then the higher `priority`, then the more specific selector (by name,
 //! then by labels, then by kind), then the policy's name.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
@@ -87,50 +88,7 @@ fn specificity(selector: &Value) -> u8 {
     }
 }
 
-/// A site as placement sees it.
-#[derive(Clone, Debug)]
-pub struct Site {
-    pub name: String,
-    labels: BTreeMap<String, String>,
-    /// `group/version` -> kinds it serves; empty when the site has not reported yet.
-    kinds: HashMap<String, BTreeSet<String>>,
-}
-
-impl Site {
-    fn from(cluster: &DynamicObject) -> Site {
-        let mut kinds: HashMap<String, BTreeSet<String>> = HashMap::new();
-        for group in cluster.data["status"]["apiEnablements"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            let gv = group["groupVersion"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            let entry = kinds.entry(gv).or_default();
-            for r in group["resources"].as_array().into_iter().flatten() {
-                entry.insert(r["kind"].as_str().unwrap_or_default().to_string());
-            }
-        }
-        Site {
-            name: cluster.metadata.name.clone().unwrap_or_default(),
-            labels: cluster.metadata.labels.clone().unwrap_or_default(),
-            kinds,
-        }
-    }
-
-    /// Whether the site serves `kind` in `api_version` (yes when it has not said yet: the Work
-    /// waits there until it can be applied, as Karmada's APIEnablement filter lets a cluster
-    /// without a status through).
-    fn serves(&self, api_version: &str, kind: &str) -> bool {
-        self.kinds.is_empty()
-            || self
-                .kinds
-                .get(api_version)
-                .is_some_and(|kinds| kinds.contains(kind))
-    }
-}
+pub use super::sites::Site;
 
 /// The sites a placement picks (Karmada's clusterAffinity).
 pub fn pick<'a>(placement: &Value, sites: &'a [Site]) -> Vec<&'a Site> {
@@ -153,6 +111,58 @@ pub fn pick<'a>(placement: &Value, sites: &'a [Site]) -> Vec<&'a Site> {
         .filter(|s| !exclude.contains(&s.name.as_str()))
         .filter(|s| selector.as_ref().is_none_or(|sel| sel.matches(&s.labels)))
         .collect()
+}
+
+/// Karmada's Divided replica scheduling with static weights: `replicas` split over `sites` in
+/// proportion to each site's weight, the highest weight among the `staticWeightList` rules
+/// that select it (every site weighs 1 when no rule selects any). What rounding down leaves goes
+/// one each to the heaviest sites, then by name. Sites given no replica are left out.
+pub fn divide(replicas: i64, scheduling: &Value, sites: &[&Site]) -> BTreeMap<String, i64> {
+    let rules = scheduling["weightPreference"]["staticWeightList"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut weights: Vec<(&Site, i64)> = sites
+        .iter()
+        .map(|site| {
+            let weight = rules
+                .iter()
+                .filter(|rule| {
+                    !pick(
+                        &json!({"clusterAffinity": rule["targetCluster"]}),
+                        std::slice::from_ref(*site),
+                    )
+                    .is_empty()
+                })
+                .filter_map(|rule| rule["weight"].as_i64())
+                .max()
+                .unwrap_or(0);
+            (*site, weight)
+        })
+        .collect();
+    if weights.iter().all(|(_, w)| *w <= 0) {
+        for entry in &mut weights {
+            entry.1 = 1;
+        }
+    }
+    weights.retain(|(_, w)| *w > 0);
+    let total: i64 = weights.iter().map(|(_, w)| w).sum();
+    let mut out: BTreeMap<String, i64> = BTreeMap::new();
+    if total == 0 || replicas <= 0 {
+        return out;
+    }
+    let mut given = 0;
+    for (site, weight) in &weights {
+        let share = replicas * weight / total;
+        given += share;
+        out.insert(site.name.clone(), share);
+    }
+    weights.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.name.cmp(&b.0.name)));
+    for (site, _) in weights.iter().cycle().take((replicas - given) as usize) {
+        *out.entry(site.name.clone()).or_default() += 1;
+    }
+    out.retain(|_, n| *n > 0);
+    out
 }
 
 /// A template: one object at the hub that some policy places.
@@ -377,6 +387,8 @@ struct Wanted {
     template: Template,
     policy: Policy,
     sites: BTreeSet<String>,
+    /// Each site's share of the replicas under Divided scheduling (empty: each gets all).
+    replicas: BTreeMap<String, i64>,
     required_by: BTreeSet<(String, String)>,
 }
 
@@ -384,13 +396,18 @@ struct Wanted {
 pub struct Placement {
     client: kube::Client,
     resolver: crate::resources::Resolver,
+    sites: Arc<super::sites::Sites>,
+    /// The sites' namespaces known to exist (made once per site, not looked up every pass).
+    namespaces: Mutex<BTreeSet<String>>,
 }
 
 impl Placement {
-    pub fn new(client: kube::Client) -> Placement {
+    pub fn new(client: kube::Client, sites: Arc<super::sites::Sites>) -> Placement {
         Placement {
             resolver: crate::resources::Resolver::new(client.clone()),
             client,
+            sites,
+            namespaces: Mutex::default(),
         }
     }
 
@@ -406,6 +423,13 @@ impl Placement {
                 _ = tokio::time::sleep(PERIOD) => {}
             }
         }
+    }
+
+    fn namespace_known(&self, name: &str) -> bool {
+        self.namespaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name)
     }
 
     /// The resource for `api_version`/`kind` at the hub, and whether it is namespaced.
@@ -472,15 +496,10 @@ impl Placement {
 
     /// One pass: what should be bound where, then the writes that make it so.
     pub async fn reconcile(&self) -> Result<(), kube::Error> {
-        let clusters: Api<DynamicObject> =
-            Api::all_with(self.client.clone(), &crate::crds::cluster_resource());
-        let sites: Vec<Site> = clusters
-            .list(&ListParams::default())
-            .await?
-            .items
-            .iter()
-            .map(Site::from)
-            .collect();
+        let Some(sites) = self.sites.snapshot() else {
+            // The Clusters are not read yet: placing on no sites would remove every Work.
+            return Ok(());
+        };
         let mut policies: Vec<(Policy, u8, Value)> = Vec::new();
         for (resource, cluster_scoped) in [
             (crate::crds::propagation_policy(), false),
@@ -514,9 +533,20 @@ impl Placement {
                 if wanted.contains_key(&key) {
                     continue;
                 }
-                let picked: BTreeSet<String> = pick(&policy.spec["placement"], &sites)
+                let picked: Vec<&Site> = pick(&policy.spec["placement"], &sites)
                     .into_iter()
                     .filter(|s| s.serves(&template.resource.api_version, &template.resource.kind))
+                    .collect();
+                let scheduling = &policy.spec["placement"]["replicaScheduling"];
+                let replicas = match template.object.data["spec"]["replicas"].as_i64() {
+                    Some(total) if scheduling["replicaSchedulingType"] == "Divided" => {
+                        divide(total, scheduling, &picked)
+                    }
+                    _ => BTreeMap::new(),
+                };
+                let picked: BTreeSet<String> = picked
+                    .into_iter()
+                    .filter(|s| replicas.is_empty() || replicas.contains_key(&s.name))
                     .map(|s| s.name.clone())
                     .collect();
                 wanted.insert(
@@ -525,6 +555,7 @@ impl Placement {
                         template,
                         policy: policy.clone(),
                         sites: picked,
+                        replicas,
                         required_by: BTreeSet::new(),
                     },
                 );
@@ -599,6 +630,7 @@ impl Placement {
                 template,
                 policy,
                 sites: BTreeSet::new(),
+                replicas: BTreeMap::new(),
                 required_by: BTreeSet::new(),
             });
             // A dependency selected by a policy of its own keeps that placement and adds these
@@ -620,11 +652,18 @@ impl Placement {
         let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(self.client.clone());
         for site in sites {
             let name = site_namespace(&site.name);
+            if self.namespace_known(&name) {
+                continue;
+            }
             if namespaces.get_opt(&name).await?.is_none() {
                 let ns = json!({"apiVersion": "v1", "kind": "Namespace",
                     "metadata": {"name": name, "labels": {MANAGED_LABEL: MANAGER}}});
                 namespaces.patch(&name, &apply, &Patch::Apply(&ns)).await?;
             }
+            self.namespaces
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name);
         }
         // Bindings.
         let mut bindings_wanted: BTreeSet<(bool, String, String)> = BTreeSet::new();
@@ -650,7 +689,7 @@ impl Placement {
             let clusters: Vec<Value> = w
                 .sites
                 .iter()
-                .map(|s| match replicas {
+                .map(|s| match w.replicas.get(s).copied().or(replicas) {
                     Some(r) => json!({"name": s, "replicas": r}),
                     None => json!({"name": s}),
                 })
@@ -710,9 +749,14 @@ impl Placement {
             let manifest = manifest(&t.object, &t.resource, &w.policy.labels());
             for site in &w.sites {
                 let work_name = work_name(t, &namespace, &name);
+                // The site's share first, then its overrides (Karmada's order).
+                let mut manifest = manifest.clone();
+                if let Some(share) = w.replicas.get(site) {
+                    manifest["spec"]["replicas"] = json!(share);
+                }
                 let manifest = match sites.iter().find(|s| &s.name == site) {
                     Some(s) => overridden(&manifest, s, overrides),
-                    None => manifest.clone(),
+                    None => manifest,
                 };
                 let mut work = json!({
                     "apiVersion": "work.karmada.io/v1alpha1",
@@ -752,7 +796,14 @@ impl Placement {
             if !same {
                 let api: Api<DynamicObject> =
                     Api::namespaced_with(self.client.clone(), namespace, &crate::crds::work());
-                api.patch(name, &apply, &Patch::Apply(work)).await?;
+                if let Err(error) = api.patch(name, &apply, &Patch::Apply(work)).await {
+                    // The namespace may have been deleted by hand: look again next pass.
+                    self.namespaces
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(namespace);
+                    return Err(error);
+                }
             }
         }
         for c in &current {
@@ -839,14 +890,13 @@ mod tests {
     use super::*;
 
     fn site(name: &str, labels: &[(&str, &str)]) -> Site {
-        Site {
-            name: name.into(),
-            labels: labels
+        Site::new(
+            name,
+            labels
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            kinds: HashMap::new(),
-        }
+        )
     }
 
     #[test]
@@ -894,6 +944,45 @@ mod tests {
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect();
         assert_eq!(deps, want);
+    }
+
+    #[test]
+    fn divided_replicas_follow_static_weights_and_rounding_goes_to_the_heaviest() {
+        let sites = [
+            site("big", &[("size", "big")]),
+            site("small-a", &[("size", "small")]),
+            site("small-b", &[("size", "small")]),
+            site("other", &[]),
+        ];
+        let all: Vec<&Site> = sites.iter().collect();
+        let weights = json!({"replicaSchedulingType": "Divided",
+        "replicaDivisionPreference": "Weighted",
+        "weightPreference": {"staticWeightList": [
+            {"targetCluster": {"labelSelector": {"matchLabels": {"size": "big"}}}, "weight": 3},
+            {"targetCluster": {"labelSelector": {"matchLabels": {"size": "small"}}}, "weight": 1},
+            {"targetCluster": {"clusterNames": ["small-b"]}, "weight": 2},
+        ]}});
+        let shares = |n| {
+            divide(n, &weights, &all)
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        // Weights 3, 1, 2 (the highest rule for small-b); `other` matches no rule: none.
+        assert_eq!(shares(6), "big=3,small-a=1,small-b=2");
+        // 7 * 3/6 = 3, 7/6 = 1, 7 * 2/6 = 2: one left, to the heaviest.
+        assert_eq!(shares(7), "big=4,small-a=1,small-b=2");
+        // Fewer replicas than sites: the lightest get none and are left out.
+        assert_eq!(shares(1), "big=1");
+        assert_eq!(shares(0), "");
+        // No rule selects any site: all weigh 1.
+        let even = json!({"replicaSchedulingType": "Divided"});
+        let out = divide(5, &even, &all);
+        assert_eq!(out.values().sum::<i64>(), 5);
+        assert_eq!(out["big"], 2);
+        assert_eq!(out["other"], 1);
+        assert_eq!(out["small-b"], 1);
     }
 
     #[test]

@@ -69,7 +69,8 @@ async fn send(peer: &link::accept::Peer<Body>, batch: &SyncBatch) -> Result<u64,
 /// Keeps `site` in step with its Works until the link closes (the caller drops this future).
 pub async fn run(site: String, peer: link::accept::Peer<Body>, client: kube::Client) {
     let namespace = super::placement::site_namespace(&site);
-    let api: Api<DynamicObject> = Api::namespaced_with(client, &namespace, &crate::crds::work());
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &namespace, &crate::crds::work());
     let request = http::Request::get(CURSOR_PATH)
         .body(Body::empty())
         .unwrap_or_default();
@@ -88,7 +89,7 @@ pub async fn run(site: String, peer: link::accept::Peer<Body>, client: kube::Cli
         } else if expired {
             differences(&site, &peer, &api).await
         } else {
-            follow(&site, &peer, &api, cursor).await
+            follow(&site, &peer, &client, &api, cursor).await
         };
         expired = false;
         match result {
@@ -180,20 +181,54 @@ async fn differences(
     Ok(at)
 }
 
+/// The site's Works changed after `cursor`, as a stream of watch events. Read line by line
+/// with no buffer of its own while idle: a thousand idle sites' watches hold no read buffers.
+async fn watch(
+    client: &kube::Client,
+    api: &Api<DynamicObject>,
+    cursor: u64,
+) -> Result<impl futures::Stream<Item = Result<WatchEvent<DynamicObject>, SyncError>>, SyncError> {
+    let params = WatchParams::default().timeout(290);
+    let request = kube::core::Request::new(api.resource_url())
+        .watch(&params, &cursor.to_string())
+        .map_err(|e| SyncError::Hub(kube::Error::BuildRequest(e)))?;
+    let reader = match client.request_stream(request).await {
+        Ok(reader) => reader,
+        Err(kube::Error::Api(e)) if e.code == 410 => return Err(SyncError::Expired),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(futures::stream::unfold(
+        Box::pin(reader),
+        |mut reader| async move {
+            use futures::AsyncBufReadExt;
+            loop {
+                let mut line = Vec::new();
+                match reader.read_until(b'\n', &mut line).await {
+                    Ok(0) => return None,
+                    Ok(_) if line.iter().all(u8::is_ascii_whitespace) => continue,
+                    Ok(_) => {
+                        let event = serde_json::from_slice::<WatchEvent<DynamicObject>>(&line)
+                            .map_err(|e| SyncError::Hub(kube::Error::SerdeError(e)));
+                        return Some((event, reader));
+                    }
+                    Err(e) => {
+                        return Some((Err(SyncError::Hub(kube::Error::ReadEvents(e))), reader));
+                    }
+                }
+            }
+        },
+    ))
+}
+
 /// Changes after `cursor` until the watch ends: the new cursor.
 async fn follow(
     site: &str,
     peer: &link::accept::Peer<Body>,
+    client: &kube::Client,
     api: &Api<DynamicObject>,
     mut cursor: u64,
 ) -> Result<u64, SyncError> {
-    let params = WatchParams::default().timeout(290);
-    let stream = match api.watch(&params, &cursor.to_string()).await {
-        Ok(stream) => stream,
-        Err(kube::Error::Api(e)) if e.code == 410 => return Err(SyncError::Expired),
-        Err(e) => return Err(e.into()),
-    };
-    let mut stream = std::pin::pin!(stream.into_stream());
+    let mut stream = std::pin::pin!(watch(client, api, cursor).await?);
     loop {
         // Wait for a change, then gather what follows it for a moment.
         let Some(first) = stream.try_next().await? else {
