@@ -19,6 +19,8 @@ use crate::error::ApiError;
 /// Karmada's group of `Cluster`s, whose `proxy` subresource is the cluster proxy.
 pub const CLUSTER_GROUP: &str = "cluster.karmada.io";
 pub const SITE_LINK_PATH: &str = "/edgesite/v1/site-link";
+/// Where a site renews its certificate (POST, with the certificate it has and its password).
+pub const SITE_RENEW_PATH: &str = "/edgesite/v1/site-renew";
 pub const SITE_LINK_PROTOCOL: &str = "edgesite-link";
 /// Sites' certificates carry this organization; their user is `system:site:<name>`.
 pub const SITES_GROUP: &str = "edgesite:sites";

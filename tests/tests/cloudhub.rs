@@ -1001,7 +1001,7 @@ fn a_site_name_belongs_to_the_machine_that_attached_with_it() {
     wait_for(
         "the first machine's certificate refused",
         &[&hub, &first],
-        || first.log().contains("was replaced"),
+        || first.log().contains("is no longer valid"),
     );
     let cred = first.data_dir().join("server").join("cloudhub");
     let out = hub.kubectl_as(
@@ -1012,9 +1012,73 @@ fn a_site_name_belongs_to_the_machine_that_attached_with_it() {
         &["get", "--raw", "/version"],
     );
     assert!(
-        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("was replaced"),
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("is no longer valid"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A site renews its certificate over its own connection when two thirds of its life have
+/// passed (the hub signs them for 90 s here), the link starts again on the new one, the old one
+/// stops authenticating, and the site stays reachable through the hub throughout.
+#[test]
+fn a_site_renews_its_certificate_before_it_expires() {
+    let hub = Site::start_hub(&["--site-certificate-lifetime", "90s"]).expect("start the hub");
+    let token = hub.hub_token();
+    let site = attached(&hub, &token, "renewing", &[]);
+    wait_for("renewing Ready", &[&hub], || {
+        ready(&hub, "renewing") == "True"
+    });
+    let cred = site.data_dir().join("server").join("cloudhub");
+    let old = tempfile::tempdir().unwrap();
+    for file in ["site.crt", "site.key"] {
+        std::fs::copy(cred.join(file), old.path().join(file)).unwrap();
+    }
+    // Renewed after 60 s of the 90.
+    assert!(
+        eventually(Duration::from_secs(120), || site
+            .log()
+            .contains("renewed the site's certificate")),
+        "{}\n{}",
+        site.log(),
+        hub.log()
+    );
+    assert!(hub.log().contains("site renewed its certificate"));
+    assert_ne!(
+        std::fs::read_to_string(cred.join("site.crt")).unwrap(),
+        std::fs::read_to_string(old.path().join("site.crt")).unwrap()
+    );
+    let proxy = "/apis/cluster.karmada.io/v1alpha1/clusters/renewing/proxy/version";
+    assert!(
+        eventually(Duration::from_secs(30), || hub
+            .kubectl(&["get", "--raw", proxy])
+            .is_ok_and(|o| o.status.success())),
+        "the site is not reachable on its new certificate\n{}",
+        site.log()
+    );
+    let out = hub.kubectl_as(
+        &[
+            format!(
+                "--client-certificate={}",
+                old.path().join("site.crt").display()
+            ),
+            format!("--client-key={}", old.path().join("site.key").display()),
+        ],
+        &["get", "--raw", "/version"],
+    );
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("is no longer valid"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Past the first certificate's end (90 s) the site is still Ready: it renewed again.
+    std::thread::sleep(Duration::from_secs(40));
+    assert_eq!(ready(&hub, "renewing"), "True", "{}", site.log());
+    assert!(
+        hub.kubectl(&["get", "--raw", proxy])
+            .is_ok_and(|o| o.status.success())
     );
 }
 

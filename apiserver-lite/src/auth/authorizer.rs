@@ -166,10 +166,11 @@ impl Authorizer {
         if user.in_group(MASTERS) {
             return Decision::Allow(String::new());
         }
-        // A site's certificate (a cloud hub's) opens its link; anything else is RBAC's to decide.
+        // A site's certificate (a cloud hub's) opens its link and renews itself; anything else is
+        // RBAC's to decide.
         if crate::cloud_link::site_of(user).is_some()
-            && a.verb == "get"
-            && a.path == crate::cloud_link::SITE_LINK_PATH
+            && ((a.verb == "get" && a.path == crate::cloud_link::SITE_LINK_PATH)
+                || (a.verb == "post" && a.path == crate::cloud_link::SITE_RENEW_PATH))
         {
             return Decision::Allow(String::new());
         }

@@ -388,6 +388,72 @@ pub async fn site_join(State(server): State<Arc<ApiServer>>, request: Request) -
     )
 }
 
+/// `POST /edgesite/v1/site-renew` (a cloud hub), made with a site's current certificate, with
+/// `{"csr": PEM, "password": SECRET}`: a new certificate for the same site, which from now on is
+/// the one that authenticates (the old one stops working).
+pub async fn site_renew(
+    server: &Arc<ApiServer>,
+    identity: &crate::auth::Identity,
+    request: Request,
+) -> Response {
+    let Some(join) = server.site_join.get().cloned() else {
+        return error_response(&ApiError::no_route());
+    };
+    let Some(site) = crate::cloud_link::site_of(identity).map(str::to_string) else {
+        return error_response(&ApiError::forbidden(format!(
+            "user \"{}\" is not a site: only a site's own certificate renews itself",
+            identity.user
+        )));
+    };
+    if request.method() != http::Method::POST {
+        return error_response(&ApiError::method_not_allowed(
+            "get",
+            "site-renew",
+            "edgesite",
+        ));
+    }
+    let body = match axum::body::to_bytes(request.into_body(), 64 * 1024).await {
+        Ok(b) => b,
+        Err(e) => {
+            return error_response(&ApiError::bad_request(format!(
+                "the renewal request could not be read: {e}"
+            )));
+        }
+    };
+    let parsed: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return error_response(&ApiError::bad_request(format!(
+                "the renewal request is not JSON: {e}"
+            )));
+        }
+    };
+    let csr = parsed["csr"].as_str().unwrap_or_default().to_string();
+    let password = parsed["password"].as_str().unwrap_or_default();
+    // The certificate says who; the password proves it is still the machine that attached.
+    match may_claim_as(server, Joiner::Site, &site, password).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return error_response(&ApiError::forbidden(format!(
+                "site {site:?}: the site password does not match the one it attached with"
+            )));
+        }
+        Err(e) => return error_response(&e),
+    }
+    let certificate = match sign(join, &site, csr).await {
+        Ok(c) => c,
+        Err(response) => return response,
+    };
+    let Some(serial) = crate::auth::certificate_serial_pem(&certificate) else {
+        return error_response(&ApiError::internal("the signed certificate cannot be read"));
+    };
+    if let Err(e) = record_as(server, Joiner::Site, &site, password, &serial).await {
+        return error_response(&e);
+    }
+    tracing::info!(%site, "site renewed its certificate");
+    json_response(StatusCode::OK, &json!({"certificate": certificate}))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

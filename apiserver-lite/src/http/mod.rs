@@ -337,6 +337,9 @@ async fn dispatch(State(server): State<Arc<ApiServer>>, mut request: Request) ->
     if request.uri().path() == crate::cloud_link::SITE_LINK_PATH {
         return site_link(&server, &context.user, request);
     }
+    if request.uri().path() == crate::cloud_link::SITE_RENEW_PATH {
+        return join::site_renew(&server, &context.user, request).await;
+    }
     if request.uri().path() == "/metrics" {
         return crate::metrics::prometheus_response(server.request_metrics.render());
     }

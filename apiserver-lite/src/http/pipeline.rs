@@ -207,7 +207,7 @@ async fn authenticate(server: &ApiServer, request: &mut Request) -> Result<Ident
         {
             let mut e = ApiError::unauthorized();
             e.message = format!(
-                "the certificate of site {site:?} was replaced: the name was attached again by another machine; attach this one under another --site-name with a new token"
+                "the certificate of site {site:?} is no longer valid: the site renewed it, or another machine attached under this name (then attach this one under another --site-name with a new token)"
             );
             return Err(error_response(&e));
         }

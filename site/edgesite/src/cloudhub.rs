@@ -36,6 +36,31 @@ pub struct HubArgs {
     /// already ran. Every site must then attach again.
     #[arg(long)]
     pub reset_datastore: bool,
+    /// How long a site's certificate lasts (`90s`, `30m`, `12h`, `365d`). Sites renew theirs
+    /// over their link when two thirds of it have passed.
+    #[arg(long, default_value = "365d", value_parser = parse_lifetime)]
+    pub site_certificate_lifetime: std::time::Duration,
+}
+
+/// `90s`, `30m`, `12h` or `365d`, at least a minute.
+fn parse_lifetime(text: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{text:?}: give a number with s, m, h or d, e.g. 365d");
+    let last = text.char_indices().last().map_or(0, |(i, _)| i);
+    let (number, unit) = text.split_at(last);
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(bad()),
+    };
+    if seconds < 60 {
+        return Err(format!(
+            "{text:?}: a site certificate must last at least a minute"
+        ));
+    }
+    Ok(std::time::Duration::from_secs(seconds))
 }
 
 /// Flags of `edgesite cloudhub kubeconfig`.
@@ -94,7 +119,12 @@ fn server_args(hub: &HubArgs) -> Result<crate::ServerArgs> {
 }
 
 pub fn run(args: HubArgs) -> Result<()> {
-    crate::server::run_as(server_args(&args)?, crate::server::Role::Hub)
+    crate::server::run_as(
+        server_args(&args)?,
+        crate::server::Role::Hub {
+            site_certificates: args.site_certificate_lifetime,
+        },
+    )
 }
 
 /// `edgesite cloudhub kubeconfig [--site NAME]`.
@@ -147,11 +177,26 @@ mod tests {
             write_kubeconfig: "/tmp/hub.yaml".into(),
             write_kubeconfig_mode: "0600".into(),
             reset_datastore: false,
+            site_certificate_lifetime: std::time::Duration::from_secs(86_400),
         };
         let args = super::server_args(&hub).unwrap();
         assert!(args.disable_agent);
         assert_eq!(args.https_listen_port, 5999);
         assert_eq!(args.tls_san, vec!["hub.example".to_string()]);
         assert!(args.cloudhub.is_none());
+    }
+
+    #[test]
+    fn certificate_lifetimes_read_with_their_unit() {
+        let secs = |t: &str| super::parse_lifetime(t).map(|d| d.as_secs());
+        assert_eq!(secs("90s"), Ok(90));
+        assert_eq!(secs("30m"), Ok(1800));
+        assert_eq!(secs("12h"), Ok(43_200));
+        assert_eq!(secs("365d"), Ok(31_536_000));
+        assert!(secs("30").unwrap_err().contains("365d"));
+        assert!(secs("10s").unwrap_err().contains("at least a minute"));
+        assert!(secs("").is_err());
+        assert!(secs("xd").is_err());
+        assert!(secs("5é").is_err());
     }
 }

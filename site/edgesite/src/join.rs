@@ -113,7 +113,8 @@ pub fn create_token(data_dir: &Path, ttl: Duration) -> Result<String> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Joins {
     Nodes,
-    Sites,
+    /// Sites, with the lifetime of the certificates signed for them.
+    Sites(std::time::Duration),
 }
 
 /// The server side: checks credentials and signs node (or, on a hub, site) certificates.
@@ -171,7 +172,7 @@ impl apiserver_lite::node_streams::NodeJoin for Joiner {
     ) -> Result<String, apiserver_lite::node_streams::JoinError> {
         match self.joins {
             Joins::Nodes => crate::pki::sign_node_csr(&self.ca, name, csr),
-            Joins::Sites => crate::pki::sign_site_csr(&self.ca, name, csr),
+            Joins::Sites(lifetime) => crate::pki::sign_site_csr(&self.ca, name, csr, lifetime),
         }
         .map_err(|e| apiserver_lite::node_streams::JoinError::Invalid(format!("{e:#}")))
     }
@@ -179,7 +180,7 @@ impl apiserver_lite::node_streams::NodeJoin for Joiner {
     fn bad_token_message(&self) -> String {
         match self.joins {
             Joins::Nodes => apiserver_lite::node_streams::JoinError::BadToken.to_string(),
-            Joins::Sites => "the hub token is not valid (expired, revoked or mistyped): create one with `edgesite cloudhub token create` on the hub".into(),
+            Joins::Sites(_) => "the hub token is not valid (expired, revoked or mistyped): create one with `edgesite cloudhub token create` on the hub".into(),
         }
     }
 }
@@ -308,6 +309,7 @@ pub async fn site_credentials(
     site: &str,
 ) -> Result<SiteCredentials> {
     let dir = data_dir.join("server").join("cloudhub");
+    finish_renewal(&dir);
     let read = |n: &str| std::fs::read_to_string(dir.join(n));
     if let (Ok(saved_hub), Ok(ca), Ok(cert), Ok(key), Ok(saved_site)) = (
         read("hub"),
@@ -359,6 +361,45 @@ pub async fn site_credentials(
     }
     tracing::info!(hub, site, "attached to the cloud hub");
     Ok(SiteCredentials { ca, cert, key })
+}
+
+/// Completes a renewal a crash interrupted after both new files were written: the key is
+/// moved first, then the certificate, so a `.new` certificate left alone is the key's pair.
+fn finish_renewal(dir: &Path) {
+    let (cert_new, key_new) = (dir.join("site.crt.new"), dir.join("site.key.new"));
+    if cert_new.exists() {
+        if key_new.exists() {
+            let _ = std::fs::rename(&key_new, dir.join("site.key"));
+        }
+        let _ = std::fs::rename(&cert_new, dir.join("site.crt"));
+    } else if key_new.exists() {
+        // The certificate never arrived: the key alone is of no use.
+        let _ = std::fs::remove_file(&key_new);
+    }
+}
+
+/// Renews the site's certificate at its hub (with the current one and the site password) and
+/// keeps the new one: the credentials to use from now on.
+pub async fn renew_site_certificate(
+    data_dir: &Path,
+    config: &cloudhub::site::SiteConfig,
+) -> Result<SiteCredentials> {
+    let dir = data_dir.join("server").join("cloudhub");
+    let password = std::fs::read_to_string(dir.join("site-password"))
+        .context("the site password (attach again with --cloudhub-token)")?;
+    let (csr, key) = crate::pki::site_csr(&config.name)?;
+    let cert = cloudhub::site::renew(config, &csr, password.trim())
+        .await
+        .context("renew the site's certificate")?;
+    crate::pki::write_private(&dir.join("site.key.new"), &key)?;
+    crate::pki::write_private(&dir.join("site.crt.new"), &cert)?;
+    finish_renewal(&dir);
+    tracing::info!(hub = %config.hub, site = %config.name, "renewed the site's certificate");
+    Ok(SiteCredentials {
+        ca: config.ca_pem.clone(),
+        cert,
+        key,
+    })
 }
 
 /// This machine's node (or site) password (K3s's `/etc/rancher/node/password`): made on the first
@@ -589,12 +630,16 @@ pub fn joiner(server_dir: &Path, ca: &CertAndKey, cluster_token: &str) -> Arc<Jo
 }
 
 /// The hub's joiner: sites attach with tokens from `edgesite cloudhub token create`.
-pub fn site_joiner(server_dir: &Path, ca: &CertAndKey) -> Arc<Joiner> {
+pub fn site_joiner(
+    server_dir: &Path,
+    ca: &CertAndKey,
+    lifetime: std::time::Duration,
+) -> Arc<Joiner> {
     Arc::new(Joiner {
         server_dir: server_dir.to_path_buf(),
         ca: ca.clone(),
         cluster_token: String::new(),
-        joins: Joins::Sites,
+        joins: Joins::Sites(lifetime),
     })
 }
 

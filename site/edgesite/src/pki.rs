@@ -322,6 +322,22 @@ pub fn node_csr(node: &str) -> Result<(String, String)> {
 }
 
 /// A key and a certificate request for a site's link to a cloud hub.
+/// When `cert_pem` starts and stops being valid.
+pub fn validity_of(cert_pem: &str) -> Result<(std::time::SystemTime, std::time::SystemTime)> {
+    let der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+        .next()
+        .context("no certificate in the PEM")??;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| anyhow::anyhow!("the certificate cannot be read: {e}"))?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.timestamp().max(0) as u64)
+    };
+    Ok((
+        at(cert.validity().not_before),
+        at(cert.validity().not_after),
+    ))
+}
+
 pub fn site_csr(site: &str) -> Result<(String, String)> {
     identity_csr(
         &format!("{}{site}", apiserver_lite::cloud_link::SITE_PREFIX),
@@ -430,27 +446,40 @@ pub fn sign_kubelet_serving_csr(ca: &CertAndKey, csr_pem: &str) -> Result<String
 /// Signs a joining node's request. The subject is set here, whatever the request says: the
 /// node gets `system:node:<node>` in `system:nodes`, a client certificate for one year.
 pub fn sign_node_csr(ca: &CertAndKey, node: &str, csr_pem: &str) -> Result<String> {
-    sign_identity_csr(ca, &format!("system:node:{node}"), "system:nodes", csr_pem)
+    sign_identity_csr(
+        ca,
+        &format!("system:node:{node}"),
+        "system:nodes",
+        csr_pem,
+        std::time::Duration::from_secs(365 * 86_400),
+    )
 }
 
 /// Signs a client certificate for a site attached to a cloud hub (`system:site:<site>` in
 /// group `edgesite:sites`).
-pub fn sign_site_csr(ca: &CertAndKey, site: &str, csr_pem: &str) -> Result<String> {
+pub fn sign_site_csr(
+    ca: &CertAndKey,
+    site: &str,
+    csr_pem: &str,
+    lifetime: std::time::Duration,
+) -> Result<String> {
     sign_identity_csr(
         ca,
         &format!("{}{site}", apiserver_lite::cloud_link::SITE_PREFIX),
         apiserver_lite::cloud_link::SITES_GROUP,
         csr_pem,
+        lifetime,
     )
 }
 
-/// Signs `csr_pem`'s key as `common_name` in `organization` (a client certificate for a year),
-/// whatever names the request itself asked for.
+/// Signs `csr_pem`'s key as `common_name` in `organization` (a client certificate valid for
+/// `lifetime`), whatever names the request itself asked for.
 fn sign_identity_csr(
     ca: &CertAndKey,
     common_name: &str,
     organization: &str,
     csr_pem: &str,
+    lifetime: std::time::Duration,
 ) -> Result<String> {
     let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
         .context("the certificate request is not a valid PEM CSR")?;
@@ -471,7 +500,12 @@ fn sign_identity_csr(
     let mut serial: [u8; 16] = rand::random();
     serial[0] &= 0x7f;
     params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
-    validity(&mut params, 1);
+    let now = time_now();
+    // Backdated a little for clocks that run behind (a tenth of a short lifetime, at most five
+    // minutes, so that two thirds of the span still fall after the signing).
+    let lifetime = lifetime.as_secs() as i64;
+    params.not_before = now - time::Duration::seconds((lifetime / 10).min(300));
+    params.not_after = now + time::Duration::seconds(lifetime);
     csr.params = params;
     let cert = csr.signed_by(&issuer).context("sign the certificate")?;
     Ok(cert.pem())

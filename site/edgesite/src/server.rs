@@ -324,8 +324,11 @@ pub enum Role {
     /// with --cloudhub.
     Site,
     /// A cloud hub (`edgesite cloudhub`): the API server with Karmada's resources and the hub's
-    /// side of sites' links; no node, no scheduler, no workload controllers.
-    Hub,
+    /// side of sites' links; no node, no scheduler, no workload controllers. Sites' certificates
+    /// last `site_certificates`.
+    Hub {
+        site_certificates: std::time::Duration,
+    },
 }
 
 /// Where a site attaches to a hub (`--cloudhub` and its companions, checked).
@@ -396,7 +399,8 @@ async fn attach(
             _ = tokio::time::sleep(backoff.next(started)) => {}
         }
     };
-    let config = cloudhub::site::SiteConfig {
+    let backend: Arc<dyn cloudhub::site::Backend> = Arc::new(cloudhub::site::ApiBackend::new(api));
+    let mut config = cloudhub::site::SiteConfig {
         hub: attach.hub,
         name: attach.site,
         labels: attach.labels,
@@ -404,9 +408,51 @@ async fn attach(
         cert_pem: credentials.cert,
         key_pem: credentials.key,
     };
-    let backend = Arc::new(cloudhub::site::ApiBackend::new(api));
-    if let Err(error) = cloudhub::site::run(config, backend, shutdown).await {
-        tracing::error!("cloud link: {error}");
+    // The link runs on the certificate it has until that is renewed, then starts again on the
+    // new one.
+    loop {
+        let link = shutdown.child_token();
+        let renewed = tokio::select! {
+            result = cloudhub::site::run(config.clone(), backend.clone(), link.clone()) => {
+                if let Err(error) = result {
+                    tracing::error!("cloud link: {error}");
+                }
+                return;
+            }
+            renewed = renew_when_due(&data_dir, &config) => renewed,
+        };
+        link.cancel();
+        config.cert_pem = renewed.cert;
+        config.key_pem = renewed.key;
+    }
+}
+
+/// Waits until two thirds of the site certificate's life have passed, then renews it (trying
+/// again every minute while the hub cannot be reached; an expired certificate is the hub's to
+/// refuse, and the log says how to attach again).
+async fn renew_when_due(
+    data_dir: &std::path::Path,
+    config: &cloudhub::site::SiteConfig,
+) -> crate::join::SiteCredentials {
+    let due = match crate::pki::validity_of(&config.cert_pem) {
+        Ok((from, until)) => from + until.duration_since(from).unwrap_or_default() * 2 / 3,
+        Err(error) => {
+            tracing::warn!("cloud link: the site certificate: {error:#}; renewing it now");
+            std::time::SystemTime::now()
+        }
+    };
+    if let Ok(wait) = due.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(wait).await;
+    }
+    loop {
+        match crate::join::renew_site_certificate(data_dir, config).await {
+            Ok(credentials) => return credentials,
+            Err(error) => tracing::warn!(
+                "cloud link: {error:#}; trying again in a minute (once the certificate has \
+                 expired, attach again with --cloudhub-token)"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
     }
 }
 
@@ -573,8 +619,12 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
             Role::Site => {
                 let _ = api.node_join.set(crate::join::joiner(&server_dir, &ca, &token));
             }
-            Role::Hub => {
-                let _ = api.site_join.set(crate::join::site_joiner(&server_dir, &ca));
+            Role::Hub { site_certificates } => {
+                let _ = api.site_join.set(crate::join::site_joiner(
+                    &server_dir,
+                    &ca,
+                    site_certificates,
+                ));
             }
         }
         // Components talk to the API through in-process clients (no socket, the same path as a
@@ -611,7 +661,7 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
         devices::crd::install(&client)
             .await
             .context("install the Device and DeviceModel CRDs")?;
-        let hub = if role == Role::Hub {
+        let hub = if matches!(role, Role::Hub { .. }) {
             cloudhub::crds::install(&client)
                 .await
                 .context("install Karmada's CRDs")?;
@@ -645,7 +695,7 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
                 ca: ca.cert.clone(),
                 ca_signer: ca.clone(),
                 cluster_cidr,
-                hub: role == Role::Hub,
+                hub: matches!(role, Role::Hub { .. }),
             },
             shutdown.clone(),
         ));

@@ -197,8 +197,16 @@ pub async fn tcp_to(
     }
 }
 
-/// Connects and upgrades: the returned connection is ready for [`serve`].
-pub async fn connect(config: &DialConfig) -> Result<hyper::upgrade::Upgraded, LinkError> {
+/// A TLS connection to the server (through the proxy if any): the stream and `host:port`.
+async fn tls_to(
+    config: &DialConfig,
+) -> Result<
+    (
+        tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+        String,
+    ),
+    LinkError,
+> {
     let (host, port) = host_port(&config.server)?;
     let address = format!("{host}:{port}");
     let tcp = tcp_to(&host, port, config.proxy.as_deref()).await?;
@@ -217,6 +225,51 @@ pub async fn connect(config: &DialConfig) -> Result<hyper::upgrade::Upgraded, Li
         address: address.clone(),
         reason: e.to_string(),
     })?;
+    Ok((stream, address))
+}
+
+/// The message of a refusal: a Kubernetes Status says it best in its message.
+fn refusal(status: http::StatusCode, body: &[u8]) -> LinkError {
+    let text = String::from_utf8_lossy(body).into_owned();
+    let message = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["message"].as_str().map(str::to_string))
+        .unwrap_or(text);
+    LinkError::Refused { status, message }
+}
+
+/// One JSON request to the server outside the link, on a connection of its own with the
+/// link's credentials (a site renewing its certificate): the answer's body, or the refusal.
+pub async fn post_json(
+    config: &DialConfig,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, LinkError> {
+    use http_body_util::Full;
+    let (stream, address) = tls_to(config).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream)).await?;
+    let connection = tokio::spawn(connection);
+    let request = http::Request::post(path)
+        .header(http::header::HOST, address)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| LinkError::Http(e.to_string()))?;
+    let response = tokio::time::timeout(CONNECT_TIMEOUT * 3, sender.send_request(request))
+        .await
+        .map_err(|_| LinkError::Http("no answer".into()))??;
+    let status = response.status();
+    let body = read_bounded(response.into_body(), 1024 * 1024).await;
+    connection.abort();
+    if !status.is_success() {
+        return Err(refusal(status, &body));
+    }
+    Ok(body)
+}
+
+/// Connects and upgrades: the returned connection is ready for [`serve`].
+pub async fn connect(config: &DialConfig) -> Result<hyper::upgrade::Upgraded, LinkError> {
+    let (stream, address) = tls_to(config).await?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await?;
     let connection = tokio::spawn(connection.with_upgrades());
@@ -236,14 +289,8 @@ pub async fn connect(config: &DialConfig) -> Result<hyper::upgrade::Upgraded, Li
     if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
         let status = response.status();
         let body = read_bounded(response.into_body(), 16 * 1024).await;
-        let text = String::from_utf8_lossy(&body).into_owned();
-        // A Kubernetes Status says it best in its message.
-        let message = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v["message"].as_str().map(str::to_string))
-            .unwrap_or(text);
         connection.abort();
-        return Err(LinkError::Refused { status, message });
+        return Err(refusal(status, &body));
     }
     let upgraded = hyper::upgrade::on(response).await?;
     drop(connection);

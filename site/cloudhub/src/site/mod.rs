@@ -177,6 +177,39 @@ fn identity() -> Identity {
 }
 
 /// Keeps the link to the hub up until `shutdown`.
+/// Asks the hub for a new certificate for `csr_pem`'s key, over a connection of its own made
+/// with the current one (which stops working once the new one is signed): the new
+/// certificate (PEM).
+pub async fn renew(
+    config: &SiteConfig,
+    csr_pem: &str,
+    password: &str,
+) -> Result<String, link::LinkError> {
+    let tls = link::dial::client_tls(&config.ca_pem, &config.cert_pem, &config.key_pem)?;
+    let (host, _) = link::dial::host_port(&config.hub)?;
+    let dial = link::dial::DialConfig {
+        server: config.hub.clone(),
+        path: apiserver_lite::cloud_link::SITE_RENEW_PATH.into(),
+        protocol: String::new(),
+        headers: Vec::new(),
+        tls,
+        proxy: link::dial::proxy_from_env(&host),
+    };
+    let body = serde_json::json!({"csr": csr_pem, "password": password}).to_string();
+    let reply = link::dial::post_json(
+        &dial,
+        apiserver_lite::cloud_link::SITE_RENEW_PATH,
+        body.into_bytes(),
+    )
+    .await?;
+    let reply: serde_json::Value = serde_json::from_slice(&reply)
+        .map_err(|e| link::LinkError::Http(format!("the hub's answer: {e}")))?;
+    reply["certificate"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| link::LinkError::Http("the hub's answer has no certificate".into()))
+}
+
 pub async fn run(
     config: SiteConfig,
     backend: Arc<dyn Backend>,
