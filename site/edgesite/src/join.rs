@@ -320,7 +320,18 @@ pub async fn site_credentials(
     ) && saved_hub.trim() == hub
         && saved_site.trim() == site
     {
-        return Ok(SiteCredentials { ca, cert, key });
+        let expired = crate::pki::validity_of(&cert)
+            .is_ok_and(|(_, until)| until <= std::time::SystemTime::now());
+        if !expired || token.is_none() {
+            return Ok(SiteCredentials { ca, cert, key });
+        }
+        // Offline past its certificate's end: attach again with the token (the site password
+        // still proves the name is this machine's).
+        tracing::info!(
+            hub,
+            site,
+            "the site certificate has expired; attaching again"
+        );
     }
     let Some(token) = token else {
         bail!(
