@@ -29,8 +29,9 @@ fi
 install_node_deps
 apt_install docker-registry busybox-static apache2-utils
 # MQTT clients (a legacy mapper in the device tests) and mosquitto (compared in the benchmark);
-# tinyproxy, the HTTPS proxy a site reaches its cloud hub through (each test starts its own).
-apt_install mosquitto mosquitto-clients tinyproxy
+# tinyproxy, the HTTPS proxy a site reaches its cloud hub through (each test starts its own);
+# openssl makes a forged site certificate for the hub to refuse.
+apt_install mosquitto mosquitto-clients tinyproxy openssl
 # Client libraries nobody here wrote, for the compatibility tests: the official Python client,
 # kr8s, lightkube, kubernetes-asyncio, kopf and pykube-ng (PyPI); pymodbus, the Modbus TCP server the
 # Modbus mapper is tested against; @kubernetes/client-node (npm).

@@ -240,6 +240,44 @@ fn sites_attach_by_dialing_out_and_kubectl_reaches_each_through_the_hub() {
         !out.status.success() && err.contains("system:site:shop-1") && err.contains("forbidden"),
         "{err}"
     );
+    // A certificate naming the site but not signed by the hub's CA opens nothing.
+    let forged = tempfile::tempdir().unwrap();
+    let (cert, key) = (forged.path().join("c.pem"), forged.path().join("k.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=system:site:shop-1/O=edgesite:sites",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(made.status.success(), "{made:?}");
+    let out = hub.kubectl_as(
+        &[
+            format!("--client-certificate={}", cert.display()),
+            format!("--client-key={}", key.display()),
+        ],
+        &["get", "--raw", "/edgesite/v1/site-link"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && (err.contains("certificate") || err.contains("Unauthorized")),
+        "{err}"
+    );
 }
 
 #[test]

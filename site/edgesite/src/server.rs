@@ -679,7 +679,7 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
                 shutdown.clone(),
             );
             let _ = api.hub.set(Arc::new(cloudhub::hub::Hooks(hub.clone())));
-            Some(tokio::spawn(hub.run()))
+            Some(tokio::spawn(hub.run(api.storage.clone())))
         } else {
             None
         };

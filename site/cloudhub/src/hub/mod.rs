@@ -48,14 +48,17 @@ impl Hub {
     }
 
     /// Runs the hub's loops until shut down: placement (templates to bindings to Works), and
-    /// readiness (sites not heard from turn not Ready).
-    pub async fn run(self: Arc<Self>) {
+    /// readiness (sites not heard from turn not Ready). `storage` is the hub's datastore, whose
+    /// committed changes wake placement.
+    pub async fn run(self: Arc<Self>, storage: Arc<dyn apiserver_lite::storage::Storage>) {
         let sites = Arc::new(sites::Sites::default());
         let placement = placement::Placement::new(self.client.clone(), sites.clone());
-        // A site that appears, goes or changes its labels is placed on at once.
+        // A site that appears, goes or changes its labels is placed on at once, and so is a
+        // change to a policy, a template or a Work.
         let wake = sites.changed.clone();
         tokio::join!(
             sites.follow(self.client.clone(), self.shutdown.clone()),
+            placement::wake_on_changes(storage, wake.clone(), self.shutdown.clone()),
             placement.run(wake, self.shutdown.clone()),
             self.clusters.clone().watch_readiness(self.shutdown.clone()),
             self.aggregator.clone().run(self.shutdown.clone()),

@@ -31,8 +31,64 @@ const POLICY_NAME_LABEL: &str = "propagationpolicy.karmada.io/name";
 const POLICY_NAMESPACE_LABEL: &str = "propagationpolicy.karmada.io/namespace";
 const CLUSTER_POLICY_LABEL: &str = "clusterpropagationpolicy.karmada.io/name";
 
-/// How often placement looks again without being asked.
-const PERIOD: Duration = Duration::from_secs(1);
+/// How often placement looks again without being woken by a change.
+const PERIOD: Duration = Duration::from_secs(30);
+/// How long placement lets a burst of changes gather before a pass.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// Whether a committed change under `key` can change what placement wants: not the hub's
+/// bookkeeping (Events, Leases, the bindings placement writes and their statuses, Clusters,
+/// which [`super::sites::Sites`] follows) nor anything in `kube-system`.
+fn concerns_placement(key: &str) -> bool {
+    const IGNORED: [&str; 6] = [
+        "/core/events/",
+        "/events.k8s.io/events/",
+        "/coordination.k8s.io/leases/",
+        "/cluster.karmada.io/clusters/",
+        "/work.karmada.io/resourcebindings/",
+        "/work.karmada.io/clusterresourcebindings/",
+    ];
+    !IGNORED.iter().any(|p| key.starts_with(p)) && !key.contains("/kube-system/")
+}
+
+/// Wakes placement on every committed change that may concern it, until `shutdown`: the
+/// datastore's own change feed, so no kind needs a watch of its own.
+pub async fn wake_on_changes(
+    storage: Arc<dyn apiserver_lite::storage::Storage>,
+    wake: Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+) {
+    let hub = storage.hub();
+    let mut cursor = match hub.cursor(None) {
+        Ok(c) => c,
+        Err(error) => {
+            tracing::warn!(%error, "placement: the datastore's change feed");
+            return;
+        }
+    };
+    loop {
+        let events = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            events = cursor.next(hub, 1024) => events,
+        };
+        match events {
+            Ok(events) => {
+                if events.iter().any(|e| concerns_placement(&e.key)) {
+                    wake.notify_one();
+                }
+            }
+            Err(apiserver_lite::storage::StorageError::Closed) => return,
+            Err(_) => {
+                // Fell behind the window: look once, and follow from now.
+                wake.notify_one();
+                match hub.cursor(None) {
+                    Ok(c) => cursor = c,
+                    Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                }
+            }
+        }
+    }
+}
 
 /// The namespace of a site's Works at the hub.
 pub fn site_namespace(site: &str) -> String {
@@ -411,7 +467,8 @@ impl Placement {
         }
     }
 
-    /// Runs until `shutdown`, looking every [`PERIOD`] or when `wake` fires.
+    /// Runs until `shutdown`, looking when `wake` fires (a moment later, so a burst is one
+    /// pass) and every [`PERIOD`] regardless.
     pub async fn run(self, wake: std::sync::Arc<tokio::sync::Notify>, shutdown: CancellationToken) {
         loop {
             if let Err(error) = self.reconcile().await {
@@ -419,7 +476,7 @@ impl Placement {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = wake.notified() => {}
+                _ = wake.notified() => tokio::time::sleep(SETTLE).await,
                 _ = tokio::time::sleep(PERIOD) => {}
             }
         }
@@ -983,6 +1040,27 @@ mod tests {
         assert_eq!(out["big"], 2);
         assert_eq!(out["other"], 1);
         assert_eq!(out["small-b"], 1);
+    }
+
+    #[test]
+    fn placement_wakes_for_policies_templates_and_works_only() {
+        for key in [
+            "/policy.karmada.io/propagationpolicies/shop/web",
+            "/apps/deployments/shop/web",
+            "/core/configmaps/shop/settings",
+            "/work.karmada.io/works/karmada-es-pop-1/web",
+        ] {
+            assert!(concerns_placement(key), "{key}");
+        }
+        for key in [
+            "/core/events/shop/web.1",
+            "/coordination.k8s.io/leases/kube-system/edgesite-control-plane",
+            "/cluster.karmada.io/clusters/pop-1",
+            "/work.karmada.io/resourcebindings/shop/web-deployment",
+            "/core/secrets/kube-system/pop-1.site-password.edgesite",
+        ] {
+            assert!(!concerns_placement(key), "{key}");
+        }
     }
 
     #[test]
