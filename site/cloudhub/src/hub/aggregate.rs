@@ -206,6 +206,26 @@ pub fn aggregate(kind: &str, entries: &[Value], generation: Option<i64>) -> Opti
             "numberUnavailable",
         ],
         "Job" => &["active", "succeeded", "failed"],
+        // A Service's load-balancer addresses: every site's, once each (Karmada's interpreter).
+        "Service" => {
+            let mut ingress: Vec<Value> = Vec::new();
+            for entry in entries {
+                for address in entry["status"]["loadBalancer"]["ingress"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
+                    if !ingress.contains(address) {
+                        ingress.push(address.clone());
+                    }
+                }
+            }
+            return Some(if ingress.is_empty() {
+                json!({"loadBalancer": {}})
+            } else {
+                json!({"loadBalancer": {"ingress": ingress}})
+            });
+        }
         // A device is at one site: its status is that site's (the twin's reported values).
         "Device" => {
             return match entries {
@@ -299,6 +319,23 @@ mod tests {
         assert_eq!(
             aggregate("Device", &one, None).unwrap()["twins"][0]["propertyName"],
             "speed"
+        );
+    }
+
+    #[test]
+    fn a_services_addresses_are_every_sites_once_each() {
+        let entries = vec![
+            json!({"clusterName": "a", "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]}}}),
+            json!({"clusterName": "b", "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.2"}, {"ip": "192.0.2.1"}]}}}),
+            json!({"clusterName": "c", "status": {"loadBalancer": {}}}),
+        ];
+        assert_eq!(
+            aggregate("Service", &entries, None),
+            Some(json!({"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}, {"ip": "192.0.2.2"}]}}))
+        );
+        assert_eq!(
+            aggregate("Service", &entries[2..], None),
+            Some(json!({"loadBalancer": {}}))
         );
     }
 }
