@@ -170,6 +170,64 @@ impl Site {
         Ok(hub)
     }
 
+    /// `edgesite cloudhub kubeconfig` on this hub for `site` (as `user`, default the hub's
+    /// admin): a kubeconfig whose server is the hub's cluster proxy for the site.
+    pub fn hub_site_kubeconfig(&self, site: &str, user: Option<&str>) -> PathBuf {
+        let path = self
+            .dir
+            .path()
+            .join(format!("{site}-{}.kubeconfig", user.unwrap_or("admin")));
+        let mut command = Command::new(edgesite_bin());
+        command
+            .args(["cloudhub", "kubeconfig", "--site", site, "--data-dir"])
+            .arg(self.data_dir())
+            .arg("-o")
+            .arg(&path);
+        if let Some(user) = user {
+            command.args(["--user", user]);
+        }
+        let out = command.output().expect("run edgesite cloudhub kubeconfig");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        path
+    }
+
+    /// Starts a site attached to this hub as `name` (no node agent) and waits until the hub's
+    /// cluster proxy reaches it; the site and the kubeconfig that reaches it through the hub.
+    pub fn attach_site(&self, name: &str) -> Result<(Site, PathBuf)> {
+        let token = self.hub_token();
+        let url = self.url();
+        let site = Site::start_with(&[
+            "--cloudhub",
+            &url,
+            "--cloudhub-token",
+            &token,
+            "--site-name",
+            name,
+            "--disable-agent",
+        ])?;
+        let kubeconfig = self.hub_site_kubeconfig(name, None);
+        let reachable = eventually(Duration::from_secs(60), || {
+            Command::new(kubectl_bin())
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .args(["get", "--raw", "/version"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+        if !reachable {
+            bail!(
+                "site {name} never became reachable through the hub\n{}\n{}",
+                self.log(),
+                site.log()
+            );
+        }
+        Ok((site, kubeconfig))
+    }
+
     /// The HTTPS port this hub (or site) listens on.
     pub fn port(&self) -> u16 {
         self.port
@@ -452,6 +510,12 @@ impl Site {
     /// kubeconfig; panics with its output and the server's log unless it exits 0. Returns its
     /// stdout.
     pub fn node_ok(&self, script: &str) -> String {
+        self.node_ok_with(&self.kubeconfig(), script)
+    }
+
+    /// Runs a JavaScript module with `@kubernetes/client-node` against `kubeconfig` (this
+    /// site's, or a hub's kubeconfig for a site through its cluster proxy); its stdout.
+    pub fn node_ok_with(&self, kubeconfig: &Path, script: &str) -> String {
         let dir = node_client();
         assert!(
             dir.join("node_modules/@kubernetes/client-node/package.json")
@@ -468,7 +532,7 @@ impl Site {
         std::fs::write(file.path(), script).expect("write the script");
         let out = Command::new("node")
             .arg(file.path())
-            .env("KUBECONFIG", self.kubeconfig())
+            .env("KUBECONFIG", kubeconfig)
             .output()
             .expect("run node (tests/run.sh installs it)");
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -8,8 +8,18 @@ use tests::Site;
 #[test]
 fn client_node_works_unchanged() {
     let site = Site::start().unwrap();
-    site.node_ok(
-        r#"
+    site.node_ok(CHECKS);
+}
+
+/// The same checks through a cloud hub's cluster proxy (`edgesite cloudhub kubeconfig --site`).
+#[test]
+fn client_node_works_through_the_hub() {
+    let hub = Site::start_hub(&[]).unwrap();
+    let (_site, kubeconfig) = hub.attach_site("js-site").unwrap();
+    hub.node_ok_with(&kubeconfig, CHECKS);
+}
+
+const CHECKS: &str = r#"
 import * as k8s from '@kubernetes/client-node';
 import assert from 'node:assert/strict';
 const kc = new k8s.KubeConfig();
@@ -53,6 +63,4 @@ assert.equal(applied.metadata.managedFields[0].manager, 'client-node-check');
 const list = await objects.list('v1', 'ConfigMap', 'default');
 assert.equal(list.items.length, 3);
 console.log('client-node ok');
-"#,
-    );
-}
+"#;

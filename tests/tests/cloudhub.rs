@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use tests::{Site, edgesite_bin, eventually};
+use tests::{Site, eventually};
 
 /// Starts a site attached to `hub` as `name` with `labels`.
 fn attached(hub: &Site, token: &str, name: &str, labels: &[&str]) -> Site {
@@ -39,26 +39,7 @@ fn ready(hub: &Site, site: &str) -> String {
 
 /// `edgesite cloudhub kubeconfig` for `site` (and a user): its path.
 fn site_kubeconfig(hub: &Site, site: &str, user: Option<&str>) -> std::path::PathBuf {
-    let path = hub
-        .dir
-        .path()
-        .join(format!("{site}-{}.kubeconfig", user.unwrap_or("admin")));
-    let mut command = Command::new(edgesite_bin());
-    command
-        .args(["cloudhub", "kubeconfig", "--site", site, "--data-dir"])
-        .arg(hub.data_dir())
-        .arg("-o")
-        .arg(&path);
-    if let Some(user) = user {
-        command.args(["--user", user]);
-    }
-    let out = command.output().expect("run edgesite cloudhub kubeconfig");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    path
+    hub.hub_site_kubeconfig(site, user)
 }
 
 fn kubectl_with(kubeconfig: &std::path::Path, args: &[&str]) -> std::process::Output {

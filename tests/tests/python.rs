@@ -32,6 +32,28 @@ fn python_client_works_unchanged() {
     );
 }
 
+/// The same checks through a cloud hub's cluster proxy: the site's API reached with
+/// `edgesite cloudhub kubeconfig --site` (watches, patches and CRDs included).
+#[test]
+fn python_client_works_through_the_hub() {
+    let python = python();
+    let hub = Site::start_hub(&[]).unwrap();
+    let (_site, kubeconfig) = hub.attach_site("py-site").unwrap();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/client_smoke.py");
+    let out = Command::new(&python)
+        .arg(script)
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("all checks passed"),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        hub.log()
+    );
+}
+
 /// Code that reads `status` right after a create (kr8s `wait()`, pykube `Deployment.ready`)
 /// needs one: upstream answers a create with the kind's zero status. The official client also
 /// checks that a status's required fields are there.
