@@ -336,14 +336,10 @@ impl Site {
             "127.0.0.1"
         };
         let mut command = self.command(&edgesite_bin());
-        if self.hub {
-            command.arg("cloudhub");
-        } else {
-            command
-                .arg("server")
-                .arg("--config")
-                .arg(self.dir.path().join("no-config.yaml"));
-        }
+        command
+            .arg(if self.hub { "cloudhub" } else { "server" })
+            .arg("--config")
+            .arg(self.dir.path().join("no-config.yaml"));
         command
             .arg("--data-dir")
             .arg(self.data_dir())
@@ -358,8 +354,8 @@ impl Site {
 
     /// Starts (again) on the same data dir and port.
     pub fn launch(&mut self) -> Result<()> {
-        // An explicit, empty config file: a site installed on this machine must not leak its
-        // /etc/edgesite/config.yaml into the test.
+        // An explicit, empty config file: a site or hub installed on this machine must not leak
+        // its /etc/edgesite/config.yaml or cloudhub-config.yaml into the test.
         std::fs::write(self.dir.path().join("no-config.yaml"), "")?;
         let log = std::fs::OpenOptions::new()
             .create(true)

@@ -13,6 +13,9 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/edgesite-cloudhub";
 /// Flags of `edgesite cloudhub`, named as `edgesite server`'s where they mean the same.
 #[derive(Args, Clone, Debug)]
 pub struct HubArgs {
+    /// Config file whose keys are these flag names (without --); command-line flags win.
+    #[arg(long, short = 'c', default_value = crate::config::DEFAULT_HUB_CONFIG, env = "EDGESITE_CLOUDHUB_CONFIG_FILE")]
+    pub config: PathBuf,
     /// Folder that holds the hub's datastore, certificates and tokens.
     #[arg(long, short = 'd', default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
@@ -170,6 +173,7 @@ mod tests {
     #[test]
     fn a_hub_is_a_server_without_a_node() {
         let hub = super::HubArgs {
+            config: "/nonexistent.yaml".into(),
             data_dir: "/tmp/hub".into(),
             bind_address: "127.0.0.1".parse().unwrap(),
             https_listen_port: 5999,

@@ -1,4 +1,5 @@
-//! The config file: `/etc/edgesite/config.yaml` with the flag names as keys (as K3s does).
+//! The config file: `/etc/edgesite/config.yaml` with the flag names as keys (as K3s does);
+//! `/etc/edgesite/cloudhub-config.yaml` for `edgesite cloudhub`.
 //!
 //! Its entries become command-line arguments placed before the user's own, so that flags given on
 //! the command line win for single values and add to lists (`tls-san`).
@@ -9,9 +10,41 @@ use anyhow::{Context, Result, bail};
 use serde_yaml::Value;
 
 pub const DEFAULT_CONFIG: &str = "/etc/edgesite/config.yaml";
+pub const DEFAULT_HUB_CONFIG: &str = "/etc/edgesite/cloudhub-config.yaml";
 
-/// The config file the arguments name (`--config X`, `-c X`, `--config=X`), or the default.
-pub fn config_path(args: &[String]) -> (PathBuf, bool) {
+/// Whose config file: the server's or the hub's (its default path, the environment variable
+/// that names another, and the command whose flags are its keys).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Of {
+    Server,
+    Hub,
+}
+
+impl Of {
+    fn default_path(self) -> &'static str {
+        match self {
+            Of::Server => DEFAULT_CONFIG,
+            Of::Hub => DEFAULT_HUB_CONFIG,
+        }
+    }
+
+    fn env(self) -> &'static str {
+        match self {
+            Of::Server => "EDGESITE_CONFIG_FILE",
+            Of::Hub => "EDGESITE_CLOUDHUB_CONFIG_FILE",
+        }
+    }
+
+    fn command(self) -> &'static str {
+        match self {
+            Of::Server => "edgesite server",
+            Of::Hub => "edgesite cloudhub",
+        }
+    }
+}
+
+/// The config file the arguments name (`--config X`, `-c X`, `--config=X`), or `of`'s default.
+pub fn config_path(args: &[String], of: Of) -> (PathBuf, bool) {
     let mut iter = args.iter();
     while let Some(a) = iter.next() {
         if a == "--config" || a == "-c" {
@@ -22,15 +55,15 @@ pub fn config_path(args: &[String]) -> (PathBuf, bool) {
             return (PathBuf::from(p), true);
         }
     }
-    if let Ok(p) = std::env::var("EDGESITE_CONFIG_FILE") {
+    if let Ok(p) = std::env::var(of.env()) {
         return (PathBuf::from(p), true);
     }
-    (PathBuf::from(DEFAULT_CONFIG), false)
+    (PathBuf::from(of.default_path()), false)
 }
 
 /// Reads the config file into `--key=value` arguments. A missing default file is fine; a missing
-/// file the user named is an error.
-pub fn file_args(path: &Path, explicit: bool, known: &[String]) -> Result<Vec<String>> {
+/// file the user named is an error. `known` are `of`'s flags, which an unknown key's error names.
+pub fn file_args(path: &Path, explicit: bool, known: &[String], of: Of) -> Result<Vec<String>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => return Ok(Vec::new()),
@@ -54,8 +87,9 @@ pub fn file_args(path: &Path, explicit: bool, known: &[String]) -> Result<Vec<St
         };
         if key == "config" || !known.iter().any(|n| n == key) {
             bail!(
-                "config file {}: unknown key {key:?} (keys are the flag names of `edgesite server --help`, without the leading --)",
-                path.display()
+                "config file {}: unknown key {key:?} (keys are the flag names of `{} --help`, without the leading --)",
+                path.display(),
+                of.command()
             );
         }
         let scalar = |v: &Value| -> Result<String> {
@@ -100,7 +134,7 @@ mod tests {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let args = file_args(&path, true, &known).unwrap();
+        let args = file_args(&path, true, &known, Of::Server).unwrap();
         assert_eq!(
             args,
             vec![
@@ -112,17 +146,17 @@ mod tests {
         );
         std::fs::write(&path, "bogus: 1\n").unwrap();
         assert!(
-            file_args(&path, true, &known)
+            file_args(&path, true, &known, Of::Server)
                 .unwrap_err()
                 .to_string()
                 .contains("unknown key \"bogus\"")
         );
         assert!(
-            file_args(&dir.path().join("none.yaml"), false, &known)
+            file_args(&dir.path().join("none.yaml"), false, &known, Of::Server)
                 .unwrap()
                 .is_empty()
         );
-        assert!(file_args(&dir.path().join("none.yaml"), true, &known).is_err());
+        assert!(file_args(&dir.path().join("none.yaml"), true, &known, Of::Server).is_err());
     }
 
     #[test]
@@ -131,6 +165,9 @@ mod tests {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        assert_eq!(config_path(&args), (PathBuf::from("/x.yaml"), true));
+        assert_eq!(
+            config_path(&args, Of::Server),
+            (PathBuf::from("/x.yaml"), true)
+        );
     }
 }

@@ -482,10 +482,10 @@ fn init_logging() {
     logging::init();
 }
 
-/// Names of the server flags, for the config file's keys.
-fn server_flag_names() -> Vec<String> {
+/// Names of a command's flags (`server`, `cloudhub`), for its config file's keys.
+fn flag_names(command: &str) -> Vec<String> {
     let cmd = Cli::command();
-    cmd.find_subcommand("server")
+    cmd.find_subcommand(command)
         .map(|s| {
             s.get_arguments()
                 .filter_map(|a| a.get_long().map(String::from))
@@ -495,15 +495,35 @@ fn server_flag_names() -> Vec<String> {
 }
 
 fn parse() -> Result<Cli> {
-    let mut args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("server") {
-        let (path, explicit) = config::config_path(&args);
-        let extra = config::file_args(&path, explicit, &server_flag_names())?;
+    parse_from(std::env::args().collect())
+}
+
+/// The command line with the config file's entries before the user's own flags (for `server`,
+/// and for `cloudhub` itself, not its `token` and `kubeconfig` tools).
+fn parse_from(mut args: Vec<String>) -> Result<Cli> {
+    let of = match (
+        args.get(1).map(String::as_str),
+        args.get(2).map(String::as_str),
+    ) {
+        (Some("server"), _) => Some(config::Of::Server),
+        (Some("cloudhub"), Some("token" | "kubeconfig" | "help")) => None,
+        (Some("cloudhub"), _) => Some(config::Of::Hub),
+        _ => None,
+    };
+    if let Some(of) = of {
+        let (path, explicit) = config::config_path(&args, of);
+        let command = if of == config::Of::Server {
+            "server"
+        } else {
+            "cloudhub"
+        };
+        let extra = config::file_args(&path, explicit, &flag_names(command), of)?;
         args.splice(2..2, extra);
     }
     let matches = Cli::command()
         .args_override_self(true)
-        .get_matches_from(args);
+        .try_get_matches_from(args)
+        .unwrap_or_else(|e| e.exit());
     Ok(Cli::from_arg_matches(&matches)?)
 }
 
@@ -630,5 +650,54 @@ fn main() {
         tracing::error!("{e:#}");
         eprintln!("edgesite: {e:#}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(args: &[&str]) -> Vec<String> {
+        args.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_hub_reads_its_own_config_file_and_its_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cloudhub-config.yaml");
+        std::fs::write(
+            &file,
+            "site-certificate-lifetime: 30d\ntls-san: [hub.example]\nhttps-listen-port: 6443\n",
+        )
+        .unwrap();
+        let config = format!("--config={}", file.display());
+        let cli = parse_from(argv(&[
+            "edgesite",
+            "cloudhub",
+            &config,
+            "--https-listen-port",
+            "7443",
+            "--tls-san",
+            "10.0.0.9",
+        ]))
+        .unwrap();
+        let Command::Cloudhub(CloudhubCommand {
+            command: None,
+            args,
+        }) = cli.command
+        else {
+            panic!("not the hub");
+        };
+        assert_eq!(args.site_certificate_lifetime.as_secs(), 30 * 86_400);
+        assert_eq!(args.https_listen_port, 7443);
+        assert_eq!(args.tls_san, vec!["hub.example", "10.0.0.9"]);
+        // A key that is not a hub flag is refused, naming the hub's flags.
+        std::fs::write(&file, "cluster-cidr: 10.0.0.0/8\n").unwrap();
+        let error = parse_from(argv(&["edgesite", "cloudhub", &config]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("unknown key \"cluster-cidr\""), "{error}");
+        assert!(error.contains("edgesite cloudhub --help"), "{error}");
     }
 }
