@@ -36,8 +36,11 @@ pub const LINK_USER: &str = "system:edgesite:cloud-link";
 
 /// How often the site's list of APIs is looked at again.
 const API_CHECK: std::time::Duration = std::time::Duration::from_secs(60);
-/// How often the objects the hub placed are looked at for status changes.
+/// How often the objects the hub placed are looked at for status changes when the backend
+/// cannot say when something changed.
 const WORK_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+/// The least time between two looks, so a busy site reports at most once a second.
+const LOOK_GAP: std::time::Duration = std::time::Duration::from_secs(1);
 /// The largest sync batch a site takes.
 const MAX_BATCH: usize = 64 * 1024 * 1024;
 
@@ -59,6 +62,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Serves one HTTP/1.1 connection to the site's API for the cluster proxy; false when the
     /// site has none.
     fn serve_api(&self, io: link::pipe::BodyIo<Body>) -> bool;
+    /// Returns once something at the site may have changed what the status stream reports, or
+    /// after `at_most`; by default after a fixed interval.
+    async fn changed(&self, at_most: std::time::Duration) {
+        tokio::time::sleep(WORK_CHECK.saturating_sub(LOOK_GAP).min(at_most)).await;
+    }
 }
 
 /// A site's own API server as its [`Backend`].
@@ -68,6 +76,44 @@ pub struct ApiBackend {
     applier: apply::Applier,
     /// apiEnablements and when they were listed.
     apis: tokio::sync::Mutex<(Value, Option<std::time::Instant>)>,
+    /// Fires on committed changes at the site (its datastore's change feed, followed from the
+    /// first [`Backend::changed`] on).
+    changes: Arc<tokio::sync::Notify>,
+    following: std::sync::OnceLock<()>,
+}
+
+/// Wakes `changes` on each batch of committed changes other than Events and Leases, until the
+/// datastore closes.
+async fn follow_changes(
+    storage: Arc<dyn apiserver_lite::storage::Storage>,
+    changes: Arc<tokio::sync::Notify>,
+) {
+    let hub = storage.hub();
+    let Ok(mut cursor) = hub.cursor(None) else {
+        return;
+    };
+    loop {
+        match cursor.next(hub, 1024).await {
+            Ok(events) => {
+                let concerns = |key: &str| {
+                    !key.starts_with("/core/events/")
+                        && !key.starts_with("/events.k8s.io/")
+                        && !key.starts_with("/coordination.k8s.io/leases/")
+                };
+                if events.iter().any(|e| concerns(&e.key)) {
+                    changes.notify_one();
+                }
+            }
+            Err(apiserver_lite::storage::StorageError::Closed) => return,
+            Err(_) => {
+                changes.notify_one();
+                match hub.cursor(None) {
+                    Ok(c) => cursor = c,
+                    Err(_) => tokio::time::sleep(WORK_CHECK).await,
+                }
+            }
+        }
+    }
 }
 
 impl ApiBackend {
@@ -81,6 +127,8 @@ impl ApiBackend {
             client,
             api,
             apis: tokio::sync::Mutex::new((Value::Null, None)),
+            changes: Arc::default(),
+            following: std::sync::OnceLock::new(),
         }
     }
 }
@@ -121,6 +169,16 @@ impl Backend for ApiBackend {
 
     async fn report(&self, work: &str, record: &apply::WorkRecord) -> Vec<ObjectStatus> {
         self.applier.report(work, record).await
+    }
+
+    async fn changed(&self, at_most: std::time::Duration) {
+        self.following.get_or_init(|| {
+            tokio::spawn(follow_changes(
+                self.api.storage.clone(),
+                self.changes.clone(),
+            ));
+        });
+        let _ = tokio::time::timeout(at_most, self.changes.notified()).await;
     }
 
     fn serve_api(&self, io: link::pipe::BodyIo<Body>) -> bool {
@@ -369,9 +427,14 @@ async fn status_stream(State(site): State<Site>) -> Response {
                 }
                 spoke = std::time::Instant::now();
             }
+            // Look again when something changed at the site (drift is put back then too), at
+            // most once a second, and at least every heartbeat.
             tokio::select! {
                 _ = site.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(WORK_CHECK) => {}
+                _ = async {
+                    tokio::time::sleep(LOOK_GAP).await;
+                    site.backend.changed(HEARTBEAT).await;
+                } => {}
             }
         }
     });
