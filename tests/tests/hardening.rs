@@ -97,6 +97,71 @@ fn a_site_whose_datastore_is_missing_or_emptied_does_not_start_empty() {
     site.launch_with(&["--disable-agent"]).expect("restart");
 }
 
+/// `edgesite backup` copies a running site's datastore while it is being written; restoring the
+/// copy (stop, copy over state.db, start) brings back every object it held, and the site goes on
+/// from the copy's revision.
+#[test]
+fn a_backup_of_a_running_site_restores_every_object_it_held() {
+    let mut site = Site::start().expect("start site");
+    let mut manifest = String::new();
+    for i in 0..100 {
+        manifest.push_str(&format!(
+            "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: kept-{i}\ndata:\n  v: \"{i}\"\n"
+        ));
+    }
+    site.ok_stdin(&["apply", "-f", "-"], Some(&manifest));
+    // Writes go on while the copy is taken.
+    let kubeconfig = site.kubeconfig();
+    let writer = std::thread::spawn(move || {
+        for i in 0..30 {
+            let _ = std::process::Command::new(tests::kubectl_bin())
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .args(["create", "configmap", &format!("during-{i}")])
+                .output();
+        }
+    });
+    let copy = site.dir.path().join("backup.db");
+    let out = std::process::Command::new(tests::edgesite_bin())
+        .args(["backup", "--data-dir"])
+        .arg(site.data_dir())
+        .arg("-o")
+        .arg(&copy)
+        .output()
+        .expect("run edgesite backup");
+    writer.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("to restore: stop the server"), "{stderr}");
+    assert_eq!(mode(&copy), 0o600);
+    // Made after the copy: gone after the restore.
+    site.ok(&["create", "configmap", "after-the-backup"]);
+
+    site.stop();
+    let server = site.data_dir().join("server");
+    for name in ["state.db-wal", "state.db-shm"] {
+        let _ = std::fs::remove_file(server.join(name));
+    }
+    std::fs::copy(&copy, server.join("state.db")).unwrap();
+    site.launch_with(&["--disable-agent"])
+        .expect("start from the backup");
+    let names = site.ok(&["get", "configmaps", "-o", "name"]);
+    for i in 0..100 {
+        assert!(names.contains(&format!("configmap/kept-{i}\n")), "{names}");
+    }
+    assert!(!names.contains("after-the-backup"), "{names}");
+    site.ok(&["create", "configmap", "after-the-restore"]);
+
+    // No datastore: the message says where it looked.
+    let out = std::process::Command::new(tests::edgesite_bin())
+        .args(["backup", "--data-dir"])
+        .arg(site.dir.path().join("nowhere"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no datastore at"));
+}
+
 #[test]
 fn a_damaged_datastore_stops_the_start_and_damage_found_later_makes_the_server_unready() {
     let mut site = Site::start().expect("start site");

@@ -4,6 +4,7 @@
 //! components; the components themselves live in their crates and take typed configuration.
 
 mod agent;
+mod backup;
 mod cloudhub;
 mod config;
 mod control_plane;
@@ -70,6 +71,9 @@ enum Command {
         #[command(subcommand)]
         command: ImagesCommand,
     },
+    /// Write a consistent copy of this server's datastore while it runs (SQLite's online
+    /// backup); prints the copy's path.
+    Backup(backup::BackupArgs),
     /// The cloud hub that sites attach to (`edgesite server --cloudhub URL --cloudhub-token
     /// TOKEN`): Karmada's Cluster API for every site, and kubectl to any site through the hub.
     Cloudhub(CloudhubCommand),
@@ -607,6 +611,7 @@ fn main() {
                 },
         } => import_images(&files, &container_runtime_endpoint, &containerd_namespace),
         Command::Relay(args) => mesh::run_relay(args),
+        Command::Backup(args) => backup::run(&args),
         Command::Kubeconfig(args) => server::user_kubeconfig(
             &args.data_dir,
             &args.user,
