@@ -254,9 +254,21 @@ fn sites_attach_by_dialing_out_and_kubectl_reaches_each_through_the_hub() {
         ],
         &["get", "--raw", "/edgesite/v1/site-link"],
     );
+    // The TLS handshake refuses it; kubectl says so in whatever words the timing gives it (an
+    // alert about the certificate, or the connection reset while it was still writing).
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
-        !out.status.success() && (err.contains("certificate") || err.contains("Unauthorized")),
+        !out.status.success()
+            && [
+                "certificate",
+                "Unauthorized",
+                "reset by peer",
+                "tls",
+                "EOF",
+                "broken pipe"
+            ]
+            .iter()
+            .any(|w| err.contains(w)),
         "{err}"
     );
 }
