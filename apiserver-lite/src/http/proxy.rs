@@ -149,14 +149,17 @@ async fn load(
         .ok_or_else(|| ApiError::not_found(resource, "", name))
 }
 
-fn plain_http_only(scheme: &str) -> Result<(), ApiError> {
-    if scheme == "https" {
+/// The target a proxy path names (`what`: "pod" or "service"), plain HTTP only.
+fn target_of<'a>(spec: &'a str, what: &str) -> Result<Target<'a>, ApiError> {
+    let target = split_target(spec)
+        .ok_or_else(|| ApiError::bad_request(format!("invalid {what} proxy target {spec:?}")))?;
+    if target.scheme == "https" {
         return Err(ApiError::bad_request(
             "proxying to https: endpoints is not supported by this EdgeSite release; \
              use http: (or no scheme)",
         ));
     }
-    Ok(())
+    Ok(target)
 }
 
 /// The path and query the far end is asked for.
@@ -219,9 +222,7 @@ pub async fn pod(
     tail: &str,
     request: http::Request<Body>,
 ) -> Result<http::Response<Body>, ApiError> {
-    let target = split_target(spec)
-        .ok_or_else(|| ApiError::bad_request(format!("invalid pod proxy target {spec:?}")))?;
-    plain_http_only(target.scheme)?;
+    let target = target_of(spec, "pod")?;
     let pod = load(server, "pods", namespace, target.name).await?;
     let port = if target.port.is_empty() {
         pod.pointer("/spec/containers")
@@ -264,9 +265,7 @@ pub async fn service(
     tail: &str,
     request: http::Request<Body>,
 ) -> Result<http::Response<Body>, ApiError> {
-    let target = split_target(spec)
-        .ok_or_else(|| ApiError::bad_request(format!("invalid service proxy target {spec:?}")))?;
-    plain_http_only(target.scheme)?;
+    let target = target_of(spec, "service")?;
     let service = load(server, "services", namespace, target.name).await?;
     if service.pointer("/spec/type").and_then(Value::as_str) == Some("ExternalName") {
         return Err(ApiError::bad_request(format!(

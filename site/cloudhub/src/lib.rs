@@ -11,6 +11,7 @@
 //! - [`protocol`]: the paths, headers and messages both sides speak.
 //! - [`crds`]: Karmada's resources as the hub serves them.
 
+pub mod changes;
 pub mod crds;
 pub mod hub;
 pub mod protocol;

@@ -45,13 +45,6 @@ fn condition(status: &str, reason: &str, message: &str) -> Value {
     })
 }
 
-fn hash_of(status: &Value) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    status.to_string().hash(&mut hasher);
-    hasher.finish()
-}
-
 impl Clusters {
     pub fn new(client: kube::Client, aggregator: Arc<super::aggregate::Aggregator>) -> Clusters {
         Clusters {
@@ -145,7 +138,7 @@ impl Clusters {
             entry.heard = Some(Instant::now());
             let status = match message {
                 StatusMessage::Cluster { status } => {
-                    let hash = hash_of(&status);
+                    let hash = crate::changes::hash_of(&status);
                     (entry.status != Some(hash)).then_some((status, hash))
                 }
                 _ => None,

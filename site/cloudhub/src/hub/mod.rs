@@ -58,7 +58,12 @@ impl Hub {
         let wake = sites.changed.clone();
         tokio::join!(
             sites.follow(self.client.clone(), self.shutdown.clone()),
-            placement::wake_on_changes(storage, wake.clone(), self.shutdown.clone()),
+            crate::changes::wake_on(
+                storage,
+                placement::concerns_placement,
+                wake.clone(),
+                self.shutdown.clone(),
+            ),
             placement.run(wake, self.shutdown.clone()),
             self.clusters.clone().watch_readiness(self.shutdown.clone()),
             self.aggregator.clone().run(self.shutdown.clone()),

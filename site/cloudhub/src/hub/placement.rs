@@ -36,58 +36,18 @@ const PERIOD: Duration = Duration::from_secs(30);
 /// How long placement lets a burst of changes gather before a pass.
 const SETTLE: Duration = Duration::from_millis(100);
 
-/// Whether a committed change under `key` can change what placement wants: not the hub's
-/// bookkeeping (Events, Leases, the bindings placement writes and their statuses, Clusters,
-/// which [`super::sites::Sites`] follows) nor anything in `kube-system`.
-fn concerns_placement(key: &str) -> bool {
-    const IGNORED: [&str; 6] = [
-        "/core/events/",
-        "/events.k8s.io/events/",
-        "/coordination.k8s.io/leases/",
+/// Whether a committed change under `key` can change what placement wants: not the datastore's
+/// bookkeeping, the bindings placement writes and their statuses, Clusters (which
+/// [`super::sites::Sites`] follows), nor anything in `kube-system`.
+pub fn concerns_placement(key: &str) -> bool {
+    const IGNORED: [&str; 3] = [
         "/cluster.karmada.io/clusters/",
         "/work.karmada.io/resourcebindings/",
         "/work.karmada.io/clusterresourcebindings/",
     ];
-    !IGNORED.iter().any(|p| key.starts_with(p)) && !key.contains("/kube-system/")
-}
-
-/// Wakes placement on every committed change that may concern it, until `shutdown`: the
-/// datastore's own change feed, so no kind needs a watch of its own.
-pub async fn wake_on_changes(
-    storage: Arc<dyn apiserver_lite::storage::Storage>,
-    wake: Arc<tokio::sync::Notify>,
-    shutdown: CancellationToken,
-) {
-    let hub = storage.hub();
-    let mut cursor = match hub.cursor(None) {
-        Ok(c) => c,
-        Err(error) => {
-            tracing::warn!(%error, "placement: the datastore's change feed");
-            return;
-        }
-    };
-    loop {
-        let events = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            events = cursor.next(hub, 1024) => events,
-        };
-        match events {
-            Ok(events) => {
-                if events.iter().any(|e| concerns_placement(&e.key)) {
-                    wake.notify_one();
-                }
-            }
-            Err(apiserver_lite::storage::StorageError::Closed) => return,
-            Err(_) => {
-                // Fell behind the window: look once, and follow from now.
-                wake.notify_one();
-                match hub.cursor(None) {
-                    Ok(c) => cursor = c,
-                    Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
-                }
-            }
-        }
-    }
+    !crate::changes::bookkeeping(key)
+        && !IGNORED.iter().any(|p| key.starts_with(p))
+        && !key.contains("/kube-system/")
 }
 
 /// The namespace of a site's Works at the hub.

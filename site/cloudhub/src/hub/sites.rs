@@ -4,7 +4,6 @@
 //! cost a thousand names and label maps, not a thousand copies of `apiEnablements`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
@@ -70,9 +69,7 @@ pub struct Sites {
 impl State {
     fn site(&mut self, cluster: &DynamicObject) -> Site {
         let enablements = &cluster.data["status"]["apiEnablements"];
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        enablements.to_string().hash(&mut hasher);
-        let key = hasher.finish();
+        let key = crate::changes::hash_of(enablements);
         let kinds = self
             .interned
             .entry(key)

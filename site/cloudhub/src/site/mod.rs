@@ -82,40 +82,6 @@ pub struct ApiBackend {
     following: std::sync::OnceLock<()>,
 }
 
-/// Wakes `changes` on each batch of committed changes other than Events and Leases, until the
-/// datastore closes.
-async fn follow_changes(
-    storage: Arc<dyn apiserver_lite::storage::Storage>,
-    changes: Arc<tokio::sync::Notify>,
-) {
-    let hub = storage.hub();
-    let Ok(mut cursor) = hub.cursor(None) else {
-        return;
-    };
-    loop {
-        match cursor.next(hub, 1024).await {
-            Ok(events) => {
-                let concerns = |key: &str| {
-                    !key.starts_with("/core/events/")
-                        && !key.starts_with("/events.k8s.io/")
-                        && !key.starts_with("/coordination.k8s.io/leases/")
-                };
-                if events.iter().any(|e| concerns(&e.key)) {
-                    changes.notify_one();
-                }
-            }
-            Err(apiserver_lite::storage::StorageError::Closed) => return,
-            Err(_) => {
-                changes.notify_one();
-                match hub.cursor(None) {
-                    Ok(c) => cursor = c,
-                    Err(_) => tokio::time::sleep(WORK_CHECK).await,
-                }
-            }
-        }
-    }
-}
-
 impl ApiBackend {
     pub fn new(api: Arc<ApiServer>) -> ApiBackend {
         let client = kube::Client::new(
@@ -173,9 +139,11 @@ impl Backend for ApiBackend {
 
     async fn changed(&self, at_most: std::time::Duration) {
         self.following.get_or_init(|| {
-            tokio::spawn(follow_changes(
+            tokio::spawn(crate::changes::wake_on(
                 self.api.storage.clone(),
+                |key| !crate::changes::bookkeeping(key),
                 self.changes.clone(),
+                self.api.shutdown.clone(),
             ));
         });
         let _ = tokio::time::timeout(at_most, self.changes.notified()).await;
