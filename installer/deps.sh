@@ -14,7 +14,8 @@ apt_install() {
 }
 
 install_build_deps() {
-  apt_install ca-certificates curl build-essential pkg-config protobuf-compiler
+  # libprotobuf-dev: the well-known .proto files the etcd client is generated from.
+  apt_install ca-certificates curl build-essential pkg-config protobuf-compiler libprotobuf-dev
   if ! command -v cargo >/dev/null 2>&1; then
     if [ -x "$HOME/.cargo/bin/cargo" ]; then
       export PATH="$HOME/.cargo/bin:$PATH"
@@ -38,4 +39,9 @@ install_build_deps() {
 # from the OS packages.
 install_node_deps() {
   apt_install containerd runc containernetworking-plugins iptables iproute2 procps
+}
+
+# What a server with an embedded etcd (--cluster-init) or its tests need: Debian's etcd and etcdctl.
+install_etcd_deps() {
+  apt_install etcd-server etcd-client
 }

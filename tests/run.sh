@@ -32,6 +32,8 @@ apt_install docker-registry busybox-static apache2-utils
 # tinyproxy, the HTTPS proxy a site reaches its cloud hub through (each test starts its own);
 # openssl makes a forged site certificate for the hub to refuse.
 apt_install mosquitto mosquitto-clients tinyproxy openssl
+# Debian's etcd: the etcd backend's tests and the API suite's etcd pass (below).
+install_etcd_deps
 # Client libraries nobody here wrote, for the compatibility tests: the official Python client,
 # kr8s, lightkube, kubernetes-asyncio, kopf and pykube-ng (PyPI); pymodbus, the Modbus TCP server the
 # Modbus mapper is tested against; @kubernetes/client-node (npm).
@@ -83,4 +85,33 @@ if command -v cargo-nextest >/dev/null 2>&1; then
 else
   KUBECTL="$KUBECTL_OLD" cargo test --workspace --locked --test kubectl -- --test-threads 4 || status=$?
 fi
+# The API suite again with every site's state in etcd: one etcd (Debian's etcd-server) on free
+# loopback ports, one key prefix per site (tests/src/lib.rs, EDGESITE_TEST_ETCD).
+echo "== API tests with the state in etcd ($(etcd --version | head -n1))"
+etcd_dir="$repo/target/tmp/etcd-suite"
+rm -rf "$etcd_dir" && mkdir -p "$etcd_dir"
+read -r client_port peer_port < <(python3 -c 'import socket
+s=[socket.socket() for _ in range(2)]
+[x.bind(("127.0.0.1", 0)) for x in s]
+print(*[x.getsockname()[1] for x in s])')
+etcd --name suite --data-dir "$etcd_dir/data" \
+  --listen-client-urls "http://127.0.0.1:$client_port" --advertise-client-urls "http://127.0.0.1:$client_port" \
+  --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+  --initial-cluster "suite=http://127.0.0.1:$peer_port" >"$etcd_dir/etcd.log" 2>&1 &
+etcd_pid=$!
+trap 'kill "$etcd_pid" 2>/dev/null || true' EXIT
+for _ in $(seq 100); do
+  ETCDCTL_API=3 etcdctl --endpoints "http://127.0.0.1:$client_port" endpoint health >/dev/null 2>&1 && break
+  sleep 0.1
+done
+api_suite='binary(kubectl) | binary(python) | binary(client_node) | binary(rbac) | binary(workloads) | binary(client) | binary(cloudhub)'
+if command -v cargo-nextest >/dev/null 2>&1; then
+  EDGESITE_TEST_ETCD="http://127.0.0.1:$client_port" cargo nextest run --workspace --locked --no-fail-fast \
+    --test-threads 4 -E "$api_suite" || status=$?
+else
+  for t in kubectl python client_node rbac workloads client cloudhub; do
+    EDGESITE_TEST_ETCD="http://127.0.0.1:$client_port" cargo test --workspace --locked --test "$t" -- --test-threads 4 || status=$?
+  done
+fi
+kill "$etcd_pid" 2>/dev/null || true
 exit "$status"

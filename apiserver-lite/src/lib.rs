@@ -32,4 +32,4 @@ pub mod structural;
 pub mod tables;
 pub mod validation;
 
-pub use server::{Advertise, Config, ServerError, run};
+pub use server::{Advertise, Config, Datastore, ServerError, run};

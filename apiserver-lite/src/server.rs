@@ -12,8 +12,33 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::TokenAuthenticator;
 use crate::http::{self, ApiServer};
 use crate::services::ServiceNetwork;
+use crate::storage::etcd::{EtcdConfig, EtcdStorage};
 use crate::storage::sqlite::SqliteStorage;
 use crate::storage::{Storage, StorageError};
+
+/// Where the cluster state lives.
+#[derive(Debug, Clone)]
+pub enum Datastore {
+    /// One SQLite file (one server).
+    Sqlite(PathBuf),
+    /// An etcd cluster (several servers may share it).
+    Etcd(EtcdConfig),
+}
+
+impl Datastore {
+    pub async fn open(&self, watch_window: usize) -> Result<Arc<dyn Storage>, StorageError> {
+        Ok(match self {
+            Datastore::Sqlite(path) => Arc::new(SqliteStorage::open(path, watch_window)?),
+            Datastore::Etcd(config) => Arc::new(EtcdStorage::open(config, watch_window).await?),
+        })
+    }
+}
+
+impl From<&std::path::Path> for Datastore {
+    fn from(path: &std::path::Path) -> Self {
+        Datastore::Sqlite(path.to_path_buf())
+    }
+}
 
 /// Namespaces every cluster has after start.
 pub const DEFAULT_NAMESPACES: &[&str] =
@@ -21,8 +46,8 @@ pub const DEFAULT_NAMESPACES: &[&str] =
 
 /// Typed configuration of the API server; the binary builds it from flags and files.
 pub struct Config {
-    /// The SQLite database file.
-    pub database: PathBuf,
+    /// Where the cluster state lives.
+    pub datastore: Datastore,
     pub tls: Arc<rustls::ServerConfig>,
     pub tokens: TokenAuthenticator,
     /// How many recent changes watchers can resume from.
@@ -61,7 +86,7 @@ pub async fn prepare(
     shutdown: CancellationToken,
 ) -> Result<Arc<ApiServer>, ServerError> {
     prepare_store(
-        &config.database,
+        &config.datastore,
         config.watch_window,
         config.tokens.clone(),
         config.service_network.clone(),
@@ -87,14 +112,14 @@ pub async fn prepare(
 
 /// [`prepare`] without TLS settings: what an in-process server (tests, one-binary wiring) needs.
 pub async fn prepare_store(
-    database: &std::path::Path,
+    datastore: &Datastore,
     watch_window: usize,
     tokens: TokenAuthenticator,
     service_network: ServiceNetwork,
     advertise: Option<Advertise>,
     shutdown: CancellationToken,
 ) -> Result<Arc<ApiServer>, ServerError> {
-    let storage: Arc<dyn Storage> = Arc::new(SqliteStorage::open(database, watch_window)?);
+    let storage = datastore.open(watch_window).await?;
     let server = Arc::new(ApiServer::new(storage, tokens, service_network, shutdown));
     for name in DEFAULT_NAMESPACES {
         let object = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});

@@ -340,6 +340,13 @@ impl Site {
             .arg(if self.hub { "cloudhub" } else { "server" })
             .arg("--config")
             .arg(self.dir.path().join("no-config.yaml"));
+        if let Some((endpoint, prefix)) = self.shared_etcd() {
+            command
+                .arg("--datastore-endpoint")
+                .arg(endpoint)
+                .arg("--etcd-prefix")
+                .arg(prefix);
+        }
         command
             .arg("--data-dir")
             .arg(self.data_dir())
@@ -350,6 +357,26 @@ impl Site {
             .arg("--write-kubeconfig")
             .arg(self.kubeconfig());
         command
+    }
+
+    /// With `EDGESITE_TEST_ETCD` (an etcd's client URL, as `tests/run.sh` sets for its etcd pass)
+    /// every site keeps its state there, under a prefix of its own, instead of in SQLite; a test
+    /// that names its own datastore, or runs in a network namespace, keeps SQLite.
+    pub fn shared_etcd(&self) -> Option<(String, String)> {
+        let endpoint = std::env::var("EDGESITE_TEST_ETCD")
+            .ok()
+            .filter(|e| !e.is_empty())?;
+        // A server in a network namespace cannot reach the etcd on the host's loopback.
+        if self.netns.is_some()
+            || self
+                .extra
+                .iter()
+                .any(|f| f.starts_with("--datastore-endpoint"))
+        {
+            return None;
+        }
+        let name = self.dir.path().file_name()?.to_string_lossy().into_owned();
+        Some((endpoint, format!("/edgesite-test/{name}")))
     }
 
     /// Starts (again) on the same data dir and port.
@@ -390,6 +417,13 @@ impl Site {
             if self.kubeconfig().exists() && listening {
                 let out = self.kubectl(&["get", "--raw", "/readyz"])?;
                 if out.status.success() {
+                    let sqlite = self.data_dir().join("server").join("state.db");
+                    if self.shared_etcd().is_some() && sqlite.exists() {
+                        bail!(
+                            "the site was to keep its state in etcd, but {} exists",
+                            sqlite.display()
+                        );
+                    }
                     return Ok(());
                 }
             }

@@ -282,7 +282,7 @@ async fn concurrent_patches_to_one_object_all_land() {
 async fn in_process_client_runs_the_same_code_path() {
     let dir = tempfile::tempdir().unwrap();
     let server = apiserver_lite::server::prepare_store(
-        &dir.path().join("state.db"),
+        &dir.path().join("state.db").as_path().into(),
         1024,
         Default::default(),
         Default::default(),
@@ -320,7 +320,7 @@ async fn only_one_candidate_leads_and_the_other_takes_over() {
     use controllers::leader;
     let dir = tempfile::tempdir().unwrap();
     let server = apiserver_lite::server::prepare_store(
-        &dir.path().join("state.db"),
+        &dir.path().join("state.db").as_path().into(),
         1024,
         Default::default(),
         Default::default(),

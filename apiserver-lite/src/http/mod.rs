@@ -221,7 +221,12 @@ fn health(server: &ApiServer, route: &Route) -> Response {
         )
             .into_response();
     }
-    if !live && let Some(why) = server.storage.damaged() {
+    if !live
+        && let Some(why) = server
+            .storage
+            .damaged()
+            .or_else(|| server.storage.unavailable())
+    {
         return (
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("[-]datastore failed: {why}\nhealthz check failed\n"),

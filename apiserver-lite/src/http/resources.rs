@@ -69,6 +69,7 @@ fn storage_error(info: &ResourceInfo, name: &str, e: StorageError) -> ApiError {
         StorageError::Damaged(msg) => {
             ApiError::internal(format!("the datastore is damaged: {msg}"))
         }
+        StorageError::Unavailable(msg) => ApiError::service_unavailable(msg),
         e @ StorageError::TooLarge { .. } => {
             ApiError::new(413, "RequestEntityTooLarge", e.to_string())
         }
@@ -976,7 +977,7 @@ impl Ctx {
             .number("limit")?
             .filter(|l| *l > 0)
             .map(|l| l as usize);
-        let current = self.server.storage.revision();
+        let mut current = self.server.storage.revision();
         let mut start_after: Option<String> = None;
         let mut list_rv: Option<u64> = None;
         if let Some(token) = query.get("continue").filter(|t| !t.is_empty()) {
@@ -996,6 +997,15 @@ impl Ctx {
             let wanted: u64 = rv
                 .parse()
                 .map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv:?}")))?;
+            if wanted > current {
+                // Another server may have written it: ask the datastore.
+                current = self
+                    .server
+                    .storage
+                    .current_revision()
+                    .await
+                    .map_err(|e| storage_error(&self.info, "", e))?;
+            }
             match query.get("resourceVersionMatch") {
                 Some("Exact") if wanted != current => {
                     return Err(ApiError::expired(format!(
@@ -1042,13 +1052,20 @@ impl Ctx {
             let mut cursor = start_after.clone();
             loop {
                 let want = limit.map(|l| ((l - items.len()).max(1) * 2).max(64));
+                // Every page of one list reads one revision (where the datastore keeps history).
                 let listing = self
                     .server
                     .storage
-                    .list(&prefix, cursor.as_deref(), want)
+                    .list_at(&prefix, cursor.as_deref(), want, list_rv)
                     .await
-                    .map_err(|e| storage_error(&self.info, "", e))?;
+                    .map_err(|e| match e {
+                        StorageError::Expired { .. } => ApiError::expired(
+                            "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+                        ),
+                        e => storage_error(&self.info, "", e),
+                    })?;
                 revision = listing.revision;
+                list_rv.get_or_insert(revision);
                 let more = listing.continue_after.is_some();
                 let mut last_key = None;
                 for item in listing.items {
@@ -1076,7 +1093,7 @@ impl Ctx {
                             let probe = self
                                 .server
                                 .storage
-                                .list(&prefix, Some(k), Some(1))
+                                .list_at(&prefix, Some(k), Some(1), list_rv)
                                 .await
                                 .map_err(|e| storage_error(&self.info, "", e))?;
                             if !probe.items.is_empty() {

@@ -268,7 +268,9 @@ pub async fn watch(
         Some(listing)
     } else {
         if from_now {
-            last_sent = hub_storage.revision();
+            // What the cursor starts after: with several servers the datastore's revision may
+            // be ahead of what this server's watch has published.
+            last_sent = cursor.after;
         }
         None
     };

@@ -7,8 +7,9 @@
 //! before the writer answers, so a client that writes and then watches from the returned revision
 //! never misses its own change.
 //!
-//! Start with [`Storage`]; the SQLite implementation is in [`sqlite`].
+//! Start with [`Storage`]; the SQLite implementation is in [`sqlite`], the etcd one in [`etcd`].
 
+pub mod etcd;
 pub mod sqlite;
 pub mod watch;
 
@@ -73,6 +74,9 @@ pub enum StorageError {
     /// The datastore's file is damaged (SQLite's "malformed" or "not a database").
     #[error("the datastore is damaged: {0}")]
     Damaged(String),
+    /// The datastore cannot be reached or did not answer in time (etcd's own words).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// The largest object (as JSON) a datastore keeps: etcd's default request limit, so that what a
@@ -87,7 +91,7 @@ pub fn check_size(text: &str) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// What the API server needs from a datastore. Implemented by SQLite (default) and, later, etcd.
+/// What the API server needs from a datastore. Implemented by SQLite (default) and etcd.
 #[async_trait::async_trait]
 pub trait Storage: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<Stored>, StorageError>;
@@ -100,6 +104,20 @@ pub trait Storage: Send + Sync + 'static {
         start_after: Option<&str>,
         limit: Option<usize>,
     ) -> Result<Listing, StorageError>;
+
+    /// [`Storage::list`] as the datastore was at revision `at` (a continued list reads the
+    /// revision its first page read). A datastore that keeps only the current state (SQLite)
+    /// reads that; a revision the datastore no longer keeps is `Expired`.
+    async fn list_at(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: Option<usize>,
+        at: Option<u64>,
+    ) -> Result<Listing, StorageError> {
+        let _ = at;
+        self.list(prefix, start_after, limit).await
+    }
 
     /// Stores a new object; the stored copy carries the new `metadata.resourceVersion`.
     async fn create(&self, key: &str, object: Value) -> Result<Stored, StorageError>;
@@ -116,8 +134,14 @@ pub trait Storage: Send + Sync + 'static {
     /// Removes an object; returns its last state with the deletion's revision.
     async fn delete(&self, key: &str, expected: Option<u64>) -> Result<Stored, StorageError>;
 
-    /// The latest committed revision.
+    /// The latest committed revision this server knows of.
     fn revision(&self) -> u64;
+
+    /// The datastore's latest revision, asked for now (with several servers another may have
+    /// written since this one last heard).
+    async fn current_revision(&self) -> Result<u64, StorageError> {
+        Ok(self.revision())
+    }
 
     /// The hub that publishes committed changes.
     fn hub(&self) -> &WatchHub;
@@ -125,6 +149,11 @@ pub trait Storage: Send + Sync + 'static {
     /// Why the datastore cannot be trusted, once an operation has found it damaged: `/readyz`
     /// and `/healthz` fail with it.
     fn damaged(&self) -> Option<String> {
+        None
+    }
+
+    /// Why the datastore cannot be reached, while it cannot: `/readyz` fails with it.
+    fn unavailable(&self) -> Option<String> {
         None
     }
 }

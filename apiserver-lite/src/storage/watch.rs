@@ -124,6 +124,37 @@ impl WatchHub {
         self.latest.send_replace(last);
     }
 
+    /// Moves the latest revision on without events: every change up to `revision` has been
+    /// published (an etcd progress notification).
+    pub fn advance(&self, revision: u64) {
+        self.latest.send_if_modified(|latest| {
+            if revision > *latest {
+                *latest = revision;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Forgets every kept event and starts again at `revision`: every cursor before it expires
+    /// (its watcher relists). For a datastore that lost changes the hub had not seen.
+    pub fn reset(&self, revision: u64) {
+        {
+            let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
+            window.events.clear();
+            window.bytes = 0;
+            window.oldest = window.oldest.max(revision);
+        }
+        self.latest.send_replace(revision.max(self.latest()));
+    }
+
+    /// Waits until `revision` has been published.
+    pub async fn wait_for(&self, revision: u64) {
+        let mut changed = self.latest.subscribe();
+        let _ = changed.wait_for(|latest| *latest >= revision).await;
+    }
+
     /// A cursor after revision `after` (`None`: after the latest one).
     pub fn cursor(&self, after: Option<u64>) -> Result<Cursor, StorageError> {
         let mut changed = self.latest.subscribe();

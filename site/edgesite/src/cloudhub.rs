@@ -43,6 +43,9 @@ pub struct HubArgs {
     /// over their link when two thirds of it have passed.
     #[arg(long, default_value = "365d", value_parser = parse_lifetime)]
     pub site_certificate_lifetime: std::time::Duration,
+    /// Several hubs share one etcd: the same flags as `edgesite server`'s.
+    #[command(flatten)]
+    pub datastore: crate::DatastoreArgs,
 }
 
 /// `90s`, `30m`, `12h` or `365d`, at least a minute.
@@ -114,6 +117,24 @@ fn server_args(hub: &HubArgs) -> Result<crate::ServerArgs> {
     if hub.reset_datastore {
         argv.push("--reset-datastore".into());
     }
+    let store = &hub.datastore;
+    let files = [
+        ("--datastore-cafile", &store.datastore_cafile),
+        ("--datastore-certfile", &store.datastore_certfile),
+        ("--datastore-keyfile", &store.datastore_keyfile),
+    ];
+    if let Some(endpoint) = &store.datastore_endpoint {
+        argv.push("--datastore-endpoint".into());
+        argv.push(endpoint.clone());
+    }
+    for (flag, file) in files {
+        if let Some(file) = file {
+            argv.push(flag.into());
+            argv.push(file.display().to_string());
+        }
+    }
+    argv.push("--etcd-prefix".into());
+    argv.push(store.etcd_prefix.clone());
     let command = crate::ServerArgs::augment_args(clap::Command::new("cloudhub"));
     let matches = command
         .try_get_matches_from(argv)
@@ -182,9 +203,17 @@ mod tests {
             write_kubeconfig_mode: "0600".into(),
             reset_datastore: false,
             site_certificate_lifetime: std::time::Duration::from_secs(86_400),
+            datastore: crate::DatastoreArgs {
+                datastore_endpoint: Some("http://127.0.0.1:2379".into()),
+                etcd_prefix: "/hub".into(),
+                ..Default::default()
+            },
         };
         let args = super::server_args(&hub).unwrap();
         assert!(args.disable_agent);
+        let etcd = args.datastore.etcd().unwrap().unwrap();
+        assert_eq!(etcd.endpoints, ["http://127.0.0.1:2379"]);
+        assert_eq!(etcd.prefix, "/hub");
         assert_eq!(args.https_listen_port, 5999);
         assert_eq!(args.tls_san, vec!["hub.example".to_string()]);
         assert!(args.cloudhub.is_none());

@@ -39,7 +39,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the site's control plane (the Kubernetes API server on embedded SQLite, the
+    /// Run the site's control plane (the Kubernetes API server on embedded SQLite or etcd, the
     /// scheduler and controllers) and, unless --disable-agent, a node agent on this machine.
     Server(Box<ServerArgs>),
     /// Join this machine to a site as a node: edgesite agent --server https://HOST:6443 --token TOKEN
@@ -85,7 +85,7 @@ struct CloudhubCommand {
     #[command(subcommand)]
     command: Option<CloudhubSubcommand>,
     #[command(flatten)]
-    args: cloudhub::HubArgs,
+    args: Box<cloudhub::HubArgs>,
 }
 
 #[derive(Subcommand)]
@@ -233,6 +233,85 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs(seconds))
 }
 
+/// Where a server keeps the cluster state: SQLite in the data dir unless an etcd is named.
+/// Names follow K3s.
+#[derive(Args, Clone, Debug, Default)]
+pub struct DatastoreArgs {
+    /// Keep the cluster state in this etcd instead of SQLite: its client URLs, comma separated
+    /// (e.g. https://etcd1:2379,https://etcd2:2379). Several servers may share it.
+    #[arg(
+        long,
+        value_name = "URLS",
+        env = "EDGESITE_DATASTORE_ENDPOINT",
+        hide_env_values = true
+    )]
+    pub datastore_endpoint: Option<String>,
+    /// CA certificate (PEM) that etcd's serving certificate is checked against.
+    #[arg(long, value_name = "FILE", env = "EDGESITE_DATASTORE_CAFILE")]
+    pub datastore_cafile: Option<PathBuf>,
+    /// Client certificate (PEM) this server presents to etcd.
+    #[arg(long, value_name = "FILE", env = "EDGESITE_DATASTORE_CERTFILE")]
+    pub datastore_certfile: Option<PathBuf>,
+    /// Key (PEM) of --datastore-certfile.
+    #[arg(long, value_name = "FILE", env = "EDGESITE_DATASTORE_KEYFILE")]
+    pub datastore_keyfile: Option<PathBuf>,
+    /// Prefix of this site's keys in etcd: sites with different prefixes can share one etcd.
+    #[arg(long, value_name = "PREFIX", default_value = "/registry")]
+    pub etcd_prefix: String,
+}
+
+impl DatastoreArgs {
+    /// The etcd these flags name, if any; a clear error for a URL that is not one.
+    pub fn etcd(&self) -> Result<Option<apiserver_lite::storage::etcd::EtcdConfig>> {
+        let Some(endpoint) = &self.datastore_endpoint else {
+            if self.datastore_cafile.is_some()
+                || self.datastore_certfile.is_some()
+                || self.datastore_keyfile.is_some()
+            {
+                anyhow::bail!("--datastore-cafile/-certfile/-keyfile need --datastore-endpoint");
+            }
+            return Ok(None);
+        };
+        let endpoints: Vec<String> = endpoint
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(str::to_string)
+            .collect();
+        if endpoints.is_empty() {
+            anyhow::bail!(
+                "--datastore-endpoint is empty: give etcd's client URLs, e.g. https://etcd1:2379"
+            );
+        }
+        for e in &endpoints {
+            let Some((scheme, rest)) = e.split_once("://") else {
+                anyhow::bail!("--datastore-endpoint {e:?}: give a URL such as https://etcd1:2379");
+            };
+            if scheme != "http" && scheme != "https" {
+                anyhow::bail!(
+                    "--datastore-endpoint {e:?}: only etcd is supported (http:// or https:// URLs); \
+                     without the flag the state is kept in SQLite in the data dir"
+                );
+            }
+            if rest.is_empty() {
+                anyhow::bail!("--datastore-endpoint {e:?}: the host is missing");
+            }
+        }
+        if !self.etcd_prefix.starts_with('/') || self.etcd_prefix.trim_matches('/').is_empty() {
+            anyhow::bail!(
+                "--etcd-prefix {:?}: give a path such as /registry or /sites/shop-17",
+                self.etcd_prefix
+            );
+        }
+        let mut config = apiserver_lite::storage::etcd::EtcdConfig::new(endpoints);
+        config.prefix = self.etcd_prefix.clone();
+        config.ca_file = self.datastore_cafile.clone();
+        config.cert_file = self.datastore_certfile.clone();
+        config.key_file = self.datastore_keyfile.clone();
+        Ok(Some(config))
+    }
+}
+
 /// Flags of `edgesite server`; names follow K3s where K3s has the same flag.
 #[derive(Args, Clone, Debug)]
 pub struct ServerArgs {
@@ -302,6 +381,8 @@ pub struct ServerArgs {
     pub disable_mesh_relay: bool,
     #[command(flatten)]
     pub agent: AgentArgs,
+    #[command(flatten)]
+    pub datastore: DatastoreArgs,
     /// Shared secret that agents will use to join this site (generated when absent).
     #[arg(long, env = "EDGESITE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -583,7 +664,7 @@ fn main() {
         Command::Cloudhub(CloudhubCommand {
             command: None,
             args,
-        }) => cloudhub::run(args),
+        }) => cloudhub::run(*args),
         Command::Cloudhub(CloudhubCommand {
             command: Some(CloudhubSubcommand::Kubeconfig(args)),
             ..
@@ -704,5 +785,28 @@ mod tests {
             .to_string();
         assert!(error.contains("unknown key \"cluster-cidr\""), "{error}");
         assert!(error.contains("edgesite cloudhub --help"), "{error}");
+    }
+
+    #[test]
+    fn datastore_flags_name_an_etcd_or_say_what_is_wrong() {
+        let store = |endpoint: Option<&str>, prefix: &str| DatastoreArgs {
+            datastore_endpoint: endpoint.map(str::to_string),
+            etcd_prefix: prefix.into(),
+            ..Default::default()
+        };
+        assert!(store(None, "/registry").etcd().unwrap().is_none());
+        let etcd = store(Some("https://a:2379, https://b:2379"), "/sites/x")
+            .etcd()
+            .unwrap()
+            .unwrap();
+        assert_eq!(etcd.endpoints, ["https://a:2379", "https://b:2379"]);
+        assert_eq!(etcd.prefix, "/sites/x");
+        let error = |s: DatastoreArgs| s.etcd().unwrap_err().to_string();
+        assert!(error(store(Some("mysql://u@tcp(h)/db"), "/registry")).contains("only etcd"));
+        assert!(error(store(Some("etcd1:2379"), "/registry")).contains("give a URL"));
+        assert!(error(store(Some("http://a:2379"), "registry")).contains("--etcd-prefix"));
+        let mut files = store(None, "/registry");
+        files.datastore_cafile = Some("/ca.pem".into());
+        assert!(error(files).contains("need --datastore-endpoint"));
     }
 }

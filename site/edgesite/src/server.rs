@@ -527,7 +527,20 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
     };
     let pki = Pki::new(&args.data_dir);
     let database = server_dir.join("state.db");
-    check_datastore(&pki, &database, args.reset_datastore)?;
+    let datastore = match args.datastore.etcd()? {
+        Some(etcd) => {
+            tracing::info!(
+                "cluster state in etcd at {} under {}",
+                etcd.endpoints.join(","),
+                etcd.prefix
+            );
+            apiserver_lite::Datastore::Etcd(etcd)
+        }
+        None => {
+            check_datastore(&pki, &database, args.reset_datastore)?;
+            apiserver_lite::Datastore::Sqlite(database.clone())
+        }
+    };
     let ca = pki.ca()?;
     let service_ip = service_network.first().to_string();
     let wanted = sans(&args, Some(service_ip.clone()));
@@ -577,7 +590,7 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
             shutdown.clone(),
         ));
         let config = apiserver_lite::Config {
-            database,
+            datastore,
             tls,
             tokens,
             watch_window: 8192,
@@ -598,7 +611,6 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
                 anyhow::anyhow!("{e}\n(or run the control plane alone with --disable-agent)")
             })?;
         }
-        let database = config.database.clone();
         let api = apiserver_lite::server::prepare(&config, shutdown.clone())
             .await
             .map_err(|e| match e {
