@@ -134,23 +134,11 @@ pub async fn prepare_store(
             }
         }
     }
-    // Serve the custom resources of the CRDs already stored.
-    let crds = server
-        .storage
-        .list(
-            "/apiextensions.k8s.io/customresourcedefinitions/",
-            None,
-            None,
-        )
-        .await?;
-    for raw in crds.items {
-        let item = raw.value()?;
-        let name = item
-            .pointer("/metadata/name")
-            .and_then(|n| n.as_str())
-            .unwrap_or("");
-        crate::crd::sync(&server.registry, name, Some(&item));
-    }
+    // Serve the custom resources of the CRDs already stored, then follow the CRDs: another
+    // server sharing the datastore may add, change or remove one.
+    let crd_cursor = server.storage.hub().cursor(None)?;
+    load_crds(&server).await?;
+    tokio::spawn(follow_crds(server.clone(), crd_cursor));
     for problem in server.services.repair(&*server.storage).await? {
         tracing::warn!("{problem}");
     }
@@ -168,6 +156,72 @@ pub async fn prepare_store(
     crate::apiservices::sync(&server).await;
     server.ready.store(true, Ordering::Release);
     Ok(server)
+}
+
+const CRD_PREFIX: &str = "/apiextensions.k8s.io/customresourcedefinitions/";
+
+/// Serves exactly the custom resources of the stored CRDs.
+async fn load_crds(server: &Arc<ApiServer>) -> Result<(), StorageError> {
+    let crds = server.storage.list(CRD_PREFIX, None, None).await?;
+    let mut names = std::collections::HashSet::new();
+    for raw in crds.items {
+        let item = raw.value()?;
+        let name = item
+            .pointer("/metadata/name")
+            .and_then(|n| n.as_str())
+            .unwrap_or("")
+            .to_string();
+        crate::crd::sync(&server.registry, &name, Some(&item));
+        names.insert(name);
+    }
+    server
+        .registry
+        .retain(|r| r.custom.is_none() || names.contains(&format!("{}.{}", r.resource, r.group)));
+    Ok(())
+}
+
+/// Keeps the served custom resources in step with the stored CRDs, whichever server wrote them
+/// (the writing server has already applied its own write; applying the stored state again is
+/// harmless). A cursor that fell behind the watch window reloads every CRD.
+async fn follow_crds(server: Arc<ApiServer>, mut cursor: crate::storage::Cursor) {
+    loop {
+        let events = tokio::select! {
+            _ = server.shutdown.cancelled() => return,
+            events = cursor.next(server.storage.hub(), 256) => events,
+        };
+        let changed: std::collections::BTreeSet<String> = match events {
+            Ok(events) => events
+                .iter()
+                .filter_map(|e| e.key.strip_prefix(CRD_PREFIX))
+                .map(str::to_string)
+                .collect(),
+            Err(StorageError::Expired { .. }) => {
+                match server.storage.hub().cursor(None) {
+                    Ok(c) => cursor = c,
+                    Err(_) => continue,
+                }
+                if let Err(e) = load_crds(&server).await {
+                    tracing::warn!("reloading the CRDs failed: {e}");
+                }
+                crate::apiservices::sync_soon(server.clone());
+                continue;
+            }
+            Err(_) => return,
+        };
+        if changed.is_empty() {
+            continue;
+        }
+        for name in &changed {
+            let key = format!("{CRD_PREFIX}{name}");
+            match server.storage.get(&key).await {
+                Ok(stored) => {
+                    crate::crd::sync(&server.registry, name, stored.as_ref().map(|s| &*s.object))
+                }
+                Err(e) => tracing::warn!("reading CRD {name} failed: {e}"),
+            }
+        }
+        crate::apiservices::sync_soon(server.clone());
+    }
 }
 
 /// Creates the bootstrap RBAC policy's missing roles and bindings and adds what the stored ones
@@ -366,4 +420,89 @@ pub async fn run(
     let app = http::router(server);
     http::serve(listener, config.tls.clone(), app, shutdown).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::etcd::{EtcdConfig, tests::TestEtcd};
+
+    async fn server_on(etcd: &TestEtcd) -> Arc<ApiServer> {
+        let mut config = EtcdConfig::new(vec![etcd.url.clone()]);
+        config.prefix = "/registry".into();
+        let datastore = Datastore::Etcd(config);
+        prepare_store(
+            &datastore,
+            1024,
+            TokenAuthenticator::default(),
+            ServiceNetwork::default(),
+            None,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Two servers on one etcd: a CRD written through one is served by the other, and so is its
+    /// removal.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_server_serves_the_crds_any_server_stored() {
+        let etcd = TestEtcd::start().await;
+        let one = server_on(&etcd).await;
+        let two = server_on(&etcd).await;
+        let crd = json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": "crontabs.stable.example.com"},
+            "spec": {"group": "stable.example.com", "scope": "Namespaced",
+                "names": {"plural": "crontabs", "singular": "crontab", "kind": "CronTab"},
+                "versions": [{"name": "v1", "served": true, "storage": true,
+                    "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]}});
+        http::resources::create_internal(
+            &one,
+            "apiextensions.k8s.io",
+            "v1",
+            "customresourcedefinitions",
+            "",
+            crd,
+        )
+        .await
+        .unwrap();
+        let served =
+            |server: &Arc<ApiServer>| server.registry.get("stable.example.com", "v1", "crontabs");
+        assert!(served(&one).is_some());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while served(&two).is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the other server never served it"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        http::resources::create_internal(
+            &two,
+            "stable.example.com",
+            "v1",
+            "crontabs",
+            "default",
+            json!({"apiVersion": "stable.example.com/v1", "kind": "CronTab", "metadata": {"name": "c"}}),
+        )
+        .await
+        .unwrap();
+        http::resources::delete_internal(
+            &one,
+            "apiextensions.k8s.io",
+            "v1",
+            "customresourcedefinitions",
+            "",
+            "crontabs.stable.example.com",
+        )
+        .await
+        .unwrap();
+        while served(&two).is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the other server still serves it"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
 }

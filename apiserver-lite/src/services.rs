@@ -6,6 +6,14 @@
 //! bookkeeping, and a restart cannot lose or duplicate allocations. [`Allocator::repair`] runs
 //! at start-up and reports addresses that ended up on two Services (say, after an older
 //! version or a restored backup).
+//!
+//! Several servers sharing one datastore (etcd) could pick the same free address for two
+//! Services written at once. Before an address is used, the allocating server therefore
+//! creates a claim for it in the datastore (`/edgesite.io/serviceallocations/ip/<ip>`,
+//! `.../nodeport/<port>`): a create, which only one server can win. A claim only arbitrates
+//! writes in flight: an address no stored Service uses is free again once its claim is older
+//! than [`CLAIM_FRESH`] (the Service's write has long succeeded or failed by then), and is then
+//! claimed anew with a compare-and-swap.
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -92,6 +100,47 @@ impl ServiceNetwork {
 
     fn port_range(&self) -> String {
         format!("{}-{}", self.node_ports.start(), self.node_ports.end())
+    }
+}
+
+/// Where claims live in the datastore (not served by the API).
+pub const CLAIMS: &str = "/edgesite.io/serviceallocations/";
+/// How long a claim holds an address that no stored Service uses.
+pub const CLAIM_FRESH: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Claims `what` (`ip/10.43.0.7`, `nodeport/30080`) for Service `owner` (`namespace/name`):
+/// `false` when another write holds it.
+async fn claim(storage: &dyn Storage, what: &str, owner: &str) -> Result<bool, StorageError> {
+    let key = format!("{CLAIMS}{what}");
+    let now = chrono::Utc::now();
+    let claim = json!({"owner": owner, "claimed": now.to_rfc3339()});
+    match storage.create(&key, claim.clone()).await {
+        Ok(_) => return Ok(true),
+        Err(StorageError::AlreadyExists(_)) => {}
+        Err(e) => return Err(e),
+    }
+    let Some(held) = storage.get(&key).await? else {
+        // Removed meanwhile: try once more.
+        return Ok(storage.create(&key, claim).await.is_ok());
+    };
+    let mine = held.object.get("owner").and_then(Value::as_str) == Some(owner);
+    let stale = held
+        .object
+        .get("claimed")
+        .and_then(Value::as_str)
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .is_none_or(|t| {
+            now.signed_duration_since(t)
+                .to_std()
+                .is_ok_and(|age| age > CLAIM_FRESH)
+        });
+    if !mine && !stale {
+        return Ok(false);
+    }
+    match storage.update(&key, claim, Some(held.revision)).await {
+        Ok(_) => Ok(true),
+        Err(StorageError::Conflict { .. } | StorageError::NotFound(_)) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -290,7 +339,11 @@ impl Allocator {
                                     &json!([requested]),
                                     &format!("failed to allocate IP {requested}: the provided IP ({requested}) is not in the valid range. The range of valid IPs is {}", self.network.cidr()),
                                 ));
-                            } else if used_ips.contains(&ip) {
+                            } else if used_ips.contains(&ip)
+                                || !claim(storage, &format!("ip/{requested}"), &me)
+                                    .await
+                                    .map_err(AssignError::Storage)?
+                            {
                                 causes.push(Cause::invalid("spec.clusterIPs", &json!([requested]), &format!("failed to allocate IP {requested}: provided IP is already allocated")));
                             } else {
                                 reserve_ip(&mut reservation, ip);
@@ -300,19 +353,26 @@ impl Allocator {
                     }
                     spec.insert("clusterIPs".into(), json!([requested]));
                 }
-                None => match self.free_ip(&used_ips) {
-                    Some(ip) => {
-                        reserve_ip(&mut reservation, ip);
-                        let text = Ipv4Addr::from(ip).to_string();
-                        spec.insert("clusterIP".into(), json!(text));
-                        spec.insert("clusterIPs".into(), json!([text]));
-                    }
-                    None => {
+                None => loop {
+                    let Some(ip) = self.free_ip(&used_ips) else {
                         return Err(AssignError::Full(format!(
                             "failed to allocate a serviceIP: range is full ({})",
                             self.network.cidr()
                         )));
+                    };
+                    let text = Ipv4Addr::from(ip).to_string();
+                    if !claim(storage, &format!("ip/{text}"), &me)
+                        .await
+                        .map_err(AssignError::Storage)?
+                    {
+                        // Another server's write in flight has it.
+                        used_ips.insert(ip);
+                        continue;
                     }
+                    reserve_ip(&mut reservation, ip);
+                    spec.insert("clusterIP".into(), json!(text));
+                    spec.insert("clusterIPs".into(), json!([text]));
+                    break;
                 },
             }
             spec.entry("ipFamilies").or_insert_with(|| json!(["IPv4"]));
@@ -377,20 +437,32 @@ impl Allocator {
                             Some(p) if used_ports.contains(&p) || reservation.ports.contains(&p) => {
                                 causes.push(Cause::invalid(field, &json!(requested), "provided port is already allocated"))
                             }
-                            Some(p) => reserve_port(&mut reservation, p),
+                            Some(p) => {
+                                if claim(storage, &format!("nodeport/{p}"), &me).await.map_err(AssignError::Storage)? {
+                                    reserve_port(&mut reservation, p);
+                                } else {
+                                    causes.push(Cause::invalid(field, &json!(requested), "provided port is already allocated"));
+                                }
+                            }
                         }
                     }
-                    None => match self.free_port(&used_ports, &reservation.ports) {
-                        Some(p) => {
-                            reserve_port(&mut reservation, p);
-                            port.insert("nodePort".into(), json!(p));
-                        }
-                        None => {
+                    None => loop {
+                        let Some(p) = self.free_port(&used_ports, &reservation.ports) else {
                             return Err(AssignError::Full(format!(
                                 "failed to allocate a nodePort: range is full ({})",
                                 self.network.port_range()
                             )));
+                        };
+                        if !claim(storage, &format!("nodeport/{p}"), &me)
+                            .await
+                            .map_err(AssignError::Storage)?
+                        {
+                            used_ports.insert(p);
+                            continue;
                         }
+                        reserve_port(&mut reservation, p);
+                        port.insert("nodePort".into(), json!(p));
+                        break;
                     },
                 }
             }
@@ -516,5 +588,77 @@ mod tests {
         let used_ports = HashSet::from([30000]);
         assert_eq!(a.free_port(&used_ports, &[]), Some(30001));
         assert_eq!(a.free_port(&used_ports, &[30001]), None);
+    }
+
+    fn service(name: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"type": "NodePort", "ports": [{"port": 80, "protocol": "TCP"}]}})
+    }
+
+    /// Two servers on one etcd allocate for Services written at the same time: no address and
+    /// no node port is given twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_servers_never_hand_out_the_same_address() {
+        let etcd = crate::storage::etcd::tests::TestEtcd::start().await;
+        // 13 usable addresses and 13 ports for 12 Services: collisions are likely without claims.
+        let network = ServiceNetwork::new("10.0.0.0/28", "30000-30012").unwrap();
+        let mut servers = Vec::new();
+        for _ in 0..2 {
+            let store: Arc<dyn Storage> = Arc::new(etcd.open("/registry").await);
+            servers.push((store, Arc::new(Allocator::new(network.clone()))));
+        }
+        let mut tasks = Vec::new();
+        for i in 0..12 {
+            let (store, allocator) = servers[i % 2].clone();
+            tasks.push(tokio::spawn(async move {
+                let name = format!("s{i}");
+                let mut object = service(&name);
+                let reservation = allocator
+                    .assign(&*store, &mut object, None)
+                    .await
+                    .map_err(|e| format!("{e:?}"))?;
+                store
+                    .create(
+                        &crate::storage::object_key("", "services", "default", &name),
+                        object,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                drop(reservation);
+                Ok::<_, String>(())
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        let listing = servers[0]
+            .0
+            .list(&list_prefix("", "services", ""), None, None)
+            .await
+            .unwrap();
+        assert_eq!(listing.items.len(), 12);
+        let mut ips = HashSet::new();
+        let mut ports = HashSet::new();
+        for item in listing.items {
+            let object = item.value().unwrap();
+            assert!(
+                ips.insert(cluster_ip(&object).unwrap().to_string()),
+                "an IP given twice"
+            );
+            for p in node_ports(&object) {
+                assert!(ports.insert(p), "node port {p} given twice");
+            }
+        }
+        assert_eq!(ports.len(), 12);
+        // An address requested by name that another Service's write holds is refused.
+        let (store, allocator) = servers[1].clone();
+        let taken = ips.iter().next().unwrap().clone();
+        let mut object = service("late");
+        object["spec"]["clusterIP"] = json!(taken);
+        assert!(matches!(
+            allocator.assign(&*store, &mut object, None).await,
+            Err(AssignError::Invalid(_))
+        ));
     }
 }

@@ -832,6 +832,8 @@ pub(crate) mod tests {
                 child: None,
             };
             etcd.spawn(&binary);
+            // Answering: a store opens.
+            drop(etcd.open("/registry").await);
             etcd
         }
 
