@@ -300,6 +300,11 @@ impl Site {
         self.launch()
     }
 
+    /// Replaces the extra `edgesite server` flags the next [`Site::launch`] uses.
+    pub fn set_flags(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+    }
+
     /// Runs `edgesite server` on this site's data dir and port to its end (a start that must
     /// fail): its exit status and what it printed. One still running after 30 s is killed and
     /// reported as an error.
@@ -371,7 +376,7 @@ impl Site {
             || self
                 .extra
                 .iter()
-                .any(|f| f.starts_with("--datastore-endpoint"))
+                .any(|f| f.starts_with("--datastore-endpoint") || f.starts_with("--cluster-"))
         {
             return None;
         }

@@ -93,6 +93,182 @@ impl Drop for EtcdStorage {
     }
 }
 
+/// A client of the etcd `config` names (TLS as it says); fails with a clear error when a file
+/// cannot be read or etcd cannot be reached.
+pub async fn connect(config: &EtcdConfig) -> Result<Client, StorageError> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(REQUEST_TIMEOUT)
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true);
+    if config.ca_file.is_some() || config.cert_file.is_some() {
+        let read = |p: &PathBuf| {
+            std::fs::read(p)
+                .map_err(|e| StorageError::Backend(format!("cannot read {}: {e}", p.display())))
+        };
+        let mut tls = TlsOptions::new();
+        if let Some(ca) = &config.ca_file {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        match (&config.cert_file, &config.key_file) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(StorageError::Backend(
+                    "a client certificate for etcd needs both --datastore-certfile and --datastore-keyfile".into(),
+                ));
+            }
+        }
+        options = options.with_tls(tls);
+    }
+    Client::connect(&config.endpoints, Some(options))
+        .await
+        .map_err(|e| {
+            StorageError::Unavailable(format!(
+                "cannot reach etcd at {}: {e}",
+                config.endpoints.join(",")
+            ))
+        })
+}
+
+/// Waits until the etcd `config` names answers a quorum read, for at most `timeout`.
+pub async fn wait_ready(config: &EtcdConfig, timeout: Duration) -> Result<(), StorageError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let attempt = async {
+            let mut client = connect(config).await?;
+            client
+                .get("health", Some(GetOptions::new().with_count_only()))
+                .await
+                .map_err(failed)
+        };
+        match attempt.await {
+            Ok(_) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(StorageError::Unavailable(format!(
+                    "etcd at {} did not become ready in {timeout:?}: {e}",
+                    config.endpoints.join(",")
+                )));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Streams a snapshot of the whole etcd (its own format, as `etcdctl snapshot save` writes) to
+/// `to`: written beside it and moved in once complete. Returns its size and the revision it
+/// holds.
+pub async fn save_snapshot(
+    config: &EtcdConfig,
+    to: &std::path::Path,
+) -> Result<(u64, u64), StorageError> {
+    use tokio::io::AsyncWriteExt;
+    let io = |e: std::io::Error| StorageError::Backend(format!("{}: {e}", to.display()));
+    let mut client = connect(config).await?;
+    let revision = revision_of(
+        client
+            .get("health", Some(GetOptions::new().with_count_only()))
+            .await
+            .map_err(failed)?
+            .header(),
+    );
+    let mut stream = client.snapshot().await.map_err(failed)?;
+    let partial = to.with_extension("part");
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&partial)
+        .await
+        .map_err(io)?;
+    let mut size = 0u64;
+    while let Some(chunk) = stream.message().await.map_err(failed)? {
+        file.write_all(chunk.blob()).await.map_err(io)?;
+        size += chunk.blob().len() as u64;
+    }
+    file.sync_all().await.map_err(io)?;
+    drop(file);
+    if size == 0 {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(StorageError::Backend("etcd sent an empty snapshot".into()));
+    }
+    tokio::fs::rename(&partial, to).await.map_err(io)?;
+    Ok((size, revision))
+}
+
+/// One member of an etcd cluster, as `member list` shows it.
+#[derive(Debug, Clone)]
+pub struct MemberInfo {
+    pub id: u64,
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub client_urls: Vec<String>,
+    pub learner: bool,
+}
+
+/// The cluster's members.
+pub async fn members(config: &EtcdConfig) -> Result<Vec<MemberInfo>, StorageError> {
+    let mut client = connect(config).await?;
+    let list = client.member_list().await.map_err(failed)?;
+    Ok(list
+        .members()
+        .iter()
+        .map(|m| MemberInfo {
+            id: m.id(),
+            name: m.name().to_string(),
+            peer_urls: m.peer_urls().to_vec(),
+            client_urls: m.client_urls().to_vec(),
+            learner: m.is_learner(),
+        })
+        .collect())
+}
+
+/// Adds a member (as a learner: it votes only once promoted) and returns the cluster's members
+/// as the new member must be started with (`--initial-cluster`).
+pub async fn add_learner(
+    config: &EtcdConfig,
+    peer_url: &str,
+) -> Result<(u64, Vec<MemberInfo>), StorageError> {
+    let mut client = connect(config).await?;
+    let added = client
+        .member_add(
+            [peer_url],
+            Some(etcd_client::MemberAddOptions::new().with_is_learner()),
+        )
+        .await
+        .map_err(failed)?;
+    let id = added.member().map_or(0, |m| m.id());
+    let members = added
+        .member_list()
+        .iter()
+        .map(|m| MemberInfo {
+            id: m.id(),
+            name: m.name().to_string(),
+            peer_urls: m.peer_urls().to_vec(),
+            client_urls: m.client_urls().to_vec(),
+            learner: m.is_learner(),
+        })
+        .collect();
+    Ok((id, members))
+}
+
+/// Promotes a learner; etcd refuses while it has not caught up with the leader.
+pub async fn promote(config: &EtcdConfig, id: u64) -> Result<(), StorageError> {
+    let mut client = connect(config).await?;
+    client.member_promote(id).await.map_err(failed)?;
+    Ok(())
+}
+
+/// Removes a member.
+pub async fn remove_member(config: &EtcdConfig, id: u64) -> Result<(), StorageError> {
+    let mut client = connect(config).await?;
+    client.member_remove(id).await.map_err(failed)?;
+    Ok(())
+}
+
 /// An etcd client error as the API reports it: etcd's own words (`etcdserver: ...`), a revision
 /// etcd has compacted as `Expired`, and a connection failure as `Unavailable`.
 fn failed(e: etcd_client::Error) -> StorageError {
@@ -188,33 +364,6 @@ impl EtcdStorage {
     /// Connects to etcd, reads its current revision and starts following the prefix and
     /// compacting. Fails with etcd's own words when it cannot be reached.
     pub async fn open(config: &EtcdConfig, watch_window: usize) -> Result<Self, StorageError> {
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true);
-        if config.ca_file.is_some() || config.cert_file.is_some() {
-            let read = |p: &PathBuf| {
-                std::fs::read(p)
-                    .map_err(|e| StorageError::Backend(format!("cannot read {}: {e}", p.display())))
-            };
-            let mut tls = TlsOptions::new();
-            if let Some(ca) = &config.ca_file {
-                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
-            }
-            match (&config.cert_file, &config.key_file) {
-                (Some(cert), Some(key)) => {
-                    tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
-                }
-                (None, None) => {}
-                _ => {
-                    return Err(StorageError::Backend(
-                        "a client certificate for etcd needs both --datastore-certfile and --datastore-keyfile".into(),
-                    ));
-                }
-            }
-            options = options.with_tls(tls);
-        }
         let prefix = config.prefix.trim_end_matches('/').to_string();
         if !prefix.starts_with('/') {
             return Err(StorageError::Backend(format!(
@@ -222,14 +371,7 @@ impl EtcdStorage {
                 config.prefix
             )));
         }
-        let mut client = Client::connect(&config.endpoints, Some(options))
-            .await
-            .map_err(|e| {
-                StorageError::Unavailable(format!(
-                    "cannot reach etcd at {}: {e}",
-                    config.endpoints.join(",")
-                ))
-            })?;
+        let mut client = connect(config).await?;
         // A quorum read: the revision every later list and watch starts from.
         let first = client
             .get(

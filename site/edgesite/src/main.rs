@@ -10,6 +10,7 @@ mod config;
 mod control_plane;
 mod csr_signer;
 mod devices;
+mod etcd;
 mod join;
 mod kubelet_api;
 mod logging;
@@ -74,6 +75,11 @@ enum Command {
     /// Write a consistent copy of this server's datastore while it runs (SQLite's online
     /// backup); prints the copy's path.
     Backup(backup::BackupArgs),
+    /// Snapshots of the embedded etcd (`--cluster-init`): save, ls, delete, prune.
+    EtcdSnapshot {
+        #[command(subcommand)]
+        command: EtcdSnapshotCommand,
+    },
     /// The cloud hub that sites attach to (`edgesite server --cloudhub URL --cloudhub-token
     /// TOKEN`): Karmada's Cluster API for every site, and kubectl to any site through the hub.
     Cloudhub(CloudhubCommand),
@@ -86,6 +92,113 @@ struct CloudhubCommand {
     command: Option<CloudhubSubcommand>,
     #[command(flatten)]
     args: Box<cloudhub::HubArgs>,
+}
+
+#[derive(Subcommand)]
+enum EtcdSnapshotCommand {
+    /// Save a snapshot now (etcd's own format; `--cluster-reset-restore-path` restores it).
+    Save {
+        /// The snapshot's name starts with this.
+        #[arg(long, default_value = "on-demand")]
+        name: String,
+        #[command(flatten)]
+        at: SnapshotPlace,
+    },
+    /// List the snapshots.
+    #[command(alias = "list")]
+    Ls {
+        #[command(flatten)]
+        at: SnapshotPlace,
+    },
+    /// Delete snapshots by name.
+    #[command(alias = "rm")]
+    Delete {
+        #[arg(required = true)]
+        names: Vec<String>,
+        #[command(flatten)]
+        at: SnapshotPlace,
+    },
+    /// Delete all but the newest snapshots whose names start with --name.
+    Prune {
+        #[arg(long, default_value = "on-demand")]
+        name: String,
+        #[arg(long, default_value_t = 5)]
+        snapshot_retention: usize,
+        #[command(flatten)]
+        at: SnapshotPlace,
+    },
+}
+
+#[derive(Args)]
+struct SnapshotPlace {
+    /// The server's data dir.
+    #[arg(long, short = 'd', default_value = "/var/lib/edgesite")]
+    data_dir: PathBuf,
+    /// Where the snapshots are (default: <data-dir>/server/db/snapshots).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+impl SnapshotPlace {
+    fn dir(&self) -> PathBuf {
+        self.dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("server").join("db").join("snapshots"))
+    }
+}
+
+/// `edgesite etcd-snapshot ...`.
+fn etcd_snapshot(command: EtcdSnapshotCommand) -> Result<()> {
+    match command {
+        EtcdSnapshotCommand::Save { name, at } => {
+            let config = etcd::local(&at.data_dir, "/registry")?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let node = server::hostname();
+            let saved = runtime.block_on(etcd::save(&config, &at.dir(), &name, &node))?;
+            println!("{}", saved.path.display());
+            eprintln!("saved snapshot {} ({} bytes)", saved.name, saved.size);
+        }
+        EtcdSnapshotCommand::Ls { at } => {
+            println!("{:<50} {:<60} {:>12} CREATED", "NAME", "LOCATION", "SIZE");
+            for s in etcd::list_snapshots(&at.dir())? {
+                let created: chrono::DateTime<chrono::Utc> = s.created.into();
+                println!(
+                    "{:<50} {:<60} {:>12} {}",
+                    s.name,
+                    format!("file://{}", s.path.display()),
+                    s.size,
+                    created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                );
+            }
+        }
+        EtcdSnapshotCommand::Delete { names, at } => {
+            let dir = at.dir();
+            for name in names {
+                if name.contains('/') || name.starts_with('.') {
+                    anyhow::bail!(
+                        "{name:?} is not a snapshot name (see `edgesite etcd-snapshot ls`)"
+                    );
+                }
+                let path = dir.join(&name);
+                std::fs::remove_file(&path).map_err(|e| {
+                    anyhow::anyhow!("cannot delete snapshot {name} ({}): {e}", path.display())
+                })?;
+                eprintln!("deleted snapshot {name}");
+            }
+        }
+        EtcdSnapshotCommand::Prune {
+            name,
+            snapshot_retention,
+            at,
+        } => {
+            for deleted in etcd::prune(&at.dir(), &name, snapshot_retention)? {
+                eprintln!("deleted snapshot {deleted}");
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -260,6 +373,41 @@ pub struct DatastoreArgs {
     pub etcd_prefix: String,
 }
 
+/// The embedded etcd (K3s's flag names): `--cluster-init` on the first server.
+#[derive(Args, Clone, Debug)]
+pub struct EmbeddedEtcdArgs {
+    /// Keep the cluster state in an etcd member this server starts and supervises (Debian's
+    /// etcd), so that more servers can join; a SQLite site moves its state into it once. A
+    /// server that ran one keeps it.
+    #[arg(long)]
+    pub cluster_init: bool,
+    /// Make this server's etcd member a cluster of one again (after losing the others), then
+    /// exit; with --cluster-reset-restore-path, from that snapshot instead.
+    #[arg(long)]
+    pub cluster_reset: bool,
+    /// A snapshot (`edgesite etcd-snapshot save`) to restore with --cluster-reset.
+    #[arg(long, value_name = "FILE", requires = "cluster_reset")]
+    pub cluster_reset_restore_path: Option<PathBuf>,
+    /// The embedded etcd's client port.
+    #[arg(long, value_name = "PORT", default_value_t = 2379)]
+    pub etcd_client_port: u16,
+    /// The embedded etcd's peer port (member to member).
+    #[arg(long, value_name = "PORT", default_value_t = 2380)]
+    pub etcd_peer_port: u16,
+    /// When to take scheduled snapshots (five cron fields, UTC).
+    #[arg(long, value_name = "CRON", default_value = "0 */12 * * *")]
+    pub etcd_snapshot_schedule_cron: String,
+    /// How many scheduled snapshots to keep.
+    #[arg(long, value_name = "COUNT", default_value_t = 5)]
+    pub etcd_snapshot_retention: usize,
+    /// Where snapshots go (default: <data-dir>/server/db/snapshots).
+    #[arg(long, value_name = "DIR")]
+    pub etcd_snapshot_dir: Option<PathBuf>,
+    /// No scheduled snapshots.
+    #[arg(long)]
+    pub etcd_disable_snapshots: bool,
+}
+
 impl DatastoreArgs {
     /// The etcd these flags name, if any; a clear error for a URL that is not one.
     pub fn etcd(&self) -> Result<Option<apiserver_lite::storage::etcd::EtcdConfig>> {
@@ -383,6 +531,8 @@ pub struct ServerArgs {
     pub agent: AgentArgs,
     #[command(flatten)]
     pub datastore: DatastoreArgs,
+    #[command(flatten)]
+    pub etcd: EmbeddedEtcdArgs,
     /// Shared secret that agents will use to join this site (generated when absent).
     #[arg(long, env = "EDGESITE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -693,6 +843,7 @@ fn main() {
         } => import_images(&files, &container_runtime_endpoint, &containerd_namespace),
         Command::Relay(args) => mesh::run_relay(args),
         Command::Backup(args) => backup::run(&args),
+        Command::EtcdSnapshot { command } => etcd_snapshot(command),
         Command::Kubeconfig(args) => server::user_kubeconfig(
             &args.data_dir,
             &args.user,

@@ -214,6 +214,58 @@ impl Pki {
         self.issue(ca, params)
     }
 
+    /// The embedded etcd member's certificates, signed by the site's CA (re-issued when the
+    /// member's addresses change): `etcd-server` (its client port), `etcd-peer` (member to
+    /// member, both directions) and `etcd-client` (the API server's). Returns their paths.
+    pub fn etcd(&self, ca: &CertAndKey, addresses: &[IpAddr]) -> Result<EtcdTls> {
+        let record: Vec<String> = addresses.iter().map(IpAddr::to_string).collect();
+        let record = record.join("\n");
+        let record_path = self.path("etcd.sans");
+        let current = std::fs::read_to_string(&record_path).is_ok_and(|r| r == record)
+            && ["etcd-server", "etcd-peer", "etcd-client"]
+                .iter()
+                .all(|n| self.read_pair(n).is_some());
+        if !current {
+            let member = |cn: &str, usages: Vec<ExtendedKeyUsagePurpose>| -> Result<CertAndKey> {
+                let mut params = CertificateParams::new(Vec::<String>::new())?;
+                let mut dn = DistinguishedName::new();
+                dn.push(DnType::CommonName, cn);
+                params.distinguished_name = dn;
+                params
+                    .subject_alt_names
+                    .push(SanType::DnsName("localhost".try_into()?));
+                for ip in addresses {
+                    params.subject_alt_names.push(SanType::IpAddress(*ip));
+                }
+                params.key_usages = vec![
+                    KeyUsagePurpose::DigitalSignature,
+                    KeyUsagePurpose::KeyEncipherment,
+                ];
+                params.extended_key_usages = usages;
+                self.issue(ca, params)
+            };
+            let both = || {
+                vec![
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ]
+            };
+            self.write_pair("etcd-server", &member("etcd-server", both())?)?;
+            self.write_pair("etcd-peer", &member("etcd-peer", both())?)?;
+            self.write_pair(
+                "etcd-client",
+                &member("etcd-client", vec![ExtendedKeyUsagePurpose::ClientAuth])?,
+            )?;
+            write_private(&record_path, &record)?;
+        }
+        Ok(EtcdTls {
+            ca: self.path("ca.crt"),
+            server: (self.path("etcd-server.crt"), self.path("etcd-server.key")),
+            peer: (self.path("etcd-peer.crt"), self.path("etcd-peer.key")),
+            client: (self.path("etcd-client.crt"), self.path("etcd-client.key")),
+        })
+    }
+
     pub fn client(
         &self,
         ca: &CertAndKey,
@@ -240,6 +292,15 @@ impl Pki {
         self.write_pair(name, &pair)?;
         Ok(pair)
     }
+}
+
+/// Where an embedded etcd member's certificates are: (certificate, key) pairs.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub server: (PathBuf, PathBuf),
+    pub peer: (PathBuf, PathBuf),
+    pub client: (PathBuf, PathBuf),
 }
 
 fn certs(pem: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {

@@ -317,6 +317,21 @@ fn check_datastore(pki: &Pki, database: &Path, reset: bool) -> Result<()> {
     )
 }
 
+/// The address this server's embedded etcd member advertises to other servers: --node-ip,
+/// else the address the API server is bound to, else the machine's first address.
+fn etcd_address(args: &ServerArgs) -> IpAddr {
+    if let Some(ip) = args.agent.node_ip {
+        return ip;
+    }
+    if !args.bind_address.is_unspecified() {
+        return args.bind_address;
+    }
+    machine_addresses(&args.agent.cni_bridge)
+        .into_iter()
+        .find(|ip| ip.is_ipv4() && !ip.is_loopback())
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]))
+}
+
 /// What an `edgesite` process serves.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Role {
@@ -527,6 +542,24 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
     };
     let pki = Pki::new(&args.data_dir);
     let database = server_dir.join("state.db");
+    let embedded = args.etcd.cluster_init
+        || args.etcd.cluster_reset
+        || crate::etcd::Member::exists(&args.data_dir);
+    if embedded && args.datastore.datastore_endpoint.is_some() {
+        bail!(
+            "--datastore-endpoint names an external etcd, but this server runs an embedded one \
+             (--cluster-init, --cluster-reset, or {} exists): choose one",
+            server_dir.join("db").join("etcd").display()
+        );
+    }
+    let snapshot_schedule = if embedded && !args.etcd.etcd_disable_snapshots {
+        Some(
+            controllers::cronjob::parse_schedule(&args.etcd.etcd_snapshot_schedule_cron)
+                .map_err(|e| anyhow::anyhow!("--etcd-snapshot-schedule-cron: {e}"))?,
+        )
+    } else {
+        None
+    };
     let datastore = match args.datastore.etcd()? {
         Some(etcd) => {
             tracing::info!(
@@ -536,6 +569,8 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
             );
             apiserver_lite::Datastore::Etcd(etcd)
         }
+        // Decided once the embedded etcd runs (below).
+        None if embedded => apiserver_lite::Datastore::Sqlite(database.clone()),
         None => {
             check_datastore(&pki, &database, args.reset_datastore)?;
             apiserver_lite::Datastore::Sqlite(database.clone())
@@ -589,6 +624,67 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
             (pki.clone(), ca.clone(), serving),
             shutdown.clone(),
         ));
+        let mut datastore = datastore;
+        if embedded {
+            let node = agent_config
+                .as_ref()
+                .map_or_else(hostname, |c| c.node_name.clone());
+            let address = etcd_address(&args);
+            let mut addresses = vec![address];
+            if !address.is_loopback() {
+                addresses.push(IpAddr::from([127, 0, 0, 1]));
+            }
+            let member = crate::etcd::Member::new(
+                &args.data_dir,
+                &node,
+                address,
+                (args.etcd.etcd_client_port, args.etcd.etcd_peer_port),
+                pki.etcd(&ca, &addresses)?,
+            )?;
+            if args.etcd.cluster_reset {
+                let force = crate::etcd::reset(
+                    &member,
+                    args.etcd.cluster_reset_restore_path.as_deref(),
+                )?;
+                let stop = CancellationToken::new();
+                member
+                    .start(crate::etcd::Initial::New, force, stop.clone())
+                    .await?;
+                stop.cancel();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                eprintln!(
+                    "The embedded etcd is a cluster of one member again ({}). Start this server \
+                     again without --cluster-reset; other servers must delete their \
+                     <data-dir>/server/db and join again.",
+                    match &args.etcd.cluster_reset_restore_path {
+                        Some(file) => format!("restored from {}", file.display()),
+                        None => "its own data".into(),
+                    }
+                );
+                return Ok(());
+            }
+            member
+                .start(crate::etcd::Initial::New, false, shutdown.clone())
+                .await?;
+            let etcd = member.datastore(&args.datastore.etcd_prefix);
+            if let Some(moved) = crate::etcd::migrate_sqlite(&database, &etcd).await? {
+                eprintln!("moved {moved} objects from SQLite into the embedded etcd");
+            }
+            if let Some(cron) = snapshot_schedule {
+                tokio::spawn(crate::etcd::schedule(
+                    etcd.clone(),
+                    args.etcd
+                        .etcd_snapshot_dir
+                        .clone()
+                        .unwrap_or_else(|| member.snapshots()),
+                    node.clone(),
+                    cron,
+                    args.etcd.etcd_snapshot_retention,
+                    shutdown.clone(),
+                ));
+            }
+            datastore = apiserver_lite::Datastore::Etcd(etcd);
+        }
         let config = apiserver_lite::Config {
             datastore,
             tls,
