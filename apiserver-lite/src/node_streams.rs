@@ -61,6 +61,16 @@ pub trait NodeJoin: Send + Sync {
     }
 }
 
+/// What a server does for another server joining the site (`edgesite server --server URL
+/// --token TOKEN`): `authorize` accepts only the cluster's own token; `join_server` answers the
+/// request (`{"name", "peerURL"}`) with what the new server needs to run (the site's keys,
+/// encrypted with the token, and the etcd members to start with).
+#[async_trait::async_trait]
+pub trait ServerJoin: NodeJoin {
+    async fn join_server(&self, request: serde_json::Value)
+    -> Result<serde_json::Value, JoinError>;
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
     #[error(

@@ -348,6 +348,31 @@ pub async fn node_join(State(server): State<Arc<ApiServer>>, request: Request) -
     )
 }
 
+/// `POST /edgesite/v1/server-join` with `Authorization: Bearer <the cluster token>` and
+/// `{"name": MEMBER, "peerURL": URL}`: another server joins the site's embedded etcd.
+pub async fn server_join(State(server): State<Arc<ApiServer>>, request: Request) -> Response {
+    let Some(join) = server.server_join.get().cloned() else {
+        return error_response(&ApiError::service_unavailable(
+            "this server keeps the site's state where no other server can share it (SQLite): \
+             start it with --cluster-init first, then join more servers to it",
+        ));
+    };
+    let as_node_join = join.clone() as Arc<dyn crate::node_streams::NodeJoin>;
+    let (_, parsed) = match admit(&server, Some(as_node_join), "server-join", request).await {
+        Ok(x) => x,
+        Err(response) => return response,
+    };
+    match join.join_server(parsed).await {
+        Ok(answer) => json_response(StatusCode::OK, &answer),
+        Err(JoinError::BadToken) => {
+            let mut e = ApiError::unauthorized();
+            e.message = join.bad_token_message();
+            error_response(&e)
+        }
+        Err(JoinError::Invalid(message)) => error_response(&ApiError::bad_request(message)),
+    }
+}
+
 /// `POST /edgesite/v1/site-join` (a cloud hub) with `Authorization: Bearer <token>` and
 /// `{"site": NAME, "csr": PEM}`: a client certificate for `system:site:NAME` in group
 /// `edgesite:sites`, which the site's link presents.

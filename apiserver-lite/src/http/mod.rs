@@ -77,6 +77,8 @@ pub struct ApiServer {
     pub node_join: std::sync::OnceLock<Arc<dyn crate::node_streams::NodeJoin>>,
     /// Signs site certificates for sites that attach with a token (a cloud hub).
     pub site_join: std::sync::OnceLock<Arc<dyn crate::node_streams::NodeJoin>>,
+    /// Set on a server whose state is in an embedded etcd: other servers may join it.
+    pub server_join: std::sync::OnceLock<Arc<dyn crate::node_streams::ServerJoin>>,
     /// Failed join attempts per client address.
     pub join_failures: join::Failures,
     /// Request counters and latencies (`/metrics`).
@@ -109,6 +111,7 @@ impl ApiServer {
             ca_pem: std::sync::OnceLock::new(),
             node_join: std::sync::OnceLock::new(),
             site_join: std::sync::OnceLock::new(),
+            server_join: std::sync::OnceLock::new(),
             join_failures: join::Failures::default(),
             request_metrics: Arc::default(),
             hub: std::sync::OnceLock::new(),
@@ -131,6 +134,10 @@ pub fn router(server: Arc<ApiServer>) -> Router {
         .route(
             "/edgesite/v1/site-join",
             axum::routing::any(join::site_join),
+        )
+        .route(
+            "/edgesite/v1/server-join",
+            axum::routing::any(join::server_join),
         )
         .fallback_service(api.with_state(server.clone()))
         .with_state(server)

@@ -133,14 +133,18 @@ pub async fn connect(config: &EtcdConfig) -> Result<Client, StorageError> {
         })
 }
 
-/// Waits until the etcd `config` names answers a quorum read, for at most `timeout`.
+/// Waits until the etcd `config` names answers a (serializable) read, for at most `timeout`.
 pub async fn wait_ready(config: &EtcdConfig, timeout: Duration) -> Result<(), StorageError> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let attempt = async {
             let mut client = connect(config).await?;
+            // Serializable: a learner (a member still catching up) answers it too.
             client
-                .get("health", Some(GetOptions::new().with_count_only()))
+                .get(
+                    "health",
+                    Some(GetOptions::new().with_count_only().with_serializable()),
+                )
                 .await
                 .map_err(failed)
         };
@@ -267,6 +271,29 @@ pub async fn remove_member(config: &EtcdConfig, id: u64) -> Result<(), StorageEr
     let mut client = connect(config).await?;
     client.member_remove(id).await.map_err(failed)?;
     Ok(())
+}
+
+/// How many times one request is tried.
+const ATTEMPTS: u32 = 4;
+
+/// Whether `e` says the request did nothing and may be sent again (see `retrying`).
+fn transient(e: &etcd_client::Error, write: bool) -> bool {
+    let text = e.to_string();
+    let never_sent = [
+        "tcp connect error",
+        "Connection refused",
+        "error trying to connect",
+    ]
+    .iter()
+    .any(|m| text.contains(m));
+    if never_sent {
+        return true;
+    }
+    !write
+        && matches!(e, etcd_client::Error::GRpcStatus(status) if matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown
+        ) && !text.contains("compacted"))
 }
 
 /// An etcd client error as the API reports it: etcd's own words (`etcdserver: ...`), a revision
@@ -443,6 +470,27 @@ impl EtcdStorage {
         }
     }
 
+    /// Runs one etcd request, again (up to [`ATTEMPTS`] times, briefly apart) when it failed in
+    /// a way that says nothing happened: a read after any connection or leader trouble; a write
+    /// only when it never reached a member (the client's channel picked a member that is down).
+    async fn retrying<T, F, Fut>(&self, write: bool, mut request: F) -> Result<T, StorageError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut attempt = 1;
+        loop {
+            let result = request(self.client.clone()).await;
+            match &result {
+                Err(e) if attempt < ATTEMPTS && transient(e, write) => {
+                    attempt += 1;
+                    tokio::time::sleep(jitter(Duration::from_millis(200))).await;
+                }
+                _ => return self.noticed(result),
+            }
+        }
+    }
+
     /// Waits until the watch has published `revision`, so the writer's own watch sees it.
     async fn published(&self, revision: u64) {
         if tokio::time::timeout(PUBLISH_WAIT, self.hub.wait_for(revision))
@@ -502,7 +550,12 @@ impl EtcdStorage {
             .when([guard])
             .and_then([op])
             .or_else([TxnOp::get(full, None)]);
-        let response = self.noticed(self.client.kv_client().txn(txn).await)?;
+        let response = self
+            .retrying(true, |c| {
+                let txn = txn.clone();
+                async move { c.kv_client().txn(txn).await }
+            })
+            .await?;
         let revision = revision_of(response.header());
         self.seen(revision);
         let answers = response.op_responses();
@@ -523,15 +576,17 @@ impl EtcdStorage {
 
     /// etcd's current revision (a quorum read), which this server then knows of.
     pub async fn current(&self) -> Result<u64, StorageError> {
-        let response = self.noticed(
-            self.client
-                .kv_client()
-                .get(
-                    format!("{}/", self.prefix),
-                    Some(GetOptions::new().with_prefix().with_count_only()),
-                )
-                .await,
-        )?;
+        let key = format!("{}/", self.prefix);
+        let response = self
+            .retrying(false, |c| {
+                let key = key.clone();
+                async move {
+                    c.kv_client()
+                        .get(key, Some(GetOptions::new().with_prefix().with_count_only()))
+                        .await
+                }
+            })
+            .await?;
         let revision = revision_of(response.header());
         self.seen(revision);
         Ok(revision)
@@ -541,7 +596,13 @@ impl EtcdStorage {
 #[async_trait::async_trait]
 impl Storage for EtcdStorage {
     async fn get(&self, key: &str) -> Result<Option<Stored>, StorageError> {
-        let response = self.noticed(self.client.kv_client().get(self.full(key), None).await)?;
+        let full = self.full(key);
+        let response = self
+            .retrying(false, |c| {
+                let full = full.clone();
+                async move { c.kv_client().get(full, None).await }
+            })
+            .await?;
         self.seen(revision_of(response.header()));
         response
             .kvs()
@@ -592,11 +653,12 @@ impl Storage for EtcdStorage {
                 options = options.with_revision(revision as i64);
             }
             let result = self
-                .client
-                .kv_client()
-                .get(from.clone(), Some(options))
+                .retrying(false, |c| {
+                    let (from, options) = (from.clone(), options.clone());
+                    async move { c.kv_client().get(from, Some(options)).await }
+                })
                 .await;
-            let mut response = match self.noticed(result) {
+            let mut response = match result {
                 Err(StorageError::Expired { .. }) => {
                     return Err(StorageError::Expired {
                         requested: revision,
@@ -648,7 +710,12 @@ impl Storage for EtcdStorage {
         let txn = Txn::new()
             .when([Compare::mod_revision(full.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(full, text, None)]);
-        let response = self.noticed(self.client.kv_client().txn(txn).await)?;
+        let response = self
+            .retrying(true, |c| {
+                let txn = txn.clone();
+                async move { c.kv_client().txn(txn).await }
+            })
+            .await?;
         let revision = revision_of(response.header());
         self.seen(revision);
         if !response.succeeded() {

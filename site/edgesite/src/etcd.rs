@@ -60,11 +60,89 @@ fn host(ip: IpAddr) -> String {
     }
 }
 
+/// This data dir's member name: `<node>-<8 hex>`, made once and kept.
+pub fn member_name(data_dir: &Path, node: &str) -> Result<String> {
+    let db = data_dir.join("server").join("db");
+    crate::private_dir(&db)?;
+    let name_file = db.join("etcd-name");
+    Ok(match std::fs::read_to_string(&name_file) {
+        Ok(name) if !name.trim().is_empty() => name.trim().to_string(),
+        _ => {
+            let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
+            let name = format!("{node}-{suffix}");
+            crate::pki::write_private(&name_file, &name)?;
+            name
+        }
+    })
+}
+
+/// The peer URL of a member at `address`.
+pub fn peer_url(address: IpAddr, port: u16) -> String {
+    format!("https://{}:{port}", host(address))
+}
+
+/// Promotes this member once etcd lets it (a learner that has caught up), asking the voting
+/// members at `voters` (a learner serves no requests), then returns.
+pub async fn promote_when_caught_up(member: &Member, voters: &[String]) -> Result<()> {
+    use apiserver_lite::storage::etcd;
+    let mut config = member.datastore("/registry");
+    if !voters.is_empty() {
+        config.endpoints = voters.to_vec();
+    }
+    let started = std::time::Instant::now();
+    loop {
+        match etcd::members(&config).await {
+            Ok(members) => match members.iter().find(|m| m.name == member.name) {
+                Some(me) if me.learner => match etcd::promote(&config, me.id).await {
+                    Ok(()) => {
+                        tracing::info!(member = %member.name, "this etcd member votes now");
+                        return Ok(());
+                    }
+                    Err(e) => tracing::debug!("not promoted yet: {e}"),
+                },
+                Some(_) => return Ok(()),
+                None => tracing::debug!("this member is not listed yet"),
+            },
+            Err(e) => tracing::debug!("listing etcd members: {e}"),
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!(
+                "this server's etcd member has not caught up with the others in 10 minutes; see {}",
+                member.db.join("etcd.log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The client URLs of every voting member, this one's loopback URL first: the API server's
+/// etcd client spreads over them and goes on when one member is down.
+pub async fn endpoints(member: &Member) -> Vec<String> {
+    let mut endpoints = vec![member.local_client_url()];
+    if let Ok(members) =
+        apiserver_lite::storage::etcd::members(&member.datastore("/registry")).await
+    {
+        for m in members {
+            if m.learner || m.name == member.name {
+                continue;
+            }
+            for url in m.client_urls {
+                if !endpoints.contains(&url) {
+                    endpoints.push(url);
+                }
+            }
+        }
+    }
+    endpoints
+}
+
 /// How a member starts the first time.
 #[derive(Debug, Clone)]
 pub enum Initial {
     /// A new one-member cluster.
     New,
+    /// Joining a cluster whose members (with this one) are `cluster` (`name=peer-url,...`).
+    Existing(String),
 }
 
 impl Member {
@@ -77,17 +155,7 @@ impl Member {
         tls: EtcdTls,
     ) -> Result<Member> {
         let db = data_dir.join("server").join("db");
-        crate::private_dir(&db)?;
-        let name_file = db.join("etcd-name");
-        let name = match std::fs::read_to_string(&name_file) {
-            Ok(name) if !name.trim().is_empty() => name.trim().to_string(),
-            _ => {
-                let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
-                let name = format!("{node}-{suffix}");
-                crate::pki::write_private(&name_file, &name)?;
-                name
-            }
-        };
+        let name = member_name(data_dir, node)?;
         Ok(Member {
             db,
             name,
@@ -117,7 +185,7 @@ impl Member {
     }
 
     pub fn peer_url(&self) -> String {
-        format!("https://{}:{}", host(self.address), self.peer_port)
+        peer_url(self.address, self.peer_port)
     }
 
     pub fn client_url(&self) -> String {
@@ -175,6 +243,10 @@ impl Member {
                     self.peer_url()
                 ));
                 args.push("--initial-cluster-state=new".into());
+            }
+            Initial::Existing(cluster) => {
+                args.push(format!("--initial-cluster={cluster}"));
+                args.push("--initial-cluster-state=existing".into());
             }
         }
         if force_new_cluster {

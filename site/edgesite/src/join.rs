@@ -764,3 +764,302 @@ mod tests {
         assert!(!joiner.valid(&credential), "expired tokens are refused");
     }
 }
+
+/// The site's keys a joining server receives: the CA (certificate and key), the key that signs
+/// ServiceAccount tokens, and the cluster token. They travel encrypted with the cluster token
+/// (PBKDF2-HMAC-SHA256, then AES-256-GCM), so whoever sees the wire without the token learns
+/// nothing; the joining server checks the CA against the token's hash too.
+const BUNDLE_FILES: [&str; 3] = ["ca.crt", "ca.key", "service.key"];
+const PBKDF2_ROUNDS: u32 = 100_000;
+
+fn bundle_key(token: &str, salt: &[u8]) -> ring::aead::LessSafeKey {
+    let mut key = [0u8; 32];
+    ring::pbkdf2::derive(
+        ring::pbkdf2::PBKDF2_HMAC_SHA256,
+        std::num::NonZeroU32::new(PBKDF2_ROUNDS).expect("non-zero"),
+        salt,
+        token.as_bytes(),
+        &mut key,
+    );
+    let unbound =
+        ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &key).expect("a 32-byte key");
+    ring::aead::LessSafeKey::new(unbound)
+}
+
+/// `plain` encrypted with `token`: base64 of salt (16 bytes), nonce (12) and ciphertext.
+pub fn seal(token: &str, plain: &[u8]) -> Result<String> {
+    use base64::Engine;
+    let salt: [u8; 16] = rand::random();
+    let nonce: [u8; 12] = rand::random();
+    let mut data = plain.to_vec();
+    bundle_key(token, &salt)
+        .seal_in_place_append_tag(
+            ring::aead::Nonce::assume_unique_for_key(nonce),
+            ring::aead::Aad::empty(),
+            &mut data,
+        )
+        .map_err(|_| anyhow::anyhow!("encrypting the bundle failed"))?;
+    let mut out = salt.to_vec();
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&data);
+    Ok(base64::engine::general_purpose::STANDARD.encode(out))
+}
+
+/// The inverse of [`seal`]; fails when the token is not the one it was sealed with.
+pub fn open_sealed(token: &str, sealed: &str) -> Result<Vec<u8>> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(sealed.trim())
+        .context("the bundle is not base64")?;
+    if bytes.len() < 28 + 16 {
+        bail!("the bundle is too short");
+    }
+    let (salt, rest) = bytes.split_at(16);
+    let (nonce, cipher) = rest.split_at(12);
+    let mut data = cipher.to_vec();
+    let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce)
+        .map_err(|_| anyhow::anyhow!("bad nonce"))?;
+    let plain = bundle_key(token, salt)
+        .open_in_place(nonce, ring::aead::Aad::empty(), &mut data)
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the site's keys cannot be decrypted with this token: it is not the site's token"
+            )
+        })?;
+    Ok(plain.to_vec())
+}
+
+/// The server side of `edgesite server --server URL --token TOKEN`: on a server whose state is in
+/// an embedded etcd.
+pub struct ServerJoiner {
+    pub server_dir: PathBuf,
+    pub cluster_token: String,
+    pub etcd: apiserver_lite::storage::etcd::EtcdConfig,
+}
+
+impl apiserver_lite::node_streams::NodeJoin for ServerJoiner {
+    fn authorize(&self, token: &str) -> Result<(), apiserver_lite::node_streams::JoinError> {
+        let credential = JoinToken::parse(token)
+            .map(|t| t.credential)
+            .map_err(|_| apiserver_lite::node_streams::JoinError::BadToken)?;
+        if self.cluster_token.is_empty() || !constant_time_eq(&credential, &self.cluster_token) {
+            return Err(apiserver_lite::node_streams::JoinError::BadToken);
+        }
+        Ok(())
+    }
+
+    fn sign(&self, _: &str, _: &str) -> Result<String, apiserver_lite::node_streams::JoinError> {
+        Err(apiserver_lite::node_streams::JoinError::Invalid(
+            "servers join with server-join".into(),
+        ))
+    }
+
+    fn bad_token_message(&self) -> String {
+        "the token is not this site's cluster token: a server joins with the first server's \
+         token (<data-dir>/server/token there); tokens from `edgesite token create` join agents only"
+            .into()
+    }
+}
+
+#[async_trait::async_trait]
+impl apiserver_lite::node_streams::ServerJoin for ServerJoiner {
+    async fn join_server(
+        &self,
+        request: serde_json::Value,
+    ) -> Result<serde_json::Value, apiserver_lite::node_streams::JoinError> {
+        use apiserver_lite::node_streams::JoinError;
+        use apiserver_lite::storage::etcd;
+        let name = request["name"].as_str().unwrap_or_default();
+        let peer = request["peerURL"].as_str().unwrap_or_default();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+        {
+            return Err(JoinError::Invalid(format!(
+                "member name {name:?} is not valid"
+            )));
+        }
+        if !peer.starts_with("https://") {
+            return Err(JoinError::Invalid(format!(
+                "peer URL {peer:?}: an https:// URL is expected"
+            )));
+        }
+        let failed = |e: apiserver_lite::storage::StorageError| {
+            JoinError::Invalid(format!("the site's etcd: {e}"))
+        };
+        let members = etcd::members(&self.etcd).await.map_err(failed)?;
+        let existing = members
+            .iter()
+            .find(|m| m.peer_urls.iter().any(|u| u == peer));
+        let (id, members) = match existing {
+            // A retried join (the first answer was lost, or the server restarted before its
+            // member started): the member is there already.
+            Some(m) if m.name.is_empty() || m.name == name => (m.id, members.clone()),
+            Some(m) => {
+                return Err(JoinError::Invalid(format!(
+                    "etcd member {} already uses peer URL {peer}: remove it first (`edgesite etcd member remove`)",
+                    m.name
+                )));
+            }
+            None => etcd::add_learner(&self.etcd, peer).await.map_err(failed)?,
+        };
+        let voters: Vec<String> = members
+            .iter()
+            .filter(|m| !m.learner && m.id != id)
+            .flat_map(|m| m.client_urls.clone())
+            .collect();
+        let initial: Vec<String> = members
+            .iter()
+            .flat_map(|m| {
+                let shown = if m.id == id { name } else { m.name.as_str() };
+                m.peer_urls
+                    .iter()
+                    .map(move |u| format!("{shown}={u}"))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let tls = self.server_dir.join("tls");
+        let mut files = serde_json::Map::new();
+        for file in BUNDLE_FILES {
+            let text = std::fs::read_to_string(tls.join(file))
+                .map_err(|e| JoinError::Invalid(format!("reading {file}: {e}")))?;
+            files.insert(file.into(), text.into());
+        }
+        files.insert("token".into(), self.cluster_token.clone().into());
+        let plain = serde_json::Value::Object(files).to_string();
+        let bundle = seal(&self.cluster_token, plain.as_bytes())
+            .map_err(|e| JoinError::Invalid(e.to_string()))?;
+        tracing::info!(member = name, peer, "a server joins the site's etcd");
+        Ok(serde_json::json!({
+            "bundle": bundle,
+            "initialCluster": initial.join(","),
+            "voters": voters,
+            "memberID": id.to_string(),
+        }))
+    }
+}
+
+/// What a joining server was told: the etcd members to start with.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct JoinedServer {
+    pub initial_cluster: String,
+    /// Client URLs of the voting members (a learner's own etcd serves no requests until it is
+    /// promoted through them).
+    #[serde(default)]
+    pub voters: Vec<String>,
+}
+
+/// The joining side: fetches the site's keys from `server` (checking its CA against the token),
+/// writes them into this data dir, and has its etcd member added. A data dir that already
+/// belongs to another site is refused.
+pub async fn join_server(
+    data_dir: &Path,
+    server: &str,
+    token: &str,
+    name: &str,
+    peer_url: &str,
+) -> Result<JoinedServer> {
+    let token = JoinToken::parse(token)?;
+    let client = insecure_client(None)?;
+    let ca = pinned_ca(&client, server, &token, "--server").await?;
+    let tls = data_dir.join("server").join("tls");
+    if let Ok(mine) = std::fs::read_to_string(tls.join("ca.crt"))
+        && mine != ca
+    {
+        bail!(
+            "this data dir ({}) belongs to another site (its CA is not {server}'s): join with an \
+             empty --data-dir",
+            data_dir.display()
+        );
+    }
+    let body = serde_json::json!({"name": name, "peerURL": peer_url}).to_string();
+    // etcd takes one learner at a time: servers started together join one after another
+    // (never wedged, k3s#4335), each waiting until the previous one votes.
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(500);
+    let reply = loop {
+        match client
+            .post_json(
+                &format!("{server}/edgesite/v1/server-join"),
+                &token.credential,
+                &body,
+            )
+            .await
+        {
+            Ok(reply) => break reply,
+            // etcd's words for "not now": a learner is catching up, or a member just changed.
+            Err(e)
+                if [
+                    "too many learner members",
+                    "unhealthy cluster",
+                    "leader changed",
+                    "request timed out",
+                    "Timeout expired",
+                    "deadline has elapsed",
+                ]
+                .iter()
+                .any(|m| e.to_string().contains(m))
+                    && started.elapsed() < Duration::from_secs(600) =>
+            {
+                tracing::info!("another server is joining the site's etcd; waiting for it");
+                tokio::time::sleep(pause.mul_f64(0.5 + rand::random::<f64>())).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e.context("join the site as a server")),
+        }
+    };
+    let reply: serde_json::Value = serde_json::from_str(&reply).context("the join answer")?;
+    let bundle = reply["bundle"]
+        .as_str()
+        .context("the join answer has no keys")?;
+    let plain = open_sealed(&token.credential, bundle)?;
+    let files: serde_json::Value =
+        serde_json::from_slice(&plain).context("the site's keys are not readable")?;
+    if files["ca.crt"].as_str() != Some(ca.as_str()) {
+        bail!("the keys {server} sent are not for the CA it presents");
+    }
+    crate::private_dir(&tls)?;
+    for file in BUNDLE_FILES {
+        let text = files[file]
+            .as_str()
+            .with_context(|| format!("the site's keys lack {file}"))?;
+        crate::pki::write_private(&tls.join(file), text)?;
+    }
+    let cluster_token = files["token"].as_str().unwrap_or(&token.credential);
+    crate::pki::write_private(&data_dir.join("server").join("token"), cluster_token)?;
+    let initial_cluster = reply["initialCluster"]
+        .as_str()
+        .context("the join answer has no etcd members")?
+        .to_string();
+    let voters = reply["voters"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|u| u.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    tracing::info!(server, member = name, "joined the site as a server");
+    Ok(JoinedServer {
+        initial_cluster,
+        voters,
+    })
+}
+
+#[cfg(test)]
+mod server_join_tests {
+    use super::*;
+
+    #[test]
+    fn the_bundle_opens_only_with_its_token() {
+        let sealed = seal("s3cret-token", b"the CA key").unwrap();
+        assert!(!sealed.contains("the CA key"));
+        assert_eq!(open_sealed("s3cret-token", &sealed).unwrap(), b"the CA key");
+        let wrong = open_sealed("another-token", &sealed)
+            .unwrap_err()
+            .to_string();
+        assert!(wrong.contains("not the site's token"), "{wrong}");
+        assert!(open_sealed("s3cret-token", "AAAA").is_err());
+    }
+}

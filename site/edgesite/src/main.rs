@@ -381,6 +381,11 @@ pub struct EmbeddedEtcdArgs {
     /// server that ran one keeps it.
     #[arg(long)]
     pub cluster_init: bool,
+    /// Join the site whose server is at this URL as another server (with --token, that
+    /// server's token from <data-dir>/server/token): this server gets the site's keys and an
+    /// etcd member of its own.
+    #[arg(long, value_name = "URL", env = "EDGESITE_SERVER_URL")]
+    pub server: Option<String>,
     /// Make this server's etcd member a cluster of one again (after losing the others), then
     /// exit; with --cluster-reset-restore-path, from that snapshot instead.
     #[arg(long)]

@@ -187,6 +187,8 @@ fn cluster_token(args: &ServerArgs, server_dir: &Path) -> Result<String> {
         if t.trim().is_empty() {
             bail!("--token must not be empty");
         }
+        // A K10 token names the cluster token after its CA hash: keep the token itself.
+        let t = &crate::join::JoinToken::parse(t)?.credential;
         std::fs::write(&path, t).with_context(|| format!("write {}", path.display()))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         return Ok(t.clone());
@@ -544,7 +546,38 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
     let database = server_dir.join("state.db");
     let embedded = args.etcd.cluster_init
         || args.etcd.cluster_reset
+        || args.etcd.server.is_some()
         || crate::etcd::Member::exists(&args.data_dir);
+    let node = agent_config
+        .as_ref()
+        .map_or_else(hostname, |c| c.node_name.clone());
+    let joined_file = server_dir.join("db").join("etcd-join.json");
+    if let Some(url) = &args.etcd.server
+        && !crate::etcd::Member::exists(&args.data_dir)
+        && !joined_file.exists()
+    {
+        // Another server's site: its keys and an etcd member first, before anything here makes
+        // keys of its own.
+        let Some(token) = &args.token else {
+            bail!(
+                "--server needs --token: the token of the server at {url} (its \
+                 <data-dir>/server/token)"
+            );
+        };
+        let name = crate::etcd::member_name(&args.data_dir, &node)?;
+        let peer = crate::etcd::peer_url(etcd_address(&args), args.etcd.etcd_peer_port);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let joined = runtime.block_on(crate::join::join_server(
+            &args.data_dir,
+            url.trim_end_matches('/'),
+            token,
+            &name,
+            &peer,
+        ))?;
+        crate::pki::write_private(&joined_file, &serde_json::to_string(&joined)?)?;
+    }
     if embedded && args.datastore.datastore_endpoint.is_some() {
         bail!(
             "--datastore-endpoint names an external etcd, but this server runs an embedded one \
@@ -625,10 +658,8 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
             shutdown.clone(),
         ));
         let mut datastore = datastore;
+        let mut server_joiner = None;
         if embedded {
-            let node = agent_config
-                .as_ref()
-                .map_or_else(hostname, |c| c.node_name.clone());
             let address = etcd_address(&args);
             let mut addresses = vec![address];
             if !address.is_loopback() {
@@ -663,10 +694,28 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
                 );
                 return Ok(());
             }
-            member
-                .start(crate::etcd::Initial::New, false, shutdown.clone())
-                .await?;
-            let etcd = member.datastore(&args.datastore.etcd_prefix);
+            let joining = if crate::etcd::Member::exists(&args.data_dir) {
+                None
+            } else {
+                std::fs::read_to_string(&joined_file)
+                    .ok()
+                    .and_then(|text| {
+                        serde_json::from_str::<crate::join::JoinedServer>(&text).ok()
+                    })
+            };
+            let initial = match &joining {
+                Some(joined) => crate::etcd::Initial::Existing(joined.initial_cluster.clone()),
+                None => crate::etcd::Initial::New,
+            };
+            member.start(initial, false, shutdown.clone()).await?;
+            if let Some(joined) = &joining {
+                // A learner serves nothing: the API server starts once it votes.
+                crate::etcd::promote_when_caught_up(&member, &joined.voters).await?;
+            }
+            let _ = std::fs::remove_file(&joined_file);
+            let mut etcd = member.datastore(&args.datastore.etcd_prefix);
+            etcd.endpoints = crate::etcd::endpoints(&member).await;
+            server_joiner = Some(etcd.clone());
             if let Some(moved) = crate::etcd::migrate_sqlite(&database, &etcd).await? {
                 eprintln!("moved {moved} objects from SQLite into the embedded etcd");
             }
@@ -723,6 +772,14 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
             .context("start the API server")?;
         // Agents on other machines pin the CA and join with a token.
         let _ = api.ca_pem.set(ca.cert.clone());
+        // More servers join through any server of the embedded etcd.
+        if let Some(etcd) = server_joiner {
+            let _ = api.server_join.set(std::sync::Arc::new(crate::join::ServerJoiner {
+                server_dir: server_dir.clone(),
+                cluster_token: token.clone(),
+                etcd,
+            }));
+        }
         match role {
             Role::Site => {
                 let _ = api.node_join.set(crate::join::joiner(&server_dir, &ca, &token));

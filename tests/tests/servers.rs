@@ -1,0 +1,273 @@
+//! Several servers per site (K3s's `--cluster-init` and `--server URL --token TOKEN`): three
+//! `edgesite server` processes on loopback, each with its own embedded etcd member (Debian's
+//! etcd), real kubectl.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tests::{Site, free_port};
+
+fn server_flags(join: Option<(&Site, &str)>) -> Vec<String> {
+    let mut flags = vec![
+        "--disable-agent".to_string(),
+        format!("--etcd-client-port={}", free_port()),
+        format!("--etcd-peer-port={}", free_port()),
+    ];
+    match join {
+        None => flags.push("--cluster-init".into()),
+        Some((first, token)) => {
+            flags.push(format!("--server=https://127.0.0.1:{}", first.port));
+            flags.push(format!("--token={token}"));
+        }
+    }
+    flags
+}
+
+fn start(flags: &[String]) -> Site {
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    Site::start_with(&flags).expect("a server starts")
+}
+
+/// Whether `holder` (a Lease's holderIdentity, `<host>_<id>`) is this server.
+fn holds(site: &Site, holder: &str) -> bool {
+    let id = std::fs::read_to_string(site.data_dir().join("server").join("identity")).unwrap();
+    holder.ends_with(&format!("_{}", id.trim()))
+}
+
+fn rv(site: &Site, name: &str) -> u64 {
+    site.ok(&[
+        "get",
+        "configmap",
+        name,
+        "-o",
+        "jsonpath={.metadata.resourceVersion}",
+    ])
+    .parse()
+    .unwrap()
+}
+
+/// Three servers, the second and third started at once: all vote in etcd, any of them serves
+/// what any other wrote (CRDs too). Writes go on through the others while the leader server is
+/// SIGKILLed: every acknowledged write is kept, resourceVersions never go back. With two of the
+/// three etcd members down writes fail at once with a clear message, and go on when one returns.
+#[test]
+fn three_servers_share_the_site_and_survive_losing_one() {
+    let first = start(&server_flags(None));
+    let token = std::fs::read_to_string(first.data_dir().join("server").join("token")).unwrap();
+    let token = token.trim().to_string();
+    // A wrong token is refused with a message saying so.
+    let wrong = server_flags(Some((&first, "not-the-token")));
+    let stranger = Site::start_with(&wrong.iter().map(String::as_str).collect::<Vec<_>>());
+    let message = format!("{:#}", stranger.err().expect("a wrong token is refused"));
+    assert!(
+        message.contains("not this site's cluster token"),
+        "{message}"
+    );
+
+    let (second, third) = {
+        let (a, b) = (
+            server_flags(Some((&first, &token))),
+            server_flags(Some((&first, &token))),
+        );
+        let one = std::thread::spawn(move || start(&a));
+        let two = std::thread::spawn(move || start(&b));
+        (one.join().unwrap(), two.join().unwrap())
+    };
+    let servers = [first, second, third];
+    // The CA and keys are the site's: every server's kubeconfig works against every other.
+    for (i, s) in servers.iter().enumerate() {
+        s.ok(&["create", "configmap", &format!("from-{i}")]);
+    }
+    for s in &servers {
+        let names = s.ok(&["get", "configmaps", "-o", "name"]);
+        for i in 0..3 {
+            assert!(names.contains(&format!("configmap/from-{i}")), "{names}");
+        }
+    }
+    // A CRD made through one server is served by the others.
+    servers[0].ok_stdin(
+        &["apply", "-f", "-"],
+        Some(r#"{"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": "crontabs.stable.example.com"},
+            "spec": {"group": "stable.example.com", "scope": "Namespaced",
+              "names": {"plural": "crontabs", "singular": "crontab", "kind": "CronTab"},
+              "versions": [{"name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]}}"#),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = servers[2]
+            .kubectl_stdin(
+                &["apply", "-f", "-"],
+                Some(r#"{"apiVersion": "stable.example.com/v1", "kind": "CronTab", "metadata": {"name": "c", "namespace": "default"}}"#),
+            )
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        servers[1]
+            .ok(&["get", "crontabs", "-o", "name"])
+            .contains("crontab.stable.example.com/c")
+    );
+
+    // The server whose controllers lead.
+    let holder = servers[1].ok(&[
+        "get",
+        "lease",
+        "-n",
+        "kube-system",
+        "edgesite-control-plane",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    let leader = servers
+        .iter()
+        .position(|s| holds(s, &holder))
+        .expect("a server leads");
+    let mut servers = servers.map(Some);
+    let mut dead = servers[leader].take().unwrap();
+    let live: Vec<&Site> = servers.iter().flatten().collect();
+
+    // A write storm through the other two while the leader dies.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged = Arc::new(Mutex::new(Vec::<(String, usize)>::new()));
+    let writers: Vec<_> = live
+        .iter()
+        .enumerate()
+        .map(|(w, site)| {
+            let kubeconfig = site.kubeconfig();
+            let stop = stop.clone();
+            let acknowledged = acknowledged.clone();
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let name = format!("storm-{w}-{n}");
+                    n += 1;
+                    let out = std::process::Command::new(tests::kubectl_bin())
+                        .arg("--kubeconfig")
+                        .arg(&kubeconfig)
+                        .args(["create", "configmap", &name])
+                        .output()
+                        .unwrap();
+                    if out.status.success() {
+                        acknowledged.lock().unwrap().push((name, w));
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    dead.kill();
+    std::thread::sleep(Duration::from_secs(6));
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() > 10,
+        "writes went on: {}",
+        acknowledged.len()
+    );
+    let listed = live[0].ok(&["get", "configmaps", "-o", "name"]);
+    for (name, _) in &acknowledged {
+        assert!(
+            listed.contains(&format!("configmap/{name}")),
+            "acknowledged {name} was lost"
+        );
+    }
+    // Each writer's objects carry increasing resourceVersions, read through either server.
+    for w in 0..2 {
+        let mine: Vec<u64> = acknowledged
+            .iter()
+            .filter(|(_, by)| *by == w)
+            .map(|(name, _)| rv(live[1 - w], name))
+            .collect();
+        assert!(mine.windows(2).all(|p| p[0] < p[1]), "{mine:?}");
+    }
+    // Another server leads now.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let now = live[0].ok(&[
+            "get",
+            "lease",
+            "-n",
+            "kube-system",
+            "edgesite-control-plane",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ]);
+        if now != holder && live.iter().any(|s| holds(s, &now)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no server took over the lead");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // Two of three members down: writes fail, quickly and saying why.
+    let (a, b) = (live[0], live[1]);
+    let member_of = |s: &Site| -> u32 {
+        let out = std::process::Command::new("pgrep")
+            .args([
+                "-f",
+                &format!(
+                    "^etcd .*data-dir={}",
+                    s.data_dir().join("server/db/etcd").display()
+                ),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .expect("its etcd runs")
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let victim = member_of(b);
+    std::process::Command::new("kill")
+        .args(["-STOP", &victim.to_string()])
+        .status()
+        .unwrap();
+    let started = Instant::now();
+    let out = a
+        .kubectl(&["create", "configmap", "without-quorum"])
+        .unwrap();
+    assert!(!out.status.success(), "no quorum, no write");
+    assert!(started.elapsed() < Duration::from_secs(30), "no hang");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("etcd"), "{said}");
+    std::process::Command::new("kill")
+        .args(["-CONT", &victim.to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = a.kubectl(&["create", "configmap", "quorum-back"]).unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // The dead server comes back and catches up.
+    dead.launch().unwrap();
+    assert!(
+        dead.ok(&["get", "configmap", "quorum-back", "-o", "name"])
+            .contains("quorum-back")
+    );
+}
