@@ -4,6 +4,10 @@
 #   ./installer/install.sh            build from this checkout, install, start `edgesite server`
 #   EDGESITE_URL=https://SERVER:6443 EDGESITE_TOKEN=K10... ./installer/install.sh
 #                                     the same, but join SERVER's site as an agent (K3s-style)
+#   EDGESITE_EXEC="server --cluster-init" ./installer/install.sh
+#                                     the first of several servers (an embedded etcd)
+#   EDGESITE_EXEC="server --server https://FIRST:6443" EDGESITE_TOKEN=... ./installer/install.sh
+#                                     another server of FIRST's site (FIRST's <data-dir>/server/token)
 #
 # Environment: EDGESITE_EXEC ("server --tls-san my.host"), EDGESITE_DATA_DIR (/var/lib/edgesite),
 # EDGESITE_PORT (6443), EDGESITE_KUBECONFIG (/etc/edgesite/edgesite.yaml), EDGESITE_URL and
@@ -33,6 +37,11 @@ command -v apt-get >/dev/null || die "this installer supports Debian and derivat
 . "$here/deps.sh"
 install_build_deps
 install_node_deps
+# An embedded etcd (several servers per site) runs Debian's etcd.
+case " $exec_args " in
+  *" --cluster-init "*|*" --server "*|*" --server="*) install_etcd_deps ;;
+  *) [ -d "$data_dir/server/db/etcd" ] && install_etcd_deps ;;
+esac
 
 say "building the release binary (a few minutes on a small machine)"
 (cd "$repo" && cargo build --release --locked -p edgesite -p devices --bins)
@@ -74,13 +83,18 @@ if [ "$mode" = agent ]; then
   args="$exec_args --data-dir $data_dir"
 else
   args="$exec_args --data-dir $data_dir --https-listen-port $port --write-kubeconfig $kubeconfig"
+  # A server joining another (--server) reads the site's token from the environment, not ps.
+  umask 077
+  printf 'EDGESITE_TOKEN=%s\n' "${EDGESITE_TOKEN:-}" > /etc/edgesite/server.env
+  [ -n "${EDGESITE_TOKEN:-}" ] || : > /etc/edgesite/server.env
+  umask 022
 fi
+env_file=/etc/edgesite/agent.env
+[ "$mode" = agent ] || env_file=/etc/edgesite/server.env
 
 if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
   sed -e "s|@ARGS@|$args|" "$here/edgesite.service" > /etc/systemd/system/edgesite.service
-  if [ "$mode" = agent ]; then
-    sed -i -e 's|^\[Service\]|[Service]\nEnvironmentFile=/etc/edgesite/agent.env|' /etc/systemd/system/edgesite.service
-  fi
+  sed -i -e "s|^\\[Service\\]|[Service]\\nEnvironmentFile=$env_file|" /etc/systemd/system/edgesite.service
   systemctl daemon-reload
   systemctl enable edgesite.service >/dev/null
   systemctl restart edgesite.service
@@ -93,12 +107,10 @@ else
     pkill -f "/usr/local/bin/edgesite (server|agent)" 2>/dev/null || true
     sleep 1
   fi
-  if [ "$mode" = agent ]; then
-    set -a
-    # shellcheck disable=SC1091
-    . /etc/edgesite/agent.env
-    set +a
-  fi
+  set -a
+  # shellcheck disable=SC1090
+  . "$env_file"
+  set +a
   nohup "$here/supervise.sh" "/usr/local/bin/edgesite $args" "$log_dir/edgesite.log" >/dev/null 2>&1 &
   echo $! > /run/edgesite-supervisor.pid
   say "started edgesite under a supervisor (pid $(cat /run/edgesite-supervisor.pid)); log: $log_dir/edgesite.log"
@@ -117,7 +129,10 @@ if [ "$mode" = agent ]; then
 fi
 
 say "waiting for the API server to be ready"
-for _ in $(seq 1 150); do
+# A joining server first waits its turn in etcd and catches up.
+tries=150
+case " $exec_args " in *" --server "*|*" --server="*) tries=600 ;; esac
+for _ in $(seq 1 "$tries"); do
   if [ -f "$kubeconfig" ] && curl -fsk "https://127.0.0.1:$port/readyz" >/dev/null 2>&1; then
     say "ready. Try:"
     echo
@@ -127,4 +142,4 @@ for _ in $(seq 1 150); do
   fi
   sleep 0.2
 done
-die "edgesite did not become ready within 30 s; see journalctl -u edgesite or $log_dir/edgesite.log"
+die "edgesite did not become ready within $((tries / 5)) s; see journalctl -u edgesite or $log_dir/edgesite.log"
