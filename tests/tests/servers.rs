@@ -270,4 +270,46 @@ fn three_servers_share_the_site_and_survive_losing_one() {
         dead.ok(&["get", "configmap", "quorum-back", "-o", "name"])
             .contains("quorum-back")
     );
+
+    // Taken out for good: its member leaves the etcd cluster, the other two go on.
+    dead.stop();
+    let gone = std::fs::read_to_string(dead.data_dir().join("server/db/etcd-name")).unwrap();
+    let members = |site: &Site| {
+        let out = std::process::Command::new(tests::edgesite_bin())
+            .args(["etcd", "member", "list", "--data-dir"])
+            .arg(site.data_dir())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(members(a).lines().count(), 4, "a header and three members");
+    let own = std::fs::read_to_string(a.data_dir().join("server/db/etcd-name")).unwrap();
+    let refused = std::process::Command::new(tests::edgesite_bin())
+        .args(["etcd", "member", "remove", own.trim(), "--data-dir"])
+        .arg(a.data_dir())
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "a server does not remove its own member"
+    );
+    let removed = std::process::Command::new(tests::edgesite_bin())
+        .args(["etcd", "member", "remove", gone.trim(), "--data-dir"])
+        .arg(a.data_dir())
+        .output()
+        .unwrap();
+    assert!(
+        removed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    let listed = members(b);
+    assert_eq!(listed.lines().count(), 3, "{listed}");
+    assert!(!listed.contains(gone.trim()));
+    a.ok(&["create", "configmap", "two-servers"]);
 }

@@ -80,6 +80,11 @@ enum Command {
         #[command(subcommand)]
         command: EtcdSnapshotCommand,
     },
+    /// The servers' etcd members: `edgesite etcd member list|remove NAME`.
+    Etcd {
+        #[command(subcommand)]
+        command: EtcdCommand,
+    },
     /// The cloud hub that sites attach to (`edgesite server --cloudhub URL --cloudhub-token
     /// TOKEN`): Karmada's Cluster API for every site, and kubectl to any site through the hub.
     Cloudhub(CloudhubCommand),
@@ -127,6 +132,91 @@ enum EtcdSnapshotCommand {
         #[command(flatten)]
         at: SnapshotPlace,
     },
+}
+
+#[derive(Subcommand)]
+enum EtcdCommand {
+    /// The etcd members of the site's servers.
+    Member {
+        #[command(subcommand)]
+        command: MemberCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum MemberCommand {
+    /// Every member: name, id, whether it votes, its URLs.
+    #[command(alias = "ls")]
+    List {
+        /// This server's data dir.
+        #[arg(long, short = 'd', default_value = "/var/lib/edgesite")]
+        data_dir: PathBuf,
+    },
+    /// Take a server that is gone for good out of the etcd cluster (by member name or id), so
+    /// the others need fewer votes; run on a server that stays.
+    Remove {
+        name: String,
+        #[arg(long, short = 'd', default_value = "/var/lib/edgesite")]
+        data_dir: PathBuf,
+    },
+}
+
+/// `edgesite etcd member ...`.
+fn etcd_members(command: EtcdCommand) -> Result<()> {
+    use apiserver_lite::storage::etcd;
+    let EtcdCommand::Member { command } = command;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let fail = |e: apiserver_lite::storage::StorageError| anyhow::anyhow!("{e}");
+    match command {
+        MemberCommand::List { data_dir } => {
+            let config = crate::etcd::local(&data_dir, "/registry")?;
+            let members = runtime.block_on(etcd::members(&config)).map_err(fail)?;
+            println!(
+                "{:<24} {:<18} {:<8} {:<32} CLIENT",
+                "NAME", "ID", "VOTES", "PEER"
+            );
+            for m in members {
+                println!(
+                    "{:<24} {:<18x} {:<8} {:<32} {}",
+                    if m.name.is_empty() {
+                        "(not started)"
+                    } else {
+                        &m.name
+                    },
+                    m.id,
+                    if m.learner { "no" } else { "yes" },
+                    m.peer_urls.join(","),
+                    m.client_urls.join(",")
+                );
+            }
+        }
+        MemberCommand::Remove { name, data_dir } => {
+            let config = crate::etcd::local(&data_dir, "/registry")?;
+            let members = runtime.block_on(etcd::members(&config)).map_err(fail)?;
+            let id = u64::from_str_radix(&name, 16).ok();
+            let Some(member) = members.iter().find(|m| m.name == name || Some(m.id) == id) else {
+                anyhow::bail!("no etcd member {name:?}; `edgesite etcd member list` shows them");
+            };
+            let mine =
+                std::fs::read_to_string(data_dir.join("server/db/etcd-name")).unwrap_or_default();
+            if mine.trim() == member.name {
+                anyhow::bail!(
+                    "{name} is this server's own member: run the removal on a server that stays"
+                );
+            }
+            runtime
+                .block_on(etcd::remove_member(&config, member.id))
+                .map_err(fail)?;
+            eprintln!(
+                "removed etcd member {} ({:x}); that server must not start again with its old \
+                 data dir (empty its <data-dir>/server/db to join anew)",
+                member.name, member.id
+            );
+        }
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -849,6 +939,7 @@ fn main() {
         Command::Relay(args) => mesh::run_relay(args),
         Command::Backup(args) => backup::run(&args),
         Command::EtcdSnapshot { command } => etcd_snapshot(command),
+        Command::Etcd { command } => etcd_members(command),
         Command::Kubeconfig(args) => server::user_kubeconfig(
             &args.data_dir,
             &args.user,
