@@ -137,6 +137,25 @@ fn three_servers_share_the_site_and_survive_losing_one() {
     let mut dead = servers[leader].take().unwrap();
     let live: Vec<&Site> = servers.iter().flatten().collect();
 
+    // A watch open through each live server during what follows (kubectl, from now on).
+    let watches: Vec<(std::process::Child, std::path::PathBuf)> = live
+        .iter()
+        .enumerate()
+        .map(|(i, site)| {
+            let out = site.dir.path().join(format!("watch-{i}.txt"));
+            let child = std::process::Command::new(tests::kubectl_bin())
+                .arg("--kubeconfig")
+                .arg(site.kubeconfig())
+                .args(["get", "configmaps", "--watch-only", "-o", "name"])
+                .stdout(std::fs::File::create(&out).unwrap())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            (child, out)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+
     // A write storm through the other two while the leader dies.
     let stop = Arc::new(AtomicBool::new(false));
     let acknowledged = Arc::new(Mutex::new(Vec::<(String, usize)>::new()));
@@ -178,6 +197,24 @@ fn three_servers_share_the_site_and_survive_losing_one() {
         "writes went on: {}",
         acknowledged.len()
     );
+    // Every open watch went on through the leader's death without a gap: it saw every
+    // acknowledged write (none ended, so none had to relist).
+    std::thread::sleep(Duration::from_secs(2));
+    for (mut child, out) in watches {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the watch through a live server ended"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+        let seen = std::fs::read_to_string(&out).unwrap();
+        for (name, _) in &acknowledged {
+            assert!(
+                seen.contains(&format!("configmap/{name}\n")),
+                "the watch missed {name}"
+            );
+        }
+    }
     let listed = live[0].ok(&["get", "configmaps", "-o", "name"]);
     for (name, _) in &acknowledged {
         assert!(

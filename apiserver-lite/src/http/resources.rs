@@ -1199,7 +1199,15 @@ impl Ctx {
             return Ok(());
         }
         let key = object_key("", "namespaces", "", &self.namespace);
-        match self.server.storage.get(&key).await.map_err(|e| storage_error(&self.info, "", e))? {
+        let failed = |e| storage_error(&self.info, "", e);
+        let recent = self.server.storage.get_recent(&key).await.map_err(failed)?;
+        // Not there (yet, as far as this server has heard): ask for certain, as upstream's
+        // NamespaceLifecycle looks a namespace its cache lacks up live.
+        let namespace = match recent {
+            Some(ns) => Some(ns),
+            None => self.server.storage.get(&key).await.map_err(failed)?,
+        };
+        match namespace {
             None => Err(ApiError::not_found("namespaces", "", &self.namespace)),
             Some(ns) if ns.object.pointer("/metadata/deletionTimestamp").is_some() => {
                 Err(ApiError::forbidden(format!(

@@ -611,6 +611,25 @@ impl Storage for EtcdStorage {
             .transpose()
     }
 
+    async fn get_recent(&self, key: &str) -> Result<Option<Stored>, StorageError> {
+        let full = self.full(key);
+        let response = self
+            .retrying(false, |c| {
+                let full = full.clone();
+                async move {
+                    c.kv_client()
+                        .get(full, Some(GetOptions::new().with_serializable()))
+                        .await
+                }
+            })
+            .await?;
+        response
+            .kvs()
+            .first()
+            .map(|kv| self.object(kv, key))
+            .transpose()
+    }
+
     async fn list(
         &self,
         prefix: &str,

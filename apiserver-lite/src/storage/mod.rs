@@ -96,6 +96,13 @@ pub fn check_size(text: &str) -> Result<(), StorageError> {
 pub trait Storage: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<Stored>, StorageError>;
 
+    /// [`Storage::get`] where a slightly old answer will do (admission's namespace lookup, as
+    /// upstream reads it from an informer cache): etcd answers from the member this server
+    /// talks to without asking the leader.
+    async fn get_recent(&self, key: &str) -> Result<Option<Stored>, StorageError> {
+        self.get(key).await
+    }
+
     /// Objects whose key starts with `prefix` (which must end with `/`), ordered by key, starting
     /// after `start_after` when given, at most `limit` when given.
     async fn list(

@@ -37,6 +37,8 @@ mod authz;
 mod cloud;
 #[path = "bench/devices.rs"]
 mod devices;
+#[path = "bench/etcd.rs"]
+mod etcd;
 #[path = "bench/hardening.rs"]
 mod hardening;
 #[path = "bench/mesh.rs"]
@@ -400,6 +402,16 @@ async fn main() -> Result<()> {
         let (server, _) = start(&bin, work.path(), tests::free_port()).await?;
         let mut rows = Vec::new();
         hardening::rows(&server, &mut rows).await?;
+        return print_and_splice(&rows);
+    }
+    // `edgesite-bench etcd`: the API rows on three servers with embedded etcd, beside raw etcd,
+    // printed and written over the same rows of docs/benchmarks.md.
+    if std::env::args().nth(1).as_deref() == Some("etcd") {
+        let work = tempfile::Builder::new()
+            .prefix("edgesite-bench")
+            .tempdir()?;
+        let mut rows = Vec::new();
+        etcd::rows(&bin, work.path(), &mut rows).await?;
         return print_and_splice(&rows);
     }
     // `edgesite-bench cloud`: the cloud link rows (1,000 simulated sites), printed and written
