@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::{Value, json};
 
 use crate::error::Cause;
-use crate::storage::{Storage, StorageError, list_prefix};
+use crate::storage::{Storage, StorageError, Stored, list_prefix};
 
 /// The service network (`--service-cidr`) and node port range (`--service-node-port-range`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,10 +109,34 @@ pub const CLAIMS: &str = "/edgesite.io/serviceallocations/";
 pub const CLAIM_FRESH: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Claims `what` (`ip/10.43.0.7`, `nodeport/30080`) for Service `owner` (`namespace/name`):
-/// `false` when another write holds it.
-async fn claim(storage: &dyn Storage, what: &str, owner: &str) -> Result<bool, StorageError> {
+/// `false` when another write holds it. A dry run only looks: it claims nothing.
+async fn claim(
+    storage: &dyn Storage,
+    what: &str,
+    owner: &str,
+    dry_run: bool,
+) -> Result<bool, StorageError> {
     let key = format!("{CLAIMS}{what}");
     let now = chrono::Utc::now();
+    let fresh_elsewhere = |held: &Stored| {
+        held.object.get("owner").and_then(Value::as_str) != Some(owner)
+            && held
+                .object
+                .get("claimed")
+                .and_then(Value::as_str)
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .is_some_and(|t| {
+                    now.signed_duration_since(t)
+                        .to_std()
+                        .is_ok_and(|age| age <= CLAIM_FRESH)
+                })
+    };
+    if dry_run {
+        return Ok(!storage
+            .get(&key)
+            .await?
+            .is_some_and(|h| fresh_elsewhere(&h)));
+    }
     let claim = json!({"owner": owner, "claimed": now.to_rfc3339()});
     match storage.create(&key, claim.clone()).await {
         Ok(_) => return Ok(true),
@@ -123,18 +147,7 @@ async fn claim(storage: &dyn Storage, what: &str, owner: &str) -> Result<bool, S
         // Removed meanwhile: try once more.
         return Ok(storage.create(&key, claim).await.is_ok());
     };
-    let mine = held.object.get("owner").and_then(Value::as_str) == Some(owner);
-    let stale = held
-        .object
-        .get("claimed")
-        .and_then(Value::as_str)
-        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-        .is_none_or(|t| {
-            now.signed_duration_since(t)
-                .to_std()
-                .is_ok_and(|age| age > CLAIM_FRESH)
-        });
-    if !mine && !stale {
+    if fresh_elsewhere(&held) {
         return Ok(false);
     }
     match storage.update(&key, claim, Some(held.revision)).await {
@@ -271,6 +284,7 @@ impl Allocator {
         storage: &dyn Storage,
         service: &mut Value,
         old: Option<&Value>,
+        dry_run: bool,
     ) -> Result<Reservation, AssignError> {
         let _turn = self.turn.lock().await;
         let me = identity(service);
@@ -340,7 +354,7 @@ impl Allocator {
                                     &format!("failed to allocate IP {requested}: the provided IP ({requested}) is not in the valid range. The range of valid IPs is {}", self.network.cidr()),
                                 ));
                             } else if used_ips.contains(&ip)
-                                || !claim(storage, &format!("ip/{requested}"), &me)
+                                || !claim(storage, &format!("ip/{requested}"), &me, dry_run)
                                     .await
                                     .map_err(AssignError::Storage)?
                             {
@@ -361,7 +375,7 @@ impl Allocator {
                         )));
                     };
                     let text = Ipv4Addr::from(ip).to_string();
-                    if !claim(storage, &format!("ip/{text}"), &me)
+                    if !claim(storage, &format!("ip/{text}"), &me, dry_run)
                         .await
                         .map_err(AssignError::Storage)?
                     {
@@ -438,7 +452,7 @@ impl Allocator {
                                 causes.push(Cause::invalid(field, &json!(requested), "provided port is already allocated"))
                             }
                             Some(p) => {
-                                if claim(storage, &format!("nodeport/{p}"), &me).await.map_err(AssignError::Storage)? {
+                                if claim(storage, &format!("nodeport/{p}"), &me, dry_run).await.map_err(AssignError::Storage)? {
                                     reserve_port(&mut reservation, p);
                                 } else {
                                     causes.push(Cause::invalid(field, &json!(requested), "provided port is already allocated"));
@@ -453,7 +467,7 @@ impl Allocator {
                                 self.network.port_range()
                             )));
                         };
-                        if !claim(storage, &format!("nodeport/{p}"), &me)
+                        if !claim(storage, &format!("nodeport/{p}"), &me, dry_run)
                             .await
                             .map_err(AssignError::Storage)?
                         {
@@ -615,7 +629,7 @@ mod tests {
                 let name = format!("s{i}");
                 let mut object = service(&name);
                 let reservation = allocator
-                    .assign(&*store, &mut object, None)
+                    .assign(&*store, &mut object, None, false)
                     .await
                     .map_err(|e| format!("{e:?}"))?;
                 store
@@ -657,8 +671,19 @@ mod tests {
         let mut object = service("late");
         object["spec"]["clusterIP"] = json!(taken);
         assert!(matches!(
-            allocator.assign(&*store, &mut object, None).await,
+            allocator.assign(&*store, &mut object, None, false).await,
             Err(AssignError::Invalid(_))
         ));
+        // A dry run picks addresses but claims none.
+        let before = store.list(CLAIMS, None, None).await.unwrap().items.len();
+        let mut object = service("dry");
+        object["spec"]["type"] = json!("ClusterIP");
+        allocator
+            .assign(&*store, &mut object, None, true)
+            .await
+            .unwrap();
+        assert!(cluster_ip(&object).is_some());
+        let after = store.list(CLAIMS, None, None).await.unwrap().items.len();
+        assert_eq!(before, after, "a dry run claimed an address");
     }
 }

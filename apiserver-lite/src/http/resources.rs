@@ -1317,7 +1317,9 @@ impl Ctx {
             self.admit_service_account(&mut object).await?;
         }
         // Held until the object is stored: the addresses stay reserved meanwhile.
-        let _reservation = self.assign_service_addresses(&mut object, None).await?;
+        let _reservation = self
+            .assign_service_addresses(&mut object, None, opts.dry_run)
+            .await?;
         let causes = kinds::validate(&self.info, &object, None);
         if !causes.is_empty() {
             return Err(self.invalid(&object, causes));
@@ -1339,6 +1341,7 @@ impl Ctx {
         &self,
         object: &mut Value,
         old: Option<&Value>,
+        dry_run: bool,
     ) -> Result<Option<crate::services::Reservation>, ApiError> {
         if (self.info.group.as_str(), self.info.resource.as_str()) != ("", "services") {
             return Ok(None);
@@ -1346,7 +1349,7 @@ impl Ctx {
         match self
             .server
             .services
-            .assign(&*self.server.storage, object, old)
+            .assign(&*self.server.storage, object, old, dry_run)
             .await
         {
             Ok(r) => Ok(Some(r)),
@@ -1587,7 +1590,7 @@ impl Ctx {
                 kinds::apply_defaults(&self.info, &mut new);
                 kinds::prepare_for_update(&self.info, &mut new, old_object);
                 _reservation = self
-                    .assign_service_addresses(&mut new, Some(old_object))
+                    .assign_service_addresses(&mut new, Some(old_object), opts.dry_run)
                     .await?;
                 if kinds::tracks_generation(&self.info) && spec_part(old_object) != spec_part(&new)
                 {
