@@ -584,6 +584,24 @@ impl Site {
         self.ok_stdin(args, None)
     }
 
+    /// kubectl again and again (every 200 ms) until it succeeds, for at most `timeout`; panics
+    /// with its last error otherwise (a write refused while the datastore recovers).
+    pub fn ok_within(&self, timeout: Duration, args: &[&str], stdin: Option<&str>) {
+        let mut last = String::new();
+        let done = eventually(timeout, || {
+            let out = self.kubectl_stdin(args, stdin).expect("run kubectl");
+            last = String::from_utf8_lossy(&out.stderr).into_owned();
+            if !out.status.success() {
+                std::thread::sleep(Duration::from_millis(150));
+            }
+            out.status.success()
+        });
+        assert!(
+            done,
+            "kubectl {args:?} kept failing for {timeout:?}: {last}"
+        );
+    }
+
     pub fn ok_stdin(&self, args: &[&str], stdin: Option<&str>) -> String {
         let out = self.kubectl_stdin(args, stdin).expect("run kubectl");
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -253,19 +253,11 @@ fn an_external_etcd_that_goes_away_gives_clear_errors_and_the_site_comes_back() 
     assert!(String::from_utf8_lossy(&ready.stderr).contains("etcd"));
 
     etcd.spawn();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = site.kubectl(&["create", "configmap", "after"]).unwrap();
-        if out.status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    site.ok_within(
+        Duration::from_secs(30),
+        &["create", "configmap", "after"],
+        None,
+    );
     assert!(
         site.kubectl(&["get", "--raw", "/readyz"])
             .unwrap()

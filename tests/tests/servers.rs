@@ -29,6 +29,16 @@ fn start(flags: &[String]) -> Site {
     Site::start_with(&flags).expect("a server starts")
 }
 
+/// `edgesite ARGS --data-dir <site's>`, run to its end.
+fn edgesite(site: &Site, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(tests::edgesite_bin())
+        .args(args)
+        .arg("--data-dir")
+        .arg(site.data_dir())
+        .output()
+        .expect("run edgesite")
+}
+
 /// Whether `holder` (a Lease's holderIdentity, `<host>_<id>`) is this server.
 fn holds(site: &Site, holder: &str) -> bool {
     let id = std::fs::read_to_string(site.data_dir().join("server").join("identity")).unwrap();
@@ -95,24 +105,11 @@ fn three_servers_share_the_site_and_survive_losing_one() {
               "versions": [{"name": "v1", "served": true, "storage": true,
                 "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]}}"#),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = servers[2]
-            .kubectl_stdin(
-                &["apply", "-f", "-"],
-                Some(r#"{"apiVersion": "stable.example.com/v1", "kind": "CronTab", "metadata": {"name": "c", "namespace": "default"}}"#),
-            )
-            .unwrap();
-        if out.status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    servers[2].ok_within(
+        Duration::from_secs(20),
+        &["apply", "-f", "-"],
+        Some(r#"{"apiVersion": "stable.example.com/v1", "kind": "CronTab", "metadata": {"name": "c", "namespace": "default"}}"#),
+    );
     assert!(
         servers[1]
             .ok(&["get", "crontabs", "-o", "name"])
@@ -288,19 +285,11 @@ fn three_servers_share_the_site_and_survive_losing_one() {
         .args(["-CONT", &victim.to_string()])
         .status()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = a.kubectl(&["create", "configmap", "quorum-back"]).unwrap();
-        if out.status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    a.ok_within(
+        Duration::from_secs(30),
+        &["create", "configmap", "quorum-back"],
+        None,
+    );
     // The dead server comes back and catches up.
     dead.launch().unwrap();
     assert!(
@@ -312,11 +301,7 @@ fn three_servers_share_the_site_and_survive_losing_one() {
     dead.stop();
     let gone = std::fs::read_to_string(dead.data_dir().join("server/db/etcd-name")).unwrap();
     let members = |site: &Site| {
-        let out = std::process::Command::new(tests::edgesite_bin())
-            .args(["etcd", "member", "list", "--data-dir"])
-            .arg(site.data_dir())
-            .output()
-            .unwrap();
+        let out = edgesite(site, &["etcd", "member", "list"]);
         assert!(
             out.status.success(),
             "{}",
@@ -326,20 +311,12 @@ fn three_servers_share_the_site_and_survive_losing_one() {
     };
     assert_eq!(members(a).lines().count(), 4, "a header and three members");
     let own = std::fs::read_to_string(a.data_dir().join("server/db/etcd-name")).unwrap();
-    let refused = std::process::Command::new(tests::edgesite_bin())
-        .args(["etcd", "member", "remove", own.trim(), "--data-dir"])
-        .arg(a.data_dir())
-        .output()
-        .unwrap();
+    let refused = edgesite(a, &["etcd", "member", "remove", own.trim()]);
     assert!(
         !refused.status.success(),
         "a server does not remove its own member"
     );
-    let removed = std::process::Command::new(tests::edgesite_bin())
-        .args(["etcd", "member", "remove", gone.trim(), "--data-dir"])
-        .arg(a.data_dir())
-        .output()
-        .unwrap();
+    let removed = edgesite(a, &["etcd", "member", "remove", gone.trim()]);
     assert!(
         removed.status.success(),
         "{}",

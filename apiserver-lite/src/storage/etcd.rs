@@ -28,6 +28,7 @@ use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType as EtcdEventType,
     GetOptions, Identity, KeyValue, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
+use link::backoff::Backoff;
 use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
@@ -213,21 +214,23 @@ pub struct MemberInfo {
     pub learner: bool,
 }
 
-/// The cluster's members.
-pub async fn members(config: &EtcdConfig) -> Result<Vec<MemberInfo>, StorageError> {
-    let mut client = connect(config).await?;
-    let list = client.member_list().await.map_err(failed)?;
-    Ok(list
-        .members()
-        .iter()
-        .map(|m| MemberInfo {
+impl From<&etcd_client::Member> for MemberInfo {
+    fn from(m: &etcd_client::Member) -> Self {
+        MemberInfo {
             id: m.id(),
             name: m.name().to_string(),
             peer_urls: m.peer_urls().to_vec(),
             client_urls: m.client_urls().to_vec(),
             learner: m.is_learner(),
-        })
-        .collect())
+        }
+    }
+}
+
+/// The cluster's members.
+pub async fn members(config: &EtcdConfig) -> Result<Vec<MemberInfo>, StorageError> {
+    let mut client = connect(config).await?;
+    let list = client.member_list().await.map_err(failed)?;
+    Ok(list.members().iter().map(MemberInfo::from).collect())
 }
 
 /// Adds a member (as a learner: it votes only once promoted) and returns the cluster's members
@@ -245,17 +248,7 @@ pub async fn add_learner(
         .await
         .map_err(failed)?;
     let id = added.member().map_or(0, |m| m.id());
-    let members = added
-        .member_list()
-        .iter()
-        .map(|m| MemberInfo {
-            id: m.id(),
-            name: m.name().to_string(),
-            peer_urls: m.peer_urls().to_vec(),
-            client_urls: m.client_urls().to_vec(),
-            learner: m.is_learner(),
-        })
-        .collect();
+    let members = added.member_list().iter().map(MemberInfo::from).collect();
     Ok((id, members))
 }
 
@@ -479,12 +472,18 @@ impl EtcdStorage {
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
         let mut attempt = 1;
+        let mut backoff = Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+            Duration::MAX,
+        );
         loop {
+            let started = std::time::Instant::now();
             let result = request(self.client.clone()).await;
             match &result {
                 Err(e) if attempt < ATTEMPTS && transient(e, write) => {
                     attempt += 1;
-                    tokio::time::sleep(jitter(Duration::from_millis(200))).await;
+                    tokio::time::sleep(backoff.next(started)).await;
                 }
                 _ => return self.noticed(result),
             }
@@ -880,12 +879,18 @@ impl Follower {
             stop,
         } = self;
         let prefix_len = prefix.len() - 1;
-        let mut pause = Duration::from_millis(100);
+        // A watch that stayed up a minute starts the waits from the beginning again.
+        let mut backoff = Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+        );
         let set = |why: Option<String>| {
             *unavailable.lock().unwrap_or_else(|e| e.into_inner()) =
                 why.map(|why| format!("etcd at {endpoints} is unavailable: {why}"));
         };
         loop {
+            let started = std::time::Instant::now();
             let options = WatchOptions::new()
                 .with_prefix()
                 .with_start_revision(after as i64 + 1)
@@ -902,9 +907,8 @@ impl Follower {
                     set(Some(failed(e).to_string()));
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(jitter(pause)) => {}
+                        _ = tokio::time::sleep(backoff.next(started)) => {}
                     }
-                    pause = (pause * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };
@@ -924,7 +928,6 @@ impl Follower {
                         break;
                     }
                 };
-                pause = Duration::from_millis(100);
                 if response.compact_revision() > 0 {
                     // Compacted past what this server published: nothing can be resumed.
                     let now =
@@ -971,16 +974,10 @@ impl Follower {
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(jitter(pause)) => {}
+                _ = tokio::time::sleep(backoff.next(started)) => {}
             }
-            pause = (pause * 2).min(Duration::from_secs(5));
         }
     }
-}
-
-/// A pause with full jitter, so servers do not retry in lockstep.
-fn jitter(pause: Duration) -> Duration {
-    pause.mul_f64(rand::random::<f64>().max(0.1))
 }
 
 /// Upstream's compactor: every interval, whoever wins the compare-and-swap on [`COMPACT_KEY`]

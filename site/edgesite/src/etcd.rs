@@ -308,27 +308,35 @@ impl Member {
         );
         let member = self.clone();
         tokio::spawn(async move {
-            let mut pause = Duration::from_secs(1);
+            // A member that ran a minute starts the waits from the beginning again.
+            let mut backoff = link::backoff::Backoff::new(
+                Duration::from_secs(1),
+                Duration::from_secs(30),
+                Duration::from_secs(60),
+            );
+            let mut started = std::time::Instant::now();
             loop {
-                tokio::select! {
+                let status = tokio::select! {
                     _ = shutdown.cancelled() => {
                         let _ = child.start_kill();
                         let _ = child.wait().await;
                         return;
                     }
-                    status = child.wait() => {
-                        tracing::error!(
-                            "the embedded etcd exited ({}); starting it again in {pause:?}; see {}",
-                            status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
-                            member.db.join("etcd.log").display()
-                        );
-                    }
-                }
+                    status = child.wait() => status,
+                };
+                let pause = backoff.next(started);
+                tracing::error!(
+                    "the embedded etcd exited ({}); starting it again in {pause:?}; see {}",
+                    status
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|e| e.to_string()),
+                    member.db.join("etcd.log").display()
+                );
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(pause) => {}
                 }
-                pause = (pause * 2).min(Duration::from_secs(30));
+                started = std::time::Instant::now();
                 // Its data dir exists now: the initial flags no longer matter.
                 match member.spawn(&Initial::New, false) {
                     Ok(c) => child = c,

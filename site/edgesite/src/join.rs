@@ -977,7 +977,11 @@ pub async fn join_server(
     // etcd takes one learner at a time: servers started together join one after another
     // (never wedged, k3s#4335), each waiting until the previous one votes.
     let started = std::time::Instant::now();
-    let mut pause = Duration::from_millis(500);
+    let mut backoff = link::backoff::Backoff::new(
+        Duration::from_millis(500),
+        Duration::from_secs(5),
+        Duration::MAX,
+    );
     let reply = loop {
         match client
             .post_json(
@@ -1003,8 +1007,7 @@ pub async fn join_server(
                     && started.elapsed() < Duration::from_secs(600) =>
             {
                 tracing::info!("another server is joining the site's etcd; waiting for it");
-                tokio::time::sleep(pause.mul_f64(0.5 + rand::random::<f64>())).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(backoff.next(started)).await;
             }
             Err(e) => return Err(e.context("join the site as a server")),
         }
