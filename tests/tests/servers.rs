@@ -156,6 +156,9 @@ fn three_servers_share_the_site_and_survive_losing_one() {
     // A write storm through the other two while the leader dies.
     let stop = Arc::new(AtomicBool::new(false));
     let acknowledged = Arc::new(Mutex::new(Vec::<(String, usize)>::new()));
+    // Writes acknowledged after the leader died (a write sent after it, answered).
+    let killed = Arc::new(AtomicBool::new(false));
+    let after_kill = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let writers: Vec<_> = live
         .iter()
         .enumerate()
@@ -163,11 +166,13 @@ fn three_servers_share_the_site_and_survive_losing_one() {
             let kubeconfig = site.kubeconfig();
             let stop = stop.clone();
             let acknowledged = acknowledged.clone();
+            let (killed, after_kill) = (killed.clone(), after_kill.clone());
             std::thread::spawn(move || {
                 let mut n = 0;
                 while !stop.load(Ordering::Relaxed) {
                     let name = format!("storm-{w}-{n}");
                     n += 1;
+                    let sent_after_kill = killed.load(Ordering::Relaxed);
                     let out = std::process::Command::new(tests::kubectl_bin())
                         .arg("--kubeconfig")
                         .arg(&kubeconfig)
@@ -176,6 +181,9 @@ fn three_servers_share_the_site_and_survive_losing_one() {
                         .unwrap();
                     if out.status.success() {
                         acknowledged.lock().unwrap().push((name, w));
+                        if sent_after_kill {
+                            after_kill.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
             })
@@ -183,15 +191,18 @@ fn three_servers_share_the_site_and_survive_losing_one() {
         .collect();
     std::thread::sleep(Duration::from_secs(2));
     dead.kill();
+    killed.store(true, Ordering::Relaxed);
     std::thread::sleep(Duration::from_secs(6));
     stop.store(true, Ordering::Relaxed);
     for w in writers {
         w.join().unwrap();
     }
     let acknowledged = acknowledged.lock().unwrap().clone();
+    // However loaded the machine (CI runs four tests at once), writes went on after the leader
+    // died.
     assert!(
-        acknowledged.len() > 10,
-        "writes went on: {}",
+        after_kill.load(Ordering::Relaxed) > 0,
+        "no write was acknowledged after the leader died ({} before)",
         acknowledged.len()
     );
     // Every open watch went on through the leader's death without a gap: it saw every
