@@ -191,8 +191,18 @@ fn three_servers_share_the_site_and_survive_losing_one() {
         .collect();
     std::thread::sleep(Duration::from_secs(2));
     dead.kill();
+    let died = Instant::now();
     killed.store(true, Ordering::Relaxed);
-    std::thread::sleep(Duration::from_secs(6));
+    // Writes stall while etcd elects a leader and the servers' watches move to a live member:
+    // the storm goes on until one sent after the death is acknowledged (30 s at most).
+    tests::eventually(Duration::from_secs(30), || {
+        after_kill.load(Ordering::Relaxed) > 0
+    });
+    eprintln!(
+        "first write acknowledged after the leader died: {:?}",
+        died.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
     for w in writers {
         w.join().unwrap();
