@@ -125,10 +125,10 @@ async fn claim(
                 .get("claimed")
                 .and_then(Value::as_str)
                 .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                // A claim made after `now` (by another server, a moment later) is fresh too.
                 .is_some_and(|t| {
-                    now.signed_duration_since(t)
-                        .to_std()
-                        .is_ok_and(|age| age <= CLAIM_FRESH)
+                    chrono::Duration::from_std(CLAIM_FRESH)
+                        .is_ok_and(|fresh| now.signed_duration_since(t) <= fresh)
                 })
     };
     if dry_run {
