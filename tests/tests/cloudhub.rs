@@ -265,7 +265,8 @@ fn sites_attach_by_dialing_out_and_kubectl_reaches_each_through_the_hub() {
                 "reset by peer",
                 "tls",
                 "EOF",
-                "broken pipe"
+                "broken pipe",
+                "could not be established"
             ]
             .iter()
             .any(|w| err.contains(w)),

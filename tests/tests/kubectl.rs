@@ -1231,12 +1231,26 @@ fn diff_replace_edit_and_auth_commands() {
             .unwrap();
         assert_eq!(same.status.code(), Some(0));
     }
-    // replace with the object read back.
-    let live = site.ok(&["get", "deploy", "nginx-deployment", "-o", "yaml"]);
-    site.ok_stdin(
-        &["replace", v, "-f", "-"],
-        Some(&live.replace("replicas: 3", "replicas: 2")),
-    );
+    // replace with the object read back. The deployment controller writes the status meanwhile,
+    // so a replace may meet a newer resourceVersion: kubectl says conflict and we read again, as a
+    // user would.
+    let mut live = String::new();
+    let replaced = eventually(Duration::from_secs(30), || {
+        live = site.ok(&["get", "deploy", "nginx-deployment", "-o", "yaml"]);
+        let out = site
+            .kubectl_stdin(
+                &["replace", v, "-f", "-"],
+                Some(&live.replace("replicas: 3", "replicas: 2")),
+            )
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() || err.contains("the object has been modified"),
+            "{err}"
+        );
+        out.status.success()
+    });
+    assert!(replaced, "kubectl replace kept meeting conflicts");
     assert_eq!(
         site.ok(&[
             "get",
