@@ -5,6 +5,7 @@
 //! [`kinds`] (per-kind defaults, validation and status handling). Pure pieces with no I/O:
 //! [`selectors`], [`validation`], [`tables`], [`patch`].
 
+pub mod api_endpoints;
 pub mod apiservices;
 pub mod auth;
 pub mod certificates;

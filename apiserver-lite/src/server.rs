@@ -151,7 +151,8 @@ pub async fn prepare_store(
             .clone()
             .run(server.storage.clone(), server.shutdown.clone()),
     );
-    kubernetes_service(&server, advertise).await?;
+    let shared = matches!(datastore, Datastore::Etcd(_));
+    kubernetes_service(&server, advertise, shared).await?;
     system_priority_classes(&server).await?;
     crate::apiservices::sync(&server).await;
     server.ready.store(true, Ordering::Release);
@@ -324,10 +325,12 @@ async fn system_priority_classes(server: &Arc<ApiServer>) -> Result<(), ServerEr
 }
 
 /// The `default/kubernetes` Service (the network's first address, port 443) and its endpoints
-/// (this server), which in-cluster clients use to reach the API.
+/// (this server, and the others sharing the datastore: [`crate::api_endpoints`]), which
+/// in-cluster clients and agents use to reach the API.
 async fn kubernetes_service(
     server: &Arc<ApiServer>,
     advertise: Option<Advertise>,
+    shared: bool,
 ) -> Result<(), ServerError> {
     let ip = server.services.network().first().to_string();
     let port = advertise.as_ref().map_or(6443, |a| a.address.port());
@@ -348,65 +351,16 @@ async fn kubernetes_service(
     let Some(Advertise { address, node }) = advertise else {
         return Ok(());
     };
-    let address_ip = if address.ip().is_unspecified() {
-        "127.0.0.1".to_string()
+    let ip = if address.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
     } else {
-        address.ip().to_string()
+        address.ip()
     };
-    let family = if address.is_ipv6() { "IPv6" } else { "IPv4" };
-    let mut endpoint = json!({"addresses": [address_ip], "conditions": {"ready": true}});
-    let mut subset_address = json!({"ip": address_ip});
-    if let Some(node) = &node {
-        endpoint["nodeName"] = json!(node);
-        subset_address["nodeName"] = json!(node);
-    }
-    let endpoints = json!({
-        "apiVersion": "v1", "kind": "Endpoints",
-        "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
-        "subsets": [{"addresses": [subset_address], "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}]
-    });
-    let slice = json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubernetes"}},
-        "addressType": family,
-        "endpoints": [endpoint],
-        "ports": [{"name": "https", "port": port, "protocol": "TCP"}]
-    });
-    for (group, version, resource, object, fields) in [
-        ("", "v1", "endpoints", endpoints, &["subsets"][..]),
-        (
-            "discovery.k8s.io",
-            "v1",
-            "endpointslices",
-            slice,
-            &["endpoints", "ports", "addressType"][..],
-        ),
-    ] {
-        let key = crate::storage::object_key(group, resource, "default", "kubernetes");
-        match server.storage.get(&key).await? {
-            None => {
-                http::resources::create_internal(
-                    server, group, version, resource, "default", object,
-                )
-                .await
-                .map_err(bootstrap)?;
-            }
-            Some(stored) => {
-                // The address or port changed since the last start: point the endpoints here.
-                let mut current = (*stored.object).clone();
-                if fields.iter().all(|f| current.get(*f) == object.get(*f)) {
-                    continue;
-                }
-                for f in fields {
-                    current[*f] = object[*f].clone();
-                }
-                server
-                    .storage
-                    .update(&key, current, Some(stored.revision))
-                    .await?;
-            }
-        }
-    }
+    let me = crate::api_endpoints::ApiEndpoint {
+        address: SocketAddr::new(ip, address.port()),
+        node,
+    };
+    crate::api_endpoints::publish(server, me, shared).await?;
     Ok(())
 }
 

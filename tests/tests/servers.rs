@@ -348,3 +348,143 @@ fn three_servers_share_the_site_and_survive_losing_one() {
     assert!(!listed.contains(gone.trim()));
     a.ok(&["create", "configmap", "two-servers"]);
 }
+
+/// An agent joined through one of three servers learns the others from the `kubernetes`
+/// Service's endpoints; its tunnel reaches every server, so `kubectl logs` works through any of
+/// them; when the server it joined through is SIGKILLed it moves to a live one (K3s's client-side
+/// load balancer): its pods keep running, new pods start, and a restarted agent finds the live
+/// servers though the one it was given is still dead.
+#[test]
+fn an_agent_moves_to_a_live_server_when_its_server_dies() {
+    use tests::node::{BUSYBOX, Runtime};
+    let rt = Runtime::start().expect("containerd, runc and the CNI plugins");
+    let cidr = format!("--cluster-cidr={}", rt.cluster_cidr());
+    let with_cidr = |mut flags: Vec<String>| {
+        flags.push(cidr.clone());
+        flags
+    };
+    let first = start(&with_cidr(server_flags(None)));
+    let token = std::fs::read_to_string(first.data_dir().join("server").join("token")).unwrap();
+    let token = token.trim().to_string();
+    let second = start(&with_cidr(server_flags(Some((&first, &token)))));
+    let third = start(&with_cidr(server_flags(Some((&first, &token)))));
+    let mut agent = rt.start_agent(&first, "node-b").expect("an agent joins");
+    let ready = |site: &Site| {
+        site.kubectl(&["get", "node", "node-b"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains(" Ready "))
+            .unwrap_or(false)
+    };
+    assert!(
+        tests::eventually(Duration::from_secs(60), || ready(&second)),
+        "node-b is not Ready\n{}",
+        agent.log()
+    );
+    // The endpoints name the three servers, one port each (they share 127.0.0.1).
+    let endpoints = |site: &Site| {
+        site.ok(&[
+            "get",
+            "endpoints",
+            "kubernetes",
+            "-o",
+            "jsonpath={.subsets[*].ports[*].port}",
+        ])
+    };
+    let ports = [&first, &second, &third].map(|s| s.port.to_string());
+    assert!(
+        tests::eventually(Duration::from_secs(20), || {
+            let listed = endpoints(&second);
+            ports.iter().all(|p| listed.split(' ').any(|l| l == p))
+        }),
+        "{}",
+        endpoints(&second)
+    );
+    let pod = |name: &str| {
+        format!(
+            r#"{{"apiVersion": "v1", "kind": "Pod", "metadata": {{"name": "{name}"}},
+              "spec": {{"nodeName": "node-b", "terminationGracePeriodSeconds": 1,
+                "containers": [{{"name": "c", "image": "{BUSYBOX}",
+                  "command": ["sh", "-c", "echo hello from {name}; sleep 3600"]}}]}}}}"#
+        )
+    };
+    second.ok_stdin(&["apply", "-f", "-"], Some(&pod("before")));
+    // Logs through every server: the agent keeps a tunnel to each.
+    for site in [&first, &second, &third] {
+        site.ok_within(Duration::from_secs(60), &["logs", "before"], None);
+        assert!(site.ok(&["logs", "before"]).contains("hello from before"));
+    }
+
+    // The server the agent was given dies.
+    let mut first = first;
+    first.kill();
+    let died = Instant::now();
+    // Writes wait while etcd elects a new leader (the dead server's member may have led).
+    second.ok_within(
+        Duration::from_secs(30),
+        &["apply", "-f", "-"],
+        Some(&pod("after")),
+    );
+    let running = |site: &Site, name: &str| {
+        site.kubectl(&["get", "pod", name, "-o", "jsonpath={.status.phase}"])
+            .map(|o| String::from_utf8_lossy(&o.stdout) == "Running")
+            .unwrap_or(false)
+    };
+    assert!(
+        tests::eventually(Duration::from_secs(40), || running(&third, "after")),
+        "a pod made after the server died does not run\n{}",
+        agent.log()
+    );
+    eprintln!(
+        "the agent started a pod made after its server died in {:?}",
+        died.elapsed()
+    );
+    assert!(running(&second, "before"), "the running pod was lost");
+    third.ok_within(Duration::from_secs(30), &["logs", "after"], None);
+    assert!(third.ok(&["logs", "after"]).contains("hello from after"));
+    // The dead server leaves the endpoints once its record expires.
+    let dead_port = ports[0].clone();
+    assert!(
+        tests::eventually(Duration::from_secs(40), || {
+            !endpoints(&third).split(' ').any(|p| p == dead_port)
+        }),
+        "{}",
+        endpoints(&third)
+    );
+    // Restarted while the server it was given is still dead, the agent finds the others.
+    agent.kill();
+    let stopped = Instant::now();
+    agent.launch().unwrap();
+    assert!(
+        tests::eventually(Duration::from_secs(40), || {
+            let lease = second.ok(&[
+                "get",
+                "lease",
+                "-n",
+                "kube-node-lease",
+                "node-b",
+                "-o",
+                "jsonpath={.spec.renewTime}",
+            ]);
+            chrono_after(&lease, stopped)
+        }),
+        "the restarted agent did not reach a live server\n{}",
+        agent.log()
+    );
+    second.ok_stdin(&["apply", "-f", "-"], Some(&pod("restarted")));
+    assert!(
+        tests::eventually(Duration::from_secs(40), || running(&second, "restarted")),
+        "{}",
+        agent.log()
+    );
+    for name in ["before", "after", "restarted"] {
+        second.ok(&["delete", "pod", name, "--wait=false"]);
+    }
+}
+
+/// Whether an RFC 3339 time (as a Lease's renewTime) is later than `instant` was.
+fn chrono_after(time: &str, instant: Instant) -> bool {
+    let Ok(t) = chrono::DateTime::parse_from_rfc3339(time.trim()) else {
+        return false;
+    };
+    let then = chrono::Utc::now() - chrono::Duration::from_std(instant.elapsed()).unwrap();
+    t > then
+}

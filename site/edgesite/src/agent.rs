@@ -1,7 +1,7 @@
 //! `edgesite agent`: a node agent that joins a site from another machine. It joins once with a
-//! token (certificates are kept in the data dir), talks to the API server with its node
-//! certificate, and dials out a tunnel so the server can reach its logs without an inbound
-//! connection.
+//! token (certificates are kept in the data dir), talks to the API servers with its node
+//! certificate through its load balancer (moving to a live server when one dies), and dials out
+//! a tunnel to each server so they can reach its logs without an inbound connection.
 
 use std::fs::File;
 
@@ -50,14 +50,35 @@ pub fn run(args: AgentCommandArgs) -> Result<()> {
             &config.node_name,
         )
         .await?;
-        let client = crate::join::kube_client(&credentials).await?;
         let shutdown = CancellationToken::new();
+        // Every API client goes through the load balancer, which moves to a live server when
+        // the one in use dies; the servers are learned as the agent runs.
+        let balancer = link::balancer::Balancer::start(
+            &crate::api_servers::authority(&server)?,
+            Some(config.root.join("api-servers.json")),
+            shutdown.clone(),
+        )
+        .await
+        .context("start the load balancer in front of the servers")?;
+        let client = crate::join::kube_client(&crate::join::AgentCredentials {
+            server: format!("https://{}", balancer.local_addr()),
+            ..credentials.clone()
+        })
+        .await?;
         let tunnel = edged::streaming::tunnel::TunnelConfig {
             server: credentials.server.clone(),
             ca_pem: credentials.ca.clone(),
             cert_pem: credentials.cert.clone(),
             key_pem: credentials.key.clone(),
         };
+        let (tunnel_urls, tunnel_urls_rx) = tokio::sync::watch::channel(vec![server.clone()]);
+        tokio::spawn(crate::api_servers::follow(
+            client.clone(),
+            balancer,
+            server.clone(),
+            tunnel_urls,
+            shutdown.clone(),
+        ));
         let tunnel_stop = shutdown.child_token();
         let kubelet = crate::kubelet_api::Settings {
             port: config.kubelet_port,
@@ -69,9 +90,10 @@ pub fn run(args: AgentCommandArgs) -> Result<()> {
         };
         let publish = move |router: axum::Router| {
             let kubelet = kubelet.start(&router);
-            tokio::spawn(edged::streaming::tunnel::run(
+            tokio::spawn(crate::api_servers::tunnels(
                 tunnel,
                 router,
+                tunnel_urls_rx,
                 tunnel_stop.clone(),
             ));
             (tunnel_stop.drop_guard(), kubelet)

@@ -186,6 +186,7 @@ impl apiserver_lite::node_streams::NodeJoin for Joiner {
 }
 
 /// The agent's stored credentials.
+#[derive(Clone)]
 pub struct AgentCredentials {
     pub server: String,
     pub ca: String,

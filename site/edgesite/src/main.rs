@@ -4,6 +4,7 @@
 //! components; the components themselves live in their crates and take typed configuration.
 
 mod agent;
+mod api_servers;
 mod backup;
 mod cloudhub;
 mod config;
@@ -570,6 +571,13 @@ pub struct ServerArgs {
     /// HTTPS port of the API server.
     #[arg(long, default_value_t = 6443)]
     pub https_listen_port: u16,
+    /// Address agents and pods reach this server at: the `kubernetes` Service's endpoint
+    /// (default: --bind-address, or the node IP when that is 0.0.0.0).
+    #[arg(long, value_name = "IP")]
+    pub advertise_address: Option<IpAddr>,
+    /// Port agents and pods reach this server at (default: --https-listen-port).
+    #[arg(long, value_name = "PORT")]
+    pub advertise_port: Option<u16>,
     /// IPv4 network Service cluster IPs are allocated from.
     #[arg(
         long = "service-cidr",

@@ -61,6 +61,19 @@ fn machine_addresses(bridge: &str) -> Vec<IpAddr> {
     found
 }
 
+/// Where agents and pods reach this server (the `kubernetes` Service's endpoint): as K3s,
+/// --advertise-address, else the address it listens on, else the node IP.
+fn advertise_address(args: &ServerArgs) -> SocketAddr {
+    let ip = args.advertise_address.unwrap_or_else(|| {
+        if args.bind_address.is_unspecified() {
+            edged::node::detect_node_ip(args.agent.node_ip)
+        } else {
+            args.bind_address
+        }
+    });
+    SocketAddr::new(ip, args.advertise_port.unwrap_or(args.https_listen_port))
+}
+
 /// Names and addresses the serving certificate must cover (the `kubernetes` Service's cluster IP
 /// too: in-cluster clients connect to it).
 fn sans(args: &ServerArgs, service_ip: Option<String>) -> Vec<String> {
@@ -89,6 +102,12 @@ fn sans(args: &ServerArgs, service_ip: Option<String>) -> Vec<String> {
         sans.push(args.bind_address.to_string());
     }
     sans.extend(service_ip);
+    if let Some(ip) = args.advertise_address {
+        let ip = ip.to_string();
+        if !sans.contains(&ip) {
+            sans.push(ip);
+        }
+    }
     for s in &args.tls_san {
         if !sans.contains(s) {
             sans.push(s.clone());
@@ -741,7 +760,7 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
             watch_window: 8192,
             service_network,
             advertise: Some(apiserver_lite::Advertise {
-                address: addr,
+                address: advertise_address(&args),
                 node: agent_config.as_ref().map(|c| c.node_name.clone()),
             }),
             service_account_key: Some(service_account_key),

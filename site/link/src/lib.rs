@@ -11,6 +11,7 @@
 //!   stayed up a while).
 //! - [`accept`]: answer the upgrade and take the connection over as a [`accept::Peer`].
 //! - [`registry::Registry`]: the connected peers by name.
+//! - [`balancer::Balancer`]: an agent's client-side load balancer in front of the site's servers.
 //! - [`pipe`]: a byte pipe through one stream (a whole HTTP/1.1 connection inside the link).
 //! - [`frames`]: the framing of exec, attach and port-forward data inside a stream, bounded by
 //!   [`frames::MAX_FRAME`].
@@ -20,6 +21,7 @@
 
 pub mod accept;
 pub mod backoff;
+pub mod balancer;
 pub mod dial;
 pub mod frames;
 pub mod pipe;
