@@ -84,8 +84,9 @@ pub async fn publish(
     }
     renew(server, &me).await?;
     reconcile(server, &me).await?;
-    let server = server.clone();
-    tokio::spawn(async move {
+    let task = server.clone();
+    let handle = tokio::spawn(async move {
+        let server = task;
         let mut tick = tokio::time::interval(RENEW);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -123,6 +124,11 @@ pub async fn publish(
             Err(_) => tracing::warn!("withdraw from the kubernetes Service's endpoints: timed out"),
         }
     });
+    server
+        .finishing
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(handle);
     Ok(())
 }
 

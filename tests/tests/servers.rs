@@ -478,6 +478,26 @@ fn an_agent_moves_to_a_live_server_when_its_server_dies() {
     for name in ["before", "after", "restarted"] {
         second.ok(&["delete", "pod", name, "--wait=false"]);
     }
+    // The dead server comes back and is an endpoint again.
+    first.launch().unwrap();
+    let first_port = first.port.to_string();
+    assert!(
+        tests::eventually(Duration::from_secs(20), || {
+            endpoints(&second).split(' ').any(|p| p == first_port)
+        }),
+        "{}",
+        endpoints(&second)
+    );
+    // A server stopped on purpose withdraws from the endpoints as it goes, well before its
+    // record would expire.
+    let mut third = third;
+    let third_port = third.port.to_string();
+    third.stop();
+    let listed = endpoints(&second);
+    assert!(
+        !listed.split(' ').any(|p| p == third_port),
+        "a stopped server is still an endpoint: {listed}"
+    );
 }
 
 /// Whether an RFC 3339 time (as a Lease's renewTime) is later than `instant` was.

@@ -85,6 +85,9 @@ pub struct ApiServer {
     pub request_metrics: crate::metrics::Shared,
     /// The cloud hub's side of sites' links and the cluster proxy (`edgesite cloudhub` only).
     pub hub: std::sync::OnceLock<Arc<dyn crate::cloud_link::Hub>>,
+    /// Work that ends after `shutdown` (withdrawing from the `kubernetes` Service's endpoints):
+    /// the binary awaits it with [`ApiServer::finished`] before it exits.
+    pub finishing: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl ApiServer {
@@ -115,6 +118,15 @@ impl ApiServer {
             join_failures: join::Failures::default(),
             request_metrics: Arc::default(),
             hub: std::sync::OnceLock::new(),
+            finishing: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Waits for the work that ends after `shutdown`.
+    pub async fn finished(&self) {
+        let tasks = std::mem::take(&mut *self.finishing.lock().unwrap_or_else(|e| e.into_inner()));
+        for task in tasks {
+            let _ = task.await;
         }
     }
 }

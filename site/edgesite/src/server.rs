@@ -923,7 +923,7 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
             ),
             None => None,
         };
-        let app = apiserver_lite::http::router(api);
+        let app = apiserver_lite::http::router(api.clone());
         let mut server = tokio::spawn(apiserver_lite::http::serve(listener, config.tls.clone(), app, shutdown.clone()));
         tracing::info!(
             kubeconfig = %args.write_kubeconfig.display(),
@@ -944,6 +944,8 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
             }
         }
         shutdown.cancel();
+        // Other servers and agents hear at once that this one is going.
+        let _ = tokio::time::timeout(DRAIN, api.finished()).await;
         let _ = tokio::time::timeout(DRAIN, loops).await;
         for task in [hub, link].into_iter().flatten() {
             let _ = tokio::time::timeout(DRAIN, task).await;

@@ -4,9 +4,10 @@
 //! does. TLS passes through untouched (every server's certificate names 127.0.0.1), so the agent
 //! keeps verifying the server it reached.
 //!
-//! The servers are the one the agent was given (`--server`, always kept as the last resort) and
-//! those the agent learns from the `kubernetes` Service's endpoints ([`Balancer::set_servers`]),
-//! saved to a file so an agent restarted while its first server is down still finds the others.
+//! The servers are the one the agent was given (`--server`, tried first: it is known to be
+//! reachable from the agent) and those the agent learns from the `kubernetes` Service's endpoints
+//! ([`Balancer::set_servers`]), saved to a file so an agent restarted while its first server is
+//! down still finds the others.
 //! The server in use is checked every [`CHECK`]; when it stops accepting connections, or leaves
 //! the list, the connections forwarded to it are closed so their clients reconnect (through the
 //! balancer, to a live server) instead of waiting on a dead peer.
@@ -49,14 +50,15 @@ struct State {
 }
 
 impl State {
-    /// Servers in the order to try them: the one in use, the learned ones, the given one.
+    /// Servers in the order to try them: the one in use, the given one (known to be reachable
+    /// from here, even through NAT), the learned ones.
     fn candidates(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
         let all = self
             .current
             .iter()
-            .chain(self.servers.iter())
-            .chain(std::iter::once(&self.default));
+            .chain(std::iter::once(&self.default))
+            .chain(self.servers.iter());
         for s in all {
             if !out.contains(s) {
                 out.push(s.clone());
