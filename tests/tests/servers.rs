@@ -302,6 +302,15 @@ fn three_servers_share_the_site_and_survive_losing_one() {
     assert!(started.elapsed() < Duration::from_secs(30), "no hang");
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("etcd"), "{said}");
+    // The leading server cannot renew its lease: it stops its control loops before the lease
+    // could pass to another (client-go's renew deadline, 10 s of the 15).
+    let stepped_down = "could not renew the lease in time";
+    assert!(
+        tests::eventually(Duration::from_secs(30), || {
+            a.log().contains(stepped_down) || b.log().contains(stepped_down)
+        }),
+        "the leader kept acting without its lease"
+    );
     std::process::Command::new("kill")
         .args(["-CONT", &victim.to_string()])
         .status()
