@@ -26,7 +26,8 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType as EtcdEventType,
-    GetOptions, Identity, KeyValue, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    GetOptions, Identity, KeyValue, TlsOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    WatchOptions,
 };
 use link::backoff::Backoff;
 use serde_json::Value;
@@ -268,25 +269,49 @@ pub async fn remove_member(config: &EtcdConfig, id: u64) -> Result<(), StorageEr
 
 /// How many times one request is tried.
 const ATTEMPTS: u32 = 4;
+/// How long one write attempt may take before it is sent again ([`EtcdStorage::write_txn`]):
+/// etcd itself waits 7 s for a proposal forwarded to a leader that died meanwhile.
+const WRITE_ATTEMPT: Duration = Duration::from_secs(2);
+/// How long a write keeps being sent again.
+const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Whether `e` says the request did nothing and may be sent again (see `retrying`).
-fn transient(e: &etcd_client::Error, write: bool) -> bool {
+/// Whether a write that failed with `e` reached a member and may have been committed all the
+/// same: the leader it was forwarded to died or changed, or etcd stopped waiting for it.
+fn ambiguous(e: &etcd_client::Error) -> bool {
     let text = e.to_string();
-    let never_sent = [
+    ["request timed out", "leader changed", "no leader"]
+        .iter()
+        .any(|m| text.contains(m))
+        || matches!(e, etcd_client::Error::GRpcStatus(status) if matches!(
+            status.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled
+        ))
+}
+
+/// Whether `e` says the request never reached a member (the client's channel picked one that
+/// is down): any request may be sent again.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    let text = e.to_string();
+    [
         "tcp connect error",
         "Connection refused",
         "error trying to connect",
     ]
     .iter()
-    .any(|m| text.contains(m));
-    if never_sent {
-        return true;
-    }
-    !write
-        && matches!(e, etcd_client::Error::GRpcStatus(status) if matches!(
+    .any(|m| text.contains(m))
+}
+
+/// Whether a read that failed with `e` may be sent again (see `retrying`): it never reached a
+/// member, or the member had connection or leader trouble.
+fn transient(e: &etcd_client::Error) -> bool {
+    never_sent(e)
+        || matches!(e, etcd_client::Error::GRpcStatus(status) if matches!(
             status.code(),
             tonic::Code::Unavailable | tonic::Code::Unknown
-        ) && !text.contains("compacted"))
+        ) && !e.to_string().contains("compacted"))
 }
 
 /// An etcd client error as the API reports it: etcd's own words (`etcdserver: ...`), a revision
@@ -376,6 +401,14 @@ fn stored_text(object: &Value) -> Result<String, StorageError> {
     Ok(text)
 }
 
+/// The current value a refused transaction read back (its `or_else` get).
+fn current_of(response: &TxnResponse) -> Option<KeyValue> {
+    match response.op_responses().first() {
+        Some(TxnOpResponse::Get(get)) => get.kvs().first().cloned(),
+        _ => None,
+    }
+}
+
 fn revision_of(header: Option<&etcd_client::ResponseHeader>) -> u64 {
     header.map_or(0, |h| h.revision().max(0) as u64)
 }
@@ -463,10 +496,9 @@ impl EtcdStorage {
         }
     }
 
-    /// Runs one etcd request, again (up to [`ATTEMPTS`] times, briefly apart) when it failed in
-    /// a way that says nothing happened: a read after any connection or leader trouble; a write
-    /// only when it never reached a member (the client's channel picked a member that is down).
-    async fn retrying<T, F, Fut>(&self, write: bool, mut request: F) -> Result<T, StorageError>
+    /// Runs one etcd read, again (up to [`ATTEMPTS`] times, briefly apart) after connection or
+    /// leader trouble. Writes go through [`EtcdStorage::write_txn`].
+    async fn retrying<T, F, Fut>(&self, mut request: F) -> Result<T, StorageError>
     where
         F: FnMut(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
@@ -481,12 +513,47 @@ impl EtcdStorage {
             let started = std::time::Instant::now();
             let result = request(self.client.clone()).await;
             match &result {
-                Err(e) if attempt < ATTEMPTS && transient(e, write) => {
+                Err(e) if attempt < ATTEMPTS && transient(e) => {
                     attempt += 1;
                     tokio::time::sleep(backoff.next(started)).await;
                 }
                 _ => return self.noticed(result),
             }
+        }
+    }
+
+    /// Sends a guarded write (a transaction whose compare makes a second copy of it fail)
+    /// until etcd answers, for at most [`WRITE_DEADLINE`]. An attempt that fails without
+    /// reaching a member, fails in a way that leaves its fate unknown, or gets no answer within
+    /// [`WRITE_ATTEMPT`] (its leader died: etcd would hold it 7 s) is sent again. The second
+    /// answer is true when an earlier attempt may have been committed: the caller then takes
+    /// a refused compare whose current value is exactly what it wrote as its own success.
+    async fn write_txn(&self, txn: Txn) -> Result<(TxnResponse, bool), StorageError> {
+        let started = std::time::Instant::now();
+        let mut backoff = Backoff::new(
+            Duration::from_millis(50),
+            Duration::from_millis(500),
+            Duration::MAX,
+        );
+        let mut uncertain = false;
+        loop {
+            let attempt = std::time::Instant::now();
+            let sent =
+                tokio::time::timeout(WRITE_ATTEMPT, self.client.kv_client().txn(txn.clone())).await;
+            let error = match sent {
+                Ok(Ok(response)) => return self.noticed(Ok(response)).map(|r| (r, uncertain)),
+                Ok(Err(e)) => e,
+                Err(_) => etcd_client::Error::GRpcStatus(tonic::Status::unavailable(
+                    "etcdserver: request timed out",
+                )),
+            };
+            let maybe = ambiguous(&error);
+            if !(never_sent(&error) || maybe) || started.elapsed() >= WRITE_DEADLINE {
+                return self.noticed(Err(error));
+            }
+            uncertain |= maybe;
+            tracing::debug!(error = %error, "etcd write: sending again");
+            tokio::time::sleep(backoff.next(attempt)).await;
         }
     }
 
@@ -539,6 +606,7 @@ impl EtcdStorage {
         key: &str,
         expected: Option<u64>,
         op: TxnOp,
+        written: Option<&str>,
     ) -> Result<(u64, Option<KeyValue>), StorageError> {
         let full = self.full(key);
         let guard = match expected {
@@ -549,22 +617,22 @@ impl EtcdStorage {
             .when([guard])
             .and_then([op])
             .or_else([TxnOp::get(full, None)]);
-        let response = self
-            .retrying(true, |c| {
-                let txn = txn.clone();
-                async move { c.kv_client().txn(txn).await }
-            })
-            .await?;
+        let (response, uncertain) = self.write_txn(txn).await?;
         let revision = revision_of(response.header());
         self.seen(revision);
-        let answers = response.op_responses();
         if !response.succeeded() {
-            let current = match answers.first() {
-                Some(TxnOpResponse::Get(get)) => get.kvs().first().cloned(),
-                _ => None,
-            };
+            let current = current_of(&response);
+            // An earlier attempt of this write made it: the value is what it wrote, at a newer
+            // revision than it expected.
+            if let (true, Some(kv), Some(written)) = (uncertain, &current, written)
+                && kv.value() == written.as_bytes()
+                && expected.is_none_or(|e| kv.mod_revision() as u64 > e)
+            {
+                return Ok((kv.mod_revision() as u64, None));
+            }
             return Err(self.refused(key, expected, current.as_ref()));
         }
+        let answers = response.op_responses();
         let previous = match answers.into_iter().next() {
             Some(TxnOpResponse::Put(put)) => put.prev_key().cloned(),
             Some(TxnOpResponse::Delete(delete)) => delete.prev_kvs().first().cloned(),
@@ -577,7 +645,7 @@ impl EtcdStorage {
     pub async fn current(&self) -> Result<u64, StorageError> {
         let key = format!("{}/", self.prefix);
         let response = self
-            .retrying(false, |c| {
+            .retrying(|c| {
                 let key = key.clone();
                 async move {
                     c.kv_client()
@@ -597,7 +665,7 @@ impl Storage for EtcdStorage {
     async fn get(&self, key: &str) -> Result<Option<Stored>, StorageError> {
         let full = self.full(key);
         let response = self
-            .retrying(false, |c| {
+            .retrying(|c| {
                 let full = full.clone();
                 async move { c.kv_client().get(full, None).await }
             })
@@ -613,7 +681,7 @@ impl Storage for EtcdStorage {
     async fn get_recent(&self, key: &str) -> Result<Option<Stored>, StorageError> {
         let full = self.full(key);
         let response = self
-            .retrying(false, |c| {
+            .retrying(|c| {
                 let full = full.clone();
                 async move {
                     c.kv_client()
@@ -671,7 +739,7 @@ impl Storage for EtcdStorage {
                 options = options.with_revision(revision as i64);
             }
             let result = self
-                .retrying(false, |c| {
+                .retrying(|c| {
                     let (from, options) = (from.clone(), options.clone());
                     async move { c.kv_client().get(from, Some(options)).await }
                 })
@@ -727,17 +795,24 @@ impl Storage for EtcdStorage {
         let full = self.full(key);
         let txn = Txn::new()
             .when([Compare::mod_revision(full.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(full, text, None)]);
-        let response = self
-            .retrying(true, |c| {
-                let txn = txn.clone();
-                async move { c.kv_client().txn(txn).await }
-            })
-            .await?;
-        let revision = revision_of(response.header());
+            .and_then([TxnOp::put(full.clone(), text.clone(), None)])
+            .or_else([TxnOp::get(full, None)]);
+        let (response, uncertain) = self.write_txn(txn).await?;
+        let mut revision = revision_of(response.header());
         self.seen(revision);
         if !response.succeeded() {
-            return Err(StorageError::AlreadyExists(key.to_string()));
+            // An earlier attempt of this very write may have made it (the text holds the new
+            // object's uid and creation time: nobody else wrote these bytes).
+            match current_of(&response) {
+                Some(kv)
+                    if uncertain
+                        && kv.value() == text.as_bytes()
+                        && kv.create_revision() == kv.mod_revision() =>
+                {
+                    revision = kv.mod_revision() as u64;
+                }
+                _ => return Err(StorageError::AlreadyExists(key.to_string())),
+            }
         }
         self.published(revision).await;
         let mut object = object;
@@ -756,7 +831,12 @@ impl Storage for EtcdStorage {
     ) -> Result<Stored, StorageError> {
         let text = stored_text(&object)?;
         let (revision, _) = self
-            .guarded(key, expected, TxnOp::put(self.full(key), text, None))
+            .guarded(
+                key,
+                expected,
+                TxnOp::put(self.full(key), text.clone(), None),
+                Some(&text),
+            )
             .await?;
         self.published(revision).await;
         let mut object = object;
@@ -776,6 +856,7 @@ impl Storage for EtcdStorage {
                     self.full(key),
                     Some(etcd_client::DeleteOptions::new().with_prev_key()),
                 ),
+                None,
             )
             .await?;
         let Some(previous) = previous else {
