@@ -1072,6 +1072,18 @@ fn watch_options_initial_events_bookmarks_and_timeouts() {
         .collect();
     // Entering the selection is ADDED, leaving it is DELETED, as upstream reports.
     assert_eq!(kinds, vec!["ADDED", "DELETED"], "{out}");
+    // A resourceVersion the site never reached (a client that saw the state before a restore
+    // took it back) is refused after a moment, as upstream's watch cache does; clients relist.
+    let future = rv.parse::<u64>().unwrap() + 1_000_000;
+    let err = site.fails(
+        &[
+            "get",
+            "--raw",
+            &format!("/api/v1/namespaces/default/configmaps?watch=1&resourceVersion={future}&timeoutSeconds=1"),
+        ],
+        None,
+    );
+    assert!(err.contains("Too large resource version"), "{err}");
     assert_eq!(site.ok(&["get", "--raw", "/livez"]).trim(), "ok");
 }
 

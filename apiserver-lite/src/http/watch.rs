@@ -241,6 +241,27 @@ pub async fn watch(
     };
     let shutdown = server.shutdown.clone();
 
+    // A resourceVersion newer than this server has seen: another server's write on its way
+    // here (wait a moment, as upstream's watch cache does), or one the datastore never reached
+    // (a restore took it back): the client relists.
+    if let Some(wanted) = start
+        && wanted > hub_storage.hub().latest()
+        && tokio::time::timeout(Duration::from_secs(3), hub_storage.hub().wait_for(wanted))
+            .await
+            .is_err()
+    {
+        let current = hub_storage
+            .current_revision()
+            .await
+            .map_err(|e| ApiError::service_unavailable(e.to_string()))?;
+        if wanted > current {
+            return Err(ApiError::new(
+                504,
+                "Timeout",
+                format!("Too large resource version: {wanted}, current: {current}"),
+            ));
+        }
+    }
     // The cursor comes before the list so nothing is lost between the two.
     let mut cursor = match hub_storage.hub().cursor(start) {
         Ok(c) => c,
