@@ -235,11 +235,24 @@ fn slice_objects(endpoints: &BTreeSet<ApiEndpoint>) -> BTreeMap<String, Value> {
     out
 }
 
+/// The live API servers as this server last wrote them (this one too).
+pub fn servers(server: &ApiServer) -> Vec<SocketAddr> {
+    server
+        .api_servers
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
 /// Makes the stored Endpoints and EndpointSlices say `endpoints`, writing only what differs.
 async fn write(
     server: &Arc<ApiServer>,
     endpoints: &BTreeSet<ApiEndpoint>,
 ) -> Result<(), StorageError> {
+    *server
+        .api_servers
+        .write()
+        .unwrap_or_else(|e| e.into_inner()) = endpoints.iter().map(|e| e.address).collect();
     let slices = slice_objects(endpoints);
     let mut wanted: Vec<(&str, &str, &str, Value, &[&str])> = vec![(
         "",

@@ -88,6 +88,9 @@ pub struct ApiServer {
     /// Work that ends after `shutdown` (withdrawing from the `kubernetes` Service's endpoints):
     /// the binary awaits it with [`ApiServer::finished`] before it exits.
     pub finishing: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The live API servers sharing this datastore (this one too), as the `kubernetes`
+    /// endpoints last said ([`crate::api_endpoints`]).
+    pub api_servers: std::sync::RwLock<Vec<std::net::SocketAddr>>,
 }
 
 impl ApiServer {
@@ -119,6 +122,7 @@ impl ApiServer {
             request_metrics: Arc::default(),
             hub: std::sync::OnceLock::new(),
             finishing: std::sync::Mutex::default(),
+            api_servers: std::sync::RwLock::default(),
         }
     }
 
@@ -504,7 +508,18 @@ fn site_link(server: &Arc<ApiServer>, identity: &Identity, mut request: Request)
             Err(e) => tracing::warn!(site = %site, "site link upgrade failed: {e}"),
         }
     });
-    link::accept::switching(SITE_LINK_PROTOCOL)
+    let mut response: Response = link::accept::switching(SITE_LINK_PROTOCOL);
+    // The hub's servers, so a site whose server dies attaches to another.
+    let servers = crate::api_endpoints::servers(server);
+    if !servers.is_empty() {
+        let urls: Vec<String> = servers.iter().map(|s| format!("https://{s}")).collect();
+        if let Ok(value) = HeaderValue::from_str(&urls.join(",")) {
+            response
+                .headers_mut()
+                .insert(link::dial::SERVERS_HEADER, value);
+        }
+    }
+    response
 }
 
 /// The router as an in-process service: no socket, no TLS, the same request path as a remote

@@ -107,6 +107,32 @@ pub async fn try_acquire(api: &Api<Lease>, config: &Config) -> Result<bool, kube
 
 /// Waits until this candidate leads (or `shutdown`); returns a token cancelled when it stops
 /// leading (renewal failed past the deadline, or `shutdown`). Renewal runs in the background.
+/// Runs `work` whenever this candidate leads, until `shutdown`: `work` gets a token that is
+/// cancelled when leadership is lost (it must return then); the lease is released when the
+/// process stops.
+pub async fn while_leading<F, Fut>(
+    client: kube::Client,
+    config: Config,
+    shutdown: CancellationToken,
+    mut work: F,
+) where
+    F: FnMut(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    loop {
+        let Some(leading) = lead(client.clone(), config.clone(), shutdown.clone()).await else {
+            return;
+        };
+        work(leading.clone()).await;
+        leading.cancel();
+        if shutdown.is_cancelled() {
+            release(client.clone(), &config).await;
+            return;
+        }
+        tracing::info!(lease = %config.name, "no longer leading; waiting to lead again");
+    }
+}
+
 pub async fn lead(
     client: kube::Client,
     config: Config,

@@ -40,21 +40,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let client = clients(CONTROLLER_MANAGER);
-    loop {
-        let election = controllers::leader::Config::new("kube-system", LEASE, &settings.identity);
-        let Some(leading) =
-            controllers::leader::lead(client.clone(), election.clone(), shutdown.clone()).await
-        else {
-            return;
-        };
-        run_loops(clients.clone(), settings.clone(), leading.clone()).await;
-        leading.cancel();
-        if shutdown.is_cancelled() {
-            controllers::leader::release(client.clone(), &election).await;
-            return;
-        }
-        tracing::info!("no longer leading; waiting to lead again");
-    }
+    let election = controllers::leader::Config::new("kube-system", LEASE, &settings.identity);
+    controllers::leader::while_leading(client, election, shutdown, |leading| {
+        run_loops(clients.clone(), settings.clone(), leading)
+    })
+    .await;
 }
 
 /// Every loop, until `shutdown` (leadership lost or the server stopping).

@@ -849,21 +849,46 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
             cloudhub::crds::install(&client)
                 .await
                 .context("install Karmada's CRDs")?;
-            let hub = cloudhub::hub::Hub::new(
-                kube::Client::new(
-                    apiserver_lite::http::in_process(
-                        api.clone(),
-                        apiserver_lite::auth::Identity::new(
-                            cloudhub::hub::HUB_USER,
-                            &[apiserver_lite::auth::MASTERS, apiserver_lite::auth::AUTHENTICATED],
-                        ),
+            let hub_client = kube::Client::new(
+                apiserver_lite::http::in_process(
+                    api.clone(),
+                    apiserver_lite::auth::Identity::new(
+                        cloudhub::hub::HUB_USER,
+                        &[apiserver_lite::auth::MASTERS, apiserver_lite::auth::AUTHENTICATED],
                     ),
-                    "default",
                 ),
-                shutdown.clone(),
+                "default",
             );
+            // The other hub servers on this datastore take this server's cluster proxy
+            // requests for the sites linked to them, as the callers (impersonated).
+            let forwarder =
+                pki.user_certificate(&ca, cloudhub::hub::HUB_USER, &["system:masters".into()])?;
+            let peers = cloudhub::hub::Peers {
+                me: Some(advertise_address(&args)),
+                tls: Some(link::dial::client_tls(
+                    &ca.cert,
+                    &forwarder.cert,
+                    &forwarder.key,
+                )?),
+            };
+            let hub =
+                cloudhub::hub::Hub::new(hub_client.clone(), api.clone(), peers, shutdown.clone());
             let _ = api.hub.set(Arc::new(cloudhub::hub::Hooks(hub.clone())));
-            Some(tokio::spawn(hub.run(api.storage.clone())))
+            let election = controllers::leader::Config::new(
+                "kube-system",
+                "edgesite-cloudhub",
+                &server_identity(&server_dir)?,
+            );
+            let stop = shutdown.clone();
+            Some(tokio::spawn(async move {
+                let leading = controllers::leader::while_leading(
+                    hub_client,
+                    election,
+                    stop,
+                    |leading| hub.clone().run_leading(leading),
+                );
+                tokio::join!(hub.clone().run_everywhere(), leading);
+            }))
         } else {
             None
         };

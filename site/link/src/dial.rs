@@ -17,6 +17,10 @@ use crate::backoff::Backoff;
 /// How long a TCP connect (to the server or the proxy) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A header of the upgrade's answer: the accepting side's other servers
+/// (`https://host:port,...`), which [`run`] tries when the one it was given does not answer.
+pub const SERVERS_HEADER: &str = "edgesite-servers";
+
 /// Where to dial and what to ask for.
 #[derive(Clone)]
 pub struct DialConfig {
@@ -207,14 +211,30 @@ async fn tls_to(
     ),
     LinkError,
 > {
-    let (host, port) = host_port(&config.server)?;
+    tls_connect(&config.server, config.tls.clone(), config.proxy.as_deref()).await
+}
+
+/// A TLS connection to `server` (`https://host:port`, through `proxy` if given) that verifies
+/// the server by `tls`: the stream and `host:port`.
+pub async fn tls_connect(
+    server: &str,
+    tls: Arc<rustls::ClientConfig>,
+    proxy: Option<&str>,
+) -> Result<
+    (
+        tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+        String,
+    ),
+    LinkError,
+> {
+    let (host, port) = host_port(server)?;
     let address = format!("{host}:{port}");
-    let tcp = tcp_to(&host, port, config.proxy.as_deref()).await?;
+    let tcp = tcp_to(&host, port, proxy).await?;
     let name = rustls::pki_types::ServerName::try_from(host.clone())
-        .map_err(|e| LinkError::BadUrl(format!("{}: {e}", config.server)))?;
+        .map_err(|e| LinkError::BadUrl(format!("{server}: {e}")))?;
     let stream = tokio::time::timeout(
         CONNECT_TIMEOUT,
-        tokio_rustls::TlsConnector::from(config.tls.clone()).connect(name, tcp),
+        tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
     )
     .await
     .map_err(|_| LinkError::Tls {
@@ -269,6 +289,13 @@ pub async fn post_json(
 
 /// Connects and upgrades: the returned connection is ready for [`serve`].
 pub async fn connect(config: &DialConfig) -> Result<hyper::upgrade::Upgraded, LinkError> {
+    Ok(connect_learning(config).await?.0)
+}
+
+/// [`connect`], with the servers the answer named ([`SERVERS_HEADER`]).
+pub async fn connect_learning(
+    config: &DialConfig,
+) -> Result<(hyper::upgrade::Upgraded, Vec<String>), LinkError> {
     let (stream, address) = tls_to(config).await?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await?;
@@ -292,9 +319,21 @@ pub async fn connect(config: &DialConfig) -> Result<hyper::upgrade::Upgraded, Li
         connection.abort();
         return Err(refusal(status, &body));
     }
+    let servers: Vec<String> = response
+        .headers()
+        .get(SERVERS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| s.starts_with("https://"))
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
     let upgraded = hyper::upgrade::on(response).await?;
     drop(connection);
-    Ok(upgraded)
+    Ok((upgraded, servers))
 }
 
 async fn read_bounded(body: hyper::body::Incoming, limit: usize) -> Vec<u8> {
@@ -328,7 +367,9 @@ where
 }
 
 /// Keeps the link up until `shutdown`: connect, serve a fresh service from `make` until the
-/// connection ends, wait per `backoff`, again. `what` names the link in the log.
+/// connection ends, wait per `backoff`, again. `what` names the link in the log. When the
+/// accepting side names its other servers ([`SERVERS_HEADER`]), a server that does not answer
+/// is followed by the next of them (the one given first, then the others in turn).
 pub async fn run<F, S, B>(
     what: &str,
     config: DialConfig,
@@ -346,19 +387,36 @@ pub async fn run<F, S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let mut learned: Vec<String> = Vec::new();
+    let mut next = 0usize;
     loop {
         let started = Instant::now();
+        let mut candidates = vec![config.server.clone()];
+        candidates.extend(learned.iter().filter(|s| **s != config.server).cloned());
+        let target = DialConfig {
+            server: candidates[next % candidates.len()].clone(),
+            ..config.clone()
+        };
+        let mut connected = false;
         let session = async {
-            let upgraded = connect(&config).await?;
-            tracing::info!(server = %config.server, "{what} is up");
+            let (upgraded, servers) = connect_learning(&target).await?;
+            connected = true;
+            if !servers.is_empty() {
+                learned = servers;
+            }
+            tracing::info!(server = %target.server, "{what} is up");
             serve(upgraded, make()).await
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,
             result = session => match result {
-                Ok(()) => tracing::info!(server = %config.server, "{what} closed; reconnecting"),
-                Err(error) => tracing::warn!(server = %config.server, %error, "{what}: retrying"),
+                Ok(()) => tracing::info!(server = %target.server, "{what} closed; reconnecting"),
+                Err(error) => tracing::warn!(server = %target.server, %error, "{what}: retrying"),
             },
+        }
+        if !connected {
+            // Not answering: the next server, if the other side named any.
+            next = next.wrapping_add(1);
         }
         let wait = backoff.next(started);
         tokio::select! {

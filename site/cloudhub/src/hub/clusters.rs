@@ -1,9 +1,9 @@
 //! One Karmada `Cluster` per site, and its status: what the site reports on its status stream,
-//! plus a `Ready` condition the hub decides (True while the site is heard from; Unknown once it
-//! has been silent for [`READY_GRACE`]). The Cluster is written only when something in it
+//! plus a `Ready` condition the hub decides (True once the site speaks on a link; Unknown once
+//! no live hub server has held its link for [`READY_GRACE`]). The Cluster is written only when something in it
 //! changes, not per heartbeat, so a thousand idle sites cost the datastore nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -21,7 +21,6 @@ const MAX_LINE: usize = 1024 * 1024;
 /// What the hub remembers of each site between writes.
 #[derive(Default)]
 struct Known {
-    heard: Option<Instant>,
     /// The Ready condition's status last written.
     ready: Option<String>,
     /// A hash of the status last written, without conditions (the status itself, with its
@@ -135,7 +134,6 @@ impl Clusters {
         let (status, ready) = {
             let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
             let entry = known.entry(site.to_string()).or_default();
-            entry.heard = Some(Instant::now());
             let status = match message {
                 StatusMessage::Cluster { status } => {
                     let hash = crate::changes::hash_of(&status);
@@ -180,73 +178,113 @@ impl Clusters {
         }
     }
 
-    /// Marks sites silent for [`READY_GRACE`] as Ready Unknown, until `shutdown`. Sites Ready
-    /// when the hub starts get the grace from the start.
-    pub async fn watch_readiness(self: Arc<Self>, shutdown: CancellationToken) {
-        let started = Instant::now();
-        match self.api.list(&Default::default()).await {
-            Ok(list) => {
-                let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-                for cluster in list {
-                    let Some(name) = cluster.metadata.name.clone() else {
-                        continue;
-                    };
-                    let ready = cluster.data["status"]["conditions"]
-                        .as_array()
-                        .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
-                        .and_then(|c| c["status"].as_str())
-                        .map(str::to_string);
-                    let entry = known.entry(name).or_default();
-                    entry.ready = ready;
-                    // The status a site sends again after the hub restarts is written once.
-                }
-            }
-            Err(error) => tracing::warn!(%error, "list Clusters at start"),
+    /// Forgets what this server last wrote of `site`'s Ready condition: the next status the
+    /// site sends marks it Ready.
+    pub fn forget_ready(&self, site: &str) {
+        if let Some(entry) = self
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(site)
+        {
+            entry.ready = None;
         }
+    }
+
+    /// Marks Ready Unknown the sites whose links no live hub server has held for
+    /// [`READY_GRACE`], until `shutdown` (the leading server runs this). Sites unlinked when
+    /// this server starts leading get the grace from then.
+    pub async fn watch_readiness(
+        self: Arc<Self>,
+        links: super::links::Links,
+        sites: Arc<super::sites::Sites>,
+        shutdown: CancellationToken,
+    ) {
+        let mut unlinked: HashMap<String, Instant> = HashMap::new();
+        let mut handled: HashSet<String> = HashSet::new();
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let silent: Vec<String> = {
-                let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-                known
-                    .iter()
-                    .filter(|(_, k)| k.ready.as_deref() == Some("True"))
-                    .filter(|(_, k)| k.heard.unwrap_or(started).elapsed() >= READY_GRACE)
-                    .map(|(name, _)| name.clone())
-                    .collect()
+            let Some(all) = sites.snapshot() else {
+                continue;
             };
-            for site in silent {
-                let patch = json!({"status": {"conditions": [condition(
-                    "Unknown",
-                    "ClusterStatusUnknown",
-                    &format!(
-                        "the site has not been heard from for {} s: its link is down",
-                        READY_GRACE.as_secs()
-                    ),
-                )]}});
-                match self
-                    .api
-                    .patch_status(&site, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                {
-                    Ok(_) => {
-                        tracing::warn!(%site, "site not heard from: Ready Unknown");
-                        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-                        if let Some(entry) = known.get_mut(&site) {
-                            entry.ready = Some("Unknown".into());
-                        }
-                    }
-                    Err(kube::Error::Api(e)) if e.code == 404 => {
-                        self.known
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .remove(&site);
-                    }
-                    Err(error) => tracing::warn!(%site, %error, "Cluster status not written"),
+            let linked = match links.linked().await {
+                Ok(linked) => linked,
+                Err(error) => {
+                    tracing::warn!(%error, "read the site link records");
+                    continue;
                 }
+            };
+            let names: HashSet<String> = all.into_iter().map(|s| s.name).collect();
+            unlinked.retain(|site, _| names.contains(site));
+            handled.retain(|site| names.contains(site));
+            let now = Instant::now();
+            for site in names {
+                if linked.contains_key(&site) {
+                    unlinked.remove(&site);
+                    handled.remove(&site);
+                    continue;
+                }
+                let since = *unlinked.entry(site.clone()).or_insert(now);
+                if now.duration_since(since) < READY_GRACE || handled.contains(&site) {
+                    continue;
+                }
+                if self.mark_unknown(&site).await {
+                    handled.insert(site);
+                }
+            }
+        }
+    }
+
+    /// Sets `site`'s Ready condition to Unknown unless it is not True already; true when done.
+    async fn mark_unknown(&self, site: &str) -> bool {
+        let ready = match self.api.get_opt(site).await {
+            Ok(Some(cluster)) => cluster.data["status"]["conditions"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+                .and_then(|c| c["status"].as_str())
+                .map(str::to_string),
+            Ok(None) => return true,
+            Err(error) => {
+                tracing::warn!(%site, %error, "read the Cluster");
+                return false;
+            }
+        };
+        if ready.as_deref() != Some("True") {
+            return true;
+        }
+        let patch = json!({"status": {"conditions": [condition(
+            "Unknown",
+            "ClusterStatusUnknown",
+            &format!(
+                "the site has not been heard from for {} s: its link is down",
+                READY_GRACE.as_secs()
+            ),
+        )]}});
+        match self
+            .api
+            .patch_status(site, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                tracing::warn!(%site, "site not heard from: Ready Unknown");
+                if let Some(entry) = self
+                    .known
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_mut(site)
+                {
+                    entry.ready = Some("Unknown".into());
+                }
+                true
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => true,
+            Err(error) => {
+                tracing::warn!(%site, %error, "Cluster status not written");
+                false
             }
         }
     }

@@ -2,9 +2,14 @@
 //! a Karmada `Cluster` whose status the site's status stream keeps current
 //! ([`clusters`]), and `kubectl` reaches any connected site through the cluster proxy
 //! ([`proxy`]).
+//!
+//! Several hub servers may share one datastore: each serves the links that reached it and
+//! records them ([`links`]); placement and readiness run on the leading server only
+//! ([`Hub::run_leading`]); the cluster proxy of a site linked to another server goes there.
 
 pub mod aggregate;
 pub mod clusters;
+pub mod links;
 pub mod overrides;
 pub mod placement;
 pub mod proxy;
@@ -25,48 +30,78 @@ use link::registry::Registry;
 /// The identity the hub's own writes (Clusters and their status) are made as.
 pub const HUB_USER: &str = "system:edgesite:cloudhub";
 
+/// How this hub server reaches the others sharing its datastore.
+pub struct Peers {
+    /// The address this server advertises (the `kubernetes` endpoints').
+    pub me: Option<std::net::SocketAddr>,
+    /// TLS to the other servers, with a client certificate that may impersonate (the cluster
+    /// proxy of a site linked elsewhere goes there as its caller).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
 /// The hub: the connected sites and what it keeps about them.
 pub struct Hub {
     sites: Arc<Registry<Peer<Body>>>,
     clusters: Arc<clusters::Clusters>,
     aggregator: Arc<aggregate::Aggregator>,
+    links: links::Links,
+    forward_tls: Option<Arc<rustls::ClientConfig>>,
     client: kube::Client,
+    api: Arc<apiserver_lite::http::ApiServer>,
     shutdown: CancellationToken,
 }
 
 impl Hub {
-    /// `client` writes Clusters and their status (as [`HUB_USER`]).
-    pub fn new(client: kube::Client, shutdown: CancellationToken) -> Arc<Hub> {
+    /// `client` writes Clusters and their status (as [`HUB_USER`]); `api` is this server.
+    pub fn new(
+        client: kube::Client,
+        api: Arc<apiserver_lite::http::ApiServer>,
+        peers: Peers,
+        shutdown: CancellationToken,
+    ) -> Arc<Hub> {
         let aggregator = aggregate::Aggregator::new(client.clone());
         Arc::new(Hub {
             sites: Arc::default(),
             clusters: Arc::new(clusters::Clusters::new(client.clone(), aggregator.clone())),
             aggregator,
+            links: links::Links::new(api.clone(), peers.me),
+            forward_tls: peers.tls,
             client,
+            api,
             shutdown,
         })
     }
 
-    /// Runs the hub's loops until shut down: placement (templates to bindings to Works), and
-    /// readiness (sites not heard from turn not Ready). `storage` is the hub's datastore, whose
-    /// committed changes wake placement.
-    pub async fn run(self: Arc<Self>, storage: Arc<dyn apiserver_lite::storage::Storage>) {
+    /// What every hub server runs until shut down: the sites' reports of their Works are
+    /// written by the server that holds their links.
+    pub async fn run_everywhere(self: Arc<Self>) {
+        if let Err(error) = self.links.forget_mine().await {
+            tracing::warn!(%error, "site link records of an earlier run not removed");
+        }
+        self.aggregator.clone().run(self.shutdown.clone()).await;
+    }
+
+    /// What the leading hub server runs until `leading` ends: placement (templates to
+    /// bindings to Works, woken by the datastore's committed changes) and readiness (sites
+    /// whose links no live server holds turn not Ready).
+    pub async fn run_leading(self: Arc<Self>, leading: CancellationToken) {
         let sites = Arc::new(sites::Sites::default());
         let placement = placement::Placement::new(self.client.clone(), sites.clone());
         // A site that appears, goes or changes its labels is placed on at once, and so is a
         // change to a policy, a template or a Work.
         let wake = sites.changed.clone();
         tokio::join!(
-            sites.follow(self.client.clone(), self.shutdown.clone()),
+            sites.clone().follow(self.client.clone(), leading.clone()),
             crate::changes::wake_on(
-                storage,
+                self.api.storage.clone(),
                 placement::concerns_placement,
                 wake.clone(),
-                self.shutdown.clone(),
+                leading.clone(),
             ),
-            placement.run(wake, self.shutdown.clone()),
-            self.clusters.clone().watch_readiness(self.shutdown.clone()),
-            self.aggregator.clone().run(self.shutdown.clone()),
+            placement.run(wake, leading.clone()),
+            self.clusters
+                .clone()
+                .watch_readiness(self.links.clone(), sites, leading.clone()),
         );
     }
 
@@ -106,6 +141,14 @@ impl Hub {
             connection.abort();
             return;
         }
+        if let Err(error) = self.links.attached(&site).await {
+            tracing::warn!(%site, %error, "site link: not recorded; closing");
+            connection.abort();
+            return;
+        }
+        // The site is Ready again once it speaks on this link, whatever this server last
+        // wrote (the leader may have marked it Unknown meanwhile).
+        self.clusters.forget_ready(&site);
         let registered = Arc::new(peer.clone());
         let registration = self.sites.register(&site, registered.clone());
         // Another link under this name (the name attached again from another machine, or this
@@ -139,6 +182,13 @@ impl Hub {
             () = replaced => tracing::info!(%site, "site link replaced by a newer one"),
             () = self.shutdown.cancelled() => {}
         }
+        if self
+            .sites
+            .get(&site)
+            .is_some_and(|p| Arc::ptr_eq(&p, &registered))
+        {
+            self.links.detached(&site).await;
+        }
         drop(registration);
     }
 }
@@ -163,14 +213,23 @@ impl apiserver_lite::cloud_link::Hub for Hooks {
         request: http::Request<Body>,
     ) -> BoxFuture<'static, Result<http::Response<Body>, ApiError>> {
         let peer = self.0.sites.get(&site);
+        let hub = self.0.clone();
         Box::pin(async move {
-            let Some(peer) = peer else {
-                return Err(ApiError::service_unavailable(format!(
-                    "site {site:?} is not connected to the hub: its link is down \
-                     (`kubectl get cluster {site}` shows since when it is not Ready)"
-                )));
-            };
-            proxy::forward(&peer, &site, &identity, request).await
+            if let Some(peer) = peer {
+                return proxy::forward(&peer, &site, &identity, request).await;
+            }
+            // Linked to another server of this hub: the request goes there, once.
+            let forwarded = request.headers().contains_key(proxy::FORWARDED_HEADER);
+            if !forwarded
+                && let Some(tls) = hub.forward_tls.clone()
+                && let Some(server) = hub.links.elsewhere(&site).await
+            {
+                return proxy::to_server(server, tls, &site, &identity, request).await;
+            }
+            Err(ApiError::service_unavailable(format!(
+                "site {site:?} is not connected to the hub: its link is down \
+                 (`kubectl get cluster {site}` shows since when it is not Ready)"
+            )))
         })
     }
 }

@@ -1,7 +1,9 @@
 //! The cluster proxy's hub side: one stream on the site's link carries one HTTP/1.1 connection
 //! to the site's API ([`link::pipe`]); the caller's request goes over it with the caller's
 //! identity as impersonation headers, and its answer (a stream, a watch, or an upgrade to a
-//! SPDY or WebSocket session for exec, attach and port-forward) comes back the same way.
+//! SPDY or WebSocket session for exec, attach and port-forward) comes back the same way. A hub
+//! server asked for a site whose link another server holds sends the request there
+//! ([`to_server`]), as the caller, and that server forwards it over the link.
 
 use axum::body::Body;
 use http::{HeaderName, HeaderValue, StatusCode};
@@ -41,14 +43,58 @@ pub async fn forward(
         ));
     }
     let io = link::pipe::BodyIo::new(opened.into_body(), writer);
-
     // The caller's request, as the caller.
-    let header = |name: &str, value: &str| -> Result<(HeaderName, HeaderValue), ApiError> {
-        Ok((
-            HeaderName::try_from(name).map_err(|e| ApiError::bad_request(e.to_string()))?,
-            HeaderValue::try_from(value).map_err(|e| ApiError::bad_request(e.to_string()))?,
-        ))
-    };
+    apiserver_lite::http::proxy::send_over(io, request, &path, "site", impersonation(identity)?)
+        .await
+        .map_err(|e| unavailable(site, e))
+}
+
+/// Marks a cluster proxy request one hub server sent to another: it is not sent on again.
+pub const FORWARDED_HEADER: &str = "edgesite-hub-forwarded";
+
+/// Sends a cluster proxy request for `site` to `server`, the hub server that holds the site's
+/// link, as `identity` (impersonated with this server's certificate).
+pub async fn to_server(
+    server: std::net::SocketAddr,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    site: &str,
+    identity: &Identity,
+    request: http::Request<Body>,
+) -> Result<http::Response<Body>, ApiError> {
+    let uri = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let (stream, host) = link::dial::tls_connect(&format!("https://{server}"), tls, None)
+        .await
+        .map_err(|e| {
+            unavailable(
+                site,
+                format!("the hub server {server} that holds its link: {e}"),
+            )
+        })?;
+    let mut headers = impersonation(identity)?;
+    headers.push(header(FORWARDED_HEADER, "1")?);
+    apiserver_lite::http::proxy::send_over(stream, request, &uri, &host, headers)
+        .await
+        .map_err(|e| {
+            unavailable(
+                site,
+                format!("the hub server {server} that holds its link: {e}"),
+            )
+        })
+}
+
+fn header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), ApiError> {
+    Ok((
+        HeaderName::try_from(name).map_err(|e| ApiError::bad_request(e.to_string()))?,
+        HeaderValue::try_from(value).map_err(|e| ApiError::bad_request(e.to_string()))?,
+    ))
+}
+
+/// `identity` as impersonation headers.
+fn impersonation(identity: &Identity) -> Result<Vec<(HeaderName, HeaderValue)>, ApiError> {
     let mut impersonation = vec![header("impersonate-user", &identity.user)?];
     if !identity.uid.is_empty() {
         impersonation.push(header("impersonate-uid", &identity.uid)?);
@@ -62,9 +108,7 @@ pub async fn forward(
             impersonation.push(header(&name, value)?);
         }
     }
-    apiserver_lite::http::proxy::send_over(io, request, &path, "site", impersonation)
-        .await
-        .map_err(|e| unavailable(site, e))
+    Ok(impersonation)
 }
 
 /// Impersonate-Extra keys are percent-encoded (upstream's rule: what is not a legal header
