@@ -517,3 +517,130 @@ fn chrono_after(time: &str, instant: Instant) -> bool {
     let then = chrono::Utc::now() - chrono::Duration::from_std(instant.elapsed()).unwrap();
     t > then
 }
+
+/// Three `edgesite cloudhub` servers on embedded etcd act as one hub: a site linked to one is
+/// reached through the cluster proxy of any (kubeedge#5784: multi-cloudcore logs/exec fail when
+/// the request lands on another instance), its Cluster is Ready on all, and when the hub server
+/// holding its link is SIGKILLed the site links to another one it learned at attach and is
+/// reachable again.
+#[test]
+fn hub_servers_reach_every_site_whichever_holds_its_link() {
+    let etcd_ports = || {
+        vec![
+            format!("--etcd-client-port={}", free_port()),
+            format!("--etcd-peer-port={}", free_port()),
+        ]
+    };
+    let hub_with = |flags: Vec<String>| {
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        Site::start_hub(&flags).expect("a hub server starts")
+    };
+    let mut first = hub_with([vec!["--cluster-init".to_string()], etcd_ports()].concat());
+    let token = std::fs::read_to_string(first.data_dir().join("server").join("token")).unwrap();
+    let join = || {
+        [
+            vec![
+                format!("--server={}", first.url()),
+                format!("--token={}", token.trim()),
+            ],
+            etcd_ports(),
+        ]
+        .concat()
+    };
+    let second = hub_with(join());
+    let third = hub_with(join());
+    // The first server knows the other two (a link learns the servers when it connects).
+    let endpoints = |hub: &Site| {
+        hub.ok(&[
+            "get",
+            "endpoints",
+            "kubernetes",
+            "-o",
+            "jsonpath={.subsets[*].ports[*].port}",
+        ])
+    };
+    assert!(
+        tests::eventually(Duration::from_secs(30), || {
+            endpoints(&first).split(' ').count() == 3
+        }),
+        "{}",
+        endpoints(&first)
+    );
+    let (site, _) = first.attach_site("shop-1").expect("the site attaches");
+    site.ok(&["create", "configmap", "on-the-site"]);
+    for hub in [&second, &third] {
+        let via = hub.hub_site_kubeconfig("shop-1", None);
+        let kubectl = |args: &[&str]| {
+            std::process::Command::new(tests::kubectl_bin())
+                .arg("--kubeconfig")
+                .arg(&via)
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        let out = kubectl(&["get", "configmap", "on-the-site", "-o", "name"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // A watch streams through two hub servers and the link.
+        let out = hub
+            .kubectl(&[
+                "get",
+                "--raw",
+                "/apis/cluster.karmada.io/v1alpha1/clusters/shop-1/proxy/api/v1/namespaces/default/configmaps?watch=1&timeoutSeconds=1",
+            ])
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("on-the-site"),
+            "{:?} {} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The site's Cluster is Ready whichever server is asked.
+        let ready = |h: &Site| {
+            h.ok(&[
+                "get",
+                "cluster",
+                "shop-1",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+            ]) == "True"
+        };
+        assert!(tests::eventually(Duration::from_secs(20), || ready(hub)));
+    }
+
+    // The server holding the link dies: the site links to another within seconds.
+    first.kill();
+    let died = Instant::now();
+    let via = second.hub_site_kubeconfig("shop-1", None);
+    let reachable = tests::eventually(Duration::from_secs(60), || {
+        std::process::Command::new(tests::kubectl_bin())
+            .arg("--kubeconfig")
+            .arg(&via)
+            .args(["get", "configmap", "on-the-site", "-o", "name"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    assert!(
+        reachable,
+        "the site never linked to another hub server\n{}",
+        site.log()
+    );
+    eprintln!(
+        "the site was reachable through another hub server {:?} after its server died",
+        died.elapsed()
+    );
+    // Ready through the others; the link is theirs now.
+    assert!(tests::eventually(Duration::from_secs(30), || {
+        third.ok(&[
+            "get",
+            "cluster",
+            "shop-1",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ]) == "True"
+    }));
+}

@@ -46,6 +46,21 @@ pub struct HubArgs {
     /// Several hubs share one etcd: the same flags as `edgesite server`'s.
     #[command(flatten)]
     pub datastore: crate::DatastoreArgs,
+    /// Several hub servers with embedded etcd members: `--cluster-init` on the first, `--server
+    /// https://FIRST:5443 --token TOKEN` on the others, as `edgesite server`.
+    #[command(flatten)]
+    pub etcd: crate::EmbeddedEtcdArgs,
+    /// The hub servers' shared secret: another server joins with the first one's
+    /// <data-dir>/server/token.
+    #[arg(long, env = "EDGESITE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Address the other hub servers reach this one at (default: --bind-address, or the
+    /// address of the default route when that is 0.0.0.0).
+    #[arg(long, value_name = "IP")]
+    pub advertise_address: Option<IpAddr>,
+    /// Port the other hub servers reach this one at (default: --https-listen-port).
+    #[arg(long, value_name = "PORT")]
+    pub advertise_port: Option<u16>,
 }
 
 /// `90s`, `30m`, `12h` or `365d`, at least a minute.
@@ -135,6 +150,61 @@ fn server_args(hub: &HubArgs) -> Result<crate::ServerArgs> {
     }
     argv.push("--etcd-prefix".into());
     argv.push(store.etcd_prefix.clone());
+    let etcd = &hub.etcd;
+    for (flag, on) in [
+        ("--cluster-init", etcd.cluster_init),
+        ("--cluster-reset", etcd.cluster_reset),
+        ("--etcd-disable-snapshots", etcd.etcd_disable_snapshots),
+    ] {
+        if on {
+            argv.push(flag.into());
+        }
+    }
+    let optional = [
+        ("--server", etcd.server.clone()),
+        (
+            "--cluster-reset-restore-path",
+            etcd.cluster_reset_restore_path
+                .as_ref()
+                .map(|p| p.display().to_string()),
+        ),
+        (
+            "--etcd-snapshot-dir",
+            etcd.etcd_snapshot_dir
+                .as_ref()
+                .map(|p| p.display().to_string()),
+        ),
+        ("--token", hub.token.clone()),
+        (
+            "--advertise-address",
+            hub.advertise_address.map(|a| a.to_string()),
+        ),
+        (
+            "--advertise-port",
+            hub.advertise_port.map(|p| p.to_string()),
+        ),
+    ];
+    for (flag, value) in optional {
+        if let Some(value) = value {
+            argv.push(flag.into());
+            argv.push(value);
+        }
+    }
+    for (flag, value) in [
+        ("--etcd-client-port", etcd.etcd_client_port.to_string()),
+        ("--etcd-peer-port", etcd.etcd_peer_port.to_string()),
+        (
+            "--etcd-snapshot-schedule-cron",
+            etcd.etcd_snapshot_schedule_cron.clone(),
+        ),
+        (
+            "--etcd-snapshot-retention",
+            etcd.etcd_snapshot_retention.to_string(),
+        ),
+    ] {
+        argv.push(flag.into());
+        argv.push(value);
+    }
     let command = crate::ServerArgs::augment_args(clap::Command::new("cloudhub"));
     let matches = command
         .try_get_matches_from(argv)
@@ -208,6 +278,21 @@ mod tests {
                 etcd_prefix: "/hub".into(),
                 ..Default::default()
             },
+            etcd: crate::EmbeddedEtcdArgs {
+                cluster_init: false,
+                server: Some("https://hub-1:5443".into()),
+                cluster_reset: false,
+                cluster_reset_restore_path: None,
+                etcd_client_port: 3379,
+                etcd_peer_port: 3380,
+                etcd_snapshot_schedule_cron: "0 */12 * * *".into(),
+                etcd_snapshot_retention: 5,
+                etcd_snapshot_dir: None,
+                etcd_disable_snapshots: true,
+            },
+            token: Some("secret".into()),
+            advertise_address: Some("10.0.0.7".parse().unwrap()),
+            advertise_port: None,
         };
         let args = super::server_args(&hub).unwrap();
         assert!(args.disable_agent);
@@ -217,6 +302,11 @@ mod tests {
         assert_eq!(args.https_listen_port, 5999);
         assert_eq!(args.tls_san, vec!["hub.example".to_string()]);
         assert!(args.cloudhub.is_none());
+        assert_eq!(args.etcd.server.as_deref(), Some("https://hub-1:5443"));
+        assert_eq!(args.etcd.etcd_client_port, 3379);
+        assert!(args.etcd.etcd_disable_snapshots);
+        assert_eq!(args.token.as_deref(), Some("secret"));
+        assert_eq!(args.advertise_address, Some("10.0.0.7".parse().unwrap()));
     }
 
     #[test]
