@@ -377,14 +377,23 @@ fn an_agent_moves_to_a_live_server_when_its_server_dies() {
     let token = token.trim().to_string();
     let second = start(&with_cidr(server_flags(Some((&first, &token)))));
     let third = start(&with_cidr(server_flags(Some((&first, &token)))));
-    let mut agent = rt.start_agent(&first, "node-b").expect("an agent joins");
+    // The token is made on the first server (a bootstrap token Secret, shared by all); the agent
+    // joins through the second, which then dies.
+    let mut agent = rt
+        .start_agent_via(
+            &first,
+            "node-b",
+            &format!("https://127.0.0.1:{}", second.port),
+            &[],
+        )
+        .expect("an agent joins through another server than the token's");
     let ready = |site: &Site| {
         site.kubectl(&["get", "node", "node-b"])
             .map(|o| String::from_utf8_lossy(&o.stdout).contains(" Ready "))
             .unwrap_or(false)
     };
     assert!(
-        tests::eventually(Duration::from_secs(60), || ready(&second)),
+        tests::eventually(Duration::from_secs(60), || ready(&first)),
         "node-b is not Ready\n{}",
         agent.log()
     );
@@ -398,14 +407,14 @@ fn an_agent_moves_to_a_live_server_when_its_server_dies() {
             "jsonpath={.subsets[*].ports[*].port}",
         ])
     };
-    let ports = [&first, &second, &third].map(|s| s.port.to_string());
+    let ports = [&second, &first, &third].map(|s| s.port.to_string());
     assert!(
         tests::eventually(Duration::from_secs(20), || {
-            let listed = endpoints(&second);
+            let listed = endpoints(&first);
             ports.iter().all(|p| listed.split(' ').any(|l| l == p))
         }),
         "{}",
-        endpoints(&second)
+        endpoints(&first)
     );
     let pod = |name: &str| {
         format!(
@@ -415,19 +424,19 @@ fn an_agent_moves_to_a_live_server_when_its_server_dies() {
                   "command": ["sh", "-c", "echo hello from {name}; sleep 3600"]}}]}}}}"#
         )
     };
-    second.ok_stdin(&["apply", "-f", "-"], Some(&pod("before")));
+    first.ok_stdin(&["apply", "-f", "-"], Some(&pod("before")));
     // Logs through every server: the agent keeps a tunnel to each.
-    for site in [&first, &second, &third] {
+    for site in [&second, &first, &third] {
         site.ok_within(Duration::from_secs(60), &["logs", "before"], None);
         assert!(site.ok(&["logs", "before"]).contains("hello from before"));
     }
 
     // The server the agent was given dies.
-    let mut first = first;
-    first.kill();
+    let mut second = second;
+    second.kill();
     let died = Instant::now();
     // Writes wait while etcd elects a new leader (the dead server's member may have led).
-    second.ok_within(
+    first.ok_within(
         Duration::from_secs(30),
         &["apply", "-f", "-"],
         Some(&pod("after")),
@@ -446,7 +455,7 @@ fn an_agent_moves_to_a_live_server_when_its_server_dies() {
         "the agent started a pod made after its server died in {:?}",
         died.elapsed()
     );
-    assert!(running(&second, "before"), "the running pod was lost");
+    assert!(running(&first, "before"), "the running pod was lost");
     third.ok_within(Duration::from_secs(30), &["logs", "after"], None);
     assert!(third.ok(&["logs", "after"]).contains("hello from after"));
     // The dead server leaves the endpoints once its record expires.
@@ -464,7 +473,7 @@ fn an_agent_moves_to_a_live_server_when_its_server_dies() {
     agent.launch().unwrap();
     assert!(
         tests::eventually(Duration::from_secs(40), || {
-            let lease = second.ok(&[
+            let lease = first.ok(&[
                 "get",
                 "lease",
                 "-n",
@@ -478,31 +487,31 @@ fn an_agent_moves_to_a_live_server_when_its_server_dies() {
         "the restarted agent did not reach a live server\n{}",
         agent.log()
     );
-    second.ok_stdin(&["apply", "-f", "-"], Some(&pod("restarted")));
+    first.ok_stdin(&["apply", "-f", "-"], Some(&pod("restarted")));
     assert!(
-        tests::eventually(Duration::from_secs(40), || running(&second, "restarted")),
+        tests::eventually(Duration::from_secs(40), || running(&first, "restarted")),
         "{}",
         agent.log()
     );
     for name in ["before", "after", "restarted"] {
-        second.ok(&["delete", "pod", name, "--wait=false"]);
+        first.ok(&["delete", "pod", name, "--wait=false"]);
     }
     // The dead server comes back and is an endpoint again.
-    first.launch().unwrap();
-    let first_port = first.port.to_string();
+    second.launch().unwrap();
+    let second_port = second.port.to_string();
     assert!(
         tests::eventually(Duration::from_secs(20), || {
-            endpoints(&second).split(' ').any(|p| p == first_port)
+            endpoints(&first).split(' ').any(|p| p == second_port)
         }),
         "{}",
-        endpoints(&second)
+        endpoints(&first)
     );
     // A server stopped on purpose withdraws from the endpoints as it goes, well before its
     // record would expire.
     let mut third = third;
     let third_port = third.port.to_string();
     third.stop();
-    let listed = endpoints(&second);
+    let listed = endpoints(&first);
     assert!(
         !listed.split(' ').any(|p| p == third_port),
         "a stopped server is still an endpoint: {listed}"

@@ -219,6 +219,65 @@ async fn record_as(
     }
 }
 
+/// The Secret type of bootstrap tokens (upstream's `bootstrap.kubernetes.io/token`).
+pub const BOOTSTRAP_TOKEN_TYPE: &str = "bootstrap.kubernetes.io/token";
+
+/// Whether `token` (`[K10<ca hash>::]<id>.<secret>`) is a bootstrap token of this cluster: a
+/// Secret `kube-system/bootstrap-token-<id>` of [`BOOTSTRAP_TOKEN_TYPE`] with that secret,
+/// usable for authentication, not expired (upstream's rules for its bootstrap tokens).
+pub async fn bootstrap_token_valid(server: &ApiServer, token: &str) -> bool {
+    use base64::Engine;
+    let credential = token.rsplit("::").next().unwrap_or(token).trim();
+    let Some((id, secret)) = credential.split_once('.') else {
+        return false;
+    };
+    let shaped = |t: &str, n: usize| {
+        t.len() == n
+            && t.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    };
+    if !shaped(id, 6) || !shaped(secret, 16) {
+        return false;
+    }
+    let key = crate::storage::object_key(
+        "",
+        "secrets",
+        "kube-system",
+        &format!("bootstrap-token-{id}"),
+    );
+    let Ok(Some(stored)) = server.storage.get(&key).await else {
+        return false;
+    };
+    let object = &stored.object;
+    if object.get("type").and_then(Value::as_str) != Some(BOOTSTRAP_TOKEN_TYPE) {
+        return false;
+    }
+    let field = |name: &str| -> Option<String> {
+        let encoded = object.get("data")?.get(name)?.as_str()?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .ok()?;
+        String::from_utf8(bytes).ok()
+    };
+    let same = |a: &str, b: &str| {
+        a.len() == b.len()
+            && a.bytes()
+                .zip(b.bytes())
+                .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+                == 0
+    };
+    let unexpired = match field("expiration") {
+        None => true,
+        Some(at) => {
+            chrono::DateTime::parse_from_rfc3339(&at).is_ok_and(|at| at > chrono::Utc::now())
+        }
+    };
+    field("token-id").as_deref() == Some(id)
+        && field("token-secret").is_some_and(|s| same(&s, secret))
+        && field("usage-bootstrap-authentication").as_deref() == Some("true")
+        && unexpired
+}
+
 /// The checks every join request passes: POST, the address not blocked for refused attempts,
 /// a valid token for `join`, a JSON body. Answers the body, or the response to send.
 async fn admit(
@@ -259,7 +318,10 @@ async fn admit(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| t.trim().to_string())
         .unwrap_or_default();
-    if let Err(JoinError::BadToken) = join.authorize(&token) {
+    // Node and site joins also take the cluster's bootstrap tokens (Secrets every server
+    // shares, as kubeadm and K3s keep them); a server join takes the cluster token only.
+    let bootstrapped = what != "server-join" && bootstrap_token_valid(server, &token).await;
+    if !bootstrapped && let Err(JoinError::BadToken) = join.authorize(&token) {
         if let Some(ip) = ip {
             server.join_failures.refused(ip);
         }
@@ -482,6 +544,67 @@ pub async fn site_renew(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn bootstrap_tokens_are_secrets_with_a_secret_a_usage_and_an_expiry() {
+        use base64::Engine;
+        let dir = tempfile::tempdir().unwrap();
+        let server = crate::server::prepare_store(
+            &crate::server::Datastore::Sqlite(dir.path().join("state.db")),
+            64,
+            crate::auth::TokenAuthenticator::default(),
+            crate::services::ServiceNetwork::default(),
+            None,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let token = |id: &str, secret: &str, usage: &str, expiration: &str| {
+            let mut data = json!({"token-id": b64(id), "token-secret": b64(secret),
+                "usage-bootstrap-authentication": b64(usage)});
+            if !expiration.is_empty() {
+                data["expiration"] = json!(b64(expiration));
+            }
+            json!({"apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": format!("bootstrap-token-{id}"), "namespace": "kube-system"},
+                "type": BOOTSTRAP_TOKEN_TYPE, "data": data})
+        };
+        let later = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+        let earlier = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+        for secret in [
+            token("abcdef", "0123456789abcdef", "true", &later),
+            token("noexpr", "0123456789abcdef", "true", ""),
+            token("expird", "0123456789abcdef", "true", &earlier),
+            token("nouse0", "0123456789abcdef", "false", ""),
+        ] {
+            crate::http::resources::create_internal(
+                &server,
+                "",
+                "v1",
+                "secrets",
+                "kube-system",
+                secret,
+            )
+            .await
+            .unwrap();
+        }
+        assert!(bootstrap_token_valid(&server, "abcdef.0123456789abcdef").await);
+        assert!(
+            bootstrap_token_valid(
+                &server,
+                &format!("K10{}::abcdef.0123456789abcdef", "0".repeat(64))
+            )
+            .await
+        );
+        assert!(bootstrap_token_valid(&server, "noexpr.0123456789abcdef").await);
+        assert!(!bootstrap_token_valid(&server, "abcdef.0123456789abcdee").await);
+        assert!(!bootstrap_token_valid(&server, "expird.0123456789abcdef").await);
+        assert!(!bootstrap_token_valid(&server, "nouse0.0123456789abcdef").await);
+        assert!(!bootstrap_token_valid(&server, "absent.0123456789abcdef").await);
+        assert!(!bootstrap_token_valid(&server, "ABCDEF.0123456789abcdef").await);
+        assert!(!bootstrap_token_valid(&server, "not a token").await);
+    }
 
     #[test]
     fn refused_attempts_fill_a_bucket_that_drains() {

@@ -2,7 +2,9 @@
 //!
 //! A join token looks like K3s's: `K10<sha256 of the site CA, hex>::<credential>`. The
 //! credential is either the server's cluster token or one made by `edgesite token create`
-//! (`<id>.<secret>`, kept with its expiry in `<data-dir>/server/agent-tokens`). The agent:
+//! (`<id>.<secret>`, a bootstrap token Secret `kube-system/bootstrap-token-<id>` every server
+//! takes; kept in `<data-dir>/server/agent-tokens` for this server only when the server does not
+//! answer). The agent:
 //!
 //! 1. fetches `/cacerts` without verification and checks its hash against the token (so a
 //!    man in the middle cannot pose as the site);
@@ -89,12 +91,26 @@ pub fn create_token(data_dir: &Path, ttl: Duration) -> Result<String> {
             char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rand::random::<u8>() as usize % 36])
         })
         .collect();
+    let expiration = (!ttl.is_zero())
+        .then(|| chrono::Duration::from_std(ttl).ok())
+        .flatten()
+        .map(|ttl| (chrono::Utc::now() + ttl).to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    let token = format!("K10{}::{id}.{secret}", ca_hash(&ca));
+    // A bootstrap token Secret: every server of the site (or hub) takes it.
+    let stored = store_bootstrap_token(data_dir, &id, &secret, expiration.as_deref());
+    let Err(error) = stored else {
+        return Ok(token);
+    };
+    let path = server_dir.join(TOKENS_FILE);
+    eprintln!(
+        "warning: the server did not take the token ({error:#}); it is kept in {} and works with this server only",
+        path.display()
+    );
     let expires = if ttl.is_zero() {
         0
     } else {
         now_unix() + ttl.as_secs()
     };
-    let path = server_dir.join(TOKENS_FILE);
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -106,7 +122,65 @@ pub fn create_token(data_dir: &Path, ttl: Duration) -> Result<String> {
     }
     writeln!(f, "{id}.{secret}\t{expires}")?;
     f.sync_all()?;
-    Ok(format!("K10{}::{id}.{secret}", ca_hash(&ca)))
+    Ok(token)
+}
+
+/// Creates the Secret `kube-system/bootstrap-token-<id>` through the server's API (its admin
+/// kubeconfig in the data dir), as `kubeadm token create` and K3s do.
+fn store_bootstrap_token(
+    data_dir: &Path,
+    id: &str,
+    secret: &str,
+    expiration: Option<&str>,
+) -> Result<()> {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+    let kubeconfig = data_dir
+        .join("server")
+        .join("cred")
+        .join("admin.kubeconfig");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&kubeconfig)
+            .with_context(|| format!("read {}", kubeconfig.display()))?;
+        let mut config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await?;
+        config.connect_timeout = Some(Duration::from_secs(5));
+        config.read_timeout = Some(Duration::from_secs(15));
+        let client = kube::Client::try_from(config)?;
+        let mut data = std::collections::BTreeMap::new();
+        let mut put = |k: &str, v: &str| {
+            data.insert(k.to_string(), ByteString(v.as_bytes().to_vec()));
+        };
+        put("token-id", id);
+        put("token-secret", secret);
+        put("usage-bootstrap-authentication", "true");
+        put("usage-bootstrap-signing", "true");
+        put("description", "made by edgesite token create");
+        if let Some(at) = expiration {
+            put("expiration", at);
+        }
+        let object = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(format!("bootstrap-token-{id}")),
+                namespace: Some("kube-system".into()),
+                ..Default::default()
+            },
+            type_: Some(apiserver_lite::http::join::BOOTSTRAP_TOKEN_TYPE.into()),
+            data: Some(data),
+            ..Default::default()
+        };
+        kube::Api::<Secret>::namespaced(client, "kube-system")
+            .create(&kube::api::PostParams::default(), &object)
+            .await
+            .context("create the token's Secret")?;
+        Ok(())
+    })
 }
 
 /// Who joins with a token: machines as nodes of a site, or sites to a cloud hub.
