@@ -204,9 +204,11 @@ spec:
     // DNS, through the search path) gives the cluster IP, the node's proxy takes the connection
     // to node B. (The test image's static busybox wget crashes in glibc's NSS lookups, so
     // busybox's own nslookup resolves and nc speaks HTTP to the address.)
+    // The short sleep first: kubectl 1.32's WebSocket exec client may drop output that arrives
+    // before it has set up its streams (kubernetes/kubernetes#131189, fixed in 1.33).
     let fetch = |name: &str| {
         let script = format!(
-            "ip=$(nslookup {name} | awk '/^Address/ {{a=$2}} END {{print a}}'); echo \"$ip\"; printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 \"$ip\" 80"
+            "sleep 0.3; ip=$(nslookup {name} | awk '/^Address/ {{a=$2}} END {{print a}}'); echo \"$ip\"; printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 \"$ip\" 80"
         );
         let out = site
             .kubectl(&["exec", "client", "--", "sh", "-c", &script])

@@ -125,6 +125,38 @@ pub fn create_token(data_dir: &Path, ttl: Duration) -> Result<String> {
     Ok(token)
 }
 
+/// Runs `work` with a client of the server's API as its admin (the admin kubeconfig in the data
+/// dir), on a runtime of its own: what the CLI's server-side commands do.
+fn as_admin<T, F, Fut>(data_dir: &Path, work: F) -> Result<T>
+where
+    F: FnOnce(kube::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let kubeconfig = data_dir
+        .join("server")
+        .join("cred")
+        .join("admin.kubeconfig");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&kubeconfig).with_context(|| {
+            format!(
+                "read {}: run this on the server (or pass --data-dir)",
+                kubeconfig.display()
+            )
+        })?;
+        let mut config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await?;
+        config.connect_timeout = Some(Duration::from_secs(5));
+        config.read_timeout = Some(Duration::from_secs(30));
+        work(kube::Client::try_from(config)?).await
+    })
+}
+
 /// Creates the Secret `kube-system/bootstrap-token-<id>` through the server's API (its admin
 /// kubeconfig in the data dir), as `kubeadm token create` and K3s do.
 fn store_bootstrap_token(
@@ -135,24 +167,7 @@ fn store_bootstrap_token(
 ) -> Result<()> {
     use k8s_openapi::ByteString;
     use k8s_openapi::api::core::v1::Secret;
-    let kubeconfig = data_dir
-        .join("server")
-        .join("cred")
-        .join("admin.kubeconfig");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let kubeconfig = kube::config::Kubeconfig::read_from(&kubeconfig)
-            .with_context(|| format!("read {}", kubeconfig.display()))?;
-        let mut config = kube::Config::from_custom_kubeconfig(
-            kubeconfig,
-            &kube::config::KubeConfigOptions::default(),
-        )
-        .await?;
-        config.connect_timeout = Some(Duration::from_secs(5));
-        config.read_timeout = Some(Duration::from_secs(15));
-        let client = kube::Client::try_from(config)?;
+    as_admin(data_dir, |client| async move {
         let mut data = std::collections::BTreeMap::new();
         let mut put = |k: &str, v: &str| {
             data.insert(k.to_string(), ByteString(v.as_bytes().to_vec()));
@@ -736,25 +751,7 @@ pub fn site_joiner(
 pub fn remove_node(data_dir: &Path, name: &str) -> Result<()> {
     use k8s_openapi::api::core::v1::{Node, Secret};
     use kube::api::{Api, DeleteParams, PostParams};
-    let kubeconfig = data_dir
-        .join("server")
-        .join("cred")
-        .join("admin.kubeconfig");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let config = kube::Config::from_custom_kubeconfig(
-            kube::config::Kubeconfig::read_from(&kubeconfig).with_context(|| {
-                format!(
-                    "read {}: run this on the server (or pass --data-dir)",
-                    kubeconfig.display()
-                )
-            })?,
-            &kube::config::KubeConfigOptions::default(),
-        )
-        .await?;
-        let client = kube::Client::try_from(config)?;
+    as_admin(data_dir, |client| async move {
         let nodes: Api<Node> = Api::all(client.clone());
         let secrets: Api<Secret> = Api::namespaced(client, "kube-system");
         let record = apiserver_lite::http::join::password_secret(name);
