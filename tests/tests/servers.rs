@@ -575,6 +575,15 @@ fn hub_servers_reach_every_site_whichever_holds_its_link() {
         "{}",
         endpoints(&first)
     );
+    let ready = |h: &Site| {
+        h.ok(&[
+            "get",
+            "cluster",
+            "shop-1",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ]) == "True"
+    };
     let (site, _) = first.attach_site("shop-1").expect("the site attaches");
     site.ok(&["create", "configmap", "on-the-site"]);
     for hub in [&second, &third] {
@@ -609,15 +618,6 @@ fn hub_servers_reach_every_site_whichever_holds_its_link() {
             String::from_utf8_lossy(&out.stderr)
         );
         // The site's Cluster is Ready whichever server is asked.
-        let ready = |h: &Site| {
-            h.ok(&[
-                "get",
-                "cluster",
-                "shop-1",
-                "-o",
-                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
-            ]) == "True"
-        };
         assert!(tests::eventually(Duration::from_secs(20), || ready(hub)));
     }
 
@@ -643,13 +643,5 @@ fn hub_servers_reach_every_site_whichever_holds_its_link() {
         died.elapsed()
     );
     // Ready through the others; the link is theirs now.
-    assert!(tests::eventually(Duration::from_secs(30), || {
-        third.ok(&[
-            "get",
-            "cluster",
-            "shop-1",
-            "-o",
-            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
-        ]) == "True"
-    }));
+    assert!(tests::eventually(Duration::from_secs(30), || ready(&third)));
 }
