@@ -305,6 +305,7 @@ impl SimSites {
                 ca_pem: ca.clone(),
                 cert_pem: cert,
                 key_pem: key,
+                servers_file: None,
             };
             tokio::spawn(cloudhub::site::run(config, site.clone(), shutdown.clone()));
             sites.push(site);

@@ -584,7 +584,7 @@ fn hub_servers_reach_every_site_whichever_holds_its_link() {
             "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
         ]) == "True"
     };
-    let (site, _) = first.attach_site("shop-1").expect("the site attaches");
+    let (mut site, _) = first.attach_site("shop-1").expect("the site attaches");
     site.ok(&["create", "configmap", "on-the-site"]);
     for hub in [&second, &third] {
         let via = hub.hub_site_kubeconfig("shop-1", None);
@@ -625,14 +625,17 @@ fn hub_servers_reach_every_site_whichever_holds_its_link() {
     first.kill();
     let died = Instant::now();
     let via = second.hub_site_kubeconfig("shop-1", None);
-    let reachable = tests::eventually(Duration::from_secs(60), || {
-        std::process::Command::new(tests::kubectl_bin())
-            .arg("--kubeconfig")
-            .arg(&via)
-            .args(["get", "configmap", "on-the-site", "-o", "name"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
+    let reached = || {
+        tests::eventually(Duration::from_secs(60), || {
+            std::process::Command::new(tests::kubectl_bin())
+                .arg("--kubeconfig")
+                .arg(&via)
+                .args(["get", "configmap", "on-the-site", "-o", "name"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+    };
+    let reachable = reached();
     assert!(
         reachable,
         "the site never linked to another hub server\n{}",
@@ -644,4 +647,14 @@ fn hub_servers_reach_every_site_whichever_holds_its_link() {
     );
     // Ready through the others; the link is theirs now.
     assert!(tests::eventually(Duration::from_secs(30), || ready(&third)));
+    // Restarted while the hub server it was given is still dead, the site links to another it
+    // had learned.
+    site.stop();
+    site.launch().unwrap();
+    let back = reached();
+    assert!(
+        back,
+        "the restarted site did not link to a live hub server\n{}",
+        site.log()
+    );
 }

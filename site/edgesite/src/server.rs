@@ -443,6 +443,7 @@ async fn attach(
         ca_pem: credentials.ca,
         cert_pem: credentials.cert,
         key_pem: credentials.key,
+        servers_file: Some(data_dir.join("server").join("hub-servers.json")),
     };
     // The link runs on the certificate it has until that is renewed, then starts again on the
     // new one.

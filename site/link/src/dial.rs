@@ -35,6 +35,9 @@ pub struct DialConfig {
     pub tls: Arc<rustls::ClientConfig>,
     /// `http://[user:password@]host:port` of an HTTPS proxy to tunnel through (CONNECT).
     pub proxy: Option<String>,
+    /// Where [`run`] keeps the servers the accepting side named ([`SERVERS_HEADER`]), so a
+    /// restart while the given server is down still finds the others.
+    pub remember: Option<std::path::PathBuf>,
 }
 
 /// A TLS client configuration that trusts `ca_pem` and presents `cert_pem`/`key_pem`.
@@ -387,7 +390,12 @@ pub async fn run<F, S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut learned: Vec<String> = Vec::new();
+    let mut learned: Vec<String> = config
+        .remember
+        .as_ref()
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
     let mut next = 0usize;
     loop {
         let started = Instant::now();
@@ -401,7 +409,13 @@ pub async fn run<F, S, B>(
         let session = async {
             let (upgraded, servers) = connect_learning(&target).await?;
             connected = true;
-            if !servers.is_empty() {
+            if !servers.is_empty() && servers != learned {
+                if let Some(file) = &config.remember
+                    && let Err(error) =
+                        std::fs::write(file, serde_json::to_string(&servers).unwrap_or_default())
+                {
+                    tracing::warn!(file = %file.display(), %error, "{what}: servers not saved");
+                }
                 learned = servers;
             }
             tracing::info!(server = %target.server, "{what} is up");

@@ -190,6 +190,9 @@ pub struct SiteConfig {
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
+    /// Where the link keeps the hub's servers it learned (a restart while the hub server it
+    /// was given is down reaches another).
+    pub servers_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone)]
@@ -220,6 +223,7 @@ pub async fn renew(
         headers: Vec::new(),
         tls,
         proxy: link::dial::proxy_from_env(&host),
+        remember: None,
     };
     let body = serde_json::json!({"csr": csr_pem, "password": password}).to_string();
     let reply = link::dial::post_json(
@@ -261,6 +265,7 @@ pub async fn run(
         headers,
         tls,
         proxy: link::dial::proxy_from_env(&host),
+        remember: config.servers_file.clone(),
     };
     let site = Site {
         backend,

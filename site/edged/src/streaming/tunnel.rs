@@ -32,6 +32,7 @@ pub async fn run(config: TunnelConfig, router: axum::Router, shutdown: Cancellat
         headers: Vec::new(),
         tls,
         proxy: None,
+        remember: None,
     };
     link::dial::run(
         "tunnel to the API server",
