@@ -299,13 +299,15 @@ async fn write(
                 for f in fields {
                     current[*f] = object[*f].clone();
                 }
-                match server
-                    .storage
-                    .update(&key, current, Some(stored.revision))
-                    .await
+                match http::resources::update_internal(
+                    server, group, version, resource, "default", current,
+                )
+                .await
                 {
-                    Ok(_) | Err(StorageError::Conflict { .. } | StorageError::NotFound(_)) => {}
-                    Err(e) => return Err(e),
+                    Ok(_) => {}
+                    // Another server wrote it meanwhile: the next round compares again.
+                    Err(e) if e.code == 409 || e.code == 404 => {}
+                    Err(e) => return Err(StorageError::Backend(e.message)),
                 }
             }
         }
@@ -324,9 +326,19 @@ async fn write(
             .and_then(Value::as_str)
             == Some("kubernetes");
         if ours && name.starts_with("kubernetes-") && !slices.contains_key(name) {
-            match server.storage.delete(&item.key, Some(item.revision)).await {
-                Ok(_) | Err(StorageError::Conflict { .. } | StorageError::NotFound(_)) => {}
-                Err(e) => return Err(e),
+            match http::resources::delete_internal(
+                server,
+                "discovery.k8s.io",
+                "v1",
+                "endpointslices",
+                "default",
+                name,
+            )
+            .await
+            {
+                Ok(()) => {}
+                Err(e) if e.code == 404 || e.code == 409 => {}
+                Err(e) => return Err(StorageError::Backend(e.message)),
             }
         }
     }

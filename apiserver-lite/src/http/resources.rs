@@ -2881,6 +2881,29 @@ pub async fn delete_internal(
     ctx.delete(name, &options).await.map(|_| ())
 }
 
+/// Replaces an object from inside the server, through the normal write path; `object` carries
+/// the resourceVersion it was read at (a conflict when another write came between).
+pub async fn update_internal(
+    server: &Arc<ApiServer>,
+    group: &str,
+    version: &str,
+    resource: &str,
+    namespace: &str,
+    object: Value,
+) -> Result<Value, ApiError> {
+    let ctx = internal_ctx(server, group, version, resource, namespace)?;
+    let name = meta_str(&object, "name").to_string();
+    let mut opts = WriteOptions {
+        dry_run: false,
+        manager: "edgesite".into(),
+        validation: FieldValidation::Strict,
+        warnings: Vec::new(),
+    };
+    ctx.replace(&name, None, object, &mut opts)
+        .await
+        .map(|(_, v)| v)
+}
+
 /// Creates an object from inside the server (start-up defaults), through the normal write path.
 pub async fn create_internal(
     server: &Arc<ApiServer>,
