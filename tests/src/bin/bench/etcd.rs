@@ -4,12 +4,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, ListParams};
+use anyhow::{Context, Result};
 
 use super::{
-    CLIENTS, CREATES, Row, Server, client, create_phase, ms, percentile, start_with, watch_phase,
+    CLIENTS, CREATES, Row, Server, create_phase, list_phase, ms, percentile, start_with,
+    watch_phase,
 };
 
 /// Three servers (`--cluster-init`, then two `--server` joins), the rows measured through the
@@ -48,17 +47,7 @@ pub async fn rows(bin: &Path, work: &Path, rows: &mut Vec<Row>) -> Result<()> {
     let kubeconfig = servers[0].dir.join("kubeconfig.yaml");
     let watch = watch_phase(&kubeconfig, "kube-public").await?;
     let creates = create_phase(&kubeconfig, "default").await?;
-    let api: Api<ConfigMap> = Api::namespaced(client(&kubeconfig).await?, "default");
-    let mut list_times = Vec::new();
-    for _ in 0..3 {
-        let t = Instant::now();
-        let list = api.list(&ListParams::default()).await?;
-        list_times.push(t.elapsed());
-        if list.items.len() < CREATES {
-            bail!("listed {} ConfigMaps, expected {CREATES}", list.items.len());
-        }
-    }
-    list_times.sort();
+    let list_time = list_phase(&kubeconfig, "default").await?;
     let raw = raw_puts(&servers[0].dir.join("data")).await?;
     rows.push(Row {
         metric: "etcd, 3 members: creates/s, 32 concurrent clients, 10,000 ConfigMaps",
@@ -80,7 +69,7 @@ pub async fn rows(bin: &Path, work: &Path, rows: &mut Vec<Row>) -> Result<()> {
     });
     rows.push(Row {
         metric: "etcd, 3 members: list 10,000 ConfigMaps (median of 3)",
-        measured: ms(list_times[1]),
+        measured: ms(list_time),
         target: "-",
         met: None,
     });
