@@ -249,10 +249,8 @@ async fn write(
     server: &Arc<ApiServer>,
     endpoints: &BTreeSet<ApiEndpoint>,
 ) -> Result<(), StorageError> {
-    *server
-        .api_servers
-        .write()
-        .unwrap_or_else(|e| e.into_inner()) = endpoints.iter().map(|e| e.address).collect();
+    let addresses: Vec<SocketAddr> = endpoints.iter().map(|e| e.address).collect();
+    let changed = servers(server) != addresses;
     let slices = slice_objects(endpoints);
     let mut wanted: Vec<(&str, &str, &str, Value, &[&str])> = vec![(
         "",
@@ -312,9 +310,15 @@ async fn write(
             }
         }
     }
-    // Slices of ports no server listens on any more.
+    // Slices of ports no server listens on any more (looked for when the servers changed, not
+    // on every renewal: the namespace may hold many slices).
     let prefix = list_prefix("discovery.k8s.io", "endpointslices", "default");
-    for item in server.storage.list(&prefix, None, None).await?.items {
+    let stale = if changed {
+        server.storage.list(&prefix, None, None).await?.items
+    } else {
+        Vec::new()
+    };
+    for item in stale {
         let object = item.value()?;
         let name = object
             .pointer("/metadata/name")
@@ -342,6 +346,10 @@ async fn write(
             }
         }
     }
+    *server
+        .api_servers
+        .write()
+        .unwrap_or_else(|e| e.into_inner()) = addresses;
     Ok(())
 }
 
