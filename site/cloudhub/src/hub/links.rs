@@ -47,12 +47,14 @@ impl Links {
         self.me.map_or_else(|| "local".into(), |a| a.to_string())
     }
 
-    /// Whether a record naming `server` is held by a live server.
-    fn live(&self, server: &str) -> bool {
-        server == self.me()
-            || apiserver_lite::api_endpoints::servers(&self.api)
-                .iter()
-                .any(|s| s.to_string() == server)
+    /// The servers whose records count: this one and the live ones.
+    fn live_servers(&self) -> Vec<String> {
+        let mut live: Vec<String> = apiserver_lite::api_endpoints::servers(&self.api)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        live.push(self.me());
+        live
     }
 
     /// Forgets the records of this server's earlier run: it holds no link yet.
@@ -100,7 +102,7 @@ impl Links {
     pub async fn elsewhere(&self, site: &str) -> Option<SocketAddr> {
         let held = self.api.storage.get(&key(site)).await.ok()??;
         let server = holder_of(&held.object)?;
-        if server == self.me() || !self.live(&server) {
+        if server == self.me() || !self.live_servers().contains(&server) {
             return None;
         }
         server.parse().ok()
@@ -109,10 +111,11 @@ impl Links {
     /// The sites whose links a live server holds.
     pub async fn linked(&self) -> Result<HashMap<String, String>, StorageError> {
         let listing = self.api.storage.list(PREFIX, None, None).await?;
+        let live = self.live_servers();
         let mut out = HashMap::new();
         for item in listing.items {
             if let Some(server) = holder_of(&item.value()?)
-                && self.live(&server)
+                && live.contains(&server)
             {
                 out.insert(item.key[PREFIX.len()..].to_string(), server);
             }
