@@ -70,7 +70,25 @@ fn release_binary() -> Result<PathBuf> {
         .context("workspace root")?
         .to_path_buf();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
+    let mut build = Command::new(cargo);
+    // Without what `cargo run` set for this binary: build scripts (ring's) rerun when
+    // CARGO_MANIFEST_DIR or CARGO_PKG_* change, so the next `cargo run` would rebuild every crate
+    // that depends on them, and this build would too.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+            ]
+            .contains(&name.as_ref())
+        {
+            build.env_remove(name.as_ref());
+        }
+    }
+    let status = build
         .args(["build", "--release", "-p", "edgesite"])
         .current_dir(&root)
         .status()

@@ -46,9 +46,22 @@ pub async fn rows(bin: &Path, work: &Path, rows: &mut Vec<Row>) -> Result<()> {
     }
     let kubeconfig = servers[0].dir.join("kubeconfig.yaml");
     let watch = watch_phase(&kubeconfig, "kube-public").await?;
+    let api_pids: Vec<u32> = servers.iter().map(|s| s.child.id()).collect();
+    let groups = CpuGroups::new(vec![
+        ("etcd members", children_of(&api_pids)),
+        ("the API server written to", api_pids[..1].to_vec()),
+        ("the two others", api_pids[1..].to_vec()),
+        ("benchmark client", vec![std::process::id()]),
+    ]);
+    let before = groups.sample()?;
+    let profile = Profile::start()?;
     let creates = create_phase(&kubeconfig, "default").await?;
+    drop(profile);
+    let create_cpu = groups.since(&before, CREATES)?;
     let list_time = list_phase(&kubeconfig, "default").await?;
+    let before = groups.sample()?;
     let raw = raw_puts(&servers[0].dir.join("data")).await?;
+    let raw_cpu = groups.since(&before, CREATES)?;
     rows.push(Row {
         metric: "etcd, 3 members: creates/s, 32 concurrent clients, 10,000 ConfigMaps",
         measured: format!("{:.0}/s", creates.rate),
@@ -76,6 +89,18 @@ pub async fn rows(bin: &Path, work: &Path, rows: &mut Vec<Row>) -> Result<()> {
     rows.push(Row {
         metric: "raw etcd, same 3 members: puts/s, 32 concurrent clients, 400-byte values (p99)",
         measured: format!("{:.0}/s ({})", raw.0, ms(raw.1)),
+        target: "-",
+        met: None,
+    });
+    rows.push(Row {
+        metric: "etcd, 3 members: CPU per API create (machine busy)",
+        measured: create_cpu,
+        target: "-",
+        met: None,
+    });
+    rows.push(Row {
+        metric: "raw etcd, same 3 members: CPU per put (machine busy)",
+        measured: raw_cpu,
         target: "-",
         met: None,
     });
@@ -132,4 +157,133 @@ async fn raw_puts(data_dir: &Path) -> Result<(f64, Duration)> {
         CREATES as f64 / elapsed.as_secs_f64(),
         percentile(&latencies, 0.99),
     ))
+}
+
+/// CPU time of groups of processes and of the whole machine, from `/proc` (in USER_HZ ticks,
+/// 100 a second on Linux): where a phase's CPU went.
+struct CpuGroups {
+    groups: Vec<(&'static str, Vec<u32>)>,
+}
+
+struct CpuSample {
+    busy: u64,
+    total: u64,
+    groups: Vec<u64>,
+}
+
+impl CpuGroups {
+    fn new(groups: Vec<(&'static str, Vec<u32>)>) -> Self {
+        CpuGroups { groups }
+    }
+
+    fn sample(&self) -> Result<CpuSample> {
+        let (busy, total) = machine_ticks()?;
+        Ok(CpuSample {
+            busy,
+            total,
+            groups: self
+                .groups
+                .iter()
+                .map(|(_, pids)| pids.iter().map(|&p| process_ticks(p)).sum())
+                .collect(),
+        })
+    }
+
+    /// "etcd members 410 µs, ... (busy 97 %)": CPU per operation of each group since `before`,
+    /// and how busy the machine's CPUs were.
+    fn since(&self, before: &CpuSample, operations: usize) -> Result<String> {
+        let now = self.sample()?;
+        let per_op = |ticks: u64| ticks as f64 * 10_000.0 / operations as f64;
+        let parts: Vec<String> = self
+            .groups
+            .iter()
+            .zip(now.groups.iter().zip(&before.groups))
+            .map(|((name, _), (n, b))| format!("{name} {:.0} µs", per_op(n - b)))
+            .collect();
+        let busy = (now.busy - before.busy) as f64 / (now.total - before.total).max(1) as f64;
+        Ok(format!("{} (busy {:.0} %)", parts.join(", "), 100.0 * busy))
+    }
+}
+
+/// The machine's busy and total ticks over all CPUs (`/proc/stat`; idle and iowait are idle).
+fn machine_ticks() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .context("/proc/stat is empty")?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let total: u64 = fields.iter().sum();
+    let idle = fields.get(3).unwrap_or(&0) + fields.get(4).unwrap_or(&0);
+    Ok((total - idle, total))
+}
+
+/// A process's user and system ticks so far (0 once it is gone).
+fn process_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // After the command's closing parenthesis: state, ppid, ... utime is the 12th, stime the 13th.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The direct children of `parents` (the servers' etcd members).
+fn children_of(parents: &[u32]) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let (_, rest) = s.rsplit_once(')')?;
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                .is_some_and(|ppid| parents.contains(&ppid))
+        })
+        .collect()
+}
+
+/// `EDGESITE_BENCH_PERF=FILE`: the whole machine sampled by `perf record` (call graphs) while
+/// the API creates run, into FILE for `perf report -i FILE`.
+struct Profile(Option<std::process::Child>);
+
+impl Profile {
+    fn start() -> Result<Self> {
+        let Some(file) = std::env::var_os("EDGESITE_BENCH_PERF") else {
+            return Ok(Profile(None));
+        };
+        let child = std::process::Command::new("perf")
+            .args(["record", "-e", "cpu-clock", "-F", "499", "-a", "-g", "-o"])
+            .arg(file)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("EDGESITE_BENCH_PERF needs perf (Debian's linux-perf)")?;
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Profile(Some(child)))
+    }
+}
+
+impl Drop for Profile {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
 }
