@@ -14,11 +14,15 @@
 //! change. The watch resumes from the last revision it published after a broken connection; a
 //! revision etcd has compacted meanwhile expires every watcher (HTTP 410, they relist).
 //!
+//! The same watch keeps this server's copy of every namespace ([`KEPT_PREFIX`]), which admission
+//! reads on each namespaced create, as upstream's NamespaceLifecycle reads its informer's cache:
+//! no etcd read per create.
+//!
 //! Compaction runs every [`COMPACT_EVERY`] as upstream's compactor does: the servers sharing an
 //! etcd race for a compare-and-swap on [`COMPACT_KEY`]; the winner compacts to the revision it saw
 //! one interval earlier, so every watcher has at least one interval to catch up.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -47,6 +51,13 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const PUBLISH_WAIT: Duration = Duration::from_secs(10);
 /// Keys one list request reads at most.
 const LIST_CHUNK: i64 = 500;
+/// The keys every server keeps a copy of, from its watch: the namespaces.
+pub const KEPT_PREFIX: &str = "/core/namespaces/";
+
+/// This server's copy of the objects under [`KEPT_PREFIX`], as of what its watch has published;
+/// `None` while it is not known (after etcd compacted changes the watch had not seen, until it
+/// is read again).
+type Kept = Arc<Mutex<Option<HashMap<String, Stored>>>>;
 
 /// Where the etcd is and how to talk to it.
 #[derive(Debug, Clone)]
@@ -86,6 +97,7 @@ pub struct EtcdStorage {
     hub: Arc<WatchHub>,
     /// Why etcd cannot be reached, while it cannot.
     unavailable: Arc<Mutex<Option<String>>>,
+    kept: Kept,
     stop: CancellationToken,
 }
 
@@ -440,6 +452,14 @@ impl EtcdStorage {
                 ))
             })?;
         let current = revision_of(first.header());
+        // What the watch (from `current` on) then keeps up to date.
+        let kept = read_kept(&client, &prefix, current).await.map_err(|e| {
+            StorageError::Unavailable(format!(
+                "etcd at {} does not answer: {}",
+                config.endpoints.join(","),
+                failed(e)
+            ))
+        })?;
         let store = EtcdStorage {
             client,
             endpoints: config.endpoints.join(","),
@@ -447,6 +467,7 @@ impl EtcdStorage {
             revision: Arc::new(AtomicU64::new(current)),
             hub: Arc::new(WatchHub::new(current, watch_window)),
             unavailable: Arc::new(Mutex::new(None)),
+            kept: Arc::new(Mutex::new(Some(kept))),
             stop: CancellationToken::new(),
         };
         tokio::spawn(
@@ -457,6 +478,7 @@ impl EtcdStorage {
                 hub: store.hub.clone(),
                 seen: store.revision.clone(),
                 unavailable: store.unavailable.clone(),
+                kept: store.kept.clone(),
                 stop: store.stop.clone(),
             }
             .run(current),
@@ -679,6 +701,11 @@ impl Storage for EtcdStorage {
     }
 
     async fn get_recent(&self, key: &str) -> Result<Option<Stored>, StorageError> {
+        if key.starts_with(KEPT_PREFIX)
+            && let Some(kept) = self.kept.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
+        {
+            return Ok(kept.get(key).cloned());
+        }
         let full = self.full(key);
         let response = self
             .retrying(|c| {
@@ -945,6 +972,7 @@ struct Follower {
     hub: Arc<WatchHub>,
     seen: Arc<AtomicU64>,
     unavailable: Arc<Mutex<Option<String>>>,
+    kept: Kept,
     stop: CancellationToken,
 }
 
@@ -957,6 +985,7 @@ impl Follower {
             hub,
             seen,
             unavailable,
+            kept,
             stop,
         } = self;
         let prefix_len = prefix.len() - 1;
@@ -1018,6 +1047,8 @@ impl Follower {
                         compacted = response.compact_revision(),
                         "etcd compacted changes this server had not seen: every watch relists"
                     );
+                    let again = read_kept(&client, &prefix[..prefix_len], now).await.ok();
+                    *kept.lock().unwrap_or_else(|e| e.into_inner()) = again;
                     hub.reset(now);
                     seen.fetch_max(now, Ordering::AcqRel);
                     after = now;
@@ -1042,6 +1073,7 @@ impl Follower {
                 if let Some(last) = events.last() {
                     after = last.revision;
                     seen.fetch_max(after, Ordering::AcqRel);
+                    keep(&kept, &events);
                     hub.publish(events);
                 } else if !response.created() && response.events().is_empty() {
                     // A progress notification: every change up to its revision has been sent.
@@ -1056,6 +1088,79 @@ impl Follower {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(backoff.next(started)) => {}
+            }
+        }
+    }
+}
+
+/// The objects under [`KEPT_PREFIX`] at `revision`.
+async fn read_kept(
+    client: &Client,
+    prefix: &str,
+    revision: u64,
+) -> Result<HashMap<String, Stored>, etcd_client::Error> {
+    let mut kv = client.kv_client();
+    let response = kv
+        .get(
+            format!("{prefix}{KEPT_PREFIX}"),
+            Some(
+                GetOptions::new()
+                    .with_prefix()
+                    .with_revision(revision as i64),
+            ),
+        )
+        .await?;
+    let mut kept = HashMap::new();
+    for kv in response.kvs() {
+        let Ok(full) = std::str::from_utf8(kv.key()) else {
+            continue;
+        };
+        let key = &full[prefix.len()..];
+        match serde_json::from_slice::<Value>(kv.value()) {
+            Ok(mut object) => {
+                let revision = kv.mod_revision() as u64;
+                stamp_revision(&mut object, revision);
+                kept.insert(
+                    key.to_string(),
+                    Stored {
+                        revision,
+                        object: Arc::new(object),
+                    },
+                );
+            }
+            Err(e) => tracing::error!("skipping the corrupt object {key}: {e}"),
+        }
+    }
+    Ok(kept)
+}
+
+/// Brings the kept copies up to date with published `events`.
+fn keep(kept: &Kept, events: &[WatchEvent]) {
+    if !events.iter().any(|e| e.key.starts_with(KEPT_PREFIX)) {
+        return;
+    }
+    let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(kept) = kept.as_mut() else {
+        return;
+    };
+    for event in events.iter().filter(|e| e.key.starts_with(KEPT_PREFIX)) {
+        if event.event_type == EventType::Deleted {
+            kept.remove(&event.key);
+            continue;
+        }
+        match serde_json::from_str::<Value>(&event.object) {
+            Ok(object) => {
+                kept.insert(
+                    event.key.clone(),
+                    Stored {
+                        revision: event.revision,
+                        object: Arc::new(object),
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::error!("skipping the corrupt object {}: {e}", event.key);
+                kept.remove(&event.key);
             }
         }
     }
@@ -1385,6 +1490,65 @@ pub(crate) mod tests {
         assert_eq!(events[0].key, "/core/configmaps/default/c");
         one.get("/core/configmaps/default/c").await.unwrap();
         assert!(one.unavailable().is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_server_keeps_the_namespaces_its_watch_has_published() {
+        let etcd = TestEtcd::start().await;
+        let one = etcd.open("/registry").await;
+        let ns = |name: &str| json!({"kind": "Namespace", "apiVersion": "v1", "metadata": {"name": name}});
+        one.create("/core/namespaces/before", ns("before"))
+            .await
+            .unwrap();
+        // A server that starts later reads what is there; its watch brings the rest.
+        let two = etcd.open("/registry").await;
+        let kept = two.get_recent("/core/namespaces/before").await.unwrap();
+        assert_eq!(kept.unwrap().object["metadata"]["name"], "before");
+        let made = one
+            .create("/core/namespaces/after", ns("after"))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), two.hub().wait_for(made.revision))
+            .await
+            .expect("the watch publishes the create");
+        let kept = two
+            .get_recent("/core/namespaces/after")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(kept.revision, made.revision);
+        assert_eq!(
+            kept.object["metadata"]["resourceVersion"],
+            made.revision.to_string()
+        );
+        // Marked for deletion, then gone: the copy follows, nothing read from etcd.
+        let mut terminating = ns("after");
+        terminating["metadata"]["deletionTimestamp"] = json!("2026-12-06T00:00:00Z");
+        let marked = one
+            .update("/core/namespaces/after", terminating, Some(made.revision))
+            .await
+            .unwrap();
+        let gone = one.delete("/core/namespaces/after", None).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), two.hub().wait_for(gone.revision))
+            .await
+            .expect("the watch publishes the delete");
+        assert!(marked.revision < gone.revision);
+        assert!(
+            two.get_recent("/core/namespaces/after")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // Other keys are still read from etcd.
+        one.create("/core/configmaps/before/a", cm("a"))
+            .await
+            .unwrap();
+        assert!(
+            two.get_recent("/core/configmaps/before/a")
+                .await
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
