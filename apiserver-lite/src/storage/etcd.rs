@@ -363,6 +363,62 @@ fn text<'a>(bytes: &'a [u8], key: &str) -> Result<&'a str, StorageError> {
 /// version is put in, and the two levels are joined again in Go's key order (`kind`,
 /// `apiVersion`, then sorted, as [`crate::go_json`] writes them).
 pub fn with_revision(stored: &str, revision: u64) -> Result<String, StorageError> {
+    match spliced(stored, revision) {
+        Some(text) => Ok(text),
+        None => rebuilt(stored, revision),
+    }
+}
+
+/// [`with_revision`] without copying the members: their names and values are borrowed from
+/// `stored` (every watch event on every server goes through this). `None` when a member name
+/// has escapes or there is no `metadata`, which [`rebuilt`] handles.
+fn spliced(stored: &str, revision: u64) -> Option<String> {
+    let top: BTreeMap<&str, &RawValue> = serde_json::from_str(stored).ok()?;
+    let mut metadata: BTreeMap<&str, &RawValue> =
+        serde_json::from_str(top.get("metadata")?.get()).ok()?;
+    let version = RawValue::from_string(format!("\"{revision}\"")).ok()?;
+    metadata.insert("resourceVersion", &version);
+    let mut out = String::with_capacity(stored.len() + 40);
+    // Names borrowed from valid JSON have no escapes and no control characters: written as read.
+    let member = |out: &mut String, key: &str| {
+        if !out.ends_with('{') {
+            out.push(',');
+        }
+        out.push('"');
+        out.push_str(key);
+        out.push_str("\":");
+    };
+    out.push('{');
+    for key in ["kind", "apiVersion"] {
+        if let Some(value) = top.get(key) {
+            member(&mut out, key);
+            out.push_str(value.get());
+        }
+    }
+    for (key, value) in &top {
+        match *key {
+            "kind" | "apiVersion" => {}
+            "metadata" => {
+                member(&mut out, key);
+                out.push('{');
+                for (name, value) in &metadata {
+                    member(&mut out, name);
+                    out.push_str(value.get());
+                }
+                out.push('}');
+            }
+            _ => {
+                member(&mut out, key);
+                out.push_str(value.get());
+            }
+        }
+    }
+    out.push('}');
+    Some(out)
+}
+
+/// [`with_revision`] for any object: the members copied out, the version put in, joined again.
+fn rebuilt(stored: &str, revision: u64) -> Result<String, StorageError> {
     let corrupt = |e: serde_json::Error| StorageError::Backend(format!("corrupt object: {e}"));
     let mut top: BTreeMap<String, Box<RawValue>> = serde_json::from_str(stored).map_err(corrupt)?;
     let mut metadata: BTreeMap<String, Box<RawValue>> = match top.get("metadata") {
@@ -1604,6 +1660,23 @@ pub(crate) mod tests {
         let value: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(value["metadata"]["resourceVersion"], "42");
         assert!(with_revision("[1]", 1).is_err());
+        // The borrowing splice and the rebuild agree, and the rebuild takes what the splice
+        // cannot: escaped member names, no metadata, an empty object.
+        for stored in [
+            stored,
+            r#"{"metadata":{}}"#,
+            r#"{"kind":"X","metadata":{"resourceVersion":"1","a":[{"b":"c"}]},"spec":{"q\"":1}}"#,
+            r#"{"kind":"X","we\"ird":1,"metadata":{"name":"n"}}"#,
+            r#"{"kind":"X","spec":{}}"#,
+            r#"{}"#,
+        ] {
+            let expected = rebuilt(stored, 9).unwrap();
+            assert_eq!(with_revision(stored, 9).unwrap(), expected, "{stored}");
+            if let Some(text) = spliced(stored, 9) {
+                assert_eq!(text, expected, "{stored}");
+            }
+        }
+        assert!(spliced(r#"{"kind":"X","we\"ird":1,"metadata":{}}"#, 9).is_none());
     }
 
     #[test]

@@ -258,7 +258,8 @@ fn children_of(parents: &[u32]) -> Vec<u32> {
 }
 
 /// `EDGESITE_BENCH_PERF=FILE`: the whole machine sampled by `perf record` (call graphs) while
-/// the API creates run, into FILE for `perf report -i FILE`.
+/// the API creates run, into FILE for `perf report -i FILE` (DWARF call graphs: the release
+/// binary keeps no frame pointers).
 struct Profile(Option<std::process::Child>);
 
 impl Profile {
@@ -267,7 +268,17 @@ impl Profile {
             return Ok(Profile(None));
         };
         let child = std::process::Command::new("perf")
-            .args(["record", "-e", "cpu-clock", "-F", "499", "-a", "-g", "-o"])
+            .args([
+                "record",
+                "-e",
+                "cpu-clock",
+                "-F",
+                "499",
+                "-a",
+                "--call-graph",
+                "dwarf,8192",
+                "-o",
+            ])
             .arg(file)
             .stdout(std::process::Stdio::null())
             .spawn()
