@@ -458,13 +458,13 @@ fn rebuilt(stored: &str, revision: u64) -> Result<String, StorageError> {
     Ok(out)
 }
 
-/// The text stored for `object`: without a resourceVersion (etcd's mod revision is the version).
-fn stored_text(object: &Value) -> Result<String, StorageError> {
-    let mut bare = object.clone();
-    if let Some(meta) = bare.get_mut("metadata").and_then(Value::as_object_mut) {
+/// The text stored for `object`, whose resourceVersion is taken out first (etcd's mod revision
+/// is the version; the writer stamps the new one back), so the object is not copied per write.
+fn stored_text(object: &mut Value) -> Result<String, StorageError> {
+    if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.remove("resourceVersion");
     }
-    let text = crate::go_json::to_string(&bare);
+    let text = crate::go_json::to_string(object);
     super::check_size(&text)?;
     Ok(text)
 }
@@ -873,8 +873,8 @@ impl Storage for EtcdStorage {
         })
     }
 
-    async fn create(&self, key: &str, object: Value) -> Result<Stored, StorageError> {
-        let text = stored_text(&object)?;
+    async fn create(&self, key: &str, mut object: Value) -> Result<Stored, StorageError> {
+        let text = stored_text(&mut object)?;
         let full = self.full(key);
         let txn = Txn::new()
             .when([Compare::mod_revision(full.clone(), CompareOp::Equal, 0)])
@@ -898,7 +898,6 @@ impl Storage for EtcdStorage {
             }
         }
         self.published(revision).await;
-        let mut object = object;
         stamp_revision(&mut object, revision);
         Ok(Stored {
             revision,
@@ -909,10 +908,10 @@ impl Storage for EtcdStorage {
     async fn update(
         &self,
         key: &str,
-        object: Value,
+        mut object: Value,
         expected: Option<u64>,
     ) -> Result<Stored, StorageError> {
-        let text = stored_text(&object)?;
+        let text = stored_text(&mut object)?;
         let (revision, _) = self
             .guarded(
                 key,
@@ -922,7 +921,6 @@ impl Storage for EtcdStorage {
             )
             .await?;
         self.published(revision).await;
-        let mut object = object;
         stamp_revision(&mut object, revision);
         Ok(Stored {
             revision,
@@ -1681,10 +1679,10 @@ pub(crate) mod tests {
 
     #[test]
     fn the_stored_text_has_no_version() {
-        let text = stored_text(
-            &json!({"kind": "ConfigMap", "metadata": {"name": "x", "resourceVersion": "7"}}),
-        )
-        .unwrap();
+        let mut object =
+            json!({"kind": "ConfigMap", "metadata": {"name": "x", "resourceVersion": "7"}});
+        let text = stored_text(&mut object).unwrap();
         assert!(!text.contains("resourceVersion"), "{text}");
+        assert_eq!(text, r#"{"kind":"ConfigMap","metadata":{"name":"x"}}"#);
     }
 }
