@@ -2881,6 +2881,16 @@ pub async fn delete_internal(
     ctx.delete(name, &options).await.map(|_| ())
 }
 
+/// How the server's own writes go through the write path: field manager `edgesite`, strict.
+fn internal_write_options() -> WriteOptions {
+    WriteOptions {
+        dry_run: false,
+        manager: "edgesite".into(),
+        validation: FieldValidation::Strict,
+        warnings: Vec::new(),
+    }
+}
+
 /// Replaces an object from inside the server, through the normal write path; `object` carries
 /// the resourceVersion it was read at (a conflict when another write came between).
 pub async fn update_internal(
@@ -2893,12 +2903,7 @@ pub async fn update_internal(
 ) -> Result<Value, ApiError> {
     let ctx = internal_ctx(server, group, version, resource, namespace)?;
     let name = meta_str(&object, "name").to_string();
-    let mut opts = WriteOptions {
-        dry_run: false,
-        manager: "edgesite".into(),
-        validation: FieldValidation::Strict,
-        warnings: Vec::new(),
-    };
+    let mut opts = internal_write_options();
     ctx.replace(&name, None, object, &mut opts)
         .await
         .map(|(_, v)| v)
@@ -2914,12 +2919,7 @@ pub async fn create_internal(
     object: Value,
 ) -> Result<Value, ApiError> {
     let ctx = internal_ctx(server, group, version, resource, namespace)?;
-    let mut opts = WriteOptions {
-        dry_run: false,
-        manager: "edgesite".into(),
-        validation: FieldValidation::Strict,
-        warnings: Vec::new(),
-    };
+    let mut opts = internal_write_options();
     ctx.create(object, &mut opts).await
 }
 
