@@ -99,6 +99,10 @@ pub struct EtcdStorage {
     unavailable: Arc<Mutex<Option<String>>>,
     kept: Kept,
     stop: CancellationToken,
+    /// Tests: how many of the next committed writes have their answer lost on the way back, as
+    /// a connection that breaks after etcd committed loses it.
+    #[cfg(test)]
+    lose_answers: std::sync::atomic::AtomicUsize,
 }
 
 impl Drop for EtcdStorage {
@@ -525,6 +529,8 @@ impl EtcdStorage {
             unavailable: Arc::new(Mutex::new(None)),
             kept: Arc::new(Mutex::new(Some(kept))),
             stop: CancellationToken::new(),
+            #[cfg(test)]
+            lose_answers: Default::default(),
         };
         tokio::spawn(
             Follower {
@@ -618,6 +624,20 @@ impl EtcdStorage {
             let attempt = std::time::Instant::now();
             let sent =
                 tokio::time::timeout(WRITE_ATTEMPT, self.client.kv_client().txn(txn.clone())).await;
+            #[cfg(test)]
+            let sent = match sent {
+                Ok(Ok(_))
+                    if self
+                        .lose_answers
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                        .is_ok() =>
+                {
+                    Ok(Err(etcd_client::Error::GRpcStatus(
+                        tonic::Status::unavailable("the answer was lost"),
+                    )))
+                }
+                other => other,
+            };
             let error = match sent {
                 Ok(Ok(response)) => return self.noticed(Ok(response)).map(|r| (r, uncertain)),
                 Ok(Err(e)) => e,
@@ -708,6 +728,14 @@ impl EtcdStorage {
             {
                 return Ok((kv.mod_revision() as u64, None));
             }
+            // A deletion whose earlier attempt may have made it finds the key gone: the watch
+            // says whether it was deleted from exactly the version this one was guarded on.
+            if let (true, None, None, Some(expected)) = (uncertain, &current, written, expected) {
+                self.published(revision).await;
+                if let Some(deleted) = self.deletion_of(key, expected) {
+                    return Ok((deleted, None));
+                }
+            }
             return Err(self.refused(key, expected, current.as_ref()));
         }
         let answers = response.op_responses();
@@ -720,6 +748,40 @@ impl EtcdStorage {
     }
 
     /// etcd's current revision (a quorum read), which this server then knows of.
+    /// The revision at which the watch saw `key` deleted from its version `from`, while the
+    /// window still holds it.
+    fn deletion_of(&self, key: &str, from: u64) -> Option<u64> {
+        let events = self.hub.read(from, usize::MAX).ok()?;
+        events
+            .iter()
+            .filter(|e| e.event_type == EventType::Deleted && e.key == key)
+            .find(|e| {
+                e.previous_value().is_some_and(|p| {
+                    p["metadata"]["resourceVersion"].as_str() == Some(from.to_string().as_str())
+                })
+            })
+            .map(|e| e.revision)
+    }
+
+    /// The object as the deletion event at `revision` left it (its last state, stamped with
+    /// the deletion's revision).
+    fn deleted_at(&self, key: &str, revision: u64) -> Result<Stored, StorageError> {
+        let event = self
+            .hub
+            .read(revision - 1, 1)?
+            .into_iter()
+            .next()
+            .filter(|e| e.revision == revision && e.key == key)
+            .ok_or_else(|| StorageError::NotFound(key.to_string()))?;
+        let object = event
+            .object_value()
+            .ok_or_else(|| StorageError::Backend(format!("corrupt object {key}")))?;
+        Ok(Stored {
+            revision,
+            object: Arc::new(object),
+        })
+    }
+
     pub async fn current(&self) -> Result<u64, StorageError> {
         let key = format!("{}/", self.prefix);
         let response = self
@@ -941,7 +1003,8 @@ impl Storage for EtcdStorage {
             )
             .await?;
         let Some(previous) = previous else {
-            return Err(StorageError::NotFound(key.to_string()));
+            // Only an earlier attempt's deletion, found in the window, succeeds without one.
+            return self.deleted_at(key, revision);
         };
         self.published(revision).await;
         let mut last = self.object(&previous, key)?;
@@ -1544,6 +1607,71 @@ pub(crate) mod tests {
         assert_eq!(events[0].key, "/core/configmaps/default/c");
         one.get("/core/configmaps/default/c").await.unwrap();
         assert!(one.unavailable().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_answer_was_lost_is_not_refused_when_sent_again() {
+        let etcd = TestEtcd::start().await;
+        let store = etcd.open("/site-lost").await;
+        let lose_next = || store.lose_answers.store(1, Ordering::Release);
+        let key = "/core/configmaps/default/lost";
+
+        // Each write commits, its answer is lost, and it is sent again: the second attempt's
+        // guard fails because the first made it, and that is taken as the success it was.
+        lose_next();
+        let created = store.create(key, cm("lost")).await.unwrap();
+        assert_eq!(
+            store.get(key).await.unwrap().unwrap().revision,
+            created.revision
+        );
+
+        let mut changed = cm("lost");
+        changed["data"] = json!({"k": "v"});
+        lose_next();
+        let updated = store
+            .update(key, changed, Some(created.revision))
+            .await
+            .unwrap();
+        assert!(updated.revision > created.revision);
+        assert_eq!(updated.object["data"]["k"], "v");
+
+        lose_next();
+        let deleted = store.delete(key, Some(updated.revision)).await.unwrap();
+        assert!(deleted.revision > updated.revision);
+        assert_eq!(deleted.object["data"]["k"], "v");
+        assert_eq!(
+            deleted.object["metadata"]["resourceVersion"],
+            deleted.revision.to_string()
+        );
+        assert!(store.get(key).await.unwrap().is_none());
+        assert_eq!(store.lose_answers.load(Ordering::Acquire), 0);
+
+        // Somebody else's write in between is still refused: the version sent again finds
+        // the other's version, not its own.
+        let again = store.create(key, cm("lost")).await.unwrap();
+        let mut other = cm("lost");
+        other["data"] = json!({"by": "somebody else"});
+        let theirs = store
+            .update(key, other, Some(again.revision))
+            .await
+            .unwrap();
+        lose_next();
+        assert!(matches!(
+            store.update(key, cm("lost"), Some(again.revision)).await,
+            Err(StorageError::Conflict { .. })
+        ));
+        lose_next();
+        assert!(matches!(
+            store.delete(key, Some(again.revision)).await,
+            Err(StorageError::Conflict { .. })
+        ));
+        // ... and a deletion of a version that somebody else's deletion removed is not found.
+        store.delete(key, Some(theirs.revision)).await.unwrap();
+        lose_next();
+        assert!(matches!(
+            store.delete(key, Some(again.revision)).await,
+            Err(StorageError::NotFound(_))
+        ));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
