@@ -244,6 +244,14 @@ pub fn servers(server: &ApiServer) -> Vec<SocketAddr> {
         .clone()
 }
 
+/// [`servers`] as `https://host:port` URLs, as links are told them.
+pub fn server_urls(server: &ApiServer) -> Vec<String> {
+    servers(server)
+        .iter()
+        .map(|s| format!("https://{s}"))
+        .collect()
+}
+
 /// Makes the stored Endpoints and EndpointSlices say `endpoints`, writing only what differs.
 async fn write(
     server: &Arc<ApiServer>,

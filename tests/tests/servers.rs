@@ -518,6 +518,12 @@ fn an_agent_moves_to_a_live_server_when_its_server_dies() {
     );
 }
 
+/// ":PORT" of a server's URL (its advertised host may be another of this machine's addresses).
+fn port_of(server: &Site) -> String {
+    let url = server.url();
+    format!(":{}", url.rsplit(':').next().unwrap_or_default())
+}
+
 /// Whether an RFC 3339 time (as a Lease's renewTime) is later than `instant` was.
 fn chrono_after(time: &str, instant: Instant) -> bool {
     let Ok(t) = chrono::DateTime::parse_from_rfc3339(time.trim()) else {
@@ -529,9 +535,10 @@ fn chrono_after(time: &str, instant: Instant) -> bool {
 
 /// Three `edgesite cloudhub` servers on embedded etcd act as one hub: a site linked to one is
 /// reached through the cluster proxy of any (kubeedge#5784: multi-cloudcore logs/exec fail when
-/// the request lands on another instance), its Cluster is Ready on all, and when the hub server
-/// holding its link is SIGKILLed the site links to another one it learned at attach and is
-/// reachable again.
+/// the request lands on another instance), its Cluster is Ready on all, a fourth server added
+/// later is made known to the site over its link, and when the hub server holding its link is
+/// SIGKILLed the site links to another one it learned and is reachable again, and renews its
+/// certificate through another server while the one it was given is dead.
 #[test]
 fn hub_servers_reach_every_site_whichever_holds_its_link() {
     let etcd_ports = || {
@@ -544,7 +551,17 @@ fn hub_servers_reach_every_site_whichever_holds_its_link() {
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         Site::start_hub(&flags).expect("a hub server starts")
     };
-    let mut first = hub_with([vec!["--cluster-init".to_string()], etcd_ports()].concat());
+    // Site certificates of 90 s: the site renews after 60.
+    let mut first = hub_with(
+        [
+            vec![
+                "--cluster-init".to_string(),
+                "--site-certificate-lifetime=90s".to_string(),
+            ],
+            etcd_ports(),
+        ]
+        .concat(),
+    );
     let token = std::fs::read_to_string(first.data_dir().join("server").join("token")).unwrap();
     let join = || {
         [
@@ -621,6 +638,20 @@ fn hub_servers_reach_every_site_whichever_holds_its_link() {
         assert!(tests::eventually(Duration::from_secs(20), || ready(hub)));
     }
 
+    // A server added after the site attached: the site is told of it over its link.
+    let fourth = hub_with(join());
+    let known = site.data_dir().join("server").join("hub-servers.json");
+    assert!(
+        tests::eventually(Duration::from_secs(60), || {
+            std::fs::read_to_string(&known)
+                .is_ok_and(|t| t.contains(&format!("{}\"", port_of(&fourth))))
+        }),
+        "the site was not told of the fourth hub server {}: {:?}\n{}",
+        fourth.url(),
+        std::fs::read_to_string(&known),
+        site.log()
+    );
+
     // The server holding the link dies: the site links to another within seconds.
     first.kill();
     let died = Instant::now();
@@ -647,6 +678,21 @@ fn hub_servers_reach_every_site_whichever_holds_its_link() {
     );
     // Ready through the others; the link is theirs now.
     assert!(tests::eventually(Duration::from_secs(30), || ready(&third)));
+    // Its certificate is renewed by a live server (the one it was given is dead).
+    assert!(
+        tests::eventually(Duration::from_secs(120), || site
+            .log()
+            .contains("renewed the site's certificate")),
+        "the site did not renew its certificate\n{}",
+        site.log()
+    );
+    let renewed = site
+        .log()
+        .lines()
+        .find(|l| l.contains("renewed the site's certificate"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(!renewed.contains(&port_of(&first)), "{renewed}");
     // Restarted while the hub server it was given is still dead, the site links to another it
     // had learned.
     site.stop();

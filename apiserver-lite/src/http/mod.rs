@@ -510,14 +510,13 @@ fn site_link(server: &Arc<ApiServer>, identity: &Identity, mut request: Request)
     });
     let mut response: Response = link::accept::switching(SITE_LINK_PROTOCOL);
     // The hub's servers, so a site whose server dies attaches to another.
-    let servers = crate::api_endpoints::servers(server);
-    if !servers.is_empty() {
-        let urls: Vec<String> = servers.iter().map(|s| format!("https://{s}")).collect();
-        if let Ok(value) = HeaderValue::from_str(&urls.join(",")) {
-            response
-                .headers_mut()
-                .insert(link::dial::SERVERS_HEADER, value);
-        }
+    let urls = crate::api_endpoints::server_urls(server);
+    if !urls.is_empty()
+        && let Ok(value) = HeaderValue::from_str(&urls.join(","))
+    {
+        response
+            .headers_mut()
+            .insert(link::dial::SERVERS_HEADER, value);
     }
     response
 }

@@ -14,6 +14,9 @@
 //! - `GET` [`HOLDINGS_PATH`]: when the cursor has left the hub's window (a restarted hub keeps
 //!   no window from before), the Works the site holds and the version of each ([`Holdings`]):
 //!   the hub sends only those that differ from what it wants, and the deletions.
+//! - `PUT` [`SERVERS_PATH`]: the hub's servers now ([`Servers`]), sent when the link opens and
+//!   whenever they change, so a site reaches servers added after it attached when the ones it
+//!   knew are gone (the answer to the upgrade names them too).
 //!
 //! The upgrade request that opens the link carries the site's labels in [`LABELS_HEADER`].
 
@@ -24,8 +27,15 @@ pub const CURSOR_PATH: &str = "/edgesite/v1/link/cursor";
 pub const SYNC_PATH: &str = "/edgesite/v1/link/sync";
 pub const HOLDINGS_PATH: &str = "/edgesite/v1/link/holdings";
 pub const API_PATH: &str = "/edgesite/v1/link/api";
+pub const SERVERS_PATH: &str = "/edgesite/v1/link/servers";
 /// `key=value` pairs, comma-separated, from the site's `--site-label` flags.
 pub const LABELS_HEADER: &str = "x-edgesite-site-labels";
+
+/// The hub's live servers, `https://host:port` each.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Servers {
+    pub servers: Vec<String>,
+}
 
 /// How often a site speaks on its status stream when nothing changed, and how often it checks
 /// for changes.

@@ -489,13 +489,13 @@ pub async fn renew_site_certificate(
     let password = std::fs::read_to_string(dir.join("site-password"))
         .context("the site password (attach again with --cloudhub-token)")?;
     let (csr, key) = crate::pki::site_csr(&config.name)?;
-    let cert = cloudhub::site::renew(config, &csr, password.trim())
+    let (cert, signer) = cloudhub::site::renew(config, &csr, password.trim())
         .await
         .context("renew the site's certificate")?;
     crate::pki::write_private(&dir.join("site.key.new"), &key)?;
     crate::pki::write_private(&dir.join("site.crt.new"), &cert)?;
     finish_renewal(&dir);
-    tracing::info!(hub = %config.hub, site = %config.name, "renewed the site's certificate");
+    tracing::info!(hub = %signer, site = %config.name, "renewed the site's certificate");
     Ok(SiteCredentials {
         ca: config.ca_pem.clone(),
         cert,

@@ -369,6 +369,26 @@ where
         .map_err(LinkError::from)
 }
 
+/// The servers saved in `file` by [`remember`] (none when it is missing or unreadable).
+pub fn remembered(file: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Vec<String>>(&t).ok())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|s| host_port(s).is_ok())
+        .collect()
+}
+
+/// Saves the servers the other side named (`https://host:port` each) into `file`, replacing
+/// it whole (a crash leaves the old list or the new one).
+pub fn remember(file: &std::path::Path, servers: &[String]) -> std::io::Result<()> {
+    let text = serde_json::to_string(servers).map_err(std::io::Error::other)?;
+    let partial = file.with_extension("partial");
+    std::fs::write(&partial, text)?;
+    std::fs::rename(&partial, file)
+}
+
 /// Keeps the link up until `shutdown`: connect, serve a fresh service from `make` until the
 /// connection ends, wait per `backoff`, again. `what` names the link in the log. When the
 /// accepting side names its other servers ([`SERVERS_HEADER`]), a server that does not answer
@@ -390,15 +410,17 @@ pub async fn run<F, S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut learned: Vec<String> = config
-        .remember
-        .as_ref()
-        .and_then(|f| std::fs::read_to_string(f).ok())
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
+    let mut learned: Vec<String> = Vec::new();
     let mut next = 0usize;
     loop {
         let started = Instant::now();
+        // Read each time: the other side may have named new servers over the link since.
+        if let Some(file) = &config.remember {
+            let saved = remembered(file);
+            if !saved.is_empty() {
+                learned = saved;
+            }
+        }
         let mut candidates = vec![config.server.clone()];
         candidates.extend(learned.iter().filter(|s| **s != config.server).cloned());
         let target = DialConfig {
@@ -411,8 +433,7 @@ pub async fn run<F, S, B>(
             connected = true;
             if !servers.is_empty() && servers != learned {
                 if let Some(file) = &config.remember
-                    && let Err(error) =
-                        std::fs::write(file, serde_json::to_string(&servers).unwrap_or_default())
+                    && let Err(error) = remember(file, &servers)
                 {
                     tracing::warn!(file = %file.display(), %error, "{what}: servers not saved");
                 }

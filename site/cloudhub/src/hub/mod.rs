@@ -170,7 +170,8 @@ impl Hub {
             .clusters
             .clone()
             .follow_status(site.clone(), peer.clone());
-        let sync = sync::run(site.clone(), peer, self.client.clone());
+        let sync = sync::run(site.clone(), peer.clone(), self.client.clone());
+        let servers = tell_servers(&site, &peer, &self.api);
         tokio::select! {
             result = connection => match result {
                 Ok(Ok(())) => tracing::info!(%site, "site link closed"),
@@ -179,6 +180,7 @@ impl Hub {
             },
             () = status => tracing::info!(%site, "site link: the status stream ended"),
             () = sync => tracing::info!(%site, "site link: sync ended"),
+            () = servers => {}
             () = replaced => tracing::info!(%site, "site link replaced by a newer one"),
             () = self.shutdown.cancelled() => {}
         }
@@ -190,6 +192,38 @@ impl Hub {
             self.links.detached(&site).await;
         }
         drop(registration);
+    }
+}
+
+/// Tells a site the hub's servers when its link opens and whenever they change, so it reaches
+/// servers added after it attached (the answer to its upgrade named only those of that time).
+async fn tell_servers(site: &str, peer: &Peer<Body>, api: &apiserver_lite::http::ApiServer) {
+    let mut told: Vec<String> = Vec::new();
+    loop {
+        let servers = apiserver_lite::api_endpoints::server_urls(api);
+        if !servers.is_empty() && servers != told {
+            let body = crate::protocol::Servers {
+                servers: servers.clone(),
+            };
+            let request = http::Request::put(crate::protocol::SERVERS_PATH)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Body::from(serde_json::to_vec(&body).unwrap_or_default()));
+            let answer = match request {
+                Ok(request) => {
+                    tokio::time::timeout(crate::protocol::HEARTBEAT, peer.call(request)).await
+                }
+                Err(_) => return,
+            };
+            match answer {
+                Ok(Ok(response)) if response.status().is_success() => told = servers,
+                Ok(Ok(response)) => {
+                    tracing::debug!(%site, status = %response.status(), "site link: the site did not take the hub's servers")
+                }
+                Ok(Err(error)) => tracing::debug!(%site, %error, "site link: the hub's servers"),
+                Err(_) => tracing::debug!(%site, "site link: the hub's servers: no answer"),
+            }
+        }
+        tokio::time::sleep(crate::protocol::HEARTBEAT).await;
     }
 }
 

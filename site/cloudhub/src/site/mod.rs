@@ -27,7 +27,7 @@ use apiserver_lite::http::ApiServer;
 
 use crate::protocol::{
     API_PATH, CURSOR_PATH, Cursor, HEARTBEAT, HOLDINGS_PATH, Holdings, LABELS_HEADER, ObjectStatus,
-    STATUS_PATH, SYNC_PATH, StatusMessage, SyncBatch, SyncReply,
+    SERVERS_PATH, STATUS_PATH, SYNC_PATH, Servers, StatusMessage, SyncBatch, SyncReply,
 };
 
 /// The identity the link acts as at the site: it may impersonate (the proxy's callers) and
@@ -199,47 +199,73 @@ pub struct SiteConfig {
 struct Site {
     backend: Arc<dyn Backend>,
     shutdown: CancellationToken,
+    /// Where the hub's servers are kept ([`SiteConfig::servers_file`]).
+    servers_file: Option<std::path::PathBuf>,
 }
 
 fn identity() -> Identity {
     Identity::new(LINK_USER, &[MASTERS, AUTHENTICATED])
 }
 
-/// Keeps the link to the hub up until `shutdown`.
 /// Asks the hub for a new certificate for `csr_pem`'s key, over a connection of its own made
 /// with the current one (which stops working once the new one is signed): the new
-/// certificate (PEM).
+/// certificate (PEM) and the hub server that signed it. The hub server the site was given is
+/// asked first, then, while they cannot be reached, the others the link learned.
 pub async fn renew(
     config: &SiteConfig,
     csr_pem: &str,
     password: &str,
-) -> Result<String, link::LinkError> {
+) -> Result<(String, String), link::LinkError> {
     let tls = link::dial::client_tls(&config.ca_pem, &config.cert_pem, &config.key_pem)?;
-    let (host, _) = link::dial::host_port(&config.hub)?;
-    let dial = link::dial::DialConfig {
-        server: config.hub.clone(),
-        path: apiserver_lite::cloud_link::SITE_RENEW_PATH.into(),
-        protocol: String::new(),
-        headers: Vec::new(),
-        tls,
-        proxy: link::dial::proxy_from_env(&host),
-        remember: None,
-    };
+    let mut candidates = vec![config.hub.clone()];
+    if let Some(file) = &config.servers_file {
+        candidates.extend(
+            link::dial::remembered(file)
+                .into_iter()
+                .filter(|s| *s != config.hub),
+        );
+    }
     let body = serde_json::json!({"csr": csr_pem, "password": password}).to_string();
-    let reply = link::dial::post_json(
-        &dial,
-        apiserver_lite::cloud_link::SITE_RENEW_PATH,
-        body.into_bytes(),
-    )
-    .await?;
-    let reply: serde_json::Value = serde_json::from_slice(&reply)
-        .map_err(|e| link::LinkError::Http(format!("the hub's answer: {e}")))?;
-    reply["certificate"]
-        .as_str()
-        .map(str::to_string)
-        .ok_or_else(|| link::LinkError::Http("the hub's answer has no certificate".into()))
+    let mut unreachable = None;
+    for server in candidates {
+        let (host, _) = link::dial::host_port(&server)?;
+        let dial = link::dial::DialConfig {
+            server: server.clone(),
+            path: apiserver_lite::cloud_link::SITE_RENEW_PATH.into(),
+            protocol: String::new(),
+            headers: Vec::new(),
+            tls: tls.clone(),
+            proxy: link::dial::proxy_from_env(&host),
+            remember: None,
+        };
+        let reply = match link::dial::post_json(
+            &dial,
+            apiserver_lite::cloud_link::SITE_RENEW_PATH,
+            body.clone().into_bytes(),
+        )
+        .await
+        {
+            Ok(reply) => reply,
+            // Never reached: nothing was signed, the next server may answer.
+            Err(error @ link::LinkError::Connect { .. }) => {
+                tracing::warn!(%server, %error, "certificate renewal: trying another hub server");
+                unreachable = Some(error);
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
+        let reply: serde_json::Value = serde_json::from_slice(&reply)
+            .map_err(|e| link::LinkError::Http(format!("the hub's answer: {e}")))?;
+        let certificate = reply["certificate"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| link::LinkError::Http("the hub's answer has no certificate".into()))?;
+        return Ok((certificate, server));
+    }
+    Err(unreachable.unwrap_or(link::LinkError::Closed))
 }
 
+/// Keeps the link to the hub up until `shutdown`.
 pub async fn run(
     config: SiteConfig,
     backend: Arc<dyn Backend>,
@@ -270,6 +296,7 @@ pub async fn run(
     let site = Site {
         backend,
         shutdown: shutdown.clone(),
+        servers_file: config.servers_file.clone(),
     };
     let router = axum::Router::new()
         .route(STATUS_PATH, axum::routing::get(status_stream))
@@ -277,6 +304,7 @@ pub async fn run(
         .route(CURSOR_PATH, axum::routing::get(cursor))
         .route(SYNC_PATH, axum::routing::post(sync))
         .route(HOLDINGS_PATH, axum::routing::get(holdings))
+        .route(SERVERS_PATH, axum::routing::put(servers))
         .with_state(site);
     link::dial::run(
         "link to the cloud hub",
@@ -301,6 +329,10 @@ async fn cluster_status(client: &kube::Client, apis: &Value) -> Result<Value, ku
     }))
 }
 
+fn bad_request(message: String) -> Response {
+    (StatusCode::BAD_REQUEST, message).into_response()
+}
+
 fn unavailable(what: &str, error: impl std::fmt::Display) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, format!("{what}: {error}")).into_response()
 }
@@ -314,6 +346,35 @@ fn json_answer(value: &impl serde::Serialize) -> Response {
 }
 
 /// `GET /edgesite/v1/link/cursor`.
+/// The hub's servers now: kept for the link's next connection (and the next renewal).
+async fn servers(State(site): State<Site>, request: Request) -> Response {
+    let body = match axum::body::to_bytes(request.into_body(), 64 * 1024).await {
+        Ok(b) => b,
+        Err(error) => return bad_request(format!("the servers: {error}")),
+    };
+    let named: Servers = match serde_json::from_slice(&body) {
+        Ok(s) => s,
+        Err(error) => return bad_request(format!("the servers: {error}")),
+    };
+    if let Some(bad) = named
+        .servers
+        .iter()
+        .find(|s| link::dial::host_port(s).is_err())
+    {
+        return bad_request(format!("the servers: {bad:?} is not https://HOST:PORT"));
+    }
+    if let Some(file) = &site.servers_file
+        && !named.servers.is_empty()
+        && link::dial::remembered(file) != named.servers
+    {
+        if let Err(error) = link::dial::remember(file, &named.servers) {
+            return unavailable("keeping the hub's servers", error);
+        }
+        tracing::info!(servers = ?named.servers, "cloud link: the hub's servers changed");
+    }
+    json_answer(&named)
+}
+
 async fn cursor(State(site): State<Site>) -> Response {
     match site.backend.cursor().await {
         Ok(revision) => json_answer(&Cursor { revision }),
