@@ -326,12 +326,12 @@ pub fn resources(crd: &Value) -> Vec<ResourceInfo> {
 
 /// Brings the registry in line with a CRD after it was written (or deleted: `None`).
 pub fn sync(registry: &Registry, name: &str, crd: Option<&Value>) {
-    registry.retain(|r| !(r.custom.is_some() && format!("{}.{}", r.resource, r.group) == name));
-    if let Some(crd) = crd {
-        for r in resources(crd) {
-            registry.add(r);
-        }
-    }
+    // One step: the writing server and its follower of the stored CRDs both apply a write, and
+    // a request between a removal and an addition must not find the resource gone.
+    registry.replace(
+        |r| r.custom.is_some() && format!("{}.{}", r.resource, r.group) == name,
+        crd.map(resources).unwrap_or_default(),
+    );
 }
 
 #[cfg(test)]
@@ -347,6 +347,28 @@ mod tests {
                     "schema": {"openAPIV3Schema": {"type": "object"}},
                     "subresources": {"status": {}, "scale": {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas"}},
                     "additionalPrinterColumns": [{"name": "Spec", "type": "string", "jsonPath": ".spec.cronSpec"}]}]}})
+    }
+
+    #[test]
+    fn a_crd_applied_again_is_never_missing_meanwhile() {
+        let registry = Registry::new();
+        sync(&registry, "crontabs.stable.example.com", Some(&crontab()));
+        let writer = {
+            let registry = registry.clone();
+            std::thread::spawn(move || {
+                for _ in 0..2_000 {
+                    sync(&registry, "crontabs.stable.example.com", Some(&crontab()));
+                }
+            })
+        };
+        while !writer.is_finished() {
+            assert!(
+                registry
+                    .get("stable.example.com", "v1", "crontabs")
+                    .is_some()
+            );
+        }
+        writer.join().unwrap();
     }
 
     #[test]

@@ -306,6 +306,23 @@ impl Registry {
             );
     }
 
+    /// Drops the resources for which `gone` is true and adds `added`, in one step: a request
+    /// never finds a resource missing that is only being replaced.
+    pub fn replace(&self, gone: impl Fn(&ResourceInfo) -> bool, added: Vec<ResourceInfo>) {
+        let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, r| !gone(r));
+        for info in added {
+            map.insert(
+                (
+                    info.group.clone(),
+                    info.version.clone(),
+                    info.resource.clone(),
+                ),
+                Arc::new(info),
+            );
+        }
+    }
+
     /// Keeps only the resources for which `keep` is true.
     pub fn retain(&self, keep: impl Fn(&ResourceInfo) -> bool) {
         self.inner
