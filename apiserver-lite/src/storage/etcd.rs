@@ -668,17 +668,6 @@ impl EtcdStorage {
         }
     }
 
-    fn object(&self, kv: &KeyValue, key: &str) -> Result<Stored, StorageError> {
-        let revision = kv.mod_revision() as u64;
-        let mut object: Value = serde_json::from_slice(kv.value())
-            .map_err(|e| StorageError::Backend(format!("corrupt object {key}: {e}")))?;
-        stamp_revision(&mut object, revision);
-        Ok(Stored {
-            revision,
-            object: Arc::new(object),
-        })
-    }
-
     /// Why a conditional write failed, from the current value the transaction read instead.
     fn refused(
         &self,
@@ -747,17 +736,17 @@ impl EtcdStorage {
         Ok((revision, previous))
     }
 
-    /// etcd's current revision (a quorum read), which this server then knows of.
     /// The revision at which the watch saw `key` deleted from its version `from`, while the
     /// window still holds it.
     fn deletion_of(&self, key: &str, from: u64) -> Option<u64> {
         let events = self.hub.read(from, usize::MAX).ok()?;
+        let version = from.to_string();
         events
             .iter()
             .filter(|e| e.event_type == EventType::Deleted && e.key == key)
             .find(|e| {
                 e.previous_value().is_some_and(|p| {
-                    p["metadata"]["resourceVersion"].as_str() == Some(from.to_string().as_str())
+                    p["metadata"]["resourceVersion"].as_str() == Some(version.as_str())
                 })
             })
             .map(|e| e.revision)
@@ -782,6 +771,7 @@ impl EtcdStorage {
         })
     }
 
+    /// etcd's current revision (a quorum read), which this server then knows of.
     pub async fn current(&self) -> Result<u64, StorageError> {
         let key = format!("{}/", self.prefix);
         let response = self
@@ -814,7 +804,7 @@ impl Storage for EtcdStorage {
         response
             .kvs()
             .first()
-            .map(|kv| self.object(kv, key))
+            .map(|kv| stored_of(kv, key))
             .transpose()
     }
 
@@ -838,7 +828,7 @@ impl Storage for EtcdStorage {
         response
             .kvs()
             .first()
-            .map(|kv| self.object(kv, key))
+            .map(|kv| stored_of(kv, key))
             .transpose()
     }
 
@@ -1007,7 +997,7 @@ impl Storage for EtcdStorage {
             return self.deleted_at(key, revision);
         };
         self.published(revision).await;
-        let mut last = self.object(&previous, key)?;
+        let mut last = stored_of(&previous, key)?;
         let mut object = (*last.object).clone();
         stamp_revision(&mut object, revision);
         last.revision = revision;
@@ -1210,6 +1200,18 @@ impl Follower {
     }
 }
 
+/// A stored value as the object it holds, stamped with its mod revision.
+fn stored_of(kv: &KeyValue, key: &str) -> Result<Stored, StorageError> {
+    let revision = kv.mod_revision() as u64;
+    let mut object: Value = serde_json::from_slice(kv.value())
+        .map_err(|e| StorageError::Backend(format!("corrupt object {key}: {e}")))?;
+    stamp_revision(&mut object, revision);
+    Ok(Stored {
+        revision,
+        object: Arc::new(object),
+    })
+}
+
 /// The objects under [`KEPT_PREFIX`] at `revision`.
 async fn read_kept(
     client: &Client,
@@ -1233,19 +1235,11 @@ async fn read_kept(
             continue;
         };
         let key = &full[prefix.len()..];
-        match serde_json::from_slice::<Value>(kv.value()) {
-            Ok(mut object) => {
-                let revision = kv.mod_revision() as u64;
-                stamp_revision(&mut object, revision);
-                kept.insert(
-                    key.to_string(),
-                    Stored {
-                        revision,
-                        object: Arc::new(object),
-                    },
-                );
+        match stored_of(kv, key) {
+            Ok(stored) => {
+                kept.insert(key.to_string(), stored);
             }
-            Err(e) => tracing::error!("skipping the corrupt object {key}: {e}"),
+            Err(e) => tracing::error!("{e}; skipping it"),
         }
     }
     Ok(kept)

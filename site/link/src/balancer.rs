@@ -92,11 +92,7 @@ impl Balancer {
     ) -> std::io::Result<Balancer> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let local = listener.local_addr()?;
-        let servers = file
-            .as_ref()
-            .and_then(|f| std::fs::read_to_string(f).ok())
-            .and_then(|t| serde_json::from_str::<Vec<String>>(&t).ok())
-            .unwrap_or_default();
+        let servers = file.as_deref().map(crate::saved::load).unwrap_or_default();
         let balancer = Balancer {
             inner: Arc::new(Inner {
                 state: Mutex::new(State {
@@ -161,11 +157,10 @@ impl Balancer {
         }
         state.servers = servers.clone();
         drop(state);
-        if let Some(file) = &self.inner.file {
-            let text = serde_json::to_string(&servers).unwrap_or_default();
-            if let Err(e) = std::fs::write(file, text) {
-                tracing::warn!("save the servers to {}: {e}", file.display());
-            }
+        if let Some(file) = &self.inner.file
+            && let Err(e) = crate::saved::save(file, &servers)
+        {
+            tracing::warn!("save the servers to {}: {e}", file.display());
         }
     }
 

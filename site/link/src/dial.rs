@@ -369,24 +369,17 @@ where
         .map_err(LinkError::from)
 }
 
-/// The servers saved in `file` by [`remember`] (none when it is missing or unreadable).
+/// The servers saved in `file` by [`remember`] that are `https://host:port` URLs.
 pub fn remembered(file: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(file)
-        .ok()
-        .and_then(|t| serde_json::from_str::<Vec<String>>(&t).ok())
-        .unwrap_or_default()
+    crate::saved::load(file)
         .into_iter()
         .filter(|s| host_port(s).is_ok())
         .collect()
 }
 
-/// Saves the servers the other side named (`https://host:port` each) into `file`, replacing
-/// it whole (a crash leaves the old list or the new one).
+/// Saves the servers the other side named (`https://host:port` each) into `file`.
 pub fn remember(file: &std::path::Path, servers: &[String]) -> std::io::Result<()> {
-    let text = serde_json::to_string(servers).map_err(std::io::Error::other)?;
-    let partial = file.with_extension("partial");
-    std::fs::write(&partial, text)?;
-    std::fs::rename(&partial, file)
+    crate::saved::save(file, servers)
 }
 
 /// Keeps the link up until `shutdown`: connect, serve a fresh service from `make` until the

@@ -26,6 +26,7 @@ pub mod dial;
 pub mod frames;
 pub mod pipe;
 pub mod registry;
+pub mod saved;
 
 use std::time::Duration;
 
