@@ -138,8 +138,8 @@ pub async fn rows(bin: &Path, work: &Path, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
-/// 32 clients putting 10,000 keys of 400 bytes straight into the site's etcd (the first
-/// server's member, with its client certificate): puts/s and p99.
+/// 32 clients writing 10,000 keys straight into the site's etcd (the first server's member,
+/// with its client certificate), as `shape` says: writes/s and p99.
 async fn raw_puts(data_dirs: &[PathBuf], shape: Raw) -> Result<(f64, Duration)> {
     let config_of = |dir: &Path| -> Result<EtcdConfig> {
         let endpoint = std::fs::read_to_string(dir.join("server/db/etcd-endpoint"))?;
@@ -159,9 +159,7 @@ async fn raw_puts(data_dirs: &[PathBuf], shape: Raw) -> Result<(f64, Duration)> 
     let mut watches = Vec::new();
     if shape == Raw::WatchedTxn {
         for dir in data_dirs {
-            let client = apiserver_lite::storage::etcd::connect(&config_of(dir)?)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let client = etcd_client_of(&config_of(dir)?).await?;
             let options = etcd_client::WatchOptions::new()
                 .with_prefix()
                 .with_prev_key()
@@ -190,9 +188,7 @@ async fn raw_puts(data_dirs: &[PathBuf], shape: Raw) -> Result<(f64, Duration)> 
         Raw::Put => "x".repeat(400),
         // The very text the API stored for the first ConfigMap of the create phase.
         Raw::WatchedTxn => {
-            let client = apiserver_lite::storage::etcd::connect(&config)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let client = etcd_client_of(&config).await?;
             let stored = client
                 .kv_client()
                 .get("/registry/core/configmaps/default/c-0", None)
@@ -210,9 +206,7 @@ async fn raw_puts(data_dirs: &[PathBuf], shape: Raw) -> Result<(f64, Duration)> 
         let config = config.clone();
         let value = value.clone();
         tasks.push(tokio::spawn(async move {
-            let client = apiserver_lite::storage::etcd::connect(&config)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let client = etcd_client_of(&config).await?;
             let mut kv = client.kv_client();
             let mut latencies = Vec::new();
             let mut i = c;
@@ -250,6 +244,13 @@ async fn raw_puts(data_dirs: &[PathBuf], shape: Raw) -> Result<(f64, Duration)> 
         CREATES as f64 / elapsed.as_secs_f64(),
         percentile(&latencies, 0.99),
     ))
+}
+
+/// A client of the etcd `config` names.
+async fn etcd_client_of(config: &EtcdConfig) -> Result<etcd_client::Client> {
+    apiserver_lite::storage::etcd::connect(config)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// What the raw phase writes: plain puts of 400 bytes, or what an API create does to etcd (a
