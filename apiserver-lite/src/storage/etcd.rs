@@ -153,18 +153,30 @@ pub async fn connect(config: &EtcdConfig) -> Result<Client, StorageError> {
 
 /// Waits until the etcd `config` names answers a (serializable) read, for at most `timeout`.
 pub async fn wait_ready(config: &EtcdConfig, timeout: Duration) -> Result<(), StorageError> {
+    // Serializable: a learner (a member still catching up) answers it too.
+    wait_answering(config, timeout, true).await
+}
+
+/// Waits until the etcd `config` names answers a quorum read, for at most `timeout`: a member
+/// just promoted from learner refuses them until it has applied its own promotion.
+pub async fn wait_voting(config: &EtcdConfig, timeout: Duration) -> Result<(), StorageError> {
+    wait_answering(config, timeout, false).await
+}
+
+async fn wait_answering(
+    config: &EtcdConfig,
+    timeout: Duration,
+    serializable: bool,
+) -> Result<(), StorageError> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let attempt = async {
             let mut client = connect(config).await?;
-            // Serializable: a learner (a member still catching up) answers it too.
-            client
-                .get(
-                    "health",
-                    Some(GetOptions::new().with_count_only().with_serializable()),
-                )
-                .await
-                .map_err(failed)
+            let mut options = GetOptions::new().with_count_only();
+            if serializable {
+                options = options.with_serializable();
+            }
+            client.get("health", Some(options)).await.map_err(failed)
         };
         match attempt.await {
             Ok(_) => return Ok(()),

@@ -82,7 +82,8 @@ pub fn peer_url(address: IpAddr, port: u16) -> String {
 }
 
 /// Promotes this member once etcd lets it (a learner that has caught up), asking the voting
-/// members at `voters` (a learner serves no requests), then returns.
+/// members at `voters` (a learner serves no requests), then returns once this member itself
+/// serves quorum reads (it refuses them until it has applied its promotion).
 pub async fn promote_when_caught_up(member: &Member, voters: &[String]) -> Result<()> {
     use apiserver_lite::storage::etcd;
     let mut config = member.datastore("/registry");
@@ -96,11 +97,11 @@ pub async fn promote_when_caught_up(member: &Member, voters: &[String]) -> Resul
                 Some(me) if me.learner => match etcd::promote(&config, me.id).await {
                     Ok(()) => {
                         tracing::info!(member = %member.name, "this etcd member votes now");
-                        return Ok(());
+                        break;
                     }
                     Err(e) => tracing::debug!("not promoted yet: {e}"),
                 },
-                Some(_) => return Ok(()),
+                Some(_) => break,
                 None => tracing::debug!("this member is not listed yet"),
             },
             Err(e) => tracing::debug!("listing etcd members: {e}"),
@@ -113,6 +114,9 @@ pub async fn promote_when_caught_up(member: &Member, voters: &[String]) -> Resul
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    etcd::wait_voting(&member.datastore("/registry"), Duration::from_secs(30))
+        .await
+        .map_err(|e| anyhow::anyhow!("this server's etcd member: {e}"))
 }
 
 /// The client URLs of every voting member, this one's loopback URL first: the API server's
