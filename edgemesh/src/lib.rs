@@ -12,6 +12,7 @@ pub mod agent;
 pub mod dns;
 pub mod host;
 pub mod identity;
+pub mod netfilter;
 pub mod peers;
 pub mod proxy;
 pub mod services;

@@ -1,7 +1,8 @@
-//! The node's L4 proxy: traffic to a Service's cluster IP and port is redirected by iptables
-//! (one chain, `EDGEMESH`, owned and removed by the proxy) to a listener of the proxy, which
-//! sends it to a ready endpoint: a local one directly, one on another node through a mesh
-//! tunnel (direct after hole punching, relayed otherwise). Round robin or random,
+//! The node's service proxy. Traffic to a Service (cluster IP, node port, external IP) is
+//! handled in the kernel by the rules of [`crate::netfilter`]: an endpoint on this node is
+//! DNATed to directly; the endpoints on other nodes are reached through a listener of this
+//! proxy, which the rules redirect to and which carries the connection through a mesh tunnel
+//! (direct after hole punching, relayed otherwise). Round robin or random,
 //! `sessionAffinity: ClientIP`, and a failed connection is retried on another endpoint.
 
 use std::collections::{HashMap, HashSet};
@@ -17,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::host::MeshHandle;
+use crate::netfilter::{Entry, Netfilter};
 use crate::services::{Backend, Balancing, NodePeers, Protocol, ServicePort};
 use crate::tunnel::{self, COPY_BUFFER, Kind};
 
@@ -31,7 +33,7 @@ const MAX_AFFINITY: usize = 65_536;
 pub struct ProxyConfig {
     /// This node's name: endpoints with this `nodeName` are local.
     pub node: String,
-    /// The iptables chain the proxy owns (in the nat table).
+    /// The prefix of the iptables chains the proxy owns.
     pub chain: String,
     pub connect_timeout: Duration,
     pub udp_idle_timeout: Duration,
@@ -156,8 +158,8 @@ pub async fn run(
     peers: watch::Receiver<Arc<NodePeers>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let rules = Rules::new(&config.chain);
-    rules.install().await?;
+    let mut rules = Netfilter::new(&config.chain);
+    rules.install(&config.node).await?;
     let shared = Arc::new(Shared {
         config,
         mesh,
@@ -165,22 +167,28 @@ pub async fn run(
     });
     let mut listeners: HashMap<(IpAddr, u16, Protocol), Listener> = HashMap::new();
     loop {
-        let wanted: Vec<ServicePort> = ports.borrow_and_update().iter().cloned().collect();
+        let wanted: Vec<ServicePort> = ports
+            .borrow_and_update()
+            .iter()
+            .filter(|p| p.cluster_ip.is_ipv4()) // IPv6 cluster IPs: not intercepted yet
+            .cloned()
+            .collect();
         let mut keys = HashSet::new();
-        for port in wanted {
-            if !port.cluster_ip.is_ipv4() {
-                continue; // IPv6 cluster IPs: not intercepted yet
-            }
+        for port in &wanted {
             let key = port.key();
             keys.insert(key);
+            // The listener carries what the kernel cannot: endpoints on other nodes.
+            let mut remote = port.clone();
+            remote.backends.retain(|b| !b.is_local(&shared.config.node));
             match listeners.get(&key) {
                 Some(listener) => {
                     let mut state = listener.state.lock().unwrap_or_else(|e| e.into_inner());
-                    if state.port != port {
-                        state.port = port;
+                    if state.port != remote {
+                        state.port = remote;
                     }
                 }
-                None => match Listener::start(shared.clone(), port, shutdown.child_token()).await {
+                None => match Listener::start(shared.clone(), remote, shutdown.child_token()).await
+                {
                     Ok(listener) => {
                         listeners.insert(key, listener);
                     }
@@ -195,11 +203,17 @@ pub async fn run(
             }
             keep
         });
-        let table: Vec<(IpAddr, u16, Protocol, u16, String)> = listeners
+        let entries: Vec<Entry<'_>> = wanted
             .iter()
-            .map(|((ip, port, protocol), l)| (*ip, *port, *protocol, l.local_port, l.name.clone()))
+            .filter_map(|port| {
+                let listener = listeners.get(&port.key())?;
+                Some(Entry {
+                    port,
+                    listener: listener.local_port,
+                })
+            })
             .collect();
-        if let Err(error) = rules.sync(&table).await {
+        if let Err(error) = rules.sync(&shared.config.node, &entries).await {
             tracing::warn!(%error, "cannot write the proxy's iptables rules");
         }
         tokio::select! {
@@ -210,14 +224,13 @@ pub async fn run(
     for listener in listeners.values() {
         listener.stop.cancel();
     }
-    rules.remove().await;
+    rules.remove(&shared.config.node).await;
     Ok(())
 }
 
 struct Listener {
     state: Arc<Mutex<PortState>>,
     local_port: u16,
-    name: String,
     stop: CancellationToken,
 }
 
@@ -259,7 +272,6 @@ impl Listener {
         Ok(Self {
             state,
             local_port,
-            name,
             stop,
         })
     }
@@ -494,144 +506,6 @@ impl UdpFlow {
         }
     }
 }
-
-/// The proxy's iptables chain in the nat table, jumped to from PREROUTING (pods) and OUTPUT
-/// (the node's own processes).
-struct Rules {
-    chain: String,
-}
-
-impl Rules {
-    fn new(chain: &str) -> Self {
-        Self {
-            chain: chain.to_string(),
-        }
-    }
-
-    /// The filter chain that keeps the proxy's listeners to redirected traffic: a listener is
-    /// on every address of the node, and without it anyone reaching the node could use a
-    /// service through the listener's port.
-    fn guard(&self) -> String {
-        format!("{}-GUARD", self.chain)
-    }
-
-    /// Where each chain is jumped to from: (table, hook, chain).
-    fn hooks(&self) -> [(&'static str, &'static str, String); 3] {
-        [
-            ("nat", "PREROUTING", self.chain.clone()),
-            ("nat", "OUTPUT", self.chain.clone()),
-            ("filter", "INPUT", self.guard()),
-        ]
-    }
-
-    async fn iptables(table: &str, args: &[&str]) -> io::Result<bool> {
-        let output = tokio::process::Command::new("iptables")
-            .args(["-w", "5", "-t", table])
-            .args(args)
-            .output()
-            .await
-            .map_err(|e| {
-                io::Error::other(format!(
-                    "running iptables (install the iptables package): {e}"
-                ))
-            })?;
-        Ok(output.status.success())
-    }
-
-    async fn install(&self) -> anyhow::Result<()> {
-        for (table, chain) in [("nat", self.chain.clone()), ("filter", self.guard())] {
-            if !Self::iptables(table, &["-L", &chain, "-n"]).await?
-                && !Self::iptables(table, &["-N", &chain]).await?
-            {
-                anyhow::bail!(
-                    "iptables could not create the {chain} chain in the {table} table (is this root?)"
-                );
-            }
-        }
-        for (table, hook, chain) in self.hooks() {
-            let jump = ["-m", "comment", "--comment", HOOK_COMMENT, "-j", &chain];
-            let mut check = vec!["-C", hook];
-            check.extend_from_slice(&jump);
-            if !Self::iptables(table, &check).await? {
-                let mut insert = vec!["-I", hook, "1"];
-                insert.extend_from_slice(&jump);
-                if !Self::iptables(table, &insert).await? {
-                    anyhow::bail!("iptables could not hook the {chain} chain into {hook}");
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Replaces both chains' rules in one `iptables-restore` transaction.
-    async fn sync(&self, table: &[(IpAddr, u16, Protocol, u16, String)]) -> io::Result<()> {
-        let mut sorted: Vec<_> = table.to_vec();
-        sorted.sort();
-        let mut nat = format!("*nat\n:{} - [0:0]\n", self.chain);
-        let mut filter = format!("*filter\n:{} - [0:0]\n", self.guard());
-        for (ip, port, protocol, local_port, name) in sorted {
-            let proto = protocol.as_str();
-            let comment: String = name
-                .chars()
-                .filter(|c| !c.is_whitespace() && *c != '"')
-                .take(200)
-                .collect();
-            nat.push_str(&format!(
-                "-A {} -d {ip}/32 -p {proto} -m {proto} --dport {port} -m comment --comment \"{comment}\" -j REDIRECT --to-ports {local_port}\n",
-                self.chain
-            ));
-            filter.push_str(&format!(
-                "-A {} -p {proto} -m {proto} --dport {local_port} -m conntrack ! --ctstate DNAT -m comment --comment \"{comment}\" -j DROP\n",
-                self.guard()
-            ));
-        }
-        let rules = format!("{nat}COMMIT\n{filter}COMMIT\n");
-        let mut child = tokio::process::Command::new("iptables-restore")
-            .args(["-w", "5", "--noflush"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .map_err(|e| {
-                io::Error::other(format!(
-                    "running iptables-restore (install the iptables package): {e}"
-                ))
-            })?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(rules.as_bytes()).await?;
-        }
-        let output = child.wait_with_output().await?;
-        if !output.status.success() {
-            return Err(io::Error::other(format!(
-                "iptables-restore: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            )));
-        }
-        Ok(())
-    }
-
-    async fn remove(&self) {
-        for (table, hook, chain) in self.hooks() {
-            let jump = [
-                "-D",
-                hook,
-                "-m",
-                "comment",
-                "--comment",
-                HOOK_COMMENT,
-                "-j",
-                &chain,
-            ];
-            let _ = Self::iptables(table, &jump).await;
-        }
-        for (table, chain) in [("nat", self.chain.clone()), ("filter", self.guard())] {
-            let _ = Self::iptables(table, &["-F", &chain]).await;
-            let _ = Self::iptables(table, &["-X", &chain]).await;
-        }
-    }
-}
-
-const HOOK_COMMENT: &str = "edgesite mesh: service cluster IPs";
 
 /// UDP replies must leave from the address the client's datagram was redirected to, or
 /// conntrack cannot map them back to the cluster IP: the listener learns that address from

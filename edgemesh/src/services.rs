@@ -53,6 +53,14 @@ pub struct Backend {
     pub node: Option<String>,
 }
 
+impl Backend {
+    /// Whether the endpoint is reached from `node` without the mesh: it runs there, or it names
+    /// no node (an address the node routes to itself).
+    pub fn is_local(&self, node: &str) -> bool {
+        self.node.as_deref().is_none_or(|n| n == node)
+    }
+}
+
 /// A Service port the proxy intercepts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePort {
@@ -67,6 +75,17 @@ pub struct ServicePort {
     pub balancing: Balancing,
     /// `sessionAffinity: ClientIP` and its timeout.
     pub affinity: Option<Duration>,
+    /// `nodePort`: the port also answers on every address of the node.
+    pub node_port: Option<u16>,
+    /// `spec.externalIPs` and the IPs of `status.loadBalancer.ingress`: the port answers there
+    /// too (on the nodes holding them; other nodes' pods are short-circuited, as kube-proxy does).
+    pub external_ips: Vec<IpAddr>,
+    /// `externalTrafficPolicy: Local`: traffic from outside goes to this node's endpoints only,
+    /// and keeps its source address.
+    pub external_local: bool,
+    /// `internalTrafficPolicy: Local`: traffic to the cluster IP goes to this node's endpoints
+    /// only.
+    pub internal_local: bool,
 }
 
 impl ServicePort {
@@ -175,12 +194,45 @@ impl ServiceTable {
                     .and_then(|c| c.timeout_seconds)
                     .map_or(DEFAULT_AFFINITY, |s| Duration::from_secs(s.max(1) as u64))
             });
+            let exposed = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+            let mut external_ips: Vec<IpAddr> = spec
+                .external_ips
+                .iter()
+                .flatten()
+                .filter_map(|ip| ip.parse().ok())
+                .collect();
+            if spec.type_.as_deref() == Some("LoadBalancer") {
+                external_ips.extend(
+                    service
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.load_balancer.as_ref())
+                        .and_then(|lb| lb.ingress.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|i| i.ip.as_deref()?.parse::<IpAddr>().ok()),
+                );
+            }
+            external_ips.sort();
+            external_ips.dedup();
+            let external_local =
+                exposed && spec.external_traffic_policy.as_deref() == Some("Local");
+            let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
             for port in spec.ports.iter().flatten() {
                 let Some(protocol) = Protocol::parse(port.protocol.as_deref()) else {
                     continue;
                 };
                 let port_name = port.name.clone().unwrap_or_default();
                 let backends = self.backends(namespace, name, &port_name, protocol);
+                let node_port = port
+                    .node_port
+                    .filter(|_| exposed)
+                    .and_then(|p| u16::try_from(p).ok())
+                    .filter(|p| *p > 0);
+                let primary = cluster_ips
+                    .iter()
+                    .find(|ip| ip.is_ipv4())
+                    .unwrap_or(&cluster_ips[0]);
                 for ip in &cluster_ips {
                     out.push(ServicePort {
                         namespace: namespace.clone(),
@@ -192,6 +244,16 @@ impl ServiceTable {
                         backends: backends.clone(),
                         balancing,
                         affinity,
+                        // The external frontends go with one cluster IP only (IPv4 first:
+                        // the proxy intercepts IPv4).
+                        node_port: node_port.filter(|_| ip == primary),
+                        external_ips: if ip == primary {
+                            external_ips.clone()
+                        } else {
+                            Vec::new()
+                        },
+                        external_local,
+                        internal_local,
                     });
                 }
             }
@@ -465,6 +527,46 @@ mod tests {
         let dns = ports.iter().find(|p| p.port == 53).unwrap();
         assert_eq!(dns.protocol, Protocol::Udp);
         assert!(dns.backends.iter().all(|b| b.port == 5353));
+    }
+
+    #[test]
+    fn exposed_services_carry_node_ports_external_ips_and_policies() {
+        let mut table = ServiceTable::default();
+        table.upsert_service(service(json!({
+            "metadata": {"name": "lb", "namespace": "shop"},
+            "spec": {"type": "LoadBalancer", "clusterIPs": ["fd00::5", "10.43.0.30"],
+                     "externalIPs": ["203.0.113.9", "nonsense"],
+                     "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local",
+                     "ports": [{"port": 80, "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.168.1.2"}, {"hostname": "lb.example"}]}}
+        })));
+        table.upsert_service(service(json!({
+            "metadata": {"name": "plain", "namespace": "shop"},
+            "spec": {"clusterIP": "10.43.0.31", "externalTrafficPolicy": "Local",
+                     "ports": [{"port": 80, "nodePort": 30081}]}
+        })));
+        let ports = table.ports();
+        let v4 = ports
+            .iter()
+            .find(|p| p.cluster_ip.to_string() == "10.43.0.30")
+            .unwrap();
+        assert_eq!(v4.node_port, Some(30080));
+        let ips: Vec<String> = v4.external_ips.iter().map(|ip| ip.to_string()).collect();
+        assert_eq!(ips, ["192.168.1.2", "203.0.113.9"]);
+        assert!(v4.external_local && v4.internal_local);
+        let v6 = ports
+            .iter()
+            .find(|p| p.cluster_ip.to_string() == "fd00::5")
+            .unwrap();
+        assert_eq!(
+            v6.node_port, None,
+            "external frontends go with the IPv4 cluster IP"
+        );
+        assert!(v6.external_ips.is_empty());
+        // A ClusterIP service has no node port and no external policy, whatever its spec says.
+        let plain = ports.iter().find(|p| p.service == "plain").unwrap();
+        assert_eq!(plain.node_port, None);
+        assert!(!plain.external_local);
     }
 
     #[test]

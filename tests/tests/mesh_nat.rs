@@ -401,6 +401,10 @@ fn service_port(
             .collect(),
         balancing: Balancing::RoundRobin,
         affinity: None,
+        node_port: None,
+        external_ips: Vec::new(),
+        external_local: false,
+        internal_local: false,
     }
 }
 
@@ -547,11 +551,28 @@ async fn the_proxy_sends_cluster_ip_traffic_to_local_and_remote_endpoints() {
         .output()
         .unwrap();
     let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
-    let local_port: u16 = rules
-        .lines()
-        .find(|l| l.contains("10.43.0.50/32"))
-        .and_then(|l| l.split("--to-ports ").nth(1))
-        .and_then(|p| p.trim().parse().ok())
+    // The cluster IP jumps to the service's chain, which (its only endpoint being remote)
+    // jumps to the bucket that redirects to the listener.
+    let jump = |matching: &str| -> Option<String> {
+        let line = rules.lines().find(|l| l.contains(matching))?;
+        Some(
+            line.split("-j ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .to_string(),
+        )
+    };
+    let local_port: u16 = jump("10.43.0.50/32")
+        .and_then(|svc| jump(&format!("-A {svc} ")))
+        .and_then(|rmt| {
+            let head = format!("-A {rmt} ");
+            rules
+                .lines()
+                .filter(|l| l.starts_with(&head))
+                .find_map(|l| l.split("--to-ports ").nth(1))
+                .and_then(|p| p.trim().parse().ok())
+        })
         .unwrap_or_else(|| panic!("no REDIRECT rule for 10.43.0.50: {rules}"));
     let straight = a
         .runtime
