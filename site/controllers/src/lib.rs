@@ -32,4 +32,5 @@ pub mod pods;
 pub mod replicaset;
 pub mod runner;
 pub mod serviceaccount;
+pub mod servicelb;
 pub mod statefulset;

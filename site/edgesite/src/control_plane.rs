@@ -163,6 +163,11 @@ async fn run_loops(
     );
     let node_ipam =
         controllers::node_ipam::controller(&informers, settings.cluster_cidr, shutdown.clone());
+    let service_lb = controllers::servicelb::controller(
+        &informers,
+        recorder("service-lb-controller"),
+        shutdown.clone(),
+    );
     informers.start();
     loops.extend([
         Box::pin(node_ipam) as futures::future::BoxFuture<'static, ()>,
@@ -176,6 +181,7 @@ async fn run_loops(
         Box::pin(cron_jobs),
         Box::pin(daemon_sets),
         Box::pin(stateful_sets),
+        Box::pin(service_lb),
         Box::pin(devices::controller::run(
             informers.client_for("device-controller"),
             recorder("device-controller"),
