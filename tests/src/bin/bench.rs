@@ -43,6 +43,8 @@ mod etcd;
 mod hardening;
 #[path = "bench/mesh.rs"]
 mod mesh;
+#[path = "bench/services.rs"]
+mod services;
 
 const CLIENTS: usize = 32;
 const CREATES: usize = 10_000;

@@ -230,7 +230,7 @@ async fn measure_mesh(t: &Topology) -> Result<Path4> {
         .await
 }
 
-fn mb(rate: f64) -> String {
+pub(super) fn mb(rate: f64) -> String {
     format!("{:.0} MB/s", rate / 1e6)
 }
 
@@ -327,6 +327,9 @@ async fn relay_memory_per_peer(bin: &Path) -> Result<(f64, u64)> {
 }
 
 pub async fn rows(bin: &Path, rows: &mut Vec<Row>) -> Result<()> {
+    super::services::rows(rows)
+        .await
+        .context("service rows")?;
     let direct = topology(false, None).await.context("direct topology")?;
     let plain = measure_plain(&direct).await?;
     let mesh = measure_mesh(&direct).await?;
@@ -448,7 +451,12 @@ pub fn section(rows: &[Row]) -> String {
          the unshaped rows run at the speed of memory copies between namespaces on this 2-CPU machine, \
          where the mesh's extra work per byte (encryption, multiplexing, the proxy hop) is what is measured. Memory per peer is \
          the growth of a real `edgesite relay` process (release binary) with {PEERS} peers each holding \
-         a connection and a reservation, divided by {PEERS}.\n\n{table}",
+         a connection and a reservation, divided by {PEERS}. The service rows use a node namespace with \
+         a pod namespace on a veth and the node's real proxy (its iptables rules and listeners): from the \
+         node, the same upload and sequential connect/read-a-byte/close loop go straight to the pod IP, \
+         to a cluster IP whose endpoint is on this node (DNAT in the kernel), and to a cluster IP whose \
+         endpoint the proxy takes as another node's (its userspace listener, the path every service \
+         connection took before).\n\n{table}",
         BULK >> 20
     )
 }
