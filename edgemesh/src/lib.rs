@@ -9,6 +9,7 @@
 //! - [`identity`], [`peers`]: a node's key, and the directory of the site's nodes.
 
 pub mod agent;
+pub mod dial;
 pub mod dns;
 pub mod host;
 pub mod identity;

@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::dial::Dialer;
 use crate::host::MeshHandle;
 use crate::netfilter::{Entry, Netfilter};
 use crate::services::{Backend, Balancing, NodePeers, Protocol, ServicePort};
@@ -109,45 +110,7 @@ impl PortState {
 
 struct Shared {
     config: ProxyConfig,
-    mesh: MeshHandle,
-    peers: watch::Receiver<Arc<NodePeers>>,
-}
-
-impl Shared {
-    /// A TCP connection to `backend`: direct for local endpoints (and endpoints of nodes
-    /// without a mesh peer), a mesh tunnel for the others.
-    async fn connect_tcp(&self, backend: &Backend) -> io::Result<Connection> {
-        let target = SocketAddr::new(backend.ip, backend.port);
-        match self.peer_of(backend) {
-            None => {
-                let stream =
-                    tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(target))
-                        .await
-                        .map_err(|_| {
-                            io::Error::new(io::ErrorKind::TimedOut, "connect timed out")
-                        })??;
-                let _ = stream.set_nodelay(true);
-                Ok(Connection::Local(stream))
-            }
-            Some(peer) => {
-                let stream = tunnel::open(&self.mesh, peer, Kind::Tcp, target).await?;
-                Ok(Connection::Mesh(Box::new(stream)))
-            }
-        }
-    }
-
-    fn peer_of(&self, backend: &Backend) -> Option<libp2p::PeerId> {
-        let node = backend.node.as_deref()?;
-        if node == self.config.node {
-            return None;
-        }
-        self.peers.borrow().get(node).copied()
-    }
-}
-
-enum Connection {
-    Local(TcpStream),
-    Mesh(Box<crate::MeshStream>),
+    dialer: Dialer,
 }
 
 /// Runs the proxy until `shutdown`: listeners and iptables rules follow `ports`.
@@ -160,11 +123,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut rules = Netfilter::new(&config.chain);
     rules.install(&config.node).await?;
-    let shared = Arc::new(Shared {
-        config,
-        mesh,
-        peers,
-    });
+    let dialer = Dialer::new(config.node.clone(), mesh, peers, config.connect_timeout);
+    let shared = Arc::new(Shared { config, dialer });
     let mut listeners: HashMap<(IpAddr, u16, Protocol), Listener> = HashMap::new();
     loop {
         let wanted: Vec<ServicePort> = ports
@@ -324,32 +284,19 @@ async fn forward_tcp(
         return; // dropping the client closes it, like a refused connection
     }
     for backend in candidates {
-        match shared.connect_tcp(&backend).await {
-            Ok(connection) => {
+        match shared.dialer.connect(&backend).await {
+            Ok(mut upstream) => {
                 state
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remember(from.ip(), &backend);
-                let result = match connection {
-                    Connection::Local(mut upstream) => {
-                        tokio::io::copy_bidirectional_with_sizes(
-                            &mut client,
-                            &mut upstream,
-                            COPY_BUFFER,
-                            COPY_BUFFER,
-                        )
-                        .await
-                    }
-                    Connection::Mesh(mut upstream) => {
-                        tokio::io::copy_bidirectional_with_sizes(
-                            &mut client,
-                            upstream.as_mut(),
-                            COPY_BUFFER,
-                            COPY_BUFFER,
-                        )
-                        .await
-                    }
-                };
+                let result = tokio::io::copy_bidirectional_with_sizes(
+                    &mut client,
+                    &mut upstream,
+                    COPY_BUFFER,
+                    COPY_BUFFER,
+                )
+                .await;
                 if let Err(error) = result {
                     tracing::debug!(service = %name, %error, "proxied connection ended");
                 }
@@ -449,7 +396,7 @@ impl UdpFlow {
     async fn run(self, mut datagrams: mpsc::Receiver<Vec<u8>>) -> io::Result<()> {
         let target = SocketAddr::new(self.backend.ip, self.backend.port);
         let activity = tunnel::Activity::new();
-        match self.shared.peer_of(&self.backend) {
+        match self.shared.dialer.peer_of(&self.backend) {
             None => {
                 let upstream = tunnel::udp_socket((Ipv4Addr::UNSPECIFIED, 0).into())?;
                 upstream.connect(target).await?;
@@ -477,7 +424,8 @@ impl UdpFlow {
                 }
             }
             Some(peer) => {
-                let stream = tunnel::open(&self.shared.mesh, peer, Kind::Udp, target).await?;
+                let stream =
+                    tunnel::open(self.shared.dialer.mesh(), peer, Kind::Udp, target).await?;
                 let (mut reader, mut writer) = tokio::io::split(stream);
                 let outbound = async {
                     while let Some(datagram) = datagrams.recv().await {

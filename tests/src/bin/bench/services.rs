@@ -87,7 +87,14 @@ pub async fn rows(rows: &mut Vec<Row>) -> Result<()> {
     let mut net = Net::new();
     let node_ns = net.ns("svcnode");
     let pod_ns = net.ns("svcpod");
-    net.link(&node_ns, "pod0", "10.99.0.1/24", &pod_ns, "eth0", &format!("{POD_IP}/24"));
+    net.link(
+        &node_ns,
+        "pod0",
+        "10.99.0.1/24",
+        &pod_ns,
+        "eth0",
+        &format!("{POD_IP}/24"),
+    );
     // A node has a default route: without one a cluster IP is unreachable before any rule.
     net.exec(&node_ns, &["ip", "route", "add", "default", "dev", "pod0"]);
     let pod = tests::netns::NsRuntime::start(&pod_ns);
