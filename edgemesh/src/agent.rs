@@ -232,11 +232,20 @@ fn key(namespace: &Option<String>, name: &Option<String>) -> (String, String) {
     )
 }
 
-/// Runs the node's mesh until `shutdown`.
+/// What the mesh shares with the node's other parts (the ingress): the service table as the
+/// proxy sees it, and the way to this node's and other nodes' endpoints.
+#[derive(Clone)]
+pub struct Published {
+    pub ports: watch::Receiver<Arc<Vec<ServicePort>>>,
+    pub dialer: crate::dial::Dialer,
+}
+
+/// Runs the node's mesh until `shutdown`; `share` gets its [`Published`] handles once it runs.
 pub async fn run(
     config: AgentConfig,
     client: kube::Client,
     shutdown: CancellationToken,
+    share: Option<tokio::sync::oneshot::Sender<Published>>,
 ) -> Result<()> {
     std::fs::create_dir_all(&config.dir)
         .with_context(|| format!("creating {}", config.dir.display()))?;
@@ -341,6 +350,17 @@ pub async fn run(
     state.services_changed();
     state.dirty = false;
 
+    if let Some(share) = share {
+        let _ = share.send(Published {
+            ports: ports_rx.clone(),
+            dialer: crate::dial::Dialer::new(
+                config.node.clone(),
+                mesh.clone(),
+                peers_rx.clone(),
+                Duration::from_secs(5),
+            ),
+        });
+    }
     // Kept to be awaited at shutdown: the proxy removes its iptables rules then, and the
     // process must not exit half way (the OUTPUT jump and the chains stayed behind).
     let proxy_task = config.proxy.then(|| {

@@ -232,8 +232,10 @@ impl Runtime {
             // Not the machine's 10250, which an installed site (or a kubelet) may hold.
             format!("--kubelet-port={}", self.kubelet_port(node)),
             // Nodes on the test machine share its network: the mesh (its port, DNS address
-            // and iptables chain) runs only in the mesh tests' own namespaces.
+            // and iptables chain) runs only in the mesh tests' own namespaces; so does the
+            // ingress (ports 80 and 443).
             "--disable-mesh".to_string(),
+            "--disable-ingress".to_string(),
         ]
     }
 
@@ -302,10 +304,10 @@ impl Runtime {
         self.spawn_agent(site, node, server, extra, Some(netns))
     }
 
-    /// Flags for a node with the mesh on (in a namespace of its own).
+    /// Flags for a node with the mesh and the ingress on (in a namespace of its own).
     pub fn node_flags_with_mesh(&self, node: &str) -> Vec<String> {
         let mut flags = self.node_flags(node);
-        flags.retain(|f| f != "--disable-mesh");
+        flags.retain(|f| f != "--disable-mesh" && f != "--disable-ingress");
         flags
     }
 

@@ -116,50 +116,93 @@ fn answering_nodes(ns: &str, addr: &str, tries: usize) -> Vec<String> {
     nodes
 }
 
-#[test]
-fn node_ports_and_load_balancers_answer_a_client_on_the_lan() {
-    let rt = Runtime::start().unwrap();
-    let mut net = Net::new();
-    let lan = net.ns("lan");
-    let server_ns = net.ns("server");
-    let node_a = net.ns("nodeA");
-    let client = net.ns("client");
-    net.switch(&lan);
-    net.plug(&lan, "p-server", &server_ns, &format!("{SERVER_IP}/24"));
-    net.plug(&lan, "p-nodeA", &node_a, &format!("{NODE_A_IP}/24"));
-    net.plug(&lan, "p-client", &client, &format!("{CLIENT_IP}/24"));
-    // The LAN has no router; each node's own link is its way out (for its node IP).
-    for ns in [&server_ns, &node_a] {
-        net.exec(ns, &["ip", "route", "add", "default", "dev", "wan"]);
+/// The LAN of the diagram: a site (server + node-a, mesh and ingress on) and a client.
+struct Lan {
+    // Dropped first: the processes, then the namespaces they run in.
+    agent: tests::node::AgentProcess,
+    site: Site,
+    _net: Net,
+    server_ns: String,
+    node_a: String,
+    client: String,
+    _rt: Runtime,
+}
+
+impl Lan {
+    fn start() -> Lan {
+        let rt = Runtime::start().unwrap();
+        let mut net = Net::new();
+        let lan = net.ns("lan");
+        let server_ns = net.ns("server");
+        let node_a = net.ns("nodeA");
+        let client = net.ns("client");
+        net.switch(&lan);
+        net.plug(&lan, "p-server", &server_ns, &format!("{SERVER_IP}/24"));
+        net.plug(&lan, "p-nodeA", &node_a, &format!("{NODE_A_IP}/24"));
+        net.plug(&lan, "p-client", &client, &format!("{CLIENT_IP}/24"));
+        // The LAN has no router; each node's own link is its way out (for its node IP).
+        for ns in [&server_ns, &node_a] {
+            net.exec(ns, &["ip", "route", "add", "default", "dev", "wan"]);
+        }
+
+        let image = busybox_image().unwrap();
+        let mut flags = rt.node_flags_with_mesh("server");
+        flags.push(format!("--cluster-cidr={}", rt.cluster_cidr()));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let site = Site::start_in_netns(&server_ns, &flags, |data| {
+            let images = data.join("agent").join("images");
+            std::fs::create_dir_all(&images)?;
+            std::fs::copy(&image, images.join("busybox.tar"))?;
+            Ok(())
+        })
+        .unwrap();
+        let url = format!("https://{SERVER_IP}:{}", site.port);
+        let agent = rt
+            .start_agent_in_netns(&site, "node-a", &node_a, &url, &[])
+            .unwrap();
+        for node in ["server", "node-a"] {
+            let ready = eventually(Duration::from_secs(120), || {
+                site.kubectl(&[
+                    "wait",
+                    "--for=condition=Ready",
+                    &format!("node/{node}"),
+                    "--timeout=5s",
+                ])
+                .is_ok_and(|o| o.status.success())
+            });
+            assert!(ready, "node {node} not Ready; agent log:\n{}", agent.log());
+        }
+        Lan {
+            agent,
+            site,
+            _net: net,
+            server_ns,
+            node_a,
+            client,
+            _rt: rt,
+        }
     }
 
-    let image = busybox_image().unwrap();
-    let mut flags = rt.node_flags_with_mesh("server");
-    flags.push(format!("--cluster-cidr={}", rt.cluster_cidr()));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let site = Site::start_in_netns(&server_ns, &flags, |data| {
-        let images = data.join("agent").join("images");
-        std::fs::create_dir_all(&images)?;
-        std::fs::copy(&image, images.join("busybox.tar"))?;
-        Ok(())
-    })
-    .unwrap();
-    let url = format!("https://{SERVER_IP}:{}", site.port);
-    let agent = rt
-        .start_agent_in_netns(&site, "node-a", &node_a, &url, &[])
-        .unwrap();
-    for node in ["server", "node-a"] {
-        let ready = eventually(Duration::from_secs(120), || {
-            site.kubectl(&[
-                "wait",
-                "--for=condition=Ready",
-                &format!("node/{node}"),
-                "--timeout=5s",
-            ])
-            .is_ok_and(|o| o.status.success())
-        });
-        assert!(ready, "node {node} not Ready; agent log:\n{}", agent.log());
+    /// Applies `objects` and waits for `pods` to be Ready.
+    fn apply_and_wait(&self, objects: &str, pods: &[&str]) {
+        self.site.ok_stdin(&["apply", "-f", "-"], Some(objects));
+        let mut args = vec!["wait", "--for=condition=Ready", "--timeout=120s"];
+        let names: Vec<String> = pods.iter().map(|p| format!("pod/{p}")).collect();
+        args.extend(names.iter().map(String::as_str));
+        let ready = self.site.kubectl(&args).unwrap();
+        assert!(
+            ready.status.success(),
+            "pods not ready: {}\nagent log:\n{}",
+            String::from_utf8_lossy(&self.site.kubectl(&["describe", "pods"]).unwrap().stdout),
+            self.agent.log()
+        );
     }
+}
+
+#[test]
+fn node_ports_and_load_balancers_answer_a_client_on_the_lan() {
+    let lan = Lan::start();
+    let (site, server_ns, client) = (&lan.site, &lan.server_ns, &lan.client);
     let workloads = [
         WHO.to_string(),
         who_pod("web-server", "web", "server"),
@@ -167,23 +210,9 @@ fn node_ports_and_load_balancers_answer_a_client_on_the_lan() {
         who_pod("local-a", "local", "node-a"),
     ]
     .join("---");
-    site.ok_stdin(&["apply", "-f", "-"], Some(&workloads));
-    site.ok_stdin(&["apply", "-f", "-"], Some(SERVICES));
-    let ready = site
-        .kubectl(&[
-            "wait",
-            "--for=condition=Ready",
-            "pod/web-server",
-            "pod/web-a",
-            "pod/local-a",
-            "--timeout=120s",
-        ])
-        .unwrap();
-    assert!(
-        ready.status.success(),
-        "pods not ready: {}\nagent log:\n{}",
-        String::from_utf8_lossy(&site.kubectl(&["describe", "pods"]).unwrap().stdout),
-        agent.log()
+    lan.apply_and_wait(
+        &format!("{workloads}---{SERVICES}"),
+        &["web-server", "web-a", "local-a"],
     );
 
     // NodePort: on every node's address, to the endpoints on both nodes (the other node's
@@ -194,18 +223,18 @@ fn node_ports_and_load_balancers_answer_a_client_on_the_lan() {
         let both = eventually(Duration::from_secs(60), || {
             last = format!(
                 "{:?}",
-                (0..6).map(|_| who(&client, &addr)).collect::<Vec<_>>()
+                (0..6).map(|_| who(client, &addr)).collect::<Vec<_>>()
             );
             last.contains("server ") && last.contains("node-a ")
         });
         assert!(
             both,
             "{addr} did not reach both nodes' pods: {last}\n{}",
-            iptables(&server_ns)
+            iptables(server_ns)
         );
     }
     // ... and on the node's 127.0.0.1, as K3s answers it.
-    let local = answering_nodes(&server_ns, "127.0.0.1:30080", 6);
+    let local = answering_nodes(server_ns, "127.0.0.1:30080", 6);
     assert!(!local.is_empty(), "127.0.0.1:30080 on the server");
 
     // LoadBalancer: both nodes' addresses in the status (kubectl's EXTERNAL-IP), both answer.
@@ -217,8 +246,8 @@ fn node_ports_and_load_balancers_answer_a_client_on_the_lan() {
     assert!(listed, "web-lb's EXTERNAL-IP: {last}");
     for node_ip in [SERVER_IP, NODE_A_IP] {
         let addr = format!("{node_ip}:8000");
-        let answered = eventually(Duration::from_secs(30), || who(&client, &addr).is_ok());
-        assert!(answered, "{addr}: {:?}", who(&client, &addr));
+        let answered = eventually(Duration::from_secs(30), || who(client, &addr).is_ok());
+        assert!(answered, "{addr}: {:?}", who(client, &addr));
     }
 
     // A second LoadBalancer wanting the same port stays pending, and says why.
@@ -246,7 +275,7 @@ fn node_ports_and_load_balancers_answer_a_client_on_the_lan() {
     let pending = site.ok(&["get", "svc", "web-lb2", "--no-headers"]);
     assert!(pending.contains("<pending>"), "{pending}");
     // The first still answers with its own pods.
-    let nodes = answering_nodes(&client, &format!("{NODE_A_IP}:8000"), 4);
+    let nodes = answering_nodes(client, &format!("{NODE_A_IP}:8000"), 4);
     assert!(
         nodes.iter().all(|n| n == "server" || n == "node-a"),
         "{nodes:?}"
@@ -256,13 +285,13 @@ fn node_ports_and_load_balancers_answer_a_client_on_the_lan() {
     // local endpoint refuses.
     let mut last = Err(String::new());
     let seen = eventually(Duration::from_secs(30), || {
-        last = who(&client, &format!("{NODE_A_IP}:30081"));
+        last = who(client, &format!("{NODE_A_IP}:30081"));
         // busybox httpd listens on IPv6 too: the address comes as [::ffff:a.b.c.d].
         last.as_ref()
             .is_ok_and(|a| a.starts_with("node-a ") && a.contains(CLIENT_IP))
     });
     assert!(seen, "local-np on node-a: {last:?}");
-    let refused = who(&client, &format!("{SERVER_IP}:30081"));
+    let refused = who(client, &format!("{SERVER_IP}:30081"));
     assert!(
         refused
             .as_ref()
@@ -272,12 +301,17 @@ fn node_ports_and_load_balancers_answer_a_client_on_the_lan() {
     // With the default policy the pod sees the node instead (masqueraded, so replies come back
     // the way they came).
     for _ in 0..4 {
-        let answer = who(&client, &format!("{NODE_A_IP}:30080")).unwrap();
+        let answer = who(client, &format!("{NODE_A_IP}:30080")).unwrap();
         assert!(!answer.contains(CLIENT_IP), "{answer}");
     }
 
+    let Lan {
+        agent,
+        mut site,
+        server_ns,
+        ..
+    } = lan;
     drop(agent);
-    let mut site = site;
     site.stop();
     let nat = iptables(&server_ns);
     assert!(
@@ -292,4 +326,239 @@ fn iptables(ns: &str) -> String {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `curl` in namespace `ns` with `args`: (exit success, stdout, stderr).
+fn curl(ns: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "curl", "-sS", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const INGRESS_OBJECTS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: secure}
+spec:
+  selector: {app: secure}
+  ports: [{port: 8443, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ws}
+spec:
+  ports: [{name: ws, port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ws-1, labels: {kubernetes.io/service-name: ws}}
+addressType: IPv4
+ports: [{name: ws, port: 9100, protocol: TCP}]
+endpoints: [{addresses: [NODE_A_IP], nodeName: node-a, conditions: {ready: true}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: shop}
+spec:
+  tls: [{hosts: [secure.example], secretName: secure-tls}]
+  rules:
+  - host: web.example
+    http:
+      paths: [{path: /, pathType: Prefix, backend: {service: {name: web, port: {name: http}}}}]
+  - host: secure.example
+    http:
+      paths: [{path: /, pathType: Prefix, backend: {service: {name: secure, port: {number: 8443}}}}]
+  - host: ws.example
+    http:
+      paths: [{path: /, pathType: Prefix, backend: {service: {name: ws, port: {number: 80}}}}]
+  - host: gone.example
+    http:
+      paths: [{path: /, pathType: Prefix, backend: {service: {name: missing, port: {number: 80}}}}]
+"#;
+
+/// A WebSocket client from PyPI (websocket-client, as the Kubernetes Python client uses).
+const WS_CLIENT: &str = r#"
+import sys, websocket
+ws = websocket.create_connection("ws://%s/echo" % sys.argv[1], host="ws.example", timeout=10)
+ws.send("hello through the ingress")
+print(ws.recv())
+ws.close()
+"#;
+
+#[test]
+fn the_ingress_serves_two_hosts_tls_and_websockets() {
+    let lan = Lan::start();
+    let (site, client) = (&lan.site, &lan.client);
+
+    // A real WebSocket server on node A (an endpoint named by hand: the node's own address).
+    let ws_runtime = tests::netns::NsRuntime::start(&lan.node_a);
+    let bound = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(ws_runtime.run(async {
+            let listener = tokio::net::TcpListener::bind((NODE_A_IP, 9100)).await?;
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    tokio::spawn(async move {
+                        use futures::{SinkExt, StreamExt};
+                        let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                            return;
+                        };
+                        while let Some(Ok(message)) = ws.next().await {
+                            if message.is_text() && ws.send(message).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            });
+            Ok::<_, std::io::Error>(())
+        }));
+    bound.unwrap();
+
+    // The TLS Secret, as a user makes one.
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["secure.example".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    site.ok(&[
+        "create",
+        "secret",
+        "tls",
+        "secure-tls",
+        &format!("--cert={}", cert_path.display()),
+        &format!("--key={}", key_path.display()),
+    ]);
+
+    let objects = [
+        WHO.to_string(),
+        who_pod("web-server", "web", "server"),
+        who_pod("web-a", "web", "node-a"),
+        who_pod("secure-a", "secure", "node-a"),
+        INGRESS_OBJECTS.replace("NODE_A_IP", NODE_A_IP),
+    ]
+    .join("---");
+    lan.apply_and_wait(&objects, &["web-server", "web-a", "secure-a"]);
+
+    // The class the site installs, default; the Ingress names none and is served.
+    let class = site.ok(&["get", "ingressclass", "edgesite", "-o", "json"]);
+    assert!(
+        class.contains("\"ingressclass.kubernetes.io/is-default-class\": \"true\""),
+        "{class}"
+    );
+    // Both nodes' addresses in the status (kubectl's ADDRESS).
+    let mut last = String::new();
+    let listed = eventually(Duration::from_secs(30), || {
+        last = site.ok(&["get", "ingress", "shop", "--no-headers"]);
+        last.contains(&format!("{SERVER_IP},{NODE_A_IP}"))
+    });
+    assert!(listed, "the Ingress's ADDRESS: {last}");
+
+    // Plain HTTP by host, on both nodes, to the pods on both nodes.
+    for node_ip in [SERVER_IP, NODE_A_IP] {
+        let url = format!("http://{node_ip}/cgi-bin/who");
+        let mut answers = String::new();
+        let both = eventually(Duration::from_secs(60), || {
+            answers = (0..6)
+                .map(|_| curl(client, &["-H", "Host: web.example", &url]).1)
+                .collect();
+            answers.contains("server ") && answers.contains("node-a ")
+        });
+        assert!(both, "web.example on {node_ip}: {answers}");
+    }
+
+    // TLS with SNI, over HTTP/2, with the Secret's certificate (curl verifies it).
+    let (ok, out, err) = curl(
+        client,
+        &[
+            "--http2",
+            "-w",
+            " http/%{http_version}",
+            "--cacert",
+            &cert_path.display().to_string(),
+            "--resolve",
+            &format!("secure.example:443:{SERVER_IP}"),
+            "https://secure.example/cgi-bin/who",
+        ],
+    );
+    assert!(ok, "https://secure.example: {err}");
+    assert!(
+        out.starts_with("node-a ") && out.ends_with(" http/2"),
+        "{out}"
+    );
+    // Another name gets the default certificate (which curl does not trust).
+    let (ok, _, err) = curl(
+        client,
+        &[
+            "--cacert",
+            &cert_path.display().to_string(),
+            "--resolve",
+            &format!("web.example:443:{SERVER_IP}"),
+            "https://web.example/",
+        ],
+    );
+    assert!(!ok && err.contains("certificate"), "{err}");
+
+    // What is missing is said.
+    let (_, out, _) = curl(
+        client,
+        &[
+            "-H",
+            "Host: nothing.example",
+            &format!("http://{NODE_A_IP}/"),
+        ],
+    );
+    assert!(
+        out.contains("404") && out.contains("no Ingress rule"),
+        "{out}"
+    );
+    let (_, out, _) = curl(
+        client,
+        &["-H", "Host: gone.example", &format!("http://{NODE_A_IP}/")],
+    );
+    assert!(
+        out.contains("503") && out.contains("default/missing does not exist"),
+        "{out}"
+    );
+
+    // A WebSocket through the ingress on the server, to the endpoint on node A (through the
+    // mesh), with a real client.
+    let python = tests::python();
+    let mut last = String::new();
+    let echoed = eventually(Duration::from_secs(30), || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", client])
+            .arg(&python)
+            .args(["-c", WS_CLIENT, SERVER_IP])
+            .output()
+            .unwrap();
+        last = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        last.trim() == "hello through the ingress"
+    });
+    assert!(echoed, "WebSocket through the ingress: {last}");
+    drop(ws_runtime);
 }

@@ -26,6 +26,9 @@ pub enum RefKind {
 
 type Ref = (RefKind, String, String);
 
+/// The IngressClass every node's built-in ingress serves.
+pub const SITE_INGRESS_CLASS: &str = "edgesite";
+
 /// The path node agents dial to serve their HTTP API to the API server.
 pub const NODE_TUNNEL: &str = "/edgesite/v1/node-tunnel";
 
@@ -40,6 +43,9 @@ pub struct Graph {
     claims: HashMap<String, String>,
     /// Device `namespace/name` -> node.
     devices: HashMap<String, String>,
+    /// Ingress `namespace/name` -> the TLS Secrets it names, when it is the site's ingress's
+    /// (class `edgesite`, or none): every node serves it, so every node may read them.
+    ingress_secrets: HashMap<String, Vec<(String, String)>>,
 }
 
 /// The parts of a pod the graph needs, parsed straight from the stored text (the follower sees
@@ -158,6 +164,34 @@ mod view {
         pub node_name: String,
         #[serde(default)]
         pub volume_name: String,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    pub struct IngressTls {
+        #[serde(default)]
+        pub secret_name: String,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    pub struct IngressSpec {
+        #[serde(default)]
+        pub ingress_class_name: Option<String>,
+        #[serde(default)]
+        pub tls: Vec<IngressTls>,
+    }
+    #[derive(Deserialize, Default)]
+    pub struct IngressMeta {
+        #[serde(default)]
+        pub namespace: String,
+        #[serde(default)]
+        pub annotations: std::collections::HashMap<String, String>,
+    }
+    #[derive(Deserialize, Default)]
+    pub struct Ingress {
+        #[serde(default)]
+        pub metadata: IngressMeta,
+        #[serde(default)]
+        pub spec: IngressSpec,
     }
     #[derive(Deserialize, Default)]
     pub struct WithBound {
@@ -284,6 +318,35 @@ impl Graph {
         }
     }
 
+    /// An Ingress (stored text) was written or deleted.
+    pub fn ingress_text(&mut self, key: &str, text: Option<&str>) {
+        self.ingress_secrets.remove(key);
+        let Some(ingress) = text.and_then(|t| serde_json::from_str::<view::Ingress>(t).ok()) else {
+            return;
+        };
+        let class = ingress.spec.ingress_class_name.or_else(|| {
+            ingress
+                .metadata
+                .annotations
+                .get("kubernetes.io/ingress.class")
+                .cloned()
+        });
+        if class.as_deref().is_some_and(|c| c != SITE_INGRESS_CLASS) {
+            return;
+        }
+        let namespace = ingress.metadata.namespace;
+        let secrets: Vec<(String, String)> = ingress
+            .spec
+            .tls
+            .into_iter()
+            .filter(|t| !t.secret_name.is_empty())
+            .map(|t| (namespace.clone(), t.secret_name))
+            .collect();
+        if !secrets.is_empty() {
+            self.ingress_secrets.insert(key.to_string(), secrets);
+        }
+    }
+
     fn link(&mut self, key: &str, node: String, refs: Vec<Ref>) {
         if node.is_empty() {
             return;
@@ -339,6 +402,15 @@ impl Graph {
                         .split_once('/')
                         .is_some_and(|(ns, c)| self.uses(node, RefKind::Claim, ns, c))
             });
+        }
+        if kind == RefKind::Secret
+            && self
+                .ingress_secrets
+                .values()
+                .flatten()
+                .any(|(ns, secret)| ns == namespace && secret == name)
+        {
+            return true;
         }
         self.users
             .get(&(kind, namespace.to_string(), name.to_string()))
@@ -547,6 +619,31 @@ mod tests {
         let mut g = g;
         g.pod("shop/a", None);
         assert!(!authorize(&g, "n1", &get("secrets", "shop", "db"), &r).allowed());
+    }
+
+    #[test]
+    fn every_node_reads_the_tls_secrets_of_the_site_ingress_only() {
+        let mut g = graph();
+        let r = rules();
+        let ingress = |class: serde_json::Value| {
+            serde_json::json!({
+                "metadata": {"name": "web", "namespace": "shop"},
+                "spec": {"ingressClassName": class, "tls": [{"hosts": ["a.example"], "secretName": "web-tls"}]}
+            })
+            .to_string()
+        };
+        g.ingress_text("shop/web", Some(&ingress(serde_json::json!("edgesite"))));
+        for node in ["n1", "n2"] {
+            assert!(authorize(&g, node, &get("secrets", "shop", "web-tls"), &r).allowed());
+        }
+        assert!(!authorize(&g, "n1", &get("secrets", "other", "web-tls"), &r).allowed());
+        // Another controller's Ingress: its Secrets stay out of reach.
+        g.ingress_text("shop/web", Some(&ingress(serde_json::json!("nginx"))));
+        assert!(!authorize(&g, "n1", &get("secrets", "shop", "web-tls"), &r).allowed());
+        g.ingress_text("shop/web", Some(&ingress(serde_json::Value::Null)));
+        assert!(authorize(&g, "n1", &get("secrets", "shop", "web-tls"), &r).allowed());
+        g.ingress_text("shop/web", None);
+        assert!(!authorize(&g, "n1", &get("secrets", "shop", "web-tls"), &r).allowed());
     }
 
     #[test]

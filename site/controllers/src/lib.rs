@@ -21,6 +21,7 @@ pub mod expectations;
 pub mod garbage_collector;
 pub mod history;
 pub mod informer;
+pub mod ingress;
 pub mod job;
 pub mod leader;
 pub mod namespace;

@@ -51,7 +51,7 @@ pub enum Outcome {
     Clear,
 }
 
-fn is_ready(node: &Node) -> bool {
+pub(crate) fn is_ready(node: &Node) -> bool {
     node.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
@@ -61,7 +61,7 @@ fn is_ready(node: &Node) -> bool {
 }
 
 /// The address a node is reached at: its ExternalIP, else its InternalIP.
-fn address_of(node: &Node) -> Option<String> {
+pub(crate) fn address_of(node: &Node) -> Option<String> {
     let addresses = node.status.as_ref()?.addresses.as_ref()?;
     ["ExternalIP", "InternalIP"].iter().find_map(|kind| {
         addresses

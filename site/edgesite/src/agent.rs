@@ -107,8 +107,17 @@ pub fn run(args: AgentCommandArgs) -> Result<()> {
             )?),
             None => None,
         };
+        let share = crate::ingress::start(
+            &args.agent.ingress,
+            mesh_config.is_some(),
+            &config.node_name,
+            client.clone(),
+            shutdown.clone(),
+        );
         let mesh = match mesh_config {
-            Some(mesh) => Some(crate::mesh::start(mesh, client.clone(), shutdown.clone()).await?),
+            Some(mesh) => {
+                Some(crate::mesh::start(mesh, client.clone(), shutdown.clone(), share).await?)
+            }
             None => None,
         };
         let mut agent = tokio::spawn(edged::run(config, client, publish, shutdown.clone()));

@@ -168,6 +168,11 @@ async fn run_loops(
         recorder("service-lb-controller"),
         shutdown.clone(),
     );
+    let ingress = controllers::ingress::controller(
+        &informers,
+        recorder("ingress-controller"),
+        shutdown.clone(),
+    );
     informers.start();
     loops.extend([
         Box::pin(node_ipam) as futures::future::BoxFuture<'static, ()>,
@@ -182,6 +187,7 @@ async fn run_loops(
         Box::pin(daemon_sets),
         Box::pin(stateful_sets),
         Box::pin(service_lb),
+        Box::pin(ingress),
         Box::pin(devices::controller::run(
             informers.client_for("device-controller"),
             recorder("device-controller"),

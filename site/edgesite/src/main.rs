@@ -12,6 +12,7 @@ mod control_plane;
 mod csr_signer;
 mod devices;
 mod etcd;
+mod ingress;
 mod join;
 mod kubelet_api;
 mod logging;
@@ -720,6 +721,8 @@ pub struct AgentArgs {
     pub devices: crate::devices::DeviceArgs,
     #[command(flatten)]
     pub mesh: crate::mesh::MeshArgs,
+    #[command(flatten)]
+    pub ingress: crate::ingress::IngressArgs,
 }
 
 impl AgentArgs {

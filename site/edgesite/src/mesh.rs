@@ -120,13 +120,15 @@ impl MeshArgs {
 }
 
 /// Starts the node's mesh; its failure to start (a taken port, no iptables) is an error here.
+/// `share` gets the mesh's service table and dialer once it runs (for the ingress).
 pub async fn start(
     config: AgentConfig,
     client: kube::Client,
     shutdown: CancellationToken,
+    share: Option<tokio::sync::oneshot::Sender<edgemesh::agent::Published>>,
 ) -> Result<tokio::task::JoinHandle<()>> {
     Ok(tokio::spawn(async move {
-        if let Err(error) = edgemesh::agent::run(config, client, shutdown).await {
+        if let Err(error) = edgemesh::agent::run(config, client, shutdown, share).await {
             tracing::error!("mesh stopped: {error:#}");
         }
     }))

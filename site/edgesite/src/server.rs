@@ -909,6 +909,7 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
             },
             shutdown.clone(),
         ));
+        let node_name = agent_config.as_ref().map(|c| c.node_name.clone());
         let agent = agent_config.map(|config| {
             // The co-located agent's HTTP API is called in process, like its API client.
             let streams = api.nodes.clone();
@@ -938,12 +939,23 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
             )?),
             None => None,
         };
+        let share = match &node_name {
+            Some(node_name) => crate::ingress::start(
+                &args.agent.ingress,
+                mesh_config.is_some(),
+                node_name,
+                node_client.clone().unwrap_or_else(|| client.clone()),
+                shutdown.clone(),
+            ),
+            None => None,
+        };
         let mesh = match mesh_config {
             Some(mesh) => Some(
                 crate::mesh::start(
                     mesh,
                     node_client.clone().unwrap_or_else(|| client.clone()),
                     shutdown.clone(),
+                    share,
                 )
                 .await?,
             ),
