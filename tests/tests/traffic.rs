@@ -529,7 +529,7 @@ fn the_ingress_serves_two_hosts_tls_and_websockets() {
         ],
     );
     assert!(
-        out.contains("404") && out.contains("no Ingress rule"),
+        out.contains("404") && out.contains("no Ingress or HTTPRoute rule"),
         "{out}"
     );
     let (_, out, _) = curl(
@@ -561,4 +561,163 @@ fn the_ingress_serves_two_hosts_tls_and_websockets() {
     });
     assert!(echoed, "WebSocket through the ingress: {last}");
     drop(ws_runtime);
+}
+
+const GATEWAY_OBJECTS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: v1}
+spec:
+  selector: {app: v1}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: v2}
+spec:
+  selector: {app: v2}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  gatewayClassName: edgesite
+  listeners: [{name: http, port: 80, protocol: HTTP}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: canary}
+spec:
+  parentRefs: [{name: gw}]
+  hostnames: [canary.example]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /}}]
+    backendRefs: [{name: v1, port: 80, weight: 80}, {name: v2, port: 80, weight: 20}]
+  - matches: [{path: {type: PathPrefix, value: /}, headers: [{name: X-Canary, value: always}]}]
+    filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: X-Served-By, value: canary}]}}]
+    backendRefs: [{name: v2, port: 80}]
+  - matches: [{path: {type: Exact, value: /old}}]
+    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /cgi-bin/who}, statusCode: 301}}]
+"#;
+
+#[test]
+fn a_gateway_route_splits_traffic_80_20_and_reports_its_status() {
+    let lan = Lan::start();
+    let (site, client) = (&lan.site, &lan.client);
+    let objects = [
+        WHO.to_string(),
+        who_pod("v1-server", "v1", "server"),
+        who_pod("v2-a", "v2", "node-a"),
+        GATEWAY_OBJECTS.to_string(),
+    ]
+    .join("---");
+    lan.apply_and_wait(&objects, &["v1-server", "v2-a"]);
+
+    // Statuses as the Gateway API specifies them.
+    let mut last = String::new();
+    let accepted = eventually(Duration::from_secs(30), || {
+        last = site.ok(&["get", "gatewayclass", "edgesite", "--no-headers"]);
+        last.contains("edgesite.io/gateway-controller") && last.contains("True")
+    });
+    assert!(accepted, "GatewayClass: {last}");
+    let programmed = eventually(Duration::from_secs(30), || {
+        last = site.ok(&["get", "gateway", "gw", "--no-headers"]);
+        let addresses = site.ok(&[
+            "get",
+            "gateway",
+            "gw",
+            "-o",
+            "jsonpath={.status.addresses[*].value}",
+        ]);
+        last.contains("True") && addresses == format!("{SERVER_IP} {NODE_A_IP}")
+    });
+    assert!(programmed, "Gateway: {last}");
+    let route_ok = eventually(Duration::from_secs(30), || {
+        last = site.ok(&[
+            "get",
+            "httproute",
+            "canary",
+            "-o",
+            "jsonpath={range .status.parents[*].conditions[*]}{.type}={.status} {end}",
+        ]);
+        last.contains("Accepted=True") && last.contains("ResolvedRefs=True")
+    });
+    assert!(route_ok, "HTTPRoute conditions: {last}");
+    let listener = site.ok(&[
+        "get",
+        "gateway",
+        "gw",
+        "-o",
+        "jsonpath={.status.listeners[0].attachedRoutes}",
+    ]);
+    assert_eq!(listener, "1");
+
+    // 80/20 between v1 (on the server) and v2 (on node A).
+    let url = format!("http://{SERVER_IP}/cgi-bin/who");
+    let served = eventually(Duration::from_secs(60), || {
+        curl(client, &["-H", "Host: canary.example", &url])
+            .1
+            .starts_with("server ")
+    });
+    assert!(served, "the route never answered");
+    let mut v2 = 0;
+    for _ in 0..100 {
+        let (ok, out, err) = curl(client, &["-H", "Host: canary.example", &url]);
+        assert!(ok, "{err}");
+        if out.starts_with("node-a ") {
+            v2 += 1;
+        }
+    }
+    assert!((12..=28).contains(&v2), "v2 got {v2} of 100 (weight 20)");
+
+    // A header match goes to v2 only, with the response header the filter sets.
+    for _ in 0..5 {
+        let (_, out, _) = curl(
+            client,
+            &[
+                "-i",
+                "-H",
+                "Host: canary.example",
+                "-H",
+                "X-Canary: always",
+                &url,
+            ],
+        );
+        assert!(
+            out.contains("node-a ") && out.to_ascii_lowercase().contains("x-served-by: canary"),
+            "{out}"
+        );
+    }
+    // A redirect.
+    let (_, out, _) = curl(
+        client,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url}",
+            "-H",
+            "Host: canary.example",
+            &format!("http://{SERVER_IP}/old"),
+        ],
+    );
+    assert_eq!(out, "301 http://canary.example/cgi-bin/who");
+
+    // A route to a Service that does not exist says so in its status.
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: broken}\nspec:\n  parentRefs: [{name: gw}]\n  rules: [{backendRefs: [{name: nowhere, port: 80}]}]\n"),
+    );
+    let reported = eventually(Duration::from_secs(30), || {
+        last = site.ok(&[
+            "get",
+            "httproute",
+            "broken",
+            "-o",
+            "jsonpath={.status.parents[0].conditions[?(@.type==\"ResolvedRefs\")].reason}",
+        ]);
+        last == "BackendNotFound"
+    });
+    assert!(reported, "broken route's ResolvedRefs: {last}");
 }

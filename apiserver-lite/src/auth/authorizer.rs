@@ -36,12 +36,13 @@ const CLAIMS: &str = "/core/persistentvolumeclaims/";
 const DEVICES: &str = "/devices.kubeedge.io/devices/";
 const SERVICE_ACCOUNTS: &str = "/core/serviceaccounts/";
 const INGRESSES: &str = "/networking.k8s.io/ingresses/";
+const GATEWAYS: &str = "/gateway.networking.k8s.io/gateways/";
 /// Where the node passwords (and the serial of each node's certificate) are kept.
 const NODE_PASSWORDS: &str = "/core/secrets/kube-system/";
 const NODE_PASSWORD_SUFFIX: &str = ".node-password.edgesite";
 /// A cloud hub keeps its sites' passwords (and certificate serials) beside the nodes'.
 const SITE_PASSWORD_SUFFIX: &str = ".site-password.edgesite";
-const FOLLOWED: [&str; 10] = [
+const FOLLOWED: [&str; 11] = [
     CLUSTER_ROLES,
     ROLES,
     CLUSTER_ROLE_BINDINGS,
@@ -52,6 +53,7 @@ const FOLLOWED: [&str; 10] = [
     SERVICE_ACCOUNTS,
     NODE_PASSWORDS,
     INGRESSES,
+    GATEWAYS,
 ];
 
 #[derive(Default)]
@@ -307,6 +309,7 @@ impl Authorizer {
                     && !event.key.starts_with(CLAIMS)
                     && !event.key.starts_with(DEVICES)
                     && !event.key.starts_with(INGRESSES)
+                    && !event.key.starts_with(GATEWAYS)
                     && !event.key.starts_with(SERVICE_ACCOUNTS)
                     && !event.key.starts_with(NODE_PASSWORDS);
                 rbac_changed |= is_rbac;
@@ -395,6 +398,8 @@ fn apply(
         graph.device_text(short(DEVICES), text);
     } else if key.starts_with(INGRESSES) {
         graph.ingress_text(short(INGRESSES), text);
+    } else if key.starts_with(GATEWAYS) {
+        graph.gateway_text(short(GATEWAYS), text);
     } else if key.starts_with(SERVICE_ACCOUNTS) {
         // What ServiceAccount admission reads: the automount setting and pull secrets.
         match text.and_then(|t| serde_json::from_str::<AccountView>(t).ok()) {

@@ -43,8 +43,9 @@ pub struct Graph {
     claims: HashMap<String, String>,
     /// Device `namespace/name` -> node.
     devices: HashMap<String, String>,
-    /// Ingress `namespace/name` -> the TLS Secrets it names, when it is the site's ingress's
-    /// (class `edgesite`, or none): every node serves it, so every node may read them.
+    /// Ingress `namespace/name` (Gateway `gateway:namespace/name`) -> the TLS Secrets it
+    /// names, when it is the site's ingress's (class `edgesite`, or none for an Ingress): every
+    /// node serves it, so every node may read them.
     ingress_secrets: HashMap<String, Vec<(String, String)>>,
 }
 
@@ -192,6 +193,42 @@ mod view {
         pub metadata: IngressMeta,
         #[serde(default)]
         pub spec: IngressSpec,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    pub struct CertificateRef {
+        #[serde(default)]
+        pub kind: Option<String>,
+        #[serde(default)]
+        pub namespace: Option<String>,
+        #[serde(default)]
+        pub name: String,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    pub struct ListenerTls {
+        #[serde(default)]
+        pub certificate_refs: Vec<CertificateRef>,
+    }
+    #[derive(Deserialize, Default)]
+    pub struct Listener {
+        #[serde(default)]
+        pub tls: Option<ListenerTls>,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    pub struct GatewaySpec {
+        #[serde(default)]
+        pub gateway_class_name: String,
+        #[serde(default)]
+        pub listeners: Vec<Listener>,
+    }
+    #[derive(Deserialize, Default)]
+    pub struct Gateway {
+        #[serde(default)]
+        pub metadata: IngressMeta,
+        #[serde(default)]
+        pub spec: GatewaySpec,
     }
     #[derive(Deserialize, Default)]
     pub struct WithBound {
@@ -344,6 +381,33 @@ impl Graph {
             .collect();
         if !secrets.is_empty() {
             self.ingress_secrets.insert(key.to_string(), secrets);
+        }
+    }
+
+    /// A Gateway (stored text) was written or deleted: the certificates of the site's class's
+    /// Gateways (in their own namespace) are every node's to read, as the Ingresses' are.
+    pub fn gateway_text(&mut self, key: &str, text: Option<&str>) {
+        let key = format!("gateway:{key}");
+        self.ingress_secrets.remove(&key);
+        let Some(gateway) = text.and_then(|t| serde_json::from_str::<view::Gateway>(t).ok()) else {
+            return;
+        };
+        if gateway.spec.gateway_class_name != SITE_INGRESS_CLASS {
+            return;
+        }
+        let namespace = gateway.metadata.namespace;
+        let secrets: Vec<(String, String)> = gateway
+            .spec
+            .listeners
+            .into_iter()
+            .filter_map(|l| l.tls)
+            .flat_map(|t| t.certificate_refs)
+            .filter(|c| c.kind.as_deref().unwrap_or("Secret") == "Secret")
+            .filter(|c| c.namespace.as_deref().is_none_or(|n| n == namespace))
+            .map(|c| (namespace.clone(), c.name))
+            .collect();
+        if !secrets.is_empty() {
+            self.ingress_secrets.insert(key, secrets);
         }
     }
 
@@ -644,6 +708,18 @@ mod tests {
         assert!(authorize(&g, "n1", &get("secrets", "shop", "web-tls"), &r).allowed());
         g.ingress_text("shop/web", None);
         assert!(!authorize(&g, "n1", &get("secrets", "shop", "web-tls"), &r).allowed());
+        // A Gateway of the site's class: its listeners' certificates, in its namespace only.
+        let gateway = serde_json::json!({
+            "metadata": {"name": "gw", "namespace": "shop"},
+            "spec": {"gatewayClassName": "edgesite", "listeners": [{"name": "https", "tls": {"certificateRefs": [
+                {"name": "gw-tls"}, {"name": "elsewhere", "namespace": "other"}
+            ]}}]}
+        });
+        g.gateway_text("shop/gw", Some(&gateway.to_string()));
+        assert!(authorize(&g, "n2", &get("secrets", "shop", "gw-tls"), &r).allowed());
+        assert!(!authorize(&g, "n2", &get("secrets", "other", "elsewhere"), &r).allowed());
+        g.gateway_text("shop/gw", None);
+        assert!(!authorize(&g, "n2", &get("secrets", "shop", "gw-tls"), &r).allowed());
     }
 
     #[test]

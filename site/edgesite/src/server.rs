@@ -846,6 +846,10 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
         devices::crd::install(&client)
             .await
             .context("install the Device and DeviceModel CRDs")?;
+        // So is the Gateway API, which every node's ingress serves.
+        controllers::crds::install(&client, ingress::crds::definitions())
+            .await
+            .context("install the Gateway API CRDs")?;
         let hub = if matches!(role, Role::Hub { .. }) {
             cloudhub::crds::install(&client)
                 .await

@@ -13,6 +13,8 @@
 //! `status.loadBalancer` from the nodes that announce [`NODE_ANNOTATION`] and reports their
 //! problems as Events.
 
+pub mod crds;
+pub mod gateway;
 pub mod proxy;
 pub mod routes;
 pub mod tls;
@@ -26,7 +28,7 @@ use anyhow::Context as _;
 use futures::{FutureExt as _, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Secret};
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -91,7 +93,11 @@ pub async fn run(
         shutdown.clone(),
     ));
     tokio::spawn(announce(client.clone(), config.clone(), shutdown.clone()));
-    follow(client, shared, resolver, shutdown).await;
+    let ports = gateway::Ports {
+        http: config.http.port(),
+        https: config.https.port(),
+    };
+    follow(client, shared, resolver, ports, shutdown).await;
     Ok(())
 }
 
@@ -191,34 +197,161 @@ async fn announce(client: kube::Client, config: IngressConfig, shutdown: Cancell
     }
 }
 
+/// The objects routes are made of, kept from watches: Ingresses, IngressClasses, Gateways and
+/// HTTPRoutes. The nodes' ingress and the server's status loop both read them.
+pub struct Sources {
+    ingresses: reflector::Store<Ingress>,
+    classes: reflector::Store<IngressClass>,
+    gateways: reflector::Store<DynamicObject>,
+    routes: reflector::Store<DynamicObject>,
+}
+
+/// What [`Sources::build`] makes.
+pub struct Built {
+    pub table: Table,
+    /// The Ingresses served, and what is wrong with them.
+    pub ingresses: Vec<Arc<Ingress>>,
+    pub problems: Vec<routes::Problem>,
+    pub statuses: gateway::Statuses,
+}
+
+fn resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: gateway::GROUP.into(),
+        version: "v1".into(),
+        api_version: format!("{}/v1", gateway::GROUP),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+pub fn gateway_resource() -> ApiResource {
+    resource("Gateway", "gateways")
+}
+
+pub fn http_route_resource() -> ApiResource {
+    resource("HTTPRoute", "httproutes")
+}
+
+pub fn gateway_class_resource() -> ApiResource {
+    resource("GatewayClass", "gatewayclasses")
+}
+
+impl Sources {
+    /// Starts the watches; the stream yields once per change (it ends with the client).
+    pub fn start(client: &kube::Client) -> (Sources, futures::stream::BoxStream<'static, ()>) {
+        let (ingresses, ingress_writer) = reflector::store::<Ingress>();
+        let (classes, class_writer) = reflector::store::<IngressClass>();
+        let gateway_writer = reflector::store::Writer::<DynamicObject>::new(gateway_resource());
+        let gateways = gateway_writer.as_reader();
+        let route_writer = reflector::store::Writer::<DynamicObject>::new(http_route_resource());
+        let routes = route_writer.as_reader();
+        let config = watcher::Config::default;
+        let ingress_events = reflector(
+            ingress_writer,
+            watcher(Api::<Ingress>::all(client.clone()), config()),
+        )
+        .default_backoff()
+        .map(|_| ());
+        let class_events = reflector(
+            class_writer,
+            watcher(Api::<IngressClass>::all(client.clone()), config()),
+        )
+        .default_backoff()
+        .map(|_| ());
+        let gateway_events = reflector(
+            gateway_writer,
+            watcher(
+                Api::<DynamicObject>::all_with(client.clone(), &gateway_resource()),
+                config(),
+            ),
+        )
+        .default_backoff()
+        .map(|_| ());
+        let route_events = reflector(
+            route_writer,
+            watcher(
+                Api::<DynamicObject>::all_with(client.clone(), &http_route_resource()),
+                config(),
+            ),
+        )
+        .default_backoff()
+        .map(|_| ());
+        let events = futures::stream::select_all([
+            ingress_events.boxed(),
+            class_events.boxed(),
+            gateway_events.boxed(),
+            route_events.boxed(),
+        ])
+        .boxed();
+        (
+            Sources {
+                ingresses,
+                classes,
+                gateways,
+                routes,
+            },
+            events,
+        )
+    }
+
+    /// The routing table of what is there now, with the Ingresses' problems and the Gateway
+    /// API's statuses (`service_exists` decides `ResolvedRefs`).
+    pub fn build(
+        &self,
+        ports: gateway::Ports,
+        service_exists: &dyn Fn(&str, &str) -> bool,
+    ) -> Built {
+        let default = ours_is_default(&self.classes.state());
+        let ingresses: Vec<Arc<Ingress>> = self
+            .ingresses
+            .state()
+            .into_iter()
+            .filter(|i| routes::is_ours(i, default))
+            .collect();
+        let refs: Vec<&Ingress> = ingresses.iter().map(|i| i.as_ref()).collect();
+        let (mut table, problems) = Table::build(&refs);
+        let parse = |objects: Vec<Arc<DynamicObject>>| -> Vec<serde_json::Value> {
+            objects
+                .iter()
+                .filter_map(|o| serde_json::to_value(o.as_ref()).ok())
+                .collect()
+        };
+        let gateways: Vec<gateway::Gateway> = parse(self.gateways.state())
+            .into_iter()
+            .filter_map(|v| serde_json::from_value(v).ok())
+            .collect();
+        let routes: Vec<gateway::HttpRoute> = parse(self.routes.state())
+            .into_iter()
+            .filter_map(|v| serde_json::from_value(v).ok())
+            .collect();
+        let statuses = gateway::compile(&mut table, &gateways, &routes, ports, service_exists);
+        Built {
+            table,
+            ingresses,
+            problems,
+            statuses,
+        }
+    }
+
+    pub fn gateways(&self) -> Vec<Arc<DynamicObject>> {
+        self.gateways.state()
+    }
+
+    pub fn http_routes(&self) -> Vec<Arc<DynamicObject>> {
+        self.routes.state()
+    }
+}
+
 /// Keeps the routing table and the certificates true to the API.
 async fn follow(
     client: kube::Client,
     shared: Arc<Shared>,
     resolver: Arc<SniResolver>,
+    ports: gateway::Ports,
     shutdown: CancellationToken,
 ) {
-    let (ingresses, ingress_writer) = reflector::store::<Ingress>();
-    let (classes, class_writer) = reflector::store::<IngressClass>();
-    let ingress_events = reflector(
-        ingress_writer,
-        watcher(
-            Api::<Ingress>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .map(|_| ());
-    let class_events = reflector(
-        class_writer,
-        watcher(
-            Api::<IngressClass>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .map(|_| ());
-    let mut events = futures::stream::select(ingress_events, class_events).boxed();
+    let (sources, mut events) = Sources::start(&client);
     // Certificates are read again now and then: a renewed Secret is picked up.
     let mut refresh = tokio::time::interval(Duration::from_secs(30));
     let mut certificates: BTreeMap<
@@ -242,14 +375,8 @@ async fn follow(
             continue;
         }
         dirty = false;
-        let default = ours_is_default(&classes.state());
-        let all = ingresses.state();
-        let ours: Vec<&Ingress> = all
-            .iter()
-            .map(|i| i.as_ref())
-            .filter(|i| routes::is_ours(i, default))
-            .collect();
-        let (table, _problems) = Table::build(&ours);
+        // Whether a Service exists matters to statuses only, which the server writes.
+        let table = sources.build(ports, &|_, _| true).table;
         // Certificates: those named now, read when new (or on the refresh tick).
         let wanted = table.tls_secrets();
         certificates.retain(|key, _| wanted.contains(key));

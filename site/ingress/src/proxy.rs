@@ -22,7 +22,9 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 
-use crate::routes::{BackendRef, PortRef, Route, Table};
+use crate::routes::{
+    BackendRef, Filter, HeaderEdit, PathMatch, PathRewrite, PortRef, RequestView, Route, Table,
+};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -265,18 +267,94 @@ pub async fn handle(
     let host = host_of(&request);
     let path = request.uri().path().to_string();
     let table = shared.table();
-    let Some(route) = table.route(&host, &path) else {
+    let view = RequestView {
+        scheme,
+        host: &host,
+        path: &path,
+        method: request.method().as_str(),
+        headers: request.headers(),
+        query: request.uri().query(),
+    };
+    let Some(route) = table.route(&view) else {
         return Ok(page(
             StatusCode::NOT_FOUND,
             format!(
-                "404 Not Found: no Ingress rule for host {host:?} and path {path:?}, and no default backend"
+                "404 Not Found: no Ingress or HTTPRoute rule for host {host:?} and path {path:?}, and no default backend"
             ),
         ));
     };
+    for filter in &route.filters {
+        match filter {
+            Filter::Redirect {
+                scheme: to_scheme,
+                hostname,
+                port: to_port,
+                status,
+                path: rewrite,
+            } => {
+                let scheme = to_scheme.as_deref().unwrap_or(scheme);
+                let hostname = hostname.as_deref().unwrap_or(&host);
+                // The port stays when neither it nor the scheme is changed.
+                let port = to_port.or_else(|| {
+                    (to_scheme.is_none() && ![80, 443].contains(&port)).then_some(port)
+                });
+                let path = rewritten(&path, &route.path, rewrite.as_ref());
+                let mut location = match port {
+                    Some(p) => format!("{scheme}://{hostname}:{p}{path}"),
+                    None => format!("{scheme}://{hostname}{path}"),
+                };
+                if let Some(query) = request.uri().query() {
+                    location.push('?');
+                    location.push_str(query);
+                }
+                let mut response = page(
+                    StatusCode::from_u16(*status).unwrap_or(StatusCode::FOUND),
+                    format!("Redirecting to {location}"),
+                );
+                if let Ok(value) = HeaderValue::from_str(&location) {
+                    response.headers_mut().insert(header::LOCATION, value);
+                }
+                return Ok(response);
+            }
+            Filter::RequestHeaders(edit) => edit_headers(request.headers_mut(), edit),
+            Filter::Rewrite {
+                hostname,
+                path: rewrite,
+            } => {
+                if let Some(hostname) = hostname
+                    && let Ok(value) = HeaderValue::from_str(hostname)
+                {
+                    request.headers_mut().insert(header::HOST, value);
+                }
+                if rewrite.is_some() {
+                    let path = rewritten(&path, &route.path, rewrite.as_ref());
+                    let uri = match request.uri().query() {
+                        Some(q) => format!("{path}?{q}"),
+                        None => path,
+                    };
+                    if let Ok(uri) = uri.parse() {
+                        *request.uri_mut() = uri;
+                    }
+                }
+            }
+            Filter::ResponseHeaders(_) => {}
+        }
+    }
+    let response_edits: Vec<HeaderEdit> = route
+        .filters
+        .iter()
+        .filter_map(|f| match f {
+            Filter::ResponseHeaders(edit) => Some(edit.clone()),
+            _ => None,
+        })
+        .collect();
     let Some(backend) = weighted(route, &shared) else {
         return Ok(page(
             StatusCode::INTERNAL_SERVER_ERROR,
-            format!("500: every backend of {} has weight 0", route.source),
+            format!(
+                "500 Internal Server Error: {} sends this request to no backend (none given, or all of weight 0)",
+                route.source
+            ),
         ));
     };
     let endpoints = match shared.endpoints(&backend) {
@@ -395,7 +473,64 @@ pub async fn handle(
     }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
+    for edit in &response_edits {
+        edit_headers(&mut parts.headers, edit);
+    }
     Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// Gateway API header edits: set replaces, add appends, remove drops.
+fn edit_headers(headers: &mut HeaderMap, edit: &HeaderEdit) {
+    for (name, value) in &edit.set {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.insert(name, value);
+        }
+    }
+    for (name, value) in &edit.add {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    for name in &edit.remove {
+        headers.remove(name.as_str());
+    }
+}
+
+/// The path after a redirect's or rewrite's path change.
+fn rewritten(path: &str, matched: &PathMatch, rewrite: Option<&PathRewrite>) -> String {
+    match (rewrite, matched) {
+        (None, _) => path.to_string(),
+        (Some(PathRewrite::Full(full)), _) => full.clone(),
+        (Some(PathRewrite::Prefix(with)), PathMatch::Prefix(prefix)) => {
+            let rest = if prefix == "/" {
+                path
+            } else {
+                path.strip_prefix(prefix.as_str()).unwrap_or(path)
+            };
+            let joined = format!(
+                "{}/{}",
+                with.trim_end_matches('/'),
+                rest.trim_start_matches('/')
+            );
+            if joined.len() > 1 && !rest.is_empty() {
+                joined
+            } else {
+                let trimmed = joined.trim_end_matches('/');
+                if trimmed.is_empty() {
+                    "/".to_string()
+                } else {
+                    trimmed.to_string()
+                }
+            }
+        }
+        (Some(PathRewrite::Prefix(with)), PathMatch::Exact(_)) => with.clone(),
+    }
 }
 
 /// A connection of its own for a request that upgrades (it leaves HTTP afterwards).
@@ -418,6 +553,22 @@ async fn fresh_upgrade_sender(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefix_rewrites_keep_the_rest_of_the_path() {
+        let prefix = PathMatch::prefix("/old");
+        let to = |with: &str| PathRewrite::Prefix(with.to_string());
+        assert_eq!(
+            rewritten("/old/a/b", &prefix, Some(&to("/new"))),
+            "/new/a/b"
+        );
+        assert_eq!(rewritten("/old", &prefix, Some(&to("/new"))), "/new");
+        assert_eq!(rewritten("/old/", &prefix, Some(&to("/"))), "/");
+        assert_eq!(rewritten("/old/x", &prefix, Some(&to("/"))), "/x");
+        let full = PathRewrite::Full("/fixed".into());
+        assert_eq!(rewritten("/old/x", &prefix, Some(&full)), "/fixed");
+        assert_eq!(rewritten("/old/x", &prefix, None), "/old/x");
+    }
 
     #[test]
     fn hop_by_hop_headers_go_and_upgrades_stay_when_asked() {

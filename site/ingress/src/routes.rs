@@ -54,7 +54,7 @@ pub enum PathMatch {
 }
 
 impl PathMatch {
-    fn prefix(path: &str) -> Self {
+    pub fn prefix(path: &str) -> Self {
         let trimmed = path.trim_end_matches('/');
         PathMatch::Prefix(if trimmed.is_empty() {
             "/".to_string()
@@ -72,23 +72,138 @@ impl PathMatch {
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
         }
     }
-
-    /// Sort key: Exact first, then longer prefixes.
-    fn rank(&self) -> (u8, std::cmp::Reverse<usize>) {
-        match self {
-            PathMatch::Exact(p) => (0, std::cmp::Reverse(p.len())),
-            PathMatch::Prefix(p) => (1, std::cmp::Reverse(p.len())),
-        }
-    }
 }
 
-/// One path of one host and where it goes.
+/// A header's edits (Gateway API `requestHeaderModifier` / `responseHeaderModifier`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderEdit {
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathRewrite {
+    Full(String),
+    /// The matched prefix replaced by this.
+    Prefix(String),
+}
+
+/// What a route does to a request besides sending it on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Filter {
+    RequestHeaders(HeaderEdit),
+    ResponseHeaders(HeaderEdit),
+    Redirect {
+        scheme: Option<String>,
+        hostname: Option<String>,
+        port: Option<u16>,
+        status: u16,
+        path: Option<PathRewrite>,
+    },
+    Rewrite {
+        hostname: Option<String>,
+        path: Option<PathRewrite>,
+    },
+}
+
+/// One match of one host and where it goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub path: PathMatch,
+    /// Gateway API matches besides the path: method, headers (lowercase name, exact value),
+    /// query parameters (exact).
+    pub method: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub query: Vec<(String, String)>,
+    /// Only for requests on this scheme (`http`, `https`), or on both.
+    pub scheme: Option<&'static str>,
+    pub filters: Vec<Filter>,
     pub backends: Vec<BackendRef>,
-    /// Who asked for it (`Ingress shop/web`), for error pages and logs.
+    /// Who asked for it (`Ingress shop/web`, `HTTPRoute shop/web`), for error pages and logs.
     pub source: String,
+}
+
+/// What a route is matched against.
+pub struct RequestView<'a> {
+    pub scheme: &'a str,
+    /// Lowercase, without a port.
+    pub host: &'a str,
+    pub path: &'a str,
+    pub method: &'a str,
+    pub headers: &'a http::HeaderMap,
+    pub query: Option<&'a str>,
+}
+
+impl Route {
+    /// A route of a path only, to `backends`.
+    pub fn to(path: PathMatch, backends: Vec<BackendRef>, source: String) -> Self {
+        Route {
+            path,
+            method: None,
+            headers: Vec::new(),
+            query: Vec::new(),
+            scheme: None,
+            filters: Vec::new(),
+            backends,
+            source,
+        }
+    }
+
+    /// Whether `other` matches exactly the same requests.
+    fn same_match(&self, other: &Route) -> bool {
+        self.path == other.path
+            && self.method == other.method
+            && self.headers == other.headers
+            && self.query == other.query
+            && self.scheme == other.scheme
+    }
+
+    fn matches(&self, request: &RequestView<'_>) -> bool {
+        self.scheme.is_none_or(|s| s == request.scheme)
+            && self.path.matches(request.path)
+            && self.method.as_deref().is_none_or(|m| m == request.method)
+            && self.headers.iter().all(|(name, value)| {
+                request
+                    .headers
+                    .get_all(name.as_str())
+                    .iter()
+                    .any(|v| v.as_bytes() == value.as_bytes())
+            })
+            && self.query.iter().all(|(name, value)| {
+                request.query.is_some_and(|q| {
+                    q.split('&').any(|pair| {
+                        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                        k == name && v == value
+                    })
+                })
+            })
+    }
+
+    /// Sort key (Gateway API precedence, which Ingress's agrees with): Exact path, then the
+    /// longest prefix, then a method match, then more header and query matches.
+    #[allow(clippy::type_complexity)]
+    fn rank(
+        &self,
+    ) -> (
+        u8,
+        std::cmp::Reverse<usize>,
+        bool,
+        std::cmp::Reverse<usize>,
+        std::cmp::Reverse<usize>,
+    ) {
+        let (kind, length) = match &self.path {
+            PathMatch::Exact(p) => (0u8, p.len()),
+            PathMatch::Prefix(p) => (1u8, p.len()),
+        };
+        (
+            kind,
+            std::cmp::Reverse(length),
+            self.method.is_none(),
+            std::cmp::Reverse(self.headers.len()),
+            std::cmp::Reverse(self.query.len()),
+        )
+    }
 }
 
 /// Something wrong with an object, reported as an Event on it; the object's other rules work.
@@ -197,11 +312,8 @@ impl Table {
             if let Some(default) = &spec.default_backend {
                 match backend_of(&namespace, default) {
                     Some(backend) if table.default_backend.is_none() => {
-                        table.default_backend = Some(Route {
-                            path: PathMatch::prefix("/"),
-                            backends: vec![backend],
-                            source: source.clone(),
-                        });
+                        table.default_backend =
+                            Some(Route::to(PathMatch::prefix("/"), vec![backend], source.clone()));
                     }
                     Some(_) => problem(
                         "Conflict",
@@ -248,7 +360,8 @@ impl Table {
                         );
                         continue;
                     };
-                    if let Some(taken) = routes.iter().find(|r| r.path == matcher) {
+                    let route = Route::to(matcher.clone(), vec![backend], source.clone());
+                    if let Some(taken) = routes.iter().find(|r| r.same_match(&route)) {
                         problem(
                             "Conflict",
                             format!(
@@ -259,11 +372,7 @@ impl Table {
                         );
                         continue;
                     }
-                    routes.push(Route {
-                        path: matcher,
-                        backends: vec![backend],
-                        source: source.clone(),
-                    });
+                    routes.push(route);
                 }
             }
             for tls in spec.tls.iter().flatten() {
@@ -278,15 +387,40 @@ impl Table {
                 }
             }
         }
-        for routes in table
+        table.finish();
+        (table, problems)
+    }
+
+    /// The routes of `host` (`*.suffix` for a wildcard, `None` for any host), for other kinds of
+    /// routes to add to; [`Table::finish`] orders them again.
+    pub fn routes_mut(&mut self, host: Option<&str>) -> &mut Vec<Route> {
+        match host {
+            None => &mut self.any,
+            Some(h) => match h.strip_prefix("*.") {
+                Some(suffix) => self.wildcard.entry(suffix.to_string()).or_default(),
+                None => self.exact.entry(h.to_string()).or_default(),
+            },
+        }
+    }
+
+    /// Adds a TLS Secret for `host` (`*.suffix`, or `""` for names nothing else covers) unless
+    /// one is there.
+    pub fn add_tls(&mut self, host: &str, namespace: &str, secret: &str) {
+        self.tls
+            .entry(host.to_ascii_lowercase())
+            .or_insert_with(|| (namespace.to_string(), secret.to_string()));
+    }
+
+    /// Orders every host's routes by precedence (stable: earlier additions win ties).
+    pub fn finish(&mut self) {
+        for routes in self
             .exact
             .values_mut()
-            .chain(table.wildcard.values_mut())
-            .chain(std::iter::once(&mut table.any))
+            .chain(self.wildcard.values_mut())
+            .chain(std::iter::once(&mut self.any))
         {
-            routes.sort_by_key(|r| r.path.rank());
+            routes.sort_by_key(|r| r.rank());
         }
-        (table, problems)
     }
 
     /// The routes of the group `host` falls in.
@@ -302,11 +436,11 @@ impl Table {
         &self.any
     }
 
-    /// Where a request for `host` (lowercase, no port) and `path` goes.
-    pub fn route(&self, host: &str, path: &str) -> Option<&Route> {
-        self.group(host)
+    /// Where a request goes.
+    pub fn route(&self, request: &RequestView<'_>) -> Option<&Route> {
+        self.group(request.host)
             .iter()
-            .find(|r| r.path.matches(path))
+            .find(|r| r.matches(request))
             .or(self.default_backend.as_ref())
     }
 
@@ -316,6 +450,11 @@ impl Table {
             let (_, suffix) = host.split_once('.')?;
             self.tls.get(&format!("*.{suffix}"))
         })
+    }
+
+    /// Whether a request for `host` has any route (for redirects' and 404s' sake).
+    pub fn has_host(&self, host: &str) -> bool {
+        !self.group(host).is_empty()
     }
 
     /// Every TLS Secret named, deduplicated.
@@ -346,7 +485,16 @@ mod tests {
     }
 
     fn target(table: &Table, host: &str, path: &str) -> Option<String> {
-        table.route(host, path).map(|r| r.backends[0].to_string())
+        let headers = http::HeaderMap::new();
+        let request = RequestView {
+            scheme: "http",
+            host,
+            path,
+            method: "GET",
+            headers: &headers,
+            query: None,
+        };
+        table.route(&request).map(|r| r.backends[0].to_string())
     }
 
     #[test]

@@ -54,10 +54,15 @@ impl SniResolver {
 
     fn lookup(&self, host: &str) -> Option<Arc<CertifiedKey>> {
         let certificates = self.certificates.read().unwrap_or_else(|e| e.into_inner());
-        certificates.get(host).cloned().or_else(|| {
-            let (_, suffix) = host.split_once('.')?;
-            certificates.get(&format!("*.{suffix}")).cloned()
-        })
+        certificates
+            .get(host)
+            .cloned()
+            .or_else(|| {
+                let (_, suffix) = host.split_once('.')?;
+                certificates.get(&format!("*.{suffix}")).cloned()
+            })
+            // A Gateway HTTPS listener without a hostname covers every other name.
+            .or_else(|| certificates.get("").cloned())
     }
 }
 
