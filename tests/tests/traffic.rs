@@ -541,6 +541,21 @@ fn the_ingress_serves_two_hosts_tls_and_websockets() {
         "{out}"
     );
 
+    // The same Service through the API server's service proxy (kubectl get --raw, kubectl
+    // proxy URLs), to a pod on the agent's node through its tunnel, and the agent's own API.
+    let mut via_api = String::new();
+    let proxied = eventually(Duration::from_secs(30), || {
+        via_api = site.ok(&[
+            "get",
+            "--raw",
+            "/api/v1/namespaces/default/services/secure:8443/proxy/cgi-bin/who",
+        ]);
+        via_api.starts_with("node-a ")
+    });
+    assert!(proxied, "services/secure:8443/proxy: {via_api}");
+    let metrics = site.ok(&["get", "--raw", "/api/v1/nodes/node-a/proxy/metrics"]);
+    assert!(metrics.contains("# TYPE"), "{metrics}");
+
     // A WebSocket through the ingress on the server, to the endpoint on node A (through the
     // mesh), with a real client.
     let python = tests::python();
