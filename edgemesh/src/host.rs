@@ -36,6 +36,10 @@ const IDENTIFY_PROTOCOL: &str = "/edgesite/mesh/id/1.0.0";
 const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(60);
+/// A failed hole punch is tried again while the link stays relayed: after this, doubling up to
+/// the cap (with jitter).
+const PUNCH_RETRY_START: Duration = Duration::from_secs(5);
+const PUNCH_RETRY_CAP: Duration = Duration::from_secs(300);
 /// Inbound mesh streams not yet taken by the tunnel server; more are refused (reset).
 const INBOUND_QUEUE: usize = 256;
 /// Dials wait this long at most for the listener's addresses.
@@ -369,6 +373,18 @@ struct Punch {
     relayed_at: Option<Instant>,
     took: Option<Duration>,
     failures: u32,
+    /// When to try again (a new relayed connection, on which DCUtR runs again).
+    retry_at: Option<Instant>,
+    retry_delay: Duration,
+}
+
+impl Punch {
+    /// Schedules the next attempt, each one later than the last.
+    fn schedule_retry(&mut self, now: Instant) {
+        self.retry_delay = (self.retry_delay * 2).clamp(PUNCH_RETRY_START, PUNCH_RETRY_CAP);
+        let jitter = rand::rng().random_range(0.0..0.25);
+        self.retry_at = Some(now + self.retry_delay.mul_f64(1.0 + jitter));
+    }
 }
 
 struct Host {
@@ -516,11 +532,57 @@ impl Host {
                 }
             }
         }
+        // Links still relayed after a failed hole punch: try again.
+        let due: Vec<PeerId> = self
+            .punch
+            .iter()
+            .filter(|(_, p)| p.retry_at.is_some_and(|at| at <= now))
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in due {
+            self.retry_punch(peer, now);
+        }
         let waiting: Vec<PeerId> = self.swarm.behaviour().streams.waiting_peers().collect();
         for peer in waiting {
             if !self.swarm.is_connected(&peer) && !self.backing_off(&peer, now) {
                 self.dial(peer);
             }
+        }
+    }
+
+    /// Opens a new relayed connection to `peer` (DCUtR runs on each one) while its link is
+    /// relayed only; the older relayed connections close once their streams end.
+    fn retry_punch(&mut self, peer: PeerId, now: Instant) {
+        let relayed_only =
+            self.swarm.is_connected(&peer) && !self.swarm.behaviour().streams.has_direct(&peer);
+        let Some(punch) = self.punch.get_mut(&peer) else {
+            return;
+        };
+        if !relayed_only {
+            punch.retry_at = None;
+            punch.retry_delay = Duration::ZERO;
+            return;
+        }
+        punch.schedule_retry(now);
+        let circuits: Vec<Multiaddr> = self
+            .directory
+            .values()
+            .filter(|r| r.relay && r.peer_id != peer)
+            .filter_map(|relay| {
+                let addr = relay.addrs.iter().find(|a| peers::is_dialable(a))?;
+                Some(peers::circuit_dial_addr(addr, relay.peer_id, peer))
+            })
+            .collect();
+        if circuits.is_empty() {
+            return;
+        }
+        tracing::info!(%peer, "trying the hole punch again");
+        let opts = DialOpts::peer_id(peer)
+            .addresses(circuits)
+            .condition(PeerCondition::Always)
+            .build();
+        if let Err(error) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, %error, "punch retry not started");
         }
     }
 
@@ -645,7 +707,9 @@ impl Host {
                 let relayed = endpoint.is_relayed();
                 let punch = self.punch.entry(peer_id).or_default();
                 if relayed {
-                    punch.relayed_at.get_or_insert(now);
+                    // Hole punching runs on each new relayed connection: its time counts
+                    // from the latest one.
+                    punch.relayed_at = Some(now);
                 }
                 tracing::debug!(peer = %peer_id, relayed, addr = %remote_addr(&endpoint), "connected");
             }
@@ -698,11 +762,16 @@ impl Host {
                     Ok(_) => {
                         let took = punch.relayed_at.map(|t| now.duration_since(t));
                         punch.took = took;
+                        punch.retry_at = None;
+                        punch.retry_delay = Duration::ZERO;
                         tracing::info!(peer = %remote_peer_id, ?took, "hole punched: direct connection");
                     }
                     Err(error) => {
                         punch.failures += 1;
-                        tracing::info!(peer = %remote_peer_id, %error, "hole punching failed; staying relayed");
+                        if punch.retry_at.is_none() {
+                            punch.schedule_retry(now);
+                        }
+                        tracing::info!(peer = %remote_peer_id, %error, retry_in = ?punch.retry_at.map(|t| t.saturating_duration_since(now)), "hole punching failed; staying relayed, will try again");
                     }
                 }
             }

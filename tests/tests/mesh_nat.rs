@@ -30,7 +30,13 @@ fn own_lan(prefix: &'static str) -> impl Fn(&PeerId, Kind, SocketAddr) -> bool +
 }
 
 async fn two_nats(symmetric_b: bool) -> Site {
+    two_nats_with(symmetric_b, |_| {}).await
+}
+
+/// [`two_nats`], with `prepare` run on the topology before the nodes start.
+async fn two_nats_with(symmetric_b: bool, prepare: impl FnOnce(&TwoNats)) -> Site {
     let topology = TwoNats::new(symmetric_b);
+    prepare(&topology);
     let start = |name: &'static str, ns: &str, relay: bool, lan: &'static str| {
         let ns = ns.to_string();
         async move {
@@ -111,6 +117,100 @@ fn expected_answer(bytes: usize) -> String {
         s.wrapping_add(((i % (64 * 1024)) % 251) as u32)
     });
     format!("{bytes} {sum}")
+}
+
+/// B's router first answers A's direct packets with resets (OpenWrt's default WAN `reject`):
+/// the hole punch fails and the link is relayed. Once the router lets them through, a later
+/// punch (retried with backoff while relayed) makes the link direct without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_hole_punch_is_retried_while_relayed() {
+    const HOSTILE: [&[&str]; 2] = [
+        &[
+            "INPUT",
+            "-i",
+            "wan",
+            "-s",
+            "172.30.0.1",
+            "-p",
+            "tcp",
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+        ],
+        &[
+            "FORWARD",
+            "-i",
+            "wan",
+            "-s",
+            "172.30.0.1",
+            "-p",
+            "tcp",
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+        ],
+    ];
+    let rules = |topology: &TwoNats, action: &str| {
+        for rule in HOSTILE {
+            let mut args = vec!["iptables", action];
+            args.extend_from_slice(rule);
+            topology.net.exec(&topology.nat_b, &args);
+        }
+    };
+    let site = two_nats_with(false, |t| rules(t, "-I")).await;
+    let (a, b) = (&site.a, &site.b);
+    a.wait_connection(b.peer_id(), "relayed", Duration::from_secs(60))
+        .await;
+    // Wait for a failed punch on either side.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let failures: u32 = [
+            a.mesh.status().await.unwrap(),
+            b.mesh.status().await.unwrap(),
+        ]
+        .iter()
+        .flat_map(|s| s.peers.iter())
+        .filter(|p| p.peer_id == a.peer_id().to_string() || p.peer_id == b.peer_id().to_string())
+        .map(|p| p.punch_failures)
+        .sum();
+        if failures > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no failed hole punch behind the rejecting router"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = a.mesh.status().await.unwrap();
+    let peer = status
+        .peers
+        .iter()
+        .find(|p| p.peer_id == b.peer_id().to_string())
+        .unwrap();
+    assert_eq!(peer.connection, "relayed", "{peer:?}");
+    assert!(
+        peer.address
+            .as_deref()
+            .is_some_and(|a| a.contains("/p2p-circuit/")),
+        "a relayed peer shows its circuit: {peer:?}"
+    );
+    // The router relents; no restart.
+    rules(&site.topology, "-D");
+    let direct = a
+        .wait_connection(b.peer_id(), "direct", Duration::from_secs(60))
+        .await;
+    assert!(!direct.address.unwrap_or_default().contains("p2p-circuit"));
+    // New streams take the direct connection.
+    counting_server(b, "192.168.2.2:8080");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let target: SocketAddr = "192.168.2.2:8080".parse().unwrap();
+    assert_eq!(
+        send_and_count(a, b.peer_id(), target, 100_000).await,
+        expected_answer(100_000)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -160,6 +160,13 @@ impl Behaviour {
             .contains(peer)
     }
 
+    /// Whether `peer` has a direct (not relayed) connection.
+    pub fn has_direct(&self, peer: &PeerId) -> bool {
+        self.connections
+            .values()
+            .any(|c| c.peer == *peer && !c.relayed)
+    }
+
     fn best_connection(&self, peer: &PeerId) -> Option<ConnectionId> {
         self.connections
             .iter()
@@ -189,6 +196,19 @@ impl Behaviour {
         if relayed && direct_exists {
             self.supersede(peer, id);
         }
+        if relayed && !direct_exists {
+            // A newer relayed connection (a hole punch being retried) takes the new streams;
+            // the older ones close once their streams end.
+            let older: Vec<ConnectionId> = self
+                .connections
+                .iter()
+                .filter(|(_, c)| c.peer == peer && c.relayed)
+                .map(|(id, _)| *id)
+                .collect();
+            for old in older {
+                self.supersede(peer, old);
+            }
+        }
         if !relayed {
             let relayed_ones: Vec<ConnectionId> = self
                 .connections
@@ -200,7 +220,18 @@ impl Behaviour {
                 self.supersede(peer, old);
             }
         }
-        let remote = endpoint.get_remote_address().clone();
+        // An inbound relayed connection knows its peer only as `/p2p/<id>`: its own
+        // reservation's address says which relay carries it.
+        let remote = match endpoint {
+            ConnectedPoint::Listener { local_addr, .. }
+                if relayed && crate::peers::is_relayed(local_addr) =>
+            {
+                local_addr
+                    .clone()
+                    .with(libp2p::multiaddr::Protocol::P2p(peer))
+            }
+            _ => endpoint.get_remote_address().clone(),
+        };
         self.connections.insert(
             id,
             ConnectionInfo {
@@ -219,7 +250,7 @@ impl Behaviour {
     }
 
     fn supersede(&mut self, peer: PeerId, id: ConnectionId) {
-        tracing::debug!(%peer, ?id, "a direct connection supersedes a relayed one");
+        tracing::debug!(%peer, ?id, "a relayed connection is superseded");
         self.events.push_back(ToSwarm::NotifyHandler {
             peer_id: peer,
             handler: NotifyHandler::One(id),
