@@ -32,6 +32,17 @@ apt_install docker-registry busybox-static apache2-utils
 # tinyproxy, the HTTPS proxy a site reaches its cloud hub through (each test starts its own);
 # openssl makes a forged site certificate for the hub to refuse.
 apt_install mosquitto mosquitto-clients tinyproxy openssl
+# nginx: the benchmark's peer for the ingress (each run starts its own in a namespace); the
+# package's own service is kept from starting (it would take port 80 of this machine).
+if ! dpkg -s nginx >/dev/null 2>&1; then
+  if [ -e /usr/sbin/policy-rc.d ]; then
+    apt_install nginx
+  else
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    apt_install nginx
+    rm -f /usr/sbin/policy-rc.d
+  fi
+fi
 # Debian's etcd: the etcd backend's tests and the API suite's etcd pass (below).
 install_etcd_deps
 # Client libraries nobody here wrote, for the compatibility tests: the official Python client,

@@ -101,8 +101,9 @@ pub async fn run(
     Ok(())
 }
 
-/// Accepts connections (TLS first when `tls`) and serves HTTP/1.1 and HTTP/2 on them.
-async fn accept(
+/// Accepts connections (TLS first when `tls`) and serves HTTP/1.1 and HTTP/2 on them with
+/// `shared`'s table (the benchmark serves a fixed one).
+pub async fn accept(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shared: Arc<Shared>,

@@ -43,6 +43,8 @@ mod etcd;
 mod hardening;
 #[path = "bench/mesh.rs"]
 mod mesh;
+#[path = "bench/ingress.rs"]
+mod ingress;
 #[path = "bench/services.rs"]
 mod services;
 
@@ -391,6 +393,15 @@ pub struct Row {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // `edgesite-bench traffic`: only the service and ingress rows (no release edgesite needed),
+    // printed, not written.
+    if std::env::args().nth(1).as_deref() == Some("traffic") {
+        let mut rows = Vec::new();
+        services::rows(&mut rows).await?;
+        ingress::rows(&mut rows).await?;
+        println!("{}", markdown_table(&rows));
+        return Ok(());
+    }
     let bin = release_binary()?;
     // `edgesite-bench autonomy`: only the node autonomy and streaming rows, printed, not written.
     if std::env::args().nth(1).as_deref() == Some("autonomy") {

@@ -451,10 +451,14 @@ pub fn section(rows: &[Row]) -> String {
          the growth of a real `edgesite relay` process (release binary) with {PEERS} peers each holding \
          a connection and a reservation, divided by {PEERS}. The service rows use a node namespace with \
          a pod namespace on a veth and the node's real proxy (its iptables rules and listeners): from the \
-         node, the same upload and sequential connect/read-a-byte/close loop go straight to the pod IP, \
+         node, a 1 GiB upload and 2,000 sequential connect/read-a-byte/close go straight to the pod IP, \
          to a cluster IP whose endpoint is on this node (DNAT in the kernel), and to a cluster IP whose \
          endpoint the proxy takes as another node's (its userspace listener, the path every service \
-         connection took before).\n\n{table}",
+         connection took before); best of 3 interleaved rounds. The ingress rows use the same kind of namespaces: an HTTP/1.1 server in \
+         the pod, the site's ingress (its listener and request path, an Ingress routing a host to the \
+         pod's Service) and Debian's nginx 1.22 (2 workers, keep-alive upstream connections) for the \
+         same route in the node; a load generator in the node keeps 16 keep-alive connections busy for \
+         5 s against the pod, the ingress and nginx in turn, all on this machine's 2 CPUs.\n\n{table}",
         BULK >> 20
     )
 }

@@ -18,7 +18,9 @@ use tokio::net::{TcpListener, TcpStream};
 use super::Row;
 
 const POD_IP: &str = "10.99.0.2";
-const BULK: usize = 256 << 20;
+const BULK: usize = 1 << 30;
+/// Each path is measured this many times; the best counts (a 2-CPU machine is noisy).
+const ROUNDS: usize = 3;
 const CONNECTIONS: usize = 2_000;
 /// The pod's servers: a sink that answers the byte count at EOF, and one that writes a byte and
 /// closes (connection setup).
@@ -157,12 +159,20 @@ pub async fn rows(rows: &mut Vec<Row>) -> Result<()> {
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            let mut out = Vec::new();
-            for ip in [POD_IP, "10.43.99.1", "10.43.99.2"] {
-                out.push(Measured {
-                    throughput: upload(ip).await?,
-                    rate: setup_rate(ip).await?,
-                });
+            let paths = [POD_IP, "10.43.99.1", "10.43.99.2"];
+            let mut out: Vec<Measured> = paths
+                .iter()
+                .map(|_| Measured {
+                    throughput: 0.0,
+                    rate: 0.0,
+                })
+                .collect();
+            // Rounds interleave the paths, so a slow moment of the machine hits all of them.
+            for _ in 0..ROUNDS {
+                for (i, ip) in paths.iter().enumerate() {
+                    out[i].throughput = out[i].throughput.max(upload(ip).await?);
+                    out[i].rate = out[i].rate.max(setup_rate(ip).await?);
+                }
             }
             Ok(out)
         })
