@@ -514,6 +514,12 @@ pub fn run_as(args: ServerArgs, role: Role) -> Result<()> {
     let cluster_cidr = controllers::node_ipam::ClusterCidr::parse(&args.cluster_cidr, 24)
         .map_err(|e| anyhow::anyhow!("--cluster-cidr: {e}"))?;
     let agent_config = if args.disable_agent {
+        if !args.disable_mesh_relay {
+            tracing::info!(
+                "--disable-agent: this server runs no node, so no mesh and no relay; give a node \
+                 --mesh-relay or run `edgesite relay` (docs/mesh.md)"
+            );
+        }
         None
     } else {
         Some(args.agent.to_config(&args.data_dir, true)?)
