@@ -38,7 +38,8 @@ install_build_deps() {
 # What a node needs to run containers: containerd, runc, the CNI plugins and iptables, all
 # from the OS packages.
 install_node_deps() {
-  apt_install containerd runc containernetworking-plugins iptables iproute2 procps
+  # conntrack: the service proxy clears UDP flows to endpoints that left.
+  apt_install containerd runc containernetworking-plugins iptables iproute2 procps conntrack
 }
 
 # What a server with an embedded etcd (--cluster-init) or its tests need: Debian's etcd and etcdctl.

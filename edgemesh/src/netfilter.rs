@@ -20,7 +20,7 @@
 //! [`render`] is pure: the whole ruleset for a service table, one `iptables-restore --noflush`
 //! transaction that also deletes the chains of services that went away. [`Netfilter`] runs it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::io;
 use std::net::IpAddr;
@@ -405,6 +405,72 @@ pub struct Netfilter {
     prefix: String,
     /// Dynamic nat chains the kernel has.
     chains: BTreeSet<String>,
+    /// The UDP frontends DNATed in the kernel and their endpoints, as last written.
+    udp: UdpFrontends,
+    /// The conntrack tool was found missing (said once).
+    no_conntrack: bool,
+}
+
+/// UDP frontends (cluster or external IP and port; a node port as `None` and the port) and the
+/// endpoints on this node they are DNATed to.
+pub type UdpFrontends = BTreeMap<(Option<IpAddr>, u16), BTreeSet<IpAddr>>;
+
+/// The UDP frontends of `entries` whose traffic the kernel DNATs to endpoints on `node`.
+pub fn udp_frontends(node: &str, entries: &[Entry<'_>]) -> UdpFrontends {
+    let mut out = UdpFrontends::new();
+    for entry in entries {
+        let port = entry.port;
+        if port.protocol != crate::services::Protocol::Udp || !port.cluster_ip.is_ipv4() {
+            continue;
+        }
+        let local: BTreeSet<IpAddr> = port
+            .backends
+            .iter()
+            .filter(|b| b.is_local(node))
+            .map(|b| b.ip)
+            .collect();
+        out.insert((Some(port.cluster_ip), port.port), local.clone());
+        for ip in port.external_ips.iter().filter(|ip| ip.is_ipv4()) {
+            out.insert((Some(*ip), port.port), local.clone());
+        }
+        if let Some(node_port) = port.node_port {
+            out.insert((None, node_port), local.clone());
+        }
+    }
+    out
+}
+
+/// `conntrack -D` arguments for the UDP flows the kernel would keep sending to an endpoint
+/// that left, or keep answering without DNAT although a frontend now has endpoints (as
+/// kube-proxy clears them): UDP has no connection to end.
+pub fn stale_udp(before: &UdpFrontends, after: &UdpFrontends) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    let frontend = |ip: &Option<IpAddr>, port: u16| {
+        let mut args = vec!["-D".to_string(), "-p".into(), "udp".into()];
+        if let Some(ip) = ip {
+            args.extend(["--orig-dst".to_string(), ip.to_string()]);
+        }
+        args.extend(["--orig-port-dst".to_string(), port.to_string()]);
+        args
+    };
+    for ((ip, port), now) in after {
+        let was = before.get(&(*ip, *port));
+        if was.is_none_or(|w| w.is_empty()) && !now.is_empty() {
+            out.push(frontend(ip, *port));
+            continue;
+        }
+        for gone in was.into_iter().flatten().filter(|e| !now.contains(e)) {
+            let mut args = frontend(ip, *port);
+            args.extend(["--dst-nat".to_string(), gone.to_string()]);
+            out.push(args);
+        }
+    }
+    for ((ip, port), was) in before {
+        if !after.contains_key(&(*ip, *port)) && !was.is_empty() {
+            out.push(frontend(ip, *port));
+        }
+    }
+    out
 }
 
 impl Netfilter {
@@ -412,6 +478,8 @@ impl Netfilter {
         Self {
             prefix: prefix.to_string(),
             chains: BTreeSet::new(),
+            udp: UdpFrontends::new(),
+            no_conntrack: false,
         }
     }
 
@@ -477,6 +545,19 @@ impl Netfilter {
         )
         .await?;
         self.chains = rendered.chains;
+        let udp = udp_frontends(node, entries);
+        for args in stale_udp(&self.udp, &udp) {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            // conntrack exits 1 when nothing matched: only a missing tool is worth a word.
+            if let Err(error) = run("conntrack", &args, None).await
+                && error.to_string().starts_with("running conntrack")
+                && !self.no_conntrack
+            {
+                self.no_conntrack = true;
+                tracing::warn!(%error, "UDP flows to removed endpoints are not cleared (apt-get install conntrack)");
+            }
+        }
+        self.udp = udp;
         Ok(())
     }
 
@@ -531,8 +612,13 @@ async fn run(program: &str, args: &[&str], input: Option<&str>) -> io::Result<St
         .stderr(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| {
+            let package = if program.starts_with("iptables") {
+                "iptables"
+            } else {
+                program
+            };
             io::Error::other(format!(
-                "running {program} (install the iptables package): {e}"
+                "running {program} (install the {package} package): {e}"
             ))
         })?;
     if let (Some(mut stdin), Some(input)) = (child.stdin.take(), input) {
@@ -821,6 +907,51 @@ mod tests {
         assert!(select[0].starts_with("-j EDGEMESH-SEP-"));
         port.backends.remove(0);
         assert_eq!(chain_of(&rules(&port), "EDGEMESH-REJECT").len(), 1);
+    }
+
+    #[test]
+    fn udp_flows_to_endpoints_that_left_are_cleared() {
+        let mut dns = port(vec![
+            backend("10.42.0.5", 53, "a"),
+            backend("10.42.0.6", 53, "a"),
+        ]);
+        dns.protocol = Protocol::Udp;
+        dns.node_port = Some(30053);
+        let entry = |p: &ServicePort| {
+            udp_frontends(
+                "a",
+                &[Entry {
+                    port: p,
+                    listener: 1,
+                }],
+            )
+        };
+        let before = entry(&dns);
+        dns.backends.remove(0);
+        let after = entry(&dns);
+        let args: Vec<String> = stale_udp(&before, &after)
+            .iter()
+            .map(|a| a.join(" "))
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "-D -p udp --orig-port-dst 30053 --dst-nat 10.42.0.5",
+                "-D -p udp --orig-dst 10.43.0.10 --orig-port-dst 80 --dst-nat 10.42.0.5",
+            ]
+        );
+        // From no endpoint to one: flows conntracked before (refused) are cleared.
+        let empty = entry(&port(Vec::new()));
+        let mut none = port(Vec::new());
+        none.protocol = Protocol::Udp;
+        let first = entry(&dns);
+        assert!(
+            stale_udp(&entry(&none), &first)
+                .iter()
+                .any(|a| a.join(" ") == "-D -p udp --orig-dst 10.43.0.10 --orig-port-dst 80")
+        );
+        assert!(empty.is_empty(), "TCP ports have no UDP frontends");
+        assert!(stale_udp(&first, &first).is_empty());
     }
 
     #[test]

@@ -41,10 +41,10 @@ mod devices;
 mod etcd;
 #[path = "bench/hardening.rs"]
 mod hardening;
-#[path = "bench/mesh.rs"]
-mod mesh;
 #[path = "bench/ingress.rs"]
 mod ingress;
+#[path = "bench/mesh.rs"]
+mod mesh;
 #[path = "bench/services.rs"]
 mod services;
 

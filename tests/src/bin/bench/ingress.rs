@@ -37,7 +37,9 @@ async fn pod_server() -> std::io::Result<()> {
                 let mut buf = vec![0u8; 16 * 1024];
                 let mut have = 0;
                 loop {
-                    let Ok(n) = conn.read(&mut buf[have..]).await else { return };
+                    let Ok(n) = conn.read(&mut buf[have..]).await else {
+                        return;
+                    };
                     if n == 0 {
                         return;
                     }
