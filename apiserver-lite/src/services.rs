@@ -215,6 +215,7 @@ fn needs_node_ports(service: &Value) -> bool {
     }
 }
 
+/// The node ports a Service holds: its ports' and its `healthCheckNodePort`.
 fn node_ports(service: &Value) -> Vec<u16> {
     service
         .pointer("/spec/ports")
@@ -222,8 +223,23 @@ fn node_ports(service: &Value) -> Vec<u16> {
         .into_iter()
         .flatten()
         .filter_map(|p| p.get("nodePort").and_then(Value::as_u64))
+        .chain(
+            service
+                .pointer("/spec/healthCheckNodePort")
+                .and_then(Value::as_u64),
+        )
         .filter_map(|p| u16::try_from(p).ok())
         .collect()
+}
+
+/// Upstream gives a LoadBalancer with `externalTrafficPolicy: Local` a `healthCheckNodePort`,
+/// where each node's proxy says whether it has a local endpoint.
+fn needs_health_check_port(service: &Value) -> bool {
+    service_type(service) == "LoadBalancer"
+        && service
+            .pointer("/spec/externalTrafficPolicy")
+            .and_then(Value::as_str)
+            == Some("Local")
 }
 
 fn identity(service: &Value) -> String {
@@ -476,6 +492,65 @@ impl Allocator {
                         }
                         reserve_port(&mut reservation, p);
                         port.insert("nodePort".into(), json!(p));
+                        break;
+                    },
+                }
+            }
+        }
+        // The health check port: kept across updates, allocated when first needed, dropped
+        // when the Service no longer needs it.
+        let wants_health = needs_health_check_port(service);
+        let old_health = old
+            .and_then(|o| o.pointer("/spec/healthCheckNodePort"))
+            .and_then(Value::as_u64)
+            .filter(|_| old.is_some_and(needs_health_check_port));
+        if let Some(spec) = service.get_mut("spec").and_then(Value::as_object_mut) {
+            if !wants_health {
+                spec.remove("healthCheckNodePort");
+            } else {
+                if spec.get("healthCheckNodePort").is_none()
+                    && let Some(p) = old_health
+                {
+                    spec.insert("healthCheckNodePort".into(), json!(p));
+                }
+                match spec.get("healthCheckNodePort").and_then(Value::as_u64) {
+                    Some(requested) if old_health == Some(requested) => {}
+                    Some(requested) => {
+                        let field = "spec.healthCheckNodePort".to_string();
+                        match u16::try_from(requested).ok().filter(|p| self.network.node_ports.contains(p)) {
+                            None => causes.push(Cause::invalid(
+                                field,
+                                &json!(requested),
+                                &format!("provided port is not in the valid range. The range of valid ports is {}", self.network.port_range()),
+                            )),
+                            Some(p) if used_ports.contains(&p) || reservation.ports.contains(&p) => {
+                                causes.push(Cause::invalid(field, &json!(requested), "provided port is already allocated"))
+                            }
+                            Some(p) => {
+                                if claim(storage, &format!("nodeport/{p}"), &me, dry_run).await.map_err(AssignError::Storage)? {
+                                    reserve_port(&mut reservation, p);
+                                } else {
+                                    causes.push(Cause::invalid(field, &json!(requested), "provided port is already allocated"));
+                                }
+                            }
+                        }
+                    }
+                    None => loop {
+                        let Some(p) = self.free_port(&used_ports, &reservation.ports) else {
+                            return Err(AssignError::Full(format!(
+                                "failed to allocate a healthCheckNodePort: range is full ({})",
+                                self.network.port_range()
+                            )));
+                        };
+                        if !claim(storage, &format!("nodeport/{p}"), &me, dry_run)
+                            .await
+                            .map_err(AssignError::Storage)?
+                        {
+                            used_ports.insert(p);
+                            continue;
+                        }
+                        reserve_port(&mut reservation, p);
+                        spec.insert("healthCheckNodePort".into(), json!(p));
                         break;
                     },
                 }

@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod dial;
 pub mod dns;
+pub mod health;
 pub mod host;
 pub mod identity;
 pub mod netfilter;

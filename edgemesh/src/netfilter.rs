@@ -686,6 +686,7 @@ mod tests {
             external_ips: Vec::new(),
             external_local: false,
             internal_local: false,
+            health_check_port: None,
         }
     }
 

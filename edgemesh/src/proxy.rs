@@ -126,6 +126,7 @@ pub async fn run(
     let dialer = Dialer::new(config.node.clone(), mesh, peers, config.connect_timeout);
     let shared = Arc::new(Shared { config, dialer });
     let mut listeners: HashMap<(IpAddr, u16, Protocol), Listener> = HashMap::new();
+    let mut health = crate::health::HealthChecks::default();
     loop {
         let wanted: Vec<ServicePort> = ports
             .borrow_and_update()
@@ -176,6 +177,12 @@ pub async fn run(
         if let Err(error) = rules.sync(&shared.config.node, &entries).await {
             tracing::warn!(%error, "cannot write the proxy's iptables rules");
         }
+        health
+            .set(
+                crate::health::reports(&shared.config.node, &wanted),
+                &shutdown,
+            )
+            .await;
         tokio::select! {
             _ = shutdown.cancelled() => break,
             changed = ports.changed() => if changed.is_err() { break },

@@ -86,6 +86,9 @@ pub struct ServicePort {
     /// `internalTrafficPolicy: Local`: traffic to the cluster IP goes to this node's endpoints
     /// only.
     pub internal_local: bool,
+    /// `healthCheckNodePort` (a LoadBalancer with `externalTrafficPolicy: Local`): each node
+    /// answers there whether it has a local endpoint.
+    pub health_check_port: Option<u16>,
 }
 
 impl ServicePort {
@@ -218,6 +221,11 @@ impl ServiceTable {
             let external_local =
                 exposed && spec.external_traffic_policy.as_deref() == Some("Local");
             let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+            let health_check_port = spec
+                .health_check_node_port
+                .filter(|_| external_local && spec.type_.as_deref() == Some("LoadBalancer"))
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p > 0);
             for port in spec.ports.iter().flatten() {
                 let Some(protocol) = Protocol::parse(port.protocol.as_deref()) else {
                     continue;
@@ -254,6 +262,7 @@ impl ServiceTable {
                         },
                         external_local,
                         internal_local,
+                        health_check_port: health_check_port.filter(|_| ip == primary),
                     });
                 }
             }

@@ -505,6 +505,7 @@ fn service_port(
         external_ips: Vec::new(),
         external_local: false,
         internal_local: false,
+        health_check_port: None,
     }
 }
 

@@ -82,6 +82,15 @@ spec:
   externalTrafficPolicy: Local
   selector: {app: local}
   ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30081}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local-lb}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {app: local}
+  ports: [{name: http, port: 8100, targetPort: 8080}]
 "#;
 
 /// Fetches `http://{addr}/cgi-bin/who` from namespace `ns`: "node client-address", or the
@@ -304,6 +313,63 @@ fn node_ports_and_load_balancers_answer_a_client_on_the_lan() {
         let answer = who(client, &format!("{NODE_A_IP}:30080")).unwrap();
         assert!(!answer.contains(CLIENT_IP), "{answer}");
     }
+
+    // A LoadBalancer with externalTrafficPolicy Local: only the node with its endpoint serves
+    // it, and the health check node port says so on each node (as kube-proxy answers it).
+    let mut last = String::new();
+    let only_a = eventually(Duration::from_secs(30), || {
+        last = site.ok(&[
+            "get",
+            "svc",
+            "local-lb",
+            "-o",
+            "jsonpath={.status.loadBalancer.ingress[*].ip}",
+        ]);
+        last == NODE_A_IP
+    });
+    assert!(only_a, "local-lb's addresses: {last:?}");
+    let health_port = site.ok(&[
+        "get",
+        "svc",
+        "local-lb",
+        "-o",
+        "jsonpath={.spec.healthCheckNodePort}",
+    ]);
+    assert!(health_port.parse::<u16>().is_ok(), "{health_port:?}");
+    let status_of = |ip: &str| {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                client,
+                "curl",
+                "-s",
+                "--max-time",
+                "5",
+                "-w",
+                " %{http_code}",
+            ])
+            .arg(format!("http://{ip}:{health_port}/healthz"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut answer = String::new();
+    let healthy = eventually(Duration::from_secs(30), || {
+        answer = status_of(NODE_A_IP);
+        answer.ends_with(" 200") && answer.contains("\"localEndpoints\":1")
+    });
+    assert!(healthy, "health check on node-a: {answer}");
+    let answer = status_of(SERVER_IP);
+    assert!(
+        answer.ends_with(" 503"),
+        "health check on the server: {answer}"
+    );
+    let answer = who(client, &format!("{NODE_A_IP}:8100")).unwrap();
+    assert!(
+        answer.contains(CLIENT_IP),
+        "local-lb keeps the client's address: {answer}"
+    );
 
     let Lan {
         agent,

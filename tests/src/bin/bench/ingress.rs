@@ -218,6 +218,7 @@ pub async fn rows(rows: &mut Vec<Row>) -> Result<()> {
         external_ips: Vec::new(),
         external_local: false,
         internal_local: false,
+        health_check_port: None,
     };
     let (_ports_tx, ports_rx) = tokio::sync::watch::channel(Arc::new(vec![port]));
     let (_peers_tx, peers_rx) =

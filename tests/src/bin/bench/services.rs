@@ -46,6 +46,7 @@ fn service(cluster_ip: &str, port: u16, node: &str) -> ServicePort {
         external_ips: Vec::new(),
         external_local: false,
         internal_local: false,
+        health_check_port: None,
     }
 }
 
