@@ -1103,6 +1103,30 @@ impl Strategy for CertificateSigningRequests {
     }
 }
 
+/// The strategy of ingresses.
+pub struct Ingresses;
+
+impl Strategy for Ingresses {
+    fn tracks_generation(&self) -> bool {
+        true
+    }
+    fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
+        validation::validate_ingress(object.get("spec"), causes);
+    }
+}
+
+/// The strategy of networkpolicies.
+pub struct NetworkPolicies;
+
+impl Strategy for NetworkPolicies {
+    fn tracks_generation(&self) -> bool {
+        true
+    }
+    fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
+        validation::validate_network_policy(object.get("spec"), causes);
+    }
+}
+
 /// The strategy of storageclasses.
 pub struct StorageClasses;
 
@@ -1182,6 +1206,8 @@ pub fn strategy(group: &str, resource: &str) -> Arc<dyn Strategy> {
         }
         ("rbac.authorization.k8s.io", "roles" | "clusterroles") => Arc::new(Roles),
         ("discovery.k8s.io", "endpointslices") => Arc::new(EndpointSlices),
+        ("networking.k8s.io", "ingresses") => Arc::new(Ingresses),
+        ("networking.k8s.io", "networkpolicies") => Arc::new(NetworkPolicies),
         (crate::certificates::GROUP, "certificatesigningrequests") => {
             Arc::new(CertificateSigningRequests)
         }

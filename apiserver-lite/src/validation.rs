@@ -569,6 +569,289 @@ pub fn validate_service(spec: Option<&Value>, causes: &mut Causes) {
         "spec.sessionAffinity",
         &["ClientIP", "None"],
     );
+    for (key, path) in [
+        ("externalTrafficPolicy", "spec.externalTrafficPolicy"),
+        ("internalTrafficPolicy", "spec.internalTrafficPolicy"),
+    ] {
+        check_enum(causes, spec, key, path, &["Cluster", "Local"]);
+    }
+    if spec.get("externalTrafficPolicy").is_some() && !matches!(kind, "NodePort" | "LoadBalancer") {
+        causes.push(Cause::invalid(
+            "spec.externalTrafficPolicy",
+            &spec["externalTrafficPolicy"],
+            "may only be set when `type` is 'NodePort' or 'LoadBalancer'",
+        ));
+    }
+    if spec.get("loadBalancerClass").is_some() && kind != "LoadBalancer" {
+        causes.push(Cause::invalid(
+            "spec.loadBalancerClass",
+            &spec["loadBalancerClass"],
+            "may only be used when `type` is 'LoadBalancer'",
+        ));
+    }
+    for (i, ip) in items(spec, "externalIPs").iter().enumerate() {
+        if ip
+            .as_str()
+            .is_none_or(|t| t.parse::<std::net::IpAddr>().is_err())
+        {
+            causes.push(Cause::invalid(
+                format!("spec.externalIPs[{i}]"),
+                ip,
+                "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)",
+            ));
+        }
+    }
+}
+
+/// An Ingress host: a subdomain, optionally with one leading `*.` label, and not an IP.
+fn check_ingress_host(causes: &mut Causes, host: &Value, path: &str) {
+    let Some(text) = host.as_str() else { return };
+    if text.parse::<std::net::IpAddr>().is_ok() {
+        causes.push(Cause::invalid(
+            path,
+            host,
+            "must be a DNS name, not an IP address",
+        ));
+        return;
+    }
+    let name = text.strip_prefix("*.").unwrap_or(text);
+    if is_dns1123_subdomain(name).is_err() {
+        let detail = if text.contains('*') {
+            "a wildcard DNS-1123 subdomain must start with '*.', followed by a valid DNS subdomain, which must consist of lower case alphanumeric characters, '-' or '.' and end with an alphanumeric character (e.g. '*.example.com', regex used for validation is '\\*\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+        } else {
+            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+        };
+        causes.push(Cause::invalid(path, host, detail));
+    }
+}
+
+fn check_ingress_backend(causes: &mut Causes, backend: &Value, path: &str) {
+    let service = backend.get("service");
+    let resource = backend.get("resource");
+    match (service, resource) {
+        (Some(_), Some(_)) => causes.push(Cause::invalid(
+            path,
+            backend,
+            "cannot set both service and resource backends",
+        )),
+        (None, None) => causes.push(Cause::invalid(
+            path,
+            backend,
+            "one backend (service or resource) must be specified",
+        )),
+        (Some(service), None) => {
+            if service
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .is_empty()
+            {
+                causes.push(Cause::required(format!("{path}.service.name")));
+            }
+            let port = service.get("port").cloned().unwrap_or(Value::Null);
+            match (port.get("name"), port.get("number")) {
+                (Some(_), Some(_)) => causes.push(Cause::invalid(
+                    format!("{path}.service.port"),
+                    &port,
+                    "cannot set both port name & port number",
+                )),
+                (None, None) => causes.push(Cause::invalid(
+                    format!("{path}.service.port"),
+                    &port,
+                    "port name or number is required",
+                )),
+                (None, Some(_)) => check_port(
+                    causes,
+                    port.get("number"),
+                    &format!("{path}.service.port.number"),
+                    true,
+                ),
+                (Some(_), None) => {}
+            }
+        }
+        (None, Some(_)) => {}
+    }
+}
+
+/// `networking.k8s.io/v1` Ingress, as upstream validates it.
+pub fn validate_ingress(spec: Option<&Value>, causes: &mut Causes) {
+    let Some(spec) = spec else {
+        causes.push(Cause::invalid(
+            "spec",
+            &Value::Null,
+            "either `defaultBackend` or `rules` must be specified",
+        ));
+        return;
+    };
+    let rules = items(spec, "rules");
+    match spec.get("defaultBackend") {
+        Some(backend) => check_ingress_backend(causes, backend, "spec.defaultBackend"),
+        None if rules.is_empty() => causes.push(Cause::invalid(
+            "spec.rules",
+            &Value::Array(Vec::new()),
+            "either `defaultBackend` or `rules` must be specified",
+        )),
+        None => {}
+    }
+    for (i, rule) in rules.iter().enumerate() {
+        let rp = format!("spec.rules[{i}]");
+        if let Some(host) = rule.get("host") {
+            check_ingress_host(causes, host, &format!("{rp}.host"));
+        }
+        let Some(http) = rule.get("http") else {
+            continue;
+        };
+        let paths = items(http, "paths");
+        if paths.is_empty() {
+            causes.push(Cause::required(format!("{rp}.http.paths")));
+        }
+        for (j, p) in paths.iter().enumerate() {
+            let pp = format!("{rp}.http.paths[{j}]");
+            match p.get("pathType").and_then(Value::as_str) {
+                None => causes.push(Cause::required(format!("{pp}.pathType"))),
+                Some("Exact" | "Prefix") => {
+                    let path = p.get("path").and_then(Value::as_str).unwrap_or("");
+                    if !path.starts_with('/') {
+                        causes.push(Cause::invalid(
+                            format!("{pp}.path"),
+                            &Value::from(path),
+                            "must be an absolute path",
+                        ));
+                    }
+                }
+                Some("ImplementationSpecific") => {}
+                Some(_) => check_enum(
+                    causes,
+                    p,
+                    "pathType",
+                    &format!("{pp}.pathType"),
+                    &["Exact", "Prefix", "ImplementationSpecific"],
+                ),
+            }
+            match p.get("backend") {
+                Some(backend) => check_ingress_backend(causes, backend, &format!("{pp}.backend")),
+                None => causes.push(Cause::required(format!("{pp}.backend"))),
+            }
+        }
+    }
+    for (i, tls) in items(spec, "tls").iter().enumerate() {
+        for (j, host) in items(tls, "hosts").iter().enumerate() {
+            check_ingress_host(causes, host, &format!("spec.tls[{i}].hosts[{j}]"));
+        }
+    }
+}
+
+/// A CIDR such as 10.0.0.0/8 or fd00::/64: (address, prefix length).
+fn parse_cidr(text: &str) -> Option<(std::net::IpAddr, u8)> {
+    let (ip, len) = text.split_once('/')?;
+    let ip: std::net::IpAddr = ip.parse().ok()?;
+    let len: u8 = len.parse().ok()?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    (len <= max).then_some((ip, len))
+}
+
+fn cidr_contains(outer: (std::net::IpAddr, u8), inner: (std::net::IpAddr, u8)) -> bool {
+    use std::net::IpAddr::{V4, V6};
+    if inner.1 < outer.1 {
+        return false;
+    }
+    match (outer.0, inner.0) {
+        (V4(o), V4(i)) => outer.1 == 0 || (u32::from(o) ^ u32::from(i)) >> (32 - outer.1) == 0,
+        (V6(o), V6(i)) => outer.1 == 0 || (u128::from(o) ^ u128::from(i)) >> (128 - outer.1) == 0,
+        _ => false,
+    }
+}
+
+/// `networking.k8s.io/v1` NetworkPolicy, as upstream validates it.
+pub fn validate_network_policy(spec: Option<&Value>, causes: &mut Causes) {
+    let Some(spec) = spec else {
+        causes.push(Cause::required("spec"));
+        return;
+    };
+    for (i, t) in items(spec, "policyTypes").iter().enumerate() {
+        if !matches!(t.as_str(), Some("Ingress" | "Egress")) {
+            causes.push(Cause::unsupported(
+                format!("spec.policyTypes[{i}]"),
+                t,
+                &["Ingress", "Egress"],
+            ));
+        }
+    }
+    for (direction, peers_key) in [("ingress", "from"), ("egress", "to")] {
+        for (i, rule) in items(spec, direction).iter().enumerate() {
+            let rp = format!("spec.{direction}[{i}]");
+            for (j, port) in items(rule, "ports").iter().enumerate() {
+                let pp = format!("{rp}.ports[{j}]");
+                check_enum(
+                    causes,
+                    port,
+                    "protocol",
+                    &format!("{pp}.protocol"),
+                    &["TCP", "UDP", "SCTP"],
+                );
+                let number = port.get("port").and_then(Value::as_i64);
+                if number.is_some() {
+                    check_port(causes, port.get("port"), &format!("{pp}.port"), true);
+                }
+                if let Some(end) = port.get("endPort").and_then(Value::as_i64) {
+                    match number {
+                        None => causes.push(Cause::invalid(
+                            format!("{pp}.endPort"),
+                            &Value::from(end),
+                            "may not be specified when `port` is non-numeric",
+                        )),
+                        Some(n) if end < n => causes.push(Cause::invalid(
+                            format!("{pp}.endPort"),
+                            &Value::from(end),
+                            "must be greater than or equal to `port`",
+                        )),
+                        Some(_) => {
+                            check_port(causes, port.get("endPort"), &format!("{pp}.endPort"), true)
+                        }
+                    }
+                }
+            }
+            for (j, peer) in items(rule, peers_key).iter().enumerate() {
+                let pp = format!("{rp}.{peers_key}[{j}]");
+                let Some(block) = peer.get("ipBlock") else {
+                    continue;
+                };
+                if peer.get("podSelector").is_some() || peer.get("namespaceSelector").is_some() {
+                    causes.push(Cause::invalid(
+                        pp.clone(),
+                        peer,
+                        "may not specify more than 1 peer type",
+                    ));
+                }
+                let cidr_text = block.get("cidr").and_then(Value::as_str).unwrap_or("");
+                let Some(cidr) = parse_cidr(cidr_text) else {
+                    causes.push(Cause::invalid(
+                        format!("{pp}.ipBlock.cidr"),
+                        &Value::from(cidr_text),
+                        "must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)",
+                    ));
+                    continue;
+                };
+                for (k, except) in items(block, "except").iter().enumerate() {
+                    let text = except.as_str().unwrap_or("");
+                    match parse_cidr(text) {
+                        None => causes.push(Cause::invalid(
+                            format!("{pp}.ipBlock.except[{k}]"),
+                            except,
+                            "must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)",
+                        )),
+                        Some(inner) if !cidr_contains(cidr, inner) || inner.1 == cidr.1 => causes
+                            .push(Cause::invalid(
+                                format!("{pp}.ipBlock.except[{k}]"),
+                                except,
+                                "must be a strict subset of `cidr`",
+                            )),
+                        Some(_) => {}
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// ConfigMap and Secret keys.
@@ -669,6 +952,81 @@ mod tests {
                 "spec.containers[1].name: Duplicate value: \"c\"",
             ]
         );
+    }
+
+    #[test]
+    fn ingresses_and_network_policies_as_upstream_validates_them() {
+        let display =
+            |causes: Causes| -> Vec<String> { causes.0.iter().map(Cause::display).collect() };
+        let mut causes = Causes::default();
+        validate_ingress(
+            Some(&json!({"rules": [
+                {"host": "Bad_Host", "http": {"paths": [
+                    {"path": "api", "pathType": "Prefix", "backend": {"service": {"name": "web", "port": {"number": 70000}}}},
+                    {"path": "/", "backend": {"service": {"name": "web", "port": {"name": "http", "number": 80}}}}
+                ]}},
+                {"host": "*.example.com", "http": {"paths": [
+                    {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "web", "port": {"name": "http"}}}}
+                ]}},
+                {"host": "10.0.0.1"}
+            ]})),
+            &mut causes,
+        );
+        let got = display(causes);
+        assert_eq!(got.len(), 6, "{got:#?}");
+        assert!(got[0].starts_with(
+            "spec.rules[0].host: Invalid value: \"Bad_Host\": a lowercase RFC 1123 subdomain"
+        ));
+        assert_eq!(
+            got[1],
+            "spec.rules[0].http.paths[0].path: Invalid value: \"api\": must be an absolute path"
+        );
+        assert!(got[2].starts_with(
+            "spec.rules[0].http.paths[0].backend.service.port.number: Invalid value: 70000"
+        ));
+        assert_eq!(
+            got[3],
+            "spec.rules[0].http.paths[1].pathType: Required value"
+        );
+        assert!(got[4].contains("cannot set both port name & port number"));
+        assert!(got[5].contains("must be a DNS name, not an IP address"));
+        let mut causes = Causes::default();
+        validate_ingress(Some(&json!({})), &mut causes);
+        assert!(
+            display(causes)[0].contains("either `defaultBackend` or `rules` must be specified")
+        );
+
+        let mut causes = Causes::default();
+        validate_network_policy(
+            Some(
+                &json!({"podSelector": {}, "policyTypes": ["Ingress", "Sideways"], "ingress": [{
+                    "from": [
+                        {"ipBlock": {"cidr": "10.0.0.0/33"}},
+                        {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16", "11.0.0.0/16", "10.0.0.0/8"]}}
+                    ],
+                    "ports": [{"protocol": "TCP", "port": 8080, "endPort": 80}, {"port": "http", "endPort": 90}]
+                }]}),
+            ),
+            &mut causes,
+        );
+        let got = display(causes);
+        assert_eq!(got.len(), 6, "{got:#?}");
+        assert!(got[0].starts_with("spec.policyTypes[1]: Unsupported value: \"Sideways\""));
+        assert!(
+            got[1].contains("endPort")
+                && got[1].contains("must be greater than or equal to `port`")
+        );
+        assert!(got[2].contains("may not be specified when `port` is non-numeric"));
+        assert!(
+            got[3].starts_with(
+                "spec.ingress[0].from[0].ipBlock.cidr: Invalid value: \"10.0.0.0/33\""
+            )
+        );
+        assert!(
+            got[4].starts_with("spec.ingress[0].from[1].ipBlock.except[1]")
+                && got[4].contains("strict subset")
+        );
+        assert!(got[5].starts_with("spec.ingress[0].from[1].ipBlock.except[2]"));
     }
 
     #[test]

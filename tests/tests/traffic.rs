@@ -607,6 +607,41 @@ fn the_ingress_serves_two_hosts_tls_and_websockets() {
         "{out}"
     );
 
+    // Bad input is refused as upstream refuses it, and breaks nothing else.
+    let refused = |manifest: &str| {
+        let out = site
+            .kubectl_stdin(&["apply", "-f", "-"], Some(manifest))
+            .unwrap();
+        assert!(!out.status.success(), "accepted: {manifest}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = refused(
+        "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: bad}\nspec:\n  rules: [{host: Bad_Host, http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}]}}]\n",
+    );
+    assert!(
+        err.contains("spec.rules[0].host: Invalid value: \"Bad_Host\""),
+        "{err}"
+    );
+    let err = refused(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad}\nspec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]\n",
+    );
+    assert!(
+        err.contains("spec.ingress[0].from[0].ipBlock.cidr: Invalid value: \"10.0.0.0/33\""),
+        "{err}"
+    );
+    let (_, out, _) = curl(
+        client,
+        &[
+            "-H",
+            "Host: web.example",
+            &format!("http://{NODE_A_IP}/cgi-bin/who"),
+        ],
+    );
+    assert!(
+        out.starts_with("server ") || out.starts_with("node-a "),
+        "{out}"
+    );
+
     // The same Service through the API server's service proxy (kubectl get --raw, kubectl
     // proxy URLs), to a pod on the agent's node through its tunnel, and the agent's own API.
     let mut via_api = String::new();
