@@ -532,6 +532,17 @@ fn the_ingress_serves_two_hosts_tls_and_websockets() {
         class.contains("\"ingressclass.kubernetes.io/is-default-class\": \"true\""),
         "{class}"
     );
+    // DefaultIngressClass admission named it.
+    assert_eq!(
+        site.ok(&[
+            "get",
+            "ingress",
+            "shop",
+            "-o",
+            "jsonpath={.spec.ingressClassName}"
+        ]),
+        "edgesite"
+    );
     // Both nodes' addresses in the status (kubectl's ADDRESS).
     let mut last = String::new();
     let listed = eventually(Duration::from_secs(30), || {

@@ -888,6 +888,44 @@ impl Ctx {
         Ok(())
     }
 
+    /// DefaultIngressClass admission: a new Ingress that names no class (nor the legacy
+    /// annotation) gets the class marked default, when exactly one is.
+    async fn admit_default_ingress_class(&self, ingress: &mut Value) -> Result<(), ApiError> {
+        let named = ingress
+            .pointer("/spec/ingressClassName")
+            .is_some_and(|c| !c.is_null())
+            || ingress
+                .pointer("/metadata/annotations/kubernetes.io~1ingress.class")
+                .is_some();
+        if named {
+            return Ok(());
+        }
+        let prefix = list_prefix("networking.k8s.io", "ingressclasses", "");
+        let listing = self
+            .server
+            .storage
+            .list(&prefix, None, None)
+            .await
+            .map_err(|e| storage_error(&self.info, "", e))?;
+        let defaults: Vec<String> = listing
+            .items
+            .iter()
+            .filter_map(|i| i.value().ok())
+            .filter(|c| {
+                c.pointer("/metadata/annotations/ingressclass.kubernetes.io~1is-default-class")
+                    .and_then(Value::as_str)
+                    == Some("true")
+            })
+            .map(|c| meta_str(&c, "name").to_string())
+            .collect();
+        if let [class] = defaults.as_slice()
+            && let Some(spec) = ingress.get_mut("spec").and_then(Value::as_object_mut)
+        {
+            spec.insert("ingressClassName".into(), json!(class));
+        }
+        Ok(())
+    }
+
     /// ServiceAccount admission of a new pod (`admission::mount_service_account`).
     async fn admit_service_account(&self, pod: &mut Value) -> Result<(), ApiError> {
         let account_name = pod
@@ -1315,6 +1353,9 @@ impl Ctx {
         }
         if self.info.group.is_empty() && self.info.resource == "pods" {
             self.admit_service_account(&mut object).await?;
+        }
+        if self.info.group == "networking.k8s.io" && self.info.resource == "ingresses" {
+            self.admit_default_ingress_class(&mut object).await?;
         }
         // Held until the object is stored: the addresses stay reserved meanwhile.
         let _reservation = self
