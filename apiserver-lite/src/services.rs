@@ -451,49 +451,25 @@ impl Allocator {
                 {
                     port.insert("nodePort".into(), json!(p));
                 }
-                match port.get("nodePort").and_then(Value::as_u64) {
-                    Some(requested) => {
-                        let unchanged = old_ports.get(&key) == Some(&requested);
-                        if unchanged {
-                            continue;
-                        }
-                        let field = format!("spec.ports[{i}].nodePort");
-                        match u16::try_from(requested).ok().filter(|p| self.network.node_ports.contains(p)) {
-                            None => causes.push(Cause::invalid(
-                                field,
-                                &json!(requested),
-                                &format!("provided port is not in the valid range. The range of valid ports is {}", self.network.port_range()),
-                            )),
-                            Some(p) if used_ports.contains(&p) || reservation.ports.contains(&p) => {
-                                causes.push(Cause::invalid(field, &json!(requested), "provided port is already allocated"))
-                            }
-                            Some(p) => {
-                                if claim(storage, &format!("nodeport/{p}"), &me, dry_run).await.map_err(AssignError::Storage)? {
-                                    reserve_port(&mut reservation, p);
-                                } else {
-                                    causes.push(Cause::invalid(field, &json!(requested), "provided port is already allocated"));
-                                }
-                            }
-                        }
-                    }
-                    None => loop {
-                        let Some(p) = self.free_port(&used_ports, &reservation.ports) else {
-                            return Err(AssignError::Full(format!(
-                                "failed to allocate a nodePort: range is full ({})",
-                                self.network.port_range()
-                            )));
-                        };
-                        if !claim(storage, &format!("nodeport/{p}"), &me, dry_run)
-                            .await
-                            .map_err(AssignError::Storage)?
-                        {
-                            used_ports.insert(p);
-                            continue;
-                        }
-                        reserve_port(&mut reservation, p);
-                        port.insert("nodePort".into(), json!(p));
-                        break;
-                    },
+                let requested = port.get("nodePort").and_then(Value::as_u64);
+                if requested.is_some() && old_ports.get(&key) == requested.as_ref() {
+                    continue;
+                }
+                let field = format!("spec.ports[{i}].nodePort");
+                let claimed = self
+                    .claim_node_port(
+                        storage,
+                        requested,
+                        &field,
+                        &me,
+                        dry_run,
+                        &mut used_ports,
+                        &mut reservation,
+                        &mut causes,
+                    )
+                    .await?;
+                if let (None, Some(p)) = (requested, claimed) {
+                    port.insert("nodePort".into(), json!(p));
                 }
             }
         }
@@ -513,46 +489,23 @@ impl Allocator {
                 {
                     spec.insert("healthCheckNodePort".into(), json!(p));
                 }
-                match spec.get("healthCheckNodePort").and_then(Value::as_u64) {
-                    Some(requested) if old_health == Some(requested) => {}
-                    Some(requested) => {
-                        let field = "spec.healthCheckNodePort".to_string();
-                        match u16::try_from(requested).ok().filter(|p| self.network.node_ports.contains(p)) {
-                            None => causes.push(Cause::invalid(
-                                field,
-                                &json!(requested),
-                                &format!("provided port is not in the valid range. The range of valid ports is {}", self.network.port_range()),
-                            )),
-                            Some(p) if used_ports.contains(&p) || reservation.ports.contains(&p) => {
-                                causes.push(Cause::invalid(field, &json!(requested), "provided port is already allocated"))
-                            }
-                            Some(p) => {
-                                if claim(storage, &format!("nodeport/{p}"), &me, dry_run).await.map_err(AssignError::Storage)? {
-                                    reserve_port(&mut reservation, p);
-                                } else {
-                                    causes.push(Cause::invalid(field, &json!(requested), "provided port is already allocated"));
-                                }
-                            }
-                        }
-                    }
-                    None => loop {
-                        let Some(p) = self.free_port(&used_ports, &reservation.ports) else {
-                            return Err(AssignError::Full(format!(
-                                "failed to allocate a healthCheckNodePort: range is full ({})",
-                                self.network.port_range()
-                            )));
-                        };
-                        if !claim(storage, &format!("nodeport/{p}"), &me, dry_run)
-                            .await
-                            .map_err(AssignError::Storage)?
-                        {
-                            used_ports.insert(p);
-                            continue;
-                        }
-                        reserve_port(&mut reservation, p);
+                let requested = spec.get("healthCheckNodePort").and_then(Value::as_u64);
+                if requested.is_none() || requested != old_health {
+                    let claimed = self
+                        .claim_node_port(
+                            storage,
+                            requested,
+                            "spec.healthCheckNodePort",
+                            &me,
+                            dry_run,
+                            &mut used_ports,
+                            &mut reservation,
+                            &mut causes,
+                        )
+                        .await?;
+                    if let (None, Some(p)) = (requested, claimed) {
                         spec.insert("healthCheckNodePort".into(), json!(p));
-                        break;
-                    },
+                    }
                 }
             }
         }
@@ -565,6 +518,75 @@ impl Allocator {
             f.ports.extend(reservation.ports.iter().copied());
         }
         Ok(reservation)
+    }
+
+    /// Claims node port `requested` for Service `me` (in the range, not used, not claimed by
+    /// another write), or a free one when `None`; the port, or `None` with a cause pushed for
+    /// field `field`.
+    #[allow(clippy::too_many_arguments)]
+    async fn claim_node_port(
+        &self,
+        storage: &dyn Storage,
+        requested: Option<u64>,
+        field: &str,
+        me: &str,
+        dry_run: bool,
+        used_ports: &mut HashSet<u16>,
+        reservation: &mut Reservation,
+        causes: &mut Vec<Cause>,
+    ) -> Result<Option<u16>, AssignError> {
+        let Some(requested) = requested else {
+            loop {
+                let Some(p) = self.free_port(used_ports, &reservation.ports) else {
+                    return Err(AssignError::Full(format!(
+                        "failed to allocate a {}: range is full ({})",
+                        field.rsplit('.').next().unwrap_or(field),
+                        self.network.port_range()
+                    )));
+                };
+                if !claim(storage, &format!("nodeport/{p}"), me, dry_run)
+                    .await
+                    .map_err(AssignError::Storage)?
+                {
+                    used_ports.insert(p);
+                    continue;
+                }
+                reserve_port(reservation, p);
+                return Ok(Some(p));
+            }
+        };
+        let taken = |causes: &mut Vec<Cause>| {
+            causes.push(Cause::invalid(
+                field,
+                &json!(requested),
+                "provided port is already allocated",
+            ))
+        };
+        match u16::try_from(requested)
+            .ok()
+            .filter(|p| self.network.node_ports.contains(p))
+        {
+            None => causes.push(Cause::invalid(
+                field,
+                &json!(requested),
+                &format!(
+                    "provided port is not in the valid range. The range of valid ports is {}",
+                    self.network.port_range()
+                ),
+            )),
+            Some(p) if used_ports.contains(&p) || reservation.ports.contains(&p) => taken(causes),
+            Some(p) => {
+                if claim(storage, &format!("nodeport/{p}"), me, dry_run)
+                    .await
+                    .map_err(AssignError::Storage)?
+                {
+                    reserve_port(reservation, p);
+                    return Ok(Some(p));
+                }
+                taken(causes);
+            }
+        }
+        Ok(None)
     }
 
     /// A free address, starting at a random offset like upstream (so addresses are not reused

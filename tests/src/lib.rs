@@ -34,6 +34,25 @@ pub fn edgesite_bin() -> PathBuf {
 
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
+    // Below the kernel's ephemeral range (32768 and up): a port picked there can be handed to
+    // any process's outgoing connection between this check and the server binding it (an
+    // agent's MQTT port was, once). A random start spreads parallel tests apart; 20000-29999
+    // stays clear of node ports and of the ports an installed site holds.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(7919).wrapping_add(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0),
+    );
+    for _ in 0..10_000 {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20_000 + (seed.wrapping_add(n.wrapping_mul(389)) % 10_000) as u16;
+        let free = |addr: &str| TcpListener::bind((addr, port)).is_ok();
+        if free("127.0.0.1") && free("0.0.0.0") {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -241,48 +241,27 @@ pub fn gateway_class_resource() -> ApiResource {
 impl Sources {
     /// Starts the watches; the stream yields once per change (it ends with the client).
     pub fn start(client: &kube::Client) -> (Sources, futures::stream::BoxStream<'static, ()>) {
-        let (ingresses, ingress_writer) = reflector::store::<Ingress>();
-        let (classes, class_writer) = reflector::store::<IngressClass>();
-        let gateway_writer = reflector::store::Writer::<DynamicObject>::new(gateway_resource());
-        let gateways = gateway_writer.as_reader();
-        let route_writer = reflector::store::Writer::<DynamicObject>::new(http_route_resource());
-        let routes = route_writer.as_reader();
-        let config = watcher::Config::default;
-        let ingress_events = reflector(
-            ingress_writer,
-            watcher(Api::<Ingress>::all(client.clone()), config()),
-        )
-        .default_backoff()
-        .map(|_| ());
-        let class_events = reflector(
-            class_writer,
-            watcher(Api::<IngressClass>::all(client.clone()), config()),
-        )
-        .default_backoff()
-        .map(|_| ());
-        let gateway_events = reflector(
-            gateway_writer,
-            watcher(
-                Api::<DynamicObject>::all_with(client.clone(), &gateway_resource()),
-                config(),
-            ),
-        )
-        .default_backoff()
-        .map(|_| ());
-        let route_events = reflector(
-            route_writer,
-            watcher(
-                Api::<DynamicObject>::all_with(client.clone(), &http_route_resource()),
-                config(),
-            ),
-        )
-        .default_backoff()
-        .map(|_| ());
+        let (ingresses, ingress_events) = follow_kind(
+            reflector::store::Writer::<Ingress>::default(),
+            Api::all(client.clone()),
+        );
+        let (classes, class_events) = follow_kind(
+            reflector::store::Writer::<IngressClass>::default(),
+            Api::all(client.clone()),
+        );
+        let (gateways, gateway_events) = follow_kind(
+            reflector::store::Writer::<DynamicObject>::new(gateway_resource()),
+            Api::all_with(client.clone(), &gateway_resource()),
+        );
+        let (routes, route_events) = follow_kind(
+            reflector::store::Writer::<DynamicObject>::new(http_route_resource()),
+            Api::all_with(client.clone(), &http_route_resource()),
+        );
         let events = futures::stream::select_all([
-            ingress_events.boxed(),
-            class_events.boxed(),
-            gateway_events.boxed(),
-            route_events.boxed(),
+            ingress_events,
+            class_events,
+            gateway_events,
+            route_events,
         ])
         .boxed();
         (
@@ -342,6 +321,29 @@ impl Sources {
     pub fn http_routes(&self) -> Vec<Arc<DynamicObject>> {
         self.routes.state()
     }
+}
+
+/// A store kept from a watch of `api`, and the watch's changes (one item each).
+fn follow_kind<K>(
+    writer: reflector::store::Writer<K>,
+    api: Api<K>,
+) -> (reflector::Store<K>, futures::stream::BoxStream<'static, ()>)
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let store = writer.as_reader();
+    let events = reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .map(|_| ())
+        .boxed();
+    (store, events)
 }
 
 /// Keeps the routing table and the certificates true to the API.
