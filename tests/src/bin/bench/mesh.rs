@@ -328,6 +328,7 @@ async fn relay_memory_per_peer(bin: &Path) -> Result<(f64, u64)> {
 
 pub async fn rows(bin: &Path, rows: &mut Vec<Row>) -> Result<()> {
     super::services::rows(rows).await.context("service rows")?;
+    super::ingress::rows(rows).await.context("ingress rows")?;
     let direct = topology(false, None).await.context("direct topology")?;
     let plain = measure_plain(&direct).await?;
     let mesh = measure_mesh(&direct).await?;
