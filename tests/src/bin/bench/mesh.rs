@@ -84,22 +84,7 @@ async fn topology(symmetric_b: bool, link_rate: Option<&str>) -> Result<Topology
         .run(async {
             let sink = TcpListener::bind("192.168.2.2:9000").await?;
             let echo = TcpListener::bind("192.168.2.2:9001").await?;
-            tokio::spawn(async move {
-                while let Ok((mut conn, _)) = sink.accept().await {
-                    tokio::spawn(async move {
-                        let _ = conn.set_nodelay(true);
-                        let mut buf = vec![0u8; 256 * 1024];
-                        let mut total = 0u64;
-                        while let Ok(n) = conn.read(&mut buf).await {
-                            if n == 0 {
-                                break;
-                            }
-                            total += n as u64;
-                        }
-                        let _ = conn.write_all(total.to_string().as_bytes()).await;
-                    });
-                }
-            });
+            tokio::spawn(serve_sink(sink));
             tokio::spawn(async move {
                 while let Ok((mut conn, _)) = echo.accept().await {
                     tokio::spawn(async move {
@@ -149,6 +134,24 @@ async fn topology(symmetric_b: bool, link_rate: Option<&str>) -> Result<Topology
         connected_in,
         punch,
     })
+}
+
+/// A sink: reads each connection to its end, then answers the number of bytes it read.
+pub(super) async fn serve_sink(listener: TcpListener) {
+    while let Ok((mut conn, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let _ = conn.set_nodelay(true);
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut total = 0u64;
+            while let Ok(n) = conn.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            let _ = conn.write_all(total.to_string().as_bytes()).await;
+        });
+    }
 }
 
 /// Bytes per second of a `BULK` upload to the sink over `stream`.

@@ -104,21 +104,7 @@ pub async fn rows(rows: &mut Vec<Row>) -> Result<()> {
     pod.run(async {
         let sink = TcpListener::bind((POD_IP, SINK)).await?;
         let hello = TcpListener::bind((POD_IP, HELLO)).await?;
-        tokio::spawn(async move {
-            while let Ok((mut conn, _)) = sink.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 256 * 1024];
-                    let mut total = 0u64;
-                    while let Ok(n) = conn.read(&mut buf).await {
-                        if n == 0 {
-                            break;
-                        }
-                        total += n as u64;
-                    }
-                    let _ = conn.write_all(total.to_string().as_bytes()).await;
-                });
-            }
-        });
+        tokio::spawn(super::mesh::serve_sink(sink));
         tokio::spawn(async move {
             while let Ok((mut conn, _)) = hello.accept().await {
                 let _ = conn.write_all(b"k").await;
