@@ -192,13 +192,14 @@ pub(super) async fn serve_sink(listener: TcpListener) {
     }
 }
 
-/// Bytes per second of a `BULK` upload to the sink over `stream`.
-async fn upload<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+/// Bytes per second of a `bulk`-byte upload to the sink over `stream`.
+pub(super) async fn upload<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     mut stream: S,
+    bulk: usize,
 ) -> Result<f64> {
     let chunk = vec![0x5au8; 64 * 1024];
     let started = Instant::now();
-    let mut left = BULK;
+    let mut left = bulk;
     while left > 0 {
         let n = left.min(chunk.len());
         stream.write_all(&chunk[..n]).await?;
@@ -208,10 +209,10 @@ async fn upload<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     let mut answer = String::new();
     stream.read_to_string(&mut answer).await?;
     let took = started.elapsed();
-    if answer.trim() != BULK.to_string() {
-        bail!("the sink counted {answer} bytes, not {BULK}");
+    if answer.trim() != bulk.to_string() {
+        bail!("the sink counted {answer} bytes, not {bulk}");
     }
-    Ok(BULK as f64 / took.as_secs_f64())
+    Ok(bulk as f64 / took.as_secs_f64())
 }
 
 /// Sorted round-trip times of `ROUND_TRIPS` 64-byte requests over `stream`.
@@ -244,7 +245,7 @@ async fn measure_plain(t: &Topology) -> Result<Path4> {
                 s.set_nodelay(true)?;
                 Ok::<_, anyhow::Error>(s)
             };
-            let throughput = upload(connect(9000).await?).await?;
+            let throughput = upload(connect(9000).await?, BULK).await?;
             let latency = round_trips(connect(9001).await?).await?;
             Ok(Path4 {
                 throughput,
@@ -261,7 +262,7 @@ async fn measure_mesh(t: &Topology) -> Result<Path4> {
         .run(async move {
             let sink: SocketAddr = "192.168.2.2:9000".parse()?;
             let echo: SocketAddr = "192.168.2.2:9001".parse()?;
-            let throughput = upload(tunnel::open(&mesh, b, Kind::Tcp, sink).await?).await?;
+            let throughput = upload(tunnel::open(&mesh, b, Kind::Tcp, sink).await?, BULK).await?;
             let latency = round_trips(tunnel::open(&mesh, b, Kind::Tcp, echo).await?).await?;
             Ok(Path4 {
                 throughput,

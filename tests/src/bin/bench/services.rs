@@ -51,23 +51,9 @@ fn service(cluster_ip: &str, port: u16, node: &str) -> ServicePort {
 }
 
 async fn upload(ip: &str) -> Result<f64> {
-    let mut stream = TcpStream::connect((ip, SINK)).await?;
+    let stream = TcpStream::connect((ip, SINK)).await?;
     stream.set_nodelay(true)?;
-    let chunk = vec![0x5au8; 64 * 1024];
-    let started = Instant::now();
-    let mut left = BULK;
-    while left > 0 {
-        let n = left.min(chunk.len());
-        stream.write_all(&chunk[..n]).await?;
-        left -= n;
-    }
-    stream.shutdown().await?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await?;
-    if answer.trim() != BULK.to_string() {
-        bail!("the sink counted {answer} bytes, not {BULK}");
-    }
-    Ok(BULK as f64 / started.elapsed().as_secs_f64())
+    super::mesh::upload(stream, BULK).await
 }
 
 /// Connections per second: connect, read the server's byte, close; one after another.
