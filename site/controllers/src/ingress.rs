@@ -323,9 +323,21 @@ async fn gateway_statuses(
                 })
             })
             .collect();
+        // No node serving the ingress: nothing carries the Gateway's traffic yet.
+        let mut gateway_conditions = wanted.conditions.clone();
+        if addresses.is_empty() {
+            for c in gateway_conditions
+                .iter_mut()
+                .filter(|c| c.type_ == "Programmed")
+            {
+                c.status = false;
+                c.reason = "AddressNotAssigned";
+                c.message = "no Ready node serves the site's ingress".into();
+            }
+        }
         let status = json!({
             "addresses": addresses.iter().map(|a| json!({"type": "IPAddress", "value": a})).collect::<Vec<_>>(),
-            "conditions": conditions_json(&wanted.conditions, current.get("conditions"), generation, &now),
+            "conditions": conditions_json(&gateway_conditions, current.get("conditions"), generation, &now),
             "listeners": listeners,
         });
         write_status(client, &ingress::gateway_resource(), &gateway, status).await;
