@@ -147,7 +147,10 @@ async fn install_once(
     let Ok(object) = serde_json::from_value::<kube::api::DynamicObject>(object) else {
         return;
     };
-    let mut delay = std::time::Duration::from_secs(1);
+    let mut backoff = crate::backoff::Backoff::new(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(30),
+    );
     loop {
         match api.get_opt(&name).await {
             Ok(Some(_)) => return,
@@ -163,9 +166,8 @@ async fn install_once(
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(backoff.next_wait()) => {}
         }
-        delay = (delay * 2).min(std::time::Duration::from_secs(30));
     }
 }
 

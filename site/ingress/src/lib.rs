@@ -190,9 +190,11 @@ async fn announce(client: kube::Client, config: IngressConfig, shutdown: Cancell
             Ok(_) => return,
             Err(error) => tracing::debug!(%error, "cannot announce the ingress on the node yet"),
         }
+        // Full jitter: after an outage the site's nodes do not all come back at once.
+        let wait = delay.mul_f64(rand::random_range(0.1..=1.0));
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(30));
     }
