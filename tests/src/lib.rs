@@ -522,7 +522,7 @@ impl Site {
                 .expect("piped")
                 .write_all(input.as_bytes())?;
         }
-        Ok(child.wait_with_output()?)
+        Ok(wait_within(child, kubectl_limit(args), "kubectl")?)
     }
 
     /// kubectl against this site with other credentials than the admin's: `credentials` are
@@ -537,7 +537,10 @@ impl Site {
             .args(credentials)
             .args(args)
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|child| wait_within(child, kubectl_limit(args), "kubectl"))
             .expect("run kubectl")
     }
 
@@ -743,6 +746,51 @@ pub fn kubectl_minor() -> u32 {
         .and_then(|m| m.as_str())
         .and_then(|m| m.trim_end_matches('+').parse().ok())
         .unwrap_or(0)
+}
+
+/// How long a kubectl call may take: two minutes, or a minute more than the `--timeout` it
+/// was given. A server that stops answering must fail the test, not hang it.
+fn kubectl_limit(args: &[&str]) -> Duration {
+    let given = args.iter().enumerate().find_map(|(i, a)| {
+        let value = match a.strip_prefix("--timeout=") {
+            Some(v) => v,
+            None if *a == "--timeout" => args.get(i + 1)?,
+            None => return None,
+        };
+        let seconds: u64 = match value.strip_suffix('s') {
+            Some(v) => v.parse().ok()?,
+            None => value.strip_suffix('m')?.parse::<u64>().ok()? * 60,
+        };
+        Some(Duration::from_secs(seconds + 60))
+    });
+    given
+        .unwrap_or(Duration::from_secs(120))
+        .max(Duration::from_secs(120))
+}
+
+/// The output of `child`, which must end within `limit`: one still running then is killed
+/// and reported as failed, with what it printed and a line saying so.
+pub fn wait_within(child: Child, limit: Duration, what: &str) -> std::io::Result<Output> {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(output) => output,
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            let mut output = rx
+                .recv()
+                .map_err(|_| std::io::Error::other(format!("{what} vanished")))??;
+            output.stderr.extend_from_slice(
+                format!("\n{what} did not finish within {limit:?} and was killed\n").as_bytes(),
+            );
+            Ok(output)
+        }
+    }
 }
 
 /// Waits until `f` returns true or the time is up.
