@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dns::{self, DnsConfig};
 use crate::host::{self, HostConfig, MeshHandle, RelayLimits};
+use crate::netpol::{self, Net, NodePolicy, Policy};
 use crate::peers::{self, PeerInfo};
 use crate::proxy::{self, ProxyConfig};
 use crate::services::{NodePeers, ServicePort, ServiceTable};
@@ -77,6 +78,28 @@ impl LocalTargets {
     }
 }
 
+/// What other nodes may ask of this one through a tunnel: its own endpoints, and only for
+/// clients its pods' NetworkPolicy lets in.
+struct TunnelGate {
+    targets: Arc<RwLock<LocalTargets>>,
+    netpol: watch::Receiver<Arc<Policy>>,
+}
+
+impl tunnel::EndpointPolicy for TunnelGate {
+    fn allows(&self, _peer: &PeerId, _kind: Kind, target: SocketAddr) -> bool {
+        self.targets
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .allows(target.ip())
+    }
+
+    fn admits(&self, kind: Kind, target: SocketAddr, source: Option<IpAddr>) -> bool {
+        self.netpol
+            .borrow()
+            .ingress_allows(target.ip(), source, kind.into(), target.port())
+    }
+}
+
 fn in_cidr(ip: std::net::Ipv4Addr, (net, bits): (std::net::Ipv4Addr, u8)) -> bool {
     let mask = if bits == 0 {
         0
@@ -98,6 +121,9 @@ struct Cache {
     peers: BTreeMap<String, (String, Vec<String>, bool)>,
     services: Vec<Service>,
     slices: Vec<EndpointSlice>,
+    /// The NetworkPolicy rules of this node's pods, as the server last resolved them.
+    #[serde(default)]
+    netpol: NodePolicy,
 }
 
 struct State {
@@ -112,6 +138,9 @@ struct State {
     ports: watch::Sender<Arc<Vec<ServicePort>>>,
     table: watch::Sender<Arc<ServiceTable>>,
     node_peers: watch::Sender<Arc<NodePeers>>,
+    netpol_rules: NodePolicy,
+    pod_cidr: Option<Net>,
+    netpol: watch::Sender<Arc<Policy>>,
     dirty: bool,
 }
 
@@ -152,6 +181,33 @@ impl State {
         self.dirty = true;
     }
 
+    fn policy_changed(&mut self) {
+        self.netpol.send_replace(Arc::new(Policy::new(
+            self.netpol_rules.clone(),
+            self.pod_cidr,
+        )));
+        self.dirty = true;
+    }
+
+    /// The ConfigMap holding this node's rules was written (`Some`) or deleted (`None`).
+    fn apply_netpol(&mut self, config_map: Option<&ConfigMap>) {
+        let rules = match config_map.and_then(|c| c.data.as_ref()?.get(netpol::KEY)) {
+            None => NodePolicy::default(),
+            Some(text) => match serde_json::from_str(text) {
+                Ok(rules) => rules,
+                Err(error) => {
+                    tracing::warn!(%error, "network policy rules unreadable; keeping the last ones");
+                    return;
+                }
+            },
+        };
+        if rules != self.netpol_rules {
+            tracing::info!(pods = rules.pods.len(), "network policy rules updated");
+            self.netpol_rules = rules;
+            self.policy_changed();
+        }
+    }
+
     fn apply_node(&mut self, node: &Node) -> bool {
         let Some(name) = node.metadata.name.clone() else {
             return false;
@@ -166,6 +222,14 @@ impl State {
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .pod_cidr = cidr;
+            let net = cidr.map(|(addr, bits)| Net {
+                addr: addr.into(),
+                bits,
+            });
+            if net != self.pod_cidr {
+                self.pod_cidr = net;
+                self.policy_changed();
+            }
         }
         let info = peer_info(node);
         let changed = self.nodes.get(&name) != info.as_ref();
@@ -196,6 +260,7 @@ impl State {
                 .collect(),
             services: self.services.values().cloned().collect(),
             slices: self.slices.values().cloned().collect(),
+            netpol: self.netpol_rules.clone(),
         };
         let path = self.config.dir.join("cache.json");
         let partial = self.config.dir.join("cache.json.partial");
@@ -278,16 +343,14 @@ pub async fn run(
         .collect::<Result<Vec<_>>>()?;
 
     let targets = Arc::new(RwLock::new(LocalTargets::default()));
-    let policy_targets = targets.clone();
-    let policy = move |_peer: &PeerId, _kind: Kind, target: SocketAddr| {
-        policy_targets
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .allows(target.ip())
+    let (netpol_tx, netpol_rx) = watch::channel(Arc::new(Policy::default()));
+    let gate = TunnelGate {
+        targets: targets.clone(),
+        netpol: netpol_rx.clone(),
     };
     tokio::spawn(tunnel::serve(
         incoming,
-        Arc::new(policy),
+        Arc::new(gate),
         TunnelConfig::default(),
         shutdown.clone(),
     ));
@@ -306,6 +369,9 @@ pub async fn run(
         ports: ports_tx,
         table: table_tx,
         node_peers: peers_tx,
+        netpol_rules: NodePolicy::default(),
+        pod_cidr: None,
+        netpol: netpol_tx,
         dirty: false,
     };
     // The last known state first: the node may be offline.
@@ -332,6 +398,7 @@ pub async fn run(
                         service,
                     );
                 }
+                state.netpol_rules = cache.netpol;
                 for slice in cache.slices {
                     state
                         .slices
@@ -348,6 +415,7 @@ pub async fn run(
     }
     state.peers_changed().await;
     state.services_changed();
+    state.policy_changed();
     state.dirty = false;
 
     if let Some(share) = share {
@@ -367,11 +435,22 @@ pub async fn run(
         let proxy_config = ProxyConfig::new(config.node.clone());
         let stop = shutdown.clone();
         let mesh = mesh.clone();
+        let netpol = netpol_rx.clone();
         tokio::spawn(async move {
-            if let Err(error) = proxy::run(proxy_config, mesh, ports_rx, peers_rx, stop).await {
+            if let Err(error) =
+                proxy::run(proxy_config, mesh, ports_rx, peers_rx, netpol, stop).await
+            {
                 tracing::error!("mesh proxy stopped: {error:#}");
             }
         })
+    });
+    // NetworkPolicy in the kernel goes with the proxy: both write iptables as root.
+    let netpol_task = config.proxy.then(|| {
+        tokio::spawn(netpol::enforce(
+            ProxyConfig::new(config.node.clone()).chain,
+            netpol_rx.clone(),
+            shutdown.clone(),
+        ))
     });
     // Without its DNS server or status endpoint the node still links and proxies: say so
     // loudly and go on.
@@ -407,11 +486,21 @@ pub async fn run(
     .default_backoff()
     .boxed();
     let mut slices = watcher(
-        Api::<EndpointSlice>::all(client),
+        Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default(),
     )
     .default_backoff()
     .boxed();
+    let mut netpol_rules = watcher(
+        Api::<ConfigMap>::namespaced(client, netpol::NAMESPACE),
+        watcher::Config::default().fields(&format!(
+            "metadata.name={}",
+            netpol::configmap_name(&config.node)
+        )),
+    )
+    .default_backoff()
+    .boxed();
+    let mut netpol_listing: Option<Option<ConfigMap>> = None;
     let mut node_listing: Option<BTreeMap<String, PeerInfo>> = None;
     let mut service_listing: Option<BTreeMap<(String, String), Service>> = None;
     let mut slice_listing: Option<BTreeMap<(String, String), EndpointSlice>> = None;
@@ -493,11 +582,30 @@ pub async fn run(
                 }
                 Err(error) => tracing::debug!(%error, "endpointslice watch"),
             },
+            Some(event) = netpol_rules.next() => match event {
+                Ok(watcher::Event::Init) => netpol_listing = Some(None),
+                Ok(watcher::Event::InitApply(config_map)) => {
+                    if let Some(listing) = netpol_listing.as_mut() {
+                        *listing = Some(config_map);
+                    }
+                }
+                Ok(watcher::Event::InitDone) => {
+                    if let Some(listing) = netpol_listing.take() {
+                        state.apply_netpol(listing.as_ref());
+                    }
+                }
+                Ok(watcher::Event::Apply(config_map)) => state.apply_netpol(Some(&config_map)),
+                Ok(watcher::Event::Delete(_)) => state.apply_netpol(None),
+                Err(error) => tracing::debug!(%error, "network policy watch"),
+            },
         }
     }
     state.save();
     if let Some(proxy) = proxy_task {
         let _ = proxy.await;
+    }
+    if let Some(netpol) = netpol_task {
+        let _ = netpol.await;
     }
     Ok(())
 }

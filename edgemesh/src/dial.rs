@@ -52,6 +52,16 @@ impl Dialer {
     }
 
     pub async fn connect(&self, backend: &Backend) -> io::Result<Connection> {
+        self.connect_for(backend, None).await
+    }
+
+    /// [`Dialer::connect`] on behalf of `source`, the connection's original client (`None`:
+    /// this node), whom the endpoint's node applies its NetworkPolicy to.
+    pub async fn connect_for(
+        &self,
+        backend: &Backend,
+        source: Option<std::net::IpAddr>,
+    ) -> io::Result<Connection> {
         let target = SocketAddr::new(backend.ip, backend.port);
         match self.peer_of(backend) {
             None => {
@@ -63,7 +73,7 @@ impl Dialer {
             }
             Some(peer) => {
                 // No timeout of its own: opening may first dial the peer (or its relay).
-                let stream = tunnel::open(&self.mesh, peer, Kind::Tcp, target).await?;
+                let stream = tunnel::open_for(&self.mesh, peer, Kind::Tcp, target, source).await?;
                 Ok(Connection::Mesh(Box::new(stream)))
             }
         }

@@ -15,6 +15,7 @@ pub mod health;
 pub mod host;
 pub mod identity;
 pub mod netfilter;
+pub mod netpol;
 pub mod peers;
 pub mod proxy;
 pub mod services;

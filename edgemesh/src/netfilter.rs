@@ -90,7 +90,7 @@ impl Names<'_> {
 
 /// FNV-1a (64 bits) in base32 (`A-Z2-7`, 13 characters): stable across versions, unlike std's
 /// hasher.
-fn hash32(text: &str) -> String {
+pub(crate) fn hash32(text: &str) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in text.bytes() {
         hash ^= u64::from(byte);
@@ -600,7 +600,7 @@ impl Netfilter {
 }
 
 /// Runs an iptables tool; its stdout, or an error with its stderr.
-async fn run(program: &str, args: &[&str], input: Option<&str>) -> io::Result<String> {
+pub(crate) async fn run(program: &str, args: &[&str], input: Option<&str>) -> io::Result<String> {
     let mut child = tokio::process::Command::new(program)
         .args(args)
         .stdin(if input.is_some() {

@@ -3,7 +3,9 @@
 //! DNATed to directly; the endpoints on other nodes are reached through a listener of this
 //! proxy, which the rules redirect to and which carries the connection through a mesh tunnel
 //! (direct after hole punching, relayed otherwise). Round robin or random,
-//! `sessionAffinity: ClientIP`, and a failed connection is retried on another endpoint.
+//! `sessionAffinity: ClientIP`, and a failed connection is retried on another endpoint. A
+//! client pod's NetworkPolicy egress rules keep it to the endpoints they allow; the tunnel
+//! names the client, so the endpoint's node applies its pod's ingress rules.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -20,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::dial::Dialer;
 use crate::host::MeshHandle;
 use crate::netfilter::{Entry, Netfilter};
+use crate::netpol::{Policy, Proto};
 use crate::services::{Backend, Balancing, NodePeers, Protocol, ServicePort};
 use crate::tunnel::{self, COPY_BUFFER, Kind};
 
@@ -111,6 +114,26 @@ impl PortState {
 struct Shared {
     config: ProxyConfig,
     dialer: Dialer,
+    netpol: watch::Receiver<Arc<Policy>>,
+}
+
+impl Shared {
+    /// The endpoints `client`'s egress rules let it reach (every one for a client that is
+    /// not a pod of this node with such rules).
+    fn permitted(&self, client: IpAddr, protocol: Proto, candidates: Vec<Backend>) -> Vec<Backend> {
+        let policy = self.netpol.borrow();
+        candidates
+            .into_iter()
+            .filter(|b| policy.egress_allows(client, b.ip, protocol, b.port))
+            .collect()
+    }
+}
+
+/// The client a tunnel names: `None` for this node itself (a process of the node, or the
+/// node's own address a masquerade left), else the address the connection came from.
+fn source_of(client: IpAddr) -> Option<IpAddr> {
+    let local = std::net::UdpSocket::bind(SocketAddr::new(client, 0)).is_ok();
+    (!local).then_some(client)
 }
 
 /// Runs the proxy until `shutdown`: listeners and iptables rules follow `ports`.
@@ -119,12 +142,17 @@ pub async fn run(
     mesh: MeshHandle,
     mut ports: watch::Receiver<Arc<Vec<ServicePort>>>,
     peers: watch::Receiver<Arc<NodePeers>>,
+    netpol: watch::Receiver<Arc<Policy>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut rules = Netfilter::new(&config.chain);
     rules.install(&config.node).await?;
     let dialer = Dialer::new(config.node.clone(), mesh, peers, config.connect_timeout);
-    let shared = Arc::new(Shared { config, dialer });
+    let shared = Arc::new(Shared {
+        config,
+        dialer,
+        netpol,
+    });
     let mut listeners: HashMap<(IpAddr, u16, Protocol), Listener> = HashMap::new();
     let mut health = crate::health::HealthChecks::default();
     loop {
@@ -290,8 +318,14 @@ async fn forward_tcp(
         tracing::debug!(service = %name, "no ready endpoint; connection refused");
         return; // dropping the client closes it, like a refused connection
     }
+    let candidates = shared.permitted(from.ip(), Proto::Tcp, candidates);
+    if candidates.is_empty() {
+        tracing::debug!(service = %name, client = %from, "refused by the client's NetworkPolicy egress rules");
+        return;
+    }
+    let source = source_of(from.ip());
     for backend in candidates {
-        match shared.dialer.connect(&backend).await {
+        match shared.dialer.connect_for(&backend, source).await {
             Ok(mut upstream) => {
                 state
                     .lock()
@@ -357,6 +391,7 @@ async fn serve_udp(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .candidates(from.ip());
+        let candidates = shared.permitted(from.ip(), Proto::Udp, candidates);
         let Some(backend) = candidates.into_iter().next() else {
             continue;
         };
@@ -431,8 +466,10 @@ impl UdpFlow {
                 }
             }
             Some(peer) => {
+                let source = source_of(self.client.ip());
                 let stream =
-                    tunnel::open(self.shared.dialer.mesh(), peer, Kind::Udp, target).await?;
+                    tunnel::open_for(self.shared.dialer.mesh(), peer, Kind::Udp, target, source)
+                        .await?;
                 let (mut reader, mut writer) = tokio::io::split(stream);
                 let outbound = async {
                     while let Some(datagram) = datagrams.recv().await {

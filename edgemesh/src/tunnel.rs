@@ -3,10 +3,12 @@
 //! answers; then bytes (TCP) or length-prefixed datagrams (UDP) flow both ways.
 //!
 //! Wire format (all integers big-endian):
-//! - request: `version=1 u8`, `kind u8` (1 TCP, 2 UDP), `family u8` (4, 6), address (4 or 16
-//!   bytes), `port u16`;
-//! - answer: `code u8` (0 connected, 1 not an endpoint of this node, 2 connecting failed),
-//!   `length u16`, a UTF-8 message of that length;
+//! - request: `version u8` (2; 1 from older nodes), `kind u8` (1 TCP, 2 UDP), `family u8` (4,
+//!   6), address (4 or 16 bytes), `port u16`; version 2 then names the connection's original
+//!   client: `family u8` (0 none: the opening node itself, 4, 6) and its address, so the
+//!   remote node applies its pod's NetworkPolicy to the real peer;
+//! - answer: `code u8` (0 connected, 1 not an endpoint of this node, 2 connecting failed, 3
+//!   refused by a NetworkPolicy), `length u16`, a UTF-8 message of that length;
 //! - UDP after the answer: each datagram is `length u16` + payload, in both directions.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -22,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::host::{Incoming, MeshHandle};
 use crate::streams::MeshStream;
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 /// Buffer of each direction of a proxied TCP connection: tokio's default 8 KiB turns into
 /// many small mesh frames.
 pub const COPY_BUFFER: usize = 64 * 1024;
@@ -39,6 +41,12 @@ pub enum Kind {
 /// Service endpoints and pods, never arbitrary addresses.
 pub trait EndpointPolicy: Send + Sync + 'static {
     fn allows(&self, peer: &PeerId, kind: Kind, target: SocketAddr) -> bool;
+
+    /// Whether the endpoint's NetworkPolicy lets `source` (the original client; `None`: the
+    /// opening node itself) in.
+    fn admits(&self, _kind: Kind, _target: SocketAddr, _source: Option<IpAddr>) -> bool {
+        true
+    }
 }
 
 impl<F> EndpointPolicy for F
@@ -75,36 +83,70 @@ enum Code {
     Connected = 0,
     NotAnEndpoint = 1,
     ConnectFailed = 2,
+    Refused = 3,
+}
+
+fn push_address(request: &mut Vec<u8>, ip: Option<IpAddr>) {
+    match ip {
+        None => request.push(0),
+        Some(IpAddr::V4(ip)) => {
+            request.push(4);
+            request.extend_from_slice(&ip.octets());
+        }
+        Some(IpAddr::V6(ip)) => {
+            request.push(6);
+            request.extend_from_slice(&ip.octets());
+        }
+    }
+}
+
+async fn read_address(
+    stream: &mut (impl AsyncRead + Unpin),
+    family: u8,
+) -> std::io::Result<Option<IpAddr>> {
+    Ok(match family {
+        0 => None,
+        4 => {
+            let mut octets = [0u8; 4];
+            stream.read_exact(&mut octets).await?;
+            Some(IpAddr::V4(Ipv4Addr::from(octets)))
+        }
+        6 => {
+            let mut octets = [0u8; 16];
+            stream.read_exact(&mut octets).await?;
+            Some(IpAddr::V6(Ipv6Addr::from(octets)))
+        }
+        _ => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "unknown address family",
+            ));
+        }
+    })
 }
 
 async fn write_request(
     stream: &mut (impl AsyncWrite + Unpin),
     kind: Kind,
     target: SocketAddr,
+    source: Option<IpAddr>,
 ) -> std::io::Result<()> {
     let mut request = vec![VERSION, if kind == Kind::Tcp { 1 } else { 2 }];
-    match target.ip() {
-        IpAddr::V4(ip) => {
-            request.push(4);
-            request.extend_from_slice(&ip.octets());
-        }
-        IpAddr::V6(ip) => {
-            request.push(6);
-            request.extend_from_slice(&ip.octets());
-        }
-    }
+    push_address(&mut request, Some(target.ip()));
     request.extend_from_slice(&target.port().to_be_bytes());
+    push_address(&mut request, source);
     stream.write_all(&request).await?;
     stream.flush().await
 }
 
+/// A request: what to connect to and for whom (version 1 names no client).
 async fn read_request(
     stream: &mut (impl AsyncRead + Unpin),
-) -> std::io::Result<(Kind, SocketAddr)> {
+) -> std::io::Result<(Kind, SocketAddr, Option<IpAddr>)> {
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
     let mut head = [0u8; 3];
     stream.read_exact(&mut head).await?;
-    if head[0] != VERSION {
+    if head[0] != 1 && head[0] != VERSION {
         return Err(bad("unsupported mesh tunnel version"));
     }
     let kind = match head[1] {
@@ -112,21 +154,20 @@ async fn read_request(
         2 => Kind::Udp,
         _ => return Err(bad("unknown tunnel kind")),
     };
-    let ip = match head[2] {
-        4 => {
-            let mut octets = [0u8; 4];
-            stream.read_exact(&mut octets).await?;
-            IpAddr::V4(Ipv4Addr::from(octets))
-        }
-        6 => {
-            let mut octets = [0u8; 16];
-            stream.read_exact(&mut octets).await?;
-            IpAddr::V6(Ipv6Addr::from(octets))
-        }
-        _ => return Err(bad("unknown address family")),
-    };
+    if head[2] == 0 {
+        return Err(bad("a tunnel needs a target address"));
+    }
+    let ip = read_address(stream, head[2])
+        .await?
+        .expect("family is not 0");
     let port = stream.read_u16().await?;
-    Ok((kind, SocketAddr::new(ip, port)))
+    let source = if head[0] >= 2 {
+        let family = stream.read_u8().await?;
+        read_address(stream, family).await?
+    } else {
+        None
+    };
+    Ok((kind, SocketAddr::new(ip, port), source))
 }
 
 async fn write_answer(
@@ -158,6 +199,10 @@ async fn read_answer(stream: &mut (impl AsyncRead + Unpin)) -> std::io::Result<(
             std::io::ErrorKind::ConnectionRefused,
             message,
         )),
+        3 => Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            message,
+        )),
         _ => Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             "unknown tunnel answer",
@@ -173,8 +218,20 @@ pub async fn open(
     kind: Kind,
     target: SocketAddr,
 ) -> std::io::Result<MeshStream> {
+    open_for(mesh, peer, kind, target, None).await
+}
+
+/// [`open`] on behalf of `source`, the connection's original client (`None`: this node), whom
+/// the remote node's NetworkPolicy judges.
+pub async fn open_for(
+    mesh: &MeshHandle,
+    peer: PeerId,
+    kind: Kind,
+    target: SocketAddr,
+    source: Option<IpAddr>,
+) -> std::io::Result<MeshStream> {
     let mut stream = mesh.open(peer).await?;
-    write_request(&mut stream, kind, target).await?;
+    write_request(&mut stream, kind, target, source).await?;
     read_answer(&mut stream).await?;
     Ok(stream)
 }
@@ -258,13 +315,22 @@ async fn serve_one(
     policy: &dyn EndpointPolicy,
     config: &TunnelConfig,
 ) -> std::io::Result<()> {
-    let (kind, target) = tokio::time::timeout(config.connect_timeout, read_request(&mut stream))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no tunnel request"))??;
+    let (kind, target, source) =
+        tokio::time::timeout(config.connect_timeout, read_request(&mut stream))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "no tunnel request")
+            })??;
     if !policy.allows(&peer, kind, target) {
         tracing::info!(%peer, %target, ?kind, "tunnel to an address that is not an endpoint of this node refused");
         let message = format!("{target} is not an endpoint on this node");
         return write_answer(&mut stream, Code::NotAnEndpoint, &message).await;
+    }
+    if !policy.admits(kind, target, source) {
+        let from = source.map_or_else(|| "the node".to_string(), |s| s.to_string());
+        tracing::debug!(%peer, %target, %from, ?kind, "tunnel refused by network policy");
+        let message = format!("a NetworkPolicy of {target} does not let {from} in");
+        return write_answer(&mut stream, Code::Refused, &message).await;
     }
     match kind {
         Kind::Tcp => {
@@ -408,5 +474,43 @@ impl Activity {
 impl Default for Activity {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn requests_name_the_client_and_older_ones_are_still_read() {
+        let target: SocketAddr = "10.42.1.5:8080".parse().unwrap();
+        for source in [
+            None,
+            Some("10.42.0.7".parse().unwrap()),
+            Some("fd00::7".parse().unwrap()),
+        ] {
+            let mut wire = Vec::new();
+            write_request(&mut wire, Kind::Udp, target, source)
+                .await
+                .unwrap();
+            let read = read_request(&mut wire.as_slice()).await.unwrap();
+            assert_eq!(read, (Kind::Udp, target, source));
+        }
+        // Version 1 (a node not yet upgraded): no client, read as the node itself.
+        let v1 = [1u8, 1, 4, 10, 42, 1, 5, 0x1f, 0x90];
+        let read = read_request(&mut v1.as_slice()).await.unwrap();
+        assert_eq!(read, (Kind::Tcp, target, None));
+        let bad = [9u8, 1, 4, 10, 42, 1, 5, 0x1f, 0x90];
+        assert!(read_request(&mut bad.as_slice()).await.is_err());
+        let no_target = [2u8, 1, 0, 0];
+        assert!(read_request(&mut no_target.as_slice()).await.is_err());
+        // A refusal by policy reads as permission denied, with its message.
+        let mut answer = Vec::new();
+        write_answer(&mut answer, Code::Refused, "no")
+            .await
+            .unwrap();
+        let error = read_answer(&mut answer.as_slice()).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::PermissionDenied);
+        assert_eq!(error.to_string(), "no");
     }
 }

@@ -586,6 +586,7 @@ async fn the_proxy_sends_cluster_ip_traffic_to_local_and_remote_endpoints() {
         a.mesh.clone(),
         ports_rx,
         peers_rx,
+        tokio::sync::watch::channel(Default::default()).1,
         stop.clone(),
     ));
 

@@ -848,3 +848,187 @@ fn a_gateway_route_splits_traffic_80_20_and_reports_its_status() {
     });
     assert!(reported, "broken route's ResolvedRefs: {last}");
 }
+
+/// A pod on `node` that only sleeps, labelled `labels` (`{}` for none): a client to exec in.
+fn client_pod(name: &str, labels: &str, node: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, labels: {labels}}}
+spec:
+  nodeName: {node}
+  terminationGracePeriodSeconds: 0
+  containers:
+  - {{name: c, image: {BUSYBOX}, imagePullPolicy: Never, command: ["sleep", "3600"]}}
+"#
+    )
+}
+
+const POLICY_SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30090}]
+"#;
+
+const DENY_ALL: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+"#;
+
+/// Lets pods labelled role=client in on the named port, and the LAN (but the server's own
+/// address) on any port.
+const ALLOW_CLIENTS: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-from-clients}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {role: client}}}]
+    ports: [{port: http}]
+"#;
+
+const ALLOW_LAN: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-from-lan}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from: [{ipBlock: {cidr: 192.168.50.0/24, except: [192.168.50.10/32]}}]
+"#;
+
+const CLIENTS_EGRESS_LAN_ONLY: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: clients-out}
+spec:
+  podSelector: {matchLabels: {role: client}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{ipBlock: {cidr: 192.168.50.0/24}}]
+"#;
+
+#[test]
+fn network_policy_default_deny_then_an_allow_rule_lets_a_labelled_client_in() {
+    let lan = Lan::start();
+    let (site, client) = (&lan.site, &lan.client);
+    // A named port ("http") for the allow rule to name.
+    let web = who_pod("web-a", "web", "node-a").replace(
+        "    readinessProbe:",
+        "    ports: [{name: http, containerPort: 8080}]\n    readinessProbe:",
+    );
+    let workloads = [
+        WHO.to_string(),
+        web,
+        POLICY_SERVICE.to_string(),
+        client_pod("client-a", "{role: client}", "node-a"),
+        client_pod("stranger-a", "{}", "node-a"),
+        client_pod("client-s", "{role: client}", "server"),
+        client_pod("stranger-s", "{}", "server"),
+    ]
+    .join("---");
+    let pods = ["web-a", "client-a", "stranger-a", "client-s", "stranger-s"];
+    lan.apply_and_wait(&workloads, &pods);
+    let cluster_ip = site.ok(&["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"]);
+    // Each client pod fetches through the cluster IP: on node-a the kernel DNATs to web-a
+    // (same node), on the server the proxy tunnels to node-a.
+    let last_error = std::cell::RefCell::new(String::new());
+    let fetch = |pod: &str| {
+        let out = site
+            .kubectl(&[
+                "exec",
+                pod,
+                "--",
+                "sh",
+                "-c",
+                &format!(
+                    "printf 'GET /cgi-bin/who HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {cluster_ip} 80"
+                ),
+            ])
+            .unwrap();
+        // busybox's wget crashes in the test image's NSS lookups; nc speaks HTTP/1.0.
+        let answered = String::from_utf8_lossy(&out.stdout).contains("node-a ");
+        if !answered {
+            *last_error.borrow_mut() = format!(
+                "{pod}: {} {}",
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        answered
+    };
+    let lan_client = || who(client, &format!("{NODE_A_IP}:30090")).is_ok();
+    let lan_via_server = || who(client, &format!("{SERVER_IP}:30090")).is_ok();
+    let expect = |what: &str, want: [bool; 6]| {
+        let mut got = [false; 6];
+        let start = std::time::Instant::now();
+        let settled = eventually(Duration::from_secs(20), || {
+            got = [
+                fetch("client-a"),
+                fetch("stranger-a"),
+                fetch("client-s"),
+                fetch("stranger-s"),
+                lan_client(),
+                lan_via_server(),
+            ];
+            got == want
+        });
+        eprintln!("{what}: as wanted after {:?}", start.elapsed());
+        assert!(
+            settled,
+            "{what}: reached [client-a, stranger-a, client-s, stranger-s, lan via node-a, lan via server] = {got:?}, wanted {want:?} (last refusal: {})\n{}\nagent log:\n{}",
+            last_error.borrow(),
+            iptables(&lan.node_a),
+            lan.agent.log()
+        );
+    };
+
+    expect("no policy", [true; 6]);
+
+    site.ok_stdin(&["apply", "-f", "-"], Some(DENY_ALL));
+    expect("default deny", [false; 6]);
+    // The kubelet's probes come from the node: web-a stays Ready and in the Service.
+    let ready = site.ok(&[
+        "get",
+        "pod",
+        "web-a",
+        "-o",
+        "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+    ]);
+    assert_eq!(ready, "True", "web-a under default deny");
+
+    site.ok_stdin(&["apply", "-f", "-"], Some(ALLOW_CLIENTS));
+    expect("clients allowed", [true, false, true, false, false, false]);
+
+    // ipBlock with except: the LAN client is in, through either node (through the server,
+    // the tunnel names the client's address to node-a).
+    site.ok_stdin(&["apply", "-f", "-"], Some(ALLOW_LAN));
+    expect("LAN allowed", [true, false, true, false, true, true]);
+
+    // Egress: clients may only reach the LAN; web-a's pod address is not in it.
+    site.ok_stdin(&["apply", "-f", "-"], Some(CLIENTS_EGRESS_LAN_ONLY));
+    expect("clients' egress", [false, false, false, false, true, true]);
+
+    site.ok(&["delete", "networkpolicy", "--all"]);
+    expect("no policy again", [true; 6]);
+    let rules = site.ok(&[
+        "get",
+        "configmap",
+        "-n",
+        "kube-system",
+        "netpol.node-a",
+        "-o",
+        "jsonpath={.data.policy\\.json}",
+    ]);
+    assert_eq!(rules, r#"{"pods":[]}"#);
+}

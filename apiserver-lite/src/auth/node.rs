@@ -467,6 +467,13 @@ impl Graph {
                         .is_some_and(|(ns, c)| self.uses(node, RefKind::Claim, ns, c))
             });
         }
+        // The rules the server resolved for the node's pods (`edgemesh::netpol::configmap_name`).
+        if kind == RefKind::ConfigMap
+            && namespace == "kube-system"
+            && name.strip_prefix("netpol.") == Some(node)
+        {
+            return true;
+        }
         if kind == RefKind::Secret
             && self
                 .ingress_secrets
@@ -660,6 +667,16 @@ mod tests {
         assert!(authorize(&g, "n1", &get("persistentvolumes", "", "pv1"), &r).allowed());
         assert!(!authorize(&g, "n2", &get("persistentvolumes", "", "pv1"), &r).allowed());
         assert!(!authorize(&g, "n1", &get("secrets", "shop", "other"), &r).allowed());
+        // Its network policy rules, and only its own.
+        assert!(authorize(&g, "n1", &get("configmaps", "kube-system", "netpol.n1"), &r).allowed());
+        let watch =
+            Attributes::resource("watch", "", "configmaps", "kube-system").named("netpol.n1");
+        assert!(authorize(&g, "n1", &watch, &r).allowed());
+        assert!(!authorize(&g, "n2", &get("configmaps", "kube-system", "netpol.n1"), &r).allowed());
+        assert!(!authorize(&g, "n1", &get("configmaps", "shop", "netpol.n1"), &r).allowed());
+        let write =
+            Attributes::resource("update", "", "configmaps", "kube-system").named("netpol.n1");
+        assert!(!authorize(&g, "n1", &write, &r).allowed());
         assert!(
             !authorize(
                 &g,

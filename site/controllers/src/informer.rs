@@ -216,6 +216,9 @@ pub struct Informers {
         std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::PersistentVolumeClaim>>>,
     secrets: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::Secret>>>,
     config_maps: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::ConfigMap>>>,
+    netpol_config_maps: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::ConfigMap>>>,
+    network_policies:
+        std::sync::OnceLock<Arc<Informer<k8s_openapi::api::networking::v1::NetworkPolicy>>>,
     service_accounts:
         std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::ServiceAccount>>>,
     cluster_roles: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::rbac::v1::ClusterRole>>>,
@@ -265,6 +268,8 @@ impl Informers {
             service_accounts: Default::default(),
             secrets: Default::default(),
             config_maps: Default::default(),
+            netpol_config_maps: Default::default(),
+            network_policies: Default::default(),
             cluster_roles: Default::default(),
         }
     }
@@ -383,6 +388,17 @@ impl Informers {
         config_maps,
         k8s_openapi::api::core::v1::ConfigMap,
         watcher::Config::default().fields("metadata.name=kube-root-ca.crt")
+    );
+    informer_accessor!(
+        netpol_config_maps,
+        netpol_config_maps,
+        k8s_openapi::api::core::v1::ConfigMap,
+        watcher::Config::default().labels(edgemesh::netpol::NODE_LABEL)
+    );
+    informer_accessor!(
+        network_policies,
+        network_policies,
+        k8s_openapi::api::networking::v1::NetworkPolicy
     );
 
     informer_accessor!(

@@ -25,6 +25,7 @@ pub mod ingress;
 pub mod job;
 pub mod leader;
 pub mod namespace;
+pub mod network_policy;
 pub mod node_ipam;
 pub mod node_lifecycle;
 pub mod node_match;

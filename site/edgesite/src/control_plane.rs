@@ -173,6 +173,7 @@ async fn run_loops(
         recorder("ingress-controller"),
         shutdown.clone(),
     );
+    let network_policy = controllers::network_policy::controller(&informers, shutdown.clone());
     informers.start();
     loops.extend([
         Box::pin(node_ipam) as futures::future::BoxFuture<'static, ()>,
@@ -188,6 +189,7 @@ async fn run_loops(
         Box::pin(stateful_sets),
         Box::pin(service_lb),
         Box::pin(ingress),
+        Box::pin(network_policy),
         Box::pin(devices::controller::run(
             informers.client_for("device-controller"),
             recorder("device-controller"),

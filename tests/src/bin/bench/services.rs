@@ -118,6 +118,7 @@ pub async fn rows(rows: &mut Vec<Row>) -> Result<()> {
         node.mesh.clone(),
         ports_rx,
         peers_rx,
+        tokio::sync::watch::channel(Default::default()).1,
         stop.clone(),
     ));
     let measured = node
