@@ -564,6 +564,51 @@ fn the_ingress_serves_two_hosts_tls_and_websockets() {
         assert!(both, "web.example on {node_ip}: {answers}");
     }
 
+    // A body limit of its own (ingress-nginx's annotation): 413 for a larger body, declared
+    // or streamed in chunks; a smaller one goes through.
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(
+            r#"
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: upload
+  annotations: {nginx.ingress.kubernetes.io/proxy-body-size: 1k}
+spec:
+  rules:
+  - host: up.example
+    http:
+      paths: [{path: /, pathType: Prefix, backend: {service: {name: web, port: {name: http}}}}]
+"#,
+        ),
+    );
+    let post = |body: &str, chunked: bool| {
+        let mut args = vec!["-H", "Host: up.example", "-w", " %{http_code}"];
+        if chunked {
+            args.extend(["-H", "Transfer-Encoding: chunked"]);
+        }
+        let url = format!("http://{NODE_A_IP}/cgi-bin/who");
+        args.extend(["--data-binary", body, &url]);
+        curl(client, &args).1
+    };
+    let big = "x".repeat(2000);
+    let mut answer = String::new();
+    let limited = eventually(Duration::from_secs(30), || {
+        answer = post(&big, false);
+        answer.ends_with(" 413")
+    });
+    assert!(limited, "a 2000-byte body to a 1k route: {answer}");
+    assert!(
+        answer.contains("413 Content Too Large")
+            && answer.contains("Ingress default/upload takes at most 1024"),
+        "{answer}"
+    );
+    let streamed = post(&big, true);
+    assert!(streamed.ends_with(" 413"), "chunked: {streamed}");
+    let small = post(&"x".repeat(500), false);
+    assert!(small.ends_with(" 200"), "500 bytes: {small}");
+
     // TLS with SNI, over HTTP/2, with the Secret's certificate (curl verifies it).
     let (ok, out, err) = curl(
         client,

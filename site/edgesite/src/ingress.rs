@@ -19,6 +19,16 @@ pub struct IngressArgs {
     /// The address the ingress listens on.
     #[arg(long, default_value = "0.0.0.0")]
     pub ingress_bind: IpAddr,
+    /// The largest request body the ingress passes on (`512k`, `100m`, `1g`; `0`: no limit);
+    /// an Ingress may set its own with `nginx.ingress.kubernetes.io/proxy-body-size`.
+    #[arg(long, default_value = "100m", value_parser = body_size)]
+    pub ingress_max_body_size: u64,
+}
+
+fn body_size(text: &str) -> Result<u64, String> {
+    ingress::routes::parse_size(text).ok_or_else(|| {
+        format!("{text:?} is not a size: bytes, or a number with k, m or g (0: no limit)")
+    })
 }
 
 /// Starts node `node`'s ingress once the mesh shares its service table; hands back what the
@@ -44,6 +54,7 @@ pub fn start(
         node: node.to_string(),
         http: (args.ingress_bind, args.ingress_http_port).into(),
         https: (args.ingress_bind, args.ingress_https_port).into(),
+        max_body: args.ingress_max_body_size,
     };
     tokio::spawn(async move {
         let Ok(mesh) = shared.await else { return };

@@ -557,6 +557,7 @@ pub fn compile(
                         _ => continue, // RegularExpression: not served
                     };
                     compiled.push(Route {
+                        max_body: None,
                         path: matcher,
                         method: m.method.clone(),
                         headers: m

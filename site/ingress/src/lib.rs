@@ -47,6 +47,8 @@ pub struct IngressConfig {
     pub node: String,
     pub http: SocketAddr,
     pub https: SocketAddr,
+    /// The largest request body a route takes unless its Ingress says otherwise (0: no limit).
+    pub max_body: u64,
 }
 
 /// Whether the IngressClass `edgesite` is marked default.
@@ -76,7 +78,9 @@ pub async fn run(
         .with_context(|| format!("ingress: cannot listen on {} (free it, or move it with --ingress-https-port, or --disable-ingress)", config.https))?;
     let resolver = Arc::new(SniResolver::new()?);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(resolver.clone())?));
-    let shared = Arc::new(Shared::new(mesh.ports, mesh.dialer));
+    let mut shared = Shared::new(mesh.ports, mesh.dialer);
+    shared.max_body = config.max_body;
+    let shared = Arc::new(shared);
     tracing::info!(http = %config.http, https = %config.https, "ingress listening");
     tokio::spawn(accept(
         http,

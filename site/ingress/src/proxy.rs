@@ -5,6 +5,8 @@
 //! are kept for reuse. Upgrades (WebSocket) are passed through on a connection of their own.
 //! `X-Forwarded-For/-Proto/-Host/-Port` and `X-Real-IP` tell the backend about the client.
 //! What cannot be served gets a plain-text page saying what is missing (404, 502, 503, 504).
+//! A request body larger than the route's limit (the node's `--ingress-max-body-size`, or the
+//! Ingress's `nginx.ingress.kubernetes.io/proxy-body-size`) gets 413, declared or streamed.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,7 +18,7 @@ use edgemesh::dial::Dialer;
 use edgemesh::services::{Backend, ServicePort};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -27,6 +29,8 @@ use crate::routes::{
 };
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
+/// A request body on its way to a backend (limited or not).
+type Upstream = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Endpoints tried for one request before answering 502.
 const ATTEMPTS: usize = 3;
@@ -34,6 +38,9 @@ const ATTEMPTS: usize = 3;
 const POOL_PER_ENDPOINT: usize = 32;
 /// How long a backend may take to answer a request's headers.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The largest request body a route takes unless told otherwise (Cloudflare's plan default;
+/// ingress-nginx's 1 MiB turns away ordinary uploads).
+pub const DEFAULT_MAX_BODY: u64 = 100 << 20;
 
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -51,8 +58,10 @@ pub struct Shared {
     pub table: RwLock<Arc<Table>>,
     pub ports: watch::Receiver<Arc<Vec<ServicePort>>>,
     pub dialer: Dialer,
+    /// The largest request body (0: no limit) where a route says nothing.
+    pub max_body: u64,
     turns: Mutex<HashMap<String, usize>>,
-    pool: Mutex<HashMap<Backend, Vec<SendRequest<Incoming>>>>,
+    pool: Mutex<HashMap<Backend, Vec<SendRequest<Upstream>>>>,
 }
 
 impl Shared {
@@ -61,6 +70,7 @@ impl Shared {
             table: RwLock::new(Arc::new(Table::default())),
             ports,
             dialer,
+            max_body: DEFAULT_MAX_BODY,
             turns: Mutex::new(HashMap::new()),
             pool: Mutex::new(HashMap::new()),
         }
@@ -122,7 +132,7 @@ impl Shared {
     }
 
     /// A connection ready for a request to `endpoint`: a kept one, or a new one.
-    async fn sender(&self, endpoint: &Backend) -> std::io::Result<SendRequest<Incoming>> {
+    async fn sender(&self, endpoint: &Backend) -> std::io::Result<SendRequest<Upstream>> {
         {
             let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(kept) = pool.get_mut(endpoint) {
@@ -144,7 +154,7 @@ impl Shared {
         Ok(sender)
     }
 
-    fn keep(&self, endpoint: Backend, sender: SendRequest<Incoming>) {
+    fn keep(&self, endpoint: Backend, sender: SendRequest<Upstream>) {
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         let kept = pool.entry(endpoint).or_default();
         if kept.len() < POOL_PER_ENDPOINT {
@@ -367,6 +377,17 @@ pub async fn handle(
         }
     };
 
+    let limit = route.max_body.unwrap_or(shared.max_body);
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if limit > 0
+        && let Some(length) = declared.filter(|l| *l > limit)
+    {
+        return Ok(too_large(length.to_string(), limit, &route.source));
+    }
+
     let upgrade = is_upgrade(request.headers());
     let original_host = request.headers().get(header::HOST).cloned().or_else(|| {
         request
@@ -427,10 +448,21 @@ pub async fn handle(
             ),
         ));
     };
+    let body: Upstream = match usize::try_from(limit) {
+        Ok(limit) if limit > 0 => Limited::new(body, limit).boxed(),
+        _ => body.map_err(Into::into).boxed(),
+    };
     let upstream = Request::from_parts(parts, body);
     let response = match tokio::time::timeout(RESPONSE_TIMEOUT, sender.send_request(upstream)).await
     {
         Ok(Ok(response)) => response,
+        Ok(Err(error)) if over_limit(&error) => {
+            return Ok(too_large(
+                format!("more than {limit}"),
+                limit,
+                &route.source,
+            ));
+        }
         Ok(Err(error)) => {
             return Ok(page(
                 StatusCode::BAD_GATEWAY,
@@ -477,6 +509,34 @@ pub async fn handle(
         edit_headers(&mut parts.headers, edit);
     }
     Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// 413 for a body of `size` bytes where `limit` is the most `source`'s route takes.
+fn too_large(size: String, limit: u64, source: &str) -> Response<Body> {
+    let mut response = page(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "413 Content Too Large: the request body is {size} bytes and {source} takes at most {limit} (the annotation {} on the Ingress, or the node's --ingress-max-body-size, raise it; 0 is no limit)",
+            crate::routes::BODY_SIZE_ANNOTATION
+        ),
+    );
+    // The rest of the body is not read: the client must not send the next request here.
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// Whether a backend request failed because its body went over the limit.
+fn over_limit(error: &hyper::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(e) = cause {
+        if e.is::<LengthLimitError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Gateway API header edits: set replaces, add appends, remove drops.
@@ -537,7 +597,7 @@ fn rewritten(path: &str, matched: &PathMatch, rewrite: Option<&PathRewrite>) -> 
 async fn fresh_upgrade_sender(
     shared: &Shared,
     endpoint: &Backend,
-) -> std::io::Result<SendRequest<Incoming>> {
+) -> std::io::Result<SendRequest<Upstream>> {
     let stream = shared.dialer.connect(endpoint).await?;
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await

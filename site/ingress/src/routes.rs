@@ -111,6 +111,8 @@ pub enum Filter {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub path: PathMatch,
+    /// The largest request body this route takes (`Some(0)`: no limit; `None`: the node's).
+    pub max_body: Option<u64>,
     /// Gateway API matches besides the path: method, headers (lowercase name, exact value),
     /// query parameters (exact).
     pub method: Option<String>,
@@ -140,6 +142,7 @@ impl Route {
     pub fn to(path: PathMatch, backends: Vec<BackendRef>, source: String) -> Self {
         Route {
             path,
+            max_body: None,
             method: None,
             headers: Vec::new(),
             query: Vec::new(),
@@ -228,6 +231,28 @@ pub struct Table {
     tls: BTreeMap<String, (String, String)>,
 }
 
+/// The Ingress annotation (ingress-nginx's, found in many manifests) that sets the largest
+/// request body its routes take: `8m`, `512k`, `1g`, bytes without a unit, `0` for no limit.
+pub const BODY_SIZE_ANNOTATION: &str = "nginx.ingress.kubernetes.io/proxy-body-size";
+
+/// A size as nginx writes it: a number of bytes, or of `k`, `m` or `g` (either case).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => (&text[..i], c.to_ascii_lowercase()),
+        _ => (text, 'b'),
+    };
+    let n: u64 = number.parse().ok()?;
+    let shift = match unit {
+        'b' => 0,
+        'k' => 10,
+        'm' => 20,
+        'g' => 30,
+        _ => return None,
+    };
+    n.checked_mul(1 << shift)
+}
+
 /// Whether the site's controller serves `ingress`: its class is ours, or it names none and
 /// ours is the default.
 pub fn is_ours(ingress: &Ingress, ours_is_default: bool) -> bool {
@@ -309,11 +334,33 @@ impl Table {
                 })
             };
             let Some(spec) = &ingress.spec else { continue };
+            let max_body = match ingress
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(BODY_SIZE_ANNOTATION))
+            {
+                None => None,
+                Some(text) => match parse_size(text) {
+                    Some(size) => Some(size),
+                    None => {
+                        problem(
+                            "InvalidAnnotation",
+                            format!(
+                                "{BODY_SIZE_ANNOTATION}: {text:?} is not a size (8m, 512k, 1g, 0 for no limit); the node's limit applies"
+                            ),
+                        );
+                        None
+                    }
+                },
+            };
             if let Some(default) = &spec.default_backend {
                 match backend_of(&namespace, default) {
                     Some(backend) if table.default_backend.is_none() => {
-                        table.default_backend =
-                            Some(Route::to(PathMatch::prefix("/"), vec![backend], source.clone()));
+                        let mut route =
+                            Route::to(PathMatch::prefix("/"), vec![backend], source.clone());
+                        route.max_body = max_body;
+                        table.default_backend = Some(route);
                     }
                     Some(_) => problem(
                         "Conflict",
@@ -360,7 +407,8 @@ impl Table {
                         );
                         continue;
                     };
-                    let route = Route::to(matcher.clone(), vec![backend], source.clone());
+                    let mut route = Route::to(matcher.clone(), vec![backend], source.clone());
+                    route.max_body = max_body;
                     if let Some(taken) = routes.iter().find(|r| r.same_match(&route)) {
                         problem(
                             "Conflict",
@@ -495,6 +543,54 @@ mod tests {
             query: None,
         };
         table.route(&request).map(|r| r.backends[0].to_string())
+    }
+
+    #[test]
+    fn body_size_annotations_set_the_routes_limit() {
+        assert_eq!(parse_size("8m"), Some(8 << 20));
+        assert_eq!(parse_size("512K"), Some(512 << 10));
+        assert_eq!(parse_size("1g"), Some(1 << 30));
+        assert_eq!(parse_size("1024"), Some(1024));
+        assert_eq!(parse_size("0"), Some(0));
+        for bad in ["", "m", "8x", "-1m", "1.5m", "99999999999999999g"] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
+        let rules = json!({"rules": [{"host": "up.example", "http": {"paths": [
+            {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "up", "port": {"number": 80}}}}]}}],
+            "defaultBackend": {"service": {"name": "up", "port": {"number": 80}}}});
+        let mut small = ingress("small", "2026-01-01T00:00:00Z", rules.clone());
+        small.metadata.annotations =
+            Some([(BODY_SIZE_ANNOTATION.to_string(), "1k".to_string())].into());
+        let (table, problems) = Table::build(&[&small]);
+        assert!(problems.is_empty(), "{problems:?}");
+        let headers = http::HeaderMap::new();
+        let view = |host| RequestView {
+            scheme: "http",
+            host,
+            path: "/",
+            method: "POST",
+            headers: &headers,
+            query: None,
+        };
+        assert_eq!(
+            table.route(&view("up.example")).unwrap().max_body,
+            Some(1024)
+        );
+        assert_eq!(
+            table.route(&view("other.example")).unwrap().max_body,
+            Some(1024)
+        );
+        let mut bad = ingress("bad", "2026-01-01T00:00:00Z", rules);
+        bad.metadata.annotations =
+            Some([(BODY_SIZE_ANNOTATION.to_string(), "lots".to_string())].into());
+        let (table, problems) = Table::build(&[&bad]);
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].reason, "InvalidAnnotation");
+        assert_eq!(
+            table.route(&view("up.example")).unwrap().max_body,
+            None,
+            "the node's limit"
+        );
     }
 
     #[test]
