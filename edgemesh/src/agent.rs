@@ -124,6 +124,9 @@ struct Cache {
     /// The NetworkPolicy rules of this node's pods, as the server last resolved them.
     #[serde(default)]
     netpol: NodePolicy,
+    /// This node's pod network (tunnels to it are allowed; the policy accepts its traffic).
+    #[serde(default)]
+    pod_cidr: Option<Net>,
 }
 
 struct State {
@@ -261,6 +264,7 @@ impl State {
             services: self.services.values().cloned().collect(),
             slices: self.slices.values().cloned().collect(),
             netpol: self.netpol_rules.clone(),
+            pod_cidr: self.pod_cidr,
         };
         let path = self.config.dir.join("cache.json");
         let partial = self.config.dir.join("cache.json.partial");
@@ -399,6 +403,18 @@ pub async fn run(
                     );
                 }
                 state.netpol_rules = cache.netpol;
+                if let Some(Net {
+                    addr: IpAddr::V4(addr),
+                    bits,
+                }) = cache.pod_cidr
+                {
+                    state.pod_cidr = cache.pod_cidr;
+                    state
+                        .targets
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .pod_cidr = Some((addr, bits));
+                }
                 for slice in cache.slices {
                     state
                         .slices

@@ -291,6 +291,8 @@ pub fn render(
         "-A {top} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
     );
     let clear = format!("-A {top} -j MARK --set-xmark 0x0/{MATCH_BIT}");
+    // Whoever else set the bit, an exception chain's answer must start from zero.
+    let _ = writeln!(body, "{clear}");
     let mut pods: Vec<&PodRules> = policy.pods.iter().filter(|p| p.ip.is_ipv4()).collect();
     pods.sort_by_key(|p| p.ip);
     for (ingress, flag, peer_flag) in [(true, "-d", "-s"), (false, "-s", "-d")] {
@@ -683,8 +685,13 @@ mod tests {
         // The ingress chain's mark is cleared before the egress chain reads it.
         let ingress_jump = text.find(&format!("-j {npi}")).unwrap();
         let egress_jump = text.find(&format!("-j {npe}")).unwrap();
-        let clear = text.find("-A EDGEMESH-NETPOL -j MARK").unwrap();
-        assert!(ingress_jump < clear && clear < egress_jump, "{text}");
+        let first_clear = text.find("-A EDGEMESH-NETPOL -j MARK").unwrap();
+        let clear = ingress_jump
+            + text[ingress_jump..]
+                .find("-A EDGEMESH-NETPOL -j MARK")
+                .unwrap();
+        assert!(first_clear < ingress_jump, "the bit starts clear: {text}");
+        assert!(clear < egress_jump, "{text}");
         // Nothing selected: only the fixed chains, the old ones deleted.
         let (text, chains) = render("EDGEMESH", &NodePolicy::default(), None, &stale);
         assert!(chains.is_empty());
