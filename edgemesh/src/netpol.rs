@@ -357,9 +357,12 @@ pub fn render(
                     }
                 }
             }
+            // ICMP port unreachable, for TCP too: a reset made for a bridged packet leaves
+            // without the service's reverse NAT (the client would not take it and time out);
+            // the ICMP error is routed and translated, and a client sees "connection refused".
             let _ = writeln!(
                 body,
-                "-A {chain} -p tcp -m comment --comment {comment} -j REJECT --reject-with tcp-reset\n-A {chain} -m comment --comment {comment} -j REJECT"
+                "-A {chain} -m comment --comment {comment} -j REJECT --reject-with icmp-port-unreachable"
             );
             chains.insert(chain);
         }
@@ -675,7 +678,7 @@ mod tests {
             format!("-A {npx} -j MARK --set-xmark 0x10000/0x10000"),
             format!("-A {npi} -j RETURN"),
             format!("-A {npe} -d 10.42.0.5/32 -j RETURN"),
-            format!("-A {npe} -p tcp -m comment --comment \"egress of shop/web\" -j REJECT --reject-with tcp-reset"),
+            format!("-A {npe} -m comment --comment \"egress of shop/web\" -j REJECT --reject-with icmp-port-unreachable"),
             "-A EDGEMESH-NETPOL -j MARK --set-xmark 0x0/0x10000".to_string(),
             "-A EDGEMESH-FORWARD -s 10.42.0.0/24 -m comment --comment \"pod traffic the policy let through\" -j ACCEPT".to_string(),
             "-X EDGEMESH-NPI-OLDOLDOLDOLD".to_string(),

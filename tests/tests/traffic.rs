@@ -1040,7 +1040,22 @@ fn network_policy_default_deny_then_an_allow_rule_lets_a_labelled_client_in() {
 
     expect("no policy", [true; 6]);
 
+    // From `kubectl apply` to the rules in node-a's kernel: the server resolves, writes the
+    // node's ConfigMap, the node's watch sees it and replaces its chains.
+    let applied = std::time::Instant::now();
     site.ok_stdin(&["apply", "-f", "-"], Some(DENY_ALL));
+    let enforced = eventually(Duration::from_secs(10), || {
+        iptables(&lan.node_a).contains("-A EDGEMESH-NETPOL -d ")
+    });
+    eprintln!(
+        "default deny: in node-a's kernel {:?} after kubectl apply started",
+        applied.elapsed()
+    );
+    assert!(
+        enforced,
+        "no policy chain on node-a:\n{}",
+        iptables(&lan.node_a)
+    );
     expect("default deny", [false; 6]);
     // The kubelet's probes come from the node: web-a stays Ready and in the Service.
     let ready = site.ok(&[

@@ -383,6 +383,8 @@ pub fn controller(
         namespaces.subscribe(256),
         nodes.subscribe(256),
     );
+    // A ConfigMap someone deleted or edited is written again.
+    let mut config_map_changes = config_maps.subscribe(256);
     let stores = (
         policies.store(),
         pods.store(),
@@ -404,9 +406,9 @@ pub fn controller(
             _ = ready => {}
         }
         let api: Api<ConfigMap> = Api::namespaced(client, netpol::NAMESPACE);
-        // What this process wrote, by node: written again only when it changes.
-        let mut written: BTreeMap<String, String> = BTreeMap::new();
         loop {
+            // A write that failed is tried again after a while even if nothing changes.
+            let mut failed = false;
             let node_names: Vec<String> = stores
                 .3
                 .state()
@@ -435,8 +437,7 @@ pub fn controller(
                 let current = existing
                     .get(node)
                     .and_then(|c| c.data.as_ref()?.get(netpol::KEY).cloned());
-                if written.get(node) == Some(&text) || current.as_ref() == Some(&text) {
-                    written.insert(node.clone(), text);
+                if current.as_ref() == Some(&text) {
                     continue;
                 }
                 let name = netpol::configmap_name(node);
@@ -451,11 +452,10 @@ pub fn controller(
                 match api.patch(&name, &params, &Patch::Apply(&body)).await {
                     Ok(_) => {
                         tracing::info!(%node, pods = policy.pods.len(), "network policy written for node");
-                        written.insert(node.clone(), text);
                     }
                     Err(error) => {
                         tracing::warn!(%node, %error, "cannot write the node's network policy");
-                        written.remove(node);
+                        failed = true;
                     }
                 }
             }
@@ -464,7 +464,6 @@ pub fn controller(
                     && let Some(name) = config_map.metadata.name.as_deref()
                 {
                     let _ = api.delete(name, &DeleteParams::default()).await;
-                    written.remove(node);
                 }
             }
             tokio::select! {
@@ -473,6 +472,8 @@ pub fn controller(
                 change = pod_changes.recv() => if change.is_none() { return },
                 change = namespace_changes.recv() => if change.is_none() { return },
                 change = node_changes.recv() => if change.is_none() { return },
+                change = config_map_changes.recv() => if change.is_none() { return },
+                _ = tokio::time::sleep(std::time::Duration::from_secs(5)), if failed => {}
             }
             // Take the burst.
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -480,6 +481,7 @@ pub fn controller(
             while pod_changes.try_recv().is_ok() {}
             while namespace_changes.try_recv().is_ok() {}
             while node_changes.try_recv().is_ok() {}
+            while config_map_changes.try_recv().is_ok() {}
         }
     }
 }
