@@ -276,6 +276,71 @@ async fn concurrent_patches_to_one_object_all_land() {
     }
 }
 
+/// `replace` of a Scale that names no resourceVersion is unconditional, as upstream: writes
+/// racing it (status, labels) make the server try again, not answer 409 (lightkube's scale
+/// replace failed so once). A stale resourceVersion still gets 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_replaces_without_a_resource_version_survive_concurrent_writes() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let site = Site::start().unwrap();
+    let client = site.client().await.unwrap();
+    let api: Api<Deployment> = Api::namespaced(client, "default");
+    let deployment: Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "racy"},
+        "spec": {"selector": {"matchLabels": {"app": "racy"}},
+                 "template": {"metadata": {"labels": {"app": "racy"}},
+                              "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+    let scale = |replicas: i32, rv: Option<&str>| {
+        let mut metadata = serde_json::json!({"name": "racy", "namespace": "default"});
+        if let Some(rv) = rv {
+            metadata["resourceVersion"] = rv.into();
+        }
+        serde_json::from_value::<k8s_openapi::api::autoscaling::v1::Scale>(serde_json::json!({
+            "metadata": metadata, "spec": {"replicas": replicas}
+        }))
+        .unwrap()
+    };
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let api = api.clone();
+        let body = scale(i % 4, None);
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                api.replace_scale("racy", &PostParams::default(), &body)
+                    .await
+                    .map(|_| ())
+            } else {
+                let patch = serde_json::json!({"metadata": {"labels": {format!("k{i}"): "v"}}});
+                api.patch(
+                    "racy",
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+                .map(|_| ())
+            }
+        }));
+    }
+    for t in tasks {
+        t.await
+            .unwrap()
+            .expect("a write failed instead of being retried");
+    }
+    let err = api
+        .replace_scale("racy", &PostParams::default(), &scale(5, Some("1")))
+        .await
+        .unwrap_err();
+    match err {
+        kube::Error::Api(status) => assert_eq!(status.code, 409),
+        other => panic!("expected a 409, got {other}"),
+    }
+}
+
 /// Components inside `edgesite server` use a kube client on the router itself: no socket, no
 /// TLS, and the same request path as a remote client (ARCHITECTURE.md, principle 1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

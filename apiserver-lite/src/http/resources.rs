@@ -2016,8 +2016,23 @@ impl Ctx {
         value: Value,
         opts: &mut WriteOptions,
     ) -> Result<(StatusCode, Value), ApiError> {
-        let old = self.load(name).await?;
-        Ok((StatusCode::OK, self.set_replicas(&old, &value, opts).await?))
+        // A Scale without a resourceVersion is unconditional, as upstream: a write that lost
+        // the race (a controller wrote status meanwhile) is tried again on the newer object.
+        let unconditional = meta_str(&value, "resourceVersion").is_empty();
+        for attempt in 0..MAX_RETRIES {
+            backoff(attempt).await;
+            let old = self.load(name).await?;
+            match self.set_replicas(&old, &value, opts).await {
+                Err(e) if lost_race(&e) && unconditional => continue,
+                Err(e) => return Err(e),
+                Ok(updated) => return Ok((StatusCode::OK, updated)),
+            }
+        }
+        Err(ApiError::modified(
+            &self.info.resource,
+            &self.info.group,
+            name,
+        ))
     }
 
     async fn patch_scale(
