@@ -30,18 +30,20 @@ fi
   umount -l "$m" 2>/dev/null || true
 done
 ip link del edgesite0 2>/dev/null || true
-# The mesh's DNS address and service proxy chain (the agent removes the chain when it stops
-# cleanly; after a kill they remain).
+# The mesh's DNS address and iptables rules (the agent removes its rules when it stops cleanly;
+# after a kill they remain).
 ip link del edgemesh0 2>/dev/null || true
 ip addr del 169.254.96.16/32 dev lo 2>/dev/null || true
-for hook in PREROUTING OUTPUT; do
-  iptables -w 5 -t nat -D "$hook" -m comment --comment "edgesite mesh: service cluster IPs" -j EDGEMESH 2>/dev/null || true
+# Every rule the mesh hooked into the built-in chains (services, node ports, network policy),
+# then every EDGEMESH chain, in both tables.
+for table in nat filter; do
+  iptables-save -t "$table" 2>/dev/null | grep '^-A .*--comment "edgesite mesh: ' | sed 's/^-A /-D /' | while read -r rule; do
+    eval "iptables -w 5 -t $table $rule" 2>/dev/null || true
+  done
+  chains=$(iptables-save -t "$table" 2>/dev/null | sed -n 's/^:\(EDGEMESH[^ ]*\) .*/\1/p')
+  for chain in $chains; do iptables -w 5 -t "$table" -F "$chain" 2>/dev/null || true; done
+  for chain in $chains; do iptables -w 5 -t "$table" -X "$chain" 2>/dev/null || true; done
 done
-iptables -w 5 -D INPUT -m comment --comment "edgesite mesh: service cluster IPs" -j EDGEMESH-GUARD 2>/dev/null || true
-iptables -w 5 -t nat -F EDGEMESH 2>/dev/null || true
-iptables -w 5 -t nat -X EDGEMESH 2>/dev/null || true
-iptables -w 5 -F EDGEMESH-GUARD 2>/dev/null || true
-iptables -w 5 -X EDGEMESH-GUARD 2>/dev/null || true
 # The pods' egress rules (kept while the agent is stopped, for the pods that still run).
 iptables-save -t nat 2>/dev/null | grep -- '--comment "edgesite: pods of ' | sed 's/^-A /-D /' | while read -r rule; do
   eval "iptables -w 5 -t nat $rule" 2>/dev/null || true
