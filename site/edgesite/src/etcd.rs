@@ -297,10 +297,12 @@ impl Member {
         tokio::select! {
             r = ready => r.map_err(|e| anyhow::anyhow!("{e}; see {}", self.db.join("etcd.log").display()))?,
             status = child.wait() => {
+                let log = self.db.join("etcd.log");
                 bail!(
-                    "the embedded etcd exited during start-up ({}); see {}",
+                    "the embedded etcd exited during start-up ({}): {}; see {}",
                     status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
-                    self.db.join("etcd.log").display()
+                    last_complaint(&std::fs::read_to_string(&log).unwrap_or_default()),
+                    log.display()
                 );
             }
         }
@@ -628,4 +630,44 @@ pub async fn migrate_sqlite(database: &Path, etcd: &EtcdConfig) -> Result<Option
         "moved the SQLite datastore into the embedded etcd"
     );
     Ok(Some(count))
+}
+
+/// What etcd said last before it gave up: the message and error of its last fatal or error
+/// line (it logs JSON), else its last line; for a start-up failure the user reads.
+fn last_complaint(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    let parsed = lines.iter().rev().find_map(|line| {
+        let value: serde_json::Value = serde_json::from_str(line).ok()?;
+        let level = value.get("level")?.as_str()?;
+        if !matches!(level, "fatal" | "panic" | "error") {
+            return None;
+        }
+        let message = value.get("msg").and_then(|m| m.as_str()).unwrap_or("");
+        Some(match value.get("error").and_then(|e| e.as_str()) {
+            Some(error) => format!("etcd: {message}: {error}"),
+            None => format!("etcd: {message}"),
+        })
+    });
+    let text = parsed
+        .or_else(|| lines.last().map(|l| format!("etcd: {}", l.trim())))
+        .unwrap_or_else(|| "etcd printed nothing".to_string());
+    text.chars().take(400).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::last_complaint;
+
+    #[test]
+    fn a_failed_start_says_what_etcd_said() {
+        let log = r#"{"level":"info","msg":"starting"}
+{"level":"fatal","ts":"2026","msg":"listener failed","error":"listen tcp 127.0.0.1:2380: bind: address already in use"}
+"#;
+        assert_eq!(
+            last_complaint(log),
+            "etcd: listener failed: listen tcp 127.0.0.1:2380: bind: address already in use"
+        );
+        assert_eq!(last_complaint("plain words\n"), "etcd: plain words");
+        assert_eq!(last_complaint(""), "etcd printed nothing");
+    }
 }
