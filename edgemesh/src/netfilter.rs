@@ -503,34 +503,15 @@ impl Netfilter {
     /// kernel switches the rules need.
     pub async fn install(&mut self, node: &str) -> anyhow::Result<()> {
         switches();
-        let saved = run("iptables-save", &["-t", "nat"], None).await?;
         let names = Names {
             prefix: &self.prefix,
         };
-        self.chains = saved
-            .lines()
-            .filter_map(|l| l.strip_prefix(':')?.split_whitespace().next())
-            .filter(|c| names.is_dynamic(c))
-            .map(str::to_string)
-            .collect();
+        self.chains = chains_in("nat", |c| names.is_dynamic(c)).await?;
         self.sync(node, &[]).await.map_err(|e| {
             anyhow::anyhow!("cannot create the proxy's iptables chains (is this root?): {e}")
         })?;
-        for (table, hook, chain) in self.hooks() {
-            let jump = ["-m", "comment", "--comment", HOOK_COMMENT, "-j", &chain];
-            let check: Vec<&str> = ["-w", "5", "-t", table, "-C", hook]
-                .into_iter()
-                .chain(jump)
-                .collect();
-            if run("iptables", &check, None).await.is_err() {
-                let insert: Vec<&str> = ["-w", "5", "-t", table, "-I", hook, "1"]
-                    .into_iter()
-                    .chain(jump)
-                    .collect();
-                run("iptables", &insert, None)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot hook {chain} into {hook}: {e}"))?;
-            }
+        for (table, builtin, chain) in self.hooks() {
+            hook(table, builtin, Place::First, HOOK_COMMENT, &chain).await?;
         }
         Ok(())
     }
@@ -569,22 +550,8 @@ impl Netfilter {
         let names = Names {
             prefix: &self.prefix,
         };
-        for (table, hook, chain) in self.hooks() {
-            let args = [
-                "-w",
-                "5",
-                "-t",
-                table,
-                "-D",
-                hook,
-                "-m",
-                "comment",
-                "--comment",
-                HOOK_COMMENT,
-                "-j",
-                &chain,
-            ];
-            let _ = run("iptables", &args, None).await;
+        for (table, builtin, chain) in self.hooks() {
+            unhook(table, builtin, HOOK_COMMENT, &chain).await;
         }
         for (table, chain) in [
             ("nat", names.services()),
@@ -597,6 +564,74 @@ impl Netfilter {
             let _ = run("iptables", &["-w", "5", "-t", table, "-X", &chain], None).await;
         }
     }
+}
+
+/// The chains of `table` the kernel has now whose names `wanted` accepts.
+pub(crate) async fn chains_in(
+    table: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> io::Result<BTreeSet<String>> {
+    let saved = run("iptables-save", &["-t", table], None).await?;
+    Ok(saved
+        .lines()
+        .filter_map(|l| l.strip_prefix(':')?.split_whitespace().next())
+        .filter(|c| wanted(c))
+        .map(str::to_string)
+        .collect())
+}
+
+/// Where a jump from a built-in chain goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Place {
+    First,
+    Last,
+}
+
+/// Jumps from `table`'s built-in chain `builtin` to `chain` (a rule marked with `comment`),
+/// unless that jump is there already.
+pub(crate) async fn hook(
+    table: &str,
+    builtin: &str,
+    place: Place,
+    comment: &str,
+    chain: &str,
+) -> anyhow::Result<()> {
+    let jump = ["-m", "comment", "--comment", comment, "-j", chain];
+    let check: Vec<&str> = ["-w", "5", "-t", table, "-C", builtin]
+        .into_iter()
+        .chain(jump)
+        .collect();
+    if run("iptables", &check, None).await.is_ok() {
+        return Ok(());
+    }
+    let at: &[&str] = match place {
+        Place::First => &["-w", "5", "-t", table, "-I", builtin, "1"],
+        Place::Last => &["-w", "5", "-t", table, "-A", builtin],
+    };
+    let add: Vec<&str> = at.iter().copied().chain(jump).collect();
+    run("iptables", &add, None)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot hook {chain} into {builtin}: {e}"))?;
+    Ok(())
+}
+
+/// Takes the jump [`hook`] made out again (nothing if it is not there).
+pub(crate) async fn unhook(table: &str, builtin: &str, comment: &str, chain: &str) {
+    let args = [
+        "-w",
+        "5",
+        "-t",
+        table,
+        "-D",
+        builtin,
+        "-m",
+        "comment",
+        "--comment",
+        comment,
+        "-j",
+        chain,
+    ];
+    let _ = run("iptables", &args, None).await;
 }
 
 /// Runs an iptables tool; its stdout, or an error with its stderr.

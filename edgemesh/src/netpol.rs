@@ -24,7 +24,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::netfilter::{hash32, run};
+use crate::netfilter::{Place, chains_in, hash32, hook, run, unhook};
 
 /// Where the server writes a node's rules.
 pub const NAMESPACE: &str = "kube-system";
@@ -437,47 +437,27 @@ impl Netpol {
 
     /// The chains jumped to from FORWARD: the policy first, the accept of what it let through
     /// last.
-    fn hooks(&self) -> [(&'static str, String); 2] {
+    fn hooks(&self) -> [(Place, String); 2] {
         [
-            ("-I", format!("{}-NETPOL", self.prefix)),
-            ("-A", format!("{}-FORWARD", self.prefix)),
+            (Place::First, format!("{}-NETPOL", self.prefix)),
+            (Place::Last, format!("{}-FORWARD", self.prefix)),
         ]
     }
 
     /// Creates the chains (taking over what a previous run left) and hooks them into FORWARD.
     pub async fn install(&mut self) -> anyhow::Result<()> {
-        let saved = run("iptables-save", &["-t", "filter"], None).await?;
         let prefix = &self.prefix;
-        self.chains = saved
-            .lines()
-            .filter_map(|l| l.strip_prefix(':')?.split_whitespace().next())
-            .filter(|c| {
-                KINDS
-                    .iter()
-                    .any(|k| c.starts_with(&format!("{prefix}-{k}-")))
-            })
-            .map(str::to_string)
-            .collect();
+        self.chains = chains_in("filter", |c| {
+            KINDS
+                .iter()
+                .any(|k| c.starts_with(&format!("{prefix}-{k}-")))
+        })
+        .await?;
         self.sync(&NodePolicy::default(), None).await.map_err(|e| {
             anyhow::anyhow!("cannot create the network policy's iptables chains: {e}")
         })?;
-        for (how, chain) in self.hooks() {
-            let jump = ["-m", "comment", "--comment", HOOK_COMMENT, "-j", &chain];
-            let check: Vec<&str> = ["-w", "5", "-C", "FORWARD"]
-                .into_iter()
-                .chain(jump)
-                .collect();
-            if run("iptables", &check, None).await.is_err() {
-                let place: Vec<&str> = if how == "-I" {
-                    vec!["-w", "5", "-I", "FORWARD", "1"]
-                } else {
-                    vec!["-w", "5", "-A", "FORWARD"]
-                };
-                let add: Vec<&str> = place.into_iter().chain(jump).collect();
-                run("iptables", &add, None)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot hook {chain} into FORWARD: {e}"))?;
-            }
+        for (place, chain) in self.hooks() {
+            hook("filter", "FORWARD", place, HOOK_COMMENT, &chain).await?;
         }
         Ok(())
     }
@@ -499,19 +479,7 @@ impl Netpol {
             tracing::warn!(%error, "cannot empty the network policy's iptables chains");
         }
         for (_, chain) in self.hooks() {
-            let args = [
-                "-w",
-                "5",
-                "-D",
-                "FORWARD",
-                "-m",
-                "comment",
-                "--comment",
-                HOOK_COMMENT,
-                "-j",
-                &chain,
-            ];
-            let _ = run("iptables", &args, None).await;
+            unhook("filter", "FORWARD", HOOK_COMMENT, &chain).await;
             let _ = run("iptables", &["-w", "5", "-F", &chain], None).await;
             let _ = run("iptables", &["-w", "5", "-X", &chain], None).await;
         }
