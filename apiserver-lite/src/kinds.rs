@@ -1122,6 +1122,47 @@ impl Strategy for NetworkPolicies {
     fn tracks_generation(&self) -> bool {
         true
     }
+    /// Upstream's defaults: `policyTypes` is `[Ingress]`, with `Egress` when there are egress
+    /// rules (kubectl describe reads it), and a port's protocol is TCP.
+    fn defaults(&self, o: &mut Map<String, Value>) {
+        let Some(spec) = o.get_mut("spec").and_then(Value::as_object_mut) else {
+            return;
+        };
+        let has_egress = spec
+            .get("egress")
+            .and_then(Value::as_array)
+            .is_some_and(|e| !e.is_empty());
+        if spec
+            .get("policyTypes")
+            .and_then(Value::as_array)
+            .is_none_or(|t| t.is_empty())
+        {
+            let types = if has_egress {
+                json!(["Ingress", "Egress"])
+            } else {
+                json!(["Ingress"])
+            };
+            spec.insert("policyTypes".into(), types);
+        }
+        for direction in ["ingress", "egress"] {
+            for rule in spec
+                .get_mut(direction)
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                for port in rule
+                    .get_mut("ports")
+                    .and_then(Value::as_array_mut)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_object_mut)
+                {
+                    default(port, "protocol", json!("TCP"));
+                }
+            }
+        }
+    }
     fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
         validation::validate_network_policy(object.get("spec"), causes);
     }
@@ -1286,6 +1327,29 @@ mod tests {
         assert_eq!(c["imagePullPolicy"], "IfNotPresent");
         assert_eq!(c["ports"][0]["protocol"], "TCP");
         assert_eq!(d["spec"]["template"]["spec"]["restartPolicy"], "Always");
+    }
+
+    #[test]
+    fn network_policy_defaults_match_upstream() {
+        let registry = Registry::new();
+        let info = registry
+            .get("networking.k8s.io", "v1", "networkpolicies")
+            .unwrap();
+        let mut ingress_only =
+            json!({"spec": {"podSelector": {}, "ingress": [{"ports": [{"port": 80}]}]}});
+        apply_defaults(&info, &mut ingress_only);
+        assert_eq!(ingress_only["spec"]["policyTypes"], json!(["Ingress"]));
+        assert_eq!(
+            ingress_only["spec"]["ingress"][0]["ports"][0]["protocol"],
+            "TCP"
+        );
+        let mut both = json!({"spec": {"podSelector": {}, "egress": [{"ports": [{"protocol": "UDP", "port": 53}]}]}});
+        apply_defaults(&info, &mut both);
+        assert_eq!(both["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+        assert_eq!(both["spec"]["egress"][0]["ports"][0]["protocol"], "UDP");
+        let mut said = json!({"spec": {"podSelector": {}, "policyTypes": ["Egress"]}});
+        apply_defaults(&info, &mut said);
+        assert_eq!(said["spec"]["policyTypes"], json!(["Egress"]));
     }
 
     #[test]
