@@ -393,6 +393,15 @@ pub struct Row {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // `edgesite-bench mesh-direct`: only the direct path's rows, printed, not written.
+    if std::env::args().nth(1).as_deref() == Some("mesh-direct") {
+        let mut rows = Vec::new();
+        mesh::direct_rows(&mut rows).await?;
+        for r in rows {
+            println!("| {} | {} | {} |", r.metric, r.measured, r.target);
+        }
+        return Ok(());
+    }
     // `edgesite-bench traffic`: only the service and ingress rows (no release edgesite needed),
     // printed, not written.
     if std::env::args().nth(1).as_deref() == Some("traffic") {
