@@ -302,12 +302,25 @@ pub async fn start(
     ))
 }
 
+/// The largest yamux data frame the mesh sends: the payload that, with yamux's 12-byte header,
+/// fills one noise message (65535 bytes less its 16-byte tag). yamux's default, 16 KiB, costs a
+/// seal, a flush and a write syscall per 16 KiB on the sender and a frame per 16 KiB on the
+/// receiver; this is a quarter as many (the CPU per GiB row of docs/benchmarks.md's mesh rows).
+const MAX_FRAME_DATA: usize = 65535 - 16 - 12;
+
+/// Stream multiplexing on every mesh connection, direct or relayed.
+fn muxer() -> yamux::Config {
+    let mut config = yamux::Config::default();
+    config.set_split_send_size(MAX_FRAME_DATA);
+    config
+}
+
 fn build_swarm(config: &HostConfig, allowed: Arc<RwLock<Allowed>>) -> Result<Swarm<Behaviour>> {
     let tcp = tcp::Config::default().nodelay(true);
     let swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
-        .with_tcp(tcp, noise::Config::new, yamux::Config::default)?
-        .with_relay_client(noise::Config::new, yamux::Config::default)?
+        .with_tcp(tcp, noise::Config::new, muxer)?
+        .with_relay_client(noise::Config::new, muxer)?
         .with_behaviour(|key, relay_client| {
             let peer_id = key.public().to_peer_id();
             let relay = config.relay.as_ref().map(|limits| {
