@@ -10,8 +10,11 @@
 pub mod algorithm;
 pub mod framework;
 pub mod plugins;
-pub mod quantity;
 pub mod queue;
 pub mod scheduler;
+
+/// Quantities are parsed where the other client-side helpers live; kept here under the old path
+/// for the scheduler's users.
+pub use controllers::quantity;
 
 pub use scheduler::{Config, Scheduler};
