@@ -5,7 +5,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Container, Node, Pod, Taint};
+use k8s_openapi::api::core::v1::{
+    Container, Node, PersistentVolume, PersistentVolumeClaim, Pod, Taint,
+};
+use k8s_openapi::api::storage::v1::StorageClass;
 
 use crate::quantity;
 
@@ -386,11 +389,55 @@ pub fn normalize_image(name: &str) -> String {
     format!("{repo}:{tag}")
 }
 
-/// Every node (with its pods) and the namespaces' labels: what one scheduling cycle sees.
+/// Every node (with its pods), the namespaces' labels and the volumes: what one scheduling
+/// cycle sees.
 #[derive(Default)]
 pub struct Snapshot {
     pub nodes: Vec<NodeInfo>,
     pub namespace_labels: HashMap<String, BTreeMap<String, String>>,
+    pub volumes: Arc<Volumes>,
+}
+
+/// The claims, volumes and storage classes, indexed for the VolumeBinding plugin.
+#[derive(Default)]
+pub struct Volumes {
+    /// By (namespace, name).
+    pub claims: HashMap<(String, String), Arc<PersistentVolumeClaim>>,
+    pub volumes: Vec<Arc<PersistentVolume>>,
+    pub by_name: HashMap<String, Arc<PersistentVolume>>,
+    pub classes: HashMap<String, Arc<StorageClass>>,
+}
+
+impl Volumes {
+    pub fn new(
+        claims: Vec<Arc<PersistentVolumeClaim>>,
+        volumes: Vec<Arc<PersistentVolume>>,
+        classes: Vec<Arc<StorageClass>>,
+    ) -> Self {
+        Volumes {
+            claims: claims
+                .into_iter()
+                .map(|c| {
+                    (
+                        (
+                            c.metadata.namespace.clone().unwrap_or_default(),
+                            c.metadata.name.clone().unwrap_or_default(),
+                        ),
+                        c,
+                    )
+                })
+                .collect(),
+            by_name: volumes
+                .iter()
+                .map(|v| (v.metadata.name.clone().unwrap_or_default(), v.clone()))
+                .collect(),
+            volumes,
+            classes: classes
+                .into_iter()
+                .map(|c| (c.metadata.name.clone().unwrap_or_default(), c))
+                .collect(),
+        }
+    }
 }
 
 /// Per-pod, per-cycle data computed by prefilters and read by filters and scores.
@@ -401,6 +448,7 @@ pub struct CycleState {
     pub spread_score: Option<crate::plugins::topology_spread::PreScoreState>,
     pub affinity_score: Option<crate::plugins::inter_pod_affinity::PreScoreState>,
     pub images: Option<crate::plugins::image_locality::ImageSpread>,
+    pub volumes: Option<crate::plugins::volume_binding::PreFilterState>,
 }
 
 #[cfg(test)]

@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use controllers::events::Recorder;
 use controllers::informer::{Change, Informers};
-use k8s_openapi::api::core::v1::{Binding, Namespace, Node, ObjectReference, Pod};
+use k8s_openapi::api::core::v1::{
+    Binding, Namespace, Node, ObjectReference, PersistentVolume, PersistentVolumeClaim, Pod,
+};
+use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::Store;
@@ -20,7 +23,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::algorithm::Algorithm;
-use crate::framework::{NodeInfo, PodInfo, Snapshot};
+use crate::framework::{NodeInfo, PodInfo, Snapshot, Volumes};
+use crate::plugins::volume_binding;
 use crate::queue::{Outcome, SchedulingQueue};
 
 pub const DEFAULT_SCHEDULER: &str = "default-scheduler";
@@ -51,11 +55,36 @@ pub struct Scheduler {
     pods: mpsc::Receiver<Change<Pod>>,
     nodes: mpsc::Receiver<Change<Node>>,
     namespaces: mpsc::Receiver<Change<Namespace>>,
+    /// Any change to a claim, a volume or a storage class (the contents are read from the
+    /// stores when a pod needs them).
+    volume_changes: mpsc::Receiver<()>,
     pod_store: Store<Pod>,
     node_store: Store<Node>,
     namespace_store: Store<Namespace>,
-    synced: Option<[controllers::informer::SyncSignal; 3]>,
+    volume_stores: VolumeStores,
+    synced: Option<[controllers::informer::SyncSignal; 6]>,
 }
+
+#[derive(Clone)]
+struct VolumeStores {
+    claims: Store<PersistentVolumeClaim>,
+    volumes: Store<PersistentVolume>,
+    classes: Store<StorageClass>,
+}
+
+impl VolumeStores {
+    fn snapshot(&self) -> Arc<Volumes> {
+        Arc::new(Volumes::new(
+            self.claims.state(),
+            self.volumes.state(),
+            self.classes.state(),
+        ))
+    }
+}
+
+/// How long binding waits for a pod's claims to be bound (a provisioned volume made, or a
+/// free one taken) before it gives up and the pod is tried again (upstream waits 600 s).
+const VOLUME_BIND_TIMEOUT: Duration = Duration::from_secs(120);
 
 struct BindResult {
     key: String,
@@ -76,6 +105,8 @@ struct State {
     assumed: HashSet<String>,
     queue: SchedulingQueue,
     algorithm: Algorithm,
+    /// The claims, volumes or classes changed since `snapshot.volumes` was built.
+    volumes_stale: bool,
 }
 
 fn is_terminal(pod: &Pod) -> bool {
@@ -221,6 +252,12 @@ impl State {
         }
     }
 
+    /// A claim, volume or class changed: pods waiting for one may fit now.
+    fn volumes_changed(&mut self) {
+        self.volumes_stale = true;
+        self.queue.move_all_unschedulable(Instant::now().into_std());
+    }
+
     fn apply_namespace(&mut self, change: Change<Namespace>) {
         match change {
             Change::Applied(ns) => {
@@ -242,11 +279,24 @@ impl Scheduler {
     pub fn new(informers: &Informers, recorder: Recorder, config: Config) -> Self {
         let (pods, nodes, namespaces) =
             (informers.pods(), informers.nodes(), informers.namespaces());
+        let (claims, volumes, classes) = (
+            informers.persistent_volume_claims(),
+            informers.persistent_volumes(),
+            informers.storage_classes(),
+        );
         let synced = [
             pods.sync_signal(),
             nodes.sync_signal(),
             namespaces.sync_signal(),
+            claims.sync_signal(),
+            volumes.sync_signal(),
+            classes.sync_signal(),
         ];
+        // One signal for the three kinds: any change may make a waiting pod schedulable.
+        let (volume_tx, volume_changes) = mpsc::channel(1);
+        forward_changes(claims.subscribe(256), volume_tx.clone());
+        forward_changes(volumes.subscribe(256), volume_tx.clone());
+        forward_changes(classes.subscribe(16), volume_tx);
         Scheduler {
             config,
             client: informers.client_as("system:kube-scheduler"),
@@ -254,9 +304,15 @@ impl Scheduler {
             pods: pods.subscribe(1024),
             nodes: nodes.subscribe(256),
             namespaces: namespaces.subscribe(64),
+            volume_changes,
             pod_store: pods.store(),
             node_store: nodes.store(),
             namespace_store: namespaces.store(),
+            volume_stores: VolumeStores {
+                claims: claims.store(),
+                volumes: volumes.store(),
+                classes: classes.store(),
+            },
             synced: Some(synced),
         }
     }
@@ -275,6 +331,7 @@ impl Scheduler {
             assumed: HashSet::new(),
             queue: SchedulingQueue::default(),
             algorithm: Algorithm::default(),
+            volumes_stale: true,
         };
         // Everything the caches hold now; the subscriptions replay it too, which is harmless.
         for ns in self.namespace_store.state() {
@@ -311,6 +368,10 @@ impl Scheduler {
                     self.bound(&mut state, r);
                     progressed = true;
                 }
+                if self.volume_changes.try_recv().is_ok() {
+                    state.volumes_changed();
+                    progressed = true;
+                }
                 if !progressed {
                     break;
                 }
@@ -331,6 +392,7 @@ impl Scheduler {
                 Some(c) = self.nodes.recv() => state.apply_node(c),
                 Some(c) = self.namespaces.recv() => state.apply_namespace(c),
                 Some(r) = bind_rx.recv() => self.bound(&mut state, r),
+                Some(()) = self.volume_changes.recv() => state.volumes_changed(),
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = leftovers.tick() => state.queue.flush_unschedulable_leftovers(Instant::now().into_std()),
             }
@@ -346,9 +408,17 @@ impl Scheduler {
     ) {
         let now = Instant::now().into_std();
         let key = info.key.clone();
+        if state.volumes_stale && !volume_binding::pod_claims_empty(&info) {
+            state.snapshot.volumes = self.volume_stores.snapshot();
+            state.volumes_stale = false;
+        }
         match state.algorithm.schedule(&info, &state.snapshot) {
             Ok(i) => {
                 let node = state.snapshot.nodes[i].name.clone();
+                // The pod's unbound claims, bound (or sent to the provisioner) on this node
+                // before the pod is.
+                let volume_bindings =
+                    volume_binding::bindings_for(&info, &state.snapshot, &state.snapshot.nodes[i]);
                 state.assumed.insert(key.clone());
                 state.add_pod_to_node(&node, info.clone());
                 // Bounded: wait for a binder slot (the loop pauses, the queue does not grow).
@@ -357,8 +427,13 @@ impl Scheduler {
                 };
                 let client = self.client.clone();
                 let tx = bind_tx.clone();
+                let claims = self.volume_stores.claims.clone();
                 tokio::spawn(async move {
-                    let result = bind(&client, &info.pod, &node).await;
+                    let result = match bind_volumes(&client, &volume_bindings, &node, &claims).await
+                    {
+                        Ok(()) => bind(&client, &info.pod, &node).await,
+                        Err(e) => Err(e),
+                    };
                     drop(permit);
                     let _ = tx.send(BindResult { key, node, result }).await;
                 });
@@ -420,6 +495,92 @@ impl Scheduler {
                 );
             }
         }
+    }
+}
+
+/// Passes every change of an informer on as one signal (dropped when one is already waiting).
+fn forward_changes<K: Send + Sync + 'static>(
+    mut changes: mpsc::Receiver<Change<K>>,
+    signal: mpsc::Sender<()>,
+) {
+    tokio::spawn(async move {
+        while changes.recv().await.is_some() {
+            if let Err(mpsc::error::TrySendError::Closed(())) = signal.try_send(()) {
+                return;
+            }
+        }
+    });
+}
+
+/// Upstream's VolumeBinding PreBind: binds each free volume chosen for a claim (its
+/// `claimRef`, written only if the volume is unchanged since it was seen), asks the
+/// provisioner for the others (`volume.kubernetes.io/selected-node`), then waits until every
+/// claim is bound.
+async fn bind_volumes(
+    client: &kube::Client,
+    bindings: &[volume_binding::Binding],
+    node: &str,
+    claims: &Store<PersistentVolumeClaim>,
+) -> Result<(), kube::Error> {
+    use controllers::persistent_volume as pv;
+    if bindings.is_empty() {
+        return Ok(());
+    }
+    for binding in bindings {
+        let claim = binding.claim();
+        let namespace = claim.metadata.namespace.as_deref().unwrap_or("default");
+        let name = claim.metadata.name.as_deref().unwrap_or("");
+        match binding {
+            volume_binding::Binding::Volume { volume, .. } => {
+                let api: Api<PersistentVolume> = Api::all(client.clone());
+                let patch = serde_json::json!({
+                    "metadata": {
+                        "resourceVersion": volume.metadata.resource_version,
+                        "annotations": {pv::BOUND_BY_CONTROLLER: "yes"},
+                    },
+                    "spec": {"claimRef": {
+                        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                        "namespace": namespace, "name": name, "uid": claim.metadata.uid,
+                    }},
+                });
+                api.patch(
+                    volume.metadata.name.as_deref().unwrap_or(""),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await?;
+            }
+            volume_binding::Binding::Provision { .. } => {
+                let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+                let patch =
+                    serde_json::json!({"metadata": {"annotations": {pv::SELECTED_NODE: node}}});
+                api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await?;
+            }
+        }
+    }
+    let started = Instant::now();
+    loop {
+        let all_bound = bindings.iter().all(|b| {
+            let claim = b.claim();
+            claims
+                .get(&kube::runtime::reflector::ObjectRef::from_obj(claim))
+                .is_some_and(|c| pv::volume_name(&c).is_some())
+        });
+        if all_bound {
+            return Ok(());
+        }
+        if started.elapsed() > VOLUME_BIND_TIMEOUT {
+            return Err(kube::Error::Api(
+                kube::core::Status::failure(
+                    "binding volumes: timed out waiting for the condition",
+                    "Timeout",
+                )
+                .with_code(504)
+                .boxed(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

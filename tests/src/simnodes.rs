@@ -95,7 +95,7 @@ fn node_object(config: &SimConfig, name: &str, index: usize) -> Result<Node> {
     Ok(serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Node",
-        "metadata": {"name": name, "labels": labels, "annotations": {"node.alpha.kubernetes.io/ttl": "0"}},
+        "metadata": {"name": name, "labels": labels, "annotations": {"node.alpha.kubernetes.io/ttl": "0", controllers::persistent_volume::STORAGE_PATH: "/var/lib/edgesite/storage"}},
         "spec": {"podCIDR": format!("10.{}.{}.0/24", 64 + index / 250, index % 250)},
         "status": {
             "capacity": resources,

@@ -355,6 +355,25 @@ pub fn random_suffix() -> String {
         .collect()
 }
 
+/// Adds `finalizer` to a new object's `metadata.finalizers` unless it is there (the
+/// StorageObjectInUseProtection plugin's part: claims and volumes are created protected).
+pub fn add_finalizer(object: &mut Value, finalizer: &str) {
+    let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let list = meta
+        .entry("finalizers")
+        .or_insert_with(|| Value::Array(Vec::new()));
+    if list.is_null() {
+        *list = Value::Array(Vec::new());
+    }
+    if let Some(list) = list.as_array_mut()
+        && !list.iter().any(|f| f.as_str() == Some(finalizer))
+    {
+        list.push(Value::String(finalizer.into()));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

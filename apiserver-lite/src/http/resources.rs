@@ -926,6 +926,60 @@ impl Ctx {
         Ok(())
     }
 
+    /// DefaultStorageClass admission: a new claim that names no class (`storageClassName` unset,
+    /// not "", and no beta annotation) gets the class marked default; with several, the newest,
+    /// as upstream since 1.26.
+    async fn admit_default_storage_class(&self, claim: &mut Value) -> Result<(), ApiError> {
+        let named = claim
+            .pointer("/spec/storageClassName")
+            .is_some_and(|c| !c.is_null())
+            || claim
+                .pointer("/metadata/annotations/volume.beta.kubernetes.io~1storage-class")
+                .is_some();
+        if named {
+            return Ok(());
+        }
+        let prefix = list_prefix("storage.k8s.io", "storageclasses", "");
+        let listing = self
+            .server
+            .storage
+            .list(&prefix, None, None)
+            .await
+            .map_err(|e| storage_error(&self.info, "", e))?;
+        let newest = listing
+            .items
+            .iter()
+            .filter_map(|i| i.value().ok())
+            .filter(|c| {
+                let annotations = c.pointer("/metadata/annotations");
+                [
+                    "storageclass.kubernetes.io/is-default-class",
+                    "storageclass.beta.kubernetes.io/is-default-class",
+                ]
+                .iter()
+                .any(|k| {
+                    annotations.and_then(|a| a.get(*k)).and_then(Value::as_str) == Some("true")
+                })
+            })
+            .max_by(|a, b| {
+                let created = |c: &Value| {
+                    c.pointer("/metadata/creationTimestamp")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string()
+                };
+                created(a)
+                    .cmp(&created(b))
+                    .then_with(|| meta_str(b, "name").cmp(meta_str(a, "name")))
+            });
+        if let Some(class) = newest
+            && let Some(spec) = claim.get_mut("spec").and_then(Value::as_object_mut)
+        {
+            spec.insert("storageClassName".into(), json!(meta_str(&class, "name")));
+        }
+        Ok(())
+    }
+
     /// ServiceAccount admission of a new pod (`admission::mount_service_account`).
     async fn admit_service_account(&self, pod: &mut Value) -> Result<(), ApiError> {
         let account_name = pod
@@ -1356,6 +1410,13 @@ impl Ctx {
         }
         if self.info.group == "networking.k8s.io" && self.info.resource == "ingresses" {
             self.admit_default_ingress_class(&mut object).await?;
+        }
+        if self.info.group.is_empty() && self.info.resource == "persistentvolumeclaims" {
+            self.admit_default_storage_class(&mut object).await?;
+            super::admission::add_finalizer(&mut object, "kubernetes.io/pvc-protection");
+        }
+        if self.info.group.is_empty() && self.info.resource == "persistentvolumes" {
+            super::admission::add_finalizer(&mut object, "kubernetes.io/pv-protection");
         }
         // Held until the object is stored: the addresses stay reserved meanwhile.
         let _reservation = self

@@ -11,6 +11,7 @@ pub mod node_basics;
 pub mod resources;
 pub mod taint_toleration;
 pub mod topology_spread;
+pub mod volume_binding;
 
 use crate::framework::{CycleState, NodeInfo, PodInfo, Snapshot};
 
@@ -66,6 +67,7 @@ pub fn default_filters() -> Vec<Box<dyn FilterPlugin>> {
         Box::new(node_affinity::NodeAffinity),
         Box::new(node_basics::NodePorts),
         Box::new(resources::Fit),
+        Box::new(volume_binding::VolumeBinding),
         Box::new(topology_spread::PodTopologySpread),
         Box::new(inter_pod_affinity::InterPodAffinity),
     ]

@@ -214,6 +214,10 @@ pub struct Informers {
         std::sync::OnceLock<Arc<Informer<k8s_openapi::api::apps::v1::ControllerRevision>>>,
     persistent_volume_claims:
         std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::PersistentVolumeClaim>>>,
+    persistent_volumes:
+        std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::PersistentVolume>>>,
+    storage_classes:
+        std::sync::OnceLock<Arc<Informer<k8s_openapi::api::storage::v1::StorageClass>>>,
     secrets: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::Secret>>>,
     config_maps: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::ConfigMap>>>,
     netpol_config_maps: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::ConfigMap>>>,
@@ -265,6 +269,8 @@ impl Informers {
             cron_jobs: Default::default(),
             controller_revisions: Default::default(),
             persistent_volume_claims: Default::default(),
+            persistent_volumes: Default::default(),
+            storage_classes: Default::default(),
             service_accounts: Default::default(),
             secrets: Default::default(),
             config_maps: Default::default(),
@@ -369,6 +375,16 @@ impl Informers {
         persistent_volume_claims,
         persistent_volume_claims,
         k8s_openapi::api::core::v1::PersistentVolumeClaim
+    );
+    informer_accessor!(
+        persistent_volumes,
+        persistent_volumes,
+        k8s_openapi::api::core::v1::PersistentVolume
+    );
+    informer_accessor!(
+        storage_classes,
+        storage_classes,
+        k8s_openapi::api::storage::v1::StorageClass
     );
     informer_accessor!(
         service_accounts,

@@ -30,6 +30,7 @@ pub mod node_ipam;
 pub mod node_lifecycle;
 pub mod node_match;
 pub mod ownership;
+pub mod persistent_volume;
 pub mod pods;
 pub mod quantity;
 pub mod replicaset;

@@ -66,6 +66,9 @@ pub struct Config {
     /// low mark.
     pub image_gc_high_percent: u8,
     pub image_gc_low_percent: u8,
+    /// Where the site's `local-path` volumes are made on this node (`<data-dir>/storage`,
+    /// `--default-local-storage-path`); `None` offers no local storage.
+    pub local_storage: Option<PathBuf>,
 }
 
 impl Config {

@@ -268,7 +268,15 @@ async fn status(agent: &Agent, node_ip: IpAddr, runtime_version: &str) -> Value 
 async fn register(agent: &Agent) -> Result<(), AgentError> {
     let nodes: Api<Node> = Api::all(agent.client.clone());
     let labels = labels(agent);
-    let annotations: BTreeMap<String, String> = agent.config.annotations.iter().cloned().collect();
+    let mut annotations: BTreeMap<String, String> =
+        agent.config.annotations.iter().cloned().collect();
+    // Where local-path volumes go on this node: the server's provisioner reads it.
+    if let Some(storage) = &agent.config.local_storage {
+        annotations.insert(
+            controllers::persistent_volume::STORAGE_PATH.into(),
+            storage.display().to_string(),
+        );
+    }
     if nodes.get_opt(&agent.config.node_name).await?.is_some() {
         nodes
             .patch(

@@ -174,6 +174,11 @@ async fn run_loops(
         shutdown.clone(),
     );
     let network_policy = controllers::network_policy::controller(&informers, shutdown.clone());
+    let persistent_volumes = controllers::persistent_volume::controller(
+        &informers,
+        recorder("persistent-volume-binder"),
+        shutdown.clone(),
+    );
     informers.start();
     loops.extend([
         Box::pin(node_ipam) as futures::future::BoxFuture<'static, ()>,
@@ -190,6 +195,7 @@ async fn run_loops(
         Box::pin(service_lb),
         Box::pin(ingress),
         Box::pin(network_policy),
+        Box::pin(persistent_volumes),
         Box::pin(devices::controller::run(
             informers.client_for("device-controller"),
             recorder("device-controller"),

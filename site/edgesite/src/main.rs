@@ -717,6 +717,10 @@ pub struct AgentArgs {
     /// `keep` its pods, or `evict` them; default: the site's --disconnected-node-pods.
     #[arg(long = "disconnected-pods", value_name = "keep|evict")]
     pub disconnected_pods: Option<controllers::node_lifecycle::DisconnectedPods>,
+    /// Where this node keeps the site's local-path volumes (K3s's flag; default:
+    /// <data-dir>/storage).
+    #[arg(long = "default-local-storage-path", value_name = "DIR")]
+    pub default_local_storage_path: Option<PathBuf>,
     #[command(flatten)]
     pub devices: crate::devices::DeviceArgs,
     #[command(flatten)]
@@ -781,6 +785,11 @@ impl AgentArgs {
             lease_duration: std::time::Duration::from_secs(40),
             image_gc_high_percent: 85,
             image_gc_low_percent: 80,
+            local_storage: Some(
+                self.default_local_storage_path
+                    .clone()
+                    .unwrap_or_else(|| data_dir.join("storage")),
+            ),
             annotations: self
                 .disconnected_pods
                 .map(|p| {

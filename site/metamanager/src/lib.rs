@@ -238,6 +238,29 @@ impl MetaManager {
         self.cached_or(namespace, name, "offline".into())
     }
 
+    /// A cluster-scoped object (a PersistentVolume): as [`MetaManager::get`].
+    pub async fn get_cluster<K>(&self, name: &str) -> Result<Option<K>, MetaError>
+    where
+        K: Cached + Resource<Scope = k8s_openapi::ClusterResourceScope>,
+    {
+        if self.online() {
+            let api: Api<K> = Api::all(self.client.clone());
+            match self.call("get", api.get_opt(name)).await {
+                Ok(Some(object)) => {
+                    self.put(&object);
+                    return Ok(Some(object));
+                }
+                Ok(None) => {
+                    self.remove::<K>("", name);
+                    return Ok(None);
+                }
+                Err(e) if answered(&e) => return Err(MetaError::Api(e)),
+                Err(e) => return self.cached_or("", name, e.to_string()),
+            }
+        }
+        self.cached_or("", name, "offline".into())
+    }
+
     fn cached_or<K: Cached>(
         &self,
         namespace: &str,

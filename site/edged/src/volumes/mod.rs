@@ -316,15 +316,72 @@ async fn prepare(agent: &Agent, pod: &Pod, v: &Volume, pod_dir: &Path) -> Result
             read_only: true,
         });
     }
-    if v.persistent_volume_claim.is_some() {
-        return Err(format!(
-            "volume {:?}: persistentVolumeClaim volumes are not supported on this node yet; use hostPath or emptyDir",
-            v.name
-        ));
+    if let Some(source) = &v.persistent_volume_claim {
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let path = claim_path(agent, namespace, &source.claim_name).await?;
+        return Ok(Prepared {
+            path,
+            read_only: source.read_only.unwrap_or(false),
+        });
     }
     Err(format!(
         "volume {:?}: this volume type is not supported by EdgeSite (supported: emptyDir, hostPath, configMap, secret, downwardAPI, projected)",
         v.name
+    ))
+}
+
+/// Where the volume bound to a claim is on this node (from the node's cache when the API is
+/// away, so a node restarted offline mounts its pods' claims). A `local` volume's path must
+/// exist; a `hostPath` one is checked or made by its type; a volume the site's local-path
+/// provisioner made is created world-writable, as K3s's provisioner does, so containers that
+/// do not run as root can write to it.
+async fn claim_path(agent: &Agent, namespace: &str, claim: &str) -> Result<PathBuf, String> {
+    use controllers::persistent_volume as pv;
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+    let found = agent
+        .meta
+        .get::<PersistentVolumeClaim>(namespace, claim)
+        .await
+        .map_err(|e| format!("get persistentvolumeclaim \"{claim}\": {e}"))?
+        .ok_or_else(|| format!("persistentvolumeclaim \"{claim}\" not found"))?;
+    let volume_name = pv::volume_name(&found)
+        .ok_or_else(|| format!("persistentvolumeclaim \"{claim}\" is not bound to a volume yet"))?
+        .to_string();
+    let volume = agent
+        .meta
+        .get_cluster::<PersistentVolume>(&volume_name)
+        .await
+        .map_err(|e| format!("get persistentvolume \"{volume_name}\": {e}"))?
+        .ok_or_else(|| {
+            format!("persistentvolume \"{volume_name}\" (of claim \"{claim}\") not found")
+        })?;
+    let spec = volume.spec.clone().unwrap_or_default();
+    if let Some(host) = &spec.host_path {
+        let made_here = volume
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(pv::PROVISIONED_BY))
+            .is_some_and(|p| p == pv::PROVISIONER);
+        let path = Path::new(&host.path);
+        if made_here && !path.exists() {
+            std::fs::create_dir_all(path).map_err(|e| format!("create {}: {e}", host.path))?;
+            set_mode(path, 0o777);
+        }
+        check_host_path(&host.path, host.type_.as_deref())?;
+        return Ok(PathBuf::from(&host.path));
+    }
+    if let Some(local) = &spec.local {
+        if !Path::new(&local.path).exists() {
+            return Err(format!(
+                "local volume \"{volume_name}\": path \"{}\" does not exist on this node",
+                local.path
+            ));
+        }
+        return Ok(PathBuf::from(&local.path));
+    }
+    Err(format!(
+        "persistentvolume \"{volume_name}\": only hostPath and local volumes can be mounted on this node"
     ))
 }
 
