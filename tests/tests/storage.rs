@@ -169,15 +169,66 @@ spec:
         site.kubectl(&["get", "pvc", "data-db-0"])
             .is_ok_and(|o| !o.status.success())
     });
-    // Its volume is released (the node removes the directory of a Delete volume).
+    // Its volume is released; the node removes the directory, then the volume (Delete).
     wait_for(
         &site,
-        "the volume released",
-        Duration::from_secs(30),
+        "the volume and its directory to go",
+        Duration::from_secs(60),
         || {
-            let phase = field(&site, &["get", "pv", &volume_name], ".status.phase");
-            phase == "Released" || phase.is_empty()
+            site.kubectl(&["get", "pv", &volume_name])
+                .is_ok_and(|o| !o.status.success())
+                && !std::path::Path::new(&path).exists()
         },
+    );
+
+    // A class that retains: the released volume and its data stay.
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(&format!(
+            r#"apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {{name: local-keep}}
+provisioner: rancher.io/local-path
+reclaimPolicy: Retain
+volumeBindingMode: WaitForFirstConsumer
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: keep}}
+spec: {{storageClassName: local-keep, accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 10Mi}}}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: keeper}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers: [{{name: c, image: {BUSYBOX}, imagePullPolicy: Never, command: ["sh", "-c", "echo mine > /data/f; sleep 3600"], volumeMounts: [{{name: d, mountPath: /data}}]}}]
+  volumes: [{{name: d, persistentVolumeClaim: {{claimName: keep}}}}]
+"#
+        )),
+    );
+    wait_for(&site, "keeper running", Duration::from_secs(90), || {
+        running(&site, "keeper")
+    });
+    let kept = field(&site, &["get", "pvc", "keep"], ".spec.volumeName");
+    let kept_path = field(&site, &["get", "pv", &kept], ".spec.hostPath.path");
+    site.ok(&["delete", "pod", "keeper"]);
+    site.ok(&["delete", "pvc", "keep"]);
+    wait_for(
+        &site,
+        "the retained volume released",
+        Duration::from_secs(30),
+        || field(&site, &["get", "pv", &kept], ".status.phase") == "Released",
+    );
+    // Longer than the node's look over its storage: still there.
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(
+        field(&site, &["get", "pv", &kept], ".status.phase"),
+        "Released"
+    );
+    assert_eq!(
+        std::fs::read_to_string(format!("{kept_path}/f")).unwrap(),
+        "mine\n"
     );
 }
 

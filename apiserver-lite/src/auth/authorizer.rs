@@ -33,6 +33,7 @@ const CLUSTER_ROLE_BINDINGS: &str = "/rbac.authorization.k8s.io/clusterrolebindi
 const ROLE_BINDINGS: &str = "/rbac.authorization.k8s.io/rolebindings/";
 const PODS: &str = "/core/pods/";
 const CLAIMS: &str = "/core/persistentvolumeclaims/";
+const VOLUMES: &str = "/core/persistentvolumes/";
 const DEVICES: &str = "/devices.kubeedge.io/devices/";
 const SERVICE_ACCOUNTS: &str = "/core/serviceaccounts/";
 const INGRESSES: &str = "/networking.k8s.io/ingresses/";
@@ -42,13 +43,14 @@ const NODE_PASSWORDS: &str = "/core/secrets/kube-system/";
 const NODE_PASSWORD_SUFFIX: &str = ".node-password.edgesite";
 /// A cloud hub keeps its sites' passwords (and certificate serials) beside the nodes'.
 const SITE_PASSWORD_SUFFIX: &str = ".site-password.edgesite";
-const FOLLOWED: [&str; 11] = [
+const FOLLOWED: [&str; 12] = [
     CLUSTER_ROLES,
     ROLES,
     CLUSTER_ROLE_BINDINGS,
     ROLE_BINDINGS,
     PODS,
     CLAIMS,
+    VOLUMES,
     DEVICES,
     SERVICE_ACCOUNTS,
     NODE_PASSWORDS,
@@ -307,6 +309,7 @@ impl Authorizer {
                 };
                 let is_rbac = !event.key.starts_with(PODS)
                     && !event.key.starts_with(CLAIMS)
+                    && !event.key.starts_with(VOLUMES)
                     && !event.key.starts_with(DEVICES)
                     && !event.key.starts_with(INGRESSES)
                     && !event.key.starts_with(GATEWAYS)
@@ -394,6 +397,8 @@ fn apply(
         graph.pod_text(short(PODS), text);
     } else if key.starts_with(CLAIMS) {
         graph.claim_text(short(CLAIMS), text);
+    } else if key.starts_with(VOLUMES) {
+        graph.volume_text(short(VOLUMES), text);
     } else if key.starts_with(DEVICES) {
         graph.device_text(short(DEVICES), text);
     } else if key.starts_with(INGRESSES) {

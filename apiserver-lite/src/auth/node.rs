@@ -31,6 +31,9 @@ pub const SITE_INGRESS_CLASS: &str = "edgesite";
 
 /// The path node agents dial to serve their HTTP API to the API server.
 pub const NODE_TUNNEL: &str = "/edgesite/v1/node-tunnel";
+/// The site's local-path provisioner (`controllers::persistent_volume::PROVISIONER`; this
+/// crate sits below the controllers).
+const LOCAL_PATH_PROVISIONER: &str = "rancher.io/local-path";
 
 /// Which node uses which object.
 #[derive(Debug, Default, Clone)]
@@ -41,6 +44,8 @@ pub struct Graph {
     users: HashMap<Ref, HashMap<String, u32>>,
     /// PVC `namespace/name` -> the PV it is bound to.
     claims: HashMap<String, String>,
+    /// Local-path PV name -> the node its directory is on.
+    local_volumes: HashMap<String, String>,
     /// Device `namespace/name` -> node.
     devices: HashMap<String, String>,
     /// Ingress `namespace/name` (Gateway `gateway:namespace/name`) -> the TLS Secrets it
@@ -342,6 +347,37 @@ impl Graph {
         }
     }
 
+    /// A PV (stored text) was written or deleted: the site's local-path provisioner's volumes
+    /// belong to the node that holds their directory (it removes the directory and the volume
+    /// once the volume is released).
+    pub fn volume_text(&mut self, name: &str, text: Option<&str>) {
+        let node = text
+            .and_then(|t| serde_json::from_str::<Value>(t).ok())
+            .filter(|v| {
+                v.pointer("/metadata/annotations/pv.kubernetes.io~1provisioned-by")
+                    .and_then(Value::as_str)
+                    == Some(LOCAL_PATH_PROVISIONER)
+            })
+            .and_then(|v| {
+                v.pointer("/metadata/annotations/local.path.provisioner~1selected-node")
+                    .and_then(Value::as_str)
+                    .map(String::from)
+            });
+        match node {
+            Some(node) => {
+                self.local_volumes.insert(name.to_string(), node);
+            }
+            None => {
+                self.local_volumes.remove(name);
+            }
+        }
+    }
+
+    /// The node whose directory holds a local-path volume.
+    pub fn local_volume_node(&self, name: &str) -> Option<&str> {
+        self.local_volumes.get(name).map(String::as_str)
+    }
+
     /// A Device (stored text) was written or deleted.
     pub fn device_text(&mut self, key: &str, text: Option<&str>) {
         let bound = text.and_then(|t| serde_json::from_str::<view::WithBound>(t).ok());
@@ -459,6 +495,9 @@ impl Graph {
 
     fn uses(&self, node: &str, kind: RefKind, namespace: &str, name: &str) -> bool {
         if kind == RefKind::Volume {
+            if self.local_volume_node(name) == Some(node) {
+                return true;
+            }
             // A PV is the node's when a claim bound to it is used by one of its pods.
             return self.claims.iter().any(|(claim, volume)| {
                 volume == name
@@ -545,6 +584,16 @@ pub fn authorize(graph: &Graph, node: &str, a: &Attributes, node_rules: &[Policy
         ("", "secrets", "") => referenced(RefKind::Secret),
         ("", "configmaps", "") => referenced(RefKind::ConfigMap),
         ("", "persistentvolumeclaims", "" | "status") => referenced(RefKind::Claim),
+        // Deleting: only the local-path volumes whose directory the node holds.
+        ("", "persistentvolumes", "") if a.verb == "delete" => {
+            if !within_rules() {
+                Decision::NoOpinion(String::new())
+            } else if graph.local_volume_node(&a.name) == Some(node) {
+                Decision::Allow(String::new())
+            } else {
+                no_relationship(node)
+            }
+        }
         ("", "persistentvolumes", "") => referenced(RefKind::Volume),
         ("", "serviceaccounts", "" | "token") => referenced(RefKind::ServiceAccount),
         ("", "pods", _) => {
@@ -645,7 +694,7 @@ mod tests {
 
     #[test]
     fn a_node_reaches_only_what_its_pods_use() {
-        let g = graph();
+        let mut g = graph();
         let r = rules();
         for (resource, name) in [
             ("secrets", "db"),
@@ -666,6 +715,27 @@ mod tests {
         }
         assert!(authorize(&g, "n1", &get("persistentvolumes", "", "pv1"), &r).allowed());
         assert!(!authorize(&g, "n2", &get("persistentvolumes", "", "pv1"), &r).allowed());
+        // The local-path volumes whose directory it holds: read and delete; others not deleted.
+        g.volume_text(
+            "pvc-1",
+            Some(
+                &json!({"metadata": {"annotations": {
+                "pv.kubernetes.io/provisioned-by": "rancher.io/local-path",
+                "local.path.provisioner/selected-node": "n2"}}})
+                .to_string(),
+            ),
+        );
+        let delete =
+            |name: &str| Attributes::resource("delete", "", "persistentvolumes", "").named(name);
+        assert!(authorize(&g, "n2", &get("persistentvolumes", "", "pvc-1"), &r).allowed());
+        assert!(authorize(&g, "n2", &delete("pvc-1"), &r).allowed());
+        assert!(!authorize(&g, "n1", &delete("pvc-1"), &r).allowed());
+        assert!(
+            !authorize(&g, "n1", &delete("pv1"), &r).allowed(),
+            "used, not held"
+        );
+        g.volume_text("pvc-1", None);
+        assert!(!authorize(&g, "n2", &delete("pvc-1"), &r).allowed());
         assert!(!authorize(&g, "n1", &get("secrets", "shop", "other"), &r).allowed());
         // Its network policy rules, and only its own.
         assert!(authorize(&g, "n1", &get("configmaps", "kube-system", "netpol.n1"), &r).allowed());
@@ -697,7 +767,6 @@ mod tests {
             .allowed()
         );
         // The pod leaves: so does the access.
-        let mut g = g;
         g.pod("shop/a", None);
         assert!(!authorize(&g, "n1", &get("secrets", "shop", "db"), &r).allowed());
     }

@@ -9,6 +9,7 @@
 
 pub mod hooks;
 pub mod images;
+pub mod local_volumes;
 pub mod logs;
 pub mod network;
 pub mod node;
@@ -220,6 +221,7 @@ where
     let pods = tokio::spawn(pods::run(agent.clone(), shutdown.clone()));
     let gc = tokio::spawn(images::gc::run(agent.clone(), shutdown.clone()));
     tokio::spawn(stats::run(agent.clone(), shutdown.clone()));
+    tokio::spawn(local_volumes::run(agent.clone(), shutdown.clone()));
     tokio::spawn(network::masquerade::run(
         agent.pod_cidr.clone(),
         agent.config.node_name.clone(),
