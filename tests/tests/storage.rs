@@ -346,3 +346,72 @@ spec:
     let gold: Value = site.json(&["get", "pvc", "gold", "-o", "json"]);
     assert_eq!(gold["status"]["phase"], "Pending");
 }
+
+#[test]
+fn a_pod_with_a_claim_comes_back_with_its_data_after_an_offline_reboot() {
+    let mut rt = Runtime::start().unwrap();
+    let site = Site::start_with(&[&format!("--cluster-cidr={}", rt.cluster_cidr())]).unwrap();
+    let link = tests::link::Link::start(site.port).unwrap();
+    let mut agent = rt
+        .start_agent_via(&site, "edge-1", &link.url(), &[])
+        .unwrap();
+    wait_for(&site, "edge-1 Ready", Duration::from_secs(40), || {
+        node_ready(&site, "edge-1")
+    });
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(&format!(
+            r#"apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: data}}
+spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 10Mi}}}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: logger}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers: [{{name: c, image: {BUSYBOX}, imagePullPolicy: Never, command: ["sh", "-c", "echo start >> /data/starts; sleep 3600"], volumeMounts: [{{name: d, mountPath: /data}}]}}]
+  volumes: [{{name: d, persistentVolumeClaim: {{claimName: data}}}}]
+"#
+        )),
+    );
+    wait_for(&site, "logger running", Duration::from_secs(90), || {
+        running(&site, "logger")
+    });
+    let volume = field(&site, &["get", "pvc", "data"], ".spec.volumeName");
+    let path = field(&site, &["get", "pv", &volume], ".spec.hostPath.path");
+    assert!(
+        path.starts_with(&agent.dir.path().join("data/storage").display().to_string()),
+        "{path}"
+    );
+    let starts = format!("{path}/starts");
+    assert!(eventually(Duration::from_secs(10), || {
+        std::fs::read_to_string(&starts).is_ok_and(|s| s == "start\n")
+    }));
+
+    // The cable is pulled, then the power; the machine comes back without the site.
+    link.cut();
+    agent.kill();
+    rt.reboot(&agent).unwrap();
+    agent.launch().unwrap();
+    assert!(
+        eventually(Duration::from_secs(90), || {
+            std::fs::read_to_string(&starts).is_ok_and(|s| s == "start\nstart\n")
+        }),
+        "the pod did not start again on its volume offline: {:?}\n{}",
+        std::fs::read_to_string(&starts),
+        agent.log()
+    );
+    // Back online: the data is what the pod sees.
+    link.restore();
+    wait_for(
+        &site,
+        "logger reachable again",
+        Duration::from_secs(90),
+        || {
+            site.kubectl(&["exec", "logger", "--", "cat", "/data/starts"])
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout) == "start\nstart\n")
+        },
+    );
+}
