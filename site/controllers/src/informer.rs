@@ -218,6 +218,9 @@ pub struct Informers {
         std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::PersistentVolume>>>,
     storage_classes:
         std::sync::OnceLock<Arc<Informer<k8s_openapi::api::storage::v1::StorageClass>>>,
+    horizontal_pod_autoscalers: std::sync::OnceLock<
+        Arc<Informer<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler>>,
+    >,
     secrets: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::Secret>>>,
     config_maps: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::ConfigMap>>>,
     netpol_config_maps: std::sync::OnceLock<Arc<Informer<k8s_openapi::api::core::v1::ConfigMap>>>,
@@ -271,6 +274,7 @@ impl Informers {
             persistent_volume_claims: Default::default(),
             persistent_volumes: Default::default(),
             storage_classes: Default::default(),
+            horizontal_pod_autoscalers: Default::default(),
             service_accounts: Default::default(),
             secrets: Default::default(),
             config_maps: Default::default(),
@@ -380,6 +384,11 @@ impl Informers {
         persistent_volumes,
         persistent_volumes,
         k8s_openapi::api::core::v1::PersistentVolume
+    );
+    informer_accessor!(
+        horizontal_pod_autoscalers,
+        horizontal_pod_autoscalers,
+        k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler
     );
     informer_accessor!(
         storage_classes,

@@ -31,6 +31,7 @@ pub mod node_lifecycle;
 pub mod node_match;
 pub mod ownership;
 pub mod persistent_volume;
+pub mod podautoscaler;
 pub mod pods;
 pub mod quantity;
 pub mod replicaset;

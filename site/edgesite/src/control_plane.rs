@@ -179,6 +179,11 @@ async fn run_loops(
         recorder("persistent-volume-binder"),
         shutdown.clone(),
     );
+    let autoscalers = controllers::podautoscaler::controller(
+        &informers,
+        recorder("horizontal-pod-autoscaler"),
+        shutdown.clone(),
+    );
     informers.start();
     loops.extend([
         Box::pin(node_ipam) as futures::future::BoxFuture<'static, ()>,
@@ -196,6 +201,7 @@ async fn run_loops(
         Box::pin(ingress),
         Box::pin(network_policy),
         Box::pin(persistent_volumes),
+        Box::pin(autoscalers),
         Box::pin(devices::controller::run(
             informers.client_for("device-controller"),
             recorder("device-controller"),
