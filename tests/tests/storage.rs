@@ -281,6 +281,14 @@ spec:
             "nodeSelector: {kubernetes.io/hostname: edge-1}",
         )),
     );
+    let created = std::time::Instant::now();
+    wait_for(&site, "the claim bound", Duration::from_secs(60), || {
+        field(&site, &["get", "pvc", "data"], ".status.phase") == "Bound"
+    });
+    eprintln!(
+        "claim bound {:?} after its first pod was created",
+        created.elapsed()
+    );
     wait_for(&site, "first running", Duration::from_secs(90), || {
         running(&site, "first")
     });
