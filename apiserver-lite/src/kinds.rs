@@ -710,7 +710,7 @@ impl Strategy for PersistentVolumeClaims {
     fn prepare_for_create(&self, o: &mut Map<String, Value>, _new: &NewObject) {
         o.insert("status".into(), json!({"phase": "Pending"}));
     }
-    fn validate(&self, object: &Value, _old: Option<&Value>, causes: &mut Causes) {
+    fn validate(&self, object: &Value, old: Option<&Value>, causes: &mut Causes) {
         let spec = object.get("spec").unwrap_or(&Value::Null);
         if spec
             .get("accessModes")
@@ -725,6 +725,35 @@ impl Strategy for PersistentVolumeClaims {
         }
         if spec.pointer("/resources/requests/storage").is_none() {
             causes.push(Cause::required("spec.resources[storage]"));
+        }
+        // Upstream's update rule: a bound claim's spec is immutable except its requests.
+        if let Some(old) = old {
+            let old_spec = old.get("spec").unwrap_or(&Value::Null);
+            let bound = old_spec
+                .get("volumeName")
+                .and_then(Value::as_str)
+                .is_some_and(|v| !v.is_empty());
+            let without_requests = |s: &Value| {
+                let mut s = s.clone();
+                if let Some(r) = s.pointer_mut("/resources").and_then(Value::as_object_mut) {
+                    r.remove("requests");
+                }
+                if let Some(m) = s.as_object_mut() {
+                    m.remove("volumeAttributesClassName");
+                    // Filled in by the binding itself.
+                    m.remove("volumeName");
+                }
+                s
+            };
+            if bound
+                && (without_requests(spec) != without_requests(old_spec)
+                    || spec.get("volumeName") != old_spec.get("volumeName"))
+            {
+                causes.push(Cause::forbidden(
+                    "spec",
+                    "spec is immutable after creation except resources.requests and volumeAttributesClassName for bound claims",
+                ));
+            }
         }
     }
     fn field_labels(&self) -> &'static [(&'static str, &'static str)] {

@@ -86,6 +86,7 @@ spec:
         imagePullPolicy: Never
         command: ["sleep", "3600"]
         volumeMounts: [{{name: data, mountPath: /data}}, {{name: data, mountPath: /logs, subPath: logs}}]
+  persistentVolumeClaimRetentionPolicy: {{whenScaled: Delete}}
   volumeClaimTemplates:
   - metadata: {{name: data}}
     spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 1Gi}}}}}}
@@ -154,6 +155,56 @@ spec:
         running(&site, "db-0") && field(&site, &["get", "pod", "db-0"], ".metadata.uid") != uid
     });
     assert_eq!(site.ok(&["exec", "db-0", "--", "cat", "/data/f"]), "kept\n");
+
+    // Growing the claim: the class allows it; a directory has no size, the figure follows.
+    site.ok(&[
+        "patch",
+        "pvc",
+        "data-db-0",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"resources":{"requests":{"storage":"2Gi"}}}}"#,
+    ]);
+    wait_for(&site, "the claim at 2Gi", Duration::from_secs(30), || {
+        field(
+            &site,
+            &["get", "pvc", "data-db-0"],
+            ".status.capacity.storage",
+        ) == "2Gi"
+    });
+    let refused = site
+        .kubectl(&[
+            "patch",
+            "pvc",
+            "data-db-0",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"accessModes":["ReadWriteMany"]}}"#,
+        ])
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("spec is immutable after creation"),
+        "{refused:?}"
+    );
+
+    // whenScaled: Delete: a replica scaled away takes its claim with it.
+    site.ok(&["scale", "statefulset", "db", "--replicas=2"]);
+    wait_for(&site, "db-1 running", Duration::from_secs(90), || {
+        running(&site, "db-1")
+    });
+    assert_eq!(
+        field(&site, &["get", "pvc", "data-db-1"], ".status.phase"),
+        "Bound"
+    );
+    site.ok(&["scale", "statefulset", "db", "--replicas=1"]);
+    wait_for(&site, "data-db-1 to go", Duration::from_secs(60), || {
+        site.kubectl(&["get", "pvc", "data-db-1"])
+            .is_ok_and(|o| !o.status.success())
+    });
+    assert_eq!(
+        field(&site, &["get", "pvc", "data-db-0"], ".status.phase"),
+        "Bound"
+    );
 
     // A claim in use is not removed: it waits (Terminating) until its pod is gone.
     site.ok(&["delete", "pvc", "data-db-0", "--wait=false"]);

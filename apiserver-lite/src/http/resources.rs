@@ -980,6 +980,39 @@ impl Ctx {
         Ok(())
     }
 
+    /// PersistentVolumeClaimResize admission: a bound claim's storage request changes only
+    /// when its class allows expansion.
+    async fn admit_claim_resize(&self, claim: &Value, old: &Value) -> Result<(), ApiError> {
+        const REQUEST: &str = "/spec/resources/requests/storage";
+        let bound = old
+            .pointer("/spec/volumeName")
+            .and_then(Value::as_str)
+            .is_some_and(|v| !v.is_empty());
+        if !bound || claim.pointer(REQUEST) == old.pointer(REQUEST) {
+            return Ok(());
+        }
+        let class_name = old
+            .pointer("/spec/storageClassName")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let key = object_key("storage.k8s.io", "storageclasses", "", class_name);
+        let allows = !class_name.is_empty()
+            && self
+                .server
+                .storage
+                .get(&key)
+                .await
+                .map_err(|e| storage_error(&self.info, class_name, e))?
+                .is_some_and(|c| c.object.get("allowVolumeExpansion") == Some(&json!(true)));
+        if allows {
+            return Ok(());
+        }
+        Err(ApiError::forbidden(format!(
+            "persistentvolumeclaims \"{}\" is forbidden: only dynamically provisioned pvc can be resized and the storageclass that provisions the pvc must support resize",
+            meta_str(claim, "name")
+        )))
+    }
+
     /// ServiceAccount admission of a new pod (`admission::mount_service_account`).
     async fn admit_service_account(&self, pod: &mut Value) -> Result<(), ApiError> {
         let account_name = pod
@@ -1707,6 +1740,9 @@ impl Ctx {
         let causes = kinds::validate(&self.info, &new, Some(old_object));
         if !causes.is_empty() {
             return Err(self.invalid(&new, causes));
+        }
+        if self.info.group.is_empty() && self.info.resource == "persistentvolumeclaims" {
+            self.admit_claim_resize(&new, old_object).await?;
         }
         // The writer set managedFields itself (kubectl moves client-side apply's ownership to
         // server-side apply so): that alone is a change worth writing.

@@ -326,6 +326,9 @@ pub enum Action {
     MarkProvisioner { claim: Key, provisioner: String },
     /// A new volume for a claim (its `claimRef` set).
     Provision(Box<PersistentVolume>),
+    /// A bound local-path volume grown to what its claim now asks for (a directory has no
+    /// size of its own: the figure is what is reported).
+    ExpandVolume { volume: String, capacity: Quantity },
     /// A finalizer removed from a claim being deleted.
     ReleaseClaim { claim: Key },
     /// A finalizer removed from a volume being deleted.
@@ -557,6 +560,36 @@ pub fn plan(world: &World) -> Plan {
                             plan.actions.push(Action::BindClaim {
                                 claim: key.clone(),
                                 volume: name.into(),
+                            });
+                        }
+                        let grown = requested(claim) > capacity(volume);
+                        let expandable = classes
+                            .get(claim_class(claim))
+                            .is_some_and(|c| c.allow_volume_expansion == Some(true));
+                        let ours =
+                            annotation(&volume.metadata, PROVISIONED_BY) == Some(PROVISIONER);
+                        if grown && expandable && ours {
+                            plan.actions.push(Action::ExpandVolume {
+                                volume: name.into(),
+                                capacity: quantity_of(claim).unwrap_or(Quantity("0".into())),
+                            });
+                            plan.events.push(Said {
+                                about: about.clone(),
+                                warning: false,
+                                reason: "VolumeResizeSuccessful",
+                                message: format!(
+                                    "resize volume \"{name}\" succeeded: {} (a local-path volume is a directory; the size is what is reported)",
+                                    quantity_of(claim).map(|q| q.0).unwrap_or_default()
+                                ),
+                            });
+                        } else if grown {
+                            plan.events.push(Said {
+                                about: about.clone(),
+                                warning: true,
+                                reason: "ExternalExpanding",
+                                message: format!(
+                                    "waiting for an external controller to expand this PVC: volume \"{name}\" is not one this site's provisioner made in a class that allows expansion"
+                                ),
                             });
                         }
                         set_claim_phase(&mut plan, claim, "Bound", Some(volume));
@@ -1105,6 +1138,11 @@ async fn apply(client: &kube::Client, action: &Action) -> kube::Result<()> {
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(error) => return Err(error),
         },
+        Action::ExpandVolume { volume, capacity } => {
+            let patch = json!({"spec": {"capacity": {"storage": capacity}}});
+            volumes.patch(volume, &merge, &Patch::Merge(&patch)).await?;
+            tracing::info!(volume, capacity = %capacity.0, "volume expanded");
+        }
         Action::ReleaseClaim { claim } => {
             remove_finalizer(&claims(&claim.0), &claim.1, PVC_PROTECTION).await?
         }
@@ -1333,6 +1371,38 @@ mod tests {
                 .iter()
                 .any(|a| matches!(a, Action::Provision(_)))
         );
+    }
+
+    #[test]
+    fn a_grown_claim_grows_its_local_path_volume() {
+        let mut v = volume("pvc-uid-a", CLASS, "1Gi", "Delete");
+        v.metadata.annotations =
+            Some([(PROVISIONED_BY.to_string(), PROVISIONER.to_string())].into());
+        v.spec.as_mut().unwrap().claim_ref = Some(ObjectReference {
+            namespace: Some("default".into()),
+            name: Some("a".into()),
+            uid: Some("uid-a".into()),
+            ..Default::default()
+        });
+        let mut c = claim("a", Some(CLASS), "5Gi", &["ReadWriteOnce"]);
+        c.spec.as_mut().unwrap().volume_name = Some("pvc-uid-a".into());
+        c.metadata.annotations = Some([(BIND_COMPLETED.to_string(), "yes".to_string())].into());
+        let plan = run(vec![c.clone()], vec![v.clone()], vec![], vec![]);
+        assert!(plan.actions.contains(&Action::ExpandVolume {
+            volume: "pvc-uid-a".into(),
+            capacity: Quantity("5Gi".into())
+        }));
+        assert_eq!(reasons(&plan), vec!["VolumeResizeSuccessful"]);
+        // A volume made by hand is not grown here.
+        v.metadata.annotations = None;
+        let plan = run(vec![c], vec![v], vec![], vec![]);
+        assert!(
+            !plan
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::ExpandVolume { .. }))
+        );
+        assert_eq!(reasons(&plan), vec!["ExternalExpanding"]);
     }
 
     #[test]

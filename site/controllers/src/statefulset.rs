@@ -45,6 +45,12 @@ pub enum Error {
     },
     #[error("delete pod: {0}")]
     Delete(#[source] kube::Error),
+    #[error("give claim {claim} to its pod: {source}")]
+    ClaimOwner {
+        claim: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("update status: {0}")]
     Status(#[source] kube::Error),
 }
@@ -287,7 +293,7 @@ async fn reconcile(set: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action, E
         .iter()
         .filter(|(i, _)| **i >= start && **i < start + replicas)
         .all(|(_, p)| running_and_ready(p));
-    for (_, p) in &condemned {
+    for (i, p) in &condemned {
         if p.metadata.deletion_timestamp.is_some() {
             if !parallel {
                 break;
@@ -296,6 +302,11 @@ async fn reconcile(set: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action, E
         }
         if !parallel && !all_healthy {
             break;
+        }
+        if deletes_claims_when_scaled(&set) && !deleting_set {
+            // `whenScaled: Delete`: the claims go with the pod (the garbage collector deletes
+            // them once their owner, the pod, is gone; protection waits for it too).
+            give_claims_to_pod(&set, &pvc_api, *i, p).await?;
         }
         delete_pod(&ctx, &set, &api, p).await?;
         if !parallel {
@@ -402,6 +413,64 @@ async fn delete_pod(
 
 /// The claims of `ordinal`, created if missing. With `whenDeleted: Delete` they are owned by
 /// the set (and go with it); otherwise they outlive it, as upstream's default `Retain`.
+/// Whether the set's `persistentVolumeClaimRetentionPolicy.whenScaled` is `Delete`.
+fn deletes_claims_when_scaled(set: &StatefulSet) -> bool {
+    set.spec
+        .as_ref()
+        .and_then(|s| s.persistent_volume_claim_retention_policy.as_ref())
+        .and_then(|p| p.when_scaled.as_deref())
+        == Some("Delete")
+}
+
+/// Adds the condemned pod `pod` (ordinal `ordinal`) as an owner of its claims.
+async fn give_claims_to_pod(
+    set: &StatefulSet,
+    api: &Api<PersistentVolumeClaim>,
+    ordinal: i32,
+    pod: &Pod,
+) -> Result<(), Error> {
+    let name = set.metadata.name.clone().unwrap_or_default();
+    let spec = set.spec.clone().unwrap_or_default();
+    let Some(uid) = pod.metadata.uid.clone() else {
+        return Ok(());
+    };
+    for template in spec.volume_claim_templates.iter().flatten() {
+        let claim_name = format!(
+            "{}-{name}-{ordinal}",
+            template.metadata.name.as_deref().unwrap_or("")
+        );
+        let Ok(Some(claim)) = api.get_opt(&claim_name).await else {
+            continue;
+        };
+        let mut owners = claim.metadata.owner_references.clone().unwrap_or_default();
+        if owners.iter().any(|o| o.uid == uid) {
+            continue;
+        }
+        owners.push(OwnerReference {
+            api_version: "v1".into(),
+            kind: "Pod".into(),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            uid: uid.clone(),
+            controller: None,
+            block_owner_deletion: None,
+        });
+        let patch = serde_json::json!({"metadata": {
+            "resourceVersion": claim.metadata.resource_version,
+            "ownerReferences": owners,
+        }});
+        if let Err(source) = api
+            .patch(&claim_name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            return Err(Error::ClaimOwner {
+                claim: claim_name,
+                source,
+            });
+        }
+    }
+    Ok(())
+}
+
 async fn create_claims(
     ctx: &Context,
     set: &StatefulSet,
