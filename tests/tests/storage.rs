@@ -378,6 +378,48 @@ spec:
             .contains("node(s) had volume node affinity conflict")
     });
 
+    // A generic ephemeral volume: a claim made for the pod, provisioned, gone with the pod.
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(&format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: scratchy}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers: [{{name: c, image: {BUSYBOX}, imagePullPolicy: Never, command: ["sh", "-c", "echo x > /scratch/f; sleep 3600"], volumeMounts: [{{name: scratch, mountPath: /scratch}}]}}]
+  volumes:
+  - name: scratch
+    ephemeral: {{volumeClaimTemplate: {{spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 10Mi}}}}}}}}}}
+"#
+        )),
+    );
+    wait_for(&site, "scratchy running", Duration::from_secs(90), || {
+        running(&site, "scratchy")
+    });
+    assert_eq!(
+        field(
+            &site,
+            &["get", "pvc", "scratchy-scratch"],
+            ".metadata.ownerReferences[0].name"
+        ),
+        "scratchy"
+    );
+    assert_eq!(
+        site.ok(&["exec", "scratchy", "--", "cat", "/scratch/f"]),
+        "x\n"
+    );
+    site.ok(&["delete", "pod", "scratchy", "--grace-period=1"]);
+    wait_for(
+        &site,
+        "the ephemeral claim to go",
+        Duration::from_secs(60),
+        || {
+            site.kubectl(&["get", "pvc", "scratchy-scratch"])
+                .is_ok_and(|o| !o.status.success())
+        },
+    );
+
     // What local-path cannot give, and a class that does not exist: Pending with an Event.
     site.ok_stdin(
         &["apply", "-f", "-"],

@@ -98,6 +98,10 @@ mod view {
         pub secret: Option<SecretVolume>,
         pub config_map: Option<Name>,
         pub persistent_volume_claim: Option<Claim>,
+        /// A generic ephemeral volume (its claim is `<pod>-<volume>`).
+        pub ephemeral: Option<serde::de::IgnoredAny>,
+        #[serde(default)]
+        pub name: String,
         pub projected: Option<Projected>,
         pub cephfs: Option<WithSecretRef>,
         pub rbd: Option<WithSecretRef>,
@@ -154,6 +158,8 @@ mod view {
     pub struct Meta {
         #[serde(default)]
         pub namespace: String,
+        #[serde(default)]
+        pub name: String,
     }
     #[derive(Deserialize, Default)]
     pub struct Pod {
@@ -273,6 +279,9 @@ fn parse_pod(text: &str) -> Option<(String, Vec<Ref>)> {
         }
         if let Some(c) = &v.persistent_volume_claim {
             add(RefKind::Claim, &c.claim_name);
+        }
+        if v.ephemeral.is_some() {
+            add(RefKind::Claim, &format!("{}-{}", pod.metadata.name, v.name));
         }
         for source in v.projected.iter().flat_map(|p| &p.sources) {
             if let Some(s) = &source.secret {
@@ -680,7 +689,8 @@ mod tests {
             "nodeName": "n1", "serviceAccountName": "till",
             "volumes": [{"name": "s", "secret": {"secretName": "db"}},
                         {"name": "p", "projected": {"sources": [{"configMap": {"name": "cfg"}}]}},
-                        {"name": "c", "persistentVolumeClaim": {"claimName": "data"}}],
+                        {"name": "c", "persistentVolumeClaim": {"claimName": "data"}},
+                        {"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}}],
             "containers": [{"name": "c", "envFrom": [{"secretRef": {"name": "env"}}]}]}});
         g.pod("shop/a", Some(&pod));
         g.claim("shop/data", Some(&json!({"spec": {"volumeName": "pv1"}})));
@@ -714,6 +724,25 @@ mod tests {
             );
         }
         assert!(authorize(&g, "n1", &get("persistentvolumes", "", "pv1"), &r).allowed());
+        // A generic ephemeral volume's claim: `<pod>-<volume>`.
+        assert!(
+            authorize(
+                &g,
+                "n1",
+                &get("persistentvolumeclaims", "shop", "a-scratch"),
+                &r
+            )
+            .allowed()
+        );
+        assert!(
+            !authorize(
+                &g,
+                "n2",
+                &get("persistentvolumeclaims", "shop", "a-scratch"),
+                &r
+            )
+            .allowed()
+        );
         assert!(!authorize(&g, "n2", &get("persistentvolumes", "", "pv1"), &r).allowed());
         // The local-path volumes whose directory it holds: read and delete; others not deleted.
         g.volume_text(

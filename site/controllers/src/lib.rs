@@ -16,6 +16,7 @@ pub mod daemonset;
 pub mod deployment;
 pub mod disruption;
 pub mod endpoints;
+pub mod ephemeral_volume;
 pub mod events;
 pub mod expectations;
 pub mod garbage_collector;

@@ -179,6 +179,11 @@ async fn run_loops(
         recorder("persistent-volume-binder"),
         shutdown.clone(),
     );
+    let ephemeral_volumes = controllers::ephemeral_volume::controller(
+        &informers,
+        recorder("ephemeral-volume-controller"),
+        shutdown.clone(),
+    );
     let autoscalers = controllers::podautoscaler::controller(
         &informers,
         recorder("horizontal-pod-autoscaler"),
@@ -202,6 +207,7 @@ async fn run_loops(
         Box::pin(network_policy),
         Box::pin(persistent_volumes),
         Box::pin(autoscalers),
+        Box::pin(ephemeral_volumes),
         Box::pin(devices::controller::run(
             informers.client_for("device-controller"),
             recorder("device-controller"),

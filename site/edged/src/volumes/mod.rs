@@ -316,6 +316,16 @@ async fn prepare(agent: &Agent, pod: &Pod, v: &Volume, pod_dir: &Path) -> Result
             read_only: true,
         });
     }
+    if v.ephemeral.is_some() {
+        // A generic ephemeral volume: the claim the server made for this pod.
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let claim = format!("{}-{}", pod.metadata.name.as_deref().unwrap_or(""), v.name);
+        let path = claim_path(agent, namespace, &claim).await?;
+        return Ok(Prepared {
+            path,
+            read_only: false,
+        });
+    }
     if let Some(source) = &v.persistent_volume_claim {
         let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
         let path = claim_path(agent, namespace, &source.claim_name).await?;
@@ -325,7 +335,7 @@ async fn prepare(agent: &Agent, pod: &Pod, v: &Volume, pod_dir: &Path) -> Result
         });
     }
     Err(format!(
-        "volume {:?}: this volume type is not supported by EdgeSite (supported: emptyDir, hostPath, configMap, secret, downwardAPI, projected)",
+        "volume {:?}: this volume type is not supported by EdgeSite (supported: emptyDir, hostPath, configMap, secret, downwardAPI, projected, persistentVolumeClaim, ephemeral)",
         v.name
     ))
 }
