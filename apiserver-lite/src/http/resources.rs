@@ -888,6 +888,32 @@ impl Ctx {
         Ok(())
     }
 
+    /// The classes (IngressClasses, StorageClasses) marked default by any of `annotations`.
+    async fn default_classes(
+        &self,
+        group: &str,
+        resource: &str,
+        annotations: &[&str],
+    ) -> Result<Vec<Value>, ApiError> {
+        let listing = self
+            .server
+            .storage
+            .list(&list_prefix(group, resource, ""), None, None)
+            .await
+            .map_err(|e| storage_error(&self.info, "", e))?;
+        Ok(listing
+            .items
+            .iter()
+            .filter_map(|i| i.value().ok())
+            .filter(|c| {
+                let marked = c.pointer("/metadata/annotations");
+                annotations
+                    .iter()
+                    .any(|k| marked.and_then(|a| a.get(*k)).and_then(Value::as_str) == Some("true"))
+            })
+            .collect())
+    }
+
     /// DefaultIngressClass admission: a new Ingress that names no class (nor the legacy
     /// annotation) gets the class marked default, when exactly one is.
     async fn admit_default_ingress_class(&self, ingress: &mut Value) -> Result<(), ApiError> {
@@ -900,23 +926,15 @@ impl Ctx {
         if named {
             return Ok(());
         }
-        let prefix = list_prefix("networking.k8s.io", "ingressclasses", "");
-        let listing = self
-            .server
-            .storage
-            .list(&prefix, None, None)
-            .await
-            .map_err(|e| storage_error(&self.info, "", e))?;
-        let defaults: Vec<String> = listing
-            .items
+        let defaults: Vec<String> = self
+            .default_classes(
+                "networking.k8s.io",
+                "ingressclasses",
+                &["ingressclass.kubernetes.io/is-default-class"],
+            )
+            .await?
             .iter()
-            .filter_map(|i| i.value().ok())
-            .filter(|c| {
-                c.pointer("/metadata/annotations/ingressclass.kubernetes.io~1is-default-class")
-                    .and_then(Value::as_str)
-                    == Some("true")
-            })
-            .map(|c| meta_str(&c, "name").to_string())
+            .map(|c| meta_str(c, "name").to_string())
             .collect();
         if let [class] = defaults.as_slice()
             && let Some(spec) = ingress.get_mut("spec").and_then(Value::as_object_mut)
@@ -939,28 +957,17 @@ impl Ctx {
         if named {
             return Ok(());
         }
-        let prefix = list_prefix("storage.k8s.io", "storageclasses", "");
-        let listing = self
-            .server
-            .storage
-            .list(&prefix, None, None)
-            .await
-            .map_err(|e| storage_error(&self.info, "", e))?;
-        let newest = listing
-            .items
-            .iter()
-            .filter_map(|i| i.value().ok())
-            .filter(|c| {
-                let annotations = c.pointer("/metadata/annotations");
-                [
+        let newest = self
+            .default_classes(
+                "storage.k8s.io",
+                "storageclasses",
+                &[
                     "storageclass.kubernetes.io/is-default-class",
                     "storageclass.beta.kubernetes.io/is-default-class",
-                ]
-                .iter()
-                .any(|k| {
-                    annotations.and_then(|a| a.get(*k)).and_then(Value::as_str) == Some("true")
-                })
-            })
+                ],
+            )
+            .await?
+            .into_iter()
             .max_by(|a, b| {
                 let created = |c: &Value| {
                     c.pointer("/metadata/creationTimestamp")
