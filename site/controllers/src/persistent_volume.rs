@@ -357,6 +357,28 @@ pub struct Plan {
     pub events: Vec<Said>,
 }
 
+impl Plan {
+    /// A Normal Event about `about`.
+    fn tell(&mut self, about: Subject, reason: &'static str, message: impl Into<String>) {
+        self.events.push(Said {
+            about,
+            warning: false,
+            reason,
+            message: message.into(),
+        });
+    }
+
+    /// A Warning Event about `about`.
+    fn warn(&mut self, about: Subject, reason: &'static str, message: impl Into<String>) {
+        self.events.push(Said {
+            about,
+            warning: true,
+            reason,
+            message: message.into(),
+        });
+    }
+}
+
 /// Everything the loop looks at.
 pub struct World<'w> {
     pub claims: &'w [Arc<PersistentVolumeClaim>],
@@ -531,20 +553,14 @@ pub fn plan(world: &World) -> Plan {
                         || phase_of_claim(claim) == Some("Lost")
                     {
                         set_claim_phase(&mut plan, claim, "Lost", None);
-                        plan.events.push(Said {
-                            about,
-                            warning: true,
-                            reason: "ClaimLost",
-                            message: "Bound claim has lost its PersistentVolume. Data on the volume is lost!".into(),
-                        });
+                        plan.warn(about, "ClaimLost", "Bound claim has lost its PersistentVolume. Data on the volume is lost!");
                     } else {
                         set_claim_phase(&mut plan, claim, "Pending", None);
-                        plan.events.push(Said {
+                        plan.tell(
                             about,
-                            warning: false,
-                            reason: "FailedBinding",
-                            message: format!("volume \"{name}\" not found"),
-                        });
+                            "FailedBinding",
+                            format!("volume \"{name}\" not found"),
+                        );
                     }
                 }
                 Some(volume) => match claim_ref(volume) {
@@ -573,38 +589,25 @@ pub fn plan(world: &World) -> Plan {
                                 volume: name.into(),
                                 capacity: quantity_of(claim).unwrap_or(Quantity("0".into())),
                             });
-                            plan.events.push(Said {
-                                about: about.clone(),
-                                warning: false,
-                                reason: "VolumeResizeSuccessful",
-                                message: format!(
+                            plan.tell(about.clone(), "VolumeResizeSuccessful", format!(
                                     "resize volume \"{name}\" succeeded: {} (a local-path volume is a directory; the size is what is reported)",
                                     quantity_of(claim).map(|q| q.0).unwrap_or_default()
-                                ),
-                            });
+                                ));
                         } else if grown {
-                            plan.events.push(Said {
-                                about: about.clone(),
-                                warning: true,
-                                reason: "ExternalExpanding",
-                                message: format!(
+                            plan.warn(about.clone(), "ExternalExpanding", format!(
                                     "waiting for an external controller to expand this PVC: volume \"{name}\" is not one this site's provisioner made in a class that allows expansion"
-                                ),
-                            });
+                                ));
                         }
                         set_claim_phase(&mut plan, claim, "Bound", Some(volume));
                         taken.insert(name);
                     }
                     Some(_) => {
                         set_claim_phase(&mut plan, claim, "Pending", None);
-                        plan.events.push(Said {
+                        plan.warn(
                             about,
-                            warning: true,
-                            reason: "FailedBinding",
-                            message: format!(
-                                "volume \"{name}\" already bound to a different claim."
-                            ),
-                        });
+                            "FailedBinding",
+                            format!("volume \"{name}\" already bound to a different claim."),
+                        );
                     }
                     None => match mismatch(claim, volume) {
                         None => {
@@ -617,14 +620,11 @@ pub fn plan(world: &World) -> Plan {
                         }
                         Some(why) => {
                             set_claim_phase(&mut plan, claim, "Pending", None);
-                            plan.events.push(Said {
+                            plan.warn(
                                 about,
-                                warning: true,
-                                reason: "FailedBinding",
-                                message: format!(
-                                    "Cannot bind to requested volume \"{name}\": {why}"
-                                ),
-                            });
+                                "FailedBinding",
+                                format!("Cannot bind to requested volume \"{name}\": {why}"),
+                            );
                         }
                     },
                 },
@@ -652,12 +652,11 @@ pub fn plan(world: &World) -> Plan {
         let class = classes.get(class_name).copied();
         let selected = annotation(&claim.metadata, SELECTED_NODE);
         if waits_for_first_consumer(class) && selected.is_none() {
-            plan.events.push(Said {
+            plan.tell(
                 about,
-                warning: false,
-                reason: "WaitForFirstConsumer",
-                message: "waiting for first consumer to be created before binding".into(),
-            });
+                "WaitForFirstConsumer",
+                "waiting for first consumer to be created before binding",
+            );
             continue;
         }
         let node = selected.and_then(|n| nodes.get(n).copied());
@@ -687,23 +686,19 @@ pub fn plan(world: &World) -> Plan {
             continue;
         }
         if class_name.is_empty() {
-            plan.events.push(Said {
+            plan.tell(
                 about,
-                warning: false,
-                reason: "FailedBinding",
-                message:
-                    "no persistent volumes available for this claim and no storage class is set"
-                        .into(),
-            });
+                "FailedBinding",
+                "no persistent volumes available for this claim and no storage class is set",
+            );
             continue;
         }
         let Some(class) = class else {
-            plan.events.push(Said {
+            plan.warn(
                 about,
-                warning: true,
-                reason: "ProvisioningFailed",
-                message: format!("storageclass.storage.k8s.io \"{class_name}\" not found"),
-            });
+                "ProvisioningFailed",
+                format!("storageclass.storage.k8s.io \"{class_name}\" not found"),
+            );
             continue;
         };
         if class.provisioner != PROVISIONER {
@@ -714,15 +709,10 @@ pub fn plan(world: &World) -> Plan {
                     provisioner: class.provisioner.clone(),
                 });
             }
-            plan.events.push(Said {
-                about,
-                warning: false,
-                reason: "ExternalProvisioning",
-                message: format!(
+            plan.tell(about, "ExternalProvisioning", format!(
                     "Waiting for a volume to be created either by the external provisioner '{}' or manually by the system administrator. If volume creation is delayed, please verify that the provisioner is running and correctly registered.",
                     class.provisioner
-                ),
-            });
+                ));
             continue;
         }
         if annotation(&claim.metadata, STORAGE_PROVISIONER) != Some(PROVISIONER) {
@@ -732,44 +722,32 @@ pub fn plan(world: &World) -> Plan {
             });
         }
         let Some(selected) = selected else {
-            plan.events.push(Said {
-                about,
-                warning: true,
-                reason: "ProvisioningFailed",
-                message: format!(
+            plan.warn(about, "ProvisioningFailed", format!(
                     "the local-path provisioner needs to know the node: storage class {class_name} must have volumeBindingMode: WaitForFirstConsumer"
-                ),
-            });
+                ));
             continue;
         };
         let Some(node) = node else {
-            plan.events.push(Said {
+            plan.warn(
                 about,
-                warning: true,
-                reason: "ProvisioningFailed",
-                message: format!("the selected node {selected} does not exist"),
-            });
+                "ProvisioningFailed",
+                format!("the selected node {selected} does not exist"),
+            );
             continue;
         };
         match provision(claim, class, node) {
             Ok(volume) => {
-                plan.events.push(Said {
+                plan.tell(
                     about,
-                    warning: false,
-                    reason: "ProvisioningSucceeded",
-                    message: format!(
+                    "ProvisioningSucceeded",
+                    format!(
                         "Successfully provisioned volume {} on node {selected}",
                         volume.metadata.name.as_deref().unwrap_or("")
                     ),
-                });
+                );
                 plan.actions.push(Action::Provision(Box::new(volume)));
             }
-            Err(message) => plan.events.push(Said {
-                about,
-                warning: true,
-                reason: "ProvisioningFailed",
-                message,
-            }),
+            Err(message) => plan.warn(about, "ProvisioningFailed", message),
         }
     }
 
@@ -806,12 +784,11 @@ pub fn plan(world: &World) -> Plan {
         let message_now = volume.status.as_ref().and_then(|s| s.message.clone());
         if phase_of_volume(volume) != Some(phase) || message_now != message {
             if phase == "Failed" {
-                plan.events.push(Said {
-                    about: Subject::Volume(name.clone()),
-                    warning: true,
-                    reason: "VolumeFailedDelete",
-                    message: message.clone().unwrap_or_default(),
-                });
+                plan.warn(
+                    Subject::Volume(name.clone()),
+                    "VolumeFailedDelete",
+                    message.clone().unwrap_or_default(),
+                );
             }
             plan.actions.push(Action::VolumePhase {
                 volume: name.clone(),
