@@ -222,7 +222,7 @@ pub fn default_pod_spec(spec: &mut Value) {
     default(s, "securityContext", json!({}));
     default(s, "schedulerName", json!("default-scheduler"));
     default(s, "enableServiceLinks", json!(true));
-    for list in ["initContainers", "containers"] {
+    for list in ["initContainers", "containers", "ephemeralContainers"] {
         if let Some(cs) = s.get_mut(list).and_then(Value::as_array_mut) {
             for c in cs {
                 default_container(c);
@@ -542,6 +542,18 @@ impl Strategy for Pods {
         validation::validate_pod_spec(spec, "spec", causes);
         if let (Some(old), Some(spec)) = (old, spec) {
             validate_pod_update(old.get("spec").unwrap_or(&Value::Null), spec, causes);
+        }
+        // Ephemeral containers come only through the `ephemeralcontainers` subresource.
+        if old.is_none()
+            && spec
+                .and_then(|s| s.get("ephemeralContainers"))
+                .and_then(Value::as_array)
+                .is_some_and(|a| !a.is_empty())
+        {
+            causes.push(Cause::forbidden(
+                "spec.ephemeralContainers",
+                "cannot be set on create",
+            ));
         }
     }
     fn field_labels(&self) -> &'static [(&'static str, &'static str)] {

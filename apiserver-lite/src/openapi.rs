@@ -493,7 +493,7 @@ fn resource_paths(
     paths.insert(item.clone(), Value::Object(item_ops));
     for sub in &info.subresources {
         let sub_schema = match sub.name {
-            "status" => schema.to_string(),
+            "status" | "ephemeralcontainers" => schema.to_string(),
             "scale" => "io.k8s.api.autoscaling.v1.Scale".to_string(),
             _ => continue,
         };

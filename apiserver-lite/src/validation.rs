@@ -914,10 +914,164 @@ pub fn validate_config_keys(object: &Value, causes: &mut Causes) {
     }
 }
 
+/// Fields an ephemeral container may not set (upstream's list, in its order).
+const NOT_FOR_EPHEMERAL: &[&str] = &[
+    "ports",
+    "livenessProbe",
+    "readinessProbe",
+    "startupProbe",
+    "lifecycle",
+    "resources",
+    "resizePolicy",
+    "restartPolicy",
+];
+
+/// An update through `pods/NAME/ephemeralcontainers` (upstream's
+/// ValidatePodEphemeralContainersUpdate): existing ephemeral containers stay as they were, new
+/// ones are containers without ports, probes, lifecycle or resources, named uniquely in the
+/// pod, targeting one of its containers.
+pub fn validate_ephemeral_update(spec: &Value, old_spec: &Value) -> Vec<Cause> {
+    let mut causes = Causes::default();
+    let new = items(spec, "ephemeralContainers");
+    for old in items(old_spec, "ephemeralContainers") {
+        let name = old.get("name").and_then(Value::as_str).unwrap_or("");
+        match new
+            .iter()
+            .position(|c| c.get("name").and_then(Value::as_str) == Some(name))
+        {
+            None => causes.push(Cause::forbidden(
+                "spec.ephemeralContainers",
+                format!("existing ephemeral containers {name:?} may not be removed"),
+            )),
+            Some(i) if new[i] != *old => causes.push(Cause::forbidden(
+                format!("spec.ephemeralContainers[{i}]"),
+                format!("existing ephemeral containers {name:?} may not be changed"),
+            )),
+            Some(_) => {}
+        }
+    }
+    let volumes: BTreeSet<String> = items(spec, "volumes")
+        .iter()
+        .filter_map(|v| v.get("name").and_then(Value::as_str).map(String::from))
+        .collect();
+    let mut names: BTreeSet<&str> = BTreeSet::new();
+    for list in ["initContainers", "containers"] {
+        for c in items(spec, list) {
+            if let Some(n) = c.get("name").and_then(Value::as_str) {
+                names.insert(n);
+            }
+        }
+    }
+    let targets = names.clone();
+    for (i, c) in new.iter().enumerate() {
+        let path = format!("spec.ephemeralContainers[{i}]");
+        validate_container(c, &path, &volumes, &mut causes);
+        if let Some(name) = c.get("name").and_then(Value::as_str)
+            && !name.is_empty()
+            && !names.insert(name)
+        {
+            causes.push(Cause::duplicate(format!("{path}.name"), &Value::from(name)));
+        }
+        for field in NOT_FOR_EPHEMERAL {
+            let set = match c.get(*field) {
+                None | Some(Value::Null) => false,
+                Some(Value::Array(a)) => !a.is_empty(),
+                Some(Value::Object(o)) => !o.is_empty(),
+                Some(_) => true,
+            };
+            if set {
+                causes.push(Cause::forbidden(
+                    format!("{path}.{field}"),
+                    "cannot be set for an Ephemeral Container",
+                ));
+            }
+        }
+        for (j, m) in items(c, "volumeMounts").iter().enumerate() {
+            if m.get("subPath")
+                .and_then(Value::as_str)
+                .is_some_and(|s| !s.is_empty())
+            {
+                causes.push(Cause::forbidden(
+                    format!("{path}.volumeMounts[{j}].subPath"),
+                    "cannot be set for an Ephemeral Container",
+                ));
+            }
+        }
+        if let Some(target) = c.get("targetContainerName").and_then(Value::as_str)
+            && !target.is_empty()
+            && !targets.contains(target)
+        {
+            causes.push(Cause::new(
+                "FieldValueNotFound",
+                format!("{path}.targetContainerName"),
+                format!("Not found: {target:?}"),
+            ));
+        }
+    }
+    causes.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn ephemeral_containers_are_only_added() {
+        let old = json!({"containers": [{"name": "app", "image": "a"}],
+            "volumes": [{"name": "data", "emptyDir": {}}],
+            "ephemeralContainers": [{"name": "dbg", "image": "busybox"}]});
+        let mut new = old.clone();
+        new["ephemeralContainers"].as_array_mut().unwrap().push(
+            json!({"name": "dbg2", "image": "busybox", "targetContainerName": "app",
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}]}),
+        );
+        assert!(validate_ephemeral_update(&new, &old).is_empty());
+        let shown = |causes: Vec<Cause>| causes.iter().map(Cause::display).collect::<Vec<_>>();
+        // Removed, changed.
+        let mut removed = old.clone();
+        removed["ephemeralContainers"] = json!([]);
+        assert_eq!(
+            shown(validate_ephemeral_update(&removed, &old)),
+            [
+                "spec.ephemeralContainers: Forbidden: existing ephemeral containers \"dbg\" may not be removed"
+            ]
+        );
+        let mut changed = old.clone();
+        changed["ephemeralContainers"][0]["image"] = json!("alpine");
+        assert_eq!(
+            shown(validate_ephemeral_update(&changed, &old)),
+            [
+                "spec.ephemeralContainers[0]: Forbidden: existing ephemeral containers \"dbg\" may not be changed"
+            ]
+        );
+        // What a new one may not be.
+        let mut bad = old.clone();
+        bad["ephemeralContainers"].as_array_mut().unwrap().push(
+            json!({"name": "app", "image": "x",
+            "ports": [{"containerPort": 80}], "readinessProbe": {"exec": {"command": ["true"]}},
+            "resources": {"limits": {"cpu": "1"}}, "targetContainerName": "nope",
+            "volumeMounts": [{"name": "data", "mountPath": "/d", "subPath": "x"}]}),
+        );
+        assert_eq!(
+            shown(validate_ephemeral_update(&bad, &old)),
+            [
+                "spec.ephemeralContainers[1].name: Duplicate value: \"app\"",
+                "spec.ephemeralContainers[1].ports: Forbidden: cannot be set for an Ephemeral Container",
+                "spec.ephemeralContainers[1].readinessProbe: Forbidden: cannot be set for an Ephemeral Container",
+                "spec.ephemeralContainers[1].resources: Forbidden: cannot be set for an Ephemeral Container",
+                "spec.ephemeralContainers[1].volumeMounts[0].subPath: Forbidden: cannot be set for an Ephemeral Container",
+                "spec.ephemeralContainers[1].targetContainerName: Not found: \"nope\"",
+            ]
+        );
+        // An empty resources object (what clients send by default) is no resources.
+        let mut empty = old.clone();
+        empty["ephemeralContainers"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": "d3", "image": "x", "resources": {}}));
+        assert!(validate_ephemeral_update(&empty, &old).is_empty());
+    }
 
     #[test]
     fn names() {

@@ -7,10 +7,7 @@
 //!
 //! Skipped: `pod_can_exec_and_write_to_stdin_from_node_proxy`, which dials a kubelet at
 //! `localhost:10250` (the machine's port, which an installed site may hold); the same client
-//! call runs against a node's kubelet API in `interactive.rs`. And
-//! `can_operate_on_ephemeral_containers`: ephemeral containers (`kubectl debug`) are not
-//! supported yet, neither the `pods/ephemeralcontainers` subresource nor the agent running them
-//! (docs/compatibility.md).
+//! call runs against a node's kubelet API in `interactive.rs`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,10 +15,7 @@ use std::process::Command;
 use tests::Site;
 use tests::node::{Runtime, busybox_image, busybox_image_as};
 
-const SKIPPED: &[&str] = &[
-    "pod_can_exec_and_write_to_stdin_from_node_proxy",
-    "can_operate_on_ephemeral_containers",
-];
+const SKIPPED: &[&str] = &["pod_can_exec_and_write_to_stdin_from_node_proxy"];
 
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")

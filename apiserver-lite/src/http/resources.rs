@@ -478,7 +478,11 @@ pub async fn handle(
                 ctx.list(&query).await
             }
         }
-        (&Method::GET, Some(name), None | Some("status") | Some("approval")) => ctx.get(name).await,
+        (
+            &Method::GET,
+            Some(name),
+            None | Some("status") | Some("approval") | Some("ephemeralcontainers"),
+        ) => ctx.get(name).await,
         (&Method::GET, Some(name), Some("scale")) => ctx.get_scale(name).await,
         (&Method::GET, Some(name), Some("log")) if info.resource == "pods" => {
             ctx.pod_log(name, &query).await
@@ -538,7 +542,12 @@ pub async fn handle(
         (
             &Method::PUT,
             Some(name),
-            sub @ (None | Some("status") | Some("finalize") | Some("scale") | Some("approval")),
+            sub @ (None
+            | Some("status")
+            | Some("finalize")
+            | Some("scale")
+            | Some("approval")
+            | Some("ephemeralcontainers")),
         ) => {
             verb_allowed("update")?;
             let mut opts = write_options(&query, &request)?;
@@ -556,7 +565,11 @@ pub async fn handle(
         (
             &Method::PATCH,
             Some(name),
-            sub @ (None | Some("status") | Some("scale") | Some("approval")),
+            sub @ (None
+            | Some("status")
+            | Some("scale")
+            | Some("approval")
+            | Some("ephemeralcontainers")),
         ) => {
             verb_allowed("patch")?;
             let mut opts = write_options(&query, &request)?;
@@ -1710,6 +1723,19 @@ impl Ctx {
                 })?;
                 self.signer_allows("approve", old_object, &name)?;
             }
+            Some("ephemeralcontainers") => {
+                // Only the pod's ephemeral containers change through this subresource.
+                let mut merged = old_object.clone();
+                merged["spec"]["ephemeralContainers"] = new
+                    .pointer("/spec/ephemeralContainers")
+                    .cloned()
+                    .unwrap_or(json!([]));
+                if let Some(m) = new.pointer("/metadata/managedFields") {
+                    meta_mut(&mut merged).insert("managedFields".into(), m.clone());
+                }
+                kinds::apply_defaults(&self.info, &mut merged);
+                new = merged;
+            }
             Some("finalize") => {
                 let mut merged = old_object.clone();
                 merged["spec"]["finalizers"] = new
@@ -1744,7 +1770,14 @@ impl Ctx {
                 }
             }
         }
-        let causes = kinds::validate(&self.info, &new, Some(old_object));
+        let causes = if subresource == Some("ephemeralcontainers") {
+            crate::validation::validate_ephemeral_update(
+                new.get("spec").unwrap_or(&Value::Null),
+                old_object.get("spec").unwrap_or(&Value::Null),
+            )
+        } else {
+            kinds::validate(&self.info, &new, Some(old_object))
+        };
         if !causes.is_empty() {
             return Err(self.invalid(&new, causes));
         }
@@ -1763,7 +1796,7 @@ impl Ctx {
                 opts,
                 &time,
                 subresource
-                    .filter(|s| matches!(*s, "status" | "scale"))
+                    .filter(|s| matches!(*s, "status" | "scale" | "ephemeralcontainers"))
                     .unwrap_or(""),
                 &api_version,
             );
@@ -1941,7 +1974,9 @@ impl Ctx {
         }
         let time = now();
         let api_version = self.info.api_version();
-        let sub = subresource.filter(|s| *s == "status").unwrap_or("");
+        let sub = subresource
+            .filter(|s| matches!(*s, "status" | "ephemeralcontainers"))
+            .unwrap_or("");
         for attempt in 0..MAX_RETRIES {
             backoff(attempt).await;
             let current = self

@@ -324,6 +324,13 @@ pub fn resources() -> Vec<ResourceInfo> {
                     verbs: &["create"],
                 },
                 SubresourceInfo {
+                    name: "ephemeralcontainers",
+                    group: "",
+                    version: "",
+                    kind: "Pod",
+                    verbs: &["get", "patch", "update"],
+                },
+                SubresourceInfo {
                     name: "eviction",
                     group: "policy",
                     version: "v1",

@@ -39,6 +39,36 @@ pub const LABEL_CONTAINER: &str = "io.edgesite.container.name";
 pub const LABEL_ATTEMPT: &str = "io.edgesite.container.attempt";
 pub const LABEL_NODE: &str = "io.edgesite.node";
 const LABEL_STARTED: &str = "io.edgesite.started-at";
+const LABEL_EPHEMERAL: &str = "io.edgesite.container.ephemeral";
+
+/// Which list of the pod a container comes from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Role {
+    Init,
+    Main,
+    /// Started once, never restarted; may join its target's PID namespace.
+    Ephemeral,
+}
+
+/// An ephemeral container as the container it runs (the same fields but its target), with
+/// its target's name.
+fn ephemeral_as_container(
+    e: &k8s_openapi::api::core::v1::EphemeralContainer,
+) -> (Container, Option<String>) {
+    let mut value = serde_json::to_value(e).unwrap_or_default();
+    if let Some(m) = value.as_object_mut() {
+        m.remove("targetContainerName");
+    }
+    let container = serde_json::from_value(value).unwrap_or_else(|_| Container {
+        name: e.name.clone(),
+        image: e.image.clone(),
+        ..Default::default()
+    });
+    (
+        container,
+        e.target_container_name.clone().filter(|t| !t.is_empty()),
+    )
+}
 
 const BACKOFF_START: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
@@ -357,6 +387,24 @@ impl Worker {
             .chain(spec.init_containers.iter().flatten())
             .find(|c| c.name == name)
             .cloned()
+            .or_else(|| {
+                self.ephemeral_containers()
+                    .into_iter()
+                    .find(|(c, _)| c.name == name)
+                    .map(|(c, _)| c)
+            })
+    }
+
+    /// The pod's ephemeral containers (`kubectl debug`), with their targets.
+    fn ephemeral_containers(&self) -> Vec<(Container, Option<String>)> {
+        self.pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.ephemeral_containers.as_ref())
+            .into_iter()
+            .flatten()
+            .map(ephemeral_as_container)
+            .collect()
     }
 
     /// Starts the probers of a running container and sets its initial readiness.
@@ -637,6 +685,18 @@ impl Worker {
         }
         let spec = self.spec();
         let policy = self.restart_policy();
+        // Ephemeral containers start once each, even while the pod initializes (as the
+        // kubelet); one that ran is never started again.
+        let mut next: Option<Instant> = None;
+        for (c, _) in self.ephemeral_containers() {
+            let due = self
+                .records
+                .get(&c.name)
+                .is_none_or(|r| r.starts == 0 && matches!(r.state, State::Waiting { .. }));
+            if due && let Some(t) = self.start_if_due(&c, Role::Ephemeral).await {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        }
         // Init containers, one at a time, in order.
         for c in spec.init_containers.iter().flatten() {
             let sidecar = c.restart_policy.as_deref() == Some("Always");
@@ -644,14 +704,17 @@ impl Worker {
             match state {
                 Some(State::Terminated(t)) if t.exit_code == 0 && !sidecar => continue,
                 Some(State::Running { .. }) if sidecar => continue,
-                Some(State::Running { .. }) => return None,
-                Some(State::Terminated(_)) if policy == "Never" && !sidecar => return None,
+                Some(State::Running { .. }) => return next,
+                Some(State::Terminated(_)) if policy == "Never" && !sidecar => return next,
                 _ => {
-                    return self.start_if_due(c, true).await;
+                    let t = self.start_if_due(c, Role::Init).await;
+                    return match (t, next) {
+                        (Some(t), Some(n)) => Some(t.min(n)),
+                        (t, n) => t.or(n),
+                    };
                 }
             }
         }
-        let mut next: Option<Instant> = None;
         for c in &spec.containers {
             let state = self.records.get(&c.name).map(|r| r.state.clone());
             let due = match state {
@@ -663,7 +726,7 @@ impl Worker {
                     _ => true,
                 },
             };
-            if due && let Some(t) = self.start_if_due(c, false).await {
+            if due && let Some(t) = self.start_if_due(c, Role::Main).await {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
         }
@@ -676,7 +739,7 @@ impl Worker {
     }
 
     /// Starts the container now, or says when its back-off ends.
-    async fn start_if_due(&mut self, c: &Container, init: bool) -> Option<Instant> {
+    async fn start_if_due(&mut self, c: &Container, role: Role) -> Option<Instant> {
         let record = self
             .records
             .entry(c.name.clone())
@@ -733,7 +796,7 @@ impl Worker {
             };
         }
         let started = Instant::now();
-        let result = self.start_container(c, init).await;
+        let result = self.start_container(c, role).await;
         tracing::debug!(pod = %self.name, container = %c.name, elapsed = ?started.elapsed(), ok = result.is_ok(), "container start");
         match result {
             Ok(()) => None,
@@ -926,7 +989,16 @@ impl Worker {
         }
     }
 
-    async fn start_container(&mut self, c: &Container, init: bool) -> Result<(), ()> {
+    async fn start_container(&mut self, c: &Container, role: Role) -> Result<(), ()> {
+        // An ephemeral container with a target joins the PID namespace of the target's
+        // running process.
+        let pid_namespace = match self.target_pid_namespace(c, role).await {
+            Ok(ns) => ns,
+            Err(message) => {
+                self.fail(c, "CreateContainerError", format!("Error: {message}"));
+                return Err(());
+            }
+        };
         let image = self.pull(c).await?;
         let sandbox_netns = self.sandbox.as_ref().and_then(|s| s.netns.clone());
         let pod_ip = self.sandbox.as_ref().and_then(|s| s.ip);
@@ -990,6 +1062,7 @@ impl Worker {
                 env,
                 mounts,
                 netns: sandbox_netns,
+                pid_namespace,
                 hostname,
                 cgroup,
                 uid,
@@ -1012,8 +1085,14 @@ impl Worker {
         labels.insert(LABEL_CONTAINER.to_string(), c.name.clone());
         labels.insert(LABEL_ATTEMPT.to_string(), attempt.to_string());
         labels.insert(LABEL_NODE.to_string(), self.agent.config.node_name.clone());
-        if init {
-            labels.insert("io.edgesite.container.init".into(), "true".into());
+        match role {
+            Role::Init => {
+                labels.insert("io.edgesite.container.init".into(), "true".into());
+            }
+            Role::Ephemeral => {
+                labels.insert(LABEL_EPHEMERAL.into(), "true".into());
+            }
+            Role::Main => {}
         }
         // The snapshot is prepared under a lease until the container that references it exists:
         // containerd's garbage collector (run after any other deletion, frequent when a rebooted
@@ -1155,6 +1234,38 @@ impl Worker {
         }
     }
 
+    /// The PID namespace an ephemeral container joins: its target's, which must be running.
+    async fn target_pid_namespace(
+        &self,
+        c: &Container,
+        role: Role,
+    ) -> Result<Option<PathBuf>, String> {
+        if role != Role::Ephemeral {
+            return Ok(None);
+        }
+        let Some(target) = self
+            .ephemeral_containers()
+            .into_iter()
+            .find(|(e, _)| e.name == c.name)
+            .and_then(|(_, t)| t)
+        else {
+            return Ok(None);
+        };
+        let not_running = || format!("the target container {target:?} is not running");
+        let id = self
+            .records
+            .get(&target)
+            .filter(|r| matches!(r.state, State::Running { .. }))
+            .and_then(|r| r.id.clone())
+            .ok_or_else(not_running)?;
+        match self.agent.runtime.task_state(&id).await {
+            Ok(Some(crate::runtime::containerd::TaskState::Running { pid })) if pid > 0 => {
+                Ok(Some(PathBuf::from(format!("/proc/{pid}/ns/pid"))))
+            }
+            _ => Err(not_running()),
+        }
+    }
+
     /// Runs the postStart hook; a failing hook kills the container, as upstream.
     async fn post_start(&mut self, c: &Container, id: &str) {
         let Some(handler) = c.lifecycle.as_ref().and_then(|l| l.post_start.clone()) else {
@@ -1274,7 +1385,6 @@ impl Worker {
             .unwrap_or(30)
             .max(0) as u64;
         let deadline = Instant::now() + Duration::from_secs(grace);
-        let spec = self.spec();
         let ip = self.sandbox.as_ref().and_then(|s| s.ip);
         let running: Vec<(String, String)> = self
             .records
@@ -1287,12 +1397,7 @@ impl Worker {
             self.agent
                 .recorder
                 .normal(&self.pod, "Killing", format!("Stopping container {name}"));
-            let container = spec
-                .containers
-                .iter()
-                .chain(spec.init_containers.iter().flatten())
-                .find(|c| c.name == *name)
-                .cloned();
+            let container = self.container_spec(name);
             let agent = self.agent.clone();
             let id = id.clone();
             stops.push(tokio::spawn(async move {
@@ -1551,6 +1656,16 @@ impl Worker {
             .iter()
             .map(|c| self.container_status(c, false))
             .collect();
+        let ephemeral_statuses: Vec<Value> = self
+            .ephemeral_containers()
+            .iter()
+            .map(|(c, _)| {
+                let mut s = self.container_status(c, false);
+                // Ephemeral containers are never ready (upstream reports them so).
+                s["ready"] = json!(false);
+                s
+            })
+            .collect();
         let initialized = spec.init_containers.iter().flatten().all(|c| {
             let sidecar = c.restart_policy.as_deref() == Some("Always");
             match self.records.get(&c.name).map(|r| &r.state) {
@@ -1638,6 +1753,9 @@ impl Worker {
         });
         if !init_statuses.is_empty() {
             status["initContainerStatuses"] = json!(init_statuses);
+        }
+        if !ephemeral_statuses.is_empty() {
+            status["ephemeralContainerStatuses"] = json!(ephemeral_statuses);
         }
         if let Some(ip) = *self.agent.host_ip.borrow() {
             status["hostIP"] = json!(ip.to_string());

@@ -116,6 +116,9 @@ pub struct SpecInput<'a> {
     pub mounts: Vec<BindMount>,
     /// `None` for hostNetwork pods.
     pub netns: Option<PathBuf>,
+    /// A PID namespace to join instead of a new one: an ephemeral container's target's
+    /// (`/proc/<pid>/ns/pid`).
+    pub pid_namespace: Option<PathBuf>,
     pub hostname: String,
     /// cgroup path of the container (cgroupfs layout).
     pub cgroup: String,
@@ -352,12 +355,20 @@ pub fn build(input: &SpecInput<'_>, memory_capacity: i64) -> Result<Value, SpecE
         }));
     }
 
-    let mut namespaces = vec![
-        json!({"type": "pid"}),
-        json!({"type": "ipc"}),
-        json!({"type": "uts"}),
-        json!({"type": "mount"}),
-    ];
+    // hostPID and hostIPC pods keep the host's; an ephemeral container joins its target's PID
+    // namespace.
+    let pod_spec = input.pod.spec.as_ref();
+    let host_pid = pod_spec.and_then(|s| s.host_pid).unwrap_or(false);
+    let host_ipc = pod_spec.and_then(|s| s.host_ipc).unwrap_or(false);
+    let mut namespaces = vec![json!({"type": "uts"}), json!({"type": "mount"})];
+    match &input.pid_namespace {
+        Some(path) => namespaces.push(json!({"type": "pid", "path": path})),
+        None if !host_pid => namespaces.push(json!({"type": "pid"})),
+        None => {}
+    }
+    if !host_ipc {
+        namespaces.push(json!({"type": "ipc"}));
+    }
     if let Some(ns) = &input.netns {
         namespaces.push(json!({"type": "network", "path": ns}));
     }
@@ -482,6 +493,56 @@ mod tests {
     }
 
     #[test]
+    fn namespaces_follow_host_settings_and_a_target() {
+        let image = RuntimeConfig {
+            cmd: Some(vec!["sh".into()]),
+            ..Default::default()
+        };
+        let spec_of = |pod: Value, pid_namespace: Option<PathBuf>| {
+            let pod: Pod = serde_json::from_value(pod).unwrap();
+            let c = pod.spec.as_ref().unwrap().containers[0].clone();
+            let spec = build(
+                &SpecInput {
+                    pod: &pod,
+                    container: &c,
+                    image: &image,
+                    env: vec![],
+                    mounts: vec![],
+                    netns: None,
+                    pid_namespace,
+                    hostname: "p".into(),
+                    cgroup: "/edgesite/podx/c".into(),
+                    uid: 0,
+                    gid: 0,
+                    extra_gids: vec![],
+                },
+                1 << 30,
+            )
+            .unwrap();
+            let mut kinds: Vec<String> = spec["linux"]["namespaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| match n.get("path") {
+                    Some(p) => format!("{}={}", n["type"].as_str().unwrap(), p.as_str().unwrap()),
+                    None => n["type"].as_str().unwrap().to_string(),
+                })
+                .collect();
+            kinds.sort();
+            kinds
+        };
+        let plain = json!({"spec": {"containers": [{"name": "a"}]}});
+        assert_eq!(spec_of(plain.clone(), None), ["ipc", "mount", "pid", "uts"]);
+        assert_eq!(
+            spec_of(plain, Some("/proc/42/ns/pid".into())),
+            ["ipc", "mount", "pid=/proc/42/ns/pid", "uts"]
+        );
+        let host =
+            json!({"spec": {"hostPID": true, "hostIPC": true, "containers": [{"name": "a"}]}});
+        assert_eq!(spec_of(host, None), ["mount", "uts"]);
+    }
+
+    #[test]
     fn limits_become_cgroup_settings() {
         let pod: Pod =
             serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {"containers": [
@@ -501,6 +562,7 @@ mod tests {
                 env: vec![],
                 mounts: vec![],
                 netns: Some("/run/ns".into()),
+                pid_namespace: None,
                 hostname: "p".into(),
                 cgroup: "/edgesite/podx/c".into(),
                 uid: 0,
