@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::storage::v1::StorageClass;
 
-use crate::quantity;
+use sitekit::quantity;
 
 pub const CPU: &str = "cpu";
 pub const MEMORY: &str = "memory";

@@ -13,8 +13,4 @@ pub mod plugins;
 pub mod queue;
 pub mod scheduler;
 
-/// Quantities are parsed where the other client-side helpers live; kept here under the old path
-/// for the scheduler's users.
-pub use controllers::quantity;
-
 pub use scheduler::{Config, Scheduler};

@@ -34,7 +34,6 @@ pub mod ownership;
 pub mod persistent_volume;
 pub mod podautoscaler;
 pub mod pods;
-pub mod quantity;
 pub mod replicaset;
 pub mod runner;
 pub mod serviceaccount;

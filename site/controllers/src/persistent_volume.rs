@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::events::Recorder;
 use crate::informer::Informers;
-use crate::quantity;
+use sitekit::quantity;
 
 /// The site's StorageClass, installed with it and marked default.
 pub const CLASS: &str = "local-path";

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::events::Recorder;
 use crate::informer::Informers;
-use crate::quantity;
+use sitekit::quantity;
 
 /// How often every autoscaler is evaluated (upstream's `--horizontal-pod-autoscaler-sync-period`).
 pub const SYNC_PERIOD: Duration = Duration::from_secs(15);

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{Container, Pod, SecurityContext};
 use serde_json::{Value, json};
 
 use crate::images::RuntimeConfig;
-use scheduler::quantity;
+use sitekit::quantity;
 
 /// containerd's default capability set for unprivileged containers.
 pub const DEFAULT_CAPS: &[&str] = &[

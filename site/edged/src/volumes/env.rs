@@ -122,7 +122,7 @@ pub fn resource_value(
         _ => return Err(format!("unsupported resource {:?}", r.resource)),
     };
     let value = match (q, name) {
-        (Some(q), _) => scheduler::quantity::parse(&q.0).unwrap_or(0.0),
+        (Some(q), _) => sitekit::quantity::parse(&q.0).unwrap_or(0.0),
         (None, "cpu") => std::thread::available_parallelism()
             .map(|n| n.get() as f64)
             .unwrap_or(1.0),
@@ -132,7 +132,7 @@ pub fn resource_value(
     let divisor = r
         .divisor
         .as_ref()
-        .and_then(|d| scheduler::quantity::parse(&d.0))
+        .and_then(|d| sitekit::quantity::parse(&d.0))
         .filter(|d| *d > 0.0)
         .unwrap_or(1.0);
     Ok(((value / divisor).ceil() as i64)

@@ -278,7 +278,7 @@ async fn prepare(agent: &Agent, pod: &Pod, v: &Volume, pod_dir: &Path) -> Result
                 let size = e
                     .size_limit
                     .as_ref()
-                    .and_then(scheduler::quantity::units)
+                    .and_then(sitekit::quantity::units)
                     .unwrap_or(agent.memory_capacity / 2)
                     .max(4096);
                 mount_tmpfs(&dir, size)?;
