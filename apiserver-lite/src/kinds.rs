@@ -766,10 +766,36 @@ impl Strategy for PersistentVolumeClaims {
                     "spec is immutable after creation except resources.requests and volumeAttributesClassName for bound claims",
                 ));
             }
+            // A bound claim's request may go down only while it stays above what the volume
+            // has (upstream's rule with RecoverVolumeExpansionFailure, on by default).
+            if bound && let Some(cause) = claim_shrink(spec, old_spec, old) {
+                causes.push(cause);
+            }
         }
     }
     fn field_labels(&self) -> &'static [(&'static str, &'static str)] {
         &[("spec.volumeName", "/spec/volumeName")]
+    }
+}
+
+/// A lowered storage request of a bound claim that would go below its volume's capacity.
+fn claim_shrink(spec: &Value, old_spec: &Value, old: &Value) -> Option<Cause> {
+    let bytes = |v: Option<&Value>| {
+        v.and_then(Value::as_str)
+            .and_then(sitekit::quantity::parse)
+            .map(f64::ceil)
+    };
+    let new = bytes(spec.pointer("/resources/requests/storage"))?;
+    let before = bytes(old_spec.pointer("/resources/requests/storage"))?;
+    if new >= before {
+        return None;
+    }
+    match bytes(old.pointer("/status/capacity/storage")) {
+        Some(capacity) if new > capacity => None,
+        _ => Some(Cause::forbidden(
+            "spec.resources.requests.storage",
+            "field can not be less than status.capacity",
+        )),
     }
 }
 
@@ -1355,6 +1381,42 @@ fn validate_selector_workload(object: &Value, old: Option<&Value>, causes: &mut 
 mod tests {
     use super::*;
     use crate::registry::Registry;
+
+    #[test]
+    fn a_bound_claim_shrinks_only_above_its_capacity() {
+        let registry = Registry::new();
+        let info = registry.get("", "v1", "persistentvolumeclaims").unwrap();
+        let claim = |request: &str| {
+            json!({"metadata": {"name": "data", "namespace": "default"},
+                "spec": {"accessModes": ["ReadWriteOnce"], "volumeName": "pv-1",
+                    "resources": {"requests": {"storage": request}}},
+                "status": {"phase": "Bound", "capacity": {"storage": "1Gi"}}})
+        };
+        let shown = |new: &str, old: Value| {
+            validate(&info, &claim(new), Some(&old))
+                .iter()
+                .map(Cause::display)
+                .collect::<Vec<_>>()
+        };
+        // Growing, and lowering a failed expansion back to above the capacity, are fine.
+        assert!(shown("2Gi", claim("1Gi")).is_empty());
+        assert!(shown("1536Mi", claim("2Gi")).is_empty());
+        for low in ["1Gi", "512Mi"] {
+            assert_eq!(
+                shown(low, claim("2Gi")),
+                [
+                    "spec.resources.requests.storage: Forbidden: field can not be less than status.capacity"
+                ],
+                "{low}"
+            );
+        }
+        // An unbound claim's spec is free.
+        let mut unbound = claim("2Gi");
+        unbound["spec"]["volumeName"] = json!(null);
+        let mut lower = claim("1Gi");
+        lower["spec"]["volumeName"] = json!(null);
+        assert!(validate(&info, &lower, Some(&unbound)).is_empty());
+    }
 
     #[test]
     fn deployment_defaults_match_upstream() {

@@ -186,6 +186,24 @@ spec:
         String::from_utf8_lossy(&refused.stderr).contains("spec is immutable after creation"),
         "{refused:?}"
     );
+    // Not below what the volume has.
+    let refused = site.fails(
+        &[
+            "patch",
+            "pvc",
+            "data-db-0",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"resources":{"requests":{"storage":"1Gi"}}}}"#,
+        ],
+        None,
+    );
+    assert!(
+        refused.contains(
+            "spec.resources.requests.storage: Forbidden: field can not be less than status.capacity"
+        ),
+        "{refused}"
+    );
 
     // whenScaled: Delete: a replica scaled away takes its claim with it.
     site.ok(&["scale", "statefulset", "db", "--replicas=2"]);
