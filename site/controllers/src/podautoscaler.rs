@@ -556,6 +556,39 @@ fn current_metric(metric: &ResourceMetric, rec: &Recommendation) -> Value {
 
 type Key = (String, String);
 
+/// How long a target kind's resource, once found through discovery, is used without asking
+/// again (a failed read of the scale forgets it at once).
+const KIND_TTL: Duration = Duration::from_secs(600);
+
+/// Target kinds -> their resources, as upstream's controller keeps a REST mapper: discovery is
+/// asked once per kind, not on every sync of every autoscaler.
+#[derive(Default)]
+struct TargetKinds {
+    known: HashMap<GroupVersionKind, (kube::core::ApiResource, Instant)>,
+}
+
+impl TargetKinds {
+    async fn resource(
+        &mut self,
+        client: &kube::Client,
+        gvk: &GroupVersionKind,
+    ) -> Result<kube::core::ApiResource, kube::Error> {
+        if let Some((resource, at)) = self.known.get(gvk)
+            && at.elapsed() < KIND_TTL
+        {
+            return Ok(resource.clone());
+        }
+        let (resource, _) = kube::discovery::pinned_kind(client, gvk).await?;
+        self.known
+            .insert(gvk.clone(), (resource.clone(), Instant::now()));
+        Ok(resource)
+    }
+
+    fn forget(&mut self, gvk: &GroupVersionKind) {
+        self.known.remove(gvk);
+    }
+}
+
 pub fn controller(
     informers: &Informers,
     recorder: Recorder,
@@ -573,6 +606,7 @@ pub fn controller(
         }
         let mut histories: HashMap<Key, History> = HashMap::new();
         let mut next: HashMap<Key, Instant> = HashMap::new();
+        let mut kinds = TargetKinds::default();
         loop {
             let now = Instant::now();
             let all = store.state();
@@ -586,7 +620,7 @@ pub fn controller(
                 }
                 next.insert(key.clone(), now + SYNC_PERIOD);
                 let history = histories.entry(key).or_default();
-                reconcile(&client, &recorder, hpa, history).await;
+                reconcile(&client, &recorder, &mut kinds, hpa, history).await;
             }
             histories.retain(|k, _| {
                 all.iter().any(|h| {
@@ -665,6 +699,7 @@ async fn write_status(client: &kube::Client, hpa: &HorizontalPodAutoscaler, mut 
 async fn reconcile(
     client: &kube::Client,
     recorder: &Recorder,
+    kinds: &mut TargetKinds,
     hpa: &HorizontalPodAutoscaler,
     history: &mut History,
 ) {
@@ -704,8 +739,8 @@ async fn reconcile(
         ),
     };
     let gvk = GroupVersionKind::gvk(&group, &version, &target.kind);
-    let scale = match kube::discovery::pinned_kind(client, &gvk).await {
-        Ok((resource, _)) => {
+    let scale = match kinds.resource(client, &gvk).await {
+        Ok(resource) => {
             let api: Api<DynamicObject> =
                 Api::namespaced_with(client.clone(), &namespace, &resource);
             api.get_scale(&target.name).await.map(|s| (api, s))
@@ -715,6 +750,7 @@ async fn reconcile(
     let (api, scale) = match scale {
         Ok(found) => found,
         Err(error) => {
+            kinds.forget(&gvk);
             let (reason, message, conditions) = fail(
                 "FailedGetScale",
                 format!("the HPA controller was unable to get the target's current scale: {error}"),
