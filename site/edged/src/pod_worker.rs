@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::images::{PullPolicy, registry::Credential};
 use crate::logs::{self, Copier};
 use crate::network::{cni, netns};
+use crate::pod_plan::{self, Observed, Phase, Role};
 use crate::pods::Owners;
 use crate::spec::{self, BindMount, SpecInput};
 use crate::volumes;
@@ -40,15 +41,6 @@ pub const LABEL_ATTEMPT: &str = "io.edgesite.container.attempt";
 pub const LABEL_NODE: &str = "io.edgesite.node";
 const LABEL_STARTED: &str = "io.edgesite.started-at";
 const LABEL_EPHEMERAL: &str = "io.edgesite.container.ephemeral";
-
-/// Which list of the pod a container comes from.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Role {
-    Init,
-    Main,
-    /// Started once, never restarted; may join its target's PID namespace.
-    Ephemeral,
-}
 
 /// An ephemeral container as the container it runs (the same fields but its target), with
 /// its target's name.
@@ -258,14 +250,6 @@ impl Worker {
 
     fn spec(&self) -> k8s_openapi::api::core::v1::PodSpec {
         self.pod.spec.clone().unwrap_or_default()
-    }
-
-    fn restart_policy(&self) -> String {
-        self.pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.restart_policy.clone())
-            .unwrap_or_else(|| "Always".into())
     }
 
     fn host_network(&self) -> bool {
@@ -683,59 +667,45 @@ impl Worker {
             }
             self.volumes_refreshed = Some(Instant::now());
         }
+        // What to start is decided by the planner (pod_plan.rs); each start waits out its
+        // container's back-off.
         let spec = self.spec();
-        let policy = self.restart_policy();
-        // Ephemeral containers start once each, even while the pod initializes (as the
-        // kubelet); one that ran is never started again.
+        let ephemeral: Vec<String> = self
+            .ephemeral_containers()
+            .into_iter()
+            .map(|(c, _)| c.name)
+            .collect();
+        let plan = pod_plan::starts(&spec, &ephemeral, |name| self.observed(name));
         let mut next: Option<Instant> = None;
-        for (c, _) in self.ephemeral_containers() {
-            let due = self
-                .records
-                .get(&c.name)
-                .is_none_or(|r| r.starts == 0 && matches!(r.state, State::Waiting { .. }));
-            if due && let Some(t) = self.start_if_due(&c, Role::Ephemeral).await {
-                next = Some(next.map_or(t, |n| n.min(t)));
-            }
-        }
-        // Init containers, one at a time, in order.
-        for c in spec.init_containers.iter().flatten() {
-            let sidecar = c.restart_policy.as_deref() == Some("Always");
-            let state = self.records.get(&c.name).map(|r| r.state.clone());
-            match state {
-                Some(State::Terminated(t)) if t.exit_code == 0 && !sidecar => continue,
-                Some(State::Running { .. }) if sidecar => continue,
-                Some(State::Running { .. }) => return next,
-                Some(State::Terminated(_)) if policy == "Never" && !sidecar => return next,
-                _ => {
-                    let t = self.start_if_due(c, Role::Init).await;
-                    return match (t, next) {
-                        (Some(t), Some(n)) => Some(t.min(n)),
-                        (t, n) => t.or(n),
-                    };
-                }
-            }
-        }
-        for c in &spec.containers {
-            let state = self.records.get(&c.name).map(|r| r.state.clone());
-            let due = match state {
-                None | Some(State::Waiting { .. }) => true,
-                Some(State::Running { .. }) => false,
-                Some(State::Terminated(t)) => match policy.as_str() {
-                    "Never" => false,
-                    "OnFailure" => t.exit_code != 0,
-                    _ => true,
-                },
+        for (name, role) in plan {
+            let Some(c) = self.container_spec(&name) else {
+                continue;
             };
-            if due && let Some(t) = self.start_if_due(c, Role::Main).await {
+            if let Some(t) = self.start_if_due(&c, role).await {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
         }
         next
     }
 
+    /// What the planner needs to know of a container.
+    fn observed(&self, name: &str) -> Observed {
+        match self.records.get(name) {
+            None => Observed::Absent,
+            Some(r) => match &r.state {
+                State::Waiting { .. } => Observed::Waiting {
+                    ran: r.last.is_some(),
+                    starts: r.starts,
+                },
+                State::Running { .. } => Observed::Running,
+                State::Terminated(t) => Observed::Exited { code: t.exit_code },
+            },
+        }
+    }
+
     /// Whether a pod that never restarts has finished (Succeeded or Failed).
     fn pod_finished(&self) -> bool {
-        matches!(self.phase().as_str(), "Succeeded" | "Failed")
+        self.phase().finished()
     }
 
     /// Starts the container now, or says when its back-off ends.
@@ -1505,47 +1475,8 @@ impl Worker {
 
     // ---- status -------------------------------------------------------------------------
 
-    fn phase(&self) -> String {
-        let spec = self.spec();
-        let policy = self.restart_policy();
-        for c in spec.init_containers.iter().flatten() {
-            let sidecar = c.restart_policy.as_deref() == Some("Always");
-            match self.records.get(&c.name).map(|r| &r.state) {
-                Some(State::Terminated(t)) if t.exit_code == 0 && !sidecar => {}
-                Some(State::Running { .. }) if sidecar => {}
-                Some(State::Terminated(t)) if t.exit_code != 0 && policy == "Never" => {
-                    return "Failed".into();
-                }
-                _ => return "Pending".into(),
-            }
-        }
-        let (mut running, mut waiting, mut succeeded, mut failed) = (0, 0, 0, 0);
-        for c in &spec.containers {
-            let r = self.records.get(&c.name);
-            match r.map(|r| &r.state) {
-                Some(State::Running { .. }) => running += 1,
-                Some(State::Terminated(t)) if t.exit_code == 0 => succeeded += 1,
-                Some(State::Terminated(_)) => failed += 1,
-                Some(State::Waiting { .. }) if r.is_some_and(|r| r.last.is_some()) => {
-                    // Restarting after a run: counts as running for the phase.
-                    running += 1;
-                }
-                _ => waiting += 1,
-            }
-        }
-        if waiting > 0 {
-            return "Pending".into();
-        }
-        if running > 0 {
-            return "Running".into();
-        }
-        match policy.as_str() {
-            "Always" => "Running".into(),
-            "OnFailure" if failed > 0 => "Running".into(),
-            "Never" if failed > 0 => "Failed".into(),
-            _ if succeeded + failed > 0 && failed == 0 => "Succeeded".into(),
-            _ => "Failed".into(),
-        }
+    fn phase(&self) -> Phase {
+        pod_plan::phase(&self.spec(), |name| self.observed(name))
     }
 
     fn container_status(&self, c: &Container, init: bool) -> Value {
@@ -1681,7 +1612,7 @@ impl Worker {
             .collect();
         let phase = self.phase();
         let containers_ready = not_ready.is_empty();
-        let finished = matches!(phase.as_str(), "Succeeded" | "Failed");
+        let finished = phase.finished();
         let not_ready_message =
             format!("containers with unready status: [{}]", not_ready.join(" "));
         let pending_init: Vec<String> = spec
@@ -1746,7 +1677,7 @@ impl Worker {
             }
         }
         let mut status = json!({
-            "phase": phase,
+            "phase": phase.as_str(),
             "conditions": conditions,
             "containerStatuses": statuses,
             "qosClass": spec::qos_class(&self.pod),
