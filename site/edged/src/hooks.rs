@@ -63,6 +63,9 @@ pub async fn exec_in(
         }
     }
     .await;
+    // Deleting the process waits for the shim to finish copying its output into the FIFO,
+    // which can trail the exit under load; then what it wrote is all there to read.
+    let _ = rt.delete_exec(id, &exec_id).await;
     let mut output = vec![0u8; 4096];
     let n = tokio::time::timeout(Duration::from_millis(50), reader.read(&mut output))
         .await
@@ -70,7 +73,6 @@ pub async fn exec_in(
         .and_then(|r| r.ok())
         .unwrap_or(0);
     output.truncate(n);
-    let _ = rt.delete_exec(id, &exec_id).await;
     cleanup(out, err);
     result.map(|code| (code, String::from_utf8_lossy(&output).into_owned()))
 }

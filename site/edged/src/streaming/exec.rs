@@ -369,6 +369,10 @@ async fn session(
         }
     };
     drop(stdin);
+    // The shim may still be copying the last output into our FIFOs when the exit is reported
+    // (under load, for longer than the pumps' idle wait); deleting the process waits for its
+    // copies to end, so the pumps drain only after that.
+    let _ = agent.runtime.delete_exec(&id, &exec_id).await;
     let _ = exited_tx.send(true);
     for p in pumps {
         let _ = p.await;
@@ -379,6 +383,5 @@ async fn session(
     };
     let _ = out.send(frame(STATUS, status.to_string().as_bytes())).await;
     drop(out);
-    let _ = agent.runtime.delete_exec(&id, &exec_id).await;
     paths.remove();
 }
