@@ -464,6 +464,39 @@ spec:
     });
     let gold: Value = site.json(&["get", "pvc", "gold", "-o", "json"]);
     assert_eq!(gold["status"]["phase"], "Pending");
+
+    // More than any node has free: no node is chosen, with upstream's capacity reason.
+    let free: i64 = field(
+        &site,
+        &["get", "node", "edge-1"],
+        ".metadata.annotations.edgesite\\.io/local-storage-free",
+    )
+    .parse()
+    .unwrap_or_else(|_| panic!("edge-1 published no free storage"));
+    assert!(free > 0);
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: huge}\nspec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Pi}}}\n",
+        ),
+    );
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(&pod("hoarder", "").replace("claimName: data", "claimName: huge")),
+    );
+    wait_for(
+        &site,
+        "the capacity refusal",
+        Duration::from_secs(30),
+        || {
+            site.ok(&["describe", "pod", "hoarder"])
+                .contains("node(s) did not have enough free storage")
+        },
+    );
+    assert_eq!(
+        field(&site, &["get", "pvc", "huge"], ".status.phase"),
+        "Pending"
+    );
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //!   its pod on its node).
 //! - An unbound claim of a WaitForFirstConsumer class needs, on the node, a free volume that fits
 //!   or a provisioner that can make one there (the site's `local-path` provisioner: a node
-//!   whose agent offers local storage; a class's `allowedTopologies` are honoured).
+//!   whose agent offers local storage, with room for what the pod's claims to provision there
+//!   request; a class's `allowedTopologies` are honoured).
 //! - A missing claim, one being deleted, an unbound claim of an Immediate class or an unknown
 //!   class stops the pod at the prefilter with upstream's message.
 //!
@@ -24,6 +25,7 @@ use crate::framework::{CycleState, NodeInfo, PodInfo, Snapshot, Volumes};
 
 pub const CONFLICT: &str = "node(s) had volume node affinity conflict";
 pub const NO_VOLUME: &str = "node(s) didn't find available persistent volumes to bind";
+pub const NO_SPACE: &str = "node(s) did not have enough free storage";
 
 /// What the prefilter found for the pod.
 #[derive(Default)]
@@ -85,14 +87,18 @@ fn can_provision(volumes: &Volumes, claim: &PersistentVolumeClaim, node: &NodeIn
     !class.provisioner.is_empty() && class.provisioner != "kubernetes.io/no-provisioner"
 }
 
-/// For each unbound claim, what to do on `node`; `None` if some claim cannot be served there.
+/// For each unbound claim, what to do on `node`; the reason when some claim cannot be served
+/// there. Claims the site's provisioner would make on the node must fit, together, in the free
+/// storage its agent published (upstream's capacity check).
 pub fn bindings(
     to_bind: &[Arc<PersistentVolumeClaim>],
     volumes: &Volumes,
     node: &NodeInfo,
-) -> Option<Vec<Binding>> {
+) -> Result<Vec<Binding>, &'static str> {
     let mut chosen: HashSet<&str> = HashSet::new();
     let mut out = Vec::with_capacity(to_bind.len());
+    let room = pv::storage_free(&node.node);
+    let mut provisioning: i64 = 0;
     for claim in to_bind {
         let free = volumes
             .volumes
@@ -103,19 +109,35 @@ pub fn bindings(
             Some(found) => {
                 let name = found.metadata.name.as_deref().unwrap_or("");
                 chosen.insert(name);
-                let volume = volumes.by_name.get(name)?.clone();
+                let volume = volumes.by_name.get(name).ok_or(NO_VOLUME)?.clone();
                 out.push(Binding::Volume {
                     claim: claim.clone(),
                     volume,
                 });
             }
-            None if can_provision(volumes, claim, node) => out.push(Binding::Provision {
-                claim: claim.clone(),
-            }),
-            None => return None,
+            None if can_provision(volumes, claim, node) => {
+                if provisioned_here(volumes, claim) {
+                    provisioning += pv::requested_bytes(claim);
+                    if room.is_some_and(|room| provisioning > room) {
+                        return Err(NO_SPACE);
+                    }
+                }
+                out.push(Binding::Provision {
+                    claim: claim.clone(),
+                })
+            }
+            None => return Err(NO_VOLUME),
         }
     }
-    Some(out)
+    Ok(out)
+}
+
+/// Whether the site's own provisioner makes this claim's volume.
+fn provisioned_here(volumes: &Volumes, claim: &PersistentVolumeClaim) -> bool {
+    volumes
+        .classes
+        .get(pv::claim_class(claim))
+        .is_some_and(|c| c.provisioner == pv::PROVISIONER)
 }
 
 /// Whether the pod uses no claims (so the volumes need not be looked at).
@@ -131,7 +153,7 @@ pub fn bindings_for(pod: &PodInfo, snapshot: &Snapshot, node: &NodeInfo) -> Vec<
     }
     state
         .volumes
-        .and_then(|found| bindings(&found.to_bind, &found.volumes, node))
+        .and_then(|found| bindings(&found.to_bind, &found.volumes, node).ok())
         .unwrap_or_default()
 }
 
@@ -203,8 +225,10 @@ impl FilterPlugin for VolumeBinding {
         {
             return Err(vec![CONFLICT.into()]);
         }
-        if !found.to_bind.is_empty() && bindings(&found.to_bind, &found.volumes, node).is_none() {
-            return Err(vec![NO_VOLUME.into()]);
+        if !found.to_bind.is_empty()
+            && let Err(reason) = bindings(&found.to_bind, &found.volumes, node)
+        {
+            return Err(vec![reason.into()]);
         }
         Ok(())
     }
@@ -310,6 +334,46 @@ mod tests {
             VolumeBinding.filter(&pod, &snapshot.nodes[0], &state),
             Err(vec![NO_VOLUME.to_string()])
         );
+    }
+
+    #[test]
+    fn provisioned_claims_must_fit_in_the_free_storage_a_node_published() {
+        // n1 has 1.5 GiB free, n2 2.5 GiB; the pod's two 1 GiB claims fit only on n2.
+        let mut n = nodes(true);
+        for (node, free) in n.iter_mut().zip([3 << 29, 5 << 29]) {
+            let mut object = (*node.node).clone();
+            object
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(pv::STORAGE_FREE.to_string(), i64::to_string(&free));
+            *node = NodeInfo::new(Arc::new(object));
+        }
+        let snapshot = Snapshot {
+            nodes: n,
+            volumes: volumes(
+                vec![claim("a", pv::CLASS, None), claim("b", pv::CLASS, None)],
+                vec![],
+            ),
+            ..Default::default()
+        };
+        let pod = PodInfo::new(Arc::new(from_json(json!({
+            "metadata": {"name": "p", "namespace": "default"},
+            "spec": {"containers": [{"name": "c", "image": "x"}],
+                     "volumes": [{"name": "a", "persistentVolumeClaim": {"claimName": "a"}},
+                                 {"name": "b", "persistentVolumeClaim": {"claimName": "b"}}]},
+        }))));
+        assert_eq!(feasible(&pod, &snapshot), Ok(vec!["n2".to_string()]));
+        let mut state = CycleState::default();
+        VolumeBinding
+            .pre_filter(&pod, &snapshot, &mut state)
+            .unwrap();
+        assert_eq!(
+            VolumeBinding.filter(&pod, &snapshot.nodes[0], &state),
+            Err(vec![NO_SPACE.to_string()])
+        );
+        // One claim fits anywhere.
+        assert_eq!(feasible(&pod_with("a"), &snapshot).unwrap().len(), 2);
     }
 
     #[test]

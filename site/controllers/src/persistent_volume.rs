@@ -58,6 +58,11 @@ pub const PV_PROTECTION: &str = "kubernetes.io/pv-protection";
 /// A Node's annotation: the directory its agent keeps local-path volumes in
 /// (`--default-local-storage-path`, `<data-dir>/storage` by default).
 pub const STORAGE_PATH: &str = "edgesite.io/local-storage-path";
+/// The bytes free for unprivileged use on the filesystem of a node's storage path, as its
+/// agent last saw them (republished when they move by more than 1 % of the filesystem): the
+/// scheduler keeps claims that do not fit off the node, as upstream's storage capacity
+/// tracking does.
+pub const STORAGE_FREE: &str = "edgesite.io/local-storage-free";
 /// The class's annotation that makes it the default.
 pub const DEFAULT_CLASS: &str = "storageclass.kubernetes.io/is-default-class";
 /// The claim's class under its old annotation, still honoured by upstream.
@@ -386,6 +391,19 @@ pub struct World<'w> {
     pub classes: &'w [Arc<StorageClass>],
     pub pods: &'w [Arc<Pod>],
     pub nodes: &'w [Arc<Node>],
+}
+
+/// A node's published free local storage in bytes (`None`: not published).
+pub fn storage_free(node: &Node) -> Option<i64> {
+    annotation(&node.metadata, STORAGE_FREE)?.parse().ok()
+}
+
+/// A claim's storage request in bytes (0 without one).
+pub fn requested_bytes(claim: &PersistentVolumeClaim) -> i64 {
+    quantity_of(claim)
+        .as_ref()
+        .and_then(quantity::units)
+        .unwrap_or(0)
 }
 
 fn quantity_of(claim: &PersistentVolumeClaim) -> Option<Quantity> {

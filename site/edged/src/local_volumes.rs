@@ -3,14 +3,19 @@
 //! (K3s's provisioner runs a helper pod on the node for this; the agent does it itself, so no
 //! image is needed). `Retain` volumes, volumes of other provisioners and directories whose
 //! volume cannot be read are left alone.
+//!
+//! It also publishes the free space of the storage path's filesystem on its Node
+//! ([`pv::STORAGE_FREE`]), as upstream's external-provisioner does with storage capacity
+//! objects when it runs on each node: the scheduler keeps claims that would not fit away.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use controllers::persistent_volume as pv;
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::core::v1::PersistentVolume;
-use kube::api::{Api, DeleteParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use tokio_util::sync::CancellationToken;
 
 use crate::Agent;
@@ -23,14 +28,57 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken) {
     let Some(root) = agent.config.local_storage.clone() else {
         return;
     };
+    let mut published: Option<i64> = None;
     loop {
+        if agent.meta.online() {
+            publish_free(&agent, &root, &mut published).await;
+            reclaim(&agent, &root).await;
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(PERIOD) => {}
         }
-        if agent.meta.online() {
-            reclaim(&agent, &root).await;
-        }
+    }
+}
+
+/// Bytes free for unprivileged writers and the size of the filesystem that holds `root` (or
+/// would: the nearest existing ancestor's, before the first volume makes the directory).
+fn free_space(root: &Path) -> Option<(i64, i64)> {
+    let existing = root.ancestors().find(|p| p.exists())?;
+    let stat = nix::sys::statvfs::statvfs(existing).ok()?;
+    let unit = stat.fragment_size() as i64;
+    Some((
+        (stat.blocks_available() as i64).saturating_mul(unit),
+        (stat.blocks() as i64).saturating_mul(unit),
+    ))
+}
+
+/// Whether the free space moved enough since it was published to say it again (more than 1 %
+/// of the filesystem: a Node write per small file would be churn).
+pub fn worth_publishing(published: Option<i64>, free: i64, size: i64) -> bool {
+    published.is_none_or(|p| (p - free).abs() > size / 100)
+}
+
+async fn publish_free(agent: &Agent, root: &Path, published: &mut Option<i64>) {
+    let Some((free, size)) = free_space(root) else {
+        return;
+    };
+    if !worth_publishing(*published, free, size) {
+        return;
+    }
+    let nodes: Api<Node> = Api::all(agent.client.clone());
+    let patch =
+        serde_json::json!({"metadata": {"annotations": {pv::STORAGE_FREE: free.to_string()}}});
+    match nodes
+        .patch(
+            &agent.config.node_name,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => *published = Some(free),
+        Err(error) => tracing::debug!(%error, "cannot publish the free local storage"),
     }
 }
 
@@ -128,5 +176,21 @@ mod tests {
         ));
         assert_eq!(volume_of("pvc-1_ns_data"), Some("pvc-1"));
         assert_eq!(volume_of("lost+found"), None);
+    }
+
+    #[test]
+    fn free_space_is_published_again_only_when_it_moved_more_than_a_percent() {
+        let gib = 1 << 30;
+        assert!(worth_publishing(None, 5 * gib, 100 * gib));
+        assert!(!worth_publishing(
+            Some(5 * gib),
+            5 * gib + gib / 2,
+            100 * gib
+        ));
+        assert!(worth_publishing(Some(5 * gib), 3 * gib, 100 * gib));
+        assert!(worth_publishing(Some(5 * gib), 7 * gib, 100 * gib));
+        // The directory need not exist yet: its filesystem is found through its parents.
+        let (free, size) = free_space(Path::new("/tmp/edgesite-no-such-dir/storage")).unwrap();
+        assert!(free > 0 && size >= free);
     }
 }
