@@ -379,6 +379,15 @@ pub fn validate_pod_spec_with(
         &format!("{path}.restartPolicy"),
         &["Always", "OnFailure", "Never"],
     );
+    if spec.get("shareProcessNamespace") == Some(&Value::Bool(true))
+        && spec.get("hostPID") == Some(&Value::Bool(true))
+    {
+        causes.push(Cause::invalid(
+            format!("{path}.securityContext.shareProcessNamespace"),
+            &Value::Bool(true),
+            "ShareProcessNamespace and HostPID cannot both be enabled",
+        ));
+    }
     check_enum(
         causes,
         spec,

@@ -169,6 +169,7 @@ fn an_ephemeral_container_attaches_and_sees_its_target_processes() {
         "debug",
         "app",
         "--copy-to=app-copy",
+        "--share-processes",
         &format!("--image={BUSYBOX}"),
         "--image-pull-policy=Never",
         "-c",
@@ -187,6 +188,13 @@ fn an_ephemeral_container_attaches_and_sees_its_target_processes() {
         field(&site, "app-copy", "{.spec.containers[*].name}"),
         "app extra"
     );
+    // With `--share-processes` the copy's containers see each other's processes.
+    assert_eq!(
+        field(&site, "app-copy", "{.spec.shareProcessNamespace}"),
+        "true"
+    );
+    let seen = site.ok(&["exec", "app-copy", "-c", "extra", "--", "ps", "-o", "args"]);
+    assert!(seen.contains("sleep 3601"), "{seen}");
 
     // What the API refuses, with upstream's messages.
     let err = site.fails(
@@ -348,5 +356,111 @@ fn debug_node_runs_a_pod_in_the_host_namespaces_with_its_root() {
         ) == "Succeeded"),
         "{}",
         site.ok(&["get", "pod", name, "-o", "yaml"])
+    );
+}
+
+/// The host PIDs of the processes whose command line contains `text`.
+fn processes_with(text: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(text))
+        })
+        .collect()
+}
+
+#[test]
+fn containers_of_a_pod_sharing_its_process_namespace_see_each_other() {
+    let rt = Runtime::start().unwrap();
+    let site = Site::start_with(&[&format!("--cluster-cidr={}", rt.cluster_cidr())]).unwrap();
+    let agent = rt.start_agent(&site, "edge-1").unwrap();
+    site.ok_stdin(
+        &["apply", "-f", "-"],
+        Some(&format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: shared}}
+spec:
+  shareProcessNamespace: true
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {{name: a, image: {BUSYBOX}, imagePullPolicy: Never, command: ["sleep", "3611"]}}
+  - {{name: b, image: {BUSYBOX}, imagePullPolicy: Never, command: ["sleep", "3612"]}}
+"#
+        )),
+    );
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            site.kubectl(&["get", "pod", "shared", "-o", "jsonpath={.status.phase}"])
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout) == "Running")
+        }),
+        "{}",
+        agent.log()
+    );
+    let seen = site.ok(&["exec", "shared", "-c", "a", "--", "ps", "-o", "pid,args"]);
+    assert!(seen.contains("sleep 3612"), "a does not see b: {seen}");
+    // PID 1 is the namespace's holder, as the pause container is upstream.
+    assert!(
+        seen.lines()
+            .any(|l| l.trim().starts_with("1 ") && l.contains("edgesite-pid-holder")),
+        "{seen}"
+    );
+    // A container restarted joins the same namespace (b ends a's process).
+    site.ok(&[
+        "exec",
+        "shared",
+        "-c",
+        "b",
+        "--",
+        "sh",
+        "-c",
+        "for p in /proc/[0-9]*; do [ \"$(cat $p/comm)\" = sleep ] && grep -q 3611 $p/cmdline && kill ${p#/proc/}; done; true",
+    ]);
+    let restarted = eventually(Duration::from_secs(60), || {
+        site.kubectl(&[
+            "get",
+            "pod",
+            "shared",
+            "-o",
+            "jsonpath={.status.containerStatuses[?(@.name==\"a\")].restartCount}",
+        ])
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout) == "1")
+            && site
+                .kubectl(&["exec", "shared", "-c", "b", "--", "ps", "-o", "args"])
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("sleep 3611"))
+    });
+    assert!(
+        restarted,
+        "{}",
+        site.ok(&["get", "pod", "shared", "-o", "yaml"])
+    );
+    // The holder goes with the pod.
+    let uid = site.ok(&["get", "pod", "shared", "-o", "jsonpath={.metadata.uid}"]);
+    assert_eq!(processes_with(&uid).len(), 1, "one holder for the pod");
+    site.ok(&["delete", "pod", "shared", "--timeout=60s"]);
+    assert!(
+        eventually(Duration::from_secs(10), || processes_with(&uid).is_empty()),
+        "the holder outlived its pod"
+    );
+    // Not together with the host's PID namespace.
+    let err = site.fails(
+        &["apply", "-f", "-"],
+        Some(&format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: both}}
+spec:
+  shareProcessNamespace: true
+  hostPID: true
+  containers: [{{name: a, image: {BUSYBOX}}}]
+"#
+        )),
+    );
+    assert!(
+        err.contains("ShareProcessNamespace and HostPID cannot both be enabled"),
+        "{err}"
     );
 }

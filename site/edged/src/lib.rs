@@ -13,6 +13,7 @@ pub mod local_volumes;
 pub mod logs;
 pub mod network;
 pub mod node;
+pub mod pid_namespace;
 pub mod pod_plan;
 pub mod pod_worker;
 pub mod pods;

@@ -961,8 +961,8 @@ impl Worker {
 
     async fn start_container(&mut self, c: &Container, role: Role) -> Result<(), ()> {
         // An ephemeral container with a target joins the PID namespace of the target's
-        // running process.
-        let pid_namespace = match self.target_pid_namespace(c, role).await {
+        // running process; the containers of a pod that shares its processes join the pod's.
+        let pid_namespace = match self.pid_namespace_for(c, role).await {
             Ok(ns) => ns,
             Err(message) => {
                 self.fail(c, "CreateContainerError", format!("Error: {message}"));
@@ -1204,21 +1204,36 @@ impl Worker {
         }
     }
 
-    /// The PID namespace an ephemeral container joins: its target's, which must be running.
-    async fn target_pid_namespace(
+    /// The PID namespace a container joins (`None`: a new one): an ephemeral container's
+    /// target's, which must be running; the pod's own with `shareProcessNamespace`, held by a
+    /// holder process started when first needed (`pid_namespace.rs`).
+    async fn pid_namespace_for(
         &self,
         c: &Container,
         role: Role,
     ) -> Result<Option<PathBuf>, String> {
-        if role != Role::Ephemeral {
-            return Ok(None);
+        let target = match role {
+            Role::Ephemeral => self
+                .ephemeral_containers()
+                .into_iter()
+                .find(|(e, _)| e.name == c.name)
+                .and_then(|(_, t)| t),
+            _ => None,
+        };
+        let shared = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.share_process_namespace)
+            .unwrap_or(false);
+        if shared && target.is_none() {
+            let dir = self.pod_dir();
+            return match crate::pid_namespace::running(&self.uid, &dir) {
+                Some(path) => Ok(Some(path)),
+                None => crate::pid_namespace::start(&self.uid, &dir).await.map(Some),
+            };
         }
-        let Some(target) = self
-            .ephemeral_containers()
-            .into_iter()
-            .find(|(e, _)| e.name == c.name)
-            .and_then(|(_, t)| t)
-        else {
+        let Some(target) = target else {
             return Ok(None);
         };
         let not_running = || format!("the target container {target:?} is not running");
@@ -1400,6 +1415,7 @@ impl Worker {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id);
         }
+        crate::pid_namespace::stop(&self.uid, &self.pod_dir());
         self.teardown_sandbox().await;
         volumes::cleanup(&self.pod_dir());
         let _ = std::fs::remove_dir_all(self.pod_dir());

@@ -908,6 +908,8 @@ fn raise_descriptor_limit() {
 }
 
 fn main() {
+    // Started by an agent as a pod's PID namespace holder: that, and nothing else.
+    edged::pid_namespace::run_holder_if_asked();
     let cli = match parse() {
         Ok(cli) => cli,
         Err(e) => {
