@@ -428,13 +428,23 @@ impl Scheduler {
                 let client = self.client.clone();
                 let tx = bind_tx.clone();
                 let claims = self.volume_stores.claims.clone();
+                let binders = binders.clone();
                 tokio::spawn(async move {
-                    let result = match bind_volumes(&client, &volume_bindings, &node, &claims).await
-                    {
-                        Ok(()) => bind(&client, &info.pod, &node).await,
-                        Err(e) => Err(e),
-                    };
-                    drop(permit);
+                    let result = async {
+                        write_volume_bindings(&client, &volume_bindings, &node).await?;
+                        // The slot is for writes: waiting for the provisioner does not hold
+                        // one (many pods may wait for their claims at once).
+                        if !volume_bindings.is_empty() {
+                            drop(permit);
+                            wait_for_claims(&volume_bindings, &claims).await?;
+                            let _permit = binders.acquire_owned().await;
+                            return bind(&client, &info.pod, &node).await;
+                        }
+                        let result = bind(&client, &info.pod, &node).await;
+                        drop(permit);
+                        result
+                    }
+                    .await;
                     let _ = tx.send(BindResult { key, node, result }).await;
                 });
                 let _ = now;
@@ -512,20 +522,15 @@ fn forward_changes<K: Send + Sync + 'static>(
     });
 }
 
-/// Upstream's VolumeBinding PreBind: binds each free volume chosen for a claim (its
-/// `claimRef`, written only if the volume is unchanged since it was seen), asks the
-/// provisioner for the others (`volume.kubernetes.io/selected-node`), then waits until every
-/// claim is bound.
-async fn bind_volumes(
+/// Upstream's VolumeBinding PreBind, its writes: binds each free volume chosen for a claim
+/// (its `claimRef`, written only if the volume is unchanged since it was seen) and asks the
+/// provisioner for the others (`volume.kubernetes.io/selected-node`).
+async fn write_volume_bindings(
     client: &kube::Client,
     bindings: &[volume_binding::Binding],
     node: &str,
-    claims: &Store<PersistentVolumeClaim>,
 ) -> Result<(), kube::Error> {
     use controllers::persistent_volume as pv;
-    if bindings.is_empty() {
-        return Ok(());
-    }
     for binding in bindings {
         let claim = binding.claim();
         let namespace = claim.metadata.namespace.as_deref().unwrap_or("default");
@@ -559,6 +564,16 @@ async fn bind_volumes(
             }
         }
     }
+    Ok(())
+}
+
+/// PreBind's wait: until every claim is bound (the claim cache shows its volume), at most
+/// [`VOLUME_BIND_TIMEOUT`].
+async fn wait_for_claims(
+    bindings: &[volume_binding::Binding],
+    claims: &Store<PersistentVolumeClaim>,
+) -> Result<(), kube::Error> {
+    use controllers::persistent_volume as pv;
     let started = Instant::now();
     loop {
         let all_bound = bindings.iter().all(|b| {
