@@ -387,3 +387,84 @@ print("pykube ok")
 "#,
     );
 }
+
+/// The official client against the storage, autoscaling and debugging APIs (not only kubectl):
+/// the default StorageClass, a claim waiting for its first consumer, an autoscaler's status
+/// written by the site's controller, and `pods/ephemeralcontainers` (read, patched, refused).
+#[test]
+fn python_client_reads_claims_autoscalers_and_ephemeral_containers() {
+    let site = Site::start().unwrap();
+    let out = site.python_ok(
+        r#"
+import time
+from kubernetes import client, config
+config.load_kube_config()
+core, storage, scaling = client.CoreV1Api(), client.StorageV1Api(), client.AutoscalingV2Api()
+apps = client.AppsV1Api()
+
+classes = {c.metadata.name: c for c in storage.list_storage_class().items}
+lp = classes["local-path"]
+assert lp.metadata.annotations["storageclass.kubernetes.io/is-default-class"] == "true", lp
+assert lp.volume_binding_mode == "WaitForFirstConsumer" and lp.provisioner == "rancher.io/local-path", lp
+
+claim = client.V1PersistentVolumeClaim(
+    metadata=client.V1ObjectMeta(name="data"),
+    spec=client.V1PersistentVolumeClaimSpec(access_modes=["ReadWriteOnce"],
+        resources=client.V1VolumeResourceRequirements(requests={"storage": "1Gi"})))
+made = core.create_namespaced_persistent_volume_claim("default", claim)
+assert made.spec.storage_class_name == "local-path", made.spec
+assert "kubernetes.io/pvc-protection" in made.metadata.finalizers, made.metadata
+for _ in range(100):
+    events = core.list_namespaced_event("default", field_selector="involvedObject.name=data").items
+    if any(e.reason == "WaitForFirstConsumer" for e in events):
+        break
+    time.sleep(0.2)
+else:
+    raise SystemExit("no WaitForFirstConsumer event")
+assert core.read_namespaced_persistent_volume_claim("data", "default").status.phase == "Pending"
+
+apps.create_namespaced_deployment("default", client.V1Deployment(
+    metadata=client.V1ObjectMeta(name="web"),
+    spec=client.V1DeploymentSpec(replicas=1,
+        selector=client.V1LabelSelector(match_labels={"app": "web"}),
+        template=client.V1PodTemplateSpec(metadata=client.V1ObjectMeta(labels={"app": "web"}),
+            spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="busybox")])))))
+scaling.create_namespaced_horizontal_pod_autoscaler("default", client.V2HorizontalPodAutoscaler(
+    metadata=client.V1ObjectMeta(name="web"),
+    spec=client.V2HorizontalPodAutoscalerSpec(min_replicas=1, max_replicas=3,
+        scale_target_ref=client.V2CrossVersionObjectReference(api_version="apps/v1", kind="Deployment", name="web"),
+        metrics=[client.V2MetricSpec(type="Resource", resource=client.V2ResourceMetricSource(name="cpu",
+            target=client.V2MetricTarget(type="Utilization", average_utilization=50)))])))
+for _ in range(150):
+    status = scaling.read_namespaced_horizontal_pod_autoscaler_status("web", "default").status
+    kinds = {c.type: c for c in (status.conditions or [])}
+    if "AbleToScale" in kinds and "ScalingActive" in kinds:
+        break
+    time.sleep(0.2)
+else:
+    raise SystemExit("the autoscaler's status has no conditions: %s" % status)
+assert kinds["AbleToScale"].status == "True", kinds
+
+pod = client.V1Pod(metadata=client.V1ObjectMeta(name="app"),
+    spec=client.V1PodSpec(containers=[client.V1Container(name="app", image="busybox")]))
+core.create_namespaced_pod("default", pod)
+got = core.read_namespaced_pod_ephemeralcontainers("app", "default")
+assert not got.spec.ephemeral_containers, got.spec
+patched = core.patch_namespaced_pod_ephemeralcontainers("app", "default",
+    {"spec": {"ephemeralContainers": [{"name": "dbg", "image": "busybox", "targetContainerName": "app"}]}})
+assert [e.name for e in patched.spec.ephemeral_containers] == ["dbg"], patched.spec
+assert patched.spec.ephemeral_containers[0].termination_message_policy == "File"
+try:
+    core.patch_namespaced_pod_ephemeralcontainers("app", "default",
+        {"spec": {"ephemeralContainers": [{"name": "dbg", "image": "alpine"}]}})
+    raise SystemExit("changing an ephemeral container was accepted")
+except client.exceptions.ApiException as e:
+    assert e.status == 422 and "may not be changed" in e.body, e.body
+print("storage, autoscaling and ephemeral containers ok")
+"#,
+    );
+    assert!(
+        out.contains("storage, autoscaling and ephemeral containers ok"),
+        "{out}"
+    );
+}
