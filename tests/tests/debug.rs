@@ -11,10 +11,24 @@ use std::time::Duration;
 use tests::node::{AgentProcess, BUSYBOX, Runtime};
 use tests::{Site, eventually, kubectl_bin};
 
-/// A site with agent `edge-1` running pod `app` (one container `app`, a recognisable sleep).
-fn setup(rt: &Runtime) -> (Site, AgentProcess) {
+/// A site with agent `edge-1`, registered.
+fn site_with_agent(rt: &Runtime) -> (Site, AgentProcess) {
     let site = Site::start_with(&[&format!("--cluster-cidr={}", rt.cluster_cidr())]).unwrap();
     let agent = rt.start_agent(&site, "edge-1").unwrap();
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            site.kubectl(&["get", "node", "edge-1"])
+                .is_ok_and(|o| o.status.success())
+        }),
+        "edge-1 never registered: {}",
+        agent.log()
+    );
+    (site, agent)
+}
+
+/// A site with agent `edge-1` running pod `app` (one container `app`, a recognisable sleep).
+fn setup(rt: &Runtime) -> (Site, AgentProcess) {
+    let (site, agent) = site_with_agent(rt);
     site.ok_stdin(
         &["apply", "-f", "-"],
         Some(&format!(
@@ -212,39 +226,28 @@ fn an_ephemeral_container_attaches_and_sees_its_target_processes() {
         err.contains("spec.ephemeralContainers[2].targetContainerName: Not found: \"nope\""),
         "{err}"
     );
-    let err = site.fails(
-        &[
-            "patch",
-            "pod",
-            "app",
-            "--subresource=ephemeralcontainers",
-            "--type=json",
-            "-p",
-            r#"[{"op": "replace", "path": "/spec/ephemeralContainers/0/image", "value": "other"}]"#,
-        ],
-        None,
+    let refused = |patch: &str, expected: &str| {
+        let err = site.fails(
+            &[
+                "patch",
+                "pod",
+                "app",
+                "--subresource=ephemeralcontainers",
+                "--type=json",
+                "-p",
+                patch,
+            ],
+            None,
+        );
+        assert!(err.contains(expected), "{err}");
+    };
+    refused(
+        r#"[{"op": "replace", "path": "/spec/ephemeralContainers/0/image", "value": "other"}]"#,
+        "existing ephemeral containers \"dbg\" may not be changed",
     );
-    assert!(
-        err.contains("existing ephemeral containers \"dbg\" may not be changed"),
-        "{err}"
-    );
-    let err = site.fails(
-        &[
-            "patch",
-            "pod",
-            "app",
-            "--subresource=ephemeralcontainers",
-            "--type=json",
-            "-p",
-            r#"[{"op": "add", "path": "/spec/ephemeralContainers/-", "value": {"name": "p", "image": "x", "ports": [{"containerPort": 80}]}}]"#,
-        ],
-        None,
-    );
-    assert!(
-        err.contains(
-            "spec.ephemeralContainers[2].ports: Forbidden: cannot be set for an Ephemeral Container"
-        ),
-        "{err}"
+    refused(
+        r#"[{"op": "add", "path": "/spec/ephemeralContainers/-", "value": {"name": "p", "image": "x", "ports": [{"containerPort": 80}]}}]"#,
+        "spec.ephemeralContainers[2].ports: Forbidden: cannot be set for an Ephemeral Container",
     );
     // Not through the pod itself, and not on create.
     let err = site.fails(
@@ -280,16 +283,7 @@ spec:
 #[test]
 fn debug_node_runs_a_pod_in_the_host_namespaces_with_its_root() {
     let rt = Runtime::start().unwrap();
-    let site = Site::start_with(&[&format!("--cluster-cidr={}", rt.cluster_cidr())]).unwrap();
-    let agent = rt.start_agent(&site, "edge-1").unwrap();
-    assert!(
-        eventually(Duration::from_secs(60), || {
-            site.kubectl(&["get", "node", "edge-1"])
-                .is_ok_and(|o| o.status.success())
-        }),
-        "edge-1 never registered: {}",
-        agent.log()
-    );
+    let (site, agent) = site_with_agent(&rt);
     // Something only the host has, to find under /host.
     let marker = tempfile::Builder::new()
         .prefix("edgesite-debug-node-")
@@ -375,8 +369,7 @@ fn processes_with(text: &str) -> Vec<u32> {
 #[test]
 fn containers_of_a_pod_sharing_its_process_namespace_see_each_other() {
     let rt = Runtime::start().unwrap();
-    let site = Site::start_with(&[&format!("--cluster-cidr={}", rt.cluster_cidr())]).unwrap();
-    let agent = rt.start_agent(&site, "edge-1").unwrap();
+    let (site, agent) = site_with_agent(&rt);
     site.ok_stdin(
         &["apply", "-f", "-"],
         Some(&format!(

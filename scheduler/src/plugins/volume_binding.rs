@@ -289,6 +289,13 @@ mod tests {
             .collect()
     }
 
+    /// The filter's answer for the snapshot's `n`th node.
+    fn on_node(pod: &PodInfo, snapshot: &Snapshot, n: usize) -> Result<(), Reasons> {
+        let mut state = CycleState::default();
+        VolumeBinding.pre_filter(pod, snapshot, &mut state).unwrap();
+        VolumeBinding.filter(pod, &snapshot.nodes[n], &state)
+    }
+
     fn feasible(pod: &PodInfo, snapshot: &Snapshot) -> Result<Vec<String>, String> {
         let mut state = CycleState::default();
         VolumeBinding.pre_filter(pod, snapshot, &mut state)?;
@@ -325,13 +332,8 @@ mod tests {
         };
         assert_eq!(feasible(&pod_with("data"), &snapshot).unwrap().len(), 2);
         snapshot.nodes = nodes(false);
-        let pod = pod_with("data");
-        let mut state = CycleState::default();
-        VolumeBinding
-            .pre_filter(&pod, &snapshot, &mut state)
-            .unwrap();
         assert_eq!(
-            VolumeBinding.filter(&pod, &snapshot.nodes[0], &state),
+            on_node(&pod_with("data"), &snapshot, 0),
             Err(vec![NO_VOLUME.to_string()])
         );
     }
@@ -364,14 +366,7 @@ mod tests {
                                  {"name": "b", "persistentVolumeClaim": {"claimName": "b"}}]},
         }))));
         assert_eq!(feasible(&pod, &snapshot), Ok(vec!["n2".to_string()]));
-        let mut state = CycleState::default();
-        VolumeBinding
-            .pre_filter(&pod, &snapshot, &mut state)
-            .unwrap();
-        assert_eq!(
-            VolumeBinding.filter(&pod, &snapshot.nodes[0], &state),
-            Err(vec![NO_SPACE.to_string()])
-        );
+        assert_eq!(on_node(&pod, &snapshot, 0), Err(vec![NO_SPACE.to_string()]));
         // One claim fits anywhere.
         assert_eq!(feasible(&pod_with("a"), &snapshot).unwrap().len(), 2);
     }

@@ -492,33 +492,38 @@ mod tests {
         assert!(caps(Some(&sc), false).is_empty());
     }
 
-    #[test]
-    fn namespaces_follow_host_settings_and_a_target() {
+    /// The runtime spec of the pod's first container, from an image that runs `sh`.
+    fn spec_for(pod: &Pod, netns: Option<PathBuf>, pid_namespace: Option<PathBuf>) -> Value {
+        let c = pod.spec.as_ref().unwrap().containers[0].clone();
         let image = RuntimeConfig {
             cmd: Some(vec!["sh".into()]),
             ..Default::default()
         };
+        build(
+            &SpecInput {
+                pod,
+                container: &c,
+                image: &image,
+                env: vec![],
+                mounts: vec![],
+                netns,
+                pid_namespace,
+                hostname: "p".into(),
+                cgroup: "/edgesite/podx/c".into(),
+                uid: 0,
+                gid: 0,
+                extra_gids: vec![],
+            },
+            1 << 30,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn namespaces_follow_host_settings_and_a_target() {
         let spec_of = |pod: Value, pid_namespace: Option<PathBuf>| {
             let pod: Pod = serde_json::from_value(pod).unwrap();
-            let c = pod.spec.as_ref().unwrap().containers[0].clone();
-            let spec = build(
-                &SpecInput {
-                    pod: &pod,
-                    container: &c,
-                    image: &image,
-                    env: vec![],
-                    mounts: vec![],
-                    netns: None,
-                    pid_namespace,
-                    hostname: "p".into(),
-                    cgroup: "/edgesite/podx/c".into(),
-                    uid: 0,
-                    gid: 0,
-                    extra_gids: vec![],
-                },
-                1 << 30,
-            )
-            .unwrap();
+            let spec = spec_for(&pod, None, pid_namespace);
             let mut kinds: Vec<String> = spec["linux"]["namespaces"]
                 .as_array()
                 .unwrap()
@@ -549,29 +554,7 @@ mod tests {
                 {"name": "a", "resources": {"limits": {"cpu": "500m", "memory": "64Mi"}}}
             ]}}))
             .unwrap();
-        let c = pod.spec.as_ref().unwrap().containers[0].clone();
-        let image = RuntimeConfig {
-            cmd: Some(vec!["sh".into()]),
-            ..Default::default()
-        };
-        let spec = build(
-            &SpecInput {
-                pod: &pod,
-                container: &c,
-                image: &image,
-                env: vec![],
-                mounts: vec![],
-                netns: Some("/run/ns".into()),
-                pid_namespace: None,
-                hostname: "p".into(),
-                cgroup: "/edgesite/podx/c".into(),
-                uid: 0,
-                gid: 0,
-                extra_gids: vec![],
-            },
-            1 << 30,
-        )
-        .unwrap();
+        let spec = spec_for(&pod, Some("/run/ns".into()), None);
         assert_eq!(spec["linux"]["resources"]["memory"]["limit"], 64 << 20);
         assert_eq!(spec["linux"]["resources"]["cpu"]["quota"], 50_000);
         assert_eq!(spec["linux"]["resources"]["cpu"]["shares"], 512);
