@@ -142,6 +142,7 @@ fn an_ephemeral_container_attaches_and_sees_its_target_processes() {
     assert_eq!(field(&site, "app", "{.status.phase}"), "Running");
 
     // Without a target it has its own process namespace; its output is in its logs.
+    let asked = std::time::Instant::now();
     site.ok(&[
         "debug",
         "app",
@@ -164,6 +165,10 @@ fn an_ephemeral_container_attaches_and_sees_its_target_processes() {
         }),
         "{}",
         site.ok(&["get", "pod", "app", "-o", "yaml"])
+    );
+    eprintln!(
+        "measured: `kubectl debug` to the ephemeral container's completion reported: {:.2} s",
+        asked.elapsed().as_secs_f64()
     );
     let logs = site.ok(&["logs", "app", "-c", "alone"]);
     assert!(
