@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Container, Pod};
 use kube::api::{Api, DeleteParams, Preconditions};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::images::{PullPolicy, registry::Credential};
@@ -69,11 +69,17 @@ const BACKOFF_RESET: Duration = Duration::from_secs(600);
 /// Periodic resync, as the kubelet's (status refresh, missed events).
 const RESYNC: Duration = Duration::from_secs(10);
 
-/// What a worker is told.
+/// What the API says of the pod, newest only: its latest version, and whether it is gone
+/// (force-deleted, or deleted while the agent was away). A worker reads it through a `watch`
+/// channel, so updates never queue up and a removal is never lost.
+#[derive(Clone)]
+pub struct Desired {
+    pub pod: Pod,
+    pub removed: bool,
+}
+
+/// What else a worker is told.
 pub enum PodMessage {
-    Update(Box<Pod>),
-    /// The pod is gone from the API (force-deleted, or deleted while we were away).
-    Removed,
     Exited {
         container_id: String,
         exit_code: u32,
@@ -174,6 +180,8 @@ pub struct Worker {
     namespace: String,
     name: String,
     rx: mpsc::Receiver<PodMessage>,
+    /// The pod's newest version from the API (coalesced: a burst of updates is one).
+    updates: watch::Receiver<Desired>,
     /// For the probers this worker starts.
     tx: mpsc::Sender<PodMessage>,
     owners: Owners,
@@ -213,6 +221,7 @@ impl Worker {
         pod: Pod,
         tx: mpsc::Sender<PodMessage>,
         rx: mpsc::Receiver<PodMessage>,
+        updates: watch::Receiver<Desired>,
         owners: Owners,
     ) -> Self {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
@@ -230,6 +239,7 @@ impl Worker {
             namespace,
             name,
             rx,
+            updates,
             tx,
             owners,
             records: HashMap::new(),
@@ -329,29 +339,46 @@ impl Worker {
                     None => return,
                     Some(m) => self.handle(m).await,
                 },
+                changed = self.updates.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    self.apply_update();
+                }
             }
             // Take everything already queued before syncing again.
+            self.take_update();
             while let Ok(m) = self.rx.try_recv() {
                 self.handle(m).await;
             }
         }
     }
 
+    /// Applies the pod's newest version and its removal, if they changed.
+    fn take_update(&mut self) {
+        if self.updates.has_changed().unwrap_or(false) {
+            self.apply_update();
+        }
+    }
+
+    /// Applies the pod's newest version and its removal (`changed()` already marked them seen).
+    fn apply_update(&mut self) {
+        let Desired { pod, removed } = self.updates.borrow_and_update().clone();
+        self.removed |= removed;
+        if pod.metadata.uid.as_deref() == Some(self.uid.as_str()) {
+            // Someone else changed what we reported (the node controller marks pods of a
+            // silent node not ready): report again.
+            if let (Some(ours), Some(theirs)) = (&self.last_status, &pod.status)
+                && drifted(ours, &serde_json::to_value(theirs).unwrap_or_default())
+            {
+                self.last_status = None;
+            }
+            self.pod = pod;
+        }
+    }
+
     async fn handle(&mut self, message: PodMessage) {
         match message {
-            PodMessage::Update(pod) => {
-                if pod.metadata.uid.as_deref() == Some(self.uid.as_str()) {
-                    // Someone else changed what we reported (the node controller marks pods of
-                    // a silent node not ready): report again.
-                    if let (Some(ours), Some(theirs)) = (&self.last_status, &pod.status)
-                        && drifted(ours, &serde_json::to_value(theirs).unwrap_or_default())
-                    {
-                        self.last_status = None;
-                    }
-                    self.pod = *pod;
-                }
-            }
-            PodMessage::Removed => self.removed = true,
             PodMessage::Oom { container_id } => {
                 self.ooms.insert(container_id);
             }

@@ -15,10 +15,10 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::watcher;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::pod_worker::{self, LABEL_NODE, LABEL_POD_UID, PodMessage};
+use crate::pod_worker::{self, Desired, LABEL_NODE, LABEL_POD_UID, PodMessage};
 use crate::runtime::containerd::RuntimeEvent;
 use crate::{Agent, AgentError};
 
@@ -27,6 +27,8 @@ pub type Owners = Arc<Mutex<HashMap<String, String>>>;
 
 struct Handle {
     tx: mpsc::Sender<PodMessage>,
+    /// The pod's newest version and removal (the worker takes the latest; nothing queues up).
+    desired: watch::Sender<Desired>,
     done: tokio::task::JoinHandle<()>,
 }
 
@@ -90,8 +92,12 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(), A
                     _ => continue,
                 };
                 let uid = owners.lock().unwrap_or_else(|e| e.into_inner()).get(&cid).cloned();
-                if let Some(h) = uid.and_then(|u| workers.get(&u)) {
-                    let _ = h.tx.try_send(message);
+                if let Some(h) = uid.and_then(|u| workers.get(&u))
+                    && let Err(mpsc::error::TrySendError::Full(_)) = h.tx.try_send(message)
+                {
+                    // The loop must not wait on one pod; its worker's periodic sync finds the
+                    // exit in containerd (and an OOM kill in the container's cgroup).
+                    tracing::debug!(container = %cid, "a pod worker's queue is full; its next sync picks the event up");
                 }
             }
             event = stream.next() => {
@@ -112,7 +118,7 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(), A
                         // Pods deleted while we were not watching (or offline).
                         for (uid, h) in &workers {
                             if !seen.contains(uid) {
-                                let _ = h.tx.try_send(PodMessage::Removed);
+                                h.desired.send_modify(|d| d.removed = true);
                             }
                         }
                         for pod in agent.meta.pods(&agent.config.node_name) {
@@ -147,8 +153,10 @@ pub async fn run(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(), A
                         );
                         if let Some(h) = pod.metadata.uid.as_ref().and_then(|u| workers.get(u)) {
                             // The last version carries the grace period a force delete set.
-                            let _ = h.tx.send(PodMessage::Update(Box::new(pod.clone()))).await;
-                            let _ = h.tx.send(PodMessage::Removed).await;
+                            h.desired.send_replace(Desired {
+                                pod: pod.clone(),
+                                removed: true,
+                            });
                         }
                     }
                     Err(e) => {
@@ -187,21 +195,17 @@ fn dispatch(
     if let Some(h) = workers.get(&uid)
         && !h.done.is_finished()
     {
-        // The worker only needs the newest version; a full queue means one is pending.
-        match h.tx.try_send(PodMessage::Update(Box::new(pod.clone()))) {
-            Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                let tx = h.tx.clone();
-                tokio::spawn(async move {
-                    let _ = tx.send(PodMessage::Update(Box::new(pod))).await;
-                });
-                return;
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-        }
+        // The worker only needs the newest version.
+        h.desired.send_modify(|d| d.pod = pod);
+        return;
     }
     let (tx, rx) = mpsc::channel(32);
-    let worker = pod_worker::Worker::new(agent.clone(), pod, tx.clone(), rx, owners.clone());
+    let (desired, updates) = watch::channel(Desired {
+        pod: pod.clone(),
+        removed: false,
+    });
+    let worker =
+        pod_worker::Worker::new(agent.clone(), pod, tx.clone(), rx, updates, owners.clone());
     let done_tx = done_tx.clone();
     let shutdown = shutdown.clone();
     let key = uid.clone();
@@ -209,7 +213,7 @@ fn dispatch(
         worker.run(shutdown).await;
         let _ = done_tx.send(uid).await;
     });
-    workers.insert(key, Handle { tx, done });
+    workers.insert(key, Handle { tx, desired, done });
 }
 
 /// Removes containers (and their snapshots) of pods that are no longer bound to this node.
