@@ -281,7 +281,10 @@ fn parse_pod(text: &str) -> Option<(String, Vec<Ref>)> {
             add(RefKind::Claim, &c.claim_name);
         }
         if v.ephemeral.is_some() {
-            add(RefKind::Claim, &format!("{}-{}", pod.metadata.name, v.name));
+            add(
+                RefKind::Claim,
+                &sitekit::claims::ephemeral_claim(&pod.metadata.name, &v.name),
+            );
         }
         for source in v.projected.iter().flat_map(|p| &p.sources) {
             if let Some(s) = &source.secret {

@@ -25,7 +25,7 @@ pub fn wanted(pod: &Pod) -> Vec<(String, PersistentVolumeClaim)> {
         .flatten()
         .filter_map(|v| {
             let template = v.ephemeral.as_ref()?.volume_claim_template.as_ref()?;
-            let name = format!("{pod_name}-{}", v.name);
+            let name = sitekit::claims::ephemeral_claim(pod_name, &v.name);
             let mut metadata = template.metadata.clone().unwrap_or_default();
             metadata.name = Some(name.clone());
             metadata.namespace = pod.metadata.namespace.clone();

@@ -290,7 +290,7 @@ pub fn pod_claims(pod: &Pod) -> Vec<String> {
             } else {
                 v.ephemeral
                     .as_ref()
-                    .map(|_| format!("{pod_name}-{}", v.name))
+                    .map(|_| sitekit::claims::ephemeral_claim(pod_name, &v.name))
             }
         })
         .collect()

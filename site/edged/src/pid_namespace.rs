@@ -99,8 +99,8 @@ fn command_line(uid: &str, pod_dir: &Path) -> Vec<u8> {
     line
 }
 
-/// The PID namespace path of the pod's running holder, if it has one.
-pub fn running(uid: &str, pod_dir: &Path) -> Option<PathBuf> {
+/// The host PID of the pod's running holder, if it has one.
+fn holder_pid(uid: &str, pod_dir: &Path) -> Option<u32> {
     let pid: u32 = std::fs::read_to_string(pod_dir.join(PID_FILE))
         .ok()?
         .trim()
@@ -108,7 +108,16 @@ pub fn running(uid: &str, pod_dir: &Path) -> Option<PathBuf> {
         .ok()?;
     // A PID noted before a reboot may be another process's now.
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    (cmdline == command_line(uid, pod_dir)).then(|| PathBuf::from(format!("/proc/{pid}/ns/pid")))
+    (cmdline == command_line(uid, pod_dir)).then_some(pid)
+}
+
+fn namespace_of(pid: u32) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/ns/pid"))
+}
+
+/// The PID namespace path of the pod's running holder, if it has one.
+pub fn running(uid: &str, pod_dir: &Path) -> Option<PathBuf> {
+    holder_pid(uid, pod_dir).map(namespace_of)
 }
 
 /// Starts a holder for the pod and notes it; returns its PID namespace path.
@@ -140,21 +149,14 @@ pub async fn start(uid: &str, pod_dir: &Path) -> Result<PathBuf, String> {
         .map_err(|_| "the PID namespace holder printed no PID".to_string())?;
     std::fs::write(pod_dir.join(PID_FILE), pid.to_string())
         .map_err(|e| format!("note the PID namespace holder: {e}"))?;
-    Ok(PathBuf::from(format!("/proc/{pid}/ns/pid")))
+    Ok(namespace_of(pid))
 }
 
 /// Ends the pod's holder (and with it anything left in its namespace).
 pub fn stop(uid: &str, pod_dir: &Path) {
-    if let Some(path) = running(uid, pod_dir)
-        && let Some(pid) = path
-            .parent()
-            .and_then(Path::parent)
-            .and_then(|p| p.file_name())
-            .and_then(|p| p.to_str())
-            .and_then(|p| p.parse::<i32>().ok())
-    {
+    if let Some(pid) = holder_pid(uid, pod_dir) {
         let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
+            nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGKILL,
         );
     }

@@ -319,7 +319,8 @@ async fn prepare(agent: &Agent, pod: &Pod, v: &Volume, pod_dir: &Path) -> Result
     if v.ephemeral.is_some() {
         // A generic ephemeral volume: the claim the server made for this pod.
         let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
-        let claim = format!("{}-{}", pod.metadata.name.as_deref().unwrap_or(""), v.name);
+        let claim =
+            sitekit::claims::ephemeral_claim(pod.metadata.name.as_deref().unwrap_or(""), &v.name);
         let path = claim_path(agent, namespace, &claim).await?;
         return Ok(Prepared {
             path,
